@@ -1,0 +1,74 @@
+// swift-tools-version:6.0
+//
+// bpworker: a distributed data-parallel training daemon.
+//
+// The folders are the architecture:
+//   Engine       layers, losses, optimizers, data readers and the gradient checker; knows nothing of MPI.
+//   Coordinator  communicators, sharding, gradient allreduce; sees the model only as flat buffers.
+//   Worker       the `bpworker` command line that wires the two together.
+// C libraries come in through three small system-library shims: CBLAS (OpenBLAS), CMPI (OpenMPI), CZlib.
+import PackageDescription
+
+let package = Package(
+    name: "bpworker",
+    platforms: [.macOS(.v13)],
+    // MARK: - Public API
+    products: [
+        .executable(name: "bpworker", targets: ["Worker"]),
+        .library(name: "Engine", targets: ["Engine"]),
+        .library(name: "Coordinator", targets: ["Coordinator"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+        .package(url: "https://github.com/apple/swift-numerics", from: "1.0.0"),
+    ],
+    targets: [
+        // MARK: - C shims
+        .systemLibrary(
+            name: "CBLAS",
+            pkgConfig: "openblas",
+            providers: [.apt(["libopenblas-dev"])]
+        ),
+        .systemLibrary(
+            name: "CMPI",
+            pkgConfig: "ompi-c",
+            providers: [.apt(["libopenmpi-dev", "openmpi-bin"])]
+        ),
+        .systemLibrary(
+            name: "CZlib",
+            pkgConfig: "zlib",
+            providers: [.apt(["zlib1g-dev"])]
+        ),
+
+        // MARK: - Implementation
+        .target(
+            name: "Engine",
+            dependencies: [
+                "CBLAS", "CZlib",
+                .product(name: "RealModule", package: "swift-numerics"),
+            ]
+        ),
+        .target(
+            name: "Coordinator",
+            dependencies: [
+                "CMPI",
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .executableTarget(
+            name: "Worker",
+            dependencies: [
+                "Engine", "Coordinator",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+
+        // MARK: - Tests
+        .testTarget(
+            name: "EngineTests",
+            dependencies: ["Engine"]
+        ),
+    ]
+)

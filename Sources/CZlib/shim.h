@@ -1,0 +1,2 @@
+// CZlib shim: zlib for reading gzip-compressed IDX files (as MNIST and Fashion-MNIST ship).
+#include <zlib.h>

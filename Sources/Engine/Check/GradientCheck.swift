@@ -1,0 +1,291 @@
+import Foundation
+
+/// Settings of the finite-difference gradient check.
+public struct GradientCheckOptions: Equatable, Sendable {
+    /// Step of the two-sided difference. In float64, 1e-4 leaves a truncation error near 1e-9 relative and a
+    /// rounding error near 1e-12, well inside the 4 significant digits the check promises.
+    public var epsilon: Double = 1e-4
+    /// Coordinates sampled from every tensor, one from each of this many equal strata (so a 10-element bias is
+    /// checked as carefully as a 200,000-element weight).
+    public var samplesPerTensor: Int = 8
+    /// Check every coordinate instead of sampling (slow: two forward passes per parameter).
+    public var checkAllCoordinates = false
+    /// Seeds the coordinate sampling and the random direction.
+    public var seed: UInt64 = 0
+    /// Relative error at or below which a coordinate passes.
+    public var passThreshold: Double = 1e-4
+    /// Relative error at or below which a coordinate only warns; above it fails.
+    public var warnThreshold: Double = 1e-2
+    /// Other coordinates tried within a stratum when a sample straddles a ReLU kink.
+    public var kinkRetries: Int = 16
+
+    public init() {}
+
+    public func validate() throws(ModelSpecError) {
+        guard epsilon > 0, epsilon < 1 else { throw ModelSpecError("gradient check eps must be in (0, 1), got \(epsilon)") }
+        guard samplesPerTensor > 0 else {
+            throw ModelSpecError("gradient check samples per tensor must be positive, got \(samplesPerTensor)")
+        }
+        guard passThreshold > 0, warnThreshold >= passThreshold else {
+            throw ModelSpecError("gradient check thresholds must satisfy 0 < pass <= warn")
+        }
+    }
+}
+
+public enum CheckVerdict: String, Codable, Sendable, Comparable {
+    case pass, warn, fail
+    public static func < (a: CheckVerdict, b: CheckVerdict) -> Bool {
+        let order: [CheckVerdict] = [.pass, .warn, .fail]
+        return order.firstIndex(of: a)! < order.firstIndex(of: b)!
+    }
+}
+
+/// The result for one parameter tensor.
+public struct TensorCheck: Codable, Equatable, Sendable {
+    public struct Coordinate: Codable, Equatable, Sendable {
+        /// Flat index within the tensor (row-major).
+        public var index: Int
+        public var analytic: Double
+        public var numeric: Double
+        public var relativeError: Double
+    }
+    public var name: String
+    public var shape: [Int]
+    public var checked: Int
+    public var kinksSkipped: Int
+    public var maxRelativeError: Double
+    public var meanRelativeError: Double
+    public var gradientNorm: Double
+    /// The coordinate with the largest relative error, with its raw values.
+    public var worst: Coordinate?
+    public var verdict: CheckVerdict
+    /// Why the verdict is what it is, when that is not just the error thresholds.
+    public var note: String?
+}
+
+/// The random-direction check: (J(theta + eps u) - J(theta - eps u)) / 2 eps against grad . u.
+public struct DirectionCheck: Codable, Equatable, Sendable {
+    public var analytic: Double
+    public var numeric: Double
+    public var relativeError: Double
+    public var verdict: CheckVerdict
+    /// Directions discarded because they crossed a ReLU kink.
+    public var kinksSkipped: Int
+    /// Set when every direction tried crossed a kink, so nothing was compared.
+    public var note: String?
+}
+
+public struct GradientCheckReport: Codable, Equatable, Sendable {
+    public var dtype: String
+    public var epsilon: Double
+    public var batchSize: Int
+    public var loss: Double
+    public var parameterCount: Int
+    public var deterministic: Bool
+    public var tensors: [TensorCheck]
+    public var direction: DirectionCheck
+    public var forwardPasses: Int
+    public var backwardPasses: Int
+    public var seconds: Double
+    public var verdict: CheckVerdict
+    /// One line per problem, naming the tensor.
+    public var failures: [String]
+
+    public var passed: Bool { verdict != .fail }
+
+    /// A table for people.
+    public var text: String {
+        func e(_ x: Double) -> String { String(format: "%.2e", x) }
+        var lines: [String] = []
+        lines.append("gradient check: \(verdict.rawValue.uppercased())  dtype \(dtype), eps \(e(epsilon)), batch \(batchSize), "
+            + "loss \(String(format: "%.6f", loss)), \(parameterCount) parameters")
+        lines.append("  cost: 1 forward+backward and \(forwardPasses) forward passes in \(String(format: "%.2f", seconds)) s")
+        let header = ["tensor", "shape", "checked", "kinks", "max rel err", "mean rel err", "grad norm", "verdict"]
+        var rows: [[String]] = [header]
+        for t in tensors {
+            rows.append([t.name, "[" + t.shape.map(String.init).joined(separator: ", ") + "]", "\(t.checked)", "\(t.kinksSkipped)",
+                         e(t.maxRelativeError), e(t.meanRelativeError), e(t.gradientNorm), t.verdict.rawValue])
+        }
+        let widths = (0..<header.count).map { c in rows.map { $0[c].count }.max()! }
+        for row in rows {
+            lines.append("  " + row.enumerated().map { c, cell in
+                c < 2 ? cell.padding(toLength: widths[c], withPad: " ", startingAt: 0)
+                      : String(repeating: " ", count: widths[c] - cell.count) + cell
+            }.joined(separator: "  "))
+        }
+        lines.append("  random direction: grad.u \(e(direction.analytic)), finite difference \(e(direction.numeric)), "
+            + "rel err \(e(direction.relativeError)) \(direction.verdict.rawValue)"
+            + (direction.kinksSkipped > 0 ? " (\(direction.kinksSkipped) directions crossed a kink)" : ""))
+        if let note = direction.note { lines.append("  random direction: \(note)") }
+        for t in tensors where t.verdict != .pass {
+            if let w = t.worst {
+                lines.append("  worst in \(t.name): index \(w.index) analytic \(w.analytic) numeric \(w.numeric) rel err \(e(w.relativeError))")
+            }
+        }
+        for f in failures { lines.append("  FAIL: \(f)") }
+        return lines.joined(separator: "\n")
+    }
+
+    public var json: String {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        encoder.nonConformingFloatEncodingStrategy = .convertToString(
+            positiveInfinity: "inf", negativeInfinity: "-inf", nan: "nan")
+        return String(decoding: (try? encoder.encode(self)) ?? Data(), as: UTF8.self)
+    }
+}
+
+/// Relative error |a - n| / max(|a|, |n|, 1e-8).
+public func relativeError(_ a: Double, _ n: Double) -> Double {
+    abs(a - n) / max(abs(a), abs(n), 1e-8)
+}
+
+/// Two-sided finite-difference check of a model's backward pass, in float64.
+///
+/// Cost: one forward and backward pass, then two forward passes per checked coordinate (plus retries at kinks)
+/// and two for the random direction, all on the first `count` rows of the model's input buffer.
+/// Dropout is off throughout (eval mode), so the cost function is deterministic; this is verified first.
+public func checkGradients(model: Model<Double>, count: Int, options: GradientCheckOptions = .init()) -> GradientCheckReport {
+    let start = Date()
+    let theta = model.parameters.baseAddress!
+    var forwardPasses = 0
+    func cost() -> Double {
+        forwardPasses += 1
+        return model.forward(count: count, mode: .eval).loss
+    }
+    var failures: [String] = []
+
+    // Determinism: J(theta) twice must agree exactly, or no difference quotient means anything.
+    let loss = cost()
+    let again = cost()
+    let deterministic = loss.bitPattern == again.bitPattern
+    if !deterministic { failures.append("the cost is not deterministic: J(theta) gave \(loss) then \(again)") }
+
+    // Analytic gradient.
+    model.zeroGradients()
+    model.forward(count: count, mode: .eval)
+    model.backward(count: count)
+    let analytic = Array(model.gradients)
+
+    // Central difference along `direction` at coordinate `index` (direction nil) or along a whole vector.
+    // Returns nil when the two evaluations straddle a kink.
+    func difference(at index: Int) -> Double? {
+        let saved = theta[index]
+        theta[index] = saved + options.epsilon
+        let plusStep = theta[index]
+        let plus = cost()
+        let plusPattern = model.kinkPattern(count: count)
+        theta[index] = saved - options.epsilon
+        let minusStep = theta[index]
+        let minus = cost()
+        let minusPattern = model.kinkPattern(count: count)
+        theta[index] = saved
+        // Divide by the steps actually taken: saved +- eps is rounded to a representable number.
+        return plusPattern == minusPattern ? (plus - minus) / (plusStep - minusStep) : nil
+    }
+
+    var generator = RandomGenerator(seed: options.seed, stream: .gradientCheck)
+    var tensors: [TensorCheck] = []
+    for info in model.parameterTable {
+        let n = info.count
+        let samples = options.checkAllCoordinates ? n : min(options.samplesPerTensor, n)
+        var errors: [Double] = []
+        var worst: TensorCheck.Coordinate? = nil
+        var kinks = 0
+        for s in 0..<samples {
+            // Stratum s covers [s n / k, (s + 1) n / k).
+            let lower = s * n / samples, upper = (s + 1) * n / samples
+            var candidate = options.checkAllCoordinates ? lower : lower + generator.nextInt(below: upper - lower)
+            var tries = 0
+            while true {
+                if let numeric = difference(at: info.offset + candidate) {
+                    let a = analytic[info.offset + candidate]
+                    let r = relativeError(a, numeric)
+                    errors.append(r)
+                    if worst == nil || r > worst!.relativeError {
+                        worst = .init(index: candidate, analytic: a, numeric: numeric, relativeError: r)
+                    }
+                    break
+                }
+                kinks += 1
+                tries += 1
+                if tries > options.kinkRetries || upper - lower == 1 { break }
+                candidate = lower + generator.nextInt(below: upper - lower)
+            }
+        }
+        let gradient = analytic[info.range]
+        let norm = gradient.reduce(0) { $0 + $1 * $1 }.squareRoot()
+        let maxError = errors.max() ?? 0
+        var verdict: CheckVerdict = maxError <= options.passThreshold ? .pass : maxError <= options.warnThreshold ? .warn : .fail
+        var note: String? = nil
+        if gradient.allSatisfy({ $0 == 0 }) {
+            verdict = .fail
+            note = "gradient is identically zero on the check batch: the tensor does not influence the cost (a missing backward write?)"
+            failures.append("\(info.name): \(note!)")
+        } else if errors.isEmpty {
+            verdict = .warn
+            note = "every sampled coordinate straddled a kink; none could be checked"
+        } else if verdict == .fail, let w = worst {
+            failures.append("\(info.name) \(info.shape): relative error \(String(format: "%.2e", w.relativeError)) at index \(w.index) "
+                + "(analytic \(w.analytic), numeric \(w.numeric))")
+        }
+        tensors.append(TensorCheck(
+            name: info.name, shape: info.shape, checked: errors.count, kinksSkipped: kinks,
+            maxRelativeError: maxError, meanRelativeError: errors.isEmpty ? 0 : errors.reduce(0, +) / Double(errors.count),
+            gradientNorm: norm, worst: worst, verdict: verdict, note: note))
+    }
+
+    // Random direction over the whole flat vector: touches every parameter with two forward passes.
+    let original = Array(model.parameters)
+    var direction = DirectionCheck(
+        analytic: 0, numeric: 0, relativeError: 0, verdict: .warn, kinksSkipped: 0,
+        note: "every random direction crossed a kink; the direction check compared nothing")
+    for _ in 0...options.kinkRetries {
+        var u = (0..<model.parameterCount).map { _ in generator.nextNormal() }
+        let length = u.reduce(0) { $0 + $1 * $1 }.squareRoot()
+        for i in u.indices { u[i] /= length }
+        for i in u.indices { theta[i] = original[i] + options.epsilon * u[i] }
+        let plus = cost()
+        let plusPattern = model.kinkPattern(count: count)
+        for i in u.indices { theta[i] = original[i] - options.epsilon * u[i] }
+        let minus = cost()
+        let minusPattern = model.kinkPattern(count: count)
+        for i in u.indices { theta[i] = original[i] }
+        if plusPattern != minusPattern {
+            direction.kinksSkipped += 1
+            continue
+        }
+        direction.numeric = (plus - minus) / (2 * options.epsilon)
+        direction.analytic = zip(analytic, u).reduce(0) { $0 + $1.0 * $1.1 }
+        direction.relativeError = relativeError(direction.analytic, direction.numeric)
+        direction.note = nil
+        direction.verdict = direction.relativeError <= options.passThreshold ? .pass
+            : direction.relativeError <= options.warnThreshold ? .warn : .fail
+        if direction.verdict == .fail {
+            failures.append("random direction: grad.u \(direction.analytic) but finite difference \(direction.numeric)")
+        }
+        break
+    }
+
+    var verdict = tensors.map(\.verdict).max() ?? .pass
+    verdict = max(verdict, direction.verdict)
+    if !deterministic { verdict = .fail }
+    return GradientCheckReport(
+        dtype: Double.dtypeName, epsilon: options.epsilon, batchSize: count, loss: loss,
+        parameterCount: model.parameterCount, deterministic: deterministic, tensors: tensors, direction: direction,
+        forwardPasses: forwardPasses, backwardPasses: 1, seconds: Date().timeIntervalSince(start),
+        verdict: verdict, failures: failures)
+}
+
+extension Model {
+    /// A float64 copy of this model for gradient checking: same architecture, parameters and test fault,
+    /// with room for `batchCapacity` rows.
+    public func float64Copy(batchCapacity: Int) -> Model<Double> {
+        // The architecture was validated when this model was made, so this cannot throw.
+        let copy = try! Model<Double>(spec: spec, batchCapacity: batchCapacity)
+        copyParameters(to: copy)
+        copy.gradientFault = gradientFault
+        copy.targetsFromLabels = targetsFromLabels
+        return copy
+    }
+}

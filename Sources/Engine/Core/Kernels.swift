@@ -1,0 +1,234 @@
+import RealModule
+
+// Element-wise kernels. Each loop runs over raw buffer pointers taken once by the caller, allocates nothing and
+// has no data-dependent branch: selects (`c ? a : b` on values) compile to blend/and instructions.
+//
+// Every generic kernel carries `@_specialize` for Float and Double. The model code that calls these is generic
+// and, called from another module, runs unspecialised; without these attributes the loops below would go
+// through witness tables per element, measured at ~70x slower. With them, the generic entry point checks the
+// type once and jumps to the concrete loop.
+//
+// Dimension legend: B = rows in the batch, N = elements, C = classes (outputs).
+
+// MARK: - Activations
+
+/// y = max(x, 0)
+@_specialize(where T == Float) @_specialize(where T == Double)
+public func reluForward<T: Scalar>(_ x: UnsafePointer<T>, _ y: UnsafeMutablePointer<T>, _ n: Int) {
+    for i in 0..<n { y[i] = Swift.max(x[i], 0) }
+}
+
+/// dx = dy where x > 0, else 0 (the derivative at the kink x = 0 is taken as 0, as PyTorch does).
+@_specialize(where T == Float) @_specialize(where T == Double)
+public func reluBackward<T: Scalar>(
+    _ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, _ dx: UnsafeMutablePointer<T>, _ n: Int
+) {
+    for i in 0..<n { dx[i] = x[i] > 0 ? dy[i] : 0 }
+}
+
+/// y = max(x, 0) + slope * min(x, 0)
+@_specialize(where T == Float) @_specialize(where T == Double)
+public func leakyReLUForward<T: Scalar>(_ x: UnsafePointer<T>, _ y: UnsafeMutablePointer<T>, _ n: Int, slope: T) {
+    for i in 0..<n { y[i] = Swift.max(x[i], 0) + slope * Swift.min(x[i], 0) }
+}
+
+/// dx = dy * (x > 0 ? 1 : slope)
+@_specialize(where T == Float) @_specialize(where T == Double)
+public func leakyReLUBackward<T: Scalar>(
+    _ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, _ dx: UnsafeMutablePointer<T>, _ n: Int, slope: T
+) {
+    for i in 0..<n { dx[i] = dy[i] * (x[i] > 0 ? 1 : slope) }
+}
+
+/// y = tanh(x)
+@_specialize(where T == Float) @_specialize(where T == Double)
+public func tanhForward<T: Scalar>(_ x: UnsafePointer<T>, _ y: UnsafeMutablePointer<T>, _ n: Int) {
+    for i in 0..<n { y[i] = T.tanh(x[i]) }
+}
+
+/// dx = dy * (1 - y^2), from the saved output y = tanh(x)
+@_specialize(where T == Float) @_specialize(where T == Double)
+public func tanhBackward<T: Scalar>(
+    _ y: UnsafePointer<T>, _ dy: UnsafePointer<T>, _ dx: UnsafeMutablePointer<T>, _ n: Int
+) {
+    for i in 0..<n { dx[i] = dy[i] * (1 - y[i] * y[i]) }
+}
+
+/// y = 1 / (1 + exp(-x)); for very negative x, exp(-x) = inf and y = 0 exactly, which is the right limit.
+@_specialize(where T == Float) @_specialize(where T == Double)
+public func sigmoidForward<T: Scalar>(_ x: UnsafePointer<T>, _ y: UnsafeMutablePointer<T>, _ n: Int) {
+    for i in 0..<n { y[i] = 1 / (1 + T.exp(-x[i])) }
+}
+
+/// dx = dy * y * (1 - y), from the saved output y
+@_specialize(where T == Float) @_specialize(where T == Double)
+public func sigmoidBackward<T: Scalar>(
+    _ y: UnsafePointer<T>, _ dy: UnsafePointer<T>, _ dx: UnsafeMutablePointer<T>, _ n: Int
+) {
+    for i in 0..<n { dx[i] = dy[i] * y[i] * (1 - y[i]) }
+}
+
+/// Exact GELU, as PyTorch's default: y = x * Phi(x) = 0.5 * x * (1 + erf(x / sqrt 2))
+@_specialize(where T == Float) @_specialize(where T == Double)
+public func geluForward<T: Scalar>(_ x: UnsafePointer<T>, _ y: UnsafeMutablePointer<T>, _ n: Int) {
+    let invSqrt2 = 1 / T.sqrt(2)
+    for i in 0..<n { y[i] = x[i] * (1 + T.erf(x[i] * invSqrt2)) / 2 }
+}
+
+/// dx = dy * (Phi(x) + x * phi(x)), phi the standard normal density
+@_specialize(where T == Float) @_specialize(where T == Double)
+public func geluBackward<T: Scalar>(
+    _ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, _ dx: UnsafeMutablePointer<T>, _ n: Int
+) {
+    let invSqrt2 = 1 / T.sqrt(2)
+    let invSqrt2Pi = 1 / T.sqrt(2 * T.pi)
+    for i in 0..<n {
+        let cdf = (1 + T.erf(x[i] * invSqrt2)) / 2
+        let pdf = T.exp(-x[i] * x[i] / 2) * invSqrt2Pi
+        dx[i] = dy[i] * (cdf + x[i] * pdf)
+    }
+}
+
+/// Inverted dropout: mask = 1/keep with probability keep, else 0; y = x * mask. Expected y equals x, so
+/// evaluation needs no rescaling.
+@_specialize(where T == Float) @_specialize(where T == Double)
+public func dropoutForward<T: Scalar>(
+    _ x: UnsafePointer<T>, _ y: UnsafeMutablePointer<T>, mask: UnsafeMutablePointer<T>, _ n: Int,
+    keep: Double, generator: inout RandomGenerator
+) {
+    // Compare 53-bit integers: the draw is exact and independent of T.
+    let threshold = UInt64(keep * 0x1.0p53)
+    let scale = T(1 / keep)
+    for i in 0..<n {
+        mask[i] = (generator.next() >> 11) < threshold ? scale : 0
+        y[i] = x[i] * mask[i]
+    }
+}
+
+/// dx = dy * mask
+@_specialize(where T == Float) @_specialize(where T == Double)
+public func multiply<T: Scalar>(
+    _ a: UnsafePointer<T>, _ b: UnsafePointer<T>, into out: UnsafeMutablePointer<T>, _ n: Int
+) {
+    for i in 0..<n { out[i] = a[i] * b[i] }
+}
+
+// MARK: - Dense helpers
+
+/// Every row of y[B, C] = bias[C] (the GEMM then adds X W^T with beta = 1).
+@_specialize(where T == Float) @_specialize(where T == Double)
+public func broadcastRows<T: Scalar>(_ bias: UnsafePointer<T>, into y: UnsafeMutablePointer<T>, rows: Int, columns: Int) {
+    for r in 0..<rows {
+        (y + r * columns).update(from: bias, count: columns)
+    }
+}
+
+// MARK: - Losses
+
+/// Fused, numerically stable softmax cross-entropy over rows of logits[B, C].
+///
+/// loss_b = logsumexp(z_b) - z_b[label_b], with logsumexp computed around the row maximum so exp never overflows.
+/// Writes dlogits = (softmax(z) - onehot(label)) * gradientScale (gradientScale = 1/B for a mean over the batch).
+/// Returns the sum of the row losses (in Double) and the number of rows whose arg-max equals the label.
+@_specialize(where T == Float) @_specialize(where T == Double)
+public func softmaxCrossEntropy<T: Scalar>(
+    logits: UnsafePointer<T>, labels: UnsafePointer<Int32>, rows: Int, classes: Int,
+    gradient: UnsafeMutablePointer<T>, gradientScale: T
+) -> (lossSum: Double, correct: Int) {
+    var lossSum = 0.0
+    var correct = 0
+    for r in 0..<rows {
+        let z = logits + r * classes
+        let g = gradient + r * classes
+        let label = Int(labels[r])
+        var maxValue = z[0]
+        var argmax = 0
+        for j in 1..<classes {
+            let greater = z[j] > maxValue
+            argmax = greater ? j : argmax
+            maxValue = greater ? z[j] : maxValue
+        }
+        var sum: T = 0
+        for j in 0..<classes {
+            g[j] = T.exp(z[j] - maxValue)
+            sum += g[j]
+        }
+        let inverse = 1 / sum
+        for j in 0..<classes {
+            g[j] = (g[j] * inverse - (j == label ? 1 : 0)) * gradientScale
+        }
+        lossSum += Double(T.log(sum) + maxValue - z[label])
+        correct += argmax == label ? 1 : 0
+    }
+    return (lossSum, correct)
+}
+
+/// Mean squared error over all B*C elements (PyTorch's MSELoss with reduction "mean"):
+/// loss = sum (p - t)^2 / (B*C); writes dp = 2 (p - t) * gradientScale with gradientScale = 1 / (B*C).
+/// Returns the sum of squared differences.
+@_specialize(where T == Float) @_specialize(where T == Double)
+public func squaredError<T: Scalar>(
+    predictions: UnsafePointer<T>, targets: UnsafePointer<T>, count: Int,
+    gradient: UnsafeMutablePointer<T>, gradientScale: T
+) -> Double {
+    var sum: T = 0
+    for i in 0..<count {
+        let d = predictions[i] - targets[i]
+        sum += d * d
+        gradient[i] = 2 * d * gradientScale
+    }
+    return Double(sum)
+}
+
+/// Number of rows of scores[B, C] whose arg-max equals the label.
+@_specialize(where T == Float) @_specialize(where T == Double)
+public func countCorrect<T: Scalar>(scores: UnsafePointer<T>, labels: UnsafePointer<Int32>, rows: Int, classes: Int) -> Int {
+    var correct = 0
+    for r in 0..<rows {
+        let z = scores + r * classes
+        var maxValue = z[0]
+        var argmax = 0
+        for j in 1..<classes {
+            let greater = z[j] > maxValue
+            argmax = greater ? j : argmax
+            maxValue = greater ? z[j] : maxValue
+        }
+        correct += argmax == Int(labels[r]) ? 1 : 0
+    }
+    return correct
+}
+
+/// targets[B, C] = onehot(labels)
+@_specialize(where T == Float) @_specialize(where T == Double)
+public func oneHot<T: Scalar>(labels: UnsafePointer<Int32>, rows: Int, classes: Int, into targets: UnsafeMutablePointer<T>) {
+    for r in 0..<rows {
+        let label = Int(labels[r])
+        for j in 0..<classes { targets[r * classes + j] = j == label ? 1 : 0 }
+    }
+}
+
+// MARK: - Whole-buffer helpers
+
+/// x *= a
+@_specialize(where T == Float) @_specialize(where T == Double)
+public func scale<T: Scalar>(_ x: UnsafeMutablePointer<T>, _ n: Int, by a: T) {
+    for i in 0..<n { x[i] *= a }
+}
+
+/// Number of elements that are NaN or infinite. (x - x is 0 for finite x and NaN otherwise; NaN != NaN.)
+@_specialize(where T == Float) @_specialize(where T == Double)
+public func nonFiniteCount<T: Scalar>(_ x: UnsafePointer<T>, _ n: Int) -> Int {
+    var count = 0
+    for i in 0..<n {
+        let d = x[i] - x[i]
+        count += d == d ? 0 : 1
+    }
+    return count
+}
+
+/// Element-wise conversion between scalar types (the gradient checker's float64 copy of a float32 model).
+@_specialize(where S == Float, D == Double) @_specialize(where S == Double, D == Float)
+@_specialize(where S == Float, D == Float) @_specialize(where S == Double, D == Double)
+public func convert<S: Scalar, D: Scalar>(_ source: UnsafePointer<S>, into destination: UnsafeMutablePointer<D>, _ n: Int) {
+    for i in 0..<n { destination[i] = D(source[i]) }
+}

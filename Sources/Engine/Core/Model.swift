@@ -1,0 +1,388 @@
+/// Whether a forward pass is for training (dropout active) or for evaluation and checking (dropout off).
+public enum ForwardMode: Sendable {
+    case train, eval
+}
+
+/// The result of one forward pass over `count` rows.
+public struct BatchResult: Equatable, Sendable {
+    /// Sum of per-row losses; `lossSum / count` is the mean loss that the gradients differentiate.
+    public var lossSum: Double
+    /// Rows whose highest score is the label (0 when the model has no labels).
+    public var correct: Int
+    public var count: Int
+    public var loss: Double { count > 0 ? lossSum / Double(count) : 0 }
+
+    public init(lossSum: Double = 0, correct: Int = 0, count: Int = 0) {
+        self.lossSum = lossSum
+        self.correct = correct
+        self.count = count
+    }
+
+    public static func + (a: BatchResult, b: BatchResult) -> BatchResult {
+        BatchResult(lossSum: a.lossSum + b.lossSum, correct: a.correct + b.correct, count: a.count + b.count)
+    }
+}
+
+/// A deliberately wrong backward pass for one tensor, used only to prove that the gradient checker catches
+/// real bugs (and by the command line's test-only fault switch).
+public enum GradientFault: Equatable, Sendable {
+    /// The gradient comes out multiplied by `factor`.
+    case scaled(tensor: String, factor: Double)
+    /// A [out, in] weight gradient is written in [in, out] order (a wrong transpose flag).
+    case transposed(tensor: String)
+    /// The backward pass never writes this tensor's gradient.
+    case missing(tensor: String)
+
+    public var tensor: String {
+        switch self {
+        case let .scaled(t, _), let .transposed(t), let .missing(t): t
+        }
+    }
+}
+
+/// A sequential model with one contiguous parameter buffer and one gradient buffer of the same layout.
+///
+/// Layers are views into those buffers (see `parameterTable`), so zeroing gradients is one fill, an optimizer
+/// is one flat loop and an allreduce works on the gradient buffer, or contiguous ranges of it, without packing.
+/// Activations and their gradients are allocated once for `batchCapacity` rows: `forward` and `backward`
+/// allocate nothing, for any batch of up to `batchCapacity` rows.
+///
+/// Dimension legend: B = rows in the batch (<= batchCapacity), I = inputs of a layer, O = outputs of a layer.
+public final class Model<T: Scalar> {
+    public let spec: ModelSpec
+    public let parameterTable: [ParameterInfo]
+    public let parameterCount: Int
+    public let batchCapacity: Int
+    public let inputWidth: Int
+    public let outputWidth: Int
+
+    /// All parameters, in `parameterTable` order.
+    public let parameters: UnsafeMutableBufferPointer<T>
+    /// d loss / d parameters, same layout. Backward accumulates into it; call `zeroGradients()` per step.
+    public let gradients: UnsafeMutableBufferPointer<T>
+    /// The batch's input rows, [batchCapacity, inputWidth]: data loaders gather straight into it.
+    public let inputs: UnsafeMutablePointer<T>
+    /// The batch's labels, [batchCapacity].
+    public let labels: UnsafeMutablePointer<Int32>
+    /// Regression targets for the squared-error loss, [batchCapacity, outputWidth]. Filled with one-hot labels
+    /// by `forward` while `targetsFromLabels` is true.
+    public let targets: UnsafeMutablePointer<T>
+    public var targetsFromLabels = true
+
+    /// Draws the dropout masks. Give each rank its own stream so ranks drop different units.
+    public var dropoutGenerator: RandomGenerator
+    /// Test hook: one tensor's backward pass made wrong on purpose. Nil in real runs.
+    public var gradientFault: GradientFault? {
+        didSet { resolvedFault = gradientFault.flatMap { f in parameterTable.firstIndex { $0.name == f.tensor } } }
+    }
+    private var resolvedFault: Int?
+
+    private let plan: [LayerStep<T>]
+    private let arena: UnsafeMutableBufferPointer<T>
+    /// A column of ones for bias gradients as a GEMV (sum over rows).
+    private let ones: UnsafeMutablePointer<T>
+    private var lastMode: ForwardMode = .eval
+
+    /// The output rows of the last forward pass, [batchCapacity, outputWidth] (logits for cross-entropy).
+    public var outputs: UnsafePointer<T> { UnsafePointer(plan[plan.count - 1].y) }
+
+    public init(spec: ModelSpec, batchCapacity: Int, seed: UInt64 = 0) throws(ModelSpecError) {
+        try spec.validate()
+        guard batchCapacity > 0 else { throw ModelSpecError("batch size must be at least 1, got \(batchCapacity)") }
+        self.spec = spec
+        self.batchCapacity = batchCapacity
+        parameterTable = spec.parameterTable
+        parameterCount = parameterTable.last.map { $0.offset + $0.count } ?? 0
+        inputWidth = spec.inputWidth
+        outputWidth = spec.outputWidth
+
+        parameters = .allocate(capacity: parameterCount)
+        parameters.initialize(repeating: 0)
+        gradients = .allocate(capacity: parameterCount)
+        gradients.initialize(repeating: 0)
+        labels = .allocate(capacity: batchCapacity)
+        labels.initialize(repeating: 0, count: batchCapacity)
+        dropoutGenerator = RandomGenerator(seed: seed, stream: .dropout)
+
+        // One arena holds every activation, activation gradient, dropout mask, the targets and the ones column.
+        var widths: [Int] = [inputWidth]
+        for layer in spec.layers {
+            if case let .linear(_, o) = layer { widths.append(o) } else { widths.append(widths.last!) }
+        }
+        let activationElements = widths.reduce(0, +) * batchCapacity
+        let gradientElements = widths.dropFirst().reduce(0, +) * batchCapacity
+        let maskElements = zip(spec.layers, widths.dropFirst()).reduce(0) { total, pair in
+            if case .dropout = pair.0 { total + pair.1 * batchCapacity } else { total }
+        }
+        let total = activationElements + gradientElements + maskElements + batchCapacity * outputWidth + batchCapacity
+        arena = .allocate(capacity: total)
+        arena.initialize(repeating: 0)
+
+        var cursor = arena.baseAddress!
+        func take(_ n: Int) -> UnsafeMutablePointer<T> {
+            defer { cursor += n }
+            return cursor
+        }
+        var activations = widths.map { take($0 * batchCapacity) }
+        inputs = activations[0]
+        targets = take(batchCapacity * outputWidth)
+        ones = take(batchCapacity)
+        ones.update(repeating: 1, count: batchCapacity)
+
+        // The gradient of a layer's input is needed only when some earlier layer has parameters.
+        var steps: [LayerStep<T>] = []
+        var offset = 0
+        var previousGradient: UnsafeMutablePointer<T>? = nil
+        var seenParameters = false
+        for (index, layer) in spec.layers.enumerated() {
+            let dy = take(widths[index + 1] * batchCapacity)
+            var step = LayerStep<T>(
+                index: index, layer: layer, inWidth: widths[index], outWidth: widths[index + 1],
+                x: activations[index], y: activations[index + 1],
+                dx: seenParameters ? previousGradient : nil, dy: dy)
+            if case let .linear(i, o) = layer {
+                step.parameterOffset = offset
+                step.weightIndex = steps.reduce(0) { $0 + ($1.weightIndex >= 0 ? 2 : 0) }
+                offset += o * i + o
+                seenParameters = true
+            }
+            if case .dropout = layer { step.mask = take(widths[index + 1] * batchCapacity) }
+            steps.append(step)
+            previousGradient = dy
+        }
+        activations.removeAll()
+        plan = steps
+        initializeParameters(seed: seed)
+    }
+
+    deinit {
+        parameters.deallocate()
+        gradients.deallocate()
+        labels.deallocate()
+        arena.deallocate()
+    }
+
+    // MARK: - Parameters
+
+    /// Draws weights by `spec.initialization` from the seeded initialization stream (in Double, then rounded to T,
+    /// so Float and Double models made with one seed start from the same values); biases start at zero.
+    public func initializeParameters(seed: UInt64) {
+        var generator = RandomGenerator(seed: seed, stream: .initialization)
+        for step in plan {
+            guard case let .linear(fanIn, fanOut) = step.layer else { continue }
+            let weights = parameters.baseAddress! + step.parameterOffset
+            let scheme = resolvedInitialization(after: step.index)
+            var gain = 1.0
+            if case let .leakyReLU(slope) = nextActivation(after: step.index) { gain = 1 / (1 + slope * slope) }
+            let n = fanIn * fanOut
+            switch scheme {
+            case .kaimingNormal, .automatic:
+                let std = (2 * gain / Double(fanIn)).squareRoot()
+                for i in 0..<n { weights[i] = T(generator.nextNormal() * std) }
+            case .kaimingUniform:
+                let bound = (6 * gain / Double(fanIn)).squareRoot()
+                for i in 0..<n { weights[i] = T((2 * generator.nextUniform() - 1) * bound) }
+            case .xavierNormal:
+                let std = (2 / Double(fanIn + fanOut)).squareRoot()
+                for i in 0..<n { weights[i] = T(generator.nextNormal() * std) }
+            case .xavierUniform:
+                let bound = (6 / Double(fanIn + fanOut)).squareRoot()
+                for i in 0..<n { weights[i] = T((2 * generator.nextUniform() - 1) * bound) }
+            }
+            (weights + n).update(repeating: 0, count: fanOut)
+        }
+    }
+
+    private func nextActivation(after index: Int) -> LayerSpec? {
+        spec.layers[(index + 1)...].first { if case .dropout = $0 { false } else { true } }
+    }
+
+    private func resolvedInitialization(after index: Int) -> Initialization {
+        guard spec.initialization == .automatic else { return spec.initialization }
+        switch nextActivation(after: index) {
+        case .relu, .leakyReLU, .gelu: return .kaimingNormal
+        default: return .xavierNormal
+        }
+    }
+
+    /// Copies parameters from a buffer of the same layout, converting the scalar type if needed.
+    public func loadParameters<S: Scalar>(from source: UnsafeBufferPointer<S>) {
+        precondition(source.count == parameterCount, "parameter count \(source.count) != \(parameterCount)")
+        convert(source.baseAddress!, into: parameters.baseAddress!, parameterCount)
+    }
+
+    /// Copies this model's parameters into another model of the same architecture (any scalar type).
+    public func copyParameters<S: Scalar>(to other: Model<S>) {
+        precondition(other.spec == spec, "architectures differ")
+        other.loadParameters(from: UnsafeBufferPointer(parameters))
+    }
+
+    /// The view of one named tensor in a flat buffer of this model's layout.
+    public func tensor(_ name: String, in buffer: UnsafeMutableBufferPointer<T>) -> UnsafeMutableBufferPointer<T>? {
+        guard let info = parameterTable.first(where: { $0.name == name }) else { return nil }
+        return UnsafeMutableBufferPointer(rebasing: buffer[info.range])
+    }
+
+    public func zeroGradients() {
+        gradients.update(repeating: 0)
+    }
+
+    // MARK: - Forward and backward
+
+    /// Runs the first `count` rows of `inputs` through the model and the loss; also leaves d loss / d outputs
+    /// ready for `backward`. The loss is the mean over the rows, so gradients are too.
+    @discardableResult
+    public func forward(count: Int, mode: ForwardMode) -> BatchResult {
+        precondition(count > 0 && count <= batchCapacity, "batch of \(count) rows, capacity \(batchCapacity)")
+        lastMode = mode
+        for step in plan {
+            let n = count * step.outWidth
+            switch step.layer {
+            case let .linear(i, o):
+                // y[B,O] = bias (broadcast) + x[B,I] * W[O,I]^T
+                let w = parameters.baseAddress! + step.parameterOffset
+                broadcastRows(w + o * i, into: step.y, rows: count, columns: o)
+                T.gemm(transposeA: false, transposeB: true, m: count, n: o, k: i,
+                       alpha: 1, a: step.x, lda: i, b: w, ldb: i, beta: 1, c: step.y, ldc: o)
+            case .relu: reluForward(step.x, step.y, n)
+            case let .leakyReLU(slope): leakyReLUForward(step.x, step.y, n, slope: T(slope))
+            case .tanh: tanhForward(step.x, step.y, n)
+            case .sigmoid: sigmoidForward(step.x, step.y, n)
+            case .gelu: geluForward(step.x, step.y, n)
+            case let .dropout(p):
+                if mode == .train && p > 0 {
+                    dropoutForward(step.x, step.y, mask: step.mask!, n, keep: 1 - p, generator: &dropoutGenerator)
+                } else {
+                    step.y.update(from: step.x, count: n)
+                }
+            }
+        }
+        let last = plan[plan.count - 1]
+        switch spec.loss {
+        case .softmaxCrossEntropy:
+            let r = softmaxCrossEntropy(
+                logits: last.y, labels: labels, rows: count, classes: outputWidth,
+                gradient: last.dy, gradientScale: 1 / T(count))
+            return BatchResult(lossSum: r.lossSum, correct: r.correct, count: count)
+        case .meanSquaredError:
+            if targetsFromLabels { oneHot(labels: labels, rows: count, classes: outputWidth, into: targets) }
+            let n = count * outputWidth
+            let sum = squaredError(
+                predictions: last.y, targets: targets, count: n, gradient: last.dy, gradientScale: 1 / T(n))
+            let correct = targetsFromLabels ? countCorrect(scores: last.y, labels: labels, rows: count, classes: outputWidth) : 0
+            return BatchResult(lossSum: sum / Double(outputWidth), correct: correct, count: count)
+        }
+    }
+
+    /// Back-propagates the last forward pass (same `count`), accumulating into `gradients`.
+    ///
+    /// Layers run in reverse order. After each linear layer's weight and bias gradients are complete, and before
+    /// its input gradient is computed, `gradientsReady(offset)` reports that `gradients[offset...]` is final:
+    /// a data-parallel caller starts reducing those buckets while backward continues. The input gradient of the
+    /// first linear layer is never computed: nothing needs it.
+    public func backward(count: Int, gradientsReady: (_ offset: Int) -> Void = { _ in }) {
+        precondition(count > 0 && count <= batchCapacity, "batch of \(count) rows, capacity \(batchCapacity)")
+        for step in plan.reversed() {
+            let n = count * step.inWidth
+            switch step.layer {
+            case let .linear(i, o):
+                let w = parameters.baseAddress! + step.parameterOffset
+                let gw = gradients.baseAddress! + step.parameterOffset
+                // dW[O,I] += dy[B,O]^T * x[B,I];  db[O] += dy[B,O]^T * 1[B]
+                T.gemm(transposeA: true, transposeB: false, m: o, n: i, k: count,
+                       alpha: 1, a: step.dy, lda: o, b: step.x, ldb: i, beta: 1, c: gw, ldc: i)
+                T.gemvTransposed(m: count, n: o, alpha: 1, a: step.dy, lda: o, x: ones, beta: 1, y: gw + o * i)
+                if let fault = resolvedFault, fault == step.weightIndex || fault == step.weightIndex + 1 {
+                    applyFault(to: parameterTable[fault])
+                }
+                gradientsReady(step.parameterOffset)
+                // dx[B,I] = dy[B,O] * W[O,I]
+                if let dx = step.dx {
+                    T.gemm(transposeA: false, transposeB: false, m: count, n: i, k: o,
+                           alpha: 1, a: step.dy, lda: o, b: w, ldb: i, beta: 0, c: dx, ldc: i)
+                }
+            case .relu:
+                if let dx = step.dx { reluBackward(step.x, step.dy, dx, n) }
+            case let .leakyReLU(slope):
+                if let dx = step.dx { leakyReLUBackward(step.x, step.dy, dx, n, slope: T(slope)) }
+            case .tanh:
+                if let dx = step.dx { tanhBackward(step.y, step.dy, dx, n) }
+            case .sigmoid:
+                if let dx = step.dx { sigmoidBackward(step.y, step.dy, dx, n) }
+            case .gelu:
+                if let dx = step.dx { geluBackward(step.x, step.dy, dx, n) }
+            case let .dropout(p):
+                guard let dx = step.dx else { break }
+                if lastMode == .train && p > 0 {
+                    multiply(step.dy, step.mask!, into: dx, n)
+                } else {
+                    dx.update(from: step.dy, count: n)
+                }
+            }
+        }
+    }
+
+    /// The sign pattern (x > 0) of every input to a ReLU-family layer in the last forward pass. Two passes with
+    /// different patterns straddle a kink, where finite differences are not a derivative.
+    public func kinkPattern(count: Int) -> [Bool] {
+        var pattern: [Bool] = []
+        for step in plan where step.layer.hasKink {
+            let n = count * step.inWidth
+            for i in 0..<n { pattern.append(step.x[i] > 0) }
+        }
+        return pattern
+    }
+
+    private func applyFault(to info: ParameterInfo) {
+        let g = gradients.baseAddress! + info.offset
+        switch gradientFault {
+        case let .scaled(_, factor):
+            scale(g, info.count, by: T(factor))
+        case .transposed:
+            guard info.shape.count == 2 else { break }
+            let (rows, columns) = (info.shape[0], info.shape[1])
+            let copy = Array(UnsafeBufferPointer(start: g, count: info.count))
+            for r in 0..<rows {
+                for c in 0..<columns { g[c * rows + r] = copy[r * columns + c] }
+            }
+        case .missing:
+            g.update(repeating: 0, count: info.count)
+        case nil:
+            break
+        }
+    }
+}
+
+/// One layer's place in the forward and backward passes: its buffers are views into the model's arena.
+struct LayerStep<T: Scalar> {
+    let index: Int
+    let layer: LayerSpec
+    let inWidth: Int
+    let outWidth: Int
+    /// Input activations [B, inWidth].
+    let x: UnsafeMutablePointer<T>
+    /// Output activations [B, outWidth].
+    let y: UnsafeMutablePointer<T>
+    /// d loss / d x, [B, inWidth]; nil when no earlier layer has parameters.
+    let dx: UnsafeMutablePointer<T>?
+    /// d loss / d y, [B, outWidth].
+    let dy: UnsafeMutablePointer<T>
+    /// Linear layers: offset of the weight in the flat buffers (the bias follows it) and its table index.
+    var parameterOffset = 0
+    var weightIndex = -1
+    /// Dropout layers: the mask of the last training pass, [B, outWidth].
+    var mask: UnsafeMutablePointer<T>? = nil
+
+    init(index: Int, layer: LayerSpec, inWidth: Int, outWidth: Int,
+         x: UnsafeMutablePointer<T>, y: UnsafeMutablePointer<T>,
+         dx: UnsafeMutablePointer<T>?, dy: UnsafeMutablePointer<T>) {
+        self.index = index
+        self.layer = layer
+        self.inWidth = inWidth
+        self.outWidth = outWidth
+        self.x = x
+        self.y = y
+        self.dx = dx
+        self.dy = dy
+    }
+}

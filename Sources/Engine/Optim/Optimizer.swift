@@ -1,0 +1,121 @@
+import RealModule
+
+/// Which update rule an `Optimizer` applies.
+public enum OptimizerKind: String, Sendable, CaseIterable {
+    /// SGD, with momentum and Nesterov when `momentum > 0`; weight decay is L2 added to the gradient.
+    case sgd
+    /// Adam; weight decay is L2 added to the gradient (torch.optim.Adam).
+    case adam
+    /// AdamW: weight decay decoupled from the gradient (torch.optim.AdamW).
+    case adamw
+}
+
+/// Hyper-parameters of an optimizer. Defaults are torch.optim's.
+public struct OptimizerConfig: Equatable, Sendable {
+    public var kind: OptimizerKind
+    public var momentum: Double
+    public var nesterov: Bool
+    public var beta1: Double
+    public var beta2: Double
+    public var epsilon: Double
+    public var weightDecay: Double
+
+    public init(kind: OptimizerKind = .sgd, momentum: Double = 0, nesterov: Bool = false,
+                beta1: Double = 0.9, beta2: Double = 0.999, epsilon: Double = 1e-8, weightDecay: Double? = nil) {
+        self.kind = kind
+        self.momentum = momentum
+        self.nesterov = nesterov
+        self.beta1 = beta1
+        self.beta2 = beta2
+        self.epsilon = epsilon
+        // torch.optim.AdamW defaults to 0.01, the others to 0.
+        self.weightDecay = weightDecay ?? (kind == .adamw ? 0.01 : 0)
+    }
+
+    /// Rejects settings no optimizer can use; the message names the setting.
+    public func validate() throws(ModelSpecError) {
+        guard momentum >= 0, momentum < 1 else { throw ModelSpecError("momentum must be in [0, 1), got \(momentum)") }
+        guard !nesterov || (kind == .sgd && momentum > 0) else {
+            throw ModelSpecError("nesterov needs the sgd optimizer with momentum > 0")
+        }
+        guard beta1 >= 0, beta1 < 1 else { throw ModelSpecError("beta1 must be in [0, 1), got \(beta1)") }
+        guard beta2 >= 0, beta2 < 1 else { throw ModelSpecError("beta2 must be in [0, 1), got \(beta2)") }
+        guard epsilon > 0 else { throw ModelSpecError("epsilon must be positive, got \(epsilon)") }
+        guard weightDecay >= 0, weightDecay.isFinite else {
+            throw ModelSpecError("weight decay must be finite and >= 0, got \(weightDecay)")
+        }
+    }
+}
+
+/// An optimizer over a flat parameter buffer. Its state (momentum, Adam moments) is flat buffers of the
+/// parameter layout, named as in torch.optim's state (`momentum_buffer`, `exp_avg`, `exp_avg_sq`), so a
+/// checkpoint can store them beside the parameters.
+public final class Optimizer<T: Scalar> {
+    public let config: OptimizerConfig
+    public let parameterCount: Int
+    /// Updates applied so far; Adam's bias correction uses it. Restored from checkpoints.
+    public var stepCount: Int = 0
+    /// Named state buffers, each `parameterCount` long.
+    public let state: [(name: String, buffer: UnsafeMutableBufferPointer<T>)]
+
+    public init(config: OptimizerConfig, parameterCount: Int) throws(ModelSpecError) {
+        try config.validate()
+        self.config = config
+        self.parameterCount = parameterCount
+        let names: [String] = switch config.kind {
+        case .sgd: config.momentum > 0 ? ["momentum_buffer"] : []
+        case .adam, .adamw: ["exp_avg", "exp_avg_sq"]
+        }
+        state = names.map { name in
+            let buffer = UnsafeMutableBufferPointer<T>.allocate(capacity: parameterCount)
+            buffer.initialize(repeating: 0)
+            return (name, buffer)
+        }
+    }
+
+    deinit {
+        for s in state { s.buffer.deallocate() }
+    }
+
+    /// Applies one update to `parameters` from `gradients` with this step's learning rate. Allocates nothing.
+    public func update(parameters: UnsafeMutableBufferPointer<T>, gradients: UnsafeMutableBufferPointer<T>,
+                       learningRate: Double) {
+        precondition(parameters.count == parameterCount && gradients.count == parameterCount)
+        stepCount += 1
+        let p = parameters.baseAddress!, g = gradients.baseAddress!, n = parameterCount
+        let lr = T(learningRate), wd = T(config.weightDecay)
+        switch config.kind {
+        case .sgd:
+            if config.momentum > 0 {
+                momentumUpdate(p, g, buffer: state[0].buffer.baseAddress!, n, learningRate: lr,
+                               momentum: T(config.momentum), nesterov: config.nesterov, weightDecay: wd)
+            } else {
+                sgdUpdate(p, g, n, learningRate: lr, weightDecay: wd)
+            }
+        case .adam, .adamw:
+            let t = Double(stepCount)
+            let decoupled = config.kind == .adamw
+            adamUpdate(p, g, m: state[0].buffer.baseAddress!, v: state[1].buffer.baseAddress!, n,
+                       learningRate: lr, beta1: T(config.beta1), beta2: T(config.beta2), epsilon: T(config.epsilon),
+                       l2Decay: decoupled ? 0 : wd, decoupledDecay: decoupled ? wd : 0,
+                       biasCorrection1: T(1 - Double.pow(config.beta1, t)),
+                       biasCorrection2: T(1 - Double.pow(config.beta2, t)))
+        }
+    }
+
+    /// Forgets all state (fresh momentum and moments, step 0).
+    public func reset() {
+        stepCount = 0
+        for s in state { s.buffer.update(repeating: 0) }
+    }
+}
+
+/// Scales `gradients` so their global L2 norm is at most `maxNorm` (torch.nn.utils.clip_grad_norm_:
+/// factor = maxNorm / (norm + 1e-6), applied only when below 1). Returns the norm before clipping.
+@discardableResult
+public func clipGradientNorm<T: Scalar>(_ gradients: UnsafeMutableBufferPointer<T>, maxNorm: Double) -> Double {
+    let norm = Double(T.dot(gradients.count, gradients.baseAddress!, gradients.baseAddress!)).squareRoot()
+    let factor = maxNorm / (norm + 1e-6)
+    if factor < 1 { scale(gradients.baseAddress!, gradients.count, by: T(factor)) }
+    return norm
+}

@@ -1,0 +1,139 @@
+import Engine
+import Testing
+
+@Suite("Finite-difference gradient checker")
+struct GradientCheckTests {
+    static let activations: [LayerSpec] = [.relu, .leakyReLU(slope: 0.1), .tanh, .sigmoid, .gelu, .dropout(probability: 0.5)]
+
+    func checkedModel(_ spec: ModelSpec, rows: Int = 4, seed: UInt64 = 1) throws -> Model<Double> {
+        let model = try Model<Double>(spec: spec, batchCapacity: rows, seed: seed)
+        fillRandomBatch(model, rows: rows, seed: seed)
+        // Non-zero biases, so their gradients are not special.
+        var g = RandomGenerator(seed: seed, stream: 77)
+        for info in model.parameterTable where info.shape.count == 1 {
+            for i in info.range { model.parameters[i] = 0.1 * g.nextNormal() }
+        }
+        return model
+    }
+
+    @Test(arguments: activations, LossKind.allCases)
+    func everyLayerAloneWithEveryLoss(activation: LayerSpec, loss: LossKind) throws {
+        let spec = ModelSpec(layers: [.linear(inputs: 4, outputs: 5), activation, .linear(inputs: 5, outputs: 3)], loss: loss)
+        var options = GradientCheckOptions()
+        options.checkAllCoordinates = true
+        let report = checkGradients(model: try checkedModel(spec), count: 4, options: options)
+        #expect(report.verdict == .pass, "\(report.text)")
+        #expect(report.deterministic)
+        let checked: Int = report.tensors.map(\.checked).reduce(0, +)
+        #expect(checked > 0)
+        #expect(report.tensors.allSatisfy { $0.maxRelativeError <= 1e-6 || $0.kinksSkipped > 0 }, "\(report.text)")
+        #expect(report.direction.relativeError <= 1e-4)
+    }
+
+    @Test func linearLayerAloneChecksEveryCoordinate() throws {
+        var options = GradientCheckOptions()
+        options.checkAllCoordinates = true
+        let model = try checkedModel(ModelSpec(layers: [.linear(inputs: 3, outputs: 4)]))
+        let report = checkGradients(model: model, count: 4, options: options)
+        #expect(report.verdict == .pass)
+        #expect(report.tensors.map(\.checked) == [12, 4])
+        // Two forward passes for J(theta) (the determinism check), two per coordinate, two for the direction.
+        #expect(report.forwardPasses == 2 + 2 * 16 + 2)
+        // Four significant digits at least, as the method promises in float64.
+        #expect(report.tensors.allSatisfy { $0.maxRelativeError < 1e-7 })
+    }
+
+    @Test func deepComposedModelPasses() throws {
+        let spec = ModelSpec(layers: [
+            .linear(inputs: 10, outputs: 16), .gelu, .dropout(probability: 0.2),
+            .linear(inputs: 16, outputs: 12), .tanh, .linear(inputs: 12, outputs: 8), .sigmoid,
+            .linear(inputs: 8, outputs: 8), .leakyReLU(slope: 0.2), .linear(inputs: 8, outputs: 4),
+        ])
+        let report = checkGradients(model: try checkedModel(spec, rows: 6), count: 6)
+        #expect(report.verdict == .pass, "\(report.text)")
+        #expect(report.tensors.count == 10)
+        #expect(report.tensors.allSatisfy { $0.checked > 0 && $0.gradientNorm > 0 })
+    }
+
+    static let faults: [GradientFault] = [
+        .scaled(tensor: "2.weight", factor: 1.1), .scaled(tensor: "0.bias", factor: 0.5),
+        .transposed(tensor: "0.weight"), .missing(tensor: "2.bias"), .missing(tensor: "0.weight"),
+    ]
+
+    @Test(arguments: faults)
+    func injectedBugsFailAndNameTheTensor(fault: GradientFault) throws {
+        let model = try checkedModel(.mlp(widths: [5, 6, 3], activation: .tanh))
+        model.gradientFault = fault
+        let report = checkGradients(model: model, count: 4)
+        #expect(report.verdict == .fail)
+        let broken = try #require(report.tensors.first { $0.name == fault.tensor })
+        #expect(broken.verdict == .fail)
+        #expect(report.failures.contains { $0.hasPrefix(fault.tensor) }, "\(report.failures)")
+        #expect(report.text.contains("FAIL: \(fault.tensor)"))
+        // Only the broken tensor fails.
+        #expect(report.tensors.filter { $0.verdict == .fail }.map(\.name) == [fault.tensor])
+        // The random direction touches every parameter, so it catches the bug too.
+        #expect(report.direction.verdict != .pass)
+    }
+
+    @Test func missingGradientIsReportedAsNotInfluencingTheCost() throws {
+        let model = try checkedModel(.mlp(widths: [5, 6, 3]))
+        model.gradientFault = .missing(tensor: "2.weight")
+        let report = checkGradients(model: model, count: 4)
+        let tensor = try #require(report.tensors.first { $0.name == "2.weight" })
+        #expect(tensor.gradientNorm == 0)
+        #expect(tensor.note?.contains("does not influence the cost") == true)
+        #expect(tensor.worst.map { $0.analytic == 0 && $0.numeric != 0 } == true)
+    }
+
+    @Test func kinksAreSkippedAndReplaced() throws {
+        // One row; half of the first layer's units get a pre-activation of 1e-5, well inside eps = 1e-4 of the
+        // ReLU kink, so perturbing their bias crosses it.
+        let model = try Model<Double>(spec: .mlp(widths: [3, 8, 2]), batchCapacity: 1, seed: 3)
+        fillRandomBatch(model, rows: 1, seed: 3)
+        let w = model.tensor("0.weight", in: model.parameters)!
+        let b = model.tensor("0.bias", in: model.parameters)!
+        for j in 0..<8 {
+            let pre = (0..<3).reduce(0.0) { $0 + w[j * 3 + $1] * model.inputs[$1] }
+            b[j] = j % 2 == 0 ? 1e-5 - pre : 0.5 - pre
+        }
+        var options = GradientCheckOptions()
+        options.samplesPerTensor = 4  // strata of two biases: one near the kink, one far from it
+        let report = checkGradients(model: model, count: 1, options: options)
+        let bias = try #require(report.tensors.first { $0.name == "0.bias" })
+        #expect(bias.kinksSkipped > 0)
+        #expect(bias.checked == 4)
+        #expect(bias.verdict == .pass, "\(report.text)")
+        #expect(report.tensors.allSatisfy { $0.verdict == .pass }, "\(report.text)")
+        // Every random direction moves all eight biases, so each crosses a kink: reported, not failed.
+        #expect(report.direction.kinksSkipped == options.kinkRetries + 1)
+        #expect(report.direction.verdict == .warn && report.direction.note != nil)
+        #expect(report.passed, "\(report.text)")
+    }
+
+    @Test func smallErrorsWarnWithoutFailing() throws {
+        // A 0.1% error is above the pass threshold (1e-4) but inside the warn band (1e-2).
+        let model = try checkedModel(.mlp(widths: [5, 6, 3], activation: .tanh))
+        model.gradientFault = .scaled(tensor: "0.weight", factor: 1.001)
+        let report = checkGradients(model: model, count: 4)
+        #expect(report.verdict == .warn, "\(report.text)")
+        #expect(report.passed)
+        #expect(report.tensors.first { $0.name == "0.weight" }?.verdict == .warn)
+    }
+
+    @Test func reportIsReadableAndJSON() throws {
+        let report = checkGradients(model: try checkedModel(.mlp(widths: [4, 5, 3])), count: 4)
+        #expect(report.text.contains("0.weight"))
+        #expect(report.text.contains("[5, 4]"))
+        #expect(report.text.contains("float64"))
+        #expect(report.json.contains("\"verdict\" : \"pass\""))
+        #expect(report.json.contains("\"maxRelativeError\""))
+    }
+
+    @Test func relativeErrorFormula() {
+        #expect(relativeError(1, 1) == 0)
+        #expect(abs(relativeError(1.0001, 1) - 0.0001 / 1.0001) < 1e-15)
+        #expect(relativeError(0, 0) == 0)
+        #expect(relativeError(1e-12, 0) == 1e-12 / 1e-8)
+    }
+}

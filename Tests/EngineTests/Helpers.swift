@@ -1,0 +1,30 @@
+import Engine
+
+/// Fills the model's inputs and labels with `rows` reproducible random rows (inputs ~ N(0, 1)).
+func fillRandomBatch<T: Scalar>(_ model: Model<T>, rows: Int, seed: UInt64) {
+    var g = RandomGenerator(seed: seed, stream: .test)
+    for i in 0..<(rows * model.inputWidth) { model.inputs[i] = T(g.nextNormal()) }
+    for r in 0..<rows { model.labels[r] = Int32(g.nextInt(below: model.outputWidth)) }
+}
+
+/// Writes `values` into the named tensor of the model's parameters.
+func setTensor<T: Scalar>(_ model: Model<T>, _ name: String, _ values: [Double]) {
+    let view = model.tensor(name, in: model.parameters)!
+    precondition(view.count == values.count, "\(name) has \(view.count) elements")
+    for i in values.indices { view[i] = T(values[i]) }
+}
+
+func tensorValues<T: Scalar>(_ model: Model<T>, _ name: String, in buffer: UnsafeMutableBufferPointer<T>) -> [Double] {
+    model.tensor(name, in: buffer)!.map { Double($0) }
+}
+
+func close(_ a: Double, _ b: Double, _ tolerance: Double) -> Bool {
+    abs(a - b) <= tolerance * max(1, abs(a), abs(b))
+}
+
+func allClose(_ a: [Double], _ b: [Double], _ tolerance: Double) -> Bool {
+    a.count == b.count && zip(a, b).allSatisfy { close($0, $1, tolerance) }
+}
+
+/// Tolerance for comparing a computation in T with an exact value.
+func tolerance<T: Scalar>(_: T.Type) -> Double { T.self == Float.self ? 1e-5 : 1e-12 }

@@ -1,0 +1,142 @@
+import Engine
+import Testing
+
+@Suite("Layers and losses against hand-computed values")
+struct LayerTests {
+    // W = [[1, 2], [3, 4], [5, 6]], b = [0.5, -1, 2], x = [[1, -1], [2, 0.5]]
+    // y = x W^T + b = [[-0.5, -2, 1], [3.5, 7, 15]]
+    func denseForwardBackward<T: Scalar>(_: T.Type) throws {
+        let model = try Model<T>(spec: ModelSpec(layers: [.linear(inputs: 2, outputs: 3)], loss: .meanSquaredError),
+                                 batchCapacity: 2)
+        setTensor(model, "0.weight", [1, 2, 3, 4, 5, 6])
+        setTensor(model, "0.bias", [0.5, -1, 2])
+        for (i, v) in [1.0, -1, 2, 0.5].enumerated() { model.inputs[i] = T(v) }
+        model.targetsFromLabels = false
+        model.targets.update(repeating: 0, count: 6)
+        let result = model.forward(count: 2, mode: .train)
+        let y = (0..<6).map { Double(model.outputs[$0]) }
+        #expect(allClose(y, [-0.5, -2, 1, 3.5, 7, 15], tolerance(T.self)))
+        // MSE with zero targets: loss = sum y^2 / 6
+        #expect(close(result.loss, 291.5 / 6, tolerance(T.self)))
+
+        model.zeroGradients()
+        model.backward(count: 2)
+        // dy = 2 y / 6 = [[-1/6, -2/3, 1/3], [7/6, 7/3, 5]]; dW = dy^T x; db = column sums of dy
+        let dy = [[-1.0 / 6, -2.0 / 3, 1.0 / 3], [7.0 / 6, 7.0 / 3, 5]]
+        let x = [[1.0, -1], [2, 0.5]]
+        var dW: [Double] = []
+        for j in 0..<3 { for k in 0..<2 { dW.append(dy[0][j] * x[0][k] + dy[1][j] * x[1][k]) } }
+        #expect(allClose(tensorValues(model, "0.weight", in: model.gradients), dW, tolerance(T.self)))
+        #expect(allClose(tensorValues(model, "0.bias", in: model.gradients), [1, 5.0 / 3, 16.0 / 3], tolerance(T.self)))
+        // Backward accumulates: a second backward doubles the gradient.
+        model.backward(count: 2)
+        #expect(allClose(tensorValues(model, "0.bias", in: model.gradients), [2, 10.0 / 3, 32.0 / 3], tolerance(T.self)))
+    }
+
+    @Test func denseFloat() throws { try denseForwardBackward(Float.self) }
+    @Test func denseDouble() throws { try denseForwardBackward(Double.self) }
+
+    func crossEntropy<T: Scalar>(_: T.Type) throws {
+        // One linear layer with identity weights passes the logits [1, 2, 3] through.
+        let model = try Model<T>(spec: ModelSpec(layers: [.linear(inputs: 3, outputs: 3)]), batchCapacity: 1)
+        setTensor(model, "0.weight", [1, 0, 0, 0, 1, 0, 0, 0, 1])
+        setTensor(model, "0.bias", [0, 0, 0])
+        for (i, v) in [1.0, 2, 3].enumerated() { model.inputs[i] = T(v) }
+        model.labels[0] = 2
+        let result = model.forward(count: 1, mode: .train)
+        // log(e + e^2 + e^3) - 3
+        #expect(close(result.loss, 0.40760596444438013, tolerance(T.self)))
+        #expect(result.correct == 1)
+        model.zeroGradients()
+        model.backward(count: 1)
+        // d loss / d logits = softmax - onehot, and with identity W, dW = (softmax - onehot) x^T
+        let softmax = [0.09003057317038046, 0.24472847105479764, 0.6652409557748219]
+        let db = tensorValues(model, "0.bias", in: model.gradients)
+        #expect(allClose(db, [softmax[0], softmax[1], softmax[2] - 1], tolerance(T.self)))
+    }
+
+    @Test func crossEntropyFloat() throws { try crossEntropy(Float.self) }
+    @Test func crossEntropyDouble() throws { try crossEntropy(Double.self) }
+
+    @Test func crossEntropyIsStableForHugeLogits() throws {
+        let model = try Model<Float>(spec: ModelSpec(layers: [.linear(inputs: 3, outputs: 3)]), batchCapacity: 2)
+        setTensor(model, "0.weight", [1, 0, 0, 0, 1, 0, 0, 0, 1])
+        setTensor(model, "0.bias", [0, 0, 0])
+        for (i, v) in [1000.0, 0, -1000, 1000, 0, -1000].enumerated() { model.inputs[i] = Float(v) }
+        model.labels[0] = 0  // loss ~ e^-1000 = 0
+        model.labels[1] = 2  // loss = 2000
+        let result = model.forward(count: 2, mode: .train)
+        #expect(result.lossSum == 2000)
+        model.zeroGradients()
+        model.backward(count: 2)
+        #expect(nonFiniteCount(model.gradients.baseAddress!, model.parameterCount) == 0)
+        #expect(result.correct == 1)
+    }
+
+    func activations<T: Scalar>(_: T.Type) {
+        let x: [Double] = [-2, -0.5, 0.25, 1, 3]
+        let n = x.count
+        let xs = UnsafeMutablePointer<T>.allocate(capacity: n)
+        let ys = UnsafeMutablePointer<T>.allocate(capacity: n)
+        defer { xs.deallocate(); ys.deallocate() }
+        for i in 0..<n { xs[i] = T(x[i]) }
+        func run(_ f: (UnsafePointer<T>, UnsafeMutablePointer<T>, Int) -> Void) -> [Double] {
+            f(xs, ys, n)
+            return (0..<n).map { Double(ys[$0]) }
+        }
+        let tol = tolerance(T.self) * 10
+        #expect(allClose(run { reluForward($0, $1, $2) }, x.map { max($0, 0) }, tol))
+        #expect(allClose(run { leakyReLUForward($0, $1, $2, slope: T(0.1)) }, x.map { $0 > 0 ? $0 : 0.1 * $0 }, tol))
+        #expect(allClose(run { tanhForward($0, $1, $2) }, [-0.9640275800758169, -0.46211715726000974, 0.24491866240370913,
+                                                         0.7615941559557649, 0.9950547536867305], tol))
+        #expect(allClose(run { sigmoidForward($0, $1, $2) }, [0.11920292202211755, 0.3775406687981454, 0.5621765008857981,
+                                                            0.7310585786300049, 0.9525741268224334], tol))
+        // x * Phi(x), Phi from the normal CDF tables (scipy.stats.norm.cdf)
+        #expect(allClose(run { geluForward($0, $1, $2) }, [-0.04550026389635839, -0.15426876936299344, 0.14967658142073093,
+                                                         0.8413447460685429, 2.99595030590511], tol))
+    }
+
+    @Test func activationValuesFloat() { activations(Float.self) }
+    @Test func activationValuesDouble() { activations(Double.self) }
+
+    @Test func dropoutTrainsAndEvaluatesCorrectly() throws {
+        let spec = ModelSpec(layers: [.linear(inputs: 100, outputs: 100), .dropout(probability: 0.3),
+                                      .linear(inputs: 100, outputs: 2)])
+        let model = try Model<Double>(spec: spec, batchCapacity: 50, seed: 3)
+        fillRandomBatch(model, rows: 50, seed: 1)
+        // Evaluation: dropout is the identity, so two passes agree exactly.
+        let e1 = model.forward(count: 50, mode: .eval).lossSum
+        let e2 = model.forward(count: 50, mode: .eval).lossSum
+        #expect(e1 == e2)
+        // Training: different masks on consecutive passes; the same seed reproduces them.
+        let t1 = model.forward(count: 50, mode: .train).lossSum
+        let t2 = model.forward(count: 50, mode: .train).lossSum
+        #expect(t1 != t2)
+        let twin = try Model<Double>(spec: spec, batchCapacity: 50, seed: 3)
+        fillRandomBatch(twin, rows: 50, seed: 1)
+        _ = twin.forward(count: 50, mode: .eval)
+        #expect(twin.forward(count: 50, mode: .train).lossSum == t1)
+    }
+
+    @Test func dropoutMaskKeepsTheRightShareAndScales() {
+        let n = 100_000
+        let x = UnsafeMutablePointer<Float>.allocate(capacity: n)
+        let y = UnsafeMutablePointer<Float>.allocate(capacity: n)
+        let mask = UnsafeMutablePointer<Float>.allocate(capacity: n)
+        defer { x.deallocate(); y.deallocate(); mask.deallocate() }
+        x.update(repeating: 1, count: n)
+        var g = RandomGenerator(seed: 5, stream: .dropout)
+        dropoutForward(x, y, mask: mask, n, keep: 0.75, generator: &g)
+        let kept = (0..<n).filter { y[$0] != 0 }.count
+        #expect(abs(Double(kept) / Double(n) - 0.75) < 0.01)
+        #expect((0..<n).allSatisfy { y[$0] == 0 || abs(y[$0] - 1 / 0.75) < 1e-6 })
+    }
+
+    @Test func squaredErrorAgainstHandValues() {
+        let p: [Double] = [1, 2, 3, 4], t: [Double] = [0, 2, 5, 3]
+        var g = [Double](repeating: 0, count: 4)
+        let sum = squaredError(predictions: p, targets: t, count: 4, gradient: &g, gradientScale: 0.25)
+        #expect(sum == 6)  // 1 + 0 + 4 + 1
+        #expect(g == [0.5, 0, -1, 0.5])  // 2 (p - t) / 4
+    }
+}

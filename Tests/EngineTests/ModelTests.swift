@@ -1,0 +1,102 @@
+import Engine
+import Testing
+
+@Suite("Model structure, initialisation and buffers")
+struct ModelTests {
+    @Test func parameterTableFollowsPyTorchSequential() throws {
+        let spec = ModelSpec.mlp(widths: [784, 256, 128, 10])
+        #expect(spec.layers == [.linear(inputs: 784, outputs: 256), .relu, .linear(inputs: 256, outputs: 128), .relu,
+                                .linear(inputs: 128, outputs: 10)])
+        let table = spec.parameterTable
+        #expect(table.map(\.name) == ["0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"])
+        #expect(table.map(\.shape) == [[256, 784], [256], [128, 256], [128], [10, 128], [10]])
+        #expect(table.map(\.offset) == [0, 200_704, 200_960, 233_728, 233_856, 235_136])
+        let model = try Model<Float>(spec: spec, batchCapacity: 4)
+        #expect(model.parameterCount == 235_146)
+        // Dropout layers take an index too, exactly as in nn.Sequential.
+        #expect(ModelSpec.mlp(widths: [4, 8, 2], dropout: 0.5).parameterTable.map(\.name)
+                == ["0.weight", "0.bias", "3.weight", "3.bias"])
+    }
+
+    @Test func invalidArchitecturesAreRejectedWithTheLayerNamed() {
+        #expect(throws: ModelSpecError("layer 2 Linear(5, 2) expects 5 inputs but the previous layer produces 4")) {
+            try ModelSpec(layers: [.linear(inputs: 3, outputs: 4), .relu, .linear(inputs: 5, outputs: 2)]).validate()
+        }
+        #expect(throws: ModelSpecError.self) { try ModelSpec(layers: [.relu]).validate() }
+        #expect(throws: ModelSpecError.self) {
+            try ModelSpec(layers: [.linear(inputs: 3, outputs: 4), .dropout(probability: 1)]).validate()
+        }
+        #expect(throws: ModelSpecError.self) { try ModelSpec(layers: [.linear(inputs: 3, outputs: 1)]).validate() }
+        #expect(throws: ModelSpecError("batch size must be at least 1, got 0")) {
+            _ = try Model<Float>(spec: .mlp(widths: [2, 2]), batchCapacity: 0)
+        }
+    }
+
+    @Test func initialisationIsSeededAndScaled() throws {
+        let spec = ModelSpec.mlp(widths: [400, 300, 10], activation: .relu)
+        let a = try Model<Float>(spec: spec, batchCapacity: 1, seed: 7)
+        let b = try Model<Float>(spec: spec, batchCapacity: 1, seed: 7)
+        let c = try Model<Float>(spec: spec, batchCapacity: 1, seed: 8)
+        let d = try Model<Double>(spec: spec, batchCapacity: 1, seed: 7)
+        #expect(Array(a.parameters) == Array(b.parameters))
+        #expect(Array(a.parameters) != Array(c.parameters))
+        // Float and Double models of one seed start from the same values, rounded.
+        #expect((0..<a.parameterCount).allSatisfy { a.parameters[$0] == Float(d.parameters[$0]) })
+        // Kaiming for the ReLU layer: std sqrt(2 / 400); Xavier for the last: std sqrt(2 / 310).
+        func std(_ values: [Double]) -> Double {
+            let mean = values.reduce(0, +) / Double(values.count)
+            return (values.map { ($0 - mean) * ($0 - mean) }.reduce(0, +) / Double(values.count)).squareRoot()
+        }
+        let w0 = tensorValues(d, "0.weight", in: d.parameters)
+        let w2 = tensorValues(d, "2.weight", in: d.parameters)
+        #expect(abs(std(w0) / (2.0 / 400).squareRoot() - 1) < 0.01)
+        #expect(abs(std(w2) / (2.0 / 310).squareRoot() - 1) < 0.05)
+        #expect(tensorValues(d, "0.bias", in: d.parameters).allSatisfy { $0 == 0 })
+        // Uniform schemes stay inside their bounds.
+        let u = try Model<Double>(spec: .mlp(widths: [50, 20, 2], initialization: .xavierUniform), batchCapacity: 1)
+        let bound = (6.0 / 70).squareRoot()
+        let uw = tensorValues(u, "0.weight", in: u.parameters)
+        #expect(uw.allSatisfy { abs($0) <= bound } && uw.contains { abs($0) > 0.9 * bound })
+    }
+
+    @Test func gradientsReadyReportsSuffixesInReverseLayerOrder() throws {
+        let model = try Model<Float>(spec: .mlp(widths: [6, 5, 4, 3]), batchCapacity: 2)
+        fillRandomBatch(model, rows: 2, seed: 1)
+        model.forward(count: 2, mode: .train)
+        var offsets: [Int] = []
+        var finalWhenReported: [Bool] = []
+        let reference = try Model<Float>(spec: model.spec, batchCapacity: 2)
+        fillRandomBatch(reference, rows: 2, seed: 1)
+        reference.forward(count: 2, mode: .train)
+        reference.backward(count: 2)
+        model.backward(count: 2) { offset in
+            offsets.append(offset)
+            // Everything from offset on already holds its final value.
+            finalWhenReported.append((offset..<model.parameterCount).allSatisfy {
+                model.gradients[$0] == reference.gradients[$0]
+            })
+        }
+        let table = model.parameterTable
+        #expect(offsets == [table[4].offset, table[2].offset, table[0].offset])
+        #expect(finalWhenReported == [true, true, true])
+    }
+
+    @Test func partialBatchEqualsSmallerModel() throws {
+        let spec = ModelSpec.mlp(widths: [5, 7, 3], activation: .tanh)
+        let big = try Model<Double>(spec: spec, batchCapacity: 10, seed: 2)
+        let small = try Model<Double>(spec: spec, batchCapacity: 3, seed: 2)
+        fillRandomBatch(big, rows: 3, seed: 4)
+        fillRandomBatch(small, rows: 3, seed: 4)
+        #expect(big.forward(count: 3, mode: .train) == small.forward(count: 3, mode: .train))
+        big.backward(count: 3)
+        small.backward(count: 3)
+        #expect(Array(big.gradients) == Array(small.gradients))
+    }
+
+    @Test func float64CopyMatchesOriginal() throws {
+        let model = try Model<Float>(spec: .mlp(widths: [4, 6, 3]), batchCapacity: 4, seed: 9)
+        let copy = model.float64Copy(batchCapacity: 2)
+        #expect(copy.parameterCount == model.parameterCount)
+        #expect((0..<model.parameterCount).allSatisfy { Double(model.parameters[$0]) == copy.parameters[$0] })
+    }
+}

@@ -1,0 +1,112 @@
+import Engine
+import Testing
+
+@Suite("Optimizers, schedules and clipping against closed forms")
+struct OptimizerTests {
+    /// Runs `steps` updates with fixed gradient values and returns the parameters.
+    func run<T: Scalar>(_: T.Type, _ config: OptimizerConfig, p0: [Double], grads: [[Double]], lr: Double) throws -> [Double] {
+        let n = p0.count
+        let optimizer = try Optimizer<T>(config: config, parameterCount: n)
+        let p = UnsafeMutableBufferPointer<T>.allocate(capacity: n)
+        let g = UnsafeMutableBufferPointer<T>.allocate(capacity: n)
+        defer { p.deallocate(); g.deallocate() }
+        for i in 0..<n { p[i] = T(p0[i]) }
+        for step in grads {
+            for i in 0..<n { g[i] = T(step[i]) }
+            optimizer.update(parameters: p, gradients: g, learningRate: lr)
+        }
+        #expect(optimizer.stepCount == grads.count)
+        return p.map { Double($0) }
+    }
+
+    func closedForms<T: Scalar>(_: T.Type) throws {
+        let tol = tolerance(T.self) * 10
+        let p0 = [1.0, -2.0, 0.5], g1 = [0.1, -0.3, 2.0], g2 = [-0.2, 0.4, 1.0]
+        // SGD with L2: p - lr (g + wd p)
+        let sgd = try run(T.self, .init(kind: .sgd, weightDecay: 0.1), p0: p0, grads: [g1], lr: 0.5)
+        #expect(allClose(sgd, (0..<3).map { p0[$0] - 0.5 * (g1[$0] + 0.1 * p0[$0]) }, tol))
+        // Momentum, two steps: b1 = g1, p1 = p0 - lr b1; b2 = mu b1 + g2, p2 = p1 - lr b2
+        let mu = 0.9, lr = 0.1
+        let mom = try run(T.self, .init(kind: .sgd, momentum: mu), p0: p0, grads: [g1, g2], lr: lr)
+        #expect(allClose(mom, (0..<3).map { i in
+            let b2 = mu * g1[i] + g2[i]
+            return p0[i] - lr * g1[i] - lr * b2
+        }, tol))
+        // Nesterov: p -= lr (g + mu b)
+        let nes = try run(T.self, .init(kind: .sgd, momentum: mu, nesterov: true), p0: p0, grads: [g1, g2], lr: lr)
+        #expect(allClose(nes, (0..<3).map { i in
+            let b1 = g1[i], b2 = mu * b1 + g2[i]
+            return p0[i] - lr * (g1[i] + mu * b1) - lr * (g2[i] + mu * b2)
+        }, tol))
+        // Adam, two steps with bias correction written out.
+        func adam(decoupled: Bool, wd: Double) -> [Double] {
+            let (b1, b2, eps) = (0.9, 0.999, 1e-8)
+            return (0..<3).map { i in
+                var p = p0[i], m = 0.0, v = 0.0
+                for (t, g) in [g1[i], g2[i]].enumerated() {
+                    let d = decoupled ? g : g + wd * p
+                    if decoupled { p *= 1 - lr * wd }
+                    m = b1 * m + (1 - b1) * d
+                    v = b2 * v + (1 - b2) * d * d
+                    let mhat = m / (1 - pow(b1, Double(t + 1))), vhat = v / (1 - pow(b2, Double(t + 1)))
+                    p -= lr * mhat / (vhat.squareRoot() + eps)
+                }
+                return p
+            }
+        }
+        let adamResult = try run(T.self, .init(kind: .adam, weightDecay: 0.05), p0: p0, grads: [g1, g2], lr: lr)
+        #expect(allClose(adamResult, adam(decoupled: false, wd: 0.05), tol))
+        let adamW = try run(T.self, .init(kind: .adamw, weightDecay: 0.05), p0: p0, grads: [g1, g2], lr: lr)
+        #expect(allClose(adamW, adam(decoupled: true, wd: 0.05), tol))
+        // Adam's first step moves every coordinate by lr against the sign of its gradient.
+        let first = try run(T.self, .init(kind: .adam), p0: p0, grads: [g1], lr: lr)
+        #expect(allClose(first, (0..<3).map { p0[$0] - lr * (g1[$0] > 0 ? 1 : -1) }, 1e-5))
+    }
+
+    @Test func closedFormsFloat() throws { try closedForms(Float.self) }
+    @Test func closedFormsDouble() throws { try closedForms(Double.self) }
+
+    @Test func defaultsFollowTorchOptim() {
+        #expect(OptimizerConfig(kind: .adamw).weightDecay == 0.01)
+        #expect(OptimizerConfig(kind: .adam).weightDecay == 0)
+        #expect(throws: ModelSpecError.self) { try OptimizerConfig(kind: .adam, nesterov: true).validate() }
+        #expect(throws: ModelSpecError.self) { try OptimizerConfig(kind: .sgd, momentum: 1.5).validate() }
+    }
+
+    @Test func schedulesMatchTheirFormulas() throws {
+        let constant = LearningRateSchedule(base: 0.1)
+        #expect(constant.learningRate(atStep: 0) == 0.1 && constant.learningRate(atStep: 10_000) == 0.1)
+
+        let step = LearningRateSchedule(base: 0.1, kind: .step(every: 10, gamma: 0.5))
+        #expect(step.learningRate(atStep: 9) == 0.1)
+        #expect(step.learningRate(atStep: 10) == 0.05)
+        #expect(step.learningRate(atStep: 25) == 0.025)
+
+        let cosine = LearningRateSchedule(base: 1.0, kind: .cosine(totalSteps: 110, minimum: 0.1), warmupSteps: 10)
+        try cosine.validate()
+        #expect(cosine.learningRate(atStep: 0) == 0.1)   // (0 + 1) / 10
+        #expect(cosine.learningRate(atStep: 4) == 0.5)
+        #expect(cosine.learningRate(atStep: 10) == 1.0)
+        #expect(abs(cosine.learningRate(atStep: 60) - 0.55) < 1e-12)   // half way: (1 + 0.1) / 2
+        #expect(abs(cosine.learningRate(atStep: 35) - (0.1 + 0.9 * (1 + cos(Double.pi / 4)) / 2)) < 1e-12)
+        #expect(cosine.learningRate(atStep: 110) == 0.1)
+        #expect(cosine.learningRate(atStep: 500) == 0.1)
+
+        #expect(throws: ModelSpecError.self) {
+            try LearningRateSchedule(base: 1, kind: .cosine(totalSteps: 5, minimum: 0), warmupSteps: 5).validate()
+        }
+        #expect(throws: ModelSpecError.self) { try LearningRateSchedule(base: 0).validate() }
+    }
+
+    @Test func clippingScalesToTheMaximumNorm() {
+        var g: [Float] = [3, 4]  // norm 5
+        let norm = g.withUnsafeMutableBufferPointer { clipGradientNorm($0, maxNorm: 1) }
+        #expect(norm == 5)
+        #expect(abs(g[0] - 0.6) < 1e-6 && abs(g[1] - 0.8) < 1e-6)
+        var small: [Double] = [0.3, 0.4]
+        _ = small.withUnsafeMutableBufferPointer { clipGradientNorm($0, maxNorm: 1) }
+        #expect(small == [0.3, 0.4])
+    }
+}
+
+import Foundation
