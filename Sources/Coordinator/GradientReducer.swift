@@ -1,0 +1,77 @@
+import Engine
+import Foundation
+
+/// Averages a model's flat gradient buffer over all ranks, in buckets that overlap with backward.
+///
+/// Buckets are contiguous ranges of the gradient buffer, made of whole tensors taken in reverse layer order
+/// (the order backward finishes them) until a bucket holds at least `bucketElements`; 0 means one bucket, a
+/// single fused allreduce after backward. Backward reports through `gradientsReady(from:)` that everything
+/// from an offset on is final; every bucket lying wholly past that offset starts at once with a nonblocking
+/// allreduce, in place on its range: no copies, no packing. Because nonblocking collectives progress only
+/// inside MPI calls, each report also polls the buckets in flight. `finish()` waits for all of them and scales
+/// by 1 / world size.
+///
+/// Contract: buckets are started in the same order on every rank (the bucket list depends only on the model
+/// layout and the bucket size, which ranks verify to be identical at start).
+public final class GradientReducer {
+    public let buckets: [Range<Int>]
+    public let communicator: any Communicator
+    private let gradients: UnsafeMutableBufferPointer<Float>
+    private var pending: [PendingReduction]
+    private var started = 0
+    /// Seconds spent blocked in `finish()` waiting for communication, summed since the last `resetTimers()`.
+    public private(set) var waitSeconds = 0.0
+
+    /// - Parameters:
+    ///   - tensorRanges: the ranges of the model's tensors in the flat buffer, in layer order.
+    ///   - bucketElements: minimum elements per bucket; 0 means one fused allreduce.
+    public init(communicator: any Communicator, gradients: UnsafeMutableBufferPointer<Float>,
+                tensorRanges: [Range<Int>], bucketElements: Int) {
+        self.communicator = communicator
+        self.gradients = gradients
+        var buckets: [Range<Int>] = []
+        if bucketElements <= 0 {
+            buckets = [0..<gradients.count]
+        } else {
+            var upper = gradients.count
+            var lower = upper
+            for range in tensorRanges.reversed() {
+                lower = range.lowerBound
+                if upper - lower >= bucketElements {
+                    buckets.append(lower..<upper)
+                    upper = lower
+                }
+            }
+            if lower < upper { buckets.append(lower..<upper) }
+        }
+        self.buckets = buckets
+        pending = Array(repeating: .completed, count: buckets.count)
+    }
+
+    /// Starts every bucket that lies wholly within `gradients[offset...]`, then polls those in flight.
+    /// Called by the model's backward pass after each layer.
+    public func gradientsReady(from offset: Int) throws(MPIError) {
+        while started < buckets.count && buckets[started].lowerBound >= offset {
+            let range = buckets[started]
+            pending[started] = try communicator.startAllreduce(
+                UnsafeMutableBufferPointer(rebasing: gradients[range]), op: .sum)
+            started += 1
+        }
+        for i in 0..<started { _ = try pending[i].test() }
+    }
+
+    /// Starts what backward did not (nothing, after a full backward), waits for every bucket, and divides by
+    /// the world size so every rank holds the mean gradient of the global batch.
+    public func finish() throws(MPIError) {
+        try gradientsReady(from: 0)
+        let start = DispatchTime.now().uptimeNanoseconds
+        for i in 0..<buckets.count { try pending[i].wait() }
+        waitSeconds += Double(DispatchTime.now().uptimeNanoseconds - start) * 1e-9
+        started = 0
+        if communicator.size > 1 {
+            scale(gradients.baseAddress!, gradients.count, by: 1 / Float(communicator.size))
+        }
+    }
+
+    public func resetTimers() { waitSeconds = 0 }
+}

@@ -1,0 +1,224 @@
+import CMPI
+import Foundation
+import Logging
+
+/// The ranks of an MPI job (MPI_COMM_WORLD), with MPI errors returned as `MPIError` instead of aborting.
+///
+/// Create it once per process with `initialize()`, use it from that thread only, and call `finalize()`
+/// before exiting normally.
+public final class MPICommunicator: Communicator {
+    public let rank: Int
+    public let size: Int
+    public let processorName: String
+    /// The thread support MPI_Init_thread provided (FUNNELED is requested: only this thread calls MPI;
+    /// other threads may read plain flags but never call MPI).
+    public let threadLevel: MPIThreadLevel
+
+    private let comm: MPI_Comm
+    private let requests: RequestPool
+    private var isFinalized = false
+
+    private static let logger = Logger(label: "bpworker.coordinator.mpi")
+
+    private init(comm: MPI_Comm, rank: Int, size: Int, processorName: String,
+                 threadLevel: MPIThreadLevel, requestSlots: Int) {
+        self.comm = comm
+        self.rank = rank
+        self.size = size
+        self.processorName = processorName
+        self.threadLevel = threadLevel
+        self.requests = RequestPool(capacity: requestSlots)
+    }
+
+    /// Initializes MPI (MPI_Init_thread, MPI_THREAD_FUNNELED) and makes MPI_COMM_WORLD return errors.
+    /// `requestSlots` sizes the reusable storage for reductions in flight at once (it grows if exceeded).
+    /// MPI can be initialized once per process: a second call throws.
+    public static func initialize(requestSlots: Int = 16) throws(MPIError) -> MPICommunicator {
+        var flag: Int32 = 0
+        try mpiCheck(MPI_Finalized(&flag), "MPI_Finalized")
+        if flag != 0 {
+            // MPI_Error_string may not be called after MPI_Finalize, hence the literal text.
+            throw MPIError(call: "MPI_Init_thread", code: bp_mpi_err_other(),
+                           message: "MPI_ERR_OTHER: MPI was already finalized in this process")
+        }
+        try mpiCheck(MPI_Initialized(&flag), "MPI_Initialized")
+        if flag != 0 {
+            throw MPIError(call: "MPI_Init_thread", code: bp_mpi_err_other(),
+                           message: "MPI_ERR_OTHER: MPI is already initialized in this process")
+        }
+
+        var provided: Int32 = 0
+        try mpiCheck(MPI_Init_thread(nil, nil, bp_mpi_thread_funneled(), &provided), "MPI_Init_thread")
+        let world = bp_mpi_comm_world()
+        // Errors on the world communicator (and the communicators split from it) come back as codes.
+        try mpiCheck(MPI_Comm_set_errhandler(world, bp_mpi_errors_return()), "MPI_Comm_set_errhandler")
+        try mpiCheck(MPI_Comm_set_errhandler(bp_mpi_comm_self(), bp_mpi_errors_return()), "MPI_Comm_set_errhandler")
+
+        var rank: Int32 = 0
+        var size: Int32 = 0
+        try mpiCheck(MPI_Comm_rank(world, &rank), "MPI_Comm_rank")
+        try mpiCheck(MPI_Comm_size(world, &size), "MPI_Comm_size")
+
+        let threadLevel = MPIThreadLevel(mpiValue: provided) ?? .single
+        if threadLevel < .funneled {
+            logger.warning("MPI provides only \(threadLevel); requested MPI_THREAD_FUNNELED")
+        }
+        let communicator = MPICommunicator(
+            comm: world, rank: Int(rank), size: Int(size), processorName: try processorNameOfThisRank(),
+            threadLevel: threadLevel, requestSlots: requestSlots)
+        logger.debug("MPI initialized: rank \(rank) of \(size) on \(communicator.processorName), \(threadLevel)")
+        return communicator
+    }
+
+    /// Whether the environment shows that an MPI launcher (mpirun/mpiexec, a PMIx or PMI server, or
+    /// `srun`) started this process, so the command line can choose MPI or local mode.
+    public static var isLaunchedByMPI: Bool {
+        isLaunchedByMPI(environment: ProcessInfo.processInfo.environment)
+    }
+
+    /// `isLaunchedByMPI` for a given environment.
+    public static func isLaunchedByMPI(environment: [String: String]) -> Bool {
+        if environment["OMPI_COMM_WORLD_SIZE"] != nil { return true }
+        if environment["PMIX_RANK"] != nil { return true }
+        if environment["PMI_RANK"] != nil { return true }
+        // SLURM_PROCID alone is also set in a batch script; SLURM_STEP_ID marks an `srun` step.
+        return environment["SLURM_PROCID"] != nil && environment["SLURM_STEP_ID"] != nil
+    }
+
+    /// Number of MPI_Request slots currently allocated for reductions in flight.
+    public var requestSlotCapacity: Int { requests.capacity }
+
+    // MARK: - Collectives
+
+    public func allreduce<T: MPIScalar>(_ buffer: UnsafeMutableBufferPointer<T>, op: ReduceOperation) throws(MPIError) {
+        try checkActive("MPI_Allreduce")
+        guard let base = buffer.baseAddress, !buffer.isEmpty else { return }
+        let count = try mpiInt(buffer.count, "MPI_Allreduce", errorCode: bp_mpi_err_count())
+        try mpiCheck(
+            MPI_Allreduce(bp_mpi_in_place(), base, count, T.mpiDatatype.raw, op.mpiOperation.raw, comm),
+            "MPI_Allreduce")
+    }
+
+    public func broadcast<T: MPIScalar>(_ buffer: UnsafeMutableBufferPointer<T>, root: Int) throws(MPIError) {
+        try checkActive("MPI_Bcast")
+        guard let base = buffer.baseAddress, !buffer.isEmpty else { return }
+        let count = try mpiInt(buffer.count, "MPI_Bcast", errorCode: bp_mpi_err_count())
+        let root = try mpiInt(root, "MPI_Bcast", errorCode: bp_mpi_err_root())
+        try mpiCheck(MPI_Bcast(base, count, T.mpiDatatype.raw, root, comm), "MPI_Bcast")
+    }
+
+    public func barrier() throws(MPIError) {
+        try checkActive("MPI_Barrier")
+        try mpiCheck(MPI_Barrier(comm), "MPI_Barrier")
+    }
+
+    public func startAllreduce<T: MPIScalar>(
+        _ buffer: UnsafeMutableBufferPointer<T>, op: ReduceOperation
+    ) throws(MPIError) -> PendingReduction {
+        try checkActive("MPI_Iallreduce")
+        guard let base = buffer.baseAddress, !buffer.isEmpty else { return .completed }
+        let count = try mpiInt(buffer.count, "MPI_Iallreduce", errorCode: bp_mpi_err_count())
+        let slot = requests.acquire()
+        do {
+            try mpiCheck(
+                MPI_Iallreduce(bp_mpi_in_place(), base, count, T.mpiDatatype.raw, op.mpiOperation.raw, comm,
+                               requests.requests + slot.index),
+                "MPI_Iallreduce")
+        } catch {
+            requests.release(slot.index)
+            throw error
+        }
+        return PendingReduction(state: .inFlight(requests, index: slot.index, generation: slot.generation))
+    }
+
+    public func nodeLayout() throws(MPIError) -> NodeLayout {
+        try checkActive("MPI_Comm_split_type")
+        // Ranks that can share memory form one node; key = world rank keeps local order = world order.
+        var local: MPI_Comm? = nil
+        try mpiCheck(
+            MPI_Comm_split_type(comm, bp_mpi_comm_type_shared(), Int32(rank), bp_mpi_info_null(), &local),
+            "MPI_Comm_split_type")
+        let layout: NodeLayout
+        do {
+            layout = try nodeLayout(local: local)
+        } catch {
+            try? mpiCheck(MPI_Comm_free(&local), "MPI_Comm_free")
+            throw error
+        }
+        try mpiCheck(MPI_Comm_free(&local), "MPI_Comm_free")
+        return layout
+    }
+
+    private func nodeLayout(local: MPI_Comm?) throws(MPIError) -> NodeLayout {
+        var localRank: Int32 = 0
+        var localSize: Int32 = 0
+        try mpiCheck(MPI_Comm_rank(local, &localRank), "MPI_Comm_rank")
+        try mpiCheck(MPI_Comm_size(local, &localSize), "MPI_Comm_size")
+
+        var myWorldRank = Int32(rank)
+        var localWorldRanks = [Int32](repeating: -1, count: Int(localSize))
+        try localWorldRanks.withUnsafeMutableBufferPointer { (ranks) throws(MPIError) in
+            try mpiCheck(
+                MPI_Allgather(&myWorldRank, 1, bp_mpi_int32_t(), ranks.baseAddress, 1, bp_mpi_int32_t(), local),
+                "MPI_Allgather")
+        }
+
+        // Fixed-size, NUL-padded name blocks, one per rank.
+        let block = Int(bp_mpi_max_processor_name())
+        var myName = [CChar](repeating: 0, count: block)
+        for (i, byte) in processorName.utf8.prefix(block - 1).enumerated() { myName[i] = CChar(bitPattern: byte) }
+        var allNames = [CChar](repeating: 0, count: block * size)
+        try allNames.withUnsafeMutableBufferPointer { (names) throws(MPIError) in
+            try myName.withUnsafeMutableBufferPointer { (mine) throws(MPIError) in
+                try mpiCheck(
+                    MPI_Allgather(mine.baseAddress, Int32(block), bp_mpi_char(),
+                                  names.baseAddress, Int32(block), bp_mpi_char(), comm),
+                    "MPI_Allgather")
+            }
+        }
+        let nodeNames = (0..<size).map { r in
+            let slice = allNames[(r * block)..<((r + 1) * block)]
+            let bytes = slice.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }
+            return String(decoding: bytes, as: UTF8.self)
+        }
+        return NodeLayout(nodeNames: nodeNames, localRanks: localWorldRanks.map(Int.init), localIndex: Int(localRank))
+    }
+
+    // MARK: - Lifetime
+
+    /// MPI_Abort on MPI_COMM_WORLD: the launcher kills every rank of the job within milliseconds.
+    public func abort(code: Int32) -> Never {
+        fflush(nil)
+        if !isFinalized {
+            try? mpiCheck(MPI_Abort(comm, code), "MPI_Abort")
+        }
+        // Only reached if MPI_Abort returned (or MPI is already finalized).
+        exit(code)
+    }
+
+    /// MPI_Finalize; later calls do nothing. Every started reduction must have completed.
+    public func finalize() throws(MPIError) {
+        if isFinalized { return }
+        isFinalized = true
+        try mpiCheck(MPI_Finalize(), "MPI_Finalize")
+    }
+
+    private func checkActive(_ call: StaticString) throws(MPIError) {
+        if isFinalized {
+            // MPI_Error_string may not be called after MPI_Finalize, hence the literal text.
+            throw MPIError(call: call.description, code: bp_mpi_err_other(),
+                           message: "MPI_ERR_OTHER: communicator used after finalize()")
+        }
+    }
+
+    private static func processorNameOfThisRank() throws(MPIError) -> String {
+        let capacity = Int(bp_mpi_max_processor_name()) + 1
+        var name = [CChar](repeating: 0, count: capacity)
+        var length: Int32 = 0
+        try name.withUnsafeMutableBufferPointer { (buffer) throws(MPIError) in
+            try mpiCheck(MPI_Get_processor_name(buffer.baseAddress, &length), "MPI_Get_processor_name")
+        }
+        let bytes = name.prefix(min(Int(length), capacity - 1)).map { UInt8(bitPattern: $0) }
+        return String(decoding: bytes, as: UTF8.self)
+    }
+}
