@@ -22,6 +22,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
         .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
         .package(url: "https://github.com/apple/swift-numerics", from: "1.0.0"),
+        .package(url: "https://github.com/jpsim/Yams", from: "6.0.0"),
     ],
     targets: [
         // MARK: - C shims
@@ -52,7 +53,7 @@ let package = Package(
         .target(
             name: "Coordinator",
             dependencies: [
-                "CMPI",
+                "Engine", "CMPI",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
@@ -62,6 +63,7 @@ let package = Package(
                 "Engine", "Coordinator",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "Yams", package: "Yams"),
             ]
         ),
 
@@ -69,6 +71,21 @@ let package = Package(
         .testTarget(
             name: "EngineTests",
             dependencies: ["Engine"]
+        ),
+        // Run under mpirun by CoordinatorTests to check the MPI communicator on real ranks.
+        .executableTarget(
+            name: "CommCheck",
+            dependencies: ["Coordinator"],
+            path: "Tests/CommCheck"
+        ),
+        .testTarget(
+            name: "CoordinatorTests",
+            dependencies: ["Coordinator", "Engine"]
+        ),
+        // Runs the built bpworker, alone and under mpirun.
+        .testTarget(
+            name: "WorkerTests",
+            dependencies: ["Engine", "Coordinator", "Worker"]
         ),
     ]
 )

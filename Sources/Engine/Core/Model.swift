@@ -280,7 +280,7 @@ public final class Model<T: Scalar> {
     /// its input gradient is computed, `gradientsReady(offset)` reports that `gradients[offset...]` is final:
     /// a data-parallel caller starts reducing those buckets while backward continues. The input gradient of the
     /// first linear layer is never computed: nothing needs it.
-    public func backward(count: Int, gradientsReady: (_ offset: Int) -> Void = { _ in }) {
+    public func backward(count: Int, gradientsReady: (_ offset: Int) throws -> Void) rethrows {
         precondition(count > 0 && count <= batchCapacity, "batch of \(count) rows, capacity \(batchCapacity)")
         for step in plan.reversed() {
             let n = count * step.inWidth
@@ -295,7 +295,7 @@ public final class Model<T: Scalar> {
                 if let fault = resolvedFault, fault == step.weightIndex || fault == step.weightIndex + 1 {
                     applyFault(to: parameterTable[fault])
                 }
-                gradientsReady(step.parameterOffset)
+                try gradientsReady(step.parameterOffset)
                 // dx[B,I] = dy[B,O] * W[O,I]
                 if let dx = step.dx {
                     T.gemm(transposeA: false, transposeB: false, m: count, n: i, k: o,
@@ -320,6 +320,11 @@ public final class Model<T: Scalar> {
                 }
             }
         }
+    }
+
+    /// Back-propagates the last forward pass with nobody waiting for finished gradients.
+    public func backward(count: Int) {
+        backward(count: count) { _ in }
     }
 
     /// The sign pattern (x > 0) of every input to a ReLU-family layer in the last forward pass. Two passes with

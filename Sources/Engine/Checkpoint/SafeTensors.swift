@@ -1,0 +1,314 @@
+import Foundation
+
+// safetensors (https://github.com/huggingface/safetensors): an 8-byte little-endian header length N, N bytes of
+// JSON mapping tensor names to {"dtype", "shape", "data_offsets": [begin, end]} plus an optional string map
+// "__metadata__", then the raw little-endian data, C order. Offsets are relative to the end of the header,
+// and the tensors must tile the data section exactly. PyTorch, NumPy and JAX read it without bpworker.
+
+public enum SafeTensorsDType: String, Sendable, CaseIterable {
+    case f32 = "F32", f64 = "F64", i64 = "I64", i32 = "I32", u8 = "U8"
+
+    public var size: Int {
+        switch self {
+        case .f32, .i32: 4
+        case .f64, .i64: 8
+        case .u8: 1
+        }
+    }
+}
+
+public struct SafeTensorsError: Error, CustomStringConvertible, Equatable, Sendable {
+    public let path: String
+    public let reason: String
+    public init(path: String, reason: String) {
+        self.path = path
+        self.reason = reason
+    }
+    public var description: String { "\(path): \(reason)" }
+}
+
+/// Collects tensors and writes them as one safetensors file, atomically.
+public struct SafeTensorsWriter {
+    private var entries: [(name: String, dtype: SafeTensorsDType, shape: [Int], bytes: Data)] = []
+    public var metadata: [String: String] = [:]
+
+    public init() {}
+
+    public mutating func add(name: String, shape: [Int], floats: UnsafeBufferPointer<Float>) {
+        precondition(shape.reduce(1, *) == floats.count, "\(name): shape \(shape) does not hold \(floats.count) values")
+        entries.append((name, .f32, shape, littleEndianBytes(floats)))
+    }
+
+    public mutating func add(name: String, shape: [Int], doubles: UnsafeBufferPointer<Double>) {
+        precondition(shape.reduce(1, *) == doubles.count, "\(name): shape \(shape) does not hold \(doubles.count) values")
+        entries.append((name, .f64, shape, littleEndianBytes(doubles)))
+    }
+
+    public mutating func add(name: String, shape: [Int], int64s: [Int64]) {
+        precondition(shape.reduce(1, *) == int64s.count, "\(name): shape \(shape) does not hold \(int64s.count) values")
+        entries.append((name, .i64, shape, int64s.withUnsafeBufferPointer { littleEndianBytes($0) }))
+    }
+
+    private func littleEndianBytes<T: FixedWidthInteger>(_ values: UnsafeBufferPointer<T>) -> Data {
+        var data = Data(count: values.count * MemoryLayout<T>.size)
+        data.withUnsafeMutableBytes { raw in
+            for (i, v) in values.enumerated() { raw.storeBytes(of: v.littleEndian, toByteOffset: i * MemoryLayout<T>.size, as: T.self) }
+        }
+        return data
+    }
+
+    private func littleEndianBytes(_ values: UnsafeBufferPointer<Float>) -> Data {
+        littleEndianBytes(UnsafeBufferPointer(start: UnsafeRawPointer(values.baseAddress)?.assumingMemoryBound(to: UInt32.self),
+                                              count: values.count))
+    }
+
+    private func littleEndianBytes(_ values: UnsafeBufferPointer<Double>) -> Data {
+        littleEndianBytes(UnsafeBufferPointer(start: UnsafeRawPointer(values.baseAddress)?.assumingMemoryBound(to: UInt64.self),
+                                              count: values.count))
+    }
+
+    /// The whole file's bytes.
+    public func serialized() throws -> Data {
+        var header: [String: Any] = [:]
+        var offset = 0
+        for entry in entries {
+            header[entry.name] = ["dtype": entry.dtype.rawValue, "shape": entry.shape,
+                                  "data_offsets": [offset, offset + entry.bytes.count]] as [String: Any]
+            offset += entry.bytes.count
+        }
+        if !metadata.isEmpty { header["__metadata__"] = metadata }
+        var json = try JSONSerialization.data(withJSONObject: header, options: [.sortedKeys])
+        // Pad with spaces so the data starts 8-byte aligned, as the reference writer does.
+        json.append(contentsOf: [UInt8](repeating: 0x20, count: (8 - json.count % 8) % 8))
+        var file = Data()
+        withUnsafeBytes(of: UInt64(json.count).littleEndian) { file.append(contentsOf: $0) }
+        file.append(json)
+        for entry in entries { file.append(entry.bytes) }
+        return file
+    }
+
+    /// Writes atomically: a temporary file in the same directory, fsync, rename over `path`, fsync of the
+    /// directory. A reader sees the old file or the new one, never half of one; on any error the old file is
+    /// untouched and the temporary file removed.
+    /// - Parameter faultAfterBytes: test hook simulating a crash mid-write: stop after that many bytes.
+    public func write(to path: String, faultAfterBytes: Int? = nil) throws {
+        let bytes = try serialized()
+        try writeAtomically(bytes, to: path, faultAfterBytes: faultAfterBytes)
+    }
+}
+
+/// Atomic replacement of a file's contents (see `SafeTensorsWriter.write`).
+public func writeAtomically(_ bytes: Data, to path: String, faultAfterBytes: Int? = nil) throws {
+    let url = URL(fileURLWithPath: path)
+    let directory = url.deletingLastPathComponent().path
+    let temporary = directory + "/." + url.lastPathComponent + ".\(getpid()).tmp"
+    func failure(_ what: String) -> SafeTensorsError {
+        SafeTensorsError(path: path, reason: "\(what): \(String(cString: strerror(errno)))")
+    }
+    let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+    guard fd >= 0 else { throw failure("cannot create \(temporary)") }
+    var closed = false
+    defer {
+        if !closed { close(fd) }
+    }
+    do {
+        let limit = min(bytes.count, faultAfterBytes ?? bytes.count)
+        try bytes.withUnsafeBytes { raw in
+            var written = 0
+            while written < limit {
+                let n = Foundation.write(fd, raw.baseAddress! + written, limit - written)
+                guard n > 0 else { throw failure("write") }
+                written += n
+            }
+        }
+        if let faultAfterBytes, faultAfterBytes < bytes.count {
+            throw SafeTensorsError(path: path, reason: "write stopped after \(faultAfterBytes) bytes (test fault)")
+        }
+        guard fsync(fd) == 0 else { throw failure("fsync") }
+        closed = true
+        guard close(fd) == 0 else { throw failure("close") }
+        guard rename(temporary, path) == 0 else { throw failure("rename") }
+    } catch {
+        unlink(temporary)
+        throw error
+    }
+    // The rename is durable only once the directory entry is on disk.
+    let dirfd = open(directory, O_RDONLY)
+    if dirfd >= 0 {
+        fsync(dirfd)
+        close(dirfd)
+    }
+}
+
+/// A safetensors file read and validated as untrusted input: every header field, shape and byte range is
+/// checked against the file before any data is touched.
+public struct SafeTensorsFile {
+    public struct TensorInfo: Sendable, Equatable {
+        public let name: String
+        public let dtype: SafeTensorsDType
+        public let shape: [Int]
+        /// Bytes within the data section.
+        public let byteRange: Range<Int>
+    }
+
+    public let path: String
+    public let metadata: [String: String]
+    public let tensors: [String: TensorInfo]
+    /// Tensor names in data order.
+    public let names: [String]
+    private let data: Data
+    private let dataStart: Int
+
+    public init(path: String, maxHeaderBytes: Int = 100 << 20, maxFileBytes: Int = 1 << 36) throws {
+        func fail(_ reason: String) -> SafeTensorsError { SafeTensorsError(path: path, reason: reason) }
+        guard let attributes = try? FileManager.default.attributesOfItem(atPath: path),
+              let size = attributes[.size] as? Int else { throw fail("cannot open file") }
+        guard size <= maxFileBytes else { throw fail("file of \(size) bytes exceeds the limit of \(maxFileBytes)") }
+        guard size >= 8 else { throw fail("truncated: \(size) bytes, shorter than the 8-byte header length") }
+        guard let data = FileManager.default.contents(atPath: path) else { throw fail("cannot read file") }
+        let headerLength = data.withUnsafeBytes { UInt64(littleEndian: $0.loadUnaligned(as: UInt64.self)) }
+        guard headerLength > 0 else { throw fail("header length is 0") }
+        guard headerLength <= UInt64(maxHeaderBytes) else {
+            throw fail("header length \(headerLength) exceeds the limit of \(maxHeaderBytes) bytes (huge header)")
+        }
+        guard headerLength <= UInt64(data.count - 8) else {
+            throw fail("header length \(headerLength) runs past the end of the file (\(data.count) bytes)")
+        }
+        let headerBytes = data.subdata(in: 8..<(8 + Int(headerLength)))
+        guard headerBytes.first == UInt8(ascii: "{") else { throw fail("header is not a JSON object") }
+        guard let object = try? JSONSerialization.jsonObject(with: headerBytes), let header = object as? [String: Any] else {
+            throw fail("header is not valid JSON")
+        }
+        let dataStart = 8 + Int(headerLength)
+        let dataLength = data.count - dataStart
+
+        var metadata: [String: String] = [:]
+        var tensors: [String: TensorInfo] = [:]
+        for (name, value) in header {
+            if name == "__metadata__" {
+                guard let map = value as? [String: Any] else { throw fail("__metadata__ is not an object") }
+                for (k, v) in map {
+                    guard let s = v as? String else { throw fail("__metadata__ value for '\(k)' is not a string") }
+                    metadata[k] = s
+                }
+                continue
+            }
+            guard let entry = value as? [String: Any] else { throw fail("tensor '\(name)': entry is not an object") }
+            guard let dtypeName = entry["dtype"] as? String else { throw fail("tensor '\(name)': missing dtype") }
+            guard let dtype = SafeTensorsDType(rawValue: dtypeName) else {
+                throw fail("tensor '\(name)': unsupported dtype '\(dtypeName)'")
+            }
+            guard let shapeValues = entry["shape"] as? [Any] else { throw fail("tensor '\(name)': missing shape") }
+            var shape: [Int] = []
+            var elements = 1
+            for d in shapeValues {
+                guard let dim = jsonInteger(d) else {
+                    throw fail("tensor '\(name)': shape \(shapeValues) is not a list of integers")
+                }
+                guard dim >= 0 else { throw fail("tensor '\(name)': negative dimension \(dim) in shape") }
+                let (product, overflow) = elements.multipliedReportingOverflow(by: dim)
+                guard !overflow, product <= dataLength else {
+                    throw fail("tensor '\(name)': shape \(shapeValues) holds more elements than the file")
+                }
+                elements = product
+                shape.append(dim)
+            }
+            guard let offsets = entry["data_offsets"] as? [Any], offsets.count == 2,
+                  let begin = jsonInteger(offsets[0]), let end = jsonInteger(offsets[1]) else {
+                throw fail("tensor '\(name)': missing or malformed data_offsets")
+            }
+            guard begin >= 0, begin <= end else { throw fail("tensor '\(name)': data_offsets [\(begin), \(end)] are reversed") }
+            guard end <= dataLength else {
+                throw fail("tensor '\(name)': data_offsets [\(begin), \(end)] run past the data section of \(dataLength) bytes")
+            }
+            guard end - begin == elements * dtype.size else {
+                throw fail("tensor '\(name)': shape \(shape) of \(dtype.rawValue) needs \(elements * dtype.size) bytes, "
+                    + "data_offsets give \(end - begin)")
+            }
+            tensors[name] = TensorInfo(name: name, dtype: dtype, shape: shape, byteRange: begin..<end)
+        }
+        // The tensors must tile the data section: no overlaps, no gaps, nothing after the last.
+        let ordered = tensors.values.sorted { ($0.byteRange.lowerBound, $0.byteRange.upperBound) < ($1.byteRange.lowerBound, $1.byteRange.upperBound) }
+        var cursor = 0
+        for info in ordered {
+            if info.byteRange.lowerBound < cursor {
+                throw fail("tensor '\(info.name)': data_offsets overlap the previous tensor")
+            }
+            if info.byteRange.lowerBound > cursor {
+                throw fail("tensor '\(info.name)': gap of \(info.byteRange.lowerBound - cursor) bytes before its data")
+            }
+            cursor = info.byteRange.upperBound
+        }
+        guard cursor == dataLength else {
+            throw fail("\(dataLength - cursor) bytes after the last tensor are not covered by the header")
+        }
+        self.path = path
+        self.metadata = metadata
+        self.tensors = tensors
+        self.names = ordered.map(\.name)
+        self.data = data
+        self.dataStart = dataStart
+    }
+
+    private func info(_ name: String) throws -> TensorInfo {
+        guard let info = tensors[name] else {
+            throw SafeTensorsError(path: path, reason: "missing tensor '\(name)'")
+        }
+        return info
+    }
+
+    private func load<T: FixedWidthInteger>(_ info: TensorInfo, as: T.Type) -> [T] {
+        let count = info.byteRange.count / MemoryLayout<T>.size
+        return data.withUnsafeBytes { raw in
+            (0..<count).map { T(littleEndian: raw.loadUnaligned(fromByteOffset: dataStart + info.byteRange.lowerBound + $0 * MemoryLayout<T>.size, as: T.self)) }
+        }
+    }
+
+    /// The tensor's values as Float (F32 exactly; F64 rounded).
+    public func floats(_ name: String) throws -> [Float] {
+        let info = try info(name)
+        switch info.dtype {
+        case .f32: return load(info, as: UInt32.self).map { Float(bitPattern: $0) }
+        case .f64: return load(info, as: UInt64.self).map { Float(Double(bitPattern: $0)) }
+        default: throw SafeTensorsError(path: path, reason: "tensor '\(name)': dtype \(info.dtype.rawValue) is not a float type")
+        }
+    }
+
+    /// The tensor's values as Double (F32 and F64 exactly).
+    public func doubles(_ name: String) throws -> [Double] {
+        let info = try info(name)
+        switch info.dtype {
+        case .f32: return load(info, as: UInt32.self).map { Double(Float(bitPattern: $0)) }
+        case .f64: return load(info, as: UInt64.self).map { Double(bitPattern: $0) }
+        default: throw SafeTensorsError(path: path, reason: "tensor '\(name)': dtype \(info.dtype.rawValue) is not a float type")
+        }
+    }
+
+    public func int64s(_ name: String) throws -> [Int64] {
+        let info = try info(name)
+        switch info.dtype {
+        case .i64: return load(info, as: Int64.self)
+        case .i32: return load(info, as: Int32.self).map(Int64.init)
+        case .u8: return load(info, as: UInt8.self).map(Int64.init)
+        default: throw SafeTensorsError(path: path, reason: "tensor '\(name)': dtype \(info.dtype.rawValue) is not an integer type")
+        }
+    }
+
+    /// Checks that a float tensor exists with exactly this shape.
+    public func expect(_ name: String, shape: [Int]) throws {
+        let info = try info(name)
+        guard info.dtype == .f32 || info.dtype == .f64 else {
+            throw SafeTensorsError(path: path, reason: "tensor '\(name)': dtype \(info.dtype.rawValue), expected F32 or F64")
+        }
+        guard info.shape == shape else {
+            throw SafeTensorsError(path: path, reason: "tensor '\(name)': shape \(info.shape), the model expects \(shape)")
+        }
+    }
+}
+
+/// An integral JSON number; nil for booleans (which Foundation also hands out as NSNumber), fractions and
+/// anything else.
+private func jsonInteger(_ value: Any) -> Int? {
+    guard let number = value as? NSNumber, type(of: number) != type(of: NSNumber(value: true)) else { return nil }
+    return Int(exactly: number.doubleValue)
+}

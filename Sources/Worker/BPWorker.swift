@@ -1,0 +1,132 @@
+import ArgumentParser
+import Foundation
+
+@main
+struct BPWorker: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "bpworker",
+        abstract: "Data-parallel training over MPI, with a BLAS engine and a float64 gradient checker.",
+        discussion: """
+            Launch with mpirun (or srun) for several ranks, or run one process with --local.
+              mpirun -n 4 bpworker train
+              bpworker train --local --set training.epochs=2
+            With no configuration file every key has its default: an MLP on Fashion-MNIST
+            from /usr/share/datasets/fashion-mnist. `bpworker keys` lists every key.
+            """,
+        subcommands: [Train.self, Gradcheck.self, Eval.self, Keys.self]
+    )
+}
+
+/// Options every subcommand that runs a job shares.
+struct RunOptions: ParsableArguments {
+    @Option(name: [.short, .customLong("config")], help: "YAML configuration file (default: built-in defaults).")
+    var config: String?
+
+    @Option(name: .customLong("set"), help: ArgumentHelp(
+        "Override one key, in YAML syntax; repeatable.", valueName: "key=value"))
+    var overrides: [String] = []
+
+    @Option(help: "Run directory: resolved config, metrics, model. Created by rank 0.")
+    var runDir: String = "runs/default"
+
+    @Flag(help: "Run as one process without an MPI launcher.")
+    var local = false
+
+    @Option(help: "OpenBLAS threads per rank (default: 1 when ranks share a node, else all cores).")
+    var blasThreads: Int?
+
+    @Option(help: "Progress display: line (redraw one line), plain (a line per log interval) or auto: line on a terminal in local mode, else plain (under mpirun every rank's output looks like a terminal).")
+    var progress: ProgressStyle = .auto
+
+    func validate() throws {
+        if let blasThreads, blasThreads < 1 { throw ValidationError("--blas-threads must be at least 1") }
+    }
+}
+
+enum ProgressStyle: String, ExpressibleByArgument, CaseIterable {
+    case auto, line, plain
+}
+
+struct Train: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Train a model data-parallel.",
+        discussion: """
+            Examples:
+              mpirun -n 4 bpworker train
+              mpirun -n 2 bpworker train -c job.yaml --set optimizer.lr=0.1 --gradcheck
+              bpworker train --local --set training.epochs=1
+            """)
+
+    @OptionGroup var options: RunOptions
+
+    @Flag(help: "Gradient-check on rank 0 before the first step (same as gradcheck.enabled=true).")
+    var gradcheck = false
+
+    func run() throws {
+        let session = Session.start(options: options, extraOverrides: gradcheck ? ["gradcheck.enabled=true"] : [])
+        Trainer(session: session).run()
+        session.finish()
+    }
+}
+
+struct Gradcheck: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Check backpropagation against float64 finite differences on rank 0 and exit.",
+        discussion: """
+            Exits 0 when the check passes (or only warns), 1 when it fails.
+              bpworker gradcheck --local
+              bpworker gradcheck --local --json --set gradcheck.all=true --set model.hidden=[32]
+            """)
+
+    @OptionGroup var options: RunOptions
+
+    @Flag(help: "Print the report as JSON instead of a table.")
+    var json = false
+
+    func run() throws {
+        let session = Session.start(options: options, extraOverrides: [])
+        let trainer = Trainer(session: session)
+        let passed = trainer.runGradientCheck(printJSON: json)
+        session.finish(exitCode: passed ? 0 : 1)
+    }
+}
+
+struct Eval: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Evaluate saved parameters on the test set.",
+        discussion: """
+              bpworker eval --local --run-dir runs/default
+              mpirun -n 2 bpworker eval --parameters model.safetensors
+            Without --config, the run directory's config.yaml describes the model.
+            """)
+
+    @OptionGroup var options: RunOptions
+
+    @Option(help: "safetensors file with the parameters (default: RUN_DIR/model.safetensors).")
+    var parameters: String?
+
+    func run() throws {
+        // Without --config, the run's own resolved configuration describes the model that was saved.
+        let runConfig = options.runDir + "/config.yaml"
+        let session = Session.start(
+            options: options, extraOverrides: [],
+            configFile: FileManager.default.fileExists(atPath: runConfig) ? runConfig : nil, writeConfig: false)
+        Trainer(session: session).runEvaluation(parametersPath: parameters ?? session.runDirectory + "/model.safetensors")
+        session.finish()
+    }
+}
+
+struct Keys: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "List every configuration key with its default.")
+
+    func run() throws {
+        let defaults = Configuration()
+        for key in Configuration.keys {
+            let value = (try? Yams.serialize(node: key.write(defaults))) ?? ""
+            print("\(key.path) = \(value.trimmingCharacters(in: .whitespacesAndNewlines))")
+            print("    \(key.help) (\(key.typeName))")
+        }
+    }
+}
+
+import Yams

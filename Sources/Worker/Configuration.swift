@@ -1,0 +1,348 @@
+import Engine
+import Foundation
+import Yams
+
+/// Everything a run is made of. Every key has a default, so `bpworker train` with no file trains a sensible MLP
+/// on Fashion-MNIST. Keys are declared once, in `Configuration.keys`, which drives reading, `--set` overrides,
+/// unknown-key detection and the resolved YAML written to the run directory.
+struct Configuration: Equatable {
+    var seed = 0
+
+    // data
+    var dataFormat = DataFormat.idx
+    var trainFeatures = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
+    var trainLabels = "/usr/share/datasets/fashion-mnist/train-labels-idx1-ubyte.gz"
+    var testFeatures = "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"
+    var testLabels = "/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz"
+    var normalization = Normalization.standardize
+    var remainder = Remainder.drop
+
+    // model
+    var inputs = 0
+    var classes = 0
+    var hidden = [512, 256]
+    var activation = "relu"
+    var dropout = 0.0
+    var layers: [String] = []
+    var initialization = Initialization.automatic
+    var loss = LossKind.softmaxCrossEntropy
+
+    // optimizer
+    var optimizer = OptimizerKind.sgd
+    var learningRate = 0.05
+    var momentum = 0.9
+    var nesterov = true
+    var beta1 = 0.9
+    var beta2 = 0.999
+    var epsilon = 1e-8
+    var weightDecay = 5e-4
+    var clipNorm = 0.0
+
+    // schedule
+    var schedule = ScheduleName.cosine
+    var warmupSteps = 200
+    var stepSize = 1000
+    var gamma = 0.5
+    var minimumLearningRate = 0.0
+
+    // training
+    var epochs = 15
+    var batchSize = 64
+    var bucketKiB = defaultBucketKiB
+    var blasThreads = 0
+
+    // gradient check
+    var gradcheckEnabled = false
+    var gradcheckSamples = 8
+    var gradcheckEpsilon = 1e-4
+    var gradcheckBatch = 4
+    var gradcheckAll = false
+    var gradcheckPolicy = GradcheckPolicy.abort
+
+    // logging
+    var logInterval = 100
+
+    /// Gradient buckets of 256 KiB: measured on 2 ranks of this project's reference machine as the smallest size at
+    /// which OpenMPI's per-call cost stops dominating, while still splitting the default model into several
+    /// buckets so reduction overlaps backward. 0 means one fused allreduce after backward.
+    static let defaultBucketKiB = 256
+
+    enum DataFormat: String, CaseIterable { case idx, npy }
+    /// standardize: mean 0, std 1 from training-set statistics; scale: x / 255 for bytes; none: raw values.
+    enum Normalization: String, CaseIterable { case standardize, scale, none }
+    /// What happens to the samples that do not fill a last global batch: dropped (each epoch reshuffles, so
+    /// different samples are dropped each time), or wrapped around from the start of the permutation.
+    enum Remainder: String, CaseIterable { case drop, wrap }
+    enum ScheduleName: String, CaseIterable { case constant, step, cosine }
+    enum GradcheckPolicy: String, CaseIterable { case abort, warn }
+
+    // MARK: - The keys
+
+    struct Key: Sendable {
+        let path: String
+        let help: String
+        let read: @Sendable (inout Configuration, Node) -> Bool
+        let write: @Sendable (Configuration) -> Node
+        let typeName: String
+    }
+
+    static let keys: [Key] = [
+        key("seed", \.seed, "seed of every random stream: initialisation, shuffling, dropout, gradient-check samples"),
+        key("data.format", \.dataFormat, "idx (MNIST-style, raw or .gz) or npy"),
+        key("data.train_features", \.trainFeatures, "training inputs: IDX images or .npy array [N, ...]"),
+        key("data.train_labels", \.trainLabels, "training labels: IDX or .npy [N]"),
+        key("data.test_features", \.testFeatures, "test inputs"),
+        key("data.test_labels", \.testLabels, "test labels"),
+        key("data.normalize", \.normalization, "standardize (training-set mean/std), scale (x/255) or none"),
+        key("data.remainder", \.remainder, "drop or wrap the samples that do not fill the last global batch"),
+        key("model.inputs", \.inputs, "input width; 0 takes it from the data, anything else must match the data"),
+        key("model.classes", \.classes, "output width; 0 takes max label + 1 from the training labels"),
+        key("model.hidden", \.hidden, "widths of the hidden layers of the MLP"),
+        key("model.activation", \.activation, "relu, leaky_relu, tanh, sigmoid or gelu"),
+        key("model.dropout", \.dropout, "drop probability after every hidden activation (0 = none)"),
+        key("model.layers", \.layers,
+            "explicit layer list overriding hidden/activation/dropout, e.g. [linear 512, gelu, dropout 0.1, linear 256, relu]; the output layer is added"),
+        key("model.init", \.initialization, "auto, kaiming_normal, kaiming_uniform, xavier_normal or xavier_uniform"),
+        key("model.loss", \.loss, "cross_entropy or mse"),
+        key("optimizer.name", \.optimizer, "sgd, adam or adamw"),
+        key("optimizer.lr", \.learningRate, "peak learning rate, for the global batch"),
+        key("optimizer.momentum", \.momentum, "SGD momentum (0 = plain SGD)"),
+        key("optimizer.nesterov", \.nesterov, "Nesterov momentum (SGD)"),
+        key("optimizer.beta1", \.beta1, "Adam beta1"),
+        key("optimizer.beta2", \.beta2, "Adam beta2"),
+        key("optimizer.eps", \.epsilon, "Adam epsilon"),
+        key("optimizer.weight_decay", \.weightDecay, "L2 (sgd, adam) or decoupled (adamw) weight decay"),
+        key("optimizer.clip_norm", \.clipNorm, "clip the global gradient norm to this (0 = off)"),
+        key("schedule.name", \.schedule, "constant, step or cosine"),
+        key("schedule.warmup_steps", \.warmupSteps, "linear warmup steps"),
+        key("schedule.step_size", \.stepSize, "step schedule: steps between decays"),
+        key("schedule.gamma", \.gamma, "step schedule: decay factor"),
+        key("schedule.min_lr", \.minimumLearningRate, "cosine schedule: final learning rate"),
+        key("training.epochs", \.epochs, "passes over the training set"),
+        key("training.batch_size", \.batchSize, "samples per rank per step (global batch = this x ranks)"),
+        key("training.bucket_kib", \.bucketKiB, "gradient allreduce bucket size in KiB (0 = one fused allreduce)"),
+        key("training.blas_threads", \.blasThreads, "OpenBLAS threads per rank (0 = 1 when ranks share a node, else all cores)"),
+        key("gradcheck.enabled", \.gradcheckEnabled, "rank 0 gradient-checks before the first step"),
+        key("gradcheck.samples", \.gradcheckSamples, "coordinates sampled per tensor"),
+        key("gradcheck.eps", \.gradcheckEpsilon, "finite-difference step"),
+        key("gradcheck.batch", \.gradcheckBatch, "examples in the check batch"),
+        key("gradcheck.all", \.gradcheckAll, "check every coordinate instead of sampling"),
+        key("gradcheck.policy", \.gradcheckPolicy, "abort (stop every rank on failure) or warn"),
+        key("logging.interval", \.logInterval, "steps between progress lines and metrics records"),
+    ]
+
+    static func key<V: ConfigValue>(
+        _ path: String, _ keyPath: WritableKeyPath<Configuration, V> & Sendable, _ help: String
+    ) -> Key {
+        Key(path: path, help: help,
+            read: { config, node in
+                guard let value = V(node: node) else { return false }
+                config[keyPath: keyPath] = value
+                return true
+            },
+            write: { $0[keyPath: keyPath].node },
+            typeName: V.typeName)
+    }
+}
+
+// MARK: - Reading
+
+struct ConfigError: Error, CustomStringConvertible {
+    let description: String
+}
+
+extension Configuration {
+    /// Reads a YAML file (or nothing: all defaults) and applies `overrides` ("key=value", value in YAML syntax).
+    /// Unknown keys, wrong types and unparsable values are errors naming the file, line and key.
+    static func load(file: String?, overrides: [String]) throws -> Configuration {
+        var tree: [String: (node: Node, origin: String)] = [:]
+        if let file {
+            guard let text = try? String(contentsOfFile: file, encoding: .utf8) else {
+                throw ConfigError(description: "\(file): cannot read the configuration file")
+            }
+            let root: Node?
+            do { root = try Yams.compose(yaml: text) } catch {
+                throw ConfigError(description: "\(file): not valid YAML: \(error)")
+            }
+            if let root {
+                guard case .mapping = root else {
+                    throw ConfigError(description: "\(file): the top level must be a mapping of keys")
+                }
+                try flatten(root, prefix: "", file: file, into: &tree)
+            }
+        }
+        for override in overrides {
+            guard let equals = override.firstIndex(of: "="), equals != override.startIndex else {
+                throw ConfigError(description: "--set \(override): expected key=value, e.g. --set optimizer.lr=0.1")
+            }
+            let path = String(override[..<equals]).trimmingCharacters(in: .whitespaces)
+            let text = String(override[override.index(after: equals)...])
+            let node: Node
+            do { node = try Yams.compose(yaml: text) ?? Node("") } catch {
+                throw ConfigError(description: "--set \(path): cannot parse value \(text.debugDescription): \(error)")
+            }
+            if case .mapping = node {
+                try flatten(node, prefix: path + ".", file: "--set", into: &tree)
+            } else {
+                tree[path] = (node, "--set")
+            }
+        }
+        var config = Configuration()
+        let known = Dictionary(uniqueKeysWithValues: keys.map { ($0.path, $0) })
+        for (path, entry) in tree.sorted(by: { $0.key < $1.key }) {
+            guard let key = known[path] else {
+                let suggestion = keys.map(\.path).min { editDistance($0, path) < editDistance($1, path) }!
+                throw ConfigError(description: "\(entry.origin)\(location(entry.node)): unknown key '\(path)'"
+                    + (editDistance(suggestion, path) <= 3 ? " (did you mean '\(suggestion)'?)" : ""))
+            }
+            guard key.read(&config, entry.node) else {
+                throw ConfigError(description: "\(entry.origin)\(location(entry.node)): \(path): expected \(key.typeName), "
+                    + "got \(describe(entry.node))")
+            }
+        }
+        return config
+    }
+
+    private static func flatten(_ node: Node, prefix: String, file: String, into tree: inout [String: (node: Node, origin: String)]) throws {
+        guard case let .mapping(mapping) = node else { return }
+        for (keyNode, value) in mapping {
+            guard let name = keyNode.string else {
+                throw ConfigError(description: "\(file)\(location(keyNode)): keys must be strings")
+            }
+            let path = prefix + name
+            if case .mapping = value {
+                try flatten(value, prefix: path + ".", file: file, into: &tree)
+            } else {
+                tree[path] = (value, file)
+            }
+        }
+    }
+
+    private static func location(_ node: Node) -> String {
+        node.mark.map { ":\($0.line)" } ?? ""
+    }
+
+    private static func describe(_ node: Node) -> String {
+        switch node {
+        case let .scalar(s): s.string.debugDescription
+        case .sequence: "a list"
+        case .mapping: "a mapping"
+        case .alias: "an alias"
+        }
+    }
+
+    /// The resolved configuration as YAML, every key present.
+    var yaml: String {
+        var sections: [(String, [(String, Node)])] = []
+        for key in Self.keys {
+            let parts = key.path.split(separator: ".", maxSplits: 1).map(String.init)
+            let (section, name) = parts.count == 2 ? (parts[0], parts[1]) : ("", parts[0])
+            if sections.last?.0 != section { sections.append((section, [])) }
+            sections[sections.count - 1].1.append((name, key.write(self)))
+        }
+        var pairs: [(Node, Node)] = []
+        for (section, entries) in sections {
+            if section.isEmpty {
+                for (name, value) in entries { pairs.append((Node(name), value)) }
+            } else {
+                pairs.append((Node(section), Node(entries.map { (Node($0.0), $0.1) })))
+            }
+        }
+        return (try? Yams.serialize(node: Node(pairs), sortKeys: false)) ?? ""
+    }
+}
+
+func editDistance(_ a: String, _ b: String) -> Int {
+    let a = Array(a), b = Array(b)
+    var row = Array(0...b.count)
+    for i in 1...max(1, a.count) where !a.isEmpty {
+        var previous = row[0]
+        row[0] = i
+        for j in 1...max(1, b.count) where !b.isEmpty {
+            let old = row[j]
+            row[j] = min(row[j] + 1, row[j - 1] + 1, previous + (a[i - 1] == b[j - 1] ? 0 : 1))
+            previous = old
+        }
+    }
+    return row[b.count]
+}
+
+// MARK: - Values
+
+protocol ConfigValue: SendableMetatype {
+    init?(node: Node)
+    var node: Node { get }
+    static var typeName: String { get }
+}
+
+extension Int: ConfigValue {
+    init?(node: Node) {
+        guard case let .scalar(s) = node, s.style == .plain, let v = node.int else { return nil }
+        _ = s
+        self = v
+    }
+    var node: Node { Node(String(self)) }
+    static var typeName: String { "an integer" }
+}
+
+extension Double: ConfigValue {
+    init?(node: Node) {
+        guard case let .scalar(s) = node, s.style == .plain, let v = node.float ?? node.int.map(Double.init) else { return nil }
+        _ = s
+        self = v
+    }
+    var node: Node { Node("\(self)") }
+    static var typeName: String { "a number" }
+}
+
+extension Bool: ConfigValue {
+    init?(node: Node) {
+        guard let v = node.bool else { return nil }
+        self = v
+    }
+    var node: Node { Node(self ? "true" : "false") }
+    static var typeName: String { "true or false" }
+}
+
+extension String: ConfigValue {
+    init?(node: Node) {
+        guard case let .scalar(s) = node else { return nil }
+        self = s.string
+    }
+    var node: Node { Node(self, Tag(.str), .doubleQuoted) }
+    static var typeName: String { "a string" }
+}
+
+extension Array: ConfigValue where Element: ConfigValue {
+    init?(node: Node) {
+        guard case let .sequence(items) = node else { return nil }
+        var values: [Element] = []
+        for item in items {
+            guard let v = Element(node: item) else { return nil }
+            values.append(v)
+        }
+        self = values
+    }
+    var node: Node { Node(map(\.node), Tag(.seq), .flow) }
+    static var typeName: String { "a list of \(Element.typeName.replacingOccurrences(of: "an ", with: "").replacingOccurrences(of: "a ", with: ""))s" }
+}
+
+/// Enumerations read from their raw string; the error lists the choices.
+protocol ConfigChoice: ConfigValue, RawRepresentable<String>, CaseIterable {}
+extension ConfigChoice {
+    init?(node: Node) {
+        guard case let .scalar(s) = node, let v = Self(rawValue: s.string) else { return nil }
+        self = v
+    }
+    var node: Node { Node(rawValue) }
+    static var typeName: String { "one of " + allCases.map(\.rawValue).joined(separator: ", ") }
+}
+
+extension Configuration.DataFormat: ConfigChoice {}
+extension Configuration.Normalization: ConfigChoice {}
+extension Configuration.Remainder: ConfigChoice {}
+extension Configuration.ScheduleName: ConfigChoice {}
+extension Configuration.GradcheckPolicy: ConfigChoice {}
+extension Initialization: ConfigChoice {}
+extension LossKind: ConfigChoice {}
+extension OptimizerKind: ConfigChoice {}

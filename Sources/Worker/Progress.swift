@@ -1,0 +1,108 @@
+import Coordinator
+import Engine
+import Foundation
+import Logging
+
+/// Appends one JSON object per line to the run directory's metrics file (rank 0 only).
+final class MetricsLog {
+    private let handle: FileHandle?
+
+    init(path: String) {
+        _ = FileManager.default.createFile(atPath: path, contents: nil)
+        handle = FileHandle(forWritingAtPath: path)
+    }
+
+    func write(_ record: [String: Any]) {
+        guard let handle, let data = try? JSONSerialization.data(withJSONObject: record, options: [.sortedKeys]) else { return }
+        handle.write(data + Data("\n".utf8))
+    }
+}
+
+/// Training progress: loss and accuracy over the global batch, throughput, the split between computing and
+/// waiting on communication, and the ETA. A log interval costs one small allreduce; other steps cost nothing.
+/// On a terminal rank 0 redraws one line; in a batch log it prints plain lines.
+final class Progress {
+    private let session: Session
+    private let metrics: MetricsLog?
+    private let totalSteps: Int
+    private let stepsPerEpoch: Int
+    private let epochs: Int
+    private let isTerminal: Bool
+    private var window = BatchResult()
+    private var windowStart = Date()
+    private var windowSteps = 0
+    private let start = Date()
+
+    init(session: Session, prepared: Trainer.Prepared, metrics: MetricsLog?) {
+        self.session = session
+        self.metrics = metrics
+        totalSteps = prepared.totalSteps
+        stepsPerEpoch = prepared.sampler.stepsPerEpoch
+        epochs = prepared.configEpochs
+        let redraw = switch session.progressStyle {
+        case .line: true
+        case .plain: false
+        case .auto: session.isLocal && isatty(STDOUT_FILENO) == 1
+        }
+        isTerminal = session.isRoot && redraw
+    }
+
+    @inline(__always)
+    func record(_ result: BatchResult) {
+        window.lossSum += result.lossSum
+        window.correct += result.correct
+        window.count += result.count
+        windowSteps += 1
+    }
+
+    func report(epoch: Int, step: Int, globalStep: Int, learningRate: Double, reducer: GradientReducer) throws {
+        var totals = [window.lossSum, Double(window.correct), Double(window.count), reducer.waitSeconds]
+        try totals.withUnsafeMutableBufferPointer { (buffer) throws(MPIError) in
+            try session.communicator.allreduce(buffer, op: .sum)
+        }
+        let elapsed = max(Date().timeIntervalSince(windowStart), 1e-9)
+        let loss = totals[0] / max(totals[2], 1)
+        let accuracy = totals[1] / max(totals[2], 1)
+        let samplesPerSecond = totals[2] / elapsed
+        let waitShare = min(1, totals[3] / Double(session.worldSize) / elapsed)
+        let eta = Double(totalSteps - globalStep) * elapsed / Double(max(windowSteps, 1))
+        if session.isRoot {
+            let line = "epoch \(epoch + 1)/\(epochs) step \(step + 1)/\(stepsPerEpoch) loss \(String(format: "%.4f", loss)) "
+                + "acc \(percent(accuracy)) lr \(String(format: "%.4g", learningRate)) "
+                + "\(grouped(Int(samplesPerSecond))) samples/s compute \(String(format: "%.0f", 100 * (1 - waitShare)))% "
+                + "comm wait \(String(format: "%.0f", 100 * waitShare))% ETA \(duration(eta))"
+            if isTerminal {
+                FileHandle.standardOutput.write(Data(("\r\u{1B}[K" + line).utf8))
+            } else {
+                session.logger.info("\(line)")
+            }
+            metrics?.write([
+                "type": "train", "epoch": epoch + 1, "step": globalStep, "loss": loss, "accuracy": accuracy,
+                "lr": learningRate, "samples_per_second": samplesPerSecond, "comm_wait_fraction": waitShare,
+                "elapsed_seconds": Date().timeIntervalSince(start),
+            ])
+        }
+        window = BatchResult()
+        windowSteps = 0
+        windowStart = Date()
+        reducer.resetTimers()
+    }
+
+    func reportEvaluation(_ result: BatchResult, epoch: Int, globalStep: Int) {
+        guard session.isRoot else { return }
+        if isTerminal { FileHandle.standardOutput.write(Data("\n".utf8)) }
+        let accuracy = Double(result.correct) / Double(max(result.count, 1))
+        let line = "epoch \(epoch + 1)/\(epochs) test accuracy \(percent(accuracy)) loss \(String(format: "%.4f", result.loss)) "
+            + "on \(grouped(result.count)) samples, \(duration(Date().timeIntervalSince(start))) elapsed"
+        session.logger.info("\(line)")
+        metrics?.write([
+            "type": "eval", "epoch": epoch + 1, "step": globalStep, "loss": result.loss, "accuracy": accuracy,
+            "samples": result.count, "elapsed_seconds": Date().timeIntervalSince(start),
+        ])
+    }
+
+    func finish() {
+        guard session.isRoot else { return }
+        session.logger.info("training finished: \(totalSteps) steps in \(duration(Date().timeIntervalSince(start)))")
+    }
+}

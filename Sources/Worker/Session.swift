@@ -1,0 +1,122 @@
+import Coordinator
+import Engine
+import Foundation
+import Logging
+
+/// One process's place in a job: its communicator, logger, resolved configuration and run directory.
+///
+/// Setup failures go through `agree`: every rank runs the same setup step, and one small allreduce tells all
+/// of them whether any rank failed. The lowest failing rank prints its error, and every rank exits 1 at once,
+/// so bad input gives one clear message and never leaves ranks waiting in a collective.
+final class Session {
+    let communicator: any Communicator
+    let logger: Logger
+    let config: Configuration
+    let runDirectory: String
+    let isLocal: Bool
+    let layout: NodeLayout
+    let blasThreads: Int
+    let progressStyle: ProgressStyle
+
+    var rank: Int { communicator.rank }
+    var worldSize: Int { communicator.size }
+    var isRoot: Bool { communicator.rank == 0 }
+
+    private init(communicator: any Communicator, logger: Logger, config: Configuration, runDirectory: String,
+                 isLocal: Bool, layout: NodeLayout, blasThreads: Int, progressStyle: ProgressStyle) {
+        self.communicator = communicator
+        self.logger = logger
+        self.config = config
+        self.runDirectory = runDirectory
+        self.isLocal = isLocal
+        self.layout = layout
+        self.blasThreads = blasThreads
+        self.progressStyle = progressStyle
+    }
+
+    /// - Parameters:
+    ///   - configFile: the configuration file when `--config` is not given (eval reuses the run's config.yaml).
+    ///   - writeConfig: whether rank 0 writes the resolved configuration into the run directory.
+    static func start(options: RunOptions, extraOverrides: [String], configFile: String? = nil,
+                      writeConfig: Bool = true) -> Session {
+        // Local mode when asked for, or when no MPI launcher started this process.
+        let isLocal = options.local || !MPICommunicator.isLaunchedByMPI
+        let communicator: any Communicator
+        if isLocal {
+            communicator = LocalCommunicator()
+        } else {
+            do { communicator = try MPICommunicator.initialize() } catch {
+                FileHandle.standardError.write(Data("bpworker: cannot start MPI: \(error)\n".utf8))
+                exit(1)
+            }
+        }
+        var logger = Logger(label: "bpworker") { _ in RankLogHandler(rank: communicator.rank, worldSize: communicator.size) }
+        logger[metadataKey: "rank"] = "\(communicator.rank)"
+
+        let config = agree(communicator, logger, "configuration") {
+            try Configuration.load(file: options.config ?? configFile, overrides: options.overrides + extraOverrides)
+        }
+        let layout = agree(communicator, logger, "node layout") { try communicator.nodeLayout() }
+        let cores = ProcessInfo.processInfo.activeProcessorCount
+        let threads = options.blasThreads
+            ?? (config.blasThreads > 0 ? config.blasThreads : layout.localSize > 1 ? 1 : cores)
+        BLASThreads.set(threads)
+
+        let runDirectory = options.runDir
+        if communicator.rank == 0 {
+            agreeRoot(communicator, logger, "run directory \(runDirectory)") {
+                try FileManager.default.createDirectory(atPath: runDirectory, withIntermediateDirectories: true)
+                if writeConfig {
+                    try Data(config.yaml.utf8).write(to: URL(fileURLWithPath: runDirectory + "/config.yaml"), options: .atomic)
+                }
+            }
+        } else {
+            agreeRoot(communicator, logger, "run directory") {}
+        }
+        return Session(communicator: communicator, logger: logger, config: config, runDirectory: runDirectory,
+                       isLocal: isLocal, layout: layout, blasThreads: threads, progressStyle: options.progress)
+    }
+
+    /// Runs one setup step on every rank and stops the whole job, with one message, if it failed anywhere.
+    func agree<T>(_ what: String, _ body: () throws -> T) -> T {
+        Session.agree(communicator, logger, what, body)
+    }
+
+    static func agree<T>(_ communicator: any Communicator, _ logger: Logger, _ what: String, _ body: () throws -> T) -> T {
+        var result: T? = nil
+        var message = ""
+        do { result = try body() } catch { message = "\(error)" }
+        var firstFailure = [Int32(result == nil ? communicator.rank : Int(Int32.max))]
+        do {
+            try firstFailure.withUnsafeMutableBufferPointer { (buffer) throws(MPIError) in
+                try communicator.allreduce(buffer, op: .min)
+            }
+        } catch {
+            logger.error("\(what): \(message.isEmpty ? "\(error)" : message)")
+            communicator.abort(code: 1)
+        }
+        if firstFailure[0] != Int32.max {
+            if firstFailure[0] == communicator.rank { logger.error("\(what): \(message)") }
+            try? communicator.finalize()
+            exit(1)
+        }
+        return result!
+    }
+
+    /// Like `agree`, for a step only rank 0 performs (its result reaches the others through the agreement).
+    static func agreeRoot(_ communicator: any Communicator, _ logger: Logger, _ what: String, _ body: () throws -> Void) {
+        agree(communicator, logger, what, body)
+    }
+
+    /// An error in the middle of the job, where the other ranks may already wait in a collective: report it and
+    /// tear the whole job down (MPI_Abort ends every rank in milliseconds).
+    func abort(_ message: String) -> Never {
+        logger.critical("\(message)")
+        communicator.abort(code: 1)
+    }
+
+    func finish(exitCode: Int32 = 0) -> Never {
+        do { try communicator.finalize() } catch { abort("MPI_Finalize: \(error)") }
+        exit(exitCode)
+    }
+}

@@ -1,0 +1,79 @@
+import Foundation
+import Testing
+
+/// Bad input reaches every rank as one clear error and a non-zero exit within seconds, never a hang.
+@Suite("Bad input", .serialized)
+struct BadInputTests {
+    func expectCleanFailure(_ arguments: [String], ranks: Int = 2, message: String,
+                            sourceLocation: SourceLocation = #_sourceLocation) throws {
+        let r = try Harness.mpirun(ranks, ["train", "--run-dir", temporaryRunDirectory()] + arguments, timeout: 60)
+        #expect(r.status != 0, "exit status", sourceLocation: sourceLocation)
+        #expect(r.output.contains(message), "expected '\(message)' in:\n\(r.output)", sourceLocation: sourceLocation)
+        // One message, not one per rank.
+        #expect(occurrences(of: message, in: r.output) == 1, "\(r.output)", sourceLocation: sourceLocation)
+        #expect(r.seconds < 30, sourceLocation: sourceLocation)
+    }
+
+    @Test func missingDataFile() throws {
+        try expectCleanFailure(["--set", "data.train_features=/nonexistent/train.idx"], message: "/nonexistent/train.idx: cannot open")
+    }
+
+    @Test func corruptDataFile() throws {
+        let data = try SyntheticData(samples: 32)
+        defer { data.remove() }
+        let bad = data.directory.appendingPathComponent("train-x.idx")
+        try Data("this is not an IDX file at all".utf8).write(to: bad)
+        try expectCleanFailure(data.arguments, message: "not an IDX file")
+    }
+
+    @Test func truncatedDataFile() throws {
+        let data = try SyntheticData(samples: 32)
+        defer { data.remove() }
+        let file = data.directory.appendingPathComponent("train-x.idx")
+        let bytes = try Data(contentsOf: file)
+        try bytes.prefix(bytes.count - 5).write(to: file)
+        try expectCleanFailure(data.arguments, message: "train-x.idx: truncated data: expected 384 data bytes")
+    }
+
+    @Test func labelOutOfRange() throws {
+        let data = try SyntheticData(samples: 32)
+        defer { data.remove() }
+        try expectCleanFailure(data.arguments + ["--set", "model.classes=2"],
+                               message: "train-y.idx: label 2 at index 2 is out of range for 2 classes")
+    }
+
+    @Test func inputWidthNotMatchingTheFirstLayer() throws {
+        let data = try SyntheticData(samples: 32)
+        defer { data.remove() }
+        try expectCleanFailure(data.arguments + ["--set", "model.inputs=784"], message: "model.inputs is 784")
+    }
+
+    @Test func unknownConfigKey() throws {
+        try expectCleanFailure(["--set", "optimizer.learnig_rate=0.1"], message: "unknown key 'optimizer.learnig_rate'")
+        try expectCleanFailure(["--set", "training.epoch=3"], message: "(did you mean 'training.epochs'?)")
+    }
+
+    @Test func wrongTypeInAFileNamesFileLineAndKey() throws {
+        let file = FileManager.default.temporaryDirectory.appendingPathComponent("bad-\(UUID().uuidString).yaml")
+        try Data("seed: 1\ntraining:\n  epochs: three\n".utf8).write(to: file)
+        defer { try? FileManager.default.removeItem(at: file) }
+        try expectCleanFailure(["-c", file.path], message: "\(file.path):3: training.epochs: expected an integer, got \"three\"")
+        try expectCleanFailure(["--set", "optimizer.lr=fast"], message: "optimizer.lr: expected a number")
+        try expectCleanFailure(["--set", "optimizer.name=rmsprop"], message: "expected one of sgd, adam, adamw")
+    }
+
+    @Test func batchSizeZero() throws {
+        try expectCleanFailure(["--set", "training.batch_size=0"], message: "training.batch_size must be at least 1")
+    }
+
+    @Test func moreRanksThanSamples() throws {
+        let data = try SyntheticData(samples: 3)
+        defer { data.remove() }
+        try expectCleanFailure(data.arguments, ranks: 4, message: "the data set has 3 samples but the job has 4 ranks")
+    }
+
+    @Test func impossibleSettings() throws {
+        try expectCleanFailure(["--set", "model.dropout=1.5"], message: "model.dropout must be in [0, 1)")
+        try expectCleanFailure(["--set", "optimizer.momentum=2"], message: "momentum must be in [0, 1)")
+    }
+}

@@ -1,0 +1,136 @@
+import Coordinator
+import Foundation
+import Testing
+
+/// Runs the built `bpworker` executable, alone or under a real `mpirun`, with a hard time limit: a test that
+/// would hang fails instead.
+struct Harness {
+    struct Result {
+        let status: Int32
+        let output: String
+        let seconds: Double
+    }
+
+    static let executable: URL = {
+        var candidates: [URL] = []
+        if let runner = Bundle.main.executableURL {
+            candidates.append(runner.resolvingSymlinksInPath().deletingLastPathComponent().appendingPathComponent("bpworker"))
+        }
+        for bundle in Bundle.allBundles where bundle.bundleURL.pathExtension == "xctest" {
+            candidates.append(bundle.bundleURL.deletingLastPathComponent().appendingPathComponent("bpworker"))
+        }
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+        candidates.append(root.appendingPathComponent(".build/debug/bpworker"))
+        return candidates.first { FileManager.default.isExecutableFile(atPath: $0.path) } ?? candidates.last!
+    }()
+
+    static func mpirunPath() -> String {
+        for dir in (ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin").split(separator: ":") {
+            let path = "\(dir)/mpirun"
+            if FileManager.default.isExecutableFile(atPath: path) { return path }
+        }
+        return "/usr/bin/mpirun"
+    }
+
+    /// `bpworker ARGS` as one local process.
+    static func local(_ arguments: [String], environment: [String: String] = [:], timeout: Double = 120) throws -> Result {
+        try run(executable.path, arguments, environment: environment, timeout: timeout)
+    }
+
+    /// `mpirun -n RANKS bpworker ARGS`; extra environment is exported to the ranks with -x.
+    static func mpirun(_ ranks: Int, _ arguments: [String], environment: [String: String] = [:], timeout: Double = 120) throws -> Result {
+        var launcher = ["--allow-run-as-root", "--oversubscribe", "-n", "\(ranks)"]
+        for name in environment.keys.sorted() { launcher += ["-x", name] }
+        return try run(mpirunPath(), launcher + [executable.path] + arguments, environment: environment, timeout: timeout)
+    }
+
+    static func run(_ program: String, _ arguments: [String], environment: [String: String], timeout: Double) throws -> Result {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: program)
+        process.arguments = arguments
+        // A test process may carry MPI variables; a child mpirun started with them exits 1 silently.
+        process.environment = environmentWithoutMPIVariables(ProcessInfo.processInfo.environment)
+            .merging(environment) { $1 }
+        let outputFile = FileManager.default.temporaryDirectory.appendingPathComponent("bpworker-\(UUID().uuidString).log")
+        _ = FileManager.default.createFile(atPath: outputFile.path, contents: nil)
+        let handle = try FileHandle(forWritingTo: outputFile)
+        process.standardOutput = handle
+        process.standardError = handle
+        process.standardInput = FileHandle.nullDevice
+        let start = Date()
+        try process.run()
+        while process.isRunning && Date().timeIntervalSince(start) < timeout { usleep(20_000) }
+        if process.isRunning {
+            kill(-process.processIdentifier, SIGKILL)
+            process.terminate()
+            kill(process.processIdentifier, SIGKILL)
+            process.waitUntilExit()
+            try? handle.close()
+            let output = (try? String(contentsOf: outputFile, encoding: .utf8)) ?? ""
+            Issue.record("timed out after \(timeout) s: \(program) \(arguments.joined(separator: " "))\n\(output)")
+            return Result(status: -1, output: output, seconds: timeout)
+        }
+        process.waitUntilExit()
+        try? handle.close()
+        let output = (try? String(contentsOf: outputFile, encoding: .utf8)) ?? ""
+        try? FileManager.default.removeItem(at: outputFile)
+        return Result(status: process.terminationStatus, output: output, seconds: Date().timeIntervalSince(start))
+    }
+}
+
+/// A small synthetic classification data set written as IDX files (the format bpworker reads by default).
+struct SyntheticData {
+    let directory: URL
+    let samples: Int
+    let features: Int
+    let classes: Int
+
+    init(samples: Int, features: Int = 12, classes: Int = 3, seed: UInt64 = 1, labelOverride: UInt8? = nil) throws {
+        directory = FileManager.default.temporaryDirectory.appendingPathComponent("bpworker-data-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        self.samples = samples
+        self.features = features
+        self.classes = classes
+        var state = seed &* 0x9E37_79B9_7F4A_7C15 | 1
+        func next() -> UInt64 {
+            state ^= state << 13; state ^= state >> 7; state ^= state << 17
+            return state
+        }
+        var pixels: [UInt8] = []
+        var labels: [UInt8] = []
+        for _ in 0..<samples {
+            let label = UInt8(next() % UInt64(classes))
+            labels.append(labelOverride ?? label)
+            // Class-dependent features, so a model can learn something.
+            for f in 0..<features { pixels.append(UInt8((Int(next() % 128) + (f % classes == Int(label) ? 127 : 0)))) }
+        }
+        for split in ["train", "test"] {
+            try Self.idx(shape: [samples, features], bytes: pixels).write(to: directory.appendingPathComponent("\(split)-x.idx"))
+            try Self.idx(shape: [samples], bytes: labels).write(to: directory.appendingPathComponent("\(split)-y.idx"))
+        }
+    }
+
+    static func idx(shape: [Int], bytes: [UInt8]) -> Data {
+        var data = Data([0, 0, 0x08, UInt8(shape.count)])
+        for d in shape { withUnsafeBytes(of: UInt32(d).bigEndian) { data.append(contentsOf: $0) } }
+        return data + Data(bytes)
+    }
+
+    /// `--set` arguments pointing bpworker at these files.
+    var arguments: [String] {
+        ["train-x", "train-y", "test-x", "test-y"].enumerated().flatMap { i, name -> [String] in
+            let key = ["data.train_features", "data.train_labels", "data.test_features", "data.test_labels"][i]
+            return ["--set", "\(key)=\(directory.appendingPathComponent(name + ".idx").path)"]
+        }
+    }
+
+    func remove() { try? FileManager.default.removeItem(at: directory) }
+}
+
+func temporaryRunDirectory() -> String {
+    FileManager.default.temporaryDirectory.appendingPathComponent("bpworker-run-\(UUID().uuidString)").path
+}
+
+func occurrences(of needle: String, in haystack: String) -> Int {
+    haystack.components(separatedBy: needle).count - 1
+}

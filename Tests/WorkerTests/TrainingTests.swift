@@ -1,0 +1,141 @@
+import Engine
+import Foundation
+import Testing
+
+/// Multi-process behaviour, tested by running the built executable under mpirun.
+@Suite("bpworker train across ranks", .serialized)
+struct TrainingTests {
+    /// A small, fast job: SGD with momentum for one epoch over `data`.
+    func job(_ data: SyntheticData, batch: Int, runDir: String, extra: [String] = []) -> [String] {
+        ["train", "--run-dir", runDir, "--progress", "plain"] + data.arguments + [
+            "--set", "model.hidden=[32, 32]", "--set", "optimizer.lr=0.1", "--set", "optimizer.weight_decay=0",
+            "--set", "schedule.name=constant", "--set", "schedule.warmup_steps=0", "--set", "training.epochs=1",
+            "--set", "training.batch_size=\(batch)", "--set", "seed=5", "--set", "logging.interval=2",
+            "--set", "data.normalize=scale",
+        ] + extra
+    }
+
+    func parameters(_ runDir: String) throws -> [String: [Float]] {
+        let file = try SafeTensorsFile(path: runDir + "/model.safetensors")
+        var result: [String: [Float]] = [:]
+        for name in file.tensors.keys { result[name] = try file.floats(name) }
+        return result
+    }
+
+    /// Largest |a - b| / max |a| over all tensors.
+    func relativeDifference(_ a: [String: [Float]], _ b: [String: [Float]]) -> Double {
+        #expect(Set(a.keys) == Set(b.keys))
+        var worst = 0.0
+        for (name, x) in a {
+            guard let y = b[name], x.count == y.count else { return .infinity }
+            let scale = Double(x.map { abs($0) }.max() ?? 1)
+            let diff = zip(x, y).map { Double(abs($0 - $1)) }.max() ?? 0
+            worst = max(worst, diff / max(scale, 1e-12))
+        }
+        return worst
+    }
+
+    @Test func nRanksEqualOneRankWithTheGlobalBatch() throws {
+        let data = try SyntheticData(samples: 96)
+        defer { data.remove() }
+        let one = temporaryRunDirectory(), two = temporaryRunDirectory(), four = temporaryRunDirectory()
+        let smallBatch = temporaryRunDirectory()
+        let r1 = try Harness.local(job(data, batch: 16, runDir: one) + ["--local"])
+        #expect(r1.status == 0, "\(r1.output)")
+        let r2 = try Harness.mpirun(2, job(data, batch: 8, runDir: two))
+        #expect(r2.status == 0, "\(r2.output)")
+        let r4 = try Harness.mpirun(4, job(data, batch: 4, runDir: four))
+        #expect(r4.status == 0, "\(r4.output)")
+        #expect(r4.output.contains("global batch 16"))
+        let p1 = try parameters(one)
+        #expect(relativeDifference(p1, try parameters(two)) <= 1e-5)
+        #expect(relativeDifference(p1, try parameters(four)) <= 1e-5)
+        // The comparison means something: another global batch gives another model.
+        let r8 = try Harness.local(job(data, batch: 8, runDir: smallBatch) + ["--local"])
+        #expect(r8.status == 0)
+        #expect(relativeDifference(p1, try parameters(smallBatch)) > 1e-3)
+    }
+
+    @Test func bucketedOverlapEqualsOneFusedAllreduce() throws {
+        let data = try SyntheticData(samples: 64)
+        defer { data.remove() }
+        let fused = temporaryRunDirectory(), bucketed = temporaryRunDirectory()
+        let a = try Harness.mpirun(2, job(data, batch: 8, runDir: fused, extra: ["--set", "training.bucket_kib=0"]))
+        let b = try Harness.mpirun(2, job(data, batch: 8, runDir: bucketed, extra: ["--set", "training.bucket_kib=1"]))
+        #expect(a.status == 0 && b.status == 0, "\(a.output)\n\(b.output)")
+        #expect(a.output.contains("1 gradient bucket"))
+        #expect(b.output.contains("2 gradient buckets"))
+        // Two ranks add the same two numbers per element whatever the bucketing: bitwise equal.
+        #expect(try parameters(fused) == parameters(bucketed))
+    }
+
+    @Test func localModeTrainsEvaluatesAndWritesTheRunDirectory() throws {
+        let data = try SyntheticData(samples: 120)
+        defer { data.remove() }
+        let run = temporaryRunDirectory()
+        let r = try Harness.local(job(data, batch: 10, runDir: run, extra: ["--set", "training.epochs=3"]) + ["--local"])
+        #expect(r.status == 0, "\(r.output)")
+        #expect(r.output.contains("local mode"))
+        #expect(r.output.contains("10 per rank x 1 rank = global batch 10"))
+        let config = try String(contentsOfFile: run + "/config.yaml", encoding: .utf8)
+        #expect(config.contains("batch_size: 10"))
+        let records = try String(contentsOfFile: run + "/metrics.jsonl", encoding: .utf8).split(separator: "\n")
+            .map { try JSONSerialization.jsonObject(with: Data($0.utf8)) as! [String: Any] }
+        let evals = records.filter { $0["type"] as? String == "eval" }
+        #expect(evals.count == 3)
+        #expect(records.filter { $0["type"] as? String == "train" }.count >= 3 * 6)
+        let finalAccuracy = try #require(evals.last?["accuracy"] as? Double)
+        #expect(finalAccuracy > 0.9, "the synthetic classes are separable")
+        // bpworker eval reports the accuracy the training run ended with, on 1 and on 3 ranks.
+        for ranks in [1, 3] {
+            let e = ranks == 1 ? try Harness.local(["eval", "--local", "--run-dir", run] + data.arguments)
+                               : try Harness.mpirun(ranks, ["eval", "--run-dir", run] + data.arguments)
+            #expect(e.status == 0, "\(e.output)")
+            #expect(e.output.contains("test accuracy \(String(format: "%.2f%%", 100 * finalAccuracy))"), "\(e.output)")
+        }
+    }
+
+    @Test func gradientCheckRunsOnRankZeroWhileOthersWait() throws {
+        let data = try SyntheticData(samples: 64)
+        defer { data.remove() }
+        let run = temporaryRunDirectory()
+        let r = try Harness.mpirun(3, ["gradcheck", "--run-dir", run, "--set", "model.hidden=[16]", "--set", "model.activation=tanh"]
+                                    + data.arguments)
+        #expect(r.status == 0, "\(r.output)")
+        #expect(occurrences(of: "gradient check: PASS", in: r.output) == 1)
+        let report = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: run + "/gradcheck.json"))) as! [String: Any]
+        #expect(report["dtype"] as? String == "float64")
+        // Training with --gradcheck checks first, then trains.
+        let t = try Harness.mpirun(2, job(data, batch: 8, runDir: run) + ["--gradcheck"])
+        #expect(t.status == 0, "\(t.output)")
+        #expect(t.output.contains("gradient check: PASS"))
+        #expect(t.output.contains("training finished"))
+    }
+
+    @Test func aBrokenBackwardPassStopsEveryRank() throws {
+        let data = try SyntheticData(samples: 64)
+        defer { data.remove() }
+        let run = temporaryRunDirectory()
+        let r = try Harness.mpirun(3, job(data, batch: 8, runDir: run) + ["--gradcheck"],
+                                   environment: ["BPWORKER_TEST_GRADIENT_FAULT": "scaled:2.weight:1.5"], timeout: 60)
+        #expect(r.status != 0, "\(r.output)")
+        #expect(r.output.contains("FAIL: 2.weight"), "\(r.output)")
+        #expect(!r.output.contains("training finished"))
+        #expect(r.seconds < 30)
+        // Under the warn policy the same job trains on.
+        let w = try Harness.mpirun(2, job(data, batch: 8, runDir: run) + ["--gradcheck", "--set", "gradcheck.policy=warn"],
+                                   environment: ["BPWORKER_TEST_GRADIENT_FAULT": "scaled:2.weight:1.5"], timeout: 60)
+        #expect(w.status == 0, "\(w.output)")
+        #expect(w.output.contains("FAIL: 2.weight") && w.output.contains("training finished"))
+    }
+
+    @Test func helpShowsOptionsAndAnExample() throws {
+        let r = try Harness.local(["train", "--help"])
+        #expect(r.status == 0)
+        for text in ["--config", "--set", "--run-dir", "--local", "--gradcheck", "mpirun -n 4 bpworker train"] {
+            #expect(r.output.contains(text), "help lacks \(text)")
+        }
+        let bad = try Harness.local(["train", "--no-such-flag"])
+        #expect(bad.status != 0)
+    }
+}
