@@ -56,11 +56,13 @@ final class Trainer {
             model.gradientFault = try gradientFaultFromEnvironment()
             return model
         }
+        // Layouts first: a broadcast between differently shaped models would be meaningless.
+        verifyReplicas(model: model, sampler: sampler, checksum: false)
         session.agree("initial parameters") {
             // Rank 0's parameters are the truth, whatever the others initialised.
             try communicator.broadcast(model.parameters, root: 0)
         }
-        verifyReplicas(model: model, sampler: sampler)
+        verifyReplicas(model: model, sampler: sampler, checksum: true)
         return Prepared(train: train, test: test, model: model, sampler: sampler, configEpochs: config.epochs)
     }
 
@@ -96,15 +98,17 @@ final class Trainer {
 
     /// All ranks compare the model layout, batch size, steps per epoch and a checksum of the parameters, and
     /// refuse to start on any difference, naming both sides.
-    private func verifyReplicas(model: Model<Float>, sampler: ShardSampler) {
+    private func verifyReplicas(model: Model<Float>, sampler: ShardSampler, checksum: Bool) {
         let layout = model.parameterTable.map { "\($0.name)\($0.shape)" }.joined(separator: ";") + model.spec.summary
-        let fields: [(String, Int64)] = [
+        var fields: [(String, Int64)] = [
             ("parameters", Int64(model.parameterCount)),
             ("model layout hash", Int64(bitPattern: fnv1a(Array(layout.utf8)))),
             ("batch size", Int64(sampler.batchSize)),
             ("steps per epoch", Int64(sampler.stepsPerEpoch)),
-            ("parameter checksum", Int64(bitPattern: fnv1a(UnsafeRawBufferPointer(model.parameters)))),
         ]
+        if checksum {
+            fields = [("parameter checksum", Int64(bitPattern: fnv1a(UnsafeRawBufferPointer(model.parameters))))]
+        }
         let w = session.worldSize
         var table = [Int64](repeating: 0, count: w * fields.count)
         for (i, field) in fields.enumerated() { table[session.rank * fields.count + i] = field.1 }
@@ -220,6 +224,8 @@ final class Trainer {
     }
 
     private func announce(_ prepared: Prepared) {
+        let resolved = config.yaml.split(separator: "\n").map { "  " + $0 }.joined(separator: "\n")
+        logger.info("configuration (also in \(session.runDirectory)/config.yaml):\n\(resolved)")
         let layout = session.layout
         let nodes = Dictionary(grouping: layout.nodeNames, by: { $0 }).sorted { $0.key < $1.key }
             .map { "\($0.key): \($0.value.count)" }.joined(separator: ", ")

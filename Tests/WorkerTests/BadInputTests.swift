@@ -72,6 +72,20 @@ struct BadInputTests {
         try expectCleanFailure(data.arguments, ranks: 4, message: "the data set has 3 samples but the job has 4 ranks")
     }
 
+    @Test func ranksWithDifferentModelsRefuseToStart() throws {
+        // MPMD launch: rank 0 and rank 1 get different hidden widths, as a mismatched config would.
+        let args = ["train", "--run-dir", temporaryRunDirectory(), "--set", "training.epochs=1"]
+        let r = try Harness.run(
+            Harness.mpirunPath(),
+            ["--allow-run-as-root", "--oversubscribe", "-n", "1", Harness.executable.path] + args + ["--set", "model.hidden=[64]"]
+                + [":", "-n", "1", Harness.executable.path] + args + ["--set", "model.hidden=[63]"],
+            environment: [:], timeout: 60)
+        #expect(r.status != 0)
+        // 784*64 + 64 + 64*10 + 10 = 50,890 and 784*63 + 63 + 63*10 + 10 = 50,095
+        #expect(r.output.contains("ranks disagree on parameters: rank 0 has 50,890 parameters, rank 1 has 50,095"), "\(r.output)")
+        #expect(r.seconds < 30)
+    }
+
     @Test func impossibleSettings() throws {
         try expectCleanFailure(["--set", "model.dropout=1.5"], message: "model.dropout must be in [0, 1)")
         try expectCleanFailure(["--set", "optimizer.momentum=2"], message: "momentum must be in [0, 1)")

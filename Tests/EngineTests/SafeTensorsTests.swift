@@ -1,0 +1,187 @@
+import Engine
+import Foundation
+import Testing
+
+@Suite("safetensors files", .serialized)
+struct SafeTensorsTests {
+    let directory: URL
+
+    init() throws {
+        directory = FileManager.default.temporaryDirectory.appendingPathComponent("st-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+    }
+
+    func path(_ name: String) -> String { directory.appendingPathComponent(name).path }
+
+    /// A writer holding a [2, 3] float32, a [4] float64 and a [2] int64 tensor.
+    func sampleWriter() -> SafeTensorsWriter {
+        var writer = SafeTensorsWriter()
+        let w: [Float] = [1.5, -2, 0.25, .pi, -0.0, 1e-30]
+        let b: [Double] = [1.0 / 3, -1e300, 0, 42]
+        w.withUnsafeBufferPointer { writer.add(name: "0.weight", shape: [2, 3], floats: $0) }
+        b.withUnsafeBufferPointer { writer.add(name: "0.bias", shape: [4], doubles: $0) }
+        writer.add(name: "step", shape: [2], int64s: [7, -9_000_000_000])
+        writer.metadata = ["format": "bpworker-model", "step": "7"]
+        return writer
+    }
+
+    @Test func roundTripIsBitExact() throws {
+        try sampleWriter().write(to: path("a.safetensors"))
+        let file = try SafeTensorsFile(path: path("a.safetensors"))
+        #expect(file.metadata == ["format": "bpworker-model", "step": "7"])
+        #expect(file.names == ["0.weight", "0.bias", "step"])
+        #expect(try file.floats("0.weight").map(\.bitPattern) == [Float(1.5), -2, 0.25, .pi, -0.0, 1e-30].map(\.bitPattern))
+        #expect(try file.doubles("0.bias") == [1.0 / 3, -1e300, 0, 42])
+        #expect(try file.int64s("step") == [7, -9_000_000_000])
+        #expect(file.tensors["0.weight"]?.shape == [2, 3])
+        try file.expect("0.weight", shape: [2, 3])
+        #expect(throws: SafeTensorsError.self) { try file.expect("0.weight", shape: [3, 2]) }
+        #expect(throws: SafeTensorsError(path: path("a.safetensors"), reason: "missing tensor '9.weight'")) {
+            try file.floats("9.weight")
+        }
+        // The data section starts 8-byte aligned, as the reference writer makes it.
+        let bytes = try Data(contentsOf: URL(fileURLWithPath: path("a.safetensors")))
+        let headerLength = bytes.prefix(8).withUnsafeBytes { UInt64(littleEndian: $0.loadUnaligned(as: UInt64.self)) }
+        #expect(headerLength % 8 == 0)
+    }
+
+    // MARK: - The real Python client
+
+    func python(_ script: String) throws -> String {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        process.arguments = ["python3", "-c", script]
+        let output = Pipe(), errors = Pipe()
+        process.standardOutput = output
+        process.standardError = errors
+        try process.run()
+        let data = output.fileHandleForReading.readDataToEndOfFile()
+        let message = errors.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        guard process.terminationStatus == 0 else {
+            throw SafeTensorsError(path: "python3", reason: "failed (install with `pip install numpy safetensors`, "
+                + "as scripts/setup --python does): \(String(decoding: message, as: UTF8.self))")
+        }
+        return String(decoding: data, as: UTF8.self)
+    }
+
+    @Test func pythonReadsWhatBpworkerWrites() throws {
+        try sampleWriter().write(to: path("swift.safetensors"))
+        let out = try python("""
+            import json, numpy as np
+            from safetensors import safe_open
+            from safetensors.numpy import load_file
+            t = load_file("\(path("swift.safetensors"))")
+            with safe_open("\(path("swift.safetensors"))", framework="np") as f: meta = f.metadata()
+            print(json.dumps({k: {"dtype": str(v.dtype), "shape": list(v.shape),
+                                  "bits": v.ravel().view(np.uint32 if v.dtype == np.float32 else np.uint64).tolist()
+                                          if v.dtype != np.int64 else v.tolist()} for k, v in t.items()} | {"__meta__": meta}))
+            """)
+        let json = try JSONSerialization.jsonObject(with: Data(out.utf8)) as! [String: Any]
+        let weight = json["0.weight"] as! [String: Any]
+        #expect(weight["dtype"] as? String == "float32")
+        #expect(weight["shape"] as? [Int] == [2, 3])
+        #expect((weight["bits"] as? [NSNumber])?.map(\.uint32Value) == [Float(1.5), -2, 0.25, .pi, -0.0, 1e-30].map(\.bitPattern))
+        let bias = json["0.bias"] as! [String: Any]
+        #expect(bias["dtype"] as? String == "float64")
+        #expect((bias["bits"] as? [NSNumber])?.map(\.uint64Value) == [1.0 / 3, -1e300, 0, 42].map(\.bitPattern))
+        #expect((json["step"] as! [String: Any])["bits"] as? [Int] == [7, -9_000_000_000])
+        #expect(json["__meta__"] as? [String: String] == ["format": "bpworker-model", "step": "7"])
+    }
+
+    @Test func bpworkerReadsWhatPythonWrites() throws {
+        _ = try python("""
+            import numpy as np
+            from safetensors.numpy import save_file
+            save_file({"2.weight": np.arange(12, dtype=np.float32).reshape(3, 4) / 7,
+                       "2.bias": np.array([0.1, -0.2, 0.3], dtype=np.float64),
+                       "count": np.array([5], dtype=np.int64)},
+                      "\(path("python.safetensors"))", metadata={"source": "python"})
+            """)
+        let file = try SafeTensorsFile(path: path("python.safetensors"))
+        #expect(file.metadata == ["source": "python"])
+        #expect(file.tensors["2.weight"]?.shape == [3, 4])
+        #expect(try file.floats("2.weight") == (0..<12).map { Float($0) / 7 })
+        #expect(try file.doubles("2.bias") == [0.1, -0.2, 0.3])
+        #expect(try file.int64s("count") == [5])
+    }
+
+    // MARK: - Untrusted files
+
+    /// Writes `header` JSON (unpadded) followed by `data` bytes, with the given header length word.
+    func forge(_ name: String, header: String, data: [UInt8], headerLength: UInt64? = nil) throws -> String {
+        var bytes = Data()
+        withUnsafeBytes(of: (headerLength ?? UInt64(header.utf8.count)).littleEndian) { bytes.append(contentsOf: $0) }
+        bytes.append(Data(header.utf8))
+        bytes.append(contentsOf: data)
+        try bytes.write(to: URL(fileURLWithPath: path(name)))
+        return path(name)
+    }
+
+    @Test func corruptFilesAreClearErrors() throws {
+        let valid = path("valid.safetensors")
+        try sampleWriter().write(to: valid)
+        let good = try Data(contentsOf: URL(fileURLWithPath: valid))
+        let eight = [UInt8](repeating: 0, count: 8)
+        var cases: [(String, String)] = []
+        func add(_ file: String, _ expected: String) { cases.append((file, expected)) }
+
+        try good.prefix(5).write(to: URL(fileURLWithPath: path("tiny")))
+        add(path("tiny"), "shorter than the 8-byte header length")
+        try good.prefix(40).write(to: URL(fileURLWithPath: path("cut-header")))
+        add(path("cut-header"), "runs past the end of the file")
+        try good.prefix(good.count - 3).write(to: URL(fileURLWithPath: path("cut-data")))
+        add(path("cut-data"), "run past the data section")
+        add(try forge("huge", header: "{}", data: [], headerLength: 1 << 40), "huge header")
+        add(try forge("zero", header: "", data: eight, headerLength: 0), "header length is 0")
+        add(try forge("notjson", header: "{nope", data: []), "not valid JSON")
+        add(try forge("array", header: "[1, 2]", data: []), "not a JSON object")
+        add(try forge("overlap", header: #"{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},"b":{"dtype":"U8","shape":[4],"data_offsets":[2,6]}}"#,
+                      data: eight), "tensor 'b': data_offsets overlap")
+        add(try forge("range", header: #"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#, data: eight),
+            "tensor 'a': data_offsets [0, 16] run past the data section of 8 bytes")
+        add(try forge("gap", header: #"{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]},"b":{"dtype":"U8","shape":[2],"data_offsets":[4,6]}}"#,
+                      data: [UInt8](repeating: 0, count: 6)), "tensor 'b': gap of 2 bytes")
+        add(try forge("trailing", header: #"{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]}}"#, data: eight),
+            "6 bytes after the last tensor")
+        add(try forge("dtype", header: #"{"a":{"dtype":"Q7","shape":[2],"data_offsets":[0,8]}}"#, data: eight),
+            "tensor 'a': unsupported dtype 'Q7'")
+        add(try forge("shape", header: #"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#, data: eight),
+            "tensor 'a': shape [3] of F32 needs 12 bytes, data_offsets give 8")
+        add(try forge("nooffsets", header: #"{"a":{"dtype":"F32","shape":[2]}}"#, data: eight),
+            "tensor 'a': missing or malformed data_offsets")
+        add(try forge("negative", header: #"{"a":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}}"#, data: eight),
+            "tensor 'a': negative dimension")
+        add(try forge("overflow", header: #"{"a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,8]}}"#, data: eight),
+            "tensor 'a': shape")
+        add(try forge("bool", header: #"{"a":{"dtype":"U8","shape":[true],"data_offsets":[0,1]}}"#, data: [0]),
+            "is not a list of integers")
+        add(try forge("meta", header: #"{"__metadata__":{"step":7}}"#, data: []), "__metadata__ value for 'step' is not a string")
+        for (file, expected) in cases {
+            do {
+                _ = try SafeTensorsFile(path: file)
+                Issue.record("\(file) was accepted")
+            } catch let error as SafeTensorsError {
+                #expect(error.path == file)
+                #expect(error.reason.contains(expected), "\(file): \(error.reason)")
+            }
+        }
+    }
+
+    @Test func anInterruptedWriteLeavesThePreviousFileIntact() throws {
+        let target = path("model.safetensors")
+        try sampleWriter().write(to: target)
+        let before = try Data(contentsOf: URL(fileURLWithPath: target))
+        var other = SafeTensorsWriter()
+        let values = [Float](repeating: 9, count: 1000)
+        values.withUnsafeBufferPointer { other.add(name: "0.weight", shape: [1000], floats: $0) }
+        #expect(throws: SafeTensorsError.self) { try other.write(to: target, faultAfterBytes: 100) }
+        #expect(try Data(contentsOf: URL(fileURLWithPath: target)) == before)
+        #expect(try SafeTensorsFile(path: target).floats("0.weight").count == 6)
+        let leftovers = try FileManager.default.contentsOfDirectory(atPath: directory.path).filter { $0.hasSuffix(".tmp") }
+        #expect(leftovers.isEmpty)
+        // Without the fault the new file replaces the old one.
+        try other.write(to: target)
+        #expect(try SafeTensorsFile(path: target).floats("0.weight") == values)
+    }
+}
