@@ -68,6 +68,11 @@ let package = Package(
         ),
 
         // MARK: - Tests
+        // Counts the calling thread's heap allocations (replaces malloc in the test binary only).
+        .target(
+            name: "AllocationCounter",
+            path: "Tests/AllocationCounter"
+        ),
         .testTarget(
             name: "EngineTests",
             dependencies: ["Engine"]
@@ -80,7 +85,7 @@ let package = Package(
         ),
         .testTarget(
             name: "CoordinatorTests",
-            dependencies: ["Coordinator", "Engine"]
+            dependencies: ["Coordinator", "Engine", "AllocationCounter"]
         ),
         // Runs the built bpworker, alone and under mpirun.
         .testTarget(

@@ -136,7 +136,7 @@ public final class Model<T: Scalar> {
         var seenParameters = false
         for (index, layer) in spec.layers.enumerated() {
             let dy = take(widths[index + 1] * batchCapacity)
-            var step = LayerStep<T>(
+            let step = LayerStep<T>(
                 index: index, layer: layer, inWidth: widths[index], outWidth: widths[index + 1],
                 x: activations[index], y: activations[index + 1],
                 dx: seenParameters ? previousGradient : nil, dy: dy)
@@ -235,7 +235,8 @@ public final class Model<T: Scalar> {
     public func forward(count: Int, mode: ForwardMode) -> BatchResult {
         precondition(count > 0 && count <= batchCapacity, "batch of \(count) rows, capacity \(batchCapacity)")
         lastMode = mode
-        for step in plan {
+        for index in 0..<plan.count {
+            let step = plan[index]
             let n = count * step.outWidth
             switch step.layer {
             case let .linear(i, o):
@@ -282,7 +283,8 @@ public final class Model<T: Scalar> {
     /// first linear layer is never computed: nothing needs it.
     public func backward(count: Int, gradientsReady: (_ offset: Int) throws -> Void) rethrows {
         precondition(count > 0 && count <= batchCapacity, "batch of \(count) rows, capacity \(batchCapacity)")
-        for step in plan.reversed() {
+        for index in stride(from: plan.count - 1, through: 0, by: -1) {
+            let step = plan[index]
             let n = count * step.inWidth
             switch step.layer {
             case let .linear(i, o):
@@ -359,7 +361,9 @@ public final class Model<T: Scalar> {
 }
 
 /// One layer's place in the forward and backward passes: its buffers are views into the model's arena.
-struct LayerStep<T: Scalar> {
+/// A class, not a struct: copying a generic struct out of an array in unspecialised generic code heap-allocates
+/// a box per copy (measured: one allocation per layer per pass), while a class reference is only retained.
+final class LayerStep<T: Scalar> {
     let index: Int
     let layer: LayerSpec
     let inWidth: Int

@@ -1,0 +1,57 @@
+import AllocationCounter
+import Coordinator
+import Engine
+import Testing
+
+@Suite("Steady-state allocations")
+struct AllocationTests {
+    /// The whole training step of the Worker's loop: gather, zero, forward, backward with bucketed reduction,
+    /// finish, clip, update. After warm-up it must not touch the heap.
+    func heapAllocationsPerStep(optimizer kind: OptimizerKind, dropout: Double) throws -> UInt {
+        let spec = ModelSpec.mlp(widths: [20, 32, 16, 4], activation: .gelu, dropout: dropout)
+        let model = try Model<Float>(spec: spec, batchCapacity: 8, seed: 1)
+        let optimizer = try Optimizer<Float>(config: OptimizerConfig(kind: kind, momentum: kind == .sgd ? 0.9 : 0),
+                                             parameterCount: model.parameterCount)
+        let reducer = GradientReducer(communicator: LocalCommunicator(), gradients: model.gradients,
+                                      tensorRanges: model.parameterTable.map(\.range), bucketElements: 64)
+        var pixels = [UInt8](repeating: 0, count: 64 * 20)
+        for i in pixels.indices { pixels[i] = UInt8(i % 251) }
+        let data = try Dataset(name: "synthetic", featureCount: 20, features: .uint8(pixels),
+                               labels: (0..<64).map { Int32($0 % 4) })
+        let sampler = try ShardSampler(datasetSize: 64, rank: 0, worldSize: 1, batchSize: 8, seed: 3)
+        let schedule = LearningRateSchedule(base: 0.1, kind: .cosine(totalSteps: 100, minimum: 0), warmupSteps: 5)
+        let indices = sampler.indices(epoch: 0)
+        var counts: [UInt] = []
+        try indices.withUnsafeBufferPointer { all in
+            for step in 0..<sampler.stepsPerEpoch {
+                let before = bp_thread_allocations()
+                data.gather(indices: sampler.batch(all, step: step), into: model.inputs, labels: model.labels)
+                model.zeroGradients()
+                _ = model.forward(count: 8, mode: .train)
+                try model.backward(count: 8) { try reducer.gradientsReady(from: $0) }
+                try reducer.finish()
+                clipGradientNorm(model.gradients, maxNorm: 1)
+                optimizer.update(parameters: model.parameters, gradients: model.gradients,
+                                 learningRate: schedule.learningRate(atStep: step))
+                counts.append(bp_thread_allocations() - before)
+            }
+        }
+        // The counter itself sees allocations: the first step may warm up lazily created runtime state.
+        #expect(counts.count == 8)
+        return counts.dropFirst(2).max() ?? 0
+    }
+
+    @Test func aTrainingStepAllocatesNothing() throws {
+        for kind in OptimizerKind.allCases {
+            #expect(try heapAllocationsPerStep(optimizer: kind, dropout: 0.2) == 0, "\(kind)")
+        }
+    }
+
+    @Test func theCounterSeesAllocations() {
+        // The counter is live: an Array allocation on this thread is counted.
+        let before = bp_thread_allocations()
+        let array = [Int](repeating: 7, count: 1000 + Int(before % 3))
+        #expect(bp_thread_allocations() - before >= 1)
+        #expect(array.count >= 1000)
+    }
+}
