@@ -13,22 +13,39 @@ import Foundation
 ///
 /// Contract: buckets are started in the same order on every rank (the bucket list depends only on the model
 /// layout and the bucket size, which ranks verify to be identical at start).
+///
+/// Control values: the slots that lie directly before the gradient buffer (`Model.control`) ride along in the
+/// last bucket started, the one holding offset 0, and are summed, never averaged. Before each bucket starts,
+/// its non-finite values are counted into `control[nonFiniteSlot]`, so after `finish()` every rank knows
+/// whether any rank produced a NaN or infinity this step, at no extra collective.
 public final class GradientReducer {
     public let buckets: [Range<Int>]
     public let communicator: any Communicator
     private let gradients: UnsafeMutableBufferPointer<Float>
+    private let control: UnsafeMutableBufferPointer<Float>
+    private let nonFiniteSlot: Int?
     private var pending: [PendingReduction]
     private var started = 0
+    /// This rank's own count of non-finite gradient values in the current step (before reduction).
+    public private(set) var localNonFiniteCount = 0
     /// Seconds spent blocked in `finish()` waiting for communication, summed since the last `resetTimers()`.
     public private(set) var waitSeconds = 0.0
 
     /// - Parameters:
     ///   - tensorRanges: the ranges of the model's tensors in the flat buffer, in layer order.
     ///   - bucketElements: minimum elements per bucket; 0 means one fused allreduce.
+    ///   - control: slots directly before `gradients` in memory, reduced (summed) with the last bucket.
+    ///   - nonFiniteSlot: index in `control` that receives this rank's count of non-finite gradient values.
     public init(communicator: any Communicator, gradients: UnsafeMutableBufferPointer<Float>,
-                tensorRanges: [Range<Int>], bucketElements: Int) {
+                tensorRanges: [Range<Int>], bucketElements: Int,
+                control: UnsafeMutableBufferPointer<Float> = .init(start: nil, count: 0), nonFiniteSlot: Int? = nil) {
+        precondition(control.count == 0 || control.baseAddress! + control.count == gradients.baseAddress!,
+                     "control slots must sit directly before the gradients")
+        precondition(nonFiniteSlot.map { $0 >= 0 && $0 < control.count } ?? true, "nonFiniteSlot outside control")
         self.communicator = communicator
         self.gradients = gradients
+        self.control = control
+        self.nonFiniteSlot = nonFiniteSlot
         var buckets: [Range<Int>] = []
         if bucketElements <= 0 {
             buckets = [0..<gradients.count]
@@ -53,8 +70,17 @@ public final class GradientReducer {
     public func gradientsReady(from offset: Int) throws(MPIError) {
         while started < buckets.count && buckets[started].lowerBound >= offset {
             let range = buckets[started]
-            pending[started] = try communicator.startAllreduce(
-                UnsafeMutableBufferPointer(rebasing: gradients[range]), op: .sum)
+            if started == 0 { localNonFiniteCount = 0 }
+            if let slot = nonFiniteSlot {
+                let count = nonFiniteCount(gradients.baseAddress! + range.lowerBound, range.count)
+                localNonFiniteCount += count
+                control[slot] += Float(count)
+            }
+            // The bucket at offset 0 is started last and carries the control slots in front of it.
+            let buffer = range.lowerBound == 0
+                ? UnsafeMutableBufferPointer(start: gradients.baseAddress! - control.count, count: control.count + range.count)
+                : UnsafeMutableBufferPointer(rebasing: gradients[range])
+            pending[started] = try communicator.startAllreduce(buffer, op: .sum)
             started += 1
         }
         for i in 0..<started { _ = try pending[i].test() }

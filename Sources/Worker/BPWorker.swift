@@ -13,8 +13,18 @@ struct BPWorker: ParsableCommand {
             With no configuration file every key has its default: an MLP on Fashion-MNIST
             from /usr/share/datasets/fashion-mnist. `bpworker keys` lists every key.
             """,
-        subcommands: [Train.self, Gradcheck.self, Eval.self, Keys.self]
+        subcommands: [Train.self, Gradcheck.self, Eval.self, Status.self, Keys.self]
     )
+
+    static func main() {
+        // `--resume` alone means the latest checkpoint; ArgumentParser options need a value, so spell it out.
+        var arguments = Array(CommandLine.arguments.dropFirst())
+        for i in arguments.indices where arguments[i] == "--resume"
+            && (i + 1 == arguments.count || arguments[i + 1].hasPrefix("-")) {
+            arguments[i] = "--resume=latest"
+        }
+        main(arguments)
+    }
 }
 
 /// Options every subcommand that runs a job shares.
@@ -55,6 +65,9 @@ struct Train: ParsableCommand {
               mpirun -n 4 bpworker train
               mpirun -n 2 bpworker train -c job.yaml --set optimizer.lr=0.1 --gradcheck
               bpworker train --local --set training.epochs=1
+              mpirun -n 4 bpworker train --resume          # from RUN_DIR/checkpoints/latest
+            SIGTERM, SIGINT, SIGUSR1 or SIGUSR2 on any rank: every rank stops after the same step, rank 0
+            writes a checkpoint and all exit 0. A second SIGINT exits at once.
             """)
 
     @OptionGroup var options: RunOptions
@@ -62,9 +75,19 @@ struct Train: ParsableCommand {
     @Flag(help: "Gradient-check on rank 0 before the first step (same as gradcheck.enabled=true).")
     var gradcheck = false
 
+    @Option(help: ArgumentHelp(
+        "Resume from a checkpoint: --resume alone takes RUN_DIR/checkpoints/latest.", valueName: "path"))
+    var resume: String?
+
     func run() throws {
-        let session = Session.start(options: options, extraOverrides: gradcheck ? ["gradcheck.enabled=true"] : [])
-        Trainer(session: session).run()
+        // Before anything else, so a scheduler's signal during setup is not lost.
+        StopSignals.install()
+        // A resumed run keeps its configuration unless told otherwise.
+        let runConfig = options.runDir + "/config.yaml"
+        let session = Session.start(
+            options: options, extraOverrides: gradcheck ? ["gradcheck.enabled=true"] : [],
+            configFile: resume != nil && FileManager.default.fileExists(atPath: runConfig) ? runConfig : nil)
+        Trainer(session: session).run(resume: resume)
         session.finish()
     }
 }
@@ -113,6 +136,29 @@ struct Eval: ParsableCommand {
             configFile: FileManager.default.fileExists(atPath: runConfig) ? runConfig : nil, writeConfig: false)
         Trainer(session: session).runEvaluation(parametersPath: parameters ?? session.runDirectory + "/model.safetensors")
         session.finish()
+    }
+}
+
+struct Status: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Print the state of a run from its status.json.",
+        discussion: "  bpworker status runs/default")
+
+    @Argument(help: "Run directory.")
+    var runDirectory: String = "runs/default"
+
+    @Flag(help: "Print the raw JSON.")
+    var json = false
+
+    func run() throws {
+        if json {
+            guard let data = FileManager.default.contents(atPath: RunStatus.path(runDirectory)) else {
+                throw ValidationError("\(RunStatus.path(runDirectory)): no status")
+            }
+            print(String(decoding: data, as: UTF8.self))
+            return
+        }
+        do { print(try RunStatus.read(runDirectory).text) } catch { throw ValidationError("\(error)") }
     }
 }
 

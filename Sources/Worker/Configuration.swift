@@ -62,6 +62,14 @@ struct Configuration: Equatable {
     // logging
     var logInterval = 100
 
+    // checkpoints and faults
+    var checkpointEverySteps = 500
+    var checkpointKeep = 3
+    var numericsPolicy = NumericsPolicy.stop
+    var maxSkippedSteps = 10
+    var replicaCheckEvery = 500
+    var watchdogSeconds = 300.0
+
     /// Gradient buckets of 256 KiB: measured on 2 ranks of this project's reference machine as the smallest size at
     /// which OpenMPI's per-call cost stops dominating, while still splitting the default model into several
     /// buckets so reduction overlaps backward. 0 means one fused allreduce after backward.
@@ -75,6 +83,8 @@ struct Configuration: Equatable {
     enum Remainder: String, CaseIterable { case drop, wrap }
     enum ScheduleName: String, CaseIterable { case constant, step, cosine }
     enum GradcheckPolicy: String, CaseIterable { case abort, warn }
+    /// stop: checkpoint the last good state and stop with an error; skip: drop the step on every rank.
+    enum NumericsPolicy: String, CaseIterable { case stop, skip }
 
     // MARK: - The keys
 
@@ -129,6 +139,12 @@ struct Configuration: Equatable {
         key("gradcheck.all", \.gradcheckAll, "check every coordinate instead of sampling"),
         key("gradcheck.policy", \.gradcheckPolicy, "abort (stop every rank on failure) or warn"),
         key("logging.interval", \.logInterval, "steps between progress lines and metrics records"),
+        key("checkpoint.every_steps", \.checkpointEverySteps, "steps between checkpoints (also one at every epoch end; 0 = epoch ends only)"),
+        key("checkpoint.keep", \.checkpointKeep, "checkpoints kept in RUN_DIR/checkpoints (older ones are deleted)"),
+        key("numerics.policy", \.numericsPolicy, "on a NaN or infinite loss or gradient on any rank: stop (checkpoint, error) or skip the step"),
+        key("numerics.max_skips", \.maxSkippedSteps, "skip policy: stop after this many skipped steps"),
+        key("training.replica_check_every", \.replicaCheckEvery, "steps between parameter checksum comparisons across ranks (0 = off)"),
+        key("watchdog.timeout_seconds", \.watchdogSeconds, "abort the job when a collective has not completed for this long (0 = off)"),
     ]
 
     static func key<V: ConfigValue>(
@@ -237,8 +253,11 @@ extension Configuration {
         for key in Self.keys {
             let parts = key.path.split(separator: ".", maxSplits: 1).map(String.init)
             let (section, name) = parts.count == 2 ? (parts[0], parts[1]) : ("", parts[0])
-            if sections.last?.0 != section { sections.append((section, [])) }
-            sections[sections.count - 1].1.append((name, key.write(self)))
+            if let i = sections.firstIndex(where: { $0.0 == section }) {
+                sections[i].1.append((name, key.write(self)))
+            } else {
+                sections.append((section, [(name, key.write(self))]))
+            }
         }
         var pairs: [(Node, Node)] = []
         for (section, entries) in sections {
@@ -343,6 +362,7 @@ extension Configuration.Normalization: ConfigChoice {}
 extension Configuration.Remainder: ConfigChoice {}
 extension Configuration.ScheduleName: ConfigChoice {}
 extension Configuration.GradcheckPolicy: ConfigChoice {}
+extension Configuration.NumericsPolicy: ConfigChoice {}
 extension Initialization: ConfigChoice {}
 extension LossKind: ConfigChoice {}
 extension OptimizerKind: ConfigChoice {}

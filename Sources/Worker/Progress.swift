@@ -7,9 +7,13 @@ import Logging
 final class MetricsLog {
     private let handle: FileHandle?
 
-    init(path: String) {
-        _ = FileManager.default.createFile(atPath: path, contents: nil)
+    /// - Parameter append: keep earlier records (a resumed run continues its metrics).
+    init(path: String, append: Bool = false) {
+        if !append || !FileManager.default.fileExists(atPath: path) {
+            _ = FileManager.default.createFile(atPath: path, contents: nil)
+        }
         handle = FileHandle(forWritingAtPath: path)
+        _ = try? handle?.seekToEnd()
     }
 
     func write(_ record: [String: Any]) {
@@ -32,11 +36,15 @@ final class Progress {
     private var windowStart = Date()
     private var windowSteps = 0
     private let start = Date()
+    /// What RUN_DIR/status.json says (rank 0 writes it).
+    var status: RunStatus
 
     init(session: Session, prepared: Trainer.Prepared, metrics: MetricsLog?) {
         self.session = session
         self.metrics = metrics
         totalSteps = prepared.totalSteps
+        status = RunStatus(state: .training, step: 0, totalSteps: prepared.totalSteps, epoch: 0, epochs: prepared.configEpochs,
+                           worldSize: session.worldSize, updated: RunStatus.now)
         stepsPerEpoch = prepared.sampler.stepsPerEpoch
         epochs = prepared.configEpochs
         let redraw = switch session.progressStyle {
@@ -76,6 +84,13 @@ final class Progress {
             } else {
                 session.logger.info("\(line)")
             }
+            status.step = globalStep
+            status.epoch = epoch
+            status.loss = loss
+            status.accuracy = accuracy
+            status.samplesPerSecond = samplesPerSecond
+            status.etaSeconds = eta
+            writeStatus()
             metrics?.write([
                 "type": "train", "epoch": epoch + 1, "step": globalStep, "loss": loss, "accuracy": accuracy,
                 "lr": learningRate, "samples_per_second": samplesPerSecond, "comm_wait_fraction": waitShare,
@@ -92,6 +107,9 @@ final class Progress {
         guard session.isRoot else { return }
         if isTerminal { FileHandle.standardOutput.write(Data("\n".utf8)) }
         let accuracy = Double(result.correct) / Double(max(result.count, 1))
+        status.testAccuracy = accuracy
+        status.epoch = epoch + 1
+        writeStatus()
         let line = "epoch \(epoch + 1)/\(epochs) test accuracy \(percent(accuracy)) loss \(String(format: "%.4f", result.loss)) "
             + "on \(grouped(result.count)) samples, \(duration(Date().timeIntervalSince(start))) elapsed"
         session.logger.info("\(line)")
@@ -101,8 +119,17 @@ final class Progress {
         ])
     }
 
-    func finish() {
+    func writeStatus() {
         guard session.isRoot else { return }
+        status.updated = RunStatus.now
+        status.write(to: session.runDirectory)
+    }
+
+    func finish(state: RunStatus.State, message: String?) {
+        status.state = state
+        status.message = message
+        writeStatus()
+        guard session.isRoot, state == .finished else { return }
         session.logger.info("training finished: \(totalSteps) steps in \(duration(Date().timeIntervalSince(start)))")
     }
 }

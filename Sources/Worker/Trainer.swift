@@ -49,7 +49,8 @@ final class Trainer {
                     throw ConfigError(description: "schedule: \(error)")
                 }
             }
-            let model = try Model<Float>(spec: spec, batchCapacity: config.batchSize, seed: UInt64(config.seed))
+            let model = try Model<Float>(spec: spec, batchCapacity: config.batchSize, seed: UInt64(config.seed),
+                                         controlSlots: ControlSlot.count)
             // Each rank drops different units: its own dropout stream.
             model.dropoutGenerator = RandomGenerator(
                 seed: UInt64(config.seed), stream: RandomGenerator.Stream.dropout.rawValue &+ UInt64(session.rank) << 32)
@@ -168,59 +169,253 @@ final class Trainer {
 
     // MARK: - Training
 
-    func run() {
+    /// Control slots that travel in front of the gradients in the last bucket of every step's allreduce.
+    enum ControlSlot {
+        /// Ranks asking to stop (a signal arrived).
+        static let stopRequests = 0
+        /// Non-finite values in this step's losses and gradients.
+        static let nonFinite = 1
+        static let count = 2
+    }
+
+    func run(resume: String?) {
         let prepared = prepare()
         let model = prepared.model
         let sampler = prepared.sampler
         announce(prepared)
-        if config.gradcheckEnabled && !gradientCheck(prepared) { session.finish(exitCode: 1) }
+        if config.gradcheckEnabled {
+            if resume != nil {
+                logger.info("gradient check: skipped on resume (it runs only before a run's first step)")
+            } else if !gradientCheck(prepared) {
+                session.finish(exitCode: 1)
+            }
+        }
 
         let optimizer = session.agree("optimizer") {
             try Optimizer<Float>(config: config.optimizerConfig, parameterCount: model.parameterCount)
         }
+        let checkpointer = Checkpointer(runDirectory: session.runDirectory, keep: config.checkpointKeep)
+        var position = TrainingPosition(worldSize: session.worldSize, batchSize: config.batchSize)
+        if let resume {
+            let path = resume == "latest" ? session.agree("resume") { try checkpointer.latest() } : resume
+            position = restore(from: path, model: model, optimizer: optimizer, sampler: sampler)
+        }
         let schedule = config.learningRateSchedule(totalSteps: prepared.totalSteps)
         let reducer = GradientReducer(
             communicator: communicator, gradients: model.gradients,
-            tensorRanges: model.parameterTable.map(\.range), bucketElements: config.bucketKiB * 1024 / MemoryLayout<Float>.stride)
+            tensorRanges: model.parameterTable.map(\.range), bucketElements: config.bucketKiB * 1024 / MemoryLayout<Float>.stride,
+            control: model.control, nonFiniteSlot: ControlSlot.nonFinite)
         let buckets = reducer.buckets.count
         logger.info("allreduce: \(buckets) gradient bucket\(buckets == 1 ? "" : "s") (training.bucket_kib=\(config.bucketKiB)), averaged over \(session.worldSize) rank\(session.worldSize == 1 ? "" : "s")")
-        let metrics = session.isRoot ? MetricsLog(path: session.runDirectory + "/metrics.jsonl") : nil
+        let metrics = session.isRoot ? MetricsLog(path: session.runDirectory + "/metrics.jsonl", append: resume != nil) : nil
         let progress = Progress(session: session, prepared: prepared, metrics: metrics)
+        let aborter = Aborter(communicator: communicator)
+        let watchdog = Watchdog(timeout: config.watchdogSeconds, rank: session.rank, worldSize: session.worldSize,
+                                runDirectory: session.runDirectory) { report in
+            FileHandle.standardError.write(Data("[rank \(aborter.communicator.rank)] error: \(report)\n".utf8))
+            aborter.communicator.abort(code: 1)
+        }
+        watchdog.start()
+        let hooks = TestHooks.fromEnvironment(rank: session.rank)
 
         let batch = config.batchSize
-        var globalStep = 0
+        var lastCheckpoint: String? = nil
+        func checkpoint() throws {
+            lastCheckpoint = try saveCheckpoint(checkpointer, model: model, optimizer: optimizer, position: &position, watchdog: watchdog)
+            progress.status.lastCheckpoint = lastCheckpoint
+            progress.writeStatus()
+        }
+        progress.status.step = position.globalStep
+        progress.writeStatus()
         do {
-            for epoch in 0..<config.epochs {
+            for epoch in position.epoch..<config.epochs {
                 let indices = sampler.indices(epoch: epoch)
+                var stopSignal: Int32? = nil
                 try indices.withUnsafeBufferPointer { (all) throws in
-                    for step in 0..<sampler.stepsPerEpoch {
+                    for step in (epoch == position.epoch ? position.epochStep : 0)..<sampler.stepsPerEpoch {
                         // The step: next batch, forward, zero grad, backward with the reduction overlapping, update.
                         prepared.train.gather(indices: sampler.batch(all, step: step), into: model.inputs, labels: model.labels)
+                        hooks.beforeStep(step: position.globalStep, model: model)
                         model.zeroGradients()
                         let result = model.forward(count: batch, mode: .train)
+                        let localNonFiniteLoss = result.lossSum.isFinite ? 0 : 1
+                        model.control[ControlSlot.stopRequests] = StopSignals.requested == nil ? 0 : 1
+                        model.control[ControlSlot.nonFinite] = Float(localNonFiniteLoss)
                         try model.backward(count: batch) { offset in try reducer.gradientsReady(from: offset) }
+                        watchdog.enter(.gradientAllreduce, step: position.globalStep)
                         try reducer.finish()
+                        watchdog.leave()
+                        let stopRequests = model.control[ControlSlot.stopRequests]
+                        let nonFinite = model.control[ControlSlot.nonFinite]
+                        let learningRate = schedule.learningRate(atStep: position.globalStep)
+                        position.epochStep = step + 1
+
+                        if nonFinite > 0 {
+                            // Every rank saw the same count, so every rank takes the same branch.
+                            let ranks = try faultyRanks(local: localNonFiniteLoss + reducer.localNonFiniteCount)
+                            position.skippedSteps += 1
+                            let what = "non-finite loss or gradient at step \(position.globalStep + 1) on rank\(ranks.count == 1 ? "" : "s") \(ranks.map(String.init).joined(separator: ", "))"
+                            if config.numericsPolicy == .skip && position.skippedSteps <= config.maxSkippedSteps {
+                                if session.isRoot {
+                                    logger.warning("\(what): step skipped on every rank (\(position.skippedSteps) of at most \(config.maxSkippedSteps), numerics.policy=skip)")
+                                }
+                                position.globalStep += 1
+                                continue
+                            }
+                            // The update was not applied: the parameters are the last good state, from before this step.
+                            position.skippedSteps -= 1
+                            position.epochStep = step
+                            try checkpoint()
+                            let reason = config.numericsPolicy == .skip ? "more than \(config.maxSkippedSteps) skipped steps (numerics.max_skips)" : "numerics.policy=stop"
+                            progress.finish(state: .failed, message: what)
+                            if session.isRoot {
+                                logger.error("\(what); stopped (\(reason)). Last good state: \(lastCheckpoint ?? "?")")
+                            }
+                            session.finish(exitCode: 1)
+                        }
+
                         if config.clipNorm > 0 { clipGradientNorm(model.gradients, maxNorm: config.clipNorm) }
-                        let learningRate = schedule.learningRate(atStep: globalStep)
                         optimizer.update(parameters: model.parameters, gradients: model.gradients, learningRate: learningRate)
-                        globalStep += 1
+                        position.globalStep += 1
 
                         progress.record(result)
-                        if globalStep % config.logInterval == 0 || step == sampler.stepsPerEpoch - 1 {
-                            try progress.report(epoch: epoch, step: step, globalStep: globalStep,
+                        if position.globalStep % config.logInterval == 0 || step == sampler.stepsPerEpoch - 1 {
+                            watchdog.enter(.metricsAllreduce, step: position.globalStep)
+                            try progress.report(epoch: epoch, step: step, globalStep: position.globalStep,
                                                 learningRate: learningRate, reducer: reducer)
+                            watchdog.leave()
+                        }
+                        if config.replicaCheckEvery > 0 && position.globalStep % config.replicaCheckEvery == 0 {
+                            watchdog.enter(.replicaCheck, step: position.globalStep)
+                            try checkReplicas(model, step: position.globalStep)
+                            watchdog.leave()
+                        }
+                        if stopRequests > 0 {
+                            stopSignal = StopSignals.requested ?? SIGTERM
+                            break
+                        }
+                        if config.checkpointEverySteps > 0 && position.globalStep % config.checkpointEverySteps == 0
+                            && step < sampler.stepsPerEpoch - 1 {
+                            try checkpoint()
                         }
                     }
                 }
+                if stopSignal != nil {
+                    try checkpoint()
+                    progress.status.step = position.globalStep
+                    progress.finish(state: .stopped, message: "stop requested")
+                    if session.isRoot {
+                        let source = StopSignals.requested.map(StopSignals.name) ?? "another rank's signal"
+                        let message = "stopped by \(source) after step \(position.globalStep); checkpoint "
+                            + "\(lastCheckpoint ?? "?"); resume with: bpworker train --resume --run-dir \(session.runDirectory)"
+                        logger.info("\(message)")
+                    }
+                    session.finish(exitCode: 0)
+                }
+                watchdog.enter(.evaluation, step: position.globalStep)
                 let evaluation = try evaluate(model, on: prepared.test)
-                progress.reportEvaluation(evaluation, epoch: epoch, globalStep: globalStep)
+                watchdog.leave()
+                progress.reportEvaluation(evaluation, epoch: epoch, globalStep: position.globalStep)
+                position.epoch = epoch + 1
+                position.epochStep = 0
+                try checkpoint()
             }
         } catch {
-            session.abort("training failed at step \(globalStep): \(error)")
+            session.abort("training failed at step \(position.globalStep): \(error)")
         }
-        progress.finish()
-        if session.isRoot { saveModel(model, step: globalStep) }
+        progress.finish(state: .finished, message: nil)
+        if session.isRoot { saveModel(model, step: position.globalStep) }
         session.agree("saving the model") {}
+    }
+
+    /// Writes a checkpoint of `position` (collective: every rank sends its dropout generator to rank 0, which
+    /// writes the file; the others wait for its verdict).
+    private func saveCheckpoint(_ checkpointer: Checkpointer, model: Model<Float>, optimizer: Optimizer<Float>,
+                                position: inout TrainingPosition, watchdog: Watchdog) throws -> String {
+        watchdog.enter(.checkpoint, step: position.globalStep)
+        defer { watchdog.leave() }
+        let w = session.worldSize
+        var states = [UInt64](repeating: 0, count: 4 * w)
+        let mine = model.dropoutGenerator.state
+        states.replaceSubrange((4 * session.rank)..<(4 * session.rank + 4), with: [mine.0, mine.1, mine.2, mine.3])
+        try states.withUnsafeMutableBufferPointer { (buffer) throws(MPIError) in try communicator.allreduce(buffer, op: .sum) }
+        position.dropoutStates = (0..<w).map { r in (0..<4).map { String(states[4 * r + $0]) } }
+        var path = ""
+        let snapshot = position
+        session.agree("checkpoint") {
+            if session.isRoot { path = try checkpointer.save(model: model, optimizer: optimizer, position: snapshot, config: config) }
+        }
+        if session.isRoot { logger.info("checkpoint: \(path) (step \(position.globalStep))") }
+        return session.isRoot ? path : checkpointer.directory
+    }
+
+    /// Rank 0 reads and validates the checkpoint; every rank receives its state by broadcast.
+    private func restore(from path: String, model: Model<Float>, optimizer: Optimizer<Float>, sampler: ShardSampler) -> TrainingPosition {
+        var encoded: [UInt8] = []
+        session.agree("resume from \(path)") {
+            if session.isRoot {
+                let position = try Checkpointer.load(path: path, model: model, optimizer: optimizer)
+                encoded = Array(try JSONEncoder().encode(position))
+            }
+        }
+        var optimizerStep = [Int64(optimizer.stepCount)]
+        session.agree("resume broadcast") {
+            try communicator.broadcast(bytes: &encoded, root: 0)
+            try communicator.broadcast(model.parameters, root: 0)
+            for state in optimizer.state { try communicator.broadcast(state.buffer, root: 0) }
+            try optimizerStep.withUnsafeMutableBufferPointer { (buffer) throws(MPIError) in try communicator.broadcast(buffer, root: 0) }
+        }
+        optimizer.stepCount = Int(optimizerStep[0])
+        var position = session.agree("resume") { try JSONDecoder().decode(TrainingPosition.self, from: Data(encoded)) }
+        let sameShape = position.worldSize == session.worldSize && position.batchSize == config.batchSize
+        if sameShape {
+            let words = position.dropoutStates[session.rank].compactMap { UInt64($0) }
+            model.dropoutGenerator = RandomGenerator(state: (words[0], words[1], words[2], words[3]))
+        } else {
+            // Another world size: keep the samples seen this epoch, re-seed dropout per rank from the step.
+            let samples = position.epochStep * position.batchSize * position.worldSize
+            let oldGlobal = position.batchSize * position.worldSize
+            position.epochStep = min(samples / sampler.globalBatchSize, sampler.stepsPerEpoch)
+            position.globalStep = position.epoch * sampler.stepsPerEpoch + position.epochStep
+            model.dropoutGenerator = RandomGenerator(
+                seed: UInt64(config.seed) &+ UInt64(position.globalStep),
+                stream: RandomGenerator.Stream.dropout.rawValue &+ UInt64(session.rank) << 32)
+            let message = "resuming a \(position.worldSize)-rank checkpoint (batch \(position.batchSize) per rank) on \(session.worldSize) rank\(session.worldSize == 1 ? "" : "s") (batch \(config.batchSize)): global batch \(oldGlobal) -> \(sampler.globalBatchSize), \(sampler.stepsPerEpoch) steps per epoch; the learning rate stays as configured for the global batch; the epoch continues after its first \(position.epochStep * sampler.globalBatchSize) samples; dropout streams are re-seeded, so the run is not bitwise identical to an uninterrupted one"
+            logger.info("\(message)")
+            position.worldSize = session.worldSize
+            position.batchSize = config.batchSize
+        }
+        if position.epochStep >= sampler.stepsPerEpoch {
+            position.epoch += 1
+            position.epochStep = 0
+        }
+        logger.info("resumed from \(path): step \(position.globalStep), epoch \(position.epoch + 1) at step \(position.epochStep)/\(sampler.stepsPerEpoch), optimizer step \(optimizer.stepCount)")
+        return position
+    }
+
+    /// Which ranks had non-finite values this step: one extra collective, paid only when something went wrong.
+    private func faultyRanks(local: Int) throws -> [Int] {
+        var flags = [Int32](repeating: 0, count: session.worldSize)
+        flags[session.rank] = local > 0 ? 1 : 0
+        try flags.withUnsafeMutableBufferPointer { (buffer) throws(MPIError) in try communicator.allreduce(buffer, op: .sum) }
+        return flags.indices.filter { flags[$0] > 0 }
+    }
+
+    /// Every rank's parameters must stay bitwise identical; a diverged replica stops the job, naming the ranks.
+    private func checkReplicas(_ model: Model<Float>, step: Int) throws {
+        let checksum = fnv1a(UnsafeRawBufferPointer(model.parameters))
+        var low = [checksum], high = [checksum]
+        try low.withUnsafeMutableBufferPointer { (buffer) throws(MPIError) in try communicator.allreduce(buffer, op: .min) }
+        try high.withUnsafeMutableBufferPointer { (buffer) throws(MPIError) in try communicator.allreduce(buffer, op: .max) }
+        guard low[0] != high[0] else { return }
+        var all = [UInt64](repeating: 0, count: session.worldSize)
+        all[session.rank] = checksum
+        try all.withUnsafeMutableBufferPointer { (buffer) throws(MPIError) in try communicator.allreduce(buffer, op: .sum) }
+        let diverged = all.indices.filter { all[$0] != all[0] }
+        if session.isRoot {
+            logger.error("replicas diverged at step \(step): the parameters of rank\(diverged.count == 1 ? "" : "s") \(diverged.map(String.init).joined(separator: ", ")) differ from rank 0's")
+        }
+        session.finish(exitCode: 1)
     }
 
     private func announce(_ prepared: Prepared) {
@@ -315,4 +510,10 @@ func duration(_ seconds: Double) -> String {
     guard seconds.isFinite, seconds >= 0 else { return "?" }
     let s = Int(seconds.rounded())
     return s >= 3600 ? "\(s / 3600)h\(String(format: "%02d", s / 60 % 60))m" : s >= 60 ? "\(s / 60)m\(String(format: "%02d", s % 60))s" : "\(s)s"
+}
+
+/// Lets the watchdog thread end the job. @unchecked Sendable: the watchdog only reads `rank` (immutable) and calls
+/// `abort`, which is MPI_Abort, meant precisely for ending a job from wherever the trouble is seen, or exit().
+struct Aborter: @unchecked Sendable {
+    let communicator: any Communicator
 }

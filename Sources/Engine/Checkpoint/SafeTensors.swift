@@ -98,7 +98,11 @@ public struct SafeTensorsWriter {
 }
 
 /// Atomic replacement of a file's contents (see `SafeTensorsWriter.write`).
-public func writeAtomically(_ bytes: Data, to path: String, faultAfterBytes: Int? = nil) throws {
+/// - Parameters:
+///   - faultAfterBytes: test hook: stop after this many bytes of the temporary file and fail.
+///   - afterPartialWrite: test hook run at that point instead of failing (a crash simulation kills the process).
+public func writeAtomically(_ bytes: Data, to path: String, faultAfterBytes: Int? = nil,
+                            afterPartialWrite: (() -> Void)? = nil) throws {
     let url = URL(fileURLWithPath: path)
     let directory = url.deletingLastPathComponent().path
     let temporary = directory + "/." + url.lastPathComponent + ".\(getpid()).tmp"
@@ -122,6 +126,7 @@ public func writeAtomically(_ bytes: Data, to path: String, faultAfterBytes: Int
             }
         }
         if let faultAfterBytes, faultAfterBytes < bytes.count {
+            afterPartialWrite?()
             throw SafeTensorsError(path: path, reason: "write stopped after \(faultAfterBytes) bytes (test fault)")
         }
         guard fsync(fd) == 0 else { throw failure("fsync") }

@@ -60,6 +60,10 @@ public final class Model<T: Scalar> {
     public let parameters: UnsafeMutableBufferPointer<T>
     /// d loss / d parameters, same layout. Backward accumulates into it; call `zeroGradients()` per step.
     public let gradients: UnsafeMutableBufferPointer<T>
+    /// `controlSlots` extra values stored immediately before `gradients`, zeroed with them. A data-parallel
+    /// caller puts per-step signals here (a stop request, a count of non-finite values) so they travel in the
+    /// same allreduce as the first tensors' gradients instead of costing a collective of their own.
+    public let control: UnsafeMutableBufferPointer<T>
     /// The batch's input rows, [batchCapacity, inputWidth]: data loaders gather straight into it.
     public let inputs: UnsafeMutablePointer<T>
     /// The batch's labels, [batchCapacity].
@@ -86,7 +90,7 @@ public final class Model<T: Scalar> {
     /// The output rows of the last forward pass, [batchCapacity, outputWidth] (logits for cross-entropy).
     public var outputs: UnsafePointer<T> { UnsafePointer(plan[plan.count - 1].y) }
 
-    public init(spec: ModelSpec, batchCapacity: Int, seed: UInt64 = 0) throws(ModelSpecError) {
+    public init(spec: ModelSpec, batchCapacity: Int, seed: UInt64 = 0, controlSlots: Int = 0) throws(ModelSpecError) {
         try spec.validate()
         guard batchCapacity > 0 else { throw ModelSpecError("batch size must be at least 1, got \(batchCapacity)") }
         self.spec = spec
@@ -98,8 +102,10 @@ public final class Model<T: Scalar> {
 
         parameters = .allocate(capacity: parameterCount)
         parameters.initialize(repeating: 0)
-        gradients = .allocate(capacity: parameterCount)
-        gradients.initialize(repeating: 0)
+        let gradientStorage = UnsafeMutableBufferPointer<T>.allocate(capacity: controlSlots + parameterCount)
+        gradientStorage.initialize(repeating: 0)
+        control = UnsafeMutableBufferPointer(rebasing: gradientStorage[..<controlSlots])
+        gradients = UnsafeMutableBufferPointer(rebasing: gradientStorage[controlSlots...])
         labels = .allocate(capacity: batchCapacity)
         labels.initialize(repeating: 0, count: batchCapacity)
         dropoutGenerator = RandomGenerator(seed: seed, stream: .dropout)
@@ -157,7 +163,8 @@ public final class Model<T: Scalar> {
 
     deinit {
         parameters.deallocate()
-        gradients.deallocate()
+        UnsafeMutableBufferPointer(start: gradients.baseAddress! - control.count, count: control.count + parameterCount)
+            .deallocate()
         labels.deallocate()
         arena.deallocate()
     }
@@ -223,8 +230,10 @@ public final class Model<T: Scalar> {
         return UnsafeMutableBufferPointer(rebasing: buffer[info.range])
     }
 
+    /// Zeroes the gradients and the control slots before them: one fill.
     public func zeroGradients() {
-        gradients.update(repeating: 0)
+        UnsafeMutableBufferPointer(start: gradients.baseAddress! - control.count, count: control.count + parameterCount)
+            .update(repeating: 0)
     }
 
     // MARK: - Forward and backward

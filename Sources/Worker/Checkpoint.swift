@@ -1,0 +1,149 @@
+import Engine
+import Foundation
+
+/// Where a run stands, beyond its tensors: everything a checkpoint needs for a resumed run to continue exactly.
+struct TrainingPosition: Codable, Equatable {
+    /// Optimizer updates applied (steps skipped for non-finite values excluded).
+    var globalStep = 0
+    /// Steps taken, skipped ones included: the learning-rate schedule and the sampler count these.
+    var stepsTaken = 0
+    var epoch = 0
+    /// Steps done within `epoch`.
+    var epochStep = 0
+    var skippedSteps = 0
+    var worldSize = 1
+    var batchSize = 1
+    /// The dropout generator of every rank, four words each (as decimal strings: JSON numbers lose 64-bit words).
+    var dropoutStates: [[String]] = []
+}
+
+/// Checkpoints in RUN_DIR/checkpoints: safetensors files holding the model under PyTorch names, the optimizer
+/// state under `optimizer.<state>.<tensor>`, and the position, configuration and layout in `__metadata__`.
+/// Rank 0 writes them atomically; `latest` names the newest and is replaced atomically after it; the oldest
+/// beyond `keep` are deleted.
+struct Checkpointer {
+    static let format = "bpworker-checkpoint"
+    static let formatVersion = "1"
+
+    let directory: String
+    let keep: Int
+
+    init(runDirectory: String, keep: Int) {
+        directory = runDirectory + "/checkpoints"
+        self.keep = keep
+    }
+
+    var latestPointer: String { directory + "/latest" }
+
+    /// The newest checkpoint's path, from the `latest` pointer.
+    func latest() throws -> String {
+        guard let name = try? String(contentsOfFile: latestPointer, encoding: .utf8)
+            .trimmingCharacters(in: .whitespacesAndNewlines), !name.isEmpty else {
+            throw ConfigError(description: "\(latestPointer): no checkpoint to resume from")
+        }
+        return directory + "/" + name
+    }
+
+    /// Test hook: the checkpoint of this step stops half-way through its file and the process dies with SIGKILL,
+    /// as a crash or a node failure would. BPWORKER_TEST_CHECKPOINT_CRASH=STEP
+    static let crashAtStep: Int? = ProcessInfo.processInfo.environment["BPWORKER_TEST_CHECKPOINT_CRASH"].flatMap { Int($0) }
+
+    /// Writes a checkpoint (rank 0 only) and returns its path.
+    func save(model: Model<Float>, optimizer: Optimizer<Float>, position: TrainingPosition, config: Configuration) throws -> String {
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        var writer = SafeTensorsWriter()
+        for info in model.parameterTable {
+            writer.add(name: info.name, shape: info.shape, floats: UnsafeBufferPointer(rebasing: model.parameters[info.range]))
+        }
+        for state in optimizer.state {
+            for info in model.parameterTable {
+                writer.add(name: "optimizer.\(state.name).\(info.name)", shape: info.shape,
+                           floats: UnsafeBufferPointer(rebasing: state.buffer[info.range]))
+            }
+        }
+        let positionJSON = String(decoding: try JSONEncoder().encode(position), as: UTF8.self)
+        writer.metadata = [
+            "format": Self.format, "format_version": Self.formatVersion,
+            "step": "\(position.globalStep)", "epoch": "\(position.epoch)", "epoch_step": "\(position.epochStep)",
+            "world_size": "\(position.worldSize)", "optimizer": config.optimizer.rawValue,
+            "optimizer_step": "\(optimizer.stepCount)", "position": positionJSON,
+            "model": model.spec.summary, "layout_hash": layoutHash(model), "config": config.yaml,
+        ]
+        let name = String(format: "step-%08d.safetensors", position.globalStep)
+        let path = directory + "/" + name
+        let bytes = try writer.serialized()
+        if Self.crashAtStep == position.globalStep {
+            try writeAtomically(bytes, to: path, faultAfterBytes: bytes.count / 2) { kill(getpid(), SIGKILL) }
+        }
+        try writeAtomically(bytes, to: path)
+        try writeAtomically(Data((name + "\n").utf8), to: latestPointer)
+        try prune()
+        return path
+    }
+
+    /// Deletes all but the newest `keep` checkpoints, and temporary files a crash left behind.
+    private func prune() throws {
+        let names = try FileManager.default.contentsOfDirectory(atPath: directory)
+        let checkpoints = names.filter { $0.hasPrefix("step-") && $0.hasSuffix(".safetensors") }.sorted()
+        for name in checkpoints.dropLast(keep) { try? FileManager.default.removeItem(atPath: directory + "/" + name) }
+        for name in names where name.hasPrefix(".") && name.hasSuffix(".tmp") {
+            try? FileManager.default.removeItem(atPath: directory + "/" + name)
+        }
+    }
+
+    /// Reads and validates a checkpoint into `model` and `optimizer` (rank 0 only): every tensor must be there with
+    /// the model's shape, the optimizer's state must match its kind, and the metadata must describe this model.
+    static func load(path: String, model: Model<Float>, optimizer: Optimizer<Float>) throws -> TrainingPosition {
+        let file = try SafeTensorsFile(path: path)
+        func fail(_ reason: String) -> SafeTensorsError { SafeTensorsError(path: path, reason: reason) }
+        guard file.metadata["format"] == format else {
+            throw fail("not a bpworker checkpoint (metadata format is \(file.metadata["format"].map { "'\($0)'" } ?? "missing"))")
+        }
+        guard file.metadata["format_version"] == formatVersion else {
+            throw fail("checkpoint format version \(file.metadata["format_version"] ?? "?"), this bpworker reads \(formatVersion)")
+        }
+        guard file.metadata["layout_hash"] == layoutHash(model) else {
+            throw fail("checkpoint is for the model \(file.metadata["model"] ?? "?"), this run builds \(model.spec.summary)")
+        }
+        guard let json = file.metadata["position"], var position = try? JSONDecoder().decode(TrainingPosition.self, from: Data(json.utf8)),
+              position.globalStep >= 0, position.epoch >= 0, position.epochStep >= 0, position.worldSize >= 1,
+              position.batchSize >= 1, position.dropoutStates.count == position.worldSize,
+              position.dropoutStates.allSatisfy({ $0.count == 4 && $0.allSatisfy { UInt64($0) != nil } }) else {
+            throw fail("metadata 'position' is missing or malformed")
+        }
+        guard let optimizerStep = file.metadata["optimizer_step"].flatMap({ Int($0) }), optimizerStep >= 0 else {
+            throw fail("metadata 'optimizer_step' is missing or malformed")
+        }
+        var expected = Set(model.parameterTable.map(\.name))
+        for info in model.parameterTable {
+            try file.expect(info.name, shape: info.shape)
+            let values = try file.floats(info.name)
+            values.withUnsafeBufferPointer { model.parameters.baseAddress!.advanced(by: info.offset).update(from: $0.baseAddress!, count: info.count) }
+        }
+        for state in optimizer.state {
+            for info in model.parameterTable {
+                let name = "optimizer.\(state.name).\(info.name)"
+                guard file.tensors[name] != nil else {
+                    throw fail("missing tensor '\(name)': the checkpoint's optimizer is \(file.metadata["optimizer"] ?? "?"), "
+                        + "this run uses \(optimizer.config.kind.rawValue)")
+                }
+                try file.expect(name, shape: info.shape)
+                let values = try file.floats(name)
+                values.withUnsafeBufferPointer { state.buffer.baseAddress!.advanced(by: info.offset).update(from: $0.baseAddress!, count: info.count) }
+                expected.insert(name)
+            }
+        }
+        if let extra = file.names.first(where: { !expected.contains($0) }) {
+            throw fail("tensor '\(extra)' does not belong to this model and optimizer (\(optimizer.config.kind.rawValue))")
+        }
+        optimizer.stepCount = optimizerStep
+        position.globalStep = max(position.globalStep, 0)
+        return position
+    }
+}
+
+/// A hash of the model's tensor names, shapes and layers: two runs can exchange checkpoints when it matches.
+func layoutHash(_ model: Model<Float>) -> String {
+    let layout = model.parameterTable.map { "\($0.name)\($0.shape)" }.joined(separator: ";") + model.spec.summary
+    return String(fnv1a(Array(layout.utf8)), radix: 16)
+}

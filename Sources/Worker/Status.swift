@@ -1,0 +1,60 @@
+import Engine
+import Foundation
+
+/// RUN_DIR/status.json: what an operator wants to know about a run without reading its log. Rank 0 replaces it
+/// atomically at every log interval, checkpoint and change of state.
+struct RunStatus: Codable, Equatable {
+    enum State: String, Codable { case starting, training, stopped, finished, failed }
+    var state: State
+    var step: Int
+    var totalSteps: Int
+    var epoch: Int
+    var epochs: Int
+    var loss: Double?
+    var accuracy: Double?
+    var testAccuracy: Double?
+    var samplesPerSecond: Double?
+    var etaSeconds: Double?
+    var lastCheckpoint: String?
+    var worldSize: Int
+    var message: String?
+    var updated: String
+
+    static func path(_ runDirectory: String) -> String { runDirectory + "/status.json" }
+
+    func write(to runDirectory: String) {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        guard let data = try? encoder.encode(self) else { return }
+        // Status is informative: a failed write must not stop training.
+        try? writeAtomically(data, to: Self.path(runDirectory))
+    }
+
+    static func read(_ runDirectory: String) throws -> RunStatus {
+        let path = path(runDirectory)
+        guard let data = FileManager.default.contents(atPath: path) else {
+            throw ConfigError(description: "\(path): no status (is this a bpworker run directory?)")
+        }
+        do { return try JSONDecoder().decode(RunStatus.self, from: data) } catch {
+            throw ConfigError(description: "\(path): unreadable status: \(error)")
+        }
+    }
+
+    /// A few lines for people.
+    var text: String {
+        var lines = ["state: \(state.rawValue)\(message.map { " (\($0))" } ?? "")",
+                     "step \(grouped(step))/\(grouped(totalSteps)), epoch \(min(epoch + 1, epochs))/\(epochs), \(worldSize) rank\(worldSize == 1 ? "" : "s")"]
+        var progress: [String] = []
+        if let loss { progress.append("loss \(String(format: "%.4f", loss))") }
+        if let accuracy { progress.append("train accuracy \(percent(accuracy))") }
+        if let testAccuracy { progress.append("test accuracy \(percent(testAccuracy))") }
+        if let samplesPerSecond { progress.append("\(grouped(Int(samplesPerSecond))) samples/s") }
+        if let etaSeconds, state == .training { progress.append("ETA \(duration(etaSeconds))") }
+        if !progress.isEmpty { lines.append(progress.joined(separator: ", ")) }
+        lines.append("last checkpoint: \(lastCheckpoint ?? "none")")
+        lines.append("updated: \(updated)")
+        return lines.joined(separator: "\n")
+    }
+
+    static var now: String { ISO8601DateFormatter().string(from: Date()) }
+}

@@ -1,0 +1,36 @@
+import Engine
+import Foundation
+
+/// Faults the tests inject into a real run, each switched on by an environment variable and documented in the
+/// README ("Fault injection"). Parsed once at start; the per-step cost is two integer comparisons.
+struct TestHooks {
+    /// BPWORKER_TEST_NAN=RANK:STEP: that rank's batch turns to NaN at that step (0-based global step).
+    var nanStep: Int?
+    /// BPWORKER_TEST_STALL=RANK:STEP:SECONDS: that rank sleeps inside that step.
+    var stallStep: Int?
+    var stallSeconds = 0.0
+    /// BPWORKER_TEST_STEP_SLEEP_MS=N: every step of every rank takes N ms longer (so signals land mid-epoch).
+    var stepSleepMicroseconds: UInt32 = 0
+
+    static func fromEnvironment(rank: Int) -> TestHooks {
+        let env = ProcessInfo.processInfo.environment
+        var hooks = TestHooks()
+        func fields(_ name: String) -> [Double]? {
+            env[name].map { $0.split(separator: ":").compactMap { Double($0) } }
+        }
+        if let f = fields("BPWORKER_TEST_NAN"), f.count == 2, Int(f[0]) == rank { hooks.nanStep = Int(f[1]) }
+        if let f = fields("BPWORKER_TEST_STALL"), f.count == 3, Int(f[0]) == rank {
+            hooks.stallStep = Int(f[1])
+            hooks.stallSeconds = f[2]
+        }
+        if let f = fields("BPWORKER_TEST_STEP_SLEEP_MS"), f.count == 1 { hooks.stepSleepMicroseconds = UInt32(f[0] * 1000) }
+        return hooks
+    }
+
+    @inline(__always)
+    func beforeStep(step: Int, model: Model<Float>) {
+        if stepSleepMicroseconds > 0 { usleep(stepSleepMicroseconds) }
+        if step == nanStep { model.inputs[0] = .nan }
+        if step == stallStep { usleep(UInt32(stallSeconds * 1_000_000)) }
+    }
+}

@@ -1,0 +1,120 @@
+import Coordinator
+import Foundation
+
+/// Turns a hang into an error. The training thread marks when it enters and leaves a collective; a separate
+/// thread checks twice a second, and when one collective has run past the timeout it prints the stall report
+/// (step, phase, and which ranks have not arrived, read from their heartbeat files) and aborts the job with
+/// MPI_Abort, so a batch allocation is never burnt waiting.
+///
+/// Every rank's watchdog also writes RUN_DIR/heartbeat/rank-N.json once a second: pid, host, step and phase.
+/// Operators and tests use it to see where each rank is; the stall report uses it to name the missing ranks.
+final class Watchdog: @unchecked Sendable {
+    // @unchecked Sendable: the training thread writes `slots` and the watchdog thread only reads them; each slot
+    // is one aligned word, so a read sees an old or a new value, never a torn one, and a stale read only delays
+    // the report by one tick.
+
+    enum Phase: Int, CaseIterable {
+        case compute = 0, gradientAllreduce, metricsAllreduce, evaluation, checkpoint, replicaCheck, setup
+        var name: String {
+            switch self {
+            case .compute: "computing"
+            case .gradientAllreduce: "gradient allreduce"
+            case .metricsAllreduce: "metrics allreduce"
+            case .evaluation: "evaluation"
+            case .checkpoint: "checkpoint"
+            case .replicaCheck: "replica check"
+            case .setup: "setup"
+            }
+        }
+    }
+
+    /// [phase, phase start (ns, monotonic), step]
+    private let slots = UnsafeMutablePointer<Int>.allocate(capacity: 3)
+    private let timeout: Double
+    private let rank: Int
+    private let worldSize: Int
+    private let heartbeatDirectory: String
+    private let abort: @Sendable (String) -> Never
+    private let host = ProcessInfo.processInfo.hostName
+
+    init(timeout: Double, rank: Int, worldSize: Int, runDirectory: String, abort: @escaping @Sendable (String) -> Never) {
+        self.timeout = timeout
+        self.rank = rank
+        self.worldSize = worldSize
+        heartbeatDirectory = runDirectory + "/heartbeat"
+        self.abort = abort
+        slots.initialize(repeating: 0, count: 3)
+        try? FileManager.default.createDirectory(atPath: heartbeatDirectory, withIntermediateDirectories: true)
+    }
+
+    func start() {
+        let thread = Thread { [self] in run() }
+        thread.name = "bpworker-watchdog"
+        thread.start()
+    }
+
+    @inline(__always)
+    static func nanoseconds() -> Int { Int(DispatchTime.now().uptimeNanoseconds) }
+
+    /// Marks entering a collective (allocates nothing: called every step).
+    @inline(__always)
+    func enter(_ phase: Phase, step: Int) {
+        slots[2] = step
+        slots[1] = Self.nanoseconds()
+        slots[0] = phase.rawValue
+    }
+
+    @inline(__always)
+    func leave() {
+        slots[0] = Phase.compute.rawValue
+    }
+
+    private func run() {
+        var lastHeartbeat = 0
+        while true {
+            usleep(250_000)
+            let phase = Phase(rawValue: slots[0]) ?? .compute
+            let since = slots[1]
+            let step = slots[2]
+            let now = Self.nanoseconds()
+            if now - lastHeartbeat > 1_000_000_000 {
+                writeHeartbeat(phase: phase, step: step)
+                lastHeartbeat = now
+            }
+            let waited = Double(now - since) * 1e-9
+            if timeout > 0 && phase != .compute && waited > timeout {
+                abort(stallReport(phase: phase, step: step, waited: waited))
+            }
+        }
+    }
+
+    private func writeHeartbeat(phase: Phase, step: Int) {
+        let record: [String: Any] = ["rank": rank, "pid": Int(getpid()), "host": host, "step": step, "phase": phase.name,
+                                     "time": Date().timeIntervalSince1970]
+        guard let data = try? JSONSerialization.data(withJSONObject: record, options: [.sortedKeys]) else { return }
+        try? data.write(to: URL(fileURLWithPath: "\(heartbeatDirectory)/rank-\(rank).json"), options: .atomic)
+    }
+
+    private func stallReport(phase: Phase, step: Int, waited: Double) -> String {
+        var lines = ["stall: rank \(rank) has waited \(String(format: "%.1f", waited)) s in the \(phase.name) of step \(step) "
+            + "(watchdog.timeout_seconds=\(timeout)); aborting the job"]
+        var missing: [String] = []
+        for other in 0..<worldSize where other != rank {
+            let path = "\(heartbeatDirectory)/rank-\(other).json"
+            guard let data = FileManager.default.contents(atPath: path),
+                  let record = try? JSONSerialization.jsonObject(with: data) as? [String: Any] else {
+                missing.append("rank \(other) (no heartbeat: on another node without a shared run directory?)")
+                continue
+            }
+            let otherStep = record["step"] as? Int ?? -1
+            let otherPhase = record["phase"] as? String ?? "?"
+            let age = Date().timeIntervalSince1970 - (record["time"] as? Double ?? 0)
+            if otherPhase != phase.name || otherStep != step || age > 5 {
+                missing.append("rank \(other) (\(otherPhase) at step \(otherStep), heartbeat \(String(format: "%.0f", age)) s ago)")
+            }
+        }
+        lines.append(missing.isEmpty ? "every other rank reports waiting in the same collective"
+                                     : "not arrived: " + missing.joined(separator: "; "))
+        return lines.joined(separator: "\n")
+    }
+}
