@@ -11,6 +11,8 @@ struct TestHooks {
     var stallSeconds = 0.0
     /// BPWORKER_TEST_STEP_SLEEP_MS=N: every step of every rank takes N ms longer (so signals land mid-epoch).
     var stepSleepMicroseconds: UInt32 = 0
+    /// BPWORKER_TEST_DIVERGE=RANK:STEP: that rank's first parameter drifts at that step (a silent replica fault).
+    var divergeStep: Int?
 
     static func fromEnvironment(rank: Int) -> TestHooks {
         let env = ProcessInfo.processInfo.environment
@@ -24,6 +26,7 @@ struct TestHooks {
             hooks.stallSeconds = f[2]
         }
         if let f = fields("BPWORKER_TEST_STEP_SLEEP_MS"), f.count == 1 { hooks.stepSleepMicroseconds = UInt32(f[0] * 1000) }
+        if let f = fields("BPWORKER_TEST_DIVERGE"), f.count == 2, Int(f[0]) == rank { hooks.divergeStep = Int(f[1]) }
         return hooks
     }
 
@@ -32,5 +35,6 @@ struct TestHooks {
         if stepSleepMicroseconds > 0 { usleep(stepSleepMicroseconds) }
         if step == nanStep { model.inputs[0] = .nan }
         if step == stallStep { usleep(UInt32(stallSeconds * 1_000_000)) }
+        if step == divergeStep { model.parameters[0] += 1e-3 }
     }
 }

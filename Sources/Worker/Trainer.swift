@@ -235,6 +235,7 @@ final class Trainer {
                     for step in (epoch == position.epoch ? position.epochStep : 0)..<sampler.stepsPerEpoch {
                         // The step: next batch, forward, zero grad, backward with the reduction overlapping, update.
                         prepared.train.gather(indices: sampler.batch(all, step: step), into: model.inputs, labels: model.labels)
+                        watchdog.beginStep(position.globalStep)
                         hooks.beforeStep(step: position.globalStep, model: model)
                         model.zeroGradients()
                         let result = model.forward(count: batch, mode: .train)
@@ -352,7 +353,7 @@ final class Trainer {
     /// Rank 0 reads and validates the checkpoint; every rank receives its state by broadcast.
     private func restore(from path: String, model: Model<Float>, optimizer: Optimizer<Float>, sampler: ShardSampler) -> TrainingPosition {
         var encoded: [UInt8] = []
-        session.agree("resume from \(path)") {
+        session.agree("resume") {
             if session.isRoot {
                 let position = try Checkpointer.load(path: path, model: model, optimizer: optimizer)
                 encoded = Array(try JSONEncoder().encode(position))

@@ -56,6 +56,12 @@ final class Watchdog: @unchecked Sendable {
     @inline(__always)
     static func nanoseconds() -> Int { Int(DispatchTime.now().uptimeNanoseconds) }
 
+    /// Marks the start of a step's computation (one store).
+    @inline(__always)
+    func beginStep(_ step: Int) {
+        slots[2] = step
+    }
+
     /// Marks entering a collective (allocates nothing: called every step).
     @inline(__always)
     func enter(_ phase: Phase, step: Int) {

@@ -44,6 +44,78 @@ struct Harness {
         return try run(mpirunPath(), launcher + [executable.path] + arguments, environment: environment, timeout: timeout)
     }
 
+    /// A launched process the test can signal while it runs.
+    final class Running {
+        let process: Process
+        let outputFile: URL
+        let handle: FileHandle
+        let start = Date()
+
+        init(process: Process, outputFile: URL, handle: FileHandle) {
+            self.process = process
+            self.outputFile = outputFile
+            self.handle = handle
+        }
+
+        var output: String { (try? String(contentsOf: outputFile, encoding: .utf8)) ?? "" }
+
+        func signal(_ number: Int32) { kill(process.processIdentifier, number) }
+
+        /// Waits until `condition` holds on the output so far (or the process ends, or the time runs out).
+        func waitFor(_ timeout: Double = 60, _ condition: (String) -> Bool) -> Bool {
+            let deadline = Date().addingTimeInterval(timeout)
+            while Date() < deadline {
+                if condition(output) { return true }
+                if !process.isRunning { return condition(output) }
+                usleep(20_000)
+            }
+            return false
+        }
+
+        func wait(timeout: Double = 120) -> Result {
+            while process.isRunning && Date().timeIntervalSince(start) < timeout { usleep(20_000) }
+            if process.isRunning {
+                process.terminate()
+                kill(process.processIdentifier, SIGKILL)
+                process.waitUntilExit()
+                try? handle.close()
+                Issue.record("timed out after \(timeout) s\n\(output)")
+                return Result(status: -1, output: output, seconds: timeout)
+            }
+            process.waitUntilExit()
+            try? handle.close()
+            return Result(status: process.terminationStatus, output: output, seconds: Date().timeIntervalSince(start))
+        }
+    }
+
+    static func start(_ program: String, _ arguments: [String], environment: [String: String]) throws -> Running {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: program)
+        process.arguments = arguments
+        process.environment = environmentWithoutMPIVariables(ProcessInfo.processInfo.environment).merging(environment) { $1 }
+        let outputFile = FileManager.default.temporaryDirectory.appendingPathComponent("bpworker-\(UUID().uuidString).log")
+        _ = FileManager.default.createFile(atPath: outputFile.path, contents: nil)
+        let handle = try FileHandle(forWritingTo: outputFile)
+        process.standardOutput = handle
+        process.standardError = handle
+        process.standardInput = FileHandle.nullDevice
+        // The child inherits this thread's signal mask, and the test runner's threads block some signals: a
+        // launcher started with SIGTERM or SIGUSR1 blocked would never see the signals these tests send.
+        var none = sigset_t()
+        sigemptyset(&none)
+        pthread_sigmask(SIG_SETMASK, &none, nil)
+        try process.run()
+        return Running(process: process, outputFile: outputFile, handle: handle)
+    }
+
+    /// `mpirun` started in the background; `launcherOptions` go before `-n`.
+    static func startMPI(_ ranks: Int, _ arguments: [String], environment: [String: String] = [:],
+                         launcherOptions: [String] = []) throws -> Running {
+        var launcher = ["--allow-run-as-root", "--oversubscribe"] + launcherOptions + ["-n", "\(ranks)"]
+        for name in environment.keys.sorted() { launcher += ["-x", name] }
+        return try start(mpirunPath(), launcher + [executable.path] + arguments, environment: environment)
+    }
+
     static func run(_ program: String, _ arguments: [String], environment: [String: String], timeout: Double) throws -> Result {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: program)

@@ -1,0 +1,311 @@
+import Engine
+import Foundation
+import Testing
+
+/// The daemon survives: each test does the damage for real to a real mpirun job.
+@Suite("Checkpoints, preemption and faults", .serialized)
+struct DaemonTests {
+    /// A job with dropout and AdamW (so optimizer state and RNG state both matter for exact resume), checkpoints
+    /// every 7 steps and 3 epochs of 12 steps on 2 ranks (200 samples, global batch 16).
+    func job(_ data: SyntheticData, runDir: String, extra: [String] = []) -> [String] {
+        ["train", "--run-dir", runDir, "--progress", "plain"] + data.arguments + [
+            "--set", "model.hidden=[32, 32]", "--set", "model.dropout=0.1", "--set", "optimizer.name=adamw",
+            "--set", "optimizer.lr=0.01", "--set", "schedule.warmup_steps=5", "--set", "training.epochs=3",
+            "--set", "training.batch_size=8", "--set", "seed=3", "--set", "logging.interval=5",
+            "--set", "checkpoint.every_steps=7", "--set", "data.normalize=scale",
+        ] + extra
+    }
+
+    func modelBytes(_ runDir: String) throws -> Data {
+        try Data(contentsOf: URL(fileURLWithPath: runDir + "/model.safetensors"))
+    }
+
+    func parameters(_ path: String) throws -> [String: [Float]] {
+        let file = try SafeTensorsFile(path: path)
+        var result: [String: [Float]] = [:]
+        for name in file.tensors.keys where !name.hasPrefix("optimizer.") { result[name] = try file.floats(name) }
+        return result
+    }
+
+    func uninterrupted(_ data: SyntheticData) throws -> [String: [Float]] {
+        let run = temporaryRunDirectory()
+        let r = try Harness.mpirun(2, job(data, runDir: run))
+        #expect(r.status == 0, "\(r.output)")
+        return try parameters(run + "/model.safetensors")
+    }
+
+    /// The pid of a rank, from its heartbeat file.
+    func pid(of rank: Int, in runDir: String, timeout: Double = 30) -> Int32? {
+        let deadline = Date().addingTimeInterval(timeout)
+        while Date() < deadline {
+            if let data = FileManager.default.contents(atPath: "\(runDir)/heartbeat/rank-\(rank).json"),
+               let record = try? JSONSerialization.jsonObject(with: data) as? [String: Any], let pid = record["pid"] as? Int {
+                return Int32(pid)
+            }
+            usleep(50_000)
+        }
+        return nil
+    }
+
+    @Test func sigusr1ToMpirunCheckpointsAndResumesExactly() throws {
+        let data = try SyntheticData(samples: 200)
+        defer { data.remove() }
+        let reference = try uninterrupted(data)
+        let run = temporaryRunDirectory()
+        let job = try Harness.startMPI(2, job(data, runDir: run), environment: ["BPWORKER_TEST_STEP_SLEEP_MS": "40"])
+        #expect(job.waitFor { $0.contains("(step 14)") })
+        job.signal(SIGUSR1)
+        let stopped = job.wait(timeout: 60)
+        #expect(stopped.status == 0, "\(stopped.output)")
+        #expect(stopped.output.contains("stopped by SIGUSR1"), "\(stopped.output)")
+        #expect(stopped.output.contains("resume with: bpworker train --resume --run-dir \(run)"))
+        #expect(!stopped.output.contains("training finished"))
+        let status = try String(contentsOfFile: run + "/status.json", encoding: .utf8)
+        #expect(status.contains("\"state\" : \"stopped\""))
+        let resumed = try Harness.mpirun(2, ["train", "--run-dir", run, "--resume", "--progress", "plain"])
+        #expect(resumed.status == 0, "\(resumed.output)")
+        #expect(resumed.output.contains("resumed from"))
+        #expect(try parameters(run + "/model.safetensors") == reference, "resumed run must equal the uninterrupted one bitwise")
+    }
+
+    @Test func sigtermToOneRankCheckpointsAndResumesExactly() throws {
+        let data = try SyntheticData(samples: 200)
+        defer { data.remove() }
+        let reference = try uninterrupted(data)
+        let run = temporaryRunDirectory()
+        let job = try Harness.startMPI(2, job(data, runDir: run), environment: ["BPWORKER_TEST_STEP_SLEEP_MS": "40"])
+        #expect(job.waitFor { $0.contains("epoch 1/3 step 5/12") })
+        let rank1 = try #require(pid(of: 1, in: run))
+        kill(rank1, SIGTERM)
+        let stopped = job.wait(timeout: 60)
+        #expect(stopped.status == 0, "\(stopped.output)")
+        #expect(stopped.output.contains("stopped by another rank's signal"), "\(stopped.output)")
+        let resumed = try Harness.mpirun(2, ["train", "--run-dir", run, "--resume", "--progress", "plain"])
+        #expect(resumed.status == 0, "\(resumed.output)")
+        #expect(try parameters(run + "/model.safetensors") == reference)
+        // Every checkpoint kept is complete and the pointer names the newest.
+        let latest = try String(contentsOfFile: run + "/checkpoints/latest", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+        #expect(latest == "step-00000036.safetensors")
+        let kept = try FileManager.default.contentsOfDirectory(atPath: run + "/checkpoints").filter { $0.hasSuffix(".safetensors") }
+        #expect(kept.count == 3)
+    }
+
+    @Test func sigtermToMpirunWithAGracePeriodSavesACheckpoint() throws {
+        let data = try SyntheticData(samples: 200)
+        defer { data.remove() }
+        let run = temporaryRunDirectory()
+        // OpenMPI waits odls_base_sigkill_timeout before escalating to SIGKILL: the ranks get time to save.
+        let job = try Harness.startMPI(2, job(data, runDir: run, extra: ["--set", "checkpoint.every_steps=0",
+                                                                      "--set", "training.epochs=40"]),
+                                       environment: ["BPWORKER_TEST_STEP_SLEEP_MS": "40"],
+                                       launcherOptions: ["--mca", "odls_base_sigkill_timeout", "10"])
+        #expect(job.waitFor { $0.contains("epoch 2/40 step") })
+        job.signal(SIGTERM)
+        let stopped = job.wait(timeout: 60)
+        #expect(stopped.output.contains("stopped by SIGTERM"), "\(stopped.output)")
+        #expect(!stopped.output.contains("training finished"))
+        // The checkpoint of the stop is complete and resumable.
+        let latest = try String(contentsOfFile: run + "/checkpoints/latest", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+        let file = try SafeTensorsFile(path: run + "/checkpoints/" + latest)
+        #expect(Int(file.metadata["step"] ?? "") ?? 0 >= 10)
+        let resumed = try Harness.mpirun(2, ["train", "--run-dir", run, "--resume", "--progress", "plain"])
+        #expect(resumed.status == 0, "\(resumed.output)")
+    }
+
+    @Test func aKilledRankEndsTheJobAndTheLastCheckpointResumes() throws {
+        let data = try SyntheticData(samples: 200)
+        defer { data.remove() }
+        let run = temporaryRunDirectory()
+        let job = try Harness.startMPI(2, job(data, runDir: run), environment: ["BPWORKER_TEST_STEP_SLEEP_MS": "40"])
+        #expect(job.waitFor { $0.contains("checkpoint: ") && $0.contains("step 14)") })
+        let rank1 = try #require(pid(of: 1, in: run))
+        let killed = Date()
+        kill(rank1, SIGKILL)
+        let result = job.wait(timeout: 60)
+        #expect(result.status != 0)
+        #expect(Date().timeIntervalSince(killed) < 30)
+        let resumed = try Harness.mpirun(2, ["train", "--run-dir", run, "--resume", "--progress", "plain"])
+        #expect(resumed.status == 0, "\(resumed.output)")
+        #expect(resumed.output.contains("resumed from") && resumed.output.contains("training finished"))
+    }
+
+    @Test func aCrashDuringACheckpointWriteLeavesThePreviousOneIntact() throws {
+        let data = try SyntheticData(samples: 200)
+        defer { data.remove() }
+        let run = temporaryRunDirectory()
+        let r = try Harness.mpirun(2, job(data, runDir: run), environment: ["BPWORKER_TEST_CHECKPOINT_CRASH": "21"])
+        #expect(r.status != 0)
+        let latest = try String(contentsOfFile: run + "/checkpoints/latest", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+        #expect(latest == "step-00000014.safetensors")
+        let names = try FileManager.default.contentsOfDirectory(atPath: run + "/checkpoints")
+        #expect(names.contains { $0.hasSuffix(".tmp") }, "the crash left its half-written temporary file: \(names)")
+        #expect(!names.contains("step-00000021.safetensors"))
+        _ = try SafeTensorsFile(path: run + "/checkpoints/" + latest)
+        let resumed = try Harness.mpirun(2, ["train", "--run-dir", run, "--resume", "--progress", "plain"])
+        #expect(resumed.status == 0, "\(resumed.output)")
+        #expect(resumed.output.contains("step-00000014.safetensors"))
+        // The next checkpoint cleans up the leftover.
+        #expect(!(try FileManager.default.contentsOfDirectory(atPath: run + "/checkpoints")).contains { $0.hasSuffix(".tmp") })
+    }
+
+    @Test func nanOnOneRankStopsEveryRankAtTheSameStep() throws {
+        let data = try SyntheticData(samples: 200)
+        defer { data.remove() }
+        let run = temporaryRunDirectory()
+        let r = try Harness.mpirun(3, job(data, runDir: run), environment: ["BPWORKER_TEST_NAN": "1:11"])
+        #expect(r.status != 0)
+        #expect(r.output.contains("non-finite loss or gradient at step 12 on rank 1; stopped (numerics.policy=stop)"), "\(r.output)")
+        #expect(occurrences(of: "non-finite", in: r.output) == 1)
+        // The last good state was saved: the parameters before the bad step, all finite.
+        let latest = try String(contentsOfFile: run + "/checkpoints/latest", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+        let file = try SafeTensorsFile(path: run + "/checkpoints/" + latest)
+        #expect(file.metadata["step"] == "11")
+        #expect(try file.floats("0.weight").allSatisfy(\.isFinite))
+        let status = try String(contentsOfFile: run + "/status.json", encoding: .utf8)
+        #expect(status.contains("\"state\" : \"failed\""))
+    }
+
+    @Test func nanOnOneRankIsSkippedEverywhereUnderTheSkipPolicy() throws {
+        let data = try SyntheticData(samples: 200)
+        defer { data.remove() }
+        let run = temporaryRunDirectory()
+        let r = try Harness.mpirun(3, job(data, runDir: run, extra: ["--set", "numerics.policy=skip",
+                                                                   "--set", "training.replica_check_every=1"]),
+                                   environment: ["BPWORKER_TEST_NAN": "2:11"])
+        #expect(r.status == 0, "\(r.output)")
+        #expect(r.output.contains("non-finite loss or gradient at step 12 on rank 2: step skipped on every rank (1 of at most 10"))
+        #expect(r.output.contains("training finished"))
+        #expect(try parameters(run + "/model.safetensors").values.allSatisfy { $0.allSatisfy(\.isFinite) })
+        // Past the limit the skip policy stops too.
+        let strict = try Harness.mpirun(2, job(data, runDir: temporaryRunDirectory(),
+                                               extra: ["--set", "numerics.policy=skip", "--set", "numerics.max_skips=0"]),
+                                        environment: ["BPWORKER_TEST_NAN": "0:3"])
+        #expect(strict.status != 0)
+        #expect(strict.output.contains("more than 0 skipped steps (numerics.max_skips)"))
+    }
+
+    @Test func aDivergedReplicaIsAnErrorNamingTheRank() throws {
+        let data = try SyntheticData(samples: 200)
+        defer { data.remove() }
+        let r = try Harness.mpirun(3, job(data, runDir: temporaryRunDirectory(), extra: ["--set", "training.replica_check_every=5"]),
+                                   environment: ["BPWORKER_TEST_DIVERGE": "2:7"])
+        #expect(r.status != 0)
+        #expect(r.output.contains("replicas diverged at step 10: the parameters of rank 2 differ from rank 0's"), "\(r.output)")
+    }
+
+    @Test func aStalledRankTriggersTheWatchdog() throws {
+        let data = try SyntheticData(samples: 200)
+        defer { data.remove() }
+        let run = temporaryRunDirectory()
+        let r = try Harness.mpirun(2, job(data, runDir: run, extra: ["--set", "watchdog.timeout_seconds=3"]),
+                                   environment: ["BPWORKER_TEST_STALL": "1:9:60"], timeout: 60)
+        #expect(r.status != 0)
+        #expect(r.seconds < 30)
+        #expect(r.output.contains("stall: rank 0 has waited"), "\(r.output)")
+        #expect(r.output.contains("gradient allreduce of step 9"))
+        #expect(r.output.contains("not arrived: rank 1 (computing at step 9"), "\(r.output)")
+    }
+
+    @Test func resumingOnAnotherWorldSizeSaysWhatChanges() throws {
+        let data = try SyntheticData(samples: 200)
+        defer { data.remove() }
+        let run = temporaryRunDirectory()
+        let job = try Harness.startMPI(2, job(data, runDir: run), environment: ["BPWORKER_TEST_STEP_SLEEP_MS": "40"])
+        #expect(job.waitFor { $0.contains("(step 14)") })
+        job.signal(SIGUSR1)
+        #expect(job.wait(timeout: 60).status == 0)
+        let resumed = try Harness.mpirun(4, ["train", "--run-dir", run, "--resume", "--progress", "plain"])
+        #expect(resumed.status == 0, "\(resumed.output)")
+        #expect(resumed.output.contains("resuming a 2-rank checkpoint (batch 8 per rank) on 4 ranks (batch 8): global batch 16 -> 32"))
+        #expect(resumed.output.contains("training finished"))
+    }
+
+    @Test func statusCommandReportsTheRun() throws {
+        let data = try SyntheticData(samples: 100)
+        defer { data.remove() }
+        let run = temporaryRunDirectory()
+        #expect(try Harness.local(job(data, runDir: run) + ["--local"]).status == 0)
+        let s = try Harness.local(["status", run])
+        #expect(s.status == 0)
+        #expect(s.output.contains("state: finished"))
+        #expect(s.output.contains("step 36/36, epoch 3/3, 1 rank"))
+        #expect(s.output.contains("last checkpoint: \(run)/checkpoints/step-00000036.safetensors"))
+        let missing = try Harness.local(["status", "/nonexistent"])
+        #expect(missing.status != 0 && missing.output.contains("no status"))
+    }
+}
+
+@Suite("Corrupt checkpoints", .serialized)
+struct CorruptCheckpointTests {
+    /// Resumes from a damaged copy of a real checkpoint: a clear error naming the file, a non-zero exit on every
+    /// rank, no crash, and nothing in the run directory changed.
+    @Test func everyKindOfDamageIsAClearError() throws {
+        let data = try SyntheticData(samples: 64)
+        defer { data.remove() }
+        let run = temporaryRunDirectory()
+        let args = ["train", "--run-dir", run, "--progress", "plain"] + data.arguments + [
+            "--set", "model.hidden=[16]", "--set", "training.epochs=1", "--set", "training.batch_size=8",
+            "--set", "optimizer.name=adam", "--set", "schedule.warmup_steps=0", "--set", "checkpoint.every_steps=0"]
+        let first = try Harness.mpirun(2, args)
+        #expect(first.status == 0, "\(first.output)")
+        let good = run + "/checkpoints/step-00000004.safetensors"
+        let bytes = try Data(contentsOf: URL(fileURLWithPath: good))
+        let headerLength = Int(bytes.prefix(8).withUnsafeBytes { UInt64(littleEndian: $0.loadUnaligned(as: UInt64.self)) })
+        let header = String(decoding: bytes[8..<(8 + headerLength)], as: UTF8.self)
+        let payload = bytes[(8 + headerLength)...]
+
+        func variant(_ name: String, header newHeader: String? = nil, payload newPayload: Data? = nil,
+                     length: UInt64? = nil, raw: Data? = nil) throws -> String {
+            let path = run + "/" + name + ".safetensors"
+            if let raw { try raw.write(to: URL(fileURLWithPath: path)); return path }
+            let h = Data((newHeader ?? header).utf8)
+            var file = Data()
+            withUnsafeBytes(of: (length ?? UInt64(h.count)).littleEndian) { file.append(contentsOf: $0) }
+            try (file + h + (newPayload ?? Data(payload))).write(to: URL(fileURLWithPath: path))
+            return path
+        }
+        // A model of another width, and one with a tensor's dtype and one with a tensor missing.
+        var other = SafeTensorsWriter()
+        let ones = [Float](repeating: 1, count: 12 * 17)
+        ones.withUnsafeBufferPointer { other.add(name: "0.weight", shape: [17, 12], floats: UnsafeBufferPointer(rebasing: $0[0..<(12 * 17)])) }
+        try other.write(to: run + "/other-shape.safetensors")
+        let file = try SafeTensorsFile(path: good)
+        let biasRange = try #require(file.tensors["0.bias"]).byteRange
+        let cases: [(String, String)] = [
+            (try variant("truncated", raw: bytes.prefix(bytes.count - 10)), "run past the data section"),
+            (try variant("past-end", length: UInt64(bytes.count)), "runs past the end of the file"),
+            (try variant("huge-header", length: 1 << 40), "huge header"),
+            (try variant("overlap", header: header.replacingOccurrences(
+                of: "\"data_offsets\":[\(biasRange.lowerBound),\(biasRange.upperBound)]",
+                with: "\"data_offsets\":[\(biasRange.lowerBound - 4),\(biasRange.upperBound - 4)]")), "overlap"),
+            (try variant("out-of-range", header: header.replacingOccurrences(
+                of: "\"data_offsets\":[\(biasRange.lowerBound),\(biasRange.upperBound)]",
+                with: "\"data_offsets\":[\(biasRange.lowerBound),\(biasRange.upperBound + 1_000_000)]")), "run past the data section"),
+            (try variant("wrong-dtype", header: header.replacingOccurrences(of: "\"F32\"", with: "\"I32\"")), "tensor '0.weight': dtype I32, expected F32 or F64"),
+            (run + "/other-shape.safetensors", "not a bpworker checkpoint"),
+            (try variant("missing-tensor", header: header.replacingOccurrences(of: "\"0.bias\"", with: "\"0.bias_renamed\"")),
+             "missing tensor '0.bias'"),
+        ]
+        for (path, expected) in cases {
+            let before = try snapshot(run)
+            let r = try Harness.mpirun(2, ["train", "--run-dir", run, "--resume", path, "--progress", "plain"], timeout: 60)
+            #expect(r.status != 0, "\(path)")
+            #expect(r.output.contains(path) && r.output.contains(expected), "\(path): \(r.output)")
+            #expect(!r.output.contains("Fatal error") && !r.output.contains("signal"), "\(r.output)")
+            #expect(try snapshot(run) == before, "\(path): the run directory changed")
+        }
+        // The good checkpoint still resumes.
+        let resumed = try Harness.mpirun(2, ["train", "--run-dir", run, "--resume", good, "--progress", "plain"])
+        #expect(resumed.status == 0, "\(resumed.output)")
+    }
+
+    /// The checkpoints, latest pointer and model of a run directory, by content.
+    func snapshot(_ run: String) throws -> [String: Data] {
+        var result: [String: Data] = [:]
+        for name in try FileManager.default.contentsOfDirectory(atPath: run + "/checkpoints") {
+            result["checkpoints/" + name] = try Data(contentsOf: URL(fileURLWithPath: run + "/checkpoints/" + name))
+        }
+        result["model.safetensors"] = try Data(contentsOf: URL(fileURLWithPath: run + "/model.safetensors"))
+        return result
+    }
+}
