@@ -32,9 +32,16 @@ struct TestHooks {
 
     @inline(__always)
     func beforeStep(step: Int, model: Model<Float>) {
-        if stepSleepMicroseconds > 0 { usleep(stepSleepMicroseconds) }
+        if stepSleepMicroseconds > 0 { sleepFully(Double(stepSleepMicroseconds) * 1e-6) }
         if step == nanStep { model.inputs[0] = .nan }
-        if step == stallStep { usleep(UInt32(stallSeconds * 1_000_000)) }
+        if step == stallStep { sleepFully(stallSeconds) }
         if step == divergeStep { model.parameters[0] += 1e-3 }
     }
+}
+
+/// Sleeps the whole time even when signals arrive (usleep returns early on each one).
+func sleepFully(_ seconds: Double) {
+    var request = timespec(tv_sec: Int(seconds), tv_nsec: Int((seconds - seconds.rounded(.down)) * 1e9))
+    var remaining = timespec()
+    while nanosleep(&request, &remaining) != 0 && errno == EINTR { request = remaining }
 }

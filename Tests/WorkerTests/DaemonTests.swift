@@ -220,6 +220,22 @@ struct DaemonTests {
         #expect(resumed.output.contains("training finished"))
     }
 
+    @Test func aSecondSigintExitsAtOnce() throws {
+        let data = try SyntheticData(samples: 200)
+        defer { data.remove() }
+        let run = temporaryRunDirectory()
+        let job = try Harness.start(Harness.executable.path, job(data, runDir: run, extra: ["--set", "training.epochs=40"]) + ["--local"],
+                                    environment: ["BPWORKER_TEST_STEP_SLEEP_MS": "200"])
+        #expect(job.waitFor { $0.contains("step 5/25") })
+        job.signal(SIGINT)
+        usleep(20_000)
+        job.signal(SIGINT)
+        let r = job.wait(timeout: 10)
+        #expect(r.status == 130)
+        #expect(!r.output.contains("stopped by"))
+        #expect(r.seconds < 10)
+    }
+
     @Test func statusCommandReportsTheRun() throws {
         let data = try SyntheticData(samples: 100)
         defer { data.remove() }
