@@ -79,7 +79,7 @@ struct Harness {
                 kill(process.processIdentifier, SIGKILL)
                 process.waitUntilExit()
                 try? handle.close()
-                Issue.record("timed out after \(timeout) s\n\(output)")
+                Issue.record("timed out after \(timeout) s: \(process.executableURL?.path ?? "") \((process.arguments ?? []).joined(separator: " "))\n\(output)")
                 return Result(status: -1, output: output, seconds: timeout)
             }
             process.waitUntilExit()
@@ -117,36 +117,9 @@ struct Harness {
     }
 
     static func run(_ program: String, _ arguments: [String], environment: [String: String], timeout: Double) throws -> Result {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: program)
-        process.arguments = arguments
-        // A test process may carry MPI variables; a child mpirun started with them exits 1 silently.
-        process.environment = environmentWithoutMPIVariables(ProcessInfo.processInfo.environment)
-            .merging(environment) { $1 }
-        let outputFile = FileManager.default.temporaryDirectory.appendingPathComponent("bpworker-\(UUID().uuidString).log")
-        _ = FileManager.default.createFile(atPath: outputFile.path, contents: nil)
-        let handle = try FileHandle(forWritingTo: outputFile)
-        process.standardOutput = handle
-        process.standardError = handle
-        process.standardInput = FileHandle.nullDevice
-        let start = Date()
-        try process.run()
-        while process.isRunning && Date().timeIntervalSince(start) < timeout { usleep(20_000) }
-        if process.isRunning {
-            kill(-process.processIdentifier, SIGKILL)
-            process.terminate()
-            kill(process.processIdentifier, SIGKILL)
-            process.waitUntilExit()
-            try? handle.close()
-            let output = (try? String(contentsOf: outputFile, encoding: .utf8)) ?? ""
-            Issue.record("timed out after \(timeout) s: \(program) \(arguments.joined(separator: " "))\n\(output)")
-            return Result(status: -1, output: output, seconds: timeout)
-        }
-        process.waitUntilExit()
-        try? handle.close()
-        let output = (try? String(contentsOf: outputFile, encoding: .utf8)) ?? ""
-        try? FileManager.default.removeItem(at: outputFile)
-        return Result(status: process.terminationStatus, output: output, seconds: Date().timeIntervalSince(start))
+        let running = try start(program, arguments, environment: environment)
+        defer { try? FileManager.default.removeItem(at: running.outputFile) }
+        return running.wait(timeout: timeout)
     }
 }
 
