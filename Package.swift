@@ -67,6 +67,13 @@ let package = Package(
             ]
         ),
 
+        // MARK: - Benchmarks (bench/run)
+        .executableTarget(
+            name: "bpbench",
+            dependencies: ["Engine", "Coordinator", "CMPI", "CBLAS", "AllocationCounter"],
+            path: "bench/bpbench"
+        ),
+
         // MARK: - Tests
         // Counts the calling thread's heap allocations (replaces malloc in the test binary only).
         .target(

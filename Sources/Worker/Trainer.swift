@@ -233,16 +233,17 @@ final class Trainer {
                 var stopSignal: Int32? = nil
                 try indices.withUnsafeBufferPointer { (all) throws in
                     for step in (epoch == position.epoch ? position.epochStep : 0)..<sampler.stepsPerEpoch {
-                        // The step: next batch, forward, zero grad, backward with the reduction overlapping, update.
+                        // The step: next batch, forward, backward (overwriting the gradients) with the reduction
+                        // overlapping, update.
                         prepared.train.gather(indices: sampler.batch(all, step: step), into: model.inputs, labels: model.labels)
                         watchdog.beginStep(position.globalStep)
                         hooks.beforeStep(step: position.globalStep, model: model)
-                        model.zeroGradients()
                         let result = model.forward(count: batch, mode: .train)
                         let localNonFiniteLoss = result.lossSum.isFinite ? 0 : 1
                         model.control[ControlSlot.stopRequests] = StopSignals.requested == nil ? 0 : 1
                         model.control[ControlSlot.nonFinite] = Float(localNonFiniteLoss)
-                        try model.backward(count: batch) { offset in try reducer.gradientsReady(from: offset) }
+                        // accumulate: false overwrites every gradient: no zeroing pass needed.
+                        try model.backward(count: batch, accumulate: false) { offset in try reducer.gradientsReady(from: offset) }
                         watchdog.enter(.gradientAllreduce, step: position.globalStep)
                         try reducer.finish()
                         watchdog.leave()

@@ -26,9 +26,9 @@ struct AllocationTests {
             for step in 0..<sampler.stepsPerEpoch {
                 let before = bp_thread_allocations()
                 data.gather(indices: sampler.batch(all, step: step), into: model.inputs, labels: model.labels)
-                model.zeroGradients()
+                model.zeroControl()
                 _ = model.forward(count: 8, mode: .train)
-                try model.backward(count: 8) { try reducer.gradientsReady(from: $0) }
+                try model.backward(count: 8, accumulate: false) { try reducer.gradientsReady(from: $0) }
                 try reducer.finish()
                 clipGradientNorm(model.gradients, maxNorm: 1)
                 optimizer.update(parameters: model.parameters, gradients: model.gradients,

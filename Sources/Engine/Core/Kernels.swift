@@ -1,3 +1,4 @@
+import Foundation
 import RealModule
 
 // Element-wise kernels. Each loop runs over raw buffer pointers taken once by the caller, allocates nothing and
@@ -208,6 +209,18 @@ public func oneHot<T: Scalar>(labels: UnsafePointer<Int32>, rows: Int, classes: 
 }
 
 // MARK: - Whole-buffer helpers
+
+/// destination = source (a specialised copy: the generic `update(from:)` in unspecialised code is per element).
+@_specialize(where T == Float) @_specialize(where T == Double)
+public func copy<T: Scalar>(_ source: UnsafePointer<T>, into destination: UnsafeMutablePointer<T>, _ n: Int) {
+    destination.update(from: source, count: n)
+}
+
+/// x = 0, as one memset: zero bits are +0.0 in IEEE 754.
+@inline(__always)
+public func zero<T: Scalar>(_ x: UnsafeMutablePointer<T>, _ n: Int) {
+    memset(x, 0, n * MemoryLayout<T>.stride)
+}
 
 /// x *= a
 @_specialize(where T == Float) @_specialize(where T == Double)

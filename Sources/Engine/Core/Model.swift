@@ -230,10 +230,15 @@ public final class Model<T: Scalar> {
         return UnsafeMutableBufferPointer(rebasing: buffer[info.range])
     }
 
-    /// Zeroes the gradients and the control slots before them: one fill.
+    /// Zeroes the gradients and the control slots before them: one memset.
     public func zeroGradients() {
-        UnsafeMutableBufferPointer(start: gradients.baseAddress! - control.count, count: control.count + parameterCount)
-            .update(repeating: 0)
+        zero(gradients.baseAddress! - control.count, control.count + parameterCount)
+    }
+
+    /// Zeroes only the control slots: enough before a `backward(count:accumulate: false, ...)`, which overwrites
+    /// every gradient.
+    public func zeroControl() {
+        zero(control.baseAddress ?? gradients.baseAddress!, control.count)
     }
 
     // MARK: - Forward and backward
@@ -263,7 +268,7 @@ public final class Model<T: Scalar> {
                 if mode == .train && p > 0 {
                     dropoutForward(step.x, step.y, mask: step.mask!, n, keep: 1 - p, generator: &dropoutGenerator)
                 } else {
-                    step.y.update(from: step.x, count: n)
+                    copy(step.x, into: step.y, n)
                 }
             }
         }
@@ -290,7 +295,11 @@ public final class Model<T: Scalar> {
     /// its input gradient is computed, `gradientsReady(offset)` reports that `gradients[offset...]` is final:
     /// a data-parallel caller starts reducing those buckets while backward continues. The input gradient of the
     /// first linear layer is never computed: nothing needs it.
-    public func backward(count: Int, gradientsReady: (_ offset: Int) throws -> Void) rethrows {
+    ///
+    /// With `accumulate: false` the parameter gradients are overwritten instead of added to (GEMM beta = 0), so a
+    /// training step needs no zeroing pass over the gradient buffer (measured: 3% of a 784-1024-1024-10 step).
+    public func backward(count: Int, accumulate: Bool = true, gradientsReady: (_ offset: Int) throws -> Void) rethrows {
+        let beta: T = accumulate ? 1 : 0
         precondition(count > 0 && count <= batchCapacity, "batch of \(count) rows, capacity \(batchCapacity)")
         for index in stride(from: plan.count - 1, through: 0, by: -1) {
             let step = plan[index]
@@ -301,8 +310,8 @@ public final class Model<T: Scalar> {
                 let gw = gradients.baseAddress! + step.parameterOffset
                 // dW[O,I] += dy[B,O]^T * x[B,I];  db[O] += dy[B,O]^T * 1[B]
                 T.gemm(transposeA: true, transposeB: false, m: o, n: i, k: count,
-                       alpha: 1, a: step.dy, lda: o, b: step.x, ldb: i, beta: 1, c: gw, ldc: i)
-                T.gemvTransposed(m: count, n: o, alpha: 1, a: step.dy, lda: o, x: ones, beta: 1, y: gw + o * i)
+                       alpha: 1, a: step.dy, lda: o, b: step.x, ldb: i, beta: beta, c: gw, ldc: i)
+                T.gemvTransposed(m: count, n: o, alpha: 1, a: step.dy, lda: o, x: ones, beta: beta, y: gw + o * i)
                 if let fault = resolvedFault, fault == step.weightIndex || fault == step.weightIndex + 1 {
                     applyFault(to: parameterTable[fault])
                 }
@@ -327,7 +336,7 @@ public final class Model<T: Scalar> {
                 if lastMode == .train && p > 0 {
                     multiply(step.dy, step.mask!, into: dx, n)
                 } else {
-                    dx.update(from: step.dy, count: n)
+                    copy(step.dy, into: dx, n)
                 }
             }
         }
@@ -362,7 +371,7 @@ public final class Model<T: Scalar> {
                 for c in 0..<columns { g[c * rows + r] = copy[r * columns + c] }
             }
         case .missing:
-            g.update(repeating: 0, count: info.count)
+            zero(g, info.count)
         case nil:
             break
         }

@@ -1,0 +1,254 @@
+// bpbench: the in-process measurements of bench/run. Every comparison is a ratio measured side by side in one
+// process, alternating A B A B and taking medians, because shared machines drift.
+//   bpbench engine [--smoke]       training step vs the same GEMMs through cblas (1 thread)
+//   bpbench allreduce [--smoke]    under mpirun: our allreduce vs MPI_Allreduce called directly, 4 KiB..64 MiB
+//   bpbench overlap [--smoke]      under mpirun: bucketed allreduce overlapping backward vs one fused allreduce
+//   bpbench gradcheck [--smoke]    cost of the default gradient check vs one epoch of the default job
+//   bpbench allocations            heap allocations per steady-state step of the default model
+import AllocationCounter
+import CBLAS
+import CMPI
+import Coordinator
+import Engine
+import Foundation
+
+let arguments = CommandLine.arguments.dropFirst()
+let smoke = arguments.contains("--smoke")
+let mode = arguments.first { !$0.hasPrefix("--") } ?? "engine"
+
+func now() -> Double { Double(DispatchTime.now().uptimeNanoseconds) * 1e-9 }
+func median(_ xs: [Double]) -> Double { let s = xs.sorted(); return s[s.count / 2] }
+func f(_ x: Double, _ digits: Int = 3) -> String { String(format: "%.\(digits)f", x) }
+
+/// Times `a` and `b` alternately for `rounds` rounds of `repeats` calls each; returns median seconds per call.
+func alternate(rounds: Int, repeats: Int, _ a: () -> Void, _ b: () -> Void) -> (Double, Double) {
+    a(); b()   // warm up
+    var ta: [Double] = [], tb: [Double] = []
+    for _ in 0..<rounds {
+        var t = now(); for _ in 0..<repeats { a() }; ta.append((now() - t) / Double(repeats))
+        t = now(); for _ in 0..<repeats { b() }; tb.append((now() - t) / Double(repeats))
+    }
+    return (median(ta), median(tb))
+}
+
+// MARK: - Engine against the BLAS limit
+
+/// The training step the Worker runs, without communication: zero, forward, backward, SGD with momentum.
+final class StepBench {
+    let model: Model<Float>
+    let optimizer: Optimizer<Float>
+    let batch: Int
+    init(widths: [Int], batch: Int) throws {
+        model = try Model<Float>(spec: .mlp(widths: widths), batchCapacity: batch, seed: 1)
+        optimizer = try Optimizer<Float>(config: .init(kind: .sgd, momentum: 0.9), parameterCount: model.parameterCount)
+        self.batch = batch
+        var g = RandomGenerator(seed: 2, stream: 9)
+        for i in 0..<(batch * widths[0]) { model.inputs[i] = Float(g.nextNormal()) }
+        for r in 0..<batch { model.labels[r] = Int32(g.nextInt(below: widths.last!)) }
+    }
+    func step() {
+        model.forward(count: batch, mode: .train)
+        model.backward(count: batch, accumulate: false) { _ in }
+        optimizer.update(parameters: model.parameters, gradients: model.gradients, learningRate: 1e-4)
+    }
+}
+
+/// Exactly the GEMMs of that step, called directly: forward y = bias + x W^T per layer (beta 1), dW = dy^T x per
+/// layer and dx = dy W for every layer but the first (beta 0).
+final class GEMMBench {
+    struct Call { let ta: Bool, tb: Bool, m: Int, n: Int, k: Int, beta: Float }
+    /// Each call gets operands of its own, as in the model (one shared set would sit in cache and flatter BLAS).
+    let calls: [(call: Call, a: UnsafeMutablePointer<Float>, b: UnsafeMutablePointer<Float>, c: UnsafeMutablePointer<Float>)]
+    init(widths: [Int], batch: Int) {
+        var calls: [Call] = []
+        for l in 0..<(widths.count - 1) {
+            let (i, o) = (widths[l], widths[l + 1])
+            calls.append(Call(ta: false, tb: true, m: batch, n: o, k: i, beta: 1))
+            calls.append(Call(ta: true, tb: false, m: o, n: i, k: batch, beta: 0))
+            if l > 0 { calls.append(Call(ta: false, tb: false, m: batch, n: i, k: o, beta: 0)) }
+        }
+        func buffer(_ n: Int, _ value: Float) -> UnsafeMutablePointer<Float> {
+            let p = UnsafeMutablePointer<Float>.allocate(capacity: n)
+            p.initialize(repeating: value, count: n)
+            return p
+        }
+        self.calls = calls.map { ($0, buffer($0.m * $0.k, 0.01), buffer($0.k * $0.n, 0.02), buffer($0.m * $0.n, 0)) }
+    }
+    func run() {
+        for (call, a, b, c) in calls {
+            let lda = call.ta ? call.m : call.k, ldb = call.tb ? call.k : call.n
+            Float.gemm(transposeA: call.ta, transposeB: call.tb, m: call.m, n: call.n, k: call.k,
+                       alpha: 1, a: a, lda: lda, b: b, ldb: ldb, beta: call.beta, c: c, ldc: call.n)
+        }
+    }
+}
+
+func engineBench() throws {
+    BLASThreads.set(1)
+    print("| model | batch | step (ms) | GEMMs alone (ms) | step / GEMM | target |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for (widths, target) in [([784, 1024, 1024, 10], 1.08), ([784, 256, 128, 10], 1.25)] {
+        let step = try StepBench(widths: widths, batch: 256)
+        let gemm = GEMMBench(widths: widths, batch: 256)
+        let (ts, tg) = alternate(rounds: smoke ? 2 : 15, repeats: smoke ? 1 : 10, step.step, gemm.run)
+        let ratio = ts / tg
+        print("| \(widths.map(String.init).joined(separator: "-")) | 256 | \(f(ts * 1e3)) | \(f(tg * 1e3)) | \(f(ratio)) | <= \(target) \(ratio <= target ? "met" : "MISSED") |")
+    }
+}
+
+// MARK: - Where the step's time goes
+
+func profileBench() throws {
+    BLASThreads.set(1)
+    let widths = [784, 1024, 1024, 10]
+    let step = try StepBench(widths: widths, batch: 256)
+    let model = step.model
+    let gemm = GEMMBench(widths: widths, batch: 256)
+    var parts: [String: [Double]] = [:]
+    func time(_ name: String, _ body: () -> Void) { let t = now(); body(); parts[name, default: []].append(now() - t) }
+    for _ in 0..<(smoke ? 2 : 15) {
+        time("forward") { model.forward(count: 256, mode: .train) }
+        time("backward (overwriting the gradients)") { model.backward(count: 256, accumulate: false) { _ in } }
+        time("optimizer (SGD momentum)") { step.optimizer.update(parameters: model.parameters, gradients: model.gradients, learningRate: 1e-4) }
+        time("the step's GEMMs alone") { gemm.run() }
+    }
+    print("| part of a 784-1024-1024-10 step at batch 256, 1 thread | median ms |")
+    print("| --- | --- |")
+    for name in ["forward", "backward (overwriting the gradients)", "optimizer (SGD momentum)", "the step's GEMMs alone"] {
+        print("| \(name) | \(f(median(parts[name]!) * 1e3)) |")
+    }
+}
+
+// MARK: - Allocations per step
+
+func allocationBench() throws {
+    // With more than one thread OpenBLAS allocates its thread jobs on every large GEMM (measured: one heap
+    // allocation per call), outside bpworker's code; one thread per rank, the multi-rank default, allocates nothing.
+    BLASThreads.set(1)
+    let step = try StepBench(widths: [784, 512, 256, 10], batch: 64)
+    for _ in 0..<3 { step.step() }
+    let before = bp_thread_allocations()
+    let steps = 100
+    for _ in 0..<steps { step.step() }
+    let perStep = Double(bp_thread_allocations() - before) / Double(steps)
+    if ProcessInfo.processInfo.environment["BPBENCH_PHASES"] != nil {
+        var counts: [UInt] = []
+        counts.reserveCapacity(8)
+        var t = bp_thread_allocations()
+        func mark() { let n = bp_thread_allocations(); counts.append(n - t); t = n }
+        step.model.forward(count: step.batch, mode: .train); mark()
+        step.model.backward(count: step.batch, accumulate: false) { _ in }; mark()
+        step.optimizer.update(parameters: step.model.parameters, gradients: step.model.gradients, learningRate: 1e-4); mark()
+        print("phases forward/backward/update:", counts)
+    }
+    print("| heap allocations per steady-state step (784-512-256-10, batch 64) | \(f(perStep, 2)) | target 0 \(perStep == 0 ? "met" : "MISSED") |")
+}
+
+// MARK: - Gradient check cost
+
+func gradcheckBench() throws {
+    BLASThreads.set(1)
+    let widths = [784, 512, 256, 10]
+    let step = try StepBench(widths: widths, batch: 64)
+    let (stepTime, _) = alternate(rounds: smoke ? 2 : 9, repeats: smoke ? 1 : 20, step.step, {})
+    // One epoch of the default job: 60,000 samples, batch 64 per rank on 2 ranks = 468 steps per rank.
+    let epoch = stepTime * 468
+    let copy = step.model.float64Copy(batchCapacity: 4)
+    var g = RandomGenerator(seed: 3, stream: 9)
+    for i in 0..<(4 * 784) { copy.inputs[i] = g.nextNormal() }
+    for r in 0..<4 { copy.labels[r] = Int32(r) }
+    var times: [Double] = []
+    for _ in 0..<(smoke ? 1 : 5) {
+        let t = now()
+        let report = checkGradients(model: copy, count: 4)
+        times.append(now() - t)
+        precondition(report.passed, report.text)
+    }
+    let check = median(times)
+    print("| gradient check, default settings (784-512-256-10, batch 4, 8 samples per tensor) | \(f(check * 1e3, 1)) ms |")
+    print("| one epoch of the default job per rank (468 steps x \(f(stepTime * 1e3, 2)) ms, 1 thread) | \(f(epoch, 2)) s |")
+    print("| check / epoch | \(f(100 * check / epoch, 2))% (target < 5% \(check / epoch < 0.05 ? "met" : "MISSED")) |")
+}
+
+// MARK: - MPI
+
+func mpiBench(_ body: (MPICommunicator) throws -> Void) throws {
+    let communicator = try MPICommunicator.initialize()
+    BLASThreads.set(1)
+    try body(communicator)
+    try communicator.finalize()
+}
+
+func allreduceBench(_ communicator: MPICommunicator) throws {
+    if communicator.rank == 0 {
+        print("| size | ours (us) | MPI_Allreduce (us) | ours / C | GB/s (C) |")
+        print("| --- | --- | --- | --- | --- |")
+    }
+    var bytes = 4096
+    while bytes <= (smoke ? 1 << 20 : 64 << 20) {
+        let count = bytes / 4
+        let buffer = UnsafeMutableBufferPointer<Float>.allocate(capacity: count)
+        buffer.initialize(repeating: 1)
+        let repeats = max(3, min(200, (32 << 20) / bytes))
+        var failure: Error? = nil
+        let (ours, c) = alternate(rounds: smoke ? 2 : 9, repeats: smoke ? 2 : repeats, {
+            do { try communicator.allreduce(buffer, op: .sum) } catch { failure = error }
+        }, {
+            _ = MPI_Allreduce(bp_mpi_in_place(), buffer.baseAddress, Int32(count), bp_mpi_float(), bp_mpi_sum(), bp_mpi_comm_world())
+        })
+        if let failure { throw failure }
+        // The ranks' clocks differ a little: the slowest rank's medians are the job's.
+        var times = [ours, c]
+        try times.withUnsafeMutableBufferPointer { try communicator.allreduce($0, op: .max) }
+        if communicator.rank == 0 {
+            let size = bytes >= 1 << 20 ? "\(bytes >> 20) MiB" : "\(bytes >> 10) KiB"
+            print("| \(size) | \(f(times[0] * 1e6, 1)) | \(f(times[1] * 1e6, 1)) | \(f(times[0] / times[1])) | \(f(Double(bytes) / times[1] / 1e9, 2)) |")
+        }
+        buffer.deallocate()
+        bytes *= 4
+    }
+}
+
+func overlapBench(_ communicator: MPICommunicator) throws {
+    let step = try StepBench(widths: [784, 1024, 1024, 10], batch: 256)
+    let model = step.model
+    let ranges = model.parameterTable.map(\.range)
+    let fused = GradientReducer(communicator: communicator, gradients: model.gradients, tensorRanges: ranges, bucketElements: 0)
+    let bucketed = GradientReducer(communicator: communicator, gradients: model.gradients, tensorRanges: ranges,
+                                   bucketElements: 256 * 1024 / 4)
+    var failure: Error? = nil
+    func run(_ reducer: GradientReducer) {
+        do {
+            model.forward(count: step.batch, mode: .train)
+            try model.backward(count: step.batch, accumulate: false) { try reducer.gradientsReady(from: $0) }
+            try reducer.finish()
+            step.optimizer.update(parameters: model.parameters, gradients: model.gradients, learningRate: 1e-4)
+        } catch { failure = error }
+    }
+    let rounds = smoke ? 2 : 9, repeats = smoke ? 1 : 10
+    fused.resetTimers(); bucketed.resetTimers()
+    let (tf, tb) = alternate(rounds: rounds, repeats: repeats, { run(fused) }, { run(bucketed) })
+    if let failure { throw failure }
+    let calls = Double(rounds * repeats + 1)
+    var values = [tf, tb, fused.waitSeconds / calls, bucketed.waitSeconds / calls]
+    try values.withUnsafeMutableBufferPointer { try communicator.allreduce($0, op: .max) }
+    if communicator.rank == 0 {
+        print("| reduction | step (ms) | waiting for communication after backward (ms) |")
+        print("| --- | --- | --- |")
+        print("| one fused allreduce after backward | \(f(values[0] * 1e3)) | \(f(values[2] * 1e3)) |")
+        print("| \(bucketed.buckets.count) buckets of 256 KiB overlapping backward | \(f(values[1] * 1e3)) | \(f(values[3] * 1e3)) |")
+        print("| share of the fused wait hidden behind backward | \(f(100 * (1 - values[3] / max(values[2], 1e-12)), 1))% | |")
+    }
+}
+
+switch mode {
+case "engine": try engineBench()
+case "allocations": try allocationBench()
+case "profile": try profileBench()
+case "gradcheck": try gradcheckBench()
+case "allreduce": try mpiBench(allreduceBench)
+case "overlap": try mpiBench(overlapBench)
+default:
+    FileHandle.standardError.write(Data("bpbench: unknown mode \(mode)\n".utf8))
+    exit(2)
+}
