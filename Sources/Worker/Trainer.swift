@@ -326,6 +326,7 @@ final class Trainer {
             session.abort("training failed at step \(position.globalStep): \(error)")
         }
         progress.finish(state: .finished, message: nil)
+        reportPeakMemory()
         if session.isRoot { saveModel(model, step: position.globalStep) }
         session.agree("saving the model") {}
     }
@@ -393,6 +394,22 @@ final class Trainer {
         }
         logger.info("resumed from \(path): step \(position.globalStep), epoch \(position.epoch + 1) at step \(position.epochStep)/\(sampler.stepsPerEpoch), optimizer step \(optimizer.stepCount)")
         return position
+    }
+
+    /// The largest peak resident set size of any rank (getrusage), for capacity planning and the benchmarks.
+    private func reportPeakMemory() {
+        var usage = rusage()
+        getrusage(RUSAGE_SELF.rawValue, &usage)
+        var peak = [Int64(usage.ru_maxrss) * 1024, Int64(usage.ru_maxrss) * 1024]
+        do {
+            try peak.withUnsafeMutableBufferPointer { (b) throws(MPIError) in try communicator.allreduce(b, op: .max) }
+        } catch {
+            return
+        }
+        let mine = Double(usage.ru_maxrss) / 1024
+        if session.isRoot {
+            logger.info("peak memory: \(String(format: "%.0f", Double(peak[0]) / 1_048_576)) MiB on the largest rank (rank 0: \(String(format: "%.0f", mine)) MiB)")
+        }
     }
 
     /// Which ranks had non-finite values this step: one extra collective, paid only when something went wrong.

@@ -20,13 +20,22 @@ func now() -> Double { Double(DispatchTime.now().uptimeNanoseconds) * 1e-9 }
 func median(_ xs: [Double]) -> Double { let s = xs.sorted(); return s[s.count / 2] }
 func f(_ x: Double, _ digits: Int = 3) -> String { String(format: "%.\(digits)f", x) }
 
-/// Times `a` and `b` alternately for `rounds` rounds of `repeats` calls each; returns median seconds per call.
+/// Times `a` and `b` alternately for `rounds` rounds of `repeats` calls each (A B, then B A, so neither always
+/// goes first); returns median seconds per call.
 func alternate(rounds: Int, repeats: Int, _ a: () -> Void, _ b: () -> Void) -> (Double, Double) {
     a(); b()   // warm up
     var ta: [Double] = [], tb: [Double] = []
-    for _ in 0..<rounds {
-        var t = now(); for _ in 0..<repeats { a() }; ta.append((now() - t) / Double(repeats))
-        t = now(); for _ in 0..<repeats { b() }; tb.append((now() - t) / Double(repeats))
+    func measure(_ body: () -> Void) -> Double {
+        let t = now()
+        for _ in 0..<repeats { body() }
+        return (now() - t) / Double(repeats)
+    }
+    for round in 0..<rounds {
+        if round % 2 == 0 {
+            ta.append(measure(a)); tb.append(measure(b))
+        } else {
+            tb.append(measure(b)); ta.append(measure(a))
+        }
     }
     return (median(ta), median(tb))
 }
