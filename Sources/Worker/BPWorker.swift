@@ -1,4 +1,5 @@
 import ArgumentParser
+import Engine
 import Foundation
 
 @main
@@ -17,6 +18,7 @@ struct BPWorker: ParsableCommand {
     )
 
     static func main() {
+        BLASKernels.restartWithBetterKernelsIfNeeded()
         // `--resume` alone means the latest checkpoint; ArgumentParser options need a value, so spell it out.
         var arguments = Array(CommandLine.arguments.dropFirst())
         for i in arguments.indices where arguments[i] == "--resume"

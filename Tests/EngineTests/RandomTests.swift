@@ -48,3 +48,17 @@ struct RandomTests {
         #expect(us.allSatisfy { $0 >= 0 && $0 < 1 })
     }
 }
+
+@Suite("BLAS kernel choice")
+struct BLASKernelTests {
+    @Test func aFallbackOnAModernProcessorGetsBetterKernels() {
+        let avx512: Set<String> = ["sse3", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl"]
+        #expect(BLASKernels.betterCoreType(current: "Prescott", cpuFlags: avx512) == "SkylakeX")
+        #expect(BLASKernels.betterCoreType(current: "Prescott", cpuFlags: ["sse3", "avx", "avx2", "fma"]) == "Haswell")
+        #expect(BLASKernels.betterCoreType(current: "Prescott", cpuFlags: ["sse3"]) == nil)
+        // A good choice by OpenBLAS stands.
+        #expect(BLASKernels.betterCoreType(current: "Haswell", cpuFlags: avx512) == nil)
+        #expect(BLASKernels.betterCoreType(current: "SkylakeX", cpuFlags: avx512) == nil)
+        #expect(!BLASKernels.coreName.isEmpty)
+    }
+}

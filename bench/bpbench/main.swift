@@ -12,6 +12,8 @@ import Coordinator
 import Engine
 import Foundation
 
+// The kernels bpworker runs with (see BLASKernels).
+BLASKernels.restartWithBetterKernelsIfNeeded()
 let arguments = CommandLine.arguments.dropFirst()
 let smoke = arguments.contains("--smoke")
 let mode = arguments.first { !$0.hasPrefix("--") } ?? "engine"
@@ -94,6 +96,8 @@ final class GEMMBench {
 
 func engineBench() throws {
     BLASThreads.set(1)
+    print("\(BLASKernels.description), 1 thread")
+    print()
     print("| model | batch | step (ms) | GEMMs alone (ms) | step / GEMM | target |")
     print("| --- | --- | --- | --- | --- | --- |")
     for (widths, target) in [([784, 1024, 1024, 10], 1.08), ([784, 256, 128, 10], 1.25)] {

@@ -1,4 +1,5 @@
 import CBLAS
+import Foundation
 import RealModule
 
 /// The floating-point types the engine computes in: `Float` for training, `Double` for gradient checking.
@@ -84,4 +85,50 @@ extension Double: Scalar {
 public enum BLASThreads {
     public static func set(_ count: Int) { openblas_set_num_threads(Int32(max(1, count))) }
     public static var current: Int { Int(openblas_get_num_threads()) }
+}
+
+/// Which OpenBLAS kernels run, and a better choice when OpenBLAS guessed badly.
+public enum BLASKernels {
+    /// The kernel family OpenBLAS chose at load time ("Haswell", "SkylakeX", ...).
+    public static var coreName: String { String(cString: openblas_get_corename()) }
+
+    /// The kernel family to ask for with OPENBLAS_CORETYPE when OpenBLAS fell back to its oldest x86-64 kernels
+    /// (Prescott, SSE3) on a processor it does not know: Debian bookworm's OpenBLAS 0.3.21 does this on recent
+    /// Xeons, and its GEMMs then run 4x slower than with its AVX-512 kernels (measured: 77 ms against 19 ms for
+    /// the GEMMs of one 784-1024-1024-10 step at batch 256). Nil when OpenBLAS chose well or no better kernel fits.
+    /// - Parameter cpuFlags: the processor's feature flags, as /proc/cpuinfo lists them.
+    public static func betterCoreType(current: String, cpuFlags: Set<String>) -> String? {
+        guard current == "Prescott" || current == "Core2" || current == "Nehalem" else { return nil }
+        if ["avx512f", "avx512bw", "avx512dq", "avx512vl"].allSatisfy(cpuFlags.contains) { return "SkylakeX" }
+        if ["avx2", "fma"].allSatisfy(cpuFlags.contains) { return "Haswell" }
+        return nil
+    }
+
+    /// Call first thing in an executable: when OpenBLAS picked its fallback kernels on a processor that has
+    /// better ones (`betterCoreType`), restarts this same process with OPENBLAS_CORETYPE set, since OpenBLAS
+    /// reads it only when it loads. An OPENBLAS_CORETYPE the user set is always kept. Under mpirun the restart is
+    /// an exec in place (same pid, same MPI environment), and it must come before MPI_Init.
+    public static func restartWithBetterKernelsIfNeeded() {
+        let environment = ProcessInfo.processInfo.environment
+        guard environment["OPENBLAS_CORETYPE"] == nil, environment[restartedVariable] == nil,
+              let cpuinfo = try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8),
+              let flagsLine = cpuinfo.split(separator: "\n").first(where: { $0.hasPrefix("flags") }) else { return }
+        let flags = Set(flagsLine.split(separator: ":").last?.split(separator: " ").map(String.init) ?? [])
+        guard let coreType = betterCoreType(current: coreName, cpuFlags: flags) else { return }
+        setenv("OPENBLAS_CORETYPE", coreType, 1)
+        setenv(restartedVariable, coreName, 1)   // only one restart, whatever happens
+        let arguments = CommandLine.arguments.map { strdup($0) } + [nil]
+        execv("/proc/self/exe", arguments)
+        // exec failed: carry on with the kernels we have.
+    }
+
+    static let restartedVariable = "BPWORKER_BLAS_RESTARTED"
+
+    /// Which kernels run and why, for start-up reports.
+    public static var description: String {
+        if let original = ProcessInfo.processInfo.environment[restartedVariable] {
+            return "OpenBLAS \(coreName) kernels (it chose \(original) for this processor; OPENBLAS_CORETYPE=\(coreName) set)"
+        }
+        return "OpenBLAS \(coreName) kernels"
+    }
 }

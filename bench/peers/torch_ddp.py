@@ -1,0 +1,67 @@
+"""Data-parallel MLP training with PyTorch DistributedDataParallel on the gloo backend, written the way its
+users write it: nn.Sequential, DDP, a DistributedSampler, SGD with Nesterov momentum, LambdaLR.
+Rank and world size come from mpirun's environment.
+    mpirun -n 2 python torch_ddp.py --hidden 1024,1024 --batch 256 --steps 60"""
+import os, time
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data.distributed import DistributedSampler
+import common
+
+args = common.arguments()
+rank, size = int(os.environ["OMPI_COMM_WORLD_RANK"]), int(os.environ["OMPI_COMM_WORLD_SIZE"])
+os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+os.environ.setdefault("MASTER_PORT", "29517")
+dist.init_process_group("gloo", rank=rank, world_size=size)
+torch.set_num_threads(1)
+torch.manual_seed(args.seed)
+
+xtr, ytr, xte, yte = (torch.from_numpy(a) for a in common.data())
+widths = [784] + [int(w) for w in args.hidden.split(",")] + [10]
+layers = []
+for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+    layers.append(torch.nn.Linear(a, b))
+    if i + 2 < len(widths):
+        layers.append(torch.nn.ReLU())
+model = torch.nn.parallel.DistributedDataParallel(torch.nn.Sequential(*layers))
+sampler = DistributedSampler(TensorDataset(xtr, ytr), num_replicas=size, rank=rank, seed=args.seed, drop_last=True)
+loader = DataLoader(TensorDataset(xtr, ytr), batch_size=args.batch, sampler=sampler, drop_last=True)
+optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+total = len(loader) * args.epochs
+scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: common.learning_rate(args, s, total) / args.lr)
+loss_fn = torch.nn.CrossEntropyLoss()
+
+
+def evaluate():
+    model.eval()
+    with torch.no_grad():
+        mine = torch.arange(rank, len(xte), size)
+        correct = torch.tensor([(model.module(xte[mine]).argmax(1) == yte[mine]).sum().item()])
+    dist.all_reduce(correct)
+    model.train()
+    return correct.item() / len(xte)
+
+
+report = common.Report(rank)
+step = 0
+for epoch in range(args.epochs):
+    sampler.set_epoch(epoch)
+    t0, n0 = time.time(), 0
+    for x, y in loader:
+        optimizer.zero_grad()
+        loss_fn(model(x), y).backward()
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        if step == 10:
+            t0, n0 = time.time(), step
+        if args.steps and step >= args.steps:
+            report.emit(samples_per_second=(step - n0) * args.batch * size / (time.time() - t0))
+            dist.destroy_process_group()
+            raise SystemExit
+    accuracy = evaluate()
+    report.emit(epoch=epoch + 1, test_accuracy=accuracy)
+    if args.target and accuracy >= args.target:
+        break
+dist.destroy_process_group()
