@@ -50,6 +50,7 @@ struct Configuration: Equatable {
     var batchSize = 64
     var bucketKiB = defaultBucketKiB
     var blasThreads = 0
+    var targetAccuracy = 0.0
 
     // gradient check
     var gradcheckEnabled = false
@@ -131,6 +132,7 @@ struct Configuration: Equatable {
         key("training.epochs", \.epochs, "passes over the training set"),
         key("training.batch_size", \.batchSize, "samples per rank per step (global batch = this x ranks)"),
         key("training.bucket_kib", \.bucketKiB, "gradient allreduce bucket size in KiB (0 = one fused allreduce)"),
+        key("training.target_accuracy", \.targetAccuracy, "stop after the first epoch whose test accuracy reaches this (0 = off)"),
         key("training.blas_threads", \.blasThreads, "OpenBLAS threads per rank (0 = 1 when ranks share a node, else all cores)"),
         key("gradcheck.enabled", \.gradcheckEnabled, "rank 0 gradient-checks before the first step"),
         key("gradcheck.samples", \.gradcheckSamples, "coordinates sampled per tensor"),

@@ -87,6 +87,7 @@ extension Configuration {
         try require(batchSize >= 1, "training.batch_size must be at least 1, got \(batchSize)")
         try require(epochs >= 1, "training.epochs must be at least 1, got \(epochs)")
         try require(bucketKiB >= 0, "training.bucket_kib must be >= 0 (0 = one fused allreduce), got \(bucketKiB)")
+        try require(targetAccuracy >= 0 && targetAccuracy <= 1, "training.target_accuracy must be in [0, 1], got \(targetAccuracy)")
         try require(blasThreads >= 0, "training.blas_threads must be >= 0, got \(blasThreads)")
         try require(logInterval >= 1, "logging.interval must be at least 1, got \(logInterval)")
         try require(clipNorm >= 0, "optimizer.clip_norm must be >= 0 (0 = off), got \(clipNorm)")

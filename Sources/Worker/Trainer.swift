@@ -321,6 +321,14 @@ final class Trainer {
                 position.epoch = epoch + 1
                 position.epochStep = 0
                 try checkpoint()
+                // Every rank saw the same reduced evaluation, so every rank stops here together.
+                let accuracy = Double(evaluation.correct) / Double(max(evaluation.count, 1))
+                if config.targetAccuracy > 0 && accuracy >= config.targetAccuracy {
+                    if session.isRoot {
+                        logger.info("reached training.target_accuracy=\(config.targetAccuracy) after epoch \(epoch + 1)")
+                    }
+                    break
+                }
             }
         } catch {
             session.abort("training failed at step \(position.globalStep): \(error)")

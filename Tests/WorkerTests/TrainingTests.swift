@@ -95,6 +95,20 @@ struct TrainingTests {
         }
     }
 
+    @Test func trainingStopsAtTheTargetAccuracy() throws {
+        let data = try SyntheticData(samples: 120)
+        defer { data.remove() }
+        let run = temporaryRunDirectory()
+        let r = try Harness.mpirun(2, job(data, batch: 10, runDir: run, extra: ["--set", "training.epochs=20",
+                                                                             "--set", "training.target_accuracy=0.9"]))
+        #expect(r.status == 0, "\(r.output)")
+        #expect(r.output.contains("reached training.target_accuracy=0.9 after epoch"))
+        let evals = try String(contentsOfFile: run + "/metrics.jsonl", encoding: .utf8).split(separator: "\n")
+            .filter { $0.contains("\"eval\"") }
+        #expect(evals.count < 20)
+        #expect(FileManager.default.fileExists(atPath: run + "/model.safetensors"))
+    }
+
     @Test func gradientCheckRunsOnRankZeroWhileOthersWait() throws {
         let data = try SyntheticData(samples: 64)
         defer { data.remove() }
