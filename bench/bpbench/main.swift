@@ -125,9 +125,25 @@ func profileBench() throws {
         time("optimizer (SGD momentum)") { step.optimizer.update(parameters: model.parameters, gradients: model.gradients, learningRate: 1e-4) }
         time("the step's GEMMs alone") { gemm.run() }
     }
+    // The element-wise kernels of that step, alone.
+    let n = 256 * 1024
+    let x = UnsafeMutablePointer<Float>.allocate(capacity: n), y = UnsafeMutablePointer<Float>.allocate(capacity: n)
+    let z = UnsafeMutablePointer<Float>.allocate(capacity: n), ones = UnsafeMutablePointer<Float>.allocate(capacity: 256)
+    x.initialize(repeating: 0.5, count: n); y.initialize(repeating: 0, count: n); z.initialize(repeating: 1, count: n)
+    ones.initialize(repeating: 1, count: 256)
+    for _ in 0..<(smoke ? 2 : 15) {
+        time("  bias broadcast, 256 x 1024") { broadcastRows(x, into: y, rows: 256, columns: 1024) }
+        time("  ReLU forward, 256 x 1024") { reluForward(x, y, n) }
+        time("  ReLU backward, 256 x 1024") { reluBackward(x, z, y, n) }
+        time("  bias gradient GEMV, 256 x 1024") {
+            Float.gemvTransposed(m: 256, n: 1024, alpha: 1, a: x, lda: 1024, x: ones, beta: 0, y: y)
+        }
+    }
     print("| part of a 784-1024-1024-10 step at batch 256, 1 thread | median ms |")
     print("| --- | --- |")
-    for name in ["forward", "backward (overwriting the gradients)", "optimizer (SGD momentum)", "the step's GEMMs alone"] {
+    for name in ["forward", "backward (overwriting the gradients)", "optimizer (SGD momentum)", "the step's GEMMs alone",
+                 "  bias broadcast, 256 x 1024", "  ReLU forward, 256 x 1024", "  ReLU backward, 256 x 1024",
+                 "  bias gradient GEMV, 256 x 1024"] {
         print("| \(name) | \(f(median(parts[name]!) * 1e3)) |")
     }
 }

@@ -241,9 +241,18 @@ public func checkGradients(model: Model<Double>, count: Int, options: GradientCh
         analytic: 0, numeric: 0, relativeError: 0, verdict: .warn, kinksSkipped: 0,
         note: "every random direction crossed a kink; the direction check compared nothing")
     for _ in 0...options.kinkRetries {
-        var u = (0..<model.parameterCount).map { _ in generator.nextNormal() }
-        let length = u.reduce(0) { $0 + $1 * $1 }.squareRoot()
-        for i in u.indices { u[i] /= length }
+        // A random unit vector with entries +-1/sqrt(n) (Rademacher): one random bit per parameter instead of a
+        // Gaussian draw (measured: the Gaussian draws were most of the check's cost on a 535,818-parameter
+        // model), and every parameter moves by the same amount, so none is left out by a small component.
+        let n = model.parameterCount
+        let magnitude = 1 / Double(n).squareRoot()
+        var u = [Double](repeating: 0, count: n)
+        var bits: UInt64 = 0
+        for i in 0..<n {
+            if i % 64 == 0 { bits = generator.next() }
+            u[i] = (bits & 1) == 0 ? magnitude : -magnitude
+            bits >>= 1
+        }
         for i in u.indices { theta[i] = original[i] + options.epsilon * u[i] }
         let plus = cost()
         let plusPattern = model.kinkPattern(count: count)
