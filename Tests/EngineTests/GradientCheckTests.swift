@@ -37,8 +37,9 @@ struct GradientCheckTests {
         let report = checkGradients(model: model, count: 4, options: options)
         #expect(report.verdict == .pass)
         #expect(report.tensors.map(\.checked) == [12, 4])
-        // Two forward passes for J(theta) (the determinism check), two per coordinate, two for the direction.
-        #expect(report.forwardPasses == 2 + 2 * 16 + 2)
+        // Two forward passes for J(theta) (the determinism check), one full pass per tensor, two per coordinate,
+        // two for the direction.
+        #expect(report.forwardPasses == 2 + 2 + 2 * 16 + 2)
         // Four significant digits at least, as the method promises in float64.
         #expect(report.tensors.allSatisfy { $0.maxRelativeError < 1e-7 })
     }

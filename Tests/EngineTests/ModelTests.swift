@@ -93,6 +93,18 @@ struct ModelTests {
         #expect(Array(big.gradients) == Array(small.gradients))
     }
 
+    @Test func aPartialForwardEqualsAFullOne() throws {
+        let model = try Model<Double>(spec: .mlp(widths: [6, 8, 5, 3], activation: .tanh), batchCapacity: 4, seed: 5)
+        fillRandomBatch(model, rows: 4, seed: 6)
+        model.forward(count: 4, mode: .eval)
+        // Change a parameter of layer 2; recomputing from layer 2 on gives what a full pass gives.
+        model.tensor("2.weight", in: model.parameters)![3] += 0.25
+        let partial = model.forward(count: 4, mode: .eval, fromLayer: 2)
+        let full = model.forward(count: 4, mode: .eval)
+        #expect(partial == full)
+        #expect(model.parameterTable.map(\.layerIndex) == [0, 0, 2, 2, 4, 4])
+    }
+
     @Test func float64CopyMatchesOriginal() throws {
         let model = try Model<Float>(spec: .mlp(widths: [4, 6, 3]), batchCapacity: 4, seed: 9)
         let copy = model.float64Copy(batchCapacity: 2)

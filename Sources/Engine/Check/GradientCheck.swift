@@ -149,9 +149,9 @@ public func checkGradients(model: Model<Double>, count: Int, options: GradientCh
     let start = Date()
     let theta = model.parameters.baseAddress!
     var forwardPasses = 0
-    func cost() -> Double {
+    func cost(fromLayer: Int = 0) -> Double {
         forwardPasses += 1
-        return model.forward(count: count, mode: .eval).loss
+        return model.forward(count: count, mode: .eval, fromLayer: fromLayer).loss
     }
     var failures: [String] = []
 
@@ -169,15 +169,17 @@ public func checkGradients(model: Model<Double>, count: Int, options: GradientCh
 
     // Central difference along `direction` at coordinate `index` (direction nil) or along a whole vector.
     // Returns nil when the two evaluations straddle a kink.
-    func difference(at index: Int) -> Double? {
+    // Only layers from `layer` on see the change, so only they are recomputed (the layers below keep the
+    // activations of the last full pass at theta).
+    func difference(at index: Int, layer: Int) -> Double? {
         let saved = theta[index]
         theta[index] = saved + options.epsilon
         let plusStep = theta[index]
-        let plus = cost()
+        let plus = cost(fromLayer: layer)
         let plusPattern = model.kinkPattern(count: count)
         theta[index] = saved - options.epsilon
         let minusStep = theta[index]
-        let minus = cost()
+        let minus = cost(fromLayer: layer)
         let minusPattern = model.kinkPattern(count: count)
         theta[index] = saved
         // Divide by the steps actually taken: saved +- eps is rounded to a representable number.
@@ -187,6 +189,8 @@ public func checkGradients(model: Model<Double>, count: Int, options: GradientCh
     var generator = RandomGenerator(seed: options.seed, stream: .gradientCheck)
     var tensors: [TensorCheck] = []
     for info in model.parameterTable {
+        // A full pass at theta, so every activation below this tensor's layer is the unperturbed one.
+        _ = cost()
         let n = info.count
         let samples = options.checkAllCoordinates ? n : min(options.samplesPerTensor, n)
         var errors: [Double] = []
@@ -198,7 +202,7 @@ public func checkGradients(model: Model<Double>, count: Int, options: GradientCh
             var candidate = options.checkAllCoordinates ? lower : lower + generator.nextInt(below: upper - lower)
             var tries = 0
             while true {
-                if let numeric = difference(at: info.offset + candidate) {
+                if let numeric = difference(at: info.offset + candidate, layer: info.layerIndex) {
                     let a = analytic[info.offset + candidate]
                     let r = relativeError(a, numeric)
                     errors.append(r)

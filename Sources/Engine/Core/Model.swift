@@ -247,9 +247,17 @@ public final class Model<T: Scalar> {
     /// ready for `backward`. The loss is the mean over the rows, so gradients are too.
     @discardableResult
     public func forward(count: Int, mode: ForwardMode) -> BatchResult {
+        forward(count: count, mode: mode, fromLayer: 0)
+    }
+
+    /// A forward pass that recomputes only layers `fromLayer...`, reusing the activations the previous pass left
+    /// for the layers below: valid when nothing below `fromLayer` changed since (same inputs and parameters,
+    /// and no dropout below). The gradient checker perturbs one tensor at a time and uses this.
+    public func forward(count: Int, mode: ForwardMode, fromLayer: Int) -> BatchResult {
         precondition(count > 0 && count <= batchCapacity, "batch of \(count) rows, capacity \(batchCapacity)")
+        precondition(fromLayer >= 0 && fromLayer < plan.count, "layer \(fromLayer) out of range")
         lastMode = mode
-        for index in 0..<plan.count {
+        for index in fromLayer..<plan.count {
             let step = plan[index]
             let n = count * step.outWidth
             switch step.layer {

@@ -168,6 +168,8 @@ public struct ParameterInfo: Equatable, Sendable, Codable {
     public let shape: [Int]
     public var count: Int { shape.reduce(1, *) }
     public var range: Range<Int> { offset..<(offset + count) }
+    /// The nn.Sequential index of the layer that owns the tensor ("2.weight" -> 2).
+    public var layerIndex: Int { Int(name.prefix { $0 != "." }) ?? 0 }
 
     public init(name: String, offset: Int, shape: [Int]) {
         self.name = name
