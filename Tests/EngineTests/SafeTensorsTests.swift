@@ -35,8 +35,8 @@ struct SafeTensorsTests {
         #expect(try file.int64s("step") == [7, -9_000_000_000])
         #expect(file.tensors["0.weight"]?.shape == [2, 3])
         try file.expect("0.weight", shape: [2, 3])
-        #expect(throws: SafeTensorsError.self) { try file.expect("0.weight", shape: [3, 2]) }
-        #expect(throws: SafeTensorsError(path: path("a.safetensors"), reason: "missing tensor '9.weight'")) {
+        #expect(throws: DataError.self) { try file.expect("0.weight", shape: [3, 2]) }
+        #expect(throws: DataError(path: path("a.safetensors"), reason: "missing tensor '9.weight'")) {
             try file.floats("9.weight")
         }
         // The data section starts 8-byte aligned, as the reference writer makes it.
@@ -59,7 +59,7 @@ struct SafeTensorsTests {
         let message = errors.fileHandleForReading.readDataToEndOfFile()
         process.waitUntilExit()
         guard process.terminationStatus == 0 else {
-            throw SafeTensorsError(path: "python3", reason: "failed (install with `pip install numpy safetensors`, "
+            throw DataError(path: "python3", reason: "failed (install with `pip install numpy safetensors`, "
                 + "as scripts/setup --python does): \(String(decoding: message, as: UTF8.self))")
         }
         return String(decoding: data, as: UTF8.self)
@@ -161,7 +161,7 @@ struct SafeTensorsTests {
             do {
                 _ = try SafeTensorsFile(path: file)
                 Issue.record("\(file) was accepted")
-            } catch let error as SafeTensorsError {
+            } catch let error as DataError {
                 #expect(error.path == file)
                 #expect(error.reason.contains(expected), "\(file): \(error.reason)")
             }
@@ -175,7 +175,7 @@ struct SafeTensorsTests {
         var other = SafeTensorsWriter()
         let values = [Float](repeating: 9, count: 1000)
         values.withUnsafeBufferPointer { other.add(name: "0.weight", shape: [1000], floats: $0) }
-        #expect(throws: SafeTensorsError.self) { try other.write(to: target, faultAfterBytes: 100) }
+        #expect(throws: DataError.self) { try other.write(to: target, faultAfterBytes: 100) }
         #expect(try Data(contentsOf: URL(fileURLWithPath: target)) == before)
         #expect(try SafeTensorsFile(path: target).floats("0.weight").count == 6)
         let leftovers = try FileManager.default.contentsOfDirectory(atPath: directory.path).filter { $0.hasSuffix(".tmp") }

@@ -10,7 +10,7 @@ struct InteropTests {
     func python(_ script: String) throws -> String {
         let r = try Harness.run("/usr/bin/env", ["python3", "-c", script], environment: [:], timeout: 120)
         guard r.status == 0 else {
-            throw SafeTensorsError(path: "python3", reason: "failed (scripts/setup --python installs numpy and safetensors):\n\(r.output)")
+            throw DataError(path: "python3", reason: "failed (scripts/setup --python installs numpy and safetensors):\n\(r.output)")
         }
         return r.output
     }

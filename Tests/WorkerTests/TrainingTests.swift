@@ -47,6 +47,10 @@ struct TrainingTests {
         let r4 = try Harness.mpirun(4, job(data, batch: 4, runDir: four))
         #expect(r4.status == 0, "\(r4.output)")
         #expect(r4.output.contains("global batch 16"))
+        // Ranks sharing a node get one BLAS thread each; a local run gets every core.
+        #expect(r4.output.contains("4 ranks on 1 node") && r4.output.contains("1 BLAS thread per rank"))
+        let cores = ProcessInfo.processInfo.activeProcessorCount
+        #expect(r1.output.contains("\(cores) BLAS thread\(cores == 1 ? "" : "s") per rank"))
         let p1 = try parameters(one)
         #expect(relativeDifference(p1, try parameters(two)) <= 1e-5)
         #expect(relativeDifference(p1, try parameters(four)) <= 1e-5)

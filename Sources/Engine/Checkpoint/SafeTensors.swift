@@ -17,15 +17,7 @@ public enum SafeTensorsDType: String, Sendable, CaseIterable {
     }
 }
 
-public struct SafeTensorsError: Error, CustomStringConvertible, Equatable, Sendable {
-    public let path: String
-    public let reason: String
-    public init(path: String, reason: String) {
-        self.path = path
-        self.reason = reason
-    }
-    public var description: String { "\(path): \(reason)" }
-}
+// Bad files throw `DataError` (Data/DataError.swift): the path and a reason naming the tensor.
 
 /// Collects tensors and writes them as one safetensors file, atomically.
 public struct SafeTensorsWriter {
@@ -106,8 +98,8 @@ public func writeAtomically(_ bytes: Data, to path: String, faultAfterBytes: Int
     let url = URL(fileURLWithPath: path)
     let directory = url.deletingLastPathComponent().path
     let temporary = directory + "/." + url.lastPathComponent + ".\(getpid()).tmp"
-    func failure(_ what: String) -> SafeTensorsError {
-        SafeTensorsError(path: path, reason: "\(what): \(String(cString: strerror(errno)))")
+    func failure(_ what: String) -> DataError {
+        DataError(path: path, reason: "\(what): \(String(cString: strerror(errno)))")
     }
     let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
     guard fd >= 0 else { throw failure("cannot create \(temporary)") }
@@ -127,7 +119,7 @@ public func writeAtomically(_ bytes: Data, to path: String, faultAfterBytes: Int
         }
         if let faultAfterBytes, faultAfterBytes < bytes.count {
             afterPartialWrite?()
-            throw SafeTensorsError(path: path, reason: "write stopped after \(faultAfterBytes) bytes (test fault)")
+            throw DataError(path: path, reason: "write stopped after \(faultAfterBytes) bytes (test fault)")
         }
         guard fsync(fd) == 0 else { throw failure("fsync") }
         closed = true
@@ -165,7 +157,7 @@ public struct SafeTensorsFile {
     private let dataStart: Int
 
     public init(path: String, maxHeaderBytes: Int = 100 << 20, maxFileBytes: Int = 1 << 36) throws {
-        func fail(_ reason: String) -> SafeTensorsError { SafeTensorsError(path: path, reason: reason) }
+        func fail(_ reason: String) -> DataError { DataError(path: path, reason: reason) }
         guard let attributes = try? FileManager.default.attributesOfItem(atPath: path),
               let size = attributes[.size] as? Int else { throw fail("cannot open file") }
         guard size <= maxFileBytes else { throw fail("file of \(size) bytes exceeds the limit of \(maxFileBytes)") }
@@ -257,7 +249,7 @@ public struct SafeTensorsFile {
 
     private func info(_ name: String) throws -> TensorInfo {
         guard let info = tensors[name] else {
-            throw SafeTensorsError(path: path, reason: "missing tensor '\(name)'")
+            throw DataError(path: path, reason: "missing tensor '\(name)'")
         }
         return info
     }
@@ -275,7 +267,7 @@ public struct SafeTensorsFile {
         switch info.dtype {
         case .f32: return load(info, as: UInt32.self).map { Float(bitPattern: $0) }
         case .f64: return load(info, as: UInt64.self).map { Float(Double(bitPattern: $0)) }
-        default: throw SafeTensorsError(path: path, reason: "tensor '\(name)': dtype \(info.dtype.rawValue) is not a float type")
+        default: throw DataError(path: path, reason: "tensor '\(name)': dtype \(info.dtype.rawValue) is not a float type")
         }
     }
 
@@ -285,7 +277,7 @@ public struct SafeTensorsFile {
         switch info.dtype {
         case .f32: return load(info, as: UInt32.self).map { Double(Float(bitPattern: $0)) }
         case .f64: return load(info, as: UInt64.self).map { Double(bitPattern: $0) }
-        default: throw SafeTensorsError(path: path, reason: "tensor '\(name)': dtype \(info.dtype.rawValue) is not a float type")
+        default: throw DataError(path: path, reason: "tensor '\(name)': dtype \(info.dtype.rawValue) is not a float type")
         }
     }
 
@@ -295,7 +287,7 @@ public struct SafeTensorsFile {
         case .i64: return load(info, as: Int64.self)
         case .i32: return load(info, as: Int32.self).map(Int64.init)
         case .u8: return load(info, as: UInt8.self).map(Int64.init)
-        default: throw SafeTensorsError(path: path, reason: "tensor '\(name)': dtype \(info.dtype.rawValue) is not an integer type")
+        default: throw DataError(path: path, reason: "tensor '\(name)': dtype \(info.dtype.rawValue) is not an integer type")
         }
     }
 
@@ -303,10 +295,10 @@ public struct SafeTensorsFile {
     public func expect(_ name: String, shape: [Int]) throws {
         let info = try info(name)
         guard info.dtype == .f32 || info.dtype == .f64 else {
-            throw SafeTensorsError(path: path, reason: "tensor '\(name)': dtype \(info.dtype.rawValue), expected F32 or F64")
+            throw DataError(path: path, reason: "tensor '\(name)': dtype \(info.dtype.rawValue), expected F32 or F64")
         }
         guard info.shape == shape else {
-            throw SafeTensorsError(path: path, reason: "tensor '\(name)': shape \(info.shape), the model expects \(shape)")
+            throw DataError(path: path, reason: "tensor '\(name)': shape \(info.shape), the model expects \(shape)")
         }
     }
 }
