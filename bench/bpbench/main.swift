@@ -85,8 +85,9 @@ final class GEMMBench {
         }
         self.calls = calls.map { ($0, buffer($0.m * $0.k, 0.01), buffer($0.k * $0.n, 0.02), buffer($0.m * $0.n, 0)) }
     }
-    func run() {
-        for (call, a, b, c) in calls {
+    /// Only the forward GEMMs (beta 1) or only the backward ones.
+    func run(forward: Bool? = nil) {
+        for (call, a, b, c) in calls where forward == nil || (call.beta == 1) == forward! {
             let lda = call.ta ? call.m : call.k, ldb = call.tb ? call.k : call.n
             Float.gemm(transposeA: call.ta, transposeB: call.tb, m: call.m, n: call.n, k: call.k,
                        alpha: 1, a: a, lda: lda, b: b, ldb: ldb, beta: call.beta, c: c, ldc: call.n)
@@ -103,7 +104,7 @@ func engineBench() throws {
     for (widths, target) in [([784, 1024, 1024, 10], 1.08), ([784, 256, 128, 10], 1.25)] {
         let step = try StepBench(widths: widths, batch: 256)
         let gemm = GEMMBench(widths: widths, batch: 256)
-        let (ts, tg) = alternate(rounds: smoke ? 2 : 15, repeats: smoke ? 1 : 10, step.step, gemm.run)
+        let (ts, tg) = alternate(rounds: smoke ? 2 : 15, repeats: smoke ? 1 : 10, step.step, { gemm.run() })
         let ratio = ts / tg
         print("| \(widths.map(String.init).joined(separator: "-")) | 256 | \(f(ts * 1e3)) | \(f(tg * 1e3)) | \(f(ratio)) | <= \(target) \(ratio <= target ? "met" : "MISSED") |")
     }
@@ -124,6 +125,8 @@ func profileBench() throws {
         time("backward (overwriting the gradients)") { model.backward(count: 256, accumulate: false) { _ in } }
         time("optimizer (SGD momentum)") { step.optimizer.update(parameters: model.parameters, gradients: model.gradients, learningRate: 1e-4) }
         time("the step's GEMMs alone") { gemm.run() }
+        time("  its forward GEMMs alone") { gemm.run(forward: true) }
+        time("  its backward GEMMs alone") { gemm.run(forward: false) }
     }
     // The element-wise kernels of that step, alone.
     let n = 256 * 1024
@@ -142,6 +145,7 @@ func profileBench() throws {
     print("| part of a 784-1024-1024-10 step at batch 256, 1 thread | median ms |")
     print("| --- | --- |")
     for name in ["forward", "backward (overwriting the gradients)", "optimizer (SGD momentum)", "the step's GEMMs alone",
+                 "  its forward GEMMs alone", "  its backward GEMMs alone",
                  "  bias broadcast, 256 x 1024", "  ReLU forward, 256 x 1024", "  ReLU backward, 256 x 1024",
                  "  bias gradient GEMV, 256 x 1024"] {
         print("| \(name) | \(f(median(parts[name]!) * 1e3)) |")
