@@ -52,14 +52,9 @@ struct Checkpointer {
     func save(model: Model<Float>, optimizer: Optimizer<Float>, position: TrainingPosition, config: Configuration) throws -> String {
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         var writer = SafeTensorsWriter()
-        for info in model.parameterTable {
-            writer.add(name: info.name, shape: info.shape, floats: UnsafeBufferPointer(rebasing: model.parameters[info.range]))
-        }
+        addTensors(of: model.parameters, layout: model.parameterTable, to: &writer)
         for state in optimizer.state {
-            for info in model.parameterTable {
-                writer.add(name: "optimizer.\(state.name).\(info.name)", shape: info.shape,
-                           floats: UnsafeBufferPointer(rebasing: state.buffer[info.range]))
-            }
+            addTensors(of: state.buffer, layout: model.parameterTable, prefix: "optimizer.\(state.name).", to: &writer)
         }
         let positionJSON = String(decoding: try JSONEncoder().encode(position), as: UTF8.self)
         writer.metadata = [
@@ -67,7 +62,7 @@ struct Checkpointer {
             "step": "\(position.globalStep)", "epoch": "\(position.epoch)", "epoch_step": "\(position.epochStep)",
             "world_size": "\(position.worldSize)", "optimizer": config.optimizer.rawValue,
             "optimizer_step": "\(optimizer.stepCount)", "position": positionJSON,
-            "model": model.spec.summary, "layout_hash": layoutHash(model), "config": config.yaml,
+            "model": model.spec.summary, "layout_hash": String(layoutHash(model), radix: 16), "config": config.yaml,
         ]
         let name = String(format: "step-%08d.safetensors", position.globalStep)
         let path = directory + "/" + name
@@ -102,10 +97,10 @@ struct Checkpointer {
         guard file.metadata["format_version"] == formatVersion else {
             throw fail("checkpoint format version \(file.metadata["format_version"] ?? "?"), this bpworker reads \(formatVersion)")
         }
-        guard file.metadata["layout_hash"] == layoutHash(model) else {
+        guard file.metadata["layout_hash"] == String(layoutHash(model), radix: 16) else {
             throw fail("checkpoint is for the model \(file.metadata["model"] ?? "?"), this run builds \(model.spec.summary)")
         }
-        guard let json = file.metadata["position"], var position = try? JSONDecoder().decode(TrainingPosition.self, from: Data(json.utf8)),
+        guard let json = file.metadata["position"], let position = try? JSONDecoder().decode(TrainingPosition.self, from: Data(json.utf8)),
               position.globalStep >= 0, position.epoch >= 0, position.epochStep >= 0, position.worldSize >= 1,
               position.batchSize >= 1, position.dropoutStates.count == position.worldSize,
               position.dropoutStates.allSatisfy({ $0.count == 4 && $0.allSatisfy { UInt64($0) != nil } }) else {
@@ -114,36 +109,19 @@ struct Checkpointer {
         guard let optimizerStep = file.metadata["optimizer_step"].flatMap({ Int($0) }), optimizerStep >= 0 else {
             throw fail("metadata 'optimizer_step' is missing or malformed")
         }
-        var expected = Set(model.parameterTable.map(\.name))
-        for info in model.parameterTable {
-            try file.expect(info.name, shape: info.shape)
-            let values = try file.floats(info.name)
-            values.withUnsafeBufferPointer { model.parameters.baseAddress!.advanced(by: info.offset).update(from: $0.baseAddress!, count: info.count) }
-        }
+        var expected = Set(try readTensors(from: file, layout: model.parameterTable, into: model.parameters))
         for state in optimizer.state {
-            for info in model.parameterTable {
-                let name = "optimizer.\(state.name).\(info.name)"
-                guard file.tensors[name] != nil else {
-                    throw fail("missing tensor '\(name)': the checkpoint's optimizer is \(file.metadata["optimizer"] ?? "?"), "
-                        + "this run uses \(optimizer.config.kind.rawValue)")
-                }
-                try file.expect(name, shape: info.shape)
-                let values = try file.floats(name)
-                values.withUnsafeBufferPointer { state.buffer.baseAddress!.advanced(by: info.offset).update(from: $0.baseAddress!, count: info.count) }
-                expected.insert(name)
+            let prefix = "optimizer.\(state.name)."
+            if let missing = model.parameterTable.first(where: { file.tensors[prefix + $0.name] == nil }) {
+                throw fail("missing tensor '\(prefix + missing.name)': the checkpoint's optimizer is "
+                    + "\(file.metadata["optimizer"] ?? "?"), this run uses \(optimizer.config.kind.rawValue)")
             }
+            expected.formUnion(try readTensors(from: file, layout: model.parameterTable, prefix: prefix, into: state.buffer))
         }
         if let extra = file.names.first(where: { !expected.contains($0) }) {
             throw fail("tensor '\(extra)' does not belong to this model and optimizer (\(optimizer.config.kind.rawValue))")
         }
         optimizer.stepCount = optimizerStep
-        position.globalStep = max(position.globalStep, 0)
         return position
     }
-}
-
-/// A hash of the model's tensor names, shapes and layers: two runs can exchange checkpoints when it matches.
-func layoutHash(_ model: Model<Float>) -> String {
-    let layout = model.parameterTable.map { "\($0.name)\($0.shape)" }.joined(separator: ";") + model.spec.summary
-    return String(fnv1a(Array(layout.utf8)), radix: 16)
 }

@@ -63,15 +63,13 @@ final class Session {
         BLASThreads.set(threads)
 
         let runDirectory = options.runDir
-        if communicator.rank == 0 {
-            agreeRoot(communicator, logger, "run directory \(runDirectory)") {
-                try FileManager.default.createDirectory(atPath: runDirectory, withIntermediateDirectories: true)
-                if writeConfig {
-                    try Data(config.yaml.utf8).write(to: URL(fileURLWithPath: runDirectory + "/config.yaml"), options: .atomic)
-                }
+        // Rank 0 makes the directory; the others learn through the agreement whether it could.
+        agree(communicator, logger, "run directory \(runDirectory)") {
+            guard communicator.rank == 0 else { return }
+            try FileManager.default.createDirectory(atPath: runDirectory, withIntermediateDirectories: true)
+            if writeConfig {
+                try Data(config.yaml.utf8).write(to: URL(fileURLWithPath: runDirectory + "/config.yaml"), options: .atomic)
             }
-        } else {
-            agreeRoot(communicator, logger, "run directory") {}
         }
         return Session(communicator: communicator, logger: logger, config: config, runDirectory: runDirectory,
                        isLocal: isLocal, layout: layout, blasThreads: threads, progressStyle: options.progress)
@@ -101,11 +99,6 @@ final class Session {
             exit(1)
         }
         return result!
-    }
-
-    /// Like `agree`, for a step only rank 0 performs (its result reaches the others through the agreement).
-    static func agreeRoot(_ communicator: any Communicator, _ logger: Logger, _ what: String, _ body: () throws -> Void) {
-        agree(communicator, logger, what, body)
     }
 
     /// An error in the middle of the job, where the other ranks may already wait in a collective: report it and

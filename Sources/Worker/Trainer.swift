@@ -100,10 +100,9 @@ final class Trainer {
     /// All ranks compare the model layout, batch size, steps per epoch and a checksum of the parameters, and
     /// refuse to start on any difference, naming both sides.
     private func verifyReplicas(model: Model<Float>, sampler: ShardSampler, checksum: Bool) {
-        let layout = model.parameterTable.map { "\($0.name)\($0.shape)" }.joined(separator: ";") + model.spec.summary
         var fields: [(String, Int64)] = [
             ("parameters", Int64(model.parameterCount)),
-            ("model layout hash", Int64(bitPattern: fnv1a(Array(layout.utf8)))),
+            ("model layout hash", Int64(bitPattern: layoutHash(model))),
             ("batch size", Int64(sampler.batchSize)),
             ("steps per epoch", Int64(sampler.stepsPerEpoch)),
         ]
@@ -230,7 +229,7 @@ final class Trainer {
         do {
             for epoch in position.epoch..<config.epochs {
                 let indices = sampler.indices(epoch: epoch)
-                var stopSignal: Int32? = nil
+                var stopRequested = false
                 try indices.withUnsafeBufferPointer { (all) throws in
                     for step in (epoch == position.epoch ? position.epochStep : 0)..<sampler.stepsPerEpoch {
                         // The step: next batch, forward, backward (overwriting the gradients) with the reduction
@@ -293,7 +292,7 @@ final class Trainer {
                             watchdog.leave()
                         }
                         if stopRequests > 0 {
-                            stopSignal = StopSignals.requested ?? SIGTERM
+                            stopRequested = true
                             break
                         }
                         if config.checkpointEverySteps > 0 && position.globalStep % config.checkpointEverySteps == 0
@@ -302,7 +301,7 @@ final class Trainer {
                         }
                     }
                 }
-                if stopSignal != nil {
+                if stopRequested {
                     try checkpoint()
                     progress.status.step = position.globalStep
                     progress.finish(state: .stopped, message: "stop requested")

@@ -220,6 +220,20 @@ struct DaemonTests {
         #expect(resumed.output.contains("training finished"))
     }
 
+    @Test func sigusr2IsAStopRequestToo() throws {
+        let data = try SyntheticData(samples: 200)
+        defer { data.remove() }
+        let run = temporaryRunDirectory()
+        let job = try Harness.start(Harness.executable.path, job(data, runDir: run) + ["--local"],
+                                    environment: ["BPWORKER_TEST_STEP_SLEEP_MS": "50"])
+        #expect(job.waitFor { $0.contains("step 5/25") })
+        job.signal(SIGUSR2)
+        let r = job.wait(timeout: 30)
+        #expect(r.status == 0, "\(r.output)")
+        #expect(r.output.contains("stopped by SIGUSR2"))
+        #expect(FileManager.default.fileExists(atPath: run + "/checkpoints/latest"))
+    }
+
     @Test func aSecondSigintExitsAtOnce() throws {
         let data = try SyntheticData(samples: 200)
         defer { data.remove() }

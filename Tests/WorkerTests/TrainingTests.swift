@@ -81,6 +81,8 @@ struct TrainingTests {
         #expect(r.status == 0, "\(r.output)")
         #expect(r.output.contains("local mode"))
         #expect(r.output.contains("10 per rank x 1 rank = global batch 10"))
+        // The resolved configuration is printed, not only written.
+        #expect(r.output.contains("configuration (also in \(run)/config.yaml)") && r.output.contains("    batch_size: 10"))
         let config = try String(contentsOfFile: run + "/config.yaml", encoding: .utf8)
         #expect(config.contains("batch_size: 10"))
         let records = try String(contentsOfFile: run + "/metrics.jsonl", encoding: .utf8).split(separator: "\n")

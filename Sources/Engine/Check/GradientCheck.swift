@@ -167,8 +167,7 @@ public func checkGradients(model: Model<Double>, count: Int, options: GradientCh
     model.backward(count: count)
     let analytic = Array(model.gradients)
 
-    // Central difference along `direction` at coordinate `index` (direction nil) or along a whole vector.
-    // Returns nil when the two evaluations straddle a kink.
+    // Central difference at coordinate `index`; nil when the two evaluations straddle a kink.
     // Only layers from `layer` on see the change, so only they are recomputed (the layers below keep the
     // activations of the last full pass at theta).
     func difference(at index: Int, layer: Int) -> Double? {

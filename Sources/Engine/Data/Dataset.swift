@@ -66,14 +66,7 @@ public struct Dataset: Sendable {
         guard x.shape.count >= 2 else {
             throw DataError(path: images, reason: "expected images shaped [N, rows, cols] or [N, D], got \(x.shape)")
         }
-        guard y.shape.count == 1 else {
-            throw DataError(path: labels, reason: "expected labels shaped [N], got \(y.shape)")
-        }
-        guard x.shape[0] == y.shape[0] else {
-            throw DataError(
-                path: images,
-                reason: "has \(x.shape[0]) images but the labels file \(labels) has \(y.shape[0]) labels")
-        }
+        try checkLabels(shape: y.shape, path: labels, samples: x.shape[0], samplesPath: images, noun: "images")
         let featureCount = x.shape.dropFirst().reduce(1, *)  // cannot overflow: IDX.read checked the whole product
         return try Dataset(name: images, labelsName: labels, featureCount: featureCount, features: .uint8(x.bytes), labels: y.bytes.map { Int32($0) })
     }
@@ -86,14 +79,7 @@ public struct Dataset: Sendable {
         guard x.shape.count >= 1 else {
             throw DataError(path: features, reason: "expected features shaped [N, ...], got a 0-d array")
         }
-        guard y.shape.count == 1 else {
-            throw DataError(path: labels, reason: "expected labels shaped [N], got \(y.shape)")
-        }
-        guard x.shape[0] == y.shape[0] else {
-            throw DataError(
-                path: features,
-                reason: "has \(x.shape[0]) samples but the labels file \(labels) has \(y.shape[0]) labels")
-        }
+        try checkLabels(shape: y.shape, path: labels, samples: x.shape[0], samplesPath: features, noun: "samples")
         let stored: Features
         switch x.storage {
         case .uint8(let v): stored = .uint8(v)
@@ -119,6 +105,16 @@ public struct Dataset: Sendable {
             throw DataError(path: features, reason: "samples have no features: shape \(x.shape)")
         }
         return try Dataset(name: features, labelsName: labels, featureCount: featureCount, features: stored, labels: labelValues)
+    }
+
+    /// Labels must be one per sample: shaped [N] with N the features' first dimension.
+    private static func checkLabels(shape: [Int], path: String, samples: Int, samplesPath: String, noun: String) throws {
+        guard shape.count == 1 else {
+            throw DataError(path: path, reason: "expected labels shaped [N], got \(shape)")
+        }
+        guard samples == shape[0] else {
+            throw DataError(path: samplesPath, reason: "has \(samples) \(noun) but the labels file \(path) has \(shape[0]) labels")
+        }
     }
 
     // MARK: - Labels
