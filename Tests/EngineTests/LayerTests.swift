@@ -73,6 +73,24 @@ struct LayerTests {
         #expect(result.correct == 1)
     }
 
+    func countsNonFinite<T: Scalar>(_: T.Type) {
+        // Lengths around the vector width, non-finite values at the start, in the middle and in the scalar tail.
+        for n in [1, 7, 8, 9, 37, 1000] {
+            var values = (0..<n).map { T($0) * 1e30 - T(n / 2) }   // large but finite, both signs
+            values[0] = T.leastNonzeroMagnitude
+            var expected = 0
+            for (position, special) in [(0, T.nan), (n / 2, T.infinity), (n - 1, -T.infinity)] where position < n {
+                if values[position].isFinite { expected += 1 }
+                values[position] = special
+            }
+            #expect(nonFiniteCount(values, n) == expected, "n = \(n)")
+            #expect(nonFiniteCount(values, n) == values.count { !$0.isFinite })
+        }
+    }
+
+    @Test func countsNonFiniteFloat() { countsNonFinite(Float.self) }
+    @Test func countsNonFiniteDouble() { countsNonFinite(Double.self) }
+
     func activations<T: Scalar>(_: T.Type) {
         let x: [Double] = [-2, -0.5, 0.25, 1, 3]
         let n = x.count

@@ -235,14 +235,26 @@ public func scale<T: Scalar>(_ x: UnsafeMutablePointer<T>, _ n: Int, by a: T) {
 }
 
 /// Number of elements that are NaN or infinite. (x - x is 0 for finite x and NaN otherwise; NaN != NaN.)
+/// Written as while loops with wrapping adds into a 32-bit count per block of 2^30 elements because the
+/// compiler vectorizes the reduction fully only in that form: as `for i in 0..<n` with `count += ...` it
+/// stayed scalar, 1.3 ms over 1.86 M gradients (7% of a 784-1024-1024-10 training step).
 @_specialize(where T == Float) @_specialize(where T == Double)
 public func nonFiniteCount<T: Scalar>(_ x: UnsafePointer<T>, _ n: Int) -> Int {
-    var count = 0
-    for i in 0..<n {
-        let d = x[i] - x[i]
-        count += d == d ? 0 : 1
+    var total = 0
+    var start = 0
+    while start < n {
+        let end = Swift.min(n, start &+ (1 << 30))
+        var count: Int32 = 0
+        var i = start
+        while i < end {
+            let d = x[i] - x[i]
+            count &+= d == d ? 0 : 1
+            i &+= 1
+        }
+        total &+= Int(count)
+        start = end
     }
-    return count
+    return total
 }
 
 /// Element-wise conversion between scalar types (the gradient checker's float64 copy of a float32 model).
