@@ -8,8 +8,9 @@ import Foundation
 /// single fused allreduce after backward. Backward reports through `gradientsReady(from:)` that everything
 /// from an offset on is final; every bucket lying wholly past that offset starts at once with a nonblocking
 /// allreduce, in place on its range: no copies, no packing. Because nonblocking collectives progress only
-/// inside MPI calls, each report also polls the buckets in flight. `finish()` waits for all of them and scales
-/// by 1 / world size.
+/// inside MPI calls, each report also polls the buckets in flight. `finish()` waits for all of them and leaves
+/// the sum over ranks in the buffer: the mean is `gradientScale` times it, and the optimizer applies that factor
+/// in its own pass (`Optimizer.update(gradientScale:)`) instead of the reducer making one more.
 ///
 /// Contract: buckets are started in the same order on every rank (the bucket list depends only on the model
 /// layout and the bucket size, which ranks verify to be identical at start).
@@ -28,6 +29,8 @@ public final class GradientReducer {
     private var started = 0
     /// This rank's own count of non-finite gradient values in the current step (before reduction).
     public private(set) var localNonFiniteCount = 0
+    /// 1 / world size: after `finish()`, the mean gradient is this times the buffer.
+    public var gradientScale: Double { 1 / Double(communicator.size) }
     /// Seconds spent blocked in `finish()` waiting for communication, summed since the last `resetTimers()`.
     public private(set) var waitSeconds = 0.0
 
@@ -86,17 +89,14 @@ public final class GradientReducer {
         for i in 0..<started { _ = try pending[i].test() }
     }
 
-    /// Starts what backward did not (nothing, after a full backward), waits for every bucket, and divides by
-    /// the world size so every rank holds the mean gradient of the global batch.
+    /// Starts what backward did not (nothing, after a full backward) and waits for every bucket: every rank then
+    /// holds the sum of the ranks' gradients, `1 / gradientScale` times the mean gradient of the global batch.
     public func finish() throws(MPIError) {
         try gradientsReady(from: 0)
         let start = DispatchTime.now().uptimeNanoseconds
         for i in 0..<buckets.count { try pending[i].wait() }
         waitSeconds += Double(DispatchTime.now().uptimeNanoseconds - start) * 1e-9
         started = 0
-        if communicator.size > 1 {
-            scale(gradients.baseAddress!, gradients.count, by: 1 / Float(communicator.size))
-        }
     }
 
     public func resetTimers() { waitSeconds = 0 }

@@ -275,8 +275,14 @@ final class Trainer {
                             session.finish(exitCode: 1)
                         }
 
-                        if config.clipNorm > 0 { clipGradientNorm(model.gradients, maxNorm: config.clipNorm) }
-                        optimizer.update(parameters: model.parameters, gradients: model.gradients, learningRate: learningRate)
+                        // The buffer holds the sum over ranks: averaging and clipping are one factor of the update.
+                        var gradientScale = reducer.gradientScale
+                        if config.clipNorm > 0 {
+                            gradientScale *= gradientClipFactor(UnsafeBufferPointer(model.gradients), scale: gradientScale,
+                                                                maxNorm: config.clipNorm).factor
+                        }
+                        optimizer.update(parameters: model.parameters, gradients: model.gradients,
+                                         learningRate: learningRate, gradientScale: gradientScale)
                         position.globalStep += 1
 
                         progress.record(result)

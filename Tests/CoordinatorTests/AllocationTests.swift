@@ -30,9 +30,10 @@ struct AllocationTests {
                 _ = model.forward(count: 8, mode: .train)
                 try model.backward(count: 8, accumulate: false) { try reducer.gradientsReady(from: $0) }
                 try reducer.finish()
-                clipGradientNorm(model.gradients, maxNorm: 1)
+                let clip = gradientClipFactor(UnsafeBufferPointer(model.gradients), scale: reducer.gradientScale, maxNorm: 1)
                 optimizer.update(parameters: model.parameters, gradients: model.gradients,
-                                 learningRate: schedule.learningRate(atStep: step))
+                                 learningRate: schedule.learningRate(atStep: step),
+                                 gradientScale: reducer.gradientScale * clip.factor)
                 counts.append(bp_thread_allocations() - before)
             }
         }

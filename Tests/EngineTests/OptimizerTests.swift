@@ -4,7 +4,10 @@ import Testing
 @Suite("Optimizers, schedules and clipping against closed forms")
 struct OptimizerTests {
     /// Runs `steps` updates with fixed gradient values and returns the parameters.
-    func run<T: Scalar>(_: T.Type, _ config: OptimizerConfig, p0: [Double], grads: [[Double]], lr: Double) throws -> [Double] {
+    /// The gradients are handed over multiplied by 1 / `gradientScale`, as a data-parallel step hands over sums:
+    /// the closed forms hold for every scale (powers of two keep the products exact).
+    func run<T: Scalar>(_: T.Type, _ config: OptimizerConfig, p0: [Double], grads: [[Double]], lr: Double,
+                        gradientScale: Double) throws -> [Double] {
         let n = p0.count
         let optimizer = try Optimizer<T>(config: config, parameterCount: n)
         let p = UnsafeMutableBufferPointer<T>.allocate(capacity: n)
@@ -12,15 +15,18 @@ struct OptimizerTests {
         defer { p.deallocate(); g.deallocate() }
         for i in 0..<n { p[i] = T(p0[i]) }
         for step in grads {
-            for i in 0..<n { g[i] = T(step[i]) }
-            optimizer.update(parameters: p, gradients: g, learningRate: lr)
+            for i in 0..<n { g[i] = T(step[i] / gradientScale) }
+            optimizer.update(parameters: p, gradients: g, learningRate: lr, gradientScale: gradientScale)
         }
         #expect(optimizer.stepCount == grads.count)
         return p.map { Double($0) }
     }
 
-    func closedForms<T: Scalar>(_: T.Type) throws {
+    func closedForms<T: Scalar>(_: T.Type, gradientScale: Double) throws {
         let tol = tolerance(T.self) * 10
+        func run(_ t: T.Type, _ config: OptimizerConfig, p0: [Double], grads: [[Double]], lr: Double) throws -> [Double] {
+            try self.run(t, config, p0: p0, grads: grads, lr: lr, gradientScale: gradientScale)
+        }
         let p0 = [1.0, -2.0, 0.5], g1 = [0.1, -0.3, 2.0], g2 = [-0.2, 0.4, 1.0]
         // SGD with L2: p - lr (g + wd p)
         let sgd = try run(T.self, .init(kind: .sgd, weightDecay: 0.1), p0: p0, grads: [g1], lr: 0.5)
@@ -63,8 +69,10 @@ struct OptimizerTests {
         #expect(allClose(first, (0..<3).map { p0[$0] - lr * (g1[$0] > 0 ? 1 : -1) }, 1e-5))
     }
 
-    @Test func closedFormsFloat() throws { try closedForms(Float.self) }
-    @Test func closedFormsDouble() throws { try closedForms(Double.self) }
+    @Test(arguments: [1.0, 0.25])
+    func closedFormsFloat(gradientScale: Double) throws { try closedForms(Float.self, gradientScale: gradientScale) }
+    @Test(arguments: [1.0, 0.25])
+    func closedFormsDouble(gradientScale: Double) throws { try closedForms(Double.self, gradientScale: gradientScale) }
 
     @Test func defaultsFollowTorchOptim() {
         #expect(OptimizerConfig(kind: .adamw).weightDecay == 0.01)
@@ -98,14 +106,26 @@ struct OptimizerTests {
         #expect(throws: ModelSpecError.self) { try LearningRateSchedule(base: 0).validate() }
     }
 
-    @Test func clippingScalesToTheMaximumNorm() {
-        var g: [Float] = [3, 4]  // norm 5
-        let norm = g.withUnsafeMutableBufferPointer { clipGradientNorm($0, maxNorm: 1) }
-        #expect(norm == 5)
-        #expect(abs(g[0] - 0.6) < 1e-6 && abs(g[1] - 0.8) < 1e-6)
-        var small: [Double] = [0.3, 0.4]
-        _ = small.withUnsafeMutableBufferPointer { clipGradientNorm($0, maxNorm: 1) }
-        #expect(small == [0.3, 0.4])
+    @Test func clippingScalesToTheMaximumNorm() throws {
+        let g: [Float] = [3, 4]  // norm 5
+        let clip = g.withUnsafeBufferPointer { gradientClipFactor($0, maxNorm: 1) }
+        #expect(clip.norm == 5)
+        #expect(abs(clip.factor - 1 / (5 + 1e-6)) < 1e-12)
+        // Read as 0.5 * g (a sum over two ranks): norm 2.5.
+        let halved = g.withUnsafeBufferPointer { gradientClipFactor($0, scale: 0.5, maxNorm: 1) }
+        #expect(halved.norm == 2.5)
+        #expect(abs(halved.factor - 1 / (2.5 + 1e-6)) < 1e-12)
+        let small: [Double] = [0.3, 0.4]
+        #expect(small.withUnsafeBufferPointer { gradientClipFactor($0, maxNorm: 1) }.factor == 1)
+        // Applied through the optimizer, plain SGD with lr 1 moves the parameters by the clipped gradient.
+        let optimizer = try Optimizer<Float>(config: .init(kind: .sgd), parameterCount: 2)
+        var p: [Float] = [0, 0], gradients = g
+        p.withUnsafeMutableBufferPointer { pp in
+            gradients.withUnsafeMutableBufferPointer { gg in
+                optimizer.update(parameters: pp, gradients: gg, learningRate: 1, gradientScale: 0.5 * halved.factor)
+            }
+        }
+        #expect(abs(p[0] + 0.6) < 1e-6 && abs(p[1] + 0.8) < 1e-6)
     }
 }
 

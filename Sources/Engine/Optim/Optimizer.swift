@@ -77,26 +77,28 @@ public final class Optimizer<T: Scalar> {
         for s in state { s.buffer.deallocate() }
     }
 
-    /// Applies one update to `parameters` from `gradients` with this step's learning rate. Allocates nothing.
+    /// Applies one update to `parameters` from `gradientScale * gradients` with this step's learning rate: a
+    /// data-parallel caller passes the summed gradients and 1 / ranks, so averaging costs no pass of its own.
+    /// Allocates nothing.
     public func update(parameters: UnsafeMutableBufferPointer<T>, gradients: UnsafeMutableBufferPointer<T>,
-                       learningRate: Double) {
+                       learningRate: Double, gradientScale: Double = 1) {
         precondition(parameters.count == parameterCount && gradients.count == parameterCount)
         stepCount += 1
         let p = parameters.baseAddress!, g = gradients.baseAddress!, n = parameterCount
-        let lr = T(learningRate), wd = T(config.weightDecay)
+        let lr = T(learningRate), wd = T(config.weightDecay), s = T(gradientScale)
         switch config.kind {
         case .sgd:
             if config.momentum > 0 {
-                momentumUpdate(p, g, buffer: state[0].buffer.baseAddress!, n, learningRate: lr,
+                momentumUpdate(p, g, buffer: state[0].buffer.baseAddress!, n, gradientScale: s, learningRate: lr,
                                momentum: T(config.momentum), nesterov: config.nesterov, weightDecay: wd)
             } else {
-                sgdUpdate(p, g, n, learningRate: lr, weightDecay: wd)
+                sgdUpdate(p, g, n, gradientScale: s, learningRate: lr, weightDecay: wd)
             }
         case .adam, .adamw:
             let t = Double(stepCount)
             let decoupled = config.kind == .adamw
             adamUpdate(p, g, m: state[0].buffer.baseAddress!, v: state[1].buffer.baseAddress!, n,
-                       learningRate: lr, beta1: T(config.beta1), beta2: T(config.beta2), epsilon: T(config.epsilon),
+                       gradientScale: s, learningRate: lr, beta1: T(config.beta1), beta2: T(config.beta2), epsilon: T(config.epsilon),
                        l2Decay: decoupled ? 0 : wd, decoupledDecay: decoupled ? wd : 0,
                        biasCorrection1: T(1 - Double.pow(config.beta1, t)),
                        biasCorrection2: T(1 - Double.pow(config.beta2, t)))
@@ -110,12 +112,11 @@ public final class Optimizer<T: Scalar> {
     }
 }
 
-/// Scales `gradients` so their global L2 norm is at most `maxNorm` (torch.nn.utils.clip_grad_norm_:
-/// factor = maxNorm / (norm + 1e-6), applied only when below 1). Returns the norm before clipping.
-@discardableResult
-public func clipGradientNorm<T: Scalar>(_ gradients: UnsafeMutableBufferPointer<T>, maxNorm: Double) -> Double {
-    let norm = Double(T.dot(gradients.count, gradients.baseAddress!, gradients.baseAddress!)).squareRoot()
-    let factor = maxNorm / (norm + 1e-6)
-    if factor < 1 { scale(gradients.baseAddress!, gradients.count, by: T(factor)) }
-    return norm
+/// Gradient-norm clipping as torch.nn.utils.clip_grad_norm_, for gradients that are read as `scale * gradients`:
+/// the norm of the scaled gradients and the factor maxNorm / (norm + 1e-6), or 1 when that is not below 1.
+/// Nothing is written: the caller multiplies the factor into the gradient scale it passes to `Optimizer.update`.
+public func gradientClipFactor<T: Scalar>(_ gradients: UnsafeBufferPointer<T>, scale: Double = 1, maxNorm: Double)
+    -> (norm: Double, factor: Double) {
+    let norm = scale * Double(T.dot(gradients.count, gradients.baseAddress!, gradients.baseAddress!)).squareRoot()
+    return (norm, Swift.min(1, maxNorm / (norm + 1e-6)))
 }
