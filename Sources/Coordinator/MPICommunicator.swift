@@ -30,7 +30,8 @@ public final class MPICommunicator: Communicator {
         self.requests = RequestPool(capacity: requestSlots)
     }
 
-    /// Initializes MPI (MPI_Init_thread, MPI_THREAD_FUNNELED) and makes MPI_COMM_WORLD return errors.
+    /// Initializes MPI (MPI_Init_thread, MPI_THREAD_FUNNELED) and makes MPI_COMM_WORLD return errors. First
+    /// applies the OpenMPI settings of `MPITuning.defaults` that the user has not set.
     /// `requestSlots` sizes the reusable storage for reductions in flight at once (it grows if exceeded).
     /// MPI can be initialized once per process: a second call throws.
     public static func initialize(requestSlots: Int = 16) throws(MPIError) -> MPICommunicator {
@@ -47,6 +48,7 @@ public final class MPICommunicator: Communicator {
                            message: "MPI_ERR_OTHER: MPI is already initialized in this process")
         }
 
+        let tuned = MPITuning.apply()
         var provided: Int32 = 0
         try mpiCheck(MPI_Init_thread(nil, nil, bp_mpi_thread_funneled(), &provided), "MPI_Init_thread")
         let world = bp_mpi_comm_world()
@@ -67,6 +69,7 @@ public final class MPICommunicator: Communicator {
             comm: world, rank: Int(rank), size: Int(size), processorName: try processorNameOfThisRank(),
             threadLevel: threadLevel, requestSlots: requestSlots)
         logger.debug("MPI initialized: rank \(rank) of \(size) on \(communicator.processorName), \(threadLevel)")
+        for setting in tuned { logger.debug("MPI setting shipped with bpworker: \(setting.name)=\(setting.value)") }
         return communicator
     }
 

@@ -93,6 +93,9 @@ final class Checker {
         expect(comm.threadLevel >= .funneled, "thread level \(comm.threadLevel)")
         expect(!comm.processorName.isEmpty, "empty processor name")
         expect(comm.requestSlotCapacity == 4, "initial request slots \(comm.requestSlotCapacity)")
+        // The job was launched without it, so initialize() applied bpworker's shipped setting before MPI_Init.
+        let shipped = getenv("OMPI_MCA_coll_libnbc_iallreduce_algorithm").map { String(cString: $0) }
+        expect(shipped == "3", "nonblocking allreduce algorithm \(shipped ?? "unset"), expected the shipped 3")
         try comm.barrier()
     }
 

@@ -158,6 +158,15 @@ import Testing
         #expect(!MPICommunicator.isLaunchedByMPI(environment: [:]))
     }
 
+    @Test func shippedMPISettingsYieldToTheUsers() {
+        let key = "OMPI_MCA_coll_libnbc_iallreduce_algorithm"
+        #expect(MPITuning.defaults.contains { $0.environmentKey == key && $0.value == "3" })
+        #expect(MPITuning.missing(from: ["PATH": "/bin"]).map(\.environmentKey).contains(key))
+        // Set by the user (or by mpirun --mca / -x): kept, whatever its value.
+        #expect(!MPITuning.missing(from: [key: "1"]).map(\.environmentKey).contains(key))
+        #expect(!MPITuning.missing(from: [key: "0"]).map(\.environmentKey).contains(key))
+    }
+
     @Test func strippedEnvironmentIsNotLaunchedByMPI() {
         let env = ["OMPI_COMM_WORLD_SIZE": "2", "PMIX_RANK": "1", "PMI_RANK": "1", "PATH": "/bin"]
         #expect(!MPICommunicator.isLaunchedByMPI(environment: environmentWithoutMPIVariables(env)))
