@@ -25,21 +25,28 @@ func f(_ x: Double, _ digits: Int = 3) -> String { String(format: "%.\(digits)f"
 /// Times `a` and `b` alternately for `rounds` rounds of `repeats` calls each (A B, then B A, so neither always
 /// goes first); returns median seconds per call.
 func alternate(rounds: Int, repeats: Int, _ a: () -> Void, _ b: () -> Void) -> (Double, Double) {
-    a(); b()   // warm up
-    var ta: [Double] = [], tb: [Double] = []
-    func measure(_ body: () -> Void) -> Double {
-        let t = now()
-        for _ in 0..<repeats { body() }
-        return (now() - t) / Double(repeats)
-    }
-    for round in 0..<rounds {
-        if round % 2 == 0 {
-            ta.append(measure(a)); tb.append(measure(b))
-        } else {
-            tb.append(measure(b)); ta.append(measure(a))
+    withoutActuallyEscaping(a) { a in
+        withoutActuallyEscaping(b) { b in
+            let t = alternate(rounds: rounds, repeats: repeats, [a, b])
+            return (t[0], t[1])
         }
     }
-    return (median(ta), median(tb))
+}
+
+/// Times every body in turn for `rounds` rounds of `repeats` calls each, starting each round one body later, so
+/// none always goes first; returns median seconds per call of each.
+func alternate(rounds: Int, repeats: Int, _ bodies: [() -> Void]) -> [Double] {
+    for body in bodies { body() }   // warm up
+    var times = [[Double]](repeating: [], count: bodies.count)
+    for round in 0..<rounds {
+        for k in 0..<bodies.count {
+            let j = (round + k) % bodies.count
+            let t = now()
+            for _ in 0..<repeats { bodies[j]() }
+            times[j].append((now() - t) / Double(repeats))
+        }
+    }
+    return times.map(median)
 }
 
 // MARK: - Engine against the BLAS limit
@@ -50,7 +57,8 @@ final class StepBench {
     let optimizer: Optimizer<Float>
     let batch: Int
     init(widths: [Int], batch: Int) throws {
-        model = try Model<Float>(spec: .mlp(widths: widths), batchCapacity: batch, seed: 1)
+        // Two control slots, as the Worker's model has (stop requests and the non-finite count).
+        model = try Model<Float>(spec: .mlp(widths: widths), batchCapacity: batch, seed: 1, controlSlots: 2)
         optimizer = try Optimizer<Float>(config: .init(kind: .sgd, momentum: 0.9), parameterCount: model.parameterCount)
         self.batch = batch
         var g = RandomGenerator(seed: 2, stream: 9)
@@ -146,6 +154,7 @@ func profileBench() throws {
         time("  ReLU backward, 256 x 1024") { reluBackward(x, z, y, n) }
         time("  leaky ReLU backward, 256 x 1024") { leakyReLUBackward(x, z, y, n, slope: 0.01) }
         time("  dropout forward, 256 x 1024") { dropoutForward(x, y, mask: mask, n, keep: 0.9, generator: &generator) }
+        time("  non-finite count over the gradients") { _ = nonFiniteCount(step.model.gradients.baseAddress!, step.model.parameterCount) }
         time("  bias gradient GEMV, 256 x 1024") {
             Float.gemvTransposed(m: 256, n: 1024, alpha: 1, a: x, lda: 1024, x: ones, beta: 0, y: y)
         }
@@ -155,7 +164,7 @@ func profileBench() throws {
     for name in ["forward", "backward (overwriting the gradients)", "optimizer (SGD momentum)", "the step's GEMMs alone",
                  "  its forward GEMMs alone", "  its backward GEMMs alone",
                  "  bias broadcast, 256 x 1024", "  ReLU forward, 256 x 1024", "  ReLU backward, 256 x 1024",
-                 "  leaky ReLU backward, 256 x 1024", "  dropout forward, 256 x 1024", "  bias gradient GEMV, 256 x 1024"] {
+                 "  leaky ReLU backward, 256 x 1024", "  dropout forward, 256 x 1024", "  non-finite count over the gradients", "  bias gradient GEMV, 256 x 1024"] {
         print("| \(name) | \(f(median(parts[name]!) * 1e3)) |")
     }
 }
@@ -222,8 +231,8 @@ func mpiBench(_ body: (MPICommunicator) throws -> Void) throws {
 
 func allreduceBench(_ communicator: MPICommunicator) throws {
     if communicator.rank == 0 {
-        print("| size | ours (us) | MPI_Allreduce (us) | ours / C | GB/s (C) |")
-        print("| --- | --- | --- | --- | --- |")
+        print("| size | ours (us) | MPI_Allreduce (us) | ours / C | GB/s (C) | nonblocking: start + wait (us) | nonblocking / C |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
     }
     var bytes = 4096
     while bytes <= (smoke ? 1 << 20 : 64 << 20) {
@@ -232,54 +241,86 @@ func allreduceBench(_ communicator: MPICommunicator) throws {
         buffer.initialize(repeating: 1)
         let repeats = max(3, min(200, (32 << 20) / bytes))
         var failure: Error? = nil
-        let (ours, c) = alternate(rounds: smoke ? 2 : 9, repeats: smoke ? 2 : repeats, {
+        let medians = alternate(rounds: smoke ? 2 : 9, repeats: smoke ? 2 : repeats, [{
             do { try communicator.allreduce(buffer, op: .sum) } catch { failure = error }
         }, {
             _ = MPI_Allreduce(bp_mpi_in_place(), buffer.baseAddress, Int32(count), bp_mpi_float(), bp_mpi_sum(), bp_mpi_comm_world())
-        })
+        }, {
+            // What the gradient reducer does with a bucket (MPI_Iallreduce, then MPI_Wait).
+            do { try communicator.startAllreduce(buffer, op: .sum).wait() } catch { failure = error }
+        }])
         if let failure { throw failure }
         // The ranks' clocks differ a little: the slowest rank's medians are the job's.
-        var times = [ours, c]
+        var times = medians
         try times.withUnsafeMutableBufferPointer { try communicator.allreduce($0, op: .max) }
         if communicator.rank == 0 {
             let size = bytes >= 1 << 20 ? "\(bytes >> 20) MiB" : "\(bytes >> 10) KiB"
-            print("| \(size) | \(f(times[0] * 1e6, 1)) | \(f(times[1] * 1e6, 1)) | \(f(times[0] / times[1])) | \(f(Double(bytes) / times[1] / 1e9, 2)) |")
+            print("| \(size) | \(f(times[0] * 1e6, 1)) | \(f(times[1] * 1e6, 1)) | \(f(times[0] / times[1])) | \(f(Double(bytes) / times[1] / 1e9, 2)) | \(f(times[2] * 1e6, 1)) | \(f(times[2] / times[1])) |")
         }
         buffer.deallocate()
         bytes *= 4
     }
 }
 
+/// The Worker's step at 2 ranks with each way of reducing the gradients, against the same step with no
+/// communication at all; the bucket sizes are the sweep that chose `training.bucket_kib`.
 func overlapBench(_ communicator: MPICommunicator) throws {
     let step = try StepBench(widths: [784, 1024, 1024, 10], batch: 256)
     let model = step.model
     let ranges = model.parameterTable.map(\.range)
-    let fused = GradientReducer(communicator: communicator, gradients: model.gradients, tensorRanges: ranges, bucketElements: 0)
-    let bucketed = GradientReducer(communicator: communicator, gradients: model.gradients, tensorRanges: ranges,
-                                   bucketElements: 256 * 1024 / 4)
+    // As the Worker makes them: the control slots ride in the last bucket, non-finite values are counted.
+    func reducer(kib: Int) -> GradientReducer {
+        GradientReducer(communicator: communicator, gradients: model.gradients, tensorRanges: ranges,
+                        bucketElements: kib * 1024 / 4, control: model.control, nonFiniteSlot: 1)
+    }
     var failure: Error? = nil
-    func run(_ reducer: GradientReducer) {
+    func run(_ reducer: GradientReducer?) {
         do {
+            model.zeroControl()
             model.forward(count: step.batch, mode: .train)
-            try model.backward(count: step.batch, accumulate: false) { try reducer.gradientsReady(from: $0) }
-            try reducer.finish()
-            step.optimizer.update(parameters: model.parameters, gradients: model.gradients, learningRate: 1e-4)
+            try model.backward(count: step.batch, accumulate: false) { try reducer?.gradientsReady(from: $0) }
+            try reducer?.finish()
+            step.optimizer.update(parameters: model.parameters, gradients: model.gradients, learningRate: 1e-4,
+                                  gradientScale: reducer?.gradientScale ?? 1)
         } catch { failure = error }
     }
+    // For comparison: one blocking MPI_Allreduce of the whole buffer after backward, no non-finite count.
+    let whole = UnsafeMutableBufferPointer(start: model.control.baseAddress!, count: model.control.count + model.parameterCount)
+    func blocking() {
+        do {
+            model.zeroControl()
+            model.forward(count: step.batch, mode: .train)
+            model.backward(count: step.batch, accumulate: false) { _ in }
+            try communicator.allreduce(whole, op: .sum)
+            step.optimizer.update(parameters: model.parameters, gradients: model.gradients, learningRate: 1e-4,
+                                  gradientScale: 1 / Double(communicator.size))
+        } catch { failure = error }
+    }
+    let sizes = [0, 16, 256, 8192]
+    let reducers = sizes.map { reducer(kib: $0) }
     let rounds = smoke ? 2 : 9, repeats = smoke ? 1 : 10
-    fused.resetTimers(); bucketed.resetTimers()
-    let (tf, tb) = alternate(rounds: rounds, repeats: repeats, { run(fused) }, { run(bucketed) })
+    let times = alternate(rounds: rounds, repeats: repeats, [{ run(nil) }, blocking] + reducers.map { r in { run(r) } })
     if let failure { throw failure }
     let calls = Double(rounds * repeats + 1)
-    var values = [tf, tb, fused.waitSeconds / calls, bucketed.waitSeconds / calls]
+    var values = times + reducers.map { $0.waitSeconds / calls }
     try values.withUnsafeMutableBufferPointer { try communicator.allreduce($0, op: .max) }
-    if communicator.rank == 0 {
-        print("| reduction | step (ms) | waiting for communication after backward (ms) |")
-        print("| --- | --- | --- |")
-        print("| one fused allreduce after backward | \(f(values[0] * 1e3)) | \(f(values[2] * 1e3)) |")
-        print("| \(bucketed.buckets.count) buckets of 256 KiB overlapping backward | \(f(values[1] * 1e3)) | \(f(values[3] * 1e3)) |")
-        print("| share of the fused wait hidden behind backward | \(f(100 * (1 - values[3] / max(values[2], 1e-12)), 1))% | |")
+    guard communicator.rank == 0 else { return }
+    let alone = values[0]
+    func row(_ name: String, _ t: Double, _ wait: Double?) {
+        print("| \(name) | \(f(t * 1e3)) | \(f(t / alone)) | \(wait.map { f($0 * 1e3) } ?? "") |")
     }
+    print("| reduction | step (ms) | vs no communication | waiting after backward (ms) |")
+    print("| --- | --- | --- | --- |")
+    row("none: both ranks compute, nothing is reduced", values[0], nil)
+    row("one blocking MPI_Allreduce after backward (no non-finite count)", values[1], nil)
+    for (k, kib) in sizes.enumerated() {
+        let n = reducers[k].buckets.count
+        let name = kib == 0 ? "one nonblocking allreduce after backward (bucket_kib=0)"
+            : "bucket_kib=\(kib): \(n) bucket\(n == 1 ? "" : "s") overlapping backward"
+        row(name, values[2 + k], values[2 + sizes.count + k])
+    }
+    let fusedWait = values[2 + sizes.count], defaultWait = values[2 + sizes.count + 2]
+    print("| share of the fused wait hidden behind backward (bucket_kib=256) | \(f(100 * (1 - defaultWait / max(fusedWait, 1e-12)), 1))% | | |")
 }
 
 switch mode {
