@@ -18,6 +18,18 @@ struct ModelTests {
                 == ["0.weight", "0.bias", "3.weight", "3.bias"])
     }
 
+    @Test func largeBuffersStartOnHugePageBoundaries() throws {
+        // Parameters, gradient storage and optimizer state start on 2 MiB boundaries so huge pages can back them.
+        let model = try Model<Float>(spec: .mlp(widths: [784, 1024, 1024, 10]), batchCapacity: 8)
+        let optimizer = try Optimizer<Float>(config: .init(kind: .adam), parameterCount: model.parameterCount)
+        let starts = [UnsafeRawPointer(model.parameters.baseAddress!), UnsafeRawPointer(model.gradients.baseAddress!)]
+            + optimizer.state.map { UnsafeRawPointer($0.buffer.baseAddress!) }
+        for start in starts { #expect(Int(bitPattern: start) % (2 << 20) == 0) }
+        // And they are ordinary memory: written whole and read back.
+        for i in 0..<model.parameterCount { model.gradients[i] = Float(i % 7) }
+        #expect(model.gradients.reduce(0, +) == Float((0..<model.parameterCount).reduce(0) { $0 + $1 % 7 }))
+    }
+
     @Test func invalidArchitecturesAreRejectedWithTheLayerNamed() {
         #expect(throws: ModelSpecError("layer 2 Linear(5, 2) expects 5 inputs but the previous layer produces 4")) {
             try ModelSpec(layers: [.linear(inputs: 3, outputs: 4), .relu, .linear(inputs: 5, outputs: 2)]).validate()

@@ -100,9 +100,9 @@ public final class Model<T: Scalar> {
         inputWidth = spec.inputWidth
         outputWidth = spec.outputWidth
 
-        parameters = .allocate(capacity: parameterCount)
+        parameters = LargeBuffer.allocate(parameterCount)
         parameters.initialize(repeating: 0)
-        let gradientStorage = UnsafeMutableBufferPointer<T>.allocate(capacity: controlSlots + parameterCount)
+        let gradientStorage: UnsafeMutableBufferPointer<T> = LargeBuffer.allocate(controlSlots + parameterCount)
         gradientStorage.initialize(repeating: 0)
         control = UnsafeMutableBufferPointer(rebasing: gradientStorage[..<controlSlots])
         gradients = UnsafeMutableBufferPointer(rebasing: gradientStorage[controlSlots...])
@@ -121,7 +121,7 @@ public final class Model<T: Scalar> {
             if case .dropout = pair.0 { total + pair.1 * batchCapacity } else { total }
         }
         let total = activationElements + gradientElements + maskElements + batchCapacity * outputWidth + batchCapacity
-        arena = .allocate(capacity: total)
+        arena = LargeBuffer.allocate(total)
         arena.initialize(repeating: 0)
 
         var cursor = arena.baseAddress!
@@ -162,11 +162,10 @@ public final class Model<T: Scalar> {
     }
 
     deinit {
-        parameters.deallocate()
-        UnsafeMutableBufferPointer(start: gradients.baseAddress! - control.count, count: control.count + parameterCount)
-            .deallocate()
+        LargeBuffer.free(parameters)
+        LargeBuffer.free(UnsafeMutableBufferPointer(start: gradients.baseAddress! - control.count, count: control.count + parameterCount))
         labels.deallocate()
-        arena.deallocate()
+        LargeBuffer.free(arena)
     }
 
     // MARK: - Parameters

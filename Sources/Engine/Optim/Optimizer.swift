@@ -67,14 +67,14 @@ public final class Optimizer<T: Scalar> {
         case .adam, .adamw: ["exp_avg", "exp_avg_sq"]
         }
         state = names.map { name in
-            let buffer = UnsafeMutableBufferPointer<T>.allocate(capacity: parameterCount)
+            let buffer: UnsafeMutableBufferPointer<T> = LargeBuffer.allocate(parameterCount)
             buffer.initialize(repeating: 0)
             return (name, buffer)
         }
     }
 
     deinit {
-        for s in state { s.buffer.deallocate() }
+        for s in state { LargeBuffer.free(s.buffer) }
     }
 
     /// Applies one update to `parameters` from `gradientScale * gradients` with this step's learning rate: a
