@@ -71,9 +71,10 @@ struct Configuration: Equatable {
     var replicaCheckEvery = 500
     var watchdogSeconds = 300.0
 
-    /// Gradient buckets of 256 KiB: measured on 2 ranks of this project's reference machine as the smallest size at
-    /// which OpenMPI's per-call cost stops dominating, while still splitting the default model into several
-    /// buckets so reduction overlaps backward. 0 means one fused allreduce after backward.
+    /// Gradient buckets of 256 KiB, from the sweep in BENCHMARKS.md (table 4): from 256 KiB up the nonblocking
+    /// allreduce runs at MPI_Allreduce's speed (table 2), and the default and benchmark models still split into
+    /// several buckets, which hid 55% of the wait after backward on 2 ranks; smaller buckets hid no more and cost
+    /// more per call. 0 means one fused allreduce after backward.
     static let defaultBucketKiB = 256
 
     enum DataFormat: String, CaseIterable { case idx, npy }
