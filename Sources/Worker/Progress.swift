@@ -38,6 +38,8 @@ final class Progress {
     private let start = Date()
     /// What RUN_DIR/status.json says (rank 0 writes it).
     var status: RunStatus
+    private var lastStatusWrite = Date.distantPast
+    private let timestampFormatter = ISO8601DateFormatter()
 
     init(session: Session, prepared: Trainer.Prepared, metrics: MetricsLog?) {
         self.session = session
@@ -90,7 +92,9 @@ final class Progress {
             status.accuracy = accuracy
             status.samplesPerSecond = samplesPerSecond
             status.etaSeconds = eta
-            writeStatus()
+            // At most once a second from progress reports: rank 0's report is on every rank's critical path (the
+            // others wait for it at the next allreduce), and status.json is for people, who read it by the second.
+            if Date().timeIntervalSince(lastStatusWrite) >= 1 { writeStatus() }
             metrics?.write([
                 "type": "train", "epoch": epoch + 1, "step": globalStep, "loss": loss, "accuracy": accuracy,
                 "lr": learningRate, "samples_per_second": samplesPerSecond, "comm_wait_fraction": waitShare,
@@ -119,10 +123,13 @@ final class Progress {
         ])
     }
 
+    /// Writes status.json now (rank 0).
     func writeStatus() {
         guard session.isRoot else { return }
-        status.updated = RunStatus.now
+        let now = Date()
+        status.updated = timestampFormatter.string(from: now)
         status.write(to: session.runDirectory)
+        lastStatusWrite = now
     }
 
     func finish(state: RunStatus.State, message: String?) {
