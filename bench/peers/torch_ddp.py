@@ -58,8 +58,9 @@ for epoch in range(args.epochs):
             t0, n0 = time.time(), step
         if args.steps and step >= args.steps:
             report.emit(samples_per_second=(step - n0) * args.batch * size / (time.time() - t0))
-            dist.destroy_process_group()
-            raise SystemExit
+            break
+    if args.steps and step >= args.steps:
+        break
     accuracy = evaluate()
     report.emit(epoch=epoch + 1, test_accuracy=accuracy)
     if args.target and accuracy >= args.target:
