@@ -1,6 +1,7 @@
 // bpbench: the in-process measurements of bench/run. Every comparison is a ratio measured side by side in one
 // process, alternating A B A B and taking medians, because shared machines drift.
 //   bpbench engine [--smoke]       training step vs the same GEMMs through cblas (1 thread)
+//   bpbench gemm-floor [--smoke]   just those GEMMs of a 784-1024-1024-10 step, in ms
 //   bpbench allreduce [--smoke]    under mpirun: our allreduce vs MPI_Allreduce called directly, 4 KiB..64 MiB
 //   bpbench overlap [--smoke]      under mpirun: bucketed allreduce overlapping backward vs one fused allreduce
 //   bpbench gradcheck [--smoke]    cost of the default gradient check vs one epoch of the default job
@@ -325,6 +326,12 @@ func overlapBench(_ communicator: MPICommunicator) throws {
 
 switch mode {
 case "engine": try engineBench()
+case "gemm-floor":
+    // The GEMMs of one 784-1024-1024-10 step at batch 256 alone, in ms: beside bench/peers/numpy_gemms.py.
+    BLASThreads.set(1)
+    let gemm = GEMMBench(widths: [784, 1024, 1024, 10], batch: 256)
+    let (t, _) = alternate(rounds: smoke ? 2 : 15, repeats: smoke ? 1 : 5, { gemm.run() }, {})
+    print(f(t * 1e3))
 case "allocations": try allocationBench()
 case "profile": try profileBench()
 case "gradcheck": try gradcheckBench()
