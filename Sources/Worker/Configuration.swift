@@ -71,10 +71,11 @@ struct Configuration: Equatable {
     var replicaCheckEvery = 500
     var watchdogSeconds = 300.0
 
-    /// Gradient buckets of 256 KiB, from the sweep in BENCHMARKS.md (table 4): from 256 KiB up the nonblocking
-    /// allreduce runs at MPI_Allreduce's speed (table 2), and the default and benchmark models still split into
-    /// several buckets, which hid 55% of the wait after backward on 2 ranks; smaller buckets hid no more and cost
-    /// more per call. 0 means one fused allreduce after backward.
+    /// Gradient buckets of 256 KiB, from the sweep in BENCHMARKS.md (tables 2 and 4): from 256 KiB up the nonblocking
+    /// allreduce runs at MPI_Allreduce's speed, and the benchmark and default models still split into several
+    /// buckets. On 2 ranks sharing 2 cores the step is level with one allreduce after backward (the copies are CPU
+    /// work and no core is idle); buckets are kept for nodes where the network moves the data while backward runs.
+    /// 0 means one allreduce after backward.
     static let defaultBucketKiB = 256
 
     enum DataFormat: String, CaseIterable { case idx, npy }
