@@ -30,6 +30,26 @@ struct ModelTests {
         #expect(model.gradients.reduce(0, +) == Float((0..<model.parameterCount).reduce(0) { $0 + $1 % 7 }))
     }
 
+    @Test func layerTimerReportsEveryLayerOfBothPassesInOrder() throws {
+        let model = try Model<Float>(spec: .mlp(widths: [6, 5, 4, 3]), batchCapacity: 2)
+        for i in 0..<12 { model.inputs[i] = Float(i) / 7 - 0.5 }
+        model.labels[0] = 1
+        model.labels[1] = 2
+        var reports: [(Int, Model<Float>.Pass, Double)] = []
+        model.layerTimer = { reports.append(($0, $1, $2)) }
+        let layers = model.spec.layers.count   // Linear ReLU Linear ReLU Linear
+        model.forward(count: 2, mode: .train)
+        model.backward(count: 2)
+        #expect(reports.map(\.0) == Array(0...layers) + Array((0..<layers).reversed()))
+        #expect(reports.map(\.1) == Array(repeating: .forward, count: layers + 1) + Array(repeating: .backward, count: layers))
+        #expect(reports.allSatisfy { $0.2 >= 0 && $0.2 < 1 })
+        // Switched off, the passes report nothing.
+        model.layerTimer = nil
+        reports.removeAll()
+        model.forward(count: 2, mode: .train)
+        #expect(reports.isEmpty)
+    }
+
     @Test func invalidArchitecturesAreRejectedWithTheLayerNamed() {
         #expect(throws: ModelSpecError("layer 2 Linear(5, 2) expects 5 inputs but the previous layer produces 4")) {
             try ModelSpec(layers: [.linear(inputs: 3, outputs: 4), .relu, .linear(inputs: 5, outputs: 2)]).validate()

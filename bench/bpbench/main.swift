@@ -129,14 +129,33 @@ func profileBench() throws {
     let gemm = GEMMBench(widths: widths, batch: 256)
     var parts: [String: [Double]] = [:]
     func time(_ name: String, _ body: () -> Void) { let t = now(); body(); parts[name, default: []].append(now() - t) }
+    // Every layer timed inside real steps (Model.layerTimer), beside the whole step and its GEMMs alone.
+    let layers = model.spec.layers
+    func layerName(_ index: Int, _ pass: Model<Float>.Pass) -> String {
+        let what = index < layers.count ? "\(index) \(layers[index])" : "loss (softmax cross-entropy)"
+        return "  \(pass == .forward ? "forward" : "backward") \(what)"
+    }
+    model.layerTimer = { index, pass, seconds in parts[layerName(index, pass), default: []].append(seconds) }
     for _ in 0..<(smoke ? 2 : 15) {
-        time("forward") { model.forward(count: 256, mode: .train) }
-        time("backward (overwriting the gradients)") { model.backward(count: 256, accumulate: false) { _ in } }
-        time("optimizer (SGD momentum)") { step.optimizer.update(parameters: model.parameters, gradients: model.gradients, learningRate: 1e-4) }
+        time("one training step, in place") {
+            time("forward") { model.forward(count: 256, mode: .train) }
+            time("backward (overwriting the gradients)") { model.backward(count: 256, accumulate: false) { _ in } }
+            time("optimizer (SGD momentum)") { step.optimizer.update(parameters: model.parameters, gradients: model.gradients, learningRate: 1e-4) }
+        }
         time("the step's GEMMs alone") { gemm.run() }
         time("  its forward GEMMs alone") { gemm.run(forward: true) }
         time("  its backward GEMMs alone") { gemm.run(forward: false) }
     }
+    model.layerTimer = nil
+    print("| inside a 784-1024-1024-10 step at batch 256, 1 thread | median ms |")
+    print("| --- | --- |")
+    var names = ["one training step, in place", "forward"]
+    names += layers.indices.map { layerName($0, .forward) } + [layerName(layers.count, .forward)]
+    names += ["backward (overwriting the gradients)"] + layers.indices.reversed().map { layerName($0, .backward) }
+    names += ["optimizer (SGD momentum)", "the step's GEMMs alone", "  its forward GEMMs alone", "  its backward GEMMs alone"]
+    for name in names { print("| \(name) | \(f(median(parts[name]!) * 1e3)) |") }
+    print()
+    parts = [:]
     // The element-wise kernels of that step, alone, on data shaped like real activations: Gaussian values with
     // random signs. Constant inputs once hid a branch in ReLU backward that real data mispredicted half the time.
     let n = 256 * 1024
@@ -160,11 +179,9 @@ func profileBench() throws {
             Float.gemvTransposed(m: 256, n: 1024, alpha: 1, a: x, lda: 1024, x: ones, beta: 0, y: y)
         }
     }
-    print("| part of a 784-1024-1024-10 step at batch 256, 1 thread | median ms |")
+    print("| element-wise work alone, on Gaussian data (warm in cache) | median ms |")
     print("| --- | --- |")
-    for name in ["forward", "backward (overwriting the gradients)", "optimizer (SGD momentum)", "the step's GEMMs alone",
-                 "  its forward GEMMs alone", "  its backward GEMMs alone",
-                 "  bias broadcast, 256 x 1024", "  ReLU forward, 256 x 1024", "  ReLU backward, 256 x 1024",
+    for name in ["  bias broadcast, 256 x 1024", "  ReLU forward, 256 x 1024", "  ReLU backward, 256 x 1024",
                  "  leaky ReLU backward, 256 x 1024", "  dropout forward, 256 x 1024", "  non-finite count over the gradients", "  bias gradient GEMV, 256 x 1024"] {
         print("| \(name) | \(f(median(parts[name]!) * 1e3)) |")
     }

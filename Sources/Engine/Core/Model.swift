@@ -1,3 +1,5 @@
+import Foundation
+
 /// Whether a forward pass is for training (dropout active) or for evaluation and checking (dropout off).
 public enum ForwardMode: Sendable {
     case train, eval
@@ -80,6 +82,14 @@ public final class Model<T: Scalar> {
         didSet { resolvedFault = gradientFault.flatMap { f in parameterTable.firstIndex { $0.name == f.tensor } } }
     }
     private var resolvedFault: Int?
+
+    /// Which pass a `layerTimer` report is about.
+    public enum Pass: Sendable { case forward, backward }
+    /// Profiling hook (bench/bpbench profile): when set, forward and backward time every layer inside the real
+    /// pass and report (layer index, pass, seconds); index `spec.layers.count` is the loss. Timing kernels alone
+    /// once hid a slow kernel that only real activations exposed. Backward excludes the time spent in its
+    /// `gradientsReady` callback. Nil in training: then the passes read no clock.
+    public var layerTimer: ((_ layer: Int, _ pass: Pass, _ seconds: Double) -> Void)?
 
     private let plan: [LayerStep<T>]
     private let arena: UnsafeMutableBufferPointer<T>
@@ -257,6 +267,7 @@ public final class Model<T: Scalar> {
         precondition(fromLayer >= 0 && fromLayer < plan.count, "layer \(fromLayer) out of range")
         lastMode = mode
         for index in fromLayer..<plan.count {
+            let started = layerTimer == nil ? 0 : DispatchTime.now().uptimeNanoseconds
             let step = plan[index]
             let n = count * step.outWidth
             switch step.layer {
@@ -277,6 +288,13 @@ public final class Model<T: Scalar> {
                 } else {
                     copy(step.x, into: step.y, n)
                 }
+            }
+            if let timer = layerTimer { timer(index, .forward, Double(DispatchTime.now().uptimeNanoseconds - started) * 1e-9) }
+        }
+        let lossStarted = layerTimer == nil ? 0 : DispatchTime.now().uptimeNanoseconds
+        defer {
+            if let timer = layerTimer {
+                timer(plan.count, .forward, Double(DispatchTime.now().uptimeNanoseconds - lossStarted) * 1e-9)
             }
         }
         let last = plan[plan.count - 1]
@@ -309,6 +327,8 @@ public final class Model<T: Scalar> {
         let beta: T = accumulate ? 1 : 0
         precondition(count > 0 && count <= batchCapacity, "batch of \(count) rows, capacity \(batchCapacity)")
         for index in stride(from: plan.count - 1, through: 0, by: -1) {
+            let started = layerTimer == nil ? 0 : DispatchTime.now().uptimeNanoseconds
+            var callback: UInt64 = 0
             let step = plan[index]
             let n = count * step.inWidth
             switch step.layer {
@@ -322,7 +342,9 @@ public final class Model<T: Scalar> {
                 if let fault = resolvedFault, fault == step.weightIndex || fault == step.weightIndex + 1 {
                     applyFault(to: parameterTable[fault])
                 }
+                let callbackStarted = layerTimer == nil ? 0 : DispatchTime.now().uptimeNanoseconds
                 try gradientsReady(step.parameterOffset)
+                if layerTimer != nil { callback = DispatchTime.now().uptimeNanoseconds - callbackStarted }
                 // dx[B,I] = dy[B,O] * W[O,I]
                 if let dx = step.dx {
                     T.gemm(transposeA: false, transposeB: false, m: count, n: i, k: o,
@@ -345,6 +367,9 @@ public final class Model<T: Scalar> {
                 } else {
                     copy(step.dy, into: dx, n)
                 }
+            }
+            if let timer = layerTimer {
+                timer(index, .backward, Double(DispatchTime.now().uptimeNanoseconds - started - callback) * 1e-9)
             }
         }
     }
