@@ -87,10 +87,12 @@ final class GEMMBench {
             calls.append(Call(ta: true, tb: false, m: o, n: i, k: batch, beta: 0))
             if l > 0 { calls.append(Call(ta: false, tb: false, m: batch, n: i, k: o, beta: 0)) }
         }
+        // The same kind of memory as the model's buffers (2 MiB pages where the kernel allows): the baseline
+        // must not pay TLB misses the step does not.
         func buffer(_ n: Int, _ value: Float) -> UnsafeMutablePointer<Float> {
-            let p = UnsafeMutablePointer<Float>.allocate(capacity: n)
-            p.initialize(repeating: value, count: n)
-            return p
+            let p: UnsafeMutableBufferPointer<Float> = LargeBuffer.allocate(n)
+            p.initialize(repeating: value)
+            return p.baseAddress!
         }
         self.calls = calls.map { ($0, buffer($0.m * $0.k, 0.01), buffer($0.k * $0.n, 0.02), buffer($0.m * $0.n, 0)) }
     }

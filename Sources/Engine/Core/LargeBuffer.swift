@@ -8,11 +8,11 @@ import Foundation
 /// than the TLB holds, so the memory-bound passes (optimizer, element-wise kernels) and the GEMMs' packing paid for
 /// page walks. With 2 MiB pages, measured on the reference machine: one rank 12.7k -> 13.1k samples/s, two ranks
 /// 23.2k -> 24.1k. Where the kernel has THP disabled the advice is ignored and nothing else changes.
-enum LargeBuffer {
-    static let hugePage = 2 << 20
+public enum LargeBuffer {
+    public static let hugePage = 2 << 20
 
     /// `count` uninitialized elements. Release with `free(_:)`.
-    static func allocate<T>(_ count: Int) -> UnsafeMutableBufferPointer<T> {
+    public static func allocate<T>(_ count: Int) -> UnsafeMutableBufferPointer<T> {
         let bytes = Swift.max(count * MemoryLayout<T>.stride, 1)
         let rounded = (bytes + hugePage - 1) / hugePage * hugePage
         var raw: UnsafeMutableRawPointer? = nil
@@ -24,7 +24,7 @@ enum LargeBuffer {
         return UnsafeMutableBufferPointer(start: raw.bindMemory(to: T.self, capacity: count), count: count)
     }
 
-    static func free<T>(_ buffer: UnsafeMutableBufferPointer<T>) {
+    public static func free<T>(_ buffer: UnsafeMutableBufferPointer<T>) {
         Foundation.free(buffer.baseAddress)
     }
 }
