@@ -140,6 +140,12 @@ public final class Model<T: Scalar> {
             return cursor
         }
         var activations = widths.map { take($0 * batchCapacity) }
+        // A ReLU right after a linear layer runs in place on that layer's output: nothing else reads the
+        // pre-activation (the linear layer's backward needs its input), and ReLU's backward mask is the same
+        // from the output (y > 0 exactly where x > 0). One buffer fewer for the step to stream through.
+        for (index, layer) in spec.layers.enumerated() where index > 0 {
+            if case .relu = layer, case .linear = spec.layers[index - 1] { activations[index + 1] = activations[index] }
+        }
         inputs = activations[0]
         targets = take(batchCapacity * outputWidth)
         ones = take(batchCapacity)
@@ -151,7 +157,10 @@ public final class Model<T: Scalar> {
         var previousGradient: UnsafeMutablePointer<T>? = nil
         var seenParameters = false
         for (index, layer) in spec.layers.enumerated() {
-            let dy = take(widths[index + 1] * batchCapacity)
+            // The in-place ReLU (see above) also runs backward in place: its input gradient overwrites its output
+            // gradient, which is the buffer the linear layer before it reads as its own output gradient.
+            let inPlaceReLU = activations[index + 1] == activations[index] && index > 0
+            let dy = inPlaceReLU ? previousGradient! : take(widths[index + 1] * batchCapacity)
             let step = LayerStep<T>(
                 index: index, layer: layer, inWidth: widths[index], outWidth: widths[index + 1],
                 x: activations[index], y: activations[index + 1],
