@@ -69,7 +69,9 @@ public final class MPICommunicator: Communicator {
             comm: world, rank: Int(rank), size: Int(size), processorName: try processorNameOfThisRank(),
             threadLevel: threadLevel, requestSlots: requestSlots)
         logger.debug("MPI initialized: rank \(rank) of \(size) on \(communicator.processorName), \(threadLevel)")
-        for setting in tuned { logger.debug("MPI setting shipped with bpworker: \(setting.name)=\(setting.value)") }
+        for setting in tuned {
+            logger.debug("MPI setting shipped with bpworker: \(setting.name)=\(setting.value) (\(setting.reason))")
+        }
         return communicator
     }
 

@@ -14,13 +14,15 @@ public enum LargeBuffer {
     /// `count` uninitialized elements. Release with `free(_:)`.
     public static func allocate<T>(_ count: Int) -> UnsafeMutableBufferPointer<T> {
         let bytes = Swift.max(count * MemoryLayout<T>.stride, 1)
-        let rounded = (bytes + hugePage - 1) / hugePage * hugePage
+        // Whole huge pages for a buffer that spans one; a smaller one only needs cache-line alignment.
+        let huge = bytes >= hugePage
+        let size = huge ? (bytes + hugePage - 1) / hugePage * hugePage : bytes
         var raw: UnsafeMutableRawPointer? = nil
-        guard posix_memalign(&raw, hugePage, rounded) == 0, let raw else {
-            fatalError("out of memory: could not allocate \(rounded) bytes")
+        guard posix_memalign(&raw, huge ? hugePage : 64, size) == 0, let raw else {
+            fatalError("out of memory: could not allocate \(size) bytes")
         }
         // Advice only: an error (THP compiled out) leaves ordinary pages.
-        if bytes >= hugePage { _ = madvise(raw, rounded, MADV_HUGEPAGE) }
+        if huge { _ = madvise(raw, size, MADV_HUGEPAGE) }
         return UnsafeMutableBufferPointer(start: raw.bindMemory(to: T.self, capacity: count), count: count)
     }
 

@@ -125,12 +125,22 @@ public final class Model<T: Scalar> {
         for layer in spec.layers {
             if case let .linear(_, o) = layer { widths.append(o) } else { widths.append(widths.last!) }
         }
-        let activationElements = widths.reduce(0, +) * batchCapacity
-        let gradientElements = widths.dropFirst().reduce(0, +) * batchCapacity
+        // A ReLU right after a linear layer runs in place, forward and backward: nothing else reads the linear
+        // layer's output before the ReLU (that layer's backward needs its input), ReLU's backward mask is the same
+        // taken from its output (y > 0 exactly where x > 0), and its input gradient can overwrite its output
+        // gradient, which is the buffer the linear layer reads as its own. Two buffers fewer per hidden layer.
+        let inPlace = spec.layers.indices.map { index in
+            guard index > 0, case .relu = spec.layers[index], case .linear = spec.layers[index - 1] else { return false }
+            return true
+        }
+        let ownOutputElements = spec.layers.indices.reduce(0) { $0 + (inPlace[$1] ? 0 : widths[$1 + 1]) } * batchCapacity
         let maskElements = zip(spec.layers, widths.dropFirst()).reduce(0) { total, pair in
             if case .dropout = pair.0 { total + pair.1 * batchCapacity } else { total }
         }
-        let total = activationElements + gradientElements + maskElements + batchCapacity * outputWidth + batchCapacity
+        // Activations and activation gradients for every layer with its own output, the input batch, masks,
+        // targets and the ones column.
+        let total = inputWidth * batchCapacity + 2 * ownOutputElements + maskElements + batchCapacity * outputWidth
+            + batchCapacity
         arena = LargeBuffer.allocate(total)
         arena.initialize(repeating: 0)
 
@@ -139,12 +149,9 @@ public final class Model<T: Scalar> {
             defer { cursor += n }
             return cursor
         }
-        var activations = widths.map { take($0 * batchCapacity) }
-        // A ReLU right after a linear layer runs in place on that layer's output: nothing else reads the
-        // pre-activation (the linear layer's backward needs its input), and ReLU's backward mask is the same
-        // from the output (y > 0 exactly where x > 0). One buffer fewer for the step to stream through.
-        for (index, layer) in spec.layers.enumerated() where index > 0 {
-            if case .relu = layer, case .linear = spec.layers[index - 1] { activations[index + 1] = activations[index] }
+        var activations = [take(inputWidth * batchCapacity)]
+        for index in spec.layers.indices {
+            activations.append(inPlace[index] ? activations[index] : take(widths[index + 1] * batchCapacity))
         }
         inputs = activations[0]
         targets = take(batchCapacity * outputWidth)
@@ -157,10 +164,7 @@ public final class Model<T: Scalar> {
         var previousGradient: UnsafeMutablePointer<T>? = nil
         var seenParameters = false
         for (index, layer) in spec.layers.enumerated() {
-            // The in-place ReLU (see above) also runs backward in place: its input gradient overwrites its output
-            // gradient, which is the buffer the linear layer before it reads as its own output gradient.
-            let inPlaceReLU = activations[index + 1] == activations[index] && index > 0
-            let dy = inPlaceReLU ? previousGradient! : take(widths[index + 1] * batchCapacity)
+            let dy = inPlace[index] ? previousGradient! : take(widths[index + 1] * batchCapacity)
             let step = LayerStep<T>(
                 index: index, layer: layer, inWidth: widths[index], outWidth: widths[index + 1],
                 x: activations[index], y: activations[index + 1],
@@ -175,6 +179,7 @@ public final class Model<T: Scalar> {
             steps.append(step)
             previousGradient = dy
         }
+        precondition(cursor == arena.baseAddress! + total, "arena sized \(total), used \(cursor - arena.baseAddress!)")
         activations.removeAll()
         plan = steps
         initializeParameters(seed: seed)
@@ -276,7 +281,7 @@ public final class Model<T: Scalar> {
         precondition(fromLayer >= 0 && fromLayer < plan.count, "layer \(fromLayer) out of range")
         lastMode = mode
         for index in fromLayer..<plan.count {
-            let started = layerTimer == nil ? 0 : DispatchTime.now().uptimeNanoseconds
+            let started = timerClock()
             let step = plan[index]
             let n = count * step.outWidth
             switch step.layer {
@@ -298,14 +303,10 @@ public final class Model<T: Scalar> {
                     copy(step.x, into: step.y, n)
                 }
             }
-            if let timer = layerTimer { timer(index, .forward, Double(DispatchTime.now().uptimeNanoseconds - started) * 1e-9) }
+            report(index, .forward, since: started)
         }
-        let lossStarted = layerTimer == nil ? 0 : DispatchTime.now().uptimeNanoseconds
-        defer {
-            if let timer = layerTimer {
-                timer(plan.count, .forward, Double(DispatchTime.now().uptimeNanoseconds - lossStarted) * 1e-9)
-            }
-        }
+        let lossStarted = timerClock()
+        defer { report(plan.count, .forward, since: lossStarted) }
         let last = plan[plan.count - 1]
         switch spec.loss {
         case .softmaxCrossEntropy:
@@ -336,7 +337,7 @@ public final class Model<T: Scalar> {
         let beta: T = accumulate ? 1 : 0
         precondition(count > 0 && count <= batchCapacity, "batch of \(count) rows, capacity \(batchCapacity)")
         for index in stride(from: plan.count - 1, through: 0, by: -1) {
-            let started = layerTimer == nil ? 0 : DispatchTime.now().uptimeNanoseconds
+            let started = timerClock()
             var callback: UInt64 = 0
             let step = plan[index]
             let n = count * step.inWidth
@@ -351,9 +352,9 @@ public final class Model<T: Scalar> {
                 if let fault = resolvedFault, fault == step.weightIndex || fault == step.weightIndex + 1 {
                     applyFault(to: parameterTable[fault])
                 }
-                let callbackStarted = layerTimer == nil ? 0 : DispatchTime.now().uptimeNanoseconds
+                let callbackStarted = timerClock()
                 try gradientsReady(step.parameterOffset)
-                if layerTimer != nil { callback = DispatchTime.now().uptimeNanoseconds - callbackStarted }
+                callback = timerClock() &- callbackStarted
                 // dx[B,I] = dy[B,O] * W[O,I]
                 if let dx = step.dx {
                     T.gemm(transposeA: false, transposeB: false, m: count, n: i, k: o,
@@ -377,10 +378,19 @@ public final class Model<T: Scalar> {
                     copy(step.dy, into: dx, n)
                 }
             }
-            if let timer = layerTimer {
-                timer(index, .backward, Double(DispatchTime.now().uptimeNanoseconds - started - callback) * 1e-9)
-            }
+            report(index, .backward, since: started &+ callback)
         }
+    }
+
+    /// Nanoseconds for `layerTimer`, or 0 without reading the clock when no timer is set.
+    @inline(__always)
+    private func timerClock() -> UInt64 {
+        layerTimer == nil ? 0 : DispatchTime.now().uptimeNanoseconds
+    }
+
+    @inline(__always)
+    private func report(_ layer: Int, _ pass: Pass, since start: UInt64) {
+        if let timer = layerTimer { timer(layer, pass, Double(DispatchTime.now().uptimeNanoseconds - start) * 1e-9) }
     }
 
     /// Back-propagates the last forward pass with nobody waiting for finished gradients.
