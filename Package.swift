@@ -87,7 +87,7 @@ let package = Package(
         // Run under mpirun by CoordinatorTests to check the MPI communicator on real ranks.
         .executableTarget(
             name: "CommCheck",
-            dependencies: ["Coordinator"],
+            dependencies: ["Coordinator", "Engine"],
             path: "Tests/CommCheck"
         ),
         .testTarget(

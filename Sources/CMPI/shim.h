@@ -52,6 +52,8 @@ static inline int bp_mpi_thread_serialized(void) { return MPI_THREAD_SERIALIZED;
 static inline int bp_mpi_thread_multiple(void) { return MPI_THREAD_MULTIPLE; }
 static inline int bp_mpi_err_count(void) { return MPI_ERR_COUNT; }
 static inline int bp_mpi_err_root(void) { return MPI_ERR_ROOT; }
+static inline int bp_mpi_err_rank(void) { return MPI_ERR_RANK; }
+static inline int bp_mpi_err_tag(void) { return MPI_ERR_TAG; }
 static inline int bp_mpi_err_other(void) { return MPI_ERR_OTHER; }
 
 #pragma clang assume_nonnull end

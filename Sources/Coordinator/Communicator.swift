@@ -27,7 +27,25 @@ public protocol Communicator: AnyObject {
     /// untouched until the returned reduction has completed (`test()` returned true, or `wait()` returned).
     func startAllreduce<T: MPIScalar>(
         _ buffer: UnsafeMutableBufferPointer<T>, op: ReduceOperation
-    ) throws(MPIError) -> PendingReduction
+    ) throws(MPIError) -> PendingRequest
+
+    /// Starts sending `buffer` to rank `destination` with message tag `tag` (0...32767) and returns at once. The
+    /// buffer must stay valid and untouched until the returned request has completed. Messages between two
+    /// ranks with the same tag arrive in the order they were started.
+    func startSend<T: MPIScalar>(
+        _ buffer: UnsafeBufferPointer<T>, to destination: Int, tag: Int
+    ) throws(MPIError) -> PendingRequest
+
+    /// Starts receiving exactly `buffer.count` elements from rank `source` with tag `tag` into `buffer` and
+    /// returns at once; `buffer` holds the message once the returned request has completed.
+    func startReceive<T: MPIScalar>(
+        _ buffer: UnsafeMutableBufferPointer<T>, from source: Int, tag: Int
+    ) throws(MPIError) -> PendingRequest
+
+    /// In-place allgather over a partition of `buffer`: each rank r contributes its part
+    /// `buffer[partition.range(of: r)]` and every rank ends with every part. The partition must have one part
+    /// per rank and cover `buffer`. Allocates nothing.
+    func allgather<T: MPIScalar>(_ buffer: UnsafeMutableBufferPointer<T>, partition: Partition) throws(MPIError)
 
     /// Which ranks share this rank's node. Collective: every rank must call it.
     func nodeLayout() throws(MPIError) -> NodeLayout
@@ -77,16 +95,40 @@ public struct NodeLayout: Sendable, Equatable {
     public var nodeCount: Int { Set(nodeNames).count }
 }
 
-/// An allreduce in flight, as returned by `Communicator.startAllreduce`.
+/// Contiguous parts of a flat buffer of `count` elements, one per rank, as even as possible (the first
+/// `count % parts` parts hold one element more). The counts and offsets MPI needs are made once, here.
+public struct Partition: Sendable, Equatable {
+    /// Part r is `bounds[r]..<bounds[r + 1]`.
+    public let bounds: [Int]
+    let counts: [Int32]
+    let offsets: [Int32]
+
+    /// - Precondition: `parts >= 1`, `count >= 0`, and the count fits MPI's 32-bit counts.
+    public init(count: Int, parts: Int) {
+        precondition(parts >= 1 && count >= 0 && count <= Int(Int32.max), "cannot partition \(count) elements \(parts) ways")
+        let base = count / parts, extra = count % parts
+        var bounds = [0]
+        for r in 0..<parts { bounds.append(bounds[r] + base + (r < extra ? 1 : 0)) }
+        self.bounds = bounds
+        counts = (0..<parts).map { Int32(bounds[$0 + 1] - bounds[$0]) }
+        offsets = bounds.dropLast().map { Int32($0) }
+    }
+
+    public var parts: Int { bounds.count - 1 }
+    public var count: Int { bounds[parts] }
+    public func range(of part: Int) -> Range<Int> { bounds[part]..<bounds[part + 1] }
+}
+
+/// A nonblocking operation in flight: an allreduce (`Communicator.startAllreduce`), a send or a receive.
 ///
 /// Why no per-call allocation: the MPI_Request lives in a slot of a pool that the communicator creates
-/// once and grows only when more reductions are in flight at once than ever before. This value is just
+/// once and grows only when more requests are in flight at once than ever before. This value is just
 /// (pool, slot index, generation): starting, testing and waiting allocate nothing on the Swift side.
 /// MPI sets a completed request to MPI_REQUEST_NULL, which frees the slot for reuse; the generation,
-/// bumped on every reuse, lets a stale copy of this value see that its own reduction is long done
+/// bumped on every reuse, lets a stale copy of this value see that its own operation is long done
 /// instead of testing someone else's request.
-/// Every started reduction must be driven to completion; dropping it leaves MPI writing into the buffer.
-public struct PendingReduction {
+/// Every started operation must be driven to completion; dropping it leaves MPI using the buffer.
+public struct PendingRequest {
     enum State {
         case completed
         case inFlight(RequestPool, index: Int, generation: UInt64)
@@ -98,10 +140,10 @@ public struct PendingReduction {
         self.state = state
     }
 
-    /// A reduction that needs no communication (one rank, or an empty buffer).
-    public static var completed: PendingReduction { PendingReduction(state: .completed) }
+    /// An operation that needs no communication (one rank, or an empty buffer).
+    public static var completed: PendingRequest { PendingRequest(state: .completed) }
 
-    /// Whether the reduction has finished (MPI_Test). Once it has, keeps returning true without calling MPI.
+    /// Whether the operation has finished (MPI_Test). Once it has, keeps returning true without calling MPI.
     public func test() throws(MPIError) -> Bool {
         guard case let .inFlight(pool, index, generation) = state, pool.isInFlight(index, generation) else {
             return true
@@ -111,7 +153,7 @@ public struct PendingReduction {
         return flag != 0
     }
 
-    /// Blocks until the reduction has finished (MPI_Wait); returns at once if it already has.
+    /// Blocks until the operation has finished (MPI_Wait); returns at once if it already has.
     public func wait() throws(MPIError) {
         guard case let .inFlight(pool, index, generation) = state, pool.isInFlight(index, generation) else {
             return

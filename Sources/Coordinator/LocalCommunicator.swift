@@ -22,8 +22,30 @@ public final class LocalCommunicator: Communicator {
 
     public func startAllreduce<T: MPIScalar>(
         _ buffer: UnsafeMutableBufferPointer<T>, op: ReduceOperation
-    ) throws(MPIError) -> PendingReduction {
+    ) throws(MPIError) -> PendingRequest {
         .completed
+    }
+
+    /// There is no other rank to talk to: any send throws as MPI does for an invalid rank.
+    public func startSend<T: MPIScalar>(
+        _ buffer: UnsafeBufferPointer<T>, to destination: Int, tag: Int
+    ) throws(MPIError) -> PendingRequest {
+        throw MPIError(call: "MPI_Isend", code: bp_mpi_err_rank(), message: "MPI_ERR_RANK: invalid rank (local mode has no other rank)")
+    }
+
+    /// There is no other rank to hear from: any receive throws as MPI does for an invalid rank.
+    public func startReceive<T: MPIScalar>(
+        _ buffer: UnsafeMutableBufferPointer<T>, from source: Int, tag: Int
+    ) throws(MPIError) -> PendingRequest {
+        throw MPIError(call: "MPI_Irecv", code: bp_mpi_err_rank(), message: "MPI_ERR_RANK: invalid rank (local mode has no other rank)")
+    }
+
+    /// One rank holds every part already; only a partition that does not fit is an error.
+    public func allgather<T: MPIScalar>(_ buffer: UnsafeMutableBufferPointer<T>, partition: Partition) throws(MPIError) {
+        guard partition.parts == 1, partition.count == buffer.count else {
+            throw MPIError(call: "MPI_Allgatherv", code: bp_mpi_err_count(),
+                           message: "MPI_ERR_COUNT: a partition of \(partition.count) elements in \(partition.parts) parts for a buffer of \(buffer.count) on 1 rank")
+        }
     }
 
     public func nodeLayout() throws(MPIError) -> NodeLayout {

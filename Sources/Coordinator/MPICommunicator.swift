@@ -119,21 +119,68 @@ public final class MPICommunicator: Communicator {
 
     public func startAllreduce<T: MPIScalar>(
         _ buffer: UnsafeMutableBufferPointer<T>, op: ReduceOperation
-    ) throws(MPIError) -> PendingReduction {
+    ) throws(MPIError) -> PendingRequest {
         try checkActive("MPI_Iallreduce")
         guard let base = buffer.baseAddress, !buffer.isEmpty else { return .completed }
         let count = try mpiInt(buffer.count, "MPI_Iallreduce", errorCode: bp_mpi_err_count())
+        return try startRequest("MPI_Iallreduce") { request in
+            MPI_Iallreduce(bp_mpi_in_place(), base, count, T.mpiDatatype.raw, op.mpiOperation.raw, comm, request)
+        }
+    }
+
+    public func startSend<T: MPIScalar>(
+        _ buffer: UnsafeBufferPointer<T>, to destination: Int, tag: Int
+    ) throws(MPIError) -> PendingRequest {
+        try checkActive("MPI_Isend")
+        guard let base = buffer.baseAddress, !buffer.isEmpty else { return .completed }
+        let count = try mpiInt(buffer.count, "MPI_Isend", errorCode: bp_mpi_err_count())
+        let destination = try mpiInt(destination, "MPI_Isend", errorCode: bp_mpi_err_rank())
+        let tag = try mpiInt(tag, "MPI_Isend", errorCode: bp_mpi_err_tag())
+        return try startRequest("MPI_Isend") { request in
+            MPI_Isend(base, count, T.mpiDatatype.raw, destination, tag, comm, request)
+        }
+    }
+
+    public func startReceive<T: MPIScalar>(
+        _ buffer: UnsafeMutableBufferPointer<T>, from source: Int, tag: Int
+    ) throws(MPIError) -> PendingRequest {
+        try checkActive("MPI_Irecv")
+        guard let base = buffer.baseAddress, !buffer.isEmpty else { return .completed }
+        let count = try mpiInt(buffer.count, "MPI_Irecv", errorCode: bp_mpi_err_count())
+        let source = try mpiInt(source, "MPI_Irecv", errorCode: bp_mpi_err_rank())
+        let tag = try mpiInt(tag, "MPI_Irecv", errorCode: bp_mpi_err_tag())
+        return try startRequest("MPI_Irecv") { request in
+            MPI_Irecv(base, count, T.mpiDatatype.raw, source, tag, comm, request)
+        }
+    }
+
+    /// Runs `start` on a free request slot and hands out the request it made; a failed start frees the slot.
+    private func startRequest(_ call: StaticString, _ start: (UnsafeMutablePointer<MPI_Request?>) -> Int32) throws(MPIError) -> PendingRequest {
         let slot = requests.acquire()
         do {
-            try mpiCheck(
-                MPI_Iallreduce(bp_mpi_in_place(), base, count, T.mpiDatatype.raw, op.mpiOperation.raw, comm,
-                               requests.requests + slot.index),
-                "MPI_Iallreduce")
+            try mpiCheck(start(requests.requests + slot.index), call)
         } catch {
             requests.release(slot.index)
             throw error
         }
-        return PendingReduction(state: .inFlight(requests, index: slot.index, generation: slot.generation))
+        return PendingRequest(state: .inFlight(requests, index: slot.index, generation: slot.generation))
+    }
+
+    public func allgather<T: MPIScalar>(_ buffer: UnsafeMutableBufferPointer<T>, partition: Partition) throws(MPIError) {
+        try checkActive("MPI_Allgatherv")
+        guard partition.parts == size, partition.count == buffer.count else {
+            throw MPIError(call: "MPI_Allgatherv", code: bp_mpi_err_count(),
+                           message: "MPI_ERR_COUNT: a partition of \(partition.count) elements in \(partition.parts) parts for a buffer of \(buffer.count) on \(size) ranks")
+        }
+        guard let base = buffer.baseAddress, !buffer.isEmpty else { return }
+        try partition.counts.withUnsafeBufferPointer { (counts) throws(MPIError) in
+            try partition.offsets.withUnsafeBufferPointer { (offsets) throws(MPIError) in
+                try mpiCheck(
+                    MPI_Allgatherv(bp_mpi_in_place(), 0, T.mpiDatatype.raw, base, counts.baseAddress, offsets.baseAddress,
+                                   T.mpiDatatype.raw, comm),
+                    "MPI_Allgatherv")
+            }
+        }
     }
 
     public func nodeLayout() throws(MPIError) -> NodeLayout {

@@ -1,6 +1,6 @@
 import CMPI
 
-/// Reusable MPI_Request storage behind `PendingReduction` (see there for why it exists).
+/// Reusable MPI_Request storage behind `PendingRequest` (see there for why it exists).
 ///
 /// A slot is free when its request is MPI_REQUEST_NULL: MPI writes that back when the request completes.
 /// Used from the communicator's single MPI thread only.

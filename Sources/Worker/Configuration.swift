@@ -1,3 +1,4 @@
+import Coordinator
 import Engine
 import Foundation
 import Yams
@@ -49,6 +50,7 @@ struct Configuration: Equatable {
     var epochs = 15
     var batchSize = 64
     var bucketKiB = defaultBucketKiB
+    var reduction = GradientReducer.Strategy.sharded
     var blasThreads = 0
     var targetAccuracy = 0.0
 
@@ -133,7 +135,9 @@ struct Configuration: Equatable {
         key("schedule.min_lr", \.minimumLearningRate, "cosine schedule: final learning rate"),
         key("training.epochs", \.epochs, "passes over the training set"),
         key("training.batch_size", \.batchSize, "samples per rank per step (global batch = this x ranks)"),
-        key("training.bucket_kib", \.bucketKiB, "gradient allreduce bucket size in KiB (0 = one fused allreduce)"),
+        key("training.bucket_kib", \.bucketKiB, "gradient bucket size in KiB, sent while backward runs (0 = one bucket after backward)"),
+        key("training.reduction", \.reduction,
+            "sharded (each rank updates its part of the parameters, then they are gathered) or allreduce (every rank updates all)"),
         key("training.target_accuracy", \.targetAccuracy, "stop after the first epoch whose test accuracy reaches this (0 = off)"),
         key("training.blas_threads", \.blasThreads, "OpenBLAS threads per rank (0 = 1 when ranks share a node, else all cores)"),
         key("gradcheck.enabled", \.gradcheckEnabled, "rank 0 gradient-checks before the first step"),
@@ -370,3 +374,4 @@ extension Configuration.NumericsPolicy: ConfigChoice {}
 extension Initialization: ConfigChoice {}
 extension LossKind: ConfigChoice {}
 extension OptimizerKind: ConfigChoice {}
+extension GradientReducer.Strategy: ConfigChoice {}

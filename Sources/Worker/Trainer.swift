@@ -203,9 +203,12 @@ final class Trainer {
         let reducer = GradientReducer(
             communicator: communicator, gradients: model.gradients,
             tensorRanges: model.parameterTable.map(\.range), bucketElements: config.bucketKiB * 1024 / MemoryLayout<Float>.stride,
-            control: model.control, nonFiniteSlot: ControlSlot.nonFinite)
+            strategy: config.reduction, control: model.control, nonFiniteSlot: ControlSlot.nonFinite)
         let buckets = reducer.buckets.count
-        logger.info("allreduce: \(buckets) gradient bucket\(buckets == 1 ? "" : "s") (training.bucket_kib=\(config.bucketKiB)), averaged over \(session.worldSize) rank\(session.worldSize == 1 ? "" : "s")")
+        let how = config.reduction == .sharded
+            ? "each rank updates 1/\(session.worldSize) of the parameters, then they are gathered"
+            : "every rank applies the summed gradients"
+        logger.info("gradients: \(buckets) bucket\(buckets == 1 ? "" : "s") (training.bucket_kib=\(config.bucketKiB)), averaged over \(session.worldSize) rank\(session.worldSize == 1 ? "" : "s"); training.reduction=\(config.reduction.rawValue): \(how)")
         let metrics = session.isRoot ? MetricsLog(path: session.runDirectory + "/metrics.jsonl", append: resume != nil) : nil
         let progress = Progress(session: session, prepared: prepared, metrics: metrics)
         let aborter = Aborter(communicator: communicator)
@@ -220,7 +223,8 @@ final class Trainer {
         let batch = config.batchSize
         var lastCheckpoint: String? = nil
         func checkpoint() throws {
-            lastCheckpoint = try saveCheckpoint(checkpointer, model: model, optimizer: optimizer, position: &position, watchdog: watchdog)
+            lastCheckpoint = try saveCheckpoint(checkpointer, model: model, optimizer: optimizer, reducer: reducer,
+                                                position: &position, watchdog: watchdog)
             progress.status.lastCheckpoint = lastCheckpoint
             progress.writeStatus()
         }
@@ -275,14 +279,14 @@ final class Trainer {
                             session.finish(exitCode: 1)
                         }
 
-                        // The buffer holds the sum over ranks: averaging and clipping are one factor of the update.
+                        // The update reads the sum over ranks: averaging and clipping are one factor of it.
                         var gradientScale = reducer.gradientScale
                         if config.clipNorm > 0 {
-                            gradientScale *= gradientClipFactor(UnsafeBufferPointer(model.gradients), scale: gradientScale,
-                                                                maxNorm: config.clipNorm).factor
+                            let norm = try reducer.gradientNorm(scale: gradientScale)
+                            gradientScale *= gradientClipFactor(norm: norm, maxNorm: config.clipNorm)
                         }
-                        optimizer.update(parameters: model.parameters, gradients: model.gradients,
-                                         learningRate: learningRate, gradientScale: gradientScale)
+                        try reducer.update(optimizer, parameters: model.parameters, learningRate: learningRate,
+                                           gradientScale: gradientScale)
                         position.globalStep += 1
 
                         progress.record(result)
@@ -344,12 +348,14 @@ final class Trainer {
         session.agree("saving the model") {}
     }
 
-    /// Writes a checkpoint of `position` (collective: every rank sends its dropout generator to rank 0, which
+    /// Writes a checkpoint of `position` (collective: the ranks gather the optimizer state, which a sharded
+    /// update leaves current only in each rank's own part, and send their dropout generators to rank 0, which
     /// writes the file; the others wait for its verdict).
     private func saveCheckpoint(_ checkpointer: Checkpointer, model: Model<Float>, optimizer: Optimizer<Float>,
-                                position: inout TrainingPosition, watchdog: Watchdog) throws -> String {
+                                reducer: GradientReducer, position: inout TrainingPosition, watchdog: Watchdog) throws -> String {
         watchdog.enter(.checkpoint, step: position.globalStep)
         defer { watchdog.leave() }
+        try reducer.gatherOptimizerState(optimizer)
         let w = session.worldSize
         var states = [UInt64](repeating: 0, count: 4 * w)
         let mine = model.dropoutGenerator.state

@@ -5,6 +5,7 @@
 //   mpirun -n N CommCheck --abort    the last rank calls abort(code: 3) while the others wait in a barrier
 //   CommCheck --local-abort CODE     LocalCommunicator.abort(code: CODE) with unflushed stdout pending
 import Coordinator
+import Engine
 import Foundation
 
 @main
@@ -45,6 +46,11 @@ struct CommCheck {
         checker.section("broadcast") { try checker.checkBroadcast() }
         checker.section("broadcast(bytes:)") { try checker.checkByteBroadcast() }
         checker.section("startAllreduce") { try checker.checkStartAllreduce() }
+        checker.section("send/receive") { try checker.checkSendReceive() }
+        checker.section("allgather") { try checker.checkAllgather() }
+        for strategy in GradientReducer.Strategy.allCases {
+            checker.section("GradientReducer \(strategy)") { try checker.checkReducer(strategy) }
+        }
         checker.section("nodeLayout") { try checker.checkNodeLayout() }
         checker.section("errors") { try checker.checkErrors() }
         checker.section("finalize") { try checker.checkFinalize() }
@@ -160,6 +166,140 @@ final class Checker {
         var empty: [UInt8] = rank == 0 ? [] : [1, 2, 3]
         try comm.broadcast(bytes: &empty, root: 0)
         expect(empty.isEmpty, "broadcast(bytes:) of an empty payload left \(empty.count) bytes")
+    }
+
+    // MARK: - point to point and allgather
+
+    func checkSendReceive() throws {
+        // Around the ring, two messages per rank with distinct tags; odd ranks post their receives late, so
+        // those messages arrive before anyone waits for them.
+        let next = (rank + 1) % n, previous = (rank + n - 1) % n
+        func payload(_ from: Int, _ tag: Int) -> [Float] { (0..<(5000 + tag)).map { Float(from * 100_000 + tag * 10_000 + $0) } }
+        let outgoing = [payload(rank, 1), payload(rank, 2)]
+        var first = [Float](repeating: -1, count: 5001), second = [Float](repeating: -1, count: 5002)
+        try outgoing[0].withUnsafeBufferPointer { a in
+            try outgoing[1].withUnsafeBufferPointer { b in
+                try first.withUnsafeMutableBufferPointer { x in
+                    try second.withUnsafeMutableBufferPointer { y in
+                        var requests: [PendingRequest] = []
+                        if rank % 2 == 0 {
+                            requests += [try comm.startReceive(y, from: previous, tag: 2), try comm.startReceive(x, from: previous, tag: 1)]
+                        }
+                        requests += [try comm.startSend(a, to: next, tag: 1), try comm.startSend(b, to: next, tag: 2)]
+                        if rank % 2 == 1 {
+                            usleep(50_000)
+                            requests += [try comm.startReceive(x, from: previous, tag: 1), try comm.startReceive(y, from: previous, tag: 2)]
+                        }
+                        for request in requests { try request.wait() }
+                    }
+                }
+            }
+        }
+        expect(first == payload(previous, 1) && second == payload(previous, 2), "ring messages differ")
+        // Nothing to send: complete at once, without MPI.
+        let empty = UnsafeBufferPointer<Float>(start: nil, count: 0)
+        expect(try comm.startSend(empty, to: next, tag: 3).test(), "empty send not complete")
+        // A rank that does not exist is an MPI error, not a crash.
+        let one: [Float] = [1]
+        do {
+            _ = try one.withUnsafeBufferPointer { (buffer) throws(MPIError) in try comm.startSend(buffer, to: n, tag: 0) }
+            expect(false, "send to rank \(n) did not throw")
+        } catch {
+            expect(error.description.contains("MPI_Isend"), "send error names the call: \(error)")
+        }
+        try comm.barrier()
+    }
+
+    func checkAllgather() throws {
+        for count in [1, n, 1001] {
+            let partition = Partition(count: count, parts: n)
+            var buffer = [Double](repeating: -7, count: count)
+            for i in partition.range(of: rank) { buffer[i] = Double(rank * 1_000_000 + i) }
+            try buffer.withUnsafeMutableBufferPointer { try comm.allgather($0, partition: partition) }
+            let expected = (0..<count).map { i in Double((0..<n).first { partition.range(of: $0).contains(i) }! * 1_000_000 + i) }
+            expect(buffer == expected, "allgather of \(count) elements")
+        }
+        var small = [Float](repeating: 0, count: 10)
+        do {
+            try small.withUnsafeMutableBufferPointer { (buffer) throws(MPIError) in
+                try comm.allgather(buffer, partition: Partition(count: 9, parts: n))
+            }
+            expect(false, "allgather with a partition of the wrong size did not throw")
+        } catch {
+            expect(error.description.contains("MPI_ERR_COUNT"), "wrong partition: \(error)")
+        }
+    }
+
+    // MARK: - GradientReducer
+
+    /// Both strategies on real ranks against closed forms: two SGD-with-momentum steps from gradients whose sum
+    /// over ranks is known, for several bucket sizes; the gradient norm; the gathered momentum; the control slots
+    /// and the non-finite count; identical parameters on every rank.
+    func checkReducer(_ strategy: GradientReducer.Strategy) throws {
+        let ranges = [0..<5, 5..<105, 105..<106, 106..<1106, 1106..<1116]
+        let count = 1116, controlCount = 2
+        let storage = UnsafeMutableBufferPointer<Float>.allocate(capacity: controlCount + count)
+        defer { storage.deallocate() }
+        let control = UnsafeMutableBufferPointer(rebasing: storage[0..<controlCount])
+        let gradients = UnsafeMutableBufferPointer(rebasing: storage[controlCount...])
+        let parameters = UnsafeMutableBufferPointer<Float>.allocate(capacity: count)
+        defer { parameters.deallocate() }
+        // Rank r's gradient at i, and the sum over ranks: small multiples of 1/4, so every sum is exact.
+        func gradient(_ r: Int, _ i: Int, _ step: Int) -> Float { Float((r + 1) * (i % 13 + step)) * 0.25 - Float(i % 7) }
+        func mean(_ i: Int, _ step: Int) -> Double { (0..<n).map { Double(gradient($0, i, step)) }.reduce(0, +) / Double(n) }
+        let (lr, mu) = (0.5, 0.9)
+        for bucketElements in [0, 1, 100] {
+            let reducer = GradientReducer(communicator: comm, gradients: gradients, tensorRanges: ranges,
+                                          bucketElements: bucketElements, strategy: strategy, control: control, nonFiniteSlot: 1)
+            let optimizer = try Optimizer<Float>(config: .init(kind: .sgd, momentum: mu), parameterCount: count)
+            for i in 0..<count { parameters[i] = Float(i % 11) }
+            for step in 0..<4 {
+                for i in 0..<count { gradients[i] = gradient(rank, i, step) }
+                control[0] = rank == 0 ? 1 : 0
+                control[1] = 0
+                // Backward reports tensor by tensor from the top, as the model does.
+                for range in ranges.reversed() { try reducer.gradientsReady(from: range.lowerBound) }
+                try reducer.finish()
+                if step == 0 {
+                    let norm = (0..<count).map { mean($0, 0) * mean($0, 0) }.reduce(0, +).squareRoot()
+                    let measured = try reducer.gradientNorm(scale: reducer.gradientScale)
+                    expect(abs(measured - norm) <= 1e-5 * norm, "\(strategy) bucket \(bucketElements): norm \(measured), expected \(norm)")
+                }
+                try reducer.update(optimizer, parameters: parameters, learningRate: lr, gradientScale: reducer.gradientScale)
+                expect(control[0] == 1 && control[1] == 0, "\(strategy): control slots \(Array(control))")
+            }
+            // Closed form of four momentum steps from p0.
+            try reducer.gatherOptimizerState(optimizer)
+            var wrong = 0, wrongState = 0, firstWrong = -1
+            for i in 0..<count {
+                var p = Double(i % 11), b = 0.0
+                for step in 0..<4 {
+                    b = mu * b + mean(i, step)
+                    p -= lr * b
+                }
+                if abs(Double(parameters[i]) - p) > 1e-4 * max(1, abs(p)) {
+                    if wrong == 0 { firstWrong = i }
+                    wrong += 1
+                }
+                if abs(Double(optimizer.state[0].buffer[i]) - b) > 1e-4 * max(1, abs(b)) { wrongState += 1 }
+            }
+            expect(wrong == 0, "\(strategy) bucket \(bucketElements): \(wrong) parameters differ from the closed form, the first at \(firstWrong)")
+            expect(wrongState == 0, "\(strategy) bucket \(bucketElements): \(wrongState) momentum values differ after gathering")
+            // Every rank holds the very same bits.
+            var low = parameters.map { $0.bitPattern }.map(UInt64.init), high = low
+            try low.withUnsafeMutableBufferPointer { try comm.allreduce($0, op: .min) }
+            try high.withUnsafeMutableBufferPointer { try comm.allreduce($0, op: .max) }
+            expect(low == high, "\(strategy) bucket \(bucketElements): replicas differ")
+
+            // A NaN on the last rank reaches every rank's count; only the last rank counts it as its own.
+            for i in 0..<count { gradients[i] = 1 }
+            if rank == n - 1 { gradients[50] = .nan }
+            control[0] = 0
+            control[1] = 0
+            try reducer.finish()
+            expect(control[1] == 1, "\(strategy): non-finite count \(control[1]) after a NaN on rank \(n - 1)")
+            expect(reducer.localNonFiniteCount == (rank == n - 1 ? 1 : 0), "\(strategy): local count \(reducer.localNonFiniteCount)")
+        }
     }
 
     // MARK: - startAllreduce

@@ -130,7 +130,7 @@ import Testing
     }
 
     @Test func completedReductionNeedsNoMPI() throws {
-        let pending = PendingReduction.completed
+        let pending = PendingRequest.completed
         #expect(try pending.test())
         try pending.wait()
     }

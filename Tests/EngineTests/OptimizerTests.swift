@@ -106,6 +106,53 @@ struct OptimizerTests {
         #expect(throws: ModelSpecError.self) { try LearningRateSchedule(base: 0).validate() }
     }
 
+    /// A sharded step: two optimizers ("ranks") each update only their part of the parameters from their own
+    /// gradients plus the other's, added in the update's pass. Pasted together, the parts must equal one update
+    /// of the whole buffer from the summed gradients, bit for bit, for every rule, over two steps; nothing
+    /// outside a rank's part may move.
+    @Test(arguments: [
+        OptimizerConfig(kind: .sgd, weightDecay: 0.1), OptimizerConfig(kind: .sgd, momentum: 0.9, weightDecay: 0.01),
+        OptimizerConfig(kind: .sgd, momentum: 0.9, nesterov: true), OptimizerConfig(kind: .adam, weightDecay: 0.05),
+        OptimizerConfig(kind: .adamw),
+    ])
+    func updatingByPartsEqualsUpdatingTheWhole(config: OptimizerConfig) throws {
+        let n = 7, parts = [0..<3, 3..<7]
+        var random = RandomGenerator(seed: 4, stream: .test)
+        let p0 = (0..<n).map { _ in Float(random.nextNormal()) }
+        let whole = try Optimizer<Float>(config: config, parameterCount: n)
+        let ranks = try parts.map { _ in try Optimizer<Float>(config: config, parameterCount: n) }
+        var expected = p0
+        var byRank = parts.map { _ in p0 }
+        for _ in 0..<2 {
+            for optimizer in ranks { optimizer.beginStep() }
+            let mine = (0..<n).map { _ in Float(random.nextNormal()) }, theirs = (0..<n).map { _ in Float(random.nextNormal()) }
+            var sum = (0..<n).map { mine[$0] + theirs[$0] }
+            expected.withUnsafeMutableBufferPointer { p in
+                sum.withUnsafeMutableBufferPointer { g in whole.update(parameters: p, gradients: g, learningRate: 0.1, gradientScale: 0.5) }
+            }
+            for (r, range) in parts.enumerated() {
+                let g = Array(mine[range]), h = Array(theirs[range])
+                byRank[r].withUnsafeMutableBufferPointer { p in
+                    // A rank's part may come in pieces: the first element on its own, then the rest.
+                    for piece in [range.lowerBound..<(range.lowerBound + 1), (range.lowerBound + 1)..<range.upperBound] {
+                        let start = piece.lowerBound - range.lowerBound
+                        ranks[r].updatePart(piece, parameters: p, gradients: Array(g[start...]), adding: Array(h[start...]),
+                                            learningRate: 0.1, gradientScale: 0.5)
+                    }
+                }
+            }
+        }
+        for (r, range) in parts.enumerated() {
+            #expect(Array(byRank[r][range]) == Array(expected[range]), "\(config.kind), part \(r)")
+            for i in 0..<n where !range.contains(i) { #expect(byRank[r][i] == p0[i]) }
+            for (mine, reference) in zip(ranks[r].state, whole.state) {
+                #expect(Array(mine.buffer[range]) == Array(reference.buffer[range]), "\(mine.name)")
+            }
+            #expect(ranks[r].stepCount == 2)
+        }
+        #expect(expected != p0)
+    }
+
     @Test func clippingScalesToTheMaximumNorm() throws {
         let g: [Float] = [3, 4]  // norm 5
         let clip = g.withUnsafeBufferPointer { gradientClipFactor($0, maxNorm: 1) }

@@ -60,17 +60,38 @@ struct TrainingTests {
         #expect(relativeDifference(p1, try parameters(smallBatch)) > 1e-3)
     }
 
-    @Test func bucketedOverlapEqualsOneFusedAllreduce() throws {
+    /// Every tensor of a safetensors file (parameters, and in a checkpoint the optimizer state too).
+    func tensors(_ path: String) throws -> [String: [Float]] {
+        let file = try SafeTensorsFile(path: path)
+        var result: [String: [Float]] = [:]
+        for name in file.tensors.keys { result[name] = try file.floats(name) }
+        return result
+    }
+
+    @Test func bucketingAndReductionStrategyDoNotChangeTheModel() throws {
         let data = try SyntheticData(samples: 64)
         defer { data.remove() }
-        let fused = temporaryRunDirectory(), bucketed = temporaryRunDirectory()
-        let a = try Harness.mpirun(2, job(data, batch: 8, runDir: fused, extra: ["--set", "training.bucket_kib=0"]))
-        let b = try Harness.mpirun(2, job(data, batch: 8, runDir: bucketed, extra: ["--set", "training.bucket_kib=1"]))
-        #expect(a.status == 0 && b.status == 0, "\(a.output)\n\(b.output)")
-        #expect(a.output.contains("1 gradient bucket"))
-        #expect(b.output.contains("2 gradient buckets"))
-        // Two ranks add the same two numbers per element whatever the bucketing: bitwise equal.
-        #expect(try parameters(fused) == parameters(bucketed))
+        let runs = [("sharded", 0), ("sharded", 1), ("allreduce", 0), ("allreduce", 1)]
+        let directories = runs.map { _ in temporaryRunDirectory() }
+        for ((strategy, kib), directory) in zip(runs, directories) {
+            let result = try Harness.mpirun(2, job(data, batch: 8, runDir: directory, extra: [
+                "--set", "training.bucket_kib=\(kib)", "--set", "training.reduction=\(strategy)",
+            ]))
+            #expect(result.status == 0, "\(result.output)")
+            #expect(result.output.contains(kib == 0 ? "gradients: 1 bucket" : "gradients: 2 buckets"), "\(result.output)")
+            #expect(result.output.contains("training.reduction=\(strategy)"))
+        }
+        // Two ranks add the same two numbers per element whatever the bucketing, and whichever rank adds them:
+        // bitwise equal models, and checkpoints whose momentum (gathered from the ranks' parts when sharded)
+        // is equal too.
+        let reference = try parameters(directories[0])
+        let checkpoint = "/checkpoints/step-00000004.safetensors"
+        let referenceState = try tensors(directories[0] + checkpoint)
+        #expect(referenceState.keys.contains { $0.contains("momentum_buffer") }, "\(referenceState.keys.sorted())")
+        for directory in directories.dropFirst() {
+            #expect(try parameters(directory) == reference)
+            #expect(try tensors(directory + checkpoint) == referenceState)
+        }
     }
 
     @Test func localModeTrainsEvaluatesAndWritesTheRunDirectory() throws {

@@ -283,15 +283,16 @@ func allreduceBench(_ communicator: MPICommunicator) throws {
 }
 
 /// The Worker's step at 2 ranks with each way of reducing the gradients, against the same step with no
-/// communication at all; the bucket sizes are the sweep that chose `training.bucket_kib`.
+/// communication at all; the strategies and bucket sizes are the sweep that chose `training.reduction` and
+/// `training.bucket_kib`.
 func overlapBench(_ communicator: MPICommunicator) throws {
     let step = try StepBench(widths: [784, 1024, 1024, 10], batch: 256)
     let model = step.model
     let ranges = model.parameterTable.map(\.range)
-    // As the Worker makes them: the control slots ride in the last bucket, non-finite values are counted.
-    func reducer(kib: Int) -> GradientReducer {
+    // As the Worker makes them: the control slots ride along, non-finite values are counted.
+    func reducer(_ strategy: GradientReducer.Strategy, kib: Int) -> GradientReducer {
         GradientReducer(communicator: communicator, gradients: model.gradients, tensorRanges: ranges,
-                        bucketElements: kib * 1024 / 4, control: model.control, nonFiniteSlot: 1)
+                        bucketElements: kib * 1024 / 4, strategy: strategy, control: model.control, nonFiniteSlot: 1)
     }
     var failure: Error? = nil
     func run(_ reducer: GradientReducer?) {
@@ -299,9 +300,13 @@ func overlapBench(_ communicator: MPICommunicator) throws {
             model.zeroControl()
             model.forward(count: step.batch, mode: .train)
             try model.backward(count: step.batch, accumulate: false) { try reducer?.gradientsReady(from: $0) }
-            try reducer?.finish()
-            step.optimizer.update(parameters: model.parameters, gradients: model.gradients, learningRate: 1e-4,
-                                  gradientScale: reducer?.gradientScale ?? 1)
+            if let reducer {
+                try reducer.finish()
+                try reducer.update(step.optimizer, parameters: model.parameters, learningRate: 1e-4,
+                                   gradientScale: reducer.gradientScale)
+            } else {
+                step.optimizer.update(parameters: model.parameters, gradients: model.gradients, learningRate: 1e-4)
+            }
         } catch { failure = error }
     }
     // For comparison: one blocking MPI_Allreduce of the whole buffer after backward, no non-finite count.
@@ -317,7 +322,8 @@ func overlapBench(_ communicator: MPICommunicator) throws {
         } catch { failure = error }
     }
     let sizes = [0, 16, 256, 8192]
-    let reducers = sizes.map { reducer(kib: $0) }
+    let variants = GradientReducer.Strategy.allCases.flatMap { strategy in sizes.map { (strategy, $0) } }
+    let reducers = variants.map { reducer($0.0, kib: $0.1) }
     let rounds = smoke ? 2 : 9, repeats = smoke ? 1 : 10
     let times = alternate(rounds: rounds, repeats: repeats, [{ run(nil) }, blocking] + reducers.map { r in { run(r) } })
     if let failure { throw failure }
@@ -331,16 +337,19 @@ func overlapBench(_ communicator: MPICommunicator) throws {
     }
     print("| reduction | step (ms) | vs no communication | waiting after backward (ms) |")
     print("| --- | --- | --- | --- |")
-    row("none: both ranks compute, nothing is reduced", values[0], nil)
+    row("none: both ranks compute and update everything, nothing is reduced", values[0], nil)
     row("one blocking MPI_Allreduce after backward (no non-finite count)", values[1], nil)
-    for (k, kib) in sizes.enumerated() {
+    for (k, (strategy, kib)) in variants.enumerated() {
         let n = reducers[k].buckets.count
-        let name = kib == 0 ? "one nonblocking allreduce after backward (bucket_kib=0)"
+        let buckets = kib == 0 ? "one bucket after backward (bucket_kib=0)"
             : "bucket_kib=\(kib): \(n) bucket\(n == 1 ? "" : "s") overlapping backward"
-        row(name, values[2 + k], values[2 + sizes.count + k])
+        row("\(strategy.rawValue), \(buckets)", values[2 + k], values[2 + variants.count + k])
     }
-    let fusedWait = values[2 + sizes.count], defaultWait = values[2 + sizes.count + 2]
-    print("| share of the fused wait hidden behind backward (bucket_kib=256) | \(f(100 * (1 - defaultWait / max(fusedWait, 1e-12)), 1))% | | |")
+    for strategy in GradientReducer.Strategy.allCases {
+        let fused = variants.firstIndex { $0 == (strategy, 0) }!, bucketed = variants.firstIndex { $0 == (strategy, 256) }!
+        let fusedWait = values[2 + variants.count + fused], defaultWait = values[2 + variants.count + bucketed]
+        print("| \(strategy.rawValue): share of the one-bucket wait hidden behind backward (bucket_kib=256) | \(f(100 * (1 - defaultWait / max(fusedWait, 1e-12)), 1))% | | |")
+    }
 }
 
 switch mode {

@@ -228,6 +228,12 @@ public func zero<T: Scalar>(_ x: UnsafeMutablePointer<T>, _ n: Int) {
     memset(x, 0, n * MemoryLayout<T>.stride)
 }
 
+/// y += x
+@_specialize(where T == Float) @_specialize(where T == Double)
+public func add<T: Scalar>(_ x: UnsafePointer<T>, into y: UnsafeMutablePointer<T>, _ n: Int) {
+    for i in 0..<n { y[i] += x[i] }
+}
+
 /// x *= a
 @_specialize(where T == Float) @_specialize(where T == Double)
 public func scale<T: Scalar>(_ x: UnsafeMutablePointer<T>, _ n: Int, by a: T) {

@@ -82,14 +82,45 @@ public final class Optimizer<T: Scalar> {
     /// Allocates nothing.
     public func update(parameters: UnsafeMutableBufferPointer<T>, gradients: UnsafeMutableBufferPointer<T>,
                        learningRate: Double, gradientScale: Double = 1) {
-        precondition(parameters.count == parameterCount && gradients.count == parameterCount)
+        precondition(gradients.count == parameterCount)
+        beginStep()
+        updatePart(0..<parameterCount, parameters: parameters, gradients: UnsafePointer(gradients.baseAddress!),
+                   adding: nil, learningRate: learningRate, gradientScale: gradientScale)
+    }
+
+    /// Starts a step whose update is applied piece by piece (`updatePart`): counts it (Adam's bias correction).
+    public func beginStep() {
         stepCount += 1
-        let p = parameters.baseAddress!, g = gradients.baseAddress!, n = parameterCount
+    }
+
+    /// Applies the current step's update (begun with `beginStep()`) to the parameters and state in `range` only,
+    /// from `gradientScale * (gradients + addend)`, where `gradients` and `addend` hold the values for the range
+    /// alone (element 0 belongs to `range.lowerBound`); without `addend`, from `gradientScale * gradients`. This
+    /// is a rank's share of a sharded step: it owns `range`, received the other ranks' gradients for it summed in
+    /// `addend`, and adds them in this pass. Allocates nothing.
+    public func updatePart(_ range: Range<Int>, parameters: UnsafeMutableBufferPointer<T>, gradients: UnsafePointer<T>,
+                           adding addend: UnsafePointer<T>?, learningRate: Double, gradientScale: Double = 1) {
+        precondition(stepCount > 0, "updatePart before beginStep")
+        precondition(parameters.count == parameterCount && range.lowerBound >= 0 && range.upperBound <= parameterCount)
+        let offset = range.lowerBound
+        if let addend {
+            apply(parameters.baseAddress! + offset, SummedGradients(gradients, addend), offset, range.count,
+                  learningRate: learningRate, gradientScale: gradientScale)
+        } else {
+            apply(parameters.baseAddress! + offset, Gradients(gradients), offset, range.count,
+                  learningRate: learningRate, gradientScale: gradientScale)
+        }
+    }
+
+    /// The update rule over `n` elements from `offset`; `p` and `g` already point at the first of them.
+    private func apply<G: GradientSource>(_ p: UnsafeMutablePointer<T>, _ g: G, _ offset: Int, _ n: Int,
+                                          learningRate: Double, gradientScale: Double) where G.Element == T {
+        guard n > 0 else { return }
         let lr = T(learningRate), wd = T(config.weightDecay), s = T(gradientScale)
         switch config.kind {
         case .sgd:
             if config.momentum > 0 {
-                momentumUpdate(p, g, buffer: state[0].buffer.baseAddress!, n, gradientScale: s, learningRate: lr,
+                momentumUpdate(p, g, buffer: state[0].buffer.baseAddress! + offset, n, gradientScale: s, learningRate: lr,
                                momentum: T(config.momentum), nesterov: config.nesterov, weightDecay: wd)
             } else {
                 sgdUpdate(p, g, n, gradientScale: s, learningRate: lr, weightDecay: wd)
@@ -97,7 +128,7 @@ public final class Optimizer<T: Scalar> {
         case .adam, .adamw:
             let t = Double(stepCount)
             let decoupled = config.kind == .adamw
-            adamUpdate(p, g, m: state[0].buffer.baseAddress!, v: state[1].buffer.baseAddress!, n,
+            adamUpdate(p, g, m: state[0].buffer.baseAddress! + offset, v: state[1].buffer.baseAddress! + offset, n,
                        gradientScale: s, learningRate: lr, beta1: T(config.beta1), beta2: T(config.beta2), epsilon: T(config.epsilon),
                        l2Decay: decoupled ? 0 : wd, decoupledDecay: decoupled ? wd : 0,
                        biasCorrection1: T(1 - Double.pow(config.beta1, t)),
@@ -118,5 +149,11 @@ public final class Optimizer<T: Scalar> {
 public func gradientClipFactor<T: Scalar>(_ gradients: UnsafeBufferPointer<T>, scale: Double = 1, maxNorm: Double)
     -> (norm: Double, factor: Double) {
     let norm = scale * Double(T.dot(gradients.count, gradients.baseAddress!, gradients.baseAddress!)).squareRoot()
-    return (norm, Swift.min(1, maxNorm / (norm + 1e-6)))
+    return (norm, gradientClipFactor(norm: norm, maxNorm: maxNorm))
+}
+
+/// torch.nn.utils.clip_grad_norm_'s factor for a gradient of global norm `norm`: maxNorm / (norm + 1e-6), or 1
+/// when that is not below 1. For callers that compute the norm themselves (a sharded step sums it over ranks).
+public func gradientClipFactor(norm: Double, maxNorm: Double) -> Double {
+    Swift.min(1, maxNorm / (norm + 1e-6))
 }
