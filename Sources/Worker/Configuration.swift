@@ -75,9 +75,9 @@ struct Configuration: Equatable {
 
     /// Gradient buckets of 256 KiB, from the sweep in BENCHMARKS.md (tables 2 and 4): from 256 KiB up the nonblocking
     /// allreduce runs at MPI_Allreduce's speed, and the benchmark and default models still split into several
-    /// buckets. On 2 ranks sharing 2 cores the step is level with one allreduce after backward (the copies are CPU
-    /// work and no core is idle); buckets are kept for nodes where the network moves the data while backward runs.
-    /// 0 means one allreduce after backward.
+    /// buckets. On 2 ranks sharing 2 cores the step is level with one bucket after backward, with either reduction
+    /// (the copies are CPU work and no core is idle); buckets are kept for nodes where the network moves the data
+    /// while backward runs. 0 means one bucket after backward.
     static let defaultBucketKiB = 256
 
     enum DataFormat: String, CaseIterable { case idx, npy }
