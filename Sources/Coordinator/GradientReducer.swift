@@ -79,6 +79,9 @@ public final class GradientReducer {
     private var ownOffsets: [Int] = []
     /// One buffer per other rank: the gradients it sent for this rank's pieces, one after another in bucket order.
     private var received: [UnsafeMutableBufferPointer<Float>] = []
+    /// After `finish()`, the sum of everything received (`received[0]`, into which the others are added); nil on
+    /// one rank.
+    private var peerSums: UnsafeMutablePointer<Float>? = nil
 
     /// - Parameters:
     ///   - gradients: the flat gradient buffer; the parameters and optimizer state share its layout.
@@ -151,6 +154,7 @@ public final class GradientReducer {
             buffer.initialize(repeating: 0)
             return buffer
         }
+        peerSums = received.first?.baseAddress
     }
 
     /// Message tags: the bucket index, kept within the range every MPI must allow (0...32767). Messages between
@@ -240,10 +244,12 @@ public final class GradientReducer {
         case .sharded:
             // |g + h|^2 = g.g + 2 g.h + h.h, three BLAS dot products over each of this rank's pieces.
             var squares = 0.0
-            for (b, own) in ownPieces.enumerated() {
+            for b in ownPieces.indices {
+                let own = ownPieces[b]
                 let g = gradients.baseAddress! + own.lowerBound, n = own.count
                 squares += Double(Float.dot(n, g, g))
-                if let h = received.first.map({ $0.baseAddress! + ownOffsets[b] }) {
+                if let sums = peerSums {
+                    let h = sums + ownOffsets[b]
                     squares += 2 * Double(Float.dot(n, g, h)) + Double(Float.dot(n, h, h))
                 }
             }
@@ -265,13 +271,15 @@ public final class GradientReducer {
                              gradientScale: gradientScale)
         case .sharded:
             optimizer.beginStep()
-            for (b, own) in ownPieces.enumerated() {
+            for b in ownPieces.indices {
+                let own = ownPieces[b]
+                var addend: UnsafePointer<Float>? = nil
+                if let sums = peerSums { addend = UnsafePointer(sums + ownOffsets[b]) }
                 optimizer.updatePart(own, parameters: parameters, gradients: gradients.baseAddress! + own.lowerBound,
-                                     adding: received.first.map { UnsafePointer($0.baseAddress! + ownOffsets[b]) },
-                                     learningRate: learningRate, gradientScale: gradientScale)
+                                     adding: addend, learningRate: learningRate, gradientScale: gradientScale)
             }
-            for (b, bucket) in buckets.enumerated() {
-                try communicator.allgather(UnsafeMutableBufferPointer(rebasing: parameters[bucket]), partition: partitions[b])
+            for b in buckets.indices {
+                try communicator.allgather(UnsafeMutableBufferPointer(rebasing: parameters[buckets[b]]), partition: partitions[b])
             }
         }
     }

@@ -65,7 +65,7 @@ struct GradientReducerTests {
         let reduced = try Optimizer<Float>(config: config, parameterCount: model.parameterCount)
         let start = Array(model.parameters)
         model.forward(count: 4, mode: .train)
-        model.backward(count: 4, accumulate: false)
+        model.backward(count: 4, accumulate: false) { _ in }
         var expected = start
         expected.withUnsafeMutableBufferPointer { p in
             plain.update(parameters: p, gradients: model.gradients, learningRate: 0.1)
