@@ -34,7 +34,7 @@ import Foundation
 /// ranks with the last bucket started, the one holding offset 0: riding along in its allreduce, or in a small
 /// allreduce of their own when sharded. Before each bucket starts, its non-finite values are counted into
 /// `control[nonFiniteSlot]`, so after `finish()` every rank knows whether any rank produced a NaN or infinity
-/// this step, at no extra round trip.
+/// this step, at no extra round trip. A bucket that `provenFinite` vouches for is not read: its count is 0.
 public final class GradientReducer {
     public enum Strategy: String, Sendable, CaseIterable {
         case sharded
@@ -49,6 +49,7 @@ public final class GradientReducer {
     private let gradients: UnsafeMutableBufferPointer<Float>
     private let control: UnsafeMutableBufferPointer<Float>
     private let nonFiniteSlot: Int?
+    private let provenFinite: ((Range<Int>) -> Bool)?
     private var started = 0
     /// This rank's own count of non-finite gradient values in the current step (before reduction).
     public private(set) var localNonFiniteCount = 0
@@ -89,9 +90,12 @@ public final class GradientReducer {
     ///   - bucketElements: minimum elements per bucket; 0 means one bucket.
     ///   - control: slots directly before `gradients` in memory, reduced (summed) with the last bucket.
     ///   - nonFiniteSlot: index in `control` that receives this rank's count of non-finite gradient values.
+    ///   - provenFinite: whether a range of this step's gradients is already known to hold no NaN or infinity
+    ///     (`Model.gradientsProvenFinite(in:)`), so that counting would only read it again; nil: always count.
     public init(communicator: any Communicator, gradients: UnsafeMutableBufferPointer<Float>,
                 tensorRanges: [Range<Int>], bucketElements: Int, strategy: Strategy = .sharded,
-                control: UnsafeMutableBufferPointer<Float> = .init(start: nil, count: 0), nonFiniteSlot: Int? = nil) {
+                control: UnsafeMutableBufferPointer<Float> = .init(start: nil, count: 0), nonFiniteSlot: Int? = nil,
+                provenFinite: ((Range<Int>) -> Bool)? = nil) {
         precondition(control.count == 0 || control.baseAddress! + control.count == gradients.baseAddress!,
                      "control slots must sit directly before the gradients")
         precondition(nonFiniteSlot.map { $0 >= 0 && $0 < control.count } ?? true, "nonFiniteSlot outside control")
@@ -99,6 +103,7 @@ public final class GradientReducer {
         self.gradients = gradients
         self.control = control
         self.nonFiniteSlot = nonFiniteSlot
+        self.provenFinite = provenFinite
         self.strategy = strategy
         var buckets: [Range<Int>] = []
         if bucketElements <= 0 {
@@ -181,7 +186,8 @@ public final class GradientReducer {
             let range = buckets[started]
             if started == 0 { localNonFiniteCount = 0 }
             if let slot = nonFiniteSlot {
-                let count = nonFiniteCount(gradients.baseAddress! + range.lowerBound, range.count)
+                let proven = provenFinite?(range) ?? false
+                let count = proven ? 0 : nonFiniteCount(gradients.baseAddress! + range.lowerBound, range.count)
                 localNonFiniteCount += count
                 control[slot] += Float(count)
             }

@@ -203,7 +203,8 @@ final class Trainer {
         let reducer = GradientReducer(
             communicator: communicator, gradients: model.gradients,
             tensorRanges: model.parameterTable.map(\.range), bucketElements: config.bucketKiB * 1024 / MemoryLayout<Float>.stride,
-            strategy: config.reduction, control: model.control, nonFiniteSlot: ControlSlot.nonFinite)
+            strategy: config.reduction, control: model.control, nonFiniteSlot: ControlSlot.nonFinite,
+            provenFinite: { model.gradientsProvenFinite(in: $0) })
         let buckets = reducer.buckets.count
         let how = config.reduction == .sharded
             ? "each rank updates 1/\(session.worldSize) of the parameters, then they are gathered"

@@ -292,7 +292,8 @@ func overlapBench(_ communicator: MPICommunicator) throws {
     // As the Worker makes them: the control slots ride along, non-finite values are counted.
     func reducer(_ strategy: GradientReducer.Strategy, kib: Int) -> GradientReducer {
         GradientReducer(communicator: communicator, gradients: model.gradients, tensorRanges: ranges,
-                        bucketElements: kib * 1024 / 4, strategy: strategy, control: model.control, nonFiniteSlot: 1)
+                        bucketElements: kib * 1024 / 4, strategy: strategy, control: model.control, nonFiniteSlot: 1,
+                        provenFinite: { model.gradientsProvenFinite(in: $0) })
     }
     var failure: Error? = nil
     func run(_ reducer: GradientReducer?) {

@@ -171,6 +171,7 @@ public final class Model<T: Scalar> {
                 dx: seenParameters ? previousGradient : nil, dy: dy)
             if case let .linear(i, o) = layer {
                 step.parameterOffset = offset
+                step.parameterElements = o * i + o
                 step.weightIndex = steps.reduce(0) { $0 + ($1.weightIndex >= 0 ? 2 : 0) }
                 offset += o * i + o
                 seenParameters = true
@@ -181,6 +182,9 @@ public final class Model<T: Scalar> {
         }
         precondition(cursor == arena.baseAddress! + total, "arena sized \(total), used \(cursor - arena.baseAddress!)")
         activations.removeAll()
+        // The in-place ReLUs sit between linear layers' buffers: they also sum the squares they write, for the
+        // finiteness proof in `backward` (Float only; the float64 gradient-check copy has no use for it).
+        for (index, step) in steps.enumerated() { step.sumsSquares = inPlace[index] && T.self == Float.self }
         plan = steps
         initializeParameters(seed: seed)
     }
@@ -291,7 +295,13 @@ public final class Model<T: Scalar> {
                 broadcastRows(w + o * i, into: step.y, rows: count, columns: o)
                 T.gemm(transposeA: false, transposeB: true, m: count, n: o, k: i,
                        alpha: 1, a: step.x, lda: i, b: w, ldb: i, beta: 1, c: step.y, ldc: o)
-            case .relu: reluForward(step.x, step.y, n)
+            case .relu:
+                if step.sumsSquares && mode == .train {
+                    step.outputSquares = T(reluForwardSquares(floats(step.x), floats(step.y), n))
+                } else {
+                    reluForward(step.x, step.y, n)
+                    step.outputSquares = nil
+                }
             case let .leakyReLU(slope): leakyReLUForward(step.x, step.y, n, slope: T(slope))
             case .tanh: tanhForward(step.x, step.y, n)
             case .sigmoid: sigmoidForward(step.x, step.y, n)
@@ -333,6 +343,7 @@ public final class Model<T: Scalar> {
     ///
     /// With `accumulate: false` the parameter gradients are overwritten instead of added to (GEMM beta = 0), so a
     /// training step needs no zeroing pass over the gradient buffer (measured: 3% of a 784-1024-1024-10 step).
+    /// Such a pass also tries to prove each linear layer's gradients finite (`gradientsProvenFinite(in:)`).
     public func backward(count: Int, accumulate: Bool = true, gradientsReady: (_ offset: Int) throws -> Void) rethrows {
         let beta: T = accumulate ? 1 : 0
         precondition(count > 0 && count <= batchCapacity, "batch of \(count) rows, capacity \(batchCapacity)")
@@ -349,8 +360,10 @@ public final class Model<T: Scalar> {
                 T.gemm(transposeA: true, transposeB: false, m: o, n: i, k: count,
                        alpha: 1, a: step.dy, lda: o, b: step.x, ldb: i, beta: beta, c: gw, ldc: i)
                 T.gemvTransposed(m: count, n: o, alpha: 1, a: step.dy, lda: o, x: ones, beta: beta, y: gw + o * i)
+                step.provenFinite = !accumulate && gradientsBounded(at: index, count: count)
                 if let fault = resolvedFault, fault == step.weightIndex || fault == step.weightIndex + 1 {
                     applyFault(to: parameterTable[fault])
+                    step.provenFinite = false
                 }
                 let callbackStarted = timerClock()
                 try gradientsReady(step.parameterOffset)
@@ -361,7 +374,13 @@ public final class Model<T: Scalar> {
                            alpha: 1, a: step.dy, lda: o, b: w, ldb: i, beta: 0, c: dx, ldc: i)
                 }
             case .relu:
-                if let dx = step.dx { reluBackward(step.x, step.dy, dx, n) }
+                step.inputGradientSquares = nil
+                guard let dx = step.dx else { break }
+                if step.sumsSquares && !accumulate {
+                    step.inputGradientSquares = T(reluBackwardSquares(floats(step.x), floats(step.dy), floats(dx), n))
+                } else {
+                    reluBackward(step.x, step.dy, dx, n)
+                }
             case let .leakyReLU(slope):
                 if let dx = step.dx { leakyReLUBackward(step.x, step.dy, dx, n, slope: T(slope)) }
             case .tanh:
@@ -380,6 +399,50 @@ public final class Model<T: Scalar> {
             }
             report(index, .backward, since: started &+ callback)
         }
+    }
+
+    /// Whether the last `backward(accumulate: false)` proved every gradient in `range` finite; false for anything
+    /// it could not prove (then count, as `nonFiniteCount` does). The proof reads no gradient: for a linear layer,
+    /// dW = dy^T x and db = dy^T 1, so by Cauchy-Schwarz every |dW_oi| <= |dy| |x| and every |db_o| <= |dy| sqrt(B)
+    /// (Frobenius norms over the batch). When both bounds are finite and far below the largest finite value, no
+    /// partial sum of the GEMM or GEMV can overflow, and finite inputs with no overflow give finite outputs. The
+    /// squared norms come from the in-place ReLU kernels that wrote x and dy anyway (`reluForwardSquares`,
+    /// `reluBackwardSquares`) or else from a BLAS dot; a NaN or infinity in x or dy makes its norm non-finite and
+    /// the proof fails. What this saves: reading 1.9 M gradients per 784-1024-1024-10 step (0.3 ms, 1.5%).
+    public func gradientsProvenFinite(in range: Range<Int>) -> Bool {
+        // Indices and integers only: called per gradient bucket in every step, and in unspecialised generic code
+        // iterating the plan or matching the layer enum heap-allocated (measured, debug build).
+        var index = 0
+        while index < plan.count {
+            let step = plan[index]
+            let lower = step.parameterOffset, upper = lower + step.parameterElements
+            if step.parameterElements > 0 && lower < range.upperBound && range.lowerBound < upper && !step.provenFinite {
+                return false
+            }
+            index += 1
+        }
+        return true
+    }
+
+    /// The bounds of `gradientsProvenFinite(in:)` for linear layer `index`, just after its backward GEMMs.
+    private func gradientsBounded(at index: Int, count: Int) -> Bool {
+        let step = plan[index]
+        guard case let .linear(i, o) = step.layer else { return false }
+        // Squared norms of x (the previous layer's output) and dy (the next layer's input gradient, or the loss's).
+        let xSquares = index > 0 ? plan[index - 1].outputSquares : nil
+        let dySquares = index + 1 < plan.count ? plan[index + 1].inputGradientSquares : nil
+        let x2 = Double(xSquares ?? T.dot(count * i, step.x, step.x))
+        let dy2 = Double(dySquares ?? T.dot(count * o, step.dy, step.dy))
+        // A wide margin below the largest finite value for the rounding of the norms and of the products' sums.
+        let limit = Double(T.greatestFiniteMagnitude) / 16
+        let weightBound = dy2.squareRoot() * x2.squareRoot(), biasBound = dy2.squareRoot() * Double(count).squareRoot()
+        return weightBound <= limit && biasBound <= limit  // false for NaN and infinity
+    }
+
+    /// A buffer of T seen as Float, for the Float-only kernels; only called when T is Float.
+    @inline(__always)
+    private func floats(_ p: UnsafeMutablePointer<T>) -> UnsafeMutablePointer<Float> {
+        UnsafeMutableRawPointer(p).assumingMemoryBound(to: Float.self)
     }
 
     /// Nanoseconds for `layerTimer`, or 0 without reading the clock when no timer is set.
@@ -447,9 +510,17 @@ final class LayerStep<T: Scalar> {
     let dy: UnsafeMutablePointer<T>
     /// Linear layers: offset of the weight in the flat buffers (the bias follows it) and its table index.
     var parameterOffset = 0
+    var parameterElements = 0
     var weightIndex = -1
     /// Dropout layers: the mask of the last training pass, [B, outWidth].
     var mask: UnsafeMutablePointer<T>? = nil
+    /// In-place ReLUs (Float): their kernels also sum the squares of what they write. The sums of the last
+    /// training forward (outputs) and backward (input gradients), nil when not computed.
+    var sumsSquares = false
+    var outputSquares: T? = nil
+    var inputGradientSquares: T? = nil
+    /// Linear layers: whether the last backward proved its gradients finite (`Model.gradientsProvenFinite`).
+    var provenFinite = false
 
     init(index: Int, layer: LayerSpec, inWidth: Int, outWidth: Int,
          x: UnsafeMutablePointer<T>, y: UnsafeMutablePointer<T>,
