@@ -37,6 +37,11 @@ func alternate(rounds: Int, repeats: Int, _ a: () -> Void, _ b: () -> Void) -> (
 /// Times every body in turn for `rounds` rounds of `repeats` calls each, starting each round one body later, so
 /// none always goes first; returns median seconds per call of each.
 func alternate(rounds: Int, repeats: Int, _ bodies: [() -> Void]) -> [Double] {
+    alternateRounds(rounds: rounds, repeats: repeats, bodies).map(median)
+}
+
+/// `alternate`'s measurements round by round: seconds per call of each body, [body][round].
+func alternateRounds(rounds: Int, repeats: Int, _ bodies: [() -> Void]) -> [[Double]] {
     for body in bodies { body() }   // warm up
     var times = [[Double]](repeating: [], count: bodies.count)
     for round in 0..<rounds {
@@ -47,7 +52,7 @@ func alternate(rounds: Int, repeats: Int, _ bodies: [() -> Void]) -> [Double] {
             times[j].append((now() - t) / Double(repeats))
         }
     }
-    return times.map(median)
+    return times
 }
 
 // MARK: - Engine against the BLAS limit
@@ -261,7 +266,8 @@ func allreduceBench(_ communicator: MPICommunicator) throws {
         buffer.initialize(repeating: 1)
         let repeats = max(3, min(200, (32 << 20) / bytes))
         var failure: Error? = nil
-        let medians = alternate(rounds: smoke ? 2 : 9, repeats: smoke ? 2 : repeats, [{
+        let rounds = smoke ? 2 : 15
+        let perRound = alternateRounds(rounds: rounds, repeats: smoke ? 2 : repeats, [{
             do { try communicator.allreduce(buffer, op: .sum) } catch { failure = error }
         }, {
             _ = MPI_Allreduce(bp_mpi_in_place(), buffer.baseAddress, Int32(count), bp_mpi_float(), bp_mpi_sum(), bp_mpi_comm_world())
@@ -270,12 +276,15 @@ func allreduceBench(_ communicator: MPICommunicator) throws {
             do { try communicator.startAllreduce(buffer, op: .sum).wait() } catch { failure = error }
         }])
         if let failure { throw failure }
-        // The ranks' clocks differ a little: the slowest rank's medians are the job's.
-        var times = medians
+        // The ranks' clocks differ a little: in each round the slowest rank's time is the job's. The ratios are
+        // the medians of each round's own ratio, so that drift of the shared host between rounds cancels.
+        var times = perRound.flatMap { $0 }
         try times.withUnsafeMutableBufferPointer { try communicator.allreduce($0, op: .max) }
         if communicator.rank == 0 {
+            let ours = Array(times[0..<rounds]), c = Array(times[rounds..<(2 * rounds)]), nonblocking = Array(times[(2 * rounds)...])
+            let oursRatio = median(zip(ours, c).map { $0 / $1 }), nonblockingRatio = median(zip(nonblocking, c).map { $0 / $1 })
             let size = bytes >= 1 << 20 ? "\(bytes >> 20) MiB" : "\(bytes >> 10) KiB"
-            print("| \(size) | \(f(times[0] * 1e6, 1)) | \(f(times[1] * 1e6, 1)) | \(f(times[0] / times[1])) | \(f(Double(bytes) / times[1] / 1e9, 2)) | \(f(times[2] * 1e6, 1)) | \(f(times[2] / times[1])) |")
+            print("| \(size) | \(f(median(ours) * 1e6, 1)) | \(f(median(c) * 1e6, 1)) | \(f(oursRatio)) | \(f(Double(bytes) / median(c) / 1e9, 2)) | \(f(median(nonblocking) * 1e6, 1)) | \(f(nonblockingRatio)) |")
         }
         buffer.deallocate()
         bytes *= 4
