@@ -173,7 +173,8 @@ public final class GradientReducer {
     /// Called by the model's backward pass after each layer.
     public func gradientsReady(from offset: Int) throws(MPIError) {
         if strategy == .sharded && !receivesPosted {
-            // Posted before anything is sent, so every piece lands straight in its buffer.
+            // Posted before this rank sends anything: a peer's piece that arrives later goes straight into its
+            // buffer instead of waiting in MPI's queue of unexpected messages.
             receivesPosted = true
             for (i, piece) in receivePlan.enumerated() {
                 let start = ownOffsets[piece.bucket]
@@ -219,7 +220,7 @@ public final class GradientReducer {
 
     /// Starts what backward did not (nothing, after a full backward) and waits for all of it. Then, with
     /// `.allreduce`, every rank holds the sum of the ranks' gradients (`1 / gradientScale` times the mean);
-    /// with `.sharded`, every rank holds the other ranks' gradients for its own part, summed, beside its own.
+    /// with `.sharded`, every rank holds the other ranks' gradients for its own pieces, summed, beside its own.
     public func finish() throws(MPIError) {
         try gradientsReady(from: 0)
         let start = DispatchTime.now().uptimeNanoseconds
