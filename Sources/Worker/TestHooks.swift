@@ -6,9 +6,12 @@ import Foundation
 struct TestHooks {
     /// BPWORKER_TEST_NAN=RANK:STEP: that rank's batch turns to NaN at that step (0-based global step).
     var nanStep: Int?
-    /// BPWORKER_TEST_STALL=RANK:STEP:SECONDS: that rank sleeps inside that step.
+    /// BPWORKER_TEST_STALL=RANK:STEP:SECONDS[:after-exchange]: that rank sleeps inside that step, before its forward
+    /// pass or, with the fourth field, between the gradient exchange and the update (where the others wait in
+    /// the sharded update's parameter gather).
     var stallStep: Int?
     var stallSeconds = 0.0
+    var stallAfterExchange = false
     /// BPWORKER_TEST_STEP_SLEEP_MS=N: every step of every rank takes N ms longer (so signals land mid-epoch).
     var stepSleepMicroseconds: UInt32 = 0
     /// BPWORKER_TEST_DIVERGE=RANK:STEP: that rank's first parameter drifts at that step (a silent replica fault).
@@ -24,6 +27,7 @@ struct TestHooks {
         if let f = fields("BPWORKER_TEST_STALL"), f.count == 3, Int(f[0]) == rank {
             hooks.stallStep = Int(f[1])
             hooks.stallSeconds = f[2]
+            hooks.stallAfterExchange = env["BPWORKER_TEST_STALL"]?.hasSuffix(":after-exchange") ?? false
         }
         if let f = fields("BPWORKER_TEST_STEP_SLEEP_MS"), f.count == 1 { hooks.stepSleepMicroseconds = UInt32(f[0] * 1000) }
         if let f = fields("BPWORKER_TEST_DIVERGE"), f.count == 2, Int(f[0]) == rank { hooks.divergeStep = Int(f[1]) }
@@ -34,8 +38,13 @@ struct TestHooks {
     func beforeStep(step: Int, model: Model<Float>) {
         if stepSleepMicroseconds > 0 { sleepFully(Double(stepSleepMicroseconds) * 1e-6) }
         if step == nanStep { model.inputs[0] = .nan }
-        if step == stallStep { sleepFully(stallSeconds) }
+        if step == stallStep && !stallAfterExchange { sleepFully(stallSeconds) }
         if step == divergeStep { model.parameters[0] += 1e-3 }
+    }
+
+    @inline(__always)
+    func afterExchange(step: Int) {
+        if step == stallStep && stallAfterExchange { sleepFully(stallSeconds) }
     }
 }
 

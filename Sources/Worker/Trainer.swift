@@ -251,6 +251,7 @@ final class Trainer {
                         watchdog.enter(.gradientAllreduce, step: position.globalStep)
                         try reducer.finish()
                         watchdog.leave()
+                        hooks.afterExchange(step: position.globalStep)
                         let stopRequests = model.control[ControlSlot.stopRequests]
                         let nonFinite = model.control[ControlSlot.nonFinite]
                         let learningRate = schedule.learningRate(atStep: position.globalStep)
@@ -258,7 +259,9 @@ final class Trainer {
 
                         if nonFinite > 0 {
                             // Every rank saw the same count, so every rank takes the same branch.
+                            watchdog.enter(.gradientAllreduce, step: position.globalStep)
                             let ranks = try faultyRanks(local: localNonFiniteLoss + reducer.localNonFiniteCount)
+                            watchdog.leave()
                             position.skippedSteps += 1
                             let what = "non-finite loss or gradient at step \(position.globalStep + 1) on rank\(ranks.count == 1 ? "" : "s") \(ranks.map(String.init).joined(separator: ", "))"
                             if config.numericsPolicy == .skip && position.skippedSteps <= config.maxSkippedSteps {
@@ -280,7 +283,9 @@ final class Trainer {
                             session.finish(exitCode: 1)
                         }
 
-                        // The update reads the sum over ranks: averaging and clipping are one factor of it.
+                        // The update reads the sum over ranks: averaging and clipping are one factor of it. Sharded,
+                        // the clipping norm and the parameter gather are collectives: watched like the exchange.
+                        watchdog.enter(.parameterGather, step: position.globalStep)
                         var gradientScale = reducer.gradientScale
                         if config.clipNorm > 0 {
                             let norm = try reducer.gradientNorm(scale: gradientScale)
@@ -288,6 +293,7 @@ final class Trainer {
                         }
                         try reducer.update(optimizer, parameters: model.parameters, learningRate: learningRate,
                                            gradientScale: gradientScale)
+                        watchdog.leave()
                         position.globalStep += 1
 
                         progress.record(result)

@@ -14,11 +14,12 @@ final class Watchdog: @unchecked Sendable {
     // the report by one tick.
 
     enum Phase: Int, CaseIterable {
-        case compute = 0, gradientAllreduce, metricsAllreduce, evaluation, checkpoint, replicaCheck, setup
+        case compute = 0, gradientAllreduce, parameterGather, metricsAllreduce, evaluation, checkpoint, replicaCheck, setup
         var name: String {
             switch self {
             case .compute: "computing"
             case .gradientAllreduce: "gradient allreduce"
+            case .parameterGather: "update and parameter gather"
             case .metricsAllreduce: "metrics allreduce"
             case .evaluation: "evaluation"
             case .checkpoint: "checkpoint"

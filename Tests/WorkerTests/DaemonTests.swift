@@ -212,6 +212,13 @@ struct DaemonTests {
         #expect(r.output.contains("stall: rank 0 has waited"), "\(r.output)")
         #expect(r.output.contains("gradient allreduce of step 9"))
         #expect(r.output.contains("not arrived: rank 1 (computing at step 9"), "\(r.output)")
+        // Stalled after the exchange: the other rank waits in the sharded update's parameter gather.
+        let gather = try Harness.mpirun(2, job(data, runDir: temporaryRunDirectory(), extra: ["--set", "watchdog.timeout_seconds=3"]),
+                                        environment: ["BPWORKER_TEST_STALL": "1:9:60:after-exchange"], timeout: 60)
+        #expect(gather.status != 0)
+        #expect(gather.seconds < 30)
+        #expect(gather.output.contains("stall: rank 0 has waited"), "\(gather.output)")
+        #expect(gather.output.contains("update and parameter gather of step 9"), "\(gather.output)")
     }
 
     @Test func resumingOnAnotherWorldSizeSaysWhatChanges() throws {
