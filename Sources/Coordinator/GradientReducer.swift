@@ -249,15 +249,15 @@ public final class GradientReducer {
         case .allreduce:
             return scale * Double(Float.dot(gradients.count, gradients.baseAddress!, gradients.baseAddress!)).squareRoot()
         case .sharded:
-            // |g + h|^2 = g.g + 2 g.h + h.h, three BLAS dot products over each of this rank's pieces.
+            // |g + h|^2 over each of this rank's pieces, g its own gradients and h the sum it received.
             var squares = 0.0
             for b in ownPieces.indices {
                 let own = ownPieces[b]
                 let g = gradients.baseAddress! + own.lowerBound, n = own.count
-                squares += Double(Float.dot(n, g, g))
                 if let sums = peerSums {
-                    let h = sums + ownOffsets[b]
-                    squares += 2 * Double(Float.dot(n, g, h)) + Double(Float.dot(n, h, h))
+                    squares += sumOfSquaredSums(g, sums + ownOffsets[b], n)
+                } else {
+                    squares += Double(Float.dot(n, g, g))
                 }
             }
             try withUnsafeMutablePointer(to: &squares) { (pointer) throws(MPIError) in

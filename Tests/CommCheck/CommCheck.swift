@@ -291,6 +291,14 @@ final class Checker {
             try high.withUnsafeMutableBufferPointer { try comm.allreduce($0, op: .max) }
             expect(low == high, "\(strategy) bucket \(bucketElements): replicas differ")
 
+            // Gradients that nearly cancel over the ranks (rank 0 has v, rank 1 0.5 - v, the others 0, with v about
+            // 1e4): the sum is 0.5 everywhere, and its norm must not drown in the rounding of squares near 1e8.
+            for i in 0..<count { gradients[i] = rank == 0 ? 1e4 + Float(i) : rank == 1 ? 0.5 - (1e4 + Float(i)) : 0 }
+            try reducer.finish()
+            let nearlyCancelled = try reducer.gradientNorm(scale: 1), exact = 0.5 * Double(count).squareRoot()
+            expect(abs(nearlyCancelled - exact) <= 1e-5 * exact,
+                   "\(strategy) bucket \(bucketElements): norm of nearly cancelling gradients \(nearlyCancelled), expected \(exact)")
+
             // A NaN on the last rank reaches every rank's count; only the last rank counts it as its own.
             for i in 0..<count { gradients[i] = 1 }
             if rank == n - 1 { gradients[50] = .nan }

@@ -99,6 +99,29 @@ public func reluBackwardSquares(
     return sum
 }
 
+/// Sum of (x[i] + y[i])^2: the squared norm of a vector held as two addends (a sharded step's own gradients and
+/// the sum it received), without forming it. Expanding it into three dot products instead cancels badly when the
+/// addends nearly cancel, down to a negative "square". SIMD accumulators for speed, as in `reluForwardSquares`.
+public func sumOfSquaredSums(_ x: UnsafePointer<Float>, _ y: UnsafePointer<Float>, _ n: Int) -> Double {
+    typealias V = SIMD8<Float>
+    var s0 = V(), s1 = V()
+    var i = 0
+    while i &+ 16 <= n {
+        let a = UnsafeRawPointer(x + i).loadUnaligned(as: V.self) + UnsafeRawPointer(y + i).loadUnaligned(as: V.self)
+        let b = UnsafeRawPointer(x + i + 8).loadUnaligned(as: V.self) + UnsafeRawPointer(y + i + 8).loadUnaligned(as: V.self)
+        s0 += a * a
+        s1 += b * b
+        i &+= 16
+    }
+    var sum = Double((s0 + s1).sum())
+    while i < n {
+        let v = x[i] + y[i]
+        sum += Double(v * v)
+        i &+= 1
+    }
+    return sum
+}
+
 /// y = max(x, 0) + slope * min(x, 0)
 @_specialize(where T == Float) @_specialize(where T == Double)
 public func leakyReLUForward<T: Scalar>(_ x: UnsafePointer<T>, _ y: UnsafeMutablePointer<T>, _ n: Int, slope: T) {
