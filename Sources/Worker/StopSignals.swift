@@ -4,7 +4,8 @@ import Foundation
 /// srun signal every task; OpenMPI's mpirun forwards SIGUSR1, SIGUSR2 and SIGTERM to the ranks.
 ///
 /// The handler only records the signal (async-signal-safe); the training loop reads it once per step and sends
-/// it to every rank inside the gradient allreduce, so all ranks stop after the same step. A second SIGINT
+/// it to every rank as one of the control values reduced with the step's gradients, so all ranks stop after the
+/// same step. A second SIGINT
 /// exits at once, for the user who really means it.
 enum StopSignals {
     /// [0]: the last stop signal received (0 = none); [1]: SIGINTs received. Allocated before any handler is
