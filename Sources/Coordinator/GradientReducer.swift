@@ -79,10 +79,9 @@ public final class GradientReducer {
     private var ownPieces: [Range<Int>] = []
     private var ownOffsets: [Int] = []
     /// One buffer per other rank: the gradients it sent for this rank's pieces, one after another in bucket order.
+    /// After `finish()` the first holds the sum of them all (nil on one rank): `peerSums`.
     private var received: [UnsafeMutableBufferPointer<Float>] = []
-    /// After `finish()`, the sum of everything received (`received[0]`, into which the others are added); nil on
-    /// one rank.
-    private var peerSums: UnsafeMutablePointer<Float>? = nil
+    private var peerSums: UnsafeMutablePointer<Float>? { received.first?.baseAddress }
 
     /// - Parameters:
     ///   - gradients: the flat gradient buffer; the parameters and optimizer state share its layout.
@@ -159,7 +158,6 @@ public final class GradientReducer {
             buffer.initialize(repeating: 0)
             return buffer
         }
-        peerSums = received.first?.baseAddress
     }
 
     /// Message tags: the bucket index, kept within the range every MPI must allow (0...32767). Messages between

@@ -131,27 +131,31 @@ public final class MPICommunicator: Communicator {
     public func startSend<T: MPIScalar>(
         _ buffer: UnsafeBufferPointer<T>, to destination: Int, tag: Int
     ) throws(MPIError) -> PendingRequest {
-        try checkActive("MPI_Isend")
-        guard let base = buffer.baseAddress, !buffer.isEmpty else { return .completed }
-        let count = try mpiInt(buffer.count, "MPI_Isend", errorCode: bp_mpi_err_count())
-        let destination = try mpiInt(destination, "MPI_Isend", errorCode: bp_mpi_err_rank())
-        let tag = try mpiInt(tag, "MPI_Isend", errorCode: bp_mpi_err_tag())
-        return try startRequest("MPI_Isend") { request in
-            MPI_Isend(base, count, T.mpiDatatype.raw, destination, tag, comm, request)
+        try startPointToPoint("MPI_Isend", count: buffer.count, peer: destination, tag: tag) { count, peer, tag, request in
+            MPI_Isend(buffer.baseAddress!, count, T.mpiDatatype.raw, peer, tag, comm, request)
         }
     }
 
     public func startReceive<T: MPIScalar>(
         _ buffer: UnsafeMutableBufferPointer<T>, from source: Int, tag: Int
     ) throws(MPIError) -> PendingRequest {
-        try checkActive("MPI_Irecv")
-        guard let base = buffer.baseAddress, !buffer.isEmpty else { return .completed }
-        let count = try mpiInt(buffer.count, "MPI_Irecv", errorCode: bp_mpi_err_count())
-        let source = try mpiInt(source, "MPI_Irecv", errorCode: bp_mpi_err_rank())
-        let tag = try mpiInt(tag, "MPI_Irecv", errorCode: bp_mpi_err_tag())
-        return try startRequest("MPI_Irecv") { request in
-            MPI_Irecv(base, count, T.mpiDatatype.raw, source, tag, comm, request)
+        try startPointToPoint("MPI_Irecv", count: buffer.count, peer: source, tag: tag) { count, peer, tag, request in
+            MPI_Irecv(buffer.baseAddress!, count, T.mpiDatatype.raw, peer, tag, comm, request)
         }
+    }
+
+    /// What a send and a receive share: an empty buffer completes at once; count, peer rank and tag are checked
+    /// into MPI's 32-bit ints (each with its own MPI error class); then `start` runs on a request slot.
+    private func startPointToPoint(
+        _ call: StaticString, count: Int, peer: Int, tag: Int,
+        _ start: (_ count: Int32, _ peer: Int32, _ tag: Int32, UnsafeMutablePointer<MPI_Request?>) -> Int32
+    ) throws(MPIError) -> PendingRequest {
+        try checkActive(call)
+        guard count > 0 else { return .completed }
+        let count = try mpiInt(count, call, errorCode: bp_mpi_err_count())
+        let peer = try mpiInt(peer, call, errorCode: bp_mpi_err_rank())
+        let tag = try mpiInt(tag, call, errorCode: bp_mpi_err_tag())
+        return try startRequest(call) { request in start(count, peer, tag, request) }
     }
 
     /// Runs `start` on a free request slot and hands out the request it made; a failed start frees the slot.

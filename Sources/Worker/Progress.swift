@@ -39,7 +39,6 @@ final class Progress {
     /// What RUN_DIR/status.json says (rank 0 writes it).
     var status: RunStatus
     private var lastStatusWrite = Date.distantPast
-    private let timestampFormatter = ISO8601DateFormatter()
 
     init(session: Session, prepared: Trainer.Prepared, metrics: MetricsLog?) {
         self.session = session
@@ -127,7 +126,7 @@ final class Progress {
     func writeStatus() {
         guard session.isRoot else { return }
         let now = Date()
-        status.updated = timestampFormatter.string(from: now)
+        status.updated = RunStatus.timestamp(now)
         status.write(to: session.runDirectory)
         lastStatusWrite = now
     }

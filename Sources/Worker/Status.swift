@@ -57,5 +57,10 @@ struct RunStatus: Codable, Equatable {
         return lines.joined(separator: "\n")
     }
 
-    static var now: String { ISO8601DateFormatter().string(from: Date()) }
+    static var now: String { timestamp(Date()) }
+
+    /// `date` as status.json writes it (ISO 8601), through one formatter: making one costs more than a status
+    /// write. Only rank 0's training thread writes the status.
+    static func timestamp(_ date: Date) -> String { timestampFormatter.string(from: date) }
+    nonisolated(unsafe) private static let timestampFormatter = ISO8601DateFormatter()
 }

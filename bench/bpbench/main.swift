@@ -3,7 +3,7 @@
 //   bpbench engine [--smoke]       training step vs the same GEMMs through cblas (1 thread)
 //   bpbench gemm-floor [--smoke]   just those GEMMs of a 784-1024-1024-10 step, in ms
 //   bpbench allreduce [--smoke]    under mpirun: our allreduce vs MPI_Allreduce called directly, 4 KiB..64 MiB
-//   bpbench overlap [--smoke]      under mpirun: bucketed allreduce overlapping backward vs one fused allreduce
+//   bpbench overlap [--smoke]      under mpirun: the step with each reduction strategy and bucket size vs none
 //   bpbench gradcheck [--smoke]    cost of the default gradient check vs one epoch of the default job
 //   bpbench allocations            heap allocations per steady-state step of the default model
 import AllocationCounter

@@ -67,7 +67,9 @@ public func reluForwardSquares(_ x: UnsafePointer<Float>, _ y: UnsafeMutablePoin
 }
 
 /// `reluBackward` for Float that also returns the sum of the squared input gradients, for the same proof as
-/// `reluForwardSquares`; as fast as the plain kernel. In place (`dy == dx`) is fine.
+/// `reluForwardSquares`; as fast as the plain kernel. In place (`dy == dx`) is fine. Its loop repeats
+/// `reluForwardSquares`' on purpose: one loop shared through closures measured 35x slower (they were not inlined
+/// into the SIMD loop).
 public func reluBackwardSquares(
     _ x: UnsafePointer<Float>, _ dy: UnsafePointer<Float>, _ dx: UnsafeMutablePointer<Float>, _ n: Int
 ) -> Float {

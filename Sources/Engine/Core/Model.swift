@@ -173,7 +173,7 @@ public final class Model<T: Scalar> {
                 step.parameterOffset = offset
                 step.parameterElements = o * i + o
                 step.weightIndex = steps.reduce(0) { $0 + ($1.weightIndex >= 0 ? 2 : 0) }
-                offset += o * i + o
+                offset += step.parameterElements
                 seenParameters = true
             }
             if case .dropout = layer { step.mask = take(widths[index + 1] * batchCapacity) }
