@@ -81,6 +81,15 @@ struct Train: ParsableCommand {
         "Resume from a checkpoint: --resume alone takes RUN_DIR/checkpoints/latest.", valueName: "path"))
     var resume: String?
 
+    @Flag(help: "Start again in a run directory that holds a run: removes its checkpoints, metrics, status and model first (other files stay).")
+    var overwrite = false
+
+    func validate() throws {
+        if resume != nil && overwrite {
+            throw ValidationError("--resume continues the run in the run directory and --overwrite removes it: choose one")
+        }
+    }
+
     func run() throws {
         // Before anything else, so a scheduler's signal during setup is not lost.
         StopSignals.install()
@@ -89,8 +98,8 @@ struct Train: ParsableCommand {
         let session = Session.start(
             options: options, extraOverrides: gradcheck ? ["gradcheck.enabled=true"] : [],
             configFile: resume != nil && FileManager.default.fileExists(atPath: runConfig) ? runConfig : nil)
-        Trainer(session: session).run(resume: resume)
-        session.finish()
+        let (outcome, loop) = Trainer.train(session, resume: resume, overwrite: overwrite)
+        Trainer.finish(session, outcome, loop: loop)
     }
 }
 
@@ -110,9 +119,13 @@ struct Gradcheck: ParsableCommand {
 
     func run() throws {
         let session = Session.start(options: options, extraOverrides: [])
-        let trainer = Trainer(session: session)
-        let passed = trainer.runGradientCheck(printJSON: json)
-        session.finish(exitCode: passed ? 0 : 1)
+        let prepared = Setup.prepare(session, training: false)
+        // The report goes to RUN_DIR/gradcheck.json as well; nothing else of a run directory is touched.
+        session.agree("run directory \(session.runDirectory)") {
+            if session.isRoot { try FileManager.default.createDirectory(atPath: session.runDirectory, withIntermediateDirectories: true) }
+        }
+        let verdict = GradientCheckRun.run(session, prepared, printJSON: json, reportDirectory: session.runDirectory)
+        session.finish(exitCode: verdict == .fail ? 1 : 0)
     }
 }
 
@@ -135,8 +148,8 @@ struct Eval: ParsableCommand {
         let runConfig = options.runDir + "/config.yaml"
         let session = Session.start(
             options: options, extraOverrides: [],
-            configFile: FileManager.default.fileExists(atPath: runConfig) ? runConfig : nil, writeConfig: false)
-        Trainer(session: session).runEvaluation(parametersPath: parameters ?? session.runDirectory + "/model.safetensors")
+            configFile: FileManager.default.fileExists(atPath: runConfig) ? runConfig : nil)
+        Evaluation.run(session, parametersPath: parameters ?? session.runDirectory + "/model.safetensors")
         session.finish()
     }
 }

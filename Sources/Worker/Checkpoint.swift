@@ -3,10 +3,9 @@ import Foundation
 
 /// Where a run stands, beyond its tensors: everything a checkpoint needs for a resumed run to continue exactly.
 struct TrainingPosition: Codable, Equatable {
-    /// Optimizer updates applied (steps skipped for non-finite values excluded).
+    /// Steps taken since the run began, skipped ones included (a skipped step still consumes its batch): the
+    /// learning-rate schedule, checkpoint names and progress count these.
     var globalStep = 0
-    /// Steps taken, skipped ones included: the learning-rate schedule and the sampler count these.
-    var stepsTaken = 0
     var epoch = 0
     /// Steps done within `epoch`.
     var epochStep = 0
@@ -15,6 +14,32 @@ struct TrainingPosition: Codable, Equatable {
     var batchSize = 1
     /// The dropout generator of every rank, four words each (as decimal strings: JSON numbers lose 64-bit words).
     var dropoutStates: [[String]] = []
+
+    /// This position continued on `worldSize` ranks of `batchSize` samples, with `stepsPerEpoch` steps per epoch
+    /// there. The same shape continues exactly. Another shape keeps the samples already seen in this epoch
+    /// (rounded down to whole new global batches, so none is skipped; up to one global batch is seen again) and
+    /// recomputes the global step; `sameShape` tells the caller whether dropout streams can continue too.
+    func continued(worldSize: Int, batchSize: Int, stepsPerEpoch: Int) -> (position: TrainingPosition, sameShape: Bool) {
+        var next = self
+        let sameShape = self.worldSize == worldSize && self.batchSize == batchSize
+        if !sameShape {
+            let samplesSeen = epochStep * self.batchSize * self.worldSize
+            next.epochStep = min(samplesSeen / (batchSize * worldSize), stepsPerEpoch)
+            next.globalStep = epoch * stepsPerEpoch + next.epochStep
+            next.worldSize = worldSize
+            next.batchSize = batchSize
+        }
+        if next.epochStep >= stepsPerEpoch {
+            next.epoch += 1
+            next.epochStep = 0
+        }
+        return (next, sameShape)
+    }
+}
+
+/// A checkpoint that is missing, unreadable or does not belong to this run.
+struct CheckpointError: Error, CustomStringConvertible, Equatable {
+    let description: String
 }
 
 /// Checkpoints in RUN_DIR/checkpoints: safetensors files holding the model under PyTorch names, the optimizer
@@ -35,11 +60,16 @@ struct Checkpointer {
 
     var latestPointer: String { directory + "/latest" }
 
+    /// `step-00001234.safetensors`: the checkpoints this class writes, prunes and `--overwrite` removes.
+    static func isCheckpointName(_ name: String) -> Bool { name.hasPrefix("step-") && name.hasSuffix(".safetensors") }
+    /// What an interrupted atomic write leaves (see `writeAtomically`).
+    static func isTemporaryName(_ name: String) -> Bool { name.hasPrefix(".") && name.hasSuffix(".tmp") }
+
     /// The newest checkpoint's path, from the `latest` pointer.
     func latest() throws -> String {
         guard let name = try? String(contentsOfFile: latestPointer, encoding: .utf8)
             .trimmingCharacters(in: .whitespacesAndNewlines), !name.isEmpty else {
-            throw ConfigError(description: "\(latestPointer): no checkpoint to resume from")
+            throw CheckpointError(description: "\(latestPointer): no checkpoint to resume from")
         }
         return directory + "/" + name
     }
@@ -79,9 +109,9 @@ struct Checkpointer {
     /// Deletes all but the newest `keep` checkpoints, and temporary files a crash left behind.
     private func prune() throws {
         let names = try FileManager.default.contentsOfDirectory(atPath: directory)
-        let checkpoints = names.filter { $0.hasPrefix("step-") && $0.hasSuffix(".safetensors") }.sorted()
+        let checkpoints = names.filter(Self.isCheckpointName).sorted()
         for name in checkpoints.dropLast(keep) { try? FileManager.default.removeItem(atPath: directory + "/" + name) }
-        for name in names where name.hasPrefix(".") && name.hasSuffix(".tmp") {
+        for name in names where Self.isTemporaryName(name) {
             try? FileManager.default.removeItem(atPath: directory + "/" + name)
         }
     }

@@ -40,14 +40,14 @@ final class Progress {
     var status: RunStatus
     private var lastStatusWrite = Date.distantPast
 
-    init(session: Session, prepared: Trainer.Prepared, metrics: MetricsLog?) {
+    init(session: Session, prepared: Prepared, metrics: MetricsLog?) {
         self.session = session
         self.metrics = metrics
         totalSteps = prepared.totalSteps
-        status = RunStatus(state: .training, step: 0, totalSteps: prepared.totalSteps, epoch: 0, epochs: prepared.configEpochs,
+        status = RunStatus(state: .training, step: 0, totalSteps: prepared.totalSteps, epoch: 0, epochs: prepared.epochs,
                            worldSize: session.worldSize, updated: RunStatus.now)
         stepsPerEpoch = prepared.sampler.stepsPerEpoch
-        epochs = prepared.configEpochs
+        epochs = prepared.epochs
         let redraw = switch session.progressStyle {
         case .line: true
         case .plain: false

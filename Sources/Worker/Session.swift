@@ -34,11 +34,11 @@ final class Session {
         self.progressStyle = progressStyle
     }
 
-    /// - Parameters:
-    ///   - configFile: the configuration file when `--config` is not given (eval reuses the run's config.yaml).
-    ///   - writeConfig: whether rank 0 writes the resolved configuration into the run directory.
-    static func start(options: RunOptions, extraOverrides: [String], configFile: String? = nil,
-                      writeConfig: Bool = true) -> Session {
+    /// Starts MPI (or local mode), reads the configuration and sets the BLAS threads. Writes nothing: a run
+    /// directory is written only once setup has succeeded on every rank (`Trainer.commitRunDirectory`).
+    /// - Parameter configFile: the configuration file when `--config` is not given (resume and eval reuse the
+    ///   run's config.yaml).
+    static func start(options: RunOptions, extraOverrides: [String], configFile: String? = nil) -> Session {
         // Local mode when asked for, or when no MPI launcher started this process.
         let isLocal = options.local || !MPICommunicator.isLaunchedByMPI
         let communicator: any Communicator
@@ -61,17 +61,7 @@ final class Session {
         let threads = options.blasThreads
             ?? (config.blasThreads > 0 ? config.blasThreads : layout.localSize > 1 ? 1 : cores)
         BLASThreads.set(threads)
-
-        let runDirectory = options.runDir
-        // Rank 0 makes the directory; the others learn through the agreement whether it could.
-        agree(communicator, logger, "run directory \(runDirectory)") {
-            guard communicator.rank == 0 else { return }
-            try FileManager.default.createDirectory(atPath: runDirectory, withIntermediateDirectories: true)
-            if writeConfig {
-                try Data(config.yaml.utf8).write(to: URL(fileURLWithPath: runDirectory + "/config.yaml"), options: .atomic)
-            }
-        }
-        return Session(communicator: communicator, logger: logger, config: config, runDirectory: runDirectory,
+        return Session(communicator: communicator, logger: logger, config: config, runDirectory: options.runDir,
                        isLocal: isLocal, layout: layout, blasThreads: threads, progressStyle: options.progress)
     }
 
@@ -101,10 +91,15 @@ final class Session {
         return result!
     }
 
+    /// Called with the message before `abort` tears the job down: once training has started, it marks the run
+    /// `failed` in status.json, so a monitor never waits on a run that is gone.
+    var onAbort: ((String) -> Void)?
+
     /// An error in the middle of the job, where the other ranks may already wait in a collective: report it and
     /// tear the whole job down (MPI_Abort ends every rank in milliseconds).
     func abort(_ message: String) -> Never {
         logger.critical("\(message)")
+        onAbort?(message)
         communicator.abort(code: 1)
     }
 

@@ -41,6 +41,19 @@ struct RunStatus: Codable, Equatable {
         }
     }
 
+    /// Marks the run in `runDirectory` failed with `message`, keeping what status.json said otherwise: for a rank
+    /// other than 0, or the watchdog thread, that ends the job and has no fresher status of its own. Best effort:
+    /// the job is being torn down.
+    static func markFailed(_ runDirectory: String, message: String) {
+        guard var status = try? read(runDirectory) else { return }
+        guard status.state == .training || status.state == .starting else { return }
+        status.state = .failed
+        status.message = message
+        status.etaSeconds = nil
+        status.updated = now
+        status.write(to: runDirectory)
+    }
+
     /// A few lines for people.
     var text: String {
         var lines = ["state: \(state.rawValue)\(message.map { " (\($0))" } ?? "")",

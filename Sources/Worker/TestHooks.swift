@@ -4,8 +4,11 @@ import Foundation
 /// Faults the tests inject into a real run, each switched on by an environment variable and documented in the
 /// README ("Fault injection"). Parsed once at start; the per-step cost is two integer comparisons.
 struct TestHooks {
-    /// BPWORKER_TEST_NAN=RANK:STEP: that rank's batch turns to NaN at that step (0-based global step).
+    /// BPWORKER_TEST_NAN=RANK:STEP[:loss]: that rank's batch turns to NaN at that step (0-based global step),
+    /// which poisons its loss and its gradients; with `:loss`, only the loss it reports turns to NaN and the
+    /// gradients stay finite, so each channel of the non-finite check can be tested alone.
     var nanStep: Int?
+    var nanLossOnly = false
     /// BPWORKER_TEST_STALL=RANK:STEP:SECONDS[:after-exchange]: that rank sleeps inside that step, before its forward
     /// pass or, with the fourth field, between the gradient exchange and the update (where the others wait in
     /// the sharded update's parameter gather).
@@ -23,7 +26,10 @@ struct TestHooks {
         func fields(_ name: String) -> [Double]? {
             env[name].map { $0.split(separator: ":").compactMap { Double($0) } }
         }
-        if let f = fields("BPWORKER_TEST_NAN"), f.count == 2, Int(f[0]) == rank { hooks.nanStep = Int(f[1]) }
+        if let f = fields("BPWORKER_TEST_NAN"), f.count == 2, Int(f[0]) == rank {
+            hooks.nanStep = Int(f[1])
+            hooks.nanLossOnly = env["BPWORKER_TEST_NAN"]?.hasSuffix(":loss") ?? false
+        }
         if let f = fields("BPWORKER_TEST_STALL"), f.count == 3, Int(f[0]) == rank {
             hooks.stallStep = Int(f[1])
             hooks.stallSeconds = f[2]
@@ -37,9 +43,14 @@ struct TestHooks {
     @inline(__always)
     func beforeStep(step: Int, model: Model<Float>) {
         if stepSleepMicroseconds > 0 { sleepFully(Double(stepSleepMicroseconds) * 1e-6) }
-        if step == nanStep { model.inputs[0] = .nan }
+        if step == nanStep && !nanLossOnly { model.inputs[0] = .nan }
         if step == stallStep && !stallAfterExchange { sleepFully(stallSeconds) }
         if step == divergeStep { model.parameters[0] += 1e-3 }
+    }
+
+    @inline(__always)
+    func afterForward(step: Int, result: inout BatchResult) {
+        if step == nanStep && nanLossOnly { result.lossSum = .nan }
     }
 
     @inline(__always)

@@ -1,0 +1,74 @@
+import Coordinator
+import Engine
+import Foundation
+
+/// The collective side of checkpoints: what every rank contributes to the file rank 0 writes, and how every rank
+/// receives the state rank 0 reads back. The file format itself is `Checkpointer`'s.
+struct CheckpointExchange {
+    let session: Session
+    let checkpointer: Checkpointer
+    let model: Model<Float>
+    let optimizer: Optimizer<Float>
+
+    /// Writes a checkpoint of `position` and returns its path (on rank 0; the directory on the others). The ranks
+    /// gather the optimizer state, which a sharded update leaves current only in each rank's own part, and send
+    /// their dropout generators to rank 0, which writes the file; the others wait for its verdict.
+    func save(_ position: inout TrainingPosition, reducer: GradientReducer) throws -> String {
+        try reducer.gatherOptimizerState(optimizer)
+        let w = session.worldSize
+        var states = [UInt64](repeating: 0, count: 4 * w)
+        let mine = model.dropoutGenerator.state
+        states.replaceSubrange((4 * session.rank)..<(4 * session.rank + 4), with: [mine.0, mine.1, mine.2, mine.3])
+        try states.withUnsafeMutableBufferPointer { (buffer) throws(MPIError) in try session.communicator.allreduce(buffer, op: .sum) }
+        position.dropoutStates = (0..<w).map { r in (0..<4).map { String(states[4 * r + $0]) } }
+        var path = ""
+        let snapshot = position
+        session.agree("checkpoint") {
+            if session.isRoot {
+                path = try checkpointer.save(model: model, optimizer: optimizer, position: snapshot, config: session.config)
+            }
+        }
+        if session.isRoot { session.logger.info("checkpoint: \(path) (step \(position.globalStep))") }
+        return session.isRoot ? path : checkpointer.directory
+    }
+
+    /// Rank 0 reads and validates the checkpoint at `path`; every rank receives its parameters, optimizer state and
+    /// position by broadcast. On another world size or batch the position is carried over by
+    /// `TrainingPosition.continued` and dropout streams are re-seeded. A bad file stops every rank during setup.
+    func restore(from path: String, sampler: ShardSampler) -> TrainingPosition {
+        var encoded: [UInt8] = []
+        session.agree("resume") {
+            if session.isRoot {
+                let position = try Checkpointer.load(path: path, model: model, optimizer: optimizer)
+                encoded = Array(try JSONEncoder().encode(position))
+            }
+        }
+        var optimizerStep = [Int64(optimizer.stepCount)]
+        session.agree("resume broadcast") {
+            try session.communicator.broadcast(bytes: &encoded, root: 0)
+            try session.communicator.broadcast(model.parameters, root: 0)
+            for state in optimizer.state { try session.communicator.broadcast(state.buffer, root: 0) }
+            try optimizerStep.withUnsafeMutableBufferPointer { (buffer) throws(MPIError) in
+                try session.communicator.broadcast(buffer, root: 0)
+            }
+        }
+        optimizer.stepCount = Int(optimizerStep[0])
+        let saved = session.agree("resume") { try JSONDecoder().decode(TrainingPosition.self, from: Data(encoded)) }
+        let config = session.config
+        let (position, sameShape) = saved.continued(worldSize: session.worldSize, batchSize: config.batchSize,
+                                                    stepsPerEpoch: sampler.stepsPerEpoch)
+        if sameShape {
+            let words = saved.dropoutStates[session.rank].compactMap { UInt64($0) }
+            model.dropoutGenerator = RandomGenerator(state: (words[0], words[1], words[2], words[3]))
+        } else {
+            model.dropoutGenerator = RandomGenerator(
+                seed: UInt64(config.seed) &+ UInt64(position.globalStep),
+                stream: RandomGenerator.Stream.dropout.rawValue &+ UInt64(session.rank) << 32)
+            let oldGlobal = saved.batchSize * saved.worldSize
+            let ranks = session.worldSize == 1 ? "1 rank" : "\(session.worldSize) ranks"
+            session.logger.info("resuming a \(saved.worldSize)-rank checkpoint (batch \(saved.batchSize) per rank) on \(ranks) (batch \(config.batchSize)): global batch \(oldGlobal) -> \(sampler.globalBatchSize), \(sampler.stepsPerEpoch) steps per epoch; the learning rate stays as configured for the global batch; the epoch continues after its first \(position.epochStep * sampler.globalBatchSize) samples; dropout streams are re-seeded, so the run is not bitwise identical to an uninterrupted one")
+        }
+        session.logger.info("resumed from \(path): step \(position.globalStep), epoch \(position.epoch + 1) at step \(position.epochStep)/\(sampler.stepsPerEpoch), optimizer step \(optimizer.stepCount)")
+        return position
+    }
+}

@@ -1,0 +1,41 @@
+import Coordinator
+import Engine
+import Foundation
+
+/// Exact evaluation: every test sample once across all ranks, sums and counts reduced once.
+enum Evaluation {
+    static func evaluate(_ session: Session, _ model: Model<Float>, on data: Dataset) throws -> BatchResult {
+        let indices = ShardSampler.evaluationIndices(datasetSize: data.count, rank: session.rank, worldSize: session.worldSize)
+        var local = BatchResult()
+        indices.withUnsafeBufferPointer { all in
+            var start = 0
+            while start < all.count {
+                let count = min(model.batchCapacity, all.count - start)
+                data.gather(indices: UnsafeBufferPointer(rebasing: all[start..<(start + count)]), into: model.inputs, labels: model.labels)
+                local = local + model.forward(count: count, mode: .eval)
+                start += count
+            }
+        }
+        var totals = [local.lossSum, Double(local.correct), Double(local.count)]
+        try totals.withUnsafeMutableBufferPointer { (buffer) throws(MPIError) in
+            try session.communicator.allreduce(buffer, op: .sum)
+        }
+        return BatchResult(lossSum: totals[0], correct: Int(totals[1]), count: Int(totals[2]))
+    }
+
+    /// `bpworker eval`: loads saved parameters on rank 0, broadcasts them and evaluates on the test set.
+    static func run(_ session: Session, parametersPath: String) {
+        let prepared = Setup.prepare(session, training: false)
+        let model = prepared.model
+        session.agree("parameters \(parametersPath)") {
+            if session.isRoot { try loadParameters(into: model, from: parametersPath) }
+        }
+        session.agree("parameters") { try session.communicator.broadcast(model.parameters, root: 0) }
+        do {
+            let result = try evaluate(session, model, on: prepared.test)
+            session.logger.info("eval: test accuracy \(percent(Double(result.correct) / Double(result.count))) (\(grouped(result.correct))/\(grouped(result.count))), loss \(String(format: "%.4f", result.loss)), parameters \(parametersPath)")
+        } catch {
+            session.abort("evaluation failed: \(error)")
+        }
+    }
+}

@@ -1,0 +1,30 @@
+import Foundation
+
+// MARK: - Formatting and hashing shared by the Worker's messages
+
+func fnv1a<C: Collection>(_ bytes: C) -> UInt64 where C.Element == UInt8 {
+    var hash: UInt64 = 0xcbf2_9ce4_8422_2325
+    for byte in bytes { hash = (hash ^ UInt64(byte)) &* 0x100_0000_01b3 }
+    return hash
+}
+
+/// 1234567 -> "1,234,567".
+func grouped<I: BinaryInteger>(_ value: I) -> String {
+    let digits = String(value.magnitude)
+    var out = ""
+    for (i, c) in digits.enumerated() {
+        if i > 0 && (digits.count - i) % 3 == 0 { out.append(",") }
+        out.append(c)
+    }
+    return (value < 0 ? "-" : "") + out
+}
+
+/// 0.9031 -> "90.31%".
+func percent(_ x: Double) -> String { String(format: "%.2f%%", 100 * x) }
+
+/// Seconds as "42s", "3m05s" or "1h07m"; "?" when unknown.
+func duration(_ seconds: Double) -> String {
+    guard seconds.isFinite, seconds >= 0 else { return "?" }
+    let s = Int(seconds.rounded())
+    return s >= 3600 ? "\(s / 3600)h\(String(format: "%02d", s / 60 % 60))m" : s >= 60 ? "\(s / 60)m\(String(format: "%02d", s % 60))s" : "\(s)s"
+}

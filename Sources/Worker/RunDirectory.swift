@@ -1,0 +1,123 @@
+import Engine
+import Foundation
+
+/// What a run directory already holds, and whether `train` may start there.
+///
+/// A run directory is a user's work: its checkpoints are what `--resume` continues and its `config.yaml` is what
+/// `--resume` reads. `train` without `--resume` refuses to start over an existing run (the convention of Hugging
+/// Face's `--overwrite_output_dir`); `--overwrite` removes the previous run's own files, and nothing else the
+/// user put there. Rank 0 inspects the directory (a shared file system on multi-node jobs), and every rank agrees
+/// on the verdict before anything is written.
+struct RunDirectory {
+    let path: String
+    /// Checkpoint files (`step-*.safetensors`), oldest first.
+    var checkpoints: [String] = []
+    /// The name `checkpoints/latest` points to.
+    var latest: String?
+    var status: RunStatus?
+    /// status.json exists but cannot be read: a run was there, and what it was is unknown.
+    var statusUnreadable = false
+    var hasModel = false
+
+    /// How `train` was asked to treat the directory.
+    enum StartMode: Equatable {
+        /// A new run: refused where a run exists.
+        case fresh
+        /// A new run on purpose: the previous run's files are removed once setup has succeeded.
+        case overwrite
+        /// Continue the run that is there.
+        case resume
+    }
+
+    /// The files a run writes, relative to the run directory: what `--overwrite` removes. (`config.yaml` is
+    /// replaced by the new run's, atomically, so it is not removed: it may also be the file `-c` read.)
+    static let runFiles = ["status.json", "metrics.jsonl", "model.safetensors", "gradcheck.json"]
+
+    static func inspect(_ path: String) -> RunDirectory {
+        var directory = RunDirectory(path: path)
+        let files = FileManager.default
+        let checkpointDirectory = path + "/checkpoints"
+        if let names = try? files.contentsOfDirectory(atPath: checkpointDirectory) {
+            directory.checkpoints = names.filter(Checkpointer.isCheckpointName).sorted()
+        }
+        if let pointer = try? String(contentsOfFile: checkpointDirectory + "/latest", encoding: .utf8) {
+            let name = pointer.trimmingCharacters(in: .whitespacesAndNewlines)
+            directory.latest = name.isEmpty ? nil : name
+        }
+        if files.fileExists(atPath: RunStatus.path(path)) {
+            do { directory.status = try RunStatus.read(path) } catch { directory.statusUnreadable = true }
+        }
+        directory.hasModel = files.fileExists(atPath: path + "/model.safetensors")
+        return directory
+    }
+
+    /// Whether a previous run's work is here: any checkpoint or saved model, or a status other than a run that
+    /// failed before its first step (which left nothing worth keeping).
+    var holdsRun: Bool {
+        if !checkpoints.isEmpty || latest != nil || hasModel || statusUnreadable { return true }
+        guard let status else { return false }
+        return !(status.state == .failed && status.step == 0)
+    }
+
+    /// "finished, last checkpoint step-00003510", for messages.
+    var summary: String {
+        var parts: [String] = []
+        if let status { parts.append(status.state.rawValue + (status.state == .training ? " or killed" : "")) }
+        if statusUnreadable { parts.append("unreadable status.json") }
+        if let last = latest ?? checkpoints.last {
+            parts.append("last checkpoint \(last.replacingOccurrences(of: ".safetensors", with: ""))")
+        } else if hasModel {
+            parts.append("model.safetensors, no checkpoint")
+        }
+        return parts.joined(separator: ", ")
+    }
+
+    /// Throws when `mode` would lose or misread the run that is here.
+    func checkStart(_ mode: StartMode) throws(RunDirectoryError) {
+        switch mode {
+        case .fresh:
+            guard holdsRun else { return }
+            throw RunDirectoryError(description: "\(path) already holds a run (\(summary)); continue it with --resume, "
+                + "start again with --overwrite, or choose another --run-dir")
+        case .overwrite:
+            return
+        case .resume:
+            // `--resume PATH` names its file; `--resume` alone needs `latest` (checked where it is read).
+            return
+        }
+    }
+
+    /// Removes the previous run's checkpoints, metrics, status, model, gradient-check report and heartbeats
+    /// (rank 0, `--overwrite`, after setup has succeeded); returns what it removed, for the log. Files the user
+    /// put in the directory stay.
+    func removePreviousRun() throws -> [String] {
+        let files = FileManager.default
+        var removed: [String] = []
+        let checkpointDirectory = path + "/checkpoints"
+        if let names = try? files.contentsOfDirectory(atPath: checkpointDirectory) {
+            let owned = names.filter { Checkpointer.isCheckpointName($0) || $0 == "latest" || Checkpointer.isTemporaryName($0) }
+            for name in owned { try files.removeItem(atPath: checkpointDirectory + "/" + name) }
+            let count = owned.filter(Checkpointer.isCheckpointName).count
+            if count > 0 { removed.append("\(count) checkpoint\(count == 1 ? "" : "s")") }
+            if (try? files.contentsOfDirectory(atPath: checkpointDirectory))?.isEmpty == true {
+                try files.removeItem(atPath: checkpointDirectory)
+            }
+        }
+        for name in Self.runFiles where files.fileExists(atPath: path + "/" + name) {
+            try files.removeItem(atPath: path + "/" + name)
+            removed.append(name)
+        }
+        let heartbeats = path + "/heartbeat"
+        if let names = try? files.contentsOfDirectory(atPath: heartbeats) {
+            for name in names where name.hasPrefix("rank-") && name.hasSuffix(".json") {
+                try files.removeItem(atPath: heartbeats + "/" + name)
+            }
+            if (try? files.contentsOfDirectory(atPath: heartbeats))?.isEmpty == true { try files.removeItem(atPath: heartbeats) }
+        }
+        return removed
+    }
+}
+
+struct RunDirectoryError: Error, CustomStringConvertible, Equatable {
+    let description: String
+}

@@ -1,0 +1,134 @@
+import Coordinator
+import Engine
+import Foundation
+
+/// What a job has once setup has succeeded on every rank: data, model and sampler, the same on every rank.
+struct Prepared {
+    let train: Dataset
+    let test: Dataset
+    let model: Model<Float>
+    let sampler: ShardSampler
+    let epochs: Int
+    var totalSteps: Int { sampler.stepsPerEpoch * epochs }
+}
+
+/// Loads data, builds the model and verifies that every rank built the same one. Each step is agreed on by all
+/// ranks (`Session.agree`), so bad input stops every rank with one message, and nothing is written anywhere.
+enum Setup {
+    /// Control slots that travel in front of the gradients in the last bucket of every step's reduction.
+    enum ControlSlot {
+        /// Ranks asking to stop (a signal arrived).
+        static let stopRequests = 0
+        /// Non-finite values in this step's losses and gradients.
+        static let nonFinite = 1
+        static let count = 2
+    }
+
+    /// - Parameter training: false for `gradcheck` and `eval`, which run no epochs: the remainder is wrapped so any
+    ///   data set with a sample per rank will do, and the schedule is not consulted.
+    static func prepare(_ session: Session, training: Bool = true) -> Prepared {
+        let config = session.config
+        session.agree("configuration") { try config.validateSettings() }
+        let (train, test) = session.agree("data") { try loadData(config) }
+        let classes = config.classes > 0 ? config.classes : train.classCount
+        let spec = session.agree("model") {
+            try train.validateLabels(classCount: classes)
+            try test.validateLabels(classCount: classes)
+            return try config.modelSpec(inputWidth: train.featureCount, classes: classes)
+        }
+        let sampler = session.agree("sharding") {
+            try ShardSampler(datasetSize: train.count, rank: session.rank, worldSize: session.worldSize,
+                             batchSize: config.batchSize, seed: UInt64(max(0, config.seed)),
+                             remainder: config.remainder == .drop && training ? .drop : .wrap)
+        }
+        let model = session.agree("configuration") {
+            if training {
+                do { try config.learningRateSchedule(totalSteps: sampler.stepsPerEpoch * config.epochs).validate() } catch {
+                    throw ConfigError(description: "schedule: \(error)")
+                }
+            }
+            let model = try Model<Float>(spec: spec, batchCapacity: config.batchSize, seed: UInt64(config.seed),
+                                         controlSlots: ControlSlot.count)
+            // Each rank drops different units: its own dropout stream.
+            model.dropoutGenerator = RandomGenerator(
+                seed: UInt64(config.seed), stream: RandomGenerator.Stream.dropout.rawValue &+ UInt64(session.rank) << 32)
+            model.gradientFault = try gradientFaultFromEnvironment()
+            return model
+        }
+        // Layouts first: a broadcast between differently shaped models would be meaningless.
+        verifyReplicas(session, model: model, sampler: sampler, checksum: false)
+        session.agree("initial parameters") {
+            // Rank 0's parameters are the truth, whatever the others initialised.
+            try session.communicator.broadcast(model.parameters, root: 0)
+        }
+        verifyReplicas(session, model: model, sampler: sampler, checksum: true)
+        return Prepared(train: train, test: test, model: model, sampler: sampler, epochs: config.epochs)
+    }
+
+    /// Reads the training and test sets and normalises them as `data.normalize` says (statistics from the
+    /// training set, applied to both).
+    static func loadData(_ config: Configuration) throws -> (Dataset, Dataset) {
+        var train: Dataset
+        var test: Dataset
+        switch config.dataFormat {
+        case .idx:
+            train = try Dataset.loadIDX(images: config.trainFeatures, labels: config.trainLabels)
+            test = try Dataset.loadIDX(images: config.testFeatures, labels: config.testLabels)
+        case .npy:
+            train = try Dataset.loadNPY(features: config.trainFeatures, labels: config.trainLabels)
+            test = try Dataset.loadNPY(features: config.testFeatures, labels: config.testLabels)
+        }
+        if config.inputs > 0, config.inputs != train.featureCount {
+            throw DataError(path: config.trainFeatures, reason: "has \(train.featureCount) values per sample but "
+                + "model.inputs is \(config.inputs)")
+        }
+        guard test.featureCount == train.featureCount else {
+            throw DataError(path: config.testFeatures, reason: "has \(test.featureCount) values per sample but "
+                + "\(config.trainFeatures) has \(train.featureCount): the model's input layer takes \(train.featureCount)")
+        }
+        switch config.normalization {
+        case .standardize: train.standardize()
+        case .scale: break  // bytes arrive as x / 255, floats as they are
+        case .none:
+            train.scale = 1
+            train.shift = 0
+        }
+        test.normalize(like: train)
+        return (train, test)
+    }
+
+    /// All ranks compare the model layout, batch size, steps per epoch (or a checksum of the parameters), and
+    /// refuse to start on any difference, naming both sides.
+    private static func verifyReplicas(_ session: Session, model: Model<Float>, sampler: ShardSampler, checksum: Bool) {
+        var fields: [(String, Int64)] = [
+            ("parameters", Int64(model.parameterCount)),
+            ("model layout hash", Int64(bitPattern: layoutHash(model))),
+            ("batch size", Int64(sampler.batchSize)),
+            ("steps per epoch", Int64(sampler.stepsPerEpoch)),
+        ]
+        if checksum {
+            fields = [("parameter checksum", Int64(bitPattern: fnv1a(UnsafeRawBufferPointer(model.parameters))))]
+        }
+        let w = session.worldSize
+        var table = [Int64](repeating: 0, count: w * fields.count)
+        for (i, field) in fields.enumerated() { table[session.rank * fields.count + i] = field.1 }
+        session.agree("replica check") {
+            try table.withUnsafeMutableBufferPointer { (buffer) throws(MPIError) in
+                try session.communicator.allreduce(buffer, op: .sum)
+            }
+        }
+        session.agree("replica check") {
+            for (i, field) in fields.enumerated() {
+                for r in 1..<max(1, w) where table[r * fields.count + i] != table[i] {
+                    throw ReplicaError(description: "ranks disagree on \(field.0): rank 0 has "
+                        + "\(grouped(table[i])) \(field.0), rank \(r) has \(grouped(table[r * fields.count + i]))")
+                }
+            }
+        }
+    }
+}
+
+/// Ranks whose models or data differ where they must be identical.
+struct ReplicaError: Error, CustomStringConvertible, Equatable {
+    let description: String
+}
