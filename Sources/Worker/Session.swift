@@ -65,12 +65,14 @@ final class Session {
                        isLocal: isLocal, layout: layout, blasThreads: threads, progressStyle: options.progress)
     }
 
-    /// Runs one setup step on every rank and stops the whole job, with one message, if it failed anywhere.
+    /// Runs one setup step on every rank and stops the whole job, with one message, if it failed anywhere. Once
+    /// training has started (`onAbort` is set) the rank that failed first also marks the run failed.
     func agree<T>(_ what: String, _ body: () throws -> T) -> T {
-        Session.agree(communicator, logger, what, body)
+        Session.agree(communicator, logger, what, onFailure: onAbort, body)
     }
 
-    static func agree<T>(_ communicator: any Communicator, _ logger: Logger, _ what: String, _ body: () throws -> T) -> T {
+    static func agree<T>(_ communicator: any Communicator, _ logger: Logger, _ what: String,
+                         onFailure: ((String) -> Void)? = nil, _ body: () throws -> T) -> T {
         var result: T? = nil
         var message = ""
         do { result = try body() } catch { message = "\(error)" }
@@ -81,10 +83,14 @@ final class Session {
             }
         } catch {
             logger.error("\(what): \(message.isEmpty ? "\(error)" : message)")
+            onFailure?("\(what): \(message.isEmpty ? "\(error)" : message)")
             communicator.abort(code: 1)
         }
         if firstFailure[0] != Int32.max {
-            if firstFailure[0] == communicator.rank { logger.error("\(what): \(message)") }
+            if firstFailure[0] == communicator.rank {
+                logger.error("\(what): \(message)")
+                onFailure?("\(what): \(message)")
+            }
             try? communicator.finalize()
             exit(1)
         }

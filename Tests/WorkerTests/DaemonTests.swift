@@ -115,6 +115,7 @@ struct DaemonTests {
     @Test func aKilledRankEndsTheJobAndTheLastCheckpointResumes() throws {
         let data = try SyntheticData(samples: 200)
         defer { data.remove() }
+        let reference = try uninterrupted(data)
         let run = temporaryRunDirectory()
         let job = try Harness.startMPI(2, job(data, runDir: run), environment: ["BPWORKER_TEST_STEP_SLEEP_MS": "40"])
         #expect(job.waitFor { $0.contains("checkpoint: ") && $0.contains("step 14)") })
@@ -127,6 +128,7 @@ struct DaemonTests {
         let resumed = try Harness.mpirun(2, ["train", "--run-dir", run, "--resume", "--progress", "plain"])
         #expect(resumed.status == 0, "\(resumed.output)")
         #expect(resumed.output.contains("resumed from") && resumed.output.contains("training finished"))
+        #expect(try parameters(run + "/model.safetensors") == reference, "the resumed run must equal the uninterrupted one bitwise")
     }
 
     @Test func aCrashDuringACheckpointWriteLeavesThePreviousOneIntact() throws {
@@ -229,10 +231,53 @@ struct DaemonTests {
         #expect(job.waitFor { $0.contains("(step 14)") })
         job.signal(SIGUSR1)
         #expect(job.wait(timeout: 60).status == 0)
+        let stoppedAt = try stopStep(run)
         let resumed = try Harness.mpirun(4, ["train", "--run-dir", run, "--resume", "--progress", "plain"])
         #expect(resumed.status == 0, "\(resumed.output)")
         #expect(resumed.output.contains("resuming a 2-rank checkpoint (batch 8 per rank) on 4 ranks (batch 8): global batch 16 -> 32"))
+        // 12 steps of 16 per epoch before, 6 of 32 after: the samples seen this epoch, in whole new batches.
+        let seen = (stoppedAt % 12) * 16
+        let expected = (stoppedAt / 12) * 6 + seen / 32
+        #expect(resumed.output.contains("resumed from \(run)/checkpoints/step-\(String(format: "%08d", stoppedAt)).safetensors: "
+            + "step \(expected), epoch \(stoppedAt / 12 + 1) at step \(seen / 32)/6,"), "\(resumed.output)")
         #expect(resumed.output.contains("training finished"))
+    }
+
+    /// The step a stopped run's last checkpoint holds, from `checkpoints/latest`.
+    func stopStep(_ run: String) throws -> Int {
+        let latest = try String(contentsOfFile: run + "/checkpoints/latest", encoding: .utf8)
+        return try #require(Int(latest.dropFirst("step-".count).prefix(8)))
+    }
+
+    /// With the same global batch on another world size the sample order is the same, so the resumed run must end
+    /// where an uninterrupted one ends (N ranks equal one rank, to float rounding): a resumed position off by one
+    /// step, or a step seen twice, moves the model far more than that.
+    @Test func resumingOnAnotherWorldSizeWithTheSameGlobalBatchContinuesTheSameRun() throws {
+        let data = try SyntheticData(samples: 200)
+        defer { data.remove() }
+        let noDropout = ["--set", "model.dropout=0"]
+        let referenceRun = temporaryRunDirectory()
+        let r = try Harness.mpirun(2, job(data, runDir: referenceRun, extra: noDropout))
+        #expect(r.status == 0, "\(r.output)")
+        let reference = try parameters(referenceRun + "/model.safetensors")
+        let run = temporaryRunDirectory()
+        let job = try Harness.startMPI(2, job(data, runDir: run, extra: noDropout), environment: ["BPWORKER_TEST_STEP_SLEEP_MS": "40"])
+        #expect(job.waitFor { $0.contains("(step 14)") })
+        job.signal(SIGUSR1)
+        #expect(job.wait(timeout: 60).status == 0)
+        let stoppedAt = try stopStep(run)
+        let resumed = try Harness.local(["train", "--run-dir", run, "--resume", "--progress", "plain", "--set", "training.batch_size=16"])
+        #expect(resumed.status == 0, "\(resumed.output)")
+        #expect(resumed.output.contains("global batch 16 -> 16, 12 steps per epoch"), "\(resumed.output)")
+        #expect(resumed.output.contains(": step \(stoppedAt), epoch \(stoppedAt / 12 + 1) at step \(stoppedAt % 12)/12,"), "\(resumed.output)")
+        let model = try parameters(run + "/model.safetensors")
+        #expect(model.keys.sorted() == reference.keys.sorted())
+        for (name, values) in reference {
+            let other = try #require(model[name])
+            let difference = zip(values, other).map { Double(abs($0 - $1)) }.reduce(0, +)
+            let size = values.map { Double(abs($0)) }.reduce(0, +)
+            #expect(difference / size <= 1e-5, "\(name): relative difference \(difference / size)")
+        }
     }
 
     @Test func sigusr2IsAStopRequestToo() throws {

@@ -1,0 +1,191 @@
+import Engine
+import Foundation
+import Testing
+
+/// Run directories are never lost, and every way a run ends is in its status.json: each checked on a real
+/// mpirun job.
+@Suite("Run directories and final status", .serialized)
+struct RunLifecycleTests {
+    /// 2 epochs of 12 steps on 2 ranks (200 samples, global batch 16), checkpoints every 5 steps.
+    func job(_ data: SyntheticData, runDir: String, extra: [String] = []) -> [String] {
+        ["train", "--run-dir", runDir, "--progress", "plain"] + data.arguments + [
+            "--set", "model.hidden=[16]", "--set", "training.epochs=2", "--set", "training.batch_size=8",
+            "--set", "checkpoint.every_steps=5", "--set", "logging.interval=5", "--set", "data.normalize=scale",
+            "--set", "schedule.warmup_steps=2",
+        ] + extra
+    }
+
+    /// Every file below `directory` and its bytes.
+    func snapshot(_ directory: String) throws -> [String: Data] {
+        var files: [String: Data] = [:]
+        for path in try FileManager.default.subpathsOfDirectory(atPath: directory) {
+            var isDirectory: ObjCBool = false
+            _ = FileManager.default.fileExists(atPath: directory + "/" + path, isDirectory: &isDirectory)
+            if !isDirectory.boolValue { files[path] = try Data(contentsOf: URL(fileURLWithPath: directory + "/" + path)) }
+        }
+        return files
+    }
+
+    func status(_ runDir: String) throws -> [String: Any] {
+        try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: runDir + "/status.json"))) as! [String: Any]
+    }
+
+    @Test func aRunIsNeverOverwrittenByAccidentAndAFailedStartWritesNothing() throws {
+        let data = try SyntheticData(samples: 200)
+        defer { data.remove() }
+        let run = temporaryRunDirectory()
+        defer { try? FileManager.default.removeItem(atPath: run) }
+        let first = try Harness.mpirun(2, job(data, runDir: run))
+        #expect(first.status == 0, "\(first.output)")
+        try Data("the user's own notes\n".utf8).write(to: URL(fileURLWithPath: run + "/notes.txt"))
+        let before = try snapshot(run)
+        #expect(before.keys.contains("checkpoints/step-00000024.safetensors") && before.keys.contains("config.yaml"))
+
+        // The same command again: refused on every rank, with what is there and what to do.
+        let again = try Harness.mpirun(2, job(data, runDir: run))
+        #expect(again.status == 1, "\(again.output)")
+        let refusal = "\(run) already holds a run (finished, last checkpoint step-00000024); continue it with --resume, "
+            + "start again with --overwrite, or choose another --run-dir"
+        #expect(occurrences(of: refusal, in: again.output) == 1, "\(again.output)")
+        #expect(again.seconds < 30)
+        #expect(try snapshot(run) == before, "a refused start changed the run directory")
+
+        // Starts that fail for other reasons, with --overwrite or --resume, leave every byte as it was.
+        let corrupt = FileManager.default.temporaryDirectory.appendingPathComponent("bpworker-corrupt-\(UUID().uuidString).safetensors")
+        defer { try? FileManager.default.removeItem(at: corrupt) }
+        try Data(before["checkpoints/step-00000024.safetensors"]!.prefix(200)).write(to: corrupt)
+        let failing: [(String, [String])] = [
+            ("bad data", ["--overwrite", "--set", "data.train_features=/nonexistent/train.idx"]),
+            ("bad configuration", ["--overwrite", "--set", "training.epochs=three"]),
+            ("impossible setting", ["--overwrite", "--set", "training.batch_size=0"]),
+            ("bad data on resume", ["--resume", "--set", "data.test_labels=/nonexistent/labels.idx"]),
+            ("truncated checkpoint", ["--resume", corrupt.path]),
+            ("another model's checkpoint", ["--resume", "--set", "model.hidden=[12]"]),
+            ("bad setting on resume", ["--resume", "--set", "optimizer.momentum=2"]),
+        ]
+        for (what, extra) in failing {
+            let r = try Harness.mpirun(2, job(data, runDir: run, extra: extra))
+            #expect(r.status == 1, "\(what): \(r.output)")
+            #expect(try snapshot(run) == before, "\(what) changed the run directory:\n\(r.output)")
+        }
+        // Ranks that disagree (an MPMD launch with different models), under --overwrite.
+        let args = job(data, runDir: run, extra: ["--overwrite"])
+        let mismatch = try Harness.run(
+            Harness.mpirunPath(),
+            ["--allow-run-as-root", "--oversubscribe", "-n", "1", Harness.executable.path] + args + ["--set", "model.hidden=[16]"]
+                + [":", "-n", "1", Harness.executable.path] + args + ["--set", "model.hidden=[15]"],
+            environment: [:], timeout: 60)
+        #expect(mismatch.status == 1 && mismatch.output.contains("ranks disagree on parameters"), "\(mismatch.output)")
+        #expect(try snapshot(run) == before, "ranks that disagree changed the run directory")
+
+        // --overwrite starts again on purpose, says what it removed, and keeps the user's file.
+        let overwritten = try Harness.mpirun(2, job(data, runDir: run, extra: ["--overwrite", "--set", "training.epochs=1"]))
+        #expect(overwritten.status == 0, "\(overwritten.output)")
+        #expect(overwritten.output.contains("--overwrite: removed the previous run's 3 checkpoints, status.json, metrics.jsonl, "
+            + "model.safetensors from \(run)"), "\(overwritten.output)")
+        let after = try snapshot(run)
+        #expect(after["notes.txt"] == before["notes.txt"])
+        #expect(after.keys.filter { $0.hasPrefix("checkpoints/step-") }.sorted()
+            == ["checkpoints/step-00000005.safetensors", "checkpoints/step-00000010.safetensors", "checkpoints/step-00000012.safetensors"])
+        let metrics = try String(contentsOfFile: run + "/metrics.jsonl", encoding: .utf8)
+        #expect(occurrences(of: "\"type\":\"eval\"", in: metrics) == 1, "the old run's metrics are gone: \(metrics)")
+        #expect(try status(run)["state"] as? String == "finished")
+    }
+
+    @Test func aRunThatFailedBeforeItsFirstStepCanBeStartedAgain() throws {
+        let data = try SyntheticData(samples: 200)
+        defer { data.remove() }
+        let run = temporaryRunDirectory()
+        defer { try? FileManager.default.removeItem(atPath: run) }
+        let failed = try Harness.mpirun(2, job(data, runDir: run, extra: ["--gradcheck"]),
+                                        environment: ["BPWORKER_TEST_GRADIENT_FAULT": "scaled:0.weight:1.5"])
+        #expect(failed.status == 1)
+        let failedStatus = try status(run)
+        #expect(failedStatus["state"] as? String == "failed")
+        #expect(failedStatus["step"] as? Int == 0)
+        #expect(failedStatus["message"] as? String == "gradient check failed (gradcheck.policy=abort)")
+        let retried = try Harness.mpirun(2, job(data, runDir: run, extra: ["--gradcheck"]))
+        #expect(retried.status == 0, "\(retried.output)")
+        #expect(try status(run)["state"] as? String == "finished")
+    }
+
+    @Test func resumeAndOverwriteTogetherAreRefused() throws {
+        let r = try Harness.local(["train", "--resume", "--overwrite", "--run-dir", temporaryRunDirectory()])
+        #expect(r.status != 0)
+        #expect(r.output.contains("--resume continues the run in the run directory and --overwrite removes it"), "\(r.output)")
+    }
+
+    // MARK: - Every way a run ends, in status.json
+
+    @Test func divergedReplicasEndTheRunFailed() throws {
+        let data = try SyntheticData(samples: 200)
+        defer { data.remove() }
+        let run = temporaryRunDirectory()
+        defer { try? FileManager.default.removeItem(atPath: run) }
+        let r = try Harness.mpirun(2, job(data, runDir: run, extra: ["--set", "training.replica_check_every=4",
+                                                                     "--set", "training.reduction=allreduce"]),
+                                   environment: ["BPWORKER_TEST_DIVERGE": "1:2"])
+        #expect(r.status == 1, "\(r.output)")
+        let s = try status(run)
+        #expect(s["state"] as? String == "failed")
+        #expect(s["message"] as? String == "replicas diverged at step 4: the parameters of rank 1 differ from rank 0's")
+    }
+
+    @Test func aStallEndsTheRunFailed() throws {
+        let data = try SyntheticData(samples: 200)
+        defer { data.remove() }
+        let run = temporaryRunDirectory()
+        defer { try? FileManager.default.removeItem(atPath: run) }
+        let r = try Harness.mpirun(2, job(data, runDir: run, extra: ["--set", "watchdog.timeout_seconds=2"]),
+                                   environment: ["BPWORKER_TEST_STALL": "1:3:60"], timeout: 60)
+        #expect(r.status != 0)
+        let s = try status(run)
+        #expect(s["state"] as? String == "failed", "\(s)")
+        #expect((s["message"] as? String)?.hasPrefix("rank 0: stall: rank 0 has waited") == true, "\(s)")
+    }
+
+    @Test func aFailedCheckpointWriteEndsTheRunFailed() throws {
+        let data = try SyntheticData(samples: 200)
+        defer { data.remove() }
+        let run = temporaryRunDirectory()
+        defer { try? FileManager.default.removeItem(atPath: run) }
+        // `latest` is a non-empty directory: the first checkpoint cannot be renamed over it.
+        try FileManager.default.createDirectory(atPath: run + "/checkpoints/latest", withIntermediateDirectories: true)
+        _ = FileManager.default.createFile(atPath: run + "/checkpoints/latest/blocker", contents: Data())
+        let r = try Harness.mpirun(2, job(data, runDir: run))
+        #expect(r.status == 1, "\(r.output)")
+        #expect(r.output.contains("checkpoint: "), "\(r.output)")
+        let s = try status(run)
+        #expect(s["state"] as? String == "failed", "\(s)")
+        #expect((s["message"] as? String)?.hasPrefix("checkpoint: ") == true, "\(s)")
+    }
+
+    @Test func aNonFiniteLossAloneStopsTheRun() throws {
+        let data = try SyntheticData(samples: 200)
+        defer { data.remove() }
+        let run = temporaryRunDirectory()
+        defer { try? FileManager.default.removeItem(atPath: run) }
+        // Only the loss rank 1 reports is NaN; its gradients stay finite.
+        let r = try Harness.mpirun(2, job(data, runDir: run), environment: ["BPWORKER_TEST_NAN": "1:7:loss"])
+        #expect(r.status == 1, "\(r.output)")
+        #expect(r.output.contains("non-finite loss or gradient at step 8 on rank 1; stopped (numerics.policy=stop)"), "\(r.output)")
+        let s = try status(run)
+        #expect(s["state"] as? String == "failed")
+        #expect(s["message"] as? String == "non-finite loss or gradient at step 8 on rank 1; stopped (numerics.policy=stop)")
+        #expect(try String(contentsOfFile: run + "/checkpoints/latest", encoding: .utf8) == "step-00000007.safetensors\n")
+    }
+
+    @Test func nonFiniteGradientsAloneStopTheRun() throws {
+        let data = try SyntheticData(samples: 200)
+        defer { data.remove() }
+        let run = temporaryRunDirectory()
+        defer { try? FileManager.default.removeItem(atPath: run) }
+        // The loss stays finite; every rank's gradient of 0.weight comes out NaN.
+        let r = try Harness.mpirun(2, job(data, runDir: run), environment: ["BPWORKER_TEST_GRADIENT_FAULT": "scaled:0.weight:nan"])
+        #expect(r.status == 1, "\(r.output)")
+        #expect(r.output.contains("non-finite loss or gradient at step 1 on ranks 0, 1; stopped (numerics.policy=stop)"), "\(r.output)")
+        #expect(try status(run)["state"] as? String == "failed")
+        let file = try SafeTensorsFile(path: run + "/checkpoints/step-00000000.safetensors")
+        #expect(try file.floats("0.weight").allSatisfy(\.isFinite))
+    }
+}

@@ -1,0 +1,202 @@
+import Engine
+import Foundation
+import Testing
+@testable import Worker
+
+/// The Worker's decisions, called directly: no MPI, no process.
+@Suite("Worker logic")
+struct WorkerLogicTests {
+    // MARK: - Resume arithmetic
+
+    @Test func sameShapeContinuesExactly() {
+        let saved = TrainingPosition(globalStep: 17, epoch: 1, epochStep: 5, skippedSteps: 1, worldSize: 2, batchSize: 8)
+        let (next, sameShape) = saved.continued(worldSize: 2, batchSize: 8, stepsPerEpoch: 12)
+        #expect(sameShape)
+        #expect(next == saved)
+    }
+
+    @Test func anotherWorldSizeKeepsTheSamplesSeen() {
+        // 2 ranks x 8 = 16 per step; 5 steps into epoch 1 = 80 samples seen. On 1 rank x 8: 10 steps of 8 = 80.
+        let saved = TrainingPosition(globalStep: 17, epoch: 1, epochStep: 5, worldSize: 2, batchSize: 8)
+        let (next, sameShape) = saved.continued(worldSize: 1, batchSize: 8, stepsPerEpoch: 25)
+        #expect(!sameShape)
+        #expect(next.epoch == 1)
+        #expect(next.epochStep == 10)
+        #expect(next.globalStep == 25 + 10)
+        #expect(next.worldSize == 1 && next.batchSize == 8)
+    }
+
+    @Test func aLargerGlobalBatchRoundsDownSoNoSampleIsSkipped() {
+        // 80 samples seen; 4 ranks x 8 = 32 per step: 2 whole steps (64 samples), the next 16 are seen again.
+        let saved = TrainingPosition(globalStep: 5, epoch: 0, epochStep: 5, worldSize: 2, batchSize: 8)
+        let (next, _) = saved.continued(worldSize: 4, batchSize: 8, stepsPerEpoch: 6)
+        #expect(next.epochStep == 2)
+        #expect(next.globalStep == 2)
+        #expect(next.epochStep * 32 <= 80 && 80 - next.epochStep * 32 < 32)
+    }
+
+    @Test func aFinishedEpochRollsOver() {
+        let saved = TrainingPosition(globalStep: 12, epoch: 0, epochStep: 12, worldSize: 2, batchSize: 8)
+        let (same, _) = saved.continued(worldSize: 2, batchSize: 8, stepsPerEpoch: 12)
+        #expect(same.epoch == 1 && same.epochStep == 0 && same.globalStep == 12)
+        // 192 samples seen; 1 rank x 16 has 12 steps per epoch: the epoch is done there too.
+        let (other, _) = saved.continued(worldSize: 1, batchSize: 16, stepsPerEpoch: 12)
+        #expect(other.epoch == 1 && other.epochStep == 0 && other.globalStep == 12)
+    }
+
+    // MARK: - Run directories
+
+    func makeRun(status: RunStatus.State?, step: Int = 0, checkpoints: [String] = [], model: Bool = false) throws -> String {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("bpworker-rundir-\(UUID().uuidString)").path
+        try FileManager.default.createDirectory(atPath: dir + "/checkpoints", withIntermediateDirectories: true)
+        for name in checkpoints { _ = FileManager.default.createFile(atPath: dir + "/checkpoints/" + name, contents: Data("x".utf8)) }
+        if let last = checkpoints.last {
+            try Data((last + "\n").utf8).write(to: URL(fileURLWithPath: dir + "/checkpoints/latest"))
+        }
+        if let status {
+            RunStatus(state: status, step: step, totalSteps: 100, epoch: 0, epochs: 1, worldSize: 2, updated: RunStatus.now)
+                .write(to: dir)
+        }
+        if model { _ = FileManager.default.createFile(atPath: dir + "/model.safetensors", contents: Data("m".utf8)) }
+        return dir
+    }
+
+    @Test func anEmptyOrMissingDirectoryTakesANewRun() throws {
+        let missing = RunDirectory.inspect("/nonexistent/run-\(UUID().uuidString)")
+        #expect(!missing.holdsRun)
+        #expect(throws: Never.self) { try missing.checkStart(.fresh) }
+        let dir = try makeRun(status: nil)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        #expect(!RunDirectory.inspect(dir).holdsRun)
+    }
+
+    @Test func aRunThatFailedBeforeItsFirstStepMayBeStartedOver() throws {
+        let dir = try makeRun(status: .failed, step: 0)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        #expect(!RunDirectory.inspect(dir).holdsRun)
+        let later = try makeRun(status: .failed, step: 3)
+        defer { try? FileManager.default.removeItem(atPath: later) }
+        #expect(RunDirectory.inspect(later).holdsRun)
+    }
+
+    @Test func aFinishedRunIsRefusedWithWhatIsThereAndWhatToDo() throws {
+        let dir = try makeRun(status: .finished, step: 3510, checkpoints: ["step-00003000.safetensors", "step-00003510.safetensors"])
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let run = RunDirectory.inspect(dir)
+        #expect(run.holdsRun)
+        #expect(throws: RunDirectoryError(description: "\(dir) already holds a run (finished, last checkpoint step-00003510); "
+            + "continue it with --resume, start again with --overwrite, or choose another --run-dir")) {
+            try run.checkStart(.fresh)
+        }
+        #expect(throws: Never.self) { try run.checkStart(.resume) }
+        #expect(throws: Never.self) { try run.checkStart(.overwrite) }
+    }
+
+    @Test func checkpointsOrAModelAloneHoldARun() throws {
+        let checkpoints = try makeRun(status: nil, checkpoints: ["step-00000007.safetensors"])
+        let model = try makeRun(status: nil, model: true)
+        let corrupt = try makeRun(status: nil)
+        defer { for d in [checkpoints, model, corrupt] { try? FileManager.default.removeItem(atPath: d) } }
+        try Data("{not json".utf8).write(to: URL(fileURLWithPath: corrupt + "/status.json"))
+        #expect(RunDirectory.inspect(checkpoints).holdsRun)
+        #expect(RunDirectory.inspect(model).holdsRun)
+        #expect(RunDirectory.inspect(model).summary == "model.safetensors, no checkpoint")
+        #expect(RunDirectory.inspect(corrupt).holdsRun)
+        #expect(RunDirectory.inspect(corrupt).summary == "unreadable status.json")
+    }
+
+    @Test func overwriteRemovesTheRunsFilesAndNothingElse() throws {
+        let dir = try makeRun(status: .stopped, step: 7, checkpoints: ["step-00000005.safetensors", "step-00000007.safetensors"], model: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        for name in ["metrics.jsonl", "gradcheck.json", "config.yaml", "notes.txt", "checkpoints/mine.txt", "checkpoints/.step-00000009.safetensors.42.tmp"] {
+            _ = FileManager.default.createFile(atPath: dir + "/" + name, contents: Data("u".utf8))
+        }
+        try FileManager.default.createDirectory(atPath: dir + "/heartbeat", withIntermediateDirectories: true)
+        _ = FileManager.default.createFile(atPath: dir + "/heartbeat/rank-0.json", contents: Data("{}".utf8))
+        let removed = try RunDirectory.inspect(dir).removePreviousRun()
+        #expect(removed == ["2 checkpoints", "status.json", "metrics.jsonl", "model.safetensors", "gradcheck.json"])
+        let left = try FileManager.default.subpathsOfDirectory(atPath: dir).sorted()
+        #expect(left == ["checkpoints", "checkpoints/mine.txt", "config.yaml", "notes.txt"])
+        #expect(!RunDirectory.inspect(dir).holdsRun)
+    }
+
+    // MARK: - Status
+
+    @Test func markFailedEndsARunningStatusAndKeepsTheRest() throws {
+        let dir = try makeRun(status: .training, step: 42)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        RunStatus.markFailed(dir, message: "rank 1: stall")
+        let status = try RunStatus.read(dir)
+        #expect(status.state == .failed)
+        #expect(status.step == 42)
+        #expect(status.message == "rank 1: stall")
+    }
+
+    @Test func markFailedLeavesAnEndedRunAlone() throws {
+        for state in [RunStatus.State.finished, .stopped, .failed] {
+            let dir = try makeRun(status: state, step: 9)
+            defer { try? FileManager.default.removeItem(atPath: dir) }
+            RunStatus.markFailed(dir, message: "late abort")
+            let status = try RunStatus.read(dir)
+            #expect(status.state == state)
+            #expect(status.message == nil)
+        }
+    }
+
+    @Test func outcomesCarryTheirStateAndExitCode() {
+        #expect(RunOutcome.finished == RunOutcome(state: .finished, message: nil, exitCode: 0))
+        #expect(RunOutcome.stopped("stop requested by SIGUSR1").exitCode == 0)
+        #expect(RunOutcome.stopped("x").state == .stopped)
+        #expect(RunOutcome.failed("replicas diverged").exitCode == 1)
+        #expect(RunOutcome.failed("x").state == .failed)
+    }
+
+    // MARK: - Configuration
+
+    @Test func overridesApplyOverTheFileAndTypesAreChecked() throws {
+        let file = FileManager.default.temporaryDirectory.appendingPathComponent("bpworker-config-\(UUID().uuidString).yaml")
+        defer { try? FileManager.default.removeItem(at: file) }
+        try Data("training:\n  epochs: 3\n  batch_size: 32\noptimizer:\n  name: adam\n".utf8).write(to: file)
+        let config = try Configuration.load(file: file.path, overrides: ["training.epochs=5", "model.hidden=[64, 32]"])
+        #expect(config.epochs == 5)
+        #expect(config.batchSize == 32)
+        #expect(config.optimizer == .adam)
+        #expect(config.hidden == [64, 32])
+        #expect(throws: ConfigError.self) { try Configuration.load(file: nil, overrides: ["training.epochs=three"]) }
+        #expect(throws: ConfigError.self) { try Configuration.load(file: nil, overrides: ["training.epoch=3"]) }
+    }
+
+    @Test func theResolvedYAMLReadsBackAsTheSameConfiguration() throws {
+        var config = Configuration()
+        config.layers = ["linear 64", "gelu", "dropout 0.25"]
+        config.learningRate = 0.125
+        config.optimizer = .adamw
+        config.trainFeatures = "/data/with: colon.npy"
+        let file = FileManager.default.temporaryDirectory.appendingPathComponent("bpworker-config-\(UUID().uuidString).yaml")
+        defer { try? FileManager.default.removeItem(at: file) }
+        try Data(config.yaml.utf8).write(to: file)
+        #expect(try Configuration.load(file: file.path, overrides: []) == config)
+    }
+
+    @Test func impossibleSettingsNameTheirKey() throws {
+        func message(_ overrides: [String]) -> String {
+            do { try Configuration.load(file: nil, overrides: overrides).validateSettings() } catch { return "\(error)" }
+            return "no error"
+        }
+        #expect(message(["training.batch_size=0"]).hasPrefix("training.batch_size must be at least 1"))
+        #expect(message(["checkpoint.keep=0"]).hasPrefix("checkpoint.keep must be at least 1"))
+        #expect(message(["model.dropout=1"]).hasPrefix("model.dropout must be in [0, 1)"))
+        #expect(message(["optimizer.momentum=1.5"]).contains("momentum must be in [0, 1)"))
+        #expect(message([]) == "no error")
+    }
+
+    @Test func layerListsBuildTheModelTheyDescribe() throws {
+        var config = Configuration()
+        config.layers = ["linear 32", "leaky_relu 0.2", "dropout 0.1", "linear 16", "tanh"]
+        let spec = try config.modelSpec(inputWidth: 10, classes: 3)
+        #expect(spec.layers == [.linear(inputs: 10, outputs: 32), .leakyReLU(slope: 0.2), .dropout(probability: 0.1),
+                                .linear(inputs: 32, outputs: 16), .tanh, .linear(inputs: 16, outputs: 3)])
+        config.layers = ["linear 32", "swish"]
+        #expect(throws: ConfigError.self) { try config.modelSpec(inputWidth: 10, classes: 3) }
+    }
+}
