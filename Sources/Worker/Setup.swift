@@ -9,6 +9,8 @@ struct Prepared {
     let model: Model<Float>
     let sampler: ShardSampler
     let epochs: Int
+    /// This rank's expected peak memory, checked against its node's limits before the model was allocated.
+    let memory: MemoryEstimate
     var totalSteps: Int { sampler.stepsPerEpoch * epochs }
 }
 
@@ -36,6 +38,13 @@ enum Setup {
             try test.validateLabels(classCount: classes)
             return try config.modelSpec(inputWidth: train.featureCount, classes: classes)
         }
+        // Before anything large is allocated: a model that cannot fit ends every rank here, with the biggest items.
+        let memory = session.agree("memory check") { () throws -> MemoryEstimate in
+            let estimate = MemoryEstimate.estimate(config: config, spec: spec, datasets: [train, test], rank: session.rank,
+                                                   worldSize: session.worldSize, usage: .current())
+            try estimate.check(against: .read(), ranksOnNode: session.layout.localSize)
+            return estimate
+        }
         let sampler = session.agree("sharding") {
             try ShardSampler(datasetSize: train.count, rank: session.rank, worldSize: session.worldSize,
                              batchSize: config.batchSize, seed: UInt64(max(0, config.seed)),
@@ -62,7 +71,7 @@ enum Setup {
             try session.communicator.broadcast(model.parameters, root: 0)
         }
         verifyReplicas(session, model: model, sampler: sampler, checksum: true)
-        return Prepared(train: train, test: test, model: model, sampler: sampler, epochs: config.epochs)
+        return Prepared(train: train, test: test, model: model, sampler: sampler, epochs: config.epochs, memory: memory)
     }
 
     /// Reads the training and test sets and normalises them as `data.normalize` says (statistics from the

@@ -119,6 +119,7 @@ enum Trainer {
         logger.info("bpworker: \(session.worldSize) rank\(session.worldSize == 1 ? "" : "s") on \(layout.nodeCount) node\(layout.nodeCount == 1 ? "" : "s") (\(nodes)), \(mode), \(session.blasThreads) BLAS thread\(session.blasThreads == 1 ? "" : "s") per rank, \(BLASKernels.description)")
         logger.info("data: \(grouped(prepared.train.count)) training samples (\(config.trainFeatures)), \(grouped(prepared.test.count)) test samples, \(prepared.model.outputWidth) classes, \(prepared.train.featureCount) inputs")
         logger.info("model: \(prepared.model.spec.summary), \(grouped(prepared.model.parameterCount)) parameters")
+        logger.info("memory: rank 0 expects \(prepared.memory.summary)")
         logger.info("batch: \(config.batchSize) per rank x \(session.worldSize) rank\(session.worldSize == 1 ? "" : "s") = global batch \(prepared.sampler.globalBatchSize); \(prepared.sampler.stepsPerEpoch) steps per epoch (\(config.remainder.rawValue) remainder), \(config.epochs) epochs")
         logger.info("optimizer: \(config.optimizer.rawValue), lr \(config.learningRate) for the global batch, \(config.schedule.rawValue) schedule")
         logger.info("run directory: \(session.runDirectory)")

@@ -18,6 +18,31 @@ struct ModelTests {
                 == ["0.weight", "0.bias", "3.weight", "3.bias"])
     }
 
+    /// The footprint is computed from shapes alone, before allocating; the model's own buffers are the reference.
+    @Test(arguments: [
+        ModelSpec.mlp(widths: [784, 512, 256, 10]),
+        ModelSpec.mlp(widths: [12, 32, 32, 3], activation: .tanh, dropout: 0.2),
+        ModelSpec(layers: [.linear(inputs: 5, outputs: 8), .gelu, .relu, .dropout(probability: 0.1), .linear(inputs: 8, outputs: 4),
+                           .relu, .leakyReLU(slope: 0.1), .linear(inputs: 4, outputs: 2)]),
+        ModelSpec(layers: [.linear(inputs: 3, outputs: 2)], loss: .meanSquaredError),
+    ])
+    func footprintMatchesWhatTheModelAllocates(spec: ModelSpec) throws {
+        for batch in [1, 7, 64] {
+            let footprint = Model<Float>.footprint(spec: spec, batchCapacity: batch)
+            let model = try Model<Float>(spec: spec, batchCapacity: batch)
+            #expect(footprint.parameters == Double(model.parameterCount))
+            #expect(footprint.arenaElements == Double(model.arenaCount), "batch \(batch)")
+            #expect(Model<Double>.footprint(spec: spec, batchCapacity: batch).arenaElements == Double(model.arenaCount))
+        }
+    }
+
+    @Test func footprintOfAnImpossibleModelIsCountedNotOverflowed() {
+        let huge = ModelSpec.mlp(widths: [784, 10_000_000_000, 10_000_000_000, 10])
+        let footprint = Model<Float>.footprint(spec: huge, batchCapacity: 64)
+        #expect(footprint.parameters > 1e20)
+        #expect(footprint.parameterBufferBytes > 4e20)
+    }
+
     @Test func largeBuffersStartOnHugePageBoundaries() throws {
         // Parameters, gradient storage and optimizer state start on 2 MiB boundaries so huge pages can back them.
         let model = try Model<Float>(spec: .mlp(widths: [784, 1024, 1024, 10]), batchCapacity: 8)

@@ -26,6 +26,13 @@ public enum LargeBuffer {
         return UnsafeMutableBufferPointer(start: raw.bindMemory(to: T.self, capacity: count), count: count)
     }
 
+    /// The bytes `allocate` takes for a buffer of `bytes`: whole huge pages once it spans one. In floating point,
+    /// for sizes being checked before they are allocated.
+    public static func allocatedBytes(_ bytes: Double) -> Double {
+        let page = Double(hugePage)
+        return bytes >= page ? (bytes / page).rounded(.up) * page : bytes
+    }
+
     public static func free<T>(_ buffer: UnsafeMutableBufferPointer<T>) {
         Foundation.free(buffer.baseAddress)
     }

@@ -138,7 +138,8 @@ public final class Model<T: Scalar> {
             if case .dropout = pair.0 { total + pair.1 * batchCapacity } else { total }
         }
         // Activations and activation gradients for every layer with its own output, the input batch, masks,
-        // targets and the ones column.
+        // targets and the ones column. (`Model.footprint` computes the same total without allocating: keep the two
+        // in step; a test compares them.)
         let total = inputWidth * batchCapacity + 2 * ownOutputElements + maskElements + batchCapacity * outputWidth
             + batchCapacity
         arena = LargeBuffer.allocate(total)
@@ -187,6 +188,45 @@ public final class Model<T: Scalar> {
         for (index, step) in steps.enumerated() { step.sumsSquares = inPlace[index] && T.self == Float.self }
         plan = steps
         initializeParameters(seed: seed)
+    }
+
+    /// Elements in the buffer that holds every activation, activation gradient, mask, target and the ones column.
+    public var arenaCount: Int { arena.count }
+
+    /// What a model of `spec` at `batchCapacity` rows allocates, computed in floating point from the shapes
+    /// alone, so that a size too large to allocate (or even to count in an `Int`) is found before anything is
+    /// allocated.
+    public struct Footprint: Equatable, Sendable {
+        /// Parameters (also the length of the gradient buffer and of each optimizer state buffer).
+        public var parameters: Double
+        /// Elements of the activation arena (`arenaCount`).
+        public var arenaElements: Double
+        /// Bytes of one parameter-sized buffer of `T`, as `LargeBuffer` allocates it.
+        public var parameterBufferBytes: Double { LargeBuffer.allocatedBytes(parameters * Double(MemoryLayout<T>.stride)) }
+        /// Bytes of the activation arena and the labels.
+        public var activationBytes: Double
+    }
+
+    public static func footprint(spec: ModelSpec, batchCapacity: Int) -> Footprint {
+        let rows = Double(batchCapacity)
+        var parameters = 0.0
+        var width = Double(spec.inputWidth)
+        var elements = Double(spec.inputWidth) * rows  // the input batch
+        for (index, layer) in spec.layers.enumerated() {
+            var output = width
+            if case let .linear(i, o) = layer {
+                parameters += Double(i) * Double(o) + Double(o)
+                output = Double(o)
+            }
+            let inPlace: Bool = if index > 0, case .relu = layer, case .linear = spec.layers[index - 1] { true } else { false }
+            if !inPlace { elements += 2 * output * rows }  // activations and their gradients
+            if case .dropout = layer { elements += output * rows }  // the mask
+            width = output
+        }
+        elements += rows * Double(spec.outputWidth) + rows  // targets and the ones column
+        let stride = Double(MemoryLayout<T>.stride)
+        return Footprint(parameters: parameters, arenaElements: elements,
+                         activationBytes: LargeBuffer.allocatedBytes(elements * stride) + rows * 4)
     }
 
     deinit {

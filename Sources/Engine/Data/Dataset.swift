@@ -120,6 +120,15 @@ public struct Dataset: Sendable {
     // MARK: - Labels
 
     /// The largest label (-1 for an empty data set).
+    /// Bytes the samples and labels occupy in memory.
+    public var residentBytes: Double {
+        let perValue = switch features {
+        case .uint8: 1.0
+        case .float32: 4.0
+        }
+        return Double(features.count) * perValue + Double(labels.count) * 4
+    }
+
     public var maxLabel: Int32 { labels.max() ?? -1 }
 
     /// Number of classes implied by the labels: max label + 1.

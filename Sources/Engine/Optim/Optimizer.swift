@@ -62,14 +62,18 @@ public final class Optimizer<T: Scalar> {
         try config.validate()
         self.config = config
         self.parameterCount = parameterCount
-        let names: [String] = switch config.kind {
-        case .sgd: config.momentum > 0 ? ["momentum_buffer"] : []
-        case .adam, .adamw: ["exp_avg", "exp_avg_sq"]
-        }
-        state = names.map { name in
+        state = Self.stateNames(config).map { name in
             let buffer: UnsafeMutableBufferPointer<T> = LargeBuffer.allocate(parameterCount)
             buffer.initialize(repeating: 0)
             return (name, buffer)
+        }
+    }
+
+    /// The state buffers `config` keeps, each as long as the parameters, under torch.optim's names.
+    public static func stateNames(_ config: OptimizerConfig) -> [String] {
+        switch config.kind {
+        case .sgd: config.momentum > 0 ? ["momentum_buffer"] : []
+        case .adam, .adamw: ["exp_avg", "exp_avg_sq"]
         }
     }
 

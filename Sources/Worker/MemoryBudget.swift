@@ -1,0 +1,228 @@
+import Coordinator
+import Engine
+import Foundation
+
+/// What a rank will need at its peak, and whether its node can give it: checked on every rank after the data is
+/// loaded and before the model is allocated, so a model that cannot fit ends every rank with one message instead
+/// of a crash in the allocator.
+///
+/// The estimate is what is resident already (runtime, libraries, the data sets, read from /proc) plus what the
+/// run will allocate, from the shapes alone: parameters, gradients, optimizer state, activations at the batch
+/// capacity, the sharded update's receive buffers, and on rank 0 the checkpoint serialization (the file is built
+/// in memory before it is written) and the float64 gradient-check copy.
+struct MemoryEstimate {
+    struct Item: Equatable {
+        let name: String
+        let bytes: Double
+    }
+
+    /// Resident now: runtime, libraries, MPI and the data sets.
+    var resident: Double
+    /// The largest resident size so far (data loading peaks above what stays).
+    var residentPeak: Double
+    /// The data sets within `resident`, named for the message.
+    var data: Double
+    /// What is still to be allocated.
+    var items: [Item]
+
+    var toAllocate: Double { items.reduce(0) { $0 + $1.bytes } }
+    /// The peak this rank should reach.
+    var peak: Double { max(residentPeak, resident + toAllocate) }
+
+    /// Allowance for working memory no shape predicts: OpenBLAS's packing buffers and OpenMPI's first large
+    /// collectives, measured on the reference machine (a tiny model's resident size grows by 2 to 6 MiB from
+    /// setup to its peak).
+    static let workingAllowance = 8.0 * 1_048_576
+
+    static func estimate(config: Configuration, spec: ModelSpec, datasets: [Dataset], rank: Int, worldSize: Int,
+                         usage: ProcessMemory) -> MemoryEstimate {
+        let footprint = Model<Float>.footprint(spec: spec, batchCapacity: config.batchSize)
+        let parameters = footprint.parameters
+        let buffer = footprint.parameterBufferBytes
+        let stateNames = Optimizer<Float>.stateNames(config.optimizerConfig)
+        var items = [
+            Item(name: "parameters", bytes: buffer),
+            Item(name: "gradients", bytes: buffer),
+        ]
+        if !stateNames.isEmpty {
+            items.append(Item(name: "optimizer state (\(stateNames.joined(separator: ", ")))", bytes: Double(stateNames.count) * buffer))
+        }
+        items.append(Item(name: "activations at batch \(config.batchSize)", bytes: footprint.activationBytes))
+        if config.reduction == .sharded && worldSize > 1 {
+            let piece = LargeBuffer.allocatedBytes((parameters / Double(worldSize)).rounded(.up) * 4)
+            items.append(Item(name: "sharded update buffers", bytes: Double(worldSize - 1) * piece))
+        }
+        if rank == 0 {
+            // SafeTensorsWriter holds every tensor's bytes and then the whole file: twice the checkpoint's size.
+            items.append(Item(name: "checkpoint serialization", bytes: 2 * Double(1 + stateNames.count) * parameters * 4))
+            if config.gradcheckEnabled {
+                let check = Model<Double>.footprint(spec: spec, batchCapacity: config.gradcheckBatch)
+                items.append(Item(name: "float64 gradient-check copy", bytes: 2 * check.parameterBufferBytes + check.activationBytes))
+            }
+        }
+        items.append(Item(name: "BLAS and MPI working memory", bytes: workingAllowance))
+        let data = datasets.reduce(0.0) { $0 + $1.residentBytes }
+        return MemoryEstimate(resident: usage.resident, residentPeak: usage.residentPeak, data: data, items: items)
+    }
+
+    /// "118 MiB at peak: data 52 MiB, runtime and libraries 34 MiB, parameters 2.0 MiB, ..."
+    var summary: String {
+        var parts = [(name: "data", bytes: data), (name: "runtime and libraries", bytes: max(0, resident - data))]
+        parts += items.map { ($0.name, $0.bytes) }
+        return "\(bytesText(peak)) at peak: " + parts.filter { $0.bytes > 0 }.map { "\($0.name) \(bytesText($0.bytes))" }
+            .joined(separator: ", ")
+    }
+
+    /// The largest items first, for the message of a model that does not fit.
+    var biggest: String {
+        var parts = items.map { ($0.name, $0.bytes) }
+        parts.append(("data and runtime already resident", resident))
+        return parts.sorted { $0.1 > $1.1 }.prefix(4).map { "\($0.0) \(bytesText($0.1))" }.joined(separator: ", ")
+    }
+
+    /// Throws when this rank's remaining allocations, times the ranks sharing its node, exceed what the node has
+    /// (MemAvailable, the cgroup's limit), or when this process's address space would pass `ulimit -v`.
+    func check(against limits: MemoryLimits, ranksOnNode: Int) throws(MemoryError) {
+        let needed = toAllocate
+        let ranks = Double(max(1, ranksOnNode))
+        let onNode = ranks > 1 ? " x \(ranksOnNode) ranks on this node = \(bytesText(needed * ranks))" : ""
+        func fail(_ limit: String) -> MemoryError {
+            MemoryError(description: "the model does not fit in memory: each rank needs \(bytesText(needed)) more"
+                + "\(onNode) (largest: \(biggest)), but \(limit). Use a smaller model (model.hidden, model.layers) or "
+                + "batch (training.batch_size), fewer ranks per node, or a node with more memory")
+        }
+        if let available = limits.available, needed * ranks > available {
+            throw fail("MemAvailable is \(bytesText(available))")
+        }
+        if let limit = limits.cgroupLimit {
+            let free = max(0, limit - (limits.cgroupUsage ?? 0))
+            if needed * ranks > free {
+                throw fail("the memory cgroup allows \(bytesText(limit)) with \(bytesText(free)) free")
+            }
+        }
+        if let limit = limits.addressSpaceLimit, (limits.addressSpace ?? 0) + needed > limit {
+            throw fail("ulimit -v allows \(bytesText(limit)) of address space and \(bytesText(limits.addressSpace ?? 0)) is in use")
+        }
+    }
+}
+
+struct MemoryError: Error, CustomStringConvertible, Equatable {
+    let description: String
+}
+
+/// This process's memory as the kernel counts it (/proc/self/status).
+struct ProcessMemory: Equatable {
+    /// VmRSS
+    var resident: Double
+    /// VmHWM: the largest resident size so far.
+    var residentPeak: Double
+    /// VmSize: the address space, which `ulimit -v` limits.
+    var addressSpace: Double
+
+    static func current(status path: String = "/proc/self/status") -> ProcessMemory {
+        let fields = kibibyteFields(path)
+        return ProcessMemory(resident: fields["VmRSS"] ?? 0, residentPeak: fields["VmHWM"] ?? 0, addressSpace: fields["VmSize"] ?? 0)
+    }
+}
+
+/// What the memory this process may use is limited by; nil where no limit applies or none can be read.
+struct MemoryLimits: Equatable {
+    /// MemAvailable of /proc/meminfo: what the node can give without swapping.
+    var available: Double?
+    /// The memory cgroup's limit (the smallest along its path) and its usage (v2 memory.max and memory.current,
+    /// v1 memory.limit_in_bytes and memory.usage_in_bytes).
+    var cgroupLimit: Double?
+    var cgroupUsage: Double?
+    /// `ulimit -v` (RLIMIT_AS) and this process's address space now.
+    var addressSpaceLimit: Double?
+    var addressSpace: Double?
+
+    /// - Parameters: the roots are parameters so that tests can point them at fixture trees.
+    static func read(proc: String = "/proc", cgroupMounts: [String] = ["/sys/fs/cgroup", "/sys/fs/cgroup/memory"],
+                     addressSpaceLimit: Double? = currentAddressSpaceLimit()) -> MemoryLimits {
+        var limits = MemoryLimits()
+        limits.available = kibibyteFields(proc + "/meminfo")["MemAvailable"]
+        if let (limit, usage) = cgroupMemory(proc: proc, mounts: cgroupMounts) {
+            limits.cgroupLimit = limit
+            limits.cgroupUsage = usage
+        }
+        if let addressSpaceLimit {
+            limits.addressSpaceLimit = addressSpaceLimit
+            limits.addressSpace = kibibyteFields(proc + "/self/status")["VmSize"]
+        }
+        return limits
+    }
+
+    static func currentAddressSpaceLimit() -> Double? {
+        var limit = rlimit()
+        // RLIM_INFINITY is all ones; Swift cannot import its macro.
+        guard getrlimit(Int32(RLIMIT_AS.rawValue), &limit) == 0, limit.rlim_cur != rlim_t.max else { return nil }
+        return Double(limit.rlim_cur)
+    }
+
+    /// The memory cgroup of this process: its path from /proc/self/cgroup (v2 `0::PATH`, v1 `N:memory:PATH`),
+    /// found under a mount point (where a cgroup namespace shortens the path, the longest tail that exists), the
+    /// smallest limit from it up to the mount point, and its usage. Nil without a limit.
+    static func cgroupMemory(proc: String, mounts: [String]) -> (limit: Double, usage: Double?)? {
+        guard let text = try? String(contentsOfFile: proc + "/self/cgroup", encoding: .utf8) else { return nil }
+        for line in text.split(separator: "\n") {
+            let fields = line.split(separator: ":", maxSplits: 2, omittingEmptySubsequences: false).map(String.init)
+            guard fields.count == 3 else { continue }
+            let (limitFile, usageFile) = fields[1].isEmpty ? ("memory.max", "memory.current")
+                : fields[1].split(separator: ",").contains("memory") ? ("memory.limit_in_bytes", "memory.usage_in_bytes") : ("", "")
+            guard !limitFile.isEmpty else { continue }
+            let components = fields[2].split(separator: "/").map(String.init)
+            for mount in mounts {
+                func directory(_ tail: [String]) -> String { tail.isEmpty ? mount : mount + "/" + tail.joined(separator: "/") }
+                func exists(_ tail: [String]) -> Bool { FileManager.default.fileExists(atPath: directory(tail) + "/" + limitFile) }
+                // The longest tail of the path that exists below this mount.
+                var tail = components
+                while !tail.isEmpty && !exists(tail) { tail.removeFirst() }
+                guard exists(tail) else { continue }
+                let usage = cgroupValue(directory(tail) + "/" + usageFile)
+                var smallest: Double? = nil
+                while true {
+                    if let value = cgroupValue(directory(tail) + "/" + limitFile) { smallest = min(smallest ?? value, value) }
+                    if tail.isEmpty { break }
+                    tail.removeLast()
+                }
+                return smallest.map { ($0, usage) }
+            }
+        }
+        return nil
+    }
+
+    /// A cgroup file's number of bytes; nil for "max" and for v1's "no limit" (a page-rounded Int64.max).
+    private static func cgroupValue(_ path: String) -> Double? {
+        guard let text = try? String(contentsOfFile: path, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines),
+              let value = Double(text), value < 1e18 else { return nil }
+        return value
+    }
+}
+
+/// "Key:   1234 kB" lines (/proc/meminfo, /proc/self/status) as bytes.
+private func kibibyteFields(_ path: String) -> [String: Double] {
+    guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { return [:] }
+    var fields: [String: Double] = [:]
+    for line in text.split(separator: "\n") {
+        let parts = line.split(separator: ":", maxSplits: 1)
+        guard parts.count == 2 else { continue }
+        let words = parts[1].split(whereSeparator: \.isWhitespace)
+        guard words.count == 2, words[1] == "kB", let value = Double(words[0]) else { continue }
+        fields[String(parts[0])] = value * 1024
+    }
+    return fields
+}
+
+/// 1536 -> "1.5 KiB"; three significant digits from KiB on.
+func bytesText(_ bytes: Double) -> String {
+    let units = ["bytes", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"]
+    var value = bytes
+    var unit = 0
+    while value >= 1024 && unit < units.count - 1 {
+        value /= 1024
+        unit += 1
+    }
+    if unit == 0 { return "\(Int(value)) bytes" }
+    return String(format: value >= 100 ? "%.0f %@" : value >= 10 ? "%.1f %@" : "%.2f %@", value, units[unit])
+}

@@ -1,0 +1,127 @@
+import Engine
+import Foundation
+import Testing
+@testable import Worker
+
+/// The memory check's arithmetic and its readers of /proc and cgroup files, against fixture trees.
+@Suite("Memory budget")
+struct MemoryBudgetTests {
+    let mib = 1_048_576.0
+
+    /// A fixture tree with a /proc and a cgroup mount; removed by the caller.
+    func fixture(meminfo: String, cgroup: String, files: [String: String]) throws -> String {
+        let root = FileManager.default.temporaryDirectory.appendingPathComponent("bpworker-memfix-\(UUID().uuidString)").path
+        var all = files
+        all["proc/meminfo"] = meminfo
+        all["proc/self/cgroup"] = cgroup
+        all["proc/self/status"] = "Name:\tbpworker\nVmSize:\t  409600 kB\nVmHWM:\t   20480 kB\nVmRSS:\t   10240 kB\n"
+        for (path, text) in all {
+            let url = URL(fileURLWithPath: root + "/" + path)
+            try FileManager.default.createDirectory(at: url.deletingLastPathComponent(), withIntermediateDirectories: true)
+            try Data(text.utf8).write(to: url)
+        }
+        return root
+    }
+
+    @Test func readsMemAvailableAndTheProcessSizes() throws {
+        let root = try fixture(meminfo: "MemTotal:       24000000 kB\nMemFree:  100 kB\nMemAvailable:   2097152 kB\n", cgroup: "0::/\n", files: [:])
+        defer { try? FileManager.default.removeItem(atPath: root) }
+        let limits = MemoryLimits.read(proc: root + "/proc", cgroupMounts: [root + "/cg"], addressSpaceLimit: 8e9)
+        #expect(limits.available == 2 * 1024 * mib)
+        #expect(limits.cgroupLimit == nil)
+        #expect(limits.addressSpaceLimit == 8e9 && limits.addressSpace == 400 * mib)
+        let usage = ProcessMemory.current(status: root + "/proc/self/status")
+        #expect(usage == ProcessMemory(resident: 10 * mib, residentPeak: 20 * mib, addressSpace: 400 * mib))
+    }
+
+    @Test func cgroupV2TakesTheSmallestLimitOnThePath() throws {
+        let root = try fixture(meminfo: "MemAvailable: 1000 kB\n", cgroup: "0::/slurm/job_7/step_0\n", files: [
+            "cg/slurm/memory.max": "max\n",
+            "cg/slurm/job_7/memory.max": "1073741824\n",
+            "cg/slurm/job_7/step_0/memory.max": "2147483648\n",
+            "cg/slurm/job_7/step_0/memory.current": "104857600\n",
+        ])
+        defer { try? FileManager.default.removeItem(atPath: root) }
+        let limits = MemoryLimits.read(proc: root + "/proc", cgroupMounts: [root + "/cg"], addressSpaceLimit: nil)
+        #expect(limits.cgroupLimit == 1024 * mib)
+        #expect(limits.cgroupUsage == 100 * mib)
+        #expect(limits.addressSpaceLimit == nil)
+    }
+
+    @Test func cgroupV1UnderANamespaceFindsTheLongestTailThatExists() throws {
+        // /proc/self/cgroup names the path on the host; inside the container the mount starts lower.
+        let root = try fixture(meminfo: "MemAvailable: 1000 kB\n", cgroup: "5:cpu:/x\n4:memory:/host/container/job\n0::/\n", files: [
+            "cgv1/memory.limit_in_bytes": "9223372036854771712\n",
+            "cgv1/job/memory.limit_in_bytes": "536870912\n",
+            "cgv1/job/memory.usage_in_bytes": "268435456\n",
+        ])
+        defer { try? FileManager.default.removeItem(atPath: root) }
+        let limits = MemoryLimits.read(proc: root + "/proc", cgroupMounts: [root + "/none", root + "/cgv1"], addressSpaceLimit: nil)
+        #expect(limits.cgroupLimit == 512 * mib)
+        #expect(limits.cgroupUsage == 256 * mib)
+    }
+
+    @Test func anUnlimitedCgroupIsNoLimit() throws {
+        let root = try fixture(meminfo: "MemAvailable: 1000 kB\n", cgroup: "4:memory:/\n", files: [
+            "cgv1/memory.limit_in_bytes": "9223372036854771712\n", "cgv1/memory.usage_in_bytes": "1\n",
+        ])
+        defer { try? FileManager.default.removeItem(atPath: root) }
+        #expect(MemoryLimits.read(proc: root + "/proc", cgroupMounts: [root + "/cgv1"], addressSpaceLimit: nil).cgroupLimit == nil)
+    }
+
+    func estimate(hidden: [Int], optimizer: OptimizerKind = .sgd, rank: Int = 0, worldSize: Int = 2) throws -> MemoryEstimate {
+        var config = Configuration()
+        config.hidden = hidden
+        config.optimizer = optimizer
+        let spec = try config.modelSpec(inputWidth: 784, classes: 10)
+        return MemoryEstimate.estimate(config: config, spec: spec, datasets: [], rank: rank, worldSize: worldSize,
+                                       usage: ProcessMemory(resident: 40 * mib, residentPeak: 60 * mib, addressSpace: 400 * mib))
+    }
+
+    @Test func theEstimateCountsEveryBufferOfTheRun() throws {
+        // 784-1024-10: 814,090 parameters, 3.26 MB per buffer, rounded up to 2 huge pages (4 MiB).
+        let e = try estimate(hidden: [1024])
+        let bytes = Dictionary(uniqueKeysWithValues: e.items.map { ($0.name, $0.bytes) })
+        #expect(bytes["parameters"] == 4 * mib && bytes["gradients"] == 4 * mib)
+        #expect(bytes["optimizer state (momentum_buffer)"] == 4 * mib)
+        #expect(bytes["sharded update buffers"] == 407_045.0 * 4)  // half the parameters, under a huge page: exact
+        #expect(bytes["checkpoint serialization"] == 2.0 * 2 * 814_090 * 4)
+        #expect(e.peak == 40 * mib + e.toAllocate)
+        let adam = try estimate(hidden: [1024], optimizer: .adam, rank: 1)
+        let adamBytes = Dictionary(uniqueKeysWithValues: adam.items.map { ($0.name, $0.bytes) })
+        #expect(adamBytes["optimizer state (exp_avg, exp_avg_sq)"] == 8 * mib)
+        #expect(adamBytes["checkpoint serialization"] == nil, "only rank 0 writes checkpoints")
+        // Small models: the peak of data loading, already past, can be the larger.
+        #expect(try estimate(hidden: [1]).peak == 60 * mib)
+    }
+
+    @Test func eachLimitIsCheckedAndNamed() throws {
+        let e = try estimate(hidden: [100_000, 100_000])
+        #expect(e.toAllocate > 100 * 1024 * mib)
+        #expect(throws: Never.self) { try e.check(against: MemoryLimits(), ranksOnNode: 2) }
+        func message(_ limits: MemoryLimits, ranks: Int = 2) -> String {
+            do { try e.check(against: limits, ranksOnNode: ranks) } catch { return error.description }
+            return "fits"
+        }
+        let enough = e.toAllocate * 2 + mib
+        #expect(message(MemoryLimits(available: enough)) == "fits")
+        let tight = message(MemoryLimits(available: enough - 2 * mib))
+        #expect(tight.hasPrefix("the model does not fit in memory: each rank needs 282 GiB more x 2 ranks on this node = 563 GiB "
+            + "(largest: checkpoint serialization 150 GiB, parameters 37.6 GiB, gradients 37.6 GiB, optimizer state (momentum_buffer) 37.6 GiB), "
+            + "but MemAvailable is 563 GiB."), "\(tight)")
+        #expect(message(MemoryLimits(available: enough - 2 * mib), ranks: 1) == "fits", "one rank on the node needs half")
+        let cgroup = message(MemoryLimits(cgroupLimit: enough + 10 * mib, cgroupUsage: 20 * mib))
+        #expect(cgroup.contains("but the memory cgroup allows 563 GiB with 563 GiB free"), "\(cgroup)")
+        #expect(message(MemoryLimits(cgroupLimit: enough + 10 * mib, cgroupUsage: 5 * mib)) == "fits")
+        let ulimit = message(MemoryLimits(addressSpaceLimit: e.toAllocate + 300 * mib, addressSpace: 400 * mib))
+        #expect(ulimit.contains("but ulimit -v allows 282 GiB of address space and 400 MiB is in use"), "\(ulimit)")
+        #expect(message(MemoryLimits(addressSpaceLimit: e.toAllocate + 500 * mib, addressSpace: 400 * mib)) == "fits")
+    }
+
+    @Test func sizesReadAsPeopleWriteThem() {
+        #expect(bytesText(512) == "512 bytes")
+        #expect(bytesText(1536) == "1.50 KiB")
+        #expect(bytesText(120 * mib) == "120 MiB")
+        #expect(bytesText(22.5 * 1024 * mib) == "22.5 GiB")
+    }
+}
