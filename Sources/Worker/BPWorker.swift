@@ -11,8 +11,8 @@ struct BPWorker: ParsableCommand {
             Launch with mpirun (or srun) for several ranks, or run one process with --local.
               mpirun -n 4 bpworker train
               bpworker train --local --set training.epochs=2
-            With no configuration file every key has its default: an MLP on Fashion-MNIST
-            from /usr/share/datasets/fashion-mnist. `bpworker keys` lists every key.
+
+            With no configuration file every key has its default: an MLP on Fashion-MNIST from /usr/share/datasets/fashion-mnist. `bpworker keys` lists every key.
             """,
         subcommands: [Train.self, Gradcheck.self, Eval.self, Status.self, Keys.self]
     )
@@ -65,11 +65,14 @@ struct Train: ParsableCommand {
         discussion: """
             Examples:
               mpirun -n 4 bpworker train
-              mpirun -n 2 bpworker train -c job.yaml --set optimizer.lr=0.1 --gradcheck
+              mpirun -n 2 bpworker train -c job.yaml --set optimizer.lr=0.1
               bpworker train --local --set training.epochs=1
-              mpirun -n 4 bpworker train --resume          # from RUN_DIR/checkpoints/latest
-            SIGTERM, SIGINT, SIGUSR1 or SIGUSR2 on any rank: every rank stops after the same step, rank 0
-            writes a checkpoint and all exit 0. A second SIGINT exits at once.
+              mpirun -n 4 bpworker train --resume
+              mpirun -n 4 bpworker train --overwrite
+
+            --resume alone continues from RUN_DIR/checkpoints/latest. A run directory that already holds a run is never started over by accident: train refuses unless given --resume or --overwrite.
+
+            SIGTERM, SIGINT, SIGUSR1 or SIGUSR2 on any rank: every rank stops after the same step, rank 0 writes a checkpoint and all exit 0. A second SIGINT exits at once.
             """)
 
     @OptionGroup var options: RunOptions
@@ -109,7 +112,7 @@ struct Gradcheck: ParsableCommand {
         discussion: """
             Exits 0 when the check passes (or only warns), 1 when it fails.
               bpworker gradcheck --local
-              bpworker gradcheck --local --json --set gradcheck.all=true --set model.hidden=[32]
+              bpworker gradcheck --local --json --set gradcheck.all=true
             """)
 
     @OptionGroup var options: RunOptions

@@ -176,6 +176,18 @@ struct TrainingTests {
         for text in ["--config", "--set", "--run-dir", "--local", "--gradcheck", "mpirun -n 4 bpworker train"] {
             #expect(r.output.contains(text), "help lacks \(text)")
         }
+        // Paragraphs are left to argument-parser to wrap: no line breaks inside our sentences, no line past the
+        // terminal's 80 columns, example commands whole on their lines.
+        for command in [[], ["train"], ["gradcheck"], ["eval"], ["status"]] {
+            let help = try Harness.local(command + ["--help"])
+            for line in help.output.split(separator: "\n") where !line.hasPrefix("USAGE:") {
+                #expect(line.count <= 80, "\(command): \(line)")
+            }
+        }
+        #expect(r.output.contains("\n  mpirun -n 4 bpworker train --resume\n"))
+        #expect(r.output.replacingOccurrences(of: "\n", with: " ").contains(
+            "--resume alone continues from RUN_DIR/checkpoints/latest. A run directory that already holds a run is never"),
+                "a sentence broken by hand: \(r.output)")
         let bad = try Harness.local(["train", "--no-such-flag"])
         #expect(bad.status != 0)
     }
