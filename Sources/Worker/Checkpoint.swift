@@ -120,7 +120,7 @@ struct Checkpointer {
     /// the model's shape, the optimizer's state must match its kind, and the metadata must describe this model.
     static func load(path: String, model: Model<Float>, optimizer: Optimizer<Float>) throws -> TrainingPosition {
         let file = try SafeTensorsFile(path: path)
-        func fail(_ reason: String) -> DataError { DataError(path: path, reason: reason) }
+        func fail(_ reason: String) -> CheckpointError { CheckpointError(description: "\(path): \(reason)") }
         guard file.metadata["format"] == format else {
             throw fail("not a bpworker checkpoint (metadata format is \(file.metadata["format"].map { "'\($0)'" } ?? "missing"))")
         }

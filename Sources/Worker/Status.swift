@@ -34,10 +34,10 @@ struct RunStatus: Codable, Equatable {
     static func read(_ runDirectory: String) throws -> RunStatus {
         let path = path(runDirectory)
         guard let data = FileManager.default.contents(atPath: path) else {
-            throw ConfigError(description: "\(path): no status (is this a bpworker run directory?)")
+            throw RunStatusError(description: "\(path): no status (is this a bpworker run directory?)")
         }
         do { return try JSONDecoder().decode(RunStatus.self, from: data) } catch {
-            throw ConfigError(description: "\(path): unreadable status: \(error)")
+            throw RunStatusError(description: "\(path): unreadable status: \(error)")
         }
     }
 
@@ -76,4 +76,9 @@ struct RunStatus: Codable, Equatable {
     /// write. Only rank 0's training thread writes the status.
     static func timestamp(_ date: Date) -> String { timestampFormatter.string(from: date) }
     nonisolated(unsafe) private static let timestampFormatter = ISO8601DateFormatter()
+}
+
+/// A status.json that is missing or cannot be read.
+struct RunStatusError: Error, CustomStringConvertible, Equatable {
+    let description: String
 }

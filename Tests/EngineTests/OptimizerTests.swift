@@ -77,8 +77,8 @@ struct OptimizerTests {
     @Test func defaultsFollowTorchOptim() {
         #expect(OptimizerConfig(kind: .adamw).weightDecay == 0.01)
         #expect(OptimizerConfig(kind: .adam).weightDecay == 0)
-        #expect(throws: ModelSpecError.self) { try OptimizerConfig(kind: .adam, nesterov: true).validate() }
-        #expect(throws: ModelSpecError.self) { try OptimizerConfig(kind: .sgd, momentum: 1.5).validate() }
+        #expect(throws: OptimizerError.self) { try OptimizerConfig(kind: .adam, nesterov: true).validate() }
+        #expect(throws: OptimizerError.self) { try OptimizerConfig(kind: .sgd, momentum: 1.5).validate() }
     }
 
     @Test func schedulesMatchTheirFormulas() throws {
@@ -100,10 +100,10 @@ struct OptimizerTests {
         #expect(cosine.learningRate(atStep: 110) == 0.1)
         #expect(cosine.learningRate(atStep: 500) == 0.1)
 
-        #expect(throws: ModelSpecError.self) {
+        #expect(throws: ScheduleError.self) {
             try LearningRateSchedule(base: 1, kind: .cosine(totalSteps: 5, minimum: 0), warmupSteps: 5).validate()
         }
-        #expect(throws: ModelSpecError.self) { try LearningRateSchedule(base: 0).validate() }
+        #expect(throws: ScheduleError.self) { try LearningRateSchedule(base: 0).validate() }
     }
 
     /// A sharded step: two optimizers ("ranks") each update only their part of the parameters from their own

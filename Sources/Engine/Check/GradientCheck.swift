@@ -21,13 +21,13 @@ public struct GradientCheckOptions: Equatable, Sendable {
 
     public init() {}
 
-    public func validate() throws(ModelSpecError) {
-        guard epsilon > 0, epsilon < 1 else { throw ModelSpecError("gradient check eps must be in (0, 1), got \(epsilon)") }
+    public func validate() throws(GradientCheckOptionsError) {
+        guard epsilon > 0, epsilon < 1 else { throw GradientCheckOptionsError("gradient check eps must be in (0, 1), got \(epsilon)") }
         guard samplesPerTensor > 0 else {
-            throw ModelSpecError("gradient check samples per tensor must be positive, got \(samplesPerTensor)")
+            throw GradientCheckOptionsError("gradient check samples per tensor must be positive, got \(samplesPerTensor)")
         }
         guard passThreshold > 0, warnThreshold >= passThreshold else {
-            throw ModelSpecError("gradient check thresholds must satisfy 0 < pass <= warn")
+            throw GradientCheckOptionsError("gradient check thresholds must satisfy 0 < pass <= warn")
         }
     }
 }
@@ -300,4 +300,10 @@ extension Model {
         copy.targetsFromLabels = targetsFromLabels
         return copy
     }
+}
+
+/// Gradient-check settings that cannot work (eps outside (0, 1), no samples, thresholds out of order).
+public struct GradientCheckOptionsError: Error, CustomStringConvertible, Equatable {
+    public let description: String
+    public init(_ description: String) { self.description = description }
 }

@@ -33,16 +33,16 @@ public struct OptimizerConfig: Equatable, Sendable {
     }
 
     /// Rejects settings no optimizer can use; the message names the setting.
-    public func validate() throws(ModelSpecError) {
-        guard momentum >= 0, momentum < 1 else { throw ModelSpecError("momentum must be in [0, 1), got \(momentum)") }
+    public func validate() throws(OptimizerError) {
+        guard momentum >= 0, momentum < 1 else { throw OptimizerError("momentum must be in [0, 1), got \(momentum)") }
         guard !nesterov || (kind == .sgd && momentum > 0) else {
-            throw ModelSpecError("nesterov needs the sgd optimizer with momentum > 0")
+            throw OptimizerError("nesterov needs the sgd optimizer with momentum > 0")
         }
-        guard beta1 >= 0, beta1 < 1 else { throw ModelSpecError("beta1 must be in [0, 1), got \(beta1)") }
-        guard beta2 >= 0, beta2 < 1 else { throw ModelSpecError("beta2 must be in [0, 1), got \(beta2)") }
-        guard epsilon > 0 else { throw ModelSpecError("epsilon must be positive, got \(epsilon)") }
+        guard beta1 >= 0, beta1 < 1 else { throw OptimizerError("beta1 must be in [0, 1), got \(beta1)") }
+        guard beta2 >= 0, beta2 < 1 else { throw OptimizerError("beta2 must be in [0, 1), got \(beta2)") }
+        guard epsilon > 0 else { throw OptimizerError("epsilon must be positive, got \(epsilon)") }
         guard weightDecay >= 0, weightDecay.isFinite else {
-            throw ModelSpecError("weight decay must be finite and >= 0, got \(weightDecay)")
+            throw OptimizerError("weight decay must be finite and >= 0, got \(weightDecay)")
         }
     }
 }
@@ -58,7 +58,7 @@ public final class Optimizer<T: Scalar> {
     /// Named state buffers, each `parameterCount` long.
     public let state: [(name: String, buffer: UnsafeMutableBufferPointer<T>)]
 
-    public init(config: OptimizerConfig, parameterCount: Int) throws(ModelSpecError) {
+    public init(config: OptimizerConfig, parameterCount: Int) throws(OptimizerError) {
         try config.validate()
         self.config = config
         self.parameterCount = parameterCount
@@ -160,4 +160,10 @@ public func gradientClipFactor<T: Scalar>(_ gradients: UnsafeBufferPointer<T>, s
 /// when that is not below 1. For callers that compute the norm themselves (a sharded step sums it over ranks).
 public func gradientClipFactor(norm: Double, maxNorm: Double) -> Double {
     Swift.min(1, maxNorm / (norm + 1e-6))
+}
+
+/// Optimizer settings that cannot work (a momentum of 1 or more, Nesterov without momentum, ...).
+public struct OptimizerError: Error, CustomStringConvertible, Equatable {
+    public let description: String
+    public init(_ description: String) { self.description = description }
 }

@@ -24,20 +24,20 @@ public struct LearningRateSchedule: Equatable, Sendable {
         self.warmupSteps = warmupSteps
     }
 
-    public func validate() throws(ModelSpecError) {
-        guard base > 0, base.isFinite else { throw ModelSpecError("learning rate must be positive, got \(base)") }
-        guard warmupSteps >= 0 else { throw ModelSpecError("warmup steps must be >= 0, got \(warmupSteps)") }
+    public func validate() throws(ScheduleError) {
+        guard base > 0, base.isFinite else { throw ScheduleError("learning rate must be positive, got \(base)") }
+        guard warmupSteps >= 0 else { throw ScheduleError("warmup steps must be >= 0, got \(warmupSteps)") }
         switch kind {
         case .constant: break
         case let .step(every, gamma):
-            guard every > 0 else { throw ModelSpecError("step schedule: step size must be positive, got \(every)") }
-            guard gamma > 0, gamma <= 1 else { throw ModelSpecError("step schedule: gamma must be in (0, 1], got \(gamma)") }
+            guard every > 0 else { throw ScheduleError("step schedule: step size must be positive, got \(every)") }
+            guard gamma > 0, gamma <= 1 else { throw ScheduleError("step schedule: gamma must be in (0, 1], got \(gamma)") }
         case let .cosine(total, minimum):
             guard total > warmupSteps else {
-                throw ModelSpecError("cosine schedule: total steps \(total) must exceed warmup steps \(warmupSteps)")
+                throw ScheduleError("cosine schedule: total steps \(total) must exceed warmup steps \(warmupSteps)")
             }
             guard minimum >= 0, minimum <= base else {
-                throw ModelSpecError("cosine schedule: minimum \(minimum) must be in [0, base \(base)]")
+                throw ScheduleError("cosine schedule: minimum \(minimum) must be in [0, base \(base)]")
             }
         }
     }
@@ -54,4 +54,10 @@ public struct LearningRateSchedule: Equatable, Sendable {
             return minimum + (base - minimum) * (1 + Double.cos(Double.pi * progress)) / 2
         }
     }
+}
+
+/// A learning-rate schedule that cannot work (a non-positive rate, a cosine shorter than its warmup, ...).
+public struct ScheduleError: Error, CustomStringConvertible, Equatable {
+    public let description: String
+    public init(_ description: String) { self.description = description }
 }

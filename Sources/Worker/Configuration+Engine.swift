@@ -1,6 +1,6 @@
 import Engine
 
-/// Turns the `model.*` and `optimizer.*` keys into engine types. Errors name the key.
+/// Turns the `model.*`, `optimizer.*`, `schedule.*` and `gradcheck.*` keys into engine types. Errors name the key.
 extension Configuration {
     func modelSpec(inputWidth: Int, classes: Int) throws -> ModelSpec {
         var layers: [LayerSpec] = []
@@ -107,20 +107,3 @@ extension Configuration {
         }
     }
 }
-
-/// The test-only switch that breaks one tensor's backward pass (see README, "Testing the gradient check").
-/// BPWORKER_TEST_GRADIENT_FAULT = missing:NAME | transposed:NAME | scaled:NAME:FACTOR
-func gradientFaultFromEnvironment() throws -> GradientFault? {
-    guard let value = ProcessInfo.processInfo.environment["BPWORKER_TEST_GRADIENT_FAULT"], !value.isEmpty else { return nil }
-    let parts = value.split(separator: ":").map(String.init)
-    switch (parts.first, parts.count) {
-    case ("missing", 2): return .missing(tensor: parts[1])
-    case ("transposed", 2): return .transposed(tensor: parts[1])
-    case ("scaled", 3):
-        if let factor = Double(parts[2]) { return .scaled(tensor: parts[1], factor: factor) }
-    default: break
-    }
-    throw ConfigError(description: "BPWORKER_TEST_GRADIENT_FAULT=\(value): expected missing:NAME, transposed:NAME or scaled:NAME:FACTOR")
-}
-
-import Foundation
