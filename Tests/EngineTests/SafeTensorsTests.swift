@@ -4,11 +4,13 @@ import Testing
 
 @Suite("safetensors files", .serialized)
 struct SafeTensorsTests {
+    /// This test's files; removed with the suite instance when the test ends.
+    let scratch: TemporaryDirectory
     let directory: URL
 
     init() throws {
-        directory = FileManager.default.temporaryDirectory.appendingPathComponent("st-\(UUID().uuidString)")
-        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        scratch = try TemporaryDirectory()
+        directory = URL(fileURLWithPath: scratch.path)
     }
 
     func path(_ name: String) -> String { directory.appendingPathComponent(name).path }
