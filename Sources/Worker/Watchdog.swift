@@ -82,9 +82,10 @@ final class Watchdog: Sendable {
         self.phase.store(phase.rawValue, ordering: .releasing)
     }
 
+    /// Marks leaving the collective (one store; relaxed: `compute` comes with no start time to publish).
     @inline(__always)
     func leave() {
-        phase.store(Phase.compute.rawValue, ordering: .releasing)
+        phase.store(Phase.compute.rawValue, ordering: .relaxed)
     }
 
     private func run() {
