@@ -11,7 +11,8 @@ import PackageDescription
 
 let package = Package(
     name: "bpworker",
-    platforms: [.macOS(.v13)],
+    // macOS 15 for the Synchronization module (Atomic, Mutex), which the watchdog shares its fields through.
+    platforms: [.macOS(.v15)],
     // MARK: - Public API
     products: [
         .executable(name: "bpworker", targets: ["Worker"]),

@@ -235,7 +235,7 @@ public final class GradientReducer {
         receivesPosted = false
         // More than two ranks: one sum of the others' gradients for the optimizer to add.
         for k in received.indices.dropFirst() {
-            add(received[k].baseAddress!, into: received[0].baseAddress!, received[0].count)
+            Elementwise.add(received[k].baseAddress!, into: received[0].baseAddress!, received[0].count)
         }
     }
 

@@ -1,5 +1,6 @@
 import Coordinator
 import Foundation
+import Synchronization
 
 /// Turns a hang into an error. The training thread marks when it enters and leaves a collective; a separate
 /// thread checks twice a second, and when one collective has run past the timeout it prints the stall report
@@ -8,11 +9,17 @@ import Foundation
 ///
 /// Every rank's watchdog also writes RUN_DIR/heartbeat/rank-N.json once a second: pid, host, step and phase.
 /// Operators and tests use it to see where each rank is; the stall report uses it to name the missing ranks.
-final class Watchdog: @unchecked Sendable {
-    // @unchecked Sendable: the training thread writes `slots` and the watchdog thread only reads them; each slot
-    // is one aligned word, so a read sees an old or a new value, never a torn one, and a stale read only delays
-    // the report by one tick.
-
+///
+/// Threads: the training thread writes `phase`, `phaseStart` and `step`, the watchdog thread reads them, so they
+/// are atomics. Plain fields were a data race (undefined behaviour, which ThreadSanitizer reports), and nothing
+/// ordered them: the compiler, or an ARM64 core, may reorder plain stores and loads, so the watchdog could pair a
+/// new phase with the previous collective's start time and report a stall too early. `enter` therefore publishes
+/// the phase last, with release ordering, after the step and the start time, and the watchdog reads it first,
+/// with acquire ordering: a phase other than `compute` comes with that collective's start time or a later one.
+/// Step and start time need no ordering of their own (relaxed).
+/// On x86-64 every one of these loads and stores is a plain `mov`; on ARM64 the release/acquire pair is
+/// `stlr`/`ldar`: the per-step cost stays a few stores and one clock read, with no allocation.
+final class Watchdog: Sendable {
     enum Phase: Int, CaseIterable {
         case compute = 0, gradientAllreduce, parameterGather, metricsAllreduce, evaluation, checkpoint, replicaCheck, setup
         var name: String {
@@ -29,8 +36,12 @@ final class Watchdog: @unchecked Sendable {
         }
     }
 
-    /// [phase, phase start (ns, monotonic), step]
-    private let slots = UnsafeMutablePointer<Int>.allocate(capacity: 3)
+    /// `Phase.rawValue` of where the training thread is; `compute` outside collectives.
+    private let phase = Atomic<Int>(Phase.compute.rawValue)
+    /// When the current phase began (ns, monotonic clock).
+    private let phaseStart = Atomic<Int>(0)
+    /// The global step the training thread is on.
+    private let step = Atomic<Int>(0)
     private let timeout: Double
     private let rank: Int
     private let worldSize: Int
@@ -44,7 +55,6 @@ final class Watchdog: @unchecked Sendable {
         self.worldSize = worldSize
         heartbeatDirectory = runDirectory + "/heartbeat"
         self.abort = abort
-        slots.initialize(repeating: 0, count: 3)
         try? FileManager.default.createDirectory(atPath: heartbeatDirectory, withIntermediateDirectories: true)
     }
 
@@ -60,29 +70,32 @@ final class Watchdog: @unchecked Sendable {
     /// Marks the start of a step's computation (one store).
     @inline(__always)
     func beginStep(_ step: Int) {
-        slots[2] = step
+        self.step.store(step, ordering: .relaxed)
     }
 
     /// Marks entering a collective (allocates nothing: called every step).
     @inline(__always)
     func enter(_ phase: Phase, step: Int) {
-        slots[2] = step
-        slots[1] = Self.nanoseconds()
-        slots[0] = phase.rawValue
+        self.step.store(step, ordering: .relaxed)
+        phaseStart.store(Self.nanoseconds(), ordering: .relaxed)
+        // Last and releasing: a watchdog that sees this phase sees its start time too.
+        self.phase.store(phase.rawValue, ordering: .releasing)
     }
 
+    /// Marks leaving the collective (one store; relaxed: `compute` comes with no start time to publish).
     @inline(__always)
     func leave() {
-        slots[0] = Phase.compute.rawValue
+        phase.store(Phase.compute.rawValue, ordering: .relaxed)
     }
 
     private func run() {
         var lastHeartbeat = 0
         while true {
             usleep(250_000)
-            let phase = Phase(rawValue: slots[0]) ?? .compute
-            let since = slots[1]
-            let step = slots[2]
+            // The phase first, acquiring: see the comment on the class.
+            let phase = Phase(rawValue: self.phase.load(ordering: .acquiring)) ?? .compute
+            let since = phaseStart.load(ordering: .relaxed)
+            let step = self.step.load(ordering: .relaxed)
             let now = Self.nanoseconds()
             if now - lastHeartbeat > 1_000_000_000 {
                 writeHeartbeat(phase: phase, step: step)

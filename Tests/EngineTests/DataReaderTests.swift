@@ -4,27 +4,6 @@ import Testing
 
 // MARK: - Helpers
 
-/// A fresh directory per test, removed when the test ends.
-private final class TemporaryDirectory {
-    let path: String
-
-    init() throws {
-        path = NSTemporaryDirectory() + "bp-data-tests-" + UUID().uuidString
-        try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
-    }
-
-    deinit { try? FileManager.default.removeItem(atPath: path) }
-
-    func file(_ name: String) -> String { path + "/" + name }
-
-    @discardableResult
-    func write(_ name: String, _ bytes: [UInt8]) throws -> String {
-        let p = file(name)
-        try Data(bytes).write(to: URL(fileURLWithPath: p))
-        return p
-    }
-}
-
 private struct PythonFailure: Error, CustomStringConvertible {
     let description: String
 }

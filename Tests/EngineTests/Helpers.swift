@@ -1,4 +1,5 @@
 import Engine
+import Foundation
 
 /// Fills the model's inputs and labels with `rows` reproducible random rows (inputs ~ N(0, 1)).
 func fillRandomBatch<T: Scalar>(_ model: Model<T>, rows: Int, seed: UInt64) {
@@ -28,3 +29,25 @@ func allClose(_ a: [Double], _ b: [Double], _ tolerance: Double) -> Bool {
 
 /// Tolerance for comparing a computation in T with an exact value.
 func tolerance<T: Scalar>(_: T.Type) -> Double { T.self == Float.self ? 1e-5 : 1e-12 }
+
+/// A fresh directory for one test, removed when the last reference goes: at the end of the test's scope for a
+/// local, or with the suite instance (one per test) for a stored property, whether the test passed or failed.
+final class TemporaryDirectory {
+    let path: String
+
+    init() throws {
+        path = NSTemporaryDirectory() + "bp-engine-tests-" + UUID().uuidString
+        try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+    }
+
+    deinit { try? FileManager.default.removeItem(atPath: path) }
+
+    func file(_ name: String) -> String { path + "/" + name }
+
+    @discardableResult
+    func write(_ name: String, _ bytes: [UInt8]) throws -> String {
+        let p = file(name)
+        try Data(bytes).write(to: URL(fileURLWithPath: p))
+        return p
+    }
+}

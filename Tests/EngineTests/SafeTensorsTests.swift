@@ -4,11 +4,13 @@ import Testing
 
 @Suite("safetensors files", .serialized)
 struct SafeTensorsTests {
+    /// This test's files; removed with the suite instance when the test ends.
+    let scratch: TemporaryDirectory
     let directory: URL
 
     init() throws {
-        directory = FileManager.default.temporaryDirectory.appendingPathComponent("st-\(UUID().uuidString)")
-        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        scratch = try TemporaryDirectory()
+        directory = URL(fileURLWithPath: scratch.path)
     }
 
     func path(_ name: String) -> String { directory.appendingPathComponent(name).path }
@@ -152,8 +154,14 @@ struct SafeTensorsTests {
             "tensor 'a': missing or malformed data_offsets")
         add(try forge("negative", header: #"{"a":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}}"#, data: eight),
             "tensor 'a': negative dimension")
+        // A shape whose element count overflows Int must be refused by the shape check itself: the fragment is
+        // the one error that names it, not "shape ... needs N bytes", which a wrapped count would produce instead.
         add(try forge("overflow", header: #"{"a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,8]}}"#, data: eight),
-            "tensor 'a': shape")
+            "tensor 'a': shape [4294967296, 4294967296] holds more elements than the file")
+        // 8 * 2^61 wraps to exactly 0 elements, which the empty data_offsets of 'a' would match, and 'b' covers the
+        // data section: without the overflow check this file would load.
+        add(try forge("wraps", header: #"{"a":{"dtype":"F32","shape":[8,2305843009213693952],"data_offsets":[0,0]},"b":{"dtype":"U8","shape":[8],"data_offsets":[0,8]}}"#,
+                      data: eight), "tensor 'a': shape [8, 2305843009213693952] holds more elements than the file")
         add(try forge("bool", header: #"{"a":{"dtype":"U8","shape":[true],"data_offsets":[0,1]}}"#, data: [0]),
             "is not a list of integers")
         add(try forge("meta", header: #"{"__metadata__":{"step":7}}"#, data: []), "__metadata__ value for 'step' is not a string")

@@ -2,7 +2,7 @@ import Foundation
 import Testing
 
 /// Bad input reaches every rank as one clear error and a non-zero exit within seconds, never a hang.
-@Suite("Bad input", .serialized)
+@Suite("Bad input", .serialized, .temporaryFiles)
 struct BadInputTests {
     func expectCleanFailure(_ arguments: [String], ranks: Int = 2, message: String,
                             sourceLocation: SourceLocation = #_sourceLocation) throws {

@@ -3,7 +3,7 @@ import Foundation
 import Testing
 
 /// The daemon survives: each test does the damage for real to a real mpirun job.
-@Suite("Checkpoints, preemption and faults", .serialized)
+@Suite("Checkpoints, preemption and faults", .serialized, .temporaryFiles)
 struct DaemonTests {
     /// A job with dropout and AdamW (so optimizer state and RNG state both matter for exact resume), checkpoints
     /// every 7 steps and 3 epochs of 12 steps on 2 ranks (200 samples, global batch 16).
@@ -325,7 +325,7 @@ struct DaemonTests {
     }
 }
 
-@Suite("Corrupt checkpoints", .serialized)
+@Suite("Corrupt checkpoints", .serialized, .temporaryFiles)
 struct CorruptCheckpointTests {
     /// Resumes from a damaged copy of a real checkpoint: a clear error naming the file, a non-zero exit on every
     /// rank, no crash, and nothing in the run directory changed.

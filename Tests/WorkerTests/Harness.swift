@@ -93,7 +93,7 @@ struct Harness {
         process.executableURL = URL(fileURLWithPath: program)
         process.arguments = arguments
         process.environment = environmentWithoutMPIVariables(ProcessInfo.processInfo.environment).merging(environment) { $1 }
-        let outputFile = FileManager.default.temporaryDirectory.appendingPathComponent("bpworker-\(UUID().uuidString).log")
+        let outputFile = TemporaryFiles.path("bpworker-").appendingPathExtension("log")
         _ = FileManager.default.createFile(atPath: outputFile.path, contents: nil)
         let handle = try FileHandle(forWritingTo: outputFile)
         process.standardOutput = handle
@@ -131,7 +131,7 @@ struct SyntheticData {
     let classes: Int
 
     init(samples: Int, features: Int = 12, classes: Int = 3, seed: UInt64 = 1, labelOverride: UInt8? = nil) throws {
-        directory = FileManager.default.temporaryDirectory.appendingPathComponent("bpworker-data-\(UUID().uuidString)")
+        directory = TemporaryFiles.path("bpworker-data-")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
         self.samples = samples
         self.features = features
@@ -173,7 +173,38 @@ struct SyntheticData {
 }
 
 func temporaryRunDirectory() -> String {
-    FileManager.default.temporaryDirectory.appendingPathComponent("bpworker-run-\(UUID().uuidString)").path
+    TemporaryFiles.path("bpworker-run-").path
+}
+
+/// Gives every test of a suite its own directory under the system's temporary directory and removes it when the
+/// test ends, passed or failed: the run directories, data sets and output logs the helpers above create go in it.
+/// Every WorkerTests suite that uses them carries it: `@Suite(..., .temporaryFiles)`.
+struct TemporaryFiles: SuiteTrait, TestTrait, TestScoping {
+    /// The running test's directory (a task-local value: tests running in parallel each see their own).
+    @TaskLocal static var directory: URL?
+
+    /// Applies to each test of the suite (each case of a parameterized one), not once to the whole suite.
+    var isRecursive: Bool { true }
+
+    func provideScope(for test: Test, testCase: Test.Case?, performing function: @Sendable () async throws -> Void) async throws {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("bpworker-test-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: directory) }
+        try await Self.$directory.withValue(directory, operation: function)
+    }
+
+    /// A new, unused path in the running test's directory.
+    static func path(_ prefix: String) -> URL {
+        guard let directory else {
+            Issue.record("no test directory: add .temporaryFiles to this test's @Suite, so that what the test writes is removed")
+            return FileManager.default.temporaryDirectory.appendingPathComponent(prefix + UUID().uuidString)
+        }
+        return directory.appendingPathComponent(prefix + UUID().uuidString)
+    }
+}
+
+extension Trait where Self == TemporaryFiles {
+    static var temporaryFiles: Self { Self() }
 }
 
 func occurrences(of needle: String, in haystack: String) -> Int {

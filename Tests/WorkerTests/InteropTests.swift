@@ -3,7 +3,7 @@ import Foundation
 import Testing
 
 /// Checkpoints are read and written by the real Python clients (safetensors, NumPy), on the real data set.
-@Suite("Python interoperability", .serialized)
+@Suite("Python interoperability", .serialized, .temporaryFiles)
 struct InteropTests {
     static let fashion = "/usr/share/datasets/fashion-mnist"
 

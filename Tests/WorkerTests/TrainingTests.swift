@@ -3,7 +3,7 @@ import Foundation
 import Testing
 
 /// Multi-process behaviour, tested by running the built executable under mpirun.
-@Suite("bpworker train across ranks", .serialized)
+@Suite("bpworker train across ranks", .serialized, .temporaryFiles)
 struct TrainingTests {
     /// A small, fast job: SGD with momentum for one epoch over `data`.
     func job(_ data: SyntheticData, batch: Int, runDir: String, extra: [String] = []) -> [String] {

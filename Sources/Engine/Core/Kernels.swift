@@ -203,14 +203,6 @@ public func dropoutForward<T: Scalar>(
     }
 }
 
-/// dx = dy * mask
-@_specialize(where T == Float) @_specialize(where T == Double)
-public func multiply<T: Scalar>(
-    _ a: UnsafePointer<T>, _ b: UnsafePointer<T>, into out: UnsafeMutablePointer<T>, _ n: Int
-) {
-    for i in 0..<n { out[i] = a[i] * b[i] }
-}
-
 // MARK: - Dense helpers
 
 /// Every row of y[B, C] = bias[C] (the GEMM then adds X W^T with beta = 1).
@@ -307,28 +299,53 @@ public func oneHot<T: Scalar>(labels: UnsafePointer<Int32>, rows: Int, classes: 
 
 // MARK: - Whole-buffer helpers
 
-/// destination = source (a specialised copy: the generic `update(from:)` in unspecialised code is per element).
-@_specialize(where T == Float) @_specialize(where T == Double)
-public func copy<T: Scalar>(_ source: UnsafePointer<T>, into destination: UnsafeMutablePointer<T>, _ n: Int) {
-    destination.update(from: source, count: n)
-}
+/// The whole-buffer operations with short common names (`copy`, `add`, `zero`, ...): a namespace keeps them from
+/// leaking into every module that imports Engine, where they would shadow or collide with other `copy`s and
+/// `add`s. A caseless enum's static methods compile to the same code as free functions: its metatype is empty and
+/// passes nothing, and the attributes below (`@_specialize`, `@inline(__always)`) apply unchanged.
+public enum Elementwise {
+    /// destination = source (a specialised copy: the generic `update(from:)` in unspecialised code is per element).
+    @_specialize(where T == Float) @_specialize(where T == Double)
+    public static func copy<T: Scalar>(
+        _ source: UnsafePointer<T>, into destination: UnsafeMutablePointer<T>, _ n: Int
+    ) {
+        destination.update(from: source, count: n)
+    }
 
-/// x = 0, as one memset: zero bits are +0.0 in IEEE 754.
-@inline(__always)
-public func zero<T: Scalar>(_ x: UnsafeMutablePointer<T>, _ n: Int) {
-    memset(x, 0, n * MemoryLayout<T>.stride)
-}
+    /// x = 0, as one memset: zero bits are +0.0 in IEEE 754.
+    @inline(__always)
+    public static func zero<T: Scalar>(_ x: UnsafeMutablePointer<T>, _ n: Int) {
+        memset(x, 0, n * MemoryLayout<T>.stride)
+    }
 
-/// y += x
-@_specialize(where T == Float) @_specialize(where T == Double)
-public func add<T: Scalar>(_ x: UnsafePointer<T>, into y: UnsafeMutablePointer<T>, _ n: Int) {
-    for i in 0..<n { y[i] += x[i] }
-}
+    /// y += x
+    @_specialize(where T == Float) @_specialize(where T == Double)
+    public static func add<T: Scalar>(_ x: UnsafePointer<T>, into y: UnsafeMutablePointer<T>, _ n: Int) {
+        for i in 0..<n { y[i] += x[i] }
+    }
 
-/// x *= a
-@_specialize(where T == Float) @_specialize(where T == Double)
-public func scale<T: Scalar>(_ x: UnsafeMutablePointer<T>, _ n: Int, by a: T) {
-    for i in 0..<n { x[i] *= a }
+    /// x *= a
+    @_specialize(where T == Float) @_specialize(where T == Double)
+    public static func scale<T: Scalar>(_ x: UnsafeMutablePointer<T>, _ n: Int, by a: T) {
+        for i in 0..<n { x[i] *= a }
+    }
+
+    /// out = a * b (dropout's backward: dx = dy * mask)
+    @_specialize(where T == Float) @_specialize(where T == Double)
+    public static func multiply<T: Scalar>(
+        _ a: UnsafePointer<T>, _ b: UnsafePointer<T>, into out: UnsafeMutablePointer<T>, _ n: Int
+    ) {
+        for i in 0..<n { out[i] = a[i] * b[i] }
+    }
+
+    /// Element-wise conversion between scalar types (the gradient checker's float64 copy of a float32 model).
+    @_specialize(where S == Float, D == Double) @_specialize(where S == Double, D == Float)
+    @_specialize(where S == Float, D == Float) @_specialize(where S == Double, D == Double)
+    public static func convert<S: Scalar, D: Scalar>(
+        _ source: UnsafePointer<S>, into destination: UnsafeMutablePointer<D>, _ n: Int
+    ) {
+        for i in 0..<n { destination[i] = D(source[i]) }
+    }
 }
 
 /// Number of elements that are NaN or infinite. (x - x is 0 for finite x and NaN otherwise; NaN != NaN.)
@@ -352,11 +369,4 @@ public func nonFiniteCount<T: Scalar>(_ x: UnsafePointer<T>, _ n: Int) -> Int {
         start = end
     }
     return total
-}
-
-/// Element-wise conversion between scalar types (the gradient checker's float64 copy of a float32 model).
-@_specialize(where S == Float, D == Double) @_specialize(where S == Double, D == Float)
-@_specialize(where S == Float, D == Float) @_specialize(where S == Double, D == Double)
-public func convert<S: Scalar, D: Scalar>(_ source: UnsafePointer<S>, into destination: UnsafeMutablePointer<D>, _ n: Int) {
-    for i in 0..<n { destination[i] = D(source[i]) }
 }

@@ -282,7 +282,7 @@ public final class Model<T: Scalar> {
     /// Copies parameters from a buffer of the same layout, converting the scalar type if needed.
     public func loadParameters<S: Scalar>(from source: UnsafeBufferPointer<S>) {
         precondition(source.count == parameterCount, "parameter count \(source.count) != \(parameterCount)")
-        convert(source.baseAddress!, into: parameters.baseAddress!, parameterCount)
+        Elementwise.convert(source.baseAddress!, into: parameters.baseAddress!, parameterCount)
     }
 
     /// Copies this model's parameters into another model of the same architecture (any scalar type).
@@ -299,13 +299,13 @@ public final class Model<T: Scalar> {
 
     /// Zeroes the gradients and the control slots before them: one memset.
     public func zeroGradients() {
-        zero(gradients.baseAddress! - control.count, control.count + parameterCount)
+        Elementwise.zero(gradients.baseAddress! - control.count, control.count + parameterCount)
     }
 
     /// Zeroes only the control slots: enough before a `backward(count:accumulate: false, ...)`, which overwrites
     /// every gradient.
     public func zeroControl() {
-        zero(control.baseAddress ?? gradients.baseAddress!, control.count)
+        Elementwise.zero(control.baseAddress ?? gradients.baseAddress!, control.count)
     }
 
     // MARK: - Forward and backward
@@ -350,7 +350,7 @@ public final class Model<T: Scalar> {
                 if mode == .train && p > 0 {
                     dropoutForward(step.x, step.y, mask: step.mask!, n, keep: 1 - p, generator: &dropoutGenerator)
                 } else {
-                    copy(step.x, into: step.y, n)
+                    Elementwise.copy(step.x, into: step.y, n)
                 }
             }
             report(index, .forward, since: started)
@@ -432,9 +432,9 @@ public final class Model<T: Scalar> {
             case let .dropout(p):
                 guard let dx = step.dx else { break }
                 if lastMode == .train && p > 0 {
-                    multiply(step.dy, step.mask!, into: dx, n)
+                    Elementwise.multiply(step.dy, step.mask!, into: dx, n)
                 } else {
-                    copy(step.dy, into: dx, n)
+                    Elementwise.copy(step.dy, into: dx, n)
                 }
             }
             report(index, .backward, since: started &+ callback)
@@ -516,7 +516,7 @@ public final class Model<T: Scalar> {
         let g = gradients.baseAddress! + info.offset
         switch gradientFault {
         case let .scaled(_, factor):
-            scale(g, info.count, by: T(factor))
+            Elementwise.scale(g, info.count, by: T(factor))
         case .transposed:
             guard info.shape.count == 2 else { break }
             let (rows, columns) = (info.shape[0], info.shape[1])
@@ -525,7 +525,7 @@ public final class Model<T: Scalar> {
                 for c in 0..<columns { g[c * rows + r] = copy[r * columns + c] }
             }
         case .missing:
-            zero(g, info.count)
+            Elementwise.zero(g, info.count)
         case nil:
             break
         }

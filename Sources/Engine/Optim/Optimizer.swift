@@ -143,7 +143,7 @@ public final class Optimizer<T: Scalar> {
     /// Forgets all state (fresh momentum and moments, step 0).
     public func reset() {
         stepCount = 0
-        for s in state { zero(s.buffer.baseAddress!, s.buffer.count) }
+        for s in state { Elementwise.zero(s.buffer.baseAddress!, s.buffer.count) }
     }
 }
 
