@@ -54,7 +54,7 @@ struct BadInputTests {
     }
 
     @Test func wrongTypeInAFileNamesFileLineAndKey() throws {
-        let file = FileManager.default.temporaryDirectory.appendingPathComponent("bad-\(UUID().uuidString).yaml")
+        let file = TemporaryFiles.path("bad-").appendingPathExtension("yaml")
         try Data("seed: 1\ntraining:\n  epochs: three\n".utf8).write(to: file)
         defer { try? FileManager.default.removeItem(at: file) }
         try expectCleanFailure(["-c", file.path], message: "\(file.path):3: training.epochs: expected an integer, got \"three\"")

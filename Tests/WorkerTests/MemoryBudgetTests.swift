@@ -4,13 +4,13 @@ import Testing
 @testable import Worker
 
 /// The memory check's arithmetic and its readers of /proc and cgroup files, against fixture trees.
-@Suite("Memory budget")
+@Suite("Memory budget", .temporaryFiles)
 struct MemoryBudgetTests {
     let mib = 1_048_576.0
 
     /// A fixture tree with a /proc and a cgroup mount; removed by the caller.
     func fixture(meminfo: String, cgroup: String, files: [String: String]) throws -> String {
-        let root = FileManager.default.temporaryDirectory.appendingPathComponent("bpworker-memfix-\(UUID().uuidString)").path
+        let root = TemporaryFiles.path("bpworker-memfix-").path
         var all = files
         all["proc/meminfo"] = meminfo
         all["proc/self/cgroup"] = cgroup

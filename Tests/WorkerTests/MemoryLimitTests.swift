@@ -2,7 +2,7 @@ import Foundation
 import Testing
 
 /// The memory estimate against what a real run measures, and each limit really imposed on a real process.
-@Suite("Memory limits, for real", .serialized)
+@Suite("Memory limits, for real", .serialized, .temporaryFiles)
 struct MemoryLimitTests {
     func job(_ data: SyntheticData, runDir: String, hidden: String, optimizer: String = "adam") -> [String] {
         ["train", "--run-dir", runDir, "--progress", "plain"] + data.arguments + [

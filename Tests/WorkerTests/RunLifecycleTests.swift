@@ -4,7 +4,7 @@ import Testing
 
 /// Run directories are never lost, and every way a run ends is in its status.json: each checked on a real
 /// mpirun job.
-@Suite("Run directories and final status", .serialized)
+@Suite("Run directories and final status", .serialized, .temporaryFiles)
 struct RunLifecycleTests {
     /// 2 epochs of 12 steps on 2 ranks (200 samples, global batch 16), checkpoints every 5 steps.
     func job(_ data: SyntheticData, runDir: String, extra: [String] = []) -> [String] {
@@ -51,7 +51,7 @@ struct RunLifecycleTests {
         #expect(try snapshot(run) == before, "a refused start changed the run directory")
 
         // Starts that fail for other reasons, with --overwrite or --resume, leave every byte as it was.
-        let corrupt = FileManager.default.temporaryDirectory.appendingPathComponent("bpworker-corrupt-\(UUID().uuidString).safetensors")
+        let corrupt = TemporaryFiles.path("bpworker-corrupt-").appendingPathExtension("safetensors")
         defer { try? FileManager.default.removeItem(at: corrupt) }
         try Data(before["checkpoints/step-00000024.safetensors"]!.prefix(200)).write(to: corrupt)
         let failing: [(String, [String])] = [

@@ -4,7 +4,7 @@ import Testing
 @testable import Worker
 
 /// The Worker's decisions, called directly: no MPI, no process.
-@Suite("Worker logic")
+@Suite("Worker logic", .temporaryFiles)
 struct WorkerLogicTests {
     // MARK: - Resume arithmetic
 
@@ -47,7 +47,7 @@ struct WorkerLogicTests {
     // MARK: - Run directories
 
     func makeRun(status: RunStatus.State?, step: Int = 0, checkpoints: [String] = [], model: Bool = false) throws -> String {
-        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("bpworker-rundir-\(UUID().uuidString)").path
+        let dir = TemporaryFiles.path("bpworker-rundir-").path
         try FileManager.default.createDirectory(atPath: dir + "/checkpoints", withIntermediateDirectories: true)
         for name in checkpoints { _ = FileManager.default.createFile(atPath: dir + "/checkpoints/" + name, contents: Data("x".utf8)) }
         if let last = checkpoints.last {
@@ -154,7 +154,7 @@ struct WorkerLogicTests {
     // MARK: - Configuration
 
     @Test func overridesApplyOverTheFileAndTypesAreChecked() throws {
-        let file = FileManager.default.temporaryDirectory.appendingPathComponent("bpworker-config-\(UUID().uuidString).yaml")
+        let file = TemporaryFiles.path("bpworker-config-").appendingPathExtension("yaml")
         defer { try? FileManager.default.removeItem(at: file) }
         try Data("training:\n  epochs: 3\n  batch_size: 32\noptimizer:\n  name: adam\n".utf8).write(to: file)
         let config = try Configuration.load(file: file.path, overrides: ["training.epochs=5", "model.hidden=[64, 32]"])
@@ -172,7 +172,7 @@ struct WorkerLogicTests {
         config.learningRate = 0.125
         config.optimizer = .adamw
         config.trainFeatures = "/data/with: colon.npy"
-        let file = FileManager.default.temporaryDirectory.appendingPathComponent("bpworker-config-\(UUID().uuidString).yaml")
+        let file = TemporaryFiles.path("bpworker-config-").appendingPathExtension("yaml")
         defer { try? FileManager.default.removeItem(at: file) }
         try Data(config.yaml.utf8).write(to: file)
         #expect(try Configuration.load(file: file.path, overrides: []) == config)
