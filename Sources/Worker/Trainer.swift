@@ -193,7 +193,8 @@ final class Trainer {
         let optimizer = session.agree("optimizer") {
             try Optimizer<Float>(config: config.optimizerConfig, parameterCount: model.parameterCount)
         }
-        let checkpointer = Checkpointer(runDirectory: session.runDirectory, keep: config.checkpointKeep)
+        let checkpointer = Checkpointer(runDirectory: session.runDirectory, keep: config.checkpointKeep,
+                                        modelMetadata: modelMetadata(prepared))
         var position = TrainingPosition(worldSize: session.worldSize, batchSize: config.batchSize)
         if let resume {
             let path = resume == "latest" ? session.agree("resume") { try checkpointer.latest() } : resume
@@ -351,7 +352,7 @@ final class Trainer {
         }
         progress.finish(state: .finished, message: nil)
         reportPeakMemory()
-        if session.isRoot { saveModel(model, step: position.globalStep) }
+        if session.isRoot { saveModel(model, step: position.globalStep, description: checkpointer.modelMetadata) }
         session.agree("saving the model") {}
     }
 
@@ -517,13 +518,13 @@ final class Trainer {
 
     // MARK: - Saving
 
-    private func saveModel(_ model: Model<Float>, step: Int) {
+    private func saveModel(_ model: Model<Float>, step: Int, description: [String: String]) {
         let path = session.runDirectory + "/model.safetensors"
         do {
-            try writeParameters(of: model, to: path, metadata: [
-                "format": "bpworker-model", "format_version": "1", "step": "\(step)",
+            try writeParameters(of: model, to: path, metadata: description.merging([
+                "format": ModelDescription.modelFormat, "format_version": ModelDescription.modelFormatVersion, "step": "\(step)",
                 "world_size": "\(session.worldSize)", "model": model.spec.summary, "config": config.yaml,
-            ])
+            ]) { _, own in own })
             logger.info("saved parameters to \(path) (PyTorch nn.Sequential state_dict names)")
         } catch {
             session.abort("saving \(path): \(error)")
