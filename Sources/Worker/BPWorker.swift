@@ -122,7 +122,10 @@ struct Eval: ParsableCommand {
         discussion: """
               bpworker eval --local --run-dir runs/default
               mpirun -n 2 bpworker eval --parameters model.safetensors
-            Without --config, the run directory's config.yaml describes the model.
+              bpworker eval --local --model runs/default/model.safetensors
+            Without --config, the run directory's config.yaml describes the model. With --model, the
+            file describes the model and its preprocessing; only the test data (data.format,
+            data.test_features, data.test_labels) and training.batch_size come from the configuration.
             """)
 
     @OptionGroup var options: RunOptions
@@ -130,7 +133,19 @@ struct Eval: ParsableCommand {
     @Option(help: "safetensors file with the parameters (default: RUN_DIR/model.safetensors).")
     var parameters: String?
 
+    @Option(help: "A bpworker model file or checkpoint to evaluate alone: it records the model and its preprocessing.")
+    var model: String?
+
+    func validate() throws {
+        if model != nil && parameters != nil { throw ValidationError("--model and --parameters exclude each other") }
+    }
+
     func run() throws {
+        if let model {
+            let session = Session.start(options: options, extraOverrides: [], writeConfig: false)
+            Trainer(session: session).runModelEvaluation(modelPath: model)
+            session.finish()
+        }
         // Without --config, the run's own resolved configuration describes the model that was saved.
         let runConfig = options.runDir + "/config.yaml"
         let session = Session.start(

@@ -508,8 +508,9 @@ final class Trainer {
             if session.isRoot { try loadParameters(into: model, from: parametersPath) }
         }
         session.agree("parameters") { try communicator.broadcast(model.parameters, root: 0) }
+        let test = preprocessingForEvaluation(of: parametersPath, model: model, test: prepared.test)
         do {
-            let result = try evaluate(model, on: prepared.test)
+            let result = try evaluate(model, on: test)
             logger.info("eval: test accuracy \(percent(Double(result.correct) / Double(result.count))) (\(grouped(result.correct))/\(grouped(result.count))), loss \(String(format: "%.4f", result.loss)), parameters \(parametersPath)")
         } catch {
             session.abort("evaluation failed: \(error)")
