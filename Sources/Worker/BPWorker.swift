@@ -14,7 +14,7 @@ struct BPWorker: ParsableCommand {
 
             With no configuration file every key has its default: an MLP on Fashion-MNIST from /usr/share/datasets/fashion-mnist. `bpworker keys` lists every key.
             """,
-        subcommands: [Train.self, Gradcheck.self, Eval.self, Status.self, Keys.self]
+        subcommands: [Train.self, Gradcheck.self, Eval.self, Predict.self, Status.self, Keys.self]
     )
 
     static func main() {
@@ -138,7 +138,10 @@ struct Eval: ParsableCommand {
         discussion: """
               bpworker eval --local --run-dir runs/default
               mpirun -n 2 bpworker eval --parameters model.safetensors
-            Without --config, the run directory's config.yaml describes the model.
+              bpworker eval --local --model runs/default/model.safetensors
+            Without --config, the run directory's config.yaml describes the model. With --model, the
+            file describes the model and its preprocessing; only the test data (data.format,
+            data.test_features, data.test_labels) and training.batch_size come from the configuration.
             """)
 
     @OptionGroup var options: RunOptions
@@ -146,7 +149,19 @@ struct Eval: ParsableCommand {
     @Option(help: "safetensors file with the parameters (default: RUN_DIR/model.safetensors).")
     var parameters: String?
 
+    @Option(help: "A bpworker model file or checkpoint to evaluate alone: it records the model and its preprocessing.")
+    var model: String?
+
+    func validate() throws {
+        if model != nil && parameters != nil { throw ValidationError("--model and --parameters exclude each other") }
+    }
+
     func run() throws {
+        if let model {
+            let session = Session.start(options: options, extraOverrides: [])
+            Evaluation.runModel(session, modelPath: model)
+            session.finish()
+        }
         // Without --config, the run's own resolved configuration describes the model that was saved.
         let runConfig = options.runDir + "/config.yaml"
         let session = Session.start(

@@ -48,14 +48,19 @@ struct CheckpointError: Error, CustomStringConvertible, Equatable {
 /// beyond `keep` are deleted.
 struct Checkpointer {
     static let format = "bpworker-checkpoint"
-    static let formatVersion = "1"
+    /// 2 adds the model description (ModelFile.swift); version 1 checkpoints still resume.
+    static let formatVersion = "2"
+    static let readableVersions: Set<String> = ["1", formatVersion]
 
     let directory: String
     let keep: Int
+    /// The model's description (`ModelDescription.metadata`), written into every checkpoint.
+    let modelMetadata: [String: String]
 
-    init(runDirectory: String, keep: Int) {
+    init(runDirectory: String, keep: Int, modelMetadata: [String: String] = [:]) {
         directory = runDirectory + "/checkpoints"
         self.keep = keep
+        self.modelMetadata = modelMetadata
     }
 
     var latestPointer: String { directory + "/latest" }
@@ -93,7 +98,7 @@ struct Checkpointer {
             "world_size": "\(position.worldSize)", "optimizer": config.optimizer.rawValue,
             "optimizer_step": "\(optimizer.stepCount)", "position": positionJSON,
             "model": model.spec.summary, "layout_hash": String(layoutHash(model), radix: 16), "config": config.yaml,
-        ]
+        ].merging(modelMetadata) { own, _ in own }
         let name = String(format: "step-%08d.safetensors", position.globalStep)
         let path = directory + "/" + name
         let bytes = try writer.serialized()
@@ -124,8 +129,8 @@ struct Checkpointer {
         guard file.metadata["format"] == format else {
             throw fail("not a bpworker checkpoint (metadata format is \(file.metadata["format"].map { "'\($0)'" } ?? "missing"))")
         }
-        guard file.metadata["format_version"] == formatVersion else {
-            throw fail("checkpoint format version \(file.metadata["format_version"] ?? "?"), this bpworker reads \(formatVersion)")
+        guard let version = file.metadata["format_version"], readableVersions.contains(version) else {
+            throw fail("checkpoint format version \(file.metadata["format_version"] ?? "?"), this bpworker reads \(readableVersions.sorted().joined(separator: " and "))")
         }
         guard file.metadata["layout_hash"] == String(layoutHash(model), radix: 16) else {
             throw fail("checkpoint is for the model \(file.metadata["model"] ?? "?"), this run builds \(model.spec.summary)")

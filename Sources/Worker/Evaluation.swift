@@ -31,8 +31,9 @@ enum Evaluation {
             if session.isRoot { try loadParameters(into: model, from: parametersPath) }
         }
         session.agree("parameters") { try session.communicator.broadcast(model.parameters, root: 0) }
+        let test = preprocessing(session, of: parametersPath, model: model, test: prepared.test)
         do {
-            let result = try evaluate(session, model, on: prepared.test)
+            let result = try evaluate(session, model, on: test)
             session.logger.info("eval: test accuracy \(percent(Double(result.correct) / Double(result.count))) (\(grouped(result.correct))/\(grouped(result.count))), loss \(String(format: "%.4f", result.loss)), parameters \(parametersPath)")
         } catch {
             session.abort("evaluation failed: \(error)")

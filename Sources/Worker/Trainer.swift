@@ -24,7 +24,10 @@ enum Trainer {
         let optimizer = session.agree("optimizer") {
             try Optimizer<Float>(config: config.optimizerConfig, parameterCount: model.parameterCount)
         }
-        let checkpointer = Checkpointer(runDirectory: session.runDirectory, keep: config.checkpointKeep)
+        // What it takes to use the model without this configuration, in model.safetensors and every checkpoint.
+        let description = ModelDescription(spec: model.spec, data: prepared.train, normalization: config.normalization)
+        let checkpointer = Checkpointer(runDirectory: session.runDirectory, keep: config.checkpointKeep,
+                                        modelMetadata: description.metadata)
         let exchange = CheckpointExchange(session: session, checkpointer: checkpointer, model: model, optimizer: optimizer)
         var position = TrainingPosition(worldSize: session.worldSize, batchSize: config.batchSize)
         if let resume {
@@ -85,7 +88,10 @@ enum Trainer {
         if let loop {
             if outcome.state == .finished {
                 reportPeakMemory(session)
-                if session.isRoot { saveModel(session, loop.prepared.model, step: loop.position.globalStep) }
+                if session.isRoot {
+                    saveModel(session, loop.prepared.model, step: loop.position.globalStep,
+                              description: loop.exchange.checkpointer.modelMetadata)
+                }
                 session.agree("saving the model") {}
             }
             loop.progress.finish(state: outcome.state, message: outcome.message)
@@ -141,13 +147,13 @@ enum Trainer {
         }
     }
 
-    private static func saveModel(_ session: Session, _ model: Model<Float>, step: Int) {
+    private static func saveModel(_ session: Session, _ model: Model<Float>, step: Int, description: [String: String]) {
         let path = session.runDirectory + "/model.safetensors"
         do {
-            try writeParameters(of: model, to: path, metadata: [
-                "format": "bpworker-model", "format_version": "1", "step": "\(step)",
+            try writeParameters(of: model, to: path, metadata: description.merging([
+                "format": ModelDescription.modelFormat, "format_version": ModelDescription.modelFormatVersion, "step": "\(step)",
                 "world_size": "\(session.worldSize)", "model": model.spec.summary, "config": session.config.yaml,
-            ])
+            ]) { _, own in own })
             session.logger.info("saved parameters to \(path) (PyTorch nn.Sequential state_dict names)")
         } catch {
             session.abort("saving \(path): \(error)")

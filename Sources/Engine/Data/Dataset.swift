@@ -23,17 +23,31 @@ public struct Dataset: Sendable {
     public let count: Int
     /// Values per sample (784 for 28x28 images).
     public let featureCount: Int
+    /// The shape of one sample as stored, its product `featureCount`: [28, 28] for IDX images, [C, H, W] for an
+    /// IDX or `.npy` file of shape [N, C, H, W], [D] for one of shape [N, D]. Model files record it.
+    public let sampleShape: [Int]
     public let features: Features
     public let labels: [Int32]
     /// Affine normalisation applied while gathering: x_normalised = x * scale + shift, with x the stored value.
     /// Defaults: 1/255 for uint8 (pixels in [0, 1]) and 1 for float32; shift 0.
     public var scale: Double
     public var shift: Double
+    /// After `standardize` (or `normalize(like:)` a standardized set): the mean and standard deviation of the
+    /// stored values themselves (bytes 0...255 for uint8, not x/255) that `scale` and `shift` divide by, so that
+    /// x * scale + shift = (x - mean) / std. `std` is the divisor used: 1/base for constant data. Nil otherwise.
+    public private(set) var standardization: (mean: Double, std: Double)?
 
     /// Validates that there are `featureCount` values for each label and that no label is negative.
-    public init(name: String, labelsName: String? = nil, featureCount: Int, features: Features, labels: [Int32]) throws {
+    /// - Parameter sampleShape: the shape of one sample (default [featureCount]); its product must be `featureCount`.
+    public init(name: String, labelsName: String? = nil, featureCount: Int, sampleShape: [Int]? = nil, features: Features,
+                labels: [Int32]) throws {
         guard featureCount > 0 else {
             throw DataError(path: name, reason: "feature count must be positive, got \(featureCount)")
+        }
+        let sampleShape = sampleShape ?? [featureCount]
+        // The product in Double cannot overflow, and is exact for any shape whose elements fit in memory.
+        guard sampleShape.allSatisfy({ $0 > 0 }), sampleShape.reduce(1.0, { $0 * Double($1) }) == Double(featureCount) else {
+            throw DataError(path: name, reason: "sample shape \(sampleShape) does not hold \(featureCount) features")
         }
         let (expected, overflow) = labels.count.multipliedReportingOverflow(by: featureCount)
         guard !overflow, features.count == expected else {
@@ -48,6 +62,7 @@ public struct Dataset: Sendable {
         self.labelsName = labelsName ?? name
         self.count = labels.count
         self.featureCount = featureCount
+        self.sampleShape = sampleShape
         self.features = features
         self.labels = labels
         switch features {
@@ -68,7 +83,8 @@ public struct Dataset: Sendable {
         }
         try checkLabels(shape: y.shape, path: labels, samples: x.shape[0], samplesPath: images, noun: "images")
         let featureCount = x.shape.dropFirst().reduce(1, *)  // cannot overflow: IDX.read checked the whole product
-        return try Dataset(name: images, labelsName: labels, featureCount: featureCount, features: .uint8(x.bytes), labels: y.bytes.map { Int32($0) })
+        return try Dataset(name: images, labelsName: labels, featureCount: featureCount, sampleShape: Array(x.shape.dropFirst()),
+                           features: .uint8(x.bytes), labels: y.bytes.map { Int32($0) })
     }
 
     /// Loads `.npy` features ([N, ...] of uint8, float32, or float64 which is stored as float32) and labels
@@ -104,7 +120,8 @@ public struct Dataset: Sendable {
         guard featureCount > 0 else {
             throw DataError(path: features, reason: "samples have no features: shape \(x.shape)")
         }
-        return try Dataset(name: features, labelsName: labels, featureCount: featureCount, features: stored, labels: labelValues)
+        return try Dataset(name: features, labelsName: labels, featureCount: featureCount,
+                           sampleShape: x.shape.count == 1 ? [1] : Array(x.shape.dropFirst()), features: stored, labels: labelValues)
     }
 
     /// Labels must be one per sample: shaped [N] with N the features' first dimension.
@@ -193,6 +210,7 @@ public struct Dataset: Sendable {
         let divisor = std > 0 ? std : 1
         scale = base / divisor
         shift = -mean / divisor
+        standardization = (mean / base, divisor / base)
         return (mean, std)
     }
 
@@ -201,6 +219,7 @@ public struct Dataset: Sendable {
     public mutating func normalize(like other: Dataset) {
         scale = other.scale
         shift = other.shift
+        standardization = other.standardization
     }
 
     // MARK: - Batches

@@ -1,0 +1,307 @@
+import Engine
+import Foundation
+
+/// What a model file says about its model beyond the tensors: everything needed to use it without bpworker's
+/// configuration. `model.safetensors` (format `bpworker-model`, version 2) and checkpoints (`bpworker-checkpoint`,
+/// version 2) carry it in the safetensors `__metadata__`, whose values are all strings (lists as JSON, which is
+/// also YAML flow syntax). The README's "Model files" section documents the same keys:
+///
+///     layers            ["linear 512", "relu", "linear 256", "relu", "linear 10"]  the whole nn.Sequential in
+///                       `model.layers` syntax, the output layer INCLUDED (model.layers takes the list without its
+///                       last entry: bpworker adds the output layer)
+///     input_shape       [28, 28]        one sample as stored; the first layer takes it flattened (C order)
+///     input_dtype       uint8           the stored values preprocessing applies to: uint8 = bytes 0..255 (not
+///                                       divided by 255); float32 (float32 or float64 files)
+///     classes           10              outputs of the last layer
+///     loss              cross_entropy   or mse
+///     preprocess        standardize     standardize, scale or none (the configuration's data.normalize)
+///     preprocess_scale  model input = float32(raw * preprocess_scale + preprocess_shift), computed in float64,
+///     preprocess_shift  raw being the stored value; exactly what bpworker applies, for every kind
+///     preprocess_mean   standardize only: the training set's mean and standard deviation of the raw values
+///     preprocess_std    (bytes 0..255 for uint8), so that (raw - mean) / std is the same map
+///
+/// Version 1 model files (and version 1 checkpoints) have none of these keys.
+struct ModelDescription: Equatable {
+    static let modelFormat = "bpworker-model"
+    /// 2: the description keys above. 1: parameters, `step`, `world_size`, `model` (a summary) and `config` only.
+    static let modelFormatVersion = "2"
+    /// The first model and checkpoint format version with the description.
+    static let firstDescribedVersion = 2
+
+    enum InputType: String, Equatable {
+        /// Bytes 0...255 (IDX files, uint8 .npy).
+        case uint8
+        /// float32 (or float64 .npy, which bpworker reads as float32).
+        case float32
+
+        init(_ data: Dataset) {
+            switch data.features {
+            case .uint8: self = .uint8
+            case .float32: self = .float32
+            }
+        }
+    }
+
+    struct Preprocessing: Equatable {
+        var kind: Configuration.Normalization
+        var scale: Double
+        var shift: Double
+        /// Raw-value statistics, for `standardize`.
+        var mean: Double?
+        var std: Double?
+
+        /// Makes `data` gather exactly what training gathered.
+        func apply(to data: inout Dataset) {
+            data.scale = scale
+            data.shift = shift
+        }
+
+        /// "standardize: x * 0.0124 + -0.81 = (x - 72.9) / 90.0", x the stored value.
+        var summary: String {
+            var text = "\(kind.rawValue): x * \(scale) + \(shift)"
+            if let mean, let std { text += " = (x - \(mean)) / \(std)" }
+            return text
+        }
+    }
+
+    /// The architecture with its output layer; the initialisation is not recorded (the parameters are).
+    var spec: ModelSpec
+    var inputShape: [Int]
+    var inputType: InputType
+    var preprocessing: Preprocessing
+
+    var classes: Int { spec.outputWidth }
+
+    // MARK: - Writing
+
+    /// The description of a model trained on `data` (the training set, normalised as `normalization` says).
+    init(spec: ModelSpec, data: Dataset, normalization: Configuration.Normalization) {
+        self.spec = spec
+        inputShape = data.sampleShape
+        inputType = InputType(data)
+        let statistics = normalization == .standardize ? data.standardization : nil
+        preprocessing = Preprocessing(kind: normalization, scale: data.scale, shift: data.shift,
+                                      mean: statistics?.mean, std: statistics?.std)
+    }
+
+    /// The `__metadata__` entries, merged into the model file's and each checkpoint's.
+    var metadata: [String: String] {
+        var entries = [
+            "layers": Self.jsonList(spec.layers.map(Self.layerText)),
+            "input_shape": Self.jsonList(inputShape.map(String.init), quoted: false),
+            "input_dtype": inputType.rawValue,
+            "classes": "\(classes)",
+            "loss": spec.loss.rawValue,
+            "preprocess": preprocessing.kind.rawValue,
+            // Swift prints the shortest decimal that reads back as the same Double, in Swift and Python alike.
+            "preprocess_scale": "\(preprocessing.scale)",
+            "preprocess_shift": "\(preprocessing.shift)",
+        ]
+        if let mean = preprocessing.mean, let std = preprocessing.std {
+            entries["preprocess_mean"] = "\(mean)"
+            entries["preprocess_std"] = "\(std)"
+        }
+        return entries
+    }
+
+    /// One layer in `model.layers` syntax; `Configuration.modelSpec` reads it back to the same `LayerSpec`.
+    static func layerText(_ layer: LayerSpec) -> String {
+        switch layer {
+        case let .linear(_, outputs): "linear \(outputs)"
+        case .relu: "relu"
+        case let .leakyReLU(slope): "leaky_relu \(slope)"
+        case .tanh: "tanh"
+        case .sigmoid: "sigmoid"
+        case .gelu: "gelu"
+        case let .dropout(p): "dropout \(p)"
+        }
+    }
+
+    /// `["a", "b"]` or `[28, 28]`: JSON, and YAML flow syntax, so `--set model.layers=...` takes it as it is.
+    private static func jsonList(_ items: [String], quoted: Bool = true) -> String {
+        "[" + items.map { quoted ? "\"\($0)\"" : $0 }.joined(separator: ", ") + "]"
+    }
+
+    // MARK: - Reading
+
+    /// Most layers a description may list: far beyond any real model, and it bounds what an untrusted file can make
+    /// bpworker allocate before its tensors are checked.
+    static let maxLayers = 10_000
+
+    /// Reads the description from a file's metadata (untrusted): every key must be present and well formed.
+    /// Errors name the file and the key; a file from before descriptions says so and what to use instead.
+    init(metadata: [String: String], path: String) throws {
+        func fail(_ reason: String) -> DataError { DataError(path: path, reason: reason) }
+        let format = metadata["format"]
+        guard format == Self.modelFormat || format == Checkpointer.format else {
+            throw fail("not a bpworker model file: its safetensors metadata has "
+                + (format.map { "format '\($0)'" } ?? "no 'format'")
+                + " (bpworker writes '\(Self.modelFormat)' or '\(Checkpointer.format)'). For parameters saved by other "
+                + "tools, describe the model with --set model.* and use: bpworker eval --parameters \(path)")
+        }
+        let version = metadata["format_version"] ?? "1"
+        guard let versionNumber = Int(version) else { throw fail("metadata 'format_version' is '\(version)', not a number") }
+        if versionNumber < Self.firstDescribedVersion || metadata["layers"] == nil {
+            throw fail("no layer list in its metadata (\(format!) format_version \(version), written by a bpworker that "
+                + "did not record the model), so the model cannot be built from the file alone. Evaluate it with its "
+                + "run's configuration instead: bpworker eval --run-dir RUN_DIR --parameters \(path)")
+        }
+        let newest = format == Self.modelFormat ? Self.modelFormatVersion : Checkpointer.formatVersion
+        guard versionNumber <= Int(newest)! else {
+            throw fail("\(format!) format_version \(version) was written by a newer bpworker; this one reads up to \(newest)")
+        }
+        func value(_ key: String) throws -> String {
+            guard let v = metadata[key] else { throw fail("metadata '\(key)' is missing") }
+            return v
+        }
+
+        let layerTexts = try Self.stringList(try value("layers"), key: "layers", path: path)
+        guard !layerTexts.isEmpty, layerTexts.count <= Self.maxLayers else {
+            throw fail("metadata 'layers' lists \(layerTexts.count) layers (1 to \(Self.maxLayers))")
+        }
+        inputShape = try Self.shape(try value("input_shape"), path: path)
+        guard let classes = Int(try value("classes")), classes >= 1 else {
+            throw fail("metadata 'classes' is '\(metadata["classes"]!)', not a positive integer")
+        }
+        guard let loss = LossKind(rawValue: try value("loss")) else {
+            throw fail("metadata 'loss' is '\(metadata["loss"]!)' (\(LossKind.allCases.map(\.rawValue).joined(separator: " or ")))")
+        }
+        guard let type = InputType(rawValue: try value("input_dtype")) else {
+            throw fail("metadata 'input_dtype' is '\(metadata["input_dtype"]!)' (uint8 or float32)")
+        }
+        inputType = type
+        guard let preprocessing = try Self.recordedPreprocessing(metadata, path: path) else {
+            throw fail("metadata 'preprocess' is missing")
+        }
+        self.preprocessing = preprocessing
+
+        // The list is the model.layers list plus the output layer: rebuild it with the very parser that
+        // model.layers goes through, so what a file records and what a configuration says mean the same.
+        guard layerTexts.last == "linear \(classes)" else {
+            throw fail("metadata 'layers' must end with the output layer 'linear \(classes)' (classes is \(classes)), "
+                + "it ends with '\(layerTexts.last ?? "")'")
+        }
+        var configuration = Configuration()
+        configuration.hidden = []
+        configuration.layers = Array(layerTexts.dropLast())
+        configuration.loss = loss
+        do {
+            spec = try configuration.modelSpec(inputWidth: inputShape.reduce(1, *), classes: classes)
+        } catch {
+            throw fail("metadata 'layers' \(try value("layers")): \(error)")
+        }
+    }
+
+    /// The recorded preprocessing; nil when the file records none (version 1 files, files from other tools).
+    static func recordedPreprocessing(_ metadata: [String: String], path: String) throws -> Preprocessing? {
+        guard let kindName = metadata["preprocess"] else { return nil }
+        func fail(_ reason: String) -> DataError { DataError(path: path, reason: reason) }
+        guard let kind = Configuration.Normalization(rawValue: kindName) else {
+            throw fail("metadata 'preprocess' is '\(kindName)' (standardize, scale or none)")
+        }
+        func number(_ key: String, required: Bool) throws -> Double? {
+            guard let text = metadata[key] else {
+                if required { throw fail("metadata '\(key)' is missing (preprocess is \(kindName))") }
+                return nil
+            }
+            guard let v = Double(text), v.isFinite else { throw fail("metadata '\(key)' is '\(text)', not a finite number") }
+            return v
+        }
+        let standardized = kind == .standardize
+        let scale = try number("preprocess_scale", required: true)!
+        let shift = try number("preprocess_shift", required: true)!
+        let mean = try number("preprocess_mean", required: standardized)
+        let std = try number("preprocess_std", required: standardized)
+        guard scale != 0 else { throw fail("metadata 'preprocess_scale' is 0: every input would look the same") }
+        return Preprocessing(kind: kind, scale: scale, shift: shift, mean: mean, std: std)
+    }
+
+    private static func stringList(_ text: String, key: String, path: String) throws -> [String] {
+        guard let object = try? JSONSerialization.jsonObject(with: Data(text.utf8)), let list = object as? [String] else {
+            throw DataError(path: path, reason: "metadata '\(key)' is not a JSON list of strings: \(text)")
+        }
+        return list
+    }
+
+    /// Most values one sample may hold (2^31): beyond any data set bpworker can load, and it bounds allocations.
+    private static let maxSampleValues = 1 << 31
+
+    private static func shape(_ text: String, path: String) throws -> [Int] {
+        let fail = DataError(path: path, reason: "metadata 'input_shape' is not a JSON list of positive integers: \(text)")
+        guard let object = try? JSONSerialization.jsonObject(with: Data(text.utf8)), let list = object as? [NSNumber],
+              !list.isEmpty else { throw fail }
+        var shape: [Int] = []
+        var count = 1
+        for number in list {
+            // NSNumber also holds booleans and fractions: only whole positive numbers are dimensions.
+            guard type(of: number) != type(of: NSNumber(value: true)), let d = Int(exactly: number.doubleValue), d >= 1 else { throw fail }
+            let (product, overflow) = count.multipliedReportingOverflow(by: d)
+            guard !overflow, product <= maxSampleValues else {
+                throw DataError(path: path, reason: "metadata 'input_shape' \(text) holds more than \(maxSampleValues) values")
+            }
+            count = product
+            shape.append(d)
+        }
+        return shape
+    }
+
+    // MARK: - Using
+
+    /// Checks that `data` holds samples this model takes: the same stored type, and the same shape (or the same
+    /// number of values, when one side is flat: an MLP trained on [784] takes [28, 28] images and the other way
+    /// round). The error names the data file, the model file and both sides.
+    func checkInput(_ data: Dataset, modelPath: String) throws {
+        let dataType = InputType(data)
+        let inputCount = inputShape.reduce(1, *)
+        let sameShape = data.sampleShape == inputShape
+            || ((data.sampleShape.count == 1 || inputShape.count == 1) && data.featureCount == inputCount)
+        guard sameShape else {
+            var hint = ""
+            if data.count == inputShape.first, Array(data.sampleShape) == Array(inputShape.dropFirst()) {
+                hint = "; for a single sample, add a leading dimension: shape [1, \(inputShape.map(String.init).joined(separator: ", "))]"
+            }
+            throw DataError(path: data.name, reason: "samples are shaped \(data.sampleShape) (\(data.featureCount) values) "
+                + "but the model in \(modelPath) takes \(inputShape) (\(inputCount) values)" + hint)
+        }
+        guard dataType == inputType else {
+            let what = inputType == .uint8 ? "raw bytes 0..255 (uint8)" : "float32 values"
+            throw DataError(path: data.name, reason: "holds \(dataType.rawValue) values but the model in \(modelPath) was "
+                + "trained on \(what), and its preprocessing (\(preprocessing.kind.rawValue)) applies to those")
+        }
+    }
+}
+
+/// A bpworker model file or checkpoint read as untrusted input and checked against its own description.
+enum ModelFile {
+    /// Reads `path`, its description, and checks that its tensors are exactly the described model's (names and
+    /// shapes; a checkpoint's optimizer state aside), before anything of the model's size is allocated.
+    static func open(path: String) throws -> (file: SafeTensorsFile, description: ModelDescription) {
+        guard FileManager.default.fileExists(atPath: path) else { throw DataError(path: path, reason: "no such file") }
+        let file: SafeTensorsFile
+        do { file = try SafeTensorsFile(path: path) } catch let error as DataError {
+            throw DataError(path: path, reason: "not a valid safetensors file: \(error.reason)")
+        }
+        let description = try ModelDescription(metadata: file.metadata, path: path)
+        let layout = description.spec.parameterTable
+        for info in layout {
+            guard file.tensors[info.name] != nil else {
+                throw DataError(path: path, reason: "missing tensor '\(info.name)' of the model its metadata describes "
+                    + "(\(description.spec.summary))")
+            }
+            try file.expect(info.name, shape: info.shape)
+        }
+        let expected = Set(layout.map(\.name))
+        if let extra = file.names.first(where: { !expected.contains($0) && !$0.hasPrefix("optimizer.") }) {
+            throw DataError(path: path, reason: "tensor '\(extra)' is not part of the model its metadata describes "
+                + "(\(description.spec.summary))")
+        }
+        return (file, description)
+    }
+
+    /// A model of `description` holding the file's parameters.
+    static func model(_ file: SafeTensorsFile, _ description: ModelDescription, batchCapacity: Int) throws -> Model<Float> {
+        let model = try Model<Float>(spec: description.spec, batchCapacity: batchCapacity)
+        try readTensors(from: file, layout: model.parameterTable, into: model.parameters)
+        return model
+    }
+}
