@@ -207,6 +207,35 @@ extension Trait where Self == TemporaryFiles {
     static var temporaryFiles: Self { Self() }
 }
 
+/// A directory that lives as long as its whole suite, for what the suite's tests share (a model trained once),
+/// removed when the suite ends, passed or failed: `@Suite(..., .suiteFiles, .temporaryFiles)`.
+struct SuiteFiles: SuiteTrait, TestScoping {
+    @TaskLocal static var directory: URL?
+
+    /// Once around the whole suite.
+    var isRecursive: Bool { false }
+
+    func provideScope(for test: Test, testCase: Test.Case?, performing function: @Sendable () async throws -> Void) async throws {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("bpworker-suite-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: directory) }
+        try await Self.$directory.withValue(directory, operation: function)
+    }
+
+    /// A new, unused path in the running suite's directory.
+    static func path(_ prefix: String) -> URL {
+        guard let directory else {
+            Issue.record("no suite directory: add .suiteFiles to this test's @Suite")
+            return FileManager.default.temporaryDirectory.appendingPathComponent(prefix + UUID().uuidString)
+        }
+        return directory.appendingPathComponent(prefix + UUID().uuidString)
+    }
+}
+
+extension Trait where Self == SuiteFiles {
+    static var suiteFiles: Self { Self() }
+}
+
 func occurrences(of needle: String, in haystack: String) -> Int {
     haystack.components(separatedBy: needle).count - 1
 }

@@ -5,7 +5,7 @@ import Testing
 /// Model files describe themselves: the metadata is checked against NumPy's own statistics of the data, bpworker
 /// rebuilds the model from it alone, and NumPy and PyTorch (the real CPU wheel) applying it, the README's
 /// snippets among them, reproduce `bpworker eval`'s correct count exactly.
-@Suite("Model files", .serialized)
+@Suite("Model files", .serialized, .suiteFiles, .temporaryFiles)
 struct ModelFileTests {
     static let fashion = "/usr/share/datasets/fashion-mnist"
     static let repository = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
@@ -19,7 +19,7 @@ struct ModelFileTests {
 
     /// One real training run, shared: one epoch on Fashion-MNIST (about 6 s in a debug build).
     static let fashionRun: (directory: String, result: Harness.Result?) = {
-        let directory = temporaryRunDirectory()
+        let directory = SuiteFiles.path("bpworker-run-").path
         let result = try? Harness.local(["train", "--local", "--run-dir", directory, "--progress", "plain",
                                          "--set", "model.layers=[\(layers.joined(separator: ", "))]",
                                          "--set", "training.epochs=1", "--set", "training.batch_size=100",
