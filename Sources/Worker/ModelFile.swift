@@ -105,17 +105,7 @@ struct ModelDescription: Equatable {
     }
 
     /// One layer in `model.layers` syntax; `Configuration.modelSpec` reads it back to the same `LayerSpec`.
-    static func layerText(_ layer: LayerSpec) -> String {
-        switch layer {
-        case let .linear(_, outputs): "linear \(outputs)"
-        case .relu: "relu"
-        case let .leakyReLU(slope): "leaky_relu \(slope)"
-        case .tanh: "tanh"
-        case .sigmoid: "sigmoid"
-        case .gelu: "gelu"
-        case let .dropout(p): "dropout \(p)"
-        }
-    }
+    static func layerText(_ layer: LayerSpec) -> String { Configuration.layerText(layer) }
 
     /// `["a", "b"]` or `[28, 28]`: JSON, and YAML flow syntax, so `--set model.layers=...` takes it as it is.
     private static func jsonList(_ items: [String], quoted: Bool = true) -> String {
@@ -186,7 +176,7 @@ struct ModelDescription: Equatable {
         configuration.layers = Array(layerTexts.dropLast())
         configuration.loss = loss
         do {
-            spec = try configuration.modelSpec(inputWidth: inputShape.reduce(1, *), classes: classes)
+            spec = try configuration.modelSpec(sampleShape: inputShape, classes: classes)
         } catch {
             throw fail("metadata 'layers' \(try value("layers")): \(error)")
         }

@@ -36,7 +36,7 @@ enum Setup {
         let spec = session.agree("model") {
             try train.validateLabels(classCount: classes)
             try test.validateLabels(classCount: classes)
-            return try config.modelSpec(inputWidth: train.featureCount, classes: classes)
+            return try config.modelSpec(sampleShape: train.sampleShape, classes: classes)
         }
         // Before anything large is allocated: a model that cannot fit ends every rank here, with the biggest items.
         let memory = session.agree("memory check") { () throws -> MemoryEstimate in
