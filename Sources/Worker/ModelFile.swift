@@ -291,7 +291,7 @@ enum ModelFile {
     /// A model of `description` holding the file's parameters.
     static func model(_ file: SafeTensorsFile, _ description: ModelDescription, batchCapacity: Int) throws -> Model<Float> {
         let model = try Model<Float>(spec: description.spec, batchCapacity: batchCapacity)
-        try readTensors(from: file, layout: model.parameterTable, into: model.parameters)
+        try readState(from: file, into: model)
         return model
     }
 }
