@@ -109,6 +109,7 @@ extension Configuration {
         switch name {
         case "linear":
             try count(2)
+            guard input.count == 1 else { throw fail("takes flat samples, but its input is \(input): put a flatten before it") }
             guard let width = Double(words[1]), width >= 1, width == width.rounded(), width < 1e15 else {
                 throw fail("linear width must be a positive integer, got \(words[1])")
             }

@@ -130,7 +130,9 @@ struct SyntheticData {
     let features: Int
     let classes: Int
 
-    init(samples: Int, features: Int = 12, classes: Int = 3, seed: UInt64 = 1, labelOverride: UInt8? = nil) throws {
+    /// - Parameter imageShape: write the samples as images of this shape ([H, W] or [C, H, W]), `features` values each.
+    init(samples: Int, features: Int = 12, classes: Int = 3, seed: UInt64 = 1, labelOverride: UInt8? = nil,
+         imageShape: [Int]? = nil) throws {
         directory = TemporaryFiles.path("bpworker-data-")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
         self.samples = samples
@@ -150,7 +152,7 @@ struct SyntheticData {
             for f in 0..<features { pixels.append(UInt8((Int(next() % 128) + (f % classes == Int(label) ? 127 : 0)))) }
         }
         for split in ["train", "test"] {
-            try Self.idx(shape: [samples, features], bytes: pixels).write(to: directory.appendingPathComponent("\(split)-x.idx"))
+            try Self.idx(shape: [samples] + (imageShape ?? [features]), bytes: pixels).write(to: directory.appendingPathComponent("\(split)-x.idx"))
             try Self.idx(shape: [samples], bytes: labels).write(to: directory.appendingPathComponent("\(split)-y.idx"))
         }
     }
