@@ -280,7 +280,13 @@ enum ModelFile {
             }
             try file.expect(info.name, shape: info.shape)
         }
-        let expected = Set(layout.map(\.name))
+        // Buffers (batch norm's running statistics) are read and checked with the model (`readBuffers`).
+        let buffers = description.spec.bufferTable
+        if let missing = buffers.first(where: { file.tensors[$0.name] == nil }) {
+            throw DataError(path: path, reason: "missing tensor '\(missing.name)' of the model its metadata describes "
+                + "(\(description.spec.summary))")
+        }
+        let expected = Set((layout + buffers).map(\.name))
         if let extra = file.names.first(where: { !expected.contains($0) && !$0.hasPrefix("optimizer.") }) {
             throw DataError(path: path, reason: "tensor '\(extra)' is not part of the model its metadata describes "
                 + "(\(description.spec.summary))")

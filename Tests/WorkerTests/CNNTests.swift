@@ -130,3 +130,52 @@ struct CNNTests {
         #expect(bad.output.contains("FAIL: 0.weight"), "\(bad.output)")
     }
 }
+
+extension ModelFileTests {
+    /// A CNN's model.safetensors in real PyTorch: the README's snippet builds the nn.Sequential from the file's
+    /// metadata, loads it with strict=True (batch norm's running statistics included) and counts exactly what
+    /// `bpworker eval --model` counts; its logits match `bpworker predict --logits` within 1e-4.
+    @Test func pytorchLoadsACNNStrictlyAndReproducesItsOutputs() throws {
+        let data = try SyntheticData(samples: 120, features: 36, imageShape: [6, 6])
+        defer { data.remove() }
+        let run = temporaryRunDirectory()
+        let layers = "[conv 4 3 pad 1 nobias, batchnorm, relu, maxpool 2, conv 6 2 stride 1, leaky_relu 0.1, avgpool 2 stride 1, flatten, linear 12, relu, batchnorm, dropout 0.2]"
+        let trained = try Harness.local(["train", "--local", "--run-dir", run, "--progress", "plain", "--set", "model.layers=\(layers)",
+                                         "--set", "training.epochs=2", "--set", "training.batch_size=16",
+                                         "--set", "schedule.warmup_steps=2"] + data.arguments)
+        #expect(trained.status == 0, "\(trained.output)")
+        let model = run + "/model.safetensors"
+        let testData = Array(data.arguments.suffix(4))
+        let reference = try evalCount(try eval(["--run-dir", temporaryRunDirectory(), "--model", model] + testData).output)
+
+        // Logits from bpworker, the inputs gzipped as the snippet reads them.
+        let directory = temporaryRunDirectory()
+        try FileManager.default.createDirectory(atPath: directory + "/runs/default", withIntermediateDirectories: true)
+        try FileManager.default.createSymbolicLink(atPath: directory + "/runs/default/model.safetensors", withDestinationPath: model)
+        let images = data.directory.appendingPathComponent("test-x.idx").path, labels = data.directory.appendingPathComponent("test-y.idx").path
+        let predicted = try Harness.local(["predict", "--model", model, images, "--logits", "--output", directory + "/logits.npy"])
+        #expect(predicted.status == 0, "\(predicted.output)")
+        _ = try python("""
+            import gzip, shutil
+            for source, target in [("\(images)", "t10k-images-idx3-ubyte.gz"), ("\(labels)", "t10k-labels-idx1-ubyte.gz")]:
+                with open(source, "rb") as s, gzip.open(target, "wb") as t: shutil.copyfileobj(s, t)
+            """, directory: directory)
+
+        let readme = try String(contentsOf: Self.repository.appendingPathComponent("README.md"), encoding: .utf8)
+        var snippet = try #require(Self.snippet("torch", in: readme), "README.md has no torch snippet")
+        #expect(snippet.contains("data = \"/usr/share/datasets/fashion-mnist/\""))
+        snippet = snippet.replacingOccurrences(of: "data = \"/usr/share/datasets/fashion-mnist/\"", with: "data = \"./\"")
+        let output = try python(snippet + """
+
+            ours = torch.from_numpy(np.load("logits.npy"))
+            with torch.no_grad():
+                theirs = model(torch.from_numpy(x))
+            print(f"max logit difference {float((ours - theirs).abs().max()):.3e} of {float(theirs.abs().max()):.3e}")
+            """, executable: Self.torchPython, directory: directory)
+        #expect(try pythonCount(output) == reference, "\(output)")
+        let line = try #require(output.split(separator: "\n").first { $0.hasPrefix("max logit difference") }, "\(output)")
+        let difference = try #require(Double(line.split(separator: " ")[3]), "\(line)")
+        #expect(difference <= 1e-4, "\(line)")
+        #expect(reference.count == 120)
+    }
+}
