@@ -70,12 +70,15 @@ final class Conv2d<T: Scalar>: Layer<T> {
     override func backwardInput(count: Int, accumulate: Bool) {
         guard let dx else { return }
         if inputGradientFault != nil { return faultyBackwardInput(count: count, dx: dx) }
-        let w = parameters!
+        inputGradient(count: count, dx: dx, weights: parameters!, padding: padding)
+    }
+
+    /// dcols[Ckk, HoWo] = W[O, Ckk]^T * dy_b[O, HoWo] per sample, scattered back onto the input's positions.
+    private func inputGradient(count: Int, dx: UnsafeMutablePointer<T>, weights: UnsafePointer<T>, padding: Int) {
         let dcols = scratch! + patch * positions
         for b in 0..<count {
-            // dcols[Ckk, HoWo] = W[O, Ckk]^T * dy_b[O, HoWo], then scattered back onto the input's positions.
             T.gemm(transposeA: true, transposeB: false, m: patch, n: positions, k: outChannels,
-                   alpha: 1, a: w, lda: patch, b: dy + b * outputCount, ldb: positions, beta: 0, c: dcols, ldc: positions)
+                   alpha: 1, a: weights, lda: patch, b: dy + b * outputCount, ldb: positions, beta: 0, c: dcols, ldc: positions)
             col2im(dcols, channels: inChannels, height: height, width: width, kernel: kernel, stride: stride,
                    padding: padding, outHeight: outHeight, outWidth: outWidth, into: dx + b * inputCount)
         }
@@ -85,32 +88,19 @@ final class Conv2d<T: Scalar>: Layer<T> {
     /// gradient checker must catch. Allocates; never runs in real training.
     private func faultyBackwardInput(count: Int, dx: UnsafeMutablePointer<T>) {
         var w = Array(UnsafeBufferPointer(start: parameters!, count: outChannels * patch))
-        var offset = padding
-        switch inputGradientFault {
-        case .flippedKernel?:
-            let k = kernel
-            let original = w
+        if case .flippedKernel? = inputGradientFault {
+            let k = kernel, original = w
             for o in 0..<outChannels {
                 for c in 0..<inChannels {
+                    let base = (o * inChannels + c) * k * k
                     for p in 0..<k {
-                        for q in 0..<k {
-                            w[((o * inChannels + c) * k + p) * k + q] = original[((o * inChannels + c) * k + (k - 1 - p)) * k + (k - 1 - q)]
-                        }
+                        for q in 0..<k { w[base + p * k + q] = original[base + (k - 1 - p) * k + (k - 1 - q)] }
                     }
                 }
             }
-        case .paddingOffset?:
-            offset = padding + 1
-        default:
-            break
         }
-        let dcols = scratch! + patch * positions
-        for b in 0..<count {
-            T.gemm(transposeA: true, transposeB: false, m: patch, n: positions, k: outChannels,
-                   alpha: 1, a: w, lda: patch, b: dy + b * outputCount, ldb: positions, beta: 0, c: dcols, ldc: positions)
-            col2im(dcols, channels: inChannels, height: height, width: width, kernel: kernel, stride: stride,
-                   padding: offset, outHeight: outHeight, outWidth: outWidth, into: dx + b * inputCount)
-        }
+        let offset: Int = if case .paddingOffset? = inputGradientFault { padding + 1 } else { padding }
+        inputGradient(count: count, dx: dx, weights: w, padding: offset)
     }
 
     override func initialize(scheme: Initialization, gain: Double, generator: inout RandomGenerator) {
