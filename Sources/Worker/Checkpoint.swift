@@ -87,7 +87,7 @@ struct Checkpointer {
     func save(model: Model<Float>, optimizer: Optimizer<Float>, position: TrainingPosition, config: Configuration) throws -> String {
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         var writer = SafeTensorsWriter()
-        addTensors(of: model.parameters, layout: model.parameterTable, to: &writer)
+        addState(of: model, to: &writer)
         for state in optimizer.state {
             addTensors(of: state.buffer, layout: model.parameterTable, prefix: "optimizer.\(state.name).", to: &writer)
         }
@@ -144,7 +144,7 @@ struct Checkpointer {
         guard let optimizerStep = file.metadata["optimizer_step"].flatMap({ Int($0) }), optimizerStep >= 0 else {
             throw fail("metadata 'optimizer_step' is missing or malformed")
         }
-        var expected = Set(try readTensors(from: file, layout: model.parameterTable, into: model.parameters))
+        var expected = try readState(from: file, into: model)
         for state in optimizer.state {
             let prefix = "optimizer.\(state.name)."
             if let missing = model.parameterTable.first(where: { file.tensors[prefix + $0.name] == nil }) {

@@ -15,6 +15,8 @@ struct CheckpointExchange {
     /// their dropout generators to rank 0, which writes the file; the others wait for its verdict.
     func save(_ position: inout TrainingPosition, reducer: GradientReducer) throws -> String {
         try reducer.gatherOptimizerState(optimizer)
+        // Rank 0's running statistics are the ones saved (see `TrainingLoop.shareBuffers`).
+        if !model.bufferTable.isEmpty { try session.communicator.broadcast(model.buffers, root: 0) }
         let w = session.worldSize
         var states = [UInt64](repeating: 0, count: 4 * w)
         let mine = model.dropoutGenerator.state
@@ -46,7 +48,7 @@ struct CheckpointExchange {
         var optimizerStep = [Int64(optimizer.stepCount)]
         session.agree("resume broadcast") {
             try session.communicator.broadcast(bytes: &encoded, root: 0)
-            try session.communicator.broadcast(model.parameters, root: 0)
+            try broadcastState(session, model)
             for state in optimizer.state { try session.communicator.broadcast(state.buffer, root: 0) }
             try optimizerStep.withUnsafeMutableBufferPointer { (buffer) throws(MPIError) in
                 try session.communicator.broadcast(buffer, root: 0)

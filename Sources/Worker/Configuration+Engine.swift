@@ -2,59 +2,177 @@ import Engine
 
 /// Turns the `model.*`, `optimizer.*`, `schedule.*` and `gradcheck.*` keys into engine types. Errors name the key.
 extension Configuration {
-    func modelSpec(inputWidth: Int, classes: Int) throws -> ModelSpec {
+    /// The model for samples of `sampleShape` (as stored: [F], [H, W] or [C, H, W]) and `classes` outputs:
+    /// `model.layers` when given, else the MLP of `model.hidden`, `model.activation` and `model.dropout`; the output
+    /// layer `linear classes` is added. A model with convolutions or pooling sees images [C, H, W] (an [H, W]
+    /// sample is one channel); any other model sees flat samples.
+    func modelSpec(sampleShape: [Int], classes: Int) throws -> ModelSpec {
         var layers: [LayerSpec] = []
-        var width = inputWidth
+        var words: [[String]] = []
         if self.layers.isEmpty {
-            let activation = try parseActivation(self.activation, key: "model.activation")
+            let activation = try Self.layerWords(self.activation, key: "model.activation")
             for (i, hiddenWidth) in hidden.enumerated() {
                 guard hiddenWidth > 0 else { throw ConfigError(description: "model.hidden[\(i)]: widths must be positive, got \(hiddenWidth)") }
-                layers.append(.linear(inputs: width, outputs: hiddenWidth))
-                layers.append(activation)
-                if dropout > 0 { layers.append(.dropout(probability: dropout)) }
-                width = hiddenWidth
+                words += [["linear", "\(hiddenWidth)"], activation]
+                if dropout > 0 { words.append(["dropout", "\(dropout)"]) }
             }
         } else {
-            for (i, item) in self.layers.enumerated() {
-                let words = item.split(separator: " ").map(String.init)
-                let key = "model.layers[\(i)]"
-                guard let name = words.first else { throw ConfigError(description: "\(key): empty layer") }
-                func argument() throws -> Double {
-                    guard words.count == 2, let v = Double(words[1]) else {
-                        throw ConfigError(description: "\(key): '\(item)' needs one number, e.g. '\(name) 0.1'")
-                    }
-                    return v
-                }
-                switch name {
-                case "linear":
-                    let outputs = try argument()
-                    guard outputs >= 1, outputs == outputs.rounded() else {
-                        throw ConfigError(description: "\(key): linear width must be a positive integer, got \(words[1])")
-                    }
-                    layers.append(.linear(inputs: width, outputs: Int(outputs)))
-                    width = Int(outputs)
-                case "dropout": layers.append(.dropout(probability: try argument()))
-                case "leaky_relu": layers.append(.leakyReLU(slope: words.count == 1 ? 0.01 : try argument()))
-                default:
-                    guard words.count == 1 else { throw ConfigError(description: "\(key): '\(name)' takes no argument") }
-                    layers.append(try parseActivation(name, key: key))
-                }
-            }
+            for (i, item) in self.layers.enumerated() { words.append(try Self.layerWords(item, key: "model.layers[\(i)]")) }
         }
-        layers.append(.linear(inputs: width, outputs: classes))
-        let spec = ModelSpec(layers: layers, loss: loss, initialization: initialization)
+        let spatial = words.contains { ["conv", "maxpool", "avgpool", "globalavgpool"].contains($0[0]) }
+        var shape: [Int]
+        if spatial {
+            switch sampleShape.count {
+            case 2: shape = [1] + sampleShape
+            case 3: shape = sampleShape
+            default:
+                throw ConfigError(description: "model.layers: convolutions and pooling need image samples [H, W] or [C, H, W], "
+                    + "but the data's samples are \(sampleShape)")
+            }
+        } else {
+            shape = [sampleShape.reduce(1, *)]
+        }
+        let inputShape = shape
+        for (i, layerWords) in words.enumerated() {
+            let key = self.layers.isEmpty ? (layerWords[0] == "linear" ? "model.hidden" : "model.activation") : "model.layers[\(i)]"
+            let layer = try Self.layer(layerWords, input: shape, key: key)
+            do { shape = try layer.outputShape(input: shape) } catch {
+                throw ConfigError(description: "\(key) '\(layerWords.joined(separator: " "))' (layer \(i) \(layer)): \(error.description)")
+            }
+            layers.append(layer)
+        }
+        guard shape.count == 1 else {
+            throw ConfigError(description: "model.layers: the last layer gives \(shape) per sample; the output layer takes flat "
+                + "samples: end the list with flatten (or with global pooling and flatten)")
+        }
+        layers.append(.linear(inputs: shape[0], outputs: classes))
+        let spec = ModelSpec(layers: layers, loss: loss, initialization: initialization, inputShape: inputShape)
         do { try spec.validate() } catch { throw ConfigError(description: "model: \(error)") }
         return spec
     }
 
-    private func parseActivation(_ name: String, key: String) throws -> LayerSpec {
+    /// The words of one `model.layers` entry, checked against the grammar (README, "Configuration"):
+    ///   linear N | conv OUT K [stride S] [pad P] [nobias] | maxpool K [stride S] | avgpool K [stride S] |
+    ///   globalavgpool | flatten | batchnorm | layernorm | relu | leaky_relu [SLOPE] | tanh | sigmoid | gelu | dropout P
+    static func layerWords(_ item: String, key: String) throws -> [String] {
+        let words = item.split(separator: " ").map(String.init)
+        guard let name = words.first else { throw ConfigError(description: "\(key): empty layer") }
+        let grammar: [String: String] = [
+            "linear": "linear N", "conv": "conv OUT K [stride S] [pad P] [nobias]", "maxpool": "maxpool K [stride S]",
+            "avgpool": "avgpool K [stride S]", "globalavgpool": "globalavgpool", "flatten": "flatten",
+            "batchnorm": "batchnorm", "layernorm": "layernorm", "relu": "relu", "leaky_relu": "leaky_relu [SLOPE]",
+            "tanh": "tanh", "sigmoid": "sigmoid", "gelu": "gelu", "dropout": "dropout P",
+        ]
+        guard grammar[name] != nil else {
+            throw ConfigError(description: "\(key): unknown layer '\(name)' (" + grammar.keys.sorted().joined(separator: ", ") + ")")
+        }
+        return words
+    }
+
+    /// One layer from its words, for input samples of `input` (which fixes a linear layer's inputs and the
+    /// channels of a convolution or a normalisation).
+    static func layer(_ words: [String], input: [Int], key: String) throws -> LayerSpec {
+        let name = words[0], item = words.joined(separator: " ")
+        func fail(_ reason: String) -> ConfigError { ConfigError(description: "\(key): '\(item)': \(reason)") }
+        func integer(_ text: String, _ what: String, minimum: Int) throws -> Int {
+            guard let v = Int(text), v >= minimum else { throw fail("\(what) must be an integer >= \(minimum), got \(text)") }
+            return v
+        }
+        func number(_ text: String) throws -> Double {
+            guard let v = Double(text), v.isFinite else { throw fail("expected a number, got \(text)") }
+            return v
+        }
+        /// Options after the positional words: "stride 2", "pad 1", "nobias".
+        func options(from start: Int, allowed: Set<String>) throws -> [String: Int] {
+            var result: [String: Int] = [:]
+            var i = start
+            while i < words.count {
+                let option = words[i]
+                guard allowed.contains(option) else { throw fail("unknown option '\(option)' (\(allowed.sorted().joined(separator: ", ")))") }
+                if option == "nobias" {
+                    result[option] = 1
+                    i += 1
+                    continue
+                }
+                guard i + 1 < words.count else { throw fail("'\(option)' needs a number") }
+                result[option] = try integer(words[i + 1], option, minimum: option == "pad" ? 0 : 1)
+                i += 2
+            }
+            return result
+        }
+        func count(_ expected: Int) throws {
+            if words.count != expected {
+                throw fail(expected == 1 ? "'\(name)' takes no argument" : "'\(name)' needs \(expected - 1) argument\(expected == 2 ? "" : "s")")
+            }
+        }
+        let flat = input.count == 1 ? input[0] : 0
         switch name {
-        case "relu": .relu
-        case "leaky_relu": .leakyReLU(slope: 0.01)
-        case "tanh": .tanh
-        case "sigmoid": .sigmoid
-        case "gelu": .gelu
-        default: throw ConfigError(description: "\(key): unknown layer '\(name)' (relu, leaky_relu, tanh, sigmoid, gelu, dropout P, linear N)")
+        case "linear":
+            try count(2)
+            guard input.count == 1 else { throw fail("takes flat samples, but its input is \(input): put a flatten before it") }
+            guard let width = Double(words[1]), width >= 1, width == width.rounded(), width < 1e15 else {
+                throw fail("linear width must be a positive integer, got \(words[1])")
+            }
+            return .linear(inputs: flat, outputs: Int(width))
+        case "conv":
+            guard words.count >= 3 else { throw fail("conv needs its output channels and kernel size, e.g. 'conv 32 3 pad 1'") }
+            let outChannels = try integer(words[1], "output channels", minimum: 1)
+            let kernel = try integer(words[2], "kernel size", minimum: 1)
+            let o = try options(from: 3, allowed: ["stride", "pad", "nobias"])
+            return .conv2d(inChannels: input.count == 3 ? input[0] : 0, outChannels: outChannels, kernel: kernel,
+                           stride: o["stride"] ?? 1, padding: o["pad"] ?? 0, bias: o["nobias"] == nil)
+        case "maxpool", "avgpool":
+            guard words.count >= 2 else { throw fail("\(name) needs its window size, e.g. '\(name) 2'") }
+            let kernel = try integer(words[1], "window size", minimum: 1)
+            let stride = try options(from: 2, allowed: ["stride"])["stride"] ?? kernel
+            return name == "maxpool" ? .maxPool2d(kernel: kernel, stride: stride) : .avgPool2d(kernel: kernel, stride: stride)
+        case "globalavgpool":
+            try count(1)
+            return .globalAvgPool2d
+        case "flatten":
+            try count(1)
+            return .flatten
+        case "batchnorm":
+            try count(1)
+            return .batchNorm(features: input.first ?? 0)
+        case "layernorm":
+            try count(1)
+            return .layerNorm(features: input.last ?? 0)
+        case "dropout":
+            try count(2)
+            return .dropout(probability: try number(words[1]))
+        case "leaky_relu":
+            guard words.count <= 2 else { throw fail("'leaky_relu' takes at most one number, its slope") }
+            return .leakyReLU(slope: words.count == 2 ? try number(words[1]) : 0.01)
+        default:
+            try count(1)
+            switch name {
+            case "relu": return .relu
+            case "tanh": return .tanh
+            case "sigmoid": return .sigmoid
+            default: return .gelu
+            }
+        }
+    }
+
+    /// One layer in `model.layers` syntax, the inverse of `layer(_:input:key:)` (model files record their layers so).
+    static func layerText(_ layer: LayerSpec) -> String {
+        switch layer {
+        case let .linear(_, outputs): "linear \(outputs)"
+        case let .conv2d(_, o, k, s, p, bias):
+            "conv \(o) \(k)" + (s != 1 ? " stride \(s)" : "") + (p != 0 ? " pad \(p)" : "") + (bias ? "" : " nobias")
+        case let .maxPool2d(k, s): "maxpool \(k)" + (s != k ? " stride \(s)" : "")
+        case let .avgPool2d(k, s): "avgpool \(k)" + (s != k ? " stride \(s)" : "")
+        case .globalAvgPool2d: "globalavgpool"
+        case .flatten: "flatten"
+        case .batchNorm: "batchnorm"
+        case .layerNorm: "layernorm"
+        case .relu: "relu"
+        case let .leakyReLU(slope): "leaky_relu \(slope)"
+        case .tanh: "tanh"
+        case .sigmoid: "sigmoid"
+        case .gelu: "gelu"
+        case let .dropout(p): "dropout \(p)"
         }
     }
 

@@ -27,6 +27,7 @@ struct Configuration: Equatable {
     var layers: [String] = []
     var initialization = Initialization.automatic
     var loss = LossKind.softmaxCrossEntropy
+    var batchNorm = BatchNormMode.local
 
     // optimizer
     var optimizer = OptimizerKind.sgd
@@ -90,6 +91,9 @@ struct Configuration: Equatable {
     enum GradcheckPolicy: String, CaseIterable { case abort, warn }
     /// stop: checkpoint the last good state and stop with an error; skip: drop the step on every rank.
     enum NumericsPolicy: String, CaseIterable { case stop, skip }
+    /// local: each rank normalises over its own batch (PyTorch DDP's default); sync: over the global batch
+    /// (SyncBatchNorm), so N ranks of batch b train the model one rank of batch N b trains.
+    enum BatchNormMode: String, CaseIterable { case local, sync }
 
     // MARK: - The keys
 
@@ -119,6 +123,8 @@ struct Configuration: Equatable {
             "explicit layer list overriding hidden/activation/dropout, e.g. [linear 512, gelu, dropout 0.1, linear 256, relu]; the output layer is added"),
         key("model.init", \.initialization, "auto, kaiming_normal, kaiming_uniform, xavier_normal or xavier_uniform"),
         key("model.loss", \.loss, "cross_entropy or mse"),
+        key("model.batchnorm", \.batchNorm,
+            "local (each rank's batch; rank 0's running statistics are evaluated and saved) or sync (the global batch)"),
         key("optimizer.name", \.optimizer, "sgd, adam or adamw"),
         key("optimizer.lr", \.learningRate, "peak learning rate, for the global batch"),
         key("optimizer.momentum", \.momentum, "SGD momentum (0 = plain SGD)"),
@@ -371,6 +377,7 @@ extension Configuration.Remainder: ConfigChoice {}
 extension Configuration.ScheduleName: ConfigChoice {}
 extension Configuration.GradcheckPolicy: ConfigChoice {}
 extension Configuration.NumericsPolicy: ConfigChoice {}
+extension Configuration.BatchNormMode: ConfigChoice {}
 extension Initialization: ConfigChoice {}
 extension LossKind: ConfigChoice {}
 extension OptimizerKind: ConfigChoice {}

@@ -30,7 +30,7 @@ enum Evaluation {
         session.agree("parameters \(parametersPath)") {
             if session.isRoot { try loadParameters(into: model, from: parametersPath) }
         }
-        session.agree("parameters") { try session.communicator.broadcast(model.parameters, root: 0) }
+        session.agree("parameters") { try broadcastState(session, model) }
         let test = preprocessing(session, of: parametersPath, model: model, test: prepared.test)
         do {
             let result = try evaluate(session, model, on: test)

@@ -32,9 +32,9 @@ extension Evaluation {
         }
         let model = session.agree("model") { try Model<Float>(spec: description.spec, batchCapacity: config.batchSize) }
         session.agree("parameters \(modelPath)") {
-            if let file { try readTensors(from: file, layout: model.parameterTable, into: model.parameters) }
+            if let file { try readState(from: file, into: model) }
         }
-        session.agree("parameters") { try session.communicator.broadcast(model.parameters, root: 0) }
+        session.agree("parameters") { try broadcastState(session, model) }
         session.logger.info("model: \(model.spec.summary), \(grouped(model.parameterCount)) parameters, from \(modelPath)")
         let data = "data: \(grouped(test.count)) test samples (\(config.testFeatures)) shaped \(description.inputShape) "
             + "\(description.inputType.rawValue), preprocessing from the file: \(description.preprocessing.summary)"

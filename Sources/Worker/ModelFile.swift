@@ -105,17 +105,7 @@ struct ModelDescription: Equatable {
     }
 
     /// One layer in `model.layers` syntax; `Configuration.modelSpec` reads it back to the same `LayerSpec`.
-    static func layerText(_ layer: LayerSpec) -> String {
-        switch layer {
-        case let .linear(_, outputs): "linear \(outputs)"
-        case .relu: "relu"
-        case let .leakyReLU(slope): "leaky_relu \(slope)"
-        case .tanh: "tanh"
-        case .sigmoid: "sigmoid"
-        case .gelu: "gelu"
-        case let .dropout(p): "dropout \(p)"
-        }
-    }
+    static func layerText(_ layer: LayerSpec) -> String { Configuration.layerText(layer) }
 
     /// `["a", "b"]` or `[28, 28]`: JSON, and YAML flow syntax, so `--set model.layers=...` takes it as it is.
     private static func jsonList(_ items: [String], quoted: Bool = true) -> String {
@@ -186,7 +176,7 @@ struct ModelDescription: Equatable {
         configuration.layers = Array(layerTexts.dropLast())
         configuration.loss = loss
         do {
-            spec = try configuration.modelSpec(inputWidth: inputShape.reduce(1, *), classes: classes)
+            spec = try configuration.modelSpec(sampleShape: inputShape, classes: classes)
         } catch {
             throw fail("metadata 'layers' \(try value("layers")): \(error)")
         }
@@ -290,7 +280,13 @@ enum ModelFile {
             }
             try file.expect(info.name, shape: info.shape)
         }
-        let expected = Set(layout.map(\.name))
+        // Buffers (batch norm's running statistics) are read and checked with the model (`readBuffers`).
+        let buffers = description.spec.bufferTable
+        if let missing = buffers.first(where: { file.tensors[$0.name] == nil }) {
+            throw DataError(path: path, reason: "missing tensor '\(missing.name)' of the model its metadata describes "
+                + "(\(description.spec.summary))")
+        }
+        let expected = Set((layout + buffers).map(\.name))
         if let extra = file.names.first(where: { !expected.contains($0) && !$0.hasPrefix("optimizer.") }) {
             throw DataError(path: path, reason: "tensor '\(extra)' is not part of the model its metadata describes "
                 + "(\(description.spec.summary))")
@@ -301,7 +297,7 @@ enum ModelFile {
     /// A model of `description` holding the file's parameters.
     static func model(_ file: SafeTensorsFile, _ description: ModelDescription, batchCapacity: Int) throws -> Model<Float> {
         let model = try Model<Float>(spec: description.spec, batchCapacity: batchCapacity)
-        try readTensors(from: file, layout: model.parameterTable, into: model.parameters)
+        try readState(from: file, into: model)
         return model
     }
 }

@@ -27,6 +27,9 @@ struct Predict: ParsableCommand {
     @Option(help: "Print the K most likely classes of every sample (default 3 when there is no --output).")
     var top: Int?
 
+    @Flag(help: "Write the model's outputs (logits for cross-entropy) instead of probabilities.")
+    var logits = false
+
     @Option(help: "OpenBLAS threads (default: all cores).")
     var blasThreads: Int?
 
@@ -66,14 +69,18 @@ struct Predict: ParsableCommand {
                 let indices = Array(start..<(start + count))
                 indices.withUnsafeBufferPointer { samples.gather(indices: $0, into: network.inputs, labels: network.labels) }
                 network.forward(count: count, mode: .eval)
-                softmaxRows(network.outputs, rows: count, columns: classes, into: out.baseAddress! + start * classes)
+                if logits {
+                    (out.baseAddress! + start * classes).update(from: network.outputs, count: count * classes)
+                } else {
+                    softmaxRows(network.outputs, rows: count, columns: classes, into: out.baseAddress! + start * classes)
+                }
                 start += count
             }
         }
 
         if let output {
             try writeAtomically(npyFloat32(probabilities, shape: [samples.count, classes]), to: output)
-            print("wrote \(output): probabilities float32 [\(samples.count), \(classes)] of \(grouped(samples.count)) samples "
+            print("wrote \(output): \(logits ? "logits" : "probabilities") float32 [\(samples.count), \(classes)] of \(grouped(samples.count)) samples "
                 + "(\(input)), model \(description.spec.summary), preprocessing \(description.preprocessing.summary)")
         }
         if output == nil || top != nil {

@@ -36,7 +36,7 @@ enum Setup {
         let spec = session.agree("model") {
             try train.validateLabels(classCount: classes)
             try test.validateLabels(classCount: classes)
-            return try config.modelSpec(inputWidth: train.featureCount, classes: classes)
+            return try config.modelSpec(sampleShape: train.sampleShape, classes: classes)
         }
         // Before anything large is allocated: a model that cannot fit ends every rank here, with the biggest items.
         let memory = session.agree("memory check") { () throws -> MemoryEstimate in
@@ -50,6 +50,7 @@ enum Setup {
                              batchSize: config.batchSize, seed: UInt64(max(0, config.seed)),
                              remainder: config.remainder == .drop && training ? .drop : .wrap)
         }
+        session.agree("model") { try checkBatchNormBatches(spec, config: config, ranks: session.worldSize, training: training) }
         let model = session.agree("configuration") {
             if training {
                 do { try config.learningRateSchedule(totalSteps: sampler.stepsPerEpoch * config.epochs).validate() } catch {
@@ -68,7 +69,7 @@ enum Setup {
         verifyReplicas(session, model: model, sampler: sampler, checksum: false)
         session.agree("initial parameters") {
             // Rank 0's parameters are the truth, whatever the others initialised.
-            try session.communicator.broadcast(model.parameters, root: 0)
+            try broadcastState(session, model)
         }
         verifyReplicas(session, model: model, sampler: sampler, checksum: true)
         return Prepared(train: train, test: test, model: model, sampler: sampler, epochs: config.epochs, memory: memory)
@@ -116,7 +117,7 @@ enum Setup {
             ("steps per epoch", Int64(sampler.stepsPerEpoch)),
         ]
         if checksum {
-            fields = [("parameter checksum", Int64(bitPattern: fnv1a(UnsafeRawBufferPointer(model.parameters))))]
+            fields = [("parameter checksum", Int64(bitPattern: replicaChecksum(model)))]
         }
         let w = session.worldSize
         var table = [Int64](repeating: 0, count: w * fields.count)
@@ -137,7 +138,32 @@ enum Setup {
     }
 }
 
+/// Batch norm in training needs more than one value per feature to normalise over (PyTorch: "Expected more than 1
+/// value per channel when training"): the batch times the feature's positions, over all ranks when synchronized.
+func checkBatchNormBatches(_ spec: ModelSpec, config: Configuration, ranks: Int, training: Bool) throws {
+    guard training, let shapes = try? spec.shapes() else { return }
+    let batch = config.batchSize * (config.batchNorm == .sync ? ranks : 1)
+    for (index, layer) in spec.layers.enumerated() {
+        guard case .batchNorm = layer else { continue }
+        let positions = shapes[index].dropFirst().reduce(1, *)
+        if batch * positions < 2 {
+            throw ConfigError(description: "model: layer \(index) \(layer) would normalise each feature over \(batch * positions) "
+                + "value\(batch * positions == 1 ? "" : "s") per step (training.batch_size=\(config.batchSize)"
+                + (config.batchNorm == .sync ? " x \(ranks) ranks" : ", model.batchnorm=local") + "): batch norm in training "
+                + "needs more than 1 value per channel; raise training.batch_size or use model.batchnorm=sync")
+        }
+    }
+}
+
 /// Ranks whose models or data differ where they must be identical.
 struct ReplicaError: Error, CustomStringConvertible, Equatable {
     let description: String
+}
+
+/// Rank 0's parameters and buffers to every rank. (Batch norm's running statistics are buffers: with
+/// `model.batchnorm=local` each rank's drift apart in training, and like PyTorch DDP, which broadcasts rank 0's buffers,
+/// bpworker evaluates, checkpoints and saves rank 0's; see `TrainingLoop.shareBuffers`.)
+func broadcastState(_ session: Session, _ model: Model<Float>) throws(MPIError) {
+    try session.communicator.broadcast(model.parameters, root: 0)
+    if !model.bufferTable.isEmpty { try session.communicator.broadcast(model.buffers, root: 0) }
 }

@@ -67,18 +67,23 @@ func sleepFully(_ seconds: Double) {
 }
 
 /// The test-only switch that breaks one tensor's backward pass (see README, "Testing the gradient check").
-/// BPWORKER_TEST_GRADIENT_FAULT = missing:NAME | transposed:NAME | scaled:NAME:FACTOR
+/// BPWORKER_TEST_GRADIENT_FAULT = missing:NAME | transposed:NAME | scaled:NAME:FACTOR | flipped:CONV.weight |
+/// padding:CONV.weight | nomean:BATCHNORM.weight
 func gradientFaultFromEnvironment() throws -> GradientFault? {
     guard let value = ProcessInfo.processInfo.environment["BPWORKER_TEST_GRADIENT_FAULT"], !value.isEmpty else { return nil }
     let parts = value.split(separator: ":").map(String.init)
     switch (parts.first, parts.count) {
     case ("missing", 2): return .missing(tensor: parts[1])
     case ("transposed", 2): return .transposed(tensor: parts[1])
+    case ("flipped", 2): return .flippedKernel(tensor: parts[1])
+    case ("padding", 2): return .paddingOffset(tensor: parts[1])
+    case ("nomean", 2): return .batchNormWithoutMeanTerm(tensor: parts[1])
     case ("scaled", 3):
         if let factor = Double(parts[2]) { return .scaled(tensor: parts[1], factor: factor) }
     default: break
     }
-    throw TestHookError(description: "BPWORKER_TEST_GRADIENT_FAULT=\(value): expected missing:NAME, transposed:NAME or scaled:NAME:FACTOR")
+    throw TestHookError(description: "BPWORKER_TEST_GRADIENT_FAULT=\(value): expected missing:NAME, transposed:NAME, "
+        + "scaled:NAME:FACTOR, flipped:CONV.weight, padding:CONV.weight or nomean:BATCHNORM.weight")
 }
 
 /// A test hook's environment variable that cannot be parsed.

@@ -61,6 +61,18 @@ enum Trainer {
         let watchdog = Watchdog(timeout: config.watchdogSeconds, rank: session.rank, worldSize: session.worldSize,
                                 runDirectory: runDirectory) { report in aborter.abort(report) }
         watchdog.start()
+        if config.batchNorm == .sync && !model.bufferTable.isEmpty && session.worldSize > 1 {
+            // Synchronized batch norm: its sums are collectives inside the passes, watched like every other.
+            let sums = CrossRankSums(communicator: session.communicator) { error in
+                aborter.abort("synchronized batch norm: \(error)")
+            }
+            sums.willReduce = { watchdog.enter(.batchNormSync) }
+            sums.didReduce = { watchdog.leave() }
+            model.crossRankReducer = sums
+            session.logger.info("batch norm: synchronized over \(session.worldSize) ranks (model.batchnorm=sync)")
+        } else if !model.bufferTable.isEmpty && session.worldSize > 1 {
+            session.logger.info("batch norm: each rank normalises its own batch; rank 0's running statistics are evaluated, checkpointed and saved (model.batchnorm=local, as PyTorch DDP)")
+        }
         let loop = TrainingLoop(session: session, prepared: prepared, optimizer: optimizer, reducer: reducer,
                                 exchange: exchange, watchdog: watchdog, progress: progress,
                                 hooks: TestHooks.fromEnvironment(rank: session.rank), position: position)
@@ -125,6 +137,12 @@ enum Trainer {
         logger.info("bpworker: \(session.worldSize) rank\(session.worldSize == 1 ? "" : "s") on \(layout.nodeCount) node\(layout.nodeCount == 1 ? "" : "s") (\(nodes)), \(mode), \(session.blasThreads) BLAS thread\(session.blasThreads == 1 ? "" : "s") per rank, \(BLASKernels.description)")
         logger.info("data: \(grouped(prepared.train.count)) training samples (\(config.trainFeatures)), \(grouped(prepared.test.count)) test samples, \(prepared.model.outputWidth) classes, \(prepared.train.featureCount) inputs")
         logger.info("model: \(prepared.model.spec.summary), \(grouped(prepared.model.parameterCount)) parameters")
+        if prepared.model.spec.layers.contains(where: { $0.isSpatial || $0 == .flatten }) || prepared.model.spec.inputShape.count > 1 {
+            // One line per layer with its output shape, as torchinfo prints it.
+            let input = prepared.model.spec.inputShape.map(String.init).joined(separator: ", ")
+            let lines = prepared.model.layerSummary.map { "  " + $0 }.joined(separator: "\n")
+            logger.info("layers (input [\(config.batchSize), \(input)]):\n\(lines)")
+        }
         logger.info("memory: rank 0 expects \(prepared.memory.summary)")
         logger.info("batch: \(config.batchSize) per rank x \(session.worldSize) rank\(session.worldSize == 1 ? "" : "s") = global batch \(prepared.sampler.globalBatchSize); \(prepared.sampler.stepsPerEpoch) steps per epoch (\(config.remainder.rawValue) remainder), \(config.epochs) epochs")
         logger.info("optimizer: \(config.optimizer.rawValue), lr \(config.learningRate) for the global batch, \(config.schedule.rawValue) schedule")

@@ -154,6 +154,7 @@ final class TrainingLoop {
                     }
                     if config.replicaCheckEvery > 0 && position.globalStep % config.replicaCheckEvery == 0 {
                         watchdog.enter(.replicaCheck, step: position.globalStep)
+                        try shareBuffers()
                         let diverged = try divergedReplicas()
                         watchdog.leave()
                         if !diverged.isEmpty {
@@ -180,6 +181,7 @@ final class TrainingLoop {
             }
             if let ended { return ended }
             watchdog.enter(.evaluation, step: position.globalStep)
+            try shareBuffers()
             let evaluation = try Evaluation.evaluate(session, model, on: prepared.test)
             watchdog.leave()
             progress.reportEvaluation(evaluation, epoch: epoch, globalStep: position.globalStep)
@@ -208,6 +210,12 @@ final class TrainingLoop {
         progress.writeStatus()
     }
 
+    /// Rank 0's buffers (batch norm's running statistics) to every rank, before they are evaluated, checkpointed or
+    /// compared: with `model.batchnorm=local` each rank's drift apart, and PyTorch DDP likewise broadcasts rank 0's.
+    func shareBuffers() throws {
+        if !model.bufferTable.isEmpty { try session.communicator.broadcast(model.buffers, root: 0) }
+    }
+
     /// Which ranks had non-finite values this step: one extra collective, paid only when something went wrong.
     private func faultyRanks(local: Int) throws -> [Int] {
         var flags = [Int32](repeating: 0, count: session.worldSize)
@@ -220,7 +228,7 @@ final class TrainingLoop {
     /// when all agree, the common case, which costs two one-word allreduces).
     private func divergedReplicas() throws -> [Int] {
         let communicator = session.communicator
-        let checksum = fnv1a(UnsafeRawBufferPointer(model.parameters))
+        let checksum = replicaChecksum(model)
         var low = [checksum], high = [checksum]
         try low.withUnsafeMutableBufferPointer { (buffer) throws(MPIError) in try communicator.allreduce(buffer, op: .min) }
         try high.withUnsafeMutableBufferPointer { (buffer) throws(MPIError) in try communicator.allreduce(buffer, op: .max) }

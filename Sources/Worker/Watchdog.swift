@@ -21,7 +21,8 @@ import Synchronization
 /// `stlr`/`ldar`: the per-step cost stays a few stores and one clock read, with no allocation.
 final class Watchdog: Sendable {
     enum Phase: Int, CaseIterable {
-        case compute = 0, gradientAllreduce, parameterGather, metricsAllreduce, evaluation, checkpoint, replicaCheck, setup
+        case compute = 0, gradientAllreduce, parameterGather, metricsAllreduce, evaluation, checkpoint, replicaCheck, setup,
+             batchNormSync
         var name: String {
             switch self {
             case .compute: "computing"
@@ -32,6 +33,7 @@ final class Watchdog: Sendable {
             case .checkpoint: "checkpoint"
             case .replicaCheck: "replica check"
             case .setup: "setup"
+            case .batchNormSync: "synchronized batch norm"
             }
         }
     }
@@ -79,6 +81,13 @@ final class Watchdog: Sendable {
         self.step.store(step, ordering: .relaxed)
         phaseStart.store(Self.nanoseconds(), ordering: .relaxed)
         // Last and releasing: a watchdog that sees this phase sees its start time too.
+        self.phase.store(phase.rawValue, ordering: .releasing)
+    }
+
+    /// Marks entering a collective inside the current step's passes (synchronized batch norm's sums).
+    @inline(__always)
+    func enter(_ phase: Phase) {
+        phaseStart.store(Self.nanoseconds(), ordering: .relaxed)
         self.phase.store(phase.rawValue, ordering: .releasing)
     }
 

@@ -10,16 +10,21 @@ struct AllocationTests {
     /// sharded step's sends, receives and gathers on real ranks.)
     func heapAllocationsPerStep(optimizer kind: OptimizerKind, activation: LayerSpec, dropout: Double,
                                 strategy: GradientReducer.Strategy) throws -> UInt {
-        let spec = ModelSpec.mlp(widths: [20, 32, 16, 4], activation: activation, dropout: dropout)
+        try heapAllocationsPerStep(ModelSpec.mlp(widths: [20, 32, 16, 4], activation: activation, dropout: dropout),
+                                   optimizer: kind, strategy: strategy)
+    }
+
+    func heapAllocationsPerStep(_ spec: ModelSpec, optimizer kind: OptimizerKind, strategy: GradientReducer.Strategy) throws -> UInt {
+        let width = spec.inputWidth
         let model = try Model<Float>(spec: spec, batchCapacity: 8, seed: 1, controlSlots: 2)
         let optimizer = try Optimizer<Float>(config: OptimizerConfig(kind: kind, momentum: kind == .sgd ? 0.9 : 0),
                                              parameterCount: model.parameterCount)
         let reducer = GradientReducer(communicator: LocalCommunicator(), gradients: model.gradients,
                                       tensorRanges: model.parameterTable.map(\.range), bucketElements: 64, strategy: strategy,
                                       control: model.control, nonFiniteSlot: 1, provenFinite: { model.gradientsProvenFinite(in: $0) })
-        var pixels = [UInt8](repeating: 0, count: 64 * 20)
+        var pixels = [UInt8](repeating: 0, count: 64 * width)
         for i in pixels.indices { pixels[i] = UInt8(i % 251) }
-        let data = try Dataset(name: "synthetic", featureCount: 20, features: .uint8(pixels),
+        let data = try Dataset(name: "synthetic", featureCount: width, features: .uint8(pixels),
                                labels: (0..<64).map { Int32($0 % 4) })
         let sampler = try ShardSampler(datasetSize: 64, rank: 0, worldSize: 1, batchSize: 8, seed: 3)
         let schedule = LearningRateSchedule(base: 0.1, kind: .cosine(totalSteps: 100, minimum: 0), warmupSteps: 5)
@@ -52,6 +57,22 @@ struct AllocationTests {
                     #expect(try heapAllocationsPerStep(optimizer: kind, activation: activation, dropout: 0.2, strategy: strategy) == 0,
                             "\(kind), \(strategy), \(activation)")
                 }
+            }
+        }
+    }
+
+    /// Every layer kind of a CNN: workspaces (columns, pooling winners, masks, batch norm's sums) are made once.
+    @Test func aCNNTrainingStepAllocatesNothing() throws {
+        let conv = { (i: Int, o: Int, pad: Int) in LayerSpec.conv2d(inChannels: i, outChannels: o, kernel: 3, stride: 1, padding: pad, bias: false) }
+        let spec = ModelSpec(layers: [
+            conv(1, 4, 1), .batchNorm(features: 4), .relu, .maxPool2d(kernel: 2, stride: 2),
+            .conv2d(inChannels: 4, outChannels: 6, kernel: 2, stride: 1, padding: 0, bias: true), .layerNorm(features: 2), .gelu,
+            .avgPool2d(kernel: 2, stride: 1), .globalAvgPool2d, .flatten, .linear(inputs: 6, outputs: 8), .batchNorm(features: 8),
+            .relu, .dropout(probability: 0.2), .linear(inputs: 8, outputs: 4),
+        ], inputShape: [1, 6, 6])
+        for kind in OptimizerKind.allCases {
+            for strategy in GradientReducer.Strategy.allCases {
+                #expect(try heapAllocationsPerStep(spec, optimizer: kind, strategy: strategy) == 0, "\(kind), \(strategy)")
             }
         }
     }

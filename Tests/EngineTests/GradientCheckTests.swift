@@ -112,10 +112,19 @@ struct GradientCheckTests {
         #expect(report.passed, "\(report.text)")
     }
 
-    @Test func smallErrorsWarnWithoutFailing() throws {
-        // A 0.1% error is above the pass threshold (1e-4) but inside the warn band (1e-2).
+    @Test func verdictsHoldFourSignificantDigits() throws {
+        // Above 1e-4 relative fails: a weight gradient 0.1% wrong, a bias gradient 0.03% wrong.
+        for (tensor, factor) in [("0.weight", 1.001), ("0.bias", 1.0003), ("2.weight", 0.9995)] {
+            let model = try checkedModel(.mlp(widths: [5, 6, 3], activation: .tanh))
+            model.gradientFault = .scaled(tensor: tensor, factor: factor)
+            let report = checkGradients(model: model, count: 4)
+            #expect(report.verdict == .fail, "\(tensor) x \(factor):\n\(report.text)")
+            #expect(!report.passed)
+            #expect(report.tensors.first { $0.name == tensor }?.verdict == .fail)
+        }
+        // Between the float64 noise (1e-5) and four digits: a warning, and the job goes on.
         let model = try checkedModel(.mlp(widths: [5, 6, 3], activation: .tanh))
-        model.gradientFault = .scaled(tensor: "0.weight", factor: 1.001)
+        model.gradientFault = .scaled(tensor: "0.weight", factor: 1.00003)
         let report = checkGradients(model: model, count: 4)
         #expect(report.verdict == .warn, "\(report.text)")
         #expect(report.passed)

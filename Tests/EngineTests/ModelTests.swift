@@ -76,7 +76,7 @@ struct ModelTests {
     }
 
     @Test func invalidArchitecturesAreRejectedWithTheLayerNamed() {
-        #expect(throws: ModelSpecError("layer 2 Linear(5, 2) expects 5 inputs but the previous layer produces 4")) {
+        #expect(throws: ModelSpecError("layer 2 Linear(5, 2): expects 5 inputs but the previous layer produces 4")) {
             try ModelSpec(layers: [.linear(inputs: 3, outputs: 4), .relu, .linear(inputs: 5, outputs: 2)]).validate()
         }
         #expect(throws: ModelSpecError.self) { try ModelSpec(layers: [.relu]).validate() }
@@ -87,6 +87,30 @@ struct ModelTests {
         #expect(throws: ModelSpecError("batch size must be at least 1, got 0")) {
             _ = try Model<Float>(spec: .mlp(widths: [2, 2]), batchCapacity: 0)
         }
+        // Images: every reason names the layer.
+        func message(_ layers: [LayerSpec], input: [Int]) -> String {
+            do { try ModelSpec(layers: layers, inputShape: input).validate() } catch { return error.description }
+            return "valid"
+        }
+        let conv = LayerSpec.conv2d(inChannels: 1, outChannels: 4, kernel: 3, stride: 1, padding: 1, bias: true)
+        #expect(message([conv, .flatten, .linear(inputs: 4 * 28 * 28, outputs: 10)], input: [1, 28, 28]) == "valid")
+        #expect(message([.conv2d(inChannels: 1, outChannels: 4, kernel: 7, stride: 1, padding: 0, bias: true), .flatten,
+                         .linear(inputs: 16, outputs: 2)], input: [1, 5, 5])
+                == "layer 0 Conv2d(1, 4, kernel_size=7): kernel 7 is larger than its padded input 5x5")
+        #expect(message([conv, .linear(inputs: 4 * 28 * 28, outputs: 10)], input: [1, 28, 28])
+                == "layer 1 Linear(3136, 10): takes flat samples of 3136 values, but its input is [4, 28, 28]: put a flatten before it")
+        #expect(message([conv, .flatten, .linear(inputs: 10, outputs: 2)], input: [1, 28, 28])
+                == "layer 2 Linear(10, 2): expects 10 inputs but the previous layer produces 3136")
+        #expect(message([conv, .flatten, .linear(inputs: 3136, outputs: 2)], input: [3, 28, 28])
+                == "layer 0 Conv2d(1, 4, kernel_size=3, padding=1): expects 1 input channels but its input has 3 (shape [3, 28, 28])")
+        #expect(message([.maxPool2d(kernel: 2, stride: 2), .flatten, .linear(inputs: 3, outputs: 2)], input: [12])
+                == "layer 0 MaxPool2d(2): pooling needs image samples [C, H, W], but its input is [12]")
+        #expect(message([conv, .batchNorm(features: 5), .flatten, .linear(inputs: 3136, outputs: 2)], input: [1, 28, 28])
+                == "layer 1 BatchNorm(5): expects 5 features (channels) but its input is [4, 28, 28]")
+        #expect(message([conv, .maxPool2d(kernel: 0, stride: 1)], input: [1, 28, 28])
+                == "layer 1 MaxPool2d(0, stride=1): kernel and stride must be positive")
+        #expect(message([conv], input: [1, 28, 28])
+                == "the model's output is [4, 28, 28] per sample; it must be flat (end with linear, or flatten)")
     }
 
     @Test func initialisationIsSeededAndScaled() throws {

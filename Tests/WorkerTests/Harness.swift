@@ -130,7 +130,9 @@ struct SyntheticData {
     let features: Int
     let classes: Int
 
-    init(samples: Int, features: Int = 12, classes: Int = 3, seed: UInt64 = 1, labelOverride: UInt8? = nil) throws {
+    /// - Parameter imageShape: write the samples as images of this shape ([H, W] or [C, H, W]), `features` values each.
+    init(samples: Int, features: Int = 12, classes: Int = 3, seed: UInt64 = 1, labelOverride: UInt8? = nil,
+         imageShape: [Int]? = nil) throws {
         directory = TemporaryFiles.path("bpworker-data-")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
         self.samples = samples
@@ -150,7 +152,7 @@ struct SyntheticData {
             for f in 0..<features { pixels.append(UInt8((Int(next() % 128) + (f % classes == Int(label) ? 127 : 0)))) }
         }
         for split in ["train", "test"] {
-            try Self.idx(shape: [samples, features], bytes: pixels).write(to: directory.appendingPathComponent("\(split)-x.idx"))
+            try Self.idx(shape: [samples] + (imageShape ?? [features]), bytes: pixels).write(to: directory.appendingPathComponent("\(split)-x.idx"))
             try Self.idx(shape: [samples], bytes: labels).write(to: directory.appendingPathComponent("\(split)-y.idx"))
         }
     }
@@ -176,27 +178,39 @@ func temporaryRunDirectory() -> String {
     TemporaryFiles.path("bpworker-run-").path
 }
 
-/// Gives every test of a suite its own directory under the system's temporary directory and removes it when the
-/// test ends, passed or failed: the run directories, data sets and output logs the helpers above create go in it.
-/// Every WorkerTests suite that uses them carries it: `@Suite(..., .temporaryFiles)`.
+/// A directory for what tests write, removed when its scope ends, passed or failed: one per test
+/// (`.temporaryFiles`, for every WorkerTests suite that uses the helpers) or one for a whole suite (`.suiteFiles`,
+/// for what its tests share, such as a model trained once).
 struct TemporaryFiles: SuiteTrait, TestTrait, TestScoping {
-    /// The running test's directory (a task-local value: tests running in parallel each see their own).
-    @TaskLocal static var directory: URL?
+    enum Scope { case test, suite }
+    let scope: Scope
 
-    /// Applies to each test of the suite (each case of a parameterized one), not once to the whole suite.
-    var isRecursive: Bool { true }
+    /// The running test's and suite's directories (task-local: tests running in parallel each see their own).
+    @TaskLocal static var directory: URL?
+    @TaskLocal static var suiteDirectory: URL?
+
+    /// Per test: applies to each test of the suite (each case of a parameterized one); per suite: once around it.
+    var isRecursive: Bool { scope == .test }
 
     func provideScope(for test: Test, testCase: Test.Case?, performing function: @Sendable () async throws -> Void) async throws {
-        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("bpworker-test-\(UUID().uuidString)")
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("bpworker-\(scope)-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(at: directory) }
-        try await Self.$directory.withValue(directory, operation: function)
+        switch scope {
+        case .test: try await Self.$directory.withValue(directory, operation: function)
+        case .suite: try await Self.$suiteDirectory.withValue(directory, operation: function)
+        }
     }
 
     /// A new, unused path in the running test's directory.
-    static func path(_ prefix: String) -> URL {
+    static func path(_ prefix: String) -> URL { path(prefix, in: directory, trait: ".temporaryFiles") }
+
+    /// A new, unused path in the running suite's directory.
+    static func suitePath(_ prefix: String) -> URL { path(prefix, in: suiteDirectory, trait: ".suiteFiles") }
+
+    private static func path(_ prefix: String, in directory: URL?, trait: String) -> URL {
         guard let directory else {
-            Issue.record("no test directory: add .temporaryFiles to this test's @Suite, so that what the test writes is removed")
+            Issue.record("no directory: add \(trait) to this test's @Suite, so that what the test writes is removed")
             return FileManager.default.temporaryDirectory.appendingPathComponent(prefix + UUID().uuidString)
         }
         return directory.appendingPathComponent(prefix + UUID().uuidString)
@@ -204,36 +218,8 @@ struct TemporaryFiles: SuiteTrait, TestTrait, TestScoping {
 }
 
 extension Trait where Self == TemporaryFiles {
-    static var temporaryFiles: Self { Self() }
-}
-
-/// A directory that lives as long as its whole suite, for what the suite's tests share (a model trained once),
-/// removed when the suite ends, passed or failed: `@Suite(..., .suiteFiles, .temporaryFiles)`.
-struct SuiteFiles: SuiteTrait, TestScoping {
-    @TaskLocal static var directory: URL?
-
-    /// Once around the whole suite.
-    var isRecursive: Bool { false }
-
-    func provideScope(for test: Test, testCase: Test.Case?, performing function: @Sendable () async throws -> Void) async throws {
-        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("bpworker-suite-\(UUID().uuidString)")
-        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(at: directory) }
-        try await Self.$directory.withValue(directory, operation: function)
-    }
-
-    /// A new, unused path in the running suite's directory.
-    static func path(_ prefix: String) -> URL {
-        guard let directory else {
-            Issue.record("no suite directory: add .suiteFiles to this test's @Suite")
-            return FileManager.default.temporaryDirectory.appendingPathComponent(prefix + UUID().uuidString)
-        }
-        return directory.appendingPathComponent(prefix + UUID().uuidString)
-    }
-}
-
-extension Trait where Self == SuiteFiles {
-    static var suiteFiles: Self { Self() }
+    static var temporaryFiles: Self { Self(scope: .test) }
+    static var suiteFiles: Self { Self(scope: .suite) }
 }
 
 func occurrences(of needle: String, in haystack: String) -> Int {

@@ -73,7 +73,7 @@ struct MemoryBudgetTests {
         var config = Configuration()
         config.hidden = hidden
         config.optimizer = optimizer
-        let spec = try config.modelSpec(inputWidth: 784, classes: 10)
+        let spec = try config.modelSpec(sampleShape: [784], classes: 10)
         return MemoryEstimate.estimate(config: config, spec: spec, datasets: [], rank: rank, worldSize: worldSize,
                                        usage: ProcessMemory(resident: 40 * mib, residentPeak: 60 * mib, addressSpace: 400 * mib))
     }

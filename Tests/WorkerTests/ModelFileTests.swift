@@ -19,7 +19,7 @@ struct ModelFileTests {
 
     /// One real training run, shared: one epoch on Fashion-MNIST (about 6 s in a debug build).
     static let fashionRun: (directory: String, result: Harness.Result?) = {
-        let directory = SuiteFiles.path("bpworker-run-").path
+        let directory = TemporaryFiles.suitePath("bpworker-run-").path
         let result = try? Harness.local(["train", "--local", "--run-dir", directory, "--progress", "plain",
                                          "--set", "model.layers=[\(layers.joined(separator: ", "))]",
                                          "--set", "training.epochs=1", "--set", "training.batch_size=100",

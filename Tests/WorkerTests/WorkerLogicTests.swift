@@ -193,10 +193,10 @@ struct WorkerLogicTests {
     @Test func layerListsBuildTheModelTheyDescribe() throws {
         var config = Configuration()
         config.layers = ["linear 32", "leaky_relu 0.2", "dropout 0.1", "linear 16", "tanh"]
-        let spec = try config.modelSpec(inputWidth: 10, classes: 3)
+        let spec = try config.modelSpec(sampleShape: [10], classes: 3)
         #expect(spec.layers == [.linear(inputs: 10, outputs: 32), .leakyReLU(slope: 0.2), .dropout(probability: 0.1),
                                 .linear(inputs: 32, outputs: 16), .tanh, .linear(inputs: 16, outputs: 3)])
         config.layers = ["linear 32", "swish"]
-        #expect(throws: ConfigError.self) { try config.modelSpec(inputWidth: 10, classes: 3) }
+        #expect(throws: ConfigError.self) { try config.modelSpec(sampleShape: [10], classes: 3) }
     }
 }

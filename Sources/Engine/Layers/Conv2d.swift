@@ -1,0 +1,187 @@
+/// PyTorch `nn.Conv2d` with square kernels, lowered to matrix products one sample at a time:
+///
+///     cols[C k k, Ho Wo] = im2col(x_b[C, H, W])        (each column is one receptive field)
+///     y_b[O, Ho Wo]      = W[O, C k k] cols + b[O]      (one GEMM: NCHW output directly)
+///
+/// Backward, per sample: dW[O, C k k] += dy_b[O, Ho Wo] cols^T (cols recomputed: cheaper than keeping a batch of
+/// them), db[O] += the row sums of dy_b, dcols[C k k, Ho Wo] = W^T dy_b and dx_b = col2im(dcols). Every product is
+/// one BLAS call; the lowering loops are specialised kernels (`im2col`, `col2im`) with no branch per element.
+///
+/// Parameters: weight [O, C, k, k] (C k k contiguous per output channel, the GEMM's row-major [O, C k k]), bias [O].
+/// Scratch: one sample's columns, and their gradient when an earlier layer needs dx.
+final class Conv2d<T: Scalar>: Layer<T> {
+    let inChannels: Int, outChannels: Int, kernel: Int, stride: Int, padding: Int, hasBias: Bool
+    let height: Int, width: Int, outHeight: Int, outWidth: Int
+    /// Rows of the column matrix (C k k) and its columns (Ho Wo).
+    private var patch: Int { inChannels * kernel * kernel }
+    private var positions: Int { outHeight * outWidth }
+    /// A row of ones, [Ho Wo]: the bias gradient as a GEMV over dy_b's rows.
+    private let ones: UnsafeMutablePointer<T>
+
+    required init(index: Int, spec: LayerSpec, inputShape: [Int], outputShape: [Int], batchCapacity: Int) {
+        guard case let .conv2d(i, o, k, s, p, b) = spec else { preconditionFailure("Conv2d made from \(spec)") }
+        (inChannels, outChannels, kernel, stride, padding, hasBias) = (i, o, k, s, p, b)
+        (height, width) = (inputShape[1], inputShape[2])
+        (outHeight, outWidth) = (outputShape[1], outputShape[2])
+        ones = .allocate(capacity: outputShape[1] * outputShape[2])
+        ones.initialize(repeating: 1, count: outputShape[1] * outputShape[2])
+        super.init(index: index, spec: spec, inputShape: inputShape, outputShape: outputShape, batchCapacity: batchCapacity)
+    }
+
+    deinit { ones.deallocate() }
+
+
+    override func forward(count: Int, mode: ForwardMode) {
+        let w = parameters!
+        let cols = scratch!
+        for b in 0..<count {
+            let xb = x + b * inputCount, yb = y + b * outputCount
+            if hasBias {
+                broadcastColumns(w + outChannels * patch, into: yb, rows: outChannels, columns: positions)
+            }
+            im2col(xb, channels: inChannels, height: height, width: width, kernel: kernel, stride: stride,
+                   padding: padding, outHeight: outHeight, outWidth: outWidth, into: cols)
+            // y_b[O, HoWo] (+)= W[O, Ckk] * cols[Ckk, HoWo]
+            T.gemm(transposeA: false, transposeB: false, m: outChannels, n: positions, k: patch,
+                   alpha: 1, a: w, lda: patch, b: cols, ldb: positions, beta: hasBias ? 1 : 0, c: yb, ldc: positions)
+        }
+    }
+
+    override func backwardParameters(count: Int, accumulate: Bool) {
+        let gw = gradients!
+        let cols = scratch!
+        for b in 0..<count {
+            let xb = x + b * inputCount, dyb = dy + b * outputCount
+            let beta: T = accumulate || b > 0 ? 1 : 0
+            im2col(xb, channels: inChannels, height: height, width: width, kernel: kernel, stride: stride,
+                   padding: padding, outHeight: outHeight, outWidth: outWidth, into: cols)
+            // dW[O, Ckk] (+)= dy_b[O, HoWo] * cols[Ckk, HoWo]^T
+            T.gemm(transposeA: false, transposeB: true, m: outChannels, n: patch, k: positions,
+                   alpha: 1, a: dyb, lda: positions, b: cols, ldb: positions, beta: beta, c: gw, ldc: patch)
+            // db[O] (+)= dy_b[O, HoWo] * 1[HoWo]
+            if hasBias {
+                T.gemv(m: outChannels, n: positions, alpha: 1, a: dyb, lda: positions, x: ones, beta: beta,
+                       y: gw + outChannels * patch)
+            }
+        }
+        provenFinite = false
+    }
+
+    override func backwardInput(count: Int, accumulate: Bool) {
+        guard let dx else { return }
+        if inputGradientFault != nil { return faultyBackwardInput(count: count, dx: dx) }
+        inputGradient(count: count, dx: dx, weights: parameters!, padding: padding)
+    }
+
+    /// dcols[Ckk, HoWo] = W[O, Ckk]^T * dy_b[O, HoWo] per sample, scattered back onto the input's positions.
+    private func inputGradient(count: Int, dx: UnsafeMutablePointer<T>, weights: UnsafePointer<T>, padding: Int) {
+        let dcols = scratch! + patch * positions
+        for b in 0..<count {
+            T.gemm(transposeA: true, transposeB: false, m: patch, n: positions, k: outChannels,
+                   alpha: 1, a: weights, lda: patch, b: dy + b * outputCount, ldb: positions, beta: 0, c: dcols, ldc: positions)
+            col2im(dcols, channels: inChannels, height: height, width: width, kernel: kernel, stride: stride,
+                   padding: padding, outHeight: outHeight, outWidth: outWidth, into: dx + b * inputCount)
+        }
+    }
+
+    /// The test hook's wrong input gradients (`GradientFault.flippedKernel`, `.paddingOffset`): the mistakes the
+    /// gradient checker must catch. Allocates; never runs in real training.
+    private func faultyBackwardInput(count: Int, dx: UnsafeMutablePointer<T>) {
+        var w = Array(UnsafeBufferPointer(start: parameters!, count: outChannels * patch))
+        if case .flippedKernel? = inputGradientFault {
+            let k = kernel, original = w
+            for o in 0..<outChannels {
+                for c in 0..<inChannels {
+                    let base = (o * inChannels + c) * k * k
+                    for p in 0..<k {
+                        for q in 0..<k { w[base + p * k + q] = original[base + (k - 1 - p) * k + (k - 1 - q)] }
+                    }
+                }
+            }
+        }
+        let offset: Int = if case .paddingOffset? = inputGradientFault { padding + 1 } else { padding }
+        inputGradient(count: count, dx: dx, weights: w, padding: offset)
+    }
+
+    override func initialize(scheme: Initialization, gain: Double, generator: inout RandomGenerator) {
+        let receptive = kernel * kernel
+        initializeWeights(parameters!, count: outChannels * patch, fanIn: inChannels * receptive,
+                          fanOut: outChannels * receptive, scheme: scheme, gain: gain, generator: &generator)
+        if hasBias { (parameters! + outChannels * patch).update(repeating: 0, count: outChannels) }
+    }
+}
+
+// MARK: - Lowering kernels
+
+/// The valid output positions j (as a half-open range) for kernel offset `q`: those whose input position
+/// j * stride + q - padding lies in [0, size).
+@inline(__always)
+private func validRange(offset q: Int, padding: Int, stride: Int, size: Int, outSize: Int) -> Range<Int> {
+    // j * stride >= padding - q  and  j * stride < size + padding - q
+    let low = max(0, (padding - q + stride - 1) / stride)
+    let high = min(outSize, max(0, (size + padding - q + stride - 1) / stride))
+    return low..<max(low, high)
+}
+
+/// cols[(c k + p) k + q, i Wo + j] = x[c, i stride + p - padding, j stride + q - padding], 0 outside the image.
+/// The valid range of each row is computed once, so the inner loops copy (or fill zeros) without a bounds test.
+@_specialize(where T == Float) @_specialize(where T == Double)
+func im2col<T: Scalar>(_ x: UnsafePointer<T>, channels: Int, height: Int, width: Int, kernel: Int, stride: Int,
+                       padding: Int, outHeight: Int, outWidth: Int, into cols: UnsafeMutablePointer<T>) {
+    var row = cols
+    for c in 0..<channels {
+        let plane = x + c * height * width
+        for p in 0..<kernel {
+            let rows = validRange(offset: p, padding: padding, stride: stride, size: height, outSize: outHeight)
+            for q in 0..<kernel {
+                let columns = validRange(offset: q, padding: padding, stride: stride, size: width, outSize: outWidth)
+                for i in 0..<outHeight {
+                    let out = row + i * outWidth
+                    guard rows.contains(i) else {
+                        out.update(repeating: 0, count: outWidth)
+                        continue
+                    }
+                    let source = plane + (i * stride + p - padding) * width + q - padding
+                    for j in 0..<columns.lowerBound { out[j] = 0 }
+                    if stride == 1 {
+                        (out + columns.lowerBound).update(from: source + columns.lowerBound, count: columns.count)
+                    } else {
+                        for j in columns { out[j] = source[j * stride] }
+                    }
+                    for j in columns.upperBound..<outWidth { out[j] = 0 }
+                }
+                row += outHeight * outWidth
+            }
+        }
+    }
+}
+
+/// The adjoint of `im2col`: dx[c, i stride + p - padding, j stride + q - padding] += dcols[(c k + p) k + q, i Wo + j]
+/// over every valid position; dx is overwritten (zeroed first).
+@_specialize(where T == Float) @_specialize(where T == Double)
+func col2im<T: Scalar>(_ dcols: UnsafePointer<T>, channels: Int, height: Int, width: Int, kernel: Int, stride: Int,
+                       padding: Int, outHeight: Int, outWidth: Int, into dx: UnsafeMutablePointer<T>) {
+    dx.update(repeating: 0, count: channels * height * width)
+    var row = dcols
+    for c in 0..<channels {
+        let plane = dx + c * height * width
+        for p in 0..<kernel {
+            let rows = validRange(offset: p, padding: padding, stride: stride, size: height, outSize: outHeight)
+            for q in 0..<kernel {
+                let columns = validRange(offset: q, padding: padding, stride: stride, size: width, outSize: outWidth)
+                for i in rows {
+                    let target = plane + (i * stride + p - padding) * width + q - padding
+                    let source = row + i * outWidth
+                    for j in columns { target[j * stride] += source[j] }
+                }
+                row += outHeight * outWidth
+            }
+        }
+    }
+}
+
+/// y[r, c] = v[r] for every column: a per-channel bias over the positions of one sample.
+@_specialize(where T == Float) @_specialize(where T == Double)
+func broadcastColumns<T: Scalar>(_ v: UnsafePointer<T>, into y: UnsafeMutablePointer<T>, rows: Int, columns: Int) {
+    for r in 0..<rows { (y + r * columns).update(repeating: v[r], count: columns) }
+}

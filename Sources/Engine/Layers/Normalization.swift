@@ -1,0 +1,319 @@
+/// Normalisation layers: batch norm (PyTorch `nn.BatchNorm1d` / `nn.BatchNorm2d`) and layer norm (`nn.LayerNorm`).
+///
+/// Batch norm, per feature c over the N = B S values of the batch (S = H W positions for images, 1 for features):
+///
+///     mean = sum x / N,  var = sum (x - mean)^2 / N,  xhat = (x - mean) / sqrt(var + eps),  y = gamma xhat + beta
+///
+/// and its backward pass is three named reductions, as in the derivation (and in Darknet's batchnorm_layer.c):
+///
+///     dbeta  = sum dy                          (`sumGradient`)
+///     dgamma = sum dy xhat                     (`sumGradientXhat`)
+///     dx     = gamma / sqrt(var + eps) (dy - dbeta / N - xhat dgamma / N)
+///
+/// The last line is what remains of the mean's and the variance's own dependence on x: leave out the dbeta / N
+/// term and the gradient misses the mean (an injected-bug test does exactly that). Sums are in Double. In training
+/// the running mean and the unbiased running variance move by momentum 0.1 and `num_batches_tracked` counts; in
+/// evaluation they replace the batch's statistics. With a `CrossRankReducer` (synchronized batch norm) the forward
+/// sums and the backward reductions are summed over the ranks first, so N is the global batch.
+final class BatchNorm<T: Scalar>: Layer<T> {
+    static var epsilon: Double { 1e-5 }
+    static var momentum: Double { 0.1 }
+
+    let features: Int
+    /// Values per feature per sample: H W for images, 1 for flat features.
+    let positions: Int
+    /// Sums of the global batch: set for synchronized batch norm.
+    unowned(unsafe) var reducer: CrossRankReducer?
+    /// Per feature: [sum x, sum x^2] in forward, [sum dy, sum dy xhat] in backward, then the number of values they
+    /// sum over (2 features + 1 values, Double): reduced together across ranks in one call.
+    private let sums: UnsafeMutableBufferPointer<Double>
+    /// Per feature, from the last forward pass: the mean and 1 / sqrt(var + eps) it normalised with.
+    private let mean: UnsafeMutablePointer<Double>
+    private let inverseDeviation: UnsafeMutablePointer<Double>
+    /// The values the last forward pass normalised over (the global batch under a reducer).
+    private var lastCount = 0.0
+    private var lastUsedBatchStatistics = true
+
+    required init(index: Int, spec: LayerSpec, inputShape: [Int], outputShape: [Int], batchCapacity: Int) {
+        features = inputShape[0]
+        positions = inputShape.dropFirst().reduce(1, *)
+        sums = .allocate(capacity: 2 * inputShape[0] + 1)
+        sums.initialize(repeating: 0)
+        mean = .allocate(capacity: inputShape[0])
+        mean.initialize(repeating: 0, count: inputShape[0])
+        inverseDeviation = .allocate(capacity: inputShape[0])
+        inverseDeviation.initialize(repeating: 1, count: inputShape[0])
+        super.init(index: index, spec: spec, inputShape: inputShape, outputShape: outputShape, batchCapacity: batchCapacity)
+    }
+
+    deinit {
+        sums.deallocate()
+        mean.deallocate()
+        inverseDeviation.deallocate()
+    }
+
+
+    private var gamma: UnsafeMutablePointer<T> { parameters! }
+    private var beta: UnsafeMutablePointer<T> { parameters! + features }
+    private var runningMean: UnsafeMutablePointer<T> { buffers! }
+    private var runningVariance: UnsafeMutablePointer<T> { buffers! + features }
+    private var batchesTracked: UnsafeMutablePointer<T> { buffers! + 2 * features }
+
+    /// The forward pass. The reduction across ranks can fail (MPI); the model reports that as the pass's error.
+    override func forward(count: Int, mode: ForwardMode) {
+        lastUsedBatchStatistics = mode.usesBatchStatistics
+        if mode.usesBatchStatistics {
+            featureSums(x, samples: count, features: features, positions: positions, into: sums.baseAddress!)
+            sums[2 * features] = Double(count * positions)
+            reducer?.sumAcrossRanks(sums)
+            let n = sums[2 * features]
+            lastCount = n
+            for c in 0..<features {
+                let m = sums[c] / n
+                // E[x^2] - m^2 in Double: the values are Float activations, far inside Double's precision.
+                let variance = max(0, sums[features + c] / n - m * m)
+                mean[c] = m
+                inverseDeviation[c] = 1 / (variance + Self.epsilon).squareRoot()
+                if mode == .train {
+                    let unbiased = n > 1 ? variance * n / (n - 1) : variance
+                    runningMean[c] = T((1 - Self.momentum) * Double(runningMean[c]) + Self.momentum * m)
+                    runningVariance[c] = T((1 - Self.momentum) * Double(runningVariance[c]) + Self.momentum * unbiased)
+                }
+            }
+            if mode == .train { batchesTracked[0] += 1 }
+        } else {
+            for c in 0..<features {
+                mean[c] = Double(runningMean[c])
+                inverseDeviation[c] = 1 / (Double(runningVariance[c]) + Self.epsilon).squareRoot()
+            }
+        }
+        normalizeFeatures(x, y, samples: count, features: features, positions: positions, mean: mean,
+                          inverseDeviation: inverseDeviation, gamma: gamma, beta: beta)
+    }
+
+    override func backwardParameters(count: Int, accumulate: Bool) {
+        // dbeta[c] = sum dy, dgamma[c] = sum dy xhat: the named reductions, kept in `sums` for the input gradient.
+        // The parameter gradients are this rank's (the gradient reduction averages them like every other).
+        featureGradientSums(x, dy, samples: count, features: features, positions: positions, mean: mean,
+                            inverseDeviation: inverseDeviation, into: sums.baseAddress!)
+        let g = gradients!
+        for c in 0..<features {
+            g[c] = T(sums[features + c]) + (accumulate ? g[c] : 0)            // dgamma
+            g[features + c] = T(sums[c]) + (accumulate ? g[features + c] : 0)  // dbeta
+        }
+        provenFinite = false
+    }
+
+    override func backwardInput(count: Int, accumulate: Bool) {
+        guard let dx else { return }
+        if lastUsedBatchStatistics {
+            // Synchronized: the input gradient needs the global batch's reductions (the count slot is reduced along).
+            reducer?.sumAcrossRanks(sums)
+            normalizeBackward(x, dy, dx, samples: count, features: features, positions: positions, mean: mean,
+                              inverseDeviation: inverseDeviation, gamma: gamma, sums: sums.baseAddress!, count: lastCount,
+                              withoutMeanTerm: inputGradientFault != nil)
+        } else {
+            // Running statistics are constants: dx = dy gamma / sqrt(running var + eps).
+            normalizeBackward(x, dy, dx, samples: count, features: features, positions: positions, mean: mean,
+                              inverseDeviation: inverseDeviation, gamma: gamma, sums: nil, count: 1, withoutMeanTerm: false)
+        }
+    }
+
+    override func initialize(scheme: Initialization, gain: Double, generator: inout RandomGenerator) {
+        gamma.update(repeating: 1, count: features)
+        beta.update(repeating: 0, count: features)
+        runningMean.update(repeating: 0, count: features)
+        runningVariance.update(repeating: 1, count: features)
+        batchesTracked[0] = 0
+    }
+}
+
+/// PyTorch `nn.LayerNorm(L)` over the last dimension: each run of L values is normalised by its own mean and
+/// (biased) variance, eps 1e-5, then scaled by weight[L] and shifted by bias[L]. Backward, per run:
+/// dx = (dxhat - mean(dxhat) - xhat mean(dxhat xhat)) / sqrt(var + eps) with dxhat = dy weight;
+/// dweight += sum over runs of dy xhat, dbias += sum of dy.
+final class LayerNorm<T: Scalar>: Layer<T> {
+    let length: Int
+    /// Per run of the last forward pass: its mean and 1 / sqrt(var + eps), [B * runs per sample].
+    private let mean: UnsafeMutablePointer<Double>
+    private let inverseDeviation: UnsafeMutablePointer<Double>
+
+    required init(index: Int, spec: LayerSpec, inputShape: [Int], outputShape: [Int], batchCapacity: Int) {
+        length = inputShape.last!
+        let runs = batchCapacity * inputShape.reduce(1, *) / inputShape.last!
+        mean = .allocate(capacity: runs)
+        mean.initialize(repeating: 0, count: runs)
+        inverseDeviation = .allocate(capacity: runs)
+        inverseDeviation.initialize(repeating: 1, count: runs)
+        super.init(index: index, spec: spec, inputShape: inputShape, outputShape: outputShape, batchCapacity: batchCapacity)
+    }
+
+    deinit {
+        mean.deallocate()
+        inverseDeviation.deallocate()
+    }
+
+
+    override func forward(count: Int, mode: ForwardMode) {
+        layerNormForward(x, y, runs: count * inputCount / length, length: length, mean: mean,
+                         inverseDeviation: inverseDeviation, gamma: parameters!, beta: parameters! + length)
+    }
+
+    override func backwardParameters(count: Int, accumulate: Bool) {
+        layerNormParameterGradients(x, dy, runs: count * inputCount / length, length: length, mean: mean,
+                                    inverseDeviation: inverseDeviation, into: gradients!, accumulate: accumulate)
+        provenFinite = false
+    }
+
+    override func backwardInput(count: Int, accumulate: Bool) {
+        guard let dx else { return }
+        layerNormBackward(x, dy, dx, runs: count * inputCount / length, length: length, mean: mean,
+                          inverseDeviation: inverseDeviation, gamma: parameters!)
+    }
+
+    override func initialize(scheme: Initialization, gain: Double, generator: inout RandomGenerator) {
+        parameters!.update(repeating: 1, count: length)
+        (parameters! + length).update(repeating: 0, count: length)
+    }
+}
+
+// MARK: - Kernels. Layout [B, F, S]: sample b, feature f, position s at (b F + f) S + s.
+
+/// sums[f] = sum of x over the batch and positions of feature f; sums[F + f] = the same of x^2.
+@_specialize(where T == Float) @_specialize(where T == Double)
+func featureSums<T: Scalar>(_ x: UnsafePointer<T>, samples: Int, features: Int, positions: Int,
+                            into sums: UnsafeMutablePointer<Double>) {
+    sums.update(repeating: 0, count: 2 * features)
+    for b in 0..<samples {
+        for f in 0..<features {
+            let run = x + (b * features + f) * positions
+            var s = 0.0, s2 = 0.0
+            for i in 0..<positions {
+                let v = Double(run[i])
+                s += v
+                s2 += v * v
+            }
+            sums[f] += s
+            sums[features + f] += s2
+        }
+    }
+}
+
+/// y = gamma (x - mean) inverseDeviation + beta, per feature.
+@_specialize(where T == Float) @_specialize(where T == Double)
+func normalizeFeatures<T: Scalar>(_ x: UnsafePointer<T>, _ y: UnsafeMutablePointer<T>, samples: Int, features: Int,
+                                  positions: Int, mean: UnsafePointer<Double>, inverseDeviation: UnsafePointer<Double>,
+                                  gamma: UnsafePointer<T>, beta: UnsafePointer<T>) {
+    for b in 0..<samples {
+        for f in 0..<features {
+            let offset = (b * features + f) * positions
+            let scale = T(Double(gamma[f]) * inverseDeviation[f])
+            let shift = beta[f] - T(mean[f]) * scale
+            for i in 0..<positions { y[offset + i] = x[offset + i] * scale + shift }
+        }
+    }
+}
+
+/// sums[f] = sum of dy (dbeta), sums[F + f] = sum of dy xhat (dgamma), with xhat recomputed from x.
+@_specialize(where T == Float) @_specialize(where T == Double)
+func featureGradientSums<T: Scalar>(_ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, samples: Int, features: Int,
+                                    positions: Int, mean: UnsafePointer<Double>, inverseDeviation: UnsafePointer<Double>,
+                                    into sums: UnsafeMutablePointer<Double>) {
+    sums.update(repeating: 0, count: 2 * features)
+    for b in 0..<samples {
+        for f in 0..<features {
+            let offset = (b * features + f) * positions
+            let m = mean[f], r = inverseDeviation[f]
+            var s = 0.0, sx = 0.0
+            for i in 0..<positions {
+                let g = Double(dy[offset + i])
+                s += g
+                sx += g * (Double(x[offset + i]) - m) * r
+            }
+            sums[f] += s
+            sums[features + f] += sx
+        }
+    }
+}
+
+/// dx = gamma inverseDeviation (dy - sums[f] / count - xhat sums[F + f] / count); with `sums` nil (running
+/// statistics), dx = gamma inverseDeviation dy. `withoutMeanTerm` leaves out sums[f] / count: the test hook's bug.
+@_specialize(where T == Float) @_specialize(where T == Double)
+func normalizeBackward<T: Scalar>(_ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, _ dx: UnsafeMutablePointer<T>,
+                                  samples: Int, features: Int, positions: Int, mean: UnsafePointer<Double>,
+                                  inverseDeviation: UnsafePointer<Double>, gamma: UnsafePointer<T>,
+                                  sums: UnsafePointer<Double>?, count: Double, withoutMeanTerm: Bool) {
+    for b in 0..<samples {
+        for f in 0..<features {
+            let offset = (b * features + f) * positions
+            let m = mean[f], r = inverseDeviation[f], scale = Double(gamma[f]) * r
+            let meanGradient = withoutMeanTerm ? 0 : sums.map { $0[f] / count } ?? 0
+            let varianceGradient = sums.map { $0[features + f] / count } ?? 0
+            for i in 0..<positions {
+                let xhat = (Double(x[offset + i]) - m) * r
+                dx[offset + i] = T(scale * (Double(dy[offset + i]) - meanGradient - xhat * varianceGradient))
+            }
+        }
+    }
+}
+
+/// Each run of `length` values normalised by its own mean and deviation (saved), then y = gamma xhat + beta.
+@_specialize(where T == Float) @_specialize(where T == Double)
+func layerNormForward<T: Scalar>(_ x: UnsafePointer<T>, _ y: UnsafeMutablePointer<T>, runs: Int, length: Int,
+                                 mean: UnsafeMutablePointer<Double>, inverseDeviation: UnsafeMutablePointer<Double>,
+                                 gamma: UnsafePointer<T>, beta: UnsafePointer<T>) {
+    for r in 0..<runs {
+        let run = x + r * length, out = y + r * length
+        var s = 0.0
+        for i in 0..<length { s += Double(run[i]) }
+        let m = s / Double(length)
+        var v = 0.0
+        for i in 0..<length {
+            let d = Double(run[i]) - m
+            v += d * d
+        }
+        let inverse = 1 / (v / Double(length) + 1e-5).squareRoot()
+        mean[r] = m
+        inverseDeviation[r] = inverse
+        for i in 0..<length { out[i] = T((Double(run[i]) - m) * inverse * Double(gamma[i]) + Double(beta[i])) }
+    }
+}
+
+/// dgamma[i] (+)= sum over runs of dy xhat; dbeta[i] (+)= sum of dy. `gradients` holds dgamma then dbeta.
+@_specialize(where T == Float) @_specialize(where T == Double)
+func layerNormParameterGradients<T: Scalar>(_ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, runs: Int, length: Int,
+                                            mean: UnsafePointer<Double>, inverseDeviation: UnsafePointer<Double>,
+                                            into gradients: UnsafeMutablePointer<T>, accumulate: Bool) {
+    if !accumulate { gradients.update(repeating: 0, count: 2 * length) }
+    for r in 0..<runs {
+        let run = x + r * length, upstream = dy + r * length
+        let m = mean[r], inverse = inverseDeviation[r]
+        for i in 0..<length {
+            gradients[i] += T(Double(upstream[i]) * (Double(run[i]) - m) * inverse)
+            gradients[length + i] += upstream[i]
+        }
+    }
+}
+
+/// dx = inverseDeviation (dxhat - mean(dxhat) - xhat mean(dxhat xhat)), dxhat = dy gamma, per run.
+@_specialize(where T == Float) @_specialize(where T == Double)
+func layerNormBackward<T: Scalar>(_ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, _ dx: UnsafeMutablePointer<T>,
+                                  runs: Int, length: Int, mean: UnsafePointer<Double>,
+                                  inverseDeviation: UnsafePointer<Double>, gamma: UnsafePointer<T>) {
+    for r in 0..<runs {
+        let run = x + r * length, upstream = dy + r * length, out = dx + r * length
+        let m = mean[r], inverse = inverseDeviation[r]
+        var sum = 0.0, sumXhat = 0.0
+        for i in 0..<length {
+            let g = Double(upstream[i]) * Double(gamma[i])
+            sum += g
+            sumXhat += g * (Double(run[i]) - m) * inverse
+        }
+        let n = Double(length)
+        for i in 0..<length {
+            let xhat = (Double(run[i]) - m) * inverse
+            let g = Double(upstream[i]) * Double(gamma[i])
+            out[i] = T(inverse * (g - sum / n - xhat * sumXhat / n))
+        }
+    }
+}

@@ -1,0 +1,181 @@
+import Engine
+import Foundation
+import Testing
+
+/// Convolutional networks through the whole system: N ranks against one, resume, bad layer lists, PyTorch.
+@Suite("Convolutional networks", .serialized, .temporaryFiles)
+struct CNNTests {
+    /// Every bias the cost depends on: none right before a batch norm (whose gradient would be rounding noise, and
+    /// comparing noise across world sizes means nothing).
+    static let layers = "[conv 4 3 pad 1 nobias, batchnorm, relu, maxpool 2, conv 6 3 pad 1, relu, flatten, linear 8, relu, batchnorm]"
+
+    /// 96 images of 6x6 in 3 classes; `epochs` epochs of global batch 16.
+    func job(_ data: SyntheticData, batch: Int, runDir: String, extra: [String] = []) -> [String] {
+        ["train", "--run-dir", runDir, "--progress", "plain"] + data.arguments + [
+            "--set", "model.layers=\(Self.layers)", "--set", "training.epochs=2", "--set", "training.batch_size=\(batch)",
+            "--set", "optimizer.lr=0.05", "--set", "schedule.warmup_steps=2", "--set", "seed=4", "--set", "logging.interval=3",
+            "--set", "data.normalize=scale",
+        ] + extra
+    }
+
+    /// Every tensor of a model file as Double: parameters, running statistics and counts.
+    func state(_ runDir: String) throws -> [String: [Double]] {
+        let file = try SafeTensorsFile(path: runDir + "/model.safetensors")
+        var result: [String: [Double]] = [:]
+        for (name, info) in file.tensors {
+            result[name] = info.dtype == .i64 ? try file.int64s(name).map(Double.init) : try file.doubles(name)
+        }
+        return result
+    }
+
+    func relativeDifference(_ a: [String: [Double]], _ b: [String: [Double]]) -> Double {
+        guard a.keys.sorted() == b.keys.sorted() else { return .infinity }
+        var worst = 0.0
+        for (name, x) in a {
+            let y = b[name]!
+            let scale = x.map(abs).max() ?? 1
+            worst = max(worst, (zip(x, y).map { abs($0 - $1) }.max() ?? 0) / max(scale, 1e-12))
+        }
+        return worst
+    }
+
+    @Test func synchronizedBatchNormGivesNRanksTheModelOfOneRank() throws {
+        let data = try SyntheticData(samples: 96, features: 36, imageShape: [6, 6])
+        defer { data.remove() }
+        let sync = ["--set", "model.batchnorm=sync"]
+        let one = temporaryRunDirectory(), two = temporaryRunDirectory(), four = temporaryRunDirectory(), local = temporaryRunDirectory()
+        let r1 = try Harness.local(job(data, batch: 16, runDir: one, extra: sync) + ["--local"])
+        #expect(r1.status == 0, "\(r1.output)")
+        #expect(r1.output.contains("0: Conv2d(1, 4, kernel_size=3, padding=1, bias=False)  ->  [16, 4, 6, 6]  36 parameters"), "\(r1.output)")
+        let r2 = try Harness.mpirun(2, job(data, batch: 8, runDir: two, extra: sync))
+        #expect(r2.status == 0, "\(r2.output)")
+        #expect(r2.output.contains("batch norm: synchronized over 2 ranks"))
+        let r4 = try Harness.mpirun(4, job(data, batch: 4, runDir: four, extra: sync))
+        #expect(r4.status == 0, "\(r4.output)")
+        let reference = try state(one)
+        #expect(reference.keys.contains("1.running_mean") && reference["1.num_batches_tracked"] == [12])
+        #expect(reference.keys.contains("9.running_var") && reference["9.num_batches_tracked"] == [12])
+        #expect(relativeDifference(reference, try state(two)) <= 1e-5)
+        #expect(relativeDifference(reference, try state(four)) <= 1e-5)
+        // Local batch norm normalises each rank's half batch: another model, so the comparison means something.
+        let rl = try Harness.mpirun(2, job(data, batch: 8, runDir: local))
+        #expect(rl.status == 0, "\(rl.output)")
+        #expect(rl.output.contains("rank 0's running statistics are evaluated, checkpointed and saved"))
+        #expect(relativeDifference(reference, try state(local)) > 1e-4)
+    }
+
+    @Test func aCNNStopsAndResumesBitwise() throws {
+        let data = try SyntheticData(samples: 192, features: 36, imageShape: [6, 6])
+        defer { data.remove() }
+        let extra = ["--set", "training.epochs=3", "--set", "checkpoint.every_steps=5"]
+        let reference = temporaryRunDirectory()
+        let r = try Harness.mpirun(2, job(data, batch: 8, runDir: reference, extra: extra))
+        #expect(r.status == 0, "\(r.output)")
+        let run = temporaryRunDirectory()
+        let job = try Harness.startMPI(2, job(data, batch: 8, runDir: run, extra: extra), environment: ["BPWORKER_TEST_STEP_SLEEP_MS": "40"])
+        #expect(job.waitFor { $0.contains("(step 15)") })
+        job.signal(SIGUSR1)
+        let stopped = job.wait(timeout: 60)
+        #expect(stopped.status == 0 && stopped.output.contains("stopped by SIGUSR1"), "\(stopped.output)")
+        let resumed = try Harness.mpirun(2, ["train", "--run-dir", run, "--resume", "--progress", "plain"])
+        #expect(resumed.status == 0, "\(resumed.output)")
+        #expect(try state(run) == (try state(reference)), "the resumed CNN must equal the uninterrupted one bitwise, running statistics included")
+    }
+
+    func expectCleanFailure(_ data: SyntheticData, layers: String, extra: [String] = [], message: String,
+                            sourceLocation: SourceLocation = #_sourceLocation) throws {
+        let r = try Harness.mpirun(2, ["train", "--run-dir", temporaryRunDirectory()] + data.arguments
+                                    + ["--set", "model.layers=\(layers)"] + extra, timeout: 60)
+        #expect(r.status == 1, "\(r.output)", sourceLocation: sourceLocation)
+        #expect(occurrences(of: message, in: r.output) == 1, "expected '\(message)' once in:\n\(r.output)", sourceLocation: sourceLocation)
+        #expect(r.seconds < 30, sourceLocation: sourceLocation)
+    }
+
+    @Test func badLayerListsFailOnEveryRankNamingTheLayer() throws {
+        let images = try SyntheticData(samples: 40, features: 36, imageShape: [6, 6])
+        let flat = try SyntheticData(samples: 40, features: 36)
+        defer { images.remove(); flat.remove() }
+        try expectCleanFailure(images, layers: "[conv 4 9, flatten]",
+                               message: "model.layers[0] 'conv 4 9' (layer 0 Conv2d(1, 4, kernel_size=9)): kernel 9 is larger than its padded input 6x6")
+        try expectCleanFailure(images, layers: "[conv 0 3, flatten]", message: "model.layers[0]: 'conv 0 3': output channels must be an integer >= 1, got 0")
+        try expectCleanFailure(images, layers: "[conv 4 3 stride 0, flatten]",
+                               message: "model.layers[0]: 'conv 4 3 stride 0': stride must be an integer >= 1, got 0")
+        try expectCleanFailure(images, layers: "[conv 4 3, linear 8]",
+                               message: "model.layers[1]: 'linear 8': takes flat samples, but its input is [4, 4, 4]: put a flatten before it")
+        try expectCleanFailure(images, layers: "[conv 4 3, relu]", message: "the output layer takes flat samples: end the list with flatten")
+        try expectCleanFailure(images, layers: "[maxpool 7, flatten]", message: "window 7 is larger than its input 6x6")
+        try expectCleanFailure(flat, layers: "[conv 4 3, flatten]",
+                               message: "convolutions and pooling need image samples [H, W] or [C, H, W], but the data's samples are [36]")
+        try expectCleanFailure(images, layers: "[conv 4 3 pad 1, flatten, linear 8, batchnorm]", extra: ["--set", "training.batch_size=1"],
+                               message: "layer 3 BatchNorm(8) would normalise each feature over 1 value per step")
+        try expectCleanFailure(images, layers: "[conv 4 3 dilation 2, flatten]", message: "unknown option 'dilation' (nobias, pad, stride)")
+        try expectCleanFailure(images, layers: "[convolution 4 3, flatten]", message: "model.layers[0]: unknown layer 'convolution'")
+    }
+
+    @Test func gradientCheckCoversTheCNNWithBatchStatistics() throws {
+        let data = try SyntheticData(samples: 40, features: 36, imageShape: [6, 6])
+        defer { data.remove() }
+        let run = temporaryRunDirectory()
+        let r = try Harness.mpirun(2, ["gradcheck", "--run-dir", run, "--set", "model.layers=\(Self.layers)",
+                                       "--set", "gradcheck.all=true"] + data.arguments, timeout: 120)
+        #expect(r.status == 0, "\(r.output)")
+        #expect(r.output.contains("gradient check: PASS") || r.output.contains("gradient check: WARN"), "\(r.output)")
+        for tensor in ["0.weight", "1.weight", "1.bias", "4.weight", "4.bias", "7.weight", "7.bias", "9.weight", "9.bias", "10.weight"] {
+            #expect(r.output.contains("  \(tensor) "), "\(tensor) not checked:\n\(r.output)")
+        }
+        // A conv whose input gradient uses the flipped kernel stops the job, naming the tensors below it.
+        let bad = try Harness.mpirun(2, ["gradcheck", "--run-dir", temporaryRunDirectory(), "--set", "model.layers=\(Self.layers)"]
+                                     + data.arguments, environment: ["BPWORKER_TEST_GRADIENT_FAULT": "flipped:4.weight"], timeout: 120)
+        #expect(bad.status == 1, "\(bad.output)")
+        #expect(bad.output.contains("FAIL: 0.weight"), "\(bad.output)")
+    }
+}
+
+extension ModelFileTests {
+    /// A CNN's model.safetensors in real PyTorch: the README's snippet builds the nn.Sequential from the file's
+    /// metadata, loads it with strict=True (batch norm's running statistics included) and counts exactly what
+    /// `bpworker eval --model` counts; its logits match `bpworker predict --logits` within 1e-4.
+    @Test func pytorchLoadsACNNStrictlyAndReproducesItsOutputs() throws {
+        let data = try SyntheticData(samples: 120, features: 36, imageShape: [6, 6])
+        defer { data.remove() }
+        let run = temporaryRunDirectory()
+        let layers = "[conv 4 3 pad 1 nobias, batchnorm, relu, maxpool 2, conv 6 2 stride 1, leaky_relu 0.1, avgpool 2 stride 1, flatten, linear 12, relu, batchnorm, dropout 0.2]"
+        let trained = try Harness.local(["train", "--local", "--run-dir", run, "--progress", "plain", "--set", "model.layers=\(layers)",
+                                         "--set", "training.epochs=2", "--set", "training.batch_size=16",
+                                         "--set", "schedule.warmup_steps=2"] + data.arguments)
+        #expect(trained.status == 0, "\(trained.output)")
+        let model = run + "/model.safetensors"
+        let testData = Array(data.arguments.suffix(4))
+        let reference = try evalCount(try eval(["--run-dir", temporaryRunDirectory(), "--model", model] + testData).output)
+
+        // Logits from bpworker, the inputs gzipped as the snippet reads them.
+        let directory = temporaryRunDirectory()
+        try FileManager.default.createDirectory(atPath: directory + "/runs/default", withIntermediateDirectories: true)
+        try FileManager.default.createSymbolicLink(atPath: directory + "/runs/default/model.safetensors", withDestinationPath: model)
+        let images = data.directory.appendingPathComponent("test-x.idx").path, labels = data.directory.appendingPathComponent("test-y.idx").path
+        let predicted = try Harness.local(["predict", "--model", model, images, "--logits", "--output", directory + "/logits.npy"])
+        #expect(predicted.status == 0, "\(predicted.output)")
+        _ = try python("""
+            import gzip, shutil
+            for source, target in [("\(images)", "t10k-images-idx3-ubyte.gz"), ("\(labels)", "t10k-labels-idx1-ubyte.gz")]:
+                with open(source, "rb") as s, gzip.open(target, "wb") as t: shutil.copyfileobj(s, t)
+            """, directory: directory)
+
+        let readme = try String(contentsOf: Self.repository.appendingPathComponent("README.md"), encoding: .utf8)
+        var snippet = try #require(Self.snippet("torch", in: readme), "README.md has no torch snippet")
+        #expect(snippet.contains("data = \"/usr/share/datasets/fashion-mnist/\""))
+        snippet = snippet.replacingOccurrences(of: "data = \"/usr/share/datasets/fashion-mnist/\"", with: "data = \"./\"")
+        let output = try python(snippet + """
+
+            ours = torch.from_numpy(np.load("logits.npy"))
+            with torch.no_grad():
+                theirs = model(torch.from_numpy(x))
+            print(f"max logit difference {float((ours - theirs).abs().max()):.3e} of {float(theirs.abs().max()):.3e}")
+            """, executable: Self.torchPython, directory: directory)
+        #expect(try pythonCount(output) == reference, "\(output)")
+        let line = try #require(output.split(separator: "\n").first { $0.hasPrefix("max logit difference") }, "\(output)")
+        let difference = try #require(Double(line.split(separator: " ")[3]), "\(line)")
+        #expect(difference <= 1e-4, "\(line)")
+        #expect(reference.count == 120)
+    }
+}
