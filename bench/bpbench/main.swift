@@ -194,6 +194,45 @@ func profileBench() throws {
     }
 }
 
+// MARK: - Where a CNN step's time goes
+
+/// configs/fashion-cnn.yaml's network at its batch (64 per rank), one thread: every layer timed inside real steps,
+/// and the share of the step its layers' GEMM-bound passes take (convolutions and linear layers).
+func cnnProfileBench() throws {
+    BLASThreads.set(1)
+    let conv = { (i: Int, o: Int) in LayerSpec.conv2d(inChannels: i, outChannels: o, kernel: 3, stride: 1, padding: 1, bias: false) }
+    let spec = ModelSpec(layers: [
+        conv(1, 32), .batchNorm(features: 32), .relu, .maxPool2d(kernel: 2, stride: 2),
+        conv(32, 64), .batchNorm(features: 64), .relu, .maxPool2d(kernel: 2, stride: 2),
+        .flatten, .linear(inputs: 3136, outputs: 128), .relu, .dropout(probability: 0.3), .linear(inputs: 128, outputs: 10),
+    ], inputShape: [1, 28, 28])
+    let batch = 64
+    let model = try Model<Float>(spec: spec, batchCapacity: batch, seed: 1)
+    var generator = RandomGenerator(seed: 2, stream: 9)
+    for i in 0..<(batch * 784) { model.inputs[i] = Float(generator.nextNormal()) }
+    for r in 0..<batch { model.labels[r] = Int32(r % 10) }
+    var parts: [String: [Double]] = [:]
+    let layers = spec.layers
+    func layerName(_ index: Int, _ pass: Model<Float>.Pass) -> String {
+        let what = index < layers.count ? "\(index) \(layers[index])" : "loss (softmax cross-entropy)"
+        return "  \(pass == .forward ? "forward" : "backward") \(what)"
+    }
+    model.layerTimer = { index, pass, seconds in parts[layerName(index, pass), default: []].append(seconds) }
+    for _ in 0..<(smoke ? 2 : 12) {
+        let t = now()
+        model.forward(count: batch, mode: .train)
+        model.backward(count: batch, accumulate: false) { _ in }
+        parts["forward and backward", default: []].append(now() - t)
+    }
+    model.layerTimer = nil
+    print("| inside a fashion-cnn step at batch 64, 1 thread | median ms |")
+    print("| --- | --- |")
+    var names = ["forward and backward"]
+    names += layers.indices.map { layerName($0, .forward) } + [layerName(layers.count, .forward)]
+    names += layers.indices.reversed().map { layerName($0, .backward) }
+    for name in names { print("| \(name) | \(f(median(parts[name]!) * 1e3)) |") }
+}
+
 // MARK: - Allocations per step
 
 func allocationBench() throws {
@@ -372,6 +411,7 @@ case "gemm-floor":
     print(f(t * 1e3))
 case "allocations": try allocationBench()
 case "profile": try profileBench()
+case "cnn-profile": try cnnProfileBench()
 case "gradcheck": try gradcheckBench()
 case "allreduce": try mpiBench(allreduceBench)
 case "overlap": try mpiBench(overlapBench)

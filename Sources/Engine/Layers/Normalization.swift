@@ -179,7 +179,8 @@ final class LayerNorm<T: Scalar>: Layer<T> {
 
 // MARK: - Kernels. Layout [B, F, S]: sample b, feature f, position s at (b F + f) S + s.
 
-/// sums[f] = sum of x over the batch and positions of feature f; sums[F + f] = the same of x^2.
+/// sums[f] = sum of x over the batch and positions of feature f; sums[F + f] = the same of x^2. In Double, with four
+/// independent accumulators per sum: one accumulator made each addition wait for the last (4 ms of a 56 ms step).
 @_specialize(where T == Float) @_specialize(where T == Double)
 func featureSums<T: Scalar>(_ x: UnsafePointer<T>, samples: Int, features: Int, positions: Int,
                             into sums: UnsafeMutablePointer<Double>) {
@@ -187,14 +188,22 @@ func featureSums<T: Scalar>(_ x: UnsafePointer<T>, samples: Int, features: Int, 
     for b in 0..<samples {
         for f in 0..<features {
             let run = x + (b * features + f) * positions
-            var s = 0.0, s2 = 0.0
-            for i in 0..<positions {
-                let v = Double(run[i])
-                s += v
-                s2 += v * v
+            var s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0, q0 = 0.0, q1 = 0.0, q2 = 0.0, q3 = 0.0
+            var i = 0
+            while i &+ 4 <= positions {
+                let v0 = Double(run[i]), v1 = Double(run[i &+ 1]), v2 = Double(run[i &+ 2]), v3 = Double(run[i &+ 3])
+                s0 += v0; s1 += v1; s2 += v2; s3 += v3
+                q0 += v0 * v0; q1 += v1 * v1; q2 += v2 * v2; q3 += v3 * v3
+                i &+= 4
             }
-            sums[f] += s
-            sums[features + f] += s2
+            while i < positions {
+                let v = Double(run[i])
+                s0 += v
+                q0 += v * v
+                i &+= 1
+            }
+            sums[f] += (s0 + s1) + (s2 + s3)
+            sums[features + f] += (q0 + q1) + (q2 + q3)
         }
     }
 }
@@ -223,15 +232,26 @@ func featureGradientSums<T: Scalar>(_ x: UnsafePointer<T>, _ dy: UnsafePointer<T
     for b in 0..<samples {
         for f in 0..<features {
             let offset = (b * features + f) * positions
-            let m = mean[f], r = inverseDeviation[f]
-            var s = 0.0, sx = 0.0
-            for i in 0..<positions {
-                let g = Double(dy[offset + i])
-                s += g
-                sx += g * (Double(x[offset + i]) - m) * r
+            let g = dy + offset, v = x + offset
+            let m = mean[f]
+            // sum dy xhat = r sum dy (x - m): the deviation's factor taken out of the loop. Four accumulators each.
+            var s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0, t0 = 0.0, t1 = 0.0, t2 = 0.0, t3 = 0.0
+            var i = 0
+            while i &+ 4 <= positions {
+                let g0 = Double(g[i]), g1 = Double(g[i &+ 1]), g2 = Double(g[i &+ 2]), g3 = Double(g[i &+ 3])
+                s0 += g0; s1 += g1; s2 += g2; s3 += g3
+                t0 += g0 * (Double(v[i]) - m); t1 += g1 * (Double(v[i &+ 1]) - m)
+                t2 += g2 * (Double(v[i &+ 2]) - m); t3 += g3 * (Double(v[i &+ 3]) - m)
+                i &+= 4
             }
-            sums[f] += s
-            sums[features + f] += sx
+            while i < positions {
+                let g0 = Double(g[i])
+                s0 += g0
+                t0 += g0 * (Double(v[i]) - m)
+                i &+= 1
+            }
+            sums[f] += (s0 + s1) + (s2 + s3)
+            sums[features + f] += ((t0 + t1) + (t2 + t3)) * inverseDeviation[f]
         }
     }
 }

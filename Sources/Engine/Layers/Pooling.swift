@@ -74,7 +74,9 @@ final class GlobalAvgPool2d<T: Scalar>: Layer<T> {
 // MARK: - Kernels
 
 /// Max pooling of `samples` samples [C, H, W] -> [C, Ho, Wo], recording each window's winner (its index within the
-/// sample). The comparison is a select, not a branch.
+/// sample). The comparisons are selects, not branches, on Int indices (converted once per window): the first version
+/// compared through Int32 conversions, checked for overflow at every element, and took 9 ms of a 74 ms CNN step.
+/// The 2x2 window of stride 2, by far the most common, has a straight-line path.
 @_specialize(where T == Float) @_specialize(where T == Double)
 func maxPoolForward<T: Scalar>(_ x: UnsafePointer<T>, _ y: UnsafeMutablePointer<T>, winners: UnsafeMutablePointer<Int32>,
                                samples: Int, channels: Int, height: Int, width: Int, kernel: Int, stride: Int,
@@ -82,23 +84,38 @@ func maxPoolForward<T: Scalar>(_ x: UnsafePointer<T>, _ y: UnsafeMutablePointer<
     let inPlane = height * width, outPlane = outHeight * outWidth
     for n in 0..<(samples * channels) {
         let input = x + n * inPlane, output = y + n * outPlane, won = winners + n * outPlane
-        let base = Int32((n % channels) * inPlane)
+        let base = (n % channels) * inPlane
         for i in 0..<outHeight {
             for j in 0..<outWidth {
                 let corner = i * stride * width + j * stride
                 var best = input[corner]
-                var winner = Int32(corner)
-                for p in 0..<kernel {
-                    for q in 0..<kernel {
-                        let at = corner + p * width + q
-                        let v = input[at]
-                        let better = v > best
-                        best = better ? v : best
-                        winner = better ? Int32(at) : winner
+                var winner = corner
+                if kernel == 2 {
+                    // Row-major order of the window, so the first largest still wins a tie.
+                    let b = corner + 1, c = corner + width, d = c + 1
+                    let vb = input[b], vc = input[c], vd = input[d]
+                    var better = vb > best
+                    best = better ? vb : best
+                    winner = better ? b : winner
+                    better = vc > best
+                    best = better ? vc : best
+                    winner = better ? c : winner
+                    better = vd > best
+                    best = better ? vd : best
+                    winner = better ? d : winner
+                } else {
+                    for p in 0..<kernel {
+                        for q in 0..<kernel {
+                            let at = corner &+ p &* width &+ q
+                            let v = input[at]
+                            let better = v > best
+                            best = better ? v : best
+                            winner = better ? at : winner
+                        }
                     }
                 }
                 output[i * outWidth + j] = best
-                won[i * outWidth + j] = base + winner
+                won[i * outWidth + j] = Int32(truncatingIfNeeded: base &+ winner)
             }
         }
     }
