@@ -46,6 +46,11 @@ final class TrainingLoop {
 
     private(set) var position: TrainingPosition
     private(set) var lastCheckpoint: String?
+    /// The model's buffers (batch norm's running statistics) before the current step: a step dropped for non-finite
+    /// values must not keep what its forward pass did to them (a NaN batch makes them NaN). Allocated once.
+    private let buffersBefore: UnsafeMutableBufferPointer<Float>
+
+    deinit { buffersBefore.deallocate() }
 
     init(session: Session, prepared: Prepared, optimizer: Optimizer<Float>, reducer: GradientReducer,
          exchange: CheckpointExchange, watchdog: Watchdog, progress: Progress, hooks: TestHooks, position: TrainingPosition) {
@@ -59,6 +64,8 @@ final class TrainingLoop {
         self.hooks = hooks
         self.position = position
         schedule = session.config.learningRateSchedule(totalSteps: prepared.totalSteps)
+        buffersBefore = .allocate(capacity: prepared.model.buffers.count)
+        buffersBefore.initialize(repeating: 0)
     }
 
     // MARK: - One step
@@ -71,6 +78,8 @@ final class TrainingLoop {
         prepared.train.gather(indices: prepared.sampler.batch(epochIndices, step: step), into: model.inputs, labels: model.labels)
         watchdog.beginStep(position.globalStep)
         hooks.beforeStep(step: position.globalStep, model: model)
+        let keepsBuffers = !model.bufferTable.isEmpty
+        if keepsBuffers { buffersBefore.baseAddress!.update(from: model.buffers.baseAddress!, count: buffersBefore.count) }
         var result = model.forward(count: batch, mode: .train)
         hooks.afterForward(step: position.globalStep, result: &result)
         let localNonFiniteLoss = result.lossSum.isFinite ? 0 : 1
@@ -86,6 +95,8 @@ final class TrainingLoop {
         position.epochStep = step + 1
 
         if model.control[slot.nonFinite] > 0 {
+            // The step is dropped: so is what its forward pass did to the running statistics.
+            if keepsBuffers { model.buffers.baseAddress!.update(from: buffersBefore.baseAddress!, count: buffersBefore.count) }
             // Every rank saw the same count, so every rank takes the same branch.
             watchdog.enter(.gradientAllreduce, step: position.globalStep)
             let ranks = try faultyRanks(local: localNonFiniteLoss + reducer.localNonFiniteCount)

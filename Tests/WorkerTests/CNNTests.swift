@@ -82,6 +82,34 @@ struct CNNTests {
         #expect(try state(run) == (try state(reference)), "the resumed CNN must equal the uninterrupted one bitwise, running statistics included")
     }
 
+    /// Local batch norm's running statistics differ between ranks during training; the replica check compares them
+    /// after taking rank 0's (as evaluation and checkpoints do), so it checks every step without a false alarm, and a
+    /// drifted replica, a NaN, still stop a CNN naming the rank.
+    @Test func replicaChecksAndNonFiniteValuesWorkWithBatchNorm() throws {
+        let data = try SyntheticData(samples: 96, features: 36, imageShape: [6, 6])
+        defer { data.remove() }
+        let healthy = try Harness.mpirun(2, job(data, batch: 8, runDir: temporaryRunDirectory(),
+                                               extra: ["--set", "training.replica_check_every=1"]))
+        #expect(healthy.status == 0 && !healthy.output.contains("diverged"), "\(healthy.output)")
+        let drifted = try Harness.mpirun(2, job(data, batch: 8, runDir: temporaryRunDirectory(),
+                                                extra: ["--set", "training.replica_check_every=4", "--set", "training.reduction=allreduce"]),
+                                         environment: ["BPWORKER_TEST_DIVERGE": "1:2"])
+        #expect(drifted.status == 1, "\(drifted.output)")
+        #expect(drifted.output.contains("replicas diverged at step 4: the parameters of rank 1 differ from rank 0's"), "\(drifted.output)")
+        // A NaN batch on rank 0, whose running statistics are the ones saved: the dropped step leaves them as they
+        // were, so the last good state is finite and equal to the checkpoint taken just before.
+        let run = temporaryRunDirectory()
+        let nan = try Harness.mpirun(2, job(data, batch: 8, runDir: run, extra: ["--set", "checkpoint.every_steps=5"]),
+                                     environment: ["BPWORKER_TEST_NAN": "0:5"])
+        #expect(nan.status == 1, "\(nan.output)")
+        #expect(nan.output.contains("non-finite loss or gradient at step 6 on rank 0; stopped (numerics.policy=stop)"), "\(nan.output)")
+        let last = try SafeTensorsFile(path: run + "/checkpoints/step-00000005.safetensors")
+        for name in ["1.running_mean", "1.running_var", "9.running_mean", "9.running_var"] {
+            #expect(try last.floats(name).allSatisfy(\.isFinite), "\(name): the last good state keeps finite running statistics")
+        }
+        #expect(try last.int64s("1.num_batches_tracked") == [5])
+    }
+
     func expectCleanFailure(_ data: SyntheticData, layers: String, extra: [String] = [], message: String,
                             sourceLocation: SourceLocation = #_sourceLocation) throws {
         let r = try Harness.mpirun(2, ["train", "--run-dir", temporaryRunDirectory()] + data.arguments
