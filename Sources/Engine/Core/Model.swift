@@ -129,7 +129,7 @@ public final class Model<T: Scalar> {
     let plan: [Layer<T>]
     private let arena: UnsafeMutableBufferPointer<T>
     private let scratch: UnsafeMutableBufferPointer<T>
-    /// For each layer with parameters, in backward order: its plan index (a flat array: the hot path iterates it).
+    /// The last layer: the loss reads its output and writes its output gradient.
     private let lastLayer: Layer<T>
 
     /// The output rows of the last forward pass, [batchCapacity, outputWidth] (logits for cross-entropy).
