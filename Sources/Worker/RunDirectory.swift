@@ -72,19 +72,12 @@ struct RunDirectory {
         return parts.joined(separator: ", ")
     }
 
-    /// Throws when `mode` would lose or misread the run that is here.
+    /// Throws when a fresh start would lose the run that is here. (`--overwrite` means to; `--resume` continues it,
+    /// and a missing checkpoint is found where it is read.)
     func checkStart(_ mode: StartMode) throws(RunDirectoryError) {
-        switch mode {
-        case .fresh:
-            guard holdsRun else { return }
-            throw RunDirectoryError(description: "\(path) already holds a run (\(summary)); continue it with --resume, "
-                + "start again with --overwrite, or choose another --run-dir")
-        case .overwrite:
-            return
-        case .resume:
-            // `--resume PATH` names its file; `--resume` alone needs `latest` (checked where it is read).
-            return
-        }
+        guard mode == .fresh, holdsRun else { return }
+        throw RunDirectoryError(description: "\(path) already holds a run (\(summary)); continue it with --resume, "
+            + "start again with --overwrite, or choose another --run-dir")
     }
 
     /// Removes the previous run's checkpoints, metrics, status, model, gradient-check report and heartbeats

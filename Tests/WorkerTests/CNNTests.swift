@@ -82,6 +82,20 @@ struct CNNTests {
         #expect(try state(run) == (try state(reference)), "the resumed CNN must equal the uninterrupted one bitwise, running statistics included")
     }
 
+    /// Synchronized batch norm's sums are collectives inside the passes: a rank that stalls leaves the others
+    /// waiting in them, and the watchdog names that phase instead of letting the job hang.
+    @Test func theWatchdogWatchesSynchronizedBatchNorm() throws {
+        let data = try SyntheticData(samples: 96, features: 36, imageShape: [6, 6])
+        defer { data.remove() }
+        let r = try Harness.mpirun(2, job(data, batch: 8, runDir: temporaryRunDirectory(),
+                                          extra: ["--set", "model.batchnorm=sync", "--set", "watchdog.timeout_seconds=2"]),
+                                   environment: ["BPWORKER_TEST_STALL": "1:3:60"], timeout: 60)
+        #expect(r.status != 0)
+        #expect(r.seconds < 30)
+        #expect(r.output.contains("stall: rank 0 has waited"), "\(r.output)")
+        #expect(r.output.contains("in the synchronized batch norm of step 3"), "\(r.output)")
+    }
+
     /// Local batch norm's running statistics differ between ranks during training; the replica check compares them
     /// after taking rank 0's (as evaluation and checkpoints do), so it checks every step without a false alarm, and a
     /// drifted replica, a NaN, still stop a CNN naming the rank.

@@ -257,8 +257,6 @@ public final class Model<T: Scalar> {
 
     /// Elements in the buffer that holds every activation and activation gradient, the input batch and the targets.
     public var arenaCount: Int { arena.count }
-    /// Bytes the layers allocated for themselves (masks, pooling winners, saved statistics) and their shared scratch.
-    public var workspaceBytes: Int { plan.reduce(0) { $0 + $1.workspaceBytes } + scratch.count * MemoryLayout<T>.stride }
 
     /// What a model of `spec` at `batchCapacity` rows allocates, computed from the shapes alone (in floating point),
     /// so that a size too large to allocate, or even to count in an `Int`, is found before anything is allocated.

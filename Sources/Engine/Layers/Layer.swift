@@ -143,8 +143,9 @@ extension LayerSpec {
     }
 
     /// What a layer of this kind allocates for itself at `batchCapacity` rows (bytes, in floating point so that
-    /// impossible sizes are still counted), and the elements of the shared scratch it needs. The layer classes
-    /// allocate exactly this; `Model.footprint` adds it up before anything is allocated.
+    /// impossible sizes are still counted), and the elements of the shared scratch it needs: keep it in step with the
+    /// layer classes' initialisers (the scratch is sized from it). `Model.footprint` adds it up before anything is
+    /// allocated; the memory tests compare the estimate with the measured peak.
     func workspace(input: [Int], output: [Int], batchCapacity rows: Double, scalarBytes: Double)
         -> (bytes: Double, scratchElements: Double) {
         let inputCount = input.reduce(1.0) { $0 * Double($1) }, outputCount = output.reduce(1.0) { $0 * Double($1) }
