@@ -108,17 +108,21 @@ struct Train: ParsableCommand {
 
 struct Gradcheck: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Check backpropagation against float64 finite differences on rank 0 and exit.",
+        abstract: "Check backpropagation against float64 finite differences on rank 0 (or every rank together) and exit.",
         discussion: """
             Exits 0 when the check passes (or only warns), 1 when it fails.
               bpworker gradcheck --local
               bpworker gradcheck --local --json --set gradcheck.all=true
+              mpirun -n 2 bpworker gradcheck --distributed --set model.batchnorm=sync
             """)
 
     @OptionGroup var options: RunOptions
 
     @Flag(help: "Print the report as JSON instead of a table.")
     var json = false
+
+    @Flag(help: "Every rank checks together: the same coordinates perturbed on every rank, J the mean loss over all ranks' check batches (with model.batchnorm=sync, through synchronized batch norm's cross-rank terms).")
+    var distributed = false
 
     func run() throws {
         let session = Session.start(options: options, extraOverrides: [])
@@ -127,7 +131,8 @@ struct Gradcheck: ParsableCommand {
         session.agree("run directory \(session.runDirectory)") {
             if session.isRoot { try FileManager.default.createDirectory(atPath: session.runDirectory, withIntermediateDirectories: true) }
         }
-        let verdict = GradientCheckRun.run(session, prepared, printJSON: json, reportDirectory: session.runDirectory)
+        let verdict = GradientCheckRun.run(session, prepared, distributed: distributed, printJSON: json,
+                                           reportDirectory: session.runDirectory)
         session.finish(exitCode: verdict == .fail ? 1 : 0)
     }
 }

@@ -19,6 +19,9 @@ struct TestHooks {
     var stepSleepMicroseconds: UInt32 = 0
     /// BPWORKER_TEST_DIVERGE=RANK:STEP: that rank's first parameter drifts at that step (a silent replica fault).
     var divergeStep: Int?
+    /// BPWORKER_TEST_GRADCHECK_FAIL=RANK:N: that rank fails inside the distributed gradient check, before its Nth sum
+    /// across ranks (1-based), while the others wait in it.
+    var gradcheckFailSum: Int?
 
     static func fromEnvironment(rank: Int) -> TestHooks {
         let env = ProcessInfo.processInfo.environment
@@ -37,6 +40,7 @@ struct TestHooks {
         }
         if let f = fields("BPWORKER_TEST_STEP_SLEEP_MS"), f.count == 1 { hooks.stepSleepMicroseconds = UInt32(f[0] * 1000) }
         if let f = fields("BPWORKER_TEST_DIVERGE"), f.count == 2, Int(f[0]) == rank { hooks.divergeStep = Int(f[1]) }
+        if let f = fields("BPWORKER_TEST_GRADCHECK_FAIL"), f.count == 2, Int(f[0]) == rank { hooks.gradcheckFailSum = Int(f[1]) }
         return hooks
     }
 
@@ -68,7 +72,7 @@ func sleepFully(_ seconds: Double) {
 
 /// The test-only switch that breaks one tensor's backward pass (see README, "Testing the gradient check").
 /// BPWORKER_TEST_GRADIENT_FAULT = missing:NAME | transposed:NAME | scaled:NAME:FACTOR | flipped:CONV.weight |
-/// padding:CONV.weight | nomean:BATCHNORM.weight
+/// padding:CONV.weight | nomean:BATCHNORM.weight | localsums:BATCHNORM.weight
 func gradientFaultFromEnvironment() throws -> GradientFault? {
     guard let value = ProcessInfo.processInfo.environment["BPWORKER_TEST_GRADIENT_FAULT"], !value.isEmpty else { return nil }
     let parts = value.split(separator: ":").map(String.init)
@@ -78,12 +82,13 @@ func gradientFaultFromEnvironment() throws -> GradientFault? {
     case ("flipped", 2): return .flippedKernel(tensor: parts[1])
     case ("padding", 2): return .paddingOffset(tensor: parts[1])
     case ("nomean", 2): return .batchNormWithoutMeanTerm(tensor: parts[1])
+    case ("localsums", 2): return .batchNormLocalSums(tensor: parts[1])
     case ("scaled", 3):
         if let factor = Double(parts[2]) { return .scaled(tensor: parts[1], factor: factor) }
     default: break
     }
     throw TestHookError(description: "BPWORKER_TEST_GRADIENT_FAULT=\(value): expected missing:NAME, transposed:NAME, "
-        + "scaled:NAME:FACTOR, flipped:CONV.weight, padding:CONV.weight or nomean:BATCHNORM.weight")
+        + "scaled:NAME:FACTOR, flipped:CONV.weight, padding:CONV.weight, nomean:BATCHNORM.weight or localsums:BATCHNORM.weight")
 }
 
 /// A test hook's environment variable that cannot be parsed.

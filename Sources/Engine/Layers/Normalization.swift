@@ -108,10 +108,17 @@ final class BatchNorm<T: Scalar>: Layer<T> {
         guard let dx else { return }
         if lastUsedBatchStatistics {
             // Synchronized: the input gradient needs the global batch's reductions (the count slot is reduced along).
-            reducer?.sumAcrossRanks(sums)
+            if let reducer, let fault = inputGradientFault, fault.keepsLocalSums {
+                // Test hook's bug: this rank's sum of dy back in place of the global one.
+                let local = Array(sums[0..<features])
+                reducer.sumAcrossRanks(sums)
+                for c in 0..<features { sums[c] = local[c] }
+            } else {
+                reducer?.sumAcrossRanks(sums)
+            }
             normalizeBackward(x, dy, dx, samples: count, features: features, positions: positions, mean: mean,
                               inverseDeviation: inverseDeviation, gamma: gamma, sums: sums.baseAddress!, count: lastCount,
-                              withoutMeanTerm: inputGradientFault != nil)
+                              withoutMeanTerm: inputGradientFault?.omitsMeanTerm ?? false)
         } else {
             // Running statistics are constants: dx = dy gamma / sqrt(running var + eps).
             normalizeBackward(x, dy, dx, samples: count, features: features, positions: positions, mean: mean,
