@@ -57,6 +57,31 @@ struct DistributedGradientCheckTests {
         }
     }
 
+    /// A kink (a ReLU input or a max-pooling winner changing between theta - eps and theta + eps) on any rank is a kink
+    /// of the global batch: every rank skips that coordinate and draws the same next one, so the collectives stay
+    /// matched. With eps 0.01 most of the first layer's coordinates straddle a kink somewhere; 4 ranks of 2 samples
+    /// must skip, retry and check exactly what one process does on all 8.
+    @Test func aKinkOnAnyRankIsSkippedOnEveryRank() throws {
+        let data = try SyntheticData(samples: 96, features: 36, imageShape: [6, 6])
+        defer { data.remove() }
+        var counts: [Int: [[Int]]] = [:]
+        for ranks in [1, 4] {
+            let run = temporaryRunDirectory()
+            let r = try Harness.mpirun(ranks, gradcheck(data, runDir: run, ["--distributed", "--set", "model.batchnorm=sync",
+                                                                            "--set", "gradcheck.batch=\(8 / ranks)", "--set", "gradcheck.eps=0.01"]),
+                                       timeout: 120)
+            // eps 0.01 is far too coarse for the verdict (truncation error ~ eps^2); what matters is that it finished.
+            #expect(occurrences(of: "gradient check: FAIL", in: r.output) == 1, "\(r.output)")
+            #expect(!r.output.contains("critical"), "\(r.output)")
+            let json = try report(run)
+            let tensors = json["tensors"] as! [[String: Any]]
+            let direction = json["direction"] as! [String: Any]
+            counts[ranks] = tensors.map { [$0["checked"] as! Int, $0["kinksSkipped"] as! Int] } + [[direction["kinksSkipped"] as! Int]]
+        }
+        #expect(counts[1] == counts[4], "one rank: \(counts[1]!), 4 ranks: \(counts[4]!)")
+        #expect((counts[1]?.map { $0.last! }.reduce(0, +) ?? 0) > 50, "too few kinks to test anything: \(counts[1]!)")
+    }
+
     /// A bug only in the cross-rank part of synchronized batch norm's backward pass (the input gradient with this
     /// rank's own sum of dy instead of the global batch's): rank 0 checking alone normalises its own batch and cannot
     /// see it, the distributed check fails and names the tensors below the layer.
