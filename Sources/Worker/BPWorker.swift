@@ -77,7 +77,7 @@ struct Train: ParsableCommand {
 
     @OptionGroup var options: RunOptions
 
-    @Flag(help: "Gradient-check on rank 0 before the first step (same as gradcheck.enabled=true).")
+    @Flag(help: "Gradient-check before the first step, on rank 0 or, with model.batchnorm=sync, on every rank together (same as gradcheck.enabled=true).")
     var gradcheck = false
 
     @Option(help: ArgumentHelp(

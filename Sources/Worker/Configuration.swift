@@ -146,7 +146,7 @@ struct Configuration: Equatable {
             "sharded (each rank updates its part of the parameters, then they are gathered) or allreduce (every rank updates all)"),
         key("training.target_accuracy", \.targetAccuracy, "stop after the first epoch whose test accuracy reaches this (0 = off)"),
         key("training.blas_threads", \.blasThreads, "OpenBLAS threads per rank (0 = 1 when ranks share a node, else all cores)"),
-        key("gradcheck.enabled", \.gradcheckEnabled, "rank 0 gradient-checks before the first step"),
+        key("gradcheck.enabled", \.gradcheckEnabled, "gradient-check before the first step (rank 0; every rank with model.batchnorm=sync)"),
         key("gradcheck.samples", \.gradcheckSamples, "coordinates sampled per tensor"),
         key("gradcheck.eps", \.gradcheckEpsilon, "finite-difference step"),
         key("gradcheck.batch", \.gradcheckBatch, "examples in the check batch"),

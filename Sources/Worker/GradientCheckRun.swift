@@ -74,12 +74,14 @@ enum GradientCheckRun {
         let sums = CrossRankSums(communicator: session.communicator) { error in
             session.abort("gradient check: sum across ranks failed: \(error)")
         }
-        let failAt = TestHooks.fromEnvironment(rank: session.rank).gradcheckFailSum
+        let hooks = TestHooks.fromEnvironment(rank: session.rank)
         var reductions = 0
         sums.willReduce = {
             reductions += 1
-            if reductions == failAt {
-                session.abort("gradient check: test failure before sum \(reductions) across ranks (BPWORKER_TEST_GRADCHECK_FAIL)")
+            if reductions == hooks.gradcheckFailSum {
+                if hooks.gradcheckStalls { sleepFully(60) } else {
+                    session.abort("gradient check: test failure before sum \(reductions) across ranks (BPWORKER_TEST_GRADCHECK_FAIL)")
+                }
             }
             watchdog?.enter(.gradientCheck)
         }

@@ -19,9 +19,10 @@ struct TestHooks {
     var stepSleepMicroseconds: UInt32 = 0
     /// BPWORKER_TEST_DIVERGE=RANK:STEP: that rank's first parameter drifts at that step (a silent replica fault).
     var divergeStep: Int?
-    /// BPWORKER_TEST_GRADCHECK_FAIL=RANK:N: that rank fails inside the distributed gradient check, before its Nth sum
-    /// across ranks (1-based), while the others wait in it.
+    /// BPWORKER_TEST_GRADCHECK_FAIL=RANK:N[:stall]: that rank fails inside the distributed gradient check, before its
+    /// Nth sum across ranks (1-based), while the others wait in it; with `:stall` it sleeps there for a minute instead.
     var gradcheckFailSum: Int?
+    var gradcheckStalls = false
 
     static func fromEnvironment(rank: Int) -> TestHooks {
         let env = ProcessInfo.processInfo.environment
@@ -40,7 +41,10 @@ struct TestHooks {
         }
         if let f = fields("BPWORKER_TEST_STEP_SLEEP_MS"), f.count == 1 { hooks.stepSleepMicroseconds = UInt32(f[0] * 1000) }
         if let f = fields("BPWORKER_TEST_DIVERGE"), f.count == 2, Int(f[0]) == rank { hooks.divergeStep = Int(f[1]) }
-        if let f = fields("BPWORKER_TEST_GRADCHECK_FAIL"), f.count == 2, Int(f[0]) == rank { hooks.gradcheckFailSum = Int(f[1]) }
+        if let f = fields("BPWORKER_TEST_GRADCHECK_FAIL"), f.count == 2, Int(f[0]) == rank {
+            hooks.gradcheckFailSum = Int(f[1])
+            hooks.gradcheckStalls = env["BPWORKER_TEST_GRADCHECK_FAIL"]?.hasSuffix(":stall") ?? false
+        }
         return hooks
     }
 

@@ -133,7 +133,8 @@ struct DistributedGradientCheckTests {
     }
 
     /// A rank that fails in the middle of the distributed check, while the others wait in one of its sums, ends every
-    /// rank within seconds with its message, and no report is written.
+    /// rank within seconds with its message, and no report is written; at train time the watchdog names a rank that
+    /// stalls inside the check.
     @Test func anErrorOnOneRankDuringTheCheckEndsEveryRank() throws {
         let data = try SyntheticData(samples: 96, features: 36, imageShape: [6, 6])
         defer { data.remove() }
@@ -147,5 +148,14 @@ struct DistributedGradientCheckTests {
                     "\(r.output)")
             #expect(!FileManager.default.fileExists(atPath: run + "/gradcheck.json"))
         }
+        // At train time the check's sums are watched: a rank stalled inside the check is reported in that phase.
+        let stalled = try Harness.mpirun(2, CNNTests().job(data, batch: 8, runDir: temporaryRunDirectory(),
+                                                           extra: ["--set", "model.batchnorm=sync", "--gradcheck",
+                                                                   "--set", "watchdog.timeout_seconds=2"]),
+                                         environment: ["BPWORKER_TEST_GRADCHECK_FAIL": "1:7:stall"], timeout: 60)
+        #expect(stalled.status != 0, "\(stalled.output)")
+        #expect(stalled.seconds < 30)
+        #expect(stalled.output.contains("stall: rank 0 has waited"), "\(stalled.output)")
+        #expect(stalled.output.contains("in the gradient check of step 0"), "\(stalled.output)")
     }
 }

@@ -20,7 +20,8 @@ public enum ForwardMode: Sendable {
 }
 
 /// Sums across the ranks of a data-parallel job, for layers whose forward and backward passes need statistics of
-/// the global batch (synchronized batch norm). The engine knows nothing of MPI: the coordinator supplies this.
+/// the global batch (synchronized batch norm), and for the distributed gradient check (`checkGradients(acrossRanks:)`).
+/// The engine knows nothing of MPI: the coordinator supplies this.
 public protocol CrossRankReducer: AnyObject {
     /// Replaces each value of `values` with its sum over every rank. Collective: every rank calls it in the same
     /// order with the same count. It runs inside a forward or backward pass, where there is no way back: on
