@@ -28,8 +28,13 @@ enum GradientCheckRun {
             indices.withUnsafeBufferPointer { prepared.train.gather(indices: $0, into: copy.inputs, labels: copy.labels) }
             let sums = crossRankSums(session, watchdog: watchdog)
             if config.batchNorm == .sync && session.worldSize > 1 { copy.crossRankReducer = sums }
-            let through = copy.crossRankReducer != nil ? ", through synchronized batch norm" : ""
-            if !printJSON { session.logger.info("gradient check: distributed over \(session.worldSize) rank\(session.worldSize == 1 ? "" : "s"), \(indices.count) samples each; every rank perturbs the same coordinates and J is the mean loss over all of them\(through)") }
+            if !printJSON {
+                let ranks = "\(session.worldSize) rank\(session.worldSize == 1 ? "" : "s")"
+                let through = copy.crossRankReducer != nil ? ", through synchronized batch norm" : ""
+                let message = "gradient check: distributed over \(ranks), \(indices.count) samples each; every rank perturbs "
+                    + "the same coordinates and J is the mean loss over all of them\(through)"
+                session.logger.info("\(message)")
+            }
             report = checkGradients(model: copy, count: indices.count, options: config.gradientCheckOptions, acrossRanks: sums)
         } else if session.isRoot {
             let count = min(config.gradcheckBatch, prepared.train.count)
@@ -62,8 +67,9 @@ enum GradientCheckRun {
         }
         if distributed && own != verdict[0] {
             // Cannot happen while every decision is taken from summed values; if it does, going on would split the job.
-            session.abort("gradient check: rank \(session.rank) reached verdict \(own) but rank 0 reached \(verdict[0]): "
-                + "the distributed check desynchronised")
+            let name = { (raw: Int32) in Verdict(rawValue: raw).map { "\($0)" } ?? "\(raw)" }
+            session.abort("gradient check: rank \(session.rank) reached the verdict \(name(own)) but rank 0 reached "
+                + "\(name(verdict[0])): the distributed check desynchronised")
         }
         return Verdict(rawValue: verdict[0]) ?? .fail
     }
