@@ -131,6 +131,9 @@ struct Gradcheck: ParsableCommand {
         session.agree("run directory \(session.runDirectory)") {
             if session.isRoot { try FileManager.default.createDirectory(atPath: session.runDirectory, withIntermediateDirectories: true) }
         }
+        if !distributed && !json && session.config.batchNorm == .sync && session.worldSize > 1 && !prepared.model.bufferTable.isEmpty {
+            session.logger.info("gradient check: on rank 0 alone, whose batch norm normalises its own batch; --distributed checks synchronized batch norm's cross-rank terms too")
+        }
         let verdict = GradientCheckRun.run(session, prepared, distributed: distributed, printJSON: json,
                                            reportDirectory: session.runDirectory)
         session.finish(exitCode: verdict == .fail ? 1 : 0)
