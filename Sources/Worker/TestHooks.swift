@@ -9,6 +9,10 @@ struct TestHooks {
     /// gradients stay finite, so each channel of the non-finite check can be tested alone.
     var nanStep: Int?
     var nanLossOnly = false
+    /// BPWORKER_TEST_GRADCHECK_FAIL=RANK:N[:stall]: that rank fails inside the distributed gradient check, before its
+    /// Nth sum across ranks (1-based), while the others wait in it; with `:stall` it sleeps there for a minute instead.
+    var gradcheckFailSum: Int?
+    var gradcheckStalls = false
     /// BPWORKER_TEST_STALL=RANK:STEP:SECONDS[:after-exchange]: that rank sleeps inside that step, before its forward
     /// pass or, with the fourth field, between the gradient exchange and the update (where the others wait in
     /// the sharded update's parameter gather).
@@ -19,10 +23,6 @@ struct TestHooks {
     var stepSleepMicroseconds: UInt32 = 0
     /// BPWORKER_TEST_DIVERGE=RANK:STEP: that rank's first parameter drifts at that step (a silent replica fault).
     var divergeStep: Int?
-    /// BPWORKER_TEST_GRADCHECK_FAIL=RANK:N[:stall]: that rank fails inside the distributed gradient check, before its
-    /// Nth sum across ranks (1-based), while the others wait in it; with `:stall` it sleeps there for a minute instead.
-    var gradcheckFailSum: Int?
-    var gradcheckStalls = false
 
     static func fromEnvironment(rank: Int) -> TestHooks {
         let env = ProcessInfo.processInfo.environment
@@ -34,6 +34,10 @@ struct TestHooks {
             hooks.nanStep = Int(f[1])
             hooks.nanLossOnly = env["BPWORKER_TEST_NAN"]?.hasSuffix(":loss") ?? false
         }
+        if let f = fields("BPWORKER_TEST_GRADCHECK_FAIL"), f.count == 2, Int(f[0]) == rank {
+            hooks.gradcheckFailSum = Int(f[1])
+            hooks.gradcheckStalls = env["BPWORKER_TEST_GRADCHECK_FAIL"]?.hasSuffix(":stall") ?? false
+        }
         if let f = fields("BPWORKER_TEST_STALL"), f.count == 3, Int(f[0]) == rank {
             hooks.stallStep = Int(f[1])
             hooks.stallSeconds = f[2]
@@ -41,10 +45,6 @@ struct TestHooks {
         }
         if let f = fields("BPWORKER_TEST_STEP_SLEEP_MS"), f.count == 1 { hooks.stepSleepMicroseconds = UInt32(f[0] * 1000) }
         if let f = fields("BPWORKER_TEST_DIVERGE"), f.count == 2, Int(f[0]) == rank { hooks.divergeStep = Int(f[1]) }
-        if let f = fields("BPWORKER_TEST_GRADCHECK_FAIL"), f.count == 2, Int(f[0]) == rank {
-            hooks.gradcheckFailSum = Int(f[1])
-            hooks.gradcheckStalls = env["BPWORKER_TEST_GRADCHECK_FAIL"]?.hasSuffix(":stall") ?? false
-        }
         return hooks
     }
 

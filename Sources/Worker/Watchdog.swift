@@ -22,10 +22,11 @@ import Synchronization
 final class Watchdog: Sendable {
     enum Phase: Int, CaseIterable {
         case compute = 0, gradientAllreduce, parameterGather, metricsAllreduce, evaluation, checkpoint, replicaCheck, setup,
-             batchNormSync, gradientCheck
+             batchNormSync
         var name: String {
             switch self {
             case .compute: "computing"
+            case .gradientCheck: "gradient check"
             case .gradientAllreduce: "gradient allreduce"
             case .parameterGather: "update and parameter gather"
             case .metricsAllreduce: "metrics allreduce"
@@ -34,9 +35,11 @@ final class Watchdog: Sendable {
             case .replicaCheck: "replica check"
             case .setup: "setup"
             case .batchNormSync: "synchronized batch norm"
-            case .gradientCheck: "gradient check"
             }
         }
+
+        /// The distributed gradient check's sums over the ranks (GradientCheckRun).
+        case gradientCheck
     }
 
     /// `Phase.rawValue` of where the training thread is; `compute` outside collectives.
