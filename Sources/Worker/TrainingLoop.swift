@@ -147,6 +147,7 @@ final class TrainingLoop {
                     let (outcome, result) = try self.step(step, of: all)
                     switch outcome {
                     case .skipped:
+                        progress.recordEvent("skip", step: position.globalStep)
                         continue
                     case let .nonFinite(message):
                         try checkpoint()
@@ -217,6 +218,7 @@ final class TrainingLoop {
         defer { watchdog.leave() }
         lastCheckpoint = try exchange.save(&position, reducer: reducer)
         progress.status.lastCheckpoint = lastCheckpoint
+        progress.recordEvent("checkpoint", step: position.globalStep)
         progress.status.step = position.globalStep
         progress.writeStatus()
     }
