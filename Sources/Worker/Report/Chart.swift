@@ -15,6 +15,9 @@ struct Chart {
         var color: String
         /// Test results, one per epoch: dashed, every point a dot.
         var dotted = false
+        /// Steps where the curve starts again instead of joining its last point: resumes on another world size, whose
+        /// global steps are counted anew from the samples seen (see `RunRecords.restarts`).
+        var breaks: [Double] = []
     }
 
     /// A vertical line at a step: a checkpoint, a resume, a stop, a skipped step, the end of a failed run.
@@ -113,10 +116,15 @@ struct Chart {
         for (index, series) in series.enumerated() {
             let usable = series.points.filter { $0.x.isFinite && $0.y.isFinite && (scale == .linear || $0.y > 0) }
             let drawn = Self.decimate(usable, columns: Int(pw), xLow: xAxis.low, xHigh: xAxis.high)
-            let coordinates = drawn.map { "\(f(x($0.x))),\(f(y($0.y)))" }.joined(separator: " ")
-            out += "<polyline class=\"series\(series.dotted ? " dotted" : "")\" data-series=\"\(escapeHTML(series.label))\" "
+            // A path rather than a polyline, so that the curve can stop at a break and start again after it.
+            var path = ""
+            for (i, point) in drawn.enumerated() {
+                let restarts = i > 0 && series.breaks.contains { drawn[i - 1].x < $0 && $0 <= point.x }
+                path += (i == 0 ? "M" : restarts ? " M" : " L") + "\(f(x(point.x))),\(f(y(point.y)))"
+            }
+            out += "<path class=\"series\(series.dotted ? " dotted" : "")\" data-series=\"\(escapeHTML(series.label))\" "
                 + "data-index=\"\(index)\" data-records=\"\(series.points.count)\" data-points=\"\(drawn.count)\" "
-                + "stroke=\"\(series.color)\" points=\"\(coordinates)\"/>\n"
+                + "stroke=\"\(series.color)\" d=\"\(path)\"/>\n"
             if series.dotted || drawn.count == 1 {
                 out += "<g class=\"dots\" fill=\"\(series.color)\">"
                 for point in drawn { out += "<circle cx=\"\(f(x(point.x)))\" cy=\"\(f(y(point.y)))\" r=\"3.2\"/>" }

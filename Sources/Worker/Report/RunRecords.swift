@@ -41,6 +41,18 @@ struct RunRecords {
     /// Lines of metrics.jsonl that could not be read (a process killed in the middle of a line leaves one).
     var unreadableLines = 0
 
+    /// Steps where a resume on another world size restarted the count of global steps (it continues from the samples
+    /// seen, so steps jump): curves break there instead of drawing a line across the jump.
+    var restarts: [Double] {
+        var out: [Double] = []
+        var worldSize: Int? = nil
+        for event in events where event.kind == "start" || event.kind == "resume" {
+            if event.kind == "resume", let previous = worldSize, event.worldSize != previous { out.append(Double(event.step)) }
+            worldSize = event.worldSize
+        }
+        return out
+    }
+
     var name: String { URL(fileURLWithPath: directory).standardizedFileURL.lastPathComponent }
     /// The last `start` or `resume` marker: the machine and model this run last ran on.
     var lastStart: Event? { events.last { $0.kind == "start" || $0.kind == "resume" } }

@@ -51,6 +51,12 @@ enum RunReport {
             share.append(.init(label: label(i, "waiting on communication"), points: train(\.commWaitFraction),
                                color: overlay ? color(i, test: true) : "#868e96", dotted: false))
             markers += self.markers(run, name: overlay ? names[i] : nil)
+            let restarts = run.restarts
+            for j in loss.indices.suffix(2) { loss[j].breaks = restarts }
+            for j in accuracy.indices.suffix(2) { accuracy[j].breaks = restarts }
+            for j in share.indices.suffix(2) { share[j].breaks = restarts }
+            rate[rate.count - 1].breaks = restarts
+            throughput[throughput.count - 1].breaks = restarts
         }
         let charts = [
             Chart(id: "chart-loss", title: "Loss", yLabel: "loss (\(lossName(runs)))", series: loss, markers: markers,
