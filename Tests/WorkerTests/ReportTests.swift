@@ -266,6 +266,12 @@ struct ReportTests {
         #expect(elements(loss, tag: "path", class: "series")[2]["data-points"] == "\(otherTrain)")
         #expect(elements(loss, tag: "g", class: "marker-resume").count == 1, "only the first run was resumed")
         #expect(dom.components(separatedBy: "<tr class=\"state-finished\">").count - 1 == 2, "a result row per run")
+        // What was compared: the keys whose values differ, and only those.
+        let start = try #require(dom.range(of: "<section id=\"settings\">"), "a settings section")
+        let settings = String(dom[start.lowerBound..<(dom[start.lowerBound...].range(of: "</section>")?.upperBound ?? dom.endIndex)])
+        #expect(settings.contains("<td>optimizer.lr</td><td>0.05</td><td>0.3</td>"), "\(settings.prefix(2000))")
+        #expect(settings.contains("<td>training.epochs</td><td>3</td><td>1</td>"))
+        #expect(!settings.contains("<td>training.batch_size</td>"), "equal settings are not listed")
     }
 
     @Test(.enabled(if: chromium != nil, "needs Debian's chromium (scripts/setup and .ci/run install it)"))

@@ -15,6 +15,8 @@ struct Chart {
         var color: String
         /// Test results, one per epoch: dashed, every point a dot.
         var dotted = false
+        /// Dashed without dots: a second curve of the same run (waiting on communication, beside computing).
+        var dashed = false
         /// Steps where the curve starts again instead of joining its last point: resumes on another world size, whose
         /// global steps are counted anew from the samples seen (see `RunRecords.restarts`).
         var breaks: [Double] = []
@@ -122,7 +124,7 @@ struct Chart {
                 let restarts = i > 0 && series.breaks.contains { drawn[i - 1].x < $0 && $0 <= point.x }
                 path += (i == 0 ? "M" : restarts ? " M" : " L") + "\(f(x(point.x))),\(f(y(point.y)))"
             }
-            out += "<path class=\"series\(series.dotted ? " dotted" : "")\" data-series=\"\(escapeHTML(series.label))\" "
+            out += "<path class=\"series\(series.dotted ? " dotted" : series.dashed ? " dashed" : "")\" data-series=\"\(escapeHTML(series.label))\" "
                 + "data-index=\"\(index)\" data-records=\"\(series.points.count)\" data-points=\"\(drawn.count)\" "
                 + "stroke=\"\(series.color)\" d=\"\(path)\"/>\n"
             if series.dotted || drawn.count == 1 {

@@ -1,5 +1,6 @@
 import Engine
 import Foundation
+import Yams
 
 /// RUN_DIR/report.html: a run (or several, overlaid) as one self-contained page a person reads in any browser,
 /// offline: curves of loss, accuracy, learning rate, throughput and the time split between computing and waiting on
@@ -49,7 +50,7 @@ enum RunReport {
             throughput.append(.init(label: label(i, "samples/s"), points: train(\.samplesPerSecond), color: color(i, test: false)))
             share.append(.init(label: label(i, "computing"), points: train { 1 - $0.commWaitFraction }, color: color(i, test: false)))
             share.append(.init(label: label(i, "waiting on communication"), points: train(\.commWaitFraction),
-                               color: overlay ? color(i, test: true) : "#868e96", dotted: false))
+                               color: overlay ? color(i, test: true) : "#868e96", dashed: overlay))
             markers += self.markers(run, name: overlay ? names[i] : nil)
             let restarts = run.restarts
             for j in loss.indices.suffix(2) { loss[j].breaks = restarts }
@@ -73,6 +74,7 @@ enum RunReport {
         var body = "<header><h1>bpworker report: \(escapeHTML(names.joined(separator: ", ")))</h1>"
         body += "<p class=\"generated\">written \(escapeHTML(RunStatus.now)) by bpworker</p></header>\n"
         body += resultSection(runs, names: names)
+        if overlay { body += settingsSection(runs, names: names) }
         body += "<section id=\"charts\"><h2>Curves</h2>\n"
         for chart in charts {
             body += "<figure>" + legend(chart.series) + chart.svg() + "</figure>\n"
@@ -124,6 +126,42 @@ enum RunReport {
             }
         }
         return out + "</tbody></table></section>\n"
+    }
+
+    /// With several runs, what was compared: every configuration key whose resolved value differs between them.
+    static func settingsSection(_ runs: [RunRecords], names: [String]) -> String {
+        let differing = differingSettings(runs)
+        var out = "<section id=\"settings\"><h2>Settings that differ</h2>"
+        guard !differing.isEmpty else { return out + "<p class=\"none\">none: the resolved configurations are identical</p></section>\n" }
+        out += "<table class=\"settings\"><thead><tr><th>key</th>"
+        for name in names { out += "<th>\(escapeHTML(name))</th>" }
+        out += "</tr></thead><tbody>"
+        for (key, values) in differing {
+            out += "<tr><td>\(escapeHTML(key))</td>" + values.map { "<td>\(escapeHTML($0))</td>" }.joined() + "</tr>"
+        }
+        return out + "</tbody></table></section>\n"
+    }
+
+    /// The keys of the runs' config.yaml (flattened to `section.key`) whose values are not the same in all of them.
+    static func differingSettings(_ runs: [RunRecords]) -> [(key: String, values: [String])] {
+        let flat = runs.map { run in flatten((try? Yams.load(yaml: run.configuration ?? "")) ?? nil, prefix: "") }
+        return Set(flat.flatMap(\.keys)).sorted().compactMap { key in
+            let values = flat.map { $0[key] ?? "–" }
+            return Set(values).count > 1 ? (key, values) : nil
+        }
+    }
+
+    private static func flatten(_ node: Any?, prefix: String) -> [String: String] {
+        if let map = node as? [AnyHashable: Any] {
+            var out: [String: String] = [:]
+            for (key, value) in map {
+                out.merge(flatten(value, prefix: prefix.isEmpty ? "\(key)" : "\(prefix).\(key)")) { first, _ in first }
+            }
+            return out
+        }
+        guard let node, !prefix.isEmpty else { return [:] }
+        if let list = node as? [Any] { return [prefix: "[" + list.map { "\($0)" }.joined(separator: ", ") + "]"] }
+        return [prefix: "\(node)"]
     }
 
     static func gradientCheckSection(_ report: GradientCheckReport?, suffix: String) -> String {
@@ -210,7 +248,7 @@ enum RunReport {
     static func legend(_ series: [Chart.Series]) -> String {
         "<figcaption class=\"legend\">" + series.map { s in
             "<span class=\"key\"><svg width=\"26\" height=\"10\"><line x1=\"1\" x2=\"25\" y1=\"5\" y2=\"5\" stroke=\"\(s.color)\" "
-                + "stroke-width=\"2.5\"\(s.dotted ? " stroke-dasharray=\"5 3\"" : "")/></svg>\(escapeHTML(s.label))</span>"
+                + "stroke-width=\"2.5\"\(s.dotted || s.dashed ? " stroke-dasharray=\"5 3\"" : "")/></svg>\(escapeHTML(s.label))</span>"
         }.joined() + "</figcaption>"
     }
 
@@ -238,12 +276,12 @@ enum RunReport {
         body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;color:#212529;background:#fff;margin:0 auto;max-width:1180px;padding:16px 28px}
         h1{font-size:22px;margin:8px 0 0}h2{font-size:18px;margin:26px 0 8px;border-bottom:1px solid #dee2e6;padding-bottom:4px}h3{font-size:15px;margin:18px 0 6px}
         .generated{color:#868e96;margin:2px 0 0;font-size:12px}
-        #charts{display:grid;grid-template-columns:1fr 1fr;gap:6px 22px}#charts h2,#charts .markers{grid-column:1/-1}
+        #charts{display:grid;grid-template-columns:1fr 1fr;gap:6px 22px;align-items:end}#charts h2,#charts .markers{grid-column:1/-1}
         figure{margin:0}svg.chart{width:100%;height:auto;display:block}
         .chart .title{font-weight:600;font-size:17px;fill:#212529}.chart text{font-size:15px;fill:#495057;font-variant-numeric:tabular-nums}
         .chart .axis-label{font-size:15px;fill:#343a40}.chart .grid line{stroke:#e9ecef;stroke-width:1}
         .chart .frame{fill:none;stroke:#adb5bd}.chart .series{fill:none;stroke-width:1.8;stroke-linejoin:round}
-        .chart .series.dotted{stroke-dasharray:6 4;stroke-width:2}.chart .empty{font-size:15px;fill:#868e96}
+        .chart .series.dotted{stroke-dasharray:6 4;stroke-width:2}.chart .series.dashed{stroke-dasharray:3 3}.chart .empty{font-size:15px;fill:#868e96}
         .marker line{stroke-width:1.3}.chart .marker text{font-size:14px}
         .marker-checkpoint line,.m-checkpoint{stroke:#adb5bd;stroke-dasharray:3 3}.marker-resume line,.m-resume{stroke:#1971c2;stroke-width:2}
         .marker-resume text{fill:#1971c2}.marker-stop line,.m-stop{stroke:#f08c00;stroke-width:2}.marker-stop text{fill:#f08c00}
