@@ -9,7 +9,7 @@ import Foundation
 /// TensorBoard expects a restarted job to look (it reads the directory's files in name order, and drops what a
 /// restart repeats).
 ///
-/// The file is TFRecord framing around `tensorflow.Event` protocol buffers. Only five fields of three messages are
+/// The file is TFRecord framing around `tensorflow.Event` protocol buffers. Only seven fields of three messages are
 /// written, so they are encoded here by hand: swift-protobuf's code-generation plugin would add about ten minutes
 /// to every clean build (and to CI) for what is forty lines. The field numbers are those of TensorBoard's
 /// `event.proto` and `summary.proto`; the test reads the files back with the real `tensorboard` package.
