@@ -3,12 +3,15 @@ import Engine
 import Foundation
 import Logging
 
-/// Appends one JSON object per line to the run directory's metrics file (rank 0 only).
+/// Appends one JSON object per line to the run directory's metrics file (rank 0 only), and gives the scalars of
+/// each record to TensorBoard's event file too, so both always hold the same numbers.
 final class MetricsLog {
     private let handle: FileHandle?
+    private let tensorBoard: TensorBoardWriter?
 
     /// - Parameter append: keep earlier records (a resumed run continues its metrics).
-    init(path: String, append: Bool = false) {
+    init(path: String, append: Bool = false, tensorBoard: TensorBoardWriter? = nil) {
+        self.tensorBoard = tensorBoard
         if !append || !FileManager.default.fileExists(atPath: path) {
             _ = FileManager.default.createFile(atPath: path, contents: nil)
         }
@@ -19,6 +22,10 @@ final class MetricsLog {
     func write(_ record: [String: Any]) {
         guard let handle, let data = try? JSONSerialization.data(withJSONObject: record, options: [.sortedKeys]) else { return }
         handle.write(data + Data("\n".utf8))
+        if let tensorBoard, let step = record["step"] as? Int, case let scalars = TensorBoardWriter.scalars(of: record),
+           !scalars.isEmpty {
+            tensorBoard.write(step: step, scalars: scalars)
+        }
     }
 }
 
@@ -120,6 +127,35 @@ final class Progress {
             "type": "eval", "epoch": epoch + 1, "step": globalStep, "loss": result.loss, "accuracy": accuracy,
             "samples": result.count, "elapsed_seconds": Date().timeIntervalSince(start),
         ])
+        writeReport()
+    }
+
+    // MARK: - Markers for the report
+
+    /// A marker in metrics.jsonl (`"type": "event"`, rank 0): `start` or `resume` (with the machine and the model),
+    /// `checkpoint`, `skip` (a step dropped for non-finite values) and `end` (with the final state).
+    func recordEvent(_ event: String, step: Int, _ fields: [String: Any] = [:]) {
+        guard session.isRoot else { return }
+        metrics?.write(fields.merging(["type": "event", "event": event, "step": step,
+                                       "elapsed_seconds": Date().timeIntervalSince(start)]) { _, own in own })
+    }
+
+    /// The `start` or `resume` marker: world size, nodes, BLAS kernels and threads, and the model, for the report.
+    func recordStart(resumed: Bool, step: Int, model: Model<Float>) {
+        recordEvent(resumed ? "resume" : "start", step: step, [
+            "world_size": session.worldSize, "nodes": session.layout.nodeCount, "blas": BLASKernels.description,
+            "blas_threads": session.blasThreads, "model": model.spec.summary, "parameters": model.parameterCount,
+            "layers": model.layerSummary, "total_steps": totalSteps, "epochs": epochs,
+        ])
+    }
+
+    /// Rewrites RUN_DIR/report.html from what the run directory holds (rank 0, at every evaluation and at the end).
+    /// A report that cannot be written is a warning: it must never stop training.
+    func writeReport() {
+        guard session.isRoot else { return }
+        do { try RunReport.write(runDirectories: [session.runDirectory], to: session.runDirectory + "/report.html") } catch {
+            session.logger.warning("report.html not written: \(error)")
+        }
     }
 
     /// Writes status.json now (rank 0).
@@ -135,6 +171,10 @@ final class Progress {
         status.state = state
         status.message = message
         writeStatus()
+        var fields: [String: Any] = ["state": state.rawValue]
+        if let message { fields["message"] = message }
+        recordEvent("end", step: status.step, fields)
+        writeReport()
         guard session.isRoot, state == .finished else { return }
         session.logger.info("training finished: \(totalSteps) steps in \(duration(Date().timeIntervalSince(start)))")
     }

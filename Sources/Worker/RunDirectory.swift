@@ -31,7 +31,7 @@ struct RunDirectory {
 
     /// The files a run writes, relative to the run directory: what `--overwrite` removes. (`config.yaml` is
     /// replaced by the new run's, atomically, so it is not removed: it may also be the file `-c` read.)
-    static let runFiles = ["status.json", "metrics.jsonl", "model.safetensors", "gradcheck.json"]
+    static let runFiles = ["status.json", "metrics.jsonl", "model.safetensors", "gradcheck.json", "report.html"]
 
     static func inspect(_ path: String) -> RunDirectory {
         var directory = RunDirectory(path: path)
@@ -99,6 +99,13 @@ struct RunDirectory {
         for name in Self.runFiles where files.fileExists(atPath: path + "/" + name) {
             try files.removeItem(atPath: path + "/" + name)
             removed.append(name)
+        }
+        let tensorBoard = path + "/tensorboard"
+        if let names = try? files.contentsOfDirectory(atPath: tensorBoard) {
+            let events = names.filter { $0.hasPrefix("events.out.tfevents.") }
+            for name in events { try files.removeItem(atPath: tensorBoard + "/" + name) }
+            if !events.isEmpty { removed.append("\(events.count) TensorBoard event file\(events.count == 1 ? "" : "s")") }
+            if (try? files.contentsOfDirectory(atPath: tensorBoard))?.isEmpty == true { try files.removeItem(atPath: tensorBoard) }
         }
         let heartbeats = path + "/heartbeat"
         if let names = try? files.contentsOfDirectory(atPath: heartbeats) {

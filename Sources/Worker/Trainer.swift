@@ -48,8 +48,10 @@ enum Trainer {
             : "every rank applies the summed gradients"
         session.logger.info("gradients: \(buckets) bucket\(buckets == 1 ? "" : "s") (training.bucket_kib=\(config.bucketKiB)), averaged over \(session.worldSize) rank\(session.worldSize == 1 ? "" : "s"); training.reduction=\(config.reduction.rawValue): \(how)")
 
-        let metrics = session.isRoot ? MetricsLog(path: session.runDirectory + "/metrics.jsonl", append: resume != nil) : nil
+        let metrics = session.isRoot ? MetricsLog(path: session.runDirectory + "/metrics.jsonl", append: resume != nil,
+                                                  tensorBoard: openTensorBoard(session)) : nil
         let progress = Progress(session: session, prepared: prepared, metrics: metrics)
+        progress.recordStart(resumed: resume != nil, step: position.globalStep, model: model)
         progress.status.step = position.globalStep
         progress.writeStatus()
         // From here on an abort marks the run failed: rank 0 from what it knows, the others in the shared file.
@@ -111,6 +113,7 @@ enum Trainer {
                 }
                 session.agree("saving the model") {}
             }
+            loop.progress.status.step = loop.position.globalStep
             loop.progress.finish(state: outcome.state, message: outcome.message)
         }
         session.finish(exitCode: outcome.exitCode)
@@ -152,6 +155,15 @@ enum Trainer {
         logger.info("batch: \(config.batchSize) per rank x \(session.worldSize) rank\(session.worldSize == 1 ? "" : "s") = global batch \(prepared.sampler.globalBatchSize); \(prepared.sampler.stepsPerEpoch) steps per epoch (\(config.remainder.rawValue) remainder), \(config.epochs) epochs")
         logger.info("optimizer: \(config.optimizer.rawValue), lr \(config.learningRate) for the global batch, \(config.schedule.rawValue) schedule")
         logger.info("run directory: \(session.runDirectory)")
+    }
+
+    /// Rank 0's TensorBoard event file for this process start; a run goes on without one (with a warning) when it
+    /// cannot be created: TensorBoard is a view, metrics.jsonl the record.
+    private static func openTensorBoard(_ session: Session) -> TensorBoardWriter? {
+        do { return try TensorBoardWriter(directory: session.runDirectory + "/tensorboard") } catch {
+            session.logger.warning("TensorBoard event file not written: \(error)")
+            return nil
+        }
     }
 
     /// The largest peak resident set size of any rank (getrusage), for capacity planning and the benchmarks.

@@ -154,6 +154,7 @@ final class TrainingLoop {
                     let (outcome, result) = try self.step(step, of: all)
                     switch outcome {
                     case .skipped:
+                        progress.recordEvent("skip", step: position.globalStep)
                         continue
                     case let .nonFinite(message):
                         try checkpoint()
@@ -225,6 +226,7 @@ final class TrainingLoop {
         lastCheckpoint = try exchange.save(&position, reducer: reducer)
         lastCheckpointUptime = Self.uptimeSeconds()
         progress.status.lastCheckpoint = lastCheckpoint
+        progress.recordEvent("checkpoint", step: position.globalStep)
         progress.status.step = position.globalStep
         progress.writeStatus()
     }

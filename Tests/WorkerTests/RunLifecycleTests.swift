@@ -82,11 +82,12 @@ struct RunLifecycleTests {
         let overwritten = try Harness.mpirun(2, job(data, runDir: run, extra: ["--overwrite", "--set", "training.epochs=1"]))
         #expect(overwritten.status == 0, "\(overwritten.output)")
         #expect(overwritten.output.contains("--overwrite: removed the previous run's 3 checkpoints, status.json, metrics.jsonl, "
-            + "model.safetensors from \(run)"), "\(overwritten.output)")
+            + "model.safetensors, report.html, 1 TensorBoard event file from \(run)"), "\(overwritten.output)")
         let after = try snapshot(run)
         #expect(after["notes.txt"] == before["notes.txt"])
         #expect(after.keys.filter { $0.hasPrefix("checkpoints/step-") }.sorted()
             == ["checkpoints/step-00000005.safetensors", "checkpoints/step-00000010.safetensors", "checkpoints/step-00000012.safetensors"])
+        #expect(after.keys.filter { $0.hasPrefix("tensorboard/") }.count == 1, "only the new run's event file")
         let metrics = try String(contentsOfFile: run + "/metrics.jsonl", encoding: .utf8)
         #expect(occurrences(of: "\"type\":\"eval\"", in: metrics) == 1, "the old run's metrics are gone: \(metrics)")
         #expect(try status(run)["state"] as? String == "finished")

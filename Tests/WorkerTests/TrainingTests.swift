@@ -178,7 +178,7 @@ struct TrainingTests {
         }
         // Paragraphs are left to argument-parser to wrap: no line breaks inside our sentences, no line past the
         // terminal's 80 columns, example commands whole on their lines.
-        for command in [[], ["train"], ["gradcheck"], ["eval"], ["status"]] {
+        for command in [[], ["train"], ["gradcheck"], ["eval"], ["status"], ["report"]] {
             let help = try Harness.local(command + ["--help"])
             for line in help.output.split(separator: "\n") where !line.hasPrefix("USAGE:") {
                 #expect(line.count <= 80, "\(command): \(line)")

@@ -1,0 +1,348 @@
+import Engine
+import Foundation
+import Testing
+@testable import Worker
+
+/// The run report and the TensorBoard event files, checked against independent readers: headless Chromium (Debian's
+/// `chromium`) renders the report and dumps its DOM, and the real `tensorboard` package from PyPI reads the event
+/// files back. Both are installed by scripts/setup (the venv: `--python`) and by CI.
+@Suite("Report and TensorBoard", .serialized, .suiteFiles, .temporaryFiles)
+struct ReportTests {
+    static let repository = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+        .deletingLastPathComponent()
+    /// scripts/setup --python puts tensorboard in it.
+    static let venvPython = repository.appendingPathComponent(".venv-bench/bin/python").path
+    static let chromium = ["/usr/bin/chromium", "/usr/bin/chromium-browser"].first { FileManager.default.isExecutableFile(atPath: $0) }
+
+    static func job(_ data: SyntheticData, runDir: String, extra: [String] = []) -> [String] {
+        ["train", "--run-dir", runDir, "--progress", "plain"] + data.arguments + [
+            "--set", "model.hidden=[16]", "--set", "training.batch_size=8", "--set", "data.normalize=scale",
+            "--set", "checkpoint.every_steps=5", "--set", "logging.interval=2", "--set", "schedule.warmup_steps=2",
+        ] + extra
+    }
+
+    /// One run with every kind of marker but a stop, shared by the tests: 2 epochs on 2 ranks with the gradient check,
+    /// a checkpoint every 5 steps and a NaN batch skipped at step 5; then resumed on 1 rank for a third epoch.
+    static let sharedRun: (directory: String, outputs: [Harness.Result]) = {
+        let directory = TemporaryFiles.suitePath("bpworker-run-").path
+        guard let data = try? SyntheticData(samples: 160) else { return (directory, []) }
+        defer { data.remove() }
+        var outputs: [Harness.Result] = []
+        if let first = try? Harness.mpirun(2, job(data, runDir: directory, extra: [
+            "--gradcheck", "--set", "training.epochs=2", "--set", "numerics.policy=skip"]),
+            environment: ["BPWORKER_TEST_NAN": "1:5"]) {
+            outputs.append(first)
+        }
+        if let resumed = try? Harness.local(job(data, runDir: directory, extra: ["--local", "--resume", "--set", "training.epochs=3"])) {
+            outputs.append(resumed)
+        }
+        return (directory, outputs)
+    }()
+
+    func trainedRun() throws -> String {
+        let outputs = Self.sharedRun.outputs
+        try #require(outputs.count == 2, "training did not run")
+        for result in outputs { try #require(result.status == 0, "\(result.output)") }
+        return Self.sharedRun.directory
+    }
+
+    func metrics(_ run: String) throws -> [[String: Any]] {
+        try String(contentsOfFile: run + "/metrics.jsonl", encoding: .utf8).split(separator: "\n")
+            .map { try #require(JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any]) }
+    }
+
+    func python(_ script: String, _ arguments: [String] = []) throws -> String {
+        let r = try Harness.run(Self.venvPython, ["-c", script] + arguments, environment: [:], timeout: 180)
+        guard r.status == 0 else {
+            throw ReportError(description: "python failed (scripts/setup --python installs tensorboard into .venv-bench):\n\(r.output)")
+        }
+        return r.output
+    }
+
+    // MARK: - Markers in metrics.jsonl
+
+    @Test func metricsRecordTheMarkers() throws {
+        let records = try metrics(try trainedRun())
+        let events = records.filter { $0["type"] as? String == "event" }
+        let kinds = events.map { $0["event"] as! String }
+        #expect(kinds.first == "start" && events.first?["world_size"] as? Int == 2)
+        let resume = try #require(events.first { $0["event"] as? String == "resume" })
+        #expect(resume["world_size"] as? Int == 1)
+        #expect(events.filter { $0["event"] as? String == "skip" }.map { $0["step"] as? Int } == [6])
+        #expect(kinds.filter { $0 == "end" }.count == 2)
+        // Checkpoints at every 5 steps and at epoch ends: their events name the files that exist.
+        let checkpointSteps = events.filter { $0["event"] as? String == "checkpoint" }.compactMap { $0["step"] as? Int }
+        #expect(checkpointSteps.count >= 4 && checkpointSteps.contains(10))
+        // The existing records are unchanged: train records carry the share of time waiting on communication.
+        let train = records.filter { $0["type"] as? String == "train" }
+        #expect(!train.isEmpty && train.allSatisfy { ($0["comm_wait_fraction"] as? Double).map { (0...1).contains($0) } ?? false })
+    }
+
+    // MARK: - TensorBoard
+
+    @Test func crc32cMatchesRFC3720() {
+        // RFC 3720, appendix B.4: 32 bytes of zeros, of ones, ascending and descending.
+        #expect(crc32c([UInt8](repeating: 0, count: 32)) == 0x8A91_36AA)
+        #expect(crc32c([UInt8](repeating: 0xFF, count: 32)) == 0x62A8_AB43)
+        #expect(crc32c((0..<32).map { UInt8($0) }) == 0x46DD_794E)
+        #expect(crc32c((0..<32).reversed().map { UInt8($0) }) == 0x113F_DB5C)
+        #expect(crc32c(Array("123456789".utf8)) == 0xE306_9283)
+    }
+
+    @Test func tensorBoardReadsEveryScalarOfMetrics() throws {
+        let run = try trainedRun()
+        let files = try FileManager.default.contentsOfDirectory(atPath: run + "/tensorboard").filter { $0.hasPrefix("events.out.tfevents.") }
+        #expect(files.count == 2, "one event file per process start: \(files)")
+        let output = try python("""
+            import json, sys
+            from tensorboard.backend.event_processing import event_accumulator
+            acc = event_accumulator.EventAccumulator(sys.argv[1], size_guidance={event_accumulator.SCALARS: 0})
+            acc.Reload()
+            print(json.dumps({tag: [[e.step, e.value] for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}))
+            """, [run + "/tensorboard"])
+        let line = try #require(output.split(separator: "\n").last)
+        // TensorBoard keeps float32; compared as float32, since Foundation's JSON reader may land an ulp off a double.
+        let scalars = try #require(JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: [[Double]]])
+            .mapValues { $0.map { [$0[0], Double(Float($0[1]))] } }
+        let records = try metrics(run)
+        let tags: [(String, String, String)] = [
+            ("train/loss", "train", "loss"), ("train/accuracy", "train", "accuracy"), ("train/learning_rate", "train", "lr"),
+            ("train/samples_per_second", "train", "samples_per_second"), ("train/comm_wait_fraction", "train", "comm_wait_fraction"),
+            ("test/loss", "eval", "loss"), ("test/accuracy", "eval", "accuracy"),
+        ]
+        #expect(Set(scalars.keys) == Set(tags.map(\.0)))
+        for (tag, type, key) in tags {
+            let expected = records.filter { $0["type"] as? String == type }
+                .map { [Double($0["step"] as! Int), Double(Float(($0[key] as! NSNumber).doubleValue))] }
+            #expect(!expected.isEmpty)
+            #expect(scalars[tag] == expected, "\(tag)")
+        }
+        // The resumed process continued the curves: its steps follow the first process's.
+        let steps = try #require(scalars["train/loss"]).map { $0[0] }
+        #expect(steps == steps.sorted() && Set(steps).count == steps.count)
+        #expect(try #require(scalars["test/accuracy"]).count == 3)
+    }
+
+    // MARK: - The report in a real browser
+
+    /// Chromium's DOM of `file` after loading it (scripts run: none in the report), and its screenshot.
+    func render(_ file: String, screenshot: String? = nil) throws -> String {
+        let chromium = try #require(Self.chromium)
+        let common = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
+                      "--user-data-dir=\(TemporaryFiles.path("chromium-profile-").path)"]
+        if let screenshot {
+            let shot = try Harness.run(chromium, common + ["--screenshot=\(screenshot)", "--window-size=1240,2200",
+                                                           "file://\(file)"], environment: [:], timeout: 180)
+            try #require(FileManager.default.fileExists(atPath: screenshot), "chromium wrote no screenshot:\n\(shot.output)")
+        }
+        let dom = try Harness.run(chromium, common + ["--dump-dom", "file://\(file)"], environment: [:], timeout: 180)
+        try #require(dom.status == 0 && dom.output.contains("</html>"), "\(dom.output)")
+        return dom.output
+    }
+
+    /// The elements of `dom` with this class (in its `class` attribute), each as its opening tag's attributes.
+    func elements(_ dom: String, tag: String, class name: String) -> [[String: String]] {
+        let pattern = "<\(tag)\\b([^>]*)>"
+        let regex = try! NSRegularExpression(pattern: pattern)
+        return regex.matches(in: dom, range: NSRange(dom.startIndex..., in: dom)).compactMap { match in
+            let text = String(dom[Range(match.range(at: 1), in: dom)!])
+            var attributes: [String: String] = [:]
+            let attribute = try! NSRegularExpression(pattern: #"([\w-]+)="([^"]*)""#)
+            for a in attribute.matches(in: text, range: NSRange(text.startIndex..., in: text)) {
+                attributes[String(text[Range(a.range(at: 1), in: text)!])] = String(text[Range(a.range(at: 2), in: text)!])
+            }
+            return (attributes["class"] ?? "").split(separator: " ").contains(Substring(name)) ? attributes : nil
+        }
+    }
+
+    /// The charts of a DOM, by id, each as its own markup.
+    func charts(_ dom: String) -> [String: String] {
+        var out: [String: String] = [:]
+        var rest = dom[...]
+        while let start = rest.range(of: "<svg class=\"chart\""), let end = rest[start.lowerBound...].range(of: "</svg>") {
+            let chart = String(rest[start.lowerBound..<end.upperBound])
+            if let id = elements(chart, tag: "svg", class: "chart").first?["id"] { out[id] = chart }
+            rest = rest[end.upperBound...]
+        }
+        return out
+    }
+
+    @Test(.enabled(if: chromium != nil, "needs Debian's chromium (scripts/setup and .ci/run install it)"))
+    func chromiumRendersTheReport() throws {
+        let run = try trainedRun()
+        let file = run + "/report.html"
+        // Rank 0 wrote it at the end of the resumed run; `bpworker report` writes the same page on demand.
+        #expect(FileManager.default.fileExists(atPath: file))
+        let regenerated = try Harness.local(["report", run])
+        #expect(regenerated.status == 0 && regenerated.output.contains(file), "\(regenerated.output)")
+        let png = TemporaryFiles.path("report-").appendingPathExtension("png").path
+        let dom = try render(file, screenshot: png)
+        let records = try metrics(run)
+        let trainCount = records.filter { $0["type"] as? String == "train" }.count
+        let evalCount = records.filter { $0["type"] as? String == "eval" }.count
+        let events = records.filter { $0["type"] as? String == "event" }
+        let byId = charts(dom)
+        #expect(Set(byId.keys) == ["chart-loss", "chart-accuracy", "chart-learning-rate", "chart-throughput", "chart-time-share"])
+        for (id, chart) in byId {
+            let series = elements(chart, tag: "path", class: "series")
+            #expect(!series.isEmpty, "\(id)")
+            for s in series {
+                let expected = (s["data-series"] ?? "").hasPrefix("test") ? evalCount : trainCount
+                let plotted = (s["d"] ?? "").split(separator: " ").filter { $0.contains(",") }.count
+                #expect(plotted == expected, "\(id) \(s["data-series"] ?? ""): \(plotted) points for \(expected) records")
+                #expect(s["data-records"] == "\(expected)")
+            }
+            #expect(elements(chart, tag: "g", class: "marker-checkpoint").count
+                    == events.filter { $0["event"] as? String == "checkpoint" }.count, "\(id)")
+            #expect(elements(chart, tag: "g", class: "marker-skip").map { $0["data-step"] } == ["6"], "\(id)")
+            let resumes = elements(chart, tag: "g", class: "marker-resume")
+            #expect(resumes.count == 1, "\(id)")
+            #expect(chart.contains("resumed, 1 rank"), "\(id)")
+            // The resume on 1 rank counts global steps anew (from the samples seen): every training curve breaks there.
+            for s in series where !(s["data-series"] ?? "").hasPrefix("test") {
+                #expect((s["d"] ?? "").components(separatedBy: " M").count == 2, "\(id) \(s["data-series"] ?? ""): one break")
+            }
+            #expect(chart.contains("global step"), "\(id)")
+        }
+        // The gradient-check table: a row per tensor and the random direction, all passing.
+        let tensors = 4
+        #expect(dom.components(separatedBy: "<td class=\"verdict-pass\">pass</td>").count - 1 == tensors + 1)
+        #expect(dom.contains("id=\"result\"") && dom.contains(">finished<"))
+        #expect(dom.contains("Linear(12, 16)") && dom.contains("OpenBLAS") && dom.contains("config.yaml"))
+        // Self-contained: no script, and no address but the SVG namespace's.
+        #expect(!dom.contains("<script"))
+        #expect(!dom.contains("https://") && dom.replacingOccurrences(of: "http://www.w3.org/2000/svg", with: "").contains("http://") == false)
+
+        // The screenshot is a picture of the report, not a blank page.
+        let colours = try python("""
+            import sys, zlib, struct
+            data = open(sys.argv[1], "rb").read()
+            assert data[:8] == b"\\x89PNG\\r\\n\\x1a\\n"
+            pos, idat, width, height, kind = 8, b"", 0, 0, 0
+            while pos < len(data):
+                length, tag = struct.unpack(">I4s", data[pos:pos + 8])
+                body = data[pos + 8:pos + 8 + length]
+                if tag == b"IHDR": width, height, depth, kind = struct.unpack(">IIBB", body[:10])
+                if tag == b"IDAT": idat += body
+                pos += 12 + length
+            channels = {2: 3, 6: 4}[kind]
+            raw, stride, rows, prev = zlib.decompress(idat), width * channels, [], bytearray(width * channels)
+            for y in range(height):
+                f, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
+                for i in range(stride):
+                    a = line[i - channels] if i >= channels else 0
+                    b, c = prev[i], prev[i - channels] if i >= channels else 0
+                    p = a + b - c
+                    pred = [0, a, b, (a + b) // 2, a if abs(p - a) <= abs(p - b) and abs(p - a) <= abs(p - c) else b if abs(p - b) <= abs(p - c) else c][f]
+                    line[i] = (line[i] + pred) & 255
+                rows.append(bytes(line)); prev = line
+            pixels = [row[i:i + 3] for row in rows[::4] for i in range(0, stride, channels * 4)]
+            white = sum(1 for p in pixels if p == b"\\xff\\xff\\xff")
+            print(len(set(pixels)), 1 - white / len(pixels))
+            """, [png])
+        let numbers = try #require(colours.split(separator: "\n").last).split(separator: " ").compactMap { Double($0) }
+        try #require(numbers.count == 2, "\(colours)")
+        #expect(numbers[0] >= 20, "the screenshot has \(numbers[0]) colours: blank or unstyled")
+        #expect(numbers[1] > 0.02, "the screenshot is \(Int(100 - 100 * numbers[1]))% white")
+    }
+
+    @Test(.enabled(if: chromium != nil, "needs Debian's chromium (scripts/setup and .ci/run install it)"))
+    func severalRunsOverlayInOneReport() throws {
+        let run = try trainedRun()
+        let data = try SyntheticData(samples: 160)
+        defer { data.remove() }
+        let other = TemporaryFiles.path("lr-0.3-").path
+        let second = try Harness.local(Self.job(data, runDir: other, extra: ["--local", "--set", "training.epochs=1", "--set", "optimizer.lr=0.3"]))
+        try #require(second.status == 0, "\(second.output)")
+        let output = TemporaryFiles.path("compare-").appendingPathExtension("html").path
+        let made = try Harness.local(["report", run, other, "--output", output])
+        #expect(made.status == 0, "\(made.output)")
+        let dom = try render(output)
+        let loss = try #require(charts(dom)["chart-loss"])
+        let labels = elements(loss, tag: "path", class: "series").compactMap { $0["data-series"] }
+        let names = [URL(fileURLWithPath: run).lastPathComponent, URL(fileURLWithPath: other).lastPathComponent]
+        #expect(labels == names.flatMap { ["\($0): training loss", "\($0): test loss"] })
+        let otherTrain = try metrics(other).filter { $0["type"] as? String == "train" }.count
+        #expect(elements(loss, tag: "path", class: "series")[2]["data-points"] == "\(otherTrain)")
+        #expect(elements(loss, tag: "g", class: "marker-resume").count == 1, "only the first run was resumed")
+        #expect(dom.components(separatedBy: "<tr class=\"state-finished\">").count - 1 == 2, "a result row per run")
+        // What was compared: the keys whose values differ, and only those.
+        let start = try #require(dom.range(of: "<section id=\"settings\">"), "a settings section")
+        let settings = String(dom[start.lowerBound..<(dom[start.lowerBound...].range(of: "</section>")?.upperBound ?? dom.endIndex)])
+        #expect(settings.contains("<td>optimizer.lr</td><td>0.05</td><td>0.3</td>"), "\(settings.prefix(2000))")
+        #expect(settings.contains("<td>training.epochs</td><td>3</td><td>1</td>"))
+        #expect(!settings.contains("<td>training.batch_size</td>"), "equal settings are not listed")
+    }
+
+    @Test(.enabled(if: chromium != nil, "needs Debian's chromium (scripts/setup and .ci/run install it)"))
+    func aRunThatFailedAtStepZeroHasAReport() throws {
+        let data = try SyntheticData(samples: 160)
+        defer { data.remove() }
+        let run = TemporaryFiles.path("failed-").path
+        let failed = try Harness.mpirun(2, Self.job(data, runDir: run, extra: ["--gradcheck", "--set", "training.epochs=1"]),
+                                        environment: ["BPWORKER_TEST_GRADIENT_FAULT": "scaled:0.weight:1.5"])
+        #expect(failed.status == 1, "\(failed.output)")
+        let dom = try render(run + "/report.html")
+        #expect(dom.contains(">failed<") && dom.contains("gradient check failed"))
+        #expect(dom.contains("no training step was logged") && dom.contains("no steps recorded"))
+        #expect(dom.contains("<td class=\"verdict-fail\">fail</td>"), "the failing tensor in the gradient-check table")
+        #expect(elements(dom, tag: "g", class: "marker-failure").count == 5, "a failure marker on every chart")
+    }
+
+    // MARK: - Without a browser
+
+    @Test func aHundredThousandStepsMakeASmallFile() throws {
+        let run = TemporaryFiles.path("long-").path
+        try FileManager.default.createDirectory(atPath: run, withIntermediateDirectories: true)
+        var lines = [#"{"type":"event","event":"start","step":0,"world_size":4}"#]
+        for step in 1...100_000 {
+            // Loss falling over two decades with one spike, which decimation must keep.
+            let loss = step == 54_321 ? 9.0 : 2.3 * pow(0.01, Double(step) / 100_000)
+            lines.append(#"{"type":"train","epoch":1,"step":\#(step),"loss":\#(loss),"accuracy":0.5,"lr":0.1,"samples_per_second":1000,"comm_wait_fraction":0.1}"#)
+            if step % 10_000 == 0 {
+                lines.append(#"{"type":"eval","epoch":\#(step / 10_000),"step":\#(step),"loss":\#(loss),"accuracy":0.8,"samples":100}"#)
+            }
+        }
+        lines.append(#"{"type":"event","event":"end","step":100000,"state":"stopped","message":"stop requested by SIGTERM"}"#)
+        try lines.joined(separator: "\n").write(toFile: run + "/metrics.jsonl", atomically: true, encoding: .utf8)
+        try RunReport.write(runDirectories: [run], to: run + "/report.html")
+        let html = try String(contentsOfFile: run + "/report.html", encoding: .utf8)
+        #expect(html.utf8.count < 400_000, "\(html.utf8.count) bytes")
+        let loss = try #require(charts(html)["chart-loss"])
+        #expect(loss.contains("data-scale=\"log\""), "a loss spanning two decades is drawn on a log scale")
+        let train = try #require(elements(loss, tag: "path", class: "series").first)
+        #expect(train["data-records"] == "100000")
+        #expect(Int(train["data-points"] ?? "") ?? .max <= Chart.maxPoints)
+        #expect(loss.contains(">10<") || loss.contains(">10</text>"), "a decade tick")
+        #expect(html.contains(">100,000<"), "step ticks with thousands separators")
+        // The spike survives decimation: the highest point drawn is the spike's.
+        let ys = (train["d"] ?? "").split(separator: " ").compactMap { Double($0.split(separator: ",")[1]) }
+        let spikeY = try #require(ys.min())
+        #expect(spikeY < Chart.top + 0.05 * Chart.plotHeight, "the spike (9.0, near the top of a 0.01-10 axis) is drawn: highest point at y \(spikeY)")
+        #expect(elements(loss, tag: "g", class: "marker-stop").count == 1)
+    }
+
+    @Test func ticksAreRoundAndLabelled() {
+        let steps = Axis.linear(low: 0, high: 9_370, includeZero: true, targetTicks: 8)
+        #expect(steps.ticks == [0, 2_000, 4_000, 6_000, 8_000, 10_000])
+        #expect(steps.label(6_000, percent: false) == "6,000")
+        let accuracy = Axis.linear(low: 0.81, high: 0.905, includeZero: false, targetTicks: 6, unitInterval: true)
+        #expect(abs((accuracy.ticks.first ?? 0) - 0.8) < 1e-12 && accuracy.label(0.84, percent: true) == "84%")
+        let loss = Axis.logarithmic(low: 0.023, high: 2.3)
+        #expect(loss.ticks.first == 0.01 && loss.ticks.last == 10)
+        #expect(loss.label(0.05, percent: false) == "0.05")
+        let one = Axis.linear(low: 0.5, high: 0.5, includeZero: false, targetTicks: 6)
+        #expect(one.low < 0.5 && one.high > 0.5, "a single value gets a range around it")
+    }
+
+    @Test func badRunDirectoriesAreOneLine() throws {
+        let missing = try Harness.local(["report", "/nonexistent/run"])
+        #expect(missing.status == 1)
+        #expect(missing.output.trimmingCharacters(in: .whitespacesAndNewlines) == "error: /nonexistent/run: no such run directory")
+        let empty = TemporaryFiles.path("empty-").path
+        try FileManager.default.createDirectory(atPath: empty, withIntermediateDirectories: true)
+        let notARun = try Harness.local(["report", empty])
+        #expect(notARun.status == 1 && notARun.output.contains("not a bpworker run directory"), "\(notARun.output)")
+        #expect(!FileManager.default.fileExists(atPath: empty + "/report.html"))
+    }
+}
