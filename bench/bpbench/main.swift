@@ -142,7 +142,7 @@ func profileBench() throws {
         let what = index < layers.count ? "\(index) \(layers[index])" : "loss (softmax cross-entropy)"
         return "  \(pass == .forward ? "forward" : "backward") \(what)"
     }
-    model.layerTimer = { index, pass, seconds in parts[layerName(index, pass), default: []].append(seconds) }
+    model.layerTimer = { index, pass, start, end in parts[layerName(index, pass), default: []].append(Double(end - start) * 1e-9) }
     for _ in 0..<(smoke ? 2 : 15) {
         time("one training step, in place") {
             time("forward") { model.forward(count: 256, mode: .train) }
@@ -217,7 +217,7 @@ func cnnProfileBench() throws {
         let what = index < layers.count ? "\(index) \(layers[index])" : "loss (softmax cross-entropy)"
         return "  \(pass == .forward ? "forward" : "backward") \(what)"
     }
-    model.layerTimer = { index, pass, seconds in parts[layerName(index, pass), default: []].append(seconds) }
+    model.layerTimer = { index, pass, start, end in parts[layerName(index, pass), default: []].append(Double(end - start) * 1e-9) }
     for _ in 0..<(smoke ? 2 : 12) {
         let t = now()
         model.forward(count: batch, mode: .train)

@@ -120,11 +120,12 @@ public final class Model<T: Scalar> {
 
     /// Which pass a `layerTimer` report is about.
     public enum Pass: Sendable { case forward, backward }
-    /// Profiling hook (bench/bpbench profile): when set, forward and backward time every layer inside the real
-    /// pass and report (layer index, pass, seconds); index `spec.layers.count` is the loss. Timing kernels alone
-    /// once hid a slow kernel that only real activations exposed. Backward excludes the time spent in its
-    /// `gradientsReady` callback. Nil in training: then the passes read no clock.
-    public var layerTimer: ((_ layer: Int, _ pass: Pass, _ seconds: Double) -> Void)?
+    /// Profiling hook (bench/bpbench profile, the Worker's `--timeline`): when set, forward and backward time every
+    /// layer inside the real pass and report (layer index, pass, start, end) in `DispatchTime` uptime nanoseconds;
+    /// index `spec.layers.count` is the loss. Timing kernels alone once hid a slow kernel that only real activations
+    /// exposed. A layer's backward span includes its `gradientsReady` callback (where gradient buckets start), so
+    /// what the callback records nests inside it. Nil in training: then the passes read no clock.
+    public var layerTimer: ((_ layer: Int, _ pass: Pass, _ start: UInt64, _ end: UInt64) -> Void)?
 
     let plan: [Layer<T>]
     private let arena: UnsafeMutableBufferPointer<T>
@@ -413,7 +414,6 @@ public final class Model<T: Scalar> {
         var index = plan.count - 1
         while index >= 0 {
             let started = timerClock()
-            var callback: UInt64 = 0
             let layer = plan[index]
             if layer.parameterCount > 0 {
                 layer.backwardParameters(count: count, accumulate: accumulate)
@@ -421,12 +421,10 @@ public final class Model<T: Scalar> {
                     applyFault(to: parameterTable[fault])
                     layer.provenFinite = false
                 }
-                let callbackStarted = timerClock()
                 try gradientsReady(layer.parameterOffset)
-                callback = timerClock() &- callbackStarted
             }
             layer.backwardInput(count: count, accumulate: accumulate)
-            report(index, .backward, since: started &+ callback)
+            report(index, .backward, since: started)
             index -= 1
         }
     }
@@ -458,7 +456,7 @@ public final class Model<T: Scalar> {
 
     @inline(__always)
     private func report(_ layer: Int, _ pass: Pass, since start: UInt64) {
-        if let timer = layerTimer { timer(layer, pass, Double(DispatchTime.now().uptimeNanoseconds - start) * 1e-9) }
+        if let timer = layerTimer { timer(layer, pass, start, DispatchTime.now().uptimeNanoseconds) }
     }
 
     /// Back-propagates the last forward pass with nobody waiting for finished gradients.
