@@ -69,6 +69,7 @@ struct Train: ParsableCommand {
               bpworker train --local --set training.epochs=1
               mpirun -n 4 bpworker train --resume
               mpirun -n 4 bpworker train --overwrite
+              mpirun -n 2 bpworker train --timeline 50
 
             --resume alone continues from RUN_DIR/checkpoints/latest. A run directory that already holds a run is never started over by accident: train refuses unless given --resume or --overwrite.
 
