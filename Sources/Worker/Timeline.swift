@@ -33,14 +33,15 @@ final class Timeline {
 
     var path: String { session.runDirectory + "/timeline.json" }
 
-    init(session: Session, model: Model<Float>, reducer: GradientReducer) {
+    /// - Parameter runSteps: steps the run has in all: a window longer than the run needs no room beyond it.
+    init(session: Session, model: Model<Float>, reducer: GradientReducer, runSteps: Int) {
         let config = session.config
         self.session = session
         self.model = model
         self.reducer = reducer
         steps = config.timelineSteps
         warmup = config.timelineWarmupSteps
-        recorder = TimelineRecorder(capacity: steps * Self.eventsPerStep(model: model, buckets: reducer.buckets.count) + 64)
+        recorder = TimelineRecorder(capacity: min(steps, max(runSteps, 1)) * Self.eventsPerStep(model: model, buckets: reducer.buckets.count) + 64)
         reducer.timeline = recorder
         layerTimer = { [recorder] layer, pass, start, end in
             recorder.record(pass == .forward ? .layerForward : .layerBackward, layer, start: Int64(start), end: Int64(end))

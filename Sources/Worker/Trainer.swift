@@ -61,7 +61,7 @@ enum Trainer {
         let watchdog = Watchdog(timeout: config.watchdogSeconds, rank: session.rank, worldSize: session.worldSize,
                                 runDirectory: runDirectory) { report in aborter.abort(report) }
         watchdog.start()
-        let timeline = config.timelineSteps > 0 ? Timeline(session: session, model: model, reducer: reducer) : nil
+        let timeline = config.timelineSteps > 0 ? Timeline(session: session, model: model, reducer: reducer, runSteps: prepared.totalSteps) : nil
         if config.batchNorm == .sync && !model.bufferTable.isEmpty && session.worldSize > 1 {
             // Synchronized batch norm: its sums are collectives inside the passes, watched like every other.
             let sums = CrossRankSums(communicator: session.communicator) { error in
