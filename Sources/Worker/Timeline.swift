@@ -107,7 +107,12 @@ final class Timeline {
     /// Ends the window if it is open (at the end of a run that ended inside it too): every rank's events go to rank
     /// 0, which writes the file. Collective. A file that cannot be written is reported and the run goes on.
     func close() throws {
-        guard state == .recording else { return }
+        guard state == .recording else {
+            if state == .waiting && session.isRoot {
+                session.logger.warning("timeline: the run ended within the \(warmup) steps before recording (timeline.warmup_steps); no timeline.json written")
+            }
+            return
+        }
         recorder.stopRecording()
         model.layerTimer = nil
         state = .written

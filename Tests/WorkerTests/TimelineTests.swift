@@ -140,6 +140,14 @@ struct TimelineTests {
         #expect(!FileManager.default.fileExists(atPath: off + "/timeline.json"))
         #expect(!plain.output.contains("timeline: recording"))
 
+        // A warm-up longer than the run: nothing recorded, and it says so.
+        let unopened = temporaryRunDirectory()
+        let early = try Harness.local(["train", "--local", "--run-dir", unopened, "--progress", "plain", "--timeline", "5"]
+            + data.arguments + ["--set", "training.epochs=1", "--set", "timeline.warmup_steps=1000", "--set", "schedule.warmup_steps=0",
+                                "--set", "model.hidden=[8]"])
+        #expect(early.status == 0 && early.output.contains("the run ended within the 1000 steps before recording"), "\(early.output)")
+        #expect(!FileManager.default.fileExists(atPath: unopened + "/timeline.json"))
+
         let zero = try Harness.local(["train", "--local", "--run-dir", temporaryRunDirectory(), "--timeline", "0"] + data.arguments)
         #expect(zero.status != 0 && zero.output.contains("--timeline must be at least 1 step"), "\(zero.output)")
         let negative = try Harness.local(["train", "--local", "--run-dir", temporaryRunDirectory(), "--set", "timeline.warmup_steps=-1"]
