@@ -78,7 +78,7 @@ struct Train: ParsableCommand {
 
     @OptionGroup var options: RunOptions
 
-    @Flag(help: "Gradient-check on rank 0 before the first step (same as gradcheck.enabled=true).")
+    @Flag(help: "Gradient-check before the first step, on rank 0 or, with model.batchnorm=sync, on every rank together (same as gradcheck.enabled=true).")
     var gradcheck = false
 
     @Option(help: ArgumentHelp(
@@ -116,17 +116,21 @@ struct Train: ParsableCommand {
 
 struct Gradcheck: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Check backpropagation against float64 finite differences on rank 0 and exit.",
+        abstract: "Check backpropagation against float64 finite differences on rank 0 (or every rank together) and exit.",
         discussion: """
             Exits 0 when the check passes (or only warns), 1 when it fails.
               bpworker gradcheck --local
               bpworker gradcheck --local --json --set gradcheck.all=true
+              mpirun -n 2 bpworker gradcheck --distributed --set model.batchnorm=sync
             """)
 
     @OptionGroup var options: RunOptions
 
     @Flag(help: "Print the report as JSON instead of a table.")
     var json = false
+
+    @Flag(help: "Every rank checks together: the same coordinates perturbed on every rank, J the mean loss over all ranks' check batches (with model.batchnorm=sync, through synchronized batch norm's cross-rank terms).")
+    var distributed = false
 
     func run() throws {
         let session = Session.start(options: options, extraOverrides: [])
@@ -135,7 +139,11 @@ struct Gradcheck: ParsableCommand {
         session.agree("run directory \(session.runDirectory)") {
             if session.isRoot { try FileManager.default.createDirectory(atPath: session.runDirectory, withIntermediateDirectories: true) }
         }
-        let verdict = GradientCheckRun.run(session, prepared, printJSON: json, reportDirectory: session.runDirectory)
+        if !distributed && !json && session.config.batchNorm == .sync && session.worldSize > 1 && !prepared.model.bufferTable.isEmpty {
+            session.logger.info("gradient check: on rank 0 alone, whose batch norm normalises its own batch; --distributed checks synchronized batch norm's cross-rank terms too")
+        }
+        let verdict = GradientCheckRun.run(session, prepared, distributed: distributed, printJSON: json,
+                                           reportDirectory: session.runDirectory)
         session.finish(exitCode: verdict == .fail ? 1 : 0)
     }
 }

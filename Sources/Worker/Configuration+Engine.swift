@@ -213,6 +213,8 @@ extension Configuration {
         try require(dropout >= 0 && dropout < 1, "model.dropout must be in [0, 1), got \(dropout)")
         try require(seed >= 0, "seed must be >= 0, got \(seed)")
         try require(checkpointEverySteps >= 0, "checkpoint.every_steps must be >= 0, got \(checkpointEverySteps)")
+        try require(checkpointEverySeconds >= 0 && checkpointEverySeconds.isFinite,
+                    "checkpoint.every_seconds must be >= 0 (0 = off), got \(checkpointEverySeconds)")
         try require(checkpointKeep >= 1, "checkpoint.keep must be at least 1, got \(checkpointKeep)")
         try require(maxSkippedSteps >= 0, "numerics.max_skips must be >= 0, got \(maxSkippedSteps)")
         try require(replicaCheckEvery >= 0, "training.replica_check_every must be >= 0, got \(replicaCheckEvery)")

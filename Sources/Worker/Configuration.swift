@@ -68,6 +68,7 @@ struct Configuration: Equatable {
 
     // checkpoints and faults
     var checkpointEverySteps = 500
+    var checkpointEverySeconds = 0.0
     var checkpointKeep = 3
     var numericsPolicy = NumericsPolicy.stop
     var maxSkippedSteps = 10
@@ -150,7 +151,7 @@ struct Configuration: Equatable {
             "sharded (each rank updates its part of the parameters, then they are gathered) or allreduce (every rank updates all)"),
         key("training.target_accuracy", \.targetAccuracy, "stop after the first epoch whose test accuracy reaches this (0 = off)"),
         key("training.blas_threads", \.blasThreads, "OpenBLAS threads per rank (0 = 1 when ranks share a node, else all cores)"),
-        key("gradcheck.enabled", \.gradcheckEnabled, "rank 0 gradient-checks before the first step"),
+        key("gradcheck.enabled", \.gradcheckEnabled, "gradient-check before the first step (rank 0; every rank with model.batchnorm=sync)"),
         key("gradcheck.samples", \.gradcheckSamples, "coordinates sampled per tensor"),
         key("gradcheck.eps", \.gradcheckEpsilon, "finite-difference step"),
         key("gradcheck.batch", \.gradcheckBatch, "examples in the check batch"),
@@ -158,6 +159,8 @@ struct Configuration: Equatable {
         key("gradcheck.policy", \.gradcheckPolicy, "abort (stop every rank on failure) or warn"),
         key("logging.interval", \.logInterval, "steps between progress lines and metrics records"),
         key("checkpoint.every_steps", \.checkpointEverySteps, "steps between checkpoints (also one at every epoch end; 0 = epoch ends only)"),
+        key("checkpoint.every_seconds", \.checkpointEverySeconds,
+            "seconds between checkpoints by rank 0's clock, at the same step on every rank (0 = off; with every_steps, whichever comes first)"),
         key("checkpoint.keep", \.checkpointKeep, "checkpoints kept in RUN_DIR/checkpoints (older ones are deleted)"),
         key("numerics.policy", \.numericsPolicy, "on a NaN or infinite loss or gradient on any rank: stop (checkpoint, error) or skip the step"),
         key("numerics.max_skips", \.maxSkippedSteps, "skip policy: stop after this many skipped steps"),

@@ -2,32 +2,62 @@ import Coordinator
 import Engine
 import Foundation
 
-/// The gradient-check handshake: rank 0 checks backpropagation in float64 on a small batch of its own shard while
-/// the others wait for its verdict, so every rank goes on or stops together.
+/// The gradient check of a job, in one of two ways, after which every rank goes on or stops together:
+///
+/// - alone: rank 0 checks backpropagation in float64 on a small batch of its own shard while the others wait for its
+///   verdict. Its batch norm normalises rank 0's batch alone, so synchronized batch norm's cross-rank terms are not
+///   exercised.
+/// - distributed: every rank checks at once on a batch of its own shard, perturbing the same coordinates; J is the
+///   mean loss over all ranks' check batches, and with `model.batchnorm=sync` the float64 model's batch norm sums
+///   over the ranks as in training, so the cross-rank terms of its backward pass are checked too (`checkGradients`
+///   with `acrossRanks`). Every rank reaches the same verdict; rank 0 reports it.
 enum GradientCheckRun {
     enum Verdict: Int32 { case pass = 0, warn = 1, fail = 2 }
 
     /// Returns the verdict every rank received. `reportDirectory`: where rank 0 writes gradcheck.json (nil: nowhere).
-    static func run(_ session: Session, _ prepared: Prepared, printJSON: Bool = false, reportDirectory: String?) -> Verdict {
+    /// `watchdog`: watches the distributed check's collectives (phase "gradient check") when the caller has one.
+    static func run(_ session: Session, _ prepared: Prepared, distributed: Bool = false, watchdog: Watchdog? = nil,
+                    printJSON: Bool = false, reportDirectory: String?) -> Verdict {
         let config = session.config
         var verdict: [Int32] = [Verdict.pass.rawValue]
-        if session.isRoot {
+        var report: GradientCheckReport? = nil
+        if distributed {
+            // Every rank's shard of an epoch is equally long, so every rank checks the same number of rows.
+            let indices = Array(prepared.sampler.indices(epoch: 0).prefix(config.gradcheckBatch))
+            let copy = prepared.model.float64Copy(batchCapacity: indices.count)
+            indices.withUnsafeBufferPointer { prepared.train.gather(indices: $0, into: copy.inputs, labels: copy.labels) }
+            let sums = crossRankSums(session, watchdog: watchdog)
+            if config.batchNorm == .sync && session.worldSize > 1 { copy.crossRankReducer = sums }
+            if !printJSON {
+                let ranks = "\(session.worldSize) rank\(session.worldSize == 1 ? "" : "s")"
+                let through = copy.crossRankReducer != nil ? ", through synchronized batch norm" : ""
+                let message = "gradient check: distributed over \(ranks), \(indices.count) samples each; every rank perturbs "
+                    + "the same coordinates and J is the mean loss over all of them\(through)"
+                session.logger.info("\(message)")
+            }
+            report = checkGradients(model: copy, count: indices.count, options: config.gradientCheckOptions, acrossRanks: sums)
+        } else if session.isRoot {
             let count = min(config.gradcheckBatch, prepared.train.count)
             let indices = Array(prepared.sampler.indices(epoch: 0).prefix(count))
             let copy = prepared.model.float64Copy(batchCapacity: count)
             indices.withUnsafeBufferPointer { prepared.train.gather(indices: $0, into: copy.inputs, labels: copy.labels) }
-            let report = checkGradients(model: copy, count: count, options: config.gradientCheckOptions)
-            if printJSON { print(report.json) } else {
-                session.logger.info("\(report.text)")
-                if !report.passed {
-                    FileHandle.standardError.write(Data("gradient check failed: \(report.failures.joined(separator: "; "))\n".utf8))
+            report = checkGradients(model: copy, count: count, options: config.gradientCheckOptions)
+        }
+        if let report {
+            if session.isRoot {
+                if printJSON { print(report.json) } else {
+                    session.logger.info("\(report.text)")
+                    if !report.passed {
+                        FileHandle.standardError.write(Data("gradient check failed: \(report.failures.joined(separator: "; "))\n".utf8))
+                    }
                 }
-            }
-            if let reportDirectory {
-                try? writeAtomically(Data(report.json.utf8), to: reportDirectory + "/gradcheck.json", durable: false)
+                if let reportDirectory {
+                    try? writeAtomically(Data(report.json.utf8), to: reportDirectory + "/gradcheck.json", durable: false)
+                }
             }
             verdict[0] = (report.verdict == .fail ? Verdict.fail : report.verdict == .warn ? .warn : .pass).rawValue
         }
+        let own = verdict[0]
         do {
             try verdict.withUnsafeMutableBufferPointer { (buffer) throws(MPIError) in
                 try session.communicator.broadcast(buffer, root: 0)
@@ -35,6 +65,33 @@ enum GradientCheckRun {
         } catch {
             session.abort("gradient check verdict: \(error)")
         }
+        if distributed && own != verdict[0] {
+            // Cannot happen while every decision is taken from summed values; if it does, going on would split the job.
+            let name = { (raw: Int32) in Verdict(rawValue: raw).map { "\($0)" } ?? "\(raw)" }
+            session.abort("gradient check: rank \(session.rank) reached the verdict \(name(own)) but rank 0 reached "
+                + "\(name(verdict[0])): the distributed check desynchronised")
+        }
         return Verdict(rawValue: verdict[0]) ?? .fail
+    }
+
+    /// The distributed check's sums over the ranks (its losses, its gradient, and synchronized batch norm's statistics),
+    /// watched as the phase "gradient check". A failure inside the check ends every rank.
+    private static func crossRankSums(_ session: Session, watchdog: Watchdog?) -> CrossRankSums {
+        let sums = CrossRankSums(communicator: session.communicator) { error in
+            session.abort("gradient check: sum across ranks failed: \(error)")
+        }
+        let hooks = TestHooks.fromEnvironment(rank: session.rank)
+        var reductions = 0
+        sums.willReduce = {
+            reductions += 1
+            if reductions == hooks.gradcheckFailSum {
+                if hooks.gradcheckStalls { sleepFully(60) } else {
+                    session.abort("gradient check: test failure before sum \(reductions) across ranks (BPWORKER_TEST_GRADCHECK_FAIL)")
+                }
+            }
+            watchdog?.enter(.gradientCheck)
+        }
+        sums.didReduce = { watchdog?.leave() }
+        return sums
     }
 }

@@ -23,7 +23,10 @@ enum Setup {
         static let stopRequests = 0
         /// Non-finite values in this step's losses and gradients.
         static let nonFinite = 1
-        static let count = 2
+        /// 1 when rank 0's clock says a time-based checkpoint is due (`checkpoint.every_seconds`), 0 on every other
+        /// rank: the sum is rank 0's decision, so every rank checkpoints after the same step whatever its own clock says.
+        static let checkpointDue = 2
+        static let count = 3
     }
 
     /// - Parameter training: false for `gradcheck` and `eval`, which run no epochs: the remainder is wrapped so any

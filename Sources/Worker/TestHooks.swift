@@ -9,6 +9,10 @@ struct TestHooks {
     /// gradients stay finite, so each channel of the non-finite check can be tested alone.
     var nanStep: Int?
     var nanLossOnly = false
+    /// BPWORKER_TEST_GRADCHECK_FAIL=RANK:N[:stall]: that rank fails inside the distributed gradient check, before its
+    /// Nth sum across ranks (1-based), while the others wait in it; with `:stall` it sleeps there for a minute instead.
+    var gradcheckFailSum: Int?
+    var gradcheckStalls = false
     /// BPWORKER_TEST_STALL=RANK:STEP:SECONDS[:after-exchange]: that rank sleeps inside that step, before its forward
     /// pass or, with the fourth field, between the gradient exchange and the update (where the others wait in
     /// the sharded update's parameter gather).
@@ -19,6 +23,8 @@ struct TestHooks {
     var stepSleepMicroseconds: UInt32 = 0
     /// BPWORKER_TEST_DIVERGE=RANK:STEP: that rank's first parameter drifts at that step (a silent replica fault).
     var divergeStep: Int?
+    /// BPWORKER_TEST_CLOCK_OFFSET=RANK:SECONDS: that rank's clock for time-based checkpoints runs SECONDS ahead.
+    var clockOffsetSeconds = 0.0
 
     static func fromEnvironment(rank: Int) -> TestHooks {
         let env = ProcessInfo.processInfo.environment
@@ -30,6 +36,10 @@ struct TestHooks {
             hooks.nanStep = Int(f[1])
             hooks.nanLossOnly = env["BPWORKER_TEST_NAN"]?.hasSuffix(":loss") ?? false
         }
+        if let f = fields("BPWORKER_TEST_GRADCHECK_FAIL"), f.count == 2, Int(f[0]) == rank {
+            hooks.gradcheckFailSum = Int(f[1])
+            hooks.gradcheckStalls = env["BPWORKER_TEST_GRADCHECK_FAIL"]?.hasSuffix(":stall") ?? false
+        }
         if let f = fields("BPWORKER_TEST_STALL"), f.count == 3, Int(f[0]) == rank {
             hooks.stallStep = Int(f[1])
             hooks.stallSeconds = f[2]
@@ -37,6 +47,7 @@ struct TestHooks {
         }
         if let f = fields("BPWORKER_TEST_STEP_SLEEP_MS"), f.count == 1 { hooks.stepSleepMicroseconds = UInt32(f[0] * 1000) }
         if let f = fields("BPWORKER_TEST_DIVERGE"), f.count == 2, Int(f[0]) == rank { hooks.divergeStep = Int(f[1]) }
+        if let f = fields("BPWORKER_TEST_CLOCK_OFFSET"), f.count == 2, Int(f[0]) == rank { hooks.clockOffsetSeconds = f[1] }
         return hooks
     }
 
@@ -68,7 +79,7 @@ func sleepFully(_ seconds: Double) {
 
 /// The test-only switch that breaks one tensor's backward pass (see README, "Testing the gradient check").
 /// BPWORKER_TEST_GRADIENT_FAULT = missing:NAME | transposed:NAME | scaled:NAME:FACTOR | flipped:CONV.weight |
-/// padding:CONV.weight | nomean:BATCHNORM.weight
+/// padding:CONV.weight | nomean:BATCHNORM.weight | localsums:BATCHNORM.weight
 func gradientFaultFromEnvironment() throws -> GradientFault? {
     guard let value = ProcessInfo.processInfo.environment["BPWORKER_TEST_GRADIENT_FAULT"], !value.isEmpty else { return nil }
     let parts = value.split(separator: ":").map(String.init)
@@ -78,12 +89,13 @@ func gradientFaultFromEnvironment() throws -> GradientFault? {
     case ("flipped", 2): return .flippedKernel(tensor: parts[1])
     case ("padding", 2): return .paddingOffset(tensor: parts[1])
     case ("nomean", 2): return .batchNormWithoutMeanTerm(tensor: parts[1])
+    case ("localsums", 2): return .batchNormLocalSums(tensor: parts[1])
     case ("scaled", 3):
         if let factor = Double(parts[2]) { return .scaled(tensor: parts[1], factor: factor) }
     default: break
     }
     throw TestHookError(description: "BPWORKER_TEST_GRADIENT_FAULT=\(value): expected missing:NAME, transposed:NAME, "
-        + "scaled:NAME:FACTOR, flipped:CONV.weight, padding:CONV.weight or nomean:BATCHNORM.weight")
+        + "scaled:NAME:FACTOR, flipped:CONV.weight, padding:CONV.weight, nomean:BATCHNORM.weight or localsums:BATCHNORM.weight")
 }
 
 /// A test hook's environment variable that cannot be parsed.

@@ -87,13 +87,18 @@ enum Trainer {
         loop.timeline = timeline
 
         if config.gradcheckEnabled {
+            // Synchronized batch norm couples the ranks: a check on rank 0 alone would not reach its cross-rank terms.
+            let distributed = model.crossRankReducer != nil
             if resume != nil {
                 session.logger.info("gradient check: skipped on resume (it runs only before a run's first step)")
-            } else if GradientCheckRun.run(session, prepared, reportDirectory: runDirectory) == .fail
-                        && config.gradcheckPolicy == .abort {
-                let message = "gradient check failed on rank 0; stopping every rank (gradcheck.policy=abort)"
-                session.logger.error("\(message)")
-                return (.failed("gradient check failed (gradcheck.policy=abort)"), loop)
+            } else {
+                if distributed { session.logger.info("gradient check: distributed over every rank, since model.batchnorm=sync") }
+                if GradientCheckRun.run(session, prepared, distributed: distributed, watchdog: watchdog, reportDirectory: runDirectory) == .fail
+                    && config.gradcheckPolicy == .abort {
+                    let message = "gradient check failed\(distributed ? "" : " on rank 0"); stopping every rank (gradcheck.policy=abort)"
+                    session.logger.error("\(message)")
+                    return (.failed("gradient check failed (gradcheck.policy=abort)"), loop)
+                }
             }
         }
         do {

@@ -51,6 +51,11 @@ final class TrainingLoop {
     /// The model's buffers (batch norm's running statistics) before the current step: a step dropped for non-finite
     /// values must not keep what its forward pass did to them (a NaN batch makes them NaN). Allocated once.
     private let buffersBefore: UnsafeMutableBufferPointer<Float>
+    /// When the last checkpoint was taken (or training began), by rank 0's monotonic clock; the other ranks never
+    /// read theirs for this (see `ControlSlot.checkpointDue`).
+    private var lastCheckpointUptime = TrainingLoop.uptimeSeconds()
+    /// Rank 0's time-based checkpoint decision for the current step, as every rank received it.
+    private(set) var checkpointDue = false
 
     deinit { buffersBefore.deallocate() }
 
@@ -97,6 +102,7 @@ final class TrainingLoop {
         let localNonFiniteLoss = result.lossSum.isFinite ? 0 : 1
         model.control[slot.stopRequests] = StopSignals.requested == nil ? 0 : 1
         model.control[slot.nonFinite] = Float(localNonFiniteLoss)
+        model.control[slot.checkpointDue] = session.isRoot && checkpointIntervalElapsed() ? 1 : 0
         // accumulate: false overwrites every gradient: no zeroing pass needed.
         let backwardStarted = timeline?.begin() ?? 0
         try model.backward(count: batch, accumulate: false) { offset in try reducer.gradientsReady(from: offset) }
@@ -106,6 +112,7 @@ final class TrainingLoop {
         watchdog.leave()
         hooks.afterExchange(step: position.globalStep)
         let stopRequests = model.control[slot.stopRequests]
+        checkpointDue = model.control[slot.checkpointDue] > 0
         position.epochStep = step + 1
 
         if model.control[slot.nonFinite] > 0 {
@@ -204,8 +211,8 @@ final class TrainingLoop {
                         ended = .stopped("stop requested by \(source)")
                         return
                     }
-                    if config.checkpointEverySteps > 0 && position.globalStep % config.checkpointEverySteps == 0
-                        && step < sampler.stepsPerEpoch - 1 {
+                    let stepsDue = config.checkpointEverySteps > 0 && position.globalStep % config.checkpointEverySteps == 0
+                    if (stepsDue || checkpointDue) && step < sampler.stepsPerEpoch - 1 {
                         try checkpoint()
                     }
                 }
@@ -240,10 +247,20 @@ final class TrainingLoop {
         let saving = timeline?.beginBetweenSteps() ?? 0
         lastCheckpoint = try exchange.save(&position, reducer: reducer)
         timeline?.endBetweenSteps(.checkpoint, since: saving)
+        lastCheckpointUptime = Self.uptimeSeconds()
         progress.status.lastCheckpoint = lastCheckpoint
         progress.status.step = position.globalStep
         progress.writeStatus()
     }
+
+    /// Rank 0 only: whether `checkpoint.every_seconds` have passed since the last checkpoint. The test hook
+    /// BPWORKER_TEST_CLOCK_OFFSET moves a rank's clock, to show that no other rank's clock takes part.
+    private func checkpointIntervalElapsed() -> Bool {
+        config.checkpointEverySeconds > 0
+            && Self.uptimeSeconds() + hooks.clockOffsetSeconds - lastCheckpointUptime >= config.checkpointEverySeconds
+    }
+
+    private static func uptimeSeconds() -> Double { Double(DispatchTime.now().uptimeNanoseconds) * 1e-9 }
 
     /// Rank 0's buffers (batch norm's running statistics) to every rank, before they are evaluated, checkpointed or
     /// compared: with `model.batchnorm=local` each rank's drift apart, and PyTorch DDP likewise broadcasts rank 0's.

@@ -26,6 +26,7 @@ final class Watchdog: Sendable {
         var name: String {
             switch self {
             case .compute: "computing"
+            case .gradientCheck: "gradient check"
             case .gradientAllreduce: "gradient allreduce"
             case .parameterGather: "update and parameter gather"
             case .metricsAllreduce: "metrics allreduce"
@@ -37,6 +38,9 @@ final class Watchdog: Sendable {
             case .timeline: "timeline (clock alignment, gathering the events)"
             }
         }
+
+        /// The distributed gradient check's sums over the ranks (GradientCheckRun).
+        case gradientCheck
     }
 
     /// `Phase.rawValue` of where the training thread is; `compute` outside collectives.

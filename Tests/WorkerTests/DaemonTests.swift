@@ -310,6 +310,50 @@ struct DaemonTests {
         #expect(r.seconds < 10)
     }
 
+    /// The steps after which a run's output says it wrote a checkpoint ("checkpoint: PATH (step N)").
+    func checkpointSteps(_ output: String) -> [Int] {
+        output.split(separator: "\n").compactMap { line in
+            guard line.hasPrefix("checkpoint: "), let open = line.lastIndex(of: "(") else { return nil }
+            return Int(line[open...].dropFirst("(step ".count).dropLast())
+        }
+    }
+
+    /// checkpoint.every_seconds is decided by rank 0's clock and travels in the step's control values: every rank
+    /// checkpoints after the same step whatever its own clock says. BPWORKER_TEST_CLOCK_OFFSET runs one rank's clock
+    /// 1000 s ahead. The job has 12 steps per epoch, with a checkpoint at every epoch end; any other comes from the clock.
+    @Test func timeBasedCheckpointsAreRank0sDecisionAtTheSameStepOnEveryRank() throws {
+        let data = try SyntheticData(samples: 200)
+        defer { data.remove() }
+        let reference = try uninterrupted(data)
+        let byTime = ["--set", "checkpoint.every_steps=0", "--set", "checkpoint.keep=100", "--set", "watchdog.timeout_seconds=10"]
+        let epochEnds = [12, 24, 36]
+
+        // A real run: steps of at least 40 ms, an epoch of at least 480 ms, so 0.2 s pass inside every epoch. Rank 1's
+        // clock says a checkpoint is due at every step: had it decided for itself, it would enter the collective save
+        // alone and the watchdog would end the job.
+        let run = temporaryRunDirectory()
+        let r = try Harness.mpirun(2, job(data, runDir: run, extra: byTime + ["--set", "checkpoint.every_seconds=0.2"]),
+                                   environment: ["BPWORKER_TEST_STEP_SLEEP_MS": "40", "BPWORKER_TEST_CLOCK_OFFSET": "1:1000"])
+        #expect(r.status == 0, "\(r.output)")
+        let steps = checkpointSteps(r.output)
+        for epoch in 0..<3 {
+            #expect(steps.contains { $0 > 12 * epoch && $0 < 12 * epoch + 12 }, "no time-based checkpoint in epoch \(epoch + 1): \(steps)")
+        }
+        #expect(try parameters(run + "/model.safetensors") == reference, "checkpoints by time must not change the training")
+
+        // Rank 1's clock alone says due at every step, rank 0's never: no checkpoint but the epoch ends.
+        let rank1 = try Harness.mpirun(2, job(data, runDir: temporaryRunDirectory(), extra: byTime + ["--set", "checkpoint.every_seconds=1000"]),
+                                       environment: ["BPWORKER_TEST_CLOCK_OFFSET": "1:1000"])
+        #expect(rank1.status == 0, "\(rank1.output)")
+        #expect(checkpointSteps(rank1.output) == epochEnds)
+
+        // Rank 0's clock alone says due at every step: both ranks checkpoint after every step.
+        let rank0 = try Harness.mpirun(2, job(data, runDir: temporaryRunDirectory(), extra: byTime + ["--set", "checkpoint.every_seconds=1000"]),
+                                       environment: ["BPWORKER_TEST_CLOCK_OFFSET": "0:1000"])
+        #expect(rank0.status == 0, "\(rank0.output)")
+        #expect(checkpointSteps(rank0.output) == Array(1...36))
+    }
+
     @Test func statusCommandReportsTheRun() throws {
         let data = try SyntheticData(samples: 100)
         defer { data.remove() }

@@ -185,6 +185,8 @@ struct WorkerLogicTests {
         }
         #expect(message(["training.batch_size=0"]).hasPrefix("training.batch_size must be at least 1"))
         #expect(message(["checkpoint.keep=0"]).hasPrefix("checkpoint.keep must be at least 1"))
+        #expect(message(["checkpoint.every_seconds=-1"]).hasPrefix("checkpoint.every_seconds must be >= 0"))
+        #expect(message(["checkpoint.every_seconds=.inf"]).hasPrefix("checkpoint.every_seconds must be >= 0"))
         #expect(message(["model.dropout=1"]).hasPrefix("model.dropout must be in [0, 1)"))
         #expect(message(["optimizer.momentum=1.5"]).contains("momentum must be in [0, 1)"))
         #expect(message([]) == "no error")

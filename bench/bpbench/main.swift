@@ -63,14 +63,19 @@ final class StepBench {
     let model: Model<Float>
     let optimizer: Optimizer<Float>
     let batch: Int
-    init(widths: [Int], batch: Int) throws {
+    convenience init(widths: [Int], batch: Int) throws {
+        try self.init(spec: .mlp(widths: widths), batch: batch)
+    }
+    init(spec: ModelSpec, batch: Int) throws {
         // Two control slots, as the Worker's model has (stop requests and the non-finite count).
-        model = try Model<Float>(spec: .mlp(widths: widths), batchCapacity: batch, seed: 1, controlSlots: 2)
+        model = try Model<Float>(spec: spec, batchCapacity: batch, seed: 1, controlSlots: 2)
         optimizer = try Optimizer<Float>(config: .init(kind: .sgd, momentum: 0.9), parameterCount: model.parameterCount)
         self.batch = batch
         var g = RandomGenerator(seed: 2, stream: 9)
-        for i in 0..<(batch * widths[0]) { model.inputs[i] = Float(g.nextNormal()) }
-        for r in 0..<batch { model.labels[r] = Int32(g.nextInt(below: widths.last!)) }
+        let features = spec.inputShape.reduce(1, *)
+        for i in 0..<(batch * features) { model.inputs[i] = Float(g.nextNormal()) }
+        let classes = try spec.shapes().last!.reduce(1, *)
+        for r in 0..<batch { model.labels[r] = Int32(g.nextInt(below: classes)) }
     }
     func step() {
         model.forward(count: batch, mode: .train)
@@ -85,7 +90,7 @@ final class GEMMBench {
     struct Call { let ta: Bool, tb: Bool, m: Int, n: Int, k: Int, beta: Float }
     /// Each call gets operands of its own, as in the model (one shared set would sit in cache and flatter BLAS).
     let calls: [(call: Call, a: UnsafeMutablePointer<Float>, b: UnsafeMutablePointer<Float>, c: UnsafeMutablePointer<Float>)]
-    init(widths: [Int], batch: Int) {
+    convenience init(widths: [Int], batch: Int) {
         var calls: [Call] = []
         for l in 0..<(widths.count - 1) {
             let (i, o) = (widths[l], widths[l + 1])
@@ -93,6 +98,38 @@ final class GEMMBench {
             calls.append(Call(ta: true, tb: false, m: o, n: i, k: batch, beta: 0))
             if l > 0 { calls.append(Call(ta: false, tb: false, m: batch, n: i, k: o, beta: 0)) }
         }
+        self.init(calls: calls)
+    }
+
+    /// The GEMMs of a network with convolutions, as `Conv2d` calls them: per sample, forward W[O, Ckk] cols[Ckk, P],
+    /// then backward dW += dy_b[O, P] cols^T and (for every convolution but the first) dcols = W^T dy_b; the linear
+    /// layers as above. Each sample's call gets operands of its own, as each sample's activations are.
+    convenience init(spec: ModelSpec, batch: Int) throws {
+        var calls: [Call] = []
+        let shapes = try spec.shapes()
+        var first = true
+        for (l, layer) in spec.layers.enumerated() {
+            switch layer {
+            case let .conv2d(i, o, k, _, _, _):
+                let positions = shapes[l + 1][1] * shapes[l + 1][2], patch = i * k * k
+                for _ in 0..<batch {
+                    calls.append(Call(ta: false, tb: false, m: o, n: positions, k: patch, beta: 1))
+                    calls.append(Call(ta: false, tb: true, m: o, n: patch, k: positions, beta: 0))
+                    if !first { calls.append(Call(ta: true, tb: false, m: patch, n: positions, k: o, beta: 0)) }
+                }
+                first = false
+            case let .linear(i, o):
+                calls.append(Call(ta: false, tb: true, m: batch, n: o, k: i, beta: 1))
+                calls.append(Call(ta: true, tb: false, m: o, n: i, k: batch, beta: 0))
+                if !first { calls.append(Call(ta: false, tb: false, m: batch, n: i, k: o, beta: 0)) }
+                first = false
+            default: break
+            }
+        }
+        self.init(calls: calls)
+    }
+
+    init(calls: [Call]) {
         // The same kind of memory as the model's buffers (2 MiB pages where the kernel allows): the baseline
         // must not pay TLB misses the step does not.
         func buffer(_ n: Int, _ value: Float) -> UnsafeMutablePointer<Float> {
@@ -125,6 +162,11 @@ func engineBench() throws {
         let ratio = ts / tg
         print("| \(widths.map(String.init).joined(separator: "-")) | 256 | \(f(ts * 1e3)) | \(f(tg * 1e3)) | \(f(ratio)) | <= \(target) \(ratio <= target ? "met" : "MISSED") |")
     }
+    let step = try StepBench(spec: fashionCNN, batch: 64)
+    let gemm = try GEMMBench(spec: fashionCNN, batch: 64)
+    let (ts, tg) = alternate(rounds: smoke ? 2 : 15, repeats: smoke ? 1 : 3, step.step, { gemm.run() })
+    let ratio = ts / tg
+    print("| fashion-cnn (configs/fashion-cnn.yaml) | 64 | \(f(ts * 1e3)) | \(f(tg * 1e3)) | \(f(ratio)) | <= 1.15 \(ratio <= 1.15 ? "met" : "MISSED") |")
 }
 
 // MARK: - Where the step's time goes
@@ -197,16 +239,21 @@ func profileBench() throws {
 
 // MARK: - Where a CNN step's time goes
 
-/// configs/fashion-cnn.yaml's network at its batch (64 per rank), one thread: every layer timed inside real steps,
-/// and the share of the step its layers' GEMM-bound passes take (convolutions and linear layers).
-func cnnProfileBench() throws {
-    BLASThreads.set(1)
+/// configs/fashion-cnn.yaml's network.
+let fashionCNN: ModelSpec = {
     let conv = { (i: Int, o: Int) in LayerSpec.conv2d(inChannels: i, outChannels: o, kernel: 3, stride: 1, padding: 1, bias: false) }
-    let spec = ModelSpec(layers: [
+    return ModelSpec(layers: [
         conv(1, 32), .batchNorm(features: 32), .relu, .maxPool2d(kernel: 2, stride: 2),
         conv(32, 64), .batchNorm(features: 64), .relu, .maxPool2d(kernel: 2, stride: 2),
         .flatten, .linear(inputs: 3136, outputs: 128), .relu, .dropout(probability: 0.3), .linear(inputs: 128, outputs: 10),
     ], inputShape: [1, 28, 28])
+}()
+
+/// configs/fashion-cnn.yaml's network at its batch (64 per rank), one thread: every layer timed inside real steps,
+/// and the share of the step its layers' GEMM-bound passes take (convolutions and linear layers).
+func cnnProfileBench() throws {
+    BLASThreads.set(1)
+    let spec = fashionCNN
     let batch = 64
     let model = try Model<Float>(spec: spec, batchCapacity: batch, seed: 1)
     var generator = RandomGenerator(seed: 2, stream: 9)

@@ -15,6 +15,8 @@ def arguments():
     p.add_argument("--target", type=float, default=0.0, help="stop at the first epoch reaching this test accuracy")
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cnn", action="store_true", help="configs/fashion-cnn.yaml's network instead of an MLP")
+    p.add_argument("--sync-bn", action="store_true", help="with --cnn: synchronized batch norm")
     return p.parse_args()
 
 

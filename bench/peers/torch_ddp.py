@@ -1,7 +1,10 @@
-"""Data-parallel MLP training with PyTorch DistributedDataParallel on the gloo backend, written the way its
-users write it: nn.Sequential, DDP, a DistributedSampler, SGD with Nesterov momentum, LambdaLR.
+"""Data-parallel training with PyTorch DistributedDataParallel on the gloo backend, written the way its users
+write it: nn.Sequential, DDP, a DistributedSampler, SGD with Nesterov momentum, LambdaLR. An MLP by default;
+--cnn is configs/fashion-cnn.yaml's network (two conv-batchnorm-relu-maxpool blocks, then linear 128), with
+batch norm per rank as in bpworker's `model.batchnorm: local` (DDP's default) or SyncBatchNorm with --sync-bn.
 Rank and world size come from mpirun's environment.
-    mpirun -n 2 python torch_ddp.py --hidden 1024,1024 --batch 256 --steps 60"""
+    mpirun -n 2 python torch_ddp.py --hidden 1024,1024 --batch 256 --steps 60
+    mpirun -n 2 python torch_ddp.py --cnn --batch 64 --steps 40"""
 import os, sys, time
 import torch
 import torch.distributed as dist
@@ -18,13 +21,24 @@ torch.set_num_threads(1)
 torch.manual_seed(args.seed)
 
 xtr, ytr, xte, yte = (torch.from_numpy(a) for a in common.data())
-widths = [784] + [int(w) for w in args.hidden.split(",")] + [10]
-layers = []
-for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
-    layers.append(torch.nn.Linear(a, b))
-    if i + 2 < len(widths):
-        layers.append(torch.nn.ReLU())
-model = torch.nn.parallel.DistributedDataParallel(torch.nn.Sequential(*layers))
+if args.cnn:
+    nn = torch.nn
+    xtr, xte = xtr.reshape(-1, 1, 28, 28), xte.reshape(-1, 1, 28, 28)
+    network = nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU(), nn.Dropout(0.3), nn.Linear(128, 10))
+    if args.sync_bn:
+        network = nn.SyncBatchNorm.convert_sync_batchnorm(network)
+else:
+    widths = [784] + [int(w) for w in args.hidden.split(",")] + [10]
+    layers = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(torch.nn.Linear(a, b))
+        if i + 2 < len(widths):
+            layers.append(torch.nn.ReLU())
+    network = torch.nn.Sequential(*layers)
+model = torch.nn.parallel.DistributedDataParallel(network)
 sampler = DistributedSampler(TensorDataset(xtr, ytr), num_replicas=size, rank=rank, seed=args.seed, drop_last=True)
 loader = DataLoader(TensorDataset(xtr, ytr), batch_size=args.batch, sampler=sampler, drop_last=True)
 optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)

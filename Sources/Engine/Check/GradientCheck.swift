@@ -82,7 +82,13 @@ public struct DirectionCheck: Codable, Equatable, Sendable {
 public struct GradientCheckReport: Codable, Equatable, Sendable {
     public var dtype: String
     public var epsilon: Double
+    /// Rows of the check batch on each rank.
     public var batchSize: Int
+    /// Whether every rank checked together (J over all ranks' batches), over how many ranks, and the samples of the
+    /// global check batch (`batchSize` times `ranks`). One rank checking alone: false, 1, `batchSize`.
+    public var distributed: Bool
+    public var ranks: Int
+    public var samples: Int
     public var loss: Double
     public var parameterCount: Int
     public var deterministic: Bool
@@ -101,7 +107,8 @@ public struct GradientCheckReport: Codable, Equatable, Sendable {
     public var text: String {
         func e(_ x: Double) -> String { String(format: "%.2e", x) }
         var lines: [String] = []
-        lines.append("gradient check: \(verdict.rawValue.uppercased())  dtype \(dtype), eps \(e(epsilon)), batch \(batchSize), "
+        let batch = distributed ? "distributed over \(ranks) rank\(ranks == 1 ? "" : "s"), batch \(batchSize) per rank (\(samples) samples)" : "batch \(batchSize)"
+        lines.append("gradient check: \(verdict.rawValue.uppercased())  dtype \(dtype), eps \(e(epsilon)), \(batch), "
             + "loss \(String(format: "%.6f", loss)), \(parameterCount) parameters")
         lines.append("  cost: 1 forward+backward and \(forwardPasses) forward passes in \(String(format: "%.2f", seconds)) s")
         let header = ["tensor", "shape", "checked", "kinks", "max rel err", "mean rel err", "grad norm", "verdict"]
@@ -150,7 +157,19 @@ public func relativeError(_ a: Double, _ n: Double) -> Double {
 /// and two for the random direction, all on the first `count` rows of the model's input buffer.
 /// Dropout is off and batch norm uses the batch's statistics without keeping them (`ForwardMode.check`), so the cost is a
 /// deterministic function of the parameters that still couples the samples; this is verified first.
-public func checkGradients(model: Model<Double>, count: Int, options: GradientCheckOptions = .init()) -> GradientCheckReport {
+///
+/// Distributed (`ranks` given): every rank of a data-parallel job calls this at once, with the same model, options
+/// and `count` but its own check batch in the model's input buffer, and `ranks` summing across them. J is then the
+/// mean over the ranks of their mean losses, which with `count` rows on every rank is the mean loss over the global
+/// check batch: the objective data-parallel training follows (each rank's loss is the mean over its batch, and the
+/// gradients are averaged over the ranks). Its analytic gradient is the average of the ranks' gradients: with
+/// synchronized batch norm (the model's `crossRankReducer`) each rank's backward pass carries the terms through the
+/// global batch statistics, so perturbing one coordinate on every rank checks those cross-rank terms too. Every
+/// decision (a kink, a retry, a verdict) is taken from summed values, so every rank takes the same branch and the
+/// collectives (the loss sums here and batch norm's inside the passes) stay matched; every rank returns the same
+/// report.
+public func checkGradients(model: Model<Double>, count: Int, options: GradientCheckOptions = .init(),
+                           acrossRanks ranks: CrossRankReducer? = nil) -> GradientCheckReport {
     let start = Date()
     let theta = model.parameters.baseAddress!
     var forwardPasses = 0
@@ -158,41 +177,64 @@ public func checkGradients(model: Model<Double>, count: Int, options: GradientCh
         forwardPasses += 1
         return model.forward(count: count, mode: .check, fromLayer: fromLayer).loss
     }
+    // Sums `values` over the ranks (one collective); alone, they are the sums.
+    func summed(_ values: [Double]) -> [Double] {
+        guard let ranks else { return values }
+        var values = values
+        values.withUnsafeMutableBufferPointer { ranks.sumAcrossRanks($0) }
+        return values
+    }
     var failures: [String] = []
 
-    // Determinism: J(theta) twice must agree exactly, or no difference quotient means anything.
-    let loss = cost()
-    let again = cost()
-    let deterministic = loss.bitPattern == again.bitPattern
-    if !deterministic { failures.append("the cost is not deterministic: J(theta) gave \(loss) then \(again)") }
+    // Determinism: J(theta) twice must agree exactly on every rank, or no difference quotient means anything. The
+    // same collective counts the ranks.
+    let localLoss = cost()
+    let localAgain = cost()
+    let totals = summed([localLoss, localAgain, localLoss.bitPattern == localAgain.bitPattern ? 0 : 1, 1])
+    let rankCount = Int(totals[3])
+    let loss = totals[0] / totals[3], again = totals[1] / totals[3]
+    let deterministic = totals[2] == 0
+    if !deterministic {
+        failures.append("the cost is not deterministic: J(theta) gave \(loss) then \(again)"
+            + (ranks == nil ? "" : " (on \(Int(totals[2])) of \(rankCount) ranks)"))
+    }
 
     // Below this, an analytic and a numeric value both are rounding: the difference quotient's rounding error is
     // about ulp(J) / eps, and a coordinate where both sides are within a hundred times that agrees at rounding level
     // (a dead unit's weight, a channel that max-pooling never picks).
     let roundingLevel = 100 * max(abs(loss), 1) * Double.ulpOfOne / options.epsilon
 
-    // Analytic gradient.
+    // Analytic gradient: of the mean over ranks, the ranks' average.
     model.zeroGradients()
     model.forward(count: count, mode: .check)
     model.backward(count: count)
-    let analytic = Array(model.gradients)
+    let analytic = summed(Array(model.gradients)).map { $0 / totals[3] }
+
+    // J at theta + eps u and theta - eps u, over every rank, and whether the two passes straddle a kink on any rank:
+    // one collective for the three.
+    func evaluate(plus: () -> Void, minus: () -> Void, restore: () -> Void, fromLayer layer: Int)
+        -> (plus: Double, minus: Double, kink: Bool) {
+        plus()
+        let plusCost = cost(fromLayer: layer)
+        let plusPattern = model.kinkPattern(count: count)
+        minus()
+        let minusCost = cost(fromLayer: layer)
+        let minusPattern = model.kinkPattern(count: count)
+        restore()
+        let sums = summed([plusCost, minusCost, plusPattern == minusPattern ? 0 : 1])
+        return (sums[0] / totals[3], sums[1] / totals[3], sums[2] > 0)
+    }
 
     // Central difference at coordinate `index`; nil when the two evaluations straddle a kink.
     // Only layers from `layer` on see the change, so only they are recomputed (the layers below keep the
     // activations of the last full pass at theta).
     func difference(at index: Int, layer: Int) -> Double? {
         let saved = theta[index]
-        theta[index] = saved + options.epsilon
-        let plusStep = theta[index]
-        let plus = cost(fromLayer: layer)
-        let plusPattern = model.kinkPattern(count: count)
-        theta[index] = saved - options.epsilon
-        let minusStep = theta[index]
-        let minus = cost(fromLayer: layer)
-        let minusPattern = model.kinkPattern(count: count)
-        theta[index] = saved
+        let plusStep = saved + options.epsilon, minusStep = saved - options.epsilon
+        let (plus, minus, kink) = evaluate(plus: { theta[index] = plusStep }, minus: { theta[index] = minusStep },
+                                           restore: { theta[index] = saved }, fromLayer: layer)
         // Divide by the steps actually taken: saved +- eps is rounded to a representable number.
-        return plusPattern == minusPattern ? (plus - minus) / (plusStep - minusStep) : nil
+        return kink ? nil : (plus - minus) / (plusStep - minusStep)
     }
 
     var generator = RandomGenerator(seed: options.seed, stream: .gradientCheck)
@@ -275,14 +317,11 @@ public func checkGradients(model: Model<Double>, count: Int, options: GradientCh
             u[i] = (bits & 1) == 0 ? magnitude : -magnitude
             bits >>= 1
         }
-        for i in u.indices { theta[i] = original[i] + options.epsilon * u[i] }
-        let plus = cost()
-        let plusPattern = model.kinkPattern(count: count)
-        for i in u.indices { theta[i] = original[i] - options.epsilon * u[i] }
-        let minus = cost()
-        let minusPattern = model.kinkPattern(count: count)
-        for i in u.indices { theta[i] = original[i] }
-        if plusPattern != minusPattern {
+        let (plus, minus, kink) = evaluate(
+            plus: { for i in u.indices { theta[i] = original[i] + options.epsilon * u[i] } },
+            minus: { for i in u.indices { theta[i] = original[i] - options.epsilon * u[i] } },
+            restore: { for i in u.indices { theta[i] = original[i] } }, fromLayer: 0)
+        if kink {
             direction.kinksSkipped += 1
             continue
         }
@@ -302,7 +341,8 @@ public func checkGradients(model: Model<Double>, count: Int, options: GradientCh
     verdict = max(verdict, direction.verdict)
     if !deterministic { verdict = .fail }
     return GradientCheckReport(
-        dtype: Double.dtypeName, epsilon: options.epsilon, batchSize: count, loss: loss,
+        dtype: Double.dtypeName, epsilon: options.epsilon, batchSize: count, distributed: ranks != nil, ranks: rankCount,
+        samples: count * rankCount, loss: loss,
         parameterCount: model.parameterCount, deterministic: deterministic, tensors: tensors, direction: direction,
         forwardPasses: forwardPasses, backwardPasses: 1, seconds: Date().timeIntervalSince(start),
         verdict: verdict, failures: failures)

@@ -36,11 +36,14 @@ public enum GradientFault: Equatable, Sendable {
     case paddingOffset(tensor: String)
     /// Batch norm's input gradient without the term for the mean's own dependence on x (dx misses -dbeta / N).
     case batchNormWithoutMeanTerm(tensor: String)
+    /// Synchronized batch norm's input gradient with this rank's own sum of dy where the global batch's belongs (a
+    /// reduction left out of the backward pass). Only under a `CrossRankReducer`: a rank checking alone cannot see it.
+    case batchNormLocalSums(tensor: String)
 
     public var tensor: String {
         switch self {
         case let .scaled(t, _), let .transposed(t), let .missing(t), let .flippedKernel(t), let .paddingOffset(t),
-             let .batchNormWithoutMeanTerm(t): t
+             let .batchNormWithoutMeanTerm(t), let .batchNormLocalSums(t): t
         }
     }
 
@@ -48,9 +51,17 @@ public enum GradientFault: Equatable, Sendable {
     /// tensor's own gradient.
     var breaksInputGradient: Bool {
         switch self {
-        case .flippedKernel, .paddingOffset, .batchNormWithoutMeanTerm: true
+        case .flippedKernel, .paddingOffset, .batchNormWithoutMeanTerm, .batchNormLocalSums: true
         default: false
         }
+    }
+
+    var omitsMeanTerm: Bool {
+        if case .batchNormWithoutMeanTerm = self { true } else { false }
+    }
+
+    var keepsLocalSums: Bool {
+        if case .batchNormLocalSums = self { true } else { false }
     }
 }
 
@@ -511,7 +522,7 @@ public final class Model<T: Scalar> {
             }
         case .missing:
             Elementwise.zero(g, info.count)
-        case .flippedKernel, .paddingOffset, .batchNormWithoutMeanTerm, nil:
+        case .flippedKernel, .paddingOffset, .batchNormWithoutMeanTerm, .batchNormLocalSums, nil:
             break
         }
     }

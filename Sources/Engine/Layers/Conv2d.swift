@@ -7,8 +7,12 @@
 /// them), db[O] += the row sums of dy_b, dcols[C k k, Ho Wo] = W^T dy_b and dx_b = col2im(dcols). Every product is
 /// one BLAS call; the lowering loops are specialised kernels (`im2col`, `col2im`) with no branch per element.
 ///
+/// The forward pass keeps every sample's columns for the backward pass when they take at most
+/// `Conv2d.keptColumnsLimit` bytes (16 MiB for the shipped CNN's second convolution at batch 64): lowering them
+/// again cost about a sixth of the step's work outside its GEMMs. Larger layers lower again, one sample at a time.
+///
 /// Parameters: weight [O, C, k, k] (C k k contiguous per output channel, the GEMM's row-major [O, C k k]), bias [O].
-/// Scratch: one sample's columns, and their gradient when an earlier layer needs dx.
+/// Scratch: one sample's columns (when they are not kept), and their gradient when an earlier layer needs dx.
 final class Conv2d<T: Scalar>: Layer<T> {
     let inChannels: Int, outChannels: Int, kernel: Int, stride: Int, padding: Int, hasBias: Bool
     let height: Int, width: Int, outHeight: Int, outWidth: Int
@@ -17,6 +21,16 @@ final class Conv2d<T: Scalar>: Layer<T> {
     private var positions: Int { outHeight * outWidth }
     /// A row of ones, [Ho Wo]: the bias gradient as a GEMV over dy_b's rows.
     private let ones: UnsafeMutablePointer<T>
+    /// Every sample's columns from the last forward pass, [B, C k k, Ho Wo], when they are kept.
+    private let keptColumns: UnsafeMutableBufferPointer<T>?
+
+    /// Bytes of columns a layer keeps between its passes at most.
+    static var keptColumnsLimit: Double { 64 * 1_048_576 }
+
+    /// Whether a layer with `patch` rows and `positions` columns per sample keeps a batch of its columns.
+    static func keepsColumns(patch: Int, positions: Int, batchCapacity: Double, scalarBytes: Double) -> Bool {
+        Double(patch) * Double(positions) * batchCapacity * scalarBytes <= keptColumnsLimit
+    }
 
     required init(index: Int, spec: LayerSpec, inputShape: [Int], outputShape: [Int], batchCapacity: Int) {
         guard case let .conv2d(i, o, k, s, p, b) = spec else { preconditionFailure("Conv2d made from \(spec)") }
@@ -25,17 +39,33 @@ final class Conv2d<T: Scalar>: Layer<T> {
         (outHeight, outWidth) = (outputShape[1], outputShape[2])
         ones = .allocate(capacity: outputShape[1] * outputShape[2])
         ones.initialize(repeating: 1, count: outputShape[1] * outputShape[2])
+        let patch = i * k * k, positions = outputShape[1] * outputShape[2]
+        if Self.keepsColumns(patch: patch, positions: positions, batchCapacity: Double(batchCapacity),
+                             scalarBytes: Double(MemoryLayout<T>.stride)) {
+            let columns: UnsafeMutableBufferPointer<T> = LargeBuffer.allocate(batchCapacity * patch * positions)
+            columns.initialize(repeating: 0)
+            keptColumns = columns
+        } else {
+            keptColumns = nil
+        }
         super.init(index: index, spec: spec, inputShape: inputShape, outputShape: outputShape, batchCapacity: batchCapacity)
     }
 
-    deinit { ones.deallocate() }
+    deinit {
+        ones.deallocate()
+        if let keptColumns { LargeBuffer.free(keptColumns) }
+    }
+
+    /// Where sample b's columns are: its slot among the kept ones, or the scratch.
+    @inline(__always) private func columns(_ b: Int) -> UnsafeMutablePointer<T> {
+        if let keptColumns { keptColumns.baseAddress! + b * patch * positions } else { scratch! }
+    }
 
 
     override func forward(count: Int, mode: ForwardMode) {
         let w = parameters!
-        let cols = scratch!
         for b in 0..<count {
-            let xb = x + b * inputCount, yb = y + b * outputCount
+            let xb = x + b * inputCount, yb = y + b * outputCount, cols = columns(b)
             if hasBias {
                 broadcastColumns(w + outChannels * patch, into: yb, rows: outChannels, columns: positions)
             }
@@ -49,12 +79,13 @@ final class Conv2d<T: Scalar>: Layer<T> {
 
     override func backwardParameters(count: Int, accumulate: Bool) {
         let gw = gradients!
-        let cols = scratch!
         for b in 0..<count {
-            let xb = x + b * inputCount, dyb = dy + b * outputCount
+            let xb = x + b * inputCount, dyb = dy + b * outputCount, cols = columns(b)
             let beta: T = accumulate || b > 0 ? 1 : 0
-            im2col(xb, channels: inChannels, height: height, width: width, kernel: kernel, stride: stride,
-                   padding: padding, outHeight: outHeight, outWidth: outWidth, into: cols)
+            if keptColumns == nil {
+                im2col(xb, channels: inChannels, height: height, width: width, kernel: kernel, stride: stride,
+                       padding: padding, outHeight: outHeight, outWidth: outWidth, into: cols)
+            }
             // dW[O, Ckk] (+)= dy_b[O, HoWo] * cols[Ckk, HoWo]^T
             T.gemm(transposeA: false, transposeB: true, m: outChannels, n: patch, k: positions,
                    alpha: 1, a: dyb, lda: positions, b: cols, ldb: positions, beta: beta, c: gw, ldc: patch)
@@ -142,13 +173,16 @@ func im2col<T: Scalar>(_ x: UnsafePointer<T>, channels: Int, height: Int, width:
                         continue
                     }
                     let source = plane + (i * stride + p - padding) * width + q - padding
-                    for j in 0..<columns.lowerBound { out[j] = 0 }
+                    // Plain loops rather than `update(from:count:)`: the runs are as short as a row (14 values in
+                    // the shipped CNN's second convolution), where a memmove call cost more than the copy.
+                    var j = 0
+                    while j < columns.lowerBound { out[j] = 0; j &+= 1 }
                     if stride == 1 {
-                        (out + columns.lowerBound).update(from: source + columns.lowerBound, count: columns.count)
+                        while j < columns.upperBound { out[j] = source[j]; j &+= 1 }
                     } else {
-                        for j in columns { out[j] = source[j * stride] }
+                        while j < columns.upperBound { out[j] = source[j &* stride]; j &+= 1 }
                     }
-                    for j in columns.upperBound..<outWidth { out[j] = 0 }
+                    while j < outWidth { out[j] = 0; j &+= 1 }
                 }
                 row += outHeight * outWidth
             }
@@ -172,7 +206,11 @@ func col2im<T: Scalar>(_ dcols: UnsafePointer<T>, channels: Int, height: Int, wi
                 for i in rows {
                     let target = plane + (i * stride + p - padding) * width + q - padding
                     let source = row + i * outWidth
-                    for j in columns { target[j * stride] += source[j] }
+                    if stride == 1 {
+                        for j in columns { target[j] += source[j] }
+                    } else {
+                        for j in columns { target[j &* stride] += source[j] }
+                    }
                 }
                 row += outHeight * outWidth
             }

@@ -20,7 +20,8 @@ public enum ForwardMode: Sendable {
 }
 
 /// Sums across the ranks of a data-parallel job, for layers whose forward and backward passes need statistics of
-/// the global batch (synchronized batch norm). The engine knows nothing of MPI: the coordinator supplies this.
+/// the global batch (synchronized batch norm), and for the distributed gradient check (`checkGradients(acrossRanks:)`).
+/// The engine knows nothing of MPI: the coordinator supplies this.
 public protocol CrossRankReducer: AnyObject {
     /// Replaces each value of `values` with its sum over every rank. Collective: every rank calls it in the same
     /// order with the same count. It runs inside a forward or backward pass, where there is no way back: on
@@ -153,8 +154,13 @@ extension LayerSpec {
         case .linear:
             return (rows * scalarBytes, 0)  // a column of ones
         case let .conv2d(i, _, k, _, _, _):
-            let positions = Double(output[1] * output[2])
-            return (positions * scalarBytes, 2 * Double(i * k * k) * positions)  // ones; columns and their gradient
+            // A row of ones, the kept columns of a batch (see Conv2d), and in the scratch one sample's columns and
+            // their gradient.
+            let positions = Double(output[1] * output[2]), patch = Double(i * k * k)
+            let kept = Conv2d<Float>.keepsColumns(patch: i * k * k, positions: output[1] * output[2],
+                                                  batchCapacity: rows, scalarBytes: scalarBytes)
+            let keptBytes = kept ? LargeBuffer.allocatedBytes(rows * patch * positions * scalarBytes) : 0
+            return (positions * scalarBytes + keptBytes, 2 * patch * positions)
         case .maxPool2d:
             return (rows * outputCount * 4, 0)  // Int32 winners
         case .dropout:
