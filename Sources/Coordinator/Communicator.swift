@@ -47,6 +47,11 @@ public protocol Communicator: AnyObject {
     /// per rank and cover `buffer`. Allocates nothing.
     func allgather<T: MPIScalar>(_ buffer: UnsafeMutableBufferPointer<T>, partition: Partition) throws(MPIError)
 
+    /// Collects every rank's `buffer` on `root` in rank order (MPI_Gather of the lengths, then MPI_Gatherv):
+    /// `root` gets one array per rank, every other rank an empty list. Lengths may differ between ranks. It
+    /// allocates the result: for the end of a run (the timeline), never inside a step.
+    func gather<T: MPIScalar>(_ buffer: UnsafeBufferPointer<T>, root: Int) throws(MPIError) -> [[T]]
+
     /// Which ranks share this rank's node. Collective: every rank must call it.
     func nodeLayout() throws(MPIError) -> NodeLayout
 

@@ -57,6 +57,15 @@ public final class GradientReducer {
     public var gradientScale: Double { 1 / Double(communicator.size) }
     /// Seconds spent blocked in `finish()` waiting for communication, summed since the last `resetTimers()`.
     public private(set) var waitSeconds = 0.0
+    /// Where each bucket's posting, sends, receives and completion, the wait after backward, the update and the
+    /// parameter gather are recorded while it records (`--timeline`). Nil, or not recording: no clock is read.
+    public var timeline: TimelineRecorder? {
+        didSet {
+            times = timeline.map { BucketTimes(recorder: $0, buckets: buckets.count, sendBucket: sendPlan.map(\.bucket),
+                                               receiveBucket: receivePlan.map(\.bucket)) }
+        }
+    }
+    private var times: BucketTimes?
 
     // `.allreduce`: one request per bucket.
     private var reductions: [PendingRequest]
@@ -174,6 +183,7 @@ public final class GradientReducer {
             // Posted before this rank sends anything: a peer's piece that arrives later goes straight into its
             // buffer instead of waiting in MPI's queue of unexpected messages.
             receivesPosted = true
+            times?.postingReceives()
             for (i, piece) in receivePlan.enumerated() {
                 let start = ownOffsets[piece.bucket]
                 receives[i] = try communicator.startReceive(
@@ -183,6 +193,7 @@ public final class GradientReducer {
         }
         while started < buckets.count && buckets[started].lowerBound >= offset {
             let range = buckets[started]
+            let posting = timeline?.begin() ?? 0
             if started == 0 { localNonFiniteCount = 0 }
             if let slot = nonFiniteSlot {
                 let proven = provenFinite?(range) ?? false
@@ -203,16 +214,23 @@ public final class GradientReducer {
                     sends[i] = try communicator.startSend(UnsafeBufferPointer(rebasing: gradients[piece.range]),
                                                           to: piece.peer, tag: tag(started))
                 }
-                if range.lowerBound == 0 { controlReduction = try communicator.startAllreduce(control, op: .sum) }
+                if range.lowerBound == 0 {
+                    times?.postingControl()
+                    controlReduction = try communicator.startAllreduce(control, op: .sum)
+                }
+            }
+            if posting != 0 {
+                times?.posted(bucket: started, at: posting)
+                timeline?.end(.bucketStart, started, since: posting)
             }
             started += 1
         }
         switch strategy {
         case .allreduce:
-            for i in 0..<started { _ = try reductions[i].test() }
+            for i in 0..<started { if try reductions[i].test() { times?.reductionCompleted(i) } }
         case .sharded:
-            for i in 0..<sendStart[started] { _ = try sends[i].test() }
-            for i in receives.indices { _ = try receives[i].test() }
+            for i in 0..<sendStart[started] { if try sends[i].test() { times?.sendCompleted(i) } }
+            for i in receives.indices { if try receives[i].test() { times?.receiveCompleted(i) } }
         }
     }
 
@@ -224,13 +242,26 @@ public final class GradientReducer {
         let start = DispatchTime.now().uptimeNanoseconds
         switch strategy {
         case .allreduce:
-            for i in 0..<buckets.count { try reductions[i].wait() }
+            for i in 0..<buckets.count {
+                try reductions[i].wait()
+                times?.reductionCompleted(i)
+            }
         case .sharded:
-            for i in receives.indices { try receives[i].wait() }
-            for i in sends.indices { try sends[i].wait() }
+            for i in receives.indices {
+                try receives[i].wait()
+                times?.receiveCompleted(i)
+            }
+            for i in sends.indices {
+                try sends[i].wait()
+                times?.sendCompleted(i)
+            }
             try controlReduction.wait()
+            times?.controlCompleted()
         }
-        waitSeconds += Double(DispatchTime.now().uptimeNanoseconds - start) * 1e-9
+        let end = DispatchTime.now().uptimeNanoseconds
+        waitSeconds += Double(end - start) * 1e-9
+        timeline?.record(.exchangeWait, start: Int64(start), end: Int64(end))
+        times?.recordStep(sharded: strategy == .sharded)
         started = 0
         receivesPosted = false
         // More than two ranks: one sum of the others' gradients for the optimizer to add.
@@ -270,10 +301,12 @@ public final class GradientReducer {
     /// gathered, bucket by bucket. Allocates nothing.
     public func update(_ optimizer: Optimizer<Float>, parameters: UnsafeMutableBufferPointer<Float>,
                        learningRate: Double, gradientScale: Double) throws(MPIError) {
+        let updating = timeline?.begin() ?? 0
         switch strategy {
         case .allreduce:
             optimizer.update(parameters: parameters, gradients: gradients, learningRate: learningRate,
                              gradientScale: gradientScale)
+            timeline?.end(.update, since: updating)
         case .sharded:
             optimizer.beginStep()
             for b in ownPieces.indices {
@@ -283,8 +316,11 @@ public final class GradientReducer {
                 optimizer.updatePart(own, parameters: parameters, gradients: gradients.baseAddress! + own.lowerBound,
                                      adding: addend, learningRate: learningRate, gradientScale: gradientScale)
             }
+            timeline?.end(.update, since: updating)
             for b in buckets.indices {
+                let gathering = timeline?.begin() ?? 0
                 try communicator.allgather(UnsafeMutableBufferPointer(rebasing: parameters[buckets[b]]), partition: partitions[b])
+                timeline?.end(.parameterGather, b, since: gathering)
             }
         }
     }

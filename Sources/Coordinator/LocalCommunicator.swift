@@ -48,6 +48,11 @@ public final class LocalCommunicator: Communicator {
         }
     }
 
+    public func gather<T: MPIScalar>(_ buffer: UnsafeBufferPointer<T>, root: Int) throws(MPIError) -> [[T]] {
+        try checkRoot(root, call: "MPI_Gatherv")
+        return [Array(buffer)]
+    }
+
     public func nodeLayout() throws(MPIError) -> NodeLayout {
         NodeLayout(nodeNames: [processorName], localRanks: [0], localIndex: 0)
     }
@@ -69,9 +74,9 @@ public final class LocalCommunicator: Communicator {
 
     /// Rejects a root MPI would reject, so a wrong root fails in local runs too. The text is OpenMPI's
     /// MPI_Error_string for MPI_ERR_ROOT, written out because the MPI runtime is not initialized here.
-    private func checkRoot(_ root: Int) throws(MPIError) {
+    private func checkRoot(_ root: Int, call: String = "MPI_Bcast") throws(MPIError) {
         if root != 0 {
-            throw MPIError(call: "MPI_Bcast", code: bp_mpi_err_root(), message: "MPI_ERR_ROOT: invalid root")
+            throw MPIError(call: call, code: bp_mpi_err_root(), message: "MPI_ERR_ROOT: invalid root")
         }
     }
 }

@@ -187,6 +187,48 @@ public final class MPICommunicator: Communicator {
         }
     }
 
+    public func gather<T: MPIScalar>(_ buffer: UnsafeBufferPointer<T>, root: Int) throws(MPIError) -> [[T]] {
+        try checkActive("MPI_Gatherv")
+        let rootRank = try mpiInt(root, "MPI_Gatherv", errorCode: bp_mpi_err_root())
+        var length = try mpiInt(buffer.count, "MPI_Gatherv", errorCode: bp_mpi_err_count())
+        let isRoot = rank == root
+        var lengths = [Int32](repeating: 0, count: isRoot ? size : 1)
+        try lengths.withUnsafeMutableBufferPointer { (all) throws(MPIError) in
+            try mpiCheck(MPI_Gather(&length, 1, bp_mpi_int32_t(), all.baseAddress, 1, bp_mpi_int32_t(), rootRank, comm), "MPI_Gather")
+        }
+        // MPI_Gatherv places the parts at 32-bit displacements: the root says whether the total fits, so that on
+        // a refusal every rank throws together instead of some waiting in MPI_Gatherv.
+        var offsets = [Int32](repeating: 0, count: lengths.count)
+        var total = 0
+        for r in lengths.indices {
+            offsets[r] = Int32(clamping: total)
+            total += Int(lengths[r])
+        }
+        var fits: Int32 = total <= Int(Int32.max) ? 1 : 0
+        try mpiCheck(MPI_Bcast(&fits, 1, bp_mpi_int32_t(), rootRank, comm), "MPI_Bcast")
+        guard fits == 1 else {
+            throw MPIError(call: "MPI_Gatherv", code: bp_mpi_err_count(),
+                           message: "MPI_ERR_COUNT: the ranks' parts add up to more elements than MPI_Gatherv can place")
+        }
+        guard isRoot else {
+            try mpiCheck(MPI_Gatherv(buffer.baseAddress, length, T.mpiDatatype.raw, nil, nil, nil, T.mpiDatatype.raw, rootRank, comm),
+                         "MPI_Gatherv")
+            return []
+        }
+        let received = try [T](unsafeUninitializedCapacity: max(total, 1)) { (storage, initialized) throws(MPIError) in
+            try lengths.withUnsafeBufferPointer { (counts) throws(MPIError) in
+                try offsets.withUnsafeBufferPointer { (displacements) throws(MPIError) in
+                    try mpiCheck(
+                        MPI_Gatherv(buffer.baseAddress, length, T.mpiDatatype.raw, storage.baseAddress, counts.baseAddress,
+                                    displacements.baseAddress, T.mpiDatatype.raw, rootRank, comm),
+                        "MPI_Gatherv")
+                }
+            }
+            initialized = total
+        }
+        return lengths.indices.map { r in Array(received[Int(offsets[r])..<(Int(offsets[r]) + Int(lengths[r]))]) }
+    }
+
     public func nodeLayout() throws(MPIError) -> NodeLayout {
         try checkActive("MPI_Comm_split_type")
         // Ranks that can share memory form one node; key = world rank keeps local order = world order.

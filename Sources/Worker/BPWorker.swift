@@ -69,6 +69,7 @@ struct Train: ParsableCommand {
               bpworker train --local --set training.epochs=1
               mpirun -n 4 bpworker train --resume
               mpirun -n 4 bpworker train --overwrite
+              mpirun -n 2 bpworker train --timeline 50
 
             --resume alone continues from RUN_DIR/checkpoints/latest. A run directory that already holds a run is never started over by accident: train refuses unless given --resume or --overwrite.
 
@@ -87,7 +88,13 @@ struct Train: ParsableCommand {
     @Flag(help: "Start again in a run directory that holds a run: removes its checkpoints, metrics, status and model first (other files stay).")
     var overwrite = false
 
+    @Option(help: ArgumentHelp(
+        "Record what every rank does for this many steps (after timeline.warmup_steps) into RUN_DIR/timeline.json, a trace for Perfetto or chrome://tracing (same as timeline.steps).",
+        valueName: "steps"))
+    var timeline: Int?
+
     func validate() throws {
+        if let timeline, timeline < 1 { throw ValidationError("--timeline must be at least 1 step") }
         if resume != nil && overwrite {
             throw ValidationError("--resume continues the run in the run directory and --overwrite removes it: choose one")
         }
@@ -99,7 +106,8 @@ struct Train: ParsableCommand {
         // A resumed run keeps its configuration unless told otherwise.
         let runConfig = options.runDir + "/config.yaml"
         let session = Session.start(
-            options: options, extraOverrides: gradcheck ? ["gradcheck.enabled=true"] : [],
+            options: options,
+            extraOverrides: (gradcheck ? ["gradcheck.enabled=true"] : []) + (timeline.map { ["timeline.steps=\($0)"] } ?? []),
             configFile: resume != nil && FileManager.default.fileExists(atPath: runConfig) ? runConfig : nil)
         let (outcome, loop) = Trainer.train(session, resume: resume, overwrite: overwrite)
         Trainer.finish(session, outcome, loop: loop)

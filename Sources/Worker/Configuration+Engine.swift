@@ -219,6 +219,8 @@ extension Configuration {
         try require(maxSkippedSteps >= 0, "numerics.max_skips must be >= 0, got \(maxSkippedSteps)")
         try require(replicaCheckEvery >= 0, "training.replica_check_every must be >= 0, got \(replicaCheckEvery)")
         try require(watchdogSeconds >= 0, "watchdog.timeout_seconds must be >= 0, got \(watchdogSeconds)")
+        try require(timelineSteps >= 0, "timeline.steps must be >= 0 (0 = off), got \(timelineSteps)")
+        try require(timelineWarmupSteps >= 0, "timeline.warmup_steps must be >= 0, got \(timelineWarmupSteps)")
         do {
             try optimizerConfig.validate()
             try gradientCheckOptions.validate()

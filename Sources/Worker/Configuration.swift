@@ -75,6 +75,10 @@ struct Configuration: Equatable {
     var replicaCheckEvery = 500
     var watchdogSeconds = 300.0
 
+    // timeline
+    var timelineSteps = 0
+    var timelineWarmupSteps = 10
+
     /// Gradient buckets of 256 KiB, from the sweep in BENCHMARKS.md (tables 2 and 4): from 256 KiB up the nonblocking
     /// allreduce runs at MPI_Allreduce's speed, and the benchmark and default models still split into several
     /// buckets. On 2 ranks sharing 2 cores the step is level with one bucket after backward, with either reduction
@@ -162,6 +166,8 @@ struct Configuration: Equatable {
         key("numerics.max_skips", \.maxSkippedSteps, "skip policy: stop after this many skipped steps"),
         key("training.replica_check_every", \.replicaCheckEvery, "steps between parameter checksum comparisons across ranks (0 = off)"),
         key("watchdog.timeout_seconds", \.watchdogSeconds, "abort the job when a collective has not completed for this long (0 = off)"),
+        key("timeline.steps", \.timelineSteps, "record what every rank does for this many steps into RUN_DIR/timeline.json, a Chrome trace (0 = off; --timeline)"),
+        key("timeline.warmup_steps", \.timelineWarmupSteps, "steps this process runs before the timeline starts recording"),
     ]
 
     static func key<V: ConfigValue>(

@@ -31,7 +31,8 @@ struct RunDirectory {
 
     /// The files a run writes, relative to the run directory: what `--overwrite` removes. (`config.yaml` is
     /// replaced by the new run's, atomically, so it is not removed: it may also be the file `-c` read.)
-    static let runFiles = ["status.json", "metrics.jsonl", "model.safetensors", "gradcheck.json", "report.html"]
+    static let runFiles = ["status.json", "metrics.jsonl", "model.safetensors", "gradcheck.json", "report.html",
+                           "timeline.json"]
 
     static func inspect(_ path: String) -> RunDirectory {
         var directory = RunDirectory(path: path)

@@ -63,13 +63,21 @@ enum Trainer {
         let watchdog = Watchdog(timeout: config.watchdogSeconds, rank: session.rank, worldSize: session.worldSize,
                                 runDirectory: runDirectory) { report in aborter.abort(report) }
         watchdog.start()
+        let timeline = config.timelineSteps > 0 ? Timeline(session: session, model: model, reducer: reducer, runSteps: prepared.totalSteps) : nil
         if config.batchNorm == .sync && !model.bufferTable.isEmpty && session.worldSize > 1 {
             // Synchronized batch norm: its sums are collectives inside the passes, watched like every other.
             let sums = CrossRankSums(communicator: session.communicator) { error in
                 aborter.abort("synchronized batch norm: \(error)")
             }
-            sums.willReduce = { watchdog.enter(.batchNormSync) }
-            sums.didReduce = { watchdog.leave() }
+            var reducing: Int64 = 0
+            sums.willReduce = {
+                watchdog.enter(.batchNormSync)
+                reducing = timeline?.begin() ?? 0
+            }
+            sums.didReduce = {
+                timeline?.end(.batchNormSync, since: reducing)
+                watchdog.leave()
+            }
             model.crossRankReducer = sums
             session.logger.info("batch norm: synchronized over \(session.worldSize) ranks (model.batchnorm=sync)")
         } else if !model.bufferTable.isEmpty && session.worldSize > 1 {
@@ -78,6 +86,7 @@ enum Trainer {
         let loop = TrainingLoop(session: session, prepared: prepared, optimizer: optimizer, reducer: reducer,
                                 exchange: exchange, watchdog: watchdog, progress: progress,
                                 hooks: TestHooks.fromEnvironment(rank: session.rank), position: position)
+        loop.timeline = timeline
 
         if config.gradcheckEnabled {
             // Synchronized batch norm couples the ranks: a check on rank 0 alone would not reach its cross-rank terms.
@@ -104,6 +113,13 @@ enum Trainer {
     /// The one way out of `train`: records the outcome in status.json (rank 0), saves the model of a finished run,
     /// and ends every rank with the outcome's exit code.
     static func finish(_ session: Session, _ outcome: RunOutcome, loop: TrainingLoop?) -> Never {
+        if let loop, let timeline = loop.timeline {
+            // A run that ended inside the timeline's window writes what it recorded (every outcome here is reached
+            // by every rank at the same step, so the gather is safe).
+            loop.watchdog.enter(.timeline, step: loop.position.globalStep)
+            do { try timeline.close() } catch { session.abort("timeline: \(error)") }
+            loop.watchdog.leave()
+        }
         if let loop {
             if outcome.state == .finished {
                 reportPeakMemory(session)

@@ -46,6 +46,8 @@ final class TrainingLoop {
 
     private(set) var position: TrainingPosition
     private(set) var lastCheckpoint: String?
+    /// `--timeline`: records the steps of its window (nil: nothing is recorded, no clock is read).
+    var timeline: Timeline?
     /// The model's buffers (batch norm's running statistics) before the current step: a step dropped for non-finite
     /// values must not keep what its forward pass did to them (a NaN batch makes them NaN). Allocated once.
     private let buffersBefore: UnsafeMutableBufferPointer<Float>
@@ -80,19 +82,31 @@ final class TrainingLoop {
     func step(_ step: Int, of epochIndices: UnsafeBufferPointer<Int>) throws -> (StepOutcome, BatchResult) {
         let batch = config.batchSize
         let slot = Setup.ControlSlot.self
+        if let timeline {
+            watchdog.enter(.timeline, step: position.globalStep)
+            try timeline.beforeStep(globalStep: position.globalStep)
+            watchdog.leave()
+        }
+        let stepStarted = timeline?.begin() ?? 0
+        defer { timeline?.end(.step, since: stepStarted) }
         prepared.train.gather(indices: prepared.sampler.batch(epochIndices, step: step), into: model.inputs, labels: model.labels)
+        timeline?.end(.loadBatch, since: stepStarted)
         watchdog.beginStep(position.globalStep)
         hooks.beforeStep(step: position.globalStep, model: model)
         let keepsBuffers = !model.bufferTable.isEmpty
         if keepsBuffers { buffersBefore.baseAddress!.update(from: model.buffers.baseAddress!, count: buffersBefore.count) }
+        let forwardStarted = timeline?.begin() ?? 0
         var result = model.forward(count: batch, mode: .train)
+        timeline?.end(.forward, since: forwardStarted)
         hooks.afterForward(step: position.globalStep, result: &result)
         let localNonFiniteLoss = result.lossSum.isFinite ? 0 : 1
         model.control[slot.stopRequests] = StopSignals.requested == nil ? 0 : 1
         model.control[slot.nonFinite] = Float(localNonFiniteLoss)
         model.control[slot.checkpointDue] = session.isRoot && checkpointIntervalElapsed() ? 1 : 0
         // accumulate: false overwrites every gradient: no zeroing pass needed.
+        let backwardStarted = timeline?.begin() ?? 0
         try model.backward(count: batch, accumulate: false) { offset in try reducer.gradientsReady(from: offset) }
+        timeline?.end(.backward, since: backwardStarted)
         watchdog.enter(.gradientAllreduce, step: position.globalStep)
         try reducer.finish()
         watchdog.leave()
@@ -130,6 +144,8 @@ final class TrainingLoop {
         watchdog.enter(.parameterGather, step: position.globalStep)
         var gradientScale = reducer.gradientScale
         if config.clipNorm > 0 {
+            let normStarted = timeline?.begin() ?? 0
+            defer { timeline?.end(.gradientNorm, since: normStarted) }
             let norm = try reducer.gradientNorm(scale: gradientScale)
             gradientScale *= gradientClipFactor(norm: norm, maxNorm: config.clipNorm)
         }
@@ -167,14 +183,18 @@ final class TrainingLoop {
                     progress.record(result)
                     if position.globalStep % config.logInterval == 0 || step == sampler.stepsPerEpoch - 1 {
                         watchdog.enter(.metricsAllreduce, step: position.globalStep)
+                        let reporting = timeline?.beginBetweenSteps() ?? 0
                         try progress.report(epoch: epoch, step: step, globalStep: position.globalStep,
                                             learningRate: schedule.learningRate(atStep: position.globalStep - 1), reducer: reducer)
+                        timeline?.endBetweenSteps(.progressReport, since: reporting)
                         watchdog.leave()
                     }
                     if config.replicaCheckEvery > 0 && position.globalStep % config.replicaCheckEvery == 0 {
                         watchdog.enter(.replicaCheck, step: position.globalStep)
+                        let checking = timeline?.beginBetweenSteps() ?? 0
                         try shareBuffers()
                         let diverged = try divergedReplicas()
+                        timeline?.endBetweenSteps(.replicaCheck, since: checking)
                         watchdog.leave()
                         if !diverged.isEmpty {
                             let message = "replicas diverged at step \(position.globalStep): the parameters of rank\(diverged.count == 1 ? "" : "s") \(diverged.map(String.init).joined(separator: ", ")) differ from rank 0's"
@@ -200,8 +220,10 @@ final class TrainingLoop {
             }
             if let ended { return ended }
             watchdog.enter(.evaluation, step: position.globalStep)
+            let evaluating = timeline?.beginBetweenSteps() ?? 0
             try shareBuffers()
             let evaluation = try Evaluation.evaluate(session, model, on: prepared.test)
+            timeline?.endBetweenSteps(.evaluation, since: evaluating)
             watchdog.leave()
             progress.reportEvaluation(evaluation, epoch: epoch, globalStep: position.globalStep)
             position.epoch = epoch + 1
@@ -223,7 +245,9 @@ final class TrainingLoop {
     func checkpoint() throws {
         watchdog.enter(.checkpoint, step: position.globalStep)
         defer { watchdog.leave() }
+        let saving = timeline?.beginBetweenSteps() ?? 0
         lastCheckpoint = try exchange.save(&position, reducer: reducer)
+        timeline?.endBetweenSteps(.checkpoint, since: saving)
         lastCheckpointUptime = Self.uptimeSeconds()
         progress.status.lastCheckpoint = lastCheckpoint
         progress.recordEvent("checkpoint", step: position.globalStep)

@@ -22,7 +22,7 @@ import Synchronization
 final class Watchdog: Sendable {
     enum Phase: Int, CaseIterable {
         case compute = 0, gradientAllreduce, parameterGather, metricsAllreduce, evaluation, checkpoint, replicaCheck, setup,
-             batchNormSync
+             batchNormSync, timeline
         var name: String {
             switch self {
             case .compute: "computing"
@@ -35,6 +35,7 @@ final class Watchdog: Sendable {
             case .replicaCheck: "replica check"
             case .setup: "setup"
             case .batchNormSync: "synchronized batch norm"
+            case .timeline: "timeline (clock alignment, gathering the events)"
             }
         }
 

@@ -48,6 +48,8 @@ struct CommCheck {
         checker.section("startAllreduce") { try checker.checkStartAllreduce() }
         checker.section("send/receive") { try checker.checkSendReceive() }
         checker.section("allgather") { try checker.checkAllgather() }
+        checker.section("gather") { try checker.checkGather() }
+        checker.section("clock alignment") { try checker.checkClockAlignment() }
         for strategy in GradientReducer.Strategy.allCases {
             checker.section("GradientReducer \(strategy)") { try checker.checkReducer(strategy) }
         }
@@ -230,6 +232,42 @@ final class Checker {
         }
     }
 
+    func checkGather() throws {
+        // Rank r contributes 3r values (rank 0 none), r * 1000 + i: every root gets them all, in rank order.
+        let mine = (0..<(3 * rank)).map { Int64(rank * 1000 + $0) }
+        for root in [0, n - 1] {
+            let all = try mine.withUnsafeBufferPointer { try comm.gather($0, root: root) }
+            if rank == root {
+                let expected = (0..<n).map { r in (0..<(3 * r)).map { Int64(r * 1000 + $0) } }
+                expect(all == expected, "gather to rank \(root): \(all)")
+            } else {
+                expect(all.isEmpty, "gather to rank \(root): rank \(rank) got \(all.count) parts")
+            }
+        }
+        do {
+            _ = try mine.withUnsafeBufferPointer { (buffer) throws(MPIError) in try comm.gather(buffer, root: n) }
+            expect(false, "gather to rank \(n) did not throw")
+        } catch {
+            expect(error.description.contains("MPI_ERR_ROOT"), "gather to a rank that does not exist: \(error)")
+        }
+    }
+
+    func checkClockAlignment() throws {
+        // Rank r's clock runs r seconds ahead, on top of the one clock the host's ranks share: the estimate must lie
+        // within half its round trip of r seconds (the peer's reading happened between rank 0's two readings).
+        let offsets = try ClockAlignment.measure(comm, clock: { TimelineRecorder.now() + Int64(self.rank) * 1_000_000_000 })
+        guard rank == 0 else {
+            expect(offsets.isEmpty, "alignment on rank \(rank): \(offsets)")
+            return
+        }
+        expect(offsets.count == n && offsets[0].offset == 0, "alignment: \(offsets)")
+        for (r, clock) in offsets.enumerated().dropFirst() {
+            let error = abs(clock.offset - Int64(r) * 1_000_000_000)
+            expect(clock.roundTrip > 0 && clock.roundTrip < 1_000_000_000 && error <= clock.roundTrip / 2 + 1,
+                   "rank \(r): offset \(clock.offset) ns, round trip \(clock.roundTrip) ns, expected \(r) s")
+        }
+    }
+
     // MARK: - GradientReducer
 
     /// Both strategies on real ranks against closed forms: two SGD-with-momentum steps from gradients whose sum
@@ -252,6 +290,12 @@ final class Checker {
             let reducer = GradientReducer(communicator: comm, gradients: gradients, tensorRanges: ranges,
                                           bucketElements: bucketElements, strategy: strategy, control: control, nonFiniteSlot: 1)
             let optimizer = try Optimizer<Float>(config: .init(kind: .sgd, momentum: mu), parameterCount: count)
+            // With several buckets the steps are recorded for a timeline: the closed form below must still hold.
+            let recorder = TimelineRecorder(capacity: 1000)
+            if bucketElements == 100 {
+                reducer.timeline = recorder
+                recorder.startRecording()
+            }
             for i in 0..<count { parameters[i] = Float(i % 11) }
             for step in 0..<4 {
                 for i in 0..<count { gradients[i] = gradient(rank, i, step) }
@@ -267,6 +311,25 @@ final class Checker {
                 }
                 try reducer.update(optimizer, parameters: parameters, learningRate: lr, gradientScale: reducer.gradientScale)
                 expect(control[0] == 1 && control[1] == 0, "\(strategy): control slots \(Array(control))")
+            }
+            if bucketElements == 100 {
+                recorder.stopRecording()
+                let events = Array(recorder.recorded), b = reducer.buckets.count
+                func count(_ kind: TimelineEvent.Kind) -> Int { events.filter { $0.kind == kind }.count }
+                expect(b == 3 && count(.exchangeWait) == 4 && count(.update) == 4 && count(.bucketStart) == 4 * b
+                       && count(.bucketComplete) == 4 * b, "\(strategy) timeline: \(b) buckets, \(events.map(\.kind))")
+                if strategy == .sharded {
+                    expect(count(.bucketSend) == 4 * b && count(.bucketReceive) == 4 * b && count(.parameterGather) == 4 * b
+                           && count(.controlAllreduce) == 4, "sharded timeline: \(events.map(\.kind))")
+                } else {
+                    expect(count(.bucketAllreduce) == 4 * b, "allreduce timeline: \(events.map(\.kind))")
+                }
+                expect(events.allSatisfy { $0.start > 0 && $0.start <= $0.end }, "\(strategy) timeline: an event ends before it starts")
+                // A bucket completes once its communication has: never before it was posted.
+                for complete in events where complete.kind == .bucketComplete {
+                    let posted = events.last { $0.kind == .bucketStart && $0.index == complete.index && $0.start <= complete.start }
+                    expect(posted != nil, "\(strategy) timeline: bucket \(complete.index) completed before it was posted")
+                }
             }
             // Closed form of four momentum steps from p0.
             try reducer.gatherOptimizerState(optimizer)

@@ -9,12 +9,15 @@ struct AllocationTests {
     /// finish, clip, update. After warm-up it must not touch the heap. (On one rank; CommCheck counts the
     /// sharded step's sends, receives and gathers on real ranks.)
     func heapAllocationsPerStep(optimizer kind: OptimizerKind, activation: LayerSpec, dropout: Double,
-                                strategy: GradientReducer.Strategy) throws -> UInt {
+                                strategy: GradientReducer.Strategy, timeline: Bool = false) throws -> UInt {
         try heapAllocationsPerStep(ModelSpec.mlp(widths: [20, 32, 16, 4], activation: activation, dropout: dropout),
-                                   optimizer: kind, strategy: strategy)
+                                   optimizer: kind, strategy: strategy, timeline: timeline)
     }
 
-    func heapAllocationsPerStep(_ spec: ModelSpec, optimizer kind: OptimizerKind, strategy: GradientReducer.Strategy) throws -> UInt {
+    /// - Parameter timeline: record every step as `--timeline` does: the model's layer timer, the reducer's bucket
+    ///   events and the step's own parts, into a recorder sized beforehand.
+    func heapAllocationsPerStep(_ spec: ModelSpec, optimizer kind: OptimizerKind, strategy: GradientReducer.Strategy,
+                                timeline: Bool = false) throws -> UInt {
         let width = spec.inputWidth
         let model = try Model<Float>(spec: spec, batchCapacity: 8, seed: 1, controlSlots: 2)
         let optimizer = try Optimizer<Float>(config: OptimizerConfig(kind: kind, momentum: kind == .sgd ? 0.9 : 0),
@@ -28,24 +31,46 @@ struct AllocationTests {
                                labels: (0..<64).map { Int32($0 % 4) })
         let sampler = try ShardSampler(datasetSize: 64, rank: 0, worldSize: 1, batchSize: 8, seed: 3)
         let schedule = LearningRateSchedule(base: 0.1, kind: .cosine(totalSteps: 100, minimum: 0), warmupSteps: 5)
+        let recorder: TimelineRecorder? = timeline ? TimelineRecorder(capacity: 4096) : nil
+        if let recorder {
+            reducer.timeline = recorder
+            model.layerTimer = { layer, pass, start, end in
+                recorder.record(pass == .forward ? .layerForward : .layerBackward, layer, start: Int64(start), end: Int64(end))
+            }
+            recorder.startRecording()
+        }
         let indices = sampler.indices(epoch: 0)
         var counts: [UInt] = []
         try indices.withUnsafeBufferPointer { all in
             for step in 0..<sampler.stepsPerEpoch {
                 let before = bp_thread_allocations()
+                let stepStarted = recorder?.begin() ?? 0
                 data.gather(indices: sampler.batch(all, step: step), into: model.inputs, labels: model.labels)
+                recorder?.end(.loadBatch, since: stepStarted)
                 model.zeroControl()
+                let forwardStarted = recorder?.begin() ?? 0
                 _ = model.forward(count: 8, mode: .train)
+                recorder?.end(.forward, since: forwardStarted)
+                let backwardStarted = recorder?.begin() ?? 0
                 try model.backward(count: 8, accumulate: false) { try reducer.gradientsReady(from: $0) }
+                recorder?.end(.backward, since: backwardStarted)
                 try reducer.finish()
+                let normStarted = recorder?.begin() ?? 0
                 let clip = gradientClipFactor(norm: try reducer.gradientNorm(scale: reducer.gradientScale), maxNorm: 1)
+                recorder?.end(.gradientNorm, since: normStarted)
                 try reducer.update(optimizer, parameters: model.parameters, learningRate: schedule.learningRate(atStep: step),
                                    gradientScale: reducer.gradientScale * clip)
+                recorder?.end(.step, since: stepStarted)
                 counts.append(bp_thread_allocations() - before)
             }
         }
         // The counter itself sees allocations: the first step may warm up lazily created runtime state.
         #expect(counts.count == 8)
+        if let recorder {
+            // The steps were recorded (every layer, both passes), and none was dropped.
+            #expect(recorder.recorded.filter { $0.kind == .layerForward }.count == 8 * (spec.layers.count + 1))
+            #expect(recorder.recorded.filter { $0.kind == .exchangeWait }.count == 8 && recorder.dropped == 0)
+        }
         return counts.dropFirst(2).max() ?? 0
     }
 
@@ -57,6 +82,16 @@ struct AllocationTests {
                     #expect(try heapAllocationsPerStep(optimizer: kind, activation: activation, dropout: 0.2, strategy: strategy) == 0,
                             "\(kind), \(strategy), \(activation)")
                 }
+            }
+        }
+    }
+
+    /// `--timeline` on: recording a step (into a buffer sized beforehand) allocates nothing either.
+    @Test func aRecordedTrainingStepAllocatesNothing() throws {
+        for kind in OptimizerKind.allCases {
+            for strategy in GradientReducer.Strategy.allCases {
+                #expect(try heapAllocationsPerStep(optimizer: kind, activation: .relu, dropout: 0.2, strategy: strategy, timeline: true) == 0,
+                        "\(kind), \(strategy)")
             }
         }
     }

@@ -27,6 +27,16 @@ import Testing
         #expect(reducedInts == ints)
     }
 
+    @Test func gatherHandsBackTheOneRanksPartAndRefusesAnotherRoot() throws {
+        let comm = LocalCommunicator()
+        let values: [Int64] = [7, -3, .max]
+        #expect(try values.withUnsafeBufferPointer { try comm.gather($0, root: 0) } == [values])
+        #expect(try [Int64]().withUnsafeBufferPointer { try comm.gather($0, root: 0) } == [[]])
+        #expect(throws: MPIError.self) { try values.withUnsafeBufferPointer { try comm.gather($0, root: 1) } }
+        // One rank's clock against itself: no offset.
+        #expect(try ClockAlignment.measure(comm).map(\.offset) == [0])
+    }
+
     @Test func startAllreduceIsAlreadyComplete() throws {
         let comm = LocalCommunicator()
         var values: [Double] = [3, 1, 4, 1, 5]

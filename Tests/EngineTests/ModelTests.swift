@@ -1,4 +1,5 @@
 import Engine
+import Foundation
 import Testing
 
 @Suite("Model structure, initialisation and buffers")
@@ -60,14 +61,26 @@ struct ModelTests {
         for i in 0..<12 { model.inputs[i] = Float(i) / 7 - 0.5 }
         model.labels[0] = 1
         model.labels[1] = 2
-        var reports: [(Int, Model<Float>.Pass, Double)] = []
-        model.layerTimer = { reports.append(($0, $1, $2)) }
+        var reports: [(Int, Model<Float>.Pass, UInt64, UInt64)] = []
+        model.layerTimer = { reports.append(($0, $1, $2, $3)) }
         let layers = model.spec.layers.count   // Linear ReLU Linear ReLU Linear
         model.forward(count: 2, mode: .train)
-        model.backward(count: 2)
+        // When each layer's gradients were reported ready: inside that layer's backward span (the timeline nests
+        // what the callback records in it).
+        var ready: [(offset: Int, at: UInt64)] = []
+        model.backward(count: 2) { ready.append(($0, DispatchTime.now().uptimeNanoseconds)) }
         #expect(reports.map(\.0) == Array(0...layers) + Array((0..<layers).reversed()))
         #expect(reports.map(\.1) == Array(repeating: .forward, count: layers + 1) + Array(repeating: .backward, count: layers))
-        #expect(reports.allSatisfy { $0.2 >= 0 && $0.2 < 1 })
+        // Spans in the order the layers ran, one after another, each a second at most.
+        #expect(reports.allSatisfy { $0.2 <= $0.3 && $0.3 - $0.2 < 1_000_000_000 })
+        #expect(zip(reports, reports.dropFirst()).allSatisfy { $0.3 <= $1.2 })
+        let withParameters = model.parameterTable.filter { $0.name.hasSuffix(".weight") }.map(\.layerIndex)
+        #expect(ready.count == withParameters.count)
+        for (offset, at) in ready {
+            let layer = model.parameterTable.first { $0.offset == offset }!.layerIndex
+            let span = reports.first { $0.0 == layer && $0.1 == .backward }!
+            #expect(span.2 <= at && at <= span.3, "layer \(layer)")
+        }
         // Switched off, the passes report nothing.
         model.layerTimer = nil
         reports.removeAll()

@@ -66,6 +66,10 @@ public enum GradientFault: Equatable, Sendable {
 }
 
 
+/// Which pass of a model a `Model.layerTimer` report is about. Declared outside the generic `Model` so that its
+/// layout is known in unspecialised code: nested there, each report through the timer heap-allocated (measured).
+public enum ModelPass: Sendable { case forward, backward }
+
 /// A sequential model: one contiguous parameter buffer and one gradient buffer of the same layout, a buffer of the
 /// layers' non-trainable state (batch norm's running statistics), and a plan of layers that view into them.
 ///
@@ -130,12 +134,23 @@ public final class Model<T: Scalar> {
     }
 
     /// Which pass a `layerTimer` report is about.
-    public enum Pass: Sendable { case forward, backward }
-    /// Profiling hook (bench/bpbench profile): when set, forward and backward time every layer inside the real
-    /// pass and report (layer index, pass, seconds); index `spec.layers.count` is the loss. Timing kernels alone
-    /// once hid a slow kernel that only real activations exposed. Backward excludes the time spent in its
-    /// `gradientsReady` callback. Nil in training: then the passes read no clock.
-    public var layerTimer: ((_ layer: Int, _ pass: Pass, _ seconds: Double) -> Void)?
+    public typealias Pass = ModelPass
+    /// Profiling hook (bench/bpbench profile, the Worker's `--timeline`): when set, forward and backward time every
+    /// layer inside the real pass and report (layer index, pass, start, end) in `DispatchTime` uptime nanoseconds;
+    /// index `spec.layers.count` is the loss. Timing kernels alone once hid a slow kernel that only real activations
+    /// exposed. A layer's backward span includes its `gradientsReady` callback (where gradient buckets start), so
+    /// what the callback records nests inside it. Nil in training: then the passes read no clock.
+    public var layerTimer: ((_ layer: Int, _ pass: Pass, _ start: UInt64, _ end: UInt64) -> Void)? {
+        didSet {
+            timing = layerTimer != nil
+            timer = layerTimer ?? { _, _, _, _ in }
+        }
+    }
+    /// `layerTimer` as the passes read it: a flag and a plain closure. Read from unspecialised generic code, the
+    /// optional closure was reabstracted on every read, a heap allocation per layer (measured), which a recorded
+    /// step (`--timeline`) cannot afford.
+    private var timing = false
+    private var timer: (_ layer: Int, _ pass: Pass, _ start: UInt64, _ end: UInt64) -> Void = { _, _, _, _ in }
 
     let plan: [Layer<T>]
     private let arena: UnsafeMutableBufferPointer<T>
@@ -424,7 +439,6 @@ public final class Model<T: Scalar> {
         var index = plan.count - 1
         while index >= 0 {
             let started = timerClock()
-            var callback: UInt64 = 0
             let layer = plan[index]
             if layer.parameterCount > 0 {
                 layer.backwardParameters(count: count, accumulate: accumulate)
@@ -432,12 +446,10 @@ public final class Model<T: Scalar> {
                     applyFault(to: parameterTable[fault])
                     layer.provenFinite = false
                 }
-                let callbackStarted = timerClock()
                 try gradientsReady(layer.parameterOffset)
-                callback = timerClock() &- callbackStarted
             }
             layer.backwardInput(count: count, accumulate: accumulate)
-            report(index, .backward, since: started &+ callback)
+            report(index, .backward, since: started)
             index -= 1
         }
     }
@@ -464,12 +476,12 @@ public final class Model<T: Scalar> {
     /// Nanoseconds for `layerTimer`, or 0 without reading the clock when no timer is set.
     @inline(__always)
     private func timerClock() -> UInt64 {
-        layerTimer == nil ? 0 : DispatchTime.now().uptimeNanoseconds
+        timing ? DispatchTime.now().uptimeNanoseconds : 0
     }
 
     @inline(__always)
     private func report(_ layer: Int, _ pass: Pass, since start: UInt64) {
-        if let timer = layerTimer { timer(layer, pass, Double(DispatchTime.now().uptimeNanoseconds - start) * 1e-9) }
+        if timing { timer(layer, pass, start, DispatchTime.now().uptimeNanoseconds) }
     }
 
     /// Back-propagates the last forward pass with nobody waiting for finished gradients.
