@@ -75,7 +75,8 @@ final class TrainingLoop {
     func step(_ step: Int, of epochIndices: UnsafeBufferPointer<Int>) throws -> (StepOutcome, BatchResult) {
         let batch = config.batchSize
         let slot = Setup.ControlSlot.self
-        prepared.train.gather(indices: prepared.sampler.batch(epochIndices, step: step), into: model.inputs, labels: model.labels)
+        prepared.train.gather(indices: prepared.sampler.batch(epochIndices, step: step), into: model.inputs, labels: model.labels,
+                              augmentation: prepared.augmentation, epoch: position.epoch)
         watchdog.beginStep(position.globalStep)
         hooks.beforeStep(step: position.globalStep, model: model)
         let keepsBuffers = !model.bufferTable.isEmpty
