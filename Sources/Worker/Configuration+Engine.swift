@@ -176,6 +176,17 @@ extension Configuration {
         }
     }
 
+    /// `data.augment.*` for training samples of `sampleShape` (as stored); nil when both are off. Errors name the key.
+    func augmentation(sampleShape: [Int]) throws -> Augmentation? {
+        guard augmentCropPadding != 0 || augmentFlip else { return nil }
+        do {
+            return try Augmentation(cropPadding: augmentCropPadding, flip: augmentFlip, seed: UInt64(max(0, seed)),
+                                    sampleShape: sampleShape)
+        } catch {
+            throw ConfigError(description: "data.augment: \(error.description) (\(trainFeatures))")
+        }
+    }
+
     var optimizerConfig: OptimizerConfig {
         OptimizerConfig(kind: optimizer, momentum: optimizer == .sgd ? momentum : 0, nesterov: optimizer == .sgd && nesterov,
                         beta1: beta1, beta2: beta2, epsilon: epsilon, weightDecay: weightDecay)
@@ -212,6 +223,7 @@ extension Configuration {
         try require(gradcheckBatch >= 1, "gradcheck.batch must be at least 1, got \(gradcheckBatch)")
         try require(dropout >= 0 && dropout < 1, "model.dropout must be in [0, 1), got \(dropout)")
         try require(seed >= 0, "seed must be >= 0, got \(seed)")
+        try require(augmentCropPadding >= 0, "data.augment.crop_padding must be >= 0 (0 = no cropping), got \(augmentCropPadding)")
         try require(checkpointEverySteps >= 0, "checkpoint.every_steps must be >= 0, got \(checkpointEverySteps)")
         try require(checkpointEverySeconds >= 0 && checkpointEverySeconds.isFinite,
                     "checkpoint.every_seconds must be >= 0 (0 = off), got \(checkpointEverySeconds)")

@@ -17,6 +17,9 @@ struct Configuration: Equatable {
     var testLabels = "/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz"
     var normalization = Normalization.standardize
     var remainder = Remainder.drop
+    /// Training batches only: random crop after zero padding (0 = off) and random horizontal flip (`Augmentation`).
+    var augmentCropPadding = 0
+    var augmentFlip = false
 
     // model
     var inputs = 0
@@ -119,6 +122,9 @@ struct Configuration: Equatable {
         key("data.test_labels", \.testLabels, "test labels"),
         key("data.normalize", \.normalization, "standardize (training-set mean/std), scale (x/255) or none"),
         key("data.remainder", \.remainder, "drop or wrap the samples that do not fill the last global batch"),
+        key("data.augment.crop_padding", \.augmentCropPadding,
+            "images, training only: pad with this many zeros on each side, then crop a random window of the image's size (0 = off)"),
+        key("data.augment.flip", \.augmentFlip, "images, training only: mirror left-right with probability 1/2"),
         key("model.inputs", \.inputs, "input width; 0 takes it from the data, anything else must match the data"),
         key("model.classes", \.classes, "output width; 0 takes max label + 1 from the training labels"),
         key("model.hidden", \.hidden, "widths of the hidden layers of the MLP"),
@@ -272,25 +278,21 @@ extension Configuration {
 
     /// The resolved configuration as YAML, every key present.
     var yaml: String {
-        var sections: [(String, [(String, Node)])] = []
-        for key in Self.keys {
-            let parts = key.path.split(separator: ".", maxSplits: 1).map(String.init)
-            let (section, name) = parts.count == 2 ? (parts[0], parts[1]) : ("", parts[0])
-            if let i = sections.firstIndex(where: { $0.0 == section }) {
-                sections[i].1.append((name, key.write(self)))
-            } else {
-                sections.append((section, [(name, key.write(self))]))
+        // Dotted paths become nested mappings (data.augment.flip under data: augment:), in the order of `keys`.
+        func mapping(_ entries: [(path: [String], value: Node)]) -> Node {
+            var names: [String] = []
+            var groups: [String: [(path: [String], value: Node)]] = [:]
+            for entry in entries {
+                if groups[entry.path[0]] == nil { names.append(entry.path[0]) }
+                groups[entry.path[0], default: []].append((Array(entry.path.dropFirst()), entry.value))
             }
+            return Node(names.map { name in
+                let group = groups[name]!
+                return (Node(name), group.count == 1 && group[0].path.isEmpty ? group[0].value : mapping(group))
+            })
         }
-        var pairs: [(Node, Node)] = []
-        for (section, entries) in sections {
-            if section.isEmpty {
-                for (name, value) in entries { pairs.append((Node(name), value)) }
-            } else {
-                pairs.append((Node(section), Node(entries.map { (Node($0.0), $0.1) })))
-            }
-        }
-        return (try? Yams.serialize(node: Node(pairs), sortKeys: false)) ?? ""
+        let root = mapping(Self.keys.map { (path: $0.path.split(separator: ".").map(String.init), value: $0.write(self)) })
+        return (try? Yams.serialize(node: root, sortKeys: false)) ?? ""
     }
 }
 

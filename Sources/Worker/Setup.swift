@@ -8,6 +8,8 @@ struct Prepared {
     let test: Dataset
     let model: Model<Float>
     let sampler: ShardSampler
+    /// `data.augment`: applied to training batches only, never to evaluation or the gradient check.
+    let augmentation: Augmentation?
     let epochs: Int
     /// This rank's expected peak memory, checked against its node's limits before the model was allocated.
     let memory: MemoryEstimate
@@ -35,6 +37,7 @@ enum Setup {
         let config = session.config
         session.agree("configuration") { try config.validateSettings() }
         let (train, test) = session.agree("data") { try loadData(config) }
+        let augmentation = session.agree("data") { training ? try config.augmentation(sampleShape: train.sampleShape) : nil }
         let classes = config.classes > 0 ? config.classes : train.classCount
         let spec = session.agree("model") {
             try train.validateLabels(classCount: classes)
@@ -75,7 +78,8 @@ enum Setup {
             try broadcastState(session, model)
         }
         verifyReplicas(session, model: model, sampler: sampler, checksum: true)
-        return Prepared(train: train, test: test, model: model, sampler: sampler, epochs: config.epochs, memory: memory)
+        return Prepared(train: train, test: test, model: model, sampler: sampler, augmentation: augmentation, epochs: config.epochs,
+                        memory: memory)
     }
 
     /// Reads the training and test sets and normalises them as `data.normalize` says (statistics from the

@@ -169,6 +169,11 @@ enum Trainer {
         }
         logger.info("memory: rank 0 expects \(prepared.memory.summary)")
         logger.info("batch: \(config.batchSize) per rank x \(session.worldSize) rank\(session.worldSize == 1 ? "" : "s") = global batch \(prepared.sampler.globalBatchSize); \(prepared.sampler.stepsPerEpoch) steps per epoch (\(config.remainder.rawValue) remainder), \(config.epochs) epochs")
+        if let augmentation = prepared.augmentation {
+            let what = [augmentation.cropPadding > 0 ? "random \(augmentation.height)x\(augmentation.width) crops of the image padded with \(augmentation.cropPadding) zeros" : nil,
+                        augmentation.flip ? "random horizontal flips" : nil].compactMap { $0 }.joined(separator: ", ")
+            logger.info("augmentation: \(what), drawn per (seed, epoch, sample); training batches only")
+        }
         logger.info("optimizer: \(config.optimizer.rawValue), lr \(config.learningRate) for the global batch, \(config.schedule.rawValue) schedule")
         logger.info("run directory: \(session.runDirectory)")
     }

@@ -89,7 +89,8 @@ final class TrainingLoop {
         }
         let stepStarted = timeline?.begin() ?? 0
         defer { timeline?.end(.step, since: stepStarted) }
-        prepared.train.gather(indices: prepared.sampler.batch(epochIndices, step: step), into: model.inputs, labels: model.labels)
+        prepared.train.gather(indices: prepared.sampler.batch(epochIndices, step: step), into: model.inputs, labels: model.labels,
+                              augmentation: prepared.augmentation, epoch: position.epoch)
         timeline?.end(.loadBatch, since: stepStarted)
         watchdog.beginStep(position.globalStep)
         hooks.beforeStep(step: position.globalStep, model: model)

@@ -16,8 +16,9 @@ struct AllocationTests {
 
     /// - Parameter timeline: record every step as `--timeline` does: the model's layer timer, the reducer's bucket
     ///   events and the step's own parts, into a recorder sized beforehand.
+    /// - Parameter augmented: gather with random crops and flips (`data.augment`), for image models.
     func heapAllocationsPerStep(_ spec: ModelSpec, optimizer kind: OptimizerKind, strategy: GradientReducer.Strategy,
-                                timeline: Bool = false) throws -> UInt {
+                                timeline: Bool = false, augmented: Bool = false) throws -> UInt {
         let width = spec.inputWidth
         let model = try Model<Float>(spec: spec, batchCapacity: 8, seed: 1, controlSlots: 2)
         let optimizer = try Optimizer<Float>(config: OptimizerConfig(kind: kind, momentum: kind == .sgd ? 0.9 : 0),
@@ -27,8 +28,9 @@ struct AllocationTests {
                                       control: model.control, nonFiniteSlot: 1, provenFinite: { model.gradientsProvenFinite(in: $0) })
         var pixels = [UInt8](repeating: 0, count: 64 * width)
         for i in pixels.indices { pixels[i] = UInt8(i % 251) }
-        let data = try Dataset(name: "synthetic", featureCount: width, features: .uint8(pixels),
-                               labels: (0..<64).map { Int32($0 % 4) })
+        let data = try Dataset(name: "synthetic", featureCount: width, sampleShape: augmented ? spec.inputShape : nil,
+                               features: .uint8(pixels), labels: (0..<64).map { Int32($0 % 4) })
+        let augmentation = augmented ? try Augmentation(cropPadding: 2, flip: true, seed: 3, sampleShape: spec.inputShape) : nil
         let sampler = try ShardSampler(datasetSize: 64, rank: 0, worldSize: 1, batchSize: 8, seed: 3)
         let schedule = LearningRateSchedule(base: 0.1, kind: .cosine(totalSteps: 100, minimum: 0), warmupSteps: 5)
         let recorder: TimelineRecorder? = timeline ? TimelineRecorder(capacity: 4096) : nil
@@ -45,7 +47,8 @@ struct AllocationTests {
             for step in 0..<sampler.stepsPerEpoch {
                 let before = bp_thread_allocations()
                 let stepStarted = recorder?.begin() ?? 0
-                data.gather(indices: sampler.batch(all, step: step), into: model.inputs, labels: model.labels)
+                data.gather(indices: sampler.batch(all, step: step), into: model.inputs, labels: model.labels,
+                            augmentation: augmentation, epoch: 1)
                 recorder?.end(.loadBatch, since: stepStarted)
                 model.zeroControl()
                 let forwardStarted = recorder?.begin() ?? 0
@@ -96,7 +99,8 @@ struct AllocationTests {
         }
     }
 
-    /// Every layer kind of a CNN: workspaces (columns, pooling winners, masks, batch norm's sums) are made once.
+    /// Every layer kind of a CNN: workspaces (columns, pooling winners, masks, batch norm's sums) are made once; the
+    /// batch is gathered plain and with crops and flips.
     @Test func aCNNTrainingStepAllocatesNothing() throws {
         let conv = { (i: Int, o: Int, pad: Int) in LayerSpec.conv2d(inChannels: i, outChannels: o, kernel: 3, stride: 1, padding: pad, bias: false) }
         let spec = ModelSpec(layers: [
@@ -107,7 +111,10 @@ struct AllocationTests {
         ], inputShape: [1, 6, 6])
         for kind in OptimizerKind.allCases {
             for strategy in GradientReducer.Strategy.allCases {
-                #expect(try heapAllocationsPerStep(spec, optimizer: kind, strategy: strategy) == 0, "\(kind), \(strategy)")
+                for augmented in [false, true] {
+                    #expect(try heapAllocationsPerStep(spec, optimizer: kind, strategy: strategy, augmented: augmented) == 0,
+                            "\(kind), \(strategy), augmented: \(augmented)")
+                }
             }
         }
     }

@@ -4,13 +4,13 @@ import Testing
 
 // MARK: - Helpers
 
-private struct PythonFailure: Error, CustomStringConvertible {
+struct PythonFailure: Error, CustomStringConvertible {
     let description: String
 }
 
 /// Runs a python3 script with the given arguments and returns its standard output.
 /// These tests need python3 with numpy; a missing interpreter or module is a failure, never a skip.
-private func runPython(_ script: String, arguments: [String] = []) throws -> String {
+func runPython(_ script: String, arguments: [String] = []) throws -> String {
     let scratch = try TemporaryDirectory()
     let outPath = scratch.file("stdout"), errPath = scratch.file("stderr")
     _ = FileManager.default.createFile(atPath: outPath, contents: nil)

@@ -154,6 +154,73 @@ struct CNNTests {
         try expectCleanFailure(images, layers: "[convolution 4 3, flatten]", message: "model.layers[0]: unknown layer 'convolution'")
     }
 
+    // MARK: - data.augment
+
+    static let augment = ["--set", "data.augment.crop_padding=2", "--set", "data.augment.flip=true"]
+
+    /// Crops and flips are drawn per (seed, epoch, sample), never per rank or batch position: with augmentation on,
+    /// 2 ranks with batch 8 still train the model one rank with batch 16 trains (synchronized batch norm), and the
+    /// augmentation really changes that model.
+    @Test func augmentationKeepsNRanksEqualToOneRank() throws {
+        let data = try SyntheticData(samples: 96, features: 36, imageShape: [6, 6])
+        defer { data.remove() }
+        let sync = ["--set", "model.batchnorm=sync"]
+        let one = temporaryRunDirectory(), two = temporaryRunDirectory(), plain = temporaryRunDirectory()
+        let r1 = try Harness.local(job(data, batch: 16, runDir: one, extra: sync + Self.augment) + ["--local"])
+        #expect(r1.status == 0, "\(r1.output)")
+        #expect(r1.output.contains("augmentation: random 6x6 crops of the image padded with 2 zeros, random horizontal flips"), "\(r1.output)")
+        let r2 = try Harness.mpirun(2, job(data, batch: 8, runDir: two, extra: sync + Self.augment))
+        #expect(r2.status == 0, "\(r2.output)")
+        let rp = try Harness.local(job(data, batch: 16, runDir: plain, extra: sync) + ["--local"])
+        #expect(rp.status == 0, "\(rp.output)")
+        let reference = try state(one)
+        #expect(relativeDifference(reference, try state(two)) <= 1e-5)
+        #expect(relativeDifference(reference, try state(plain)) > 1e-3, "augmentation must change what is trained")
+        // The resolved configuration nests the keys and reads back.
+        let config = try String(contentsOfFile: two + "/config.yaml", encoding: .utf8)
+        #expect(config.contains("  augment:\n    crop_padding: 2\n    flip: true\n"), "\(config)")
+    }
+
+    /// Evaluation never augments: the test accuracy and loss a run reports after its last epoch are exactly what
+    /// `bpworker eval --model` (which knows nothing of data.augment) computes from the saved model.
+    @Test func evaluationDuringTrainingSeesTheImagesAsTheyAre() throws {
+        let data = try SyntheticData(samples: 96, features: 36, imageShape: [6, 6])
+        defer { data.remove() }
+        let run = temporaryRunDirectory()
+        let trained = try Harness.mpirun(2, job(data, batch: 8, runDir: run, extra: Self.augment))
+        #expect(trained.status == 0, "\(trained.output)")
+        let metrics = try String(contentsOfFile: run + "/metrics.jsonl", encoding: .utf8).split(separator: "\n")
+        let last = try #require(metrics.last { $0.contains("\"eval\"") }, "\(metrics)")
+        let record = try #require(try JSONSerialization.jsonObject(with: Data(last.utf8)) as? [String: Any])
+        let accuracy = try #require(record["accuracy"] as? Double), loss = try #require(record["loss"] as? Double)
+        let evaluated = try Harness.local(["eval", "--local", "--run-dir", temporaryRunDirectory(), "--model", run + "/model.safetensors"]
+                                          + data.arguments.suffix(4))
+        #expect(evaluated.status == 0, "\(evaluated.output)")
+        let correct = Int((accuracy * 96).rounded())
+        #expect(evaluated.output.contains("(\(correct)/96), loss \(String(format: "%.4f", loss))"), "training's last evaluation: \(last)\n\(evaluated.output)")
+    }
+
+    @Test func badAugmentationSettingsFailOnEveryRankNamingTheKey() throws {
+        let images = try SyntheticData(samples: 40, features: 36, imageShape: [6, 6])
+        let flat = try SyntheticData(samples: 40, features: 36)
+        defer { images.remove(); flat.remove() }
+        func expectFailure(_ data: SyntheticData, _ settings: [String], _ message: String, sourceLocation: SourceLocation = #_sourceLocation) throws {
+            let r = try Harness.mpirun(2, ["train", "--run-dir", temporaryRunDirectory()] + data.arguments
+                                        + settings.flatMap { ["--set", $0] }, timeout: 60)
+            #expect(r.status == 1, "\(r.output)", sourceLocation: sourceLocation)
+            #expect(occurrences(of: message, in: r.output) == 1, "expected '\(message)' once in:\n\(r.output)", sourceLocation: sourceLocation)
+            #expect(r.seconds < 30, sourceLocation: sourceLocation)
+        }
+        let flatPath = flat.directory.appendingPathComponent("train-x.idx").path
+        try expectFailure(flat, ["data.augment.flip=true"],
+                          "data.augment: random crops and flips need image samples [H, W] or [C, H, W], but the samples are [36] (\(flatPath))")
+        try expectFailure(images, ["data.augment.crop_padding=6"],
+                          "data.augment: crop_padding 6 must be smaller than the images' 6x6, or a crop could hold no pixel of the image")
+        try expectFailure(images, ["data.augment.crop_padding=-1"], "data.augment.crop_padding must be >= 0 (0 = no cropping), got -1")
+        try expectFailure(images, ["data.augment.flip=sometimes"], "data.augment.flip: expected true or false, got \"sometimes\"")
+        try expectFailure(images, ["data.augment.crop=2"], "unknown key 'data.augment.crop'")
+    }
+
     @Test func gradientCheckCoversTheCNNWithBatchStatistics() throws {
         let data = try SyntheticData(samples: 40, features: 36, imageShape: [6, 6])
         defer { data.remove() }
@@ -170,6 +237,64 @@ struct CNNTests {
                                      + data.arguments, environment: ["BPWORKER_TEST_GRADIENT_FAULT": "flipped:4.weight"], timeout: 120)
         #expect(bad.status == 1, "\(bad.output)")
         #expect(bad.output.contains("FAIL: 0.weight"), "\(bad.output)")
+    }
+}
+
+extension DaemonTests {
+    /// SIGTERM to one rank of a CNN job: every rank stops after the same step, the checkpoint holds rank 0's running
+    /// statistics at that step, and the resumed run ends bitwise equal to an uninterrupted one.
+    @Test func sigtermToOneRankOfACNNCheckpointsItsRunningStatisticsAndResumesBitwise() throws {
+        let cnn = CNNTests()
+        let data = try SyntheticData(samples: 192, features: 36, imageShape: [6, 6])
+        defer { data.remove() }
+        let extra = ["--set", "training.epochs=3", "--set", "checkpoint.every_steps=0"]
+        let reference = temporaryRunDirectory()
+        let r = try Harness.mpirun(2, cnn.job(data, batch: 8, runDir: reference, extra: extra))
+        #expect(r.status == 0, "\(r.output)")
+        let run = temporaryRunDirectory()
+        let job = try Harness.startMPI(2, cnn.job(data, batch: 8, runDir: run, extra: extra), environment: ["BPWORKER_TEST_STEP_SLEEP_MS": "40"])
+        #expect(job.waitFor { $0.contains("epoch 2/3 step 3/12") })
+        let rank1 = try #require(pid(of: 1, in: run))
+        kill(rank1, SIGTERM)
+        let stopped = job.wait(timeout: 60)
+        #expect(stopped.status == 0 && stopped.output.contains("stopped by another rank's signal"), "\(stopped.output)")
+        let latest = try String(contentsOfFile: run + "/checkpoints/latest", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+        let checkpoint = try SafeTensorsFile(path: run + "/checkpoints/" + latest)
+        let step = try #require(Int(checkpoint.metadata["step"] ?? ""))
+        #expect(step > 12 && step < 36, "stopped mid-run in epoch 2 or 3, not at an epoch end: step \(step)")
+        for layer in [1, 9] {
+            #expect(try checkpoint.int64s("\(layer).num_batches_tracked") == [Int64(step)])
+            let mean = try checkpoint.floats("\(layer).running_mean"), variance = try checkpoint.floats("\(layer).running_var")
+            #expect(mean.allSatisfy(\.isFinite) && mean.contains { $0 != 0 } && variance.contains { $0 != 1 }, "layer \(layer): statistics moved")
+        }
+        let resumed = try Harness.mpirun(2, ["train", "--run-dir", run, "--resume", "--progress", "plain"])
+        #expect(resumed.status == 0 && resumed.output.contains("resumed from"), "\(resumed.output)")
+        #expect(try cnn.state(run) == (try cnn.state(reference)), "bitwise, running statistics included")
+    }
+
+    /// kill -9 of a rank of a CNN job with augmentation on: the job ends within seconds and the last checkpoint
+    /// resumes to the model of an uninterrupted run, bit for bit (the draws depend on the epoch and the sample only).
+    @Test func aKilledRankOfAnAugmentedCNNJobResumesBitwise() throws {
+        let cnn = CNNTests()
+        let data = try SyntheticData(samples: 192, features: 36, imageShape: [6, 6])
+        defer { data.remove() }
+        let extra = CNNTests.augment + ["--set", "training.epochs=3", "--set", "checkpoint.every_steps=5"]
+        let reference = temporaryRunDirectory()
+        let r = try Harness.mpirun(2, cnn.job(data, batch: 8, runDir: reference, extra: extra))
+        #expect(r.status == 0, "\(r.output)")
+        let run = temporaryRunDirectory()
+        let job = try Harness.startMPI(2, cnn.job(data, batch: 8, runDir: run, extra: extra), environment: ["BPWORKER_TEST_STEP_SLEEP_MS": "40"])
+        #expect(job.waitFor { $0.contains("checkpoint: ") && $0.contains("step 15)") })
+        let rank1 = try #require(pid(of: 1, in: run))
+        let killed = Date()
+        kill(rank1, SIGKILL)
+        let result = job.wait(timeout: 60)
+        #expect(result.status != 0)
+        #expect(Date().timeIntervalSince(killed) < 30)
+        let resumed = try Harness.mpirun(2, ["train", "--run-dir", run, "--resume", "--progress", "plain"])
+        #expect(resumed.status == 0, "\(resumed.output)")
+        #expect(resumed.output.contains("resumed from") && resumed.output.contains("training finished"), "\(resumed.output)")
+        #expect(try cnn.state(run) == (try cnn.state(reference)), "the resumed CNN must equal the uninterrupted one bitwise")
     }
 }
 

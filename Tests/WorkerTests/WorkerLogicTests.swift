@@ -175,10 +175,29 @@ struct WorkerLogicTests {
         config.learningRate = 0.125
         config.optimizer = .adamw
         config.trainFeatures = "/data/with: colon.npy"
+        config.augmentCropPadding = 3
+        config.augmentFlip = true
         let file = TemporaryFiles.path("bpworker-config-").appendingPathExtension("yaml")
         defer { try? FileManager.default.removeItem(at: file) }
         try Data(config.yaml.utf8).write(to: file)
         #expect(try Configuration.load(file: file.path, overrides: []) == config)
+        #expect(config.yaml.contains("  remainder: drop\n  augment:\n    crop_padding: 3\n    flip: true\nmodel:\n"), "\(config.yaml)")
+    }
+
+    /// `data.augment` reads as a nested mapping in a file, as dotted keys, and as a mapping given to --set.
+    @Test func augmentationReadsAsAMappingOrAsDottedKeys() throws {
+        let file = TemporaryFiles.path("bpworker-config-").appendingPathExtension("yaml")
+        defer { try? FileManager.default.removeItem(at: file) }
+        try Data("data:\n  augment: {crop_padding: 2, flip: true}\n".utf8).write(to: file)
+        let fromFile = try Configuration.load(file: file.path, overrides: [])
+        #expect(fromFile.augmentCropPadding == 2 && fromFile.augmentFlip)
+        let dotted = try Configuration.load(file: nil, overrides: ["data.augment.crop_padding=2", "data.augment.flip=true"])
+        let mapping = try Configuration.load(file: nil, overrides: ["data.augment={crop_padding: 2, flip: true}"])
+        #expect(dotted == fromFile && mapping == fromFile)
+        #expect(try Configuration().augmentation(sampleShape: [28, 28]) == nil, "off by default")
+        let augmentation = try #require(try fromFile.augmentation(sampleShape: [28, 28]))
+        #expect(augmentation.cropPadding == 2 && augmentation.flip && augmentation.channels == 1 && augmentation.height == 28)
+        #expect(throws: ConfigError.self) { try Configuration.load(file: nil, overrides: ["data.augment.flip=2"]) }
     }
 
     @Test func impossibleSettingsNameTheirKey() throws {

@@ -11,7 +11,7 @@ import RealModule
 public struct RandomGenerator: RandomNumberGenerator, Sendable, Equatable {
     /// Well-known stream numbers; any other value works too.
     public enum Stream: UInt64, Sendable {
-        case initialization = 1, shuffle = 2, dropout = 3, gradientCheck = 4, test = 99
+        case initialization = 1, shuffle = 2, dropout = 3, gradientCheck = 4, augmentation = 5, test = 99
     }
 
     public private(set) var state: (UInt64, UInt64, UInt64, UInt64)

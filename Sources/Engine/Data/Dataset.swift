@@ -229,8 +229,12 @@ public struct Dataset: Sendable {
     /// An index outside 0..<count is a programmer error and stops the process.
     @_specialize(where T == Float)
     @_specialize(where T == Double)
+    ///
+    /// With `augmentation` (training batches only), each sample is cropped and flipped as drawn for
+    /// (`augmentation.seed`, `epoch`, its index) before the normalisation; see `Augmentation`.
     public func gather<T: BinaryFloatingPoint>(
-        indices: UnsafeBufferPointer<Int>, into inputs: UnsafeMutablePointer<T>, labels: UnsafeMutablePointer<Int32>
+        indices: UnsafeBufferPointer<Int>, into inputs: UnsafeMutablePointer<T>, labels: UnsafeMutablePointer<Int32>,
+        augmentation: Augmentation? = nil, epoch: Int = 0
     ) {
         guard !indices.isEmpty else { return }
         let count = self.count
@@ -240,6 +244,21 @@ public struct Dataset: Sendable {
                 precondition(index >= 0 && index < count, "gather: index \(index) out of range 0..<\(count) in \(name)")
                 labels[row] = source[index]
             }
+        }
+        if let augmentation, !augmentation.isIdentity {
+            precondition(augmentation.channels * augmentation.height * augmentation.width == featureCount,
+                         "gather: augmentation for \(augmentation.channels)x\(augmentation.height)x\(augmentation.width) images, but \(name) has \(featureCount) features")
+            switch features {
+            case .uint8(let values):
+                values.withUnsafeBufferPointer {
+                    gatherAugmentedRows($0.baseAddress!, featureCount, indices, inputs, scale, shift, augmentation, epoch)
+                }
+            case .float32(let values):
+                values.withUnsafeBufferPointer {
+                    gatherAugmentedRows($0.baseAddress!, featureCount, indices, inputs, scale, shift, augmentation, epoch)
+                }
+            }
+            return
         }
         switch features {
         case .uint8(let values):
@@ -295,6 +314,42 @@ private func gatherRows<T: BinaryFloatingPoint>(
         for j in 0..<featureCount {
             out[j] = T(Double(row[j]) * scale + shift)
         }
+        out += featureCount
+    }
+}
+
+// Augmented gathers: the same arithmetic per element as above (bytes through the table, floats through Double), the
+// padding being the stored value 0 normalised like any other.
+
+@_specialize(where T == Float)
+@_specialize(where T == Double)
+private func gatherAugmentedRows<T: BinaryFloatingPoint>(
+    _ source: UnsafePointer<UInt8>, _ featureCount: Int, _ indices: UnsafeBufferPointer<Int>,
+    _ destination: UnsafeMutablePointer<T>, _ scale: Double, _ shift: Double, _ augmentation: Augmentation, _ epoch: Int
+) {
+    withUnsafeTemporaryAllocation(of: T.self, capacity: 256) { table in
+        for v in 0..<256 { table[v] = T(Double(v) * scale + shift) }
+        let map = UnsafePointer(table.baseAddress!)
+        var out = destination
+        for index in indices {
+            augmentation.apply(augmentation.draw(epoch: epoch, index: index), from: source + index * featureCount, into: out,
+                               padding: map[0]) { map[Int($0)] }
+            out += featureCount
+        }
+    }
+}
+
+@_specialize(where T == Float)
+@_specialize(where T == Double)
+private func gatherAugmentedRows<T: BinaryFloatingPoint>(
+    _ source: UnsafePointer<Float>, _ featureCount: Int, _ indices: UnsafeBufferPointer<Int>,
+    _ destination: UnsafeMutablePointer<T>, _ scale: Double, _ shift: Double, _ augmentation: Augmentation, _ epoch: Int
+) {
+    var out = destination
+    let padding = T(shift)  // the stored value 0 normalised: 0 * scale + shift
+    for index in indices {
+        augmentation.apply(augmentation.draw(epoch: epoch, index: index), from: source + index * featureCount, into: out,
+                           padding: padding) { T(Double($0) * scale + shift) }
         out += featureCount
     }
 }
