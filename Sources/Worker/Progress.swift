@@ -176,6 +176,8 @@ final class Progress {
         recordEvent("end", step: status.step, fields)
         writeReport()
         guard session.isRoot, state == .finished else { return }
-        session.logger.info("training finished: \(totalSteps) steps in \(duration(Date().timeIntervalSince(start)))")
+        // A run that reached training.target_accuracy stops before its planned total: say both.
+        let steps = status.step < totalSteps ? "\(status.step) of \(totalSteps) planned steps" : "\(totalSteps) steps"
+        session.logger.info("training finished: \(steps) in \(duration(Date().timeIntervalSince(start)))")
     }
 }
