@@ -1,4 +1,4 @@
-import Engine
+@testable import Engine
 import Foundation
 import Testing
 
@@ -54,6 +54,33 @@ struct ConvolutionTests {
     static let removedByNormalisation: [String: [String]] = [
         "batchnorm 1d": ["0.bias"], "layernorm on images": ["0.bias"], "a small CNN": ["9.bias"],
     ]
+
+    /// A convolution whose batch of columns is over `Conv2d.keptColumnsLimit` lowers its samples again in backward
+    /// instead of keeping them from the forward pass: the same gradients, bit for bit, as the same layers keeping
+    /// theirs, and the float64 check passes. (Every other test here runs small layers, which keep their columns.)
+    @Test func aConvolutionTooLargeToKeepItsColumnsLowersThemAgain() throws {
+        let spec = ModelSpec(layers: [Self.conv(2, 3, 3, stride: 2, pad: 2), .tanh, Self.conv(3, 2, 2, pad: 1), .flatten,
+                                      .linear(inputs: 2 * 6 * 6, outputs: 3)], inputShape: [2, 7, 7])
+        // The first convolution's columns: 2 x 3 x 3 rows by 5 x 5 positions per sample, in Double.
+        let large = Int(Conv2d<Double>.keptColumnsLimit / Double(18 * 25 * 8)) + 1
+        #expect(!Conv2d<Double>.keepsColumns(patch: 18, positions: 25, batchCapacity: Double(large), scalarBytes: 8))
+        #expect(Conv2d<Double>.keepsColumns(patch: 18, positions: 25, batchCapacity: 3, scalarBytes: 8))
+        let keeping = try checkedModel(spec)
+        let lowering = try Model<Double>(spec: spec, batchCapacity: large, seed: 1)
+        keeping.copyParameters(to: lowering)
+        lowering.inputs.update(from: keeping.inputs, count: 3 * keeping.inputWidth)
+        lowering.labels.update(from: keeping.labels, count: 3)
+        for model in [keeping, lowering] {
+            _ = model.forward(count: 3, mode: .train)
+            model.backward(count: 3)
+        }
+        let differing = zip(keeping.gradients, lowering.gradients).filter { $0 != $1 }.count
+        #expect(differing == 0, "\(differing) of \(keeping.gradients.count) gradients differ")
+        var options = GradientCheckOptions()
+        options.checkAllCoordinates = true
+        let report = checkGradients(model: lowering, count: 3, options: options)
+        #expect(report.verdict == .pass, "\(report.text)")
+    }
 
     @Test(arguments: models.indices)
     func everyLayerPassesTheFloat64Check(model index: Int) throws {
