@@ -21,27 +21,26 @@ enum GradientCheckRun {
         let config = session.config
         var verdict: [Int32] = [Verdict.pass.rawValue]
         var report: GradientCheckReport? = nil
-        if distributed {
-            // Every rank's shard of an epoch is equally long, so every rank checks the same number of rows.
+        if distributed || session.isRoot {
+            // The first rows of this rank's shard: `gradcheck.batch`, or the whole shard when it is shorter. Every
+            // rank's shard of an epoch is equally long, so in the distributed check every rank has the same count.
             let indices = Array(prepared.sampler.indices(epoch: 0).prefix(config.gradcheckBatch))
             let copy = prepared.model.float64Copy(batchCapacity: indices.count)
             indices.withUnsafeBufferPointer { prepared.train.gather(indices: $0, into: copy.inputs, labels: copy.labels) }
-            let sums = crossRankSums(session, watchdog: watchdog)
-            if config.batchNorm == .sync && session.worldSize > 1 { copy.crossRankReducer = sums }
-            if !printJSON {
-                let ranks = "\(session.worldSize) rank\(session.worldSize == 1 ? "" : "s")"
-                let through = copy.crossRankReducer != nil ? ", through synchronized batch norm" : ""
-                let message = "gradient check: distributed over \(ranks), \(indices.count) samples each; every rank perturbs "
-                    + "the same coordinates and J is the mean loss over all of them\(through)"
-                session.logger.info("\(message)")
+            if distributed {
+                let sums = crossRankSums(session, watchdog: watchdog)
+                if config.batchNorm == .sync && session.worldSize > 1 { copy.crossRankReducer = sums }
+                if !printJSON {
+                    let ranks = "\(session.worldSize) rank\(session.worldSize == 1 ? "" : "s")"
+                    let through = copy.crossRankReducer != nil ? ", through synchronized batch norm" : ""
+                    let message = "gradient check: distributed over \(ranks), \(indices.count) samples each; every rank perturbs "
+                        + "the same coordinates and J is the mean loss over all of them\(through)"
+                    session.logger.info("\(message)")
+                }
+                report = checkGradients(model: copy, count: indices.count, options: config.gradientCheckOptions, acrossRanks: sums)
+            } else {
+                report = checkGradients(model: copy, count: indices.count, options: config.gradientCheckOptions)
             }
-            report = checkGradients(model: copy, count: indices.count, options: config.gradientCheckOptions, acrossRanks: sums)
-        } else if session.isRoot {
-            let count = min(config.gradcheckBatch, prepared.train.count)
-            let indices = Array(prepared.sampler.indices(epoch: 0).prefix(count))
-            let copy = prepared.model.float64Copy(batchCapacity: count)
-            indices.withUnsafeBufferPointer { prepared.train.gather(indices: $0, into: copy.inputs, labels: copy.labels) }
-            report = checkGradients(model: copy, count: count, options: config.gradientCheckOptions)
         }
         if let report {
             if session.isRoot {
