@@ -15,8 +15,7 @@ struct CheckpointExchange {
     /// their dropout generators to rank 0, which writes the file; the others wait for its verdict.
     func save(_ position: inout TrainingPosition, reducer: GradientReducer) throws -> String {
         try reducer.gatherOptimizerState(optimizer)
-        // Rank 0's running statistics are the ones saved (see `TrainingLoop.shareBuffers`).
-        if !model.bufferTable.isEmpty { try session.communicator.broadcast(model.buffers, root: 0) }
+        try shareBuffers(session, model)  // rank 0's running statistics are the ones saved
         let w = session.worldSize
         var states = [UInt64](repeating: 0, count: 4 * w)
         let mine = model.dropoutGenerator.state

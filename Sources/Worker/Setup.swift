@@ -167,10 +167,15 @@ struct ReplicaError: Error, CustomStringConvertible, Equatable {
     let description: String
 }
 
-/// Rank 0's parameters and buffers to every rank. (Batch norm's running statistics are buffers: with
-/// `model.batchnorm=local` each rank's drift apart in training, and like PyTorch DDP, which broadcasts rank 0's buffers,
-/// bpworker evaluates, checkpoints and saves rank 0's; see `TrainingLoop.shareBuffers`.)
+/// Rank 0's parameters and buffers to every rank.
 func broadcastState(_ session: Session, _ model: Model<Float>) throws(MPIError) {
     try session.communicator.broadcast(model.parameters, root: 0)
+    try shareBuffers(session, model)
+}
+
+/// Rank 0's buffers (batch norm's running statistics) to every rank, before they are evaluated, checkpointed,
+/// compared or saved: with `model.batchnorm=local` each rank's drift apart in training, and like PyTorch DDP, which
+/// broadcasts rank 0's buffers, bpworker uses rank 0's. Nothing to send for a model without buffers.
+func shareBuffers(_ session: Session, _ model: Model<Float>) throws(MPIError) {
     if !model.bufferTable.isEmpty { try session.communicator.broadcast(model.buffers, root: 0) }
 }

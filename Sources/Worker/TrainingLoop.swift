@@ -193,7 +193,7 @@ final class TrainingLoop {
                     if config.replicaCheckEvery > 0 && position.globalStep % config.replicaCheckEvery == 0 {
                         watchdog.enter(.replicaCheck, step: position.globalStep)
                         let checking = timeline?.beginBetweenSteps() ?? 0
-                        try shareBuffers()
+                        try shareBuffers(session, model)
                         let diverged = try divergedReplicas()
                         timeline?.endBetweenSteps(.replicaCheck, since: checking)
                         watchdog.leave()
@@ -222,7 +222,7 @@ final class TrainingLoop {
             if let ended { return ended }
             watchdog.enter(.evaluation, step: position.globalStep)
             let evaluating = timeline?.beginBetweenSteps() ?? 0
-            try shareBuffers()
+            try shareBuffers(session, model)
             let evaluation = try Evaluation.evaluate(session, model, on: prepared.test)
             timeline?.endBetweenSteps(.evaluation, since: evaluating)
             watchdog.leave()
@@ -265,11 +265,6 @@ final class TrainingLoop {
 
     private static func uptimeSeconds() -> Double { Double(DispatchTime.now().uptimeNanoseconds) * 1e-9 }
 
-    /// Rank 0's buffers (batch norm's running statistics) to every rank, before they are evaluated, checkpointed or
-    /// compared: with `model.batchnorm=local` each rank's drift apart, and PyTorch DDP likewise broadcasts rank 0's.
-    func shareBuffers() throws {
-        if !model.bufferTable.isEmpty { try session.communicator.broadcast(model.buffers, root: 0) }
-    }
 
     /// Which ranks had non-finite values this step: one extra collective, paid only when something went wrong.
     private func faultyRanks(local: Int) throws -> [Int] {
