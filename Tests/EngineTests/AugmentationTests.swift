@@ -77,7 +77,8 @@ struct AugmentationTests {
         let difference64 = zip(float64, expected64).enumerated().first { $0.element.0 != $0.element.1 }
         #expect(difference32 == nil, "Float: first difference at \(String(describing: difference32)) of [batch, C, H, W] \(indices.count) x \(shape)")
         #expect(difference64 == nil, "Double: first difference at \(String(describing: difference64))")
-        // Without augmentation the same gather is the plain one: nothing leaks into evaluation batches.
+        // Without augmentation the same gather is the plain one: nothing leaks into evaluation batches. And the crop
+        // code with no padding and no flip gathers exactly what the plain gather does.
         let plain = gathered(data, indices, as: Float.self, augmentation: nil, epoch: epoch)
         let identity = try Augmentation(cropPadding: 0, flip: false, seed: 11, sampleShape: shape)
         #expect(gathered(data, indices, as: Float.self, augmentation: identity, epoch: epoch) == plain)

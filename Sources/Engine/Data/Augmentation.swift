@@ -54,9 +54,6 @@ public struct Augmentation: Sendable, Equatable {
         (channels, height, width) = (image[0], image[1], image[2])
     }
 
-    /// Whether gathering with it changes anything.
-    public var isIdentity: Bool { cropPadding == 0 && !flip }
-
     /// The draw of sample `index` in `epoch`: a generator of its own, seeded from (seed, epoch, index), so no state
     /// is kept between samples and nothing depends on who gathers them.
     @inline(__always)

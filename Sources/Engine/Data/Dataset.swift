@@ -245,7 +245,7 @@ public struct Dataset: Sendable {
                 labels[row] = source[index]
             }
         }
-        if let augmentation, !augmentation.isIdentity {
+        if let augmentation {
             precondition(augmentation.channels * augmentation.height * augmentation.width == featureCount,
                          "gather: augmentation for \(augmentation.channels)x\(augmentation.height)x\(augmentation.width) images, but \(name) has \(featureCount) features")
             switch features {
