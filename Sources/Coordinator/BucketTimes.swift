@@ -42,8 +42,9 @@ final class BucketTimes {
     /// After every request of the step has completed: one event per bucket and direction, its completion as an
     /// instant, then everything cleared for the next step.
     func recordStep(sharded: Bool) {
-        defer { clear() }
+        // Outside the window nothing was written (every setter checks `isRecording`), so nothing needs clearing.
         guard recorder.isRecording else { return }
+        defer { clear() }
         for b in posted.indices where posted[b] != 0 {
             var completed = posted[b]
             if sharded {

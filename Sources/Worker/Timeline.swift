@@ -257,8 +257,8 @@ struct TraceFile {
         let b = Int(event.index)
         let bucket = b >= 0 && b < names.buckets.count ? "bucket \(b) (\(names.buckets[b]))" : "bucket \(b)"
         switch event.kind {
-        case .bucketSend, .bucketAllreduce: return (Self.bucketThread(b, receive: false), bucket + (names.sharded ? ": sent" : ": allreduce"))
-        case .bucketComplete: return (Self.bucketThread(b, receive: false), bucket + (names.sharded ? ": sent" : ": allreduce"))
+        case .bucketSend, .bucketAllreduce, .bucketComplete:
+            return (Self.bucketThread(b, receive: false), bucket + (names.sharded ? ": sent" : ": allreduce"))
         case .bucketReceive: return (Self.bucketThread(b, receive: true), bucket + ": received")
         case .controlAllreduce: return (Self.controlThread, "control values (stop requests, non-finite counts)")
         default: return (Self.mainThread, "training step")

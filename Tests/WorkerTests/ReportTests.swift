@@ -1,3 +1,4 @@
+import Coordinator
 import Engine
 import Foundation
 import Testing
@@ -320,6 +321,39 @@ struct ReportTests {
         let spikeY = try #require(ys.min())
         #expect(spikeY < Chart.top + 0.05 * Chart.plotHeight, "the spike (9.0, near the top of a 0.01-10 axis) is drawn: highest point at y \(spikeY)")
         #expect(elements(loss, tag: "g", class: "marker-stop").count == 1)
+    }
+
+    /// A resume after a crash continues from its checkpoint: what the earlier process logged past that step is
+    /// replaced, as TensorBoard does, and only the earlier process's ending stays. (The shared run resumes from its
+    /// last record, where there is nothing to drop.)
+    @Test func aResumeDropsTheEarlierProcessesRecordsPastItsCheckpoint() {
+        var records = RunRecords(directory: "run")
+        for step in stride(from: 2, through: 8, by: 2) {
+            records.add(["type": "train", "step": step, "epoch": 0, "loss": 1.0 / Double(step)])
+        }
+        records.add(["type": "eval", "step": 4, "epoch": 1, "loss": 0.5, "accuracy": 0.8, "samples": 10])
+        records.add(["type": "eval", "step": 8, "epoch": 2, "loss": 0.4, "accuracy": 0.9, "samples": 10])
+        records.add(["type": "event", "event": "checkpoint", "step": 4])
+        records.add(["type": "event", "event": "checkpoint", "step": 6])
+        records.add(["type": "event", "event": "end", "step": 7, "state": "failed"])
+        records.add(["type": "event", "event": "resume", "step": 4, "world_size": 2])
+        #expect(records.train.map(\.step) == [2, 4])
+        #expect(records.eval.map(\.step) == [4])
+        #expect(records.events.map(\.kind) == ["checkpoint", "end", "resume"])
+        #expect(records.events.map(\.step) == [4, 7, 4])
+    }
+
+    /// A recorder sized for a window counts what does not fit instead of growing, and records nothing outside it.
+    @Test func aFullTimelineRecorderCountsWhatItDrops() {
+        let recorder = TimelineRecorder(capacity: 2)
+        recorder.record(.forward, start: 1, end: 2)
+        #expect(recorder.count == 0 && recorder.begin() == 0, "not recording yet")
+        recorder.startRecording()
+        for t in 1...3 { recorder.record(.forward, start: Int64(t), end: Int64(t + 1)) }
+        #expect(recorder.count == 2 && recorder.dropped == 1)
+        #expect(recorder.recorded.map(\.start) == [1, 2])
+        recorder.removeAll()
+        #expect(recorder.count == 0 && recorder.dropped == 0)
     }
 
     @Test func ticksAreRoundAndLabelled() {
