@@ -71,10 +71,10 @@ struct ReportTests {
         #expect(resume["world_size"] as? Int == 1)
         #expect(events.filter { $0["event"] as? String == "skip" }.map { $0["step"] as? Int } == [6])
         #expect(kinds.filter { $0 == "end" }.count == 2)
-        // Checkpoints at every 5 steps and at epoch ends: their events name the files that exist.
+        // Checkpoints every 5 steps and at epoch ends each leave an event with their step.
         let checkpointSteps = events.filter { $0["event"] as? String == "checkpoint" }.compactMap { $0["step"] as? Int }
         #expect(checkpointSteps.count >= 4 && checkpointSteps.contains(10))
-        // The existing records are unchanged: train records carry the share of time waiting on communication.
+        // Train records carry the share of time waiting on communication, which the report plots.
         let train = records.filter { $0["type"] as? String == "train" }
         #expect(!train.isEmpty && train.allSatisfy { ($0["comm_wait_fraction"] as? Double).map { (0...1).contains($0) } ?? false })
     }
