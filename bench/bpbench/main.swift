@@ -87,46 +87,72 @@ final class StepBench {
 /// Exactly the GEMMs of that step, called directly: forward y = bias + x W^T per layer (beta 1), dW = dy^T x per
 /// layer and dx = dy W for every layer but the first (beta 0).
 final class GEMMBench {
-    struct Call { let ta: Bool, tb: Bool, m: Int, n: Int, k: Int, beta: Float }
-    /// Each call gets operands of its own, as in the model (one shared set would sit in cache and flatter BLAS).
+    /// One call. An operand named by a key is shared with the other calls that name it, as the model shares it
+    /// (a layer's weights, its gradient, a sample's columns); one without a key has memory of its own.
+    struct Call {
+        let ta: Bool, tb: Bool, m: Int, n: Int, k: Int, beta: Float
+        var layer = 0, forward = true
+        var a: String? = nil, b: String? = nil, c: String? = nil
+    }
+    /// Each call gets operands of its own unless it shares them, as in the model (one shared set would sit in cache
+    /// and flatter BLAS).
     let calls: [(call: Call, a: UnsafeMutablePointer<Float>, b: UnsafeMutablePointer<Float>, c: UnsafeMutablePointer<Float>)]
     convenience init(widths: [Int], batch: Int) {
         var calls: [Call] = []
         for l in 0..<(widths.count - 1) {
             let (i, o) = (widths[l], widths[l + 1])
             calls.append(Call(ta: false, tb: true, m: batch, n: o, k: i, beta: 1))
-            calls.append(Call(ta: true, tb: false, m: o, n: i, k: batch, beta: 0))
-            if l > 0 { calls.append(Call(ta: false, tb: false, m: batch, n: i, k: o, beta: 0)) }
+            calls.append(Call(ta: true, tb: false, m: o, n: i, k: batch, beta: 0, forward: false))
+            if l > 0 { calls.append(Call(ta: false, tb: false, m: batch, n: i, k: o, beta: 0, forward: false)) }
         }
         self.init(calls: calls)
     }
 
-    /// The GEMMs of a network with convolutions, as `Conv2d` calls them: per sample, forward W[O, Ckk] cols[Ckk, P],
-    /// then backward dW += dy_b[O, P] cols^T and (for every convolution but the first) dcols = W^T dy_b; the linear
-    /// layers as above. Each sample's call gets operands of its own, as each sample's activations are.
+    /// The GEMMs of a network with convolutions, as `Conv2d` calls them, per sample b:
+    ///   forward  y_b = W[O, Ckk] cols_b[Ckk, P]            beta 0 without a bias (1 after broadcasting it)
+    ///   backward dW (+)= dy_b[O, P] cols_b^T                beta 0 for the first sample, then 1
+    ///            dcols = W^T dy_b (every convolution but the first), into one scratch
+    /// with the operands the model shares shared here too: the layer's weights and weight gradient, a sample's
+    /// columns (kept from forward, or lowered into one scratch) and output gradient, the scratch. OpenBLAS zeroes C in a pass of its own for
+    /// beta 0, which costs a bias-free convolution's forward GEMM twice the time of beta 1 at K = 9: the baseline
+    /// pays it as the step does. The linear layers as above.
     convenience init(spec: ModelSpec, batch: Int) throws {
-        var calls: [Call] = []
+        // In the order the step makes them: every layer's forward calls, then layer by layer backward, each layer's
+        // weight gradients for the whole batch before its input gradient (Model.backward).
+        var forward: [Call] = [], backward: [[Call]] = []
         let shapes = try spec.shapes()
         var first = true
         for (l, layer) in spec.layers.enumerated() {
             switch layer {
-            case let .conv2d(i, o, k, _, _, _):
+            case let .conv2d(i, o, k, _, _, bias):
                 let positions = shapes[l + 1][1] * shapes[l + 1][2], patch = i * k * k
-                for _ in 0..<batch {
-                    calls.append(Call(ta: false, tb: false, m: o, n: positions, k: patch, beta: 1))
-                    calls.append(Call(ta: false, tb: true, m: o, n: patch, k: positions, beta: 0))
-                    if !first { calls.append(Call(ta: true, tb: false, m: patch, n: positions, k: o, beta: 0)) }
+                let kept = layer.keepsColumns(outputShape: shapes[l + 1], batchCapacity: batch, scalarBytes: 4)
+                let weights = "\(l) weight"
+                func columns(_ b: Int) -> String { kept ? "\(l) columns \(b)" : "columns scratch" }
+                var weightGradients: [Call] = [], inputGradients: [Call] = []
+                for b in 0..<batch {
+                    forward.append(Call(ta: false, tb: false, m: o, n: positions, k: patch, beta: bias ? 1 : 0, layer: l,
+                                        a: weights, b: columns(b)))
+                    weightGradients.append(Call(ta: false, tb: true, m: o, n: patch, k: positions, beta: b > 0 ? 1 : 0,
+                                                layer: l, forward: false, a: "\(l) dy \(b)", b: columns(b),
+                                                c: "\(l) weight gradient"))
+                    if !first {
+                        inputGradients.append(Call(ta: true, tb: false, m: patch, n: positions, k: o, beta: 0, layer: l,
+                                                   forward: false, a: weights, b: "\(l) dy \(b)", c: "scratch"))
+                    }
                 }
+                backward.append(weightGradients + inputGradients)
                 first = false
             case let .linear(i, o):
-                calls.append(Call(ta: false, tb: true, m: batch, n: o, k: i, beta: 1))
-                calls.append(Call(ta: true, tb: false, m: o, n: i, k: batch, beta: 0))
-                if !first { calls.append(Call(ta: false, tb: false, m: batch, n: i, k: o, beta: 0)) }
+                forward.append(Call(ta: false, tb: true, m: batch, n: o, k: i, beta: 1, layer: l))
+                var calls = [Call(ta: true, tb: false, m: o, n: i, k: batch, beta: 0, layer: l, forward: false)]
+                if !first { calls.append(Call(ta: false, tb: false, m: batch, n: i, k: o, beta: 0, layer: l, forward: false)) }
+                backward.append(calls)
                 first = false
             default: break
             }
         }
-        self.init(calls: calls)
+        self.init(calls: forward + backward.reversed().flatMap { $0 })
     }
 
     init(calls: [Call]) {
@@ -137,11 +163,24 @@ final class GEMMBench {
             p.initialize(repeating: value)
             return p.baseAddress!
         }
-        self.calls = calls.map { ($0, buffer($0.m * $0.k, 0.01), buffer($0.k * $0.n, 0.02), buffer($0.m * $0.n, 0)) }
+        var shared: [String: UnsafeMutablePointer<Float>] = [:]
+        var sizes: [String: Int] = [:]
+        for call in calls {
+            for (key, n) in [(call.a, call.m * call.k), (call.b, call.k * call.n), (call.c, call.m * call.n)] {
+                if let key { sizes[key] = max(sizes[key] ?? 0, n) }
+            }
+        }
+        for (key, n) in sizes { shared[key] = buffer(n, key == "scratch" || key.contains("gradient") ? 0 : 0.01) }
+        func operand(_ key: String?, _ n: Int, _ value: Float) -> UnsafeMutablePointer<Float> {
+            key.map { shared[$0]! } ?? buffer(n, value)
+        }
+        self.calls = calls.map {
+            ($0, operand($0.a, $0.m * $0.k, 0.01), operand($0.b, $0.k * $0.n, 0.02), operand($0.c, $0.m * $0.n, 0))
+        }
     }
-    /// Only the forward GEMMs (beta 1) or only the backward ones.
-    func run(forward: Bool? = nil) {
-        for (call, a, b, c) in calls where forward == nil || (call.beta == 1) == forward! {
+    /// Only the forward GEMMs or only the backward ones; only those of one layer (`GEMMBench(spec:)`).
+    func run(forward: Bool? = nil, layer: Int? = nil) {
+        for (call, a, b, c) in calls where (forward == nil || call.forward == forward!) && (layer == nil || call.layer == layer!) {
             let lda = call.ta ? call.m : call.k, ldb = call.tb ? call.k : call.n
             Float.gemm(transposeA: call.ta, transposeB: call.tb, m: call.m, n: call.n, k: call.k,
                        alpha: 1, a: a, lda: lda, b: b, ldb: ldb, beta: call.beta, c: c, ldc: call.n)
@@ -266,19 +305,35 @@ func cnnProfileBench() throws {
         return "  \(pass == .forward ? "forward" : "backward") \(what)"
     }
     model.layerTimer = { index, pass, start, end in parts[layerName(index, pass), default: []].append(Double(end - start) * 1e-9) }
+    // Beside each layer that multiplies matrices, its GEMMs alone (the rest of its time is lowering and bias).
+    let gemm = try GEMMBench(spec: spec, batch: batch)
+    let multiplying = Set(gemm.calls.map(\.call.layer))
     for _ in 0..<(smoke ? 2 : 12) {
         let t = now()
         model.forward(count: batch, mode: .train)
         model.backward(count: batch, accumulate: false) { _ in }
         parts["forward and backward", default: []].append(now() - t)
+        let g = now()
+        gemm.run()
+        parts["the step's GEMMs alone", default: []].append(now() - g)
+        for layer in multiplying {
+            for forward in [true, false] {
+                let t = now()
+                gemm.run(forward: forward, layer: layer)
+                parts[layerName(layer, forward ? .forward : .backward) + ": GEMMs alone", default: []].append(now() - t)
+            }
+        }
     }
     model.layerTimer = nil
-    print("| inside a fashion-cnn step at batch 64, 1 thread | median ms |")
-    print("| --- | --- |")
+    print("| inside a fashion-cnn step at batch 64, 1 thread | median ms | its GEMMs alone |")
+    print("| --- | --- | --- |")
     var names = ["forward and backward"]
     names += layers.indices.map { layerName($0, .forward) } + [layerName(layers.count, .forward)]
     names += layers.indices.reversed().map { layerName($0, .backward) }
-    for name in names { print("| \(name) | \(f(median(parts[name]!) * 1e3)) |") }
+    for name in names {
+        let alone = name == "forward and backward" ? parts["the step's GEMMs alone"] : parts[name + ": GEMMs alone"]
+        print("| \(name) | \(f(median(parts[name]!) * 1e3)) | \(alone.map { f(median($0) * 1e3) } ?? "") |")
+    }
 }
 
 // MARK: - Allocations per step
@@ -562,3 +617,4 @@ default:
     FileHandle.standardError.write(Data("bpbench: unknown mode \(mode)\n".utf8))
     exit(2)
 }
+

@@ -161,7 +161,10 @@ public final class Model<T: Scalar> {
     /// The output rows of the last forward pass, [batchCapacity, outputWidth] (logits for cross-entropy).
     public var outputs: UnsafePointer<T> { UnsafePointer(lastLayer.y) }
 
-    public init(spec: ModelSpec, batchCapacity: Int, seed: UInt64 = 0, controlSlots: Int = 0) throws(ModelSpecError) {
+    /// `fusesBlocks: false` runs every batch norm, ReLU, max pooling block as three separate layers, as a reference
+    /// for tests and benchmarks (see BatchNormReLUPool.swift); training always fuses.
+    public init(spec: ModelSpec, batchCapacity: Int, seed: UInt64 = 0, controlSlots: Int = 0,
+                fusesBlocks: Bool = true) throws(ModelSpecError) {
         try spec.validate()
         guard batchCapacity > 0 else { throw ModelSpecError("batch size must be at least 1, got \(batchCapacity)") }
         self.spec = spec
@@ -194,6 +197,7 @@ public final class Model<T: Scalar> {
                 batchCapacity: batchCapacity))
         }
         let plan = Model.placeInPlace(layers)
+        if fusesBlocks { Model.fuseBlocks(plan) }
 
         // One arena holds the input batch, every activation and activation gradient a layer does not share with
         // the one before it, and the targets. (`Model.footprint` computes the same total without allocating.)
@@ -272,6 +276,18 @@ public final class Model<T: Scalar> {
             if let relu = layer as? ReLU<T>, relu.runsInPlace { relu.sumsSquares = T.self == Float.self }
         }
         return layers
+    }
+
+    /// Links each batch norm, ReLU, max pooling run into one block (BatchNormReLUPool.swift).
+    private static func fuseBlocks(_ plan: [Layer<T>]) {
+        let specs = plan.map(\.spec)
+        for index in plan.indices where LayerSpec.startsFusedBlock(specs, at: index) {
+            guard let norm = plan[index] as? BatchNorm<T>, let relu = plan[index + 1] as? ReLU<T>,
+                  let pool = plan[index + 2] as? MaxPool2d<T> else { continue }
+            norm.fusedPool = pool
+            relu.fused = true
+            pool.fusedNormalization = norm
+        }
     }
 
     /// Elements of the arena for `plan`: the input batch, the outputs and output gradients of the layers that do

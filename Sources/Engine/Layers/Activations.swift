@@ -8,10 +8,15 @@
 final class ReLU<T: Scalar>: Layer<T> {
     /// Sums squares as it writes (in place, Float); set by the model.
     var sumsSquares = false
+    /// Between a batch norm and a max pooling that run as one block (BatchNormReLUPool.swift), which do its work:
+    /// then its passes do nothing. Set by the model.
+    var fused = false
 
     override func forward(count: Int, mode: ForwardMode) {
         let n = count * outputCount
-        if sumsSquares && mode == .train {
+        if fused {
+            outputSquares = nil
+        } else if sumsSquares && mode == .train {
             outputSquares = T(reluForwardSquares(floats(x), floats(y), n))
         } else {
             reluForward(x, y, n)
@@ -21,7 +26,7 @@ final class ReLU<T: Scalar>: Layer<T> {
 
     override func backwardInput(count: Int, accumulate: Bool) {
         inputGradientSquares = nil
-        guard let dx else { return }
+        guard let dx, !fused else { return }
         let n = count * inputCount
         // In place, x is y: the mask y > 0 is x > 0.
         if sumsSquares && !accumulate {
@@ -32,7 +37,8 @@ final class ReLU<T: Scalar>: Layer<T> {
     }
 
     override func appendKinkPattern(count: Int, to pattern: inout [Int32]) {
-        appendSigns(x, count * inputCount, to: &pattern)
+        // Fused, the pooling appends the signs that matter.
+        if !fused { appendSigns(x, count * inputCount, to: &pattern) }
     }
 }
 

@@ -3,13 +3,16 @@
 ///     cols[C k k, Ho Wo] = im2col(x_b[C, H, W])        (each column is one receptive field)
 ///     y_b[O, Ho Wo]      = W[O, C k k] cols + b[O]      (one GEMM: NCHW output directly)
 ///
-/// Backward, per sample: dW[O, C k k] += dy_b[O, Ho Wo] cols^T (cols recomputed: cheaper than keeping a batch of
-/// them), db[O] += the row sums of dy_b, dcols[C k k, Ho Wo] = W^T dy_b and dx_b = col2im(dcols). Every product is
-/// one BLAS call; the lowering loops are specialised kernels (`im2col`, `col2im`) with no branch per element.
+/// Backward, per sample: dW[O, C k k] += dy_b[O, Ho Wo] cols^T, db[O] += the row sums of dy_b,
+/// dcols[C k k, Ho Wo] = W^T dy_b and dx_b = col2im(dcols). Every product is one BLAS call; the lowering loops are
+/// specialised kernels (`im2col`, `col2im`) with no branch per element, and convolutions that keep the image's size
+/// (stride 1, "same" padding, the common case) lower each kernel offset as one shifted copy (`im2colSame`).
 ///
 /// The forward pass keeps every sample's columns for the backward pass when they take at most
-/// `Conv2d.keptColumnsLimit` bytes (16 MiB for the shipped CNN's second convolution at batch 64): lowering them
-/// again cost about a sixth of the step's work outside its GEMMs. Larger layers lower again, one sample at a time.
+/// `Conv2d.keptColumnsLimit` bytes (16 MiB for the shipped CNN's second convolution at batch 64). Measured on that
+/// network, against GEMMs replayed on operands placed as the step places them: keeping them, a step took 1.165
+/// times its GEMMs; lowering again, 1.22 (the same absolute time: the GEMMs read the columns from cache instead).
+/// Larger layers lower again, one sample at a time.
 ///
 /// Parameters: weight [O, C, k, k] (C k k contiguous per output channel, the GEMM's row-major [O, C k k]), bias [O].
 /// Scratch: one sample's columns (when they are not kept), and their gradient when an earlier layer needs dx.
@@ -156,9 +159,22 @@ private func validRange(offset q: Int, padding: Int, stride: Int, size: Int, out
 
 /// cols[(c k + p) k + q, i Wo + j] = x[c, i stride + p - padding, j stride + q - padding], 0 outside the image.
 /// The valid range of each row is computed once, so the inner loops copy (or fill zeros) without a bounds test.
+/// A convolution that keeps the image's size (stride 1, 2 padding = k - 1) takes `im2colSame`.
 @_specialize(where T == Float) @_specialize(where T == Double)
 func im2col<T: Scalar>(_ x: UnsafePointer<T>, channels: Int, height: Int, width: Int, kernel: Int, stride: Int,
                        padding: Int, outHeight: Int, outWidth: Int, into cols: UnsafeMutablePointer<T>) {
+    if stride == 1 && outHeight == height && outWidth == width {
+        return im2colSame(x, channels: channels, size: height * width, width: width, kernel: kernel, padding: padding,
+                          into: cols)
+    }
+    im2colRows(x, channels: channels, height: height, width: width, kernel: kernel, stride: stride, padding: padding,
+               outHeight: outHeight, outWidth: outWidth, into: cols)
+}
+
+/// `im2col` row by row, for any stride and padding.
+@_specialize(where T == Float) @_specialize(where T == Double)
+func im2colRows<T: Scalar>(_ x: UnsafePointer<T>, channels: Int, height: Int, width: Int, kernel: Int, stride: Int,
+                           padding: Int, outHeight: Int, outWidth: Int, into cols: UnsafeMutablePointer<T>) {
     var row = cols
     for c in 0..<channels {
         let plane = x + c * height * width
@@ -191,10 +207,23 @@ func im2col<T: Scalar>(_ x: UnsafePointer<T>, channels: Int, height: Int, width:
 }
 
 /// The adjoint of `im2col`: dx[c, i stride + p - padding, j stride + q - padding] += dcols[(c k + p) k + q, i Wo + j]
-/// over every valid position; dx is overwritten (zeroed first).
+/// over every valid position; dx is overwritten (zeroed first). A convolution that keeps the image's size takes
+/// `col2imSame`, which may zero the entries of `dcols` that fall outside the image.
 @_specialize(where T == Float) @_specialize(where T == Double)
-func col2im<T: Scalar>(_ dcols: UnsafePointer<T>, channels: Int, height: Int, width: Int, kernel: Int, stride: Int,
+func col2im<T: Scalar>(_ dcols: UnsafeMutablePointer<T>, channels: Int, height: Int, width: Int, kernel: Int, stride: Int,
                        padding: Int, outHeight: Int, outWidth: Int, into dx: UnsafeMutablePointer<T>) {
+    if stride == 1 && outHeight == height && outWidth == width {
+        return col2imSame(dcols, channels: channels, size: height * width, width: width, kernel: kernel,
+                          padding: padding, into: dx)
+    }
+    col2imRows(dcols, channels: channels, height: height, width: width, kernel: kernel, stride: stride, padding: padding,
+               outHeight: outHeight, outWidth: outWidth, into: dx)
+}
+
+/// `col2im` row by row, for any stride and padding.
+@_specialize(where T == Float) @_specialize(where T == Double)
+func col2imRows<T: Scalar>(_ dcols: UnsafePointer<T>, channels: Int, height: Int, width: Int, kernel: Int, stride: Int,
+                           padding: Int, outHeight: Int, outWidth: Int, into dx: UnsafeMutablePointer<T>) {
     dx.update(repeating: 0, count: channels * height * width)
     var row = dcols
     for c in 0..<channels {
@@ -218,8 +247,98 @@ func col2im<T: Scalar>(_ dcols: UnsafePointer<T>, channels: Int, height: Int, wi
     }
 }
 
+/// `im2col` for a convolution that keeps the image's size (stride 1, 2 padding = k - 1): then the row of kernel
+/// offset (p, q) is the whole image shifted by (p - padding) rows and (q - padding) columns, one contiguous copy,
+/// after which the entries that wrapped around a side of the image are zeroed (one column per row at most) along
+/// with the rows above or below it. Row by row, 14-value copies cost 7 instructions a value (callgrind); this costs
+/// under one.
+@_specialize(where T == Float) @_specialize(where T == Double)
+func im2colSame<T: Scalar>(_ x: UnsafePointer<T>, channels: Int, size: Int, width: Int, kernel: Int, padding: Int,
+                           into cols: UnsafeMutablePointer<T>) {
+    let height = size / width
+    var row = cols
+    for c in 0..<channels {
+        let plane = x + c * size
+        for p in 0..<kernel {
+            let rows = validRange(offset: p, padding: padding, stride: 1, size: height, outSize: height)
+            for q in 0..<kernel {
+                let columns = validRange(offset: q, padding: padding, stride: 1, size: width, outSize: width)
+                // The first and last valid entries, and the shift between an entry and its input.
+                let first = rows.lowerBound * width + columns.lowerBound
+                let end = rows.isEmpty || columns.isEmpty ? first : (rows.upperBound - 1) * width + columns.upperBound
+                let shift = (p - padding) * width + (q - padding)
+                row.update(repeating: 0, count: first)
+                if end > first { (row + first).update(from: plane + first + shift, count: end - first) }
+                (row + end).update(repeating: 0, count: size - end)
+                // The columns off the left or right side of the image, which the copy filled by wrapping around.
+                zeroColumns(row, width: width, rows: rows, columns: columns)
+                row += size
+            }
+        }
+    }
+}
+
+/// Zeroes, in each row of `rows` of an image `width` wide, the entries outside `columns`: a column at a time down
+/// the rows, so that the compiler does not turn the runs of one or two entries into a memset call each (half a
+/// million calls per step in the shipped CNN).
+@inline(__always)
+private func zeroColumns<T: Scalar>(_ image: UnsafeMutablePointer<T>, width: Int, rows: Range<Int>, columns: Range<Int>) {
+    var j = 0
+    while j < width {
+        if j == columns.lowerBound { j = Swift.max(j, columns.upperBound) }
+        if j >= width { break }
+        var at = rows.lowerBound &* width &+ j
+        let end = rows.upperBound &* width
+        while at < end {
+            image[at] = 0
+            at &+= width
+        }
+        j &+= 1
+    }
+}
+
+/// The adjoint of `im2colSame`: each row of `dcols`, its entries off the image's sides zeroed first, added to dx
+/// shifted back in one contiguous run. The additions happen in `col2imRows`' order, so the sums are the same.
+@_specialize(where T == Float) @_specialize(where T == Double)
+func col2imSame<T: Scalar>(_ dcols: UnsafeMutablePointer<T>, channels: Int, size: Int, width: Int, kernel: Int,
+                           padding: Int, into dx: UnsafeMutablePointer<T>) {
+    let height = size / width
+    dx.update(repeating: 0, count: channels * size)
+    var row = dcols
+    for c in 0..<channels {
+        let plane = dx + c * size
+        for p in 0..<kernel {
+            let rows = validRange(offset: p, padding: padding, stride: 1, size: height, outSize: height)
+            for q in 0..<kernel {
+                let columns = validRange(offset: q, padding: padding, stride: 1, size: width, outSize: width)
+                let first = rows.lowerBound * width + columns.lowerBound
+                let end = rows.isEmpty || columns.isEmpty ? first : (rows.upperBound - 1) * width + columns.upperBound
+                let shift = (p - padding) * width + (q - padding)
+                if end > first {
+                    zeroColumns(row, width: width, rows: rows, columns: columns)
+                    let source = row + first, target = plane + first + shift
+                    let n = end - first
+                    var k = 0
+                    while k < n { target[k] += source[k]; k &+= 1 }
+                }
+                row += size
+            }
+        }
+    }
+}
+
 /// y[r, c] = v[r] for every column: a per-channel bias over the positions of one sample.
 @_specialize(where T == Float) @_specialize(where T == Double)
 func broadcastColumns<T: Scalar>(_ v: UnsafePointer<T>, into y: UnsafeMutablePointer<T>, rows: Int, columns: Int) {
     for r in 0..<rows { (y + r * columns).update(repeating: v[r], count: columns) }
+}
+
+extension LayerSpec {
+    /// Whether a convolution of this spec keeps its batch of columns between its passes (see `Conv2d`), for the
+    /// benchmark that replays its GEMMs on the same operands.
+    public func keepsColumns(outputShape: [Int], batchCapacity: Int, scalarBytes: Int) -> Bool {
+        guard case let .conv2d(i, _, k, _, _, _) = self else { return false }
+        return Conv2d<Float>.keepsColumns(patch: i * k * k, positions: outputShape[1] * outputShape[2],
+                                          batchCapacity: Double(batchCapacity), scalarBytes: Double(scalarBytes))
+    }
 }

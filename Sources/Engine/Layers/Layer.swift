@@ -162,7 +162,7 @@ extension LayerSpec {
             let keptBytes = kept ? LargeBuffer.allocatedBytes(rows * patch * positions * scalarBytes) : 0
             return (positions * scalarBytes + keptBytes, 2 * patch * positions)
         case .maxPool2d:
-            return (rows * outputCount * 4, 0)  // Int32 winners
+            return (rows * outputCount * (4 + scalarBytes), 0)  // Int32 winners, winning inputs (when fused)
         case .dropout:
             return (rows * outputCount * scalarBytes, 0)  // the mask
         case let .batchNorm(f):
@@ -172,6 +172,14 @@ extension LayerSpec {
         default:
             return (0, 0)
         }
+    }
+
+    /// Whether `layers[index...]` starts a batch norm, ReLU, max pooling block that runs fused
+    /// (BatchNormReLUPool.swift): the pooling's windows must not overlap, so that each input wins at most one.
+    static func startsFusedBlock(_ layers: [LayerSpec], at index: Int) -> Bool {
+        guard index + 2 < layers.count, case .batchNorm = layers[index], case .relu = layers[index + 1],
+              case let .maxPool2d(kernel, stride) = layers[index + 2] else { return false }
+        return stride >= kernel
     }
 
     /// The run-time class of this kind of layer.

@@ -1,0 +1,145 @@
+@testable import Engine
+import Foundation
+import Testing
+
+/// The fast paths against the plain ones they replace: a batch norm, ReLU, max pooling block run fused against the
+/// same three layers run apart, and the lowering of convolutions that keep the image's size against the row-by-row
+/// lowering.
+@Suite("Fused and fast paths")
+struct FusionTests {
+    static func conv(_ i: Int, _ o: Int, _ k: Int, pad: Int) -> LayerSpec {
+        .conv2d(inChannels: i, outChannels: o, kernel: k, stride: 1, padding: pad, bias: false)
+    }
+
+    /// Blocks on the 2x2 vector kernel (rows of 4 outputs and more, with and without a dropped last row and column),
+    /// on the general loop (rows of fewer than 4, windows of 3, a stride past the window), and two blocks in a row.
+    static let blocks: [(String, ModelSpec)] = [
+        ("2x2 on 10x12", ModelSpec(layers: [conv(2, 3, 3, pad: 1), .batchNorm(features: 3), .relu,
+                                            .maxPool2d(kernel: 2, stride: 2), .flatten, .linear(inputs: 3 * 30, outputs: 4)],
+                                   inputShape: [2, 10, 12])),
+        ("2x2 on 9x11, last row and column dropped",
+         ModelSpec(layers: [conv(1, 4, 3, pad: 1), .batchNorm(features: 4), .relu, .maxPool2d(kernel: 2, stride: 2),
+                            .flatten, .linear(inputs: 4 * 20, outputs: 3)], inputShape: [1, 9, 11])),
+        ("2x2 on 6x6: rows of 3", ModelSpec(layers: [conv(2, 3, 3, pad: 1), .batchNorm(features: 3), .relu,
+                                                     .maxPool2d(kernel: 2, stride: 2), .flatten, .linear(inputs: 27, outputs: 4)],
+                                            inputShape: [2, 6, 6])),
+        ("3x3 stride 3", ModelSpec(layers: [conv(2, 3, 3, pad: 1), .batchNorm(features: 3), .relu,
+                                            .maxPool2d(kernel: 3, stride: 3), .flatten, .linear(inputs: 3 * 6, outputs: 4)],
+                                   inputShape: [2, 9, 6])),
+        ("2x2 stride 3", ModelSpec(layers: [conv(2, 3, 3, pad: 1), .batchNorm(features: 3), .relu,
+                                            .maxPool2d(kernel: 2, stride: 3), .flatten, .linear(inputs: 3 * 9, outputs: 4)],
+                                   inputShape: [2, 8, 8])),
+        ("two blocks", ModelSpec(layers: [conv(1, 4, 3, pad: 1), .batchNorm(features: 4), .relu, .maxPool2d(kernel: 2, stride: 2),
+                                          conv(4, 5, 3, pad: 1), .batchNorm(features: 5), .relu, .maxPool2d(kernel: 2, stride: 2),
+                                          .flatten, .linear(inputs: 5 * 16, outputs: 3)], inputShape: [1, 16, 16])),
+    ]
+
+    /// The same model twice, fused and apart, from one seed and batch, with batch norm parameters away from 1 and 0
+    /// (a negative gamma among them, which turns the order of a window's values around).
+    func pair<T: Scalar>(_ spec: ModelSpec, _: T.Type, rows: Int) throws -> (fused: Model<T>, apart: Model<T>) {
+        let fused = try Model<T>(spec: spec, batchCapacity: rows, seed: 3)
+        let apart = try Model<T>(spec: spec, batchCapacity: rows, seed: 3, fusesBlocks: false)
+        var g = RandomGenerator(seed: 4, stream: 1)
+        for info in fused.parameterTable where info.shape.count == 1 {
+            for i in info.range { fused.parameters[i] += T(0.5 * g.nextNormal()) }
+        }
+        apart.loadParameters(from: UnsafeBufferPointer(fused.parameters))
+        for model in [fused, apart] { fillRandomBatch(model, rows: rows, seed: 9) }
+        return (fused, apart)
+    }
+
+    func compare<T: Scalar>(_ name: String, _: T.Type) throws {
+        let spec = Self.blocks.first { $0.0 == name }!.1
+        let rows = 5
+        let (fused, apart) = try pair(spec, T.self, rows: rows)
+        #expect(fused.plan.contains { ($0 as? MaxPool2d<T>)?.fusedNormalization != nil }, "\(name): not fused")
+        #expect(!apart.plan.contains { ($0 as? MaxPool2d<T>)?.fusedNormalization != nil }, "\(name): fused")
+        for mode in [ForwardMode.train, .check, .eval] {
+            let a = fused.forward(count: rows, mode: mode), b = apart.forward(count: rows, mode: mode)
+            // The same arithmetic: bit for bit the same outputs and winners.
+            #expect(a == b, "\(name) \(mode)")
+            for i in 0..<(rows * fused.outputWidth) { #expect(fused.outputs[i] == apart.outputs[i], "\(name) \(mode) output \(i)") }
+            for (p, q) in zip(fused.plan, apart.plan) {
+                guard let p = p as? MaxPool2d<T>, let q = q as? MaxPool2d<T> else { continue }
+                for i in 0..<(rows * p.outputCount) {
+                    #expect(p.y[i] == q.y[i] && p.winners[i] == q.winners[i], "\(name) \(mode) pooling \(p.index) at \(i)")
+                }
+            }
+            fused.backward(count: rows, accumulate: false) { _ in }
+            apart.backward(count: rows, accumulate: false) { _ in }
+            // The Double sums run in another order: equal up to their rounding.
+            let g = Array(fused.gradients).map(Double.init), h = Array(apart.gradients).map(Double.init)
+            let scale = h.map(abs).max()!
+            for i in g.indices {
+                #expect(abs(g[i] - h[i]) <= tolerance(T.self) * scale, "\(name) \(mode) gradient \(i): \(g[i]) vs \(h[i])")
+            }
+            #expect(g != [Double](repeating: 0, count: g.count))
+        }
+        for i in 0..<fused.buffers.count { #expect(fused.buffers[i] == apart.buffers[i], "\(name): running statistics") }
+    }
+
+    @Test(arguments: blocks.map(\.0))
+    func aFusedBlockComputesWhatItsLayersDoApartInFloat(name: String) throws { try compare(name, Float.self) }
+
+    @Test(arguments: blocks.map(\.0))
+    func aFusedBlockComputesWhatItsLayersDoApartInDouble(name: String) throws { try compare(name, Double.self) }
+
+    /// Overlapping windows would route two outputs' gradients to one input: such a block runs apart.
+    @Test func overlappingWindowsAreNotFused() throws {
+        let spec = ModelSpec(layers: [Self.conv(1, 2, 3, pad: 1), .batchNorm(features: 2), .relu, .maxPool2d(kernel: 3, stride: 2),
+                                      .flatten, .linear(inputs: 2 * 9, outputs: 2)], inputShape: [1, 8, 8])
+        let model = try Model<Float>(spec: spec, batchCapacity: 2)
+        #expect(!model.plan.contains { ($0 as? MaxPool2d<Float>)?.fusedNormalization != nil })
+    }
+
+    /// A fused block passes the float64 check at the standard of every layer, and the injected batch norm bugs still
+    /// fail it, naming the tensor.
+    @Test func aFusedBlockPassesTheCheckAndItsInjectedBugsFail() throws {
+        let spec = Self.blocks.first { $0.0 == "two blocks" }!.1
+        let (model, _) = try pair(spec, Double.self, rows: 3)
+        var options = GradientCheckOptions()
+        options.checkAllCoordinates = true
+        let report = checkGradients(model: model, count: 3, options: options)
+        #expect(report.verdict == .pass, "\(report.text)")
+        for tensor in report.tensors { #expect(tensor.maxRelativeError <= 5e-6, "\(tensor.name)\n\(report.text)") }
+        // The second block's input gradient without its mean term: what reaches the layers below is wrong, first of
+        // all the convolution right before it. Its own tensors are right.
+        model.gradientFault = .batchNormWithoutMeanTerm(tensor: "5.weight")
+        let meanless = checkGradients(model: model, count: 3)
+        let failing = meanless.tensors.filter { $0.verdict == .fail }.map(\.name)
+        #expect(meanless.verdict == .fail && failing.contains("4.weight"), "\(meanless.text)")
+        #expect(failing.allSatisfy { Int($0.prefix { $0 != "." })! < 5 }, "\(meanless.text)")
+        for (fault, broken) in [(GradientFault.missing(tensor: "1.weight"), ["1.weight"]),
+                                (.scaled(tensor: "5.bias", factor: 1.001), ["5.bias"])] {
+            model.gradientFault = fault
+            let report = checkGradients(model: model, count: 3)
+            #expect(report.verdict == .fail, "\(fault):\n\(report.text)")
+            #expect(report.tensors.filter { $0.verdict == .fail }.map(\.name) == broken, "\(fault):\n\(report.text)")
+        }
+    }
+
+    // MARK: - Lowering convolutions that keep the image's size
+
+    @Test(arguments: [(1, 0), (3, 1), (5, 2), (3, 2), (3, 0)])
+    func sameSizeLoweringIsTheRowByRowOne(kernel: Int, padding: Int) {
+        // (3, 2) and (3, 0) are not size-keeping convolutions; the fast path is only taken for those that are, but
+        // its geometry holds for any padding (the padding-offset test fault lowers with padding + 1).
+        let (channels, height, width) = (3, 7, 9)
+        let size = height * width
+        var g = RandomGenerator(seed: 8, stream: 2)
+        let x = (0..<(channels * size)).map { _ in Float(g.nextNormal()) }
+        let rows = channels * kernel * kernel * size
+        var fast = [Float](repeating: .nan, count: rows), plain = [Float](repeating: .nan, count: rows)
+        im2colSame(x, channels: channels, size: size, width: width, kernel: kernel, padding: padding, into: &fast)
+        im2colRows(x, channels: channels, height: height, width: width, kernel: kernel, stride: 1, padding: padding,
+                   outHeight: height, outWidth: width, into: &plain)
+        #expect(fast == plain)
+        let dcols = (0..<rows).map { _ in Float(g.nextNormal()) }
+        var scratch = dcols
+        var dxFast = [Float](repeating: .nan, count: channels * size), dxPlain = dxFast
+        col2imSame(&scratch, channels: channels, size: size, width: width, kernel: kernel, padding: padding, into: &dxFast)
+        col2imRows(dcols, channels: channels, height: height, width: width, kernel: kernel, stride: 1, padding: padding,
+                   outHeight: height, outWidth: width, into: &dxPlain)
+        #expect(dxFast == dxPlain)
+    }
+}
