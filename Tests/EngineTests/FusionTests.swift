@@ -56,15 +56,22 @@ struct FusionTests {
         #expect(!apart.plan.contains { ($0 as? MaxPool2d<T>)?.fusedNormalization != nil }, "\(name): fused")
         for mode in [ForwardMode.train, .check, .eval] {
             let a = fused.forward(count: rows, mode: mode), b = apart.forward(count: rows, mode: mode)
-            // The same arithmetic: bit for bit the same outputs and winners.
+            // The same arithmetic: bit for bit the same outputs, and the same winners wherever the ReLU passed the
+            // output (where all four inputs were rectified to 0, the fused block may name another: no gradient passes).
             #expect(a == b, "\(name) \(mode)")
             for i in 0..<(rows * fused.outputWidth) { #expect(fused.outputs[i] == apart.outputs[i], "\(name) \(mode) output \(i)") }
+            var passed = 0
             for (p, q) in zip(fused.plan, apart.plan) {
                 guard let p = p as? MaxPool2d<T>, let q = q as? MaxPool2d<T> else { continue }
                 for i in 0..<(rows * p.outputCount) {
-                    #expect(p.y[i] == q.y[i] && p.winners[i] == q.winners[i], "\(name) \(mode) pooling \(p.index) at \(i)")
+                    #expect(p.y[i] == q.y[i], "\(name) \(mode) pooling \(p.index) at \(i)")
+                    if q.y[i] > 0 {
+                        #expect(p.winners[i] == q.winners[i], "\(name) \(mode) pooling \(p.index) winner at \(i)")
+                        passed += 1
+                    }
                 }
             }
+            #expect(passed > 0)
             fused.backward(count: rows, accumulate: false) { _ in }
             apart.backward(count: rows, accumulate: false) { _ in }
             // The Double sums run in another order: equal up to their rounding.

@@ -12,9 +12,10 @@
 /// normalised activations are never written: forward reads x twice (statistics, then pooling) and backward once,
 /// with the reductions over the pooled quarter. Every other value of the batch norm's dy is zero, so its
 /// reductions are sums over the winners whose ReLU passed them, and its dx is dx = k (x - mean) + c everywhere
-/// plus a dy at those winners (`GradientFactors`). The arithmetic is the unfused layers': outputs and winners are
-/// bit for bit the same, gradients the same up to the order of the Double sums (tested against the unfused model,
-/// and in the float64 gradient check like every layer).
+/// plus a dy at those winners (`GradientFactors`). The arithmetic is the unfused layers': outputs are bit for bit
+/// the same, gradients the same up to the order of the sums (tested against the unfused model, and in the float64
+/// gradient check like every layer). Winners are the same wherever the ReLU passes the output; where it does not,
+/// the Float kernel may name another input of the window (see `maxPool2x2`), which no gradient reaches.
 ///
 /// The ReLU's kinks are the signs of the pooled values (the pooling's kink pattern adds them): an input that wins
 /// no window changes nothing downstream whichever side of zero it is on.

@@ -181,6 +181,12 @@ func maxPool2x2(_ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, win
         let c = n % channels, base = c * inPlane
         let s: Float = normalization?.scale[c] ?? 1, h: Float = normalization?.shift[c] ?? 0
         let kept = normalization.map { $0.winningInputs + n * outPlane }
+        // Fused with a positive scale, x scale + shift and the ReLU never reverse two inputs' order (rounding is
+        // monotone): the largest input wins and only it is normalised, a third of the work. The outputs are the
+        // same; a winner can differ only where two inputs round to one normalised value, or all four are
+        // rectified to 0 (where no gradient passes).
+        let increasing = kept != nil && s > 0
+        let s4 = Four(repeating: s), h4 = Four(repeating: h), zero4 = Four(repeating: 0)
         var i = 0
         while i < outHeight {
             let top = 2 &* i &* width
@@ -192,7 +198,7 @@ func maxPool2x2(_ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, win
                 let rawUpper = upper.loadUnaligned(fromByteOffset: q &* 4, as: Row.self)
                 let rawLower = lower.loadUnaligned(fromByteOffset: q &* 4, as: Row.self)
                 var zu = rawUpper, zl = rawLower
-                if kept != nil {
+                if kept != nil && !increasing {
                     // What the batch norm and the ReLU would have written: 0 >= z ? 0 : z, as `rectified`.
                     zu = zu * s + h
                     zu = zu.replacing(with: zero, where: zero .>= zu)
@@ -203,16 +209,22 @@ func maxPool2x2(_ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, win
                 var at = Indices(repeating: 0)
                 var better = zu.oddHalf .> best
                 best = best.replacing(with: zu.oddHalf, where: better)
-                winner = winner.replacing(with: rawUpper.oddHalf, where: better)
+                if !increasing { winner = winner.replacing(with: rawUpper.oddHalf, where: better) }
                 at = at.replacing(with: one, where: better)
                 better = zl.evenHalf .> best
                 best = best.replacing(with: zl.evenHalf, where: better)
-                winner = winner.replacing(with: rawLower.evenHalf, where: better)
+                if !increasing { winner = winner.replacing(with: rawLower.evenHalf, where: better) }
                 at = at.replacing(with: below, where: better)
                 better = zl.oddHalf .> best
                 best = best.replacing(with: zl.oddHalf, where: better)
-                winner = winner.replacing(with: rawLower.oddHalf, where: better)
+                if !increasing { winner = winner.replacing(with: rawLower.oddHalf, where: better) }
                 at = at.replacing(with: belowRight, where: better)
+                if increasing {
+                    // The largest input won; normalised and rectified, it is the largest output.
+                    winner = best
+                    best = best * s4 + h4
+                    best = best.replacing(with: zero4, where: zero4 .>= best)
+                }
                 UnsafeMutableRawPointer(output + row + start).storeBytes(of: best, as: Four.self)
                 let corner = Indices(repeating: Int32(truncatingIfNeeded: base &+ top &+ q))
                 UnsafeMutableRawPointer(won + row + start).storeBytes(of: corner &+ columns &+ at, as: Indices.self)
