@@ -131,22 +131,30 @@ struct FusionTests {
     func sameSizeLoweringIsTheRowByRowOne(kernel: Int, padding: Int) {
         // (3, 2) and (3, 0) are not size-keeping convolutions; the fast path is only taken for those that are, but
         // its geometry holds for any padding (the padding-offset test fault lowers with padding + 1).
-        let (channels, height, width) = (3, 7, 9)
+        lowering(Float.self, kernel: kernel, padding: padding, height: 7, width: 9)
+        lowering(Double.self, kernel: kernel, padding: padding, height: 7, width: 9)
+        // Images smaller than the kernel's reach, and one row.
+        lowering(Float.self, kernel: kernel, padding: padding, height: 2, width: 3)
+        lowering(Float.self, kernel: kernel, padding: padding, height: 1, width: 12)
+    }
+
+    func lowering<T: Scalar>(_: T.Type, kernel: Int, padding: Int, height: Int, width: Int) {
+        let channels = 3
         let size = height * width
         var g = RandomGenerator(seed: 8, stream: 2)
-        let x = (0..<(channels * size)).map { _ in Float(g.nextNormal()) }
+        let x = (0..<(channels * size)).map { _ in T(g.nextNormal()) }
         let rows = channels * kernel * kernel * size
-        var fast = [Float](repeating: .nan, count: rows), plain = [Float](repeating: .nan, count: rows)
+        var fast = [T](repeating: .nan, count: rows), plain = [T](repeating: .nan, count: rows)
         im2colSame(x, channels: channels, size: size, width: width, kernel: kernel, padding: padding, into: &fast)
         im2colRows(x, channels: channels, height: height, width: width, kernel: kernel, stride: 1, padding: padding,
                    outHeight: height, outWidth: width, into: &plain)
-        #expect(fast == plain)
-        let dcols = (0..<rows).map { _ in Float(g.nextNormal()) }
+        #expect(fast == plain, "\(T.self) k \(kernel) pad \(padding) \(height)x\(width)")
+        let dcols = (0..<rows).map { _ in T(g.nextNormal()) }
         var scratch = dcols
-        var dxFast = [Float](repeating: .nan, count: channels * size), dxPlain = dxFast
+        var dxFast = [T](repeating: .nan, count: channels * size), dxPlain = dxFast
         col2imSame(&scratch, channels: channels, size: size, width: width, kernel: kernel, padding: padding, into: &dxFast)
         col2imRows(dcols, channels: channels, height: height, width: width, kernel: kernel, stride: 1, padding: padding,
                    outHeight: height, outWidth: width, into: &dxPlain)
-        #expect(dxFast == dxPlain)
+        #expect(dxFast == dxPlain, "\(T.self) k \(kernel) pad \(padding) \(height)x\(width)")
     }
 }

@@ -334,6 +334,22 @@ func cnnProfileBench() throws {
         let alone = name == "forward and backward" ? parts["the step's GEMMs alone"] : parts[name + ": GEMMs alone"]
         print("| \(name) | \(f(median(parts[name]!) * 1e3)) | \(alone.map { f(median($0) * 1e3) } ?? "") |")
     }
+    // Batch norm, ReLU and max pooling fused into one block (BatchNormReLUPool.swift) against the same layers apart.
+    let apart = try Model<Float>(spec: spec, batchCapacity: batch, seed: 1, fusesBlocks: false)
+    apart.inputs.update(from: model.inputs, count: batch * 784)
+    apart.labels.update(from: model.labels, count: batch)
+    let (fused, unfused) = alternate(rounds: smoke ? 2 : 15, repeats: smoke ? 1 : 3, {
+        model.forward(count: batch, mode: .train)
+        model.backward(count: batch, accumulate: false) { _ in }
+    }, {
+        apart.forward(count: batch, mode: .train)
+        apart.backward(count: batch, accumulate: false) { _ in }
+    })
+    print()
+    print("| fashion-cnn forward and backward, batch 64, 1 thread | ms |")
+    print("| --- | --- |")
+    print("| batch norm, ReLU and max pooling fused (what training runs) | \(f(fused * 1e3)) |")
+    print("| the same layers run apart (Model(fusesBlocks: false)) | \(f(unfused * 1e3)) |")
 }
 
 // MARK: - Allocations per step
