@@ -36,9 +36,10 @@ final class MaxPool2d<T: Scalar>: Layer<T> {
         let block = fusedNormalization.map {
             PoolNormalization(x: $0.x, scale: $0.scale, shift: $0.shift, winningInputs: winningInputs)
         }
-        maxPoolForward(block?.x ?? UnsafePointer(x), y, winners: winners, samples: count, channels: inputShape[0], height: inputShape[1],
-                       width: inputShape[2], kernel: kernel, stride: stride, outHeight: outputShape[1],
-                       outWidth: outputShape[2], normalization: block)
+        // Fused, the input is the batch norm's.
+        maxPoolForward(block?.x ?? UnsafePointer(x), y, winners: winners, samples: count, channels: inputShape[0],
+                       height: inputShape[1], width: inputShape[2], kernel: kernel, stride: stride,
+                       outHeight: outputShape[1], outWidth: outputShape[2], normalization: block)
     }
 
     override func backwardInput(count: Int, accumulate: Bool) {
