@@ -27,8 +27,8 @@ enum GradientCheckRun {
             let indices = Array(prepared.sampler.indices(epoch: 0).prefix(config.gradcheckBatch))
             let copy = prepared.model.float64Copy(batchCapacity: indices.count)
             indices.withUnsafeBufferPointer { prepared.train.gather(indices: $0, into: copy.inputs, labels: copy.labels) }
+            let sums = distributed ? crossRankSums(session, watchdog: watchdog) : nil
             if distributed {
-                let sums = crossRankSums(session, watchdog: watchdog)
                 if config.batchNorm == .sync && session.worldSize > 1 { copy.crossRankReducer = sums }
                 if !printJSON {
                     let ranks = "\(session.worldSize) rank\(session.worldSize == 1 ? "" : "s")"
@@ -37,10 +37,8 @@ enum GradientCheckRun {
                         + "the same coordinates and J is the mean loss over all of them\(through)"
                     session.logger.info("\(message)")
                 }
-                report = checkGradients(model: copy, count: indices.count, options: config.gradientCheckOptions, acrossRanks: sums)
-            } else {
-                report = checkGradients(model: copy, count: indices.count, options: config.gradientCheckOptions)
             }
+            report = checkGradients(model: copy, count: indices.count, options: config.gradientCheckOptions, acrossRanks: sums)
         }
         if let report {
             if session.isRoot {

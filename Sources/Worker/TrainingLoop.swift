@@ -265,7 +265,6 @@ final class TrainingLoop {
 
     private static func uptimeSeconds() -> Double { Double(DispatchTime.now().uptimeNanoseconds) * 1e-9 }
 
-
     /// Which ranks had non-finite values this step: one extra collective, paid only when something went wrong.
     private func faultyRanks(local: Int) throws -> [Int] {
         var flags = [Int32](repeating: 0, count: session.worldSize)

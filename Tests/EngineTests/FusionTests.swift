@@ -34,15 +34,18 @@ struct FusionTests {
                                           .flatten, .linear(inputs: 5 * 16, outputs: 3)], inputShape: [1, 16, 16])),
     ]
 
-    /// The same model twice, fused and apart, from one seed and batch, with batch norm parameters away from 1 and 0
-    /// (a negative gamma among them, which turns the order of a window's values around).
-    func pair<T: Scalar>(_ spec: ModelSpec, _: T.Type, rows: Int) throws -> (fused: Model<T>, apart: Model<T>) {
+    /// The same model twice, fused and apart, from one seed and batch, with batch norm parameters away from 1 and 0.
+    /// With `negativeGamma` every batch norm's first channel is scaled by -0.8, which turns the order of a window's
+    /// values around: the Float pooling compares raw inputs only for positive scales, so both of its paths run.
+    func pair<T: Scalar>(_ spec: ModelSpec, _: T.Type, rows: Int, negativeGamma: Bool = false) throws
+        -> (fused: Model<T>, apart: Model<T>) {
         let fused = try Model<T>(spec: spec, batchCapacity: rows, seed: 3)
         let apart = try Model<T>(spec: spec, batchCapacity: rows, seed: 3, fusesBlocks: false)
         var g = RandomGenerator(seed: 4, stream: 1)
         for info in fused.parameterTable where info.shape.count == 1 {
             for i in info.range { fused.parameters[i] += T(0.5 * g.nextNormal()) }
         }
+        if negativeGamma { for case let norm as BatchNorm<T> in fused.plan { norm.parameters![0] = -0.8 } }
         apart.loadParameters(from: UnsafeBufferPointer(fused.parameters))
         for model in [fused, apart] { fillRandomBatch(model, rows: rows, seed: 9) }
         return (fused, apart)
@@ -51,7 +54,7 @@ struct FusionTests {
     func compare<T: Scalar>(_ name: String, _: T.Type) throws {
         let spec = Self.blocks.first { $0.0 == name }!.1
         let rows = 5
-        let (fused, apart) = try pair(spec, T.self, rows: rows)
+        let (fused, apart) = try pair(spec, T.self, rows: rows, negativeGamma: true)
         #expect(fused.plan.contains { ($0 as? MaxPool2d<T>)?.fusedNormalization != nil }, "\(name): not fused")
         #expect(!apart.plan.contains { ($0 as? MaxPool2d<T>)?.fusedNormalization != nil }, "\(name): fused")
         for mode in [ForwardMode.train, .check, .eval] {
@@ -122,6 +125,24 @@ struct FusionTests {
             let report = checkGradients(model: model, count: 3)
             #expect(report.verdict == .fail, "\(fault):\n\(report.text)")
             #expect(report.tensors.filter { $0.verdict == .fail }.map(\.name) == broken, "\(fault):\n\(report.text)")
+        }
+    }
+
+    /// Float batch norm statistics are summed in Float vectors, each run shifted by its first value: on values far
+    /// from 0 (a mean 1000 deviations away) the variance E[x^2] - mean^2 still agrees with the Double loop's.
+    @Test func floatStatisticsKeepTheVarianceOfValuesFarFromZero() {
+        let (samples, features, positions) = (4, 3, 100)
+        var g = RandomGenerator(seed: 12, stream: 3)
+        let floats = (0..<(samples * features * positions)).map { _ in Float(1000 + g.nextNormal()) }
+        let doubles = floats.map(Double.init)
+        var fast = [Double](repeating: .nan, count: 2 * features), exact = fast
+        featureSums(floats, samples: samples, features: features, positions: positions, into: &fast)
+        featureSums(doubles, samples: samples, features: features, positions: positions, into: &exact)
+        let n = Double(samples * positions)
+        for f in 0..<features {
+            let variance = { (s: [Double]) in s[features + f] / n - (s[f] / n) * (s[f] / n) }
+            #expect(abs(fast[f] - exact[f]) <= 1e-6 * abs(exact[f]), "sum of feature \(f)")
+            #expect(abs(variance(fast) - variance(exact)) <= 1e-3 * variance(exact), "variance of feature \(f)")
         }
     }
 

@@ -135,6 +135,12 @@ func floats<T>(_ p: UnsafeMutablePointer<T>) -> UnsafeMutablePointer<Float> {
     UnsafeMutableRawPointer(p).assumingMemoryBound(to: Float.self)
 }
 
+/// `floats` for a buffer only read.
+@inline(__always)
+func readingFloats<T>(_ p: UnsafePointer<T>) -> UnsafePointer<Float> {
+    UnsafeRawPointer(p).assumingMemoryBound(to: Float.self)
+}
+
 /// Appends x[i] > 0 for each of `n` values: which side of ReLU's kink each input is on.
 @_specialize(where T == Float) @_specialize(where T == Double)
 func appendSigns<T: Scalar>(_ x: UnsafePointer<T>, _ n: Int, to pattern: inout [Int32]) {

@@ -224,8 +224,7 @@ final class LayerNorm<T: Scalar>: Layer<T> {
 func featureSums<T: Scalar>(_ x: UnsafePointer<T>, samples: Int, features: Int, positions: Int,
                             into sums: UnsafeMutablePointer<Double>) {
     if T.self == Float.self && positions >= 16 {
-        return floatFeatureSums(UnsafeRawPointer(x).assumingMemoryBound(to: Float.self), samples: samples,
-                                features: features, positions: positions, into: sums)
+        return floatFeatureSums(readingFloats(x), samples: samples, features: features, positions: positions, into: sums)
     }
     sums.update(repeating: 0, count: 2 * features)
     for b in 0..<samples {

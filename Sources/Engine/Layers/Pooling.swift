@@ -118,12 +118,10 @@ func maxPoolForward<T: Scalar>(_ x: UnsafePointer<T>, _ y: UnsafeMutablePointer<
                                outHeight: Int, outWidth: Int, normalization: PoolNormalization<T>? = nil) {
     let inPlane = height * width, outPlane = outHeight * outWidth
     if kernel == 2 && stride == 2 && outWidth >= 4, T.self == Float.self {
-        // T is Float: the same memory, read as what it is.
-        func f(_ p: UnsafePointer<T>) -> UnsafePointer<Float> { UnsafeRawPointer(p).assumingMemoryBound(to: Float.self) }
-        return maxPool2x2(f(x), floats(y), winners: winners, planes: samples * channels, channels: channels,
+        return maxPool2x2(readingFloats(x), floats(y), winners: winners, planes: samples * channels, channels: channels,
                           width: width, inPlane: inPlane, outHeight: outHeight, outWidth: outWidth,
                           normalization: normalization.map {
-                              PoolNormalization(x: f($0.x), scale: f($0.scale), shift: f($0.shift),
+                              PoolNormalization(x: readingFloats($0.x), scale: readingFloats($0.scale), shift: readingFloats($0.shift),
                                                 winningInputs: floats($0.winningInputs))
                           })
     }
