@@ -328,7 +328,7 @@ extension ModelFileTests {
                 with open(source, "rb") as s, gzip.open(target, "wb") as t: shutil.copyfileobj(s, t)
             """, directory: directory)
 
-        let readme = try String(contentsOf: Self.repository.appendingPathComponent("README.md"), encoding: .utf8)
+        let readme = try String(contentsOf: Self.repository.appendingPathComponent("docs/model-files.md"), encoding: .utf8)
         var snippet = try #require(Self.snippet("torch", in: readme), "README.md has no torch snippet")
         #expect(snippet.contains("data = \"/usr/share/datasets/fashion-mnist/\""))
         snippet = snippet.replacingOccurrences(of: "data = \"/usr/share/datasets/fashion-mnist/\"", with: "data = \"./\"")

@@ -326,7 +326,7 @@ struct ModelFileTests {
     /// runs/default/model.safetensors), with NumPy and with the real PyTorch CPU wheel.
     @Test func readmeSnippetsReproduceEvalExactly() throws {
         let run = try trainedRun()
-        let readme = try String(contentsOf: Self.repository.appendingPathComponent("README.md"), encoding: .utf8)
+        let readme = try String(contentsOf: Self.repository.appendingPathComponent("docs/model-files.md"), encoding: .utf8)
         let reference = try evalCount(try eval(["--run-dir", run]).output)
         let directory = temporaryRunDirectory()
         try FileManager.default.createDirectory(atPath: directory + "/runs/default", withIntermediateDirectories: true)
