@@ -6,15 +6,18 @@ import Engine
 /// the same order, so the calls match up (the contract every collective here keeps).
 ///
 /// It runs inside a pass, where an error has no way back: `onFailure` reports it and ends the job. `willReduce` and
-/// `didReduce` let the caller watch the collective (the worker's watchdog).
+/// `didReduce` let the caller watch the collective (the worker's watchdog and timeline).
 public final class CrossRankSums: CrossRankReducer {
     public let communicator: any Communicator
-    public var willReduce: () -> Void = {}
-    public var didReduce: () -> Void = {}
+    private let willReduce: () -> Void
+    private let didReduce: () -> Void
     private let onFailure: (MPIError) -> Never
 
-    public init(communicator: any Communicator, onFailure: @escaping (MPIError) -> Never) {
+    public init(communicator: any Communicator, willReduce: @escaping () -> Void = {}, didReduce: @escaping () -> Void = {},
+                onFailure: @escaping (MPIError) -> Never) {
         self.communicator = communicator
+        self.willReduce = willReduce
+        self.didReduce = didReduce
         self.onFailure = onFailure
     }
 

@@ -32,6 +32,8 @@ public struct TimelineEvent: Equatable, Sendable {
         case progressReport, replicaCheck, checkpoint, evaluation, clockSync
         // A bucket's communication, on tracks of its own: from posting to the completion the rank saw.
         case bucketSend, bucketReceive, bucketAllreduce, bucketComplete, controlAllreduce
+        /// Rebuilding report.html (rank 0, between steps).
+        case report
     }
 
     /// Int64 values per event in `flattened`.
@@ -60,6 +62,9 @@ public final class TimelineRecorder {
     public private(set) var isRecording = false
     /// The global step count that new events are attributed to.
     public var step: Int32 = 0
+    /// Whether the model's per-layer events are kept: off between steps, so an evaluation's forward passes are one
+    /// event instead of one per layer and batch.
+    public var recordsLayers = true
     private let events: UnsafeMutablePointer<TimelineEvent>
 
     public init(capacity: Int) {

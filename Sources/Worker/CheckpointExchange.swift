@@ -5,16 +5,17 @@ import Foundation
 /// The collective side of checkpoints: what every rank contributes to the file rank 0 writes, and how every rank
 /// receives the state rank 0 reads back. The file format itself is `Checkpointer`'s.
 struct CheckpointExchange {
-    let session: Session
+    let failure: RunFailure
     let checkpointer: Checkpointer
     let model: Model<Float>
     let optimizer: Optimizer<Float>
+    private var session: Session { failure.session }
 
     /// Writes a checkpoint of `position` and returns its path (on rank 0; the directory on the others). The ranks
     /// gather the optimizer state, which a sharded update leaves current only in each rank's own part, and send
     /// their dropout generators to rank 0, which writes the file; the others wait for its verdict.
     func save(_ position: inout TrainingPosition, reducer: GradientReducer) throws -> String {
-        try reducer.gatherOptimizerState(optimizer)
+        try reducer.gatherUpdateState()
         try shareBuffers(session, model)  // rank 0's running statistics are the ones saved
         let w = session.worldSize
         var states = [UInt64](repeating: 0, count: 4 * w)
@@ -24,7 +25,7 @@ struct CheckpointExchange {
         position.dropoutStates = (0..<w).map { r in (0..<4).map { String(states[4 * r + $0]) } }
         var path = ""
         let snapshot = position
-        session.agree("checkpoint") {
+        failure.agree("checkpoint") {
             if session.isRoot {
                 path = try checkpointer.save(model: model, optimizer: optimizer, position: snapshot, config: session.config)
             }
@@ -36,7 +37,8 @@ struct CheckpointExchange {
     /// Rank 0 reads and validates the checkpoint at `path`; every rank receives its parameters, optimizer state and
     /// position by broadcast. On another world size or batch the position is carried over by
     /// `TrainingPosition.continued` and dropout streams are re-seeded. A bad file stops every rank during setup.
-    func restore(from path: String, sampler: ShardSampler) -> TrainingPosition {
+    static func restore(_ session: Session, model: Model<Float>, optimizer: Optimizer<Float>, from path: String,
+                        sampler: ShardSampler) -> TrainingPosition {
         var encoded: [UInt8] = []
         session.agree("resume") {
             if session.isRoot {

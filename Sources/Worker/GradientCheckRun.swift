@@ -15,9 +15,14 @@ enum GradientCheckRun {
     enum Verdict: Int32 { case pass = 0, warn = 1, fail = 2 }
 
     /// Returns the verdict every rank received. `reportDirectory`: where rank 0 writes gradcheck.json (nil: nowhere).
-    /// `watchdog`: watches the distributed check's collectives (phase "gradient check") when the caller has one.
-    static func run(_ session: Session, _ prepared: Prepared, distributed: Bool = false, watchdog: Watchdog? = nil,
-                    printJSON: Bool = false, reportDirectory: String?) -> Verdict {
+    /// `phases`: watches the distributed check's collectives (phase "gradient check") when the caller has a watchdog.
+    /// `failure`: how a failure ends the job once a run has begun (nil: `Session.abort`).
+    static func run(_ session: Session, _ prepared: Prepared, distributed: Bool = false, phases: PhaseRunner? = nil,
+                    failure: RunFailure? = nil, printJSON: Bool = false, reportDirectory: String?) -> Verdict {
+        func abort(_ message: String) -> Never {
+            if let failure { failure.abort(message) }
+            session.abort(message)
+        }
         let config = session.config
         var verdict: [Int32] = [Verdict.pass.rawValue]
         var report: GradientCheckReport? = nil
@@ -27,7 +32,7 @@ enum GradientCheckRun {
             let indices = Array(prepared.sampler.indices(epoch: 0).prefix(config.gradcheckBatch))
             let copy = prepared.model.float64Copy(batchCapacity: indices.count)
             indices.withUnsafeBufferPointer { prepared.train.gather(indices: $0, into: copy.inputs, labels: copy.labels) }
-            let sums = distributed ? crossRankSums(session, watchdog: watchdog) : nil
+            let sums = distributed ? crossRankSums(session, phases: phases, abort: abort) : nil
             if distributed {
                 if config.batchNorm == .sync && session.worldSize > 1 { copy.crossRankReducer = sums }
                 if !printJSON {
@@ -60,12 +65,12 @@ enum GradientCheckRun {
                 try session.communicator.broadcast(buffer, root: 0)
             }
         } catch {
-            session.abort("gradient check verdict: \(error)")
+            abort("gradient check verdict: \(error)")
         }
         if distributed && own != verdict[0] {
             // Cannot happen while every decision is taken from summed values; if it does, going on would split the job.
             let name = { (raw: Int32) in Verdict(rawValue: raw).map { "\($0)" } ?? "\(raw)" }
-            session.abort("gradient check: rank \(session.rank) reached the verdict \(name(own)) but rank 0 reached "
+            abort("gradient check: rank \(session.rank) reached the verdict \(name(own)) but rank 0 reached "
                 + "\(name(verdict[0])): the distributed check desynchronised")
         }
         return Verdict(rawValue: verdict[0]) ?? .fail
@@ -73,22 +78,22 @@ enum GradientCheckRun {
 
     /// The distributed check's sums over the ranks (its losses, its gradient, and synchronized batch norm's statistics),
     /// watched as the phase "gradient check". A failure inside the check ends every rank.
-    private static func crossRankSums(_ session: Session, watchdog: Watchdog?) -> CrossRankSums {
-        let sums = CrossRankSums(communicator: session.communicator) { error in
-            session.abort("gradient check: sum across ranks failed: \(error)")
-        }
+    private static func crossRankSums(_ session: Session, phases: PhaseRunner?, abort: @escaping (String) -> Never) -> CrossRankSums {
         let hooks = TestHooks.fromEnvironment(rank: session.rank)
         var reductions = 0
-        sums.willReduce = {
+        var start: Int64 = 0
+        return CrossRankSums(communicator: session.communicator, willReduce: {
             reductions += 1
             if reductions == hooks.gradcheckFailSum {
                 if hooks.gradcheckStalls { sleepFully(60) } else {
-                    session.abort("gradient check: test failure before sum \(reductions) across ranks (BPWORKER_TEST_GRADCHECK_FAIL)")
+                    abort("gradient check: test failure before sum \(reductions) across ranks (BPWORKER_TEST_GRADCHECK_FAIL)")
                 }
             }
-            watchdog?.enter(.gradientCheck)
-        }
-        sums.didReduce = { watchdog?.leave() }
-        return sums
+            start = phases?.enter(.gradientCheck) ?? 0
+        }, didReduce: {
+            phases?.leave(.gradientCheck, since: start)
+        }, onFailure: { error in
+            abort("gradient check: sum across ranks failed: \(error)")
+        })
     }
 }

@@ -127,7 +127,6 @@ final class Progress {
             "type": "eval", "epoch": epoch + 1, "step": globalStep, "loss": result.loss, "accuracy": accuracy,
             "samples": result.count, "elapsed_seconds": Date().timeIntervalSince(start),
         ])
-        writeReport()
     }
 
     // MARK: - Markers for the report

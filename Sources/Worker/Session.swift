@@ -65,10 +65,10 @@ final class Session {
                        isLocal: isLocal, layout: layout, blasThreads: threads, progressStyle: options.progress)
     }
 
-    /// Runs one setup step on every rank and stops the whole job, with one message, if it failed anywhere. Once
-    /// training has started (`onAbort` is set) the rank that failed first also marks the run failed.
+    /// Runs one setup step on every rank and stops the whole job, with one message, if it failed anywhere. (Once a
+    /// run has begun, `RunFailure.agree` also records the failure.)
     func agree<T>(_ what: String, _ body: () throws -> T) -> T {
-        Session.agree(communicator, logger, what, onFailure: onAbort, body)
+        Session.agree(communicator, logger, what, body)
     }
 
     static func agree<T>(_ communicator: any Communicator, _ logger: Logger, _ what: String,
@@ -97,15 +97,10 @@ final class Session {
         return result!
     }
 
-    /// Called with the message before `abort` tears the job down: once training has started, it marks the run
-    /// `failed` in status.json, so a monitor never waits on a run that is gone.
-    var onAbort: ((String) -> Void)?
-
     /// An error in the middle of the job, where the other ranks may already wait in a collective: report it and
     /// tear the whole job down (MPI_Abort ends every rank in milliseconds).
     func abort(_ message: String) -> Never {
         logger.critical("\(message)")
-        onAbort?(message)
         communicator.abort(code: 1)
     }
 

@@ -19,21 +19,25 @@ struct Prepared {
 /// Loads data, builds the model and verifies that every rank built the same one. Each step is agreed on by all
 /// ranks (`Session.agree`), so bad input stops every rank with one message, and nothing is written anywhere.
 enum Setup {
-    /// Control slots that travel in front of the gradients in the last bucket of every step's reduction.
-    enum ControlSlot {
-        /// Ranks asking to stop (a signal arrived).
-        static let stopRequests = 0
-        /// Non-finite values in this step's losses and gradients.
-        static let nonFinite = 1
-        /// 1 when rank 0's clock says a time-based checkpoint is due (`checkpoint.every_seconds`), 0 on every other
-        /// rank: the sum is rank 0's decision, so every rank checkpoints after the same step whatever its own clock says.
-        static let checkpointDue = 2
-        static let count = 3
+    /// What every rank has agreed on before anything large is allocated: the data, the model's layout, the sampler
+    /// and the memory the run will need.
+    struct Plan {
+        let train: Dataset
+        let test: Dataset
+        let spec: ModelSpec
+        let sampler: ShardSampler
+        let augmentation: Augmentation?
+        let memory: MemoryEstimate
+    }
+
+    /// `plan`, then `build`: for the commands that need nothing between the two.
+    static func prepare(_ session: Session, training: Bool = true) -> Prepared {
+        build(session, plan(session, training: training), crossRankReducer: nil)
     }
 
     /// - Parameter training: false for `gradcheck` and `eval`, which run no epochs: the remainder is wrapped so any
     ///   data set with a sample per rank will do, and the schedule is not consulted.
-    static func prepare(_ session: Session, training: Bool = true) -> Prepared {
+    static func plan(_ session: Session, training: Bool = true) -> Plan {
         let config = session.config
         session.agree("configuration") { try config.validateSettings() }
         let (train, test) = session.agree("data") { try loadData(config) }
@@ -57,29 +61,39 @@ enum Setup {
                              remainder: config.remainder == .drop && training ? .drop : .wrap)
         }
         session.agree("model") { try checkBatchNormBatches(spec, config: config, ranks: session.worldSize, training: training) }
-        let model = session.agree("configuration") {
-            if training {
+        if training {
+            session.agree("configuration") {
                 do { try config.learningRateSchedule(totalSteps: sampler.stepsPerEpoch * config.epochs).validate() } catch {
                     throw ConfigError(description: "schedule: \(error)")
                 }
             }
-            let model = try Model<Float>(spec: spec, batchCapacity: config.batchSize, seed: UInt64(config.seed),
-                                         controlSlots: ControlSlot.count)
+        }
+        return Plan(train: train, test: test, spec: spec, sampler: sampler, augmentation: augmentation, memory: memory)
+    }
+
+    /// Builds the model of `plan`, gives every rank rank 0's parameters and verifies that every rank built the same.
+    /// - Parameter crossRankReducer: synchronized batch norm's sums over the ranks; nil normalises each rank's batch.
+    static func build(_ session: Session, _ plan: Plan, crossRankReducer: CrossRankReducer?) -> Prepared {
+        let config = session.config
+        let model = session.agree("configuration") {
+            let model = try Model<Float>(spec: plan.spec, batchCapacity: config.batchSize, seed: UInt64(config.seed),
+                                         controlSlots: StepControl.slotCount)
             // Each rank drops different units: its own dropout stream.
             model.dropoutGenerator = RandomGenerator(
                 seed: UInt64(config.seed), stream: RandomGenerator.Stream.dropout.rawValue &+ UInt64(session.rank) << 32)
             model.gradientFault = try gradientFaultFromEnvironment()
+            model.crossRankReducer = crossRankReducer
             return model
         }
         // Layouts first: a broadcast between differently shaped models would be meaningless.
-        verifyReplicas(session, model: model, sampler: sampler, checksum: false)
+        verifyReplicas(session, model: model, sampler: plan.sampler, checksum: false)
         session.agree("initial parameters") {
             // Rank 0's parameters are the truth, whatever the others initialised.
             try broadcastState(session, model)
         }
-        verifyReplicas(session, model: model, sampler: sampler, checksum: true)
-        return Prepared(train: train, test: test, model: model, sampler: sampler, augmentation: augmentation, epochs: config.epochs,
-                        memory: memory)
+        verifyReplicas(session, model: model, sampler: plan.sampler, checksum: true)
+        return Prepared(train: plan.train, test: plan.test, model: model, sampler: plan.sampler, augmentation: plan.augmentation,
+                        epochs: config.epochs, memory: plan.memory)
     }
 
     /// Reads the training and test sets and normalises them as `data.normalize` says (statistics from the

@@ -27,39 +27,40 @@ final class Timeline {
     private var state = State.waiting
     private var alignedAtOpen: [ClockOffset] = []
     private let layerTimer: (Int, Model<Float>.Pass, UInt64, UInt64) -> Void
-    /// BPWORKER_TEST_CLOCK_SKEW=RANK:SECONDS (tests only): that rank's timeline clock runs this far ahead, as a
-    /// clock on another host may, so a test can see that alignment undoes it.
+    /// `TestHooks.clockSkewSeconds` (tests only): this rank's timeline clock runs this far ahead, as a clock on another
+    /// host may, so a test can see that alignment undoes it.
     private let skew: Int64
 
     var path: String { session.runDirectory + "/timeline.json" }
 
-    /// - Parameter runSteps: steps the run has in all: a window longer than the run needs no room beyond it.
-    init(session: Session, model: Model<Float>, reducer: GradientReducer, runSteps: Int) {
-        let config = session.config
+    /// - Parameters:
+    ///   - recorder: sized by `capacity(steps:runSteps:layers:buckets:)`; the reducer's bucket observer records into it
+    ///     too.
+    ///   - model, reducer: what the window records (the layers' passes are timed only while it is open) and names.
+    init(session: Session, recorder: TimelineRecorder, model: Model<Float>, reducer: GradientReducer, clockSkewSeconds: Double) {
         self.session = session
+        self.recorder = recorder
         self.model = model
         self.reducer = reducer
-        steps = config.timelineSteps
-        warmup = config.timelineWarmupSteps
-        recorder = TimelineRecorder(capacity: min(steps, max(runSteps, 1)) * Self.eventsPerStep(model: model, buckets: reducer.buckets.count) + 64)
-        reducer.timeline = recorder
+        steps = session.config.timelineSteps
+        warmup = session.config.timelineWarmupSteps
         layerTimer = { [recorder] layer, pass, start, end in
+            guard recorder.recordsLayers else { return }
             recorder.record(pass == .forward ? .layerForward : .layerBackward, layer, start: Int64(start), end: Int64(end))
         }
-        var skew: Int64 = 0
-        if let value = ProcessInfo.processInfo.environment["BPWORKER_TEST_CLOCK_SKEW"] {
-            let fields = value.split(separator: ":").compactMap { Double($0) }
-            if fields.count == 2 && Int(fields[0]) == session.rank { skew = Int64(fields[1] * 1e9) }
-        }
-        self.skew = skew
+        skew = Int64(clockSkewSeconds * 1e9)
+    }
+
+    /// Events the recorder needs room for: `steps` steps (no more than the run has), and what happens around them.
+    static func capacity(steps: Int, runSteps: Int, layers: Int, buckets: Int) -> Int {
+        min(steps, max(runSteps, 1)) * eventsPerStep(layers: layers, buckets: buckets) + 64
     }
 
     /// Room for a step's events: the step and its parts (load, forward, backward, wait, norm, update), each layer in
     /// both passes and the loss, per bucket its posting, send, receive or allreduce, completion and parameter gather,
     /// synchronized batch norm's two reductions per layer, and what may happen between two steps.
-    static func eventsPerStep(model: Model<Float>, buckets: Int) -> Int {
-        let layers = model.spec.layers.count
-        return 16 + 4 * (layers + 1) + 6 * buckets
+    static func eventsPerStep(layers: Int, buckets: Int) -> Int {
+        16 + 4 * (layers + 1) + 6 * buckets
     }
 
     /// At the start of every step, before anything else in it. The window opens after the warm-up and closes when
@@ -73,22 +74,6 @@ final class Timeline {
         }
         stepsBegun += 1
         recorder.step = Int32(truncatingIfNeeded: globalStep + 1)
-    }
-
-    @inline(__always) func begin() -> Int64 { recorder.begin() }
-    @inline(__always) func end(_ kind: TimelineEvent.Kind, _ index: Int = 0, since start: Int64) {
-        recorder.end(kind, index, since: start)
-    }
-
-    /// Between steps: the model's layer timer is detached, so an evaluation's forward passes are one event.
-    func beginBetweenSteps() -> Int64 {
-        model.layerTimer = nil
-        return recorder.begin()
-    }
-
-    func endBetweenSteps(_ kind: TimelineEvent.Kind, since start: Int64) {
-        recorder.end(kind, since: start)
-        if state == .recording { model.layerTimer = layerTimer }
     }
 
     private func open() throws {

@@ -8,9 +8,10 @@ import Logging
 /// outright, or a job torn down by MPI_Abort from a rank that could not write, leaves `training` behind; then the
 /// heartbeat files stop.)
 enum Trainer {
-    /// Runs the job and returns how it ended. Setup failures (bad configuration, data, checkpoint, a run
-    /// directory that holds a run, ranks that disagree) end every rank during setup with exit 1 and write nothing.
-    static func train(_ session: Session, resume: String?, overwrite: Bool) -> (RunOutcome, TrainingLoop?) {
+    /// Builds the run, each part through its initialiser with what it needs, runs it and returns how it ended. Setup
+    /// failures (bad configuration, data, checkpoint, a run directory that holds a run, ranks that disagree) end every
+    /// rank during setup with exit 1 and write nothing.
+    static func train(_ session: Session, resume: String?, overwrite: Bool) -> (RunOutcome, TrainingLoop) {
         let config = session.config
         let mode: RunDirectory.StartMode = resume != nil ? .resume : overwrite ? .overwrite : .fresh
         let existing = session.agree("run directory") { () throws -> RunDirectory? in
@@ -19,120 +20,131 @@ enum Trainer {
             try directory.checkStart(mode)
             return directory
         }
-        let prepared = Setup.prepare(session)
+        let plan = Setup.plan(session)
+        let hooks = TestHooks.fromEnvironment(rank: session.rank)
+        // The watchdog and the timeline's recorder come before the model: synchronized batch norm's sums, inside its
+        // passes, report to both. Neither writes anything before it is started.
+        let aborter = Aborter(communicator: session.communicator, runDirectory: session.runDirectory)
+        let watchdog = Watchdog(timeout: config.watchdogSeconds, rank: session.rank, worldSize: session.worldSize,
+                                runDirectory: session.runDirectory) { report in aborter.abort(report) }
+        let buckets = GradientBuckets(tensorRanges: plan.spec.parameterTable.map(\.range),
+                                      bucketElements: config.bucketKiB * 1024 / MemoryLayout<Float>.stride)
+        let recorder = config.timelineSteps <= 0 ? nil : TimelineRecorder(capacity: Timeline.capacity(
+            steps: config.timelineSteps, runSteps: plan.sampler.stepsPerEpoch * config.epochs, layers: plan.spec.layers.count,
+            buckets: buckets.ranges.count))
+        let phases = PhaseRunner(watchdog: watchdog, recorder: recorder)
+        let prepared = Setup.build(session, plan, crossRankReducer: batchNormSums(session, plan, phases, aborter))
         let model = prepared.model
         let optimizer = session.agree("optimizer") {
             try Optimizer<Float>(config: config.optimizerConfig, parameterCount: model.parameterCount)
         }
-        // What it takes to use the model without this configuration, in model.safetensors and every checkpoint.
-        let description = ModelDescription(spec: model.spec, data: prepared.train, normalization: config.normalization)
-        let checkpointer = Checkpointer(runDirectory: session.runDirectory, keep: config.checkpointKeep,
-                                        modelMetadata: description.metadata)
-        let exchange = CheckpointExchange(session: session, checkpointer: checkpointer, model: model, optimizer: optimizer)
-        var position = TrainingPosition(worldSize: session.worldSize, batchSize: config.batchSize)
-        if let resume {
-            let path = resume == "latest" ? session.agree("resume") { try checkpointer.latest() } : resume
-            position = exchange.restore(from: path, sampler: prepared.sampler)
-        }
+        let position = resume.map { restore(session, from: $0, prepared, optimizer) }
+            ?? TrainingPosition(worldSize: session.worldSize, batchSize: config.batchSize)
         commitRunDirectory(session, previous: existing, overwrite: mode == .overwrite)
-        announce(session, prepared)
+        announce(session, prepared, buckets: buckets)
 
-        let reducer = GradientReducer(
-            communicator: session.communicator, gradients: model.gradients,
-            tensorRanges: model.parameterTable.map(\.range), bucketElements: config.bucketKiB * 1024 / MemoryLayout<Float>.stride,
-            strategy: config.reduction, control: model.control, nonFiniteSlot: Setup.ControlSlot.nonFinite,
-            provenFinite: { model.gradientsProvenFinite(in: $0) })
-        let buckets = reducer.buckets.count
-        let how = config.reduction == .sharded
-            ? "each rank updates 1/\(session.worldSize) of the parameters, then they are gathered"
-            : "every rank applies the summed gradients"
-        session.logger.info("gradients: \(buckets) bucket\(buckets == 1 ? "" : "s") (training.bucket_kib=\(config.bucketKiB)), averaged over \(session.worldSize) rank\(session.worldSize == 1 ? "" : "s"); training.reduction=\(config.reduction.rawValue): \(how)")
-
-        let metrics = session.isRoot ? MetricsLog(path: session.runDirectory + "/metrics.jsonl", append: resume != nil,
-                                                  tensorBoard: openTensorBoard(session)) : nil
-        let progress = Progress(session: session, prepared: prepared, metrics: metrics)
-        progress.recordStart(resumed: resume != nil, step: position.globalStep, model: model)
-        progress.status.step = position.globalStep
-        progress.writeStatus()
-        // From here on an abort marks the run failed: rank 0 from what it knows, the others in the shared file.
-        let runDirectory = session.runDirectory, rank = session.rank
-        session.onAbort = session.isRoot
-            ? { message in progress.finish(state: .failed, message: message) }
-            : { message in RunStatus.markFailed(runDirectory, message: "rank \(rank): \(message)") }
-        let aborter = Aborter(communicator: session.communicator, runDirectory: runDirectory)
-        let watchdog = Watchdog(timeout: config.watchdogSeconds, rank: session.rank, worldSize: session.worldSize,
-                                runDirectory: runDirectory) { report in aborter.abort(report) }
+        let reducer = makeGradientReducer(
+            strategy: config.reduction, communicator: session.communicator, parameters: model.parameters,
+            gradients: model.gradients, buckets: buckets, control: model.control,
+            nonFiniteSlot: StepControl.Slot.nonFinite.rawValue, provenFinite: { model.gradientsProvenFinite(in: $0) },
+            update: optimizer, observer: recorder.map { BucketTimes(recorder: $0) })
+        let progress = startProgress(session, prepared, resumed: resume != nil, at: position)
+        let failure = RunFailure(session: session, progress: progress)
         watchdog.start()
-        let timeline = config.timelineSteps > 0 ? Timeline(session: session, model: model, reducer: reducer, runSteps: prepared.totalSteps) : nil
-        if config.batchNorm == .sync && !model.bufferTable.isEmpty && session.worldSize > 1 {
-            // Synchronized batch norm: its sums are collectives inside the passes, watched like every other.
-            let sums = CrossRankSums(communicator: session.communicator) { error in
-                aborter.abort("synchronized batch norm: \(error)")
-            }
-            var reducing: Int64 = 0
-            sums.willReduce = {
-                watchdog.enter(.batchNormSync)
-                reducing = timeline?.begin() ?? 0
-            }
-            sums.didReduce = {
-                timeline?.end(.batchNormSync, since: reducing)
-                watchdog.leave()
-            }
-            model.crossRankReducer = sums
-            session.logger.info("batch norm: synchronized over \(session.worldSize) ranks (model.batchnorm=sync)")
-        } else if !model.bufferTable.isEmpty && session.worldSize > 1 {
-            session.logger.info("batch norm: each rank normalises its own batch; rank 0's running statistics are evaluated, checkpointed and saved (model.batchnorm=local, as PyTorch DDP)")
+        let timeline = recorder.map {
+            Timeline(session: session, recorder: $0, model: model, reducer: reducer, clockSkewSeconds: hooks.clockSkewSeconds)
         }
-        let loop = TrainingLoop(session: session, prepared: prepared, optimizer: optimizer, reducer: reducer,
-                                exchange: exchange, watchdog: watchdog, progress: progress,
-                                hooks: TestHooks.fromEnvironment(rank: session.rank), position: position)
-        loop.timeline = timeline
-
-        if config.gradcheckEnabled {
-            // Synchronized batch norm couples the ranks: a check on rank 0 alone would not reach its cross-rank terms.
-            let distributed = model.crossRankReducer != nil
-            if resume != nil {
-                session.logger.info("gradient check: skipped on resume (it runs only before a run's first step)")
-            } else {
-                if distributed { session.logger.info("gradient check: distributed over every rank, since model.batchnorm=sync") }
-                if GradientCheckRun.run(session, prepared, distributed: distributed, watchdog: watchdog, reportDirectory: runDirectory) == .fail
-                    && config.gradcheckPolicy == .abort {
-                    let message = "gradient check failed\(distributed ? "" : " on rank 0"); stopping every rank (gradcheck.policy=abort)"
-                    session.logger.error("\(message)")
-                    return (.failed("gradient check failed (gradcheck.policy=abort)"), loop)
-                }
-            }
-        }
+        let checkpointer = Checkpointer(runDirectory: session.runDirectory, keep: config.checkpointKeep,
+                                        modelMetadata: modelDescription(session, prepared).metadata)
+        let loop = TrainingLoop(
+            session: session, prepared: prepared, reducer: reducer, phases: phases, timeline: timeline,
+            checkpoints: CheckpointExchange(failure: failure, checkpointer: checkpointer, model: model, optimizer: optimizer),
+            progress: progress, hooks: hooks, position: position)
+        if resume == nil, let failed = checkGradients(session, prepared, phases: phases, failure: failure) { return (failed, loop) }
         do {
             return (try loop.run(), loop)
         } catch {
-            session.abort("training failed at step \(loop.position.globalStep): \(error)")
+            failure.abort("training failed at step \(loop.position.globalStep): \(error)")
         }
     }
 
-    /// The one way out of `train`: records the outcome in status.json (rank 0), saves the model of a finished run,
-    /// and ends every rank with the outcome's exit code.
-    static func finish(_ session: Session, _ outcome: RunOutcome, loop: TrainingLoop?) -> Never {
-        if let loop, let timeline = loop.timeline {
-            // A run that ended inside the timeline's window writes what it recorded (every outcome here is reached
-            // by every rank at the same step, so the gather is safe).
-            loop.watchdog.enter(.timeline, step: loop.position.globalStep)
-            do { try timeline.close() } catch { session.abort("timeline: \(error)") }
-            loop.watchdog.leave()
+    /// The one way out of `train`: writes the timeline of a run that ended inside its window, records the outcome in
+    /// status.json (rank 0), saves the model of a finished run, and ends every rank with the outcome's exit code.
+    static func finish(_ session: Session, _ outcome: RunOutcome, loop: TrainingLoop) -> Never {
+        let failure = RunFailure(session: session, progress: loop.progress)
+        if let timeline = loop.timeline {
+            // Every outcome here is reached by every rank at the same step, so the gather is safe.
+            loop.phases.beginStep(loop.position.globalStep)
+            do { try loop.phases.watched(.timeline) { try timeline.close() } } catch { failure.abort("timeline: \(error)") }
         }
-        if let loop {
-            if outcome.state == .finished {
-                reportPeakMemory(session)
-                if session.isRoot {
-                    saveModel(session, loop.prepared.model, step: loop.position.globalStep,
-                              description: loop.exchange.checkpointer.modelMetadata)
-                }
-                session.agree("saving the model") {}
+        if outcome.state == .finished {
+            reportPeakMemory(session)
+            if session.isRoot {
+                saveModel(session, loop.prepared.model, step: loop.position.globalStep,
+                          description: loop.checkpoints.checkpointer.modelMetadata, failure: failure)
             }
-            loop.progress.status.step = loop.position.globalStep
-            loop.progress.finish(state: outcome.state, message: outcome.message)
+            failure.agree("saving the model") {}
         }
+        loop.progress.status.step = loop.position.globalStep
+        loop.progress.finish(state: outcome.state, message: outcome.message)
         session.finish(exitCode: outcome.exitCode)
+    }
+
+    // MARK: - The parts of a run
+
+    /// Synchronized batch norm's sums over the ranks, watched and recorded as the phase `batchNormSync`; nil when each
+    /// rank normalises its own batch (`model.batchnorm=local`, one rank, or no batch norm).
+    private static func batchNormSums(_ session: Session, _ plan: Setup.Plan, _ phases: PhaseRunner,
+                                      _ aborter: Aborter) -> CrossRankSums? {
+        guard session.config.batchNorm == .sync, !plan.spec.bufferTable.isEmpty, session.worldSize > 1 else { return nil }
+        var started: Int64 = 0
+        return CrossRankSums(
+            communicator: session.communicator,
+            willReduce: { started = phases.enter(.batchNormSync) },
+            didReduce: { phases.leave(.batchNormSync, since: started) },
+            onFailure: { error in aborter.abort("synchronized batch norm: \(error)") })
+    }
+
+    /// `--resume PATH` or `--resume` (the run's latest checkpoint): the position to continue from, with the model's
+    /// parameters and the optimizer's state restored on every rank.
+    private static func restore(_ session: Session, from resume: String, _ prepared: Prepared,
+                                _ optimizer: Optimizer<Float>) -> TrainingPosition {
+        let checkpointer = Checkpointer(runDirectory: session.runDirectory, keep: session.config.checkpointKeep)
+        let path = resume == "latest" ? session.agree("resume") { try checkpointer.latest() } : resume
+        return CheckpointExchange.restore(session, model: prepared.model, optimizer: optimizer, from: path,
+                                          sampler: prepared.sampler)
+    }
+
+    /// What it takes to use the model without this configuration, in model.safetensors and every checkpoint.
+    private static func modelDescription(_ session: Session, _ prepared: Prepared) -> ModelDescription {
+        ModelDescription(spec: prepared.model.spec, data: prepared.train, normalization: session.config.normalization)
+    }
+
+    /// Progress reports, metrics.jsonl and TensorBoard (rank 0), with the run's start or resume marker written.
+    private static func startProgress(_ session: Session, _ prepared: Prepared, resumed: Bool,
+                                      at position: TrainingPosition) -> Progress {
+        let metrics = session.isRoot ? MetricsLog(path: session.runDirectory + "/metrics.jsonl", append: resumed,
+                                                  tensorBoard: openTensorBoard(session)) : nil
+        let progress = Progress(session: session, prepared: prepared, metrics: metrics)
+        progress.recordStart(resumed: resumed, step: position.globalStep, model: prepared.model)
+        progress.status.step = position.globalStep
+        progress.writeStatus()
+        return progress
+    }
+
+    /// `gradcheck.enabled`: the check before the first step (not on resume). Returns the failed outcome when the check
+    /// fails under `gradcheck.policy=abort`, else nil. Synchronized batch norm couples the ranks: a check on rank 0
+    /// alone would not reach its cross-rank terms, so the check is distributed then.
+    private static func checkGradients(_ session: Session, _ prepared: Prepared, phases: PhaseRunner,
+                                       failure: RunFailure) -> RunOutcome? {
+        guard session.config.gradcheckEnabled else { return nil }
+        let distributed = prepared.model.crossRankReducer != nil
+        if distributed { session.logger.info("gradient check: distributed over every rank, since model.batchnorm=sync") }
+        let verdict = GradientCheckRun.run(session, prepared, distributed: distributed, phases: phases, failure: failure,
+                                           reportDirectory: session.runDirectory)
+        guard verdict == .fail && session.config.gradcheckPolicy == .abort else { return nil }
+        session.logger.error("gradient check failed\(distributed ? "" : " on rank 0"); stopping every rank (gradcheck.policy=abort)")
+        return .failed("gradient check failed (gradcheck.policy=abort)")
     }
 
     /// Once every rank has agreed that setup succeeded: rank 0 creates the run directory, removes the previous
@@ -149,7 +161,7 @@ enum Trainer {
         }
     }
 
-    private static func announce(_ session: Session, _ prepared: Prepared) {
+    private static func announce(_ session: Session, _ prepared: Prepared, buckets: GradientBuckets) {
         let config = session.config
         let logger = session.logger
         let resolved = config.yaml.split(separator: "\n").map { "  " + $0 }.joined(separator: "\n")
@@ -174,8 +186,28 @@ enum Trainer {
                         augmentation.flip ? "random horizontal flips" : nil].compactMap { $0 }.joined(separator: ", ")
             logger.info("augmentation: \(what), drawn per (seed, epoch, sample); training batches only")
         }
-        logger.info("optimizer: \(config.optimizer.rawValue), lr \(config.learningRate) for the global batch, \(config.schedule.rawValue) schedule")
+        logger.info("optimizer: \(config.optimizer.rawValue), lr \(config.learningRate) for the global batch, "
+            + "\(config.schedule.rawValue) schedule")
+        announceExchange(session, prepared, buckets: buckets)
         logger.info("run directory: \(session.runDirectory)")
+    }
+
+    /// How gradients travel, and how batch norm treats the ranks' batches.
+    private static func announceExchange(_ session: Session, _ prepared: Prepared, buckets: GradientBuckets) {
+        let config = session.config, ranks = session.worldSize
+        let how = config.reduction == .sharded
+            ? "each rank updates 1/\(ranks) of the parameters, then they are gathered"
+            : "every rank applies the summed gradients"
+        let count = buckets.ranges.count
+        session.logger.info("gradients: \(count) bucket\(count == 1 ? "" : "s") (training.bucket_kib=\(config.bucketKiB)), "
+            + "averaged over \(ranks) rank\(ranks == 1 ? "" : "s"); training.reduction=\(config.reduction.rawValue): \(how)")
+        guard !prepared.model.bufferTable.isEmpty && ranks > 1 else { return }
+        if prepared.model.crossRankReducer != nil {
+            session.logger.info("batch norm: synchronized over \(ranks) ranks (model.batchnorm=sync)")
+        } else {
+            session.logger.info("batch norm: each rank normalises its own batch; rank 0's running statistics are evaluated, "
+                + "checkpointed and saved (model.batchnorm=local, as PyTorch DDP)")
+        }
     }
 
     /// Rank 0's TensorBoard event file for this process start; a run goes on without one (with a warning) when it
@@ -203,7 +235,8 @@ enum Trainer {
         }
     }
 
-    private static func saveModel(_ session: Session, _ model: Model<Float>, step: Int, description: [String: String]) {
+    private static func saveModel(_ session: Session, _ model: Model<Float>, step: Int, description: [String: String],
+                                  failure: RunFailure) {
         let path = session.runDirectory + "/model.safetensors"
         do {
             try writeParameters(of: model, to: path, metadata: description.merging([
@@ -212,21 +245,7 @@ enum Trainer {
             ]) { _, own in own })
             session.logger.info("saved parameters to \(path) (PyTorch nn.Sequential state_dict names)")
         } catch {
-            session.abort("saving \(path): \(error)")
+            failure.abort("saving \(path): \(error)")
         }
-    }
-}
-
-/// Lets the watchdog thread end the job. @unchecked Sendable: the watchdog only reads `rank` (immutable) and calls
-/// `abort`, which marks the run failed and calls MPI_Abort, meant precisely for ending a job from wherever the
-/// trouble is seen.
-struct Aborter: @unchecked Sendable {
-    let communicator: any Communicator
-    let runDirectory: String
-
-    func abort(_ report: String) -> Never {
-        FileHandle.standardError.write(Data("[rank \(communicator.rank)] error: \(report)\n".utf8))
-        RunStatus.markFailed(runDirectory, message: "rank \(communicator.rank): \(report)")
-        communicator.abort(code: 1)
     }
 }

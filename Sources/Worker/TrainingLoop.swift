@@ -29,132 +29,59 @@ struct RunOutcome: Equatable {
 
 /// The epochs of a run: steps, and between them progress reports, replica checks and checkpoints.
 ///
-/// The step reads like the pseudocode it is: next batch, forward, backward (overwriting the gradients) with the
-/// reduction overlapping, update. It allocates nothing; every collective in it is watched by the watchdog.
+/// A step is: load the batch, forward, backward (overwriting the gradients) with the exchange overlapping it, wait
+/// for the exchange, update. Each part runs as a `Phase`, so the watchdog watches what waits on other ranks and the
+/// timeline records what it draws; the step allocates nothing.
 final class TrainingLoop {
-    let session: Session
     let prepared: Prepared
-    let optimizer: Optimizer<Float>
-    let reducer: GradientReducer
-    let exchange: CheckpointExchange
-    let watchdog: Watchdog
     let progress: Progress
-    let hooks: TestHooks
+    let phases: PhaseRunner
+    /// `--timeline`: opens and closes its window at the steps it chose (nil: nothing is recorded).
+    let timeline: Timeline?
+    let checkpoints: CheckpointExchange
+    private let session: Session
+    private let reducer: GradientReducer
+    private let hooks: TestHooks
     private let schedule: LearningRateSchedule
+    private let control: StepControl
     private var config: Configuration { session.config }
     private var model: Model<Float> { prepared.model }
 
     private(set) var position: TrainingPosition
     private(set) var lastCheckpoint: String?
-    /// `--timeline`: records the steps of its window (nil: nothing is recorded, no clock is read).
-    var timeline: Timeline?
+    /// This rank's samples of the current epoch, in step order (`ShardSampler.indices(epoch:)`), allocated once.
+    private let epochIndices: UnsafeMutableBufferPointer<Int>
     /// The model's buffers (batch norm's running statistics) before the current step: a step dropped for non-finite
     /// values must not keep what its forward pass did to them (a NaN batch makes them NaN). Allocated once.
     private let buffersBefore: UnsafeMutableBufferPointer<Float>
     /// When the last checkpoint was taken (or training began), by rank 0's monotonic clock; the other ranks never
-    /// read theirs for this (see `ControlSlot.checkpointDue`).
+    /// read theirs for this (see `StepControl.Slot.checkpointDue`).
     private var lastCheckpointUptime = TrainingLoop.uptimeSeconds()
     /// Rank 0's time-based checkpoint decision for the current step, as every rank received it.
-    private(set) var checkpointDue = false
+    private var checkpointDue = false
 
-    deinit { buffersBefore.deallocate() }
+    deinit {
+        epochIndices.deallocate()
+        buffersBefore.deallocate()
+    }
 
-    init(session: Session, prepared: Prepared, optimizer: Optimizer<Float>, reducer: GradientReducer,
-         exchange: CheckpointExchange, watchdog: Watchdog, progress: Progress, hooks: TestHooks, position: TrainingPosition) {
+    init(session: Session, prepared: Prepared, reducer: GradientReducer, phases: PhaseRunner, timeline: Timeline?,
+         checkpoints: CheckpointExchange, progress: Progress, hooks: TestHooks, position: TrainingPosition) {
         self.session = session
         self.prepared = prepared
-        self.optimizer = optimizer
         self.reducer = reducer
-        self.exchange = exchange
-        self.watchdog = watchdog
+        self.phases = phases
+        self.timeline = timeline
+        self.checkpoints = checkpoints
         self.progress = progress
         self.hooks = hooks
         self.position = position
         schedule = session.config.learningRateSchedule(totalSteps: prepared.totalSteps)
+        control = StepControl(prepared.model.control)
+        epochIndices = .allocate(capacity: prepared.sampler.stepsPerEpoch * prepared.sampler.batchSize)
+        epochIndices.initialize(repeating: 0)
         buffersBefore = .allocate(capacity: prepared.model.buffers.count)
         buffersBefore.initialize(repeating: 0)
-    }
-
-    // MARK: - One step
-
-    /// Step `step` of the current epoch, whose sample indices are `epochIndices`. Throws only for communication
-    /// failures, which end the job.
-    func step(_ step: Int, of epochIndices: UnsafeBufferPointer<Int>) throws -> (StepOutcome, BatchResult) {
-        let batch = config.batchSize
-        let slot = Setup.ControlSlot.self
-        if let timeline {
-            watchdog.enter(.timeline, step: position.globalStep)
-            try timeline.beforeStep(globalStep: position.globalStep)
-            watchdog.leave()
-        }
-        let stepStarted = timeline?.begin() ?? 0
-        defer { timeline?.end(.step, since: stepStarted) }
-        prepared.train.gather(indices: prepared.sampler.batch(epochIndices, step: step), into: model.inputs, labels: model.labels,
-                              augmentation: prepared.augmentation, epoch: position.epoch)
-        timeline?.end(.loadBatch, since: stepStarted)
-        watchdog.beginStep(position.globalStep)
-        hooks.beforeStep(step: position.globalStep, model: model)
-        let keepsBuffers = !model.bufferTable.isEmpty
-        if keepsBuffers { buffersBefore.baseAddress!.update(from: model.buffers.baseAddress!, count: buffersBefore.count) }
-        let forwardStarted = timeline?.begin() ?? 0
-        var result = model.forward(count: batch, mode: .train)
-        timeline?.end(.forward, since: forwardStarted)
-        hooks.afterForward(step: position.globalStep, result: &result)
-        let localNonFiniteLoss = result.lossSum.isFinite ? 0 : 1
-        model.control[slot.stopRequests] = StopSignals.requested == nil ? 0 : 1
-        model.control[slot.nonFinite] = Float(localNonFiniteLoss)
-        model.control[slot.checkpointDue] = session.isRoot && checkpointIntervalElapsed() ? 1 : 0
-        // accumulate: false overwrites every gradient: no zeroing pass needed.
-        let backwardStarted = timeline?.begin() ?? 0
-        try model.backward(count: batch, accumulate: false) { offset in try reducer.gradientsReady(from: offset) }
-        timeline?.end(.backward, since: backwardStarted)
-        watchdog.enter(.gradientAllreduce, step: position.globalStep)
-        try reducer.finish()
-        watchdog.leave()
-        hooks.afterExchange(step: position.globalStep)
-        let stopRequests = model.control[slot.stopRequests]
-        checkpointDue = model.control[slot.checkpointDue] > 0
-        position.epochStep = step + 1
-
-        if model.control[slot.nonFinite] > 0 {
-            // The step is dropped: so is what its forward pass did to the running statistics.
-            if keepsBuffers { model.buffers.baseAddress!.update(from: buffersBefore.baseAddress!, count: buffersBefore.count) }
-            // Every rank saw the same count, so every rank takes the same branch.
-            watchdog.enter(.gradientAllreduce, step: position.globalStep)
-            let ranks = try faultyRanks(local: localNonFiniteLoss + reducer.localNonFiniteCount)
-            watchdog.leave()
-            let what = "non-finite loss or gradient at step \(position.globalStep + 1) on rank\(ranks.count == 1 ? "" : "s") "
-                + ranks.map(String.init).joined(separator: ", ")
-            if config.numericsPolicy == .skip && position.skippedSteps < config.maxSkippedSteps {
-                position.skippedSteps += 1
-                if session.isRoot {
-                    session.logger.warning("\(what): step skipped on every rank (\(position.skippedSteps) of at most \(config.maxSkippedSteps), numerics.policy=skip)")
-                }
-                position.globalStep += 1
-                return (.skipped, result)
-            }
-            // The update was not applied: the position stays before this step.
-            position.epochStep = step
-            let reason = config.numericsPolicy == .skip
-                ? "more than \(config.maxSkippedSteps) skipped steps (numerics.max_skips)" : "numerics.policy=stop"
-            return (.nonFinite("\(what); stopped (\(reason))"), result)
-        }
-
-        // The update reads the sum over ranks: averaging and clipping are one factor of it. Sharded, the clipping
-        // norm and the parameter gather are collectives: watched like the exchange.
-        watchdog.enter(.parameterGather, step: position.globalStep)
-        var gradientScale = reducer.gradientScale
-        if config.clipNorm > 0 {
-            let normStarted = timeline?.begin() ?? 0
-            defer { timeline?.end(.gradientNorm, since: normStarted) }
-            let norm = try reducer.gradientNorm(scale: gradientScale)
-            gradientScale *= gradientClipFactor(norm: norm, maxNorm: config.clipNorm)
-        }
-        try reducer.update(optimizer, parameters: model.parameters, learningRate: schedule.learningRate(atStep: position.globalStep),
-                           gradientScale: gradientScale)
-        watchdog.leave()
-        position.globalStep += 1
-        return (stopRequests > 0 ? .stopRequested : .completed, result)
     }
 
     // MARK: - The epochs
@@ -162,93 +89,171 @@ final class TrainingLoop {
     /// Trains from `position` to the last epoch, a stop request, a target accuracy or a failure. Throws only for
     /// communication and file failures, which end the job.
     func run() throws -> RunOutcome {
-        let sampler = prepared.sampler
         for epoch in position.epoch..<config.epochs {
-            let indices = sampler.indices(epoch: epoch)
-            var ended: RunOutcome? = nil
-            try indices.withUnsafeBufferPointer { (all) throws in
-                for step in (epoch == position.epoch ? position.epochStep : 0)..<sampler.stepsPerEpoch {
-                    let (outcome, result) = try self.step(step, of: all)
-                    switch outcome {
-                    case .skipped:
-                        progress.recordEvent("skip", step: position.globalStep)
-                        continue
-                    case let .nonFinite(message):
-                        try checkpoint()
-                        if session.isRoot { session.logger.error("\(message). Last good state: \(lastCheckpoint ?? "?")") }
-                        ended = .failed(message)
-                        return
-                    case .completed, .stopRequested:
-                        break
-                    }
-                    progress.record(result)
-                    if position.globalStep % config.logInterval == 0 || step == sampler.stepsPerEpoch - 1 {
-                        watchdog.enter(.metricsAllreduce, step: position.globalStep)
-                        let reporting = timeline?.beginBetweenSteps() ?? 0
-                        try progress.report(epoch: epoch, step: step, globalStep: position.globalStep,
-                                            learningRate: schedule.learningRate(atStep: position.globalStep - 1), reducer: reducer)
-                        timeline?.endBetweenSteps(.progressReport, since: reporting)
-                        watchdog.leave()
-                    }
-                    if config.replicaCheckEvery > 0 && position.globalStep % config.replicaCheckEvery == 0 {
-                        watchdog.enter(.replicaCheck, step: position.globalStep)
-                        let checking = timeline?.beginBetweenSteps() ?? 0
-                        try shareBuffers(session, model)
-                        let diverged = try divergedReplicas()
-                        timeline?.endBetweenSteps(.replicaCheck, since: checking)
-                        watchdog.leave()
-                        if !diverged.isEmpty {
-                            let message = "replicas diverged at step \(position.globalStep): the parameters of rank\(diverged.count == 1 ? "" : "s") \(diverged.map(String.init).joined(separator: ", ")) differ from rank 0's"
-                            if session.isRoot { session.logger.error("\(message)") }
-                            ended = .failed(message)
-                            return
-                        }
-                    }
-                    if outcome == .stopRequested {
-                        try checkpoint()
-                        let source = StopSignals.requested.map(StopSignals.name) ?? "another rank's signal"
-                        let message = "stopped by \(source) after step \(position.globalStep); checkpoint "
-                            + "\(lastCheckpoint ?? "?"); resume with: bpworker train --resume --run-dir \(session.runDirectory)"
-                        if session.isRoot { session.logger.info("\(message)") }
-                        ended = .stopped("stop requested by \(source)")
-                        return
-                    }
-                    let stepsDue = config.checkpointEverySteps > 0 && position.globalStep % config.checkpointEverySteps == 0
-                    if (stepsDue || checkpointDue) && step < sampler.stepsPerEpoch - 1 {
-                        try checkpoint()
-                    }
-                }
+            _ = epochIndices.update(fromContentsOf: prepared.sampler.indices(epoch: epoch))
+            for step in position.epochStep..<prepared.sampler.stepsPerEpoch {
+                let (outcome, result) = try self.step(step)
+                if let ended = try afterStep(step, outcome, result) { return ended }
             }
-            if let ended { return ended }
-            watchdog.enter(.evaluation, step: position.globalStep)
-            let evaluating = timeline?.beginBetweenSteps() ?? 0
-            try shareBuffers(session, model)
-            let evaluation = try Evaluation.evaluate(session, model, on: prepared.test)
-            timeline?.endBetweenSteps(.evaluation, since: evaluating)
-            watchdog.leave()
-            progress.reportEvaluation(evaluation, epoch: epoch, globalStep: position.globalStep)
-            position.epoch = epoch + 1
-            position.epochStep = 0
-            try checkpoint()
-            // Every rank saw the same reduced evaluation, so every rank stops here together.
-            let accuracy = Double(evaluation.correct) / Double(max(evaluation.count, 1))
-            if config.targetAccuracy > 0 && accuracy >= config.targetAccuracy {
-                if session.isRoot {
-                    session.logger.info("reached training.target_accuracy=\(config.targetAccuracy) after epoch \(epoch + 1)")
-                }
-                break
-            }
+            let accuracy = try endEpoch(epoch)
+            if reachedTargetAccuracy(accuracy, after: epoch) { break }
         }
         return .finished
     }
 
+    // MARK: - One step
+
+    /// Step `step` of the current epoch. Throws only for communication failures, which end the job.
+    func step(_ step: Int) throws -> (StepOutcome, BatchResult) {
+        phases.beginStep(position.globalStep)
+        if let timeline { try phases.watched(.timeline) { try timeline.beforeStep(globalStep: position.globalStep) } }
+        return try phases.watched(.step) {
+            phases.watched(.loadBatch) { loadBatch(step) }
+            hooks.beforeStep(step: position.globalStep, model: model)
+            keepBuffers()
+            var result = phases.watched(.forward) { model.forward(count: config.batchSize, mode: .train) }
+            hooks.afterForward(step: position.globalStep, result: &result)
+            control.post(stopRequested: StopSignals.requested != nil, nonFiniteLoss: !result.lossSum.isFinite,
+                         checkpointDue: session.isRoot && checkpointIntervalElapsed())
+            try phases.watched(.backward) {
+                try model.backward(count: config.batchSize, accumulate: false) { try reducer.gradientsReady(from: $0) }
+            }
+            try phases.watched(.gradientExchange) { try reducer.finish() }
+            hooks.afterExchange(step: position.globalStep)
+            position.epochStep = step + 1
+            checkpointDue = control.checkpointDue
+            if control.anyNonFinite {
+                return (try dropNonFiniteStep(step, nonFiniteLoss: !result.lossSum.isFinite), result)
+            }
+            try update()
+            position.globalStep += 1
+            return (control.stopRequested ? .stopRequested : .completed, result)
+        }
+    }
+
+    private func loadBatch(_ step: Int) {
+        let indices = prepared.sampler.batch(UnsafeBufferPointer(epochIndices), step: step)
+        prepared.train.gather(indices: indices, into: model.inputs, labels: model.labels, augmentation: prepared.augmentation,
+                              epoch: position.epoch)
+    }
+
+    /// The update reads the sum over ranks: averaging and clipping are one factor of it. Sharded, the clipping norm
+    /// and the parameter gather are collectives.
+    private func update() throws {
+        var gradientScale = reducer.gradientScale
+        if config.clipNorm > 0 {
+            let norm = try phases.watched(.gradientNorm) { try reducer.gradientNorm(scale: gradientScale) }
+            gradientScale *= gradientClipFactor(norm: norm, maxNorm: config.clipNorm)
+        }
+        let learningRate = schedule.learningRate(atStep: position.globalStep)
+        try phases.watched(.update) { try reducer.update(learningRate: learningRate, gradientScale: gradientScale) }
+    }
+
+    /// `numerics.policy` for a step in which some rank saw a non-finite loss or gradient: skip it on every rank (within
+    /// `numerics.max_skips`) or stop. Either way the update is not applied. Every rank saw the same sums, so every rank
+    /// takes the same branch.
+    private func dropNonFiniteStep(_ step: Int, nonFiniteLoss: Bool) throws -> StepOutcome {
+        restoreBuffers()
+        let local = (nonFiniteLoss ? 1 : 0) + reducer.localNonFiniteCount
+        let ranks = try phases.watched(.gradientExchange) { try faultyRanks(local: local) }
+        let what = "non-finite loss or gradient at step \(position.globalStep + 1) on rank\(ranks.count == 1 ? "" : "s") "
+            + ranks.map(String.init).joined(separator: ", ")
+        if config.numericsPolicy == .skip && position.skippedSteps < config.maxSkippedSteps {
+            position.skippedSteps += 1
+            position.globalStep += 1
+            if session.isRoot {
+                session.logger.warning("\(what): step skipped on every rank (\(position.skippedSteps) of at most "
+                    + "\(config.maxSkippedSteps), numerics.policy=skip)")
+            }
+            return .skipped
+        }
+        // The update was not applied: the position stays before this step.
+        position.epochStep = step
+        let reason = config.numericsPolicy == .skip
+            ? "more than \(config.maxSkippedSteps) skipped steps (numerics.max_skips)" : "numerics.policy=stop"
+        return .nonFinite("\(what); stopped (\(reason))")
+    }
+
+    private func keepBuffers() {
+        guard !model.bufferTable.isEmpty else { return }
+        buffersBefore.baseAddress!.update(from: model.buffers.baseAddress!, count: buffersBefore.count)
+    }
+
+    /// The step is dropped: so is what its forward pass did to the running statistics.
+    private func restoreBuffers() {
+        guard !model.bufferTable.isEmpty else { return }
+        model.buffers.baseAddress!.update(from: buffersBefore.baseAddress!, count: buffersBefore.count)
+    }
+
+    // MARK: - Between steps
+
+    /// What follows a step: its metrics, then whichever is due of the progress report, the replica check, a stop and
+    /// a checkpoint. Returns how the run ended, if it did.
+    private func afterStep(_ step: Int, _ outcome: StepOutcome, _ result: BatchResult) throws -> RunOutcome? {
+        switch outcome {
+        case .skipped:
+            progress.recordEvent("skip", step: position.globalStep)
+            return nil
+        case let .nonFinite(message):
+            try checkpoint()
+            if session.isRoot { session.logger.error("\(message). Last good state: \(lastCheckpoint ?? "?")") }
+            return .failed(message)
+        case .completed, .stopRequested:
+            break
+        }
+        progress.record(result)
+        let lastOfEpoch = step == prepared.sampler.stepsPerEpoch - 1
+        if position.globalStep % config.logInterval == 0 || lastOfEpoch {
+            let learningRate = schedule.learningRate(atStep: position.globalStep - 1)
+            try phases.watched(.progressReport) {
+                try progress.report(epoch: position.epoch, step: step, globalStep: position.globalStep, learningRate: learningRate,
+                                    reducer: reducer)
+            }
+        }
+        if config.replicaCheckEvery > 0 && position.globalStep % config.replicaCheckEvery == 0, let ended = try checkReplicas() {
+            return ended
+        }
+        if outcome == .stopRequested { return try stop() }
+        let stepsDue = config.checkpointEverySteps > 0 && position.globalStep % config.checkpointEverySteps == 0
+        if (stepsDue || checkpointDue) && !lastOfEpoch { try checkpoint() }
+        return nil
+    }
+
+    /// The end of an epoch: the exact test accuracy over every rank's share of the test set, the report, then a
+    /// checkpoint. Returns the accuracy, which every rank received.
+    private func endEpoch(_ epoch: Int) throws -> Double {
+        let evaluation = try phases.watched(.evaluation) {
+            try shareBuffers(session, model)
+            return try Evaluation.evaluate(session, model, on: prepared.test)
+        }
+        progress.reportEvaluation(evaluation, epoch: epoch, globalStep: position.globalStep)
+        phases.watched(.report) { progress.writeReport() }
+        position.epoch = epoch + 1
+        position.epochStep = 0
+        try checkpoint()
+        return Double(evaluation.correct) / Double(max(evaluation.count, 1))
+    }
+
+    /// Every rank saw the same reduced evaluation, so every rank stops here together.
+    private func reachedTargetAccuracy(_ accuracy: Double, after epoch: Int) -> Bool {
+        guard config.targetAccuracy > 0 && accuracy >= config.targetAccuracy else { return false }
+        if session.isRoot { session.logger.info("reached training.target_accuracy=\(config.targetAccuracy) after epoch \(epoch + 1)") }
+        return true
+    }
+
+    /// A stop signal reached some rank: checkpoint, and end the run as stopped.
+    private func stop() throws -> RunOutcome {
+        try checkpoint()
+        let source = StopSignals.requested.map(StopSignals.name) ?? "another rank's signal"
+        let message = "stopped by \(source) after step \(position.globalStep); checkpoint "
+            + "\(lastCheckpoint ?? "?"); resume with: bpworker train --resume --run-dir \(session.runDirectory)"
+        if session.isRoot { session.logger.info("\(message)") }
+        return .stopped("stop requested by \(source)")
+    }
+
     /// A checkpoint of the current position (collective), recorded in status.json.
     func checkpoint() throws {
-        watchdog.enter(.checkpoint, step: position.globalStep)
-        defer { watchdog.leave() }
-        let saving = timeline?.beginBetweenSteps() ?? 0
-        lastCheckpoint = try exchange.save(&position, reducer: reducer)
-        timeline?.endBetweenSteps(.checkpoint, since: saving)
+        lastCheckpoint = try phases.watched(.checkpoint) { try checkpoints.save(&position, reducer: reducer) }
         lastCheckpointUptime = Self.uptimeSeconds()
         progress.status.lastCheckpoint = lastCheckpoint
         progress.recordEvent("checkpoint", step: position.globalStep)
@@ -273,8 +278,21 @@ final class TrainingLoop {
         return flags.indices.filter { flags[$0] > 0 }
     }
 
-    /// Every rank's parameters must stay bitwise identical: the ranks whose checksum differs from rank 0's (none
-    /// when all agree, the common case, which costs two one-word allreduces).
+    /// Every rank's parameters must stay bitwise identical: a failed run when some rank's differ from rank 0's.
+    private func checkReplicas() throws -> RunOutcome? {
+        let diverged = try phases.watched(.replicaCheck) { () throws -> [Int] in
+            try shareBuffers(session, model)
+            return try divergedReplicas()
+        }
+        guard !diverged.isEmpty else { return nil }
+        let message = "replicas diverged at step \(position.globalStep): the parameters of rank\(diverged.count == 1 ? "" : "s") "
+            + "\(diverged.map(String.init).joined(separator: ", ")) differ from rank 0's"
+        if session.isRoot { session.logger.error("\(message)") }
+        return .failed(message)
+    }
+
+    /// The ranks whose checksum differs from rank 0's (none when all agree, the common case, which costs two one-word
+    /// allreduces).
     private func divergedReplicas() throws -> [Int] {
         let communicator = session.communicator
         let checksum = replicaChecksum(model)

@@ -20,29 +20,6 @@ import Synchronization
 /// On x86-64 every one of these loads and stores is a plain `mov`; on ARM64 the release/acquire pair is
 /// `stlr`/`ldar`: the per-step cost stays a few stores and one clock read, with no allocation.
 final class Watchdog: Sendable {
-    enum Phase: Int, CaseIterable {
-        case compute = 0, gradientAllreduce, parameterGather, metricsAllreduce, evaluation, checkpoint, replicaCheck, setup,
-             batchNormSync, timeline
-        var name: String {
-            switch self {
-            case .compute: "computing"
-            case .gradientCheck: "gradient check"
-            case .gradientAllreduce: "gradient allreduce"
-            case .parameterGather: "update and parameter gather"
-            case .metricsAllreduce: "metrics allreduce"
-            case .evaluation: "evaluation"
-            case .checkpoint: "checkpoint"
-            case .replicaCheck: "replica check"
-            case .setup: "setup"
-            case .batchNormSync: "synchronized batch norm"
-            case .timeline: "timeline (clock alignment, gathering the events)"
-            }
-        }
-
-        /// The distributed gradient check's sums over the ranks (GradientCheckRun).
-        case gradientCheck
-    }
-
     /// `Phase.rawValue` of where the training thread is; `compute` outside collectives.
     private let phase = Atomic<Int>(Phase.compute.rawValue)
     /// When the current phase began (ns, monotonic clock).
@@ -62,10 +39,12 @@ final class Watchdog: Sendable {
         self.worldSize = worldSize
         heartbeatDirectory = runDirectory + "/heartbeat"
         self.abort = abort
-        try? FileManager.default.createDirectory(atPath: heartbeatDirectory, withIntermediateDirectories: true)
     }
 
+    /// Starts the watchdog's thread, and its heartbeat files in RUN_DIR/heartbeat. Until then `enter` and `leave`
+    /// only mark where the training thread is: a run writes nothing to its directory before setup has succeeded.
     func start() {
+        try? FileManager.default.createDirectory(atPath: heartbeatDirectory, withIntermediateDirectories: true)
         let thread = Thread { [self] in run() }
         thread.name = "bpworker-watchdog"
         thread.start()
@@ -116,7 +95,7 @@ final class Watchdog: Sendable {
                 lastHeartbeat = now
             }
             let waited = Double(now - since) * 1e-9
-            if timeout > 0 && phase != .compute && waited > timeout {
+            if timeout > 0 && phase.isWatched && waited > timeout {
                 abort(stallReport(phase: phase, step: step, waited: waited))
             }
         }
