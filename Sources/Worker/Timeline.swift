@@ -94,7 +94,8 @@ final class Timeline {
     func close() throws {
         guard state == .recording else {
             if state == .waiting && session.isRoot {
-                session.logger.warning("timeline: the run ended within the \(warmup) steps before recording (timeline.warmup_steps); no timeline.json written")
+                session.logger.warning("timeline: the run ended within the \(warmup) steps before recording "
+                    + "(timeline.warmup_steps); no timeline.json written")
             }
             return
         }
@@ -134,7 +135,8 @@ final class Timeline {
             "rank \(rank) \(String(format: "%+.1f", Double(clock.offset) * 1e-3)) µs ± \(String(format: "%.1f", Double(clock.roundTrip) * 5e-4))"
         }.joined(separator: ", ")
         let lost = dropped.reduce(0, +)
-        let line = "timeline: \(grouped(trace.eventCount)) events of \(session.worldSize) rank\(session.worldSize == 1 ? "" : "s") in \(path) (open it in ui.perfetto.dev or chrome://tracing)"
+        let line = "timeline: \(grouped(trace.eventCount)) events of \(counted(session.worldSize, "rank")) in \(path) "
+            + "(open it in ui.perfetto.dev or chrome://tracing)"
             + (offsets.isEmpty ? "" : "; clocks against rank 0's: \(offsets)")
             + (lost > 0 ? "; \(lost) events did not fit the buffer and are missing" : "")
         session.logger.info("\(line)")

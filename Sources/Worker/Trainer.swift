@@ -161,29 +161,36 @@ enum Trainer {
         }
     }
 
+    /// What rank 0 says before the first step: the configuration, the ranks, the data, the model, the memory, the
+    /// batch, the optimizer and the exchange.
     private static func announce(_ session: Session, _ prepared: Prepared, buckets: GradientBuckets) {
-        let config = session.config
-        let logger = session.logger
+        let config = session.config, logger = session.logger, model = prepared.model
         let resolved = config.yaml.split(separator: "\n").map { "  " + $0 }.joined(separator: "\n")
         logger.info("configuration (also in \(session.runDirectory)/config.yaml):\n\(resolved)")
         let layout = session.layout
         let nodes = Dictionary(grouping: layout.nodeNames, by: { $0 }).sorted { $0.key < $1.key }
             .map { "\($0.key): \($0.value.count)" }.joined(separator: ", ")
         let mode = session.isLocal ? "local mode (no MPI launcher)" : "MPI"
-        logger.info("bpworker: \(session.worldSize) rank\(session.worldSize == 1 ? "" : "s") on \(layout.nodeCount) node\(layout.nodeCount == 1 ? "" : "s") (\(nodes)), \(mode), \(session.blasThreads) BLAS thread\(session.blasThreads == 1 ? "" : "s") per rank, \(BLASKernels.description)")
-        logger.info("data: \(grouped(prepared.train.count)) training samples (\(config.trainFeatures)), \(grouped(prepared.test.count)) test samples, \(prepared.model.outputWidth) classes, \(prepared.train.featureCount) inputs")
-        logger.info("model: \(prepared.model.spec.summary), \(grouped(prepared.model.parameterCount)) parameters")
-        if prepared.model.spec.layers.contains(where: { $0.isSpatial || $0 == .flatten }) || prepared.model.spec.inputShape.count > 1 {
+        logger.info("bpworker: \(counted(session.worldSize, "rank")) on \(counted(layout.nodeCount, "node")) (\(nodes)), \(mode), "
+            + "\(counted(session.blasThreads, "BLAS thread")) per rank, \(BLASKernels.description)")
+        logger.info("data: \(grouped(prepared.train.count)) training samples (\(config.trainFeatures)), "
+            + "\(grouped(prepared.test.count)) test samples, \(model.outputWidth) classes, \(prepared.train.featureCount) inputs")
+        logger.info("model: \(model.spec.summary), \(grouped(model.parameterCount)) parameters")
+        if model.spec.layers.contains(where: { $0.isSpatial || $0 == .flatten }) || model.spec.inputShape.count > 1 {
             // One line per layer with its output shape, as torchinfo prints it.
-            let input = prepared.model.spec.inputShape.map(String.init).joined(separator: ", ")
-            let lines = prepared.model.layerSummary.map { "  " + $0 }.joined(separator: "\n")
+            let input = model.spec.inputShape.map(String.init).joined(separator: ", ")
+            let lines = model.layerSummary.map { "  " + $0 }.joined(separator: "\n")
             logger.info("layers (input [\(config.batchSize), \(input)]):\n\(lines)")
         }
         logger.info("memory: rank 0 expects \(prepared.memory.summary)")
-        logger.info("batch: \(config.batchSize) per rank x \(session.worldSize) rank\(session.worldSize == 1 ? "" : "s") = global batch \(prepared.sampler.globalBatchSize); \(prepared.sampler.stepsPerEpoch) steps per epoch (\(config.remainder.rawValue) remainder), \(config.epochs) epochs")
+        logger.info("batch: \(config.batchSize) per rank x \(counted(session.worldSize, "rank")) = global batch "
+            + "\(prepared.sampler.globalBatchSize); \(prepared.sampler.stepsPerEpoch) steps per epoch "
+            + "(\(config.remainder.rawValue) remainder), \(config.epochs) epochs")
         if let augmentation = prepared.augmentation {
-            let what = [augmentation.cropPadding > 0 ? "random \(augmentation.height)x\(augmentation.width) crops of the image padded with \(augmentation.cropPadding) zeros" : nil,
-                        augmentation.flip ? "random horizontal flips" : nil].compactMap { $0 }.joined(separator: ", ")
+            let crops = "random \(augmentation.height)x\(augmentation.width) crops of the image padded with "
+                + "\(augmentation.cropPadding) zeros"
+            let what = [augmentation.cropPadding > 0 ? crops : nil, augmentation.flip ? "random horizontal flips" : nil]
+                .compactMap { $0 }.joined(separator: ", ")
             logger.info("augmentation: \(what), drawn per (seed, epoch, sample); training batches only")
         }
         logger.info("optimizer: \(config.optimizer.rawValue), lr \(config.learningRate) for the global batch, "
@@ -199,8 +206,8 @@ enum Trainer {
             ? "each rank updates 1/\(ranks) of the parameters, then they are gathered"
             : "every rank applies the summed gradients"
         let count = buckets.ranges.count
-        session.logger.info("gradients: \(count) bucket\(count == 1 ? "" : "s") (training.bucket_kib=\(config.bucketKiB)), "
-            + "averaged over \(ranks) rank\(ranks == 1 ? "" : "s"); training.reduction=\(config.reduction.rawValue): \(how)")
+        session.logger.info("gradients: \(counted(count, "bucket")) (training.bucket_kib=\(config.bucketKiB)), "
+            + "averaged over \(counted(ranks, "rank")); training.reduction=\(config.reduction.rawValue): \(how)")
         guard !prepared.model.bufferTable.isEmpty && ranks > 1 else { return }
         if prepared.model.crossRankReducer != nil {
             session.logger.info("batch norm: synchronized over \(ranks) ranks (model.batchnorm=sync)")
@@ -231,7 +238,8 @@ enum Trainer {
         }
         let mine = Double(usage.ru_maxrss) / 1024
         if session.isRoot {
-            session.logger.info("peak memory: \(String(format: "%.0f", Double(peak[0]) / 1_048_576)) MiB on the largest rank (rank 0: \(String(format: "%.0f", mine)) MiB)")
+            session.logger.info("peak memory: \(String(format: "%.0f", Double(peak[0]) / 1_048_576)) MiB on the largest rank "
+                + "(rank 0: \(String(format: "%.0f", mine)) MiB)")
         }
     }
 
