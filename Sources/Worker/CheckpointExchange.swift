@@ -14,7 +14,7 @@ struct CheckpointExchange {
     /// gather the optimizer state, which a sharded update leaves current only in each rank's own part, and send
     /// their dropout generators to rank 0, which writes the file; the others wait for its verdict.
     func save(_ position: inout TrainingPosition, reducer: GradientReducer) throws -> String {
-        try reducer.gatherOptimizerState(optimizer)
+        try reducer.gatherUpdateState()  // the reducer was made with `optimizer`
         try shareBuffers(session, model)  // rank 0's running statistics are the ones saved
         let w = session.worldSize
         var states = [UInt64](repeating: 0, count: 4 * w)

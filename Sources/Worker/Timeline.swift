@@ -18,7 +18,10 @@ final class Timeline {
     let recorder: TimelineRecorder
     private let session: Session
     private let model: Model<Float>
-    private let reducer: GradientReducer
+    /// The reducer's observer, recording into `recorder`: give it to the reducer when making it.
+    let bucketTimes: BucketTimes
+    private let buckets: GradientBuckets
+    private let strategy: ReductionStrategy
     private let warmup: Int
     private let steps: Int
     /// Steps this process has begun.
@@ -34,15 +37,17 @@ final class Timeline {
     var path: String { session.runDirectory + "/timeline.json" }
 
     /// - Parameter runSteps: steps the run has in all: a window longer than the run needs no room beyond it.
-    init(session: Session, model: Model<Float>, reducer: GradientReducer, runSteps: Int) {
+    /// - Parameter buckets: the gradient reducer's buckets (its strategy is the configuration's).
+    init(session: Session, model: Model<Float>, buckets: GradientBuckets, runSteps: Int) {
         let config = session.config
         self.session = session
         self.model = model
-        self.reducer = reducer
+        self.buckets = buckets
+        strategy = config.reduction
         steps = config.timelineSteps
         warmup = config.timelineWarmupSteps
-        recorder = TimelineRecorder(capacity: min(steps, max(runSteps, 1)) * Self.eventsPerStep(model: model, buckets: reducer.buckets.count) + 64)
-        reducer.timeline = recorder
+        recorder = TimelineRecorder(capacity: min(steps, max(runSteps, 1)) * Self.eventsPerStep(model: model, buckets: buckets.count) + 64)
+        bucketTimes = BucketTimes(recorder: recorder, buckets: buckets.count, ranks: session.worldSize)
         layerTimer = { [recorder] layer, pass, start, end in
             recorder.record(pass == .forward ? .layerForward : .layerBackward, layer, start: Int64(start), end: Int64(end))
         }
@@ -138,7 +143,7 @@ final class Timeline {
         }
         let trace = TraceFile(ranks: ranks, dropped: dropped, alignedAtOpen: alignedAtOpen, alignedAtClose: alignedAtClose,
                               hosts: session.layout.nodeNames, names: names(), steps: steps, warmup: warmup,
-                              strategy: reducer.strategy.rawValue)
+                              strategy: strategy.rawValue)
         do {
             try writeAtomically(Data(trace.json.utf8), to: path, durable: false)
         } catch {
@@ -158,14 +163,13 @@ final class Timeline {
     /// What each event is called in the file, from the model and the reducer of this run.
     private func names() -> TraceFile.Names {
         let layers = model.spec.layers.map { "\($0)" }
-        let buckets = reducer.buckets.map { range -> String in
+        let names = buckets.ranges.map { range -> String in
             let tensors = model.parameterTable.filter { range.contains($0.offset) }.map(\.name)
             let span = tensors.count > 1 ? "\(tensors.last!)..\(tensors.first!)" : tensors.first ?? "?"
             return "\(span), \(bytesText(Double(range.count * MemoryLayout<Float>.stride)))"
         }
-        let bucketBytes = reducer.buckets.map { $0.count * MemoryLayout<Float>.stride }
-        return TraceFile.Names(layers: layers, buckets: buckets, bucketBytes: bucketBytes,
-                               sharded: reducer.strategy == .sharded)
+        let bucketBytes = buckets.ranges.map { $0.count * MemoryLayout<Float>.stride }
+        return TraceFile.Names(layers: layers, buckets: names, bucketBytes: bucketBytes, sharded: strategy == .sharded)
     }
 }
 

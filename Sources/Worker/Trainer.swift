@@ -37,12 +37,13 @@ enum Trainer {
         commitRunDirectory(session, previous: existing, overwrite: mode == .overwrite)
         announce(session, prepared)
 
-        let reducer = GradientReducer(
-            communicator: session.communicator, gradients: model.gradients,
-            tensorRanges: model.parameterTable.map(\.range), bucketElements: config.bucketKiB * 1024 / MemoryLayout<Float>.stride,
-            strategy: config.reduction, control: model.control, nonFiniteSlot: Setup.ControlSlot.nonFinite,
-            provenFinite: { model.gradientsProvenFinite(in: $0) })
-        let buckets = reducer.buckets.count
+        let plan = GradientBuckets(tensorRanges: model.parameterTable.map(\.range),
+                                   bucketElements: config.bucketKiB * 1024 / MemoryLayout<Float>.stride, totalCount: model.parameterCount)
+        let timeline = config.timelineSteps > 0 ? Timeline(session: session, model: model, buckets: plan, runSteps: prepared.totalSteps) : nil
+        let reducer = makeGradientReducer(strategy: config.reduction, communicator: session.communicator, buckets: plan,
+            gradients: model.gradients, parameters: model.parameters, update: optimizer, control: model.control,
+            nonFiniteSlot: Setup.ControlSlot.nonFinite, provenFinite: { model.gradientsProvenFinite(in: $0) }, observer: timeline?.bucketTimes)
+        let buckets = plan.count
         let how = config.reduction == .sharded
             ? "each rank updates 1/\(session.worldSize) of the parameters, then they are gathered"
             : "every rank applies the summed gradients"
@@ -63,7 +64,6 @@ enum Trainer {
         let watchdog = Watchdog(timeout: config.watchdogSeconds, rank: session.rank, worldSize: session.worldSize,
                                 runDirectory: runDirectory) { report in aborter.abort(report) }
         watchdog.start()
-        let timeline = config.timelineSteps > 0 ? Timeline(session: session, model: model, reducer: reducer, runSteps: prepared.totalSteps) : nil
         if config.batchNorm == .sync && !model.bufferTable.isEmpty && session.worldSize > 1 {
             // Synchronized batch norm: its sums are collectives inside the passes, watched like every other.
             let sums = CrossRankSums(communicator: session.communicator) { error in

@@ -150,8 +150,7 @@ final class TrainingLoop {
             let norm = try reducer.gradientNorm(scale: gradientScale)
             gradientScale *= gradientClipFactor(norm: norm, maxNorm: config.clipNorm)
         }
-        try reducer.update(optimizer, parameters: model.parameters, learningRate: schedule.learningRate(atStep: position.globalStep),
-                           gradientScale: gradientScale)
+        try reducer.update(learningRate: schedule.learningRate(atStep: position.globalStep), gradientScale: gradientScale)
         watchdog.leave()
         position.globalStep += 1
         return (stopRequests > 0 ? .stopRequested : .completed, result)
