@@ -331,6 +331,18 @@ final class Checker {
                     let posted = events.last { $0.kind == .bucketStart && $0.index == complete.index && $0.start <= complete.start }
                     expect(posted != nil, "\(strategy) timeline: bucket \(complete.index) completed before it was posted")
                 }
+                // ... and at the end of the last of its step's communication (every piece here is non-empty).
+                var latest: [Int32: Int64] = [:]
+                for event in events {
+                    switch event.kind {
+                    case .exchangeWait: latest = [:]
+                    case .bucketSend, .bucketReceive, .bucketAllreduce: latest[event.index] = max(latest[event.index] ?? 0, event.end)
+                    case .bucketComplete:
+                        expect(latest[event.index] == event.start, "\(strategy) timeline: bucket \(event.index) completed at "
+                               + "\(event.start), its communication ended at \(latest[event.index].map(String.init) ?? "none")")
+                    default: break
+                    }
+                }
             }
             // Closed form of four momentum steps from p0.
             try reducer.gatherUpdateState()
