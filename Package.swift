@@ -4,7 +4,11 @@
 //
 // The folders are the architecture:
 //   Engine       layers, losses, optimizers, data readers and the gradient checker; knows nothing of MPI.
-//   Coordinator  communicators, sharding, gradient allreduce; sees the model only as flat buffers.
+//   Coordinator  communicators, sharding, gradient reduction; sees the model only as flat buffers, and changes
+//                parameters only through its `ParameterUpdate` protocol (Engine's `Optimizer<Float>` conforms, in
+//                Coordinator/ParameterUpdate.swift). From Engine it takes kernels (dot, add, nonFiniteCount,
+//                sumOfSquaredSums), `LargeBuffer`, `RandomGenerator` for sampling, and the `CrossRankReducer`
+//                protocol that synchronized batch norm's sums implement.
 //   Worker       the `bpworker` command line that wires the two together.
 // C libraries come in through three small system-library shims: CBLAS (OpenBLAS), CMPI (OpenMPI), CZlib.
 import PackageDescription
@@ -53,6 +57,7 @@ let package = Package(
         ),
         .target(
             name: "Coordinator",
+            // Engine for its kernels and types (see the top); parameters change only through `ParameterUpdate`.
             dependencies: [
                 "Engine", "CMPI",
                 .product(name: "Logging", package: "swift-log"),

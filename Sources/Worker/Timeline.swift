@@ -18,7 +18,8 @@ final class Timeline {
     let recorder: TimelineRecorder
     private let session: Session
     private let model: Model<Float>
-    private let reducer: GradientReducer
+    private let buckets: GradientBuckets
+    private let strategy: ReductionStrategy
     private let warmup: Int
     private let steps: Int
     /// Steps this process has begun.
@@ -34,14 +35,15 @@ final class Timeline {
     var path: String { session.runDirectory + "/timeline.json" }
 
     /// - Parameters:
-    ///   - recorder: sized by `capacity(steps:runSteps:layers:buckets:)`; the reducer's bucket observer records into it
-    ///     too.
-    ///   - model, reducer: what the window records (the layers' passes are timed only while it is open) and names.
-    init(session: Session, recorder: TimelineRecorder, model: Model<Float>, reducer: GradientReducer, clockSkewSeconds: Double) {
+    ///   - recorder: sized by `capacity(steps:runSteps:layers:buckets:)`; the reducer's `BucketTimes` records into it too.
+    ///   - model: its layers' passes are timed while the window is open.
+    ///   - buckets: the gradient reducer's buckets, for the events' names (its strategy is the configuration's).
+    init(session: Session, recorder: TimelineRecorder, model: Model<Float>, buckets: GradientBuckets, clockSkewSeconds: Double) {
         self.session = session
         self.recorder = recorder
         self.model = model
-        self.reducer = reducer
+        self.buckets = buckets
+        strategy = session.config.reduction
         steps = session.config.timelineSteps
         warmup = session.config.timelineWarmupSteps
         layerTimer = { [recorder] layer, pass, start, end in
@@ -124,7 +126,7 @@ final class Timeline {
         }
         let trace = TraceFile(ranks: ranks, dropped: dropped, alignedAtOpen: alignedAtOpen, alignedAtClose: alignedAtClose,
                               hosts: session.layout.nodeNames, names: names(), steps: steps, warmup: warmup,
-                              strategy: reducer.strategy.rawValue)
+                              strategy: strategy.rawValue)
         do {
             try writeAtomically(Data(trace.json.utf8), to: path, durable: false)
         } catch {
@@ -145,13 +147,12 @@ final class Timeline {
     /// What each event is called in the file, from the model and the reducer of this run.
     private func names() -> TraceFile.Names {
         let layers = model.spec.layers.map { "\($0)" }
-        let buckets = reducer.buckets.map { range -> String in
+        let names = buckets.ranges.map { range -> String in
             let tensors = model.parameterTable.filter { range.contains($0.offset) }.map(\.name)
             let span = tensors.count > 1 ? "\(tensors.last!)..\(tensors.first!)" : tensors.first ?? "?"
             return "\(span), \(bytesText(Double(range.count * MemoryLayout<Float>.stride)))"
         }
-        let bucketBytes = reducer.buckets.map { $0.count * MemoryLayout<Float>.stride }
-        return TraceFile.Names(layers: layers, buckets: buckets, bucketBytes: bucketBytes,
-                               sharded: reducer.strategy == .sharded)
+        let bucketBytes = buckets.ranges.map { $0.count * MemoryLayout<Float>.stride }
+        return TraceFile.Names(layers: layers, buckets: names, bucketBytes: bucketBytes, sharded: strategy == .sharded)
     }
 }

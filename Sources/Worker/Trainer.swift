@@ -27,8 +27,9 @@ enum Trainer {
         let aborter = Aborter(communicator: session.communicator, runDirectory: session.runDirectory)
         let watchdog = Watchdog(timeout: config.watchdogSeconds, rank: session.rank, worldSize: session.worldSize,
                                 runDirectory: session.runDirectory) { report in aborter.abort(report) }
-        let buckets = GradientBuckets(tensorRanges: plan.spec.parameterTable.map(\.range),
-                                      bucketElements: config.bucketKiB * 1024 / MemoryLayout<Float>.stride)
+        let tensors = plan.spec.parameterTable
+        let buckets = GradientBuckets(tensorRanges: tensors.map(\.range), bucketElements: config.bucketKiB * 1024 / MemoryLayout<Float>.stride,
+                                      totalCount: tensors.last.map { $0.offset + $0.count } ?? 0)
         let recorder = config.timelineSteps <= 0 ? nil : TimelineRecorder(capacity: Timeline.capacity(
             steps: config.timelineSteps, runSteps: plan.sampler.stepsPerEpoch * config.epochs, layers: plan.spec.layers.count,
             buckets: buckets.ranges.count))
@@ -44,15 +45,15 @@ enum Trainer {
         announce(session, prepared, buckets: buckets)
 
         let reducer = makeGradientReducer(
-            strategy: config.reduction, communicator: session.communicator, parameters: model.parameters,
-            gradients: model.gradients, buckets: buckets, control: model.control,
+            strategy: config.reduction, communicator: session.communicator, buckets: buckets, gradients: model.gradients,
+            parameters: model.parameters, update: optimizer, control: model.control,
             nonFiniteSlot: StepControl.Slot.nonFinite.rawValue, provenFinite: { model.gradientsProvenFinite(in: $0) },
-            update: optimizer, observer: recorder.map { BucketTimes(recorder: $0) })
+            observer: recorder.map { BucketTimes(recorder: $0, buckets: buckets.count, ranks: session.worldSize) })
         let progress = startProgress(session, prepared, resumed: resume != nil, at: position)
         let failure = RunFailure(session: session, progress: progress)
         watchdog.start()
         let timeline = recorder.map {
-            Timeline(session: session, recorder: $0, model: model, reducer: reducer, clockSkewSeconds: hooks.clockSkewSeconds)
+            Timeline(session: session, recorder: $0, model: model, buckets: buckets, clockSkewSeconds: hooks.clockSkewSeconds)
         }
         let checkpointer = Checkpointer(runDirectory: session.runDirectory, keep: config.checkpointKeep,
                                         modelMetadata: modelDescription(session, prepared).metadata)

@@ -287,15 +287,16 @@ final class Checker {
         func mean(_ i: Int, _ step: Int) -> Double { (0..<n).map { Double(gradient($0, i, step)) }.reduce(0, +) / Double(n) }
         let (lr, mu) = (0.5, 0.9)
         for bucketElements in [0, 1, 100] {
-            let reducer = GradientReducer(communicator: comm, gradients: gradients, tensorRanges: ranges,
-                                          bucketElements: bucketElements, strategy: strategy, control: control, nonFiniteSlot: 1)
             let optimizer = try Optimizer<Float>(config: .init(kind: .sgd, momentum: mu), parameterCount: count)
+            let buckets = GradientBuckets(tensorRanges: ranges, bucketElements: bucketElements, totalCount: count)
             // With several buckets the steps are recorded for a timeline: the closed form below must still hold.
             let recorder = TimelineRecorder(capacity: 1000)
-            if bucketElements == 100 {
-                reducer.timeline = recorder
-                recorder.startRecording()
-            }
+            let observer = bucketElements == 100 ? BucketTimes(recorder: recorder, buckets: buckets.count, ranks: n) : nil
+            let reducer = makeGradientReducer(strategy: strategy, communicator: comm, buckets: buckets, gradients: gradients,
+                                              parameters: parameters, update: optimizer, control: control, nonFiniteSlot: 1,
+                                              observer: observer)
+            expect(reducer.strategy == strategy, "the factory made a \(reducer.strategy) reducer for \(strategy)")
+            if observer != nil { recorder.startRecording() }
             for i in 0..<count { parameters[i] = Float(i % 11) }
             for step in 0..<4 {
                 for i in 0..<count { gradients[i] = gradient(rank, i, step) }
@@ -309,7 +310,7 @@ final class Checker {
                     let measured = try reducer.gradientNorm(scale: reducer.gradientScale)
                     expect(abs(measured - norm) <= 1e-5 * norm, "\(strategy) bucket \(bucketElements): norm \(measured), expected \(norm)")
                 }
-                try reducer.update(optimizer, parameters: parameters, learningRate: lr, gradientScale: reducer.gradientScale)
+                try reducer.update(learningRate: lr, gradientScale: reducer.gradientScale)
                 expect(control[0] == 1 && control[1] == 0, "\(strategy): control slots \(Array(control))")
             }
             if bucketElements == 100 {
@@ -330,9 +331,21 @@ final class Checker {
                     let posted = events.last { $0.kind == .bucketStart && $0.index == complete.index && $0.start <= complete.start }
                     expect(posted != nil, "\(strategy) timeline: bucket \(complete.index) completed before it was posted")
                 }
+                // ... and at the end of the last of its step's communication (every piece here is non-empty).
+                var latest: [Int32: Int64] = [:]
+                for event in events {
+                    switch event.kind {
+                    case .exchangeWait: latest = [:]
+                    case .bucketSend, .bucketReceive, .bucketAllreduce: latest[event.index] = max(latest[event.index] ?? 0, event.end)
+                    case .bucketComplete:
+                        expect(latest[event.index] == event.start, "\(strategy) timeline: bucket \(event.index) completed at "
+                               + "\(event.start), its communication ended at \(latest[event.index].map(String.init) ?? "none")")
+                    default: break
+                    }
+                }
             }
             // Closed form of four momentum steps from p0.
-            try reducer.gatherOptimizerState(optimizer)
+            try reducer.gatherUpdateState()
             var wrong = 0, wrongState = 0, firstWrong = -1
             for i in 0..<count {
                 var p = Double(i % 11), b = 0.0

@@ -23,9 +23,13 @@ struct AllocationTests {
         let model = try Model<Float>(spec: spec, batchCapacity: 8, seed: 1, controlSlots: 2)
         let optimizer = try Optimizer<Float>(config: OptimizerConfig(kind: kind, momentum: kind == .sgd ? 0.9 : 0),
                                              parameterCount: model.parameterCount)
-        let reducer = GradientReducer(communicator: LocalCommunicator(), gradients: model.gradients,
-                                      tensorRanges: model.parameterTable.map(\.range), bucketElements: 64, strategy: strategy,
-                                      control: model.control, nonFiniteSlot: 1, provenFinite: { model.gradientsProvenFinite(in: $0) })
+        let buckets = GradientBuckets(tensorRanges: model.parameterTable.map(\.range), bucketElements: 64,
+                                      totalCount: model.parameterCount)
+        let recorder: TimelineRecorder? = timeline ? TimelineRecorder(capacity: 4096) : nil
+        let reducer = makeGradientReducer(strategy: strategy, communicator: LocalCommunicator(), buckets: buckets,
+                                          gradients: model.gradients, parameters: model.parameters, update: optimizer,
+                                          control: model.control, nonFiniteSlot: 1, provenFinite: { model.gradientsProvenFinite(in: $0) },
+                                          observer: recorder.map { BucketTimes(recorder: $0, buckets: buckets.count, ranks: 1) })
         var pixels = [UInt8](repeating: 0, count: 64 * width)
         for i in pixels.indices { pixels[i] = UInt8(i % 251) }
         let data = try Dataset(name: "synthetic", featureCount: width, sampleShape: augmented ? spec.inputShape : nil,
@@ -33,9 +37,7 @@ struct AllocationTests {
         let augmentation = augmented ? try Augmentation(cropPadding: 2, flip: true, seed: 3, sampleShape: spec.inputShape) : nil
         let sampler = try ShardSampler(datasetSize: 64, rank: 0, worldSize: 1, batchSize: 8, seed: 3)
         let schedule = LearningRateSchedule(base: 0.1, kind: .cosine(totalSteps: 100, minimum: 0), warmupSteps: 5)
-        let recorder: TimelineRecorder? = timeline ? TimelineRecorder(capacity: 4096) : nil
         if let recorder {
-            reducer.timeline = recorder
             model.layerTimer = { layer, pass, start, end in
                 recorder.record(pass == .forward ? .layerForward : .layerBackward, layer, start: Int64(start), end: Int64(end))
             }
@@ -61,8 +63,7 @@ struct AllocationTests {
                 let normStarted = recorder?.begin() ?? 0
                 let clip = gradientClipFactor(norm: try reducer.gradientNorm(scale: reducer.gradientScale), maxNorm: 1)
                 recorder?.end(.gradientNorm, since: normStarted)
-                try reducer.update(optimizer, parameters: model.parameters, learningRate: schedule.learningRate(atStep: step),
-                                   gradientScale: reducer.gradientScale * clip)
+                try reducer.update(learningRate: schedule.learningRate(atStep: step), gradientScale: reducer.gradientScale * clip)
                 recorder?.end(.step, since: stepStarted)
                 counts.append(bp_thread_allocations() - before)
             }
@@ -73,6 +74,7 @@ struct AllocationTests {
             // The steps were recorded (every layer, both passes), and none was dropped.
             #expect(recorder.recorded.filter { $0.kind == .layerForward }.count == 8 * (spec.layers.count + 1))
             #expect(recorder.recorded.filter { $0.kind == .exchangeWait }.count == 8 && recorder.dropped == 0)
+            #expect(recorder.recorded.filter { $0.kind == .update }.count == 8)
         }
         return counts.dropFirst(2).max() ?? 0
     }

@@ -457,21 +457,21 @@ func overlapBench(_ communicator: MPICommunicator) throws {
     let model = step.model
     let ranges = model.parameterTable.map(\.range)
     // As the Worker makes them: the control slots ride along, non-finite values are counted.
-    func reducer(_ strategy: GradientReducer.Strategy, kib: Int) -> GradientReducer {
-        GradientReducer(communicator: communicator, gradients: model.gradients, tensorRanges: ranges,
-                        bucketElements: kib * 1024 / 4, strategy: strategy, control: model.control, nonFiniteSlot: 1,
-                        provenFinite: { model.gradientsProvenFinite(in: $0) })
+    func reducer(_ strategy: GradientReducer.Strategy, kib: Int) -> any GradientReducer {
+        makeGradientReducer(strategy: strategy, communicator: communicator,
+                            buckets: GradientBuckets(tensorRanges: ranges, bucketElements: kib * 1024 / 4, totalCount: model.parameterCount),
+                            gradients: model.gradients, parameters: model.parameters, update: step.optimizer,
+                            control: model.control, nonFiniteSlot: 1, provenFinite: { model.gradientsProvenFinite(in: $0) })
     }
     var failure: Error? = nil
-    func run(_ reducer: GradientReducer?) {
+    func run(_ reducer: (any GradientReducer)?) {
         do {
             model.zeroControl()
             model.forward(count: step.batch, mode: .train)
             try model.backward(count: step.batch, accumulate: false) { try reducer?.gradientsReady(from: $0) }
             if let reducer {
                 try reducer.finish()
-                try reducer.update(step.optimizer, parameters: model.parameters, learningRate: 1e-4,
-                                   gradientScale: reducer.gradientScale)
+                try reducer.update(learningRate: 1e-4, gradientScale: reducer.gradientScale)
             } else {
                 step.optimizer.update(parameters: model.parameters, gradients: model.gradients, learningRate: 1e-4)
             }
@@ -535,15 +535,16 @@ func timelineBench(_ communicator: MPICommunicator) throws {
         let step = try StepBench(widths: widths, batch: batch)
         let model = step.model
         // Two reducers as the Worker makes them, one of them recording: a run without --timeline has none.
-        func reducer() -> GradientReducer {
-            GradientReducer(communicator: communicator, gradients: model.gradients,
-                            tensorRanges: model.parameterTable.map(\.range), bucketElements: 256 * 1024 / 4,
-                            strategy: .sharded, control: model.control, nonFiniteSlot: 1,
-                            provenFinite: { model.gradientsProvenFinite(in: $0) })
-        }
-        let plainReducer = reducer(), recordingReducer = reducer()
+        let buckets = GradientBuckets(tensorRanges: model.parameterTable.map(\.range), bucketElements: 256 * 1024 / 4,
+                                      totalCount: model.parameterCount)
         let recorder = TimelineRecorder(capacity: 1 << 16)
-        recordingReducer.timeline = recorder
+        func reducer(observer: BucketTimes?) -> ShardedReducer {
+            ShardedReducer(communicator: communicator, buckets: buckets, gradients: model.gradients, parameters: model.parameters,
+                           update: step.optimizer, control: model.control, nonFiniteSlot: 1,
+                           provenFinite: { model.gradientsProvenFinite(in: $0) }, observer: observer)
+        }
+        let plainReducer = reducer(observer: nil)
+        let recordingReducer = reducer(observer: BucketTimes(recorder: recorder, buckets: buckets.count, ranks: communicator.size))
         let layerTimer: (Int, ModelPass, UInt64, UInt64) -> Void = { layer, pass, start, end in
             recorder.record(pass == .forward ? .layerForward : .layerBackward, layer, start: Int64(start), end: Int64(end))
         }
@@ -571,7 +572,7 @@ func timelineBench(_ communicator: MPICommunicator) throws {
                 try model.backward(count: step.batch, accumulate: false) { try reducer.gradientsReady(from: $0) }
                 recorder.end(.backward, since: backwardStarted)
                 try reducer.finish()
-                try reducer.update(step.optimizer, parameters: model.parameters, learningRate: 1e-4, gradientScale: reducer.gradientScale)
+                try reducer.update(learningRate: 1e-4, gradientScale: reducer.gradientScale)
                 recorder.end(.step, since: started)
             } catch { failure = error }
         }

@@ -7,7 +7,7 @@
 // 784-1024-1024-10 step).
 //
 // Where g comes from is the `GradientSource`: one buffer, or the sum of two. A sharded data-parallel step
-// (Coordinator's GradientReducer, `.sharded`) receives the other ranks' gradients for its shard into a buffer
+// (Coordinator's `ShardedReducer`) receives the other ranks' gradients for its shard into a buffer
 // of their own and adds them here, in the update's pass, instead of in a reduction pass of their own.
 
 /// Where an update reads its gradients: element i of the range being updated.
