@@ -96,8 +96,9 @@ final class Timeline {
     func close() throws {
         guard state == .recording else {
             if state == .waiting && session.isRoot {
-                session.logger.warning("timeline: the run ended within the \(warmup) steps before recording "
-                    + "(timeline.warmup_steps); no timeline.json written")
+                let message = "timeline: the run ended within the \(warmup) steps before recording "
+                    + "(timeline.warmup_steps); no timeline.json written"
+                session.logger.warning("\(message)")
             }
             return
         }

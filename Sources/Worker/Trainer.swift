@@ -172,10 +172,12 @@ enum Trainer {
         let nodes = Dictionary(grouping: layout.nodeNames, by: { $0 }).sorted { $0.key < $1.key }
             .map { "\($0.key): \($0.value.count)" }.joined(separator: ", ")
         let mode = session.isLocal ? "local mode (no MPI launcher)" : "MPI"
-        logger.info("bpworker: \(counted(session.worldSize, "rank")) on \(counted(layout.nodeCount, "node")) (\(nodes)), \(mode), "
-            + "\(counted(session.blasThreads, "BLAS thread")) per rank, \(BLASKernels.description)")
-        logger.info("data: \(grouped(prepared.train.count)) training samples (\(config.trainFeatures)), "
-            + "\(grouped(prepared.test.count)) test samples, \(model.outputWidth) classes, \(prepared.train.featureCount) inputs")
+        let ranks = "bpworker: \(counted(session.worldSize, "rank")) on \(counted(layout.nodeCount, "node")) (\(nodes)), \(mode), "
+            + "\(counted(session.blasThreads, "BLAS thread")) per rank, \(BLASKernels.description)"
+        logger.info("\(ranks)")
+        let data = "data: \(grouped(prepared.train.count)) training samples (\(config.trainFeatures)), "
+            + "\(grouped(prepared.test.count)) test samples, \(model.outputWidth) classes, \(prepared.train.featureCount) inputs"
+        logger.info("\(data)")
         logger.info("model: \(model.spec.summary), \(grouped(model.parameterCount)) parameters")
         if model.spec.layers.contains(where: { $0.isSpatial || $0 == .flatten }) || model.spec.inputShape.count > 1 {
             // One line per layer with its output shape, as torchinfo prints it.
@@ -184,9 +186,10 @@ enum Trainer {
             logger.info("layers (input [\(config.batchSize), \(input)]):\n\(lines)")
         }
         logger.info("memory: rank 0 expects \(prepared.memory.summary)")
-        logger.info("batch: \(config.batchSize) per rank x \(counted(session.worldSize, "rank")) = global batch "
+        let batch = "batch: \(config.batchSize) per rank x \(counted(session.worldSize, "rank")) = global batch "
             + "\(prepared.sampler.globalBatchSize); \(prepared.sampler.stepsPerEpoch) steps per epoch "
-            + "(\(config.remainder.rawValue) remainder), \(config.epochs) epochs")
+            + "(\(config.remainder.rawValue) remainder), \(config.epochs) epochs"
+        logger.info("\(batch)")
         if let augmentation = prepared.augmentation {
             let crops = "random \(augmentation.height)x\(augmentation.width) crops of the image padded with "
                 + "\(augmentation.cropPadding) zeros"
@@ -194,8 +197,9 @@ enum Trainer {
                 .compactMap { $0 }.joined(separator: ", ")
             logger.info("augmentation: \(what), drawn per (seed, epoch, sample); training batches only")
         }
-        logger.info("optimizer: \(config.optimizer.rawValue), lr \(config.learningRate) for the global batch, "
-            + "\(config.schedule.rawValue) schedule")
+        let optimizer = "optimizer: \(config.optimizer.rawValue), lr \(config.learningRate) for the global batch, "
+            + "\(config.schedule.rawValue) schedule"
+        logger.info("\(optimizer)")
         announceExchange(session, prepared, buckets: buckets)
         logger.info("run directory: \(session.runDirectory)")
     }
@@ -207,14 +211,16 @@ enum Trainer {
             ? "each rank updates 1/\(ranks) of the parameters, then they are gathered"
             : "every rank applies the summed gradients"
         let count = buckets.ranges.count
-        session.logger.info("gradients: \(counted(count, "bucket")) (training.bucket_kib=\(config.bucketKiB)), "
-            + "averaged over \(counted(ranks, "rank")); training.reduction=\(config.reduction.rawValue): \(how)")
+        let message = "gradients: \(counted(count, "bucket")) (training.bucket_kib=\(config.bucketKiB)), "
+            + "averaged over \(counted(ranks, "rank")); training.reduction=\(config.reduction.rawValue): \(how)"
+        session.logger.info("\(message)")
         guard !prepared.model.bufferTable.isEmpty && ranks > 1 else { return }
         if prepared.model.crossRankReducer != nil {
             session.logger.info("batch norm: synchronized over \(ranks) ranks (model.batchnorm=sync)")
         } else {
-            session.logger.info("batch norm: each rank normalises its own batch; rank 0's running statistics are evaluated, "
-                + "checkpointed and saved (model.batchnorm=local, as PyTorch DDP)")
+            let message = "batch norm: each rank normalises its own batch; rank 0's running statistics are evaluated, "
+                + "checkpointed and saved (model.batchnorm=local, as PyTorch DDP)"
+            session.logger.info("\(message)")
         }
     }
 
@@ -239,8 +245,9 @@ enum Trainer {
         }
         let mine = Double(usage.ru_maxrss) / 1024
         if session.isRoot {
-            session.logger.info("peak memory: \(String(format: "%.0f", Double(peak[0]) / 1_048_576)) MiB on the largest rank "
-                + "(rank 0: \(String(format: "%.0f", mine)) MiB)")
+            let message = "peak memory: \(String(format: "%.0f", Double(peak[0]) / 1_048_576)) MiB on the largest rank "
+                + "(rank 0: \(String(format: "%.0f", mine)) MiB)"
+            session.logger.info("\(message)")
         }
     }
 

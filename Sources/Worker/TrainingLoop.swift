@@ -162,8 +162,9 @@ final class TrainingLoop {
             position.skippedSteps += 1
             position.globalStep += 1
             if session.isRoot {
-                session.logger.warning("\(what): step skipped on every rank (\(position.skippedSteps) of at most "
-                    + "\(config.maxSkippedSteps), numerics.policy=skip)")
+                let message = "\(what): step skipped on every rank (\(position.skippedSteps) of at most "
+                    + "\(config.maxSkippedSteps), numerics.policy=skip)"
+                session.logger.warning("\(message)")
             }
             return .skipped
         }
