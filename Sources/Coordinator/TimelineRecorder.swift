@@ -32,6 +32,8 @@ public struct TimelineEvent: Equatable, Sendable {
         case progressReport, replicaCheck, checkpoint, evaluation, clockSync
         // A bucket's communication, on tracks of its own: from posting to the completion the rank saw.
         case bucketSend, bucketReceive, bucketAllreduce, bucketComplete, controlAllreduce
+        /// Rank 0 rewriting report.html, between steps (last: raw values travel between ranks).
+        case report
     }
 
     /// Int64 values per event in `flattened`.

@@ -126,6 +126,7 @@ struct TraceFile {
         case .bucketAllreduce: return ("bucket \(i) allreduce", "communication", bytes)
         case .bucketComplete: return ("bucket \(i) complete", "communication", bytes)
         case .controlAllreduce: return ("control values allreduce", "communication", "")
+        case .report: return ("report", "between steps", "")
         }
     }
 

@@ -36,11 +36,14 @@ final class Watchdog: Sendable {
             case .setup: "setup"
             case .batchNormSync: "synchronized batch norm"
             case .timeline: "timeline (clock alignment, gathering the events)"
+            case .report: "report"
             }
         }
 
         /// The distributed gradient check's sums over the ranks (GradientCheckRun).
         case gradientCheck
+        /// Rank 0 rewriting report.html between steps while the others wait at the next collective.
+        case report
     }
 
     /// `Phase.rawValue` of where the training thread is; `compute` outside collectives.
