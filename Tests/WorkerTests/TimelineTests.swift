@@ -38,7 +38,7 @@ struct TimelineTests {
         // 100 inputs, [128, 64] hidden: 5 layers; bucket_kib=8 makes two buckets, 2.weight..4.bias and 0.weight..0.bias.
         #expect(result.output.contains("gradients: 2 buckets"), "\(result.output)")
         let good = try check(trace, ["--ranks", "2", "--steps", "30", "--layers", "5", "--buckets", "2",
-                                     "--reduction", "sharded", "--metrics", run + "/metrics.jsonl", "--global-batch", "32",
+                                     "--reduction", "sharded", "--metrics", run + "/metrics.jsonl",
                                      "--expect", "evaluation", "checkpoint", "progress report"])
         #expect(good.status == 0, "\(good.output)")
         #expect(good.output.contains("timeline ok"), "\(good.output)")
@@ -51,7 +51,8 @@ struct TimelineTests {
             copy["traceEvents"] = change(events)
             let path = run + "/broken-\(name).json"
             try JSONSerialization.data(withJSONObject: copy).write(to: URL(fileURLWithPath: path))
-            let r = try check(path, ["--ranks", "2", "--steps", "30"] + (name == "uncovered" ? [] : ["--layers", "5", "--buckets", "2", "--reduction", "sharded"]))
+            let r = try check(path, ["--ranks", "2", "--steps", "30", "--layers", "5", "--buckets", "2", "--reduction", "sharded",
+                                     "--metrics", run + "/metrics.jsonl"])
             #expect(r.status == 1 && r.output.contains(failure), "\(name): \(r.output)")
         }
         func isStep(_ e: [String: Any], _ n: Int) -> Bool { e["name"] as? String == "step \(n)" }
@@ -74,16 +75,16 @@ struct TimelineTests {
         // One step's backward pass missing: its parts no longer cover it.
         let firstBackward = try #require(events.firstIndex { $0["pid"] as? Int == 1 && $0["name"] as? String == "backward" })
         try broken("gap", { Array($0[..<firstBackward] + $0[(firstBackward + 1)...]) }, expecting: "no 'backward' in it")
-        // Rank 0's passes and waits recorded as instants (their layers dropped): the steps are mostly gaps.
-        try broken("uncovered", { $0.compactMap { e in
-            guard e["pid"] as? Int == 1, let name = e["name"] as? String else { return e }
-            if ["forward", "backward", "wait for gradients"].contains(name) {
-                var e = e
-                e["dur"] = 0.0
-                return e
-            }
-            return name.hasPrefix("forward ") || name.hasPrefix("backward ") || name.hasPrefix("post bucket") ? nil : e
-        } }, expecting: "its parts cover")
+        // Rank 0's forward and backward passes swapped in one step: its parts out of order.
+        try broken("disordered", { $0.map { e in
+            guard e["pid"] as? Int == 1, (e["args"] as? [String: Any])?["step"] as? Int == 10 else { return e }
+            var e = e
+            if e["name"] as? String == "forward" { e["name"] = "backward" } else if e["name"] as? String == "backward" { e["name"] = "forward" }
+            return e
+        } }, expecting: "its parts in the order")
+        // A progress report lost: metrics.jsonl has a record without it.
+        try broken("unreported", { $0.filter { !($0["pid"] as? Int == 1 && $0["name"] as? String == "progress report") } },
+                   expecting: "no progress report after the step")
         // Processes unnamed, or numbered from 0 (Perfetto's swapper).
         try broken("unnamed", { $0.filter { !($0["name"] as? String == "process_name" && $0["pid"] as? Int == 2) } },
                    expecting: "process_name")
@@ -109,7 +110,7 @@ struct TimelineTests {
         #expect(result.output.contains("gradients: 2 buckets"), "\(result.output)")
         let trace = run + "/timeline.json"
         let good = try check(trace, ["--ranks", "2", "--steps", "30", "--layers", "8", "--buckets", "2",
-                                     "--reduction", "allreduce", "--metrics", run + "/metrics.jsonl", "--global-batch", "32",
+                                     "--reduction", "allreduce", "--metrics", run + "/metrics.jsonl",
                                      "--expect", "evaluation", "checkpoint"])
         #expect(good.status == 0, "\(good.output)")
         let object = try #require(try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: trace))) as? [String: Any])
