@@ -171,7 +171,7 @@ final class TrainingLoop {
                     let (outcome, result) = try self.step(step, of: all)
                     switch outcome {
                     case .skipped:
-                        progress.recordEvent("skip", step: position.globalStep)
+                        progress.recordEvent(.skip, step: position.globalStep)
                         continue
                     case let .nonFinite(message):
                         try checkpoint()
@@ -251,7 +251,7 @@ final class TrainingLoop {
         timeline?.endBetweenSteps(.checkpoint, since: saving)
         lastCheckpointUptime = Self.uptimeSeconds()
         progress.status.lastCheckpoint = lastCheckpoint
-        progress.recordEvent("checkpoint", step: position.globalStep)
+        progress.recordEvent(.checkpoint, step: position.globalStep)
         progress.status.step = position.globalStep
         progress.writeStatus()
     }
