@@ -43,7 +43,8 @@ final class MetricsLog {
 
 /// Training progress: loss and accuracy over the global batch, throughput, the split between computing and
 /// waiting on communication, and the ETA. A log interval costs one small allreduce; other steps cost nothing.
-/// On a terminal rank 0 redraws one line; in a batch log it prints plain lines.
+/// On a terminal rank 0 redraws one line (through the session's `Terminal`, which ends it before any other
+/// output); in a batch log it prints plain lines.
 final class Progress {
     private let session: Session
     private let metrics: MetricsLog?
@@ -100,7 +101,7 @@ final class Progress {
                 + "\(grouped(Int(samplesPerSecond))) samples/s compute \(String(format: "%.0f", 100 * (1 - waitShare)))% "
                 + "comm wait \(String(format: "%.0f", 100 * waitShare))% ETA \(duration(eta))"
             if isTerminal {
-                FileHandle.standardOutput.write(Data(("\r\u{1B}[K" + line).utf8))
+                session.terminal.redraw(line)
             } else {
                 session.logger.info("\(line)")
             }
@@ -125,7 +126,6 @@ final class Progress {
 
     func reportEvaluation(_ result: BatchResult, epoch: Int, globalStep: Int) {
         guard session.isRoot else { return }
-        if isTerminal { FileHandle.standardOutput.write(Data("\n".utf8)) }
         let accuracy = Double(result.correct) / Double(max(result.count, 1))
         status.testAccuracy = accuracy
         status.epoch = epoch + 1
@@ -197,6 +197,7 @@ final class Progress {
         end.state = state
         end.message = message
         record(end)
+        session.terminal.endLine()
         writeReport()
         guard session.isRoot, state == .finished else { return }
         // A run that reached training.target_accuracy stops before its planned total: say both.
