@@ -32,7 +32,7 @@ public struct TimelineEvent: Equatable, Sendable {
         case progressReport, replicaCheck, checkpoint, evaluation, clockSync
         // A bucket's communication, on tracks of its own: from posting to the completion the rank saw.
         case bucketSend, bucketReceive, bucketAllreduce, bucketComplete, controlAllreduce
-        /// Rebuilding report.html (rank 0, between steps).
+        /// Rank 0 rewriting report.html, between steps (last: raw values travel between ranks).
         case report
     }
 

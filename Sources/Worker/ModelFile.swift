@@ -88,7 +88,7 @@ struct ModelDescription: Equatable {
     var metadata: [String: String] {
         var entries = [
             "layers": Self.jsonList(spec.layers.map(Self.layerText)),
-            "input_shape": Self.jsonList(inputShape.map(String.init), quoted: false),
+            "input_shape": Self.jsonList(inputShape),
             "input_dtype": inputType.rawValue,
             "classes": "\(classes)",
             "loss": spec.loss.rawValue,
@@ -107,9 +107,14 @@ struct ModelDescription: Equatable {
     /// One layer in `model.layers` syntax; `Configuration.modelSpec` reads it back to the same `LayerSpec`.
     static func layerText(_ layer: LayerSpec) -> String { Configuration.layerText(layer) }
 
-    /// `["a", "b"]` or `[28, 28]`: JSON, and YAML flow syntax, so `--set model.layers=...` takes it as it is.
-    private static func jsonList(_ items: [String], quoted: Bool = true) -> String {
-        "[" + items.map { quoted ? "\"\($0)\"" : $0 }.joined(separator: ", ") + "]"
+    /// `["a", "b"]` or `[28, 28]`: JSON, each item escaped by `JSONEncoder`, and spaced as YAML flow syntax is
+    /// usually written, so `--set model.layers=...` takes it as it is.
+    static func jsonList(_ items: [some Encodable]) -> String {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = .withoutEscapingSlashes
+        // A string or an integer always encodes.
+        let texts = items.map { String(decoding: (try? encoder.encode($0)) ?? Data(), as: UTF8.self) }
+        return "[" + texts.joined(separator: ", ") + "]"
     }
 
     // MARK: - Reading
@@ -206,7 +211,7 @@ struct ModelDescription: Equatable {
         return Preprocessing(kind: kind, scale: scale, shift: shift, mean: mean, std: std)
     }
 
-    private static func stringList(_ text: String, key: String, path: String) throws -> [String] {
+    static func stringList(_ text: String, key: String, path: String) throws -> [String] {
         guard let object = try? JSONSerialization.jsonObject(with: Data(text.utf8)), let list = object as? [String] else {
             throw DataError(path: path, reason: "metadata '\(key)' is not a JSON list of strings: \(text)")
         }

@@ -4,34 +4,47 @@ import Foundation
 import Logging
 
 /// Appends one JSON object per line to the run directory's metrics file (rank 0 only), and gives the scalars of
-/// each record to TensorBoard's event file too, so both always hold the same numbers.
+/// each record to TensorBoard's event file too, so both always hold the same numbers. Keeps the run's records in
+/// memory as well, as `bpworker report` reads them from the file, so the report is made without rereading it.
 final class MetricsLog {
     private let handle: FileHandle?
     private let tensorBoard: TensorBoardWriter?
+    /// Every record of the run written so far (on a resume, also those of the earlier processes).
+    private(set) var records: RunRecords
 
     /// - Parameter append: keep earlier records (a resumed run continues its metrics).
     init(path: String, append: Bool = false, tensorBoard: TensorBoardWriter? = nil) {
         self.tensorBoard = tensorBoard
-        if !append || !FileManager.default.fileExists(atPath: path) {
+        records = RunRecords(directory: URL(fileURLWithPath: path).deletingLastPathComponent().path)
+        let earlier = append ? FileManager.default.contents(atPath: path) : nil
+        if earlier == nil {
             _ = FileManager.default.createFile(atPath: path, contents: nil)
         }
         handle = FileHandle(forWritingAtPath: path)
         _ = try? handle?.seekToEnd()
+        if let earlier {
+            records.add(lines: earlier)
+            // A process killed in the middle of a line left it unended: the next record starts a line of its own.
+            if let last = earlier.last, last != UInt8(ascii: "\n") { handle?.write(Data("\n".utf8)) }
+        }
     }
 
-    func write(_ record: [String: Any]) {
-        guard let handle, let data = try? JSONSerialization.data(withJSONObject: record, options: [.sortedKeys]) else { return }
-        handle.write(data + Data("\n".utf8))
-        if let tensorBoard, let step = record["step"] as? Int, case let scalars = TensorBoardWriter.scalars(of: record),
-           !scalars.isEmpty {
-            tensorBoard.write(step: step, scalars: scalars)
+    /// Appends `record`; one that JSON cannot hold (a non-finite number) is left out of the file, TensorBoard and
+    /// the records alike.
+    func write(_ record: MetricsRecord) {
+        guard let handle, let line = try? record.line() else { return }
+        handle.write(line)
+        records.add(record)
+        if let tensorBoard, case let scalars = TensorBoardWriter.scalars(of: record), !scalars.isEmpty {
+            tensorBoard.write(step: record.step, scalars: scalars)
         }
     }
 }
 
 /// Training progress: loss and accuracy over the global batch, throughput, the split between computing and
 /// waiting on communication, and the ETA. A log interval costs one small allreduce; other steps cost nothing.
-/// On a terminal rank 0 redraws one line; in a batch log it prints plain lines.
+/// On a terminal rank 0 redraws one line (through the session's `Terminal`, which ends it before any other
+/// output); in a batch log it prints plain lines.
 final class Progress {
     private let session: Session
     private let metrics: MetricsLog?
@@ -88,7 +101,7 @@ final class Progress {
                 + "\(grouped(Int(samplesPerSecond))) samples/s compute \(String(format: "%.0f", 100 * (1 - waitShare)))% "
                 + "comm wait \(String(format: "%.0f", 100 * waitShare))% ETA \(duration(eta))"
             if isTerminal {
-                FileHandle.standardOutput.write(Data(("\r\u{1B}[K" + line).utf8))
+                session.terminal.redraw(line)
             } else {
                 session.logger.info("\(line)")
             }
@@ -101,11 +114,9 @@ final class Progress {
             // At most once a second from progress reports: rank 0's report is on every rank's critical path (the
             // others wait for it at the next allreduce), and status.json is for people, who read it by the second.
             if Date().timeIntervalSince(lastStatusWrite) >= 1 { writeStatus() }
-            metrics?.write([
-                "type": "train", "epoch": epoch + 1, "step": globalStep, "loss": loss, "accuracy": accuracy,
-                "lr": learningRate, "samples_per_second": samplesPerSecond, "comm_wait_fraction": waitShare,
-                "elapsed_seconds": Date().timeIntervalSince(start),
-            ])
+            metrics?.write(.train(.init(epoch: epoch + 1, step: globalStep, loss: loss, accuracy: accuracy,
+                                        learningRate: learningRate, samplesPerSecond: samplesPerSecond,
+                                        commWaitFraction: waitShare, elapsedSeconds: Date().timeIntervalSince(start))))
         }
         window = BatchResult()
         windowSteps = 0
@@ -115,7 +126,6 @@ final class Progress {
 
     func reportEvaluation(_ result: BatchResult, epoch: Int, globalStep: Int) {
         guard session.isRoot else { return }
-        if isTerminal { FileHandle.standardOutput.write(Data("\n".utf8)) }
         let accuracy = Double(result.correct) / Double(max(result.count, 1))
         status.testAccuracy = accuracy
         status.epoch = epoch + 1
@@ -123,36 +133,48 @@ final class Progress {
         let line = "epoch \(epoch + 1)/\(epochs) test accuracy \(percent(accuracy)) loss \(String(format: "%.4f", result.loss)) "
             + "on \(grouped(result.count)) samples, \(duration(Date().timeIntervalSince(start))) elapsed"
         session.logger.info("\(line)")
-        metrics?.write([
-            "type": "eval", "epoch": epoch + 1, "step": globalStep, "loss": result.loss, "accuracy": accuracy,
-            "samples": result.count, "elapsed_seconds": Date().timeIntervalSince(start),
-        ])
+        metrics?.write(.eval(.init(epoch: epoch + 1, step: globalStep, loss: result.loss, accuracy: accuracy,
+                                   samples: result.count, elapsedSeconds: Date().timeIntervalSince(start))))
     }
 
     // MARK: - Markers for the report
 
-    /// A marker in metrics.jsonl (`"type": "event"`, rank 0): `start` or `resume` (with the machine and the model),
-    /// `checkpoint`, `skip` (a step dropped for non-finite values) and `end` (with the final state).
-    func recordEvent(_ event: String, step: Int, _ fields: [String: Any] = [:]) {
+    /// A marker in metrics.jsonl (`"type": "event"`, rank 0): `checkpoint` or `skip` (a step dropped for non-finite
+    /// values); `recordStart` and `finish` write the others.
+    func recordEvent(_ kind: MetricsRecord.Event.Kind, step: Int) {
+        record(MetricsRecord.Event(kind: kind, step: step))
+    }
+
+    private func record(_ event: MetricsRecord.Event) {
         guard session.isRoot else { return }
-        metrics?.write(fields.merging(["type": "event", "event": event, "step": step,
-                                       "elapsed_seconds": Date().timeIntervalSince(start)]) { _, own in own })
+        var event = event
+        event.elapsedSeconds = Date().timeIntervalSince(start)
+        metrics?.write(.event(event))
     }
 
     /// The `start` or `resume` marker: world size, nodes, BLAS kernels and threads, and the model, for the report.
     func recordStart(resumed: Bool, step: Int, model: Model<Float>) {
-        recordEvent(resumed ? "resume" : "start", step: step, [
-            "world_size": session.worldSize, "nodes": session.layout.nodeCount, "blas": BLASKernels.description,
-            "blas_threads": session.blasThreads, "model": model.spec.summary, "parameters": model.parameterCount,
-            "layers": model.layerSummary, "total_steps": totalSteps, "epochs": epochs,
-        ])
+        var event = MetricsRecord.Event(kind: resumed ? .resume : .start, step: step)
+        event.worldSize = session.worldSize
+        event.nodes = session.layout.nodeCount
+        event.blas = BLASKernels.description
+        event.blasThreads = session.blasThreads
+        event.model = model.spec.summary
+        event.parameters = model.parameterCount
+        event.layers = model.layerSummary
+        event.totalSteps = totalSteps
+        event.epochs = epochs
+        record(event)
     }
 
-    /// Rewrites RUN_DIR/report.html from what the run directory holds (rank 0, at every evaluation and at the end).
-    /// A report that cannot be written is a warning: it must never stop training.
+    /// Rewrites RUN_DIR/report.html from the run's records kept in memory (rank 0, at every evaluation and at the
+    /// end): the same page `bpworker report` makes from the files, without rereading metrics.jsonl. A report that
+    /// cannot be written is a warning: it must never stop training.
     func writeReport() {
-        guard session.isRoot else { return }
-        do { try RunReport.write(runDirectories: [session.runDirectory], to: session.runDirectory + "/report.html") } catch {
+        guard session.isRoot, var run = metrics?.records else { return }
+        run.status = status
+        run.readSideFiles()
+        do { try RunReport.write([run], to: session.runDirectory + "/report.html") } catch {
             session.logger.warning("report.html not written: \(error)")
         }
     }
@@ -170,9 +192,11 @@ final class Progress {
         status.state = state
         status.message = message
         writeStatus()
-        var fields: [String: Any] = ["state": state.rawValue]
-        if let message { fields["message"] = message }
-        recordEvent("end", step: status.step, fields)
+        var end = MetricsRecord.Event(kind: .end, step: status.step)
+        end.state = state
+        end.message = message
+        record(end)
+        session.terminal.endLine()
         writeReport()
         guard session.isRoot, state == .finished else { return }
         // A run that reached training.target_accuracy stops before its planned total: say both.

@@ -2,16 +2,19 @@ import Foundation
 import Logging
 
 /// Prints log records of one rank. Rank 0 reports progress on standard output; every other rank reports only
-/// errors, prefixed with its rank, on standard error, so N ranks do not print N copies of every line.
+/// errors, prefixed with its rank, on standard error, so N ranks do not print N copies of every line. It writes
+/// through the process's `Terminal`, which ends rank 0's progress line before a message.
 struct RankLogHandler: LogHandler {
     let rank: Int
     let worldSize: Int
+    let terminal: Terminal
     var metadata: Logger.Metadata = [:]
     var logLevel: Logger.Level
 
-    init(rank: Int, worldSize: Int) {
+    init(rank: Int, worldSize: Int, terminal: Terminal) {
         self.rank = rank
         self.worldSize = worldSize
+        self.terminal = terminal
         logLevel = rank == 0 ? .info : .error
     }
 
@@ -25,10 +28,6 @@ struct RankLogHandler: LogHandler {
         let prefix = rank > 0 || (worldSize > 1 && event.level >= .warning) ? "[rank \(rank)] " : ""
         let level = event.level >= .warning ? "\(event.level): " : ""
         let line = prefix + level + "\(event.message)\n"
-        if event.level >= .warning || rank != 0 {
-            FileHandle.standardError.write(Data(line.utf8))
-        } else {
-            FileHandle.standardOutput.write(Data(line.utf8))
-        }
+        terminal.write(line, to: event.level >= .warning || rank != 0 ? .standardError : .standardOutput)
     }
 }

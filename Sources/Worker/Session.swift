@@ -17,13 +17,15 @@ final class Session {
     let layout: NodeLayout
     let blasThreads: Int
     let progressStyle: ProgressStyle
+    /// Standard output and error, shared by the logger and the progress line.
+    let terminal: Terminal
 
     var rank: Int { communicator.rank }
     var worldSize: Int { communicator.size }
     var isRoot: Bool { communicator.rank == 0 }
 
     private init(communicator: any Communicator, logger: Logger, config: Configuration, runDirectory: String,
-                 isLocal: Bool, layout: NodeLayout, blasThreads: Int, progressStyle: ProgressStyle) {
+                 isLocal: Bool, layout: NodeLayout, blasThreads: Int, progressStyle: ProgressStyle, terminal: Terminal) {
         self.communicator = communicator
         self.logger = logger
         self.config = config
@@ -32,6 +34,7 @@ final class Session {
         self.layout = layout
         self.blasThreads = blasThreads
         self.progressStyle = progressStyle
+        self.terminal = terminal
     }
 
     /// Starts MPI (or local mode), reads the configuration and sets the BLAS threads. Writes nothing: a run
@@ -50,7 +53,10 @@ final class Session {
                 exit(1)
             }
         }
-        var logger = Logger(label: "bpworker") { _ in RankLogHandler(rank: communicator.rank, worldSize: communicator.size) }
+        let terminal = Terminal()
+        var logger = Logger(label: "bpworker") { _ in
+            RankLogHandler(rank: communicator.rank, worldSize: communicator.size, terminal: terminal)
+        }
         logger[metadataKey: "rank"] = "\(communicator.rank)"
 
         let config = agree(communicator, logger, "configuration") {
@@ -62,7 +68,8 @@ final class Session {
             ?? (config.blasThreads > 0 ? config.blasThreads : layout.localSize > 1 ? 1 : cores)
         BLASThreads.set(threads)
         return Session(communicator: communicator, logger: logger, config: config, runDirectory: options.runDir,
-                       isLocal: isLocal, layout: layout, blasThreads: threads, progressStyle: options.progress)
+                       isLocal: isLocal, layout: layout, blasThreads: threads, progressStyle: options.progress,
+                       terminal: terminal)
     }
 
     /// Runs one setup step on every rank and stops the whole job, with one message, if it failed anywhere. (Once a

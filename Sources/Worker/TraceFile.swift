@@ -43,47 +43,71 @@ struct TraceFile {
         return t - Int64(offset.rounded())
     }
 
+    /// The file's content: JSON, every name escaped by `JSONEncoder`.
     var json: String {
-        // Times in µs from the earliest event of any rank, from integer nanoseconds (exact, three decimals).
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+        // Every value is an integer, a string or a decimal: nothing the encoder can refuse.
+        let data = (try? encoder.encode(document)) ?? Data()
+        return String(decoding: data, as: UTF8.self) + "\n"
+    }
+
+    /// The trace as typed events: per rank its metadata, then its events with times in µs from the earliest event
+    /// of any rank.
+    var document: TraceDocument {
         let aligned = ranks.enumerated().map { rank, events in
             events.map { (event: $0, start: alignedTime($0.start, rank: rank), end: alignedTime($0.end, rank: rank)) }
         }
         let origin = aligned.flatMap { $0.map(\.start) }.min() ?? 0
-        var lines: [String] = []
+        var traceEvents: [TraceEvent] = []
         for (rank, events) in aligned.enumerated() {
             let pid = rank + 1
-            let host = rank < hosts.count ? hosts[rank] : "?"
-            lines.append(#"{"name":"process_name","ph":"M","pid":\#(pid),"tid":\#(Self.mainThread),"args":{"name":\#(quoted("rank \(rank) (\(host))"))}}"#)
-            lines.append(#"{"name":"process_sort_index","ph":"M","pid":\#(pid),"tid":\#(Self.mainThread),"args":{"sort_index":\#(rank)}}"#)
-            lines.append(#"{"name":"process_labels","ph":"M","pid":\#(pid),"tid":\#(Self.mainThread),"args":{"labels":\#(quoted("rank \(rank)"))}}"#)
-            var threads: [Int: String] = [Self.mainThread: "training step"]
-            for (event, _, _) in events {
-                let (tid, name) = thread(of: event)
-                threads[tid] = name
-            }
-            for (tid, name) in threads.sorted(by: { $0.key < $1.key }) {
-                lines.append(#"{"name":"thread_name","ph":"M","pid":\#(pid),"tid":\#(tid),"args":{"name":\#(quoted(name))}}"#)
-                lines.append(#"{"name":"thread_sort_index","ph":"M","pid":\#(pid),"tid":\#(tid),"args":{"sort_index":\#(tid)}}"#)
-            }
+            traceEvents += metadata(rank: rank, events: events.map(\.event))
             // Parents first: by start, then longest first.
             let sorted = events.sorted { $0.start != $1.start ? $0.start < $1.start : $0.end - $0.start > $1.end - $1.start }
             for (event, start, end) in sorted {
                 let (tid, _) = thread(of: event)
-                let (name, category, extra) = describe(event)
-                let args = #"{"step":\#(event.step)\#(extra)}"#
-                if event.kind == .bucketComplete {
-                    lines.append(#"{"name":\#(quoted(name)),"cat":"\#(category)","ph":"i","s":"t","pid":\#(pid),"tid":\#(tid),"ts":\#(microseconds(start - origin)),"args":\#(args)}"#)
-                } else {
-                    lines.append(#"{"name":\#(quoted(name)),"cat":"\#(category)","ph":"X","pid":\#(pid),"tid":\#(tid),"ts":\#(microseconds(start - origin)),"dur":\#(microseconds(max(0, end - start))),"args":\#(args)}"#)
-                }
+                let (name, category, args) = describe(event)
+                let instant = event.kind == .bucketComplete
+                traceEvents.append(TraceEvent(name: name, category: category, phase: instant ? .instant : .complete,
+                                              scope: instant ? "t" : nil, pid: pid, tid: tid,
+                                              ts: Microseconds(start - origin),
+                                              dur: instant ? nil : Microseconds(max(0, end - start)), args: args))
             }
         }
-        let clocks = alignedAtClose.indices.map { rank -> String in
+        let clocks = alignedAtClose.indices.map { rank in
             let open = rank < alignedAtOpen.count ? alignedAtOpen[rank] : alignedAtClose[rank], close = alignedAtClose[rank]
-            return #"{"rank":\#(rank),"offset_us_at_open":\#(microseconds(open.offset)),"offset_us_at_close":\#(microseconds(close.offset)),"round_trip_us":\#(microseconds(max(open.roundTrip, close.roundTrip)))}"#
+            return TraceDocument.ClockAlignment(rank: rank, offsetAtOpen: Microseconds(open.offset),
+                                                offsetAtClose: Microseconds(close.offset),
+                                                roundTrip: Microseconds(max(open.roundTrip, close.roundTrip)))
         }
-        let other = #"{"producer":"bpworker --timeline","steps":\#(steps),"warmup_steps":\#(warmup),"world_size":\#(ranks.count),"reduction":\#(quoted(strategy)),"dropped_events":\#(dropped.reduce(0, +)),"clock_alignment":[\#(clocks.joined(separator: ","))]}"#
-        return "{\"displayTimeUnit\":\"ms\",\"otherData\":\(other),\"traceEvents\":[\n" + lines.joined(separator: ",\n") + "\n]}\n"
+        let other = TraceDocument.OtherData(steps: steps, warmupSteps: warmup, worldSize: ranks.count, reduction: strategy,
+                                            droppedEvents: dropped.reduce(0, +), clockAlignment: clocks)
+        return TraceDocument(otherData: other, traceEvents: traceEvents)
+    }
+
+    /// A rank's process and thread names and sort order.
+    private func metadata(rank: Int, events: [TimelineEvent]) -> [TraceEvent] {
+        let pid = rank + 1
+        let host = rank < hosts.count ? hosts[rank] : "?"
+        func named(_ name: String, tid: Int, _ args: TraceEvent.Args) -> TraceEvent {
+            TraceEvent(name: name, phase: .metadata, pid: pid, tid: tid, args: args)
+        }
+        var out = [
+            named("process_name", tid: Self.mainThread, .init(name: "rank \(rank) (\(host))")),
+            named("process_sort_index", tid: Self.mainThread, .init(sortIndex: rank)),
+            named("process_labels", tid: Self.mainThread, .init(labels: "rank \(rank)")),
+        ]
+        var threads: [Int: String] = [Self.mainThread: "training step"]
+        for event in events {
+            let (tid, name) = thread(of: event)
+            threads[tid] = name
+        }
+        for (tid, name) in threads.sorted(by: { $0.key < $1.key }) {
+            out.append(named("thread_name", tid: tid, .init(name: name)))
+            out.append(named("thread_sort_index", tid: tid, .init(sortIndex: tid)))
+        }
+        return out
     }
 
     private func thread(of event: TimelineEvent) -> (Int, String) {
@@ -98,55 +122,114 @@ struct TraceFile {
         }
     }
 
-    /// Name, category and extra arguments of an event.
-    private func describe(_ event: TimelineEvent) -> (String, String, String) {
+    /// Name, category and arguments of an event.
+    private func describe(_ event: TimelineEvent) -> (String, String, TraceEvent.Args) {
         let i = Int(event.index)
         let layer = i < names.layers.count ? "\(i) \(names.layers[i])" : "loss"
-        let bytes = i >= 0 && i < names.bucketBytes.count ? #","bytes":\#(names.bucketBytes[i])"# : ""
+        let step = TraceEvent.Args(step: Int(event.step))
+        let bytes = TraceEvent.Args(step: Int(event.step), bytes: i >= 0 && i < names.bucketBytes.count ? names.bucketBytes[i] : nil)
+        let inLayer = TraceEvent.Args(step: Int(event.step), layer: i)
         switch event.kind {
-        case .step: return ("step \(event.step)", "step", "")
-        case .loadBatch: return ("load batch", "data", "")
-        case .forward: return ("forward", "compute", "")
-        case .layerForward: return ("forward \(layer)", "compute", #","layer":\#(i)"#)
-        case .backward: return ("backward", "compute", "")
-        case .layerBackward: return ("backward \(layer)", "compute", #","layer":\#(i)"#)
+        case .step: return ("step \(event.step)", "step", step)
+        case .loadBatch: return ("load batch", "data", step)
+        case .forward: return ("forward", "compute", step)
+        case .layerForward: return ("forward \(layer)", "compute", inLayer)
+        case .backward: return ("backward", "compute", step)
+        case .layerBackward: return ("backward \(layer)", "compute", inLayer)
         case .bucketStart: return ("post bucket \(i)", "communication", bytes)
-        case .exchangeWait: return ("wait for gradients", "wait", "")
-        case .gradientNorm: return ("gradient norm (clipping)", "communication", "")
-        case .update: return ("optimizer update", "compute", "")
+        case .exchangeWait: return ("wait for gradients", "wait", step)
+        case .gradientNorm: return ("gradient norm (clipping)", "communication", step)
+        case .update: return ("optimizer update", "compute", step)
         case .parameterGather: return ("gather parameters, bucket \(i)", "communication", bytes)
-        case .batchNormSync: return ("batch norm sync", "communication", "")
-        case .progressReport: return ("progress report", "between steps", "")
-        case .replicaCheck: return ("replica check", "between steps", "")
-        case .checkpoint: return ("checkpoint", "io", "")
-        case .evaluation: return ("evaluation", "between steps", "")
-        case .clockSync: return ("clock alignment", "between steps", "")
+        case .batchNormSync: return ("batch norm sync", "communication", step)
+        case .progressReport: return ("progress report", "between steps", step)
+        case .replicaCheck: return ("replica check", "between steps", step)
+        case .checkpoint: return ("checkpoint", "io", step)
+        case .evaluation: return ("evaluation", "between steps", step)
+        case .clockSync: return ("clock alignment", "between steps", step)
         case .bucketSend: return ("bucket \(i) send", "communication", bytes)
         case .bucketReceive: return ("bucket \(i) receive", "communication", bytes)
         case .bucketAllreduce: return ("bucket \(i) allreduce", "communication", bytes)
         case .bucketComplete: return ("bucket \(i) complete", "communication", bytes)
-        case .controlAllreduce: return ("control values allreduce", "communication", "")
+        case .controlAllreduce: return ("control values allreduce", "communication", step)
+        case .report: return ("report", "between steps", step)
+        }
+    }
+}
+
+/// The top level of a trace file: events, and what Perfetto shows as the trace's metadata (`otherData`).
+struct TraceDocument: Encodable {
+    struct ClockAlignment: Encodable {
+        let rank: Int
+        let offsetAtOpen: Microseconds
+        let offsetAtClose: Microseconds
+        let roundTrip: Microseconds
+
+        enum CodingKeys: String, CodingKey {
+            case rank, offsetAtOpen = "offset_us_at_open", offsetAtClose = "offset_us_at_close", roundTrip = "round_trip_us"
         }
     }
 
-    private func microseconds(_ nanoseconds: Int64) -> String {
-        let sign = nanoseconds < 0 ? "-" : ""
-        let n = nanoseconds.magnitude
-        let fraction = String(n % 1000)
-        return "\(sign)\(n / 1000).\(String(repeating: "0", count: 3 - fraction.count))\(fraction)"
+    struct OtherData: Encodable {
+        var producer = "bpworker --timeline"
+        let steps: Int
+        let warmupSteps: Int
+        let worldSize: Int
+        let reduction: String
+        let droppedEvents: Int
+        let clockAlignment: [ClockAlignment]
+
+        enum CodingKeys: String, CodingKey {
+            case producer, steps, warmupSteps = "warmup_steps", worldSize = "world_size", reduction,
+                 droppedEvents = "dropped_events", clockAlignment = "clock_alignment"
+        }
     }
 
-    private func quoted(_ text: String) -> String {
-        var out = "\""
-        for scalar in text.unicodeScalars {
-            switch scalar {
-            case "\"": out += "\\\""
-            case "\\": out += "\\\\"
-            case "\n": out += "\\n"
-            case _ where scalar.value < 0x20: out += String(format: "\\u%04x", scalar.value)
-            default: out.unicodeScalars.append(scalar)
-            }
-        }
-        return out + "\""
+    var displayTimeUnit = "ms"
+    let otherData: OtherData
+    let traceEvents: [TraceEvent]
+}
+
+/// One trace event: metadata ("M", naming a process or thread, no time), complete ("X", a start and a duration) or
+/// instant ("i", scoped to its thread by `s: "t"`). Absent fields are left out of the file.
+struct TraceEvent: Encodable {
+    enum Phase: String, Encodable { case metadata = "M", complete = "X", instant = "i" }
+
+    /// A metadata event's value (`name`, `sort_index` or `labels`), or a timed event's step and what it concerns.
+    struct Args: Encodable {
+        var name: String?
+        var sortIndex: Int?
+        var labels: String?
+        var step: Int?
+        var layer: Int?
+        var bytes: Int?
+
+        enum CodingKeys: String, CodingKey { case name, sortIndex = "sort_index", labels, step, layer, bytes }
+    }
+
+    let name: String
+    var category: String?
+    let phase: Phase
+    var scope: String?
+    let pid: Int
+    let tid: Int
+    var ts: Microseconds?
+    var dur: Microseconds?
+    let args: Args
+
+    enum CodingKeys: String, CodingKey { case name, category = "cat", phase = "ph", scope = "s", pid, tid, ts, dur, args }
+}
+
+/// A time in the file: integer nanoseconds written as microseconds with the decimal point moved, so the text is
+/// the exact value (a Double of µs holds most thousandths only approximately).
+struct Microseconds: Encodable, Equatable {
+    let nanoseconds: Int64
+
+    init(_ nanoseconds: Int64) { self.nanoseconds = nanoseconds }
+
+    func encode(to encoder: Encoder) throws {
+        var container = encoder.singleValueContainer()
+        let magnitude = Decimal(nanoseconds.magnitude)
+        try container.encode(Decimal(sign: nanoseconds < 0 ? .minus : .plus, exponent: -3, significand: magnitude))
     }
 }

@@ -193,7 +193,7 @@ final class TrainingLoop {
     private func afterStep(_ step: Int, _ outcome: StepOutcome, _ result: BatchResult) throws -> RunOutcome? {
         switch outcome {
         case .skipped:
-            progress.recordEvent("skip", step: position.globalStep)
+            progress.recordEvent(.skip, step: position.globalStep)
             return nil
         case let .nonFinite(message):
             try checkpoint()
@@ -257,7 +257,7 @@ final class TrainingLoop {
         lastCheckpoint = try phases.watched(.checkpoint) { try checkpoints.save(&position, reducer: reducer) }
         lastCheckpointUptime = Self.uptimeSeconds()
         progress.status.lastCheckpoint = lastCheckpoint
-        progress.recordEvent("checkpoint", step: position.globalStep)
+        progress.recordEvent(.checkpoint, step: position.globalStep)
         progress.status.step = position.globalStep
         progress.writeStatus()
     }

@@ -1,6 +1,7 @@
 import Engine
 import Foundation
 import Testing
+@testable import Worker
 
 /// Model files describe themselves: the metadata is checked against NumPy's own statistics of the data, bpworker
 /// rebuilds the model from it alone, and NumPy and PyTorch (the real CPU wheel) applying it, the README's
@@ -378,5 +379,27 @@ struct ModelFileTests {
             #expect(lines.count == 2)
             for line in lines { #expect(try pythonCount(String(line)) == reference, "\(file): \(line)") }
         }
+    }
+
+    /// Lists in the metadata are JSON whatever the names hold: quotes and backslashes are escaped, so Python's json
+    /// (through the safetensors package) and bpworker's reader both read back the names written.
+    @Test func metadataListsEscapeQuotesAndBackslashes() throws {
+        let names = [#"linear "8""#, #"back\slash"#, #"both \" and \\"#, "tab\tnew\nline"]
+        let list = ModelDescription.jsonList(names)
+        #expect(ModelDescription.jsonList([28, 28]) == "[28, 28]", "spaced as the files have always been")
+        #expect(try ModelDescription.stringList(list, key: "layers", path: "test") == names)
+        var writer = SafeTensorsWriter()
+        writer.add(name: "step", shape: [1], int64s: [1])
+        writer.metadata = ["layers": list]
+        let path = TemporaryFiles.path("escaped-").appendingPathExtension("safetensors").path
+        try writer.serialized().write(to: URL(fileURLWithPath: path))
+        let output = try python("""
+            import json
+            from safetensors import safe_open
+            with safe_open("\(path)", "np") as f:
+                print(json.dumps(json.loads(f.metadata()["layers"])))
+            """)
+        let line = try #require(output.split(separator: "\n").last)
+        #expect(try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String] == names)
     }
 }

@@ -329,18 +329,92 @@ struct ReportTests {
     @Test func aResumeDropsTheEarlierProcessesRecordsPastItsCheckpoint() {
         var records = RunRecords(directory: "run")
         for step in stride(from: 2, through: 8, by: 2) {
-            records.add(["type": "train", "step": step, "epoch": 0, "loss": 1.0 / Double(step)])
+            records.add(.train(.init(epoch: 0, step: step, loss: 1.0 / Double(step), accuracy: 0.5, learningRate: 0.1,
+                                     samplesPerSecond: 100, commWaitFraction: 0.1)))
         }
-        records.add(["type": "eval", "step": 4, "epoch": 1, "loss": 0.5, "accuracy": 0.8, "samples": 10])
-        records.add(["type": "eval", "step": 8, "epoch": 2, "loss": 0.4, "accuracy": 0.9, "samples": 10])
-        records.add(["type": "event", "event": "checkpoint", "step": 4])
-        records.add(["type": "event", "event": "checkpoint", "step": 6])
-        records.add(["type": "event", "event": "end", "step": 7, "state": "failed"])
-        records.add(["type": "event", "event": "resume", "step": 4, "world_size": 2])
+        records.add(.eval(.init(epoch: 1, step: 4, loss: 0.5, accuracy: 0.8, samples: 10)))
+        records.add(.eval(.init(epoch: 2, step: 8, loss: 0.4, accuracy: 0.9, samples: 10)))
+        records.add(.event(.init(kind: .checkpoint, step: 4)))
+        records.add(.event(.init(kind: .checkpoint, step: 6)))
+        var end = MetricsRecord.Event(kind: .end, step: 7)
+        end.state = .failed
+        records.add(.event(end))
+        var resume = MetricsRecord.Event(kind: .resume, step: 4)
+        resume.worldSize = 2
+        records.add(.event(resume))
         #expect(records.train.map(\.step) == [2, 4])
         #expect(records.eval.map(\.step) == [4])
-        #expect(records.events.map(\.kind) == ["checkpoint", "end", "resume"])
+        #expect(records.events.map(\.kind) == [.checkpoint, .end, .resume])
         #expect(records.events.map(\.step) == [4, 7, 4])
+    }
+
+    /// Records with quotes, backslashes and a newline in their strings go through MetricsLog into metrics.jsonl and
+    /// come back whole, read by Python's json and by `RunRecords.read`; the records MetricsLog keeps in memory are
+    /// those read from the file, also after a resume that drops what followed its checkpoint, and make the same page.
+    @Test func metricsRecordsRoundTripAndTheRecordsInMemoryAreTheFilesRecords() throws {
+        let run = TemporaryFiles.path("escaped-").path
+        try FileManager.default.createDirectory(atPath: run, withIntermediateDirectories: true)
+        let path = run + "/metrics.jsonl"
+        let log = MetricsLog(path: path)
+        var start = MetricsRecord.Event(kind: .start, step: 0, elapsedSeconds: 0.5)
+        start.worldSize = 2
+        start.model = #"mlp "quoted" \ model"#
+        start.layers = [#"linear "8""#, #"a\b"#]
+        start.blas = "blas\n\"kernels\""
+        log.write(.event(start))
+        for step in [2, 4, 6] {
+            log.write(.train(.init(epoch: 1, step: step, loss: 1 / Double(step), accuracy: 0.25, learningRate: 0.1,
+                                   samplesPerSecond: 1000, commWaitFraction: 0.125, elapsedSeconds: Double(step))))
+        }
+        log.write(.eval(.init(epoch: 1, step: 6, loss: 0.75, accuracy: 0.5, samples: 40, elapsedSeconds: 7)))
+        log.write(.event(.init(kind: .checkpoint, step: 4)))
+        var end = MetricsRecord.Event(kind: .end, step: 6)
+        end.state = .stopped
+        end.message = #"stop "requested" by C:\runs\x\"#
+        log.write(.event(end))
+        #expect(throws: (any Error).self, "JSON has no NaN") {
+            try MetricsRecord.train(.init(epoch: 1, step: 7, loss: .nan, accuracy: 0, learningRate: 0, samplesPerSecond: 0,
+                                          commWaitFraction: 0)).line()
+        }
+
+        let output = try Harness.run("/usr/bin/env", ["python3", "-c", """
+            import json, sys
+            records = [json.loads(line) for line in open(sys.argv[1])]
+            print(json.dumps([[r["type"], r.get("event"), r.get("model"), r.get("layers"), r.get("blas"), r.get("message")]
+                              for r in records if r["type"] == "event"] + [sorted(records[1])]))
+            """, path], environment: [:], timeout: 60)
+        try #require(output.status == 0, "\(output.output)")
+        let line = try #require(output.output.split(separator: "\n").last)
+        let read = try #require(try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [[Any]])
+        #expect(read.count == 4)
+        #expect(read.first?[2] as? String == start.model && read.first?[3] as? [String] == start.layers)
+        #expect(read.first?[4] as? String == start.blas && read.dropLast().last?[5] as? String == end.message)
+        #expect(read.last as? [String] == ["accuracy", "comm_wait_fraction", "elapsed_seconds", "epoch", "loss", "lr",
+                                           "samples_per_second", "step", "type"], "the keys users read")
+
+        func expectSame(_ memory: RunRecords, _ disk: RunRecords, _ when: String) {
+            #expect(memory.train == disk.train && memory.eval == disk.eval && memory.events == disk.events, "\(when)")
+            #expect(memory.unreadableLines == disk.unreadableLines, "\(when)")
+        }
+        expectSame(log.records, try RunRecords.read(run), "as written")
+        #expect(log.records.events.map(\.kind) == [.start, .checkpoint, .end] && log.records.lastStart == start)
+
+        // A process killed mid-line, then a resume from the checkpoint at step 4: records past it are dropped.
+        let handle = try #require(FileHandle(forWritingAtPath: path))
+        _ = try handle.seekToEnd()
+        handle.write(Data(#"{"type":"train","ep"#.utf8))
+        try handle.close()
+        let resumed = MetricsLog(path: path, append: true)
+        var resume = MetricsRecord.Event(kind: .resume, step: 4)
+        resume.worldSize = 1
+        resumed.write(.event(resume))
+        let disk = try RunRecords.read(run)
+        expectSame(resumed.records, disk, "resumed")
+        #expect(disk.unreadableLines == 1 && disk.train.map(\.step) == [2, 4] && disk.events.last == resume)
+        let page = { (records: RunRecords) in
+            RunReport.html([records]).split(separator: "\n").filter { !$0.contains("class=\"generated\"") }
+        }
+        #expect(page(resumed.records) == page(disk))
     }
 
     /// A recorder sized for a window counts what does not fit instead of growing, and records nothing outside it.

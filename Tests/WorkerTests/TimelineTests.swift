@@ -1,5 +1,7 @@
+import Coordinator
 import Foundation
 import Testing
+@testable import Worker
 
 /// `--timeline`: real jobs under mpirun write RUN_DIR/timeline.json, and scripts/check-timeline (Python's json, apart
 /// from the code that wrote it) checks it as Perfetto reads the format and against what the run measured.
@@ -36,7 +38,7 @@ struct TimelineTests {
         // 100 inputs, [128, 64] hidden: 5 layers; bucket_kib=8 makes two buckets, 2.weight..4.bias and 0.weight..0.bias.
         #expect(result.output.contains("gradients: 2 buckets"), "\(result.output)")
         let good = try check(trace, ["--ranks", "2", "--steps", "30", "--layers", "5", "--buckets", "2",
-                                     "--reduction", "sharded", "--metrics", run + "/metrics.jsonl", "--global-batch", "32",
+                                     "--reduction", "sharded", "--metrics", run + "/metrics.jsonl",
                                      "--expect", "evaluation", "checkpoint", "progress report"])
         #expect(good.status == 0, "\(good.output)")
         #expect(good.output.contains("timeline ok"), "\(good.output)")
@@ -49,7 +51,8 @@ struct TimelineTests {
             copy["traceEvents"] = change(events)
             let path = run + "/broken-\(name).json"
             try JSONSerialization.data(withJSONObject: copy).write(to: URL(fileURLWithPath: path))
-            let r = try check(path, ["--ranks", "2", "--steps", "30"] + (name == "uncovered" ? [] : ["--layers", "5", "--buckets", "2", "--reduction", "sharded"]))
+            let r = try check(path, ["--ranks", "2", "--steps", "30", "--layers", "5", "--buckets", "2", "--reduction", "sharded",
+                                     "--metrics", run + "/metrics.jsonl"])
             #expect(r.status == 1 && r.output.contains(failure), "\(name): \(r.output)")
         }
         func isStep(_ e: [String: Any], _ n: Int) -> Bool { e["name"] as? String == "step \(n)" }
@@ -72,16 +75,16 @@ struct TimelineTests {
         // One step's backward pass missing: its parts no longer cover it.
         let firstBackward = try #require(events.firstIndex { $0["pid"] as? Int == 1 && $0["name"] as? String == "backward" })
         try broken("gap", { Array($0[..<firstBackward] + $0[(firstBackward + 1)...]) }, expecting: "no 'backward' in it")
-        // Rank 0's passes and waits recorded as instants (their layers dropped): the steps are mostly gaps.
-        try broken("uncovered", { $0.compactMap { e in
-            guard e["pid"] as? Int == 1, let name = e["name"] as? String else { return e }
-            if ["forward", "backward", "wait for gradients"].contains(name) {
-                var e = e
-                e["dur"] = 0.0
-                return e
-            }
-            return name.hasPrefix("forward ") || name.hasPrefix("backward ") || name.hasPrefix("post bucket") ? nil : e
-        } }, expecting: "its parts cover")
+        // Rank 0's forward and backward passes swapped in one step: its parts out of order.
+        try broken("disordered", { $0.map { e in
+            guard e["pid"] as? Int == 1, (e["args"] as? [String: Any])?["step"] as? Int == 10 else { return e }
+            var e = e
+            if e["name"] as? String == "forward" { e["name"] = "backward" } else if e["name"] as? String == "backward" { e["name"] = "forward" }
+            return e
+        } }, expecting: "its parts in the order")
+        // A progress report lost: metrics.jsonl has a record without it.
+        try broken("unreported", { $0.filter { !($0["pid"] as? Int == 1 && $0["name"] as? String == "progress report") } },
+                   expecting: "no progress report after the step")
         // Processes unnamed, or numbered from 0 (Perfetto's swapper).
         try broken("unnamed", { $0.filter { !($0["name"] as? String == "process_name" && $0["pid"] as? Int == 2) } },
                    expecting: "process_name")
@@ -107,7 +110,7 @@ struct TimelineTests {
         #expect(result.output.contains("gradients: 2 buckets"), "\(result.output)")
         let trace = run + "/timeline.json"
         let good = try check(trace, ["--ranks", "2", "--steps", "30", "--layers", "8", "--buckets", "2",
-                                     "--reduction", "allreduce", "--metrics", run + "/metrics.jsonl", "--global-batch", "32",
+                                     "--reduction", "allreduce", "--metrics", run + "/metrics.jsonl",
                                      "--expect", "evaluation", "checkpoint"])
         #expect(good.status == 0, "\(good.output)")
         let object = try #require(try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: trace))) as? [String: Any])
@@ -153,5 +156,63 @@ struct TimelineTests {
         let negative = try Harness.local(["train", "--local", "--run-dir", temporaryRunDirectory(), "--set", "timeline.warmup_steps=-1"]
             + data.arguments)
         #expect(negative.status == 1 && negative.output.contains("timeline.warmup_steps must be >= 0"), "\(negative.output)")
+    }
+
+    // MARK: - The file, without a run
+
+    /// A trace of `ranks` with the given clock alignments and nothing else.
+    static func trace(ranks: [[TimelineEvent]] = [[], []], open: [ClockOffset], close: [ClockOffset],
+                      hosts: [String] = ["a", "b"], layers: [String] = []) -> TraceFile {
+        TraceFile(ranks: ranks, dropped: ranks.map { _ in 0 }, alignedAtOpen: open, alignedAtClose: close, hosts: hosts,
+                  names: .init(layers: layers, buckets: [], bucketBytes: [], sharded: false), steps: 1, warmup: 0,
+                  strategy: "allreduce")
+    }
+
+    /// The offset runs linearly from its value at the open to its value at the close, and beyond them on the same
+    /// line: rank 1 is 1 ms ahead at 0 s and 3 ms ahead at 10 s, so at t it is 1 ms + t / 5000 ahead.
+    @Test func aDriftingClockIsInterpolatedBetweenTheTwoAlignments() {
+        let ms: Int64 = 1_000_000, s: Int64 = 1_000_000_000
+        let zero = ClockOffset(offset: 0, roundTrip: 0, at: 0)
+        let trace = Self.trace(open: [zero, ClockOffset(offset: 1 * ms, roundTrip: 0, at: 0)],
+                               close: [zero, ClockOffset(offset: 3 * ms, roundTrip: 0, at: 10 * s)])
+        #expect(trace.alignedTime(5 * s, rank: 1) == 5 * s - 2 * ms)
+        #expect(trace.alignedTime(0, rank: 1) == -1 * ms)
+        #expect(trace.alignedTime(10 * s, rank: 1) == 10 * s - 3 * ms)
+        #expect(trace.alignedTime(-10 * s, rank: 1) == -10 * s + 1 * ms, "before the open: offset 1 - 2 ms")
+        #expect(trace.alignedTime(20 * s, rank: 1) == 20 * s - 5 * ms, "after the close: offset 1 + 4 ms")
+        #expect(trace.alignedTime(2_500_000_001, rank: 1) == 2_500_000_001 - 1_500_000, "rounded to the nanosecond")
+        for t in [-7 * s, 0, 3 * s + 17] { #expect(trace.alignedTime(t, rank: 0) == t, "rank 0's clock is the reference") }
+        #expect(trace.alignedTime(4 * s, rank: 2) == 4 * s, "a rank without an alignment is left as it is")
+        // Both alignments at the same time: no drift to measure, the offset is the one at the open.
+        let instant = Self.trace(open: [zero, ClockOffset(offset: 1 * ms, roundTrip: 0, at: 2 * s)],
+                                 close: [zero, ClockOffset(offset: 3 * ms, roundTrip: 0, at: 2 * s)])
+        #expect(instant.alignedTime(9 * s, rank: 1) == 9 * s - 1 * ms)
+    }
+
+    /// Hosts and layers named with quotes, backslashes and a newline come back intact through Python's json, and
+    /// times are the exact nanoseconds as µs with three decimals (read as decimals, not floats).
+    @Test func namesAreEscapedAndTimesExact() throws {
+        let host = #"host "q" \ back\slash"# + "\n"
+        let layer = #"linear "8" \d"#
+        let t0: Int64 = 9_007_199_254_740_993  // past 2^53: a Double would round it
+        let events = [TimelineEvent(start: t0, end: t0 + 1_234_567, kind: .step, index: 0, step: 3),
+                      TimelineEvent(start: t0 + 1, end: t0 + 2, kind: .layerForward, index: 0, step: 3)]
+        let trace = Self.trace(ranks: [events], open: [], close: [], hosts: [host], layers: [layer])
+        let path = TemporaryFiles.path("trace-").path
+        try Data(trace.json.utf8).write(to: URL(fileURLWithPath: path))
+        let read = try Harness.run("/usr/bin/env", ["python3", "-c", """
+            import json, sys, decimal
+            trace = json.load(open(sys.argv[1]), parse_float=decimal.Decimal)
+            out = {"process": [e["args"]["name"] for e in trace["traceEvents"] if e["name"] == "process_name"],
+                   "names": [e["name"] for e in trace["traceEvents"] if e["ph"] == "X"],
+                   "times": [[str(e["ts"]), str(e["dur"])] for e in trace["traceEvents"] if e["ph"] == "X"]}
+            print(json.dumps(out))
+            """, path], environment: [:], timeout: 60)
+        try #require(read.status == 0, "\(read.output)")
+        let line = try #require(read.output.split(separator: "\n").last)
+        let out = try #require(try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any])
+        #expect(out["process"] as? [String] == ["rank 0 (\(host))"])
+        #expect(out["names"] as? [String] == ["step 3", "forward 0 \(layer)"])
+        #expect(out["times"] as? [[String]] == [["0", "1234.567"], ["0.001", "0.001"]])
     }
 }

@@ -122,6 +122,28 @@ struct TrainingTests {
         }
     }
 
+    /// `--progress line` redraws one line, and every log message (checkpoints, the evaluation) starts a line of its
+    /// own instead of landing after the ETA.
+    @Test func theProgressLineEndsBeforeEveryMessage() throws {
+        let data = try SyntheticData(samples: 120)
+        defer { data.remove() }
+        let run = temporaryRunDirectory()
+        let r = try Harness.local(job(data, batch: 10, runDir: run, extra: [
+            "--local", "--progress", "line", "--set", "logging.interval=1", "--set", "checkpoint.every_steps=4",
+            "--set", "training.epochs=2",
+        ]))
+        #expect(r.status == 0, "\(r.output)")
+        let lines = r.output.split(separator: "\n")
+        #expect(lines.contains { $0.contains("\r\u{1B}[K") && $0.contains(" ETA ") }, "a progress line was drawn: \(r.output)")
+        #expect(lines.contains { $0.hasPrefix("checkpoint: ") }, "\(r.output)")
+        for line in lines {
+            guard let eta = line.range(of: " ETA ", options: .backwards) else { continue }
+            // What follows the last ETA is its duration ("7s", "1m05s", "?") and nothing else.
+            let rest = line[eta.upperBound...]
+            #expect(rest.allSatisfy { $0.isNumber || "hms?".contains($0) }, "text after the ETA: \(line.debugDescription)")
+        }
+    }
+
     @Test func trainingStopsAtTheTargetAccuracy() throws {
         let data = try SyntheticData(samples: 120)
         defer { data.remove() }

@@ -6,6 +6,42 @@ import Testing
 /// The Worker's decisions, called directly: no MPI, no process.
 @Suite("Worker logic", .temporaryFiles)
 struct WorkerLogicTests {
+    // MARK: - The terminal
+
+    /// What a `Terminal` wrote, stream by stream, in order.
+    final class CapturedOutput: @unchecked Sendable {
+        private let lock = NSLock()
+        private var parts: [String] = []
+        var written: [String] { lock.withLock { parts } }
+
+        func append(_ stream: Terminal.Stream, _ data: Data) {
+            let text = String(decoding: data, as: UTF8.self)
+            lock.withLock { parts.append((stream == .standardOutput ? "out " : "err ") + text) }
+        }
+    }
+
+    /// The progress line is redrawn in place and stays open; anything else, on either stream, first ends it, and
+    /// ending it twice writes one newline.
+    @Test func theProgressLineIsEndedBeforeAnyOtherOutput() {
+        let captured = CapturedOutput()
+        let terminal = Terminal { captured.append($0, $1) }
+        let redraw = "\r\u{1B}[K"
+        terminal.write("start\n", to: .standardOutput)
+        terminal.redraw("step 1 ETA 7s")
+        terminal.redraw("step 2 ETA 6s")
+        terminal.write("checkpoint: runs/x\n", to: .standardOutput)
+        terminal.write("warning: y\n", to: .standardError)
+        terminal.redraw("step 3 ETA 5s")
+        terminal.write("error: z\n", to: .standardError)
+        terminal.redraw("step 4 ETA 4s")
+        terminal.endLine()
+        terminal.endLine()
+        #expect(captured.written == [
+            "out start\n", "out \(redraw)step 1 ETA 7s", "out \(redraw)step 2 ETA 6s", "out \n", "out checkpoint: runs/x\n",
+            "err warning: y\n", "out \(redraw)step 3 ETA 5s", "out \n", "err error: z\n", "out \(redraw)step 4 ETA 4s", "out \n",
+        ])
+    }
+
     // MARK: - Resume arithmetic
 
     @Test func sameShapeContinuesExactly() {

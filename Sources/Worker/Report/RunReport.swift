@@ -7,13 +7,19 @@ import Yams
 /// communication over the global step, with checkpoints, resumes, stops and skipped steps marked; the gradient-check
 /// table; the model, the machine, the configuration and the result. Inline SVG and CSS only.
 ///
-/// Made from the run directory's files alone (metrics.jsonl, status.json, gradcheck.json, config.yaml), so rank 0
-/// during training and `bpworker report` afterwards write the same page.
+/// Made from the run directory's records alone (metrics.jsonl, status.json, gradcheck.json, config.yaml), so rank 0
+/// during training (from the records it keeps in memory) and `bpworker report` afterwards (from the files) write the
+/// same page.
 enum RunReport {
     /// Reads the runs and writes the page atomically (a browser reloading it never sees half a file).
     static func write(runDirectories: [String], to path: String) throws {
         var runs: [RunRecords] = []
         for directory in runDirectories { runs.append(try RunRecords.read(directory)) }
+        try write(runs, to: path)
+    }
+
+    /// Writes the page of runs already read (rank 0 keeps its run's records as it writes them).
+    static func write(_ runs: [RunRecords], to path: String) throws {
         do {
             try writeAtomically(Data(html(runs).utf8), to: path, durable: false)
         } catch {
@@ -191,26 +197,26 @@ enum RunReport {
     static func modelAndMachineSection(_ run: RunRecords, suffix: String) -> String {
         var out = "<div class=\"columns\"><div><h3>Model\(suffix)</h3>"
         if let start = run.lastStart {
-            out += "<p>\(escapeHTML(start.fields["model"] as? String ?? "?")), "
-            out += "\(grouped((start.fields["parameters"] as? Int) ?? 0)) parameters</p>"
-            if let layers = start.fields["layers"] as? [String], !layers.isEmpty {
+            out += "<p>\(escapeHTML(start.model ?? "?")), "
+            out += "\(grouped(start.parameters ?? 0)) parameters</p>"
+            if let layers = start.layers, !layers.isEmpty {
                 out += "<pre class=\"layers\">\(escapeHTML(layers.joined(separator: "\n")))</pre>"
             }
         } else {
             out += "<p class=\"none\">not recorded (the run did not start training)</p>"
         }
         out += "</div><div><h3>Machine\(suffix)</h3>"
-        let starts = run.events.filter { $0.kind == "start" || $0.kind == "resume" }
+        let starts = run.events.filter(\.isStart)
         if starts.isEmpty {
             out += "<p class=\"none\">not recorded</p>"
         } else {
             out += "<table class=\"machine\"><thead><tr><th></th><th>step</th><th>ranks</th><th>nodes</th><th>BLAS</th>"
                 + "<th>threads per rank</th></tr></thead><tbody>"
             for start in starts {
-                out += "<tr><td>\(start.kind == "resume" ? "resumed" : "started")</td><td>\(grouped(start.step))</td>"
-                out += "<td>\(start.worldSize.map(String.init) ?? "?")</td><td>\((start.fields["nodes"] as? Int).map(String.init) ?? "?")</td>"
-                out += "<td>\(escapeHTML(start.fields["blas"] as? String ?? "?"))</td>"
-                out += "<td>\((start.fields["blas_threads"] as? Int).map(String.init) ?? "?")</td></tr>"
+                out += "<tr><td>\(start.kind == .resume ? "resumed" : "started")</td><td>\(grouped(start.step))</td>"
+                out += "<td>\(start.worldSize.map(String.init) ?? "?")</td><td>\(start.nodes.map(String.init) ?? "?")</td>"
+                out += "<td>\(escapeHTML(start.blas ?? "?"))</td>"
+                out += "<td>\(start.blasThreads.map(String.init) ?? "?")</td></tr>"
             }
             out += "</tbody></table>"
         }
@@ -224,20 +230,20 @@ enum RunReport {
         for event in run.events {
             let at = "step \(grouped(event.step))"
             switch event.kind {
-            case "checkpoint":
+            case .checkpoint:
                 out.append(.init(kind: "checkpoint", step: event.step, tooltip: "\(prefix)checkpoint at \(at)"))
-            case "resume":
+            case .resume:
                 let ranks = event.worldSize.map { "\($0) rank\($0 == 1 ? "" : "s")" } ?? "?"
                 out.append(.init(kind: "resume", step: event.step, label: "\(prefix)resumed, \(ranks)",
                                  tooltip: "\(prefix)resumed at \(at) on \(ranks)"))
-            case "skip":
+            case .skip:
                 out.append(.init(kind: "skip", step: event.step, tooltip: "\(prefix)step \(grouped(event.step)) skipped: non-finite loss or gradient"))
-            case "end" where event.state == "stopped":
+            case .end where event.state == .stopped:
                 out.append(.init(kind: "stop", step: event.step, label: "\(prefix)stopped",
-                                 tooltip: "\(prefix)stopped at \(at)" + ((event.fields["message"] as? String).map { ": \($0)" } ?? "")))
-            case "end" where event.state == "failed":
+                                 tooltip: "\(prefix)stopped at \(at)" + (event.message.map { ": \($0)" } ?? "")))
+            case .end where event.state == .failed:
                 out.append(.init(kind: "failure", step: event.step, label: "\(prefix)failed",
-                                 tooltip: "\(prefix)failed at \(at)" + ((event.fields["message"] as? String).map { ": \($0)" } ?? "")))
+                                 tooltip: "\(prefix)failed at \(at)" + (event.message.map { ": \($0)" } ?? "")))
             default:
                 break
             }

@@ -39,19 +39,17 @@ final class TensorBoardWriter {
         handle.write(Data(TFRecord.frame(event)))
     }
 
-    /// The scalars of one metrics.jsonl record, under the tags TensorBoard shows: the same names and values.
-    static func scalars(of record: [String: Any]) -> [(tag: String, value: Double)] {
-        let tags: [(String, String)]
-        switch record["type"] as? String {
-        case "train":
-            tags = [("train/loss", "loss"), ("train/accuracy", "accuracy"), ("train/learning_rate", "lr"),
-                    ("train/samples_per_second", "samples_per_second"), ("train/comm_wait_fraction", "comm_wait_fraction")]
-        case "eval":
-            tags = [("test/loss", "loss"), ("test/accuracy", "accuracy")]
-        default:
-            return []
+    /// The scalars of one metrics.jsonl record, under the tags TensorBoard shows: the same values.
+    static func scalars(of record: MetricsRecord) -> [(tag: String, value: Double)] {
+        switch record {
+        case .train(let train):
+            [("train/loss", train.loss), ("train/accuracy", train.accuracy), ("train/learning_rate", train.learningRate),
+             ("train/samples_per_second", train.samplesPerSecond), ("train/comm_wait_fraction", train.commWaitFraction)]
+        case .eval(let eval):
+            [("test/loss", eval.loss), ("test/accuracy", eval.accuracy)]
+        case .event:
+            []
         }
-        return tags.compactMap { tag, key in (record[key] as? NSNumber).map { (tag, $0.doubleValue) } }
     }
 }
 
