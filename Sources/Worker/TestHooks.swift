@@ -25,6 +25,8 @@ struct TestHooks {
     var divergeStep: Int?
     /// BPWORKER_TEST_CLOCK_OFFSET=RANK:SECONDS: that rank's clock for time-based checkpoints runs SECONDS ahead.
     var clockOffsetSeconds = 0.0
+    /// BPWORKER_TEST_CLOCK_SKEW=RANK:SECONDS: that rank's timeline clock runs SECONDS ahead, as a clock on another host may.
+    var clockSkewSeconds = 0.0
 
     static func fromEnvironment(rank: Int) -> TestHooks {
         let env = ProcessInfo.processInfo.environment
@@ -48,6 +50,7 @@ struct TestHooks {
         if let f = fields("BPWORKER_TEST_STEP_SLEEP_MS"), f.count == 1 { hooks.stepSleepMicroseconds = UInt32(f[0] * 1000) }
         if let f = fields("BPWORKER_TEST_DIVERGE"), f.count == 2, Int(f[0]) == rank { hooks.divergeStep = Int(f[1]) }
         if let f = fields("BPWORKER_TEST_CLOCK_OFFSET"), f.count == 2, Int(f[0]) == rank { hooks.clockOffsetSeconds = f[1] }
+        if let f = fields("BPWORKER_TEST_CLOCK_SKEW"), f.count == 2, Int(f[0]) == rank { hooks.clockSkewSeconds = f[1] }
         return hooks
     }
 

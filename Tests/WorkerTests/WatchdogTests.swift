@@ -33,15 +33,15 @@ struct WatchdogTests {
         while Date() < busyUntil {
             step += 1
             watchdog.beginStep(step)
-            watchdog.enter(.gradientAllreduce, step: step)
+            watchdog.enter(.gradientExchange, step: step)
             watchdog.leave()
-            watchdog.enter(.parameterGather, step: step)
+            watchdog.enter(.update, step: step)
             watchdog.leave()
         }
         #expect(aborts.report.withLock { $0 } == nil, "short collectives were reported as a stall")
 
         // A collective that does not return.
-        watchdog.enter(.metricsAllreduce, step: step + 1)
+        watchdog.enter(.progressReport, step: step + 1)
         #expect(aborts.arrived.wait(timeout: .now() + timeout + 5) == .success, "no stall report")
         let report = try #require(aborts.report.withLock { $0 })
         #expect(report.hasPrefix("stall: rank 0 has waited "), "\(report)")
