@@ -142,7 +142,9 @@ struct RunLifecycleTests {
         #expect(r.status != 0)
         let s = try status(run)
         #expect(s["state"] as? String == "failed", "\(s)")
-        #expect((s["message"] as? String)?.hasPrefix("rank 0: stall: rank 0 has waited") == true, "\(s)")
+        let message = try #require(s["message"] as? String, "\(s)")
+        #expect(message.hasPrefix("rank 0: stall: "), "\(message)")
+        expectStallReport(message, rank: 0, phase: "gradient allreduce", step: 3)
     }
 
     @Test func aFailedCheckpointWriteEndsTheRunFailed() throws {
