@@ -138,12 +138,20 @@ struct MemoryTests {
         ]
     }
 
-    /// `job` (which starts with `train`) as one local bpworker, started by a shell after `setup`: a command that
-    /// limits the shell, which `exec` hands on to bpworker.
-    func runLocally(after setup: String, _ job: [String]) throws -> Harness.Result {
-        let command = [Harness.executable.path] + job.prefix(1) + ["--local"] + job.dropFirst()
+    /// Runs a model of `hidden` too large for a limit that `setup`, a shell command, imposes on the shell, which
+    /// `exec` hands on to a local bpworker: it must refuse to start, write nothing, and name the limit in `message`.
+    func expectRefusal(under setup: String, hidden: String, message: String,
+                       sourceLocation: SourceLocation = #_sourceLocation) throws {
+        let data = try SyntheticData(samples: 200)
+        defer { data.remove() }
+        let run = temporaryRunDirectory()
+        let arguments = job(data, runDir: run, hidden: hidden)
+        let command = [Harness.executable.path] + arguments.prefix(1) + ["--local"] + arguments.dropFirst()
         let quoted = command.map { "'\($0)'" }.joined(separator: " ")
-        return try Harness.run("/bin/sh", ["-c", "\(setup) && exec \(quoted)"], environment: [:], timeout: 60)
+        let r = try Harness.run("/bin/sh", ["-c", "\(setup) && exec \(quoted)"], environment: [:], timeout: 60)
+        #expect(r.status == 1, "\(r.output)", sourceLocation: sourceLocation)
+        #expect(r.output.contains(message), "\(r.output)", sourceLocation: sourceLocation)
+        #expect(!FileManager.default.fileExists(atPath: run), "a failed start writes nothing", sourceLocation: sourceLocation)
     }
 
     func mebibytes(after prefix: String, in output: String) -> Double? {
@@ -181,13 +189,7 @@ struct MemoryTests {
     }
 
     @Test func ulimitVIsRespected() throws {
-        let data = try SyntheticData(samples: 200)
-        defer { data.remove() }
-        let run = temporaryRunDirectory()
-        let r = try runLocally(after: "ulimit -v 1048576", job(data, runDir: run, hidden: "[8192, 8192]"))
-        #expect(r.status == 1, "\(r.output)")
-        #expect(r.output.contains("but ulimit -v allows 1.00 GiB of address space"), "\(r.output)")
-        #expect(!FileManager.default.fileExists(atPath: run))
+        try expectRefusal(under: "ulimit -v 1048576", hidden: "[8192, 8192]", message: "but ulimit -v allows 1.00 GiB of address space")
     }
 
     /// A memory cgroup made for the test (root; v1 or v2) and removed after it.
@@ -202,19 +204,13 @@ struct MemoryTests {
         return nil
     }
 
-    /// The process is moved into the cgroup before it starts.
+    /// The shell moves itself into the cgroup before it becomes bpworker.
     @Test func aCgroupLimitIsRespected() throws {
         guard let cgroup = makeMemoryCgroup(limit: 256 << 20) else {
             print("skipped: cannot make a memory cgroup here (not root, or no writable memory controller)")
             return
         }
         defer { rmdir(cgroup) }
-        let data = try SyntheticData(samples: 200)
-        defer { data.remove() }
-        let run = temporaryRunDirectory()
-        let r = try runLocally(after: "echo $$ > \(cgroup)/cgroup.procs", job(data, runDir: run, hidden: "[4096, 4096]"))
-        #expect(r.status == 1, "\(r.output)")
-        #expect(r.output.contains("but the memory cgroup allows 256 MiB"), "\(r.output)")
-        #expect(!FileManager.default.fileExists(atPath: run))
+        try expectRefusal(under: "echo $$ > \(cgroup)/cgroup.procs", hidden: "[4096, 4096]", message: "but the memory cgroup allows 256 MiB")
     }
 }
