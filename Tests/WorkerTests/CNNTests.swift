@@ -72,12 +72,9 @@ struct CNNTests {
         let r = try Harness.mpirun(2, job(data, batch: 8, runDir: reference, extra: extra))
         #expect(r.status == 0, "\(r.output)")
         let run = temporaryRunDirectory()
-        let job = try Harness.startMPI(2, job(data, batch: 8, runDir: run, extra: extra), environment: ["BPWORKER_TEST_STEP_SLEEP_MS": "40"])
-        #expect(job.waitFor { $0.contains("(step 15)") })
-        job.signal(SIGUSR1)
-        let stopped = job.wait(timeout: 60)
+        let stopped = try Harness.startSlowed(2, job(data, batch: 8, runDir: run, extra: extra)).stop(after: "(step 15)")
         #expect(stopped.status == 0 && stopped.output.contains("stopped by SIGUSR1"), "\(stopped.output)")
-        let resumed = try Harness.mpirun(2, ["train", "--run-dir", run, "--resume", "--progress", "plain"])
+        let resumed = try Harness.resume(run)
         #expect(resumed.status == 0, "\(resumed.output)")
         #expect(try state(run) == (try state(reference)), "the resumed CNN must equal the uninterrupted one bitwise, running statistics included")
     }
@@ -249,14 +246,10 @@ extension DaemonTests {
         let r = try Harness.mpirun(2, cnn.job(data, batch: 8, runDir: reference, extra: extra))
         #expect(r.status == 0, "\(r.output)")
         let run = temporaryRunDirectory()
-        let job = try Harness.startMPI(2, cnn.job(data, batch: 8, runDir: run, extra: extra), environment: ["BPWORKER_TEST_STEP_SLEEP_MS": "40"])
-        #expect(job.waitFor { $0.contains("epoch 2/3 step 3/12") })
-        let rank1 = try #require(pid(of: 1, in: run))
-        kill(rank1, SIGTERM)
-        let stopped = job.wait(timeout: 60)
+        let job = try Harness.startSlowed(2, cnn.job(data, batch: 8, runDir: run, extra: extra))
+        let stopped = try signal(rank: 1, SIGTERM, of: job, in: run) { $0.contains("epoch 2/3 step 3/12") }.result
         #expect(stopped.status == 0 && stopped.output.contains("stopped by another rank's signal"), "\(stopped.output)")
-        let latest = try String(contentsOfFile: run + "/checkpoints/latest", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
-        let checkpoint = try SafeTensorsFile(path: run + "/checkpoints/" + latest)
+        let checkpoint = try SafeTensorsFile(path: run + "/checkpoints/" + (try latestCheckpoint(run)))
         let step = try #require(Int(checkpoint.metadata["step"] ?? ""))
         #expect(step > 12 && step < 36, "stopped mid-run in epoch 2 or 3, not at an epoch end: step \(step)")
         for layer in [1, 9] {
@@ -264,7 +257,7 @@ extension DaemonTests {
             let mean = try checkpoint.floats("\(layer).running_mean"), variance = try checkpoint.floats("\(layer).running_var")
             #expect(mean.allSatisfy(\.isFinite) && mean.contains { $0 != 0 } && variance.contains { $0 != 1 }, "layer \(layer): statistics moved")
         }
-        let resumed = try Harness.mpirun(2, ["train", "--run-dir", run, "--resume", "--progress", "plain"])
+        let resumed = try Harness.resume(run)
         #expect(resumed.status == 0 && resumed.output.contains("resumed from"), "\(resumed.output)")
         #expect(try cnn.state(run) == (try cnn.state(reference)), "bitwise, running statistics included")
     }
@@ -280,17 +273,8 @@ extension DaemonTests {
         let r = try Harness.mpirun(2, cnn.job(data, batch: 8, runDir: reference, extra: extra))
         #expect(r.status == 0, "\(r.output)")
         let run = temporaryRunDirectory()
-        let job = try Harness.startMPI(2, cnn.job(data, batch: 8, runDir: run, extra: extra), environment: ["BPWORKER_TEST_STEP_SLEEP_MS": "40"])
-        #expect(job.waitFor { $0.contains("checkpoint: ") && $0.contains("step 15)") })
-        let rank1 = try #require(pid(of: 1, in: run))
-        let killed = Date()
-        kill(rank1, SIGKILL)
-        let result = job.wait(timeout: 60)
-        #expect(result.status != 0)
-        #expect(Date().timeIntervalSince(killed) < 30)
-        let resumed = try Harness.mpirun(2, ["train", "--run-dir", run, "--resume", "--progress", "plain"])
-        #expect(resumed.status == 0, "\(resumed.output)")
-        #expect(resumed.output.contains("resumed from") && resumed.output.contains("training finished"), "\(resumed.output)")
+        let job = try Harness.startSlowed(2, cnn.job(data, batch: 8, runDir: run, extra: extra))
+        try killRank1AndResume(job, run: run) { $0.contains("checkpoint: ") && $0.contains("step 15)") }
         #expect(try cnn.state(run) == (try cnn.state(reference)), "the resumed CNN must equal the uninterrupted one bitwise")
     }
 }

@@ -121,6 +121,32 @@ struct Harness {
         defer { try? FileManager.default.removeItem(at: running.outputFile) }
         return running.wait(timeout: timeout)
     }
+
+    /// `startMPI` with every step slowed by 40 ms (BPWORKER_TEST_STEP_SLEEP_MS), so that the test can act on the job
+    /// while it runs.
+    static func startSlowed(_ ranks: Int, _ arguments: [String], launcherOptions: [String] = []) throws -> Running {
+        try startMPI(ranks, arguments, environment: ["BPWORKER_TEST_STEP_SLEEP_MS": "40"], launcherOptions: launcherOptions)
+    }
+
+    /// `bpworker train --resume` of the run in `runDirectory`, from its last checkpoint, on `ranks` ranks.
+    static func resume(_ runDirectory: String, ranks: Int = 2) throws -> Result {
+        try mpirun(ranks, ["train", "--run-dir", runDirectory, "--resume", "--progress", "plain"])
+    }
+}
+
+extension Harness.Running {
+    /// Sends SIGUSR1 (stop at the end of this step, with a checkpoint) once the output shows `marker`, and waits for
+    /// the job to end.
+    func stop(after marker: String, sourceLocation: SourceLocation = #_sourceLocation) -> Harness.Result {
+        #expect(waitFor { $0.contains(marker) }, "'\(marker)' never came", sourceLocation: sourceLocation)
+        signal(SIGUSR1)
+        return wait(timeout: 60)
+    }
+}
+
+/// The file name of the run's newest checkpoint, which `checkpoints/latest` holds.
+func latestCheckpoint(_ runDirectory: String) throws -> String {
+    try String(contentsOfFile: runDirectory + "/checkpoints/latest", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
 }
 
 /// A small synthetic classification data set written as IDX files (the format bpworker reads by default).
