@@ -28,6 +28,16 @@ struct CNNTests {
         return result
     }
 
+    /// The `state` of an uninterrupted 2-rank run of `job` (batch 8 per rank) with `extra`: what a run stopped and
+    /// resumed with the same settings must equal bitwise.
+    func uninterruptedState(_ data: SyntheticData, extra: [String], sourceLocation: SourceLocation = #_sourceLocation)
+        throws -> [String: [Double]] {
+        let reference = temporaryRunDirectory()
+        let r = try Harness.mpirun(2, job(data, batch: 8, runDir: reference, extra: extra))
+        #expect(r.status == 0, "\(r.output)", sourceLocation: sourceLocation)
+        return try state(reference)
+    }
+
     func relativeDifference(_ a: [String: [Double]], _ b: [String: [Double]]) -> Double {
         guard a.keys.sorted() == b.keys.sorted() else { return .infinity }
         var worst = 0.0
@@ -68,15 +78,13 @@ struct CNNTests {
         let data = try SyntheticData(samples: 192, features: 36, imageShape: [6, 6])
         defer { data.remove() }
         let extra = ["--set", "training.epochs=3", "--set", "checkpoint.every_steps=5"]
-        let reference = temporaryRunDirectory()
-        let r = try Harness.mpirun(2, job(data, batch: 8, runDir: reference, extra: extra))
-        #expect(r.status == 0, "\(r.output)")
+        let reference = try uninterruptedState(data, extra: extra)
         let run = temporaryRunDirectory()
         let stopped = try Harness.startSlowed(2, job(data, batch: 8, runDir: run, extra: extra)).stop(after: "(step 15)")
         #expect(stopped.status == 0 && stopped.output.contains("stopped by SIGUSR1"), "\(stopped.output)")
         let resumed = try Harness.resume(run)
         #expect(resumed.status == 0, "\(resumed.output)")
-        #expect(try state(run) == (try state(reference)), "the resumed CNN must equal the uninterrupted one bitwise, running statistics included")
+        #expect(try state(run) == reference, "the resumed CNN must equal the uninterrupted one bitwise, running statistics included")
     }
 
     /// Synchronized batch norm's sums are collectives inside the passes: a rank that stalls leaves the others
@@ -242,9 +250,7 @@ extension DaemonTests {
         let data = try SyntheticData(samples: 192, features: 36, imageShape: [6, 6])
         defer { data.remove() }
         let extra = ["--set", "training.epochs=3", "--set", "checkpoint.every_steps=0"]
-        let reference = temporaryRunDirectory()
-        let r = try Harness.mpirun(2, cnn.job(data, batch: 8, runDir: reference, extra: extra))
-        #expect(r.status == 0, "\(r.output)")
+        let reference = try cnn.uninterruptedState(data, extra: extra)
         let run = temporaryRunDirectory()
         let job = try Harness.startSlowed(2, cnn.job(data, batch: 8, runDir: run, extra: extra))
         let stopped = try signal(rank: 1, SIGTERM, of: job, in: run) { $0.contains("epoch 2/3 step 3/12") }.result
@@ -259,7 +265,7 @@ extension DaemonTests {
         }
         let resumed = try Harness.resume(run)
         #expect(resumed.status == 0 && resumed.output.contains("resumed from"), "\(resumed.output)")
-        #expect(try cnn.state(run) == (try cnn.state(reference)), "bitwise, running statistics included")
+        #expect(try cnn.state(run) == reference, "bitwise, running statistics included")
     }
 
     /// kill -9 of a rank of a CNN job with augmentation on: the job ends within seconds and the last checkpoint
@@ -269,13 +275,11 @@ extension DaemonTests {
         let data = try SyntheticData(samples: 192, features: 36, imageShape: [6, 6])
         defer { data.remove() }
         let extra = CNNTests.augment + ["--set", "training.epochs=3", "--set", "checkpoint.every_steps=5"]
-        let reference = temporaryRunDirectory()
-        let r = try Harness.mpirun(2, cnn.job(data, batch: 8, runDir: reference, extra: extra))
-        #expect(r.status == 0, "\(r.output)")
+        let reference = try cnn.uninterruptedState(data, extra: extra)
         let run = temporaryRunDirectory()
         let job = try Harness.startSlowed(2, cnn.job(data, batch: 8, runDir: run, extra: extra))
         try killRank1AndResume(job, run: run) { $0.contains("checkpoint: ") && $0.contains("step 15)") }
-        #expect(try cnn.state(run) == (try cnn.state(reference)), "the resumed CNN must equal the uninterrupted one bitwise")
+        #expect(try cnn.state(run) == reference, "the resumed CNN must equal the uninterrupted one bitwise")
     }
 }
 
