@@ -57,6 +57,22 @@ private func expectDataError(
     }
 }
 
+/// A malformed file for a reader to reject: the test case's name, the file's bytes, and what the DataError must say.
+struct BadFile: CustomTestStringConvertible, Sendable {
+    let name: String
+    let bytes: [UInt8]
+    let fragments: [String]
+    var testDescription: String { name }
+
+    /// Writes the bytes to a file called `fileName` and expects `read`, given its path, to reject it (`expectDataError`).
+    func expectRejected(as fileName: String, sourceLocation: SourceLocation = #_sourceLocation,
+                        by read: (String) throws -> Void) throws {
+        let dir = try TemporaryDirectory()
+        let path = try dir.write(fileName, bytes)
+        expectDataError(path: path, fragments, sourceLocation: sourceLocation) { try read(path) }
+    }
+}
+
 /// An IDX file: magic, type, dimension count, big-endian dimensions, payload.
 private func idxFile(type: UInt8 = 0x08, dims: [UInt32], payload: [UInt8]) -> [UInt8] {
     var bytes: [UInt8] = [0, 0, type, UInt8(dims.count)]
@@ -225,87 +241,78 @@ private func gathered<T: BinaryFloatingPoint>(_ data: Dataset, _ indices: [Int],
         #expect(try NPY.read(path: other) == array)
     }
 
-    struct BadNPY: CustomTestStringConvertible, Sendable {
-        let name: String
-        let bytes: [UInt8]
-        let fragments: [String]
-        var testDescription: String { name }
-    }
-
     static let f4x6 = [UInt8](repeating: 0, count: 24)
 
-    static let badFiles: [BadNPY] = [
-        BadNPY(name: "bad magic", bytes: Array("\u{7F}ELF and then some more bytes".utf8), fragments: ["not a .npy file", "0x7F 0x45"]),
-        BadNPY(name: "empty file", bytes: [], fragments: ["not a .npy file"]),
-        BadNPY(name: "magic only", bytes: [0x93] + Array("NUMPY".utf8), fragments: ["truncated header: need 8 bytes, file has 6"]),
-        BadNPY(name: "version 4", bytes: [0x93] + Array("NUMPY".utf8) + [4, 0, 0, 0], fragments: ["unsupported .npy format version 4.0"]),
-        BadNPY(name: "header length past end of file",
+    static let badFiles: [BadFile] = [
+        BadFile(name: "bad magic", bytes: Array("\u{7F}ELF and then some more bytes".utf8), fragments: ["not a .npy file", "0x7F 0x45"]),
+        BadFile(name: "empty file", bytes: [], fragments: ["not a .npy file"]),
+        BadFile(name: "magic only", bytes: [0x93] + Array("NUMPY".utf8), fragments: ["truncated header: need 8 bytes, file has 6"]),
+        BadFile(name: "version 4", bytes: [0x93] + Array("NUMPY".utf8) + [4, 0, 0, 0], fragments: ["unsupported .npy format version 4.0"]),
+        BadFile(name: "header length past end of file",
                bytes: [0x93] + Array("NUMPY".utf8) + [1, 0, 0xFF, 0x7F] + Array("{'descr': '<f4'".utf8),
                fragments: ["header length 32767 runs past the end of the file", "25 bytes"]),
-        BadNPY(name: "missing shape",
+        BadFile(name: "missing shape",
                bytes: npyFile(header: "{'descr': '<f4', 'fortran_order': False, }", payload: f4x6),
                fragments: ["missing key 'shape'"]),
-        BadNPY(name: "missing descr",
+        BadFile(name: "missing descr",
                bytes: npyFile(header: "{'fortran_order': False, 'shape': (6,), }", payload: f4x6),
                fragments: ["missing key 'descr'"]),
-        BadNPY(name: "unterminated dict",
+        BadFile(name: "unterminated dict",
                bytes: npyFile(header: "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), ", payload: f4x6),
                fragments: ["malformed .npy header", "expected a quoted string"]),
-        BadNPY(name: "missing colon",
+        BadFile(name: "missing colon",
                bytes: npyFile(header: "{'descr' '<f4', 'fortran_order': False, 'shape': (2, 3), }", payload: f4x6),
                fragments: ["malformed .npy header", "expected ':'"]),
-        BadNPY(name: "unknown key",
+        BadFile(name: "unknown key",
                bytes: npyFile(header: "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), 'x': 1}", payload: f4x6),
                fragments: ["unexpected key 'x'"]),
-        BadNPY(name: "duplicate key",
+        BadFile(name: "duplicate key",
                bytes: npyFile(header: "{'descr': '<f4', 'descr': '<f8', 'fortran_order': False, 'shape': (6,)}", payload: f4x6),
                fragments: ["duplicate key 'descr'"]),
-        BadNPY(name: "shape is not a tuple",
+        BadFile(name: "shape is not a tuple",
                bytes: npyFile(header: "{'descr': '<f4', 'fortran_order': False, 'shape': '6'}", payload: f4x6),
                fragments: ["'shape' must be a tuple"]),
-        BadNPY(name: "one-element tuple without comma",
+        BadFile(name: "one-element tuple without comma",
                bytes: npyFile(header: "{'descr': '<f4', 'fortran_order': False, 'shape': (6)}", payload: f4x6),
                fragments: ["one-element tuple needs a trailing comma"]),
-        BadNPY(name: "negative dimension",
+        BadFile(name: "negative dimension",
                bytes: npyFile(header: "{'descr': '<f4', 'fortran_order': False, 'shape': (-6,)}", payload: f4x6),
                fragments: ["expected a non-negative integer"]),
-        BadNPY(name: "fortran_order not a bool",
+        BadFile(name: "fortran_order not a bool",
                bytes: npyFile(header: "{'descr': '<f4', 'fortran_order': Falsey, 'shape': (6,)}", payload: f4x6),
                fragments: ["expected a string, True, False or a tuple"]),
-        BadNPY(name: "text after dict",
+        BadFile(name: "text after dict",
                bytes: npyFile(header: "{'descr': '<f4', 'fortran_order': False, 'shape': (6,)} junk", payload: f4x6),
                fragments: ["unexpected text after '}'"]),
-        BadNPY(name: "dimension beyond Int",
+        BadFile(name: "dimension beyond Int",
                bytes: npyFile(header: "{'descr': '<f4', 'fortran_order': False, 'shape': (99999999999999999999,)}", payload: f4x6),
                fragments: ["dimension too large"]),
-        BadNPY(name: "shape product overflows",
+        BadFile(name: "shape product overflows",
                bytes: npyFile(header: "{'descr': '<f4', 'fortran_order': False, 'shape': (4294967296, 4294967296)}", payload: f4x6),
                fragments: ["more elements than can be addressed"]),
-        BadNPY(name: "byte count overflows",
+        BadFile(name: "byte count overflows",
                bytes: npyFile(header: "{'descr': '<f8', 'fortran_order': False, 'shape': (4611686018427387904,)}", payload: f4x6),
                fragments: ["more bytes than can be addressed"]),
-        BadNPY(name: "truncated payload",
+        BadFile(name: "truncated payload",
                bytes: npyFile(header: goodHeader, payload: Array(f4x6.dropLast(3))),
                fragments: ["truncated data", "expected 24 data bytes", "[2, 3]", "file has 21"]),
-        BadNPY(name: "trailing bytes",
+        BadFile(name: "trailing bytes",
                bytes: npyFile(header: goodHeader, payload: f4x6 + [1]),
                fragments: ["trailing bytes", "expected 24 data bytes", "file has 25"]),
-        BadNPY(name: "big-endian written by hand",
+        BadFile(name: "big-endian written by hand",
                bytes: npyFile(header: "{'descr': '>f8', 'fortran_order': False, 'shape': (3,)}", payload: f4x6),
                fragments: ["big-endian dtype '>f8'"]),
-        BadNPY(name: "fortran order written by hand",
+        BadFile(name: "fortran order written by hand",
                bytes: npyFile(header: "{'descr': '<f4', 'fortran_order': True, 'shape': (2, 3)}", payload: f4x6),
                fragments: ["Fortran-order"]),
-        BadNPY(name: "unsupported dtype written by hand",
+        BadFile(name: "unsupported dtype written by hand",
                bytes: npyFile(header: "{'descr': '<c8', 'fortran_order': False, 'shape': (3,)}", payload: f4x6),
                fragments: ["unsupported dtype '<c8'"]),
     ]
 
     @Test(arguments: badFiles)
-    func rejectsMalformedFile(_ bad: BadNPY) throws {
-        let dir = try TemporaryDirectory()
-        let path = try dir.write("bad.npy", bad.bytes)
-        expectDataError(path: path, bad.fragments) { _ = try NPY.read(path: path) }
+    func rejectsMalformedFile(_ bad: BadFile) throws {
+        try bad.expectRejected(as: "bad.npy") { _ = try NPY.read(path: $0) }
     }
 }
 
@@ -351,47 +358,38 @@ private func gathered<T: BinaryFloatingPoint>(_ data: Dataset, _ indices: [Int],
         #expect(try IDX.read(path: empty) == IDXArray(shape: [0, 28, 28], bytes: []))
     }
 
-    struct BadIDX: CustomTestStringConvertible, Sendable {
-        let name: String
-        let bytes: [UInt8]
-        let fragments: [String]
-        var testDescription: String { name }
-    }
-
-    static let badFiles: [BadIDX] = [
-        BadIDX(name: "wrong magic", bytes: [0x50, 0x4B, 3, 4] + [UInt8](repeating: 0, count: 20),
+    static let badFiles: [BadFile] = [
+        BadFile(name: "wrong magic", bytes: [0x50, 0x4B, 3, 4] + [UInt8](repeating: 0, count: 20),
                fragments: ["not an IDX file: magic bytes 0x50 0x4B"]),
-        BadIDX(name: "shorter than the fixed header", bytes: [0, 0, 8],
+        BadFile(name: "shorter than the fixed header", bytes: [0, 0, 8],
                fragments: ["truncated header: need 4 bytes, file has 3"]),
-        BadIDX(name: "truncated dimensions", bytes: [0, 0, 8, 3, 0, 0, 0xEA, 0x60, 0, 0],
+        BadFile(name: "truncated dimensions", bytes: [0, 0, 8, 3, 0, 0, 0xEA, 0x60, 0, 0],
                fragments: ["truncated header: need 16 bytes, file has 10"]),
-        BadIDX(name: "truncated payload", bytes: idxFile(dims: [60000, 28, 28], payload: [UInt8](repeating: 0, count: 1000)),
+        BadFile(name: "truncated payload", bytes: idxFile(dims: [60000, 28, 28], payload: [UInt8](repeating: 0, count: 1000)),
                fragments: ["truncated data", "expected 47040000 data bytes for shape [60000, 28, 28], file has 1000"]),
-        BadIDX(name: "trailing bytes", bytes: idxFile(dims: [2, 2], payload: [1, 2, 3, 4, 5]),
+        BadFile(name: "trailing bytes", bytes: idxFile(dims: [2, 2], payload: [1, 2, 3, 4, 5]),
                fragments: ["trailing bytes", "expected 4 data bytes for shape [2, 2], file has 5"]),
-        BadIDX(name: "ndims 0", bytes: [0, 0, 8, 0, 1, 2, 3],
+        BadFile(name: "ndims 0", bytes: [0, 0, 8, 0, 1, 2, 3],
                fragments: ["unsupported number of dimensions 0"]),
-        BadIDX(name: "ndims 5", bytes: idxFile(dims: [1, 1, 1, 1, 1], payload: [0]),
+        BadFile(name: "ndims 5", bytes: idxFile(dims: [1, 1, 1, 1, 1], payload: [0]),
                fragments: ["unsupported number of dimensions 5"]),
-        BadIDX(name: "dimension product overflows", bytes: idxFile(dims: [.max, .max, .max, .max], payload: [1, 2, 3]),
+        BadFile(name: "dimension product overflows", bytes: idxFile(dims: [.max, .max, .max, .max], payload: [1, 2, 3]),
                fragments: ["shape [4294967295, 4294967295, 4294967295, 4294967295] has more elements than can be addressed"]),
-        BadIDX(name: "float32 type", bytes: idxFile(type: 0x0D, dims: [2], payload: [UInt8](repeating: 0, count: 8)),
+        BadFile(name: "float32 type", bytes: idxFile(type: 0x0D, dims: [2], payload: [UInt8](repeating: 0, count: 8)),
                fragments: ["unsupported IDX data type 0x0D (float32)"]),
-        BadIDX(name: "int32 type", bytes: idxFile(type: 0x0C, dims: [2], payload: [UInt8](repeating: 0, count: 8)),
+        BadFile(name: "int32 type", bytes: idxFile(type: 0x0C, dims: [2], payload: [UInt8](repeating: 0, count: 8)),
                fragments: ["unsupported IDX data type 0x0C (int32)"]),
-        BadIDX(name: "unknown type", bytes: idxFile(type: 0x42, dims: [2], payload: [0, 0]),
+        BadFile(name: "unknown type", bytes: idxFile(type: 0x42, dims: [2], payload: [0, 0]),
                fragments: ["unknown IDX data type 0x42"]),
-        BadIDX(name: "empty file", bytes: [], fragments: ["truncated header: need 4 bytes, file has 0"]),
-        BadIDX(name: "gzip magic only", bytes: [0x1F, 0x8B], fragments: ["truncated gzip stream"]),
-        BadIDX(name: "gzip with bad method", bytes: [0x1F, 0x8B, 0x07, 0, 0, 0, 0, 0, 0, 3, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10],
+        BadFile(name: "empty file", bytes: [], fragments: ["truncated header: need 4 bytes, file has 0"]),
+        BadFile(name: "gzip magic only", bytes: [0x1F, 0x8B], fragments: ["truncated gzip stream"]),
+        BadFile(name: "gzip with bad method", bytes: [0x1F, 0x8B, 0x07, 0, 0, 0, 0, 0, 0, 3, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10],
                fragments: ["corrupt gzip stream"]),
     ]
 
     @Test(arguments: badFiles)
-    func rejectsMalformedFile(_ bad: BadIDX) throws {
-        let dir = try TemporaryDirectory()
-        let path = try dir.write("bad-idx", bad.bytes)
-        expectDataError(path: path, bad.fragments) { _ = try IDX.read(path: path) }
+    func rejectsMalformedFile(_ bad: BadFile) throws {
+        try bad.expectRejected(as: "bad-idx") { _ = try IDX.read(path: $0) }
     }
 
     @Test func rejectsDamagedRealGzipFiles() throws {

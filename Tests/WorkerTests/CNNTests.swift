@@ -28,6 +28,16 @@ struct CNNTests {
         return result
     }
 
+    /// The `state` of an uninterrupted 2-rank run of `job` (batch 8 per rank) with `extra`: what a run stopped and
+    /// resumed with the same settings must equal bitwise.
+    func uninterruptedState(_ data: SyntheticData, extra: [String], sourceLocation: SourceLocation = #_sourceLocation)
+        throws -> [String: [Double]] {
+        let reference = temporaryRunDirectory()
+        let r = try Harness.mpirun(2, job(data, batch: 8, runDir: reference, extra: extra))
+        #expect(r.status == 0, "\(r.output)", sourceLocation: sourceLocation)
+        return try state(reference)
+    }
+
     func relativeDifference(_ a: [String: [Double]], _ b: [String: [Double]]) -> Double {
         guard a.keys.sorted() == b.keys.sorted() else { return .infinity }
         var worst = 0.0
@@ -68,18 +78,13 @@ struct CNNTests {
         let data = try SyntheticData(samples: 192, features: 36, imageShape: [6, 6])
         defer { data.remove() }
         let extra = ["--set", "training.epochs=3", "--set", "checkpoint.every_steps=5"]
-        let reference = temporaryRunDirectory()
-        let r = try Harness.mpirun(2, job(data, batch: 8, runDir: reference, extra: extra))
-        #expect(r.status == 0, "\(r.output)")
+        let reference = try uninterruptedState(data, extra: extra)
         let run = temporaryRunDirectory()
-        let job = try Harness.startMPI(2, job(data, batch: 8, runDir: run, extra: extra), environment: ["BPWORKER_TEST_STEP_SLEEP_MS": "40"])
-        #expect(job.waitFor { $0.contains("(step 15)") })
-        job.signal(SIGUSR1)
-        let stopped = job.wait(timeout: 60)
+        let stopped = try Harness.startSlowed(2, job(data, batch: 8, runDir: run, extra: extra)).stop(after: "(step 15)")
         #expect(stopped.status == 0 && stopped.output.contains("stopped by SIGUSR1"), "\(stopped.output)")
-        let resumed = try Harness.mpirun(2, ["train", "--run-dir", run, "--resume", "--progress", "plain"])
+        let resumed = try Harness.resume(run)
         #expect(resumed.status == 0, "\(resumed.output)")
-        #expect(try state(run) == (try state(reference)), "the resumed CNN must equal the uninterrupted one bitwise, running statistics included")
+        #expect(try state(run) == reference, "the resumed CNN must equal the uninterrupted one bitwise, running statistics included")
     }
 
     /// Synchronized batch norm's sums are collectives inside the passes: a rank that stalls leaves the others
@@ -90,10 +95,7 @@ struct CNNTests {
         let r = try Harness.mpirun(2, job(data, batch: 8, runDir: temporaryRunDirectory(),
                                           extra: ["--set", "model.batchnorm=sync", "--set", "watchdog.timeout_seconds=2"]),
                                    environment: ["BPWORKER_TEST_STALL": "1:3:60"], timeout: 60)
-        #expect(r.status != 0)
-        #expect(r.seconds < 30)
-        #expect(r.output.contains("stall: rank 0 has waited"), "\(r.output)")
-        #expect(r.output.contains("in the synchronized batch norm of step 3"), "\(r.output)")
+        expectStalled(r, rank: 0, phase: "synchronized batch norm", step: 3)
     }
 
     /// Local batch norm's running statistics differ between ranks during training; the replica check compares them
@@ -248,18 +250,12 @@ extension DaemonTests {
         let data = try SyntheticData(samples: 192, features: 36, imageShape: [6, 6])
         defer { data.remove() }
         let extra = ["--set", "training.epochs=3", "--set", "checkpoint.every_steps=0"]
-        let reference = temporaryRunDirectory()
-        let r = try Harness.mpirun(2, cnn.job(data, batch: 8, runDir: reference, extra: extra))
-        #expect(r.status == 0, "\(r.output)")
+        let reference = try cnn.uninterruptedState(data, extra: extra)
         let run = temporaryRunDirectory()
-        let job = try Harness.startMPI(2, cnn.job(data, batch: 8, runDir: run, extra: extra), environment: ["BPWORKER_TEST_STEP_SLEEP_MS": "40"])
-        #expect(job.waitFor { $0.contains("epoch 2/3 step 3/12") })
-        let rank1 = try #require(pid(of: 1, in: run))
-        kill(rank1, SIGTERM)
-        let stopped = job.wait(timeout: 60)
+        let job = try Harness.startSlowed(2, cnn.job(data, batch: 8, runDir: run, extra: extra))
+        let stopped = try signal(rank: 1, SIGTERM, of: job, in: run) { $0.contains("epoch 2/3 step 3/12") }.result
         #expect(stopped.status == 0 && stopped.output.contains("stopped by another rank's signal"), "\(stopped.output)")
-        let latest = try String(contentsOfFile: run + "/checkpoints/latest", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
-        let checkpoint = try SafeTensorsFile(path: run + "/checkpoints/" + latest)
+        let checkpoint = try SafeTensorsFile(path: run + "/checkpoints/" + (try latestCheckpoint(run)))
         let step = try #require(Int(checkpoint.metadata["step"] ?? ""))
         #expect(step > 12 && step < 36, "stopped mid-run in epoch 2 or 3, not at an epoch end: step \(step)")
         for layer in [1, 9] {
@@ -267,9 +263,9 @@ extension DaemonTests {
             let mean = try checkpoint.floats("\(layer).running_mean"), variance = try checkpoint.floats("\(layer).running_var")
             #expect(mean.allSatisfy(\.isFinite) && mean.contains { $0 != 0 } && variance.contains { $0 != 1 }, "layer \(layer): statistics moved")
         }
-        let resumed = try Harness.mpirun(2, ["train", "--run-dir", run, "--resume", "--progress", "plain"])
+        let resumed = try Harness.resume(run)
         #expect(resumed.status == 0 && resumed.output.contains("resumed from"), "\(resumed.output)")
-        #expect(try cnn.state(run) == (try cnn.state(reference)), "bitwise, running statistics included")
+        #expect(try cnn.state(run) == reference, "bitwise, running statistics included")
     }
 
     /// kill -9 of a rank of a CNN job with augmentation on: the job ends within seconds and the last checkpoint
@@ -279,22 +275,11 @@ extension DaemonTests {
         let data = try SyntheticData(samples: 192, features: 36, imageShape: [6, 6])
         defer { data.remove() }
         let extra = CNNTests.augment + ["--set", "training.epochs=3", "--set", "checkpoint.every_steps=5"]
-        let reference = temporaryRunDirectory()
-        let r = try Harness.mpirun(2, cnn.job(data, batch: 8, runDir: reference, extra: extra))
-        #expect(r.status == 0, "\(r.output)")
+        let reference = try cnn.uninterruptedState(data, extra: extra)
         let run = temporaryRunDirectory()
-        let job = try Harness.startMPI(2, cnn.job(data, batch: 8, runDir: run, extra: extra), environment: ["BPWORKER_TEST_STEP_SLEEP_MS": "40"])
-        #expect(job.waitFor { $0.contains("checkpoint: ") && $0.contains("step 15)") })
-        let rank1 = try #require(pid(of: 1, in: run))
-        let killed = Date()
-        kill(rank1, SIGKILL)
-        let result = job.wait(timeout: 60)
-        #expect(result.status != 0)
-        #expect(Date().timeIntervalSince(killed) < 30)
-        let resumed = try Harness.mpirun(2, ["train", "--run-dir", run, "--resume", "--progress", "plain"])
-        #expect(resumed.status == 0, "\(resumed.output)")
-        #expect(resumed.output.contains("resumed from") && resumed.output.contains("training finished"), "\(resumed.output)")
-        #expect(try cnn.state(run) == (try cnn.state(reference)), "the resumed CNN must equal the uninterrupted one bitwise")
+        let job = try Harness.startSlowed(2, cnn.job(data, batch: 8, runDir: run, extra: extra))
+        try killRank1AndResume(job, run: run) { $0.contains("checkpoint: ") && $0.contains("step 15)") }
+        #expect(try cnn.state(run) == reference, "the resumed CNN must equal the uninterrupted one bitwise")
     }
 }
 

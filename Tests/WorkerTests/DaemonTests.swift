@@ -47,22 +47,45 @@ struct DaemonTests {
         return nil
     }
 
+    /// Sends `signal` to rank `rank`'s own process (its pid from the heartbeat; not to mpirun) once `job`'s output
+    /// is `ready`, and waits for the job to end; `secondsAfterSignal` is how long it took to end.
+    func signal(rank: Int, _ signal: Int32, of job: Harness.Running, in runDir: String, when ready: (String) -> Bool,
+                sourceLocation: SourceLocation = #_sourceLocation) throws -> (result: Harness.Result, secondsAfterSignal: Double) {
+        let arrived = job.waitFor(60, ready)
+        #expect(arrived, "the job never got there:\n\(job.output)", sourceLocation: sourceLocation)
+        let process = try #require(pid(of: rank, in: runDir), sourceLocation: sourceLocation)
+        let sent = Date()
+        kill(process, signal)
+        let result = job.wait(timeout: 60)
+        return (result, Date().timeIntervalSince(sent))
+    }
+
+    /// kill -9 of rank 1 once `job`'s output is `ready`: the job fails within seconds instead of hanging. Then the
+    /// run resumes from its last checkpoint and finishes.
+    func killRank1AndResume(_ job: Harness.Running, run: String, when ready: (String) -> Bool,
+                            sourceLocation: SourceLocation = #_sourceLocation) throws {
+        let killed = try signal(rank: 1, SIGKILL, of: job, in: run, when: ready, sourceLocation: sourceLocation)
+        #expect(killed.result.status != 0, sourceLocation: sourceLocation)
+        #expect(killed.secondsAfterSignal < 30, sourceLocation: sourceLocation)
+        let resumed = try Harness.resume(run)
+        #expect(resumed.status == 0, "\(resumed.output)", sourceLocation: sourceLocation)
+        #expect(resumed.output.contains("resumed from") && resumed.output.contains("training finished"), "\(resumed.output)",
+                sourceLocation: sourceLocation)
+    }
+
     @Test func sigusr1ToMpirunCheckpointsAndResumesExactly() throws {
         let data = try SyntheticData(samples: 200)
         defer { data.remove() }
         let reference = try uninterrupted(data)
         let run = temporaryRunDirectory()
-        let job = try Harness.startMPI(2, job(data, runDir: run), environment: ["BPWORKER_TEST_STEP_SLEEP_MS": "40"])
-        #expect(job.waitFor { $0.contains("(step 14)") })
-        job.signal(SIGUSR1)
-        let stopped = job.wait(timeout: 60)
+        let stopped = try Harness.startSlowed(2, job(data, runDir: run)).stop(after: "(step 14)")
         #expect(stopped.status == 0, "\(stopped.output)")
         #expect(stopped.output.contains("stopped by SIGUSR1"), "\(stopped.output)")
         #expect(stopped.output.contains("resume with: bpworker train --resume --run-dir \(run)"))
         #expect(!stopped.output.contains("training finished"))
         let status = try String(contentsOfFile: run + "/status.json", encoding: .utf8)
         #expect(status.contains("\"state\" : \"stopped\""))
-        let resumed = try Harness.mpirun(2, ["train", "--run-dir", run, "--resume", "--progress", "plain"])
+        let resumed = try Harness.resume(run)
         #expect(resumed.status == 0, "\(resumed.output)")
         #expect(resumed.output.contains("resumed from"))
         #expect(try parameters(run + "/model.safetensors") == reference, "resumed run must equal the uninterrupted one bitwise")
@@ -73,18 +96,15 @@ struct DaemonTests {
         defer { data.remove() }
         let reference = try uninterrupted(data)
         let run = temporaryRunDirectory()
-        let job = try Harness.startMPI(2, job(data, runDir: run), environment: ["BPWORKER_TEST_STEP_SLEEP_MS": "40"])
-        #expect(job.waitFor { $0.contains("epoch 1/3 step 5/12") })
-        let rank1 = try #require(pid(of: 1, in: run))
-        kill(rank1, SIGTERM)
-        let stopped = job.wait(timeout: 60)
+        let job = try Harness.startSlowed(2, job(data, runDir: run))
+        let stopped = try signal(rank: 1, SIGTERM, of: job, in: run) { $0.contains("epoch 1/3 step 5/12") }.result
         #expect(stopped.status == 0, "\(stopped.output)")
         #expect(stopped.output.contains("stopped by another rank's signal"), "\(stopped.output)")
-        let resumed = try Harness.mpirun(2, ["train", "--run-dir", run, "--resume", "--progress", "plain"])
+        let resumed = try Harness.resume(run)
         #expect(resumed.status == 0, "\(resumed.output)")
         #expect(try parameters(run + "/model.safetensors") == reference)
         // Every checkpoint kept is complete and the pointer names the newest.
-        let latest = try String(contentsOfFile: run + "/checkpoints/latest", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+        let latest = try latestCheckpoint(run)
         #expect(latest == "step-00000036.safetensors")
         let kept = try FileManager.default.contentsOfDirectory(atPath: run + "/checkpoints").filter { $0.hasSuffix(".safetensors") }
         #expect(kept.count == 3)
@@ -95,20 +115,18 @@ struct DaemonTests {
         defer { data.remove() }
         let run = temporaryRunDirectory()
         // OpenMPI waits odls_base_sigkill_timeout before escalating to SIGKILL: the ranks get time to save.
-        let job = try Harness.startMPI(2, job(data, runDir: run, extra: ["--set", "checkpoint.every_steps=0",
-                                                                      "--set", "training.epochs=40"]),
-                                       environment: ["BPWORKER_TEST_STEP_SLEEP_MS": "40"],
-                                       launcherOptions: ["--mca", "odls_base_sigkill_timeout", "10"])
+        let job = try Harness.startSlowed(2, job(data, runDir: run, extra: ["--set", "checkpoint.every_steps=0", "--set", "training.epochs=40"]),
+                                          launcherOptions: ["--mca", "odls_base_sigkill_timeout", "10"])
         #expect(job.waitFor { $0.contains("epoch 2/40 step") })
         job.signal(SIGTERM)
         let stopped = job.wait(timeout: 60)
         #expect(stopped.output.contains("stopped by SIGTERM"), "\(stopped.output)")
         #expect(!stopped.output.contains("training finished"))
         // The checkpoint of the stop is complete and resumable.
-        let latest = try String(contentsOfFile: run + "/checkpoints/latest", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+        let latest = try latestCheckpoint(run)
         let file = try SafeTensorsFile(path: run + "/checkpoints/" + latest)
         #expect(Int(file.metadata["step"] ?? "") ?? 0 >= 10)
-        let resumed = try Harness.mpirun(2, ["train", "--run-dir", run, "--resume", "--progress", "plain"])
+        let resumed = try Harness.resume(run)
         #expect(resumed.status == 0, "\(resumed.output)")
     }
 
@@ -117,17 +135,8 @@ struct DaemonTests {
         defer { data.remove() }
         let reference = try uninterrupted(data)
         let run = temporaryRunDirectory()
-        let job = try Harness.startMPI(2, job(data, runDir: run), environment: ["BPWORKER_TEST_STEP_SLEEP_MS": "40"])
-        #expect(job.waitFor { $0.contains("checkpoint: ") && $0.contains("step 14)") })
-        let rank1 = try #require(pid(of: 1, in: run))
-        let killed = Date()
-        kill(rank1, SIGKILL)
-        let result = job.wait(timeout: 60)
-        #expect(result.status != 0)
-        #expect(Date().timeIntervalSince(killed) < 30)
-        let resumed = try Harness.mpirun(2, ["train", "--run-dir", run, "--resume", "--progress", "plain"])
-        #expect(resumed.status == 0, "\(resumed.output)")
-        #expect(resumed.output.contains("resumed from") && resumed.output.contains("training finished"))
+        let job = try Harness.startSlowed(2, job(data, runDir: run))
+        try killRank1AndResume(job, run: run) { $0.contains("checkpoint: ") && $0.contains("step 14)") }
         #expect(try parameters(run + "/model.safetensors") == reference, "the resumed run must equal the uninterrupted one bitwise")
     }
 
@@ -137,13 +146,13 @@ struct DaemonTests {
         let run = temporaryRunDirectory()
         let r = try Harness.mpirun(2, job(data, runDir: run), environment: ["BPWORKER_TEST_CHECKPOINT_CRASH": "21"])
         #expect(r.status != 0)
-        let latest = try String(contentsOfFile: run + "/checkpoints/latest", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+        let latest = try latestCheckpoint(run)
         #expect(latest == "step-00000014.safetensors")
         let names = try FileManager.default.contentsOfDirectory(atPath: run + "/checkpoints")
         #expect(names.contains { $0.hasSuffix(".tmp") }, "the crash left its half-written temporary file: \(names)")
         #expect(!names.contains("step-00000021.safetensors"))
         _ = try SafeTensorsFile(path: run + "/checkpoints/" + latest)
-        let resumed = try Harness.mpirun(2, ["train", "--run-dir", run, "--resume", "--progress", "plain"])
+        let resumed = try Harness.resume(run)
         #expect(resumed.status == 0, "\(resumed.output)")
         #expect(resumed.output.contains("step-00000014.safetensors"))
         // The next checkpoint cleans up the leftover.
@@ -159,7 +168,7 @@ struct DaemonTests {
         #expect(r.output.contains("non-finite loss or gradient at step 12 on rank 1; stopped (numerics.policy=stop)"), "\(r.output)")
         #expect(occurrences(of: "non-finite", in: r.output) == 1)
         // The last good state was saved: the parameters before the bad step, all finite.
-        let latest = try String(contentsOfFile: run + "/checkpoints/latest", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+        let latest = try latestCheckpoint(run)
         let file = try SafeTensorsFile(path: run + "/checkpoints/" + latest)
         #expect(file.metadata["step"] == "11")
         #expect(try file.floats("0.weight").allSatisfy(\.isFinite))
@@ -209,30 +218,20 @@ struct DaemonTests {
         let run = temporaryRunDirectory()
         let r = try Harness.mpirun(2, job(data, runDir: run, extra: ["--set", "watchdog.timeout_seconds=3"]),
                                    environment: ["BPWORKER_TEST_STALL": "1:9:60"], timeout: 60)
-        #expect(r.status != 0)
-        #expect(r.seconds < 30)
-        #expect(r.output.contains("stall: rank 0 has waited"), "\(r.output)")
-        #expect(r.output.contains("gradient allreduce of step 9"))
-        #expect(r.output.contains("not arrived: rank 1 (computing at step 9"), "\(r.output)")
+        expectStalled(r, rank: 0, phase: "gradient allreduce", step: 9, notArrived: "rank 1 (computing at step 9")
         // Stalled after the exchange: the other rank waits in the sharded update's parameter gather.
         let gather = try Harness.mpirun(2, job(data, runDir: temporaryRunDirectory(), extra: ["--set", "watchdog.timeout_seconds=3"]),
                                         environment: ["BPWORKER_TEST_STALL": "1:9:60:after-exchange"], timeout: 60)
-        #expect(gather.status != 0)
-        #expect(gather.seconds < 30)
-        #expect(gather.output.contains("stall: rank 0 has waited"), "\(gather.output)")
-        #expect(gather.output.contains("update and parameter gather of step 9"), "\(gather.output)")
+        expectStalled(gather, rank: 0, phase: "update and parameter gather", step: 9)
     }
 
     @Test func resumingOnAnotherWorldSizeSaysWhatChanges() throws {
         let data = try SyntheticData(samples: 200)
         defer { data.remove() }
         let run = temporaryRunDirectory()
-        let job = try Harness.startMPI(2, job(data, runDir: run), environment: ["BPWORKER_TEST_STEP_SLEEP_MS": "40"])
-        #expect(job.waitFor { $0.contains("(step 14)") })
-        job.signal(SIGUSR1)
-        #expect(job.wait(timeout: 60).status == 0)
+        #expect(try Harness.startSlowed(2, job(data, runDir: run)).stop(after: "(step 14)").status == 0)
         let stoppedAt = try stopStep(run)
-        let resumed = try Harness.mpirun(4, ["train", "--run-dir", run, "--resume", "--progress", "plain"])
+        let resumed = try Harness.resume(run, ranks: 4)
         #expect(resumed.status == 0, "\(resumed.output)")
         #expect(resumed.output.contains("resuming a 2-rank checkpoint (batch 8 per rank) on 4 ranks (batch 8): global batch 16 -> 32"))
         // 12 steps of 16 per epoch before, 6 of 32 after: the samples seen this epoch, in whole new batches.
@@ -261,10 +260,7 @@ struct DaemonTests {
         #expect(r.status == 0, "\(r.output)")
         let reference = try parameters(referenceRun + "/model.safetensors")
         let run = temporaryRunDirectory()
-        let job = try Harness.startMPI(2, job(data, runDir: run, extra: noDropout), environment: ["BPWORKER_TEST_STEP_SLEEP_MS": "40"])
-        #expect(job.waitFor { $0.contains("(step 14)") })
-        job.signal(SIGUSR1)
-        #expect(job.wait(timeout: 60).status == 0)
+        #expect(try Harness.startSlowed(2, job(data, runDir: run, extra: noDropout)).stop(after: "(step 14)").status == 0)
         let stoppedAt = try stopStep(run)
         let resumed = try Harness.local(["train", "--run-dir", run, "--resume", "--progress", "plain", "--set", "training.batch_size=16"])
         #expect(resumed.status == 0, "\(resumed.output)")

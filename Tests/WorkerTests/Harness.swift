@@ -121,6 +121,32 @@ struct Harness {
         defer { try? FileManager.default.removeItem(at: running.outputFile) }
         return running.wait(timeout: timeout)
     }
+
+    /// `startMPI` with every step slowed by 40 ms (BPWORKER_TEST_STEP_SLEEP_MS), so that the test can act on the job
+    /// while it runs.
+    static func startSlowed(_ ranks: Int, _ arguments: [String], launcherOptions: [String] = []) throws -> Running {
+        try startMPI(ranks, arguments, environment: ["BPWORKER_TEST_STEP_SLEEP_MS": "40"], launcherOptions: launcherOptions)
+    }
+
+    /// `bpworker train --resume` of the run in `runDirectory`, from its last checkpoint, on `ranks` ranks.
+    static func resume(_ runDirectory: String, ranks: Int = 2) throws -> Result {
+        try mpirun(ranks, ["train", "--run-dir", runDirectory, "--resume", "--progress", "plain"])
+    }
+}
+
+extension Harness.Running {
+    /// Sends SIGUSR1 (stop at the end of this step, with a checkpoint) once the output shows `marker`, and waits for
+    /// the job to end.
+    func stop(after marker: String, sourceLocation: SourceLocation = #_sourceLocation) -> Harness.Result {
+        #expect(waitFor { $0.contains(marker) }, "'\(marker)' never came", sourceLocation: sourceLocation)
+        signal(SIGUSR1)
+        return wait(timeout: 60)
+    }
+}
+
+/// The file name of the run's newest checkpoint, which `checkpoints/latest` holds.
+func latestCheckpoint(_ runDirectory: String) throws -> String {
+    try String(contentsOfFile: runDirectory + "/checkpoints/latest", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
 }
 
 /// A small synthetic classification data set written as IDX files (the format bpworker reads by default).
@@ -224,4 +250,34 @@ extension Trait where Self == TemporaryFiles {
 
 func occurrences(of needle: String, in haystack: String) -> Int {
     haystack.components(separatedBy: needle).count - 1
+}
+
+/// Asserts the watchdog's stall report, in one place for every test that provokes a stall: `output` holds the line
+/// `stall: rank RANK has waited SECONDS s in the PHASE of step STEP (watchdog.timeout_seconds=TIMEOUT)`, with `phase`
+/// as the report names it; `timeout`, when given, must be the one named; `notArrived`, when given, must begin the
+/// report's account of the ranks that did not arrive (`not arrived: rank 1 (computing at step 9`).
+func expectStallReport(_ output: String, rank: Int, phase: String, step: Int, timeout: Double? = nil,
+                       notArrived: String? = nil, sourceLocation: SourceLocation = #_sourceLocation) {
+    let opening = "stall: rank \(rank) has waited "
+    guard let start = output.range(of: opening) else {
+        Issue.record("no stall report of rank \(rank) in:\n\(output)", sourceLocation: sourceLocation)
+        return
+    }
+    let line = output[start.upperBound...].prefix { $0 != "\n" }
+    let waited = line.prefix { $0.isNumber || $0 == "." }
+    #expect(Double(waited) != nil, "no waiting time in: \(opening)\(line)", sourceLocation: sourceLocation)
+    let place = " s in the \(phase) of step \(step) (watchdog.timeout_seconds=" + (timeout.map { "\($0))" } ?? "")
+    #expect(line.dropFirst(waited.count).hasPrefix(place), "expected '\(place)' in: \(opening)\(line)", sourceLocation: sourceLocation)
+    if let notArrived {
+        #expect(output.contains("not arrived: " + notArrived), "\(output)", sourceLocation: sourceLocation)
+    }
+}
+
+/// A job in which one rank stalled: it failed, within seconds of the watchdog's timeout rather than hanging, with
+/// the stall report (`expectStallReport`).
+func expectStalled(_ result: Harness.Result, rank: Int, phase: String, step: Int, notArrived: String? = nil,
+                   sourceLocation: SourceLocation = #_sourceLocation) {
+    #expect(result.status != 0, "\(result.output)", sourceLocation: sourceLocation)
+    #expect(result.seconds < 30, sourceLocation: sourceLocation)
+    expectStallReport(result.output, rank: rank, phase: phase, step: step, notArrived: notArrived, sourceLocation: sourceLocation)
 }

@@ -30,11 +30,17 @@ struct RunLifecycleTests {
         try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: runDir + "/status.json"))) as! [String: Any]
     }
 
+    /// The message of a run whose status.json says it failed.
+    func failureMessage(_ runDir: String, sourceLocation: SourceLocation = #_sourceLocation) throws -> String {
+        let s = try status(runDir)
+        #expect(s["state"] as? String == "failed", "\(s)", sourceLocation: sourceLocation)
+        return try #require(s["message"] as? String, "\(s)", sourceLocation: sourceLocation)
+    }
+
     @Test func aRunIsNeverOverwrittenByAccidentAndAFailedStartWritesNothing() throws {
         let data = try SyntheticData(samples: 200)
         defer { data.remove() }
         let run = temporaryRunDirectory()
-        defer { try? FileManager.default.removeItem(atPath: run) }
         let first = try Harness.mpirun(2, job(data, runDir: run))
         #expect(first.status == 0, "\(first.output)")
         try Data("the user's own notes\n".utf8).write(to: URL(fileURLWithPath: run + "/notes.txt"))
@@ -97,7 +103,6 @@ struct RunLifecycleTests {
         let data = try SyntheticData(samples: 200)
         defer { data.remove() }
         let run = temporaryRunDirectory()
-        defer { try? FileManager.default.removeItem(atPath: run) }
         let failed = try Harness.mpirun(2, job(data, runDir: run, extra: ["--gradcheck"]),
                                         environment: ["BPWORKER_TEST_GRADIENT_FAULT": "scaled:0.weight:1.5"])
         #expect(failed.status == 1)
@@ -122,57 +127,48 @@ struct RunLifecycleTests {
         let data = try SyntheticData(samples: 200)
         defer { data.remove() }
         let run = temporaryRunDirectory()
-        defer { try? FileManager.default.removeItem(atPath: run) }
         let r = try Harness.mpirun(2, job(data, runDir: run, extra: ["--set", "training.replica_check_every=4",
                                                                      "--set", "training.reduction=allreduce"]),
                                    environment: ["BPWORKER_TEST_DIVERGE": "1:2"])
         #expect(r.status == 1, "\(r.output)")
-        let s = try status(run)
-        #expect(s["state"] as? String == "failed")
-        #expect(s["message"] as? String == "replicas diverged at step 4: the parameters of rank 1 differ from rank 0's")
+        #expect(try failureMessage(run) == "replicas diverged at step 4: the parameters of rank 1 differ from rank 0's")
     }
 
     @Test func aStallEndsTheRunFailed() throws {
         let data = try SyntheticData(samples: 200)
         defer { data.remove() }
         let run = temporaryRunDirectory()
-        defer { try? FileManager.default.removeItem(atPath: run) }
         let r = try Harness.mpirun(2, job(data, runDir: run, extra: ["--set", "watchdog.timeout_seconds=2"]),
                                    environment: ["BPWORKER_TEST_STALL": "1:3:60"], timeout: 60)
         #expect(r.status != 0)
-        let s = try status(run)
-        #expect(s["state"] as? String == "failed", "\(s)")
-        #expect((s["message"] as? String)?.hasPrefix("rank 0: stall: rank 0 has waited") == true, "\(s)")
+        let message = try failureMessage(run)
+        #expect(message.hasPrefix("rank 0: stall: "), "\(message)")
+        expectStallReport(message, rank: 0, phase: "gradient allreduce", step: 3)
     }
 
     @Test func aFailedCheckpointWriteEndsTheRunFailed() throws {
         let data = try SyntheticData(samples: 200)
         defer { data.remove() }
         let run = temporaryRunDirectory()
-        defer { try? FileManager.default.removeItem(atPath: run) }
         // `latest` is a non-empty directory: the first checkpoint cannot be renamed over it.
         try FileManager.default.createDirectory(atPath: run + "/checkpoints/latest", withIntermediateDirectories: true)
         _ = FileManager.default.createFile(atPath: run + "/checkpoints/latest/blocker", contents: Data())
         let r = try Harness.mpirun(2, job(data, runDir: run))
         #expect(r.status == 1, "\(r.output)")
         #expect(r.output.contains("checkpoint: "), "\(r.output)")
-        let s = try status(run)
-        #expect(s["state"] as? String == "failed", "\(s)")
-        #expect((s["message"] as? String)?.hasPrefix("checkpoint: ") == true, "\(s)")
+        let message = try failureMessage(run)
+        #expect(message.hasPrefix("checkpoint: "), "\(message)")
     }
 
     @Test func aNonFiniteLossAloneStopsTheRun() throws {
         let data = try SyntheticData(samples: 200)
         defer { data.remove() }
         let run = temporaryRunDirectory()
-        defer { try? FileManager.default.removeItem(atPath: run) }
         // Only the loss rank 1 reports is NaN; its gradients stay finite.
         let r = try Harness.mpirun(2, job(data, runDir: run), environment: ["BPWORKER_TEST_NAN": "1:7:loss"])
         #expect(r.status == 1, "\(r.output)")
         #expect(r.output.contains("non-finite loss or gradient at step 8 on rank 1; stopped (numerics.policy=stop)"), "\(r.output)")
-        let s = try status(run)
-        #expect(s["state"] as? String == "failed")
-        #expect(s["message"] as? String == "non-finite loss or gradient at step 8 on rank 1; stopped (numerics.policy=stop)")
+        #expect(try failureMessage(run) == "non-finite loss or gradient at step 8 on rank 1; stopped (numerics.policy=stop)")
         #expect(try String(contentsOfFile: run + "/checkpoints/latest", encoding: .utf8) == "step-00000007.safetensors\n")
     }
 
@@ -180,7 +176,6 @@ struct RunLifecycleTests {
         let data = try SyntheticData(samples: 200)
         defer { data.remove() }
         let run = temporaryRunDirectory()
-        defer { try? FileManager.default.removeItem(atPath: run) }
         // The loss stays finite; every rank's gradient of 0.weight comes out NaN.
         let r = try Harness.mpirun(2, job(data, runDir: run), environment: ["BPWORKER_TEST_GRADIENT_FAULT": "scaled:0.weight:nan"])
         #expect(r.status == 1, "\(r.output)")

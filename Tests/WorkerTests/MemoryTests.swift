@@ -3,13 +3,18 @@ import Foundation
 import Testing
 @testable import Worker
 
-/// The memory check's arithmetic and its readers of /proc and cgroup files, against fixture trees.
-@Suite("Memory budget", .temporaryFiles)
-struct MemoryBudgetTests {
+/// The memory check, in three parts: its readers of /proc and cgroup files, against fixture trees; the estimate and
+/// the message each limit gives, from numbers set by hand; and real processes, where the estimate meets the measured
+/// peak and each limit is really imposed (the cgroup one needs root). The wording of the message is asserted in the
+/// second part; the real processes check that it reaches the user once, with the limits read from the machine.
+@Suite("Memory", .serialized, .temporaryFiles)
+struct MemoryTests {
     let mib = 1_048_576.0
 
-    /// A fixture tree with a /proc and a cgroup mount; removed by the caller.
-    func fixture(meminfo: String, cgroup: String, files: [String: String]) throws -> String {
+    // MARK: - Reading the limits
+
+    /// A fixture tree with a /proc and a cgroup mount, in the test's temporary directory.
+    func fixture(meminfo: String, cgroup: String, files: [String: String] = [:]) throws -> String {
         let root = TemporaryFiles.path("bpworker-memfix-").path
         var all = files
         all["proc/meminfo"] = meminfo
@@ -24,8 +29,7 @@ struct MemoryBudgetTests {
     }
 
     @Test func readsMemAvailableAndTheProcessSizes() throws {
-        let root = try fixture(meminfo: "MemTotal:       24000000 kB\nMemFree:  100 kB\nMemAvailable:   2097152 kB\n", cgroup: "0::/\n", files: [:])
-        defer { try? FileManager.default.removeItem(atPath: root) }
+        let root = try fixture(meminfo: "MemTotal:       24000000 kB\nMemFree:  100 kB\nMemAvailable:   2097152 kB\n", cgroup: "0::/\n")
         let limits = MemoryLimits.read(proc: root + "/proc", cgroupMounts: [root + "/cg"], addressSpaceLimit: 8e9)
         #expect(limits.available == 2 * 1024 * mib)
         #expect(limits.cgroupLimit == nil)
@@ -41,7 +45,6 @@ struct MemoryBudgetTests {
             "cg/slurm/job_7/step_0/memory.max": "2147483648\n",
             "cg/slurm/job_7/step_0/memory.current": "104857600\n",
         ])
-        defer { try? FileManager.default.removeItem(atPath: root) }
         let limits = MemoryLimits.read(proc: root + "/proc", cgroupMounts: [root + "/cg"], addressSpaceLimit: nil)
         #expect(limits.cgroupLimit == 1024 * mib)
         #expect(limits.cgroupUsage == 100 * mib)
@@ -55,7 +58,6 @@ struct MemoryBudgetTests {
             "cgv1/job/memory.limit_in_bytes": "536870912\n",
             "cgv1/job/memory.usage_in_bytes": "268435456\n",
         ])
-        defer { try? FileManager.default.removeItem(atPath: root) }
         let limits = MemoryLimits.read(proc: root + "/proc", cgroupMounts: [root + "/none", root + "/cgv1"], addressSpaceLimit: nil)
         #expect(limits.cgroupLimit == 512 * mib)
         #expect(limits.cgroupUsage == 256 * mib)
@@ -65,9 +67,10 @@ struct MemoryBudgetTests {
         let root = try fixture(meminfo: "MemAvailable: 1000 kB\n", cgroup: "4:memory:/\n", files: [
             "cgv1/memory.limit_in_bytes": "9223372036854771712\n", "cgv1/memory.usage_in_bytes": "1\n",
         ])
-        defer { try? FileManager.default.removeItem(atPath: root) }
         #expect(MemoryLimits.read(proc: root + "/proc", cgroupMounts: [root + "/cgv1"], addressSpaceLimit: nil).cgroupLimit == nil)
     }
+
+    // MARK: - The estimate and the message of each limit
 
     func estimate(hidden: [Int], optimizer: OptimizerKind = .sgd, rank: Int = 0, worldSize: Int = 2) throws -> MemoryEstimate {
         var config = Configuration()
@@ -107,8 +110,8 @@ struct MemoryBudgetTests {
         #expect(message(MemoryLimits(available: enough)) == "fits")
         let tight = message(MemoryLimits(available: enough - 2 * mib))
         #expect(tight.hasPrefix("the model does not fit in memory: each rank needs 282 GiB more x 2 ranks on this node = 563 GiB "
-            + "(largest: checkpoint serialization 150 GiB, parameters 37.6 GiB, gradients 37.6 GiB, optimizer state (momentum_buffer) 37.6 GiB), "
-            + "but MemAvailable is 563 GiB."), "\(tight)")
+            + "(largest: checkpoint serialization 150 GiB, parameters 37.6 GiB, gradients 37.6 GiB, "
+            + "optimizer state (momentum_buffer) 37.6 GiB), but MemAvailable is 563 GiB."), "\(tight)")
         #expect(message(MemoryLimits(available: enough - 2 * mib), ranks: 1) == "fits", "one rank on the node needs half")
         let cgroup = message(MemoryLimits(cgroupLimit: enough + 10 * mib, cgroupUsage: 20 * mib))
         #expect(cgroup.contains("but the memory cgroup allows 563 GiB with 563 GiB free"), "\(cgroup)")
@@ -123,5 +126,91 @@ struct MemoryBudgetTests {
         #expect(bytesText(1536) == "1.50 KiB")
         #expect(bytesText(120 * mib) == "120 MiB")
         #expect(bytesText(22.5 * 1024 * mib) == "22.5 GiB")
+    }
+
+    // MARK: - Real processes
+
+    /// One epoch of a wide MLP, so that the model dominates the process's memory.
+    func job(_ data: SyntheticData, runDir: String, hidden: String, optimizer: String = "adam") -> [String] {
+        ["train", "--run-dir", runDir, "--progress", "plain"] + data.arguments + [
+            "--set", "model.hidden=\(hidden)", "--set", "optimizer.name=\(optimizer)", "--set", "training.epochs=1",
+            "--set", "training.batch_size=16", "--set", "schedule.warmup_steps=0", "--set", "data.normalize=scale",
+        ]
+    }
+
+    /// Runs a model of `hidden` too large for a limit that `setup`, a shell command, imposes on the shell, which
+    /// `exec` hands on to a local bpworker: it must refuse to start, write nothing, and name the limit in `message`.
+    func expectRefusal(under setup: String, hidden: String, message: String,
+                       sourceLocation: SourceLocation = #_sourceLocation) throws {
+        let data = try SyntheticData(samples: 200)
+        defer { data.remove() }
+        let run = temporaryRunDirectory()
+        let arguments = job(data, runDir: run, hidden: hidden)
+        let command = [Harness.executable.path] + arguments.prefix(1) + ["--local"] + arguments.dropFirst()
+        let quoted = command.map { "'\($0)'" }.joined(separator: " ")
+        let r = try Harness.run("/bin/sh", ["-c", "\(setup) && exec \(quoted)"], environment: [:], timeout: 60)
+        #expect(r.status == 1, "\(r.output)", sourceLocation: sourceLocation)
+        #expect(r.output.contains(message), "\(r.output)", sourceLocation: sourceLocation)
+        #expect(!FileManager.default.fileExists(atPath: run), "a failed start writes nothing", sourceLocation: sourceLocation)
+    }
+
+    func mebibytes(after prefix: String, in output: String) -> Double? {
+        guard let range = output.range(of: prefix) else { return nil }
+        let number = output[range.upperBound...].prefix { $0.isNumber || $0 == "." }
+        return Double(number)
+    }
+
+    @Test func theEstimateMatchesTheMeasuredPeak() throws {
+        let data = try SyntheticData(samples: 200)
+        defer { data.remove() }
+        for (ranks, hidden, optimizer) in [(2, "[2048, 2048]", "adam"), (1, "[3072, 3072]", "sgd")] {
+            let run = temporaryRunDirectory()
+            defer { try? FileManager.default.removeItem(atPath: run) }
+            let arguments = job(data, runDir: run, hidden: hidden, optimizer: optimizer)
+            let r = ranks == 1 ? try Harness.local(arguments) : try Harness.mpirun(ranks, arguments)
+            #expect(r.status == 0, "\(r.output)")
+            let expected = try #require(mebibytes(after: "memory: rank 0 expects ", in: r.output), "\(r.output)")
+            let measured = try #require(mebibytes(after: "(rank 0: ", in: r.output), "\(r.output)")
+            #expect(abs(expected - measured) <= 0.2 * measured,
+                    "\(ranks) ranks, \(hidden): expected \(expected) MiB, measured \(measured) MiB")
+            #expect(measured > 150, "the model must dominate the process for the comparison to mean something")
+        }
+    }
+
+    @Test func anImpossibleModelEndsEveryRankWithOneMessage() throws {
+        let run = temporaryRunDirectory()
+        let r = try Harness.mpirun(2, ["train", "--run-dir", run, "--set", "model.hidden=[100000,100000]"], timeout: 60)
+        #expect(r.status == 1, "\(r.output)")
+        #expect(occurrences(of: "the model does not fit in memory: each rank needs", in: r.output) == 1, "\(r.output)")
+        #expect(r.output.contains("x 2 ranks on this node"), "\(r.output)")
+        #expect(!r.output.contains("Fatal error") && !r.output.contains("backtrace"), "\(r.output)")
+        #expect(r.seconds < 30)
+        #expect(!FileManager.default.fileExists(atPath: run), "a failed start writes nothing")
+    }
+
+    @Test func ulimitVIsRespected() throws {
+        try expectRefusal(under: "ulimit -v 1048576", hidden: "[8192, 8192]", message: "but ulimit -v allows 1.00 GiB of address space")
+    }
+
+    /// A memory cgroup made for the test (root; v1 or v2) and removed after it.
+    func makeMemoryCgroup(limit: Int) -> String? {
+        let name = "bpworker-test-\(UUID().uuidString.prefix(8))"
+        let candidates = [("/sys/fs/cgroup/memory/\(name)", "memory.limit_in_bytes"), ("/sys/fs/cgroup/\(name)", "memory.max")]
+        for (directory, file) in candidates where FileManager.default.fileExists(atPath: (directory as NSString).deletingLastPathComponent) {
+            guard (try? FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: false)) != nil else { continue }
+            if (try? Data("\(limit)\n".utf8).write(to: URL(fileURLWithPath: directory + "/" + file))) != nil { return directory }
+            rmdir(directory)
+        }
+        return nil
+    }
+
+    /// The shell moves itself into the cgroup before it becomes bpworker.
+    @Test func aCgroupLimitIsRespected() throws {
+        guard let cgroup = makeMemoryCgroup(limit: 256 << 20) else {
+            print("skipped: cannot make a memory cgroup here (not root, or no writable memory controller)")
+            return
+        }
+        defer { rmdir(cgroup) }
+        try expectRefusal(under: "echo $$ > \(cgroup)/cgroup.procs", hidden: "[4096, 4096]", message: "but the memory cgroup allows 256 MiB")
     }
 }
