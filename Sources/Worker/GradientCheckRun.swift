@@ -25,11 +25,11 @@ enum GradientCheckRun {
             // The first rows of this rank's shard: `gradcheck.batch`, or the whole shard when it is shorter. Every
             // rank's shard of an epoch is equally long, so in the distributed check every rank has the same count.
             let indices = Array(prepared.sampler.indices(epoch: 0).prefix(config.gradcheckBatch))
-            let copy = prepared.model.float64Copy(batchCapacity: indices.count)
+            let sums = distributed ? crossRankSums(session, hooks: prepared.hooks, watchdog: watchdog) : nil
+            let synchronized = distributed && config.batchNorm == .sync && session.worldSize > 1
+            let copy = prepared.model.float64Copy(batchCapacity: indices.count, crossRankReducer: synchronized ? sums : nil)
             indices.withUnsafeBufferPointer { prepared.train.gather(indices: $0, into: copy.inputs, labels: copy.labels) }
-            let sums = distributed ? crossRankSums(session, watchdog: watchdog) : nil
             if distributed {
-                if config.batchNorm == .sync && session.worldSize > 1 { copy.crossRankReducer = sums }
                 if !printJSON {
                     let ranks = "\(session.worldSize) rank\(session.worldSize == 1 ? "" : "s")"
                     let through = copy.crossRankReducer != nil ? ", through synchronized batch norm" : ""
@@ -73,11 +73,10 @@ enum GradientCheckRun {
 
     /// The distributed check's sums over the ranks (its losses, its gradient, and synchronized batch norm's statistics),
     /// watched as the phase "gradient check". A failure inside the check ends every rank.
-    private static func crossRankSums(_ session: Session, watchdog: Watchdog?) -> CrossRankSums {
+    private static func crossRankSums(_ session: Session, hooks: TestHooks, watchdog: Watchdog?) -> CrossRankSums {
         let sums = CrossRankSums(communicator: session.communicator) { error in
             session.abort("gradient check: sum across ranks failed: \(error)")
         }
-        let hooks = TestHooks.fromEnvironment(rank: session.rank)
         var reductions = 0
         sums.willReduce = {
             reductions += 1

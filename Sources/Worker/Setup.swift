@@ -13,6 +13,8 @@ struct Prepared {
     let epochs: Int
     /// This rank's expected peak memory, checked against its node's limits before the model was allocated.
     let memory: MemoryEstimate
+    /// The test hooks the environment switches on for this rank (none in real runs).
+    let hooks: TestHooks
     var totalSteps: Int { sampler.stepsPerEpoch * epochs }
 }
 
@@ -31,11 +33,15 @@ enum Setup {
         static let count = 3
     }
 
-    /// - Parameter training: false for `gradcheck` and `eval`, which run no epochs: the remainder is wrapped so any
-    ///   data set with a sample per rank will do, and the schedule is not consulted.
-    static func prepare(_ session: Session, training: Bool = true) -> Prepared {
+    /// - Parameters:
+    ///   - training: false for `gradcheck` and `eval`, which run no epochs: the remainder is wrapped so any data set
+    ///     with a sample per rank will do, and the schedule is not consulted.
+    ///   - crossRankReducer: synchronized batch norm's sums across ranks, built into the model when it has batch
+    ///     norm (nil: each rank normalises its own batch).
+    static func prepare(_ session: Session, training: Bool = true, crossRankReducer: CrossRankReducer? = nil) -> Prepared {
         let config = session.config
         session.agree("configuration") { try config.validateSettings() }
+        let hooks = session.agree("configuration") { () throws -> TestHooks in try TestHooks.fromEnvironment(rank: session.rank) }
         let (train, test) = session.agree("data") { try loadData(config) }
         let augmentation = session.agree("data") { training ? try config.augmentation(sampleShape: train.sampleShape) : nil }
         let classes = config.classes > 0 ? config.classes : train.classCount
@@ -64,11 +70,12 @@ enum Setup {
                 }
             }
             let model = try Model<Float>(spec: spec, batchCapacity: config.batchSize, seed: UInt64(config.seed),
-                                         controlSlots: ControlSlot.count)
+                                         controlSlots: ControlSlot.count,
+                                         crossRankReducer: spec.bufferTable.isEmpty ? nil : crossRankReducer)
             // Each rank drops different units: its own dropout stream.
             model.dropoutGenerator = RandomGenerator(
                 seed: UInt64(config.seed), stream: RandomGenerator.Stream.dropout.rawValue &+ UInt64(session.rank) << 32)
-            model.gradientFault = try gradientFaultFromEnvironment()
+            model.installGradientFault(hooks.gradientFault)
             return model
         }
         // Layouts first: a broadcast between differently shaped models would be meaningless.
@@ -79,7 +86,7 @@ enum Setup {
         }
         verifyReplicas(session, model: model, sampler: sampler, checksum: true)
         return Prepared(train: train, test: test, model: model, sampler: sampler, augmentation: augmentation, epochs: config.epochs,
-                        memory: memory)
+                        memory: memory, hooks: hooks)
     }
 
     /// Reads the training and test sets and normalises them as `data.normalize` says (statistics from the

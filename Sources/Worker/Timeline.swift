@@ -27,14 +27,15 @@ final class Timeline {
     private var state = State.waiting
     private var alignedAtOpen: [ClockOffset] = []
     private let layerTimer: (Int, Model<Float>.Pass, UInt64, UInt64) -> Void
-    /// BPWORKER_TEST_CLOCK_SKEW=RANK:SECONDS (tests only): that rank's timeline clock runs this far ahead, as a
-    /// clock on another host may, so a test can see that alignment undoes it.
+    /// Nanoseconds this rank's timeline clock runs ahead (`TestHooks.clockSkewSeconds`, tests only), as a clock on
+    /// another host may, so a test can see that alignment undoes it.
     private let skew: Int64
 
     var path: String { session.runDirectory + "/timeline.json" }
 
     /// - Parameter runSteps: steps the run has in all: a window longer than the run needs no room beyond it.
-    init(session: Session, model: Model<Float>, reducer: GradientReducer, runSteps: Int) {
+    /// - Parameter clockSkewSeconds: `TestHooks.clockSkewSeconds`, 0 in real runs.
+    init(session: Session, model: Model<Float>, reducer: GradientReducer, runSteps: Int, clockSkewSeconds: Double = 0) {
         let config = session.config
         self.session = session
         self.model = model
@@ -46,12 +47,7 @@ final class Timeline {
         layerTimer = { [recorder] layer, pass, start, end in
             recorder.record(pass == .forward ? .layerForward : .layerBackward, layer, start: Int64(start), end: Int64(end))
         }
-        var skew: Int64 = 0
-        if let value = ProcessInfo.processInfo.environment["BPWORKER_TEST_CLOCK_SKEW"] {
-            let fields = value.split(separator: ":").compactMap { Double($0) }
-            if fields.count == 2 && Int(fields[0]) == session.rank { skew = Int64(fields[1] * 1e9) }
-        }
-        self.skew = skew
+        skew = Int64(clockSkewSeconds * 1e9)
     }
 
     /// Room for a step's events: the step and its parts (load, forward, backward, wait, norm, update), each layer in

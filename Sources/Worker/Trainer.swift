@@ -19,7 +19,12 @@ enum Trainer {
             try directory.checkStart(mode)
             return directory
         }
-        let prepared = Setup.prepare(session)
+        let aborter = Aborter(communicator: session.communicator, runDirectory: session.runDirectory)
+        // Synchronized batch norm's sums are built into the model; what watches them is attached below.
+        let batchNormSums = config.batchNorm == .sync && session.worldSize > 1
+            ? CrossRankSums(communicator: session.communicator) { error in aborter.abort("synchronized batch norm: \(error)") }
+            : nil
+        let prepared = Setup.prepare(session, crossRankReducer: batchNormSums)
         let model = prepared.model
         let optimizer = session.agree("optimizer") {
             try Optimizer<Float>(config: config.optimizerConfig, parameterCount: model.parameterCount)
@@ -27,7 +32,7 @@ enum Trainer {
         // What it takes to use the model without this configuration, in model.safetensors and every checkpoint.
         let description = ModelDescription(spec: model.spec, data: prepared.train, normalization: config.normalization)
         let checkpointer = Checkpointer(runDirectory: session.runDirectory, keep: config.checkpointKeep,
-                                        modelMetadata: description.metadata)
+                                        modelMetadata: description.metadata, crashAtStep: prepared.hooks.checkpointCrashStep)
         let exchange = CheckpointExchange(session: session, checkpointer: checkpointer, model: model, optimizer: optimizer)
         var position = TrainingPosition(worldSize: session.worldSize, batchSize: config.batchSize)
         if let resume {
@@ -59,16 +64,13 @@ enum Trainer {
         session.onAbort = session.isRoot
             ? { message in progress.finish(state: .failed, message: message) }
             : { message in RunStatus.markFailed(runDirectory, message: "rank \(rank): \(message)") }
-        let aborter = Aborter(communicator: session.communicator, runDirectory: runDirectory)
         let watchdog = Watchdog(timeout: config.watchdogSeconds, rank: session.rank, worldSize: session.worldSize,
                                 runDirectory: runDirectory) { report in aborter.abort(report) }
         watchdog.start()
-        let timeline = config.timelineSteps > 0 ? Timeline(session: session, model: model, reducer: reducer, runSteps: prepared.totalSteps) : nil
-        if config.batchNorm == .sync && !model.bufferTable.isEmpty && session.worldSize > 1 {
+        let timeline = config.timelineSteps > 0 ? Timeline(session: session, model: model, reducer: reducer, runSteps: prepared.totalSteps,
+                                                                  clockSkewSeconds: prepared.hooks.clockSkewSeconds) : nil
+        if let sums = batchNormSums, model.crossRankReducer != nil {
             // Synchronized batch norm: its sums are collectives inside the passes, watched like every other.
-            let sums = CrossRankSums(communicator: session.communicator) { error in
-                aborter.abort("synchronized batch norm: \(error)")
-            }
             var reducing: Int64 = 0
             sums.willReduce = {
                 watchdog.enter(.batchNormSync)
@@ -78,14 +80,13 @@ enum Trainer {
                 timeline?.end(.batchNormSync, since: reducing)
                 watchdog.leave()
             }
-            model.crossRankReducer = sums
             session.logger.info("batch norm: synchronized over \(session.worldSize) ranks (model.batchnorm=sync)")
         } else if !model.bufferTable.isEmpty && session.worldSize > 1 {
             session.logger.info("batch norm: each rank normalises its own batch; rank 0's running statistics are evaluated, checkpointed and saved (model.batchnorm=local, as PyTorch DDP)")
         }
         let loop = TrainingLoop(session: session, prepared: prepared, optimizer: optimizer, reducer: reducer,
                                 exchange: exchange, watchdog: watchdog, progress: progress,
-                                hooks: TestHooks.fromEnvironment(rank: session.rank), position: position)
+                                hooks: prepared.hooks, position: position)
         loop.timeline = timeline
 
         if config.gradcheckEnabled {

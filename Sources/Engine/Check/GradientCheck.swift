@@ -350,12 +350,12 @@ public func checkGradients(model: Model<Double>, count: Int, options: GradientCh
 
 extension Model {
     /// A float64 copy of this model for gradient checking: same architecture, parameters and test fault,
-    /// with room for `batchCapacity` rows.
-    public func float64Copy(batchCapacity: Int) -> Model<Double> {
+    /// with room for `batchCapacity` rows, its batch norm summing across ranks through `crossRankReducer` (nil: alone).
+    public func float64Copy(batchCapacity: Int, crossRankReducer: CrossRankReducer? = nil) -> Model<Double> {
         // The architecture was validated when this model was made, so this cannot throw.
-        let copy = try! Model<Double>(spec: spec, batchCapacity: batchCapacity)
+        let copy = try! Model<Double>(spec: spec, batchCapacity: batchCapacity, crossRankReducer: crossRankReducer)
         copyParameters(to: copy)
-        copy.gradientFault = gradientFault
+        copy.installGradientFault(gradientFault)
         copy.targetsFromLabels = targetsFromLabels
         return copy
     }

@@ -101,40 +101,16 @@ final class Conv2d<T: Scalar>: Layer<T> {
         provenFinite = false
     }
 
+    /// dcols[Ckk, HoWo] = W[O, Ckk]^T * dy_b[O, HoWo] per sample, scattered back onto the input's positions.
     override func backwardInput(count: Int, accumulate: Bool) {
         guard let dx else { return }
-        if inputGradientFault != nil { return faultyBackwardInput(count: count, dx: dx) }
-        inputGradient(count: count, dx: dx, weights: parameters!, padding: padding)
-    }
-
-    /// dcols[Ckk, HoWo] = W[O, Ckk]^T * dy_b[O, HoWo] per sample, scattered back onto the input's positions.
-    private func inputGradient(count: Int, dx: UnsafeMutablePointer<T>, weights: UnsafePointer<T>, padding: Int) {
         let dcols = scratch! + patch * positions
         for b in 0..<count {
-            T.gemm(transposeA: true, transposeB: false, m: patch, n: positions, k: outChannels,
-                   alpha: 1, a: weights, lda: patch, b: dy + b * outputCount, ldb: positions, beta: 0, c: dcols, ldc: positions)
+            T.gemm(transposeA: true, transposeB: false, m: patch, n: positions, k: outChannels, alpha: 1, a: parameters!,
+                   lda: patch, b: dy + b * outputCount, ldb: positions, beta: 0, c: dcols, ldc: positions)
             col2im(dcols, channels: inChannels, height: height, width: width, kernel: kernel, stride: stride,
                    padding: padding, outHeight: outHeight, outWidth: outWidth, into: dx + b * inputCount)
         }
-    }
-
-    /// The test hook's wrong input gradients (`GradientFault.flippedKernel`, `.paddingOffset`): the mistakes the
-    /// gradient checker must catch. Allocates; never runs in real training.
-    private func faultyBackwardInput(count: Int, dx: UnsafeMutablePointer<T>) {
-        var w = Array(UnsafeBufferPointer(start: parameters!, count: outChannels * patch))
-        if case .flippedKernel? = inputGradientFault {
-            let k = kernel, original = w
-            for o in 0..<outChannels {
-                for c in 0..<inChannels {
-                    let base = (o * inChannels + c) * k * k
-                    for p in 0..<k {
-                        for q in 0..<k { w[base + p * k + q] = original[base + (k - 1 - p) * k + (k - 1 - q)] }
-                    }
-                }
-            }
-        }
-        let offset: Int = if case .paddingOffset? = inputGradientFault { padding + 1 } else { padding }
-        inputGradient(count: count, dx: dx, weights: w, padding: offset)
     }
 
     override func initialize(scheme: Initialization, gain: Double, generator: inout RandomGenerator) {
