@@ -131,7 +131,8 @@ struct Checkpointer {
             throw fail("not a bpworker checkpoint (metadata format is \(file.metadata["format"].map { "'\($0)'" } ?? "missing"))")
         }
         guard let version = file.metadata["format_version"], readableVersions.contains(version) else {
-            throw fail("checkpoint format version \(file.metadata["format_version"] ?? "?"), this bpworker reads \(readableVersions.sorted().joined(separator: " and "))")
+            throw fail("checkpoint format version \(file.metadata["format_version"] ?? "?"), "
+                + "this bpworker reads \(readableVersions.sorted().joined(separator: " and "))")
         }
         guard file.metadata["layout_hash"] == String(layoutHash(model), radix: 16) else {
             throw fail("checkpoint is for the model \(file.metadata["model"] ?? "?"), this run builds \(model.spec.summary)")

@@ -107,7 +107,9 @@ public struct GradientCheckReport: Codable, Equatable, Sendable {
     public var text: String {
         func e(_ x: Double) -> String { String(format: "%.2e", x) }
         var lines: [String] = []
-        let batch = distributed ? "distributed over \(ranks) rank\(ranks == 1 ? "" : "s"), batch \(batchSize) per rank (\(samples) samples)" : "batch \(batchSize)"
+        let batch = distributed
+            ? "distributed over \(ranks) rank\(ranks == 1 ? "" : "s"), batch \(batchSize) per rank (\(samples) samples)"
+            : "batch \(batchSize)"
         lines.append("gradient check: \(verdict.rawValue.uppercased())  dtype \(dtype), eps \(e(epsilon)), \(batch), "
             + "loss \(String(format: "%.6f", loss)), \(parameterCount) parameters")
         lines.append("  cost: 1 forward+backward and \(forwardPasses) forward passes in \(String(format: "%.2f", seconds)) s")

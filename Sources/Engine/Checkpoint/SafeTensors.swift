@@ -286,7 +286,10 @@ public struct SafeTensorsFile {
     private func load<T: FixedWidthInteger>(_ info: TensorInfo, as: T.Type) -> [T] {
         let count = info.byteRange.count / MemoryLayout<T>.size
         return data.withUnsafeBytes { raw in
-            (0..<count).map { T(littleEndian: raw.loadUnaligned(fromByteOffset: dataStart + info.byteRange.lowerBound + $0 * MemoryLayout<T>.size, as: T.self)) }
+            let start = dataStart + info.byteRange.lowerBound
+            return (0..<count).map {
+                T(littleEndian: raw.loadUnaligned(fromByteOffset: start + $0 * MemoryLayout<T>.size, as: T.self))
+            }
         }
     }
 

@@ -247,7 +247,8 @@ public struct Dataset: Sendable {
         }
         if let augmentation {
             precondition(augmentation.channels * augmentation.height * augmentation.width == featureCount,
-                         "gather: augmentation for \(augmentation.channels)x\(augmentation.height)x\(augmentation.width) images, but \(name) has \(featureCount) features")
+                         "gather: augmentation for \(augmentation.channels)x\(augmentation.height)x\(augmentation.width) "
+                            + "images, but \(name) has \(featureCount) features")
             switch features {
             case .uint8(let values):
                 values.withUnsafeBufferPointer {
