@@ -414,7 +414,8 @@ public final class Model<T: Scalar> {
     /// parameters is never computed: nothing needs it.
     ///
     /// With `accumulate: false` the parameter gradients are overwritten instead of added to (GEMM beta = 0), so a
-    /// training step needs no zeroing pass over the gradient buffer (measured: 3% of a 784-1024-1024-10 step).
+    /// training step needs no zeroing pass over the gradient buffer (BENCHMARKS.md, "Measurements behind comments in
+    /// the code").
     /// Such a pass also tries to prove each linear layer's gradients finite (`gradientsProvenFinite(in:)`).
     public func backward(count: Int, accumulate: Bool = true, gradientsReady: (_ offset: Int) throws -> Void) rethrows {
         precondition(count > 0 && count <= batchCapacity, "batch of \(count) rows, capacity \(batchCapacity)")
@@ -434,8 +435,8 @@ public final class Model<T: Scalar> {
 
     /// Whether the last `backward(accumulate: false)` proved every gradient in `range` finite; false for anything
     /// it could not prove (then count, as `nonFiniteCount` does). The proof reads no gradient: see `Linear`'s
-    /// bound (a layer of another kind proves nothing, and its gradients are counted). What this saves: reading
-    /// 1.9 M gradients per 784-1024-1024-10 step (0.3 ms, 1.5%).
+    /// bound (a layer of another kind proves nothing, and its gradients are counted). What this saves: reading every
+    /// gradient once per step (BENCHMARKS.md, "Measurements behind comments in the code").
     public func gradientsProvenFinite(in range: Range<Int>) -> Bool {
         // Indices and integers only: called per gradient bucket in every step, and in unspecialised generic code
         // iterating the plan heap-allocated (measured, debug build).

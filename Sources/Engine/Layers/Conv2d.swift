@@ -9,10 +9,10 @@
 /// (stride 1, "same" padding, the common case) lower each kernel offset as one shifted copy (`im2colSame`).
 ///
 /// The forward pass keeps every sample's columns for the backward pass when they take at most
-/// `Conv2d.keptColumnsLimit` bytes (16 MiB for the shipped CNN's second convolution at batch 64). Measured on that
-/// network, against GEMMs replayed on operands placed as the step places them: keeping them, a step took 1.165
-/// times its GEMMs; lowering again, 1.22 (the same absolute time: the GEMMs read the columns from cache instead).
-/// Larger layers lower again, one sample at a time.
+/// `Conv2d.keptColumnsLimit` bytes (16 MiB for the shipped CNN's second convolution at batch 64): the step then
+/// comes closer to the time of its GEMMs than when it lowers again, though the GEMMs read the columns from memory
+/// instead of cache (BENCHMARKS.md, "Measurements behind comments in the code"). Larger layers lower again, one
+/// sample at a time.
 ///
 /// Parameters: weight [O, C, k, k] (C k k contiguous per output channel, the GEMM's row-major [O, C k k]), bias [O].
 /// Scratch: one sample's columns (when they are not kept), and their gradient when an earlier layer needs dx.

@@ -212,7 +212,8 @@ final class LayerNorm<T: Scalar>: Layer<T> {
 // MARK: - Kernels. Layout [B, F, S]: sample b, feature f, position s at (b F + f) S + s.
 
 /// sums[f] = sum of x over the batch and positions of feature f; sums[F + f] = the same of x^2. In Double, with four
-/// independent accumulators per sum: one accumulator made each addition wait for the last (4 ms of a 56 ms step).
+/// independent accumulators per sum: one accumulator made each addition wait for the last (BENCHMARKS.md,
+/// "Measurements behind comments in the code").
 /// Float runs of 16 values and more take `floatFeatureSums`.
 @_specialize(where T == Float) @_specialize(where T == Double)
 func featureSums<T: Scalar>(_ x: UnsafePointer<T>, samples: Int, features: Int, positions: Int,
@@ -247,8 +248,8 @@ func featureSums<T: Scalar>(_ x: UnsafePointer<T>, samples: Int, features: Int, 
 /// `featureSums` over Float images: each run of a feature's positions in one sample summed in Float vectors, as
 /// d = x - x[0] (shifted by its first value, so that the squares do not cancel when the mean is far from 0), then
 /// carried into the Double sums: sum x = sum d + n x0, sum x^2 = sum d^2 + 2 x0 sum d + n x0^2. Converting every
-/// value to Double made this pass four times slower than reading its input (0.57 ms against 0.14 ms for the shipped
-/// CNN's first block); a run's Float sums hold about 50 values per lane, a relative error near 1e-7, which the
+/// value to Double made this pass four times slower than reading its input (BENCHMARKS.md, "Measurements behind
+/// comments in the code"); a run's Float sums hold about 50 values per lane, a relative error near 1e-7, which the
 /// Float activations they sum carry already.
 func floatFeatureSums(_ x: UnsafePointer<Float>, samples: Int, features: Int, positions: Int,
                       into sums: UnsafeMutablePointer<Double>) {
