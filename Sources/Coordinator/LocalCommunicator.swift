@@ -44,7 +44,8 @@ public final class LocalCommunicator: Communicator {
     public func allgather<T: MPIScalar>(_ buffer: UnsafeMutableBufferPointer<T>, partition: Partition) throws(MPIError) {
         guard partition.parts == 1, partition.count == buffer.count else {
             throw MPIError(call: "MPI_Allgatherv", code: bp_mpi_err_count(),
-                           message: "MPI_ERR_COUNT: a partition of \(partition.count) elements in \(partition.parts) parts for a buffer of \(buffer.count) on 1 rank")
+                           message: "MPI_ERR_COUNT: a partition of \(partition.count) elements in \(partition.parts) parts "
+                               + "for a buffer of \(buffer.count) on 1 rank")
         }
     }
 

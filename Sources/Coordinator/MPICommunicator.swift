@@ -174,7 +174,8 @@ public final class MPICommunicator: Communicator {
         try checkActive("MPI_Allgatherv")
         guard partition.parts == size, partition.count == buffer.count else {
             throw MPIError(call: "MPI_Allgatherv", code: bp_mpi_err_count(),
-                           message: "MPI_ERR_COUNT: a partition of \(partition.count) elements in \(partition.parts) parts for a buffer of \(buffer.count) on \(size) ranks")
+                           message: "MPI_ERR_COUNT: a partition of \(partition.count) elements in \(partition.parts) parts "
+                               + "for a buffer of \(buffer.count) on \(size) ranks")
         }
         guard let base = buffer.baseAddress, !buffer.isEmpty else { return }
         try partition.counts.withUnsafeBufferPointer { (counts) throws(MPIError) in

@@ -12,7 +12,8 @@ struct BPWorker: ParsableCommand {
               mpirun -n 4 bpworker train
               bpworker train --local --set training.epochs=2
 
-            With no configuration file every key has its default: an MLP on Fashion-MNIST from /usr/share/datasets/fashion-mnist. `bpworker keys` lists every key.
+            With no configuration file every key has its default: an MLP on Fashion-MNIST from \
+            /usr/share/datasets/fashion-mnist. `bpworker keys` lists every key.
             """,
         subcommands: [Train.self, Gradcheck.self, Eval.self, Predict.self, Status.self, Report.self, Keys.self]
     )
@@ -47,7 +48,8 @@ struct RunOptions: ParsableArguments {
     @Option(help: "OpenBLAS threads per rank (default: 1 when ranks share a node, else all cores).")
     var blasThreads: Int?
 
-    @Option(help: "Progress display: line (redraw one line), plain (a line per log interval) or auto: line on a terminal in local mode, else plain (under mpirun every rank's output looks like a terminal).")
+    @Option(help: ArgumentHelp("Progress display: line (redraw one line), plain (a line per log interval) or auto: line on a terminal "
+        + "in local mode, else plain (under mpirun every rank's output looks like a terminal)."))
     var progress: ProgressStyle = .auto
 
     func validate() throws {
@@ -71,14 +73,17 @@ struct Train: ParsableCommand {
               mpirun -n 4 bpworker train --overwrite
               mpirun -n 2 bpworker train --timeline 50
 
-            --resume alone continues from RUN_DIR/checkpoints/latest. A run directory that already holds a run is never started over by accident: train refuses unless given --resume or --overwrite.
+            --resume alone continues from RUN_DIR/checkpoints/latest. A run directory that already holds a run is \
+            never started over by accident: train refuses unless given --resume or --overwrite.
 
-            SIGTERM, SIGINT, SIGUSR1 or SIGUSR2 on any rank: every rank stops after the same step, rank 0 writes a checkpoint and all exit 0. A second SIGINT exits at once.
+            SIGTERM, SIGINT, SIGUSR1 or SIGUSR2 on any rank: every rank stops after the same step, rank 0 writes a \
+            checkpoint and all exit 0. A second SIGINT exits at once.
             """)
 
     @OptionGroup var options: RunOptions
 
-    @Flag(help: "Gradient-check before the first step, on rank 0 or, with model.batchnorm=sync, on every rank together (same as gradcheck.enabled=true).")
+    @Flag(help: ArgumentHelp("Gradient-check before the first step, on rank 0 or, with model.batchnorm=sync, on every rank together "
+        + "(same as gradcheck.enabled=true)."))
     var gradcheck = false
 
     @Option(help: ArgumentHelp(
@@ -89,7 +94,8 @@ struct Train: ParsableCommand {
     var overwrite = false
 
     @Option(help: ArgumentHelp(
-        "Record what every rank does for this many steps (after timeline.warmup_steps) into RUN_DIR/timeline.json, a trace for Perfetto or chrome://tracing (same as timeline.steps).",
+        "Record what every rank does for this many steps (after timeline.warmup_steps) into RUN_DIR/timeline.json, "
+            + "a trace for Perfetto or chrome://tracing (same as timeline.steps).",
         valueName: "steps"))
     var timeline: Int?
 
@@ -129,7 +135,8 @@ struct Gradcheck: ParsableCommand {
     @Flag(help: "Print the report as JSON instead of a table.")
     var json = false
 
-    @Flag(help: "Every rank checks together: the same coordinates perturbed on every rank, J the mean loss over all ranks' check batches (with model.batchnorm=sync, through synchronized batch norm's cross-rank terms).")
+    @Flag(help: ArgumentHelp("Every rank checks together: the same coordinates perturbed on every rank, J the mean loss over all ranks' "
+        + "check batches (with model.batchnorm=sync, through synchronized batch norm's cross-rank terms)."))
     var distributed = false
 
     func run() throws {
@@ -140,7 +147,9 @@ struct Gradcheck: ParsableCommand {
             if session.isRoot { try FileManager.default.createDirectory(atPath: session.runDirectory, withIntermediateDirectories: true) }
         }
         if !distributed && !json && session.config.batchNorm == .sync && session.worldSize > 1 && !prepared.model.bufferTable.isEmpty {
-            session.logger.info("gradient check: on rank 0 alone, whose batch norm normalises its own batch; --distributed checks synchronized batch norm's cross-rank terms too")
+            let note = "gradient check: on rank 0 alone, whose batch norm normalises its own batch; "
+                + "--distributed checks synchronized batch norm's cross-rank terms too"
+            session.logger.info("\(note)")
         }
         let verdict = GradientCheckRun.run(session, prepared, distributed: distributed, printJSON: json,
                                            reportDirectory: session.runDirectory)

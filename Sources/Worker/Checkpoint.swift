@@ -57,10 +57,15 @@ struct Checkpointer {
     /// The model's description (`ModelDescription.metadata`), written into every checkpoint.
     let modelMetadata: [String: String]
 
-    init(runDirectory: String, keep: Int, modelMetadata: [String: String] = [:]) {
+    /// Test hook (`TestHooks.checkpointCrashStep`): the checkpoint of this step stops half-way through its file and
+    /// the process dies with SIGKILL, as a crash or a node failure would. Nil in real runs.
+    let crashAtStep: Int?
+
+    init(runDirectory: String, keep: Int, modelMetadata: [String: String] = [:], crashAtStep: Int? = nil) {
         directory = runDirectory + "/checkpoints"
         self.keep = keep
         self.modelMetadata = modelMetadata
+        self.crashAtStep = crashAtStep
     }
 
     var latestPointer: String { directory + "/latest" }
@@ -78,10 +83,6 @@ struct Checkpointer {
         }
         return directory + "/" + name
     }
-
-    /// Test hook: the checkpoint of this step stops half-way through its file and the process dies with SIGKILL,
-    /// as a crash or a node failure would. BPWORKER_TEST_CHECKPOINT_CRASH=STEP
-    static let crashAtStep: Int? = ProcessInfo.processInfo.environment["BPWORKER_TEST_CHECKPOINT_CRASH"].flatMap { Int($0) }
 
     /// Writes a checkpoint (rank 0 only) and returns its path.
     func save(model: Model<Float>, optimizer: Optimizer<Float>, position: TrainingPosition, config: Configuration) throws -> String {
@@ -102,7 +103,7 @@ struct Checkpointer {
         let name = String(format: "step-%08d.safetensors", position.globalStep)
         let path = directory + "/" + name
         let bytes = try writer.serialized()
-        if Self.crashAtStep == position.globalStep {
+        if crashAtStep == position.globalStep {
             try writeAtomically(bytes, to: path, faultAfterBytes: bytes.count / 2) { kill(getpid(), SIGKILL) }
         }
         try writeAtomically(bytes, to: path)
@@ -130,7 +131,8 @@ struct Checkpointer {
             throw fail("not a bpworker checkpoint (metadata format is \(file.metadata["format"].map { "'\($0)'" } ?? "missing"))")
         }
         guard let version = file.metadata["format_version"], readableVersions.contains(version) else {
-            throw fail("checkpoint format version \(file.metadata["format_version"] ?? "?"), this bpworker reads \(readableVersions.sorted().joined(separator: " and "))")
+            throw fail("checkpoint format version \(file.metadata["format_version"] ?? "?"), "
+                + "this bpworker reads \(readableVersions.sorted().joined(separator: " and "))")
         }
         guard file.metadata["layout_hash"] == String(layoutHash(model), radix: 16) else {
             throw fail("checkpoint is for the model \(file.metadata["model"] ?? "?"), this run builds \(model.spec.summary)")

@@ -69,9 +69,16 @@ struct CheckpointExchange {
                 stream: RandomGenerator.Stream.dropout.rawValue &+ UInt64(session.rank) << 32)
             let oldGlobal = saved.batchSize * saved.worldSize
             let ranks = session.worldSize == 1 ? "1 rank" : "\(session.worldSize) ranks"
-            session.logger.info("resuming a \(saved.worldSize)-rank checkpoint (batch \(saved.batchSize) per rank) on \(ranks) (batch \(config.batchSize)): global batch \(oldGlobal) -> \(sampler.globalBatchSize), \(sampler.stepsPerEpoch) steps per epoch; the learning rate stays as configured for the global batch; the epoch continues after its first \(position.epochStep * sampler.globalBatchSize) samples; dropout streams are re-seeded, so the run is not bitwise identical to an uninterrupted one")
+            let message = "resuming a \(saved.worldSize)-rank checkpoint (batch \(saved.batchSize) per rank) on \(ranks) "
+                + "(batch \(config.batchSize)): global batch \(oldGlobal) -> \(sampler.globalBatchSize), "
+                + "\(sampler.stepsPerEpoch) steps per epoch; the learning rate stays as configured for the global batch; "
+                + "the epoch continues after its first \(position.epochStep * sampler.globalBatchSize) samples; "
+                + "dropout streams are re-seeded, so the run is not bitwise identical to an uninterrupted one"
+            session.logger.info("\(message)")
         }
-        session.logger.info("resumed from \(path): step \(position.globalStep), epoch \(position.epoch + 1) at step \(position.epochStep)/\(sampler.stepsPerEpoch), optimizer step \(optimizer.stepCount)")
+        let resumed = "resumed from \(path): step \(position.globalStep), epoch \(position.epoch + 1) at step "
+            + "\(position.epochStep)/\(sampler.stepsPerEpoch), optimizer step \(optimizer.stepCount)"
+        session.logger.info("\(resumed)")
         return position
     }
 }

@@ -72,80 +72,48 @@ extension Configuration {
     /// One layer from its words, for input samples of `input` (which fixes a linear layer's inputs and the
     /// channels of a convolution or a normalisation).
     static func layer(_ words: [String], input: [Int], key: String) throws -> LayerSpec {
-        let name = words[0], item = words.joined(separator: " ")
-        func fail(_ reason: String) -> ConfigError { ConfigError(description: "\(key): '\(item)': \(reason)") }
-        func integer(_ text: String, _ what: String, minimum: Int) throws -> Int {
-            guard let v = Int(text), v >= minimum else { throw fail("\(what) must be an integer >= \(minimum), got \(text)") }
-            return v
-        }
-        func number(_ text: String) throws -> Double {
-            guard let v = Double(text), v.isFinite else { throw fail("expected a number, got \(text)") }
-            return v
-        }
-        /// Options after the positional words: "stride 2", "pad 1", "nobias".
-        func options(from start: Int, allowed: Set<String>) throws -> [String: Int] {
-            var result: [String: Int] = [:]
-            var i = start
-            while i < words.count {
-                let option = words[i]
-                guard allowed.contains(option) else { throw fail("unknown option '\(option)' (\(allowed.sorted().joined(separator: ", ")))") }
-                if option == "nobias" {
-                    result[option] = 1
-                    i += 1
-                    continue
-                }
-                guard i + 1 < words.count else { throw fail("'\(option)' needs a number") }
-                result[option] = try integer(words[i + 1], option, minimum: option == "pad" ? 0 : 1)
-                i += 2
-            }
-            return result
-        }
-        func count(_ expected: Int) throws {
-            if words.count != expected {
-                throw fail(expected == 1 ? "'\(name)' takes no argument" : "'\(name)' needs \(expected - 1) argument\(expected == 2 ? "" : "s")")
-            }
-        }
+        let parsed = LayerWords(words: words, key: key), name = words[0]
         let flat = input.count == 1 ? input[0] : 0
         switch name {
         case "linear":
-            try count(2)
-            guard input.count == 1 else { throw fail("takes flat samples, but its input is \(input): put a flatten before it") }
+            try parsed.expectCount(2)
+            guard input.count == 1 else { throw parsed.fail("takes flat samples, but its input is \(input): put a flatten before it") }
             guard let width = Double(words[1]), width >= 1, width == width.rounded(), width < 1e15 else {
-                throw fail("linear width must be a positive integer, got \(words[1])")
+                throw parsed.fail("linear width must be a positive integer, got \(words[1])")
             }
             return .linear(inputs: flat, outputs: Int(width))
         case "conv":
-            guard words.count >= 3 else { throw fail("conv needs its output channels and kernel size, e.g. 'conv 32 3 pad 1'") }
-            let outChannels = try integer(words[1], "output channels", minimum: 1)
-            let kernel = try integer(words[2], "kernel size", minimum: 1)
-            let o = try options(from: 3, allowed: ["stride", "pad", "nobias"])
+            guard words.count >= 3 else { throw parsed.fail("conv needs its output channels and kernel size, e.g. 'conv 32 3 pad 1'") }
+            let outChannels = try parsed.integer(words[1], "output channels", minimum: 1)
+            let kernel = try parsed.integer(words[2], "kernel size", minimum: 1)
+            let o = try parsed.options(from: 3, allowed: ["stride", "pad", "nobias"])
             return .conv2d(inChannels: input.count == 3 ? input[0] : 0, outChannels: outChannels, kernel: kernel,
                            stride: o["stride"] ?? 1, padding: o["pad"] ?? 0, bias: o["nobias"] == nil)
         case "maxpool", "avgpool":
-            guard words.count >= 2 else { throw fail("\(name) needs its window size, e.g. '\(name) 2'") }
-            let kernel = try integer(words[1], "window size", minimum: 1)
-            let stride = try options(from: 2, allowed: ["stride"])["stride"] ?? kernel
+            guard words.count >= 2 else { throw parsed.fail("\(name) needs its window size, e.g. '\(name) 2'") }
+            let kernel = try parsed.integer(words[1], "window size", minimum: 1)
+            let stride = try parsed.options(from: 2, allowed: ["stride"])["stride"] ?? kernel
             return name == "maxpool" ? .maxPool2d(kernel: kernel, stride: stride) : .avgPool2d(kernel: kernel, stride: stride)
         case "globalavgpool":
-            try count(1)
+            try parsed.expectCount(1)
             return .globalAvgPool2d
         case "flatten":
-            try count(1)
+            try parsed.expectCount(1)
             return .flatten
         case "batchnorm":
-            try count(1)
+            try parsed.expectCount(1)
             return .batchNorm(features: input.first ?? 0)
         case "layernorm":
-            try count(1)
+            try parsed.expectCount(1)
             return .layerNorm(features: input.last ?? 0)
         case "dropout":
-            try count(2)
-            return .dropout(probability: try number(words[1]))
+            try parsed.expectCount(2)
+            return .dropout(probability: try parsed.number(words[1]))
         case "leaky_relu":
-            guard words.count <= 2 else { throw fail("'leaky_relu' takes at most one number, its slope") }
-            return .leakyReLU(slope: words.count == 2 ? try number(words[1]) : 0.01)
+            guard words.count <= 2 else { throw parsed.fail("'leaky_relu' takes at most one number, its slope") }
+            return .leakyReLU(slope: words.count == 2 ? try parsed.number(words[1]) : 0.01)
         default:
-            try count(1)
+            try parsed.expectCount(1)
             switch name {
             case "relu": return .relu
             case "tanh": return .tanh
@@ -238,6 +206,57 @@ extension Configuration {
             try gradientCheckOptions.validate()
         } catch {
             throw ConfigError(description: "\(error)")
+        }
+    }
+}
+
+/// The words of one item of `model.layers`, and the checks `Configuration.layer` makes on them; every error names
+/// the key and the item.
+private struct LayerWords {
+    let words: [String]
+    let key: String
+
+    func fail(_ reason: String) -> ConfigError {
+        ConfigError(description: "\(key): '\(words.joined(separator: " "))': \(reason)")
+    }
+
+    func integer(_ text: String, _ what: String, minimum: Int) throws -> Int {
+        guard let v = Int(text), v >= minimum else { throw fail("\(what) must be an integer >= \(minimum), got \(text)") }
+        return v
+    }
+
+    func number(_ text: String) throws -> Double {
+        guard let v = Double(text), v.isFinite else { throw fail("expected a number, got \(text)") }
+        return v
+    }
+
+    /// Options after the positional words: "stride 2", "pad 1", "nobias".
+    func options(from start: Int, allowed: Set<String>) throws -> [String: Int] {
+        var result: [String: Int] = [:]
+        var i = start
+        while i < words.count {
+            let option = words[i]
+            guard allowed.contains(option) else {
+                throw fail("unknown option '\(option)' (\(allowed.sorted().joined(separator: ", ")))")
+            }
+            if option == "nobias" {
+                result[option] = 1
+                i += 1
+                continue
+            }
+            guard i + 1 < words.count else { throw fail("'\(option)' needs a number") }
+            result[option] = try integer(words[i + 1], option, minimum: option == "pad" ? 0 : 1)
+            i += 2
+        }
+        return result
+    }
+
+    /// The item has exactly `expected` words, its name included.
+    func expectCount(_ expected: Int) throws {
+        let name = words[0]
+        if words.count != expected {
+            throw fail(expected == 1 ? "'\(name)' takes no argument"
+                : "'\(name)' needs \(expected - 1) argument\(expected == 2 ? "" : "s")")
         }
     }
 }

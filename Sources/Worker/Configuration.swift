@@ -131,7 +131,8 @@ struct Configuration: Equatable {
         key("model.activation", \.activation, "relu, leaky_relu, tanh, sigmoid or gelu"),
         key("model.dropout", \.dropout, "drop probability after every hidden activation (0 = none)"),
         key("model.layers", \.layers,
-            "explicit layer list overriding hidden/activation/dropout, e.g. [linear 512, gelu, dropout 0.1, linear 256, relu]; the output layer is added"),
+            "explicit layer list overriding hidden/activation/dropout, e.g. [linear 512, gelu, dropout 0.1, linear 256, relu]; "
+                + "the output layer is added"),
         key("model.init", \.initialization, "auto, kaiming_normal, kaiming_uniform, xavier_normal or xavier_uniform"),
         key("model.loss", \.loss, "cross_entropy or mse"),
         key("model.batchnorm", \.batchNorm,
@@ -172,7 +173,8 @@ struct Configuration: Equatable {
         key("numerics.max_skips", \.maxSkippedSteps, "skip policy: stop after this many skipped steps"),
         key("training.replica_check_every", \.replicaCheckEvery, "steps between parameter checksum comparisons across ranks (0 = off)"),
         key("watchdog.timeout_seconds", \.watchdogSeconds, "abort the job when a collective has not completed for this long (0 = off)"),
-        key("timeline.steps", \.timelineSteps, "record what every rank does for this many steps into RUN_DIR/timeline.json, a Chrome trace (0 = off; --timeline)"),
+        key("timeline.steps", \.timelineSteps,
+            "record what every rank does for this many steps into RUN_DIR/timeline.json, a Chrome trace (0 = off; --timeline)"),
         key("timeline.warmup_steps", \.timelineWarmupSteps, "steps this process runs before the timeline starts recording"),
     ]
 
@@ -368,7 +370,9 @@ extension Array: ConfigValue where Element: ConfigValue {
         self = values
     }
     var node: Node { Node(map(\.node), Tag(.seq), .flow) }
-    static var typeName: String { "a list of \(Element.typeName.replacingOccurrences(of: "an ", with: "").replacingOccurrences(of: "a ", with: ""))s" }
+    static var typeName: String {
+        "a list of \(Element.typeName.replacingOccurrences(of: "an ", with: "").replacingOccurrences(of: "a ", with: ""))s"
+    }
 }
 
 /// Enumerations read from their raw string; the error lists the choices.

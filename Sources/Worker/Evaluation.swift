@@ -34,7 +34,10 @@ enum Evaluation {
         let test = preprocessing(session, of: parametersPath, model: model, test: prepared.test)
         do {
             let result = try evaluate(session, model, on: test)
-            session.logger.info("eval: test accuracy \(percent(Double(result.correct) / Double(result.count))) (\(grouped(result.correct))/\(grouped(result.count))), loss \(String(format: "%.4f", result.loss)), parameters \(parametersPath)")
+            let summary = "eval: test accuracy \(percent(Double(result.correct) / Double(result.count))) "
+                + "(\(grouped(result.correct))/\(grouped(result.count))), loss \(String(format: "%.4f", result.loss)), "
+                + "parameters \(parametersPath)"
+            session.logger.info("\(summary)")
         } catch {
             session.abort("evaluation failed: \(error)")
         }

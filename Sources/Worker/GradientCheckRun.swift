@@ -30,13 +30,13 @@ enum GradientCheckRun {
             // The first rows of this rank's shard: `gradcheck.batch`, or the whole shard when it is shorter. Every
             // rank's shard of an epoch is equally long, so in the distributed check every rank has the same count.
             let indices = Array(prepared.sampler.indices(epoch: 0).prefix(config.gradcheckBatch))
-            let copy = prepared.model.float64Copy(batchCapacity: indices.count)
+            let sums = distributed ? crossRankSums(session, hooks: prepared.hooks, phases: phases, abort: abort) : nil
+            let synchronized = distributed && config.batchNorm == .sync && session.worldSize > 1
+            let copy = prepared.model.float64Copy(batchCapacity: indices.count, crossRankReducer: synchronized ? sums : nil)
             indices.withUnsafeBufferPointer { prepared.train.gather(indices: $0, into: copy.inputs, labels: copy.labels) }
-            let sums = distributed ? crossRankSums(session, phases: phases, abort: abort) : nil
             if distributed {
-                if config.batchNorm == .sync && session.worldSize > 1 { copy.crossRankReducer = sums }
                 if !printJSON {
-                    let ranks = "\(session.worldSize) rank\(session.worldSize == 1 ? "" : "s")"
+                    let ranks = counted(session.worldSize, "rank")
                     let through = copy.crossRankReducer != nil ? ", through synchronized batch norm" : ""
                     let message = "gradient check: distributed over \(ranks), \(indices.count) samples each; every rank perturbs "
                         + "the same coordinates and J is the mean loss over all of them\(through)"
@@ -78,8 +78,8 @@ enum GradientCheckRun {
 
     /// The distributed check's sums over the ranks (its losses, its gradient, and synchronized batch norm's statistics),
     /// watched as the phase "gradient check". A failure inside the check ends every rank.
-    private static func crossRankSums(_ session: Session, phases: PhaseRunner?, abort: @escaping (String) -> Never) -> CrossRankSums {
-        let hooks = TestHooks.fromEnvironment(rank: session.rank)
+    private static func crossRankSums(_ session: Session, hooks: TestHooks, phases: PhaseRunner?,
+                                      abort: @escaping (String) -> Never) -> CrossRankSums {
         var reductions = 0
         var start: Int64 = 0
         return CrossRankSums(communicator: session.communicator, willReduce: {

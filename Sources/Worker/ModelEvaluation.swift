@@ -41,7 +41,10 @@ extension Evaluation {
         session.logger.info("\(data)")
         do {
             let result = try evaluate(session, model, on: test)
-            session.logger.info("eval: test accuracy \(percent(Double(result.correct) / Double(result.count))) (\(grouped(result.correct))/\(grouped(result.count))), loss \(String(format: "%.4f", result.loss)), model \(modelPath)")
+            let summary = "eval: test accuracy \(percent(Double(result.correct) / Double(result.count))) "
+                + "(\(grouped(result.correct))/\(grouped(result.count))), loss \(String(format: "%.4f", result.loss)), "
+                + "model \(modelPath)"
+            session.logger.info("\(summary)")
         } catch {
             session.abort("evaluation failed: \(error)")
         }

@@ -80,7 +80,8 @@ struct Predict: ParsableCommand {
 
         if let output {
             try writeAtomically(npyFloat32(probabilities, shape: [samples.count, classes]), to: output)
-            print("wrote \(output): \(logits ? "logits" : "probabilities") float32 [\(samples.count), \(classes)] of \(grouped(samples.count)) samples "
+            print("wrote \(output): \(logits ? "logits" : "probabilities") float32 [\(samples.count), \(classes)] "
+                + "of \(grouped(samples.count)) samples "
                 + "(\(input)), model \(description.spec.summary), preprocessing \(description.preprocessing.summary)")
         }
         if output == nil || top != nil {

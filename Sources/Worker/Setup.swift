@@ -13,6 +13,8 @@ struct Prepared {
     let epochs: Int
     /// This rank's expected peak memory, checked against its node's limits before the model was allocated.
     let memory: MemoryEstimate
+    /// The test hooks the environment switches on for this rank (none in real runs).
+    let hooks: TestHooks
     var totalSteps: Int { sampler.stepsPerEpoch * epochs }
 }
 
@@ -28,6 +30,8 @@ enum Setup {
         let sampler: ShardSampler
         let augmentation: Augmentation?
         let memory: MemoryEstimate
+        /// The test-only switches (`BPWORKER_TEST_*`), read once here.
+        let hooks: TestHooks
     }
 
     /// `plan`, then `build`: for the commands that need nothing between the two.
@@ -40,6 +44,7 @@ enum Setup {
     static func plan(_ session: Session, training: Bool = true) -> Plan {
         let config = session.config
         session.agree("configuration") { try config.validateSettings() }
+        let hooks = session.agree("configuration") { () throws -> TestHooks in try TestHooks.fromEnvironment(rank: session.rank) }
         let (train, test) = session.agree("data") { try loadData(config) }
         let augmentation = session.agree("data") { training ? try config.augmentation(sampleShape: train.sampleShape) : nil }
         let classes = config.classes > 0 ? config.classes : train.classCount
@@ -68,7 +73,8 @@ enum Setup {
                 }
             }
         }
-        return Plan(train: train, test: test, spec: spec, sampler: sampler, augmentation: augmentation, memory: memory)
+        return Plan(train: train, test: test, spec: spec, sampler: sampler, augmentation: augmentation, memory: memory,
+                    hooks: hooks)
     }
 
     /// Builds the model of `plan`, gives every rank rank 0's parameters and verifies that every rank built the same.
@@ -77,12 +83,11 @@ enum Setup {
         let config = session.config
         let model = session.agree("configuration") {
             let model = try Model<Float>(spec: plan.spec, batchCapacity: config.batchSize, seed: UInt64(config.seed),
-                                         controlSlots: StepControl.slotCount)
+                                         controlSlots: StepControl.slotCount, crossRankReducer: crossRankReducer)
             // Each rank drops different units: its own dropout stream.
             model.dropoutGenerator = RandomGenerator(
                 seed: UInt64(config.seed), stream: RandomGenerator.Stream.dropout.rawValue &+ UInt64(session.rank) << 32)
-            model.gradientFault = try gradientFaultFromEnvironment()
-            model.crossRankReducer = crossRankReducer
+            model.installGradientFault(plan.hooks.gradientFault)
             return model
         }
         // Layouts first: a broadcast between differently shaped models would be meaningless.
@@ -93,7 +98,7 @@ enum Setup {
         }
         verifyReplicas(session, model: model, sampler: plan.sampler, checksum: true)
         return Prepared(train: plan.train, test: plan.test, model: model, sampler: plan.sampler, augmentation: plan.augmentation,
-                        epochs: config.epochs, memory: plan.memory)
+                        epochs: config.epochs, memory: plan.memory, hooks: plan.hooks)
     }
 
     /// Reads the training and test sets and normalises them as `data.normalize` says (statistics from the

@@ -57,7 +57,8 @@ struct RunStatus: Codable, Equatable {
     /// A few lines for people.
     var text: String {
         var lines = ["state: \(state.rawValue)\(message.map { " (\($0))" } ?? "")",
-                     "step \(grouped(step))/\(grouped(totalSteps)), epoch \(min(epoch + 1, epochs))/\(epochs), \(worldSize) rank\(worldSize == 1 ? "" : "s")"]
+                     "step \(grouped(step))/\(grouped(totalSteps)), epoch \(min(epoch + 1, epochs))/\(epochs), "
+                        + "\(worldSize) rank\(worldSize == 1 ? "" : "s")"]
         var progress: [String] = []
         if let loss { progress.append("loss \(String(format: "%.4f", loss))") }
         if let accuracy { progress.append("train accuracy \(percent(accuracy))") }

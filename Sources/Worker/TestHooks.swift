@@ -2,7 +2,8 @@ import Engine
 import Foundation
 
 /// Faults the tests inject into a real run, each switched on by an environment variable and documented in the
-/// README ("Fault injection"). Parsed once at start; the per-step cost is two integer comparisons.
+/// README ("Fault injection"). `fromEnvironment` is the one place that reads a BPWORKER_TEST_* variable: it runs
+/// once at setup, and each value is handed to the code it acts in. The per-step cost is two integer comparisons.
 struct TestHooks {
     /// BPWORKER_TEST_NAN=RANK:STEP[:loss]: that rank's batch turns to NaN at that step (0-based global step),
     /// which poisons its loss and its gradients; with `:loss`, only the loss it reports turns to NaN and the
@@ -25,11 +26,21 @@ struct TestHooks {
     var divergeStep: Int?
     /// BPWORKER_TEST_CLOCK_OFFSET=RANK:SECONDS: that rank's clock for time-based checkpoints runs SECONDS ahead.
     var clockOffsetSeconds = 0.0
-    /// BPWORKER_TEST_CLOCK_SKEW=RANK:SECONDS: that rank's timeline clock runs SECONDS ahead, as a clock on another host may.
+    /// BPWORKER_TEST_CLOCK_SKEW=RANK:SECONDS: that rank's timeline clock runs this far ahead, as a clock on another
+    /// host may, so a test can see that the timeline's alignment undoes it (`Timeline`).
     var clockSkewSeconds = 0.0
+    /// BPWORKER_TEST_CHECKPOINT_CRASH=STEP: the checkpoint of this step stops half-way through its file and the
+    /// process dies with SIGKILL, as a crash or a node failure would (`Checkpointer`).
+    var checkpointCrashStep: Int?
+    /// BPWORKER_TEST_GRADIENT_FAULT (see `gradientFault(from:)`): one tensor's backward pass broken on purpose, in
+    /// the training model and in the gradient check's copy of it (see README, "Testing the gradient check").
+    var gradientFault: GradientFault?
 
-    static func fromEnvironment(rank: Int) -> TestHooks {
-        let env = ProcessInfo.processInfo.environment
+    /// The hooks `environment` switches on for `rank`. Throws for a gradient fault it cannot parse; other values
+    /// that do not parse switch nothing on.
+    static func fromEnvironment(_ environment: [String: String] = ProcessInfo.processInfo.environment,
+                                rank: Int) throws(TestHookError) -> TestHooks {
+        let env = environment
         var hooks = TestHooks()
         func fields(_ name: String) -> [Double]? {
             env[name].map { $0.split(separator: ":").compactMap { Double($0) } }
@@ -51,7 +62,28 @@ struct TestHooks {
         if let f = fields("BPWORKER_TEST_DIVERGE"), f.count == 2, Int(f[0]) == rank { hooks.divergeStep = Int(f[1]) }
         if let f = fields("BPWORKER_TEST_CLOCK_OFFSET"), f.count == 2, Int(f[0]) == rank { hooks.clockOffsetSeconds = f[1] }
         if let f = fields("BPWORKER_TEST_CLOCK_SKEW"), f.count == 2, Int(f[0]) == rank { hooks.clockSkewSeconds = f[1] }
+        hooks.checkpointCrashStep = env["BPWORKER_TEST_CHECKPOINT_CRASH"].flatMap { Int($0) }
+        if let value = env["BPWORKER_TEST_GRADIENT_FAULT"], !value.isEmpty { hooks.gradientFault = try gradientFault(from: value) }
         return hooks
+    }
+
+    /// BPWORKER_TEST_GRADIENT_FAULT = missing:NAME | transposed:NAME | scaled:NAME:FACTOR | flipped:CONV.weight |
+    /// padding:CONV.weight | nomean:BATCHNORM.weight | localsums:BATCHNORM.weight
+    static func gradientFault(from value: String) throws(TestHookError) -> GradientFault {
+        let parts = value.split(separator: ":").map(String.init)
+        switch (parts.first, parts.count) {
+        case ("missing", 2): return .missing(tensor: parts[1])
+        case ("transposed", 2): return .transposed(tensor: parts[1])
+        case ("flipped", 2): return .flippedKernel(tensor: parts[1])
+        case ("padding", 2): return .paddingOffset(tensor: parts[1])
+        case ("nomean", 2): return .batchNormWithoutMeanTerm(tensor: parts[1])
+        case ("localsums", 2): return .batchNormLocalSums(tensor: parts[1])
+        case ("scaled", 3):
+            if let factor = Double(parts[2]) { return .scaled(tensor: parts[1], factor: factor) }
+        default: break
+        }
+        throw TestHookError(description: "BPWORKER_TEST_GRADIENT_FAULT=\(value): expected missing:NAME, transposed:NAME, "
+            + "scaled:NAME:FACTOR, flipped:CONV.weight, padding:CONV.weight, nomean:BATCHNORM.weight or localsums:BATCHNORM.weight")
     }
 
     @inline(__always)
@@ -78,27 +110,6 @@ func sleepFully(_ seconds: Double) {
     var request = timespec(tv_sec: Int(seconds), tv_nsec: Int((seconds - seconds.rounded(.down)) * 1e9))
     var remaining = timespec()
     while nanosleep(&request, &remaining) != 0 && errno == EINTR { request = remaining }
-}
-
-/// The test-only switch that breaks one tensor's backward pass (see README, "Testing the gradient check").
-/// BPWORKER_TEST_GRADIENT_FAULT = missing:NAME | transposed:NAME | scaled:NAME:FACTOR | flipped:CONV.weight |
-/// padding:CONV.weight | nomean:BATCHNORM.weight | localsums:BATCHNORM.weight
-func gradientFaultFromEnvironment() throws -> GradientFault? {
-    guard let value = ProcessInfo.processInfo.environment["BPWORKER_TEST_GRADIENT_FAULT"], !value.isEmpty else { return nil }
-    let parts = value.split(separator: ":").map(String.init)
-    switch (parts.first, parts.count) {
-    case ("missing", 2): return .missing(tensor: parts[1])
-    case ("transposed", 2): return .transposed(tensor: parts[1])
-    case ("flipped", 2): return .flippedKernel(tensor: parts[1])
-    case ("padding", 2): return .paddingOffset(tensor: parts[1])
-    case ("nomean", 2): return .batchNormWithoutMeanTerm(tensor: parts[1])
-    case ("localsums", 2): return .batchNormLocalSums(tensor: parts[1])
-    case ("scaled", 3):
-        if let factor = Double(parts[2]) { return .scaled(tensor: parts[1], factor: factor) }
-    default: break
-    }
-    throw TestHookError(description: "BPWORKER_TEST_GRADIENT_FAULT=\(value): expected missing:NAME, transposed:NAME, "
-        + "scaled:NAME:FACTOR, flipped:CONV.weight, padding:CONV.weight, nomean:BATCHNORM.weight or localsums:BATCHNORM.weight")
 }
 
 /// A test hook's environment variable that cannot be parsed.

@@ -21,7 +21,6 @@ enum Trainer {
             return directory
         }
         let plan = Setup.plan(session)
-        let hooks = TestHooks.fromEnvironment(rank: session.rank)
         // The watchdog and the timeline's recorder come before the model: synchronized batch norm's sums, inside its
         // passes, report to both. Neither writes anything before it is started.
         let aborter = Aborter(communicator: session.communicator, runDirectory: session.runDirectory)
@@ -52,11 +51,13 @@ enum Trainer {
         let progress = startProgress(session, prepared, resumed: resume != nil, at: position)
         let failure = RunFailure(session: session, progress: progress)
         watchdog.start()
+        let hooks = prepared.hooks
         let timeline = recorder.map {
             Timeline(session: session, recorder: $0, model: model, buckets: buckets, clockSkewSeconds: hooks.clockSkewSeconds)
         }
         let checkpointer = Checkpointer(runDirectory: session.runDirectory, keep: config.checkpointKeep,
-                                        modelMetadata: modelDescription(session, prepared).metadata)
+                                        modelMetadata: modelDescription(session, prepared).metadata,
+                                        crashAtStep: hooks.checkpointCrashStep)
         let loop = TrainingLoop(
             session: session, prepared: prepared, reducer: reducer, phases: phases, timeline: timeline,
             checkpoints: CheckpointExchange(failure: failure, checkpointer: checkpointer, model: model, optimizer: optimizer),

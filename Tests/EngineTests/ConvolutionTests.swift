@@ -222,7 +222,7 @@ struct ConvolutionTests {
     func injectedBugsInTheNewLayersFailAndNameTheTensor(fault index: Int) throws {
         let (fault, spec, broken) = Self.faults[index]
         let model = try checkedModel(spec)
-        model.gradientFault = fault
+        model.installGradientFault(fault)
         let report = checkGradients(model: model, count: 3)
         #expect(report.verdict == .fail, "\(fault):\n\(report.text)")
         #expect(report.tensors.filter { $0.verdict == .fail }.map(\.name) == broken, "\(fault):\n\(report.text)")

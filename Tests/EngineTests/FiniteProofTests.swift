@@ -73,7 +73,7 @@ struct FiniteProofTests {
         model.backward(count: 4) { _ in }
         #expect(!model.gradientsProvenFinite(in: 0..<model.parameterCount))
         // A deliberately wrong backward (test hook) may write anything: never vouched for.
-        model.gradientFault = .scaled(tensor: "0.weight", factor: .infinity)
+        model.installGradientFault(.scaled(tensor: "0.weight", factor: .infinity))
         model.forward(count: 4, mode: .train)
         model.backward(count: 4, accumulate: false) { _ in }
         #expect(!model.gradientsProvenFinite(in: model.parameterTable[0].range))

@@ -64,7 +64,7 @@ struct GradientCheckTests {
     @Test(arguments: faults)
     func injectedBugsFailAndNameTheTensor(fault: GradientFault) throws {
         let model = try checkedModel(.mlp(widths: [5, 6, 3], activation: .tanh))
-        model.gradientFault = fault
+        model.installGradientFault(fault)
         let report = checkGradients(model: model, count: 4)
         #expect(report.verdict == .fail)
         let broken = try #require(report.tensors.first { $0.name == fault.tensor })
@@ -79,7 +79,7 @@ struct GradientCheckTests {
 
     @Test func missingGradientIsReportedAsNotInfluencingTheCost() throws {
         let model = try checkedModel(.mlp(widths: [5, 6, 3]))
-        model.gradientFault = .missing(tensor: "2.weight")
+        model.installGradientFault(.missing(tensor: "2.weight"))
         let report = checkGradients(model: model, count: 4)
         let tensor = try #require(report.tensors.first { $0.name == "2.weight" })
         #expect(tensor.gradientNorm == 0)
@@ -116,7 +116,7 @@ struct GradientCheckTests {
         // Above 1e-4 relative fails: a weight gradient 0.1% wrong, a bias gradient 0.03% wrong.
         for (tensor, factor) in [("0.weight", 1.001), ("0.bias", 1.0003), ("2.weight", 0.9995)] {
             let model = try checkedModel(.mlp(widths: [5, 6, 3], activation: .tanh))
-            model.gradientFault = .scaled(tensor: tensor, factor: factor)
+            model.installGradientFault(.scaled(tensor: tensor, factor: factor))
             let report = checkGradients(model: model, count: 4)
             #expect(report.verdict == .fail, "\(tensor) x \(factor):\n\(report.text)")
             #expect(!report.passed)
@@ -124,7 +124,7 @@ struct GradientCheckTests {
         }
         // Between the float64 noise (1e-5) and four digits: a warning, and the job goes on.
         let model = try checkedModel(.mlp(widths: [5, 6, 3], activation: .tanh))
-        model.gradientFault = .scaled(tensor: "0.weight", factor: 1.00003)
+        model.installGradientFault(.scaled(tensor: "0.weight", factor: 1.00003))
         let report = checkGradients(model: model, count: 4)
         #expect(report.verdict == .warn, "\(report.text)")
         #expect(report.passed)

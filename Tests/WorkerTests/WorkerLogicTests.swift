@@ -259,4 +259,22 @@ struct WorkerLogicTests {
         config.layers = ["linear 32", "swish"]
         #expect(throws: ConfigError.self) { try config.modelSpec(sampleShape: [10], classes: 3) }
     }
+
+    /// Every BPWORKER_TEST_* switch is parsed in `TestHooks.fromEnvironment`: per-rank values only for their rank,
+    /// a gradient fault that does not parse is an error, and an empty environment switches nothing on.
+    @Test func testSwitchesAreParsedInOnePlace() throws {
+        let environment = ["BPWORKER_TEST_CLOCK_SKEW": "1:5", "BPWORKER_TEST_CHECKPOINT_CRASH": "21",
+                           "BPWORKER_TEST_GRADIENT_FAULT": "scaled:0.weight:1.5", "BPWORKER_TEST_NAN": "1:7:loss"]
+        let rankOne = try TestHooks.fromEnvironment(environment, rank: 1)
+        #expect(rankOne.clockSkewSeconds == 5 && rankOne.checkpointCrashStep == 21)
+        #expect(rankOne.gradientFault == .scaled(tensor: "0.weight", factor: 1.5))
+        #expect(rankOne.nanStep == 7 && rankOne.nanLossOnly)
+        let rankZero = try TestHooks.fromEnvironment(environment, rank: 0)
+        #expect(rankZero.clockSkewSeconds == 0 && rankZero.nanStep == nil && rankZero.checkpointCrashStep == 21)
+        #expect(try TestHooks.fromEnvironment(["BPWORKER_TEST_GRADIENT_FAULT": "localsums:1.weight"], rank: 0).gradientFault
+            == .batchNormLocalSums(tensor: "1.weight"))
+        #expect(throws: TestHookError.self) { try TestHooks.fromEnvironment(["BPWORKER_TEST_GRADIENT_FAULT": "scaled:x"], rank: 0) }
+        let none = try TestHooks.fromEnvironment([:], rank: 0)
+        #expect(none.gradientFault == nil && none.checkpointCrashStep == nil && none.clockSkewSeconds == 0 && none.nanStep == nil)
+    }
 }

@@ -107,7 +107,9 @@ public struct GradientCheckReport: Codable, Equatable, Sendable {
     public var text: String {
         func e(_ x: Double) -> String { String(format: "%.2e", x) }
         var lines: [String] = []
-        let batch = distributed ? "distributed over \(ranks) rank\(ranks == 1 ? "" : "s"), batch \(batchSize) per rank (\(samples) samples)" : "batch \(batchSize)"
+        let batch = distributed
+            ? "distributed over \(ranks) rank\(ranks == 1 ? "" : "s"), batch \(batchSize) per rank (\(samples) samples)"
+            : "batch \(batchSize)"
         lines.append("gradient check: \(verdict.rawValue.uppercased())  dtype \(dtype), eps \(e(epsilon)), \(batch), "
             + "loss \(String(format: "%.6f", loss)), \(parameterCount) parameters")
         lines.append("  cost: 1 forward+backward and \(forwardPasses) forward passes in \(String(format: "%.2f", seconds)) s")
@@ -171,47 +173,89 @@ public func relativeError(_ a: Double, _ n: Double) -> Double {
 public func checkGradients(model: Model<Double>, count: Int, options: GradientCheckOptions = .init(),
                            acrossRanks ranks: CrossRankReducer? = nil) -> GradientCheckReport {
     let start = Date()
-    let theta = model.parameters.baseAddress!
+    let check = FiniteDifferences(model: model, count: count, options: options, ranks: ranks)
+    var failures: [String] = []
+    let (loss, deterministic) = check.measureDeterminism(failures: &failures)
+    let analytic = check.analyticGradient()
+    var generator = RandomGenerator(seed: options.seed, stream: .gradientCheck)
+    var tensors: [TensorCheck] = []
+    for info in model.parameterTable {
+        tensors.append(check.checkTensor(info, analytic: analytic, generator: &generator, failures: &failures))
+    }
+    let direction = check.checkDirection(analytic: analytic, generator: &generator, failures: &failures)
+    var verdict = max(tensors.map(\.verdict).max() ?? .pass, direction.verdict)
+    if !deterministic { verdict = .fail }
+    let rankCount = Int(check.ranksTakingPart)
+    return GradientCheckReport(
+        dtype: Double.dtypeName, epsilon: options.epsilon, batchSize: count, distributed: ranks != nil, ranks: rankCount,
+        samples: count * rankCount, loss: loss,
+        parameterCount: model.parameterCount, deterministic: deterministic, tensors: tensors, direction: direction,
+        forwardPasses: check.forwardPasses, backwardPasses: 1, seconds: Date().timeIntervalSince(start),
+        verdict: verdict, failures: failures)
+}
+
+/// The steps of `checkGradients`, over the ranks when `ranks` is given: J at perturbed parameters, the kinks
+/// between two passes, and every decision, each taken from values summed over the ranks.
+private final class FiniteDifferences {
+    let model: Model<Double>
+    let count: Int
+    let options: GradientCheckOptions
+    let ranks: CrossRankReducer?
+    let theta: UnsafeMutablePointer<Double>
     var forwardPasses = 0
+    /// Ranks taking part (1 alone), counted by the first collective.
+    private(set) var ranksTakingPart = 1.0
+    /// Below this, an analytic and a numeric value both are rounding: the difference quotient's rounding error is
+    /// about ulp(J) / eps, and a coordinate where both sides are within a hundred times that agrees at rounding level
+    /// (a dead unit's weight, a channel that max-pooling never picks). Set from J by `measureDeterminism`.
+    private(set) var roundingLevel = 0.0
+
+    init(model: Model<Double>, count: Int, options: GradientCheckOptions, ranks: CrossRankReducer?) {
+        (self.model, self.count, self.options, self.ranks) = (model, count, options, ranks)
+        theta = model.parameters.baseAddress!
+    }
+
+    /// This rank's J at the current parameters, recomputing layers `fromLayer...` only.
     func cost(fromLayer: Int = 0) -> Double {
         forwardPasses += 1
         return model.forward(count: count, mode: .check, fromLayer: fromLayer).loss
     }
-    // Sums `values` over the ranks (one collective); alone, they are the sums.
+
+    /// Sums `values` over the ranks (one collective); alone, they are the sums.
     func summed(_ values: [Double]) -> [Double] {
         guard let ranks else { return values }
         var values = values
         values.withUnsafeMutableBufferPointer { ranks.sumAcrossRanks($0) }
         return values
     }
-    var failures: [String] = []
 
-    // Determinism: J(theta) twice must agree exactly on every rank, or no difference quotient means anything. The
-    // same collective counts the ranks.
-    let localLoss = cost()
-    let localAgain = cost()
-    let totals = summed([localLoss, localAgain, localLoss.bitPattern == localAgain.bitPattern ? 0 : 1, 1])
-    let rankCount = Int(totals[3])
-    let loss = totals[0] / totals[3], again = totals[1] / totals[3]
-    let deterministic = totals[2] == 0
-    if !deterministic {
-        failures.append("the cost is not deterministic: J(theta) gave \(loss) then \(again)"
-            + (ranks == nil ? "" : " (on \(Int(totals[2])) of \(rankCount) ranks)"))
+    /// J(theta) twice must agree exactly on every rank, or no difference quotient means anything. The same
+    /// collective counts the ranks. Returns J, the mean over the ranks, and whether it was deterministic.
+    func measureDeterminism(failures: inout [String]) -> (loss: Double, deterministic: Bool) {
+        let localLoss = cost()
+        let localAgain = cost()
+        let totals = summed([localLoss, localAgain, localLoss.bitPattern == localAgain.bitPattern ? 0 : 1, 1])
+        ranksTakingPart = totals[3]
+        let loss = totals[0] / totals[3], again = totals[1] / totals[3]
+        let deterministic = totals[2] == 0
+        if !deterministic {
+            failures.append("the cost is not deterministic: J(theta) gave \(loss) then \(again)"
+                + (ranks == nil ? "" : " (on \(Int(totals[2])) of \(Int(totals[3])) ranks)"))
+        }
+        roundingLevel = 100 * max(abs(loss), 1) * Double.ulpOfOne / options.epsilon
+        return (loss, deterministic)
     }
 
-    // Below this, an analytic and a numeric value both are rounding: the difference quotient's rounding error is
-    // about ulp(J) / eps, and a coordinate where both sides are within a hundred times that agrees at rounding level
-    // (a dead unit's weight, a channel that max-pooling never picks).
-    let roundingLevel = 100 * max(abs(loss), 1) * Double.ulpOfOne / options.epsilon
+    /// The analytic gradient of the mean over the ranks: the ranks' average.
+    func analyticGradient() -> [Double] {
+        model.zeroGradients()
+        model.forward(count: count, mode: .check)
+        model.backward(count: count)
+        return summed(Array(model.gradients)).map { $0 / ranksTakingPart }
+    }
 
-    // Analytic gradient: of the mean over ranks, the ranks' average.
-    model.zeroGradients()
-    model.forward(count: count, mode: .check)
-    model.backward(count: count)
-    let analytic = summed(Array(model.gradients)).map { $0 / totals[3] }
-
-    // J at theta + eps u and theta - eps u, over every rank, and whether the two passes straddle a kink on any rank:
-    // one collective for the three.
+    /// J at theta + eps u and theta - eps u, over every rank, and whether the two passes straddle a kink on any rank:
+    /// one collective for the three.
     func evaluate(plus: () -> Void, minus: () -> Void, restore: () -> Void, fromLayer layer: Int)
         -> (plus: Double, minus: Double, kink: Bool) {
         plus()
@@ -222,12 +266,12 @@ public func checkGradients(model: Model<Double>, count: Int, options: GradientCh
         let minusPattern = model.kinkPattern(count: count)
         restore()
         let sums = summed([plusCost, minusCost, plusPattern == minusPattern ? 0 : 1])
-        return (sums[0] / totals[3], sums[1] / totals[3], sums[2] > 0)
+        return (sums[0] / ranksTakingPart, sums[1] / ranksTakingPart, sums[2] > 0)
     }
 
-    // Central difference at coordinate `index`; nil when the two evaluations straddle a kink.
-    // Only layers from `layer` on see the change, so only they are recomputed (the layers below keep the
-    // activations of the last full pass at theta).
+    /// Central difference at coordinate `index`; nil when the two evaluations straddle a kink.
+    /// Only layers from `layer` on see the change, so only they are recomputed (the layers below keep the
+    /// activations of the last full pass at theta).
     func difference(at index: Int, layer: Int) -> Double? {
         let saved = theta[index]
         let plusStep = saved + options.epsilon, minusStep = saved - options.epsilon
@@ -237,17 +281,23 @@ public func checkGradients(model: Model<Double>, count: Int, options: GradientCh
         return kink ? nil : (plus - minus) / (plusStep - minusStep)
     }
 
-    var generator = RandomGenerator(seed: options.seed, stream: .gradientCheck)
-    var tensors: [TensorCheck] = []
-    for info in model.parameterTable {
-        // A full pass at theta, so every activation below this tensor's layer is the unperturbed one.
-        _ = cost()
-        let n = info.count
-        let samples = options.checkAllCoordinates ? n : min(options.samplesPerTensor, n)
+    /// What the sampled coordinates of one tensor gave: their relative errors, the worst, the kinks skipped and
+    /// the largest finite difference.
+    struct Samples {
         var errors: [Double] = []
         var worst: TensorCheck.Coordinate? = nil
         var kinks = 0
         var largestNumeric = 0.0
+    }
+
+    /// One coordinate from each stratum of the tensor (every coordinate with `checkAllCoordinates`), another one
+    /// of the stratum tried when a sample straddles a kink.
+    func sample(_ info: ParameterInfo, analytic: [Double], generator: inout RandomGenerator) -> Samples {
+        // A full pass at theta, so every activation below this tensor's layer is the unperturbed one.
+        _ = cost()
+        let n = info.count
+        let samples = options.checkAllCoordinates ? n : min(options.samplesPerTensor, n)
+        var found = Samples()
         for s in 0..<samples {
             // Stratum s covers [s n / k, (s + 1) n / k).
             let lower = s * n / samples, upper = (s + 1) * n / samples
@@ -257,26 +307,35 @@ public func checkGradients(model: Model<Double>, count: Int, options: GradientCh
                 if let numeric = difference(at: info.offset + candidate, layer: info.layerIndex) {
                     let a = analytic[info.offset + candidate]
                     let r = max(abs(a), abs(numeric)) <= roundingLevel ? 0 : relativeError(a, numeric)
-                    largestNumeric = max(largestNumeric, abs(numeric))
-                    errors.append(r)
-                    if worst == nil || r > worst!.relativeError {
-                        worst = .init(index: candidate, analytic: a, numeric: numeric, relativeError: r)
+                    found.largestNumeric = max(found.largestNumeric, abs(numeric))
+                    found.errors.append(r)
+                    if found.worst == nil || r > found.worst!.relativeError {
+                        found.worst = .init(index: candidate, analytic: a, numeric: numeric, relativeError: r)
                     }
                     break
                 }
-                kinks += 1
+                found.kinks += 1
                 tries += 1
                 if tries > options.kinkRetries || upper - lower == 1 { break }
                 candidate = lower + generator.nextInt(below: upper - lower)
             }
         }
+        return found
+    }
+
+    /// The verdict on one tensor from its samples, with a note (and a failure line) when the error thresholds
+    /// alone do not explain it.
+    func checkTensor(_ info: ParameterInfo, analytic: [Double], generator: inout RandomGenerator,
+                     failures: inout [String]) -> TensorCheck {
+        let found = sample(info, analytic: analytic, generator: &generator)
+        let errors = found.errors
         let gradient = analytic[info.range]
         let norm = gradient.reduce(0) { $0 + $1 * $1 }.squareRoot()
         let maxError = errors.max() ?? 0
         var verdict: CheckVerdict = maxError <= options.passThreshold ? .pass : maxError <= options.warnThreshold ? .warn : .fail
         var note: String? = nil
-        let atRounding = !errors.isEmpty && largestNumeric <= roundingLevel && gradient.allSatisfy { abs($0) <= roundingLevel }
-        if atRounding && !gradient.allSatisfy({ $0 == 0 }) || atRounding && largestNumeric > 0 {
+        let atRounding = !errors.isEmpty && found.largestNumeric <= roundingLevel && gradient.allSatisfy { abs($0) <= roundingLevel }
+        if atRounding && !gradient.allSatisfy({ $0 == 0 }) || atRounding && found.largestNumeric > 0 {
             // Mathematically zero: the cost does not depend on the tensor, e.g. a bias right before a normalisation
             // layer, whose mean it removes. Not a backpropagation bug, but worth knowing.
             verdict = .warn
@@ -289,25 +348,51 @@ public func checkGradients(model: Model<Double>, count: Int, options: GradientCh
         } else if errors.isEmpty {
             verdict = .warn
             note = "every sampled coordinate straddled a kink; none could be checked"
-        } else if verdict == .fail, let w = worst {
-            failures.append("\(info.name) \(info.shape): relative error \(String(format: "%.2e", w.relativeError)) at index \(w.index) "
-                + "(analytic \(w.analytic), numeric \(w.numeric))")
+        } else if verdict == .fail, let w = found.worst {
+            failures.append("\(info.name) \(info.shape): relative error \(String(format: "%.2e", w.relativeError)) "
+                + "at index \(w.index) (analytic \(w.analytic), numeric \(w.numeric))")
         }
-        tensors.append(TensorCheck(
-            name: info.name, shape: info.shape, checked: errors.count, kinksSkipped: kinks,
+        return TensorCheck(
+            name: info.name, shape: info.shape, checked: errors.count, kinksSkipped: found.kinks,
             maxRelativeError: maxError, meanRelativeError: errors.isEmpty ? 0 : errors.reduce(0, +) / Double(errors.count),
-            gradientNorm: norm, worst: worst, verdict: verdict, note: note))
+            gradientNorm: norm, worst: found.worst, verdict: verdict, note: note)
     }
 
-    // Random direction over the whole flat vector: touches every parameter with two forward passes.
-    let original = Array(model.parameters)
-    var direction = DirectionCheck(
-        analytic: 0, numeric: 0, relativeError: 0, verdict: .warn, kinksSkipped: 0,
-        note: "every random direction crossed a kink; the direction check compared nothing")
-    for _ in 0...options.kinkRetries {
-        // A random unit vector with entries +-1/sqrt(n) (Rademacher): one random bit per parameter instead of a
-        // Gaussian draw (measured: the Gaussian draws were most of the check's cost on a 535,818-parameter
-        // model), and every parameter moves by the same amount, so none is left out by a small component.
+    /// Random direction over the whole flat vector: touches every parameter with two forward passes.
+    func checkDirection(analytic: [Double], generator: inout RandomGenerator, failures: inout [String]) -> DirectionCheck {
+        let original = Array(model.parameters)
+        var direction = DirectionCheck(
+            analytic: 0, numeric: 0, relativeError: 0, verdict: .warn, kinksSkipped: 0,
+            note: "every random direction crossed a kink; the direction check compared nothing")
+        for _ in 0...options.kinkRetries {
+            let u = randomSigns(generator: &generator)
+            let theta = theta, epsilon = options.epsilon
+            let (plus, minus, kink) = evaluate(
+                plus: { for i in u.indices { theta[i] = original[i] + epsilon * u[i] } },
+                minus: { for i in u.indices { theta[i] = original[i] - epsilon * u[i] } },
+                restore: { for i in u.indices { theta[i] = original[i] } }, fromLayer: 0)
+            if kink {
+                direction.kinksSkipped += 1
+                continue
+            }
+            direction.numeric = (plus - minus) / (2 * epsilon)
+            direction.analytic = zip(analytic, u).reduce(0) { $0 + $1.0 * $1.1 }
+            direction.relativeError = relativeError(direction.analytic, direction.numeric)
+            direction.note = nil
+            direction.verdict = direction.relativeError <= options.passThreshold ? .pass
+                : direction.relativeError <= options.warnThreshold ? .warn : .fail
+            if direction.verdict == .fail {
+                failures.append("random direction: grad.u \(direction.analytic) but finite difference \(direction.numeric)")
+            }
+            break
+        }
+        return direction
+    }
+
+    /// A random unit vector with entries +-1/sqrt(n) (Rademacher): one random bit per parameter instead of a
+    /// Gaussian draw (measured: the Gaussian draws were most of the check's cost on a 535,818-parameter model), and
+    /// every parameter moves by the same amount, so none is left out by a small component.
+    func randomSigns(generator: inout RandomGenerator) -> [Double] {
         let n = model.parameterCount
         let magnitude = 1 / Double(n).squareRoot()
         var u = [Double](repeating: 0, count: n)
@@ -317,45 +402,18 @@ public func checkGradients(model: Model<Double>, count: Int, options: GradientCh
             u[i] = (bits & 1) == 0 ? magnitude : -magnitude
             bits >>= 1
         }
-        let (plus, minus, kink) = evaluate(
-            plus: { for i in u.indices { theta[i] = original[i] + options.epsilon * u[i] } },
-            minus: { for i in u.indices { theta[i] = original[i] - options.epsilon * u[i] } },
-            restore: { for i in u.indices { theta[i] = original[i] } }, fromLayer: 0)
-        if kink {
-            direction.kinksSkipped += 1
-            continue
-        }
-        direction.numeric = (plus - minus) / (2 * options.epsilon)
-        direction.analytic = zip(analytic, u).reduce(0) { $0 + $1.0 * $1.1 }
-        direction.relativeError = relativeError(direction.analytic, direction.numeric)
-        direction.note = nil
-        direction.verdict = direction.relativeError <= options.passThreshold ? .pass
-            : direction.relativeError <= options.warnThreshold ? .warn : .fail
-        if direction.verdict == .fail {
-            failures.append("random direction: grad.u \(direction.analytic) but finite difference \(direction.numeric)")
-        }
-        break
+        return u
     }
-
-    var verdict = tensors.map(\.verdict).max() ?? .pass
-    verdict = max(verdict, direction.verdict)
-    if !deterministic { verdict = .fail }
-    return GradientCheckReport(
-        dtype: Double.dtypeName, epsilon: options.epsilon, batchSize: count, distributed: ranks != nil, ranks: rankCount,
-        samples: count * rankCount, loss: loss,
-        parameterCount: model.parameterCount, deterministic: deterministic, tensors: tensors, direction: direction,
-        forwardPasses: forwardPasses, backwardPasses: 1, seconds: Date().timeIntervalSince(start),
-        verdict: verdict, failures: failures)
 }
 
 extension Model {
     /// A float64 copy of this model for gradient checking: same architecture, parameters and test fault,
-    /// with room for `batchCapacity` rows.
-    public func float64Copy(batchCapacity: Int) -> Model<Double> {
+    /// with room for `batchCapacity` rows, its batch norm summing across ranks through `crossRankReducer` (nil: alone).
+    public func float64Copy(batchCapacity: Int, crossRankReducer: CrossRankReducer? = nil) -> Model<Double> {
         // The architecture was validated when this model was made, so this cannot throw.
-        let copy = try! Model<Double>(spec: spec, batchCapacity: batchCapacity)
+        let copy = try! Model<Double>(spec: spec, batchCapacity: batchCapacity, crossRankReducer: crossRankReducer)
         copyParameters(to: copy)
-        copy.gradientFault = gradientFault
+        copy.installGradientFault(gradientFault)
         copy.targetsFromLabels = targetsFromLabels
         return copy
     }

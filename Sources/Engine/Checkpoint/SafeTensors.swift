@@ -160,7 +160,33 @@ public struct SafeTensorsFile {
     private let data: Data
     private let dataStart: Int
 
+    /// Reads and validates the file: a header within `maxHeaderBytes`, a file within `maxFileBytes`, every tensor's
+    /// dtype, shape and byte range consistent, and the tensors tiling the data section exactly.
     public init(path: String, maxHeaderBytes: Int = 100 << 20, maxFileBytes: Int = 1 << 36) throws {
+        let (data, header, dataStart) = try Self.readHeader(path: path, maxHeaderBytes: maxHeaderBytes,
+                                                            maxFileBytes: maxFileBytes)
+        let dataLength = data.count - dataStart
+        var metadata: [String: String] = [:]
+        var tensors: [String: TensorInfo] = [:]
+        for (name, value) in header {
+            if name == "__metadata__" {
+                metadata = try Self.metadata(value, path: path)
+            } else {
+                tensors[name] = try Self.tensorInfo(name: name, entry: value, dataLength: dataLength, path: path)
+            }
+        }
+        let ordered = try Self.tiling(Array(tensors.values), dataLength: dataLength, path: path)
+        self.path = path
+        self.metadata = metadata
+        self.tensors = tensors
+        self.names = ordered.map(\.name)
+        self.data = data
+        self.dataStart = dataStart
+    }
+
+    /// The whole file, its JSON header and where the data section starts, with the header's size checked first.
+    private static func readHeader(path: String, maxHeaderBytes: Int, maxFileBytes: Int) throws
+        -> (data: Data, header: [String: Any], dataStart: Int) {
         func fail(_ reason: String) -> DataError { DataError(path: path, reason: reason) }
         guard let attributes = try? FileManager.default.attributesOfItem(atPath: path),
               let size = attributes[.size] as? Int else { throw fail("cannot open file") }
@@ -180,75 +206,74 @@ public struct SafeTensorsFile {
         guard let object = try? JSONSerialization.jsonObject(with: headerBytes), let header = object as? [String: Any] else {
             throw fail("header is not valid JSON")
         }
-        let dataStart = 8 + Int(headerLength)
-        let dataLength = data.count - dataStart
+        return (data, header, 8 + Int(headerLength))
+    }
 
+    /// `__metadata__`: an object of strings.
+    private static func metadata(_ value: Any, path: String) throws -> [String: String] {
+        guard let map = value as? [String: Any] else { throw DataError(path: path, reason: "__metadata__ is not an object") }
         var metadata: [String: String] = [:]
-        var tensors: [String: TensorInfo] = [:]
-        for (name, value) in header {
-            if name == "__metadata__" {
-                guard let map = value as? [String: Any] else { throw fail("__metadata__ is not an object") }
-                for (k, v) in map {
-                    guard let s = v as? String else { throw fail("__metadata__ value for '\(k)' is not a string") }
-                    metadata[k] = s
-                }
-                continue
+        for (k, v) in map {
+            guard let s = v as? String else {
+                throw DataError(path: path, reason: "__metadata__ value for '\(k)' is not a string")
             }
-            guard let entry = value as? [String: Any] else { throw fail("tensor '\(name)': entry is not an object") }
-            guard let dtypeName = entry["dtype"] as? String else { throw fail("tensor '\(name)': missing dtype") }
-            guard let dtype = SafeTensorsDType(rawValue: dtypeName) else {
-                throw fail("tensor '\(name)': unsupported dtype '\(dtypeName)'")
-            }
-            guard let shapeValues = entry["shape"] as? [Any] else { throw fail("tensor '\(name)': missing shape") }
-            var shape: [Int] = []
-            var elements = 1
-            for d in shapeValues {
-                guard let dim = jsonInteger(d) else {
-                    throw fail("tensor '\(name)': shape \(shapeValues) is not a list of integers")
-                }
-                guard dim >= 0 else { throw fail("tensor '\(name)': negative dimension \(dim) in shape") }
-                let (product, overflow) = elements.multipliedReportingOverflow(by: dim)
-                guard !overflow, product <= dataLength else {
-                    throw fail("tensor '\(name)': shape \(shapeValues) holds more elements than the file")
-                }
-                elements = product
-                shape.append(dim)
-            }
-            guard let offsets = entry["data_offsets"] as? [Any], offsets.count == 2,
-                  let begin = jsonInteger(offsets[0]), let end = jsonInteger(offsets[1]) else {
-                throw fail("tensor '\(name)': missing or malformed data_offsets")
-            }
-            guard begin >= 0, begin <= end else { throw fail("tensor '\(name)': data_offsets [\(begin), \(end)] are reversed") }
-            guard end <= dataLength else {
-                throw fail("tensor '\(name)': data_offsets [\(begin), \(end)] run past the data section of \(dataLength) bytes")
-            }
-            guard end - begin == elements * dtype.size else {
-                throw fail("tensor '\(name)': shape \(shape) of \(dtype.rawValue) needs \(elements * dtype.size) bytes, "
-                    + "data_offsets give \(end - begin)")
-            }
-            tensors[name] = TensorInfo(name: name, dtype: dtype, shape: shape, byteRange: begin..<end)
+            metadata[k] = s
         }
-        // The tensors must tile the data section: no overlaps, no gaps, nothing after the last.
-        let ordered = tensors.values.sorted { ($0.byteRange.lowerBound, $0.byteRange.upperBound) < ($1.byteRange.lowerBound, $1.byteRange.upperBound) }
+        return metadata
+    }
+
+    /// One tensor's entry: a known dtype, a shape of non-negative integers that fits in the data section, and
+    /// data_offsets within it that hold exactly that shape.
+    private static func tensorInfo(name: String, entry value: Any, dataLength: Int, path: String) throws -> TensorInfo {
+        func fail(_ reason: String) -> DataError { DataError(path: path, reason: "tensor '\(name)': " + reason) }
+        guard let entry = value as? [String: Any] else { throw fail("entry is not an object") }
+        guard let dtypeName = entry["dtype"] as? String else { throw fail("missing dtype") }
+        guard let dtype = SafeTensorsDType(rawValue: dtypeName) else { throw fail("unsupported dtype '\(dtypeName)'") }
+        guard let shapeValues = entry["shape"] as? [Any] else { throw fail("missing shape") }
+        var shape: [Int] = []
+        var elements = 1
+        for d in shapeValues {
+            guard let dim = jsonInteger(d) else { throw fail("shape \(shapeValues) is not a list of integers") }
+            guard dim >= 0 else { throw fail("negative dimension \(dim) in shape") }
+            let (product, overflow) = elements.multipliedReportingOverflow(by: dim)
+            guard !overflow, product <= dataLength else { throw fail("shape \(shapeValues) holds more elements than the file") }
+            elements = product
+            shape.append(dim)
+        }
+        guard let offsets = entry["data_offsets"] as? [Any], offsets.count == 2,
+              let begin = jsonInteger(offsets[0]), let end = jsonInteger(offsets[1]) else {
+            throw fail("missing or malformed data_offsets")
+        }
+        guard begin >= 0, begin <= end else { throw fail("data_offsets [\(begin), \(end)] are reversed") }
+        guard end <= dataLength else {
+            throw fail("data_offsets [\(begin), \(end)] run past the data section of \(dataLength) bytes")
+        }
+        guard end - begin == elements * dtype.size else {
+            throw fail("shape \(shape) of \(dtype.rawValue) needs \(elements * dtype.size) bytes, data_offsets give \(end - begin)")
+        }
+        return TensorInfo(name: name, dtype: dtype, shape: shape, byteRange: begin..<end)
+    }
+
+    /// The tensors in data order, which must tile the data section: no overlaps, no gaps, nothing after the last.
+    private static func tiling(_ tensors: [TensorInfo], dataLength: Int, path: String) throws -> [TensorInfo] {
+        let ordered = tensors.sorted {
+            ($0.byteRange.lowerBound, $0.byteRange.upperBound) < ($1.byteRange.lowerBound, $1.byteRange.upperBound)
+        }
         var cursor = 0
         for info in ordered {
             if info.byteRange.lowerBound < cursor {
-                throw fail("tensor '\(info.name)': data_offsets overlap the previous tensor")
+                throw DataError(path: path, reason: "tensor '\(info.name)': data_offsets overlap the previous tensor")
             }
             if info.byteRange.lowerBound > cursor {
-                throw fail("tensor '\(info.name)': gap of \(info.byteRange.lowerBound - cursor) bytes before its data")
+                throw DataError(path: path,
+                                reason: "tensor '\(info.name)': gap of \(info.byteRange.lowerBound - cursor) bytes before its data")
             }
             cursor = info.byteRange.upperBound
         }
         guard cursor == dataLength else {
-            throw fail("\(dataLength - cursor) bytes after the last tensor are not covered by the header")
+            throw DataError(path: path, reason: "\(dataLength - cursor) bytes after the last tensor are not covered by the header")
         }
-        self.path = path
-        self.metadata = metadata
-        self.tensors = tensors
-        self.names = ordered.map(\.name)
-        self.data = data
-        self.dataStart = dataStart
+        return ordered
     }
 
     private func info(_ name: String) throws -> TensorInfo {
@@ -261,7 +286,10 @@ public struct SafeTensorsFile {
     private func load<T: FixedWidthInteger>(_ info: TensorInfo, as: T.Type) -> [T] {
         let count = info.byteRange.count / MemoryLayout<T>.size
         return data.withUnsafeBytes { raw in
-            (0..<count).map { T(littleEndian: raw.loadUnaligned(fromByteOffset: dataStart + info.byteRange.lowerBound + $0 * MemoryLayout<T>.size, as: T.self)) }
+            let start = dataStart + info.byteRange.lowerBound
+            return (0..<count).map {
+                T(littleEndian: raw.loadUnaligned(fromByteOffset: start + $0 * MemoryLayout<T>.size, as: T.self))
+            }
         }
     }
 

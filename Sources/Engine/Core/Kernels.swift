@@ -26,7 +26,7 @@ public func reluBackward<T: Scalar>(
 ) {
     // Both operands are loaded unconditionally so the compiler emits a vector select, not a branch: the signs
     // of real activations are random, and a branch mispredicted on half the elements made this kernel 6x slower
-    // (1.3 ms instead of 0.2 ms per 256 x 1024 in a training step).
+    // (BENCHMARKS.md, "Measurements behind comments in the code").
     for i in 0..<n {
         let g = dy[i]
         dx[i] = x[i] > 0 ? g : 0
@@ -37,7 +37,8 @@ public func reluBackward<T: Scalar>(
 /// is): a training step uses it to prove the next linear layer's weight gradient finite without reading it (see
 /// `Model.gradientsProvenFinite(in:)`). Written with explicit SIMD accumulators because the compiler keeps a
 /// floating-point reduction in order, one element at a time, which would make the loop 10x slower; with them
-/// it costs 0.06 ms per 256 x 1024 against 0.04 ms for the plain kernel. Same results as `reluForward`,
+/// it costs half as much again as the plain kernel (BENCHMARKS.md, "Measurements behind comments in the code").
+/// Same results as `reluForward`,
 /// including NaN passing through. In place (`x == y`) is fine.
 public func reluForwardSquares(_ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, _ n: Int) -> Float {
     typealias V = SIMD8<Float>
@@ -351,7 +352,7 @@ public enum Elementwise {
 /// Number of elements that are NaN or infinite. (x - x is 0 for finite x and NaN otherwise; NaN != NaN.)
 /// Written as while loops with wrapping adds into a 32-bit count per block of 2^30 elements because the
 /// compiler vectorizes the reduction fully only in that form: as `for i in 0..<n` with `count += ...` it
-/// stayed scalar, 1.3 ms over 1.86 M gradients (7% of a 784-1024-1024-10 training step).
+/// stayed scalar (BENCHMARKS.md, "Measurements behind comments in the code").
 @_specialize(where T == Float) @_specialize(where T == Double)
 public func nonFiniteCount<T: Scalar>(_ x: UnsafePointer<T>, _ n: Int) -> Int {
     var total = 0

@@ -20,52 +20,6 @@ public struct BatchResult: Equatable, Sendable {
     }
 }
 
-/// A deliberately wrong backward pass for one tensor, used only to prove that the gradient checker catches
-/// real bugs (and by the command line's test-only fault switch).
-public enum GradientFault: Equatable, Sendable {
-    /// The gradient comes out multiplied by `factor`.
-    case scaled(tensor: String, factor: Double)
-    /// A [out, in] weight gradient is written in [in, out] order (a wrong transpose flag).
-    case transposed(tensor: String)
-    /// The backward pass never writes this tensor's gradient.
-    case missing(tensor: String)
-    /// A convolution's input gradient computed with its kernel flipped (rotated 180 degrees): the classic
-    /// correlation-versus-convolution mix-up. Names the layer's weight tensor.
-    case flippedKernel(tensor: String)
-    /// A convolution's input gradient scattered one position off (a wrong padding offset in col2im).
-    case paddingOffset(tensor: String)
-    /// Batch norm's input gradient without the term for the mean's own dependence on x (dx misses -dbeta / N).
-    case batchNormWithoutMeanTerm(tensor: String)
-    /// Synchronized batch norm's input gradient with this rank's own sum of dy where the global batch's belongs (a
-    /// reduction left out of the backward pass). Only under a `CrossRankReducer`: a rank checking alone cannot see it.
-    case batchNormLocalSums(tensor: String)
-
-    public var tensor: String {
-        switch self {
-        case let .scaled(t, _), let .transposed(t), let .missing(t), let .flippedKernel(t), let .paddingOffset(t),
-             let .batchNormWithoutMeanTerm(t), let .batchNormLocalSums(t): t
-        }
-    }
-
-    /// Whether the fault is in a layer's input gradient (the tensor names the layer) rather than in the named
-    /// tensor's own gradient.
-    var breaksInputGradient: Bool {
-        switch self {
-        case .flippedKernel, .paddingOffset, .batchNormWithoutMeanTerm, .batchNormLocalSums: true
-        default: false
-        }
-    }
-
-    var omitsMeanTerm: Bool {
-        if case .batchNormWithoutMeanTerm = self { true } else { false }
-    }
-
-    var keepsLocalSums: Bool {
-        if case .batchNormLocalSums = self { true } else { false }
-    }
-}
-
-
 /// Which pass of a model a `Model.layerTimer` report is about. Declared outside the generic `Model` so that its
 /// layout is known in unspecialised code: nested there, each report through the timer heap-allocated (measured).
 public enum ModelPass: Sendable { case forward, backward }
@@ -96,7 +50,8 @@ public final class Model<T: Scalar> {
 
     /// All parameters, in `parameterTable` order.
     public let parameters: UnsafeMutableBufferPointer<T>
-    /// d loss / d parameters, same layout. Backward accumulates into it; call `zeroGradients()` per step.
+    /// d loss / d parameters, same layout. `backward(count:accumulate: false, ...)`, as training calls it, overwrites
+    /// it; the default `accumulate: true` adds to it, after a `zeroGradients()`.
     public let gradients: UnsafeMutableBufferPointer<T>
     /// `controlSlots` extra values stored immediately before `gradients`, zeroed with them. A data-parallel
     /// caller puts per-step signals here (a stop request, a count of non-finite values) so they travel in the
@@ -116,22 +71,8 @@ public final class Model<T: Scalar> {
     /// Draws the dropout masks (every dropout layer, in order). Give each rank its own stream so ranks drop
     /// different units.
     public var dropoutGenerator: RandomGenerator
-    /// Test hook: one tensor's backward pass (or one layer's input gradient) made wrong on purpose. Nil in real runs.
-    public var gradientFault: GradientFault? {
-        didSet {
-            resolvedFault = gradientFault.flatMap { f in parameterTable.firstIndex { $0.name == f.tensor } }
-            for layer in plan { layer.inputGradientFault = nil }
-            if let fault = gradientFault, fault.breaksInputGradient, let t = resolvedFault {
-                plan[parameterTable[t].layerIndex].inputGradientFault = fault
-            }
-        }
-    }
-    private var resolvedFault: Int?
-
     /// Sums across ranks for synchronized batch norm; nil normalises each rank's batch on its own.
-    public var crossRankReducer: CrossRankReducer? {
-        didSet { for case let layer as BatchNorm<T> in plan { layer.reducer = crossRankReducer } }
-    }
+    public let crossRankReducer: CrossRankReducer?
 
     /// Which pass a `layerTimer` report is about.
     public typealias Pass = ModelPass
@@ -152,7 +93,8 @@ public final class Model<T: Scalar> {
     private var timing = false
     private var timer: (_ layer: Int, _ pass: Pass, _ start: UInt64, _ end: UInt64) -> Void = { _, _, _, _ in }
 
-    let plan: [Layer<T>]
+    /// The layers in order. Fixed once built, except that a test fault may wrap one (GradientFaults.swift).
+    private(set) var plan: [Layer<T>]
     private let arena: UnsafeMutableBufferPointer<T>
     private let scratch: UnsafeMutableBufferPointer<T>
     /// The last layer: the loss reads its output and writes its output gradient.
@@ -161,10 +103,11 @@ public final class Model<T: Scalar> {
     /// The output rows of the last forward pass, [batchCapacity, outputWidth] (logits for cross-entropy).
     public var outputs: UnsafePointer<T> { UnsafePointer(lastLayer.y) }
 
-    /// `fusesBlocks: false` runs every batch norm, ReLU, max pooling block as three separate layers, as a reference
-    /// for tests and benchmarks (see BatchNormReLUPool.swift); training always fuses.
+    /// `crossRankReducer`: sums across ranks for synchronized batch norm, given to every batch norm layer (nil: each
+    /// rank normalises its own batch). `fusesBlocks: false` runs every batch norm, ReLU, max pooling block as three
+    /// separate layers, as a reference for tests and benchmarks (see BatchNormReLUPool.swift); training always fuses.
     public init(spec: ModelSpec, batchCapacity: Int, seed: UInt64 = 0, controlSlots: Int = 0,
-                fusesBlocks: Bool = true) throws(ModelSpecError) {
+                crossRankReducer: CrossRankReducer? = nil, fusesBlocks: Bool = true) throws(ModelSpecError) {
         try spec.validate()
         guard batchCapacity > 0 else { throw ModelSpecError("batch size must be at least 1, got \(batchCapacity)") }
         self.spec = spec
@@ -175,6 +118,7 @@ public final class Model<T: Scalar> {
         bufferTable = spec.bufferTable
         inputWidth = spec.inputWidth
         outputWidth = shapes.last!.reduce(1, *)
+        self.crossRankReducer = crossRankReducer
 
         parameters = LargeBuffer.allocate(parameterCount)
         parameters.initialize(repeating: 0)
@@ -189,42 +133,77 @@ public final class Model<T: Scalar> {
         labels.initialize(repeating: 0, count: batchCapacity)
         dropoutGenerator = RandomGenerator(seed: seed, stream: .dropout)
 
-        // The layers, each made by its own class.
-        var layers: [Layer<T>] = []
-        for (index, layerSpec) in spec.layers.enumerated() {
-            layers.append(layerSpec.layerType(T.self).init(
-                index: index, spec: layerSpec, inputShape: shapes[index], outputShape: shapes[index + 1],
-                batchCapacity: batchCapacity))
-        }
-        let plan = Model.placeInPlace(layers)
+        let plan = Model.placeInPlace(Model.makeLayers(spec, shapes: shapes, batchCapacity: batchCapacity))
         if fusesBlocks { Model.fuseBlocks(plan) }
-
         // One arena holds the input batch, every activation and activation gradient a layer does not share with
         // the one before it, and the targets. (`Model.footprint` computes the same total without allocating.)
-        let arenaCount = Model.arenaElements(plan, inputWidth: spec.inputWidth, outputWidth: outputWidth,
-                                             batchCapacity: batchCapacity)
-        arena = LargeBuffer.allocate(arenaCount)
+        arena = LargeBuffer.allocate(Model.arenaElements(plan, inputWidth: spec.inputWidth, outputWidth: outputWidth,
+                                                         batchCapacity: batchCapacity))
         arena.initialize(repeating: 0)
         scratch = LargeBuffer.allocate(max(1, plan.map(\.scratchElements).max() ?? 0))
         scratch.initialize(repeating: 0)
+        (inputs, targets) = Model.bindActivations(plan, arena: arena, scratch: scratch, inputWidth: spec.inputWidth,
+                                                  outputWidth: outputWidth, batchCapacity: batchCapacity)
+        let bound = Model.bindParameters(plan, parameters: parameters, gradients: gradients, buffers: buffers)
+        precondition(bound == (parameterCount, bufferCount), "parameter layout out of step")
+        for (i, layer) in plan.enumerated() {
+            layer.previous = i > 0 ? plan[i - 1] : nil
+            layer.next = i + 1 < plan.count ? plan[i + 1] : nil
+        }
+        for case let norm as BatchNorm<T> in plan { norm.reducer = crossRankReducer }
+        self.plan = plan
+        lastLayer = plan[plan.count - 1]
+        for case let dropout as Dropout<T> in plan { dropout.model = self }
+        initializeParameters(seed: seed)
+    }
 
+    /// The layers of `spec`, each made by its own class.
+    private static func makeLayers(_ spec: ModelSpec, shapes: [[Int]], batchCapacity: Int) -> [Layer<T>] {
+        spec.layers.enumerated().map { index, layerSpec in
+            layerSpec.layerType(T.self).init(index: index, spec: layerSpec, inputShape: shapes[index],
+                                             outputShape: shapes[index + 1], batchCapacity: batchCapacity)
+        }
+    }
+
+    /// Points every layer at its input, output and their gradients in `arena` (the input batch first, the targets
+    /// last), and at the shared scratch. A layer's input gradient is bound only when some earlier layer has
+    /// parameters: nothing else needs it. Returns the input batch and the targets.
+    private static func bindActivations(
+        _ plan: [Layer<T>], arena: UnsafeMutableBufferPointer<T>, scratch: UnsafeMutableBufferPointer<T>,
+        inputWidth: Int, outputWidth: Int, batchCapacity: Int
+    ) -> (inputs: UnsafeMutablePointer<T>, targets: UnsafeMutablePointer<T>) {
         var cursor = arena.baseAddress!
         func take(_ n: Int) -> UnsafeMutablePointer<T> {
             defer { cursor += n }
             return cursor
         }
-        inputs = take(spec.inputWidth * batchCapacity)
+        let inputs = take(inputWidth * batchCapacity)
         var activation = inputs
         var previousGradient: UnsafeMutablePointer<T>? = nil
-        // The gradient of a layer's input is needed only when some earlier layer has parameters.
         var seenParameters = false
-        var parameterOffset = 0, bufferOffset = 0
         for layer in plan {
             layer.x = activation
             layer.y = layer.runsInPlace ? activation : take(layer.outputCount * batchCapacity)
             layer.dy = layer.runsInPlace ? previousGradient! : take(layer.outputCount * batchCapacity)
             layer.dx = seenParameters ? previousGradient : nil
             layer.scratch = scratch.baseAddress!
+            seenParameters = seenParameters || layer.spec.parameterShapes(input: layer.inputShape).contains { $0.1.reduce(1, *) > 0 }
+            activation = layer.y
+            previousGradient = layer.dy
+        }
+        let targets = take(batchCapacity * outputWidth)
+        let used = cursor - arena.baseAddress!
+        precondition(used == arena.count, "arena sized \(arena.count), used \(used)")
+        return (inputs, targets)
+    }
+
+    /// Points every layer with parameters at its tensors in `parameters` and `gradients`, and every layer with
+    /// state at its part of `buffers`, in plan order. Returns how many parameters and buffer values were bound.
+    private static func bindParameters(_ plan: [Layer<T>], parameters: UnsafeMutableBufferPointer<T>,
+                                       gradients: UnsafeMutableBufferPointer<T>,
+                                       buffers: UnsafeMutableBufferPointer<T>) -> (Int, Int) {
+        var parameterOffset = 0, bufferOffset = 0
+        for layer in plan {
             let count = layer.spec.parameterShapes(input: layer.inputShape).reduce(0) { $0 + $1.1.reduce(1, *) }
             if count > 0 {
                 layer.parameters = parameters.baseAddress! + parameterOffset
@@ -232,27 +211,14 @@ public final class Model<T: Scalar> {
                 layer.parameterOffset = parameterOffset
                 layer.parameterCount = count
                 parameterOffset += count
-                seenParameters = true
             }
             let stateCount = layer.spec.bufferShapes.reduce(0) { $0 + $1.1.reduce(1, *) }
             if stateCount > 0 {
                 layer.buffers = buffers.baseAddress! + bufferOffset
                 bufferOffset += stateCount
             }
-            activation = layer.y
-            previousGradient = layer.dy
         }
-        targets = take(batchCapacity * outputWidth)
-        precondition(cursor == arena.baseAddress! + arenaCount, "arena sized \(arenaCount), used \(cursor - arena.baseAddress!)")
-        precondition(parameterOffset == parameterCount && bufferOffset == bufferCount, "parameter layout out of step")
-        for (i, layer) in plan.enumerated() {
-            layer.previous = i > 0 ? plan[i - 1] : nil
-            layer.next = i + 1 < plan.count ? plan[i + 1] : nil
-        }
-        self.plan = plan
-        lastLayer = plan[plan.count - 1]
-        for case let dropout as Dropout<T> in plan { dropout.model = self }
-        initializeParameters(seed: seed)
+        return (parameterOffset, bufferOffset)
     }
 
     deinit {
@@ -448,7 +414,8 @@ public final class Model<T: Scalar> {
     /// parameters is never computed: nothing needs it.
     ///
     /// With `accumulate: false` the parameter gradients are overwritten instead of added to (GEMM beta = 0), so a
-    /// training step needs no zeroing pass over the gradient buffer (measured: 3% of a 784-1024-1024-10 step).
+    /// training step needs no zeroing pass over the gradient buffer (BENCHMARKS.md, "Measurements behind comments in
+    /// the code").
     /// Such a pass also tries to prove each linear layer's gradients finite (`gradientsProvenFinite(in:)`).
     public func backward(count: Int, accumulate: Bool = true, gradientsReady: (_ offset: Int) throws -> Void) rethrows {
         precondition(count > 0 && count <= batchCapacity, "batch of \(count) rows, capacity \(batchCapacity)")
@@ -458,10 +425,6 @@ public final class Model<T: Scalar> {
             let layer = plan[index]
             if layer.parameterCount > 0 {
                 layer.backwardParameters(count: count, accumulate: accumulate)
-                if let fault = resolvedFault, parameterTable[fault].layerIndex == index, !(gradientFault?.breaksInputGradient ?? true) {
-                    applyFault(to: parameterTable[fault])
-                    layer.provenFinite = false
-                }
                 try gradientsReady(layer.parameterOffset)
             }
             layer.backwardInput(count: count, accumulate: accumulate)
@@ -472,8 +435,8 @@ public final class Model<T: Scalar> {
 
     /// Whether the last `backward(accumulate: false)` proved every gradient in `range` finite; false for anything
     /// it could not prove (then count, as `nonFiniteCount` does). The proof reads no gradient: see `Linear`'s
-    /// bound (a layer of another kind proves nothing, and its gradients are counted). What this saves: reading
-    /// 1.9 M gradients per 784-1024-1024-10 step (0.3 ms, 1.5%).
+    /// bound (a layer of another kind proves nothing, and its gradients are counted). What this saves: reading every
+    /// gradient once per step (BENCHMARKS.md, "Measurements behind comments in the code").
     public func gradientsProvenFinite(in range: Range<Int>) -> Bool {
         // Indices and integers only: called per gradient bucket in every step, and in unspecialised generic code
         // iterating the plan heap-allocated (measured, debug build).
@@ -524,22 +487,8 @@ public final class Model<T: Scalar> {
         return lines
     }
 
-    private func applyFault(to info: ParameterInfo) {
-        let g = gradients.baseAddress! + info.offset
-        switch gradientFault {
-        case let .scaled(_, factor):
-            Elementwise.scale(g, info.count, by: T(factor))
-        case .transposed:
-            guard info.shape.count == 2 else { break }
-            let (rows, columns) = (info.shape[0], info.shape[1])
-            let copy = Array(UnsafeBufferPointer(start: g, count: info.count))
-            for r in 0..<rows {
-                for c in 0..<columns { g[c * rows + r] = copy[r * columns + c] }
-            }
-        case .missing:
-            Elementwise.zero(g, info.count)
-        case .flippedKernel, .paddingOffset, .batchNormWithoutMeanTerm, .batchNormLocalSums, nil:
-            break
-        }
+    /// Puts `layer` in the plan in place of the one at `index`: a test fault's wrapper (GradientFaults.swift).
+    func replaceLayer(at index: Int, with layer: Layer<T>) {
+        plan[index] = layer
     }
 }

@@ -115,8 +115,8 @@ public enum BLASKernels {
 
     /// The kernel family to ask for with OPENBLAS_CORETYPE when OpenBLAS fell back to its oldest x86-64 kernels
     /// (Prescott, SSE3) on a processor it does not know: Debian bookworm's OpenBLAS 0.3.21 does this on recent
-    /// Xeons, and its GEMMs then run 4x slower than with its AVX-512 kernels (measured: 77 ms against 19 ms for
-    /// the GEMMs of one 784-1024-1024-10 step at batch 256). Nil when OpenBLAS chose well or no better kernel fits.
+    /// Xeons, and its GEMMs then run 4x slower than with its AVX-512 kernels (BENCHMARKS.md, "Measurements behind
+    /// comments in the code"). Nil when OpenBLAS chose well or no better kernel fits.
     /// - Parameter cpuFlags: the processor's feature flags, as /proc/cpuinfo lists them.
     public static func betterCoreType(current: String, cpuFlags: Set<String>) -> String? {
         guard current == "Prescott" || current == "Core2" || current == "Nehalem" else { return nil }

@@ -49,8 +49,8 @@ func pooledGradientSums<T: Scalar>(pool: MaxPool2d<T>, samples: Int, normalizati
 }
 
 /// `pooledGradientSums` in Float vectors, a plane at a time, each plane's sums then carried into Double (as
-/// `floatFeatureSums` does): converting every value to Double cost 0.25 ms of the shipped CNN's step for a quarter of
-/// an activation's values.
+/// `floatFeatureSums` does): converting every value to Double was slow for a quarter of an activation's values
+/// (BENCHMARKS.md, "Measurements behind comments in the code").
 func floatPooledGradientSums(dy: UnsafePointer<Float>, y: UnsafePointer<Float>, winningInputs: UnsafePointer<Float>,
                              planes: Int, channels: Int, outPlane: Int, mean: UnsafePointer<Double>,
                              inverseDeviation: UnsafePointer<Double>, into sums: UnsafeMutablePointer<Double>) {

@@ -9,10 +9,10 @@
 /// (stride 1, "same" padding, the common case) lower each kernel offset as one shifted copy (`im2colSame`).
 ///
 /// The forward pass keeps every sample's columns for the backward pass when they take at most
-/// `Conv2d.keptColumnsLimit` bytes (16 MiB for the shipped CNN's second convolution at batch 64). Measured on that
-/// network, against GEMMs replayed on operands placed as the step places them: keeping them, a step took 1.165
-/// times its GEMMs; lowering again, 1.22 (the same absolute time: the GEMMs read the columns from cache instead).
-/// Larger layers lower again, one sample at a time.
+/// `Conv2d.keptColumnsLimit` bytes (16 MiB for the shipped CNN's second convolution at batch 64): the step then
+/// comes closer to the time of its GEMMs than when it lowers again, though the GEMMs read the columns from memory
+/// instead of cache (BENCHMARKS.md, "Measurements behind comments in the code"). Larger layers lower again, one
+/// sample at a time.
 ///
 /// Parameters: weight [O, C, k, k] (C k k contiguous per output channel, the GEMM's row-major [O, C k k]), bias [O].
 /// Scratch: one sample's columns (when they are not kept), and their gradient when an earlier layer needs dx.
@@ -101,40 +101,16 @@ final class Conv2d<T: Scalar>: Layer<T> {
         provenFinite = false
     }
 
+    /// dcols[Ckk, HoWo] = W[O, Ckk]^T * dy_b[O, HoWo] per sample, scattered back onto the input's positions.
     override func backwardInput(count: Int, accumulate: Bool) {
         guard let dx else { return }
-        if inputGradientFault != nil { return faultyBackwardInput(count: count, dx: dx) }
-        inputGradient(count: count, dx: dx, weights: parameters!, padding: padding)
-    }
-
-    /// dcols[Ckk, HoWo] = W[O, Ckk]^T * dy_b[O, HoWo] per sample, scattered back onto the input's positions.
-    private func inputGradient(count: Int, dx: UnsafeMutablePointer<T>, weights: UnsafePointer<T>, padding: Int) {
         let dcols = scratch! + patch * positions
         for b in 0..<count {
-            T.gemm(transposeA: true, transposeB: false, m: patch, n: positions, k: outChannels,
-                   alpha: 1, a: weights, lda: patch, b: dy + b * outputCount, ldb: positions, beta: 0, c: dcols, ldc: positions)
+            T.gemm(transposeA: true, transposeB: false, m: patch, n: positions, k: outChannels, alpha: 1, a: parameters!,
+                   lda: patch, b: dy + b * outputCount, ldb: positions, beta: 0, c: dcols, ldc: positions)
             col2im(dcols, channels: inChannels, height: height, width: width, kernel: kernel, stride: stride,
                    padding: padding, outHeight: outHeight, outWidth: outWidth, into: dx + b * inputCount)
         }
-    }
-
-    /// The test hook's wrong input gradients (`GradientFault.flippedKernel`, `.paddingOffset`): the mistakes the
-    /// gradient checker must catch. Allocates; never runs in real training.
-    private func faultyBackwardInput(count: Int, dx: UnsafeMutablePointer<T>) {
-        var w = Array(UnsafeBufferPointer(start: parameters!, count: outChannels * patch))
-        if case .flippedKernel? = inputGradientFault {
-            let k = kernel, original = w
-            for o in 0..<outChannels {
-                for c in 0..<inChannels {
-                    let base = (o * inChannels + c) * k * k
-                    for p in 0..<k {
-                        for q in 0..<k { w[base + p * k + q] = original[base + (k - 1 - p) * k + (k - 1 - q)] }
-                    }
-                }
-            }
-        }
-        let offset: Int = if case .paddingOffset? = inputGradientFault { padding + 1 } else { padding }
-        inputGradient(count: count, dx: dx, weights: w, padding: offset)
     }
 
     override func initialize(scheme: Initialization, gain: Double, generator: inout RandomGenerator) {

@@ -78,8 +78,6 @@ class Layer<T: Scalar> {
     var inputGradientSquares: T?
     /// Whether the last non-accumulating backward proved this layer's parameter gradients finite.
     var provenFinite = false
-    /// Test hook: this layer's input gradient made wrong on purpose (see `GradientFault`). Nil in real runs.
-    var inputGradientFault: GradientFault?
 
     required init(index: Int, spec: LayerSpec, inputShape: [Int], outputShape: [Int], batchCapacity: Int) {
         self.index = index

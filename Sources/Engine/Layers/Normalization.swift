@@ -11,7 +11,7 @@
 ///     dx     = gamma / sqrt(var + eps) (dy - dbeta / N - xhat dgamma / N)
 ///
 /// The last line is what remains of the mean's and the variance's own dependence on x: leave out the dbeta / N
-/// term and the gradient misses the mean (an injected-bug test does exactly that). Sums are in Double. In training
+/// term and the gradient misses the mean (a test fault does exactly that: `GradientFault.batchNormWithoutMeanTerm`). Sums are in Double. In training
 /// the running mean and the unbiased running variance move by momentum 0.1 and `num_batches_tracked` counts; in
 /// evaluation they replace the batch's statistics. With a `CrossRankReducer` (synchronized batch norm) the forward
 /// sums and the backward reductions are summed over the ranks first, so N is the global batch.
@@ -33,9 +33,10 @@ final class BatchNorm<T: Scalar>: Layer<T> {
     /// Per feature, from the last forward pass: y = x scale + shift (scale = gamma / sqrt(var + eps)).
     let scale: UnsafeMutablePointer<T>
     let shift: UnsafeMutablePointer<T>
-    /// The values the last forward pass normalised over (the global batch under a reducer).
-    private var lastCount = 0.0
-    private var lastUsedBatchStatistics = true
+    /// The values the last forward pass normalised over (the global batch under a reducer), and whether it used the
+    /// batch's statistics (not the running ones).
+    private(set) var lastCount = 0.0
+    private(set) var lastUsedBatchStatistics = true
     /// The max pooling after this layer and a ReLU, when the three run as one block (see BatchNormReLUPool.swift):
     /// then this layer's forward pass only computes the statistics, and its backward pass reads the reductions the
     /// pooling computed. Set by the model.
@@ -130,26 +131,19 @@ final class BatchNorm<T: Scalar>: Layer<T> {
         guard let dx else { return }
         if lastUsedBatchStatistics {
             // Synchronized: the input gradient needs the global batch's reductions (the count slot is reduced along).
-            if let reducer, let fault = inputGradientFault, fault.keepsLocalSums {
-                // Test hook's bug: this rank's sum of dy back in place of the global one.
-                let local = Array(sums[0..<features])
-                reducer.sumAcrossRanks(sums)
-                for c in 0..<features { sums[c] = local[c] }
-            } else {
-                reducer?.sumAcrossRanks(sums)
-            }
-            inputGradient(count: count, dx: dx, sums: sums.baseAddress!, withoutMeanTerm: inputGradientFault?.omitsMeanTerm ?? false)
+            reducer?.sumAcrossRanks(sums)
+            inputGradient(count: count, dx: dx, sums: sums.baseAddress!)
         } else {
             // Running statistics are constants: dx = dy gamma / sqrt(running var + eps).
-            inputGradient(count: count, dx: dx, sums: nil, withoutMeanTerm: false)
+            inputGradient(count: count, dx: dx, sums: nil)
         }
     }
 
     /// dx from the reductions (`sums`, nil for running statistics): over this layer's own dy, or fused, from the
     /// pooling's dy routed to its winners.
-    private func inputGradient(count: Int, dx: UnsafeMutablePointer<T>, sums: UnsafePointer<Double>?, withoutMeanTerm: Bool) {
+    private func inputGradient(count: Int, dx: UnsafeMutablePointer<T>, sums: UnsafePointer<Double>?) {
         let factors = GradientFactors(mean: mean, inverseDeviation: inverseDeviation, gamma: gamma, sums: sums,
-                                      count: sums == nil ? 1 : lastCount, withoutMeanTerm: withoutMeanTerm)
+                                      count: sums == nil ? 1 : lastCount)
         if let pool = fusedPool {
             normalizeReLUPoolBackward(x, dx, pool: pool, samples: count, factors: factors)
         } else {
@@ -218,7 +212,8 @@ final class LayerNorm<T: Scalar>: Layer<T> {
 // MARK: - Kernels. Layout [B, F, S]: sample b, feature f, position s at (b F + f) S + s.
 
 /// sums[f] = sum of x over the batch and positions of feature f; sums[F + f] = the same of x^2. In Double, with four
-/// independent accumulators per sum: one accumulator made each addition wait for the last (4 ms of a 56 ms step).
+/// independent accumulators per sum: one accumulator made each addition wait for the last (BENCHMARKS.md,
+/// "Measurements behind comments in the code").
 /// Float runs of 16 values and more take `floatFeatureSums`.
 @_specialize(where T == Float) @_specialize(where T == Double)
 func featureSums<T: Scalar>(_ x: UnsafePointer<T>, samples: Int, features: Int, positions: Int,
@@ -253,8 +248,8 @@ func featureSums<T: Scalar>(_ x: UnsafePointer<T>, samples: Int, features: Int, 
 /// `featureSums` over Float images: each run of a feature's positions in one sample summed in Float vectors, as
 /// d = x - x[0] (shifted by its first value, so that the squares do not cancel when the mean is far from 0), then
 /// carried into the Double sums: sum x = sum d + n x0, sum x^2 = sum d^2 + 2 x0 sum d + n x0^2. Converting every
-/// value to Double made this pass four times slower than reading its input (0.57 ms against 0.14 ms for the shipped
-/// CNN's first block); a run's Float sums hold about 50 values per lane, a relative error near 1e-7, which the
+/// value to Double made this pass four times slower than reading its input (BENCHMARKS.md, "Measurements behind
+/// comments in the code"); a run's Float sums hold about 50 values per lane, a relative error near 1e-7, which the
 /// Float activations they sum carry already.
 func floatFeatureSums(_ x: UnsafePointer<Float>, samples: Int, features: Int, positions: Int,
                       into sums: UnsafeMutablePointer<Double>) {
@@ -341,24 +336,24 @@ func featureGradientSums<T: Scalar>(_ x: UnsafePointer<T>, _ dy: UnsafePointer<T
 
 /// Batch norm's input gradient, per feature f, as dx = a dy + k (x - center) + c: with the reductions,
 /// a = gamma r, k = -a r sums[F + f] / count and c = -a sums[f] / count (r = 1 / sqrt(var + eps), center the mean);
-/// with `sums` nil (running statistics) k = c = 0. `withoutMeanTerm` leaves out sums[f] / count: the test hook's bug.
-/// The factors in Double, the loops in T: converting every value to Double and back kept them scalar (4.4 ms of a
-/// 44 ms CNN step). x - center is formed first, so no large terms cancel in T.
+/// with `sums` nil (running statistics) k = c = 0. The factors in Double, the loops in T: converting every value to
+/// Double and back kept them scalar (see BENCHMARKS.md, "Measurements behind comments in the code"). x - center is
+/// formed first, so no large terms cancel in T.
 struct GradientFactors<T: Scalar> {
     let mean: UnsafePointer<Double>, inverseDeviation: UnsafePointer<Double>, gamma: UnsafePointer<T>
-    let sums: UnsafePointer<Double>?, count: Double, withoutMeanTerm: Bool
+    let sums: UnsafePointer<Double>?, count: Double
 
     init(mean: UnsafePointer<Double>, inverseDeviation: UnsafePointer<Double>, gamma: UnsafePointer<T>,
-         sums: UnsafePointer<Double>?, count: Double, withoutMeanTerm: Bool) {
+         sums: UnsafePointer<Double>?, count: Double) {
         (self.mean, self.inverseDeviation, self.gamma) = (mean, inverseDeviation, gamma)
-        (self.sums, self.count, self.withoutMeanTerm) = (sums, count, withoutMeanTerm)
+        (self.sums, self.count) = (sums, count)
     }
 
     /// (a, k, c, center) for feature f of `features`.
     @inline(__always)
     func callAsFunction(_ f: Int, features: Int) -> (a: T, k: T, c: T, center: T) {
         let r = inverseDeviation[f], scale = Double(gamma[f]) * r
-        let meanGradient = withoutMeanTerm ? 0 : sums.map { $0[f] / count } ?? 0
+        let meanGradient = sums.map { $0[f] / count } ?? 0
         let varianceGradient = sums.map { $0[features + f] / count } ?? 0
         return (T(scale), T(-scale * r * varianceGradient), T(-scale * meanGradient), T(mean[f]))
     }

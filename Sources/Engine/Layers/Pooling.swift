@@ -110,8 +110,8 @@ struct PoolNormalization<T: Scalar> {
 /// sample). With `normalization` each input is first normalised and rectified, z = max(x scale + shift, 0), as the
 /// batch norm and ReLU before would have written it, and the winner's x is kept. The comparisons are selects, not
 /// branches, on Int indices (converted once per window): the first version compared through Int32 conversions,
-/// checked for overflow at every element, and took 9 ms of a 74 ms CNN step. The 2x2 window of stride 2 has a
-/// kernel of its own (`maxPool2x2`).
+/// checked for overflow at every element, and was a large part of a CNN step (BENCHMARKS.md, "Measurements behind
+/// comments in the code"). The 2x2 window of stride 2 has a kernel of its own (`maxPool2x2`).
 @_specialize(where T == Float) @_specialize(where T == Double)
 func maxPoolForward<T: Scalar>(_ x: UnsafePointer<T>, _ y: UnsafeMutablePointer<T>, winners: UnsafeMutablePointer<Int32>,
                                samples: Int, channels: Int, height: Int, width: Int, kernel: Int, stride: Int,
@@ -162,7 +162,7 @@ func maxPoolForward<T: Scalar>(_ x: UnsafePointer<T>, _ y: UnsafeMutablePointer<
 /// time, their two input rows loaded as 8 values each and split into even and odd columns, the window's four values
 /// compared in row-major order (so the first largest still wins a tie) with vector selects. A row's last group
 /// overlaps the one before instead of falling back to a scalar loop, whose selects compiled to branches that random
-/// activations mispredict (2.0 ms for the 14x14 maps of the shipped CNN at batch 64, now 0.2 ms). Float only:
+/// activations mispredict (ten times slower; see BENCHMARKS.md, "Measurements behind comments in the code"). Float only:
 /// generic SIMD code compiled its masks lane by lane; Double (the gradient checker) takes the general loop.
 func maxPool2x2(_ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, winners: UnsafeMutablePointer<Int32>,
                 planes: Int, channels: Int, width: Int, inPlane: Int, outHeight: Int, outWidth: Int,

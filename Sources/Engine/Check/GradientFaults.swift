@@ -1,0 +1,228 @@
+/// A deliberately wrong backward pass for one tensor, used only to prove that the gradient checker catches
+/// real bugs (and by the command line's test-only fault switch). `Model.installGradientFault` puts it in a model
+/// as a wrapper around the layer it breaks (`FaultyLayer`): the layers' own passes carry no trace of it.
+public enum GradientFault: Equatable, Sendable {
+    /// The gradient comes out multiplied by `factor`.
+    case scaled(tensor: String, factor: Double)
+    /// A [out, in] weight gradient is written in [in, out] order (a wrong transpose flag).
+    case transposed(tensor: String)
+    /// The backward pass never writes this tensor's gradient.
+    case missing(tensor: String)
+    /// A convolution's input gradient computed with its kernel flipped (rotated 180 degrees): the classic
+    /// correlation-versus-convolution mix-up. Names the layer's weight tensor.
+    case flippedKernel(tensor: String)
+    /// A convolution's input gradient scattered one position off (a wrong padding offset in col2im).
+    case paddingOffset(tensor: String)
+    /// Batch norm's input gradient without the term for the mean's own dependence on x (dx misses -dbeta / N).
+    case batchNormWithoutMeanTerm(tensor: String)
+    /// Synchronized batch norm's input gradient with this rank's own sum of dy where the global batch's belongs (a
+    /// reduction left out of the backward pass). Only under a `CrossRankReducer`: a rank checking alone cannot see it.
+    case batchNormLocalSums(tensor: String)
+
+    public var tensor: String {
+        switch self {
+        case let .scaled(t, _), let .transposed(t), let .missing(t), let .flippedKernel(t), let .paddingOffset(t),
+             let .batchNormWithoutMeanTerm(t), let .batchNormLocalSums(t): t
+        }
+    }
+
+    /// Whether the fault is in a layer's input gradient (the tensor names the layer) rather than in the named
+    /// tensor's own gradient.
+    var breaksInputGradient: Bool {
+        switch self {
+        case .flippedKernel, .paddingOffset, .batchNormWithoutMeanTerm, .batchNormLocalSums: true
+        case .scaled, .transposed, .missing: false
+        }
+    }
+}
+
+extension Model {
+    /// The test fault installed in this model; nil in real runs.
+    public var gradientFault: GradientFault? {
+        plan.lazy.compactMap { ($0 as? FaultyLayer<T>)?.fault }.first
+    }
+
+    /// Test double: makes the backward pass of the layer that owns `fault.tensor` wrong in the way `fault` says, by
+    /// putting a `FaultyLayer` around it in the plan; nil (or a tensor the model does not have) leaves every layer
+    /// as built. Replaces any fault installed before. Call it between passes, never during one.
+    public func installGradientFault(_ fault: GradientFault?) {
+        for (index, layer) in plan.enumerated() {
+            if let faulty = layer as? FaultyLayer<T> { replaceLayer(at: index, with: faulty.remove()) }
+        }
+        guard let fault, let info = parameterTable.first(where: { $0.name == fault.tensor }) else { return }
+        replaceLayer(at: info.layerIndex, with: FaultyLayer(wrapping: plan[info.layerIndex], fault: fault, tensor: info))
+    }
+}
+
+/// A layer whose backward pass is wrong on purpose: it runs the layer it wraps, bound to the same buffers, then
+/// perturbs what that layer wrote (`GradientFault`). Forward passes, kink patterns and initialisation are the
+/// wrapped layer's. The neighbours keep their links to the wrapped layer, and a fused block still runs its own
+/// fused kernels: the fault acts on their results. Allocates as it pleases: it never runs in real training.
+final class FaultyLayer<T: Scalar>: Layer<T> {
+    let inner: Layer<T>
+    let fault: GradientFault
+    /// The broken tensor, at its offset in the model's flat buffers.
+    let tensor: ParameterInfo
+    /// Batch norm's reducer, as built, and the stand-in that keeps this rank's sums of dy (`batchNormLocalSums`).
+    private let originalReducer: CrossRankReducer?
+    private let localSums: LocalSumsOfGradients?
+
+    init(wrapping inner: Layer<T>, fault: GradientFault, tensor: ParameterInfo) {
+        self.inner = inner
+        self.fault = fault
+        self.tensor = tensor
+        let norm = inner as? BatchNorm<T>
+        originalReducer = norm?.reducer
+        if case .batchNormLocalSums = fault, let norm, let reducer = norm.reducer {
+            let stand = LocalSumsOfGradients(reducer, features: norm.features)
+            norm.reducer = stand
+            localSums = stand
+        } else {
+            localSums = nil
+        }
+        super.init(index: inner.index, spec: inner.spec, inputShape: inner.inputShape, outputShape: inner.outputShape,
+                   batchCapacity: inner.batchCapacity)
+        (x, y, dx, dy, scratch) = (inner.x, inner.y, inner.dx, inner.dy, inner.scratch)
+        (parameters, gradients, buffers) = (inner.parameters, inner.gradients, inner.buffers)
+        (parameterOffset, parameterCount, runsInPlace) = (inner.parameterOffset, inner.parameterCount, inner.runsInPlace)
+        (previous, next) = (inner.previous, inner.next)
+    }
+
+    required init(index: Int, spec: LayerSpec, inputShape: [Int], outputShape: [Int], batchCapacity: Int) {
+        preconditionFailure("a FaultyLayer wraps a built layer: init(wrapping:fault:tensor:)")
+    }
+
+    /// The wrapped layer, as it was before this one was installed.
+    func remove() -> Layer<T> {
+        if let norm = inner as? BatchNorm<T> { norm.reducer = originalReducer }
+        return inner
+    }
+
+    override func forward(count: Int, mode: ForwardMode) {
+        inner.forward(count: count, mode: mode)
+    }
+
+    override func backwardParameters(count: Int, accumulate: Bool) {
+        inner.backwardParameters(count: count, accumulate: accumulate)
+        provenFinite = inner.provenFinite
+        guard !fault.breaksInputGradient else { return }
+        breakParameterGradient()
+        // A wrong backward pass may write anything: never vouched for.
+        provenFinite = false
+    }
+
+    override func backwardInput(count: Int, accumulate: Bool) {
+        guard let dx else { return inner.backwardInput(count: count, accumulate: accumulate) }
+        switch fault {
+        case .flippedKernel:
+            guard let conv = inner as? Conv2d<T> else { break }
+            withKernelsFlipped(conv) { conv.backwardInput(count: count, accumulate: accumulate) }
+            return
+        case .batchNormLocalSums:
+            localSums?.keepsLocal = true
+            inner.backwardInput(count: count, accumulate: accumulate)
+            localSums?.keepsLocal = false
+            return
+        default: break
+        }
+        inner.backwardInput(count: count, accumulate: accumulate)
+        if case .paddingOffset = fault, let conv = inner as? Conv2d<T> { shiftUpAndLeft(dx, conv, count: count) }
+        if case .batchNormWithoutMeanTerm = fault, let norm = inner as? BatchNorm<T> {
+            addMeanTermBack(dx, norm, count: count)
+        }
+    }
+
+    override func initialize(scheme: Initialization, gain: Double, generator: inout RandomGenerator) {
+        inner.initialize(scheme: scheme, gain: gain, generator: &generator)
+    }
+
+    override func appendKinkPattern(count: Int, to pattern: inout [Int32]) {
+        inner.appendKinkPattern(count: count, to: &pattern)
+    }
+
+    // MARK: - The faults
+
+    /// `.scaled`, `.transposed`, `.missing`: the named tensor's gradient, as the wrapped layer wrote it, spoilt.
+    private func breakParameterGradient() {
+        let g = gradients! + (tensor.offset - parameterOffset)
+        switch fault {
+        case let .scaled(_, factor):
+            Elementwise.scale(g, tensor.count, by: T(factor))
+        case .transposed:
+            guard tensor.shape.count == 2 else { break }
+            let (rows, columns) = (tensor.shape[0], tensor.shape[1])
+            let copy = Array(UnsafeBufferPointer(start: g, count: tensor.count))
+            for r in 0..<rows {
+                for c in 0..<columns { g[c * rows + r] = copy[r * columns + c] }
+            }
+        case .missing:
+            Elementwise.zero(g, tensor.count)
+        case .flippedKernel, .paddingOffset, .batchNormWithoutMeanTerm, .batchNormLocalSums:
+            break
+        }
+    }
+
+    /// `.flippedKernel`: runs `body` with every k x k kernel of `conv` rotated 180 degrees, then puts the weights back.
+    private func withKernelsFlipped(_ conv: Conv2d<T>, _ body: () -> Void) {
+        let w = conv.parameters!, k = conv.kernel, kernels = conv.outChannels * conv.inChannels
+        let original = Array(UnsafeBufferPointer(start: w, count: kernels * k * k))
+        for kernel in 0..<kernels {
+            let base = kernel * k * k
+            for p in 0..<k {
+                for q in 0..<k { w[base + p * k + q] = original[base + (k - 1 - p) * k + (k - 1 - q)] }
+            }
+        }
+        body()
+        w.update(from: original, count: original.count)
+    }
+
+    /// `.paddingOffset`: every plane of dx moved one row up and one column left, as col2im with the padding one too
+    /// large scatters it (what would land outside the image is dropped, the last row and column get zeros).
+    private func shiftUpAndLeft(_ dx: UnsafeMutablePointer<T>, _ conv: Conv2d<T>, count: Int) {
+        let (height, width) = (conv.height, conv.width)
+        for plane in 0..<(count * conv.inChannels) {
+            let p = dx + plane * height * width
+            for i in 0..<height {
+                for j in 0..<width {
+                    p[i * width + j] = i + 1 < height && j + 1 < width ? p[(i + 1) * width + j + 1] : 0
+                }
+            }
+        }
+    }
+
+    /// `.batchNormWithoutMeanTerm`: the correct dx has c = -gamma r sum(dy) / N added to every value of feature f
+    /// (`GradientFactors`); adding gamma r sum(dy) / N back, from the reductions the layer kept in `sums`, leaves dx
+    /// without it. Running statistics have no such term.
+    private func addMeanTermBack(_ dx: UnsafeMutablePointer<T>, _ norm: BatchNorm<T>, count: Int) {
+        guard norm.lastUsedBatchStatistics else { return }
+        let gamma = norm.parameters!
+        for b in 0..<count {
+            for f in 0..<norm.features {
+                let term = T(Double(gamma[f]) * norm.inverseDeviation[f] * norm.sums[f] / norm.lastCount)
+                let run = dx + (b * norm.features + f) * norm.positions
+                for s in 0..<norm.positions { run[s] += term }
+            }
+        }
+    }
+}
+
+/// `.batchNormLocalSums`: stands in for synchronized batch norm's reducer. It takes part in every collective as the
+/// real one does, so the ranks stay matched, but while `keepsLocal` is set (the layer's input gradient) it hands
+/// back this rank's own sums of dy, the first `features` values, in place of the global batch's.
+private final class LocalSumsOfGradients: CrossRankReducer {
+    let ranks: CrossRankReducer
+    let features: Int
+    var keepsLocal = false
+
+    init(_ ranks: CrossRankReducer, features: Int) {
+        self.ranks = ranks
+        self.features = features
+    }
+
+    func sumAcrossRanks(_ values: UnsafeMutableBufferPointer<Double>) {
+        guard keepsLocal else { return ranks.sumAcrossRanks(values) }
+        let local = Array(values[0..<features])
+        ranks.sumAcrossRanks(values)
+        for f in 0..<features { values[f] = local[f] }
+    }
+}
