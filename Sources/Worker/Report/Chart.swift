@@ -83,7 +83,8 @@ struct Chart {
         for tick in yAxis.ticks {
             let py = f(y(tick))
             out += "<line x1=\"\(f(left))\" x2=\"\(f(left + pw))\" y1=\"\(py)\" y2=\"\(py)\"/>"
-            out += "<text class=\"ytick\" x=\"\(f(left - 8))\" y=\"\(py)\" dy=\"0.32em\" text-anchor=\"end\">\(yAxis.label(tick, percent: percent))</text>"
+            let label = yAxis.label(tick, percent: percent)
+            out += "<text class=\"ytick\" x=\"\(f(left - 8))\" y=\"\(py)\" dy=\"0.32em\" text-anchor=\"end\">\(label)</text>"
         }
         for tick in xAxis.ticks {
             let px = f(x(tick))
@@ -94,7 +95,8 @@ struct Chart {
         out += "<rect class=\"frame\" x=\"\(f(left))\" y=\"\(f(top))\" width=\"\(f(pw))\" height=\"\(f(ph))\"/>\n"
         out += "<text class=\"axis-label\" x=\"\(f(left + pw / 2))\" y=\"\(f(h - 8))\" text-anchor=\"middle\">global step</text>\n"
         let yTitle = yLabel + (scale == .logarithmic ? ", log scale" : "")
-        out += "<text class=\"axis-label\" transform=\"translate(20 \(f(top + ph / 2))) rotate(-90)\" text-anchor=\"middle\">\(escapeHTML(yTitle))</text>\n"
+        out += "<text class=\"axis-label\" transform=\"translate(20 \(f(top + ph / 2))) rotate(-90)\" text-anchor=\"middle\">"
+            + "\(escapeHTML(yTitle))</text>\n"
 
         // Markers under the curves.
         for marker in markers {

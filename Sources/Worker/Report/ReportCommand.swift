@@ -10,7 +10,8 @@ struct Report: ParsableCommand {
               bpworker report runs/default
               bpworker report runs/lr-0.1 runs/lr-0.3 --output compare.html
 
-            One run: RUN_DIR/report.html (rank 0 also rewrites it at every evaluation and at the end). Several: their curves in one page, report.html in the current directory unless --output says otherwise.
+            One run: RUN_DIR/report.html (rank 0 also rewrites it at every evaluation and at the end). Several: their \
+            curves in one page, report.html in the current directory unless --output says otherwise.
             """)
 
     @Argument(help: "Run directories.")

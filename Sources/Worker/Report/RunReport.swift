@@ -128,7 +128,8 @@ enum RunReport {
                 out += "<tr class=\"message\"><td></td><td colspan=\"8\">no training step was logged</td></tr>\n"
             }
             if run.unreadableLines > 0 {
-                out += "<tr class=\"message\"><td></td><td colspan=\"8\">\(run.unreadableLines) unreadable line\(run.unreadableLines == 1 ? "" : "s") of metrics.jsonl skipped</td></tr>\n"
+                let skipped = "\(counted(run.unreadableLines, "unreadable line")) of metrics.jsonl skipped"
+                out += "<tr class=\"message\"><td></td><td colspan=\"8\">\(skipped)</td></tr>\n"
             }
         }
         return out + "</tbody></table></section>\n"
@@ -175,7 +176,8 @@ enum RunReport {
             return "<h3>Gradient check\(suffix)</h3><p class=\"none\">not run (train --gradcheck runs it before the first step)</p>"
         }
         func e(_ x: Double) -> String { String(format: "%.2e", x) }
-        var out = "<h3>Gradient check\(suffix): <span class=\"verdict-\(report.verdict.rawValue)\">\(report.verdict.rawValue.uppercased())</span></h3>"
+        let verdict = report.verdict.rawValue
+        var out = "<h3>Gradient check\(suffix): <span class=\"verdict-\(verdict)\">\(verdict.uppercased())</span></h3>"
         out += "<p>float64 two-sided differences, ε \(e(report.epsilon)), batch \(report.batchSize), loss "
             + "\(String(format: "%.6f", report.loss)), \(grouped(report.parameterCount)) parameters; relative error "
             + "|a − n| / max(|a|, |n|, 1e-8): pass ≤ 1e-5, warn ≤ 1e-4</p>"
@@ -237,7 +239,8 @@ enum RunReport {
                 out.append(.init(kind: "resume", step: event.step, label: "\(prefix)resumed, \(ranks)",
                                  tooltip: "\(prefix)resumed at \(at) on \(ranks)"))
             case .skip:
-                out.append(.init(kind: "skip", step: event.step, tooltip: "\(prefix)step \(grouped(event.step)) skipped: non-finite loss or gradient"))
+                let tooltip = "\(prefix)step \(grouped(event.step)) skipped: non-finite loss or gradient"
+                out.append(.init(kind: "skip", step: event.step, tooltip: tooltip))
             case .end where event.state == .stopped:
                 out.append(.init(kind: "stop", step: event.step, label: "\(prefix)stopped",
                                  tooltip: "\(prefix)stopped at \(at)" + (event.message.map { ": \($0)" } ?? "")))
@@ -259,7 +262,8 @@ enum RunReport {
     }
 
     static let markerLegend = """
-        <p class="legend markers"><span class="key"><svg width="14" height="12"><line x1="7" x2="7" y1="0" y2="12" class="m-checkpoint"/></svg>checkpoint</span>\
+        <p class="legend markers"><span class="key"><svg width="14" height="12">\
+        <line x1="7" x2="7" y1="0" y2="12" class="m-checkpoint"/></svg>checkpoint</span>\
         <span class="key"><svg width="14" height="12"><line x1="7" x2="7" y1="0" y2="12" class="m-resume"/></svg>resume (with its ranks)</span>\
         <span class="key"><svg width="14" height="12"><line x1="7" x2="7" y1="0" y2="12" class="m-stop"/></svg>stop</span>\
         <span class="key"><svg width="14" height="12"><path d="M7 2 l-5 9 h10 z" class="m-skip"/></svg>skipped step</span>\
@@ -273,30 +277,39 @@ enum RunReport {
     }
 
     static func lossName(_ runs: [RunRecords]) -> String {
-        let losses = Set(runs.compactMap { $0.configuration?.split(separator: "\n").first { $0.trimmingCharacters(in: .whitespaces).hasPrefix("loss:") } }
+        let lossLines = runs.compactMap { run in
+            run.configuration?.split(separator: "\n").first { $0.trimmingCharacters(in: .whitespaces).hasPrefix("loss:") }
+        }
+        let losses = Set(lossLines
             .map { $0.split(separator: ":").last.map { $0.trimmingCharacters(in: .whitespaces) } ?? "" })
         return losses.count == 1 ? (losses.first == "mse" ? "mean squared error" : "cross-entropy") : "per sample"
     }
 
     static let style = """
-        body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;color:#212529;background:#fff;margin:0 auto;max-width:1180px;padding:16px 28px}
-        h1{font-size:22px;margin:8px 0 0}h2{font-size:18px;margin:26px 0 8px;border-bottom:1px solid #dee2e6;padding-bottom:4px}h3{font-size:15px;margin:18px 0 6px}
+        body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;
+        color:#212529;background:#fff;margin:0 auto;max-width:1180px;padding:16px 28px}
+        h1{font-size:22px;margin:8px 0 0}h2{font-size:18px;margin:26px 0 8px;border-bottom:1px solid #dee2e6;padding-bottom:4px}
+        h3{font-size:15px;margin:18px 0 6px}
         .generated{color:#868e96;margin:2px 0 0;font-size:12px}
         #charts{display:grid;grid-template-columns:1fr 1fr;gap:6px 22px;align-items:end}#charts h2,#charts .markers{grid-column:1/-1}
         figure{margin:0}svg.chart{width:100%;height:auto;display:block}
         .chart .title{font-weight:600;font-size:17px;fill:#212529}.chart text{font-size:15px;fill:#495057;font-variant-numeric:tabular-nums}
         .chart .axis-label{font-size:15px;fill:#343a40}.chart .grid line{stroke:#e9ecef;stroke-width:1}
         .chart .frame{fill:none;stroke:#adb5bd}.chart .series{fill:none;stroke-width:1.8;stroke-linejoin:round}
-        .chart .series.dotted{stroke-dasharray:6 4;stroke-width:2}.chart .series.dashed{stroke-dasharray:3 3}.chart .empty{font-size:15px;fill:#868e96}
+        .chart .series.dotted{stroke-dasharray:6 4;stroke-width:2}
+        .chart .series.dashed{stroke-dasharray:3 3}.chart .empty{font-size:15px;fill:#868e96}
         .marker line{stroke-width:1.3}.chart .marker text{font-size:14px}
         .marker-checkpoint line,.m-checkpoint{stroke:#adb5bd;stroke-dasharray:3 3}.marker-resume line,.m-resume{stroke:#1971c2;stroke-width:2}
         .marker-resume text{fill:#1971c2}.marker-stop line,.m-stop{stroke:#f08c00;stroke-width:2}.marker-stop text{fill:#f08c00}
         .marker-skip path,.m-skip{fill:#e03131}.marker-failure line,.m-failure{stroke:#e03131;stroke-width:2}.marker-failure text{fill:#e03131}
-        .legend{font-size:12px;color:#495057;margin:0 0 2px}.legend .key{margin-right:14px;white-space:nowrap}.legend svg{vertical-align:middle;margin-right:4px}
+        .legend{font-size:12px;color:#495057;margin:0 0 2px}
+        .legend .key{margin-right:14px;white-space:nowrap}.legend svg{vertical-align:middle;margin-right:4px}
         .m-checkpoint,.m-resume,.m-stop,.m-failure{stroke-width:2}
-        table{border-collapse:collapse;font-variant-numeric:tabular-nums;font-size:13px}th,td{padding:3px 10px;border-bottom:1px solid #e9ecef;text-align:right}
+        table{border-collapse:collapse;font-variant-numeric:tabular-nums;font-size:13px}
+        th,td{padding:3px 10px;border-bottom:1px solid #e9ecef;text-align:right}
         th:first-child,td:first-child{text-align:left}th{background:#f8f9fa;font-weight:600}
-        .result td.state{font-weight:600}.state-finished td.state{color:#2b8a3e}.state-failed td.state{color:#e03131}.state-stopped td.state{color:#f08c00}
+        .result td.state{font-weight:600}.state-finished td.state{color:#2b8a3e}
+        .state-failed td.state{color:#e03131}.state-stopped td.state{color:#f08c00}
         tr.message td{color:#495057;font-size:12px;text-align:left}
         .verdict-pass{color:#2b8a3e}.verdict-warn{color:#f08c00}.verdict-fail{color:#e03131;font-weight:600}.failure{color:#e03131}
         .none{color:#868e96}.columns{display:grid;grid-template-columns:1fr 1fr;gap:22px}
