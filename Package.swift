@@ -103,7 +103,7 @@ let package = Package(
         // Runs the built bpworker, alone and under mpirun.
         .testTarget(
             name: "WorkerTests",
-            dependencies: ["Engine", "Coordinator", "Worker"]
+            dependencies: ["Engine", "Coordinator", "Worker", "AllocationCounter"]
         ),
     ]
 )

@@ -51,7 +51,7 @@ extension Configuration {
         return spec
     }
 
-    /// The words of one `model.layers` entry, checked against the grammar (README, "Configuration"):
+    /// The words of one `model.layers` entry, checked against the grammar (docs/convolutional-networks.md):
     ///   linear N | conv OUT K [stride S] [pad P] [nobias] | maxpool K [stride S] | avgpool K [stride S] |
     ///   globalavgpool | flatten | batchnorm | layernorm | relu | leaky_relu [SLOPE] | tanh | sigmoid | gelu | dropout P
     static func layerWords(_ item: String, key: String) throws -> [String] {

@@ -32,11 +32,15 @@ enum Evaluation {
         }
         session.agree("parameters") { try broadcastState(session, model) }
         let test = preprocessing(session, of: parametersPath, model: model, test: prepared.test)
+        report(session, model, on: test, source: "parameters \(parametersPath)")
+    }
+
+    /// `bpworker eval`'s result line: the exact test accuracy and loss of `model` on `test`, and where the model came from.
+    static func report(_ session: Session, _ model: Model<Float>, on test: Dataset, source: String) {
         do {
             let result = try evaluate(session, model, on: test)
             let summary = "eval: test accuracy \(percent(Double(result.correct) / Double(result.count))) "
-                + "(\(grouped(result.correct))/\(grouped(result.count))), loss \(String(format: "%.4f", result.loss)), "
-                + "parameters \(parametersPath)"
+                + "(\(grouped(result.correct))/\(grouped(result.count))), loss \(String(format: "%.4f", result.loss)), \(source)"
             session.logger.info("\(summary)")
         } catch {
             session.abort("evaluation failed: \(error)")

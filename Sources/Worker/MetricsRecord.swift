@@ -11,12 +11,8 @@ enum MetricsRecord: Codable, Equatable {
 
     /// The averages over the ranks and steps of one logging window, at its last step.
     struct Train: Codable, Equatable {
-        var epoch: Int
-        var step: Int
-        var loss: Double
-        var accuracy: Double
-        var learningRate: Double
-        var samplesPerSecond: Double
+        var epoch, step: Int
+        var loss, accuracy, learningRate, samplesPerSecond: Double
         /// The share of the window's time the ranks spent waiting on communication, 0 to 1.
         var commWaitFraction: Double
         /// Since this process started (absent in files of older versions).
@@ -30,10 +26,8 @@ enum MetricsRecord: Codable, Equatable {
 
     /// A test-set evaluation at the end of an epoch.
     struct Eval: Codable, Equatable {
-        var epoch: Int
-        var step: Int
-        var loss: Double
-        var accuracy: Double
+        var epoch, step: Int
+        var loss, accuracy: Double
         var samples: Int
         var elapsedSeconds: Double?
 
@@ -47,16 +41,10 @@ enum MetricsRecord: Codable, Equatable {
         var kind: Kind
         var step: Int
         var elapsedSeconds: Double?
-        // start and resume
-        var worldSize: Int?
-        var nodes: Int?
-        var blas: String?
-        var blasThreads: Int?
-        var model: String?
-        var parameters: Int?
+        // start and resume: the machine and the model
+        var worldSize, nodes, blasThreads, parameters, totalSteps, epochs: Int?
+        var blas, model: String?
         var layers: [String]?
-        var totalSteps: Int?
-        var epochs: Int?
         // end
         var state: RunStatus.State?
         var message: String?

@@ -39,15 +39,7 @@ extension Evaluation {
         let data = "data: \(grouped(test.count)) test samples (\(config.testFeatures)) shaped \(description.inputShape) "
             + "\(description.inputType.rawValue), preprocessing from the file: \(description.preprocessing.summary)"
         session.logger.info("\(data)")
-        do {
-            let result = try evaluate(session, model, on: test)
-            let summary = "eval: test accuracy \(percent(Double(result.correct) / Double(result.count))) "
-                + "(\(grouped(result.correct))/\(grouped(result.count))), loss \(String(format: "%.4f", result.loss)), "
-                + "model \(modelPath)"
-            session.logger.info("\(summary)")
-        } catch {
-            session.abort("evaluation failed: \(error)")
-        }
+        report(session, model, on: test, source: "model \(modelPath)")
     }
 
     private static func loadTestData(_ config: Configuration) throws -> Dataset {

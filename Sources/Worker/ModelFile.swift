@@ -4,7 +4,7 @@ import Foundation
 /// What a model file says about its model beyond the tensors: everything needed to use it without bpworker's
 /// configuration. `model.safetensors` (format `bpworker-model`, version 2) and checkpoints (`bpworker-checkpoint`,
 /// version 2) carry it in the safetensors `__metadata__`, whose values are all strings (lists as JSON, which is
-/// also YAML flow syntax). The README's "Model files" section documents the same keys:
+/// also YAML flow syntax). docs/model-files.md documents the same keys:
 ///
 ///     layers            ["linear 512", "relu", "linear 256", "relu", "linear 10"]  the whole nn.Sequential in
 ///                       `model.layers` syntax, the output layer INCLUDED (model.layers takes the list without its

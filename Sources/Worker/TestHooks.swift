@@ -2,7 +2,7 @@ import Engine
 import Foundation
 
 /// Faults the tests inject into a real run, each switched on by an environment variable and documented in the
-/// README ("Fault injection"). `fromEnvironment` is the one place that reads a BPWORKER_TEST_* variable: it runs
+/// docs/checkpoints-and-faults.md ("Fault injection"). `fromEnvironment` is the one place that reads a BPWORKER_TEST_* variable: it runs
 /// once at setup, and each value is handed to the code it acts in. The per-step cost is two integer comparisons.
 struct TestHooks {
     /// BPWORKER_TEST_NAN=RANK:STEP[:loss]: that rank's batch turns to NaN at that step (0-based global step),
@@ -33,7 +33,7 @@ struct TestHooks {
     /// process dies with SIGKILL, as a crash or a node failure would (`Checkpointer`).
     var checkpointCrashStep: Int?
     /// BPWORKER_TEST_GRADIENT_FAULT (see `gradientFault(from:)`): one tensor's backward pass broken on purpose, in
-    /// the training model and in the gradient check's copy of it (see README, "Testing the gradient check").
+    /// the training model and in the gradient check's copy of it (see docs/gradient-checking.md, "Testing the gradient check").
     var gradientFault: GradientFault?
 
     /// The hooks `environment` switches on for `rank`. Throws for a gradient fault it cannot parse; other values

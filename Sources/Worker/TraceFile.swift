@@ -172,9 +172,7 @@ struct TraceDocument: Encodable {
 
     struct OtherData: Encodable {
         var producer = "bpworker --timeline"
-        let steps: Int
-        let warmupSteps: Int
-        let worldSize: Int
+        let steps, warmupSteps, worldSize: Int
         let reduction: String
         let droppedEvents: Int
         let clockAlignment: [ClockAlignment]
@@ -197,12 +195,8 @@ struct TraceEvent: Encodable {
 
     /// A metadata event's value (`name`, `sort_index` or `labels`), or a timed event's step and what it concerns.
     struct Args: Encodable {
-        var name: String?
-        var sortIndex: Int?
-        var labels: String?
-        var step: Int?
-        var layer: Int?
-        var bytes: Int?
+        var name, labels: String?
+        var sortIndex, step, layer, bytes: Int?
 
         enum CodingKeys: String, CodingKey { case name, sortIndex = "sort_index", labels, step, layer, bytes }
     }

@@ -8,10 +8,24 @@ import Logging
 /// outright, or a job torn down by MPI_Abort from a rank that could not write, leaves `training` behind; then the
 /// heartbeat files stop.)
 enum Trainer {
-    /// Builds the run, each part through its initialiser with what it needs, runs it and returns how it ended. Setup
-    /// failures (bad configuration, data, checkpoint, a run directory that holds a run, ranks that disagree) end every
-    /// rank during setup with exit 1 and write nothing.
+    /// Builds the run, checks its gradients if asked, runs it and returns how it ended. Setup failures (bad
+    /// configuration, data, checkpoint, a run directory that holds a run, ranks that disagree) end every rank during
+    /// setup with exit 1 and write nothing.
     static func train(_ session: Session, resume: String?, overwrite: Bool) -> (RunOutcome, TrainingLoop) {
+        let (loop, failure) = setUp(session, resume: resume, overwrite: overwrite)
+        if resume == nil, let failed = checkGradients(session, loop.prepared, phases: loop.phases, failure: failure) {
+            return (failed, loop)
+        }
+        do {
+            return (try loop.run(), loop)
+        } catch {
+            failure.abort("training failed at step \(loop.position.globalStep): \(error)")
+        }
+    }
+
+    /// Builds every part of the run, in order, each through its initialiser with what it needs; from the run
+    /// directory's commit on, failures are recorded through the returned `RunFailure`.
+    static func setUp(_ session: Session, resume: String?, overwrite: Bool) -> (TrainingLoop, RunFailure) {
         let config = session.config
         let mode: RunDirectory.StartMode = resume != nil ? .resume : overwrite ? .overwrite : .fresh
         let existing = session.agree("run directory") { () throws -> RunDirectory? in
@@ -62,12 +76,7 @@ enum Trainer {
             session: session, prepared: prepared, reducer: reducer, phases: phases, timeline: timeline,
             checkpoints: CheckpointExchange(failure: failure, checkpointer: checkpointer, model: model, optimizer: optimizer),
             progress: progress, hooks: hooks, position: position)
-        if resume == nil, let failed = checkGradients(session, prepared, phases: phases, failure: failure) { return (failed, loop) }
-        do {
-            return (try loop.run(), loop)
-        } catch {
-            failure.abort("training failed at step \(loop.position.globalStep): \(error)")
-        }
+        return (loop, failure)
     }
 
     /// The one way out of `train`: writes the timeline of a run that ended inside its window, records the outcome in

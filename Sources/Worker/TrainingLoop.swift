@@ -90,7 +90,7 @@ final class TrainingLoop {
     /// communication and file failures, which end the job.
     func run() throws -> RunOutcome {
         for epoch in position.epoch..<config.epochs {
-            _ = epochIndices.update(fromContentsOf: prepared.sampler.indices(epoch: epoch))
+            beginEpoch(epoch)
             for step in position.epochStep..<prepared.sampler.stepsPerEpoch {
                 let (outcome, result) = try self.step(step)
                 if let ended = try afterStep(step, outcome, result) { return ended }
@@ -99,6 +99,11 @@ final class TrainingLoop {
             if reachedTargetAccuracy(accuracy, after: epoch) { break }
         }
         return .finished
+    }
+
+    /// This rank's samples of `epoch`, in step order, for the steps to gather from.
+    func beginEpoch(_ epoch: Int) {
+        _ = epochIndices.update(fromContentsOf: prepared.sampler.indices(epoch: epoch))
     }
 
     // MARK: - One step

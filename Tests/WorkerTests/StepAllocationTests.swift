@@ -1,0 +1,62 @@
+import AllocationCounter
+import Foundation
+import Testing
+@testable import Worker
+
+/// The real training step, `TrainingLoop.step`, as `bpworker train` builds it (`Trainer.setUp`, local mode, in this
+/// process): after warm-up a step must not touch the heap, with every phase run through the watchdog and, with
+/// `--timeline`, recorded. (CoordinatorTests' AllocationTests take the engine and reducer apart; this is the loop.)
+@Suite("The real step allocates nothing", .serialized, .temporaryFiles)
+struct StepAllocationTests {
+    /// Heap allocations of this thread over `steps` steps after `warmUp` steps of a local run with `settings`.
+    func allocations(_ data: SyntheticData, _ settings: [String], warmUp: Int = 4, steps: Int = 12) throws -> UInt {
+        // One BLAS thread, as every rank of a multi-rank node runs: with more, OpenBLAS allocates its thread jobs in
+        // every large GEMM, outside bpworker's code (BENCHMARKS.md, table 5).
+        var arguments = ["--local", "--blas-threads", "1", "--run-dir", temporaryRunDirectory(), "--progress", "plain"]
+            + data.arguments
+        for setting in ["training.batch_size=8", "training.epochs=1", "schedule.warmup_steps=0", "logging.interval=1000",
+                        "data.normalize=scale", "checkpoint.every_steps=0"] + settings {
+            arguments += ["--set", setting]
+        }
+        let session = Session.start(options: try RunOptions.parse(arguments), extraOverrides: [])
+        let (loop, _) = Trainer.setUp(session, resume: nil, overwrite: false)
+        loop.beginEpoch(0)
+        for step in 0..<warmUp { _ = try loop.step(step) }
+        let before = bp_thread_allocations()
+        var completed = 0
+        for step in warmUp..<(warmUp + steps) {
+            if case (.completed, _) = try loop.step(step) { completed += 1 }
+        }
+        let count = bp_thread_allocations() - before
+        #expect(completed == steps)
+        return count
+    }
+
+    @Test(arguments: [
+        ["training.reduction=sharded"],
+        ["training.reduction=allreduce", "optimizer.clip_norm=1.0"],
+        ["optimizer.name=adamw", "model.dropout=0.2"],
+        ["timeline.steps=40", "timeline.warmup_steps=1"],
+    ])
+    func mlpSteps(settings: [String]) throws {
+        let data = try SyntheticData(samples: 256, features: 64, classes: 4)
+        let count = try allocations(data, settings)
+        #expect(count == 0, "\(count) allocations in 12 steps with \(settings)")
+    }
+
+    @Test func cnnStepsWithBatchNormAndAugmentation() throws {
+        let data = try SyntheticData(samples: 128, features: 64, classes: 4, imageShape: [1, 8, 8])
+        let settings = ["model.layers=[conv 4 3 pad 1 nobias, batchnorm, relu, maxpool 2, flatten, linear 4]",
+                        "data.augment.flip=true", "data.augment.crop_padding=1"]
+        let count = try allocations(data, settings)
+        #expect(count == 0, "\(count) allocations in 12 steps")
+    }
+
+    /// The counter counts: a step that allocates is seen (an array made inside the measured steps).
+    @Test func theCounterSeesAnAllocation() {
+        let before = bp_thread_allocations()
+        let made = [Int](repeating: 1, count: Int.random(in: 100...200))
+        #expect(made.count >= 100)
+        #expect(bp_thread_allocations() - before >= 1)
+    }
+}
