@@ -1,3 +1,5 @@
+import Engine
+
 /// The few values every rank adds to each step's gradient exchange: a stop request, its count of non-finite values,
 /// and rank 0's time-based checkpoint decision. They sit in the slots directly before the gradient buffer
 /// (`Model.control`), and the reducers sum them over the ranks with the bucket that holds offset 0, the last one
@@ -36,4 +38,49 @@ public struct StepControl {
     public var stopRequested: Bool { values[Slot.stopRequests.rawValue] > 0 }
     public var anyNonFinite: Bool { values[Slot.nonFinite.rawValue] > 0 }
     public var checkpointDue: Bool { values[Slot.checkpointDue.rawValue] > 0 }
+}
+
+/// The control values both reducers carry: the slots directly before the gradient buffer that are summed with the
+/// last bucket, and the count of non-finite gradient values that goes into one of them.
+struct ControlSlots {
+    let values: UnsafeMutableBufferPointer<Float>
+    private let gradients: UnsafeMutableBufferPointer<Float>
+    private let nonFiniteSlot: Int?
+    private let provenFinite: ((Range<Int>) -> Bool)?
+    /// This rank's count of non-finite gradient values in the buckets counted since `beginStep()`.
+    private(set) var localNonFiniteCount = 0
+
+    /// - Parameters:
+    ///   - control: slots directly before `gradients` in memory, reduced (summed) with the last bucket.
+    ///   - nonFiniteSlot: index in `control` that receives this rank's count of non-finite gradient values; nil:
+    ///     nothing is counted.
+    ///   - provenFinite: whether a range of this step's gradients is already known to hold no NaN or infinity
+    ///     (`Model.gradientsProvenFinite(in:)`), so that counting would only read it again; nil: always count.
+    init(control: UnsafeMutableBufferPointer<Float>, gradients: UnsafeMutableBufferPointer<Float>, nonFiniteSlot: Int?,
+         provenFinite: ((Range<Int>) -> Bool)?) {
+        precondition(control.count == 0 || control.baseAddress! + control.count == gradients.baseAddress!,
+                     "control slots must sit directly before the gradients")
+        precondition(nonFiniteSlot.map { $0 >= 0 && $0 < control.count } ?? true, "nonFiniteSlot outside control")
+        values = control
+        self.gradients = gradients
+        self.nonFiniteSlot = nonFiniteSlot
+        self.provenFinite = provenFinite
+    }
+
+    /// The control slots and `range` of the gradients as one buffer: `range` must start at 0.
+    func withGradients(_ range: Range<Int>) -> UnsafeMutableBufferPointer<Float> {
+        precondition(range.lowerBound == 0, "the control slots lie before offset 0 only")
+        return UnsafeMutableBufferPointer(start: gradients.baseAddress! - values.count, count: values.count + range.count)
+    }
+
+    mutating func beginStep() { localNonFiniteCount = 0 }
+
+    /// Adds the non-finite values in `range` of the gradients to this rank's count and to the control slot.
+    mutating func countNonFinite(in range: Range<Int>) {
+        guard let slot = nonFiniteSlot else { return }
+        let proven = provenFinite?(range) ?? false
+        let count = proven ? 0 : nonFiniteCount(gradients.baseAddress! + range.lowerBound, range.count)
+        localNonFiniteCount += count
+        values[slot] += Float(count)
+    }
 }

@@ -82,11 +82,10 @@ enum Setup {
     static func build(_ session: Session, _ plan: Plan, crossRankReducer: CrossRankReducer?) -> Prepared {
         let config = session.config
         let model = session.agree("configuration") {
-            let model = try Model<Float>(spec: plan.spec, batchCapacity: config.batchSize, seed: UInt64(config.seed),
-                                         controlSlots: StepControl.slotCount, crossRankReducer: crossRankReducer)
             // Each rank drops different units: its own dropout stream.
-            model.dropoutGenerator = RandomGenerator(
-                seed: UInt64(config.seed), stream: RandomGenerator.Stream.dropout.rawValue &+ UInt64(session.rank) << 32)
+            let model = try Model<Float>(spec: plan.spec, batchCapacity: config.batchSize, seed: UInt64(config.seed),
+                                         dropoutStream: RandomGenerator.Stream.dropout.rawValue &+ UInt64(session.rank) << 32,
+                                         controlSlots: StepControl.slotCount, crossRankReducer: crossRankReducer)
             model.installGradientFault(plan.hooks.gradientFault)
             return model
         }

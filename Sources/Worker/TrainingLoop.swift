@@ -220,9 +220,15 @@ final class TrainingLoop {
             return ended
         }
         if outcome == .stopRequested { return try stop() }
-        let stepsDue = config.checkpointEverySteps > 0 && position.globalStep % config.checkpointEverySteps == 0
-        if (stepsDue || checkpointDue) && !lastOfEpoch { try checkpoint() }
+        if checkpointIsDue(lastOfEpoch: lastOfEpoch) { try checkpoint() }
         return nil
+    }
+
+    /// `checkpoint.every_steps`, or rank 0's `checkpoint.every_seconds` decision as every rank received it with the
+    /// step's control values. Not after an epoch's last step: the epoch's end checkpoints anyway.
+    private func checkpointIsDue(lastOfEpoch: Bool) -> Bool {
+        let stepsDue = config.checkpointEverySteps > 0 && position.globalStep % config.checkpointEverySteps == 0
+        return (stepsDue || checkpointDue) && !lastOfEpoch
     }
 
     /// The end of an epoch: the exact test accuracy over every rank's share of the test set, the report, then a

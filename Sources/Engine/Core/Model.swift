@@ -68,8 +68,8 @@ public final class Model<T: Scalar> {
     public let targets: UnsafeMutablePointer<T>
     public var targetsFromLabels = true
 
-    /// Draws the dropout masks (every dropout layer, in order). Give each rank its own stream so ranks drop
-    /// different units.
+    /// Draws the dropout masks (every dropout layer, in order), from `init`'s `dropoutStream`; a resumed run sets
+    /// the state it saved.
     public var dropoutGenerator: RandomGenerator
     /// Sums across ranks for synchronized batch norm; nil normalises each rank's batch on its own.
     public let crossRankReducer: CrossRankReducer?
@@ -106,8 +106,9 @@ public final class Model<T: Scalar> {
     /// `crossRankReducer`: sums across ranks for synchronized batch norm, given to every batch norm layer (nil: each
     /// rank normalises its own batch). `fusesBlocks: false` runs every batch norm, ReLU, max pooling block as three
     /// separate layers, as a reference for tests and benchmarks (see BatchNormReLUPool.swift); training always fuses.
-    public init(spec: ModelSpec, batchCapacity: Int, seed: UInt64 = 0, controlSlots: Int = 0,
-                crossRankReducer: CrossRankReducer? = nil, fusesBlocks: Bool = true) throws(ModelSpecError) {
+    /// - Parameter dropoutStream: the stream of `seed` that draws the dropout masks; give each rank its own.
+    public init(spec: ModelSpec, batchCapacity: Int, seed: UInt64 = 0, dropoutStream: UInt64 = RandomGenerator.Stream.dropout.rawValue,
+                controlSlots: Int = 0, crossRankReducer: CrossRankReducer? = nil, fusesBlocks: Bool = true) throws(ModelSpecError) {
         try spec.validate()
         guard batchCapacity > 0 else { throw ModelSpecError("batch size must be at least 1, got \(batchCapacity)") }
         self.spec = spec
@@ -131,7 +132,7 @@ public final class Model<T: Scalar> {
         buffers.initialize(repeating: 0)
         labels = .allocate(capacity: batchCapacity)
         labels.initialize(repeating: 0, count: batchCapacity)
-        dropoutGenerator = RandomGenerator(seed: seed, stream: .dropout)
+        dropoutGenerator = RandomGenerator(seed: seed, stream: dropoutStream)
 
         let plan = Model.placeInPlace(Model.makeLayers(spec, shapes: shapes, batchCapacity: batchCapacity))
         if fusesBlocks { Model.fuseBlocks(plan) }
