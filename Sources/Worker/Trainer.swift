@@ -13,7 +13,7 @@ enum Trainer {
     /// setup with exit 1 and write nothing.
     static func train(_ session: Session, resume: String?, overwrite: Bool) -> (RunOutcome, TrainingLoop) {
         let (loop, failure) = setUp(session, resume: resume, overwrite: overwrite)
-        if resume == nil, let failed = checkGradients(session, loop.prepared, phases: loop.phases, failure: failure) {
+        if let failed = checkGradients(session, loop.prepared, resumed: resume != nil, phases: loop.phases, failure: failure) {
             return (failed, loop)
         }
         do {
@@ -40,12 +40,8 @@ enum Trainer {
         let aborter = Aborter(communicator: session.communicator, runDirectory: session.runDirectory)
         let watchdog = Watchdog(timeout: config.watchdogSeconds, rank: session.rank, worldSize: session.worldSize,
                                 runDirectory: session.runDirectory) { report in aborter.abort(report) }
-        let tensors = plan.spec.parameterTable
-        let buckets = GradientBuckets(tensorRanges: tensors.map(\.range), bucketElements: config.bucketKiB * 1024 / MemoryLayout<Float>.stride,
-                                      totalCount: tensors.last.map { $0.offset + $0.count } ?? 0)
-        let recorder = config.timelineSteps <= 0 ? nil : TimelineRecorder(capacity: Timeline.capacity(
-            steps: config.timelineSteps, runSteps: plan.sampler.stepsPerEpoch * config.epochs, layers: plan.spec.layers.count,
-            buckets: buckets.ranges.count))
+        let buckets = gradientBuckets(config, plan.spec)
+        let recorder = timelineRecorder(config, plan, buckets: buckets)
         let phases = PhaseRunner(watchdog: watchdog, recorder: recorder)
         let prepared = Setup.build(session, plan, crossRankReducer: batchNormSums(session, plan, phases, aborter))
         let model = prepared.model
@@ -103,6 +99,20 @@ enum Trainer {
 
     // MARK: - The parts of a run
 
+    /// The reducer's buckets, planned from the model's layout before the model exists (`training.bucket_kib`).
+    private static func gradientBuckets(_ config: Configuration, _ spec: ModelSpec) -> GradientBuckets {
+        let tensors = spec.parameterTable
+        return GradientBuckets(tensorRanges: tensors.map(\.range), bucketElements: config.bucketKiB * 1024 / MemoryLayout<Float>.stride,
+                               totalCount: tensors.last.map { $0.offset + $0.count } ?? 0)
+    }
+
+    /// `--timeline`'s recorder, sized for its window (nil without `timeline.steps`).
+    private static func timelineRecorder(_ config: Configuration, _ plan: Setup.Plan, buckets: GradientBuckets) -> TimelineRecorder? {
+        guard config.timelineSteps > 0 else { return nil }
+        return TimelineRecorder(capacity: Timeline.capacity(steps: config.timelineSteps, runSteps: plan.sampler.stepsPerEpoch * config.epochs,
+                                                            layers: plan.spec.layers.count, buckets: buckets.count))
+    }
+
     /// Synchronized batch norm's sums over the ranks, watched and recorded as the phase `batchNormSync`; nil when each
     /// rank normalises its own batch (`model.batchnorm=local`, one rank, or no batch norm).
     private static func batchNormSums(_ session: Session, _ plan: Setup.Plan, _ phases: PhaseRunner,
@@ -146,9 +156,13 @@ enum Trainer {
     /// `gradcheck.enabled`: the check before the first step (not on resume). Returns the failed outcome when the check
     /// fails under `gradcheck.policy=abort`, else nil. Synchronized batch norm couples the ranks: a check on rank 0
     /// alone would not reach its cross-rank terms, so the check is distributed then.
-    private static func checkGradients(_ session: Session, _ prepared: Prepared, phases: PhaseRunner,
+    private static func checkGradients(_ session: Session, _ prepared: Prepared, resumed: Bool, phases: PhaseRunner,
                                        failure: RunFailure) -> RunOutcome? {
         guard session.config.gradcheckEnabled else { return nil }
+        guard !resumed else {
+            session.logger.info("gradient check: skipped on resume (it runs only before a run's first step)")
+            return nil
+        }
         let distributed = prepared.model.crossRankReducer != nil
         if distributed { session.logger.info("gradient check: distributed over every rank, since model.batchnorm=sync") }
         let verdict = GradientCheckRun.run(session, prepared, distributed: distributed, phases: phases, failure: failure,
