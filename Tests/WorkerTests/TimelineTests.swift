@@ -39,7 +39,7 @@ struct TimelineTests {
         #expect(result.output.contains("gradients: 2 buckets"), "\(result.output)")
         let good = try check(trace, ["--ranks", "2", "--steps", "30", "--layers", "5", "--buckets", "2",
                                      "--reduction", "sharded", "--metrics", run + "/metrics.jsonl",
-                                     "--expect", "evaluation", "checkpoint", "progress report"])
+                                     "--expect", "evaluation", "checkpoint", "progress report", "report"])
         #expect(good.status == 0, "\(good.output)")
         #expect(good.output.contains("timeline ok"), "\(good.output)")
 
