@@ -14,6 +14,9 @@ struct TrainingPosition: Codable, Equatable {
     var batchSize = 1
     /// The dropout generator of every rank, four words each (as decimal strings: JSON numbers lose 64-bit words).
     var dropoutStates: [[String]] = []
+    /// The mapped data files the run trained on, as they were (nil in checkpoints of data held in memory, and of
+    /// earlier versions): a resume refuses files that changed since.
+    var dataFiles: [DataFileRecord]?
 
     /// This position continued on `worldSize` ranks of `batchSize` samples, with `stepsPerEpoch` steps per epoch
     /// there. The same shape continues exactly. Another shape keeps the samples already seen in this epoch
@@ -160,5 +163,26 @@ struct Checkpointer {
         }
         optimizer.stepCount = optimizerStep
         return position
+    }
+}
+
+/// A data file as a checkpoint recorded it: its size and modification time.
+struct DataFileRecord: Codable, Equatable {
+    let path: String
+    let size: Int
+    let modified: Double
+
+    init(path: String, identity: FileIdentity) {
+        self.path = path
+        size = identity.size
+        modified = identity.modified
+    }
+
+    /// Why the file at `path` is not the one recorded, or nil.
+    func change() -> String? {
+        guard let now = try? FileIdentity.of(path) else { return "is missing" }
+        if now.size != size { return "changed size from \(size) to \(now.size) bytes" }
+        if now.modified != modified { return "was modified (its modification time changed)" }
+        return nil
     }
 }

@@ -16,6 +16,7 @@ struct Configuration: Equatable {
     var testFeatures = "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"
     var testLabels = "/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz"
     var normalization = Normalization.standardize
+    var dataMmap = true
     var remainder = Remainder.drop
     /// Training batches only: random crop after zero padding (0 = off) and random horizontal flip (`Augmentation`).
     var augmentCropPadding = 0
@@ -116,10 +117,13 @@ struct Configuration: Equatable {
     static let keys: [Key] = [
         key("seed", \.seed, "seed of every random stream: initialisation, shuffling, dropout, gradient-check samples"),
         key("data.format", \.dataFormat, "idx (MNIST-style, raw or .gz) or npy"),
-        key("data.train_features", \.trainFeatures, "training inputs: IDX images or .npy array [N, ...]"),
-        key("data.train_labels", \.trainLabels, "training labels: IDX or .npy [N]"),
+        key("data.train_features", \.trainFeatures,
+            "training inputs: IDX images, or a .npy array [N, ...], a directory of .npy shards or a glob (train-*.npy)"),
+        key("data.train_labels", \.trainLabels, "training labels: IDX or .npy [N] (one file per features shard, in order)"),
         key("data.test_features", \.testFeatures, "test inputs"),
         key("data.test_labels", \.testLabels, "test labels"),
+        key("data.mmap", \.dataMmap,
+            "npy: map raw uint8/float32 files read-only (shared by a node's ranks through the page cache) instead of reading them"),
         key("data.normalize", \.normalization, "standardize (training-set mean/std), scale (x/255) or none"),
         key("data.remainder", \.remainder, "drop or wrap the samples that do not fill the last global batch"),
         key("data.augment.crop_padding", \.augmentCropPadding,

@@ -24,6 +24,9 @@ struct MemoryEstimate {
     var data: Double
     /// What is still to be allocated.
     var items: [Item]
+    /// Mapped data files (`data.mmap`): shared by the node's ranks through the page cache, which the kernel may evict,
+    /// so they count against no rank's private memory.
+    var mapped: Double = 0
 
     var toAllocate: Double { items.reduce(0) { $0 + $1.bytes } }
     /// The peak this rank should reach.
@@ -62,15 +65,18 @@ struct MemoryEstimate {
         }
         items.append(Item(name: "BLAS and MPI working memory", bytes: workingAllowance))
         let data = datasets.reduce(0.0) { $0 + $1.residentBytes }
-        return MemoryEstimate(resident: usage.resident, residentPeak: usage.residentPeak, data: data, items: items)
+        return MemoryEstimate(resident: usage.resident, residentPeak: usage.residentPeak, data: data, items: items,
+                              mapped: datasets.reduce(0.0) { $0 + $1.mappedBytes })
     }
 
     /// "118 MiB at peak: data 52 MiB, runtime and libraries 34 MiB, parameters 2.0 MiB, ..."
     var summary: String {
         var parts = [(name: "data", bytes: data), (name: "runtime and libraries", bytes: max(0, resident - data))]
         parts += items.map { ($0.name, $0.bytes) }
-        return "\(bytesText(peak)) at peak: " + parts.filter { $0.bytes > 0 }.map { "\($0.name) \(bytesText($0.bytes))" }
+        let privately = "\(bytesText(peak)) at peak, private: " + parts.filter { $0.bytes > 0 }.map { "\($0.name) \(bytesText($0.bytes))" }
             .joined(separator: ", ")
+        guard mapped > 0 else { return privately }
+        return privately + "; mapped, shared by the node's ranks through the page cache: data \(bytesText(mapped))"
     }
 
     /// The largest items first, for the message of a model that does not fit.

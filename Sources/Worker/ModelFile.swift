@@ -35,7 +35,7 @@ struct ModelDescription: Equatable {
         case float32
 
         init(_ data: Dataset) {
-            switch data.features {
+            switch data.features.element {
             case .uint8: self = .uint8
             case .float32: self = .float32
             }

@@ -54,6 +54,8 @@ final class Session {
             }
         }
         let terminal = Terminal()
+        // A mapped data file truncated underneath the run raises SIGBUS on access: say which file, and exit 1.
+        MappedRegions.installFaultHandler(prefix: "[rank \(communicator.rank)]")
         var logger = Logger(label: "bpworker") { _ in
             RankLogHandler(rank: communicator.rank, worldSize: communicator.size, terminal: terminal)
         }

@@ -45,7 +45,7 @@ enum Setup {
         let config = session.config
         session.agree("configuration") { try config.validateSettings() }
         let hooks = session.agree("configuration") { () throws -> TestHooks in try TestHooks.fromEnvironment(rank: session.rank) }
-        let (train, test) = session.agree("data") { try loadData(config) }
+        var (train, test) = session.agree("data") { try loadData(config) }
         let augmentation = session.agree("data") { training ? try config.augmentation(sampleShape: train.sampleShape) : nil }
         let classes = config.classes > 0 ? config.classes : train.classCount
         let spec = session.agree("model") {
@@ -60,6 +60,8 @@ enum Setup {
             try estimate.check(against: .read(), ranksOnNode: session.layout.localSize)
             return estimate
         }
+        checkSameData(session, train)
+        normalize(session, train: &train, test: &test)
         let sampler = session.agree("sharding") {
             try ShardSampler(datasetSize: train.count, rank: session.rank, worldSize: session.worldSize,
                              batchSize: config.batchSize, seed: UInt64(max(0, config.seed)),
@@ -110,8 +112,8 @@ enum Setup {
             train = try Dataset.loadIDX(images: config.trainFeatures, labels: config.trainLabels)
             test = try Dataset.loadIDX(images: config.testFeatures, labels: config.testLabels)
         case .npy:
-            train = try Dataset.loadNPY(features: config.trainFeatures, labels: config.trainLabels)
-            test = try Dataset.loadNPY(features: config.testFeatures, labels: config.testLabels)
+            train = try Dataset.loadNPY(features: config.trainFeatures, labels: config.trainLabels, mapped: config.dataMmap)
+            test = try Dataset.loadNPY(features: config.testFeatures, labels: config.testLabels, mapped: config.dataMmap)
         }
         if config.inputs > 0, config.inputs != train.featureCount {
             throw DataError(path: config.trainFeatures, reason: "has \(train.featureCount) values per sample but "
@@ -121,15 +123,62 @@ enum Setup {
             throw DataError(path: config.testFeatures, reason: "has \(test.featureCount) values per sample but "
                 + "\(config.trainFeatures) has \(train.featureCount): the model's input layer takes \(train.featureCount)")
         }
-        switch config.normalization {
-        case .standardize: train.standardize()
+        return (train, test)
+    }
+
+    /// `data.normalize`, the training set's normalisation applied to both sets. `standardize` splits the pass over the
+    /// training set between the ranks: each computes the statistics of every `worldSize`-th chunk and the parts are
+    /// summed across ranks, added in chunk order, so every rank, and any number of ranks, gets the same numbers
+    /// (`Dataset.standardize` in one process). Collective.
+    static func normalize(_ session: Session, train: inout Dataset, test: inout Dataset) {
+        switch session.config.normalization {
+        case .standardize: standardize(session, &train)
         case .scale: break  // bytes arrive as x / 255, floats as they are
         case .none:
             train.scale = 1
             train.shift = 0
         }
         test.normalize(like: train)
-        return (train, test)
+    }
+
+    /// Every rank must have read the same training set before they split work over it: its samples and their values.
+    private static func checkSameData(_ session: Session, _ train: Dataset) {
+        var low = [Int64(train.count), Int64(train.featureCount)], high = low
+        session.agree("data") {
+            try low.withUnsafeMutableBufferPointer { (b) throws(MPIError) in try session.communicator.allreduce(b, op: .min) }
+            try high.withUnsafeMutableBufferPointer { (b) throws(MPIError) in try session.communicator.allreduce(b, op: .max) }
+        }
+        session.agree("data") {
+            guard low == high else {
+                throw ReplicaError(description: "ranks read different training sets from \(train.name): between \(grouped(low[0])) and "
+                    + "\(grouped(high[0])) samples of \(low[1]) to \(high[1]) values (rank \(session.rank) has \(grouped(train.count)) of "
+                    + "\(train.featureCount))")
+            }
+        }
+    }
+
+    private static func standardize(_ session: Session, _ train: inout Dataset) {
+        let mine = stride(from: session.rank, to: train.statisticsChunks, by: session.worldSize)
+        let communicator = session.communicator
+        do {
+            switch train.features.element {
+            case .uint8:
+                var histogram = train.byteHistogram(chunks: mine)
+                try histogram.withUnsafeMutableBufferPointer { (b) throws(MPIError) in try communicator.allreduce(b, op: .sum) }
+                train.standardize(histogram: histogram)
+            case .float32:
+                let n = Double(train.features.count)
+                // Each chunk's sum comes from one rank (the others add 0): the allreduce gathers them exactly.
+                var sums = train.chunkSums(chunks: mine, center: 0, squared: false)
+                try sums.withUnsafeMutableBufferPointer { (b) throws(MPIError) in try communicator.allreduce(b, op: .sum) }
+                let mean = n > 0 ? sums.reduce(0, +) / n : 0
+                var squares = train.chunkSums(chunks: mine, center: mean, squared: true)
+                try squares.withUnsafeMutableBufferPointer { (b) throws(MPIError) in try communicator.allreduce(b, op: .sum) }
+                train.standardize(mean: mean, variance: n > 0 ? squares.reduce(0, +) / n : 0)
+            }
+        } catch {
+            session.abort("data statistics: \(error)")
+        }
     }
 
     /// All ranks compare the model layout, batch size, steps per epoch (or a checksum of the parameters), and

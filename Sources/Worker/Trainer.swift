@@ -132,8 +132,17 @@ enum Trainer {
                                 _ optimizer: Optimizer<Float>) -> TrainingPosition {
         let checkpointer = Checkpointer(runDirectory: session.runDirectory, keep: session.config.checkpointKeep)
         let path = resume == "latest" ? session.agree("resume") { try checkpointer.latest() } : resume
-        return CheckpointExchange.restore(session, model: prepared.model, optimizer: optimizer, from: path,
-                                          sampler: prepared.sampler)
+        let position = CheckpointExchange.restore(session, model: prepared.model, optimizer: optimizer, from: path,
+                                                  sampler: prepared.sampler)
+        session.agree("resume") {
+            for file in position.dataFiles ?? [] {
+                if let change = file.change() {
+                    throw DataError(path: file.path, reason: "\(change) since the checkpoint \(path) was written: a resumed run "
+                        + "must read the data it trained on")
+                }
+            }
+        }
+        return position
     }
 
     /// What it takes to use the model without this configuration, in model.safetensors and every checkpoint.

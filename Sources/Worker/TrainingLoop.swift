@@ -234,6 +234,7 @@ final class TrainingLoop {
     /// The end of an epoch: the exact test accuracy over every rank's share of the test set, the report, then a
     /// checkpoint. Returns the accuracy, which every rank received.
     private func endEpoch(_ epoch: Int) throws -> Double {
+        checkDataUnchanged()
         let evaluation = try phases.watched(.evaluation) {
             try shareBuffers(session, model)
             return try Evaluation.evaluate(session, model, on: prepared.test)
@@ -263,14 +264,27 @@ final class TrainingLoop {
         return .stopped("stop requested by \(source)")
     }
 
-    /// A checkpoint of the current position (collective), recorded in status.json.
+    /// A checkpoint of the current position (collective), recorded in status.json. The mapped data files are checked
+    /// first and recorded in it, so a resume can refuse files that changed.
     func checkpoint() throws {
+        checkDataUnchanged()
+        let files = (prepared.train.mappedFiles + prepared.test.mappedFiles).map { DataFileRecord(path: $0.path, identity: $0.identity) }
+        position.dataFiles = files.isEmpty ? nil : files
         lastCheckpoint = try phases.watched(.checkpoint) { try checkpoints.save(&position, reducer: reducer) }
         lastCheckpointUptime = Self.uptimeSeconds()
         progress.status.lastCheckpoint = lastCheckpoint
         progress.recordEvent(.checkpoint, step: position.globalStep)
         progress.status.step = position.globalStep
         progress.writeStatus()
+    }
+
+    /// A mapped data file that changed underneath the run (truncated, rewritten, replaced) ends it on every rank with
+    /// one message naming the file, before a read of it can raise SIGBUS or return other values.
+    private func checkDataUnchanged() {
+        checkpoints.failure.agree("data") {
+            try prepared.train.checkUnchanged()
+            try prepared.test.checkUnchanged()
+        }
     }
 
     /// Rank 0 only: whether `checkpoint.every_seconds` have passed since the last checkpoint. The test hook

@@ -593,6 +593,7 @@ private func gathered<T: BinaryFloatingPoint>(_ data: Dataset, _ indices: [Int],
             switch data.features {
             case .uint8(let v): stored = { Double(v[$0]) }
             case .float32(let v): stored = { Double(v[$0]) }
+            case .mapped: Issue.record("in-memory sets only here"); return
             }
             let doubles = gathered(data, indices, as: Double.self)
             let singles = gathered(data, indices, as: Float.self)

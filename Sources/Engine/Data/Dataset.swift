@@ -6,11 +6,23 @@ public struct Dataset: Sendable {
     public enum Features: Sendable {
         case uint8([UInt8])
         case float32([Float])
+        /// Raw `.npy` shards mapped read-only: the values stay in the page cache, shared by the ranks of a node.
+        case mapped(MappedFeatures)
 
         public var count: Int {
             switch self {
             case .uint8(let v): v.count
             case .float32(let v): v.count
+            case .mapped(let m): m.count * m.featureCount
+            }
+        }
+
+        /// How the values are stored.
+        public var element: StoredElement {
+            switch self {
+            case .uint8: .uint8
+            case .float32: .float32
+            case .mapped(let m): m.element
             }
         }
     }
@@ -65,10 +77,7 @@ public struct Dataset: Sendable {
         self.sampleShape = sampleShape
         self.features = features
         self.labels = labels
-        switch features {
-        case .uint8: scale = 1.0 / 255.0
-        case .float32: scale = 1
-        }
+        scale = features.element == .uint8 ? 1.0 / 255.0 : 1
         shift = 0
     }
 
@@ -88,40 +97,96 @@ public struct Dataset: Sendable {
     }
 
     /// Loads `.npy` features ([N, ...] of uint8, float32, or float64 which is stored as float32) and labels
-    /// ([N] of uint8 or int64; int64 labels outside 0...Int32.max are an error).
-    public static func loadNPY(features: String, labels: String) throws -> Dataset {
-        let x = try NPY.read(path: features)
-        let y = try NPY.read(path: labels)
-        guard x.shape.count >= 1 else {
-            throw DataError(path: features, reason: "expected features shaped [N, ...], got a 0-d array")
+    /// ([N] of uint8 or int64; int64 labels outside 0...Int32.max are an error). `features` and `labels` may each name
+    /// one file, a directory or a glob of shards (`DataFiles`): one labels file per features shard, in the same order,
+    /// with one label per sample of its shard; one global sample index runs over the shards in order.
+    /// - Parameter mapped: map raw uint8 and float32 files (`MappedFeatures`) instead of reading them; a set with a
+    ///   gzip-compressed or float64 file is read into memory.
+    public static func loadNPY(features: String, labels: String, mapped: Bool = false) throws -> Dataset {
+        let featureFiles = try DataFiles.resolve(features)
+        let labelFiles = try DataFiles.resolve(labels)
+        guard featureFiles.count == labelFiles.count else {
+            throw DataError(path: labels, reason: "names \(labelFiles.count) labels file\(labelFiles.count == 1 ? "" : "s") but "
+                + "\(features) names \(featureFiles.count) feature shard\(featureFiles.count == 1 ? "" : "s"): one labels file per shard")
         }
-        try checkLabels(shape: y.shape, path: labels, samples: x.shape[0], samplesPath: features, noun: "samples")
-        let stored: Features
-        switch x.storage {
-        case .uint8(let v): stored = .uint8(v)
-        case .float32(let v): stored = .float32(v)
-        case .float64(let v): stored = .float32(v.map { Float($0) })
-        case .int64:
-            throw DataError(path: features, reason: "unsupported feature dtype int64 (expected uint8, float32 or float64)")
-        }
-        let labelValues: [Int32]
-        switch y.storage {
-        case .uint8(let v):
-            labelValues = v.map { Int32($0) }
-        case .int64(let v):
-            if let index = v.firstIndex(where: { $0 < 0 || $0 > Int64(Int32.max) }) {
-                throw DataError(path: labels, reason: "label \(v[index]) at index \(index) is outside 0...\(Int32.max)")
+        let mappable = featureFiles.allSatisfy { (try? NPY.layout(path: $0)).map { StoredElement($0.dtype) != nil } ?? false }
+        if mapped && mappable {
+            let store = try MappedFeatures(paths: featureFiles)
+            var all: [Int32] = []
+            for (shard, labelFile) in zip(store.shards, labelFiles) {
+                all += try readLabels(labelFile, samples: shard.rows, samplesPath: shard.path)
             }
-            labelValues = v.map { Int32($0) }
-        default:
-            throw DataError(path: labels, reason: "unsupported label dtype \(y.dtypeName) (expected uint8 or int64)")
+            return try Dataset(name: features, labelsName: labels, featureCount: store.featureCount, sampleShape: store.sampleShape,
+                               features: .mapped(store), labels: all)
         }
-        let featureCount = x.shape.dropFirst().reduce(1, *)  // cannot overflow: NPY.read checked the whole product
+        var shards: [(path: String, array: NPYArray)] = []
+        var all: [Int32] = []
+        for (featureFile, labelFile) in zip(featureFiles, labelFiles) {
+            let x = try NPY.read(path: featureFile)
+            guard x.shape.count >= 1 else {
+                throw DataError(path: featureFile, reason: "expected features shaped [N, ...], got a 0-d array")
+            }
+            if let first = shards.first, x.dtypeName != first.array.dtypeName || x.shape.dropFirst() != first.array.shape.dropFirst() {
+                throw DataError(path: featureFile, reason: "holds \(x.dtypeName) samples shaped \(Array(x.shape.dropFirst())), but "
+                    + "\(first.path) holds \(first.array.dtypeName) samples shaped \(Array(first.array.shape.dropFirst())): every "
+                    + "shard of a data set must have the same dtype and sample shape")
+            }
+            if featureFiles.count > 1 && x.shape[0] == 0 {
+                throw DataError(path: featureFile, reason: "is an empty shard: shape \(x.shape) holds no samples")
+            }
+            all += try readLabels(labelFile, samples: x.shape[0], samplesPath: featureFile)
+            shards.append((featureFile, x))
+        }
+        let shape = shards[0].array.shape
+        let featureCount = shape.dropFirst().reduce(1, *)  // cannot overflow: NPY.read checked the whole product
         guard featureCount > 0 else {
-            throw DataError(path: features, reason: "samples have no features: shape \(x.shape)")
+            throw DataError(path: featureFiles[0], reason: "samples have no features: shape \(shape)")
         }
         return try Dataset(name: features, labelsName: labels, featureCount: featureCount,
-                           sampleShape: x.shape.count == 1 ? [1] : Array(x.shape.dropFirst()), features: stored, labels: labelValues)
+                           sampleShape: shape.count == 1 ? [1] : Array(shape.dropFirst()),
+                           features: try concatenated(shards), labels: all)
+    }
+
+    /// The shards' values one after another, as stored (float64 as float32).
+    private static func concatenated(_ shards: [(path: String, array: NPYArray)]) throws -> Features {
+        if shards.count == 1 { return try stored(shards[0].array, path: shards[0].path) }
+        switch try stored(shards[0].array, path: shards[0].path) {
+        case .uint8:
+            var values: [UInt8] = []
+            for shard in shards { if case .uint8(let v) = try stored(shard.array, path: shard.path) { values += v } }
+            return .uint8(values)
+        default:
+            var values: [Float] = []
+            for shard in shards { if case .float32(let v) = try stored(shard.array, path: shard.path) { values += v } }
+            return .float32(values)
+        }
+    }
+
+    private static func stored(_ x: NPYArray, path: String) throws -> Features {
+        switch x.storage {
+        case .uint8(let v): .uint8(v)
+        case .float32(let v): .float32(v)
+        case .float64(let v): .float32(v.map { Float($0) })
+        case .int64:
+            throw DataError(path: path, reason: "unsupported feature dtype int64 (expected uint8, float32 or float64)")
+        }
+    }
+
+    /// The labels of `path`, one per sample of the `samples` samples of `samplesPath`.
+    private static func readLabels(_ path: String, samples: Int, samplesPath: String) throws -> [Int32] {
+        let y = try NPY.read(path: path)
+        try checkLabels(shape: y.shape, path: path, samples: samples, samplesPath: samplesPath, noun: "samples")
+        switch y.storage {
+        case .uint8(let v):
+            return v.map { Int32($0) }
+        case .int64(let v):
+            if let index = v.firstIndex(where: { $0 < 0 || $0 > Int64(Int32.max) }) {
+                throw DataError(path: path, reason: "label \(v[index]) at index \(index) is outside 0...\(Int32.max)")
+            }
+            return v.map { Int32($0) }
+        default:
+            throw DataError(path: path, reason: "unsupported label dtype \(y.dtypeName) (expected uint8 or int64)")
+        }
     }
 
     /// Labels must be one per sample: shaped [N] with N the features' first dimension.
@@ -139,11 +204,26 @@ public struct Dataset: Sendable {
     /// The largest label (-1 for an empty data set).
     /// Bytes the samples and labels occupy in memory.
     public var residentBytes: Double {
-        let perValue = switch features {
-        case .uint8: 1.0
-        case .float32: 4.0
+        let features: Double = switch self.features {
+        case .uint8, .float32: Double(self.features.count * self.features.element.size)
+        case .mapped: 0
         }
-        return Double(features.count) * perValue + Double(labels.count) * 4
+        return features + Double(labels.count) * 4
+    }
+
+    /// The mapped files and what they were when mapped (none for data held in memory).
+    public var mappedFiles: [(path: String, identity: FileIdentity)] {
+        if case .mapped(let m) = features { m.shards.map { ($0.path, $0.identity) } } else { [] }
+    }
+
+    /// Throws, naming the file, when a mapped file is no longer the one that was mapped.
+    public func checkUnchanged() throws {
+        if case .mapped(let m) = features { try m.checkUnchanged() }
+    }
+
+    /// Bytes of mapped files: shared through the page cache by every rank of a node (0 for data held in memory).
+    public var mappedBytes: Double {
+        if case .mapped(let m) = features { Double(m.mappedBytes) } else { 0 }
     }
 
     public var maxLabel: Int32 { labels.max() ?? -1 }
@@ -162,50 +242,104 @@ public struct Dataset: Sendable {
 
     // MARK: - Normalisation
 
+    /// Rows per chunk of the statistics: fixed, so that chunk sums are added in the same order however many ranks
+    /// compute them, and N ranks standardise exactly as one does.
+    public static let statisticsChunkRows = 4096
+    public var statisticsChunks: Int { (count + Self.statisticsChunkRows - 1) / Self.statisticsChunkRows }
+
     /// Sets `scale` and `shift` so that gathered features have mean 0 and standard deviation 1 over the whole
     /// data set, and returns the mean and (population) standard deviation they had before, i.e. of the values
     /// as gathered with the default scale: x/255 for uint8 (computed exactly from a histogram), x for float32.
-    /// Constant data only has its mean removed (a standard deviation of 0 is treated as 1).
+    /// Constant data only has its mean removed (a standard deviation of 0 is treated as 1). This process computes
+    /// every chunk; a job splits them over its ranks with the same parts (`byteHistogram`, `chunkSums`).
     @discardableResult
     public mutating func standardize() -> (mean: Double, std: Double) {
-        let base: Double  // the default scale: statistics are of x * base
-        let mean: Double
-        let variance: Double
-        switch features {
-        case .uint8(let values):
-            base = 1.0 / 255.0
-            var histogram = [Int](repeating: 0, count: 256)
-            values.withUnsafeBufferPointer { v in
-                histogram.withUnsafeMutableBufferPointer { h in
-                    for x in v { h[Int(x)] += 1 }
+        let all = 0..<statisticsChunks
+        switch features.element {
+        case .uint8:
+            return standardize(histogram: byteHistogram(chunks: all))
+        case .float32:
+            let n = Double(features.count)
+            let mean = n > 0 ? chunkSums(chunks: all, center: 0, squared: false).reduce(0, +) / n : 0
+            let variance = n > 0 ? chunkSums(chunks: all, center: mean, squared: true).reduce(0, +) / n : 0
+            return standardize(mean: mean, variance: variance)
+        }
+    }
+
+    /// uint8 features: how often each byte value occurs in the rows of `chunks`.
+    public func byteHistogram(chunks: some Sequence<Int>) -> [Int64] {
+        precondition(features.element == .uint8, "byteHistogram of \(features.element) features")
+        var histogram = [Int64](repeating: 0, count: 256)
+        histogram.withUnsafeMutableBufferPointer { h in
+            for chunk in chunks {
+                forEachRow(of: chunk) { row in
+                    let values = row.assumingMemoryBound(to: UInt8.self)
+                    for j in 0..<featureCount { h[Int(values[j])] += 1 }
                 }
-            }
-            let n = Double(values.count)
-            var sum = 0.0
-            for (v, k) in histogram.enumerated() { sum += Double(v) / 255.0 * Double(k) }
-            mean = values.isEmpty ? 0 : sum / n
-            var squares = 0.0
-            for (v, k) in histogram.enumerated() {
-                let d = Double(v) / 255.0 - mean
-                squares += d * d * Double(k)
-            }
-            variance = values.isEmpty ? 0 : squares / n
-        case .float32(let values):
-            base = 1
-            // Two passes in Double: the one-pass formula loses digits when the mean is large.
-            (mean, variance) = values.withUnsafeBufferPointer { v -> (Double, Double) in
-                guard !v.isEmpty else { return (0, 0) }
-                var sum = 0.0
-                for x in v { sum += Double(x) }
-                let m = sum / Double(v.count)
-                var squares = 0.0
-                for x in v {
-                    let d = Double(x) - m
-                    squares += d * d
-                }
-                return (m, squares / Double(v.count))
             }
         }
+        return histogram
+    }
+
+    /// float32 features: for each chunk c of `chunks`, the sum over its values of (x - center), or of its square,
+    /// at index c of the result (0 elsewhere), summed in Double in row order.
+    public func chunkSums(chunks: some Sequence<Int>, center: Double, squared: Bool) -> [Double] {
+        precondition(features.element == .float32, "chunkSums of \(features.element) features")
+        var sums = [Double](repeating: 0, count: statisticsChunks)
+        for chunk in chunks {
+            var sum = 0.0
+            forEachRow(of: chunk) { row in
+                let values = row.assumingMemoryBound(to: Float.self)
+                if squared {
+                    for j in 0..<featureCount {
+                        let d = Double(values[j]) - center
+                        sum += d * d
+                    }
+                } else {
+                    for j in 0..<featureCount { sum += Double(values[j]) - center }
+                }
+            }
+            sums[chunk] = sum
+        }
+        return sums
+    }
+
+    /// The rows of statistics chunk `chunk`, in order.
+    private func forEachRow(of chunk: Int, _ body: (UnsafeRawPointer) -> Void) {
+        let rows = (chunk * Self.statisticsChunkRows)..<min(count, (chunk + 1) * Self.statisticsChunkRows)
+        switch features {
+        case .uint8(let values):
+            values.withUnsafeBytes { bytes in for i in rows { body(bytes.baseAddress! + i * featureCount) } }
+        case .float32(let values):
+            values.withUnsafeBytes { bytes in for i in rows { body(bytes.baseAddress! + i * featureCount * 4) } }
+        case .mapped(let mapped):
+            for i in rows { body(mapped.row(i)) }
+        }
+    }
+
+    /// Standardises uint8 features from the histogram of every stored byte (exact).
+    @discardableResult
+    public mutating func standardize(histogram: [Int64]) -> (mean: Double, std: Double) {
+        let n = Double(histogram.reduce(0, +))
+        var sum = 0.0
+        for (v, k) in histogram.enumerated() { sum += Double(v) / 255.0 * Double(k) }
+        let mean = n > 0 ? sum / n : 0
+        var squares = 0.0
+        for (v, k) in histogram.enumerated() {
+            let d = Double(v) / 255.0 - mean
+            squares += d * d * Double(k)
+        }
+        return standardize(base: 1.0 / 255.0, mean: mean, variance: n > 0 ? squares / n : 0)
+    }
+
+    /// Standardises float32 features from the mean and (population) variance of every stored value.
+    @discardableResult
+    public mutating func standardize(mean: Double, variance: Double) -> (mean: Double, std: Double) {
+        standardize(base: 1, mean: mean, variance: variance)
+    }
+
+    /// `base`: the default scale, the statistics being of x * base.
+    private mutating func standardize(base: Double, mean: Double, variance: Double) -> (mean: Double, std: Double) {
         let std = variance.squareRoot()
         let divisor = std > 0 ? std : 1
         scale = base / divisor
@@ -249,50 +383,77 @@ public struct Dataset: Sendable {
             precondition(augmentation.channels * augmentation.height * augmentation.width == featureCount,
                          "gather: augmentation for \(augmentation.channels)x\(augmentation.height)x\(augmentation.width) "
                             + "images, but \(name) has \(featureCount) features")
-            switch features {
-            case .uint8(let values):
-                values.withUnsafeBufferPointer {
-                    gatherAugmentedRows($0.baseAddress!, featureCount, indices, inputs, scale, shift, augmentation, epoch)
-                }
-            case .float32(let values):
-                values.withUnsafeBufferPointer {
-                    gatherAugmentedRows($0.baseAddress!, featureCount, indices, inputs, scale, shift, augmentation, epoch)
-                }
-            }
-            return
         }
+        let normalization = Normalization(scale: scale, shift: shift, augmentation: augmentation, epoch: epoch)
         switch features {
         case .uint8(let values):
             values.withUnsafeBufferPointer {
-                gatherRows($0.baseAddress!, featureCount, indices, inputs, scale, shift)
+                gatherRows(ContiguousRows(base: $0.baseAddress!, featureCount: featureCount), featureCount, indices, inputs, normalization)
             }
         case .float32(let values):
             values.withUnsafeBufferPointer {
-                gatherRows($0.baseAddress!, featureCount, indices, inputs, scale, shift)
+                gatherRows(ContiguousRows(base: $0.baseAddress!, featureCount: featureCount), featureCount, indices, inputs, normalization)
+            }
+        case .mapped(let mapped):
+            switch mapped.element {
+            case .uint8: gatherRows(MappedRows<UInt8>(features: mapped), featureCount, indices, inputs, normalization)
+            case .float32: gatherRows(MappedRows<Float>(features: mapped), featureCount, indices, inputs, normalization)
             }
         }
     }
 }
 
-// The element loops: one per stored type, specialised for both destination types because an unspecialised
-// generic loop reached from another module runs ~70x slower. The affine map is computed in Double and
-// rounded once to T, so Float and Double batches agree to Float precision.
+/// Where the stored values of sample `index` start: in one array, or in a mapped shard.
+private protocol SampleRows {
+    associatedtype Value
+    func row(_ index: Int) -> UnsafePointer<Value>
+}
 
-@_specialize(where T == Float)
-@_specialize(where T == Double)
-private func gatherRows<T: BinaryFloatingPoint>(
-    _ source: UnsafePointer<UInt8>, _ featureCount: Int, _ indices: UnsafeBufferPointer<Int>,
-    _ destination: UnsafeMutablePointer<T>, _ scale: Double, _ shift: Double
-) {
+private struct ContiguousRows<Value>: SampleRows {
+    let base: UnsafePointer<Value>
+    let featureCount: Int
+    @inline(__always) func row(_ index: Int) -> UnsafePointer<Value> { base + index * featureCount }
+}
+
+private struct MappedRows<Value>: SampleRows {
+    let features: MappedFeatures
+    @inline(__always) func row(_ index: Int) -> UnsafePointer<Value> { features.row(index).assumingMemoryBound(to: Value.self) }
+}
+
+/// The affine map x * scale + shift, and the augmentation drawn per (epoch, sample) when there is one.
+private struct Normalization {
+    let scale: Double
+    let shift: Double
+    let augmentation: Augmentation?
+    let epoch: Int
+}
+
+// The element loops: one per stored type, generic over where rows come from and specialised at their call sites
+// (an unspecialised generic loop runs ~70x slower). The affine map is computed in Double and rounded once to T, so
+// Float and Double batches agree to Float precision. Augmented rows take the same arithmetic per element, the padding
+// being the stored value 0 normalised like any other.
+
+private func gatherRows<Rows: SampleRows, T: BinaryFloatingPoint>(
+    _ rows: Rows, _ featureCount: Int, _ indices: UnsafeBufferPointer<Int>, _ destination: UnsafeMutablePointer<T>,
+    _ normalization: Normalization
+) where Rows.Value == UInt8 {
     // A byte has 256 values: map each once (same arithmetic, so the same results) and look the rows up instead of
     // converting every element through Double (a sixth faster, BENCHMARKS.md, "Measurements behind comments in the
     // code"; the rest is fetching random rows from memory). The table lives on the stack: no allocation.
     withUnsafeTemporaryAllocation(of: T.self, capacity: 256) { table in
-        for v in 0..<256 { table[v] = T(Double(v) * scale + shift) }
+        for v in 0..<256 { table[v] = T(Double(v) * normalization.scale + normalization.shift) }
         let map = UnsafePointer(table.baseAddress!)
         var out = destination
+        if let augmentation = normalization.augmentation {
+            for index in indices {
+                augmentation.apply(augmentation.draw(epoch: normalization.epoch, index: index), from: rows.row(index), into: out,
+                                   padding: map[0]) { map[Int($0)] }
+                out += featureCount
+            }
+            return
+        }
         for index in indices {
-            let row = source + index * featureCount
+            let row = rows.row(index)
             var j = 0
             while j < featureCount {
                 out[j] = map[Int(row[j])]
@@ -303,54 +464,26 @@ private func gatherRows<T: BinaryFloatingPoint>(
     }
 }
 
-@_specialize(where T == Float)
-@_specialize(where T == Double)
-private func gatherRows<T: BinaryFloatingPoint>(
-    _ source: UnsafePointer<Float>, _ featureCount: Int, _ indices: UnsafeBufferPointer<Int>,
-    _ destination: UnsafeMutablePointer<T>, _ scale: Double, _ shift: Double
-) {
+private func gatherRows<Rows: SampleRows, T: BinaryFloatingPoint>(
+    _ rows: Rows, _ featureCount: Int, _ indices: UnsafeBufferPointer<Int>, _ destination: UnsafeMutablePointer<T>,
+    _ normalization: Normalization
+) where Rows.Value == Float {
+    let scale = normalization.scale, shift = normalization.shift
     var out = destination
+    if let augmentation = normalization.augmentation {
+        let padding = T(shift)  // the stored value 0 normalised: 0 * scale + shift
+        for index in indices {
+            augmentation.apply(augmentation.draw(epoch: normalization.epoch, index: index), from: rows.row(index), into: out,
+                               padding: padding) { T(Double($0) * scale + shift) }
+            out += featureCount
+        }
+        return
+    }
     for index in indices {
-        let row = source + index * featureCount
+        let row = rows.row(index)
         for j in 0..<featureCount {
             out[j] = T(Double(row[j]) * scale + shift)
         }
-        out += featureCount
-    }
-}
-
-// Augmented gathers: the same arithmetic per element as above (bytes through the table, floats through Double), the
-// padding being the stored value 0 normalised like any other.
-
-@_specialize(where T == Float)
-@_specialize(where T == Double)
-private func gatherAugmentedRows<T: BinaryFloatingPoint>(
-    _ source: UnsafePointer<UInt8>, _ featureCount: Int, _ indices: UnsafeBufferPointer<Int>,
-    _ destination: UnsafeMutablePointer<T>, _ scale: Double, _ shift: Double, _ augmentation: Augmentation, _ epoch: Int
-) {
-    withUnsafeTemporaryAllocation(of: T.self, capacity: 256) { table in
-        for v in 0..<256 { table[v] = T(Double(v) * scale + shift) }
-        let map = UnsafePointer(table.baseAddress!)
-        var out = destination
-        for index in indices {
-            augmentation.apply(augmentation.draw(epoch: epoch, index: index), from: source + index * featureCount, into: out,
-                               padding: map[0]) { map[Int($0)] }
-            out += featureCount
-        }
-    }
-}
-
-@_specialize(where T == Float)
-@_specialize(where T == Double)
-private func gatherAugmentedRows<T: BinaryFloatingPoint>(
-    _ source: UnsafePointer<Float>, _ featureCount: Int, _ indices: UnsafeBufferPointer<Int>,
-    _ destination: UnsafeMutablePointer<T>, _ scale: Double, _ shift: Double, _ augmentation: Augmentation, _ epoch: Int
-) {
-    var out = destination
-    let padding = T(shift)  // the stored value 0 normalised: 0 * scale + shift
-    for index in indices {
-        augmentation.apply(augmentation.draw(epoch: epoch, index: index), from: source + index * featureCount, into: out,
-                           padding: padding) { T(Double($0) * scale + shift) }
         out += featureCount
     }
 }

@@ -1,3 +1,9 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
 /// A NumPy array read from a `.npy` file: its shape (C order) and its values in one of the supported dtypes.
 public struct NPYArray: Sendable, Equatable {
     public enum Storage: Sendable, Equatable {
@@ -40,8 +46,20 @@ public struct NPYArray: Sendable, Equatable {
 ///
 /// Layout: magic `\x93NUMPY`, major and minor version bytes, a little-endian header length (2 bytes in
 /// version 1, 4 bytes in 2 and 3), a Python dict literal padded with spaces and a newline, then the data.
+/// What a `.npy` header says about the data after it.
+public struct NPYLayout: Sendable {
+    public let shape: [Int]
+    let dtype: NPY.DType
+    /// Where the data starts in the file.
+    public let dataOffset: Int
+    /// Elements: the product of `shape`.
+    public let count: Int
+    /// The NumPy name of the element type.
+    public var dtypeName: String { dtype.name }
+}
+
 public enum NPY {
-    private enum DType {
+    enum DType {
         case uint8, float32, float64, int64
         var itemSize: Int {
             switch self {
@@ -50,14 +68,60 @@ public enum NPY {
             case .float64, .int64: 8
             }
         }
+        var name: String {
+            switch self {
+            case .uint8: "uint8"
+            case .float32: "float32"
+            case .float64: "float64"
+            case .int64: "int64"
+            }
+        }
     }
 
     private static let magic: [UInt8] = [0x93, 0x4E, 0x55, 0x4D, 0x50, 0x59]  // "\x93NUMPY"
 
     public static func read(path: String) throws -> NPYArray {
         var data = try readFileBytes(path: path)
-        func fail(_ reason: String) -> DataError { DataError(path: path, reason: reason) }
+        let layout = try layout(of: data, fileSize: data.count, path: path)
+        let (dataStart, count) = (layout.dataOffset, layout.count)
+        let storage: NPYArray.Storage
+        switch layout.dtype {
+        case .uint8:
+            // Drop the header in place instead of copying the payload.
+            data.removeSubrange(0..<dataStart)
+            storage = .uint8(data)
+        case .float32:
+            storage = .float32(decodeLittleEndian(data, from: dataStart, count: count) { (b: UInt32) in Float(bitPattern: b) })
+        case .float64:
+            storage = .float64(decodeLittleEndian(data, from: dataStart, count: count) { (b: UInt64) in Double(bitPattern: b) })
+        case .int64:
+            storage = .int64(decodeLittleEndian(data, from: dataStart, count: count) { (b: UInt64) in Int64(bitPattern: b) })
+        }
+        return NPYArray(shape: layout.shape, storage: storage)
+    }
 
+    /// The layout of a raw (uncompressed) `.npy` file from its header alone, checked against the file's size: what
+    /// mapping the file needs. A gzip-compressed file cannot be mapped: an error says so.
+    public static func layout(path: String) throws -> NPYLayout {
+        let fd = open(path, O_RDONLY)
+        guard fd >= 0 else { throw DataError(path: path, reason: "cannot open file: \(String(cString: strerror(errno)))") }
+        defer { close(fd) }
+        var info = stat()
+        guard fstat(fd, &info) == 0 else { throw DataError(path: path, reason: "cannot stat file: \(String(cString: strerror(errno)))") }
+        // The header is at most 12 bytes of preamble and a length field of up to 4 bytes; NumPy keeps it under 64 KiB.
+        let prefix = [UInt8](unsafeUninitializedCapacity: 1 << 16) { buffer, count in
+            count = max(0, pread(fd, buffer.baseAddress!, buffer.count, 0))
+        }
+        if prefix.count >= 2 && prefix[0] == 0x1F && prefix[1] == 0x8B {
+            throw DataError(path: path, reason: "is gzip-compressed and cannot be mapped")
+        }
+        return try layout(of: prefix, fileSize: Int(info.st_size), path: path)
+    }
+
+    /// Reads the header at the start of `data` (the file, or its first bytes) and checks that a file of `fileSize`
+    /// bytes holds exactly the data it describes.
+    static func layout(of data: [UInt8], fileSize: Int, path: String) throws -> NPYLayout {
+        func fail(_ reason: String) -> DataError { DataError(path: path, reason: reason) }
         guard data.count >= 6, Array(data[0..<6]) == magic else {
             let shown = data.prefix(6).map(hexByte).joined(separator: " ")
             throw fail("not a .npy file: magic bytes [\(shown)] (expected 0x93 'NUMPY')")
@@ -80,13 +144,11 @@ public enum NPY {
         guard dataStart <= data.count else {
             throw fail("header length \(headerLength) runs past the end of the file (file has \(data.count) bytes)")
         }
-
         let header = try parseHeader(Array(data[headerStart..<dataStart]), path: path)
         let dtype = try dataType(header.descr, path: path)
         if header.fortranOrder {
             throw fail("Fortran-order arrays are not supported; save with np.ascontiguousarray")
         }
-
         var count = 1
         for dim in header.shape {
             let (p, overflow) = count.multipliedReportingOverflow(by: dim)
@@ -95,26 +157,12 @@ public enum NPY {
         }
         let (byteCount, overflow) = count.multipliedReportingOverflow(by: dtype.itemSize)
         if overflow { throw fail("shape \(header.shape) has more bytes than can be addressed") }
-        let payload = data.count - dataStart
+        let payload = fileSize - dataStart
         guard payload == byteCount else {
             let what = payload < byteCount ? "truncated data" : "trailing bytes after data"
             throw fail("\(what): expected \(byteCount) data bytes for \(header.descr) shape \(header.shape), file has \(payload)")
         }
-
-        let storage: NPYArray.Storage
-        switch dtype {
-        case .uint8:
-            // Drop the header in place instead of copying the payload.
-            data.removeSubrange(0..<dataStart)
-            storage = .uint8(data)
-        case .float32:
-            storage = .float32(decodeLittleEndian(data, from: dataStart, count: count) { (b: UInt32) in Float(bitPattern: b) })
-        case .float64:
-            storage = .float64(decodeLittleEndian(data, from: dataStart, count: count) { (b: UInt64) in Double(bitPattern: b) })
-        case .int64:
-            storage = .int64(decodeLittleEndian(data, from: dataStart, count: count) { (b: UInt64) in Int64(bitPattern: b) })
-        }
-        return NPYArray(shape: header.shape, storage: storage)
+        return NPYLayout(shape: header.shape, dtype: dtype, dataOffset: dataStart, count: count)
     }
 
     private static func dataType(_ descr: String, path: String) throws -> DType {

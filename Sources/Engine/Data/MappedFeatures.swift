@@ -1,0 +1,228 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// A file as it was when it was opened: a run compares it again before it trusts the data (at every epoch's end, at
+/// every checkpoint and on resume), since a mapped file that is truncated or replaced underneath a run would give
+/// other values, or a SIGBUS, instead of an error.
+public struct FileIdentity: Equatable, Sendable, Codable {
+    public let size: Int
+    public let modified: Double
+    public let inode: UInt64
+
+    public static func of(_ path: String) throws -> FileIdentity {
+        var info = stat()
+        guard stat(path, &info) == 0 else {
+            throw DataError(path: path, reason: "cannot stat file: \(String(cString: strerror(errno)))")
+        }
+        return FileIdentity(size: Int(info.st_size), modified: Double(info.st_mtim.tv_sec) + Double(info.st_mtim.tv_nsec) * 1e-9,
+                            inode: UInt64(info.st_ino))
+    }
+
+    /// Why `now` is not this file any more, or nil when it is.
+    public func change(to now: FileIdentity) -> String? {
+        if now.inode != inode { return "was replaced (another file now has its name)" }
+        if now.size != size { return "changed size from \(size) to \(now.size) bytes" }
+        if now.modified != modified { return "was modified (its modification time changed)" }
+        return nil
+    }
+}
+
+/// The features of one or more raw `.npy` files (shards), mapped read-only: a rank touches only the pages of the
+/// samples it gathers, and every rank of a node shares one copy of them in the page cache. One global sample index
+/// runs over the shards in order. Values are read in place (uint8, or float32 little-endian on a little-endian host).
+public final class MappedFeatures: @unchecked Sendable {
+    public struct Shard: @unchecked Sendable {
+        public let path: String
+        /// The shard's first sample in the global index, and its samples.
+        public let firstRow: Int
+        public let rows: Int
+        public let identity: FileIdentity
+        /// The first value of the shard's data, inside `mapping`.
+        let data: UnsafeRawPointer
+        let mapping: UnsafeMutableRawPointer
+        let length: Int
+    }
+
+    public let element: StoredElement
+    public let featureCount: Int
+    public let sampleShape: [Int]
+    public let shards: [Shard]
+    /// Samples over all shards.
+    public let count: Int
+    private let rowBytes: Int
+    /// `shards[i].firstRow`, for the binary search of `row(_:)`.
+    private let firstRows: UnsafeMutableBufferPointer<Int>
+
+    /// Maps every file of `paths` (in that order). They must hold arrays of the same dtype (uint8 or float32) and the
+    /// same sample shape, each with at least one sample.
+    public init(paths: [String]) throws {
+        precondition(!paths.isEmpty, "no shards to map")
+        var shards: [Shard] = []
+        var first: (path: String, layout: NPYLayout)? = nil
+        do {
+            for path in paths {
+                let layout = try NPY.layout(path: path)
+                guard let element = StoredElement(layout.dtype) else {
+                    throw DataError(path: path, reason: "has dtype \(layout.dtypeName): a mapped data set holds uint8 or float32 "
+                        + "features (convert with a.astype('float32'), or set data.mmap=false to read it into memory)")
+                }
+                guard layout.shape.count >= 1, layout.shape[0] > 0 else {
+                    throw DataError(path: path, reason: "is an empty shard: shape \(layout.shape) holds no samples")
+                }
+                guard layout.dataOffset % element.size == 0 else {
+                    throw DataError(path: path, reason: "its data starts at byte \(layout.dataOffset), not aligned for "
+                        + "\(layout.dtypeName): write it with NumPy's np.save, or set data.mmap=false")
+                }
+                if let first {
+                    if layout.dtypeName != first.layout.dtypeName || Array(layout.shape.dropFirst()) != Array(first.layout.shape.dropFirst()) {
+                        throw DataError(path: path, reason: "holds \(layout.dtypeName) samples shaped \(Array(layout.shape.dropFirst())), "
+                            + "but \(first.path) holds \(first.layout.dtypeName) samples shaped \(Array(first.layout.shape.dropFirst())): "
+                            + "every shard of a data set must have the same dtype and sample shape")
+                    }
+                } else {
+                    first = (path, layout)
+                }
+                shards.append(try Self.map(path, layout: layout, firstRow: shards.last.map { $0.firstRow + $0.rows } ?? 0))
+            }
+        } catch {
+            for shard in shards { munmap(shard.mapping, shard.length) }
+            throw error
+        }
+        let layout = first!.layout
+        element = StoredElement(layout.dtype)!
+        let sampleShape = layout.shape.count == 1 ? [1] : Array(layout.shape.dropFirst())
+        self.sampleShape = sampleShape
+        featureCount = sampleShape.reduce(1, *)
+        rowBytes = featureCount * element.size
+        self.shards = shards
+        count = shards.last!.firstRow + shards.last!.rows
+        firstRows = .allocate(capacity: shards.count)
+        _ = firstRows.initialize(from: shards.map(\.firstRow))
+        for shard in shards { MappedRegions.register(shard) }
+    }
+
+    deinit {
+        for shard in shards {
+            MappedRegions.unregister(shard)
+            munmap(shard.mapping, shard.length)
+        }
+        firstRows.deallocate()
+    }
+
+    private static func map(_ path: String, layout: NPYLayout, firstRow: Int) throws -> Shard {
+        let identity = try FileIdentity.of(path)
+        let fd = open(path, O_RDONLY)
+        guard fd >= 0 else { throw DataError(path: path, reason: "cannot open file: \(String(cString: strerror(errno)))") }
+        defer { close(fd) }
+        guard let mapping = mmap(nil, identity.size, PROT_READ, MAP_SHARED, fd, 0), mapping != MAP_FAILED else {
+            throw DataError(path: path, reason: "cannot map file: \(String(cString: strerror(errno)))")
+        }
+        return Shard(path: path, firstRow: firstRow, rows: layout.shape[0], identity: identity,
+                     data: UnsafeRawPointer(mapping + layout.dataOffset), mapping: mapping, length: identity.size)
+    }
+
+    /// Sample `index`'s stored values.
+    @inline(__always)
+    public func row(_ index: Int) -> UnsafeRawPointer {
+        // The last shard whose first row is at most `index`.
+        var low = 0, high = firstRows.count - 1
+        while low < high {
+            let middle = (low + high + 1) >> 1
+            if firstRows[middle] <= index { low = middle } else { high = middle - 1 }
+        }
+        let shard = shards[low]
+        return shard.data + (index - shard.firstRow) * rowBytes
+    }
+
+    /// Bytes mapped: shared by every rank of a node through the page cache, resident only as far as they are read.
+    public var mappedBytes: Int { shards.reduce(0) { $0 + $1.length } }
+
+    /// Throws, naming the shard, when a file is no longer the one that was mapped.
+    public func checkUnchanged() throws {
+        for shard in shards {
+            let now = try FileIdentity.of(shard.path)
+            if let change = shard.identity.change(to: now) {
+                throw DataError(path: shard.path, reason: "\(change) while the run used it: a shard must not change during a run")
+            }
+        }
+    }
+}
+
+/// How stored feature values are typed: what a reader delivers and the gather loops convert.
+public enum StoredElement: String, Sendable {
+    case uint8, float32
+    public var size: Int { self == .uint8 ? 1 : 4 }
+
+    init?(_ dtype: NPY.DType) {
+        switch dtype {
+        case .uint8: self = .uint8
+        case .float32: self = .float32
+        case .float64, .int64: return nil
+        }
+    }
+}
+
+/// Every mapped shard's address range and path, kept where a SIGBUS handler can read them without allocating: a file
+/// truncated while mapped makes a read past its new end raise SIGBUS, and the handler names the file instead of the
+/// process dying with a bare signal (`installFaultHandler`).
+public enum MappedRegions {
+    private static let capacity = 4096
+    /// (start, end, path as a C string) of each registered shard; a slot with start 0 is free.
+    nonisolated(unsafe) private static let slots: UnsafeMutablePointer<(UInt, UInt, UnsafeMutablePointer<CChar>?)> = {
+        let slots = UnsafeMutablePointer<(UInt, UInt, UnsafeMutablePointer<CChar>?)>.allocate(capacity: capacity)
+        slots.initialize(repeating: (0, 0, nil), count: capacity)
+        return slots
+    }()
+    /// The handler's words, made as C strings before it can run: it must not allocate.
+    nonisolated(unsafe) private static var prefix: UnsafeMutablePointer<CChar>? = nil
+    nonisolated(unsafe) private static var explanation: UnsafeMutablePointer<CChar>? = nil
+
+    static func register(_ shard: MappedFeatures.Shard) {
+        let start = UInt(bitPattern: shard.mapping)
+        for i in 0..<capacity where slots[i].0 == 0 {
+            slots[i] = (start, start + UInt(shard.length), strdup(shard.path))
+            return
+        }
+    }
+
+    static func unregister(_ shard: MappedFeatures.Shard) {
+        let start = UInt(bitPattern: shard.mapping)
+        for i in 0..<capacity where slots[i].0 == start {
+            let path = slots[i].2
+            slots[i] = (0, 0, nil)
+            free(path)
+            return
+        }
+    }
+
+    /// Installs the SIGBUS handler: a fault inside a mapped shard prints `PREFIX error: DATA FILE: changed while
+    /// mapped ...` and exits 1 (the launcher then ends the other ranks); any other SIGBUS keeps its default action.
+    public static func installFaultHandler(prefix: String) {
+        Self.prefix = strdup(prefix + " error: ")
+        explanation = strdup(": the data file changed while it was mapped (truncated or rewritten: reading it raised SIGBUS); "
+            + "a shard must not change during a run\n")
+        var action = sigaction()
+        action.sa_flags = SA_SIGINFO
+        action.__sigaction_handler.sa_sigaction = { _, info, _ in
+            let address = UInt(bitPattern: info?.pointee._sifields._sigfault.si_addr)
+            var path: UnsafeMutablePointer<CChar>? = nil
+            for i in 0..<MappedRegions.capacity where MappedRegions.slots[i].0 != 0 {
+                if address >= MappedRegions.slots[i].0 && address < MappedRegions.slots[i].1 { path = MappedRegions.slots[i].2 }
+            }
+            guard let path else {
+                signal(SIGBUS, SIG_DFL)
+                raise(SIGBUS)
+                return
+            }
+            func say(_ text: UnsafePointer<CChar>?) { if let text { _ = write(2, text, strlen(text)) } }
+            say(MappedRegions.prefix)
+            say(path)
+            say(MappedRegions.explanation)
+            _exit(1)
+        }
+        sigaction(SIGBUS, &action, nil)
+    }
+}
