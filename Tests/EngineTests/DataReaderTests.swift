@@ -39,7 +39,7 @@ func runPython(_ script: String, arguments: [String] = []) throws -> String {
 }
 
 /// Asserts that `body` throws a DataError about `path` whose reason contains every one of `fragments`.
-private func expectDataError(
+func expectDataError(
     path: String, _ fragments: [String], sourceLocation: SourceLocation = #_sourceLocation, _ body: () throws -> Void
 ) {
     do {
