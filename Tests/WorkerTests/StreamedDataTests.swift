@@ -1,0 +1,128 @@
+import Foundation
+import Testing
+
+/// Mapped and sharded `.npy` data sets in real jobs under mpirun: the same model as the in-memory path, bit for bit;
+/// a shard that changes underneath a run, or between a stop and its resume, is one clear error naming it; a bad
+/// shard set stops every rank during setup, with nothing written.
+@Suite("Streamed data", .serialized, .temporaryFiles)
+struct StreamedDataTests {
+    /// NumPy writes 8x8 one-channel images (uint8 or float32), `n` samples, as one file `x.npy`/`y.npy` and as seven
+    /// uneven numbered shards, plus a test set.
+    func write(_ directory: String, n: Int = 900, dtype: String = "float32") throws {
+        try FileManager.default.createDirectory(atPath: directory + "/shards", withIntermediateDirectories: true)
+        let script = """
+            import numpy as np, sys
+            d, n, dtype = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+            rng = np.random.default_rng(11)
+            y = rng.integers(0, 4, size=n)
+            x = rng.normal(0, 1, size=(n, 1, 8, 8)) + y[:, None, None, None] * 0.7
+            x = (np.clip(x * 40 + 100, 0, 255).astype(np.uint8) if dtype == 'uint8' else (x * 3 + 5).astype(np.float32))
+            np.save(d + '/x.npy', x); np.save(d + '/y.npy', y.astype(np.int64))
+            np.save(d + '/tx.npy', x[:200]); np.save(d + '/ty.npy', y[:200].astype(np.int64))
+            cuts = [0, 1, 130, 131, 400, 401, 700, n]
+            for i in range(7):
+                np.save(f'{d}/shards/x-{i:05d}-of-00007.npy', x[cuts[i]:cuts[i + 1]])
+                np.save(f'{d}/shards/y-{i:05d}-of-00007.npy', y[cuts[i]:cuts[i + 1]].astype(np.int64))
+            """
+        let r = try Harness.run("/usr/bin/env", ["python3", "-c", script, directory, "\(n)", dtype], environment: [:], timeout: 120)
+        #expect(r.status == 0, "\(r.output)")
+    }
+
+    func job(_ data: String, runDir: String, features: String, labels: String, extra: [String] = []) -> [String] {
+        ["train", "--run-dir", runDir, "--progress", "plain",
+         "--set", "data.format=npy", "--set", "data.train_features=\(features)", "--set", "data.train_labels=\(labels)",
+         "--set", "data.test_features=\(data)/tx.npy", "--set", "data.test_labels=\(data)/ty.npy",
+         "--set", "model.layers=[conv 4 3 pad 1, relu, maxpool 2, flatten, linear 16, relu, linear 4]",
+         "--set", "data.augment.flip=true", "--set", "data.augment.crop_padding=1", "--set", "training.epochs=2",
+         "--set", "training.batch_size=16", "--set", "schedule.warmup_steps=0", "--set", "logging.interval=20"] + extra
+    }
+
+    /// The tensors of a model file, as Python's safetensors reads them, in one comparable string.
+    func tensors(_ path: String) throws -> String {
+        let script = "import sys, hashlib\nfrom safetensors.numpy import load_file\nt = load_file(sys.argv[1])\n"
+            + "print(' '.join(k + ':' + hashlib.sha256(t[k].tobytes()).hexdigest()[:16] for k in sorted(t)))"
+        let r = try Harness.run("/usr/bin/env", ["python3", "-c", script, path], environment: [:], timeout: 60)
+        #expect(r.status == 0, "\(r.output)")
+        return r.output
+    }
+
+    @Test(arguments: ["float32", "uint8"])
+    func sevenMappedShardsOnTwoRanksTrainTheModelOfOneFileInMemory(dtype: String) throws {
+        let data = temporaryRunDirectory()
+        try write(data, dtype: dtype)
+        let streamed = temporaryRunDirectory(), inMemory = temporaryRunDirectory()
+        let a = try Harness.mpirun(2, job(data, runDir: streamed, features: data + "/shards/x-*.npy", labels: data + "/shards/y-*.npy"))
+        #expect(a.status == 0, "\(a.output)")
+        #expect(a.output.contains("mapped, shared by the node's ranks through the page cache: data"), "\(a.output)")
+        let b = try Harness.mpirun(2, job(data, runDir: inMemory, features: data + "/x.npy", labels: data + "/y.npy",
+                                          extra: ["--set", "data.mmap=false"]))
+        #expect(b.status == 0, "\(b.output)")
+        #expect(!b.output.contains("mapped, shared"), "\(b.output)")
+        #expect(try tensors(streamed + "/model.safetensors") == tensors(inMemory + "/model.safetensors"))
+    }
+
+    /// A checkpoint records the mapped files (size, modification time); a resume after one was rewritten is refused,
+    /// naming it, before any rank trains on other data.
+    @Test func aShardChangedBeforeResumeIsRefusedNamingIt() throws {
+        let data = temporaryRunDirectory()
+        try write(data)
+        let run = temporaryRunDirectory()
+        let arguments = job(data, runDir: run, features: data + "/shards/x-*.npy", labels: data + "/shards/y-*.npy")
+        let stopped = try Harness.startSlowed(2, arguments).stop(after: "epoch 1/2 step 20/")
+        #expect(stopped.status == 0, "\(stopped.output)")
+        // Rewritten between the stop and the resume: same size, new modification time.
+        let shard = data + "/shards/x-00003-of-00007.npy"
+        let contents = try Data(contentsOf: URL(fileURLWithPath: shard))
+        usleep(20_000)
+        try contents.write(to: URL(fileURLWithPath: shard))
+        let resumed = try Harness.resume(run)
+        #expect(resumed.status == 1, "\(resumed.output)")
+        #expect(resumed.output.contains("\(shard): was modified"), "\(resumed.output)")
+        #expect(resumed.output.contains("a resumed run must read the data it trained on"), "\(resumed.output)")
+    }
+
+    /// Truncated while the run maps it: every rank stops with the file named (at the next check, or at the read that
+    /// raises SIGBUS), never a crash.
+    @Test func aShardTruncatedMidRunEndsTheJobNamingIt() throws {
+        let data = temporaryRunDirectory()
+        try write(data)
+        let run = temporaryRunDirectory()
+        let shard = data + "/shards/x-00005-of-00007.npy"
+        let running = try Harness.startSlowed(2, job(data, runDir: run, features: data + "/shards/x-*.npy",
+                                                     labels: data + "/shards/y-*.npy"))
+        #expect(running.waitFor { $0.contains("epoch 1/2 step 20/") }, "\(running.output)")
+        truncate(shard, 4096)
+        let result = running.wait(timeout: 90)
+        #expect(result.status != 0, "\(result.output)")
+        #expect(result.output.contains(shard), "\(result.output)")
+        #expect(result.output.contains("must not change during a run"), "\(result.output)")
+        #expect(!result.output.contains("Bus error") && !result.output.contains("signal 7"), "\(result.output)")
+    }
+
+    @Test func badShardSetsStopEveryRankDuringSetupAndWriteNothing() throws {
+        let data = temporaryRunDirectory()
+        try write(data, n: 300)
+        let shards = data + "/shards"
+        // A gap in the series, a shard of another shape, labels of another count.
+        try FileManager.default.moveItem(atPath: shards + "/x-00002-of-00007.npy", toPath: data + "/gap.npy")
+        let script = "import numpy as np, sys; d = sys.argv[1]; np.save(d + '/odd.npy', np.zeros((3, 1, 9, 9), np.float32));"
+            + " np.save(d + '/y3.npy', np.zeros(3, np.int64)); np.save(d + '/y2.npy', np.zeros(2, np.int64))"
+        _ = try Harness.run("/usr/bin/env", ["python3", "-c", script, data], environment: [:], timeout: 60)
+        try FileManager.default.createDirectory(atPath: data + "/mixed", withIntermediateDirectories: true)
+        try FileManager.default.copyItem(atPath: data + "/x.npy", toPath: data + "/mixed/a.npy")
+        try FileManager.default.copyItem(atPath: data + "/odd.npy", toPath: data + "/mixed/b.npy")
+        let cases: [(String, String, String)] = [
+            (shards + "/x-*.npy", shards + "/y-*.npy", "shard \(shards)/x-00002-of-00007 is missing (6 of 7 present)"),
+            ("\(data)/x.npy,", "\(data)/y.npy", "cannot open file"),
+            (data + "/mixed", data + "/y[23].npy", "every shard of a data set must have the same dtype and sample shape"),
+            (data + "/odd.npy", data + "/y2.npy", "has 3 samples but the labels file \(data)/y2.npy has 2 labels"),
+        ]
+        for (features, labels, message) in cases {
+            let run = temporaryRunDirectory()
+            let r = try Harness.mpirun(2, job(data, runDir: run, features: features, labels: labels))
+            #expect(r.status == 1 && r.output.contains(message), "\(features): \(r.output)")
+            #expect(r.seconds < 30, "\(r.seconds) s")
+            #expect(!FileManager.default.fileExists(atPath: run), "\(features): \(run) was written")
+        }
+    }
+}
