@@ -124,10 +124,15 @@ struct ProcessMemory: Equatable {
     var residentPeak: Double
     /// VmSize: the address space, which `ulimit -v` limits.
     var addressSpace: Double
+    /// RssAnon: the resident memory this process alone holds (its heap, its buffers).
+    var privateResident: Double = 0
+    /// RssFile: resident pages of files (libraries, mapped data), shared through the page cache.
+    var fileResident: Double = 0
 
     static func current(status path: String = "/proc/self/status") -> ProcessMemory {
         let fields = kibibyteFields(path)
-        return ProcessMemory(resident: fields["VmRSS"] ?? 0, residentPeak: fields["VmHWM"] ?? 0, addressSpace: fields["VmSize"] ?? 0)
+        return ProcessMemory(resident: fields["VmRSS"] ?? 0, residentPeak: fields["VmHWM"] ?? 0, addressSpace: fields["VmSize"] ?? 0,
+                             privateResident: fields["RssAnon"] ?? 0, fileResident: fields["RssFile"] ?? 0)
     }
 }
 

@@ -266,22 +266,25 @@ enum Trainer {
         }
     }
 
-    /// The largest peak resident set size of any rank (getrusage), for capacity planning and the benchmarks.
+    /// The largest peak resident set size of any rank (getrusage), for capacity planning and the benchmarks, and how
+    /// much of each rank's memory is its own (RssAnon) and how much is file pages (RssFile: libraries, mapped data,
+    /// which the page cache shares between the ranks of a node and may evict).
     private static func reportPeakMemory(_ session: Session) {
         var usage = rusage()
         getrusage(RUSAGE_SELF.rawValue, &usage)
-        var peak = [Int64(usage.ru_maxrss) * 1024]
+        let now = ProcessMemory.current()
+        var largest = [Int64(usage.ru_maxrss) * 1024, Int64(now.privateResident), Int64(now.fileResident)]
         do {
-            try peak.withUnsafeMutableBufferPointer { (b) throws(MPIError) in try session.communicator.allreduce(b, op: .max) }
+            try largest.withUnsafeMutableBufferPointer { (b) throws(MPIError) in try session.communicator.allreduce(b, op: .max) }
         } catch {
             return
         }
-        let mine = Double(usage.ru_maxrss) / 1024
-        if session.isRoot {
-            let message = "peak memory: \(String(format: "%.0f", Double(peak[0]) / 1_048_576)) MiB on the largest rank "
-                + "(rank 0: \(String(format: "%.0f", mine)) MiB)"
-            session.logger.info("\(message)")
-        }
+        guard session.isRoot else { return }
+        let mebibytes = { (bytes: Double) in String(format: "%.0f", bytes / 1_048_576) }
+        let message = "peak memory: \(mebibytes(Double(largest[0]))) MiB on the largest rank (rank 0: "
+            + "\(mebibytes(Double(usage.ru_maxrss) * 1024)) MiB); at the end, private (RssAnon) \(mebibytes(Double(largest[1]))) MiB "
+            + "and file pages (RssFile: libraries, mapped data) \(mebibytes(Double(largest[2]))) MiB on the largest rank"
+        session.logger.info("\(message)")
     }
 
     private static func saveModel(_ session: Session, _ model: Model<Float>, step: Int, description: [String: String],
