@@ -1,5 +1,6 @@
 @testable import Engine
 import Foundation
+import Synchronization
 import Testing
 
 /// Whether python3 can import h5py: the only reason these tests skip.
@@ -234,5 +235,54 @@ struct HDF5Tests {
             #expect((2..<cache.slots).allSatisfy { cache.slots % $0 != 0 }, "\(cache.slots) is prime")
             #expect(cache.w0 == 1)
         }
+    }
+}
+
+extension HDF5Tests {
+    /// Two readers on two threads at once (a prefetch thread and the main one): the process-wide lock keeps
+    /// every row equal to NumPy's.
+    @Test func readersOnTwoThreadsReadTheSameRows() throws {
+        let readers = [try HDF5Rows(file: files.path("u8.h5"), dataset: "/images"),
+                       try HDF5Rows(file: files.path("float.h5"), dataset: "/group/f32")]
+        let references = [try files.reference("u8_images.npy"), try files.reference("f32.npy")]
+        let matches = Mutex([0, 0])
+        DispatchQueue.concurrentPerform(iterations: 2) { which in
+            let reader = readers[which]
+            for round in 0..<40 {
+                let rows = scrambledRows(reader.count, seed: UInt64(round))
+                let same = (try? readBytes(reader, rows: rows)) == referenceBytes(references[which], rows: rows)
+                matches.withLock { $0[which] += same ? 1 : 0 }
+            }
+        }
+        #expect(matches.withLock { $0 } == [40, 40])
+    }
+}
+
+extension HDF5Tests {
+    /// A file truncated, modified or replaced under an open reader: the next read throws, naming the file and
+    /// the change (HDF5 alone reads a truncated contiguous dataset as zeros, without an error).
+    @Test func aFileChangedUnderAnOpenReaderIsAnError() throws {
+        let path = files.path("u8.h5")
+        let bytes = try Data(contentsOf: URL(fileURLWithPath: path))
+        let reader = try HDF5Rows(file: path, dataset: "/images")
+        let reference = try files.reference("u8_images.npy")
+        #expect(try readBytes(reader, rows: [119, 0]) == referenceBytes(reference, rows: [119, 0]))
+
+        try FileManager.default.setAttributes([.modificationDate: Date(timeIntervalSince1970: 1e9)], ofItemAtPath: path)
+        expectError(reader.name, ["was modified since it was opened"]) { _ = try readBytes(reader, rows: [1]) }
+
+        let other = try HDF5Rows(file: path, dataset: "/images")
+        let copy = try files.dir.write("copy.h5", Array(bytes))
+        #expect(rename(copy, path) == 0)
+        expectError(other.name, ["was replaced"]) { _ = try readBytes(other, rows: [2]) }
+
+        let third = try HDF5Rows(file: path, dataset: "/images")
+        #expect(truncate(path, off_t(bytes.count / 2)) == 0)
+        expectError(third.name, ["changed size from \(bytes.count) to \(bytes.count / 2) bytes"]) {
+            var out = [UInt8](repeating: 0, count: 120 * 784)
+            try out.withUnsafeMutableBytes { try third.read(range: 0..<120, into: $0.baseAddress!) }
+        }
+        #expect(unlink(path) == 0)
+        expectError(third.name, ["is gone"]) { _ = try readBytes(third, rows: [3]) }
     }
 }

@@ -295,6 +295,10 @@ public final class HDF5Rows: RowReader, @unchecked Sendable {
     private var order: UnsafeMutablePointer<Int>?
     private var scratch: UnsafeMutableRawPointer?
     private var memorySpace: hid_t = -1
+    /// The file's path as a C string (for `stat` without bridging a String on every read) and its identity
+    /// when opened.
+    private let cPath: UnsafeMutablePointer<CChar>
+    private let openedAs: FileIdentity?
 
     /// Opens `dataset` (a path such as `/images`) in `file`. Throws a `DataError` naming `file:dataset` for a
     /// missing file, a file that is not HDF5 or is truncated or damaged, a missing, 0-d or empty dataset, and
@@ -316,6 +320,8 @@ public final class HDF5Rows: RowReader, @unchecked Sendable {
         sampleShape = opened.shape.count == 1 ? [1] : Array(opened.shape.dropFirst())
         rowBytes = sampleShape.reduce(element.size, *)
         runsPerRead = opened.chunked ? 1 : 16
+        cPath = strdup(file)
+        openedAs = FileIdentity(cPath)
         start = .allocate(capacity: opened.shape.count)
         extent = .allocate(capacity: opened.shape.count)
         for d in opened.shape.indices {
@@ -333,6 +339,7 @@ public final class HDF5Rows: RowReader, @unchecked Sendable {
         extent.deallocate()
         order?.deallocate()
         scratch?.deallocate()
+        free(cPath)
     }
 
     /// Reads the sorted distinct rows into the scratch rows (`readDistinct`), then copies each request into
@@ -347,7 +354,7 @@ public final class HDF5Rows: RowReader, @unchecked Sendable {
         guard let order, let scratch else { return }
         for slot in rows.indices { order[slot] = slot }
         heapSort(order, rows.count) { rows[$0] < rows[$1] }
-        try withHDF5 { try readDistinct(rows, order, into: scratch) }
+        try unchangedAfter { try withHDF5 { try readDistinct(rows, order, into: scratch) } }
         var position = -1
         var previous = -1
         for k in 0..<rows.count {
@@ -362,7 +369,7 @@ public final class HDF5Rows: RowReader, @unchecked Sendable {
             throw DataError(path: name, reason: "rows \(range) are outside the dataset's 0..<\(count)")
         }
         guard !range.isEmpty else { return }
-        try withHDF5 {
+        try unchangedAfter { try withHDF5 {
             start[0] = hsize_t(range.lowerBound)
             extent[0] = hsize_t(range.count)
             _ = H5Sselect_hyperslab(opened.space, H5S_SELECT_SET, start, nil, extent, nil)
@@ -373,7 +380,37 @@ public final class HDF5Rows: RowReader, @unchecked Sendable {
             guard status >= 0 else {
                 throw libraryFailure(name, "cannot read rows \(range) (the file is damaged or truncated)")
             }
+        } }
+    }
+
+    /// Runs `read`, then throws if the file changed since it was opened: HDF5 reads a truncated contiguous
+    /// dataset as zeros without an error, and the change explains a failed read better than the library does.
+    /// One `stat` per read, after it, so a change during the read is caught too.
+    private func unchangedAfter(_ read: () throws -> Void) throws {
+        do {
+            try read()
+        } catch {
+            try requireUnchanged()
+            throw error
         }
+        try requireUnchanged()
+    }
+
+    private func requireUnchanged() throws {
+        let now = FileIdentity(cPath)
+        guard now != openedAs, let openedAs else { return }
+        let change = if let now {
+            if now.device != openedAs.device || now.inode != openedAs.inode {
+                "was replaced by another file"
+            } else if now.size != openedAs.size {
+                "changed size from \(openedAs.size) to \(now.size) bytes (truncated or rewritten)"
+            } else {
+                "was modified"
+            }
+        } else {
+            "is gone (deleted or renamed)"
+        }
+        throw DataError(path: name, reason: "the file \(change) since it was opened; restart the run with the data set unchanged")
     }
 
     /// Reads the distinct rows of `rows` (visited in the sorted `order`) into consecutive rows of `scratch`,
@@ -442,6 +479,30 @@ public final class HDF5Rows: RowReader, @unchecked Sendable {
         for k in 0..<rows.count where distinct.last != rows[order[k]] { distinct.append(rows[order[k]]) }
         let shown = distinct.prefix(8).map(String.init).joined(separator: ", ")
         return distinct.count > 8 ? "\(shown) and \(distinct.count - 8) more" : shown
+    }
+}
+
+/// What identifies a file's contents between two reads: a replaced file has another inode, a truncated or
+/// rewritten one another size or modification time.
+private struct FileIdentity: Equatable {
+    let device: UInt64
+    let inode: UInt64
+    let size: Int64
+    let modifiedSeconds: Int
+    let modifiedNanoseconds: Int
+
+    /// nil when `stat` fails (the file is gone).
+    init?(_ path: UnsafePointer<CChar>) {
+        var info = stat()
+        guard stat(path, &info) == 0 else { return nil }
+        device = UInt64(info.st_dev)
+        inode = UInt64(info.st_ino)
+        size = Int64(info.st_size)
+        #if canImport(Darwin)
+        (modifiedSeconds, modifiedNanoseconds) = (Int(info.st_mtimespec.tv_sec), Int(info.st_mtimespec.tv_nsec))
+        #else
+        (modifiedSeconds, modifiedNanoseconds) = (Int(info.st_mtim.tv_sec), Int(info.st_mtim.tv_nsec))
+        #endif
     }
 }
 
