@@ -15,7 +15,8 @@ private let writer = """
     rng = np.random.default_rng(20)
     def ref(name, ds):
         a = ds[()]
-        np.save(os.path.join(d, name), a.astype(np.float32) if a.dtype.kind == 'f' else a)
+        with np.errstate(over='ignore'):
+            np.save(os.path.join(d, name), a.astype(np.float32) if a.dtype.kind == 'f' else a)
     with h5py.File(os.path.join(d, 'u8.h5'), 'w') as f:
         ref('u8_images.npy', f.create_dataset('images', data=rng.integers(0, 256, (120, 28, 28), dtype=np.uint8)))
         f.create_dataset('int32', data=rng.integers(0, 9, (5, 3), dtype=np.int32))
@@ -31,6 +32,10 @@ private let writer = """
         x = rng.standard_normal((300, 10)).astype(np.float32)
         ref('f32.npy', f.create_dataset('group/f32', data=x, chunks=(7, 10), compression='gzip', compression_opts=4))
         ref('f64.npy', f.create_dataset('f64', data=rng.standard_normal((40, 3)) * 1e3))
+        # Rounding, overflow to infinity, subnormals, underflow to signed zero, NaN.
+        edges = [[1e300, -1e300, 1e-50], [np.nan, np.inf, -np.inf], [3.4028235677973366e38, 1.5e-45, 0.1],
+                 [3.4028236e38, -7e-46, 1 / 3]]
+        ref('f64_edges.npy', f.create_dataset('f64_edges', data=np.array(edges), chunks=(2, 3), compression='gzip'))
         ref('vector.npy', f.create_dataset('vector', data=rng.standard_normal(20).astype(np.float32), chunks=(4,)))
     """
 
@@ -105,6 +110,7 @@ struct HDF5Tests {
         ("u8.h5", "/images", "u8_images.npy", [28, 28], StoredElement.uint8),
         ("float.h5", "/group/f32", "f32.npy", [10], .float32),
         ("float.h5", "/f64", "f64.npy", [3], .float32),
+        ("float.h5", "/f64_edges", "f64_edges.npy", [3], .float32),
         ("float.h5", "/vector", "vector.npy", [1], .float32),
     ])
     func rowsInAnyOrderEqualNumPysRows(file: String, dataset: String, referenceName: String, shape: [Int],

@@ -90,27 +90,28 @@ private struct OpenDataset {
     /// Opens `dataset` in `file` read-only; with `rowCache`, a chunked dataset gets a chunk cache sized for
     /// rows read in a random order (see `chunkCache`). Throws, naming `name`, for a file HDF5 cannot open
     /// (not HDF5, truncated, damaged), a missing dataset, a 0-d or empty one.
-    static func open(file path: String, dataset path2: String, name: String, rowCache: Bool) throws -> OpenDataset {
+    static func open(file: String, dataset: String, name: String, rowCache: Bool) throws -> OpenDataset {
         let access = H5Pcreate(bp_h5p_file_access())
         // Every rank opens the same read-only file; parallel file systems often lack the locks HDF5 takes by
         // default, and then it refuses to open at all.
         _ = H5Pset_file_locking(access, false, true)
-        let file = H5Fopen(path, bp_h5f_acc_rdonly(), access)
+        let fileHandle = H5Fopen(file, bp_h5f_acc_rdonly(), access)
         // The message first: the next library call clears the error stack.
-        let failure = file < 0 ? libraryFailure(name, "cannot open the file as HDF5 (not an HDF5 file, or truncated or damaged)") : nil
+        let failure = fileHandle < 0
+            ? libraryFailure(name, "cannot open the file as HDF5 (not an HDF5 file, or truncated or damaged)") : nil
         _ = H5Pclose(access)
         if let failure { throw failure }
         do {
-            var dataset = try openDataset(file, path2, name: name, access: bp_h5p_default())
-            let chunked = isChunked(dataset)
-            if rowCache, chunked, let cache = chunkCacheAccess(dataset) {
-                _ = H5Dclose(dataset)
+            var datasetHandle = try openDataset(fileHandle, dataset, name: name, access: bp_h5p_default())
+            let chunked = isChunked(datasetHandle)
+            if rowCache, chunked, let cache = chunkCacheAccess(datasetHandle) {
+                _ = H5Dclose(datasetHandle)
                 defer { _ = H5Pclose(cache) }
-                dataset = try openDataset(file, path2, name: name, access: cache)
+                datasetHandle = try openDataset(fileHandle, dataset, name: name, access: cache)
             }
-            return try described(file: file, dataset: dataset, chunked: chunked, name: name)
+            return try described(file: fileHandle, dataset: datasetHandle, chunked: chunked, name: name)
         } catch {
-            _ = H5Fclose(file)
+            _ = H5Fclose(fileHandle)
             throw error
         }
     }
