@@ -10,7 +10,8 @@
 //                sumOfSquaredSums), `LargeBuffer`, `RandomGenerator` for sampling, and the `CrossRankReducer`
 //                protocol that synchronized batch norm's sums implement.
 //   Worker       the `bpworker` command line that wires the two together.
-// C libraries come in through three small system-library shims: CBLAS (OpenBLAS), CMPI (OpenMPI), CZlib.
+// C libraries come in through four small system-library shims: CBLAS (OpenBLAS), CMPI (OpenMPI), CZlib and CHDF5
+// (libhdf5, for training data in HDF5 files).
 import PackageDescription
 
 let package = Package(
@@ -46,12 +47,18 @@ let package = Package(
             pkgConfig: "zlib",
             providers: [.apt(["zlib1g-dev"])]
         ),
+        // Debian's libhdf5-dev installs `hdf5-serial.pc`; its `hdf5.pc` is only an alternatives link.
+        .systemLibrary(
+            name: "CHDF5",
+            pkgConfig: "hdf5-serial",
+            providers: [.apt(["libhdf5-dev"])]
+        ),
 
         // MARK: - Implementation
         .target(
             name: "Engine",
             dependencies: [
-                "CBLAS", "CZlib",
+                "CBLAS", "CZlib", "CHDF5",
                 .product(name: "RealModule", package: "swift-numerics"),
             ]
         ),
