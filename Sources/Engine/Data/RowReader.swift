@@ -1,10 +1,6 @@
-/// How stored feature values are typed: what a reader delivers and the gather loops convert.
-public enum StoredElement: String, Sendable { case uint8, float32
-    public var size: Int { self == .uint8 ? 1 : 4 } }
-
 /// Features read on demand, rows at a time, from a file that cannot be mapped (HDF5: chunked, compressed).
 /// Implementations are safe to call from one thread at a time per reader; the library calls are serialised
-/// process-wide (the Debian libhdf5 build is not thread-safe).
+/// process-wide (Debian's libhdf5 is built thread-safe; other builds may not be).
 public protocol RowReader: AnyObject, Sendable {
     /// For messages: `train.h5:/images`.
     var name: String { get }
