@@ -17,6 +17,7 @@ struct Configuration: Equatable {
     var testLabels = "/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz"
     var normalization = Normalization.standardize
     var dataMmap = true
+    var dataPrefetch = 4
     var remainder = Remainder.drop
     /// Training batches only: random crop after zero padding (0 = off) and random horizontal flip (`Augmentation`).
     var augmentCropPadding = 0
@@ -90,7 +91,7 @@ struct Configuration: Equatable {
     /// while backward runs. 0 means one bucket after backward.
     static let defaultBucketKiB = 256
 
-    enum DataFormat: String, CaseIterable { case idx, npy }
+    enum DataFormat: String, CaseIterable { case idx, npy, hdf5 }
     /// standardize: mean 0, std 1 from training-set statistics; scale: x / 255 for bytes; none: raw values.
     enum Normalization: String, CaseIterable { case standardize, scale, none }
     /// What happens to the samples that do not fill a last global batch: dropped (each epoch reshuffles, so
@@ -116,7 +117,7 @@ struct Configuration: Equatable {
 
     static let keys: [Key] = [
         key("seed", \.seed, "seed of every random stream: initialisation, shuffling, dropout, gradient-check samples"),
-        key("data.format", \.dataFormat, "idx (MNIST-style, raw or .gz) or npy"),
+        key("data.format", \.dataFormat, "idx (MNIST-style, raw or .gz), npy, or hdf5 (data keys as FILE.h5:/DATASET)"),
         key("data.train_features", \.trainFeatures,
             "training inputs: IDX images, or a .npy array [N, ...], a directory of .npy shards or a glob (train-*.npy)"),
         key("data.train_labels", \.trainLabels, "training labels: IDX or .npy [N] (one file per features shard, in order)"),
@@ -124,6 +125,8 @@ struct Configuration: Equatable {
         key("data.test_labels", \.testLabels, "test labels"),
         key("data.mmap", \.dataMmap,
             "npy: map raw uint8/float32 files read-only (shared by a node's ranks through the page cache) instead of reading them"),
+        key("data.prefetch", \.dataPrefetch,
+            "mapped data: ask the kernel for the samples of the batch this many steps ahead (0 = off), so reads overlap compute"),
         key("data.normalize", \.normalization, "standardize (training-set mean/std), scale (x/255) or none"),
         key("data.remainder", \.remainder, "drop or wrap the samples that do not fill the last global batch"),
         key("data.augment.crop_padding", \.augmentCropPadding,

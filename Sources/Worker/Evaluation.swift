@@ -7,11 +7,11 @@ enum Evaluation {
     static func evaluate(_ session: Session, _ model: Model<Float>, on data: Dataset) throws -> BatchResult {
         let indices = ShardSampler.evaluationIndices(datasetSize: data.count, rank: session.rank, worldSize: session.worldSize)
         var local = BatchResult()
-        indices.withUnsafeBufferPointer { all in
+        try indices.withUnsafeBufferPointer { all in
             var start = 0
             while start < all.count {
                 let count = min(model.batchCapacity, all.count - start)
-                data.gather(indices: UnsafeBufferPointer(rebasing: all[start..<(start + count)]), into: model.inputs, labels: model.labels)
+                try data.gather(indices: UnsafeBufferPointer(rebasing: all[start..<(start + count)]), into: model.inputs, labels: model.labels)
                 local = local + model.forward(count: count, mode: .eval)
                 start += count
             }

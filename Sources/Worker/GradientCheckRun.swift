@@ -33,7 +33,11 @@ enum GradientCheckRun {
             let sums = distributed ? crossRankSums(session, hooks: prepared.hooks, phases: phases, abort: abort) : nil
             let synchronized = distributed && config.batchNorm == .sync && session.worldSize > 1
             let copy = prepared.model.float64Copy(batchCapacity: indices.count, crossRankReducer: synchronized ? sums : nil)
-            indices.withUnsafeBufferPointer { prepared.train.gather(indices: $0, into: copy.inputs, labels: copy.labels) }
+            do {
+                try indices.withUnsafeBufferPointer { try prepared.train.gather(indices: $0, into: copy.inputs, labels: copy.labels) }
+            } catch {
+                abort("gradient check: \(error)")
+            }
             if distributed {
                 if !printJSON {
                     let ranks = counted(session.worldSize, "rank")

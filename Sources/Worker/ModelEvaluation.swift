@@ -46,6 +46,7 @@ extension Evaluation {
         switch config.dataFormat {
         case .idx: try Dataset.loadIDX(images: config.testFeatures, labels: config.testLabels)
         case .npy: try Dataset.loadNPY(features: config.testFeatures, labels: config.testLabels)
+        case .hdf5: try Dataset.loadHDF5(features: config.testFeatures, labels: config.testLabels)
         }
     }
 

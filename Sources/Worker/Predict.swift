@@ -62,12 +62,12 @@ struct Predict: ParsableCommand {
         // probabilities: [N, C], C = classes
         let classes = description.classes
         var probabilities = [Float](repeating: 0, count: samples.count * classes)
-        probabilities.withUnsafeMutableBufferPointer { out in
+        try probabilities.withUnsafeMutableBufferPointer { out in
             var start = 0
             while start < samples.count {
                 let count = min(Self.batchSize, samples.count - start)
                 let indices = Array(start..<(start + count))
-                indices.withUnsafeBufferPointer { samples.gather(indices: $0, into: network.inputs, labels: network.labels) }
+                try indices.withUnsafeBufferPointer { try samples.gather(indices: $0, into: network.inputs, labels: network.labels) }
                 network.forward(count: count, mode: .eval)
                 if logits {
                     (out.baseAddress! + start * classes).update(from: network.outputs, count: count * classes)

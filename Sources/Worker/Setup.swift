@@ -114,6 +114,9 @@ enum Setup {
         case .npy:
             train = try Dataset.loadNPY(features: config.trainFeatures, labels: config.trainLabels, mapped: config.dataMmap)
             test = try Dataset.loadNPY(features: config.testFeatures, labels: config.testLabels, mapped: config.dataMmap)
+        case .hdf5:
+            train = try Dataset.loadHDF5(features: config.trainFeatures, labels: config.trainLabels)
+            test = try Dataset.loadHDF5(features: config.testFeatures, labels: config.testLabels)
         }
         if config.inputs > 0, config.inputs != train.featureCount {
             throw DataError(path: config.trainFeatures, reason: "has \(train.featureCount) values per sample but "
@@ -163,16 +166,16 @@ enum Setup {
         do {
             switch train.features.element {
             case .uint8:
-                var histogram = train.byteHistogram(chunks: mine)
+                var histogram = try train.byteHistogram(chunks: mine)
                 try histogram.withUnsafeMutableBufferPointer { (b) throws(MPIError) in try communicator.allreduce(b, op: .sum) }
                 train.standardize(histogram: histogram)
             case .float32:
                 let n = Double(train.features.count)
                 // Each chunk's sum comes from one rank (the others add 0): the allreduce gathers them exactly.
-                var sums = train.chunkSums(chunks: mine, center: 0, squared: false)
+                var sums = try train.chunkSums(chunks: mine, center: 0, squared: false)
                 try sums.withUnsafeMutableBufferPointer { (b) throws(MPIError) in try communicator.allreduce(b, op: .sum) }
                 let mean = n > 0 ? sums.reduce(0, +) / n : 0
-                var squares = train.chunkSums(chunks: mine, center: mean, squared: true)
+                var squares = try train.chunkSums(chunks: mine, center: mean, squared: true)
                 try squares.withUnsafeMutableBufferPointer { (b) throws(MPIError) in try communicator.allreduce(b, op: .sum) }
                 train.standardize(mean: mean, variance: n > 0 ? squares.reduce(0, +) / n : 0)
             }

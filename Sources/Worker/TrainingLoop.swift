@@ -113,7 +113,7 @@ final class TrainingLoop {
         phases.beginStep(position.globalStep)
         if let timeline { try phases.watched(.timeline) { try timeline.beforeStep(globalStep: position.globalStep) } }
         return try phases.watched(.step) {
-            phases.watched(.loadBatch) { loadBatch(step) }
+            try phases.watched(.loadBatch) { try loadBatch(step) }
             hooks.beforeStep(step: position.globalStep, model: model)
             keepBuffers()
             var result = phases.watched(.forward) { model.forward(count: config.batchSize, mode: .train) }
@@ -136,10 +136,13 @@ final class TrainingLoop {
         }
     }
 
-    private func loadBatch(_ step: Int) {
-        let indices = prepared.sampler.batch(UnsafeBufferPointer(epochIndices), step: step)
-        prepared.train.gather(indices: indices, into: model.inputs, labels: model.labels, augmentation: prepared.augmentation,
-                              epoch: position.epoch)
+    private func loadBatch(_ step: Int) throws {
+        let all = UnsafeBufferPointer(epochIndices), sampler = prepared.sampler
+        try prepared.train.gather(indices: sampler.batch(all, step: step), into: model.inputs, labels: model.labels,
+                              augmentation: prepared.augmentation, epoch: position.epoch)
+        // `data.prefetch`: the pages of a later batch of this epoch start coming from disk now.
+        let ahead = step + config.dataPrefetch
+        if config.dataPrefetch > 0 && ahead < sampler.stepsPerEpoch { prepared.train.willNeed(sampler.batch(all, step: ahead)) }
     }
 
     /// The update reads the sum over ranks: averaging and clipping are one factor of it. Sharded, the clipping norm

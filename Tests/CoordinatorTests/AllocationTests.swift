@@ -49,7 +49,7 @@ struct AllocationTests {
             for step in 0..<sampler.stepsPerEpoch {
                 let before = bp_thread_allocations()
                 let stepStarted = recorder?.begin() ?? 0
-                data.gather(indices: sampler.batch(all, step: step), into: model.inputs, labels: model.labels,
+                try! data.gather(indices: sampler.batch(all, step: step), into: model.inputs, labels: model.labels,
                             augmentation: augmentation, epoch: 1)
                 recorder?.end(.loadBatch, since: stepStarted)
                 model.zeroControl()

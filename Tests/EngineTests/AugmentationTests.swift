@@ -10,7 +10,7 @@ struct AugmentationTests {
         var inputs = [T](repeating: -12345, count: indices.count * data.featureCount)
         var labels = [Int32](repeating: -1, count: indices.count)
         indices.withUnsafeBufferPointer { idx in
-            data.gather(indices: idx, into: &inputs, labels: &labels, augmentation: augmentation, epoch: epoch)
+            try! data.gather(indices: idx, into: &inputs, labels: &labels, augmentation: augmentation, epoch: epoch)
         }
         #expect(labels == indices.map { data.labels[$0] })
         return inputs
@@ -42,7 +42,7 @@ struct AugmentationTests {
             np.save(d + "/y.npy", rng.integers(0, 3, \(samples)).astype(np.uint8))
             """, arguments: [dir.path, dtype, shape.map(String.init).joined(separator: ",")])
         var data = try Dataset.loadNPY(features: dir.file("x.npy"), labels: dir.file("y.npy"))
-        data.standardize()
+        try data.standardize()
         let augmentation = try Augmentation(cropPadding: 2, flip: true, seed: 11, sampleShape: shape)
         let indices = Array(0..<samples).reversed() + [3, 3, 17]  // a sample twice in a batch is augmented the same way twice
         let epoch = 6

@@ -36,7 +36,7 @@ struct MappedDataTests {
         var inputs = [Float](repeating: .nan, count: indices.count * data.featureCount)
         var labels = [Int32](repeating: -1, count: indices.count)
         indices.withUnsafeBufferPointer { i in
-            data.gather(indices: i, into: &inputs, labels: &labels, augmentation: augmentation, epoch: epoch)
+            try! data.gather(indices: i, into: &inputs, labels: &labels, augmentation: augmentation, epoch: epoch)
         }
         return (inputs, labels)
     }
@@ -51,7 +51,7 @@ struct MappedDataTests {
         #expect(store.shards.count == 7 && store.count == 600 && store.shards.map(\.rows) == [1, 89, 1, 159, 150, 199, 1])
         #expect(shards.sampleShape == [1, 6, 6] && shards.residentBytes == 600 * 4 && shards.mappedBytes > 0)
         // The statistics: the same numbers, bit for bit, whoever holds the values.
-        let statistics = [one.standardize(), shards.standardize(), mapped.standardize()]
+        let statistics = [try one.standardize(), try shards.standardize(), try mapped.standardize()]
         #expect(statistics.allSatisfy { $0.mean == statistics[0].mean && $0.std == statistics[0].std }, "\(statistics)")
         // Every sample once, in a shuffled order with repeats across the shard boundaries, plain and augmented.
         var generator = RandomGenerator(seed: 5, stream: 1)
@@ -72,11 +72,11 @@ struct MappedDataTests {
         try write(n: 9000, shape: [3], dtype: "float32", cuts: [4096])
         var whole = try Dataset.loadNPY(features: directory.file("x.npy"), labels: directory.file("y.npy"), mapped: true)
         #expect(whole.statisticsChunks == 3)
-        let expected = whole.standardize()
+        let expected = try whole.standardize()
         for ranks in [2, 3, 5] {
             var sums = [Double](repeating: 0, count: whole.statisticsChunks)
             for r in 0..<ranks {
-                let part = whole.chunkSums(chunks: stride(from: r, to: whole.statisticsChunks, by: ranks), center: 0, squared: false)
+                let part = try whole.chunkSums(chunks: stride(from: r, to: whole.statisticsChunks, by: ranks), center: 0, squared: false)
                 for c in sums.indices { sums[c] += part[c] }
             }
             let mean = sums.reduce(0, +) / Double(whole.features.count)

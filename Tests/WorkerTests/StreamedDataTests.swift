@@ -82,6 +82,39 @@ struct StreamedDataTests {
         #expect(models[0] == models[1])
     }
 
+    /// The same samples in an HDF5 file (chunked, gzip-compressed, written by h5py) train the model of the `.npy` file
+    /// on 2 ranks, bit for bit; a missing dataset stops every rank during setup, naming the file and the dataset.
+    @Test func hdf5TrainsWhatNpyTrains() throws {
+        let data = temporaryRunDirectory()
+        try write(data)
+        let script = """
+            import h5py, numpy as np, sys
+            d = sys.argv[1]
+            with h5py.File(d + '/train.h5', 'w') as f:
+                f.create_dataset('images', data=np.load(d + '/x.npy'), chunks=(64, 1, 8, 8), compression='gzip')
+                f.create_dataset('labels', data=np.load(d + '/y.npy'))
+            with h5py.File(d + '/test.h5', 'w') as f:
+                f.create_dataset('images', data=np.load(d + '/tx.npy'))
+                f.create_dataset('labels', data=np.load(d + '/ty.npy'))
+            """
+        let written = try Harness.run("/usr/bin/env", ["python3", "-c", script, data], environment: [:], timeout: 120)
+        #expect(written.status == 0, "\(written.output)")
+        let npy = temporaryRunDirectory(), hdf5 = temporaryRunDirectory()
+        let a = try Harness.mpirun(2, job(data, runDir: npy, features: data + "/x.npy", labels: data + "/y.npy"))
+        #expect(a.status == 0, "\(a.output)")
+        let h5 = ["--set", "data.format=hdf5", "--set", "data.test_features=\(data)/test.h5:/images",
+                  "--set", "data.test_labels=\(data)/test.h5:/labels"]
+        let b = try Harness.mpirun(2, job(data, runDir: hdf5, features: data + "/train.h5:/images", labels: data + "/train.h5:/labels",
+                                          extra: h5))
+        #expect(b.status == 0, "\(b.output)")
+        #expect(try tensors(npy + "/model.safetensors") == tensors(hdf5 + "/model.safetensors"))
+        let missing = temporaryRunDirectory()
+        let c = try Harness.mpirun(2, job(data, runDir: missing, features: data + "/train.h5:/pixels", labels: data + "/train.h5:/labels",
+                                          extra: h5))
+        #expect(c.status == 1 && c.output.contains("\(data)/train.h5:/pixels"), "\(c.output)")
+        #expect(!FileManager.default.fileExists(atPath: missing))
+    }
+
     /// A checkpoint records the mapped files (size, modification time); a resume after one was rewritten is refused,
     /// naming it, before any rank trains on other data.
     @Test func aShardChangedBeforeResumeIsRefusedNamingIt() throws {

@@ -8,12 +8,15 @@ public struct Dataset: Sendable {
         case float32([Float])
         /// Raw `.npy` shards mapped read-only: the values stay in the page cache, shared by the ranks of a node.
         case mapped(MappedFeatures)
+        /// Rows read on demand (HDF5) into a buffer the size of a batch.
+        case reader(StagedReader)
 
         public var count: Int {
             switch self {
             case .uint8(let v): v.count
             case .float32(let v): v.count
             case .mapped(let m): m.count * m.featureCount
+            case .reader(let r): r.reader.count * r.featureCount
             }
         }
 
@@ -23,6 +26,7 @@ public struct Dataset: Sendable {
             case .uint8: .uint8
             case .float32: .float32
             case .mapped(let m): m.element
+            case .reader(let r): r.reader.element
             }
         }
     }
@@ -189,6 +193,21 @@ public struct Dataset: Sendable {
         }
     }
 
+    /// Loads an HDF5 data set: `features` and `labels` name `FILE:/DATASET` (`train.h5:/images`, `train.h5:/labels`),
+    /// features [N, ...] of uint8, float32 or float64 (read as float32), labels [N] of integers. The features are read
+    /// on demand, a batch at a time (`HDF5Rows`); the labels into memory.
+    public static func loadHDF5(features: String, labels: String) throws -> Dataset {
+        let (file, dataset) = try HDF5.split(features)
+        let reader = try HDF5Rows(file: file, dataset: dataset)
+        let (labelFile, labelDataset) = try HDF5.split(labels)
+        let values = try HDF5.readLabels(file: labelFile, dataset: labelDataset)
+        guard values.count == reader.count else {
+            throw DataError(path: features, reason: "has \(reader.count) samples but the labels \(labels) have \(values.count)")
+        }
+        return try Dataset(name: features, labelsName: labels, featureCount: reader.sampleShape.reduce(1, *),
+                           sampleShape: reader.sampleShape, features: .reader(StagedReader(reader)), labels: values)
+    }
+
     /// Labels must be one per sample: shaped [N] with N the features' first dimension.
     private static func checkLabels(shape: [Int], path: String, samples: Int, samplesPath: String, noun: String) throws {
         guard shape.count == 1 else {
@@ -206,7 +225,7 @@ public struct Dataset: Sendable {
     public var residentBytes: Double {
         let features: Double = switch self.features {
         case .uint8, .float32: Double(self.features.count * self.features.element.size)
-        case .mapped: 0
+        case .mapped, .reader: 0
         }
         return features + Double(labels.count) * 4
     }
@@ -214,6 +233,12 @@ public struct Dataset: Sendable {
     /// The mapped files and what they were when mapped (none for data held in memory).
     public var mappedFiles: [(path: String, identity: FileIdentity)] {
         if case .mapped(let m) = features { m.shards.map { ($0.path, $0.identity) } } else { [] }
+    }
+
+    /// Mapped data: starts reading the samples at `indices` from disk, without waiting (`MappedFeatures.willNeed`), so
+    /// that a later batch's pages arrive while this one computes. Nothing for data held in memory.
+    public func willNeed(_ indices: UnsafeBufferPointer<Int>) {
+        if case .mapped(let m) = features { m.willNeed(indices) }
     }
 
     /// Throws, naming the file, when a mapped file is no longer the one that was mapped.
@@ -253,26 +278,26 @@ public struct Dataset: Sendable {
     /// Constant data only has its mean removed (a standard deviation of 0 is treated as 1). This process computes
     /// every chunk; a job splits them over its ranks with the same parts (`byteHistogram`, `chunkSums`).
     @discardableResult
-    public mutating func standardize() -> (mean: Double, std: Double) {
+    public mutating func standardize() throws -> (mean: Double, std: Double) {
         let all = 0..<statisticsChunks
         switch features.element {
         case .uint8:
-            return standardize(histogram: byteHistogram(chunks: all))
+            return standardize(histogram: try byteHistogram(chunks: all))
         case .float32:
             let n = Double(features.count)
-            let mean = n > 0 ? chunkSums(chunks: all, center: 0, squared: false).reduce(0, +) / n : 0
-            let variance = n > 0 ? chunkSums(chunks: all, center: mean, squared: true).reduce(0, +) / n : 0
+            let mean = n > 0 ? try chunkSums(chunks: all, center: 0, squared: false).reduce(0, +) / n : 0
+            let variance = n > 0 ? try chunkSums(chunks: all, center: mean, squared: true).reduce(0, +) / n : 0
             return standardize(mean: mean, variance: variance)
         }
     }
 
     /// uint8 features: how often each byte value occurs in the rows of `chunks`.
-    public func byteHistogram(chunks: some Sequence<Int>) -> [Int64] {
+    public func byteHistogram(chunks: some Sequence<Int>) throws -> [Int64] {
         precondition(features.element == .uint8, "byteHistogram of \(features.element) features")
         var histogram = [Int64](repeating: 0, count: 256)
-        histogram.withUnsafeMutableBufferPointer { h in
+        try histogram.withUnsafeMutableBufferPointer { h in
             for chunk in chunks {
-                forEachRow(of: chunk) { row in
+                try forEachRow(of: chunk) { row in
                     let values = row.assumingMemoryBound(to: UInt8.self)
                     for j in 0..<featureCount { h[Int(values[j])] += 1 }
                 }
@@ -283,12 +308,12 @@ public struct Dataset: Sendable {
 
     /// float32 features: for each chunk c of `chunks`, the sum over its values of (x - center), or of its square,
     /// at index c of the result (0 elsewhere), summed in Double in row order.
-    public func chunkSums(chunks: some Sequence<Int>, center: Double, squared: Bool) -> [Double] {
+    public func chunkSums(chunks: some Sequence<Int>, center: Double, squared: Bool) throws -> [Double] {
         precondition(features.element == .float32, "chunkSums of \(features.element) features")
         var sums = [Double](repeating: 0, count: statisticsChunks)
         for chunk in chunks {
             var sum = 0.0
-            forEachRow(of: chunk) { row in
+            try forEachRow(of: chunk) { row in
                 let values = row.assumingMemoryBound(to: Float.self)
                 if squared {
                     for j in 0..<featureCount {
@@ -305,9 +330,15 @@ public struct Dataset: Sendable {
     }
 
     /// The rows of statistics chunk `chunk`, in order.
-    private func forEachRow(of chunk: Int, _ body: (UnsafeRawPointer) -> Void) {
+    private func forEachRow(of chunk: Int, _ body: (UnsafeRawPointer) -> Void) throws {
         let rows = (chunk * Self.statisticsChunkRows)..<min(count, (chunk + 1) * Self.statisticsChunkRows)
         switch features {
+        case .reader(let reader):
+            let bytes = featureCount * reader.reader.element.size
+            let block = UnsafeMutableRawPointer.allocate(byteCount: max(1, rows.count * bytes), alignment: 16)
+            defer { block.deallocate() }
+            try reader.reader.read(range: rows, into: block)
+            for i in 0..<rows.count { body(block + i * bytes) }
         case .uint8(let values):
             values.withUnsafeBytes { bytes in for i in rows { body(bytes.baseAddress! + i * featureCount) } }
         case .float32(let values):
@@ -369,7 +400,7 @@ public struct Dataset: Sendable {
     public func gather<T: BinaryFloatingPoint>(
         indices: UnsafeBufferPointer<Int>, into inputs: UnsafeMutablePointer<T>, labels: UnsafeMutablePointer<Int32>,
         augmentation: Augmentation? = nil, epoch: Int = 0
-    ) {
+    ) throws {
         guard !indices.isEmpty else { return }
         let count = self.count
         // Labels first: this also range-checks every index once, before the feature loops trust them.
@@ -399,25 +430,42 @@ public struct Dataset: Sendable {
             case .uint8: gatherRows(MappedRows<UInt8>(features: mapped), featureCount, indices, inputs, normalization)
             case .float32: gatherRows(MappedRows<Float>(features: mapped), featureCount, indices, inputs, normalization)
             }
+        case .reader(let reader):
+            let staged = try reader.stage(indices)
+            switch reader.reader.element {
+            case .uint8: gatherRows(StagedRows<UInt8>(base: staged, featureCount: featureCount), featureCount, indices, inputs, normalization)
+            case .float32: gatherRows(StagedRows<Float>(base: staged, featureCount: featureCount), featureCount, indices, inputs, normalization)
+            }
         }
     }
 }
 
-/// Where the stored values of sample `index` start: in one array, or in a mapped shard.
+/// Where the stored values of the `position`-th sample of a batch, sample `index`, start: in one array, in a mapped
+/// shard, or in the batch a reader staged.
 private protocol SampleRows {
     associatedtype Value
-    func row(_ index: Int) -> UnsafePointer<Value>
+    func row(_ position: Int, _ index: Int) -> UnsafePointer<Value>
 }
 
 private struct ContiguousRows<Value>: SampleRows {
     let base: UnsafePointer<Value>
     let featureCount: Int
-    @inline(__always) func row(_ index: Int) -> UnsafePointer<Value> { base + index * featureCount }
+    @inline(__always) func row(_ position: Int, _ index: Int) -> UnsafePointer<Value> { base + index * featureCount }
 }
 
 private struct MappedRows<Value>: SampleRows {
     let features: MappedFeatures
-    @inline(__always) func row(_ index: Int) -> UnsafePointer<Value> { features.row(index).assumingMemoryBound(to: Value.self) }
+    @inline(__always) func row(_ position: Int, _ index: Int) -> UnsafePointer<Value> {
+        features.row(index).assumingMemoryBound(to: Value.self)
+    }
+}
+
+private struct StagedRows<Value>: SampleRows {
+    let base: UnsafeRawPointer
+    let featureCount: Int
+    @inline(__always) func row(_ position: Int, _ index: Int) -> UnsafePointer<Value> {
+        base.assumingMemoryBound(to: Value.self) + position * featureCount
+    }
 }
 
 /// The affine map x * scale + shift, and the augmentation drawn per (epoch, sample) when there is one.
@@ -445,15 +493,15 @@ private func gatherRows<Rows: SampleRows, T: BinaryFloatingPoint>(
         let map = UnsafePointer(table.baseAddress!)
         var out = destination
         if let augmentation = normalization.augmentation {
-            for index in indices {
-                augmentation.apply(augmentation.draw(epoch: normalization.epoch, index: index), from: rows.row(index), into: out,
+            for (position, index) in indices.enumerated() {
+                augmentation.apply(augmentation.draw(epoch: normalization.epoch, index: index), from: rows.row(position, index), into: out,
                                    padding: map[0]) { map[Int($0)] }
                 out += featureCount
             }
             return
         }
-        for index in indices {
-            let row = rows.row(index)
+        for (position, index) in indices.enumerated() {
+            let row = rows.row(position, index)
             var j = 0
             while j < featureCount {
                 out[j] = map[Int(row[j])]
@@ -472,15 +520,15 @@ private func gatherRows<Rows: SampleRows, T: BinaryFloatingPoint>(
     var out = destination
     if let augmentation = normalization.augmentation {
         let padding = T(shift)  // the stored value 0 normalised: 0 * scale + shift
-        for index in indices {
-            augmentation.apply(augmentation.draw(epoch: normalization.epoch, index: index), from: rows.row(index), into: out,
+        for (position, index) in indices.enumerated() {
+            augmentation.apply(augmentation.draw(epoch: normalization.epoch, index: index), from: rows.row(position, index), into: out,
                                padding: padding) { T(Double($0) * scale + shift) }
             out += featureCount
         }
         return
     }
-    for index in indices {
-        let row = rows.row(index)
+    for (position, index) in indices.enumerated() {
+        let row = rows.row(position, index)
         for j in 0..<featureCount {
             out[j] = T(Double(row[j]) * scale + shift)
         }

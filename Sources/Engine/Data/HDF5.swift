@@ -299,7 +299,7 @@ public final class HDF5Rows: RowReader, @unchecked Sendable {
     /// The file's path as a C string (for `stat` without bridging a String on every read) and its identity
     /// when opened.
     private let cPath: UnsafeMutablePointer<CChar>
-    private let openedAs: FileIdentity?
+    private let openedAs: StatIdentity?
 
     /// Opens `dataset` (a path such as `/images`) in `file`. Throws a `DataError` naming `file:dataset` for a
     /// missing file, a file that is not HDF5 or is truncated or damaged, a missing, 0-d or empty dataset, and
@@ -322,7 +322,7 @@ public final class HDF5Rows: RowReader, @unchecked Sendable {
         rowBytes = sampleShape.reduce(element.size, *)
         runsPerRead = opened.chunked ? 1 : 16
         cPath = strdup(file)
-        openedAs = FileIdentity(cPath)
+        openedAs = StatIdentity(cPath)
         start = .allocate(capacity: opened.shape.count)
         extent = .allocate(capacity: opened.shape.count)
         for d in opened.shape.indices {
@@ -398,7 +398,7 @@ public final class HDF5Rows: RowReader, @unchecked Sendable {
     }
 
     private func requireUnchanged() throws {
-        let now = FileIdentity(cPath)
+        let now = StatIdentity(cPath)
         guard now != openedAs, let openedAs else { return }
         let change = if let now {
             if now.device != openedAs.device || now.inode != openedAs.inode {
@@ -485,7 +485,7 @@ public final class HDF5Rows: RowReader, @unchecked Sendable {
 
 /// What identifies a file's contents between two reads: a replaced file has another inode, a truncated or
 /// rewritten one another size or modification time.
-private struct FileIdentity: Equatable {
+private struct StatIdentity: Equatable {
     let device: UInt64
     let inode: UInt64
     let size: Int64

@@ -120,6 +120,9 @@ public final class MappedFeatures: @unchecked Sendable {
         guard let mapping = mmap(nil, identity.size, PROT_READ, MAP_SHARED, fd, 0), mapping != MAP_FAILED else {
             throw DataError(path: path, reason: "cannot map file: \(String(cString: strerror(errno)))")
         }
+        // Samples are read in a shuffled order: read only the pages asked for, not the kernel's readahead around each,
+        // which would fill a page cache smaller than the data with pages no step wants (`willNeed` asks ahead instead).
+        madvise(mapping, identity.size, MADV_RANDOM)
         return Shard(path: path, firstRow: firstRow, rows: layout.shape[0], identity: identity,
                      data: UnsafeRawPointer(mapping + layout.dataOffset), mapping: mapping, length: identity.size)
     }
@@ -135,6 +138,18 @@ public final class MappedFeatures: @unchecked Sendable {
         }
         let shard = shards[low]
         return shard.data + (index - shard.firstRow) * rowBytes
+    }
+
+    /// Asks the kernel to start reading the pages of these samples now (MADV_WILLNEED), without waiting for them: a
+    /// later step's batch is read from disk while this one computes, many requests in flight at once. A sample whose
+    /// pages are in the page cache costs one system call.
+    public func willNeed(_ indices: UnsafeBufferPointer<Int>) {
+        let page = Int(sysconf(Int32(_SC_PAGESIZE)))
+        for index in indices {
+            let start = UInt(bitPattern: row(index))
+            let first = start & ~UInt(page - 1)
+            madvise(UnsafeMutableRawPointer(bitPattern: first), Int(start - first) + rowBytes, MADV_WILLNEED)
+        }
     }
 
     /// Bytes mapped: shared by every rank of a node through the page cache, resident only as far as they are read.

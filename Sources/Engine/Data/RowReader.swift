@@ -16,3 +16,31 @@ public protocol RowReader: AnyObject, Sendable {
     /// Writes the consecutive rows `range` into `destination` (for statistics over a part of the set).
     func read(range: Range<Int>, into destination: UnsafeMutableRawPointer) throws
 }
+
+/// A `RowReader`'s rows for the gather loops: a batch is read into a buffer sized once for the largest batch seen, in
+/// the order asked. One gather at a time (a data set is gathered from one thread).
+public final class StagedReader: @unchecked Sendable {
+    public let reader: any RowReader
+    public let featureCount: Int
+    private var staging = UnsafeMutableRawPointer.allocate(byteCount: 1, alignment: 16)
+    private var capacity = 0
+
+    public init(_ reader: any RowReader) {
+        self.reader = reader
+        featureCount = reader.sampleShape.reduce(1, *)
+    }
+
+    deinit { staging.deallocate() }
+
+    /// Reads the rows of `indices`, one after another, and returns where they start.
+    func stage(_ indices: UnsafeBufferPointer<Int>) throws -> UnsafeRawPointer {
+        let bytes = indices.count * featureCount * reader.element.size
+        if bytes > capacity {
+            staging.deallocate()
+            staging = .allocate(byteCount: bytes, alignment: 16)
+            capacity = bytes
+        }
+        try reader.read(rows: indices, into: staging)
+        return UnsafeRawPointer(staging)
+    }
+}
