@@ -10,10 +10,14 @@ import Testing
 struct StepAllocationTests {
     /// Heap allocations of this thread over `steps` steps after `warmUp` steps of a local run with `settings`.
     func allocations(_ data: SyntheticData, _ settings: [String], warmUp: Int = 4, steps: Int = 12) throws -> UInt {
+        try allocations(data.arguments, settings, warmUp: warmUp, steps: steps)
+    }
+
+    func allocations(_ dataArguments: [String], _ settings: [String], warmUp: Int = 4, steps: Int = 12) throws -> UInt {
         // One BLAS thread, as every rank of a multi-rank node runs: with more, OpenBLAS allocates its thread jobs in
         // every large GEMM, outside bpworker's code (BENCHMARKS.md, table 5).
         var arguments = ["--local", "--blas-threads", "1", "--run-dir", temporaryRunDirectory(), "--progress", "plain"]
-            + data.arguments
+            + dataArguments
         for setting in ["training.batch_size=8", "training.epochs=1", "schedule.warmup_steps=0", "logging.interval=1000",
                         "data.normalize=scale", "checkpoint.every_steps=0"] + settings {
             arguments += ["--set", setting]
@@ -49,6 +53,23 @@ struct StepAllocationTests {
         let settings = ["model.layers=[conv 4 3 pad 1 nobias, batchnorm, relu, maxpool 2, flatten, linear 4]",
                         "data.augment.flip=true", "data.augment.crop_padding=1"]
         let count = try allocations(data, settings)
+        #expect(count == 0, "\(count) allocations in 12 steps")
+    }
+
+    /// Mapped `.npy` shards: gathering from the mapping and asking for the pages of a later batch (`data.prefetch`).
+    @Test func mappedShardSteps() throws {
+        let directory = temporaryRunDirectory()
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        let script = "import numpy as np, sys; d = sys.argv[1]; rng = np.random.default_rng(2)\n"
+            + "for i in range(3):\n"
+            + "    np.save(f'{d}/x-{i}.npy', rng.normal(size=(100, 64)).astype(np.float32))\n"
+            + "    np.save(f'{d}/y-{i}.npy', rng.integers(0, 4, 100))"
+        let written = try Harness.run("/usr/bin/env", ["python3", "-c", script, directory], environment: [:], timeout: 60)
+        #expect(written.status == 0, "\(written.output)")
+        let data = ["--set", "data.format=npy", "--set", "data.train_features=\(directory)/x-*.npy",
+                    "--set", "data.train_labels=\(directory)/y-*.npy", "--set", "data.test_features=\(directory)/x-0.npy",
+                    "--set", "data.test_labels=\(directory)/y-0.npy"]
+        let count = try allocations(data, ["data.prefetch=2"])
         #expect(count == 0, "\(count) allocations in 12 steps")
     }
 
