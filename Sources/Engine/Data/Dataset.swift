@@ -344,6 +344,8 @@ public struct Dataset: Sendable {
         case .float32(let values):
             values.withUnsafeBytes { bytes in for i in rows { body(bytes.baseAddress! + i * featureCount * 4) } }
         case .mapped(let mapped):
+            // The chunk in large reads, not page by page (readahead is off for the shuffled steps).
+            mapped.willNeed(rows: rows)
             for i in rows { body(mapped.row(i)) }
         }
     }

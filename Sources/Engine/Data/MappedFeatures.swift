@@ -152,6 +152,20 @@ public final class MappedFeatures: @unchecked Sendable {
         }
     }
 
+    /// Asks the kernel to read the consecutive samples `rows` now, in large requests (MADV_WILLNEED over their span
+    /// in each shard): a pass over a range, such as the statistics', would otherwise fault page by page, readahead off.
+    public func willNeed(rows: Range<Int>) {
+        guard !rows.isEmpty else { return }
+        let page = Int(sysconf(Int32(_SC_PAGESIZE)))
+        for shard in shards where shard.firstRow < rows.upperBound && shard.firstRow + shard.rows > rows.lowerBound {
+            let first = max(rows.lowerBound, shard.firstRow) - shard.firstRow
+            let last = min(rows.upperBound, shard.firstRow + shard.rows) - shard.firstRow
+            let start = UInt(bitPattern: shard.data + first * rowBytes)
+            let aligned = start & ~UInt(page - 1)
+            madvise(UnsafeMutableRawPointer(bitPattern: aligned), Int(start - aligned) + (last - first) * rowBytes, MADV_WILLNEED)
+        }
+    }
+
     /// Bytes mapped: shared by every rank of a node through the page cache, resident only as far as they are read.
     public var mappedBytes: Int { shards.reduce(0) { $0 + $1.length } }
 
