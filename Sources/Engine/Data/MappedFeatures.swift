@@ -3,6 +3,7 @@ import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
+import Synchronization
 
 /// A file as it was when it was opened: a run compares it again before it trusts the data (at every epoch's end, at
 /// every checkpoint and on resume), since a mapped file that is truncated or replaced underneath a run would give
@@ -199,6 +200,8 @@ public enum StoredElement: String, Sendable {
 /// process dying with a bare signal (`installFaultHandler`).
 public enum MappedRegions {
     private static let capacity = 4096
+    /// Serialises registration (data sets may be mapped from several threads); the handler reads without it.
+    private static let lock = Mutex(())
     /// (start, end, path as a C string) of each registered shard; a slot with start 0 is free.
     nonisolated(unsafe) private static let slots: UnsafeMutablePointer<(UInt, UInt, UnsafeMutablePointer<CChar>?)> = {
         let slots = UnsafeMutablePointer<(UInt, UInt, UnsafeMutablePointer<CChar>?)>.allocate(capacity: capacity)
@@ -211,28 +214,34 @@ public enum MappedRegions {
 
     static func register(_ shard: MappedFeatures.Shard) {
         let start = UInt(bitPattern: shard.mapping)
-        for i in 0..<capacity where slots[i].0 == 0 {
-            slots[i] = (start, start + UInt(shard.length), strdup(shard.path))
-            return
+        lock.withLock { _ in
+            for i in 0..<capacity where slots[i].0 == 0 {
+                slots[i] = (start, start + UInt(shard.length), strdup(shard.path))
+                return
+            }
         }
     }
 
     static func unregister(_ shard: MappedFeatures.Shard) {
         let start = UInt(bitPattern: shard.mapping)
-        for i in 0..<capacity where slots[i].0 == start {
-            let path = slots[i].2
-            slots[i] = (0, 0, nil)
-            free(path)
-            return
+        lock.withLock { _ in
+            for i in 0..<capacity where slots[i].0 == start {
+                let path = slots[i].2
+                slots[i] = (0, 0, nil)
+                free(path)
+                return
+            }
         }
     }
 
     /// Installs the SIGBUS handler: a fault inside a mapped shard prints `PREFIX error: DATA FILE: changed while
     /// mapped ...` and exits 1 (the launcher then ends the other ranks); any other SIGBUS keeps its default action.
     public static func installFaultHandler(prefix: String) {
-        Self.prefix = strdup(prefix + " error: ")
-        explanation = strdup(": the data file changed while it was mapped (truncated or rewritten: reading it raised SIGBUS); "
-            + "a shard must not change during a run\n")
+        lock.withLock { _ in
+            Self.prefix = strdup(prefix + " error: ")
+            explanation = strdup(": the data file changed while it was mapped (truncated or rewritten: reading it raised SIGBUS); "
+                + "a shard must not change during a run\n")
+        }
         var action = sigaction()
         action.sa_flags = SA_SIGINFO
         action.__sigaction_handler.sa_sigaction = { _, info, _ in
