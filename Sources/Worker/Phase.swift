@@ -29,7 +29,8 @@ enum Phase: Int, CaseIterable, Sendable {
     /// The name a stall report and a heartbeat file give the phase.
     var name: String {
         switch self {
-        case .compute, .step, .loadBatch, .forward, .backward: "computing"
+        case .compute, .step, .forward, .backward: "computing"
+        case .loadBatch: "data read"
         case .gradientExchange: "gradient allreduce"
         case .gradientNorm: "gradient norm (clipping)"
         case .update: "update and parameter gather"
@@ -45,10 +46,11 @@ enum Phase: Int, CaseIterable, Sendable {
         }
     }
 
-    /// Whether the watchdog times the phase: it waits on other ranks.
+    /// Whether the watchdog times the phase: it waits on other ranks, or on a file (a read from a stalled file system
+    /// would otherwise hang the job).
     var isWatched: Bool {
         switch self {
-        case .compute, .step, .loadBatch, .forward, .backward: false
+        case .compute, .step, .forward, .backward: false
         default: true
         }
     }

@@ -14,12 +14,13 @@ struct TestHooks {
     /// Nth sum across ranks (1-based), while the others wait in it; with `:stall` it sleeps there for a minute instead.
     var gradcheckFailSum: Int?
     var gradcheckStalls = false
-    /// BPWORKER_TEST_STALL=RANK:STEP:SECONDS[:after-exchange]: that rank sleeps inside that step, before its forward
-    /// pass or, with the fourth field, between the gradient exchange and the update (where the others wait in
-    /// the sharded update's parameter gather).
+    /// BPWORKER_TEST_STALL=RANK:STEP:SECONDS[:after-exchange|:read]: that rank sleeps inside that step, before its
+    /// forward pass; with `:after-exchange`, between the gradient exchange and the update (where the others wait in
+    /// the sharded update's parameter gather); with `:read`, inside the batch's read, as on a stalled file system.
     var stallStep: Int?
     var stallSeconds = 0.0
     var stallAfterExchange = false
+    var stallInRead = false
     /// BPWORKER_TEST_STEP_SLEEP_MS=N: every step of every rank takes N ms longer (so signals land mid-epoch).
     var stepSleepMicroseconds: UInt32 = 0
     /// BPWORKER_TEST_DIVERGE=RANK:STEP: that rank's first parameter drifts at that step (a silent replica fault).
@@ -57,6 +58,7 @@ struct TestHooks {
             hooks.stallStep = Int(f[1])
             hooks.stallSeconds = f[2]
             hooks.stallAfterExchange = env["BPWORKER_TEST_STALL"]?.hasSuffix(":after-exchange") ?? false
+            hooks.stallInRead = env["BPWORKER_TEST_STALL"]?.hasSuffix(":read") ?? false
         }
         if let f = fields("BPWORKER_TEST_STEP_SLEEP_MS"), f.count == 1 { hooks.stepSleepMicroseconds = UInt32(f[0] * 1000) }
         if let f = fields("BPWORKER_TEST_DIVERGE"), f.count == 2, Int(f[0]) == rank { hooks.divergeStep = Int(f[1]) }
@@ -90,13 +92,19 @@ struct TestHooks {
     func beforeStep(step: Int, model: Model<Float>) {
         if stepSleepMicroseconds > 0 { sleepFully(Double(stepSleepMicroseconds) * 1e-6) }
         if step == nanStep && !nanLossOnly { model.inputs[0] = .nan }
-        if step == stallStep && !stallAfterExchange { sleepFully(stallSeconds) }
+        if step == stallStep && !stallAfterExchange && !stallInRead { sleepFully(stallSeconds) }
         if step == divergeStep { model.parameters[0] += 1e-3 }
     }
 
     @inline(__always)
     func afterForward(step: Int, result: inout BatchResult) {
         if step == nanStep && nanLossOnly { result.lossSum = .nan }
+    }
+
+    /// Inside the batch's read (`:read`): a file system that stops answering.
+    @inline(__always)
+    func duringRead(step: Int) {
+        if step == stallStep && stallInRead { sleepFully(stallSeconds) }
     }
 
     @inline(__always)

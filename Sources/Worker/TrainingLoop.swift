@@ -137,6 +137,7 @@ final class TrainingLoop {
     }
 
     private func loadBatch(_ step: Int) throws {
+        hooks.duringRead(step: position.globalStep)
         let all = UnsafeBufferPointer(epochIndices), sampler = prepared.sampler
         try prepared.train.gather(indices: sampler.batch(all, step: step), into: model.inputs, labels: model.labels,
                               augmentation: prepared.augmentation, epoch: position.epoch)

@@ -31,9 +31,13 @@ final class Watchdog: Sendable {
     private let worldSize: Int
     private let heartbeatDirectory: String
     private let abort: @Sendable (String) -> Never
+    private let data: String
     private let host = ProcessInfo.processInfo.hostName
 
-    init(timeout: Double, rank: Int, worldSize: Int, runDirectory: String, abort: @escaping @Sendable (String) -> Never) {
+    /// - Parameter data: the training set's name, for a stall in reading it (`Phase.loadBatch`).
+    init(timeout: Double, rank: Int, worldSize: Int, runDirectory: String, data: String = "",
+         abort: @escaping @Sendable (String) -> Never) {
+        self.data = data
         self.timeout = timeout
         self.rank = rank
         self.worldSize = worldSize
@@ -102,14 +106,19 @@ final class Watchdog: Sendable {
     }
 
     private func writeHeartbeat(phase: Phase, step: Int) {
-        let record: [String: Any] = ["rank": rank, "pid": Int(getpid()), "host": host, "step": step, "phase": phase.name,
+        let record: [String: Any] = ["rank": rank, "pid": Int(getpid()), "host": host, "step": step, "phase": name(phase),
                                      "time": Date().timeIntervalSince1970]
         guard let data = try? JSONSerialization.data(withJSONObject: record, options: [.sortedKeys]) else { return }
         try? data.write(to: URL(fileURLWithPath: "\(heartbeatDirectory)/rank-\(rank).json"), options: .atomic)
     }
 
+    /// What a report and a heartbeat call the phase: a stalled read names the data it reads.
+    private func name(_ phase: Phase) -> String {
+        phase == .loadBatch && !data.isEmpty ? "\(phase.name) (reading \(data))" : phase.name
+    }
+
     private func stallReport(phase: Phase, step: Int, waited: Double) -> String {
-        var lines = ["stall: rank \(rank) has waited \(String(format: "%.1f", waited)) s in the \(phase.name) of step \(step) "
+        var lines = ["stall: rank \(rank) has waited \(String(format: "%.1f", waited)) s in the \(name(phase)) of step \(step) "
             + "(watchdog.timeout_seconds=\(timeout)); aborting the job"]
         var missing: [String] = []
         for other in 0..<worldSize where other != rank {
@@ -122,7 +131,7 @@ final class Watchdog: Sendable {
             let otherStep = record["step"] as? Int ?? -1
             let otherPhase = record["phase"] as? String ?? "?"
             let age = Date().timeIntervalSince1970 - (record["time"] as? Double ?? 0)
-            if otherPhase != phase.name || otherStep != step || age > 5 {
+            if otherPhase != name(phase) || otherStep != step || age > 5 {
                 missing.append("rank \(other) (\(otherPhase) at step \(otherStep), heartbeat \(String(format: "%.0f", age)) s ago)")
             }
         }

@@ -115,6 +115,21 @@ struct StreamedDataTests {
         #expect(!FileManager.default.fileExists(atPath: missing))
     }
 
+    /// A read that stalls (a file system that stops answering) is named by the watchdog: the rank, the step and the
+    /// data, in its own report or in the report of the rank waiting for it.
+    @Test func aStalledReadIsNamedByTheWatchdog() throws {
+        let data = temporaryRunDirectory()
+        try write(data)
+        let features = data + "/shards/x-*.npy"
+        let r = try Harness.mpirun(2, job(data, runDir: temporaryRunDirectory(), features: features, labels: data + "/shards/y-*.npy",
+                                          extra: ["--set", "watchdog.timeout_seconds=3"]),
+                                   environment: ["BPWORKER_TEST_STALL": "1:5:60:read"], timeout: 60)
+        #expect(r.status != 0 && r.seconds < 30, "\(r.output)")
+        let own = "rank 1 has waited", ownPhase = "in the data read (reading \(features)) of step 5"
+        let other = "not arrived: rank 1 (data read (reading \(features)) at step 5"
+        #expect((r.output.contains(own) && r.output.contains(ownPhase)) || r.output.contains(other), "\(r.output)")
+    }
+
     /// A checkpoint records the mapped files (size, modification time); a resume after one was rewritten is refused,
     /// naming it, before any rank trains on other data.
     @Test func aShardChangedBeforeResumeIsRefusedNamingIt() throws {
