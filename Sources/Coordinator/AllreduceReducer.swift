@@ -19,26 +19,9 @@ public final class AllreduceReducer: GradientReducer {
     public var gradientScale: Double { 1 / Double(communicator.size) }
     public private(set) var waitSeconds = 0.0
 
-    /// - Parameters:
-    ///   - buckets: the plan, over all of `gradients`.
-    ///   - gradients: the flat gradient buffer; the parameters and the update's state share its layout.
-    ///   - parameters: what `update` changes, identically on every rank.
-    ///   - update: the optimizer step applied to the summed gradients.
-    ///   - control, nonFiniteSlot, provenFinite: the control values (`ControlSlots`).
-    ///   - observer: told what is communicated when (`BucketObserver`); nil: nothing is timed.
-    public init(communicator: any Communicator, buckets: GradientBuckets, gradients: UnsafeMutableBufferPointer<Float>,
-                parameters: UnsafeMutableBufferPointer<Float>, update: any ParameterUpdate,
-                control: UnsafeMutableBufferPointer<Float> = .init(start: nil, count: 0), nonFiniteSlot: Int? = nil,
-                provenFinite: ((Range<Int>) -> Bool)? = nil, observer: (any BucketObserver)? = nil) {
-        precondition(buckets.ranges.first?.upperBound == gradients.count, "buckets must cover the gradients")
-        self.communicator = communicator
-        self.buckets = buckets.ranges
-        self.gradients = gradients
-        self.parameters = parameters
-        parameterUpdate = update
-        self.observer = observer
-        self.control = ControlSlots(control: control, gradients: gradients, nonFiniteSlot: nonFiniteSlot,
-                                    provenFinite: provenFinite)
+    public init(_ inputs: ReductionInputs) {
+        (communicator, buckets, gradients, parameters) = (inputs.communicator, inputs.buckets, inputs.gradients, inputs.parameters)
+        (parameterUpdate, observer, control) = (inputs.update, inputs.observer, inputs.control)
         reductions = Array(repeating: .completed, count: buckets.count)
     }
 

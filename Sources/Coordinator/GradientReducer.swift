@@ -70,21 +70,51 @@ extension GradientReducer {
     public typealias Strategy = ReductionStrategy
 }
 
-/// The reducer for `strategy`; see `ShardedReducer` and `AllreduceReducer` for the parameters.
+/// What every reducer is built from, whatever its strategy.
+public struct ReductionInputs {
+    let communicator: any Communicator
+    let buckets: [Range<Int>]
+    let gradients: UnsafeMutableBufferPointer<Float>
+    let parameters: UnsafeMutableBufferPointer<Float>
+    let update: any ParameterUpdate
+    let observer: (any BucketObserver)?
+    let control: ControlSlots
+
+    /// - Parameters:
+    ///   - buckets: the plan, over all of `gradients`.
+    ///   - gradients: the flat gradient buffer; the parameters and the update's state share its layout.
+    ///   - parameters: what `update` changes, identically on every rank.
+    ///   - update: the optimizer step applied to the summed gradients.
+    ///   - control, nonFiniteSlot, provenFinite: the control values (`ControlSlots`).
+    ///   - observer: told what is communicated when (`BucketObserver`); nil: nothing is timed.
+    public init(communicator: any Communicator, buckets: GradientBuckets, gradients: UnsafeMutableBufferPointer<Float>,
+                parameters: UnsafeMutableBufferPointer<Float>, update: any ParameterUpdate,
+                control: UnsafeMutableBufferPointer<Float> = .init(start: nil, count: 0), nonFiniteSlot: Int? = nil,
+                provenFinite: ((Range<Int>) -> Bool)? = nil, observer: (any BucketObserver)? = nil) {
+        precondition(buckets.ranges.first?.upperBound == gradients.count, "buckets must cover the gradients")
+        self.communicator = communicator
+        self.buckets = buckets.ranges
+        self.gradients = gradients
+        self.parameters = parameters
+        self.update = update
+        self.observer = observer
+        self.control = ControlSlots(control: control, gradients: gradients, nonFiniteSlot: nonFiniteSlot,
+                                    provenFinite: provenFinite)
+    }
+}
+
+/// The reducer for `strategy`; see `ReductionInputs` for the parameters.
 public func makeGradientReducer(
     strategy: ReductionStrategy, communicator: any Communicator, buckets: GradientBuckets,
     gradients: UnsafeMutableBufferPointer<Float>, parameters: UnsafeMutableBufferPointer<Float>,
     update: any ParameterUpdate, control: UnsafeMutableBufferPointer<Float> = .init(start: nil, count: 0),
     nonFiniteSlot: Int? = nil, provenFinite: ((Range<Int>) -> Bool)? = nil, observer: (any BucketObserver)? = nil
 ) -> any GradientReducer {
-    switch strategy {
-    case .sharded:
-        ShardedReducer(communicator: communicator, buckets: buckets, gradients: gradients, parameters: parameters,
-                       update: update, control: control, nonFiniteSlot: nonFiniteSlot, provenFinite: provenFinite,
-                       observer: observer)
-    case .allreduce:
-        AllreduceReducer(communicator: communicator, buckets: buckets, gradients: gradients, parameters: parameters,
-                         update: update, control: control, nonFiniteSlot: nonFiniteSlot, provenFinite: provenFinite,
-                         observer: observer)
+    let inputs = ReductionInputs(communicator: communicator, buckets: buckets, gradients: gradients, parameters: parameters,
+                                 update: update, control: control, nonFiniteSlot: nonFiniteSlot, provenFinite: provenFinite,
+                                 observer: observer)
+    return switch strategy {
+    case .sharded: ShardedReducer(inputs)
+    case .allreduce: AllreduceReducer(inputs)
     }
 }

@@ -49,27 +49,11 @@ public final class ShardedReducer: GradientReducer {
     private var received: [UnsafeMutableBufferPointer<Float>] = []
     private var peerSums: UnsafeMutablePointer<Float>? { received.first?.baseAddress }
 
-    /// - Parameters:
-    ///   - buckets: the plan, over all of `gradients`.
-    ///   - gradients: the flat gradient buffer; the parameters and the update's state share its layout.
-    ///   - parameters: what `update` changes; each rank its own pieces, then gathered.
-    ///   - update: the optimizer step applied to the summed gradients, piece by piece.
-    ///   - control, nonFiniteSlot, provenFinite: the control values (`ControlSlots`).
-    ///   - observer: told what is communicated when (`BucketObserver`); nil: nothing is timed.
-    public init(communicator: any Communicator, buckets: GradientBuckets, gradients: UnsafeMutableBufferPointer<Float>,
-                parameters: UnsafeMutableBufferPointer<Float>, update: any ParameterUpdate,
-                control: UnsafeMutableBufferPointer<Float> = .init(start: nil, count: 0), nonFiniteSlot: Int? = nil,
-                provenFinite: ((Range<Int>) -> Bool)? = nil, observer: (any BucketObserver)? = nil) {
-        precondition(buckets.ranges.first?.upperBound == gradients.count, "buckets must cover the gradients")
-        self.communicator = communicator
-        self.buckets = buckets.ranges
-        self.gradients = gradients
-        self.parameters = parameters
-        parameterUpdate = update
-        self.observer = observer
-        self.control = ControlSlots(control: control, gradients: gradients, nonFiniteSlot: nonFiniteSlot,
-                                    provenFinite: provenFinite)
-        partitions = buckets.ranges.map { Partition(count: $0.count, parts: communicator.size) }
+    public init(_ inputs: ReductionInputs) {
+        (communicator, buckets, gradients, parameters) = (inputs.communicator, inputs.buckets, inputs.gradients, inputs.parameters)
+        (parameterUpdate, observer, control) = (inputs.update, inputs.observer, inputs.control)
+        let ranks = inputs.communicator.size
+        partitions = inputs.buckets.map { Partition(count: $0.count, parts: ranks) }
         planPieces()
     }
 

@@ -166,23 +166,13 @@ struct Checkpointer {
     }
 }
 
-/// A data file as a checkpoint recorded it: its size and modification time.
+/// A data file as a checkpoint recorded it.
 struct DataFileRecord: Codable, Equatable {
     let path: String
-    let size: Int
-    let modified: Double
+    let identity: FileIdentity
 
-    init(path: String, identity: FileIdentity) {
-        self.path = path
-        size = identity.size
-        modified = identity.modified
-    }
-
-    /// Why the file at `path` is not the one recorded, or nil.
+    /// Why the file at `path` is not the one recorded (by size and modification time), or nil.
     func change() -> String? {
-        guard let now = try? FileIdentity.of(path) else { return "is missing" }
-        if now.size != size { return "changed size from \(size) to \(now.size) bytes" }
-        if now.modified != modified { return "was modified (its modification time changed)" }
-        return nil
+        identity.change(to: path.withCString(FileIdentity.init), sameFile: false)
     }
 }

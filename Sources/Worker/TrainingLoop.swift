@@ -236,9 +236,8 @@ final class TrainingLoop {
     }
 
     /// The end of an epoch: the exact test accuracy over every rank's share of the test set, the report, then a
-    /// checkpoint. Returns the accuracy, which every rank received.
+    /// checkpoint (which checks the mapped data files first). Returns the accuracy, which every rank received.
     private func endEpoch(_ epoch: Int) throws -> Double {
-        checkDataUnchanged()
         let evaluation = try phases.watched(.evaluation) {
             try shareBuffers(session, model)
             return try Evaluation.evaluate(session, model, on: prepared.test)

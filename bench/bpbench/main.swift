@@ -539,9 +539,9 @@ func timelineBench(_ communicator: MPICommunicator) throws {
                                       totalCount: model.parameterCount)
         let recorder = TimelineRecorder(capacity: 1 << 16)
         func reducer(observer: BucketTimes?) -> ShardedReducer {
-            ShardedReducer(communicator: communicator, buckets: buckets, gradients: model.gradients, parameters: model.parameters,
-                           update: step.optimizer, control: model.control, nonFiniteSlot: 1,
-                           provenFinite: { model.gradientsProvenFinite(in: $0) }, observer: observer)
+            ShardedReducer(ReductionInputs(communicator: communicator, buckets: buckets, gradients: model.gradients,
+                                           parameters: model.parameters, update: step.optimizer, control: model.control,
+                                           nonFiniteSlot: 1, provenFinite: { model.gradientsProvenFinite(in: $0) }, observer: observer))
         }
         let plainReducer = reducer(observer: nil)
         let recordingReducer = reducer(observer: BucketTimes(recorder: recorder, buckets: buckets.count, ranks: communicator.size))

@@ -113,9 +113,10 @@ public struct Dataset: Sendable {
             throw DataError(path: labels, reason: "names \(labelFiles.count) labels file\(labelFiles.count == 1 ? "" : "s") but "
                 + "\(features) names \(featureFiles.count) feature shard\(featureFiles.count == 1 ? "" : "s"): one labels file per shard")
         }
-        let mappable = featureFiles.allSatisfy { (try? NPY.layout(path: $0)).map { StoredElement($0.dtype) != nil } ?? false }
-        if mapped && mappable {
-            let store = try MappedFeatures(paths: featureFiles)
+        // Each header read once: whether every file can be mapped, and then how.
+        let layouts = mapped ? featureFiles.compactMap { try? NPY.layout(path: $0) } : []
+        if layouts.count == featureFiles.count && layouts.allSatisfy({ StoredElement($0.dtype) != nil }) {
+            let store = try MappedFeatures(paths: featureFiles, layouts: layouts)
             var all: [Int32] = []
             for (shard, labelFile) in zip(store.shards, labelFiles) {
                 all += try readLabels(labelFile, samples: shard.rows, samplesPath: shard.path)
@@ -153,17 +154,18 @@ public struct Dataset: Sendable {
 
     /// The shards' values one after another, as stored (float64 as float32).
     private static func concatenated(_ shards: [(path: String, array: NPYArray)]) throws -> Features {
-        if shards.count == 1 { return try stored(shards[0].array, path: shards[0].path) }
-        switch try stored(shards[0].array, path: shards[0].path) {
-        case .uint8:
-            var values: [UInt8] = []
-            for shard in shards { if case .uint8(let v) = try stored(shard.array, path: shard.path) { values += v } }
-            return .uint8(values)
-        default:
-            var values: [Float] = []
-            for shard in shards { if case .float32(let v) = try stored(shard.array, path: shard.path) { values += v } }
-            return .float32(values)
+        let parts = try shards.map { try stored($0.array, path: $0.path) }
+        guard parts.count > 1 else { return parts[0] }
+        // Every shard has the first one's dtype (checked as they were read).
+        var bytes: [UInt8] = [], floats: [Float] = []
+        for part in parts {
+            switch part {
+            case .uint8(let v): bytes += v
+            case .float32(let v): floats += v
+            case .mapped, .reader: preconditionFailure("a shard read into memory")
+            }
         }
+        return parts[0].element == .uint8 ? .uint8(bytes) : .float32(floats)
     }
 
     private static func stored(_ x: NPYArray, path: String) throws -> Features {

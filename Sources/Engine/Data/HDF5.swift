@@ -299,7 +299,7 @@ public final class HDF5Rows: RowReader, @unchecked Sendable {
     /// The file's path as a C string (for `stat` without bridging a String on every read) and its identity
     /// when opened.
     private let cPath: UnsafeMutablePointer<CChar>
-    private let openedAs: StatIdentity?
+    private let openedAs: FileIdentity?
 
     /// Opens `dataset` (a path such as `/images`) in `file`. Throws a `DataError` naming `file:dataset` for a
     /// missing file, a file that is not HDF5 or is truncated or damaged, a missing, 0-d or empty dataset, and
@@ -322,7 +322,7 @@ public final class HDF5Rows: RowReader, @unchecked Sendable {
         rowBytes = sampleShape.reduce(element.size, *)
         runsPerRead = opened.chunked ? 1 : 16
         cPath = strdup(file)
-        openedAs = StatIdentity(cPath)
+        openedAs = FileIdentity(cPath)
         start = .allocate(capacity: opened.shape.count)
         extent = .allocate(capacity: opened.shape.count)
         for d in opened.shape.indices {
@@ -398,19 +398,8 @@ public final class HDF5Rows: RowReader, @unchecked Sendable {
     }
 
     private func requireUnchanged() throws {
-        let now = StatIdentity(cPath)
-        guard now != openedAs, let openedAs else { return }
-        let change = if let now {
-            if now.device != openedAs.device || now.inode != openedAs.inode {
-                "was replaced by another file"
-            } else if now.size != openedAs.size {
-                "changed size from \(openedAs.size) to \(now.size) bytes (truncated or rewritten)"
-            } else {
-                "was modified"
-            }
-        } else {
-            "is gone (deleted or renamed)"
-        }
+        let now = FileIdentity(cPath)
+        guard now != openedAs, let openedAs, let change = openedAs.change(to: now) else { return }
         throw DataError(path: name, reason: "the file \(change) since it was opened; restart the run with the data set unchanged")
     }
 
@@ -480,30 +469,6 @@ public final class HDF5Rows: RowReader, @unchecked Sendable {
         for k in 0..<rows.count where distinct.last != rows[order[k]] { distinct.append(rows[order[k]]) }
         let shown = distinct.prefix(8).map(String.init).joined(separator: ", ")
         return distinct.count > 8 ? "\(shown) and \(distinct.count - 8) more" : shown
-    }
-}
-
-/// What identifies a file's contents between two reads: a replaced file has another inode, a truncated or
-/// rewritten one another size or modification time.
-private struct StatIdentity: Equatable {
-    let device: UInt64
-    let inode: UInt64
-    let size: Int64
-    let modifiedSeconds: Int
-    let modifiedNanoseconds: Int
-
-    /// nil when `stat` fails (the file is gone).
-    init?(_ path: UnsafePointer<CChar>) {
-        var info = stat()
-        guard stat(path, &info) == 0 else { return nil }
-        device = UInt64(info.st_dev)
-        inode = UInt64(info.st_ino)
-        size = Int64(info.st_size)
-        #if canImport(Darwin)
-        (modifiedSeconds, modifiedNanoseconds) = (Int(info.st_mtimespec.tv_sec), Int(info.st_mtimespec.tv_nsec))
-        #else
-        (modifiedSeconds, modifiedNanoseconds) = (Int(info.st_mtim.tv_sec), Int(info.st_mtim.tv_nsec))
-        #endif
     }
 }
 

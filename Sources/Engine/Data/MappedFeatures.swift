@@ -11,22 +11,34 @@ import Synchronization
 public struct FileIdentity: Equatable, Sendable, Codable {
     public let size: Int
     public let modified: Double
+    public let device: UInt64
     public let inode: UInt64
 
-    public static func of(_ path: String) throws -> FileIdentity {
+    /// The file at `path` now; nil when `stat` fails (it is gone). Allocates nothing: a reader may check its file after
+    /// every read (`HDF5Rows`).
+    public init?(_ path: UnsafePointer<CChar>) {
         var info = stat()
-        guard stat(path, &info) == 0 else {
-            throw DataError(path: path, reason: "cannot stat file: \(String(cString: strerror(errno)))")
-        }
-        return FileIdentity(size: Int(info.st_size), modified: Double(info.st_mtim.tv_sec) + Double(info.st_mtim.tv_nsec) * 1e-9,
-                            inode: UInt64(info.st_ino))
+        guard stat(path, &info) == 0 else { return nil }
+        size = Int(info.st_size)
+        modified = Double(info.st_mtim.tv_sec) + Double(info.st_mtim.tv_nsec) * 1e-9
+        device = UInt64(info.st_dev)
+        inode = UInt64(info.st_ino)
     }
 
-    /// Why `now` is not this file any more, or nil when it is.
-    public func change(to now: FileIdentity) -> String? {
-        if now.inode != inode { return "was replaced (another file now has its name)" }
+    public static func of(_ path: String) throws -> FileIdentity {
+        guard let identity = path.withCString(FileIdentity.init) else {
+            throw DataError(path: path, reason: "cannot stat file: \(String(cString: strerror(errno)))")
+        }
+        return identity
+    }
+
+    /// Why `now` is not this file any more, or nil when it is. `sameFile: false` compares the contents' size and
+    /// modification time only (a checkpoint's record of a file survives the file being copied back in place).
+    public func change(to now: FileIdentity?, sameFile: Bool = true) -> String? {
+        guard let now else { return "is gone (deleted or renamed)" }
+        if sameFile && (now.device != device || now.inode != inode) { return "was replaced by another file" }
         if now.size != size { return "changed size from \(size) to \(now.size) bytes" }
-        if now.modified != modified { return "was modified (its modification time changed)" }
+        if now.modified != modified { return "was modified" }
         return nil
     }
 }
@@ -54,18 +66,25 @@ public final class MappedFeatures: @unchecked Sendable {
     /// Samples over all shards.
     public let count: Int
     private let rowBytes: Int
-    /// `shards[i].firstRow`, for the binary search of `row(_:)`.
+    /// `shards[i].firstRow` and `shards[i].data`, apart from the shards' paths: `row(_:)`, once per gathered sample,
+    /// reads plain words instead of copying a `Shard` (and retaining its path).
     private let firstRows: UnsafeMutableBufferPointer<Int>
+    private let starts: UnsafeMutableBufferPointer<UnsafeRawPointer>
+    private static let pageSize = Int(sysconf(Int32(_SC_PAGESIZE)))
 
     /// Maps every file of `paths` (in that order). They must hold arrays of the same dtype (uint8 or float32) and the
     /// same sample shape, each with at least one sample.
-    public init(paths: [String]) throws {
-        precondition(!paths.isEmpty, "no shards to map")
+    public convenience init(paths: [String]) throws {
+        try self.init(paths: paths, layouts: paths.map { try NPY.layout(path: $0) })
+    }
+
+    /// `layouts`: each file's, as `NPY.layout(path:)` read it.
+    init(paths: [String], layouts: [NPYLayout]) throws {
+        precondition(!paths.isEmpty && paths.count == layouts.count, "no shards to map, or not one layout per shard")
         var shards: [Shard] = []
         var first: (path: String, layout: NPYLayout)? = nil
         do {
-            for path in paths {
-                let layout = try NPY.layout(path: path)
+            for (path, layout) in zip(paths, layouts) {
                 guard let element = StoredElement(layout.dtype) else {
                     throw DataError(path: path, reason: "has dtype \(layout.dtypeName): a mapped data set holds uint8 or float32 "
                         + "features (convert with a.astype('float32'), or set data.mmap=false to read it into memory)")
@@ -102,6 +121,8 @@ public final class MappedFeatures: @unchecked Sendable {
         count = shards.last!.firstRow + shards.last!.rows
         firstRows = .allocate(capacity: shards.count)
         _ = firstRows.initialize(from: shards.map(\.firstRow))
+        starts = .allocate(capacity: shards.count)
+        _ = starts.initialize(from: shards.map(\.data))
         for shard in shards { MappedRegions.register(shard) }
     }
 
@@ -111,6 +132,7 @@ public final class MappedFeatures: @unchecked Sendable {
             munmap(shard.mapping, shard.length)
         }
         firstRows.deallocate()
+        starts.deallocate()
     }
 
     private static func map(_ path: String, layout: NPYLayout, firstRow: Int) throws -> Shard {
@@ -137,15 +159,14 @@ public final class MappedFeatures: @unchecked Sendable {
             let middle = (low + high + 1) >> 1
             if firstRows[middle] <= index { low = middle } else { high = middle - 1 }
         }
-        let shard = shards[low]
-        return shard.data + (index - shard.firstRow) * rowBytes
+        return starts[low] + (index - firstRows[low]) * rowBytes
     }
 
     /// Asks the kernel to start reading the pages of these samples now (MADV_WILLNEED), without waiting for them: a
     /// later step's batch is read from disk while this one computes, many requests in flight at once. A sample whose
     /// pages are in the page cache costs one system call.
     public func willNeed(_ indices: UnsafeBufferPointer<Int>) {
-        let page = Int(sysconf(Int32(_SC_PAGESIZE)))
+        let page = Self.pageSize
         for index in indices {
             let start = UInt(bitPattern: row(index))
             let first = start & ~UInt(page - 1)
@@ -157,7 +178,7 @@ public final class MappedFeatures: @unchecked Sendable {
     /// in each shard): a pass over a range, such as the statistics', would otherwise fault page by page, readahead off.
     public func willNeed(rows: Range<Int>) {
         guard !rows.isEmpty else { return }
-        let page = Int(sysconf(Int32(_SC_PAGESIZE)))
+        let page = Self.pageSize
         for shard in shards where shard.firstRow < rows.upperBound && shard.firstRow + shard.rows > rows.lowerBound {
             let first = max(rows.lowerBound, shard.firstRow) - shard.firstRow
             let last = min(rows.upperBound, shard.firstRow + shard.rows) - shard.firstRow
