@@ -78,7 +78,7 @@ enum Trainer {
     /// The one way out of `train`: writes the timeline of a run that ended inside its window, records the outcome in
     /// status.json (rank 0), saves the model of a finished run, and ends every rank with the outcome's exit code.
     static func finish(_ session: Session, _ outcome: RunOutcome, loop: TrainingLoop) -> Never {
-        let failure = RunFailure(session: session, progress: loop.progress)
+        let failure = loop.checkpoints.failure
         if let timeline = loop.timeline {
             // Every outcome here is reached by every rank at the same step, so the gather is safe.
             loop.phases.beginStep(loop.position.globalStep)
