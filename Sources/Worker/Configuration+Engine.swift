@@ -191,6 +191,8 @@ extension Configuration {
         try require(gradcheckBatch >= 1, "gradcheck.batch must be at least 1, got \(gradcheckBatch)")
         try require(dropout >= 0 && dropout < 1, "model.dropout must be in [0, 1), got \(dropout)")
         try require(seed >= 0, "seed must be >= 0, got \(seed)")
+        try require(dataPrefetch >= 0 && dataPrefetch <= 1024,
+                    "data.prefetch must be in 0...1024 (batches gathered ahead; 0 = in the step), got \(dataPrefetch)")
         try require(augmentCropPadding >= 0, "data.augment.crop_padding must be >= 0 (0 = no cropping), got \(augmentCropPadding)")
         try require(checkpointEverySteps >= 0, "checkpoint.every_steps must be >= 0, got \(checkpointEverySteps)")
         try require(checkpointEverySeconds >= 0 && checkpointEverySeconds.isFinite,

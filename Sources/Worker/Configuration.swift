@@ -126,7 +126,7 @@ struct Configuration: Equatable {
         key("data.mmap", \.dataMmap,
             "npy: map raw uint8/float32 files read-only (shared by a node's ranks through the page cache) instead of reading them"),
         key("data.prefetch", \.dataPrefetch,
-            "mapped data: ask the kernel for the samples of the batch this many steps ahead (0 = off), so reads overlap compute"),
+            "batches a background thread gathers (reads, normalises, augments) ahead of the step; 0 gathers in the step"),
         key("data.normalize", \.normalization, "standardize (training-set mean/std), scale (x/255) or none"),
         key("data.remainder", \.remainder, "drop or wrap the samples that do not fill the last global batch"),
         key("data.augment.crop_padding", \.augmentCropPadding,

@@ -51,6 +51,10 @@ struct MemoryEstimate {
             items.append(Item(name: "optimizer state (\(stateNames.joined(separator: ", ")))", bytes: Double(stateNames.count) * buffer))
         }
         items.append(Item(name: "activations at batch \(config.batchSize)", bytes: footprint.activationBytes))
+        if config.dataPrefetch > 0, let train = datasets.first {
+            items.append(Item(name: "\(config.dataPrefetch) prefetched batches", bytes: BatchPrefetcher.bufferBytes(
+                depth: config.dataPrefetch, batchSize: config.batchSize, featureCount: train.featureCount)))
+        }
         if config.reduction == .sharded && worldSize > 1 {
             let piece = LargeBuffer.allocatedBytes((parameters / Double(worldSize)).rounded(.up) * 4)
             items.append(Item(name: "sharded update buffers", bytes: Double(worldSize - 1) * piece))

@@ -15,12 +15,15 @@ enum MetricsRecord: Codable, Equatable {
         var loss, accuracy, learningRate, samplesPerSecond: Double
         /// The share of the window's time the ranks spent waiting on communication, 0 to 1.
         var commWaitFraction: Double
+        /// The share of the window's time the ranks' steps spent waiting for their batches (for the prefetch thread,
+        /// or gathering it themselves with `data.prefetch=0`), 0 to 1 (absent in files of older versions).
+        var dataWaitFraction: Double?
         /// Since this process started (absent in files of older versions).
         var elapsedSeconds: Double?
 
         enum CodingKeys: String, CodingKey {
             case epoch, step, loss, accuracy, learningRate = "lr", samplesPerSecond = "samples_per_second",
-                 commWaitFraction = "comm_wait_fraction", elapsedSeconds = "elapsed_seconds"
+                 commWaitFraction = "comm_wait_fraction", dataWaitFraction = "data_wait_fraction", elapsedSeconds = "elapsed_seconds"
         }
     }
 

@@ -84,8 +84,10 @@ final class Progress {
         windowSteps += 1
     }
 
-    func report(epoch: Int, step: Int, globalStep: Int, learningRate: Double, reducer: GradientReducer) throws {
-        var totals = [window.lossSum, Double(window.correct), Double(window.count), reducer.waitSeconds]
+    /// - Parameter batches: the training batches, whose `waitSeconds` is the window's time spent waiting for data.
+    func report(epoch: Int, step: Int, globalStep: Int, learningRate: Double, reducer: GradientReducer,
+                batches: BatchPrefetcher) throws {
+        var totals = [window.lossSum, Double(window.correct), Double(window.count), reducer.waitSeconds, batches.waitSeconds]
         try totals.withUnsafeMutableBufferPointer { (buffer) throws(MPIError) in
             try session.communicator.allreduce(buffer, op: .sum)
         }
@@ -94,12 +96,14 @@ final class Progress {
         let accuracy = totals[1] / max(totals[2], 1)
         let samplesPerSecond = totals[2] / elapsed
         let waitShare = min(1, totals[3] / Double(session.worldSize) / elapsed)
+        let dataShare = min(1, totals[4] / Double(session.worldSize) / elapsed)
         let eta = Double(totalSteps - globalStep) * elapsed / Double(max(windowSteps, 1))
         if session.isRoot {
             let line = "epoch \(epoch + 1)/\(epochs) step \(step + 1)/\(stepsPerEpoch) loss \(String(format: "%.4f", loss)) "
                 + "acc \(percent(accuracy)) lr \(String(format: "%.4g", learningRate)) "
-                + "\(grouped(Int(samplesPerSecond))) samples/s compute \(String(format: "%.0f", 100 * (1 - waitShare)))% "
-                + "comm wait \(String(format: "%.0f", 100 * waitShare))% ETA \(duration(eta))"
+                + "\(grouped(Int(samplesPerSecond))) samples/s compute \(String(format: "%.0f", 100 * max(0, 1 - waitShare - dataShare)))% "
+                + "comm wait \(String(format: "%.0f", 100 * waitShare))% data wait \(String(format: "%.0f", 100 * dataShare))% "
+                + "ETA \(duration(eta))"
             if isTerminal {
                 session.terminal.redraw(line)
             } else {
@@ -116,12 +120,14 @@ final class Progress {
             if Date().timeIntervalSince(lastStatusWrite) >= 1 { writeStatus() }
             metrics?.write(.train(.init(epoch: epoch + 1, step: globalStep, loss: loss, accuracy: accuracy,
                                         learningRate: learningRate, samplesPerSecond: samplesPerSecond,
-                                        commWaitFraction: waitShare, elapsedSeconds: Date().timeIntervalSince(start))))
+                                        commWaitFraction: waitShare, dataWaitFraction: dataShare,
+                                        elapsedSeconds: Date().timeIntervalSince(start))))
         }
         window = BatchResult()
         windowSteps = 0
         windowStart = Date()
         reducer.resetTimers()
+        batches.resetWait()
     }
 
     func reportEvaluation(_ result: BatchResult, epoch: Int, globalStep: Int) {

@@ -39,7 +39,7 @@ enum Trainer {
         // passes, report to both. Neither writes anything before it is started.
         let aborter = Aborter(communicator: session.communicator, runDirectory: session.runDirectory)
         let watchdog = Watchdog(timeout: config.watchdogSeconds, rank: session.rank, worldSize: session.worldSize,
-                                runDirectory: session.runDirectory, data: plan.train.name) { report in aborter.abort(report) }
+                                runDirectory: session.runDirectory) { report in aborter.abort(report) }
         let buckets = gradientBuckets(config, plan.spec)
         let recorder = timelineRecorder(config, plan, buckets: buckets)
         let phases = PhaseRunner(watchdog: watchdog, recorder: recorder)
@@ -60,8 +60,12 @@ enum Trainer {
             observer: recorder.map { BucketTimes(recorder: $0, buckets: buckets.count, ranks: session.worldSize) })
         let progress = startProgress(session, prepared, resumed: resume != nil, at: position)
         let failure = RunFailure(session: session, progress: progress)
-        watchdog.start()
         let hooks = prepared.hooks
+        let cursor = ReadCursor()
+        let batches = BatchPrefetcher(dataset: prepared.train, batchSize: config.batchSize, stepsPerEpoch: prepared.sampler.stepsPerEpoch,
+                                      depth: config.dataPrefetch, augmentation: prepared.augmentation, cursor: cursor,
+                                      beforeRead: { hooks.duringRead(step: $0) })
+        watchdog.start(dataRead: { [train = prepared.train] in describeRead(of: train, at: cursor) })
         let timeline = recorder.map {
             Timeline(session: session, recorder: $0, model: model, buckets: buckets, clockSkewSeconds: hooks.clockSkewSeconds)
         }
@@ -69,7 +73,7 @@ enum Trainer {
                                         modelMetadata: modelDescription(session, prepared).metadata,
                                         crashAtStep: hooks.checkpointCrashStep)
         let loop = TrainingLoop(
-            session: session, prepared: prepared, reducer: reducer, phases: phases, timeline: timeline,
+            session: session, prepared: prepared, batches: batches, reducer: reducer, phases: phases, timeline: timeline,
             checkpoints: CheckpointExchange(failure: failure, checkpointer: checkpointer, model: model, optimizer: optimizer),
             progress: progress, hooks: hooks, position: position)
         return (loop, failure)
@@ -98,6 +102,13 @@ enum Trainer {
     }
 
     // MARK: - The parts of a run
+
+    /// What a batch's read is reading, for the watchdog: the sample, the data set's key and the file that holds it.
+    private static func describeRead(of train: Dataset, at cursor: ReadCursor) -> String {
+        let sample = cursor.sample.load(ordering: .relaxed)
+        guard sample >= 0 else { return "data.train_features=\(train.name)" }
+        return "sample \(sample) of data.train_features, in \(train.file(ofSample: sample))"
+    }
 
     /// The reducer's buckets, planned from the model's layout before the model exists (`training.bucket_kib`).
     private static func gradientBuckets(_ config: Configuration, _ spec: ModelSpec) -> GradientBuckets {

@@ -34,6 +34,8 @@ struct RunOutcome: Equatable {
 /// timeline records what it draws; the step allocates nothing.
 final class TrainingLoop {
     let prepared: Prepared
+    /// The training batches, gathered `data.prefetch` steps ahead on a background thread.
+    let batches: BatchPrefetcher
     let progress: Progress
     let phases: PhaseRunner
     /// `--timeline`: opens and closes its window at the steps it chose (nil: nothing is recorded).
@@ -49,8 +51,6 @@ final class TrainingLoop {
 
     private(set) var position: TrainingPosition
     private(set) var lastCheckpoint: String?
-    /// This rank's samples of the current epoch, in step order (`ShardSampler.indices(epoch:)`), allocated once.
-    private let epochIndices: UnsafeMutableBufferPointer<Int>
     /// The model's buffers (batch norm's running statistics) before the current step: a step dropped for non-finite
     /// values must not keep what its forward pass did to them (a NaN batch makes them NaN). Allocated once.
     private let buffersBefore: UnsafeMutableBufferPointer<Float>
@@ -61,14 +61,14 @@ final class TrainingLoop {
     private var checkpointDue = false
 
     deinit {
-        epochIndices.deallocate()
         buffersBefore.deallocate()
     }
 
-    init(session: Session, prepared: Prepared, reducer: GradientReducer, phases: PhaseRunner, timeline: Timeline?,
+    init(session: Session, prepared: Prepared, batches: BatchPrefetcher, reducer: GradientReducer, phases: PhaseRunner, timeline: Timeline?,
          checkpoints: CheckpointExchange, progress: Progress, hooks: TestHooks, position: TrainingPosition) {
         self.session = session
         self.prepared = prepared
+        self.batches = batches
         self.reducer = reducer
         self.phases = phases
         self.timeline = timeline
@@ -78,8 +78,6 @@ final class TrainingLoop {
         self.position = position
         schedule = session.config.learningRateSchedule(totalSteps: prepared.totalSteps)
         control = StepControl(prepared.model.control)
-        epochIndices = .allocate(capacity: prepared.sampler.stepsPerEpoch * prepared.sampler.batchSize)
-        epochIndices.initialize(repeating: 0)
         buffersBefore = .allocate(capacity: prepared.model.buffers.count)
         buffersBefore.initialize(repeating: 0)
     }
@@ -101,9 +99,11 @@ final class TrainingLoop {
         return .finished
     }
 
-    /// This rank's samples of `epoch`, in step order, for the steps to gather from.
+    /// This rank's samples of `epoch`, in step order, for the steps to gather from, from the position's step on.
     func beginEpoch(_ epoch: Int) {
-        _ = epochIndices.update(fromContentsOf: prepared.sampler.indices(epoch: epoch))
+        prepared.sampler.indices(epoch: epoch).withUnsafeBufferPointer {
+            batches.begin(epoch: epoch, indices: $0, firstStep: position.epochStep, globalStep: position.globalStep)
+        }
     }
 
     // MARK: - One step
@@ -113,7 +113,7 @@ final class TrainingLoop {
         phases.beginStep(position.globalStep)
         if let timeline { try phases.watched(.timeline) { try timeline.beforeStep(globalStep: position.globalStep) } }
         return try phases.watched(.step) {
-            try phases.watched(.loadBatch) { try loadBatch(step) }
+            try phases.watched(.loadBatch) { try batches.take(step: step, into: model.inputs, labels: model.labels) }
             hooks.beforeStep(step: position.globalStep, model: model)
             keepBuffers()
             var result = phases.watched(.forward) { model.forward(count: config.batchSize, mode: .train) }
@@ -134,16 +134,6 @@ final class TrainingLoop {
             position.globalStep += 1
             return (control.stopRequested ? .stopRequested : .completed, result)
         }
-    }
-
-    private func loadBatch(_ step: Int) throws {
-        hooks.duringRead(step: position.globalStep)
-        let all = UnsafeBufferPointer(epochIndices), sampler = prepared.sampler
-        try prepared.train.gather(indices: sampler.batch(all, step: step), into: model.inputs, labels: model.labels,
-                              augmentation: prepared.augmentation, epoch: position.epoch)
-        // `data.prefetch`: the pages of a later batch of this epoch start coming from disk now.
-        let ahead = step + config.dataPrefetch
-        if config.dataPrefetch > 0 && ahead < sampler.stepsPerEpoch { prepared.train.willNeed(sampler.batch(all, step: ahead)) }
     }
 
     /// The update reads the sum over ranks: averaging and clipping are one factor of it. Sharded, the clipping norm
@@ -217,7 +207,7 @@ final class TrainingLoop {
             let learningRate = schedule.learningRate(atStep: position.globalStep - 1)
             try phases.watched(.progressReport) {
                 try progress.report(epoch: position.epoch, step: step, globalStep: position.globalStep, learningRate: learningRate,
-                                    reducer: reducer)
+                                    reducer: reducer, batches: batches)
             }
         }
         if config.replicaCheckEvery > 0 && position.globalStep % config.replicaCheckEvery == 0, let ended = try checkReplicas() {

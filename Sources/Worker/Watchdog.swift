@@ -31,13 +31,9 @@ final class Watchdog: Sendable {
     private let worldSize: Int
     private let heartbeatDirectory: String
     private let abort: @Sendable (String) -> Never
-    private let data: String
     private let host = ProcessInfo.processInfo.hostName
 
-    /// - Parameter data: the training set's name, for a stall in reading it (`Phase.loadBatch`).
-    init(timeout: Double, rank: Int, worldSize: Int, runDirectory: String, data: String = "",
-         abort: @escaping @Sendable (String) -> Never) {
-        self.data = data
+    init(timeout: Double, rank: Int, worldSize: Int, runDirectory: String, abort: @escaping @Sendable (String) -> Never) {
         self.timeout = timeout
         self.rank = rank
         self.worldSize = worldSize
@@ -47,9 +43,11 @@ final class Watchdog: Sendable {
 
     /// Starts the watchdog's thread, and its heartbeat files in RUN_DIR/heartbeat. Until then `enter` and `leave`
     /// only mark where the training thread is: a run writes nothing to its directory before setup has succeeded.
-    func start() {
+    /// - Parameter dataRead: what a batch's read is reading now (the sample, the data set's key, the file), for a stall
+    ///   in `Phase.loadBatch`; called on the watchdog's thread.
+    func start(dataRead: @escaping @Sendable () -> String = { "" }) {
         try? FileManager.default.createDirectory(atPath: heartbeatDirectory, withIntermediateDirectories: true)
-        let thread = Thread { [self] in run() }
+        let thread = Thread { [self] in run(dataRead) }
         thread.name = "bpworker-watchdog"
         thread.start()
     }
@@ -85,7 +83,7 @@ final class Watchdog: Sendable {
         phase.store(Phase.compute.rawValue, ordering: .relaxed)
     }
 
-    private func run() {
+    private func run(_ dataRead: @Sendable () -> String) {
         var lastHeartbeat = 0
         while true {
             usleep(250_000)
@@ -95,30 +93,32 @@ final class Watchdog: Sendable {
             let step = self.step.load(ordering: .relaxed)
             let now = Self.nanoseconds()
             if now - lastHeartbeat > 1_000_000_000 {
-                writeHeartbeat(phase: phase, step: step)
+                writeHeartbeat(phase: name(phase, dataRead), step: step)
                 lastHeartbeat = now
             }
             let waited = Double(now - since) * 1e-9
             if timeout > 0 && phase.isWatched && waited > timeout {
-                abort(stallReport(phase: phase, step: step, waited: waited))
+                abort(stallReport(phase: name(phase, dataRead), step: step, waited: waited))
             }
         }
     }
 
-    private func writeHeartbeat(phase: Phase, step: Int) {
-        let record: [String: Any] = ["rank": rank, "pid": Int(getpid()), "host": host, "step": step, "phase": name(phase),
+    private func writeHeartbeat(phase: String, step: Int) {
+        let record: [String: Any] = ["rank": rank, "pid": Int(getpid()), "host": host, "step": step, "phase": phase,
                                      "time": Date().timeIntervalSince1970]
         guard let data = try? JSONSerialization.data(withJSONObject: record, options: [.sortedKeys]) else { return }
         try? data.write(to: URL(fileURLWithPath: "\(heartbeatDirectory)/rank-\(rank).json"), options: .atomic)
     }
 
-    /// What a report and a heartbeat call the phase: a stalled read names the data it reads.
-    private func name(_ phase: Phase) -> String {
-        phase == .loadBatch && !data.isEmpty ? "\(phase.name) (reading \(data))" : phase.name
+    /// What a report and a heartbeat call the phase: a stalled read names what it reads.
+    private func name(_ phase: Phase, _ dataRead: () -> String) -> String {
+        guard phase == .loadBatch, case let reading = dataRead(), !reading.isEmpty else { return phase.name }
+        return "\(phase.name) (\(reading))"
     }
 
-    private func stallReport(phase: Phase, step: Int, waited: Double) -> String {
-        var lines = ["stall: rank \(rank) has waited \(String(format: "%.1f", waited)) s in the \(name(phase)) of step \(step) "
+    /// - Parameter phase: the phase's name, as `name(_:_:)` gives it.
+    private func stallReport(phase: String, step: Int, waited: Double) -> String {
+        var lines = ["stall: rank \(rank) has waited \(String(format: "%.1f", waited)) s in the \(phase) of step \(step) "
             + "(watchdog.timeout_seconds=\(timeout)); aborting the job"]
         var missing: [String] = []
         for other in 0..<worldSize where other != rank {
@@ -131,7 +131,7 @@ final class Watchdog: Sendable {
             let otherStep = record["step"] as? Int ?? -1
             let otherPhase = record["phase"] as? String ?? "?"
             let age = Date().timeIntervalSince1970 - (record["time"] as? Double ?? 0)
-            if otherPhase != name(phase) || otherStep != step || age > 5 {
+            if otherPhase != phase || otherStep != step || age > 5 {
                 missing.append("rank \(other) (\(otherPhase) at step \(otherStep), heartbeat \(String(format: "%.0f", age)) s ago)")
             }
         }

@@ -109,7 +109,7 @@ struct ReportTests {
         let tags: [(String, String, String)] = [
             ("train/loss", "train", "loss"), ("train/accuracy", "train", "accuracy"), ("train/learning_rate", "train", "lr"),
             ("train/samples_per_second", "train", "samples_per_second"), ("train/comm_wait_fraction", "train", "comm_wait_fraction"),
-            ("test/loss", "eval", "loss"), ("test/accuracy", "eval", "accuracy"),
+            ("train/data_wait_fraction", "train", "data_wait_fraction"), ("test/loss", "eval", "loss"), ("test/accuracy", "eval", "accuracy"),
         ]
         #expect(Set(scalars.keys) == Set(tags.map(\.0)))
         for (tag, type, key) in tags {

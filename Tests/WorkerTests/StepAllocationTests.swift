@@ -1,5 +1,6 @@
 import AllocationCounter
 import Foundation
+import Synchronization
 import Testing
 @testable import Worker
 
@@ -24,6 +25,9 @@ struct StepAllocationTests {
         }
         let session = Session.start(options: try RunOptions.parse(arguments), extraOverrides: [])
         let (loop, _) = Trainer.setUp(session, resume: nil, overwrite: false)
+        // The prefetch thread's own count after each batch it gathers (`data.prefetch`, on by default).
+        let gathered = GatheredAllocations()
+        loop.batches.observeGathered { step in gathered.record(step: step, allocations: bp_thread_allocations()) }
         loop.beginEpoch(0)
         for step in 0..<warmUp { _ = try loop.step(step) }
         let before = bp_thread_allocations()
@@ -33,6 +37,11 @@ struct StepAllocationTests {
         }
         let count = bp_thread_allocations() - before
         #expect(completed == steps)
+        loop.batches.close()
+        let producer = gathered.counts.filter { $0.step >= warmUp }.map(\.allocations)
+        if loop.batches.depth > 0 {
+            #expect(producer.count >= steps && producer.last == producer.first, "the prefetch thread allocated: \(gathered.counts)")
+        }
         return count
     }
 
@@ -80,4 +89,16 @@ struct StepAllocationTests {
         #expect(made.count >= 100)
         #expect(bp_thread_allocations() - before >= 1)
     }
+}
+
+/// The prefetch thread's allocation count after each batch it gathered.
+final class GatheredAllocations: Sendable {
+    /// Reserved: appending must not allocate on the thread it counts.
+    private let all = Mutex<[(step: Int, allocations: UInt)]>({
+        var counts: [(step: Int, allocations: UInt)] = []
+        counts.reserveCapacity(1000)
+        return counts
+    }())
+    func record(step: Int, allocations: UInt) { all.withLock { $0.append((step, allocations)) } }
+    var counts: [(step: Int, allocations: UInt)] { all.withLock { $0 } }
 }

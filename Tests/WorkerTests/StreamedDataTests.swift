@@ -28,6 +28,24 @@ struct StreamedDataTests {
         #expect(r.status == 0, "\(r.output)")
     }
 
+    /// h5py writes DIR/train.h5 (the features chunked and gzip-compressed) and DIR/test.h5 from `write(_:)`'s arrays,
+    /// then runs `then` (Python, with `d` the directory).
+    func writeHDF5(_ directory: String, then: String = "") throws {
+        let script = """
+            import h5py, numpy as np, sys
+            d = sys.argv[1]
+            with h5py.File(d + '/train.h5', 'w') as f:
+                f.create_dataset('images', data=np.load(d + '/x.npy'), chunks=(64, 1, 8, 8), compression='gzip')
+                f.create_dataset('labels', data=np.load(d + '/y.npy'))
+            with h5py.File(d + '/test.h5', 'w') as f:
+                f.create_dataset('images', data=np.load(d + '/tx.npy'))
+                f.create_dataset('labels', data=np.load(d + '/ty.npy'))
+
+            """ + then
+        let written = try Harness.run("/usr/bin/env", ["python3", "-c", script, directory], environment: [:], timeout: 120)
+        #expect(written.status == 0, "\(written.output)")
+    }
+
     func job(_ data: String, runDir: String, features: String, labels: String, extra: [String] = []) -> [String] {
         ["train", "--run-dir", runDir, "--progress", "plain",
          "--set", "data.format=npy", "--set", "data.train_features=\(features)", "--set", "data.train_labels=\(labels)",
@@ -87,18 +105,7 @@ struct StreamedDataTests {
     @Test func hdf5TrainsWhatNpyTrains() throws {
         let data = temporaryRunDirectory()
         try write(data)
-        let script = """
-            import h5py, numpy as np, sys
-            d = sys.argv[1]
-            with h5py.File(d + '/train.h5', 'w') as f:
-                f.create_dataset('images', data=np.load(d + '/x.npy'), chunks=(64, 1, 8, 8), compression='gzip')
-                f.create_dataset('labels', data=np.load(d + '/y.npy'))
-            with h5py.File(d + '/test.h5', 'w') as f:
-                f.create_dataset('images', data=np.load(d + '/tx.npy'))
-                f.create_dataset('labels', data=np.load(d + '/ty.npy'))
-            """
-        let written = try Harness.run("/usr/bin/env", ["python3", "-c", script, data], environment: [:], timeout: 120)
-        #expect(written.status == 0, "\(written.output)")
+        try writeHDF5(data)
         let npy = temporaryRunDirectory(), hdf5 = temporaryRunDirectory()
         let a = try Harness.mpirun(2, job(data, runDir: npy, features: data + "/x.npy", labels: data + "/y.npy"))
         #expect(a.status == 0, "\(a.output)")
@@ -115,6 +122,35 @@ struct StreamedDataTests {
         #expect(!FileManager.default.fileExists(atPath: missing))
     }
 
+    /// A damaged HDF5 file through the binary on 2 ranks: truncated, it stops every rank during setup; with zeros over
+    /// its compressed chunks, the statistics' read stops every rank during setup, and without statistics
+    /// (data.normalize=scale) the prefetch thread's read fails mid-run and ends the job within seconds. Each names the file.
+    @Test func aDamagedHDF5FileEndsEveryRankNamingIt() throws {
+        let data = temporaryRunDirectory()
+        try write(data)
+        try writeHDF5(data, then: """
+            raw = open(d + '/train.h5', 'rb').read()
+            open(d + '/truncated.h5', 'wb').write(raw[:len(raw) // 2])
+            # Zeros over the last chunk's compressed bytes: the file opens, its index is intact, one chunk cannot be read.
+            with h5py.File(d + '/train.h5', 'r') as f:
+                info = f['images'].id.get_chunk_info(f['images'].id.get_num_chunks() - 1)
+            damaged = bytearray(raw)
+            damaged[info.byte_offset:info.byte_offset + info.size] = bytes(info.size)
+            open(d + '/damaged.h5', 'wb').write(bytes(damaged))
+            """)
+        let h5 = ["--set", "data.format=hdf5", "--set", "data.test_features=\(data)/train.h5:/images",
+                  "--set", "data.test_labels=\(data)/train.h5:/labels"]
+        for (file, extra, during) in [("truncated.h5", [String](), "data:"), ("damaged.h5", [], "data statistics:"),
+                                      ("damaged.h5", ["--set", "data.normalize=scale"], "training failed")] {
+            let run = temporaryRunDirectory()
+            let r = try Harness.mpirun(2, job(data, runDir: run, features: "\(data)/\(file):/images", labels: "\(data)/train.h5:/labels",
+                                              extra: h5 + extra))
+            #expect(r.status != 0 && r.seconds < 30, "\(file) \(extra): \(r.output)")
+            #expect(r.output.contains(during) && r.output.contains("\(data)/\(file)"), "\(file) \(extra): \(r.output)")
+            if during.hasPrefix("data") { #expect(!FileManager.default.fileExists(atPath: run), "\(file): wrote \(run)") }
+        }
+    }
+
     /// A read that stalls (a file system that stops answering) is named by the watchdog: the rank, the step and the
     /// data, in its own report or in the report of the rank waiting for it.
     @Test func aStalledReadIsNamedByTheWatchdog() throws {
@@ -125,9 +161,40 @@ struct StreamedDataTests {
                                           extra: ["--set", "watchdog.timeout_seconds=3"]),
                                    environment: ["BPWORKER_TEST_STALL": "1:5:60:read"], timeout: 60)
         #expect(r.status != 0 && r.seconds < 30, "\(r.output)")
-        let own = "rank 1 has waited", ownPhase = "in the data read (reading \(features)) of step 5"
-        let other = "not arrived: rank 1 (data read (reading \(features)) at step 5"
-        #expect((r.output.contains(own) && r.output.contains(ownPhase)) || r.output.contains(other), "\(r.output)")
+        // "data read (sample N of data.train_features, in FILE)": N is the first sample of rank 1's batch of step 5, and
+        // FILE the shard that holds it (cut at 1, 130, 131, 400, 401 and 700: write(_:)).
+        let own = "rank 1 has waited", other = "not arrived: rank 1 (data read (sample"
+        #expect(r.output.contains(own) || r.output.contains(other), "\(r.output)")
+        let named = try #require(r.output.firstMatch(of: /data read \(sample (\d+) of data.train_features, in ([^)]+)\)/), "\(r.output)")
+        let sample = try #require(Int(named.1))
+        #expect(String(named.2) == data + "/shards/x-0000\([1, 130, 131, 400, 401, 700].filter { $0 <= sample }.count)-of-00007.npy", "\(r.output)")
+    }
+
+    /// The time the steps wait for their batches is measured, not guessed: a read that takes 1.5 s at step 6 (1 rank)
+    /// is most of the time of the logging window that holds it and little of the others' (`data_wait_fraction` in
+    /// metrics.jsonl, TensorBoard and the report's time-share chart), with the prefetch thread and without it.
+    @Test(arguments: [4, 0])
+    func aSlowReadIsDataWait(prefetch: Int) throws {
+        let data = temporaryRunDirectory()
+        try write(data)
+        let run = temporaryRunDirectory()
+        let r = try Harness.local(job(data, runDir: run, features: data + "/shards/x-*.npy", labels: data + "/shards/y-*.npy",
+                                      extra: ["--local", "--set", "training.epochs=1", "--set", "logging.interval=5",
+                                              "--set", "data.prefetch=\(prefetch)"]),
+                                  environment: ["BPWORKER_TEST_STALL": "0:6:1.5:read"])
+        #expect(r.status == 0, "\(r.output)")
+        let lines = try String(contentsOfFile: run + "/metrics.jsonl", encoding: .utf8).split(separator: "\n")
+        let train = lines.compactMap { try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] }
+            .filter { $0["type"] as? String == "train" }
+        let waits = train.map { ($0["step"] as? Int ?? -1, $0["data_wait_fraction"] as? Double ?? -1) }
+        #expect(waits.count >= 3, "\(waits)")
+        for (step, wait) in waits {
+            // Global step 6 is the 7th: the window that ends at step 10.
+            #expect(step == 10 ? wait > 0.6 : (0..<0.4).contains(wait), "step \(step): data wait \(wait)")
+        }
+        #expect(r.output.contains("data wait"), "\(r.output)")
+        let report = try String(contentsOfFile: run + "/report.html", encoding: .utf8)
+        #expect(report.contains("data-series=\"waiting for data\""), "the report's time-share chart")
     }
 
     /// A checkpoint records the mapped files (size, modification time); a resume after one was rewritten is refused,

@@ -1,3 +1,5 @@
+import Synchronization
+
 /// A labelled data set held in memory.
 ///
 /// Features stay in their stored type (uint8 pixels stay uint8: 47 MB for Fashion-MNIST's training set instead
@@ -243,6 +245,16 @@ public struct Dataset: Sendable {
         if case .mapped(let m) = features { m.willNeed(indices) }
     }
 
+    /// The file that holds sample `index`: a mapped shard's path, a reader's `FILE:/DATASET`, or the data set's name for
+    /// data held in memory.
+    public func file(ofSample index: Int) -> String {
+        switch features {
+        case .mapped(let m) where (0..<count).contains(index): m.shards[m.shardIndex(ofRow: index)].path
+        case .reader(let r): r.reader.name
+        default: name
+        }
+    }
+
     /// Throws, naming the file, when a mapped file is no longer the one that was mapped.
     public func checkUnchanged() throws {
         if case .mapped(let m) = features { try m.checkUnchanged() }
@@ -401,11 +413,15 @@ public struct Dataset: Sendable {
     ///
     /// With `augmentation` (training batches only), each sample is cropped and flipped as drawn for
     /// (`augmentation.seed`, `epoch`, its index) before the normalisation; see `Augmentation`.
+    ///
+    /// With `cursor`, the sample being read is published as the gather goes (per sample from mapped files), so that a
+    /// watchdog can name the file of a read that stalls (`file(ofSample:)`).
     public func gather<T: BinaryFloatingPoint>(
         indices: UnsafeBufferPointer<Int>, into inputs: UnsafeMutablePointer<T>, labels: UnsafeMutablePointer<Int32>,
-        augmentation: Augmentation? = nil, epoch: Int = 0
+        augmentation: Augmentation? = nil, epoch: Int = 0, cursor: ReadCursor? = nil
     ) throws {
         guard !indices.isEmpty else { return }
+        cursor?.sample.store(indices[0], ordering: .relaxed)
         let count = self.count
         // Labels first: this also range-checks every index once, before the feature loops trust them.
         self.labels.withUnsafeBufferPointer { source in
@@ -431,8 +447,8 @@ public struct Dataset: Sendable {
             }
         case .mapped(let mapped):
             switch mapped.element {
-            case .uint8: gatherRows(MappedRows<UInt8>(features: mapped), featureCount, indices, inputs, normalization)
-            case .float32: gatherRows(MappedRows<Float>(features: mapped), featureCount, indices, inputs, normalization)
+            case .uint8: gatherRows(MappedRows<UInt8>(features: mapped, cursor: cursor), featureCount, indices, inputs, normalization)
+            case .float32: gatherRows(MappedRows<Float>(features: mapped, cursor: cursor), featureCount, indices, inputs, normalization)
             }
         case .reader(let reader):
             let staged = try reader.stage(indices)
@@ -459,8 +475,10 @@ private struct ContiguousRows<Value>: SampleRows {
 
 private struct MappedRows<Value>: SampleRows {
     let features: MappedFeatures
+    let cursor: ReadCursor?
     @inline(__always) func row(_ position: Int, _ index: Int) -> UnsafePointer<Value> {
-        features.row(index).assumingMemoryBound(to: Value.self)
+        cursor?.sample.store(index, ordering: .relaxed)  // a page fault may block here: say where
+        return features.row(index).assumingMemoryBound(to: Value.self)
     }
 }
 

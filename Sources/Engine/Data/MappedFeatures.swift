@@ -153,13 +153,19 @@ public final class MappedFeatures: @unchecked Sendable {
     /// Sample `index`'s stored values.
     @inline(__always)
     public func row(_ index: Int) -> UnsafeRawPointer {
-        // The last shard whose first row is at most `index`.
+        let shard = shardIndex(ofRow: index)
+        return starts[shard] + (index - firstRows[shard]) * rowBytes
+    }
+
+    /// The shard that holds sample `index`: the last one whose first row is at most `index`.
+    @inline(__always)
+    public func shardIndex(ofRow index: Int) -> Int {
         var low = 0, high = firstRows.count - 1
         while low < high {
             let middle = (low + high + 1) >> 1
             if firstRows[middle] <= index { low = middle } else { high = middle - 1 }
         }
-        return starts[low] + (index - firstRows[low]) * rowBytes
+        return low
     }
 
     /// Asks the kernel to start reading the pages of these samples now (MADV_WILLNEED), without waiting for them: a

@@ -54,14 +54,21 @@ enum RunReport {
             accuracy.append(.init(label: label(i, "test accuracy"), points: test(\.accuracy), color: color(i, test: true), dotted: true))
             rate.append(.init(label: label(i, "learning rate"), points: train(\.learningRate), color: color(i, test: false)))
             throughput.append(.init(label: label(i, "samples/s"), points: train(\.samplesPerSecond), color: color(i, test: false)))
-            share.append(.init(label: label(i, "computing"), points: train { 1 - $0.commWaitFraction }, color: color(i, test: false)))
+            let shares = share.count
+            share.append(.init(label: label(i, "computing"), points: train { max(0, 1 - $0.commWaitFraction - ($0.dataWaitFraction ?? 0)) },
+                               color: color(i, test: false)))
             share.append(.init(label: label(i, "waiting on communication"), points: train(\.commWaitFraction),
                                color: overlay ? color(i, test: true) : "#868e96", dashed: overlay))
+            // Files of older versions have no data wait: no series rather than a line at 0.
+            if run.train.contains(where: { $0.dataWaitFraction != nil }) {
+                share.append(.init(label: label(i, "waiting for data"), points: train { $0.dataWaitFraction ?? 0 },
+                                   color: overlay ? color(i, test: true) : "#e8590c", dotted: overlay, dashed: !overlay))
+            }
             markers += self.markers(run, name: overlay ? names[i] : nil)
             let restarts = run.restarts
             for j in loss.indices.suffix(2) { loss[j].breaks = restarts }
             for j in accuracy.indices.suffix(2) { accuracy[j].breaks = restarts }
-            for j in share.indices.suffix(2) { share[j].breaks = restarts }
+            for j in shares..<share.count { share[j].breaks = restarts }
             rate[rate.count - 1].breaks = restarts
             throughput[throughput.count - 1].breaks = restarts
         }
@@ -73,7 +80,7 @@ enum RunReport {
                   includeZero: true),
             Chart(id: "chart-throughput", title: "Throughput", yLabel: "samples/s (all ranks)", series: throughput,
                   markers: markers, includeZero: true),
-            Chart(id: "chart-time-share", title: "Computing and waiting on communication", yLabel: "share of step time (%)",
+            Chart(id: "chart-time-share", title: "Computing, waiting on communication, waiting for data", yLabel: "share of step time (%)",
                   series: share, markers: markers, percent: true, includeZero: true),
         ]
 

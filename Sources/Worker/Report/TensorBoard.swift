@@ -45,6 +45,7 @@ final class TensorBoardWriter {
         case .train(let train):
             [("train/loss", train.loss), ("train/accuracy", train.accuracy), ("train/learning_rate", train.learningRate),
              ("train/samples_per_second", train.samplesPerSecond), ("train/comm_wait_fraction", train.commWaitFraction)]
+                + (train.dataWaitFraction.map { [("train/data_wait_fraction", $0)] } ?? [])
         case .eval(let eval):
             [("test/loss", eval.loss), ("test/accuracy", eval.accuracy)]
         case .event:
