@@ -12,8 +12,6 @@ struct TrainingPosition: Codable, Equatable {
     var skippedSteps = 0
     var worldSize = 1
     var batchSize = 1
-    /// The dropout generator of every rank, four words each (as decimal strings: JSON numbers lose 64-bit words).
-    var dropoutStates: [[String]] = []
     /// The mapped data files the run trained on, as they were (nil in checkpoints of data held in memory, and of
     /// earlier versions): a resume refuses files that changed since.
     var dataFiles: [DataFileRecord]?
@@ -142,8 +140,7 @@ struct Checkpointer {
         }
         guard let json = file.metadata["position"], let position = try? JSONDecoder().decode(TrainingPosition.self, from: Data(json.utf8)),
               position.globalStep >= 0, position.epoch >= 0, position.epochStep >= 0, position.worldSize >= 1,
-              position.batchSize >= 1, position.dropoutStates.count == position.worldSize,
-              position.dropoutStates.allSatisfy({ $0.count == 4 && $0.allSatisfy { UInt64($0) != nil } }) else {
+              position.batchSize >= 1 else {
             throw fail("metadata 'position' is missing or malformed")
         }
         guard let optimizerStep = file.metadata["optimizer_step"].flatMap({ Int($0) }), optimizerStep >= 0 else {

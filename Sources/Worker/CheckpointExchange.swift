@@ -12,17 +12,12 @@ struct CheckpointExchange {
     private var session: Session { failure.session }
 
     /// Writes a checkpoint of `position` and returns its path (on rank 0; the directory on the others). The ranks
-    /// gather the optimizer state, which a sharded update leaves current only in each rank's own part, and send
-    /// their dropout generators to rank 0, which writes the file; the others wait for its verdict.
+    /// gather the optimizer state, which a sharded update leaves current only in each rank's own part, and rank 0
+    /// writes the file; the others wait for its verdict. Dropout keeps no state: its masks are drawn per (seed,
+    /// epoch, sample).
     func save(_ position: inout TrainingPosition, reducer: GradientReducer) throws -> String {
         try reducer.gatherUpdateState()
         try shareBuffers(session, model)  // rank 0's running statistics are the ones saved
-        let w = session.worldSize
-        var states = [UInt64](repeating: 0, count: 4 * w)
-        let mine = model.dropoutGenerator.state
-        states.replaceSubrange((4 * session.rank)..<(4 * session.rank + 4), with: [mine.0, mine.1, mine.2, mine.3])
-        try states.withUnsafeMutableBufferPointer { (buffer) throws(MPIError) in try session.communicator.allreduce(buffer, op: .sum) }
-        position.dropoutStates = (0..<w).map { r in (0..<4).map { String(states[4 * r + $0]) } }
         var path = ""
         let snapshot = position
         failure.agree("checkpoint") {
@@ -36,7 +31,7 @@ struct CheckpointExchange {
 
     /// Rank 0 reads and validates the checkpoint at `path`; every rank receives its parameters, optimizer state and
     /// position by broadcast. On another world size or batch the position is carried over by
-    /// `TrainingPosition.continued` and dropout streams are re-seeded. A bad file stops every rank during setup.
+    /// `TrainingPosition.continued`. A bad file stops every rank during setup.
     static func restore(_ session: Session, model: Model<Float>, optimizer: Optimizer<Float>, from path: String,
                         sampler: ShardSampler) -> TrainingPosition {
         var encoded: [UInt8] = []
@@ -60,20 +55,13 @@ struct CheckpointExchange {
         let config = session.config
         let (position, sameShape) = saved.continued(worldSize: session.worldSize, batchSize: config.batchSize,
                                                     stepsPerEpoch: sampler.stepsPerEpoch)
-        if sameShape {
-            let words = saved.dropoutStates[session.rank].compactMap { UInt64($0) }
-            model.dropoutGenerator = RandomGenerator(state: (words[0], words[1], words[2], words[3]))
-        } else {
-            model.dropoutGenerator = RandomGenerator(
-                seed: UInt64(config.seed) &+ UInt64(position.globalStep),
-                stream: RandomGenerator.Stream.dropout.rawValue &+ UInt64(session.rank) << 32)
+        if !sameShape {
             let oldGlobal = saved.batchSize * saved.worldSize
             let ranks = session.worldSize == 1 ? "1 rank" : "\(session.worldSize) ranks"
             let message = "resuming a \(saved.worldSize)-rank checkpoint (batch \(saved.batchSize) per rank) on \(ranks) "
                 + "(batch \(config.batchSize)): global batch \(oldGlobal) -> \(sampler.globalBatchSize), "
                 + "\(sampler.stepsPerEpoch) steps per epoch; the learning rate stays as configured for the global batch; "
-                + "the epoch continues after its first \(position.epochStep * sampler.globalBatchSize) samples; "
-                + "dropout streams are re-seeded, so the run is not bitwise identical to an uninterrupted one"
+                + "the epoch continues after its first \(position.epochStep * sampler.globalBatchSize) samples"
             session.logger.info("\(message)")
         }
         let resumed = "resumed from \(path): step \(position.globalStep), epoch \(position.epoch + 1) at step "

@@ -84,9 +84,8 @@ enum Setup {
     static func build(_ session: Session, _ plan: Plan, crossRankReducer: CrossRankReducer?) -> Prepared {
         let config = session.config
         let model = session.agree("configuration") {
-            // Each rank drops different units: its own dropout stream.
+            // Dropout masks are drawn per (seed, epoch, sample): every rank the same seed.
             let model = try Model<Float>(spec: plan.spec, batchCapacity: config.batchSize, seed: UInt64(config.seed),
-                                         dropoutStream: RandomGenerator.Stream.dropout.rawValue &+ UInt64(session.rank) << 32,
                                          controlSlots: StepControl.slotCount, crossRankReducer: crossRankReducer)
             model.installGradientFault(plan.hooks.gradientFault)
             return model

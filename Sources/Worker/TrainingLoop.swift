@@ -113,7 +113,7 @@ final class TrainingLoop {
         phases.beginStep(position.globalStep)
         if let timeline { try phases.watched(.timeline) { try timeline.beforeStep(globalStep: position.globalStep) } }
         return try phases.watched(.step) {
-            try phases.watched(.loadBatch) { try batches.take(step: step, into: model.inputs, labels: model.labels) }
+            try phases.watched(.loadBatch) { try loadBatch(step) }
             hooks.beforeStep(step: position.globalStep, model: model)
             keepBuffers()
             var result = phases.watched(.forward) { model.forward(count: config.batchSize, mode: .train) }
@@ -134,6 +134,12 @@ final class TrainingLoop {
             position.globalStep += 1
             return (control.stopRequested ? .stopRequested : .completed, result)
         }
+    }
+
+    /// The step's batch, and its samples' keys for dropout (per epoch and sample, as augmentation).
+    private func loadBatch(_ step: Int) throws {
+        try batches.take(step: step, into: model.inputs, labels: model.labels)
+        model.setSamples(epoch: position.epoch, indices: batches.indices(ofStep: step))
     }
 
     /// The update reads the sum over ranks: averaging and clipping are one factor of it. Sharded, the clipping norm

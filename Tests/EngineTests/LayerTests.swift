@@ -126,14 +126,47 @@ struct LayerTests {
         let e1 = model.forward(count: 50, mode: .eval).lossSum
         let e2 = model.forward(count: 50, mode: .eval).lossSum
         #expect(e1 == e2)
-        // Training: different masks on consecutive passes; the same seed reproduces them.
+        // Training: the masks are a function of (seed, epoch, sample): the same samples give the same pass, another
+        // epoch or another seed other masks.
         let t1 = model.forward(count: 50, mode: .train).lossSum
-        let t2 = model.forward(count: 50, mode: .train).lossSum
-        #expect(t1 != t2)
+        #expect(model.forward(count: 50, mode: .train).lossSum == t1)
+        #expect(t1 != e1)
+        Array(0..<50).withUnsafeBufferPointer { model.setSamples(epoch: 1, indices: $0) }
+        #expect(model.forward(count: 50, mode: .train).lossSum != t1)
         let twin = try Model<Double>(spec: spec, batchCapacity: 50, seed: 3)
         fillRandomBatch(twin, rows: 50, seed: 1)
-        _ = twin.forward(count: 50, mode: .eval)
         #expect(twin.forward(count: 50, mode: .train).lossSum == t1)
+        // Another dropout seed, the same weights: other masks.
+        let other = try Model<Double>(spec: spec, batchCapacity: 50, seed: 4)
+        other.initializeParameters(seed: 3)
+        fillRandomBatch(other, rows: 50, seed: 1)
+        #expect(other.forward(count: 50, mode: .eval).lossSum == e1)
+        #expect(other.forward(count: 50, mode: .train).lossSum != t1)
+    }
+
+    /// A sample's dropout masks depend on the seed, the epoch, the sample and the layer, never on its row, its batch or
+    /// the rank that trains it: the same sample in another batch, at another row, gets the same masks, and two dropout
+    /// layers draw different ones. The model ends in its dropouts, so `outputs` shows what they kept.
+    @Test func dropoutMasksFollowTheSampleNotTheRow() throws {
+        let spec = ModelSpec(layers: [.linear(inputs: 8, outputs: 256), .dropout(probability: 0.5), .dropout(probability: 0.5)])
+        let a = try Model<Double>(spec: spec, batchCapacity: 4, seed: 9)
+        let b = try Model<Double>(spec: spec, batchCapacity: 4, seed: 9)
+        // Sample s's input row is the same in every position; batch a holds samples 5, 11, 2; batch b holds 2, 40, 5.
+        func run(_ model: Model<Double>, _ samples: [Int], epoch: Int) -> [[Double]] {
+            for (row, s) in samples.enumerated() { for j in 0..<8 { model.inputs[row * 8 + j] = 1 + Double(s) * 0.01 + Double(j) * 0.1 } }
+            samples.withUnsafeBufferPointer { model.setSamples(epoch: epoch, indices: $0) }
+            _ = model.forward(count: samples.count, mode: .train)
+            return samples.indices.map { row in (0..<256).map { model.outputs[row * 256 + $0] } }
+        }
+        let inA = run(a, [5, 11, 2], epoch: 3), inB = run(b, [2, 40, 5], epoch: 3)
+        #expect(inA[0] == inB[2] && inA[2] == inB[0])
+        #expect(inA[0].map { $0 == 0 } != inA[2].map { $0 == 0 }, "two samples, one mask")
+        // Another epoch: another mask for the same sample.
+        let later = run(b, [2, 40, 5], epoch: 4)
+        #expect(inA[0].map { $0 == 0 } != later[2].map { $0 == 0 })
+        // Two layers at p = 0.5 keep a quarter when their masks are independent, half if they were the same mask.
+        let kept = inA.joined().filter { $0 != 0 }.count
+        #expect((150...234).contains(kept), "kept \(kept) of 768")
     }
 
     @Test func dropoutMaskKeepsTheRightShareAndScales() {

@@ -248,19 +248,20 @@ struct DaemonTests {
         return try #require(Int(latest.dropFirst("step-".count).prefix(8)))
     }
 
-    /// With the same global batch on another world size the sample order is the same, so the resumed run must end
-    /// where an uninterrupted one ends (N ranks equal one rank, to float rounding): a resumed position off by one
-    /// step, or a step seen twice, moves the model far more than that.
+    /// With the same global batch on another world size the sample order is the same, and dropout masks are drawn per
+    /// (seed, epoch, sample), so the resumed run must end where an uninterrupted one ends (N ranks equal one rank, to
+    /// float rounding), dropout on: a resumed position off by one step, a step seen twice, or masks drawn anew, move
+    /// the model far more than that.
     @Test func resumingOnAnotherWorldSizeWithTheSameGlobalBatchContinuesTheSameRun() throws {
         let data = try SyntheticData(samples: 200)
         defer { data.remove() }
-        let noDropout = ["--set", "model.dropout=0"]
+        let dropout = ["--set", "model.dropout=0.3"]
         let referenceRun = temporaryRunDirectory()
-        let r = try Harness.mpirun(2, job(data, runDir: referenceRun, extra: noDropout))
+        let r = try Harness.mpirun(2, job(data, runDir: referenceRun, extra: dropout))
         #expect(r.status == 0, "\(r.output)")
         let reference = try parameters(referenceRun + "/model.safetensors")
         let run = temporaryRunDirectory()
-        #expect(try Harness.startSlowed(2, job(data, runDir: run, extra: noDropout)).stop(after: "(step 14)").status == 0)
+        #expect(try Harness.startSlowed(2, job(data, runDir: run, extra: dropout)).stop(after: "(step 14)").status == 0)
         let stoppedAt = try stopStep(run)
         let resumed = try Harness.local(["train", "--run-dir", run, "--resume", "--progress", "plain", "--set", "training.batch_size=16"])
         #expect(resumed.status == 0, "\(resumed.output)")
@@ -274,6 +275,30 @@ struct DaemonTests {
             let size = values.map { Double(abs($0)) }.reduce(0, +)
             #expect(difference / size <= 1e-5, "\(name): relative difference \(difference / size)")
         }
+    }
+
+    /// Dropout masks drawn per (seed, epoch, sample): 2 and 4 ranks with batch 16 / N train the model one rank trains
+    /// with batch 16, dropout on (to float rounding, over 3 epochs of 12 steps), and dropout does change that model.
+    @Test func dropoutKeepsNRanksEqualToOneRank() throws {
+        let data = try SyntheticData(samples: 200)
+        defer { data.remove() }
+        func trained(ranks: Int, dropout: Double) throws -> [String: [Float]] {
+            let run = temporaryRunDirectory()
+            let extra = ["--set", "model.dropout=\(dropout)", "--set", "training.batch_size=\(16 / ranks)", "--set", "checkpoint.every_steps=0"]
+            let r = ranks == 1 ? try Harness.local(job(data, runDir: run, extra: extra) + ["--local"])
+                               : try Harness.mpirun(ranks, job(data, runDir: run, extra: extra))
+            #expect(r.status == 0, "\(r.output)")
+            return try parameters(run + "/model.safetensors")
+        }
+        func relative(_ a: [String: [Float]], _ b: [String: [Float]]) -> Double {
+            let difference = a.map { name, values in zip(values, b[name] ?? []).map { Double(abs($0 - $1)) }.reduce(0, +) }.reduce(0, +)
+            return difference / a.values.map { $0.map { Double(abs($0)) }.reduce(0, +) }.reduce(0, +)
+        }
+        let one = try trained(ranks: 1, dropout: 0.3)
+        for ranks in [2, 4] {
+            #expect(relative(one, try trained(ranks: ranks, dropout: 0.3)) <= 1e-5, "\(ranks) ranks")
+        }
+        #expect(relative(one, try trained(ranks: 1, dropout: 0)) > 1e-3, "dropout must change what is trained")
     }
 
     @Test func sigusr2IsAStopRequestToo() throws {

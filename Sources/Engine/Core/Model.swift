@@ -68,9 +68,14 @@ public final class Model<T: Scalar> {
     public let targets: UnsafeMutablePointer<T>
     public var targetsFromLabels = true
 
-    /// Draws the dropout masks (every dropout layer, in order), from `init`'s `dropoutStream`; a resumed run sets
-    /// the state it saved.
-    public var dropoutGenerator: RandomGenerator
+    /// The seed of the dropout masks (the run's seed).
+    public let dropoutSeed: UInt64
+    /// Per row of the batch, the stream its dropout masks are drawn from: (epoch, the sample's index) as
+    /// `setSamples` keys it, so a sample's masks depend on no rank, batch or position in the batch, as its
+    /// augmentation does not: N ranks with batch b train the model one rank trains with batch N*b, dropout on, and a
+    /// resume on another world size draws the same masks. [batchCapacity]; until `setSamples`, row r is sample r of
+    /// epoch 0.
+    public let sampleStreams: UnsafeMutablePointer<UInt64>
     /// Sums across ranks for synchronized batch norm; nil normalises each rank's batch on its own.
     public let crossRankReducer: CrossRankReducer?
 
@@ -106,9 +111,8 @@ public final class Model<T: Scalar> {
     /// `crossRankReducer`: sums across ranks for synchronized batch norm, given to every batch norm layer (nil: each
     /// rank normalises its own batch). `fusesBlocks: false` runs every batch norm, ReLU, max pooling block as three
     /// separate layers, as a reference for tests and benchmarks (see BatchNormReLUPool.swift); training always fuses.
-    /// - Parameter dropoutStream: the stream of `seed` that draws the dropout masks; give each rank its own.
-    public init(spec: ModelSpec, batchCapacity: Int, seed: UInt64 = 0, dropoutStream: UInt64 = RandomGenerator.Stream.dropout.rawValue,
-                controlSlots: Int = 0, crossRankReducer: CrossRankReducer? = nil, fusesBlocks: Bool = true) throws(ModelSpecError) {
+    /// - Parameter seed: draws the dropout masks (with `setSamples`' keys).
+    public init(spec: ModelSpec, batchCapacity: Int, seed: UInt64 = 0, controlSlots: Int = 0, crossRankReducer: CrossRankReducer? = nil, fusesBlocks: Bool = true) throws(ModelSpecError) {
         try spec.validate()
         guard batchCapacity > 0 else { throw ModelSpecError("batch size must be at least 1, got \(batchCapacity)") }
         self.spec = spec
@@ -132,7 +136,9 @@ public final class Model<T: Scalar> {
         buffers.initialize(repeating: 0)
         labels = .allocate(capacity: batchCapacity)
         labels.initialize(repeating: 0, count: batchCapacity)
-        dropoutGenerator = RandomGenerator(seed: seed, stream: dropoutStream)
+        dropoutSeed = seed
+        sampleStreams = .allocate(capacity: batchCapacity)
+        for row in 0..<batchCapacity { sampleStreams[row] = RandomGenerator.stream(.dropout, epoch: 0, index: row) }
 
         let plan = Model.placeInPlace(Model.makeLayers(spec, shapes: shapes, batchCapacity: batchCapacity))
         if fusesBlocks { Model.fuseBlocks(plan) }
@@ -227,8 +233,15 @@ public final class Model<T: Scalar> {
         LargeBuffer.free(UnsafeMutableBufferPointer(start: gradients.baseAddress! - control.count, count: control.count + parameterCount))
         buffers.deallocate()
         labels.deallocate()
+        sampleStreams.deallocate()
         LargeBuffer.free(arena)
         LargeBuffer.free(scratch)
+    }
+
+    /// Keys the batch's rows for dropout: row r holds sample `indices[r]` of `epoch` (allocates nothing).
+    public func setSamples(epoch: Int, indices: UnsafeBufferPointer<Int>) {
+        precondition(indices.count <= batchCapacity, "setSamples: \(indices.count) rows, capacity \(batchCapacity)")
+        for (row, index) in indices.enumerated() { sampleStreams[row] = RandomGenerator.stream(.dropout, epoch: epoch, index: index) }
     }
 
     /// Decides which layers run in place. A ReLU right after a layer whose backward pass does not read its own

@@ -32,6 +32,24 @@ public struct RandomGenerator: RandomNumberGenerator, Sendable, Equatable {
 
     public init(seed: UInt64, stream: Stream) { self.init(seed: seed, stream: stream.rawValue) }
 
+    /// The stream of one draw keyed by (`purpose`, `epoch`, sample `index`): SplitMix64's finaliser chained over the
+    /// purpose's number, the epoch and the index, so distinct keys get unrelated streams (collisions are 2^-64
+    /// events). Augmentation and dropout draw per sample this way, so that what a sample gets depends on no rank,
+    /// batch or position: N ranks train what one rank trains, and a resume on another world size draws the same.
+    @inline(__always)
+    public static func stream(_ purpose: Stream, epoch: Int, index: Int) -> UInt64 {
+        mix(mix(mix(purpose.rawValue) ^ UInt64(bitPattern: Int64(epoch))) ^ UInt64(bitPattern: Int64(index)))
+    }
+
+    /// SplitMix64's finaliser: a bijection of 64-bit words that scatters every input bit over the output.
+    @inline(__always)
+    public static func mix(_ x: UInt64) -> UInt64 {
+        var z = x &+ 0x9E37_79B9_7F4A_7C15
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+
     /// Restores a generator from a saved `state` (checkpoints).
     public init(state: (UInt64, UInt64, UInt64, UInt64)) { self.state = state }
 

@@ -66,18 +66,10 @@ public struct Augmentation: Sendable, Equatable {
         return Draw(top: top, left: left, flip: mirrored)
     }
 
-    /// The generator stream of one (epoch, index): SplitMix64's finaliser chained over the augmentation stream's
-    /// number, the epoch and the index, so distinct pairs get unrelated streams (collisions are 2^-64 events).
+    /// The generator stream of one (epoch, index) (`RandomGenerator.stream`).
     @inline(__always)
     static func stream(epoch: Int, index: Int) -> UInt64 {
-        func mix(_ x: UInt64) -> UInt64 {
-            var z = x &+ 0x9E37_79B9_7F4A_7C15
-            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-            return z ^ (z >> 31)
-        }
-        return mix(mix(mix(RandomGenerator.Stream.augmentation.rawValue) ^ UInt64(bitPattern: Int64(epoch)))
-                   ^ UInt64(bitPattern: Int64(index)))
+        RandomGenerator.stream(.augmentation, epoch: epoch, index: index)
     }
 
     /// Writes one augmented sample: `out[c, y, x] = map(padded[c, y + top, x' + left])` with x' = W - 1 - x when

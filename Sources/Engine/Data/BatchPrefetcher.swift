@@ -102,6 +102,9 @@ public final class BatchPrefetcher: @unchecked Sendable {
 
     public func resetWait() { waitSeconds = 0 }
 
+    /// The samples of step `step` of the current epoch (training thread, between `begin` and the epoch's end).
+    public func indices(ofStep step: Int) -> UnsafeBufferPointer<Int> { shared.batch(step) }
+
     /// Ends the gathering thread after the batch it is reading, if any. Called by `deinit`.
     public func close() {
         shared.locked {

@@ -90,7 +90,7 @@ final class Dropout<T: Scalar>: Layer<T> {
     /// The mask of the last training pass, [B, outputCount]: 0 or 1 / (1 - p).
     private let mask: UnsafeMutablePointer<T>
     private var lastForwardDropped = false
-    /// The model, whose one dropout generator every dropout layer draws from, in layer order.
+    /// The model, whose seed and per-row sample streams the masks are drawn from.
     unowned(unsafe) var model: Model<T>?
 
     required init(index: Int, spec: LayerSpec, inputShape: [Int], outputShape: [Int], batchCapacity: Int) {
@@ -112,9 +112,20 @@ final class Dropout<T: Scalar>: Layer<T> {
         let n = count * outputCount
         lastForwardDropped = mode.dropsUnits && probability > 0
         if lastForwardDropped, let model {
-            dropoutForward(x, y, mask: mask, n, keep: 1 - probability, generator: &model.dropoutGenerator)
+            drawMasks(count: count, seed: model.dropoutSeed, streams: model.sampleStreams)
         } else {
             Elementwise.copy(x, into: y, n)
+        }
+    }
+
+    /// Each row's mask from a generator of its own, seeded from (seed, the row's sample stream, this layer's index):
+    /// the same sample in the same epoch gets the same mask wherever it is trained.
+    private func drawMasks(count: Int, seed: UInt64, streams: UnsafePointer<UInt64>) {
+        let keep = 1 - probability, width = outputCount
+        let layer = RandomGenerator.mix(UInt64(index))
+        for row in 0..<count {
+            var generator = RandomGenerator(seed: seed, stream: RandomGenerator.mix(streams[row] ^ layer))
+            dropoutForward(x + row * width, y + row * width, mask: mask + row * width, width, keep: keep, generator: &generator)
         }
     }
 
