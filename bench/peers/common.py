@@ -17,6 +17,8 @@ def arguments():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cnn", action="store_true", help="configs/fashion-cnn.yaml's network instead of an MLP")
     p.add_argument("--sync-bn", action="store_true", help="with --cnn: synchronized batch norm")
+    p.add_argument("--fast", action="store_true",
+                   help="PyTorch's fastest CPU setting for convolutions: channels_last memory format and torch.compile")
     return p.parse_args()
 
 
