@@ -15,7 +15,7 @@ struct BPWorker: ParsableCommand {
             With no configuration file every key has its default: an MLP on Fashion-MNIST from \
             /usr/share/datasets/fashion-mnist. `bpworker keys` lists every key.
             """,
-        subcommands: [Train.self, Gradcheck.self, Eval.self, Predict.self, Status.self, Report.self, Keys.self]
+        subcommands: [Train.self, Gradcheck.self, Eval.self, Predict.self, Verify.self, Status.self, Report.self, Keys.self]
     )
 
     static func main() {

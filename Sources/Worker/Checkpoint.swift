@@ -19,7 +19,7 @@ struct TrainingPosition: Codable, Equatable {
     /// This position continued on `worldSize` ranks of `batchSize` samples, with `stepsPerEpoch` steps per epoch
     /// there. The same shape continues exactly. Another shape keeps the samples already seen in this epoch
     /// (rounded down to whole new global batches, so none is skipped; up to one global batch is seen again) and
-    /// recomputes the global step; `sameShape` tells the caller whether dropout streams can continue too.
+    /// recomputes the global step; `sameShape` tells the caller whether to say what changed.
     func continued(worldSize: Int, batchSize: Int, stepsPerEpoch: Int) -> (position: TrainingPosition, sameShape: Bool) {
         var next = self
         let sameShape = self.worldSize == worldSize && self.batchSize == batchSize
@@ -85,6 +85,63 @@ struct Checkpointer {
         return directory + "/" + name
     }
 
+    // MARK: - Verification
+
+    /// Why the checkpoint at `path` cannot be trusted (missing, unreadable, truncated, or failing its checksums), or nil
+    /// when it verifies. A file of an earlier version, without checksums, is trusted as it always was.
+    static func damage(_ path: String) -> String? {
+        guard FileManager.default.fileExists(atPath: path) else { return "missing" }
+        do {
+            _ = try SafeTensorsFile(path: path).verify()
+            return nil
+        } catch let error as DataError {
+            return error.reason
+        } catch {
+            return "\(error)"
+        }
+    }
+
+    /// The run's checkpoints, newest first: the one `latest` names, then the others by the time they were written (a
+    /// resume on another world size counts steps anew, so names need not grow with time).
+    func newestFirst() -> [String] {
+        let names = ((try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? []).filter(Self.isCheckpointName)
+        let dated = names.map { name -> (name: String, time: Double) in
+            let modified = (try? FileManager.default.attributesOfItem(atPath: directory + "/" + name))?[.modificationDate] as? Date
+            return (name, modified?.timeIntervalSince1970 ?? 0)
+        }
+        var ordered = dated.sorted { ($0.time, $0.name) > ($1.time, $1.name) }.map { directory + "/" + $0.name }
+        if let latest = try? latest() {
+            ordered.removeAll { $0 == latest }
+            ordered.insert(latest, at: 0)
+        }
+        return ordered
+    }
+
+    /// `--resume` alone: the newest checkpoint that verifies, and each newer one skipped with the reason. With
+    /// `setAside`, a damaged file is renamed to NAME.damaged (kept for inspection, out of every later choice).
+    func newestIntact(setAside: Bool = false) throws -> (path: String, skipped: [(path: String, reason: String)]) {
+        var skipped: [(path: String, reason: String)] = []
+        for path in newestFirst() {
+            guard var reason = Self.damage(path) else { return (path, skipped) }
+            if setAside && reason != "missing" && (try? FileManager.default.moveItem(atPath: path, toPath: path + ".damaged")) != nil {
+                reason += " (kept as \(URL(fileURLWithPath: path).lastPathComponent).damaged)"
+            }
+            skipped.append((path, reason))
+        }
+        let tried = skipped.map { "\(URL(fileURLWithPath: $0.path).lastPathComponent) (\($0.reason))" }.joined(separator: "; ")
+        throw CheckpointError(description: skipped.isEmpty ? "\(directory): no checkpoint to resume from"
+            : "\(directory): no intact checkpoint to resume from: \(tried)")
+    }
+
+    /// `--resume PATH`: the path when it verifies; otherwise an error naming the damage and the newest intact
+    /// checkpoint of this run, if there is one.
+    func checkedExplicit(_ path: String) throws -> String {
+        guard let reason = Self.damage(path) else { return path }
+        let alternative = (try? newestIntact()).map { "; the newest intact checkpoint is \($0.path) (resume with --resume \($0.path), "
+            + "or --resume alone for the newest intact one)" } ?? "; this run has no intact checkpoint"
+        throw CheckpointError(description: "\(path): \(reason): not resumed from it\(alternative)")
+    }
+
     /// Writes a checkpoint (rank 0 only) and returns its path.
     func save(model: Model<Float>, optimizer: Optimizer<Float>, position: TrainingPosition, config: Configuration) throws -> String {
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
@@ -107,18 +164,35 @@ struct Checkpointer {
         if crashAtStep == position.globalStep {
             try writeAtomically(bytes, to: path, faultAfterBytes: bytes.count / 2) { kill(getpid(), SIGKILL) }
         }
-        try writeAtomically(bytes, to: path)
+        do { try writeAtomically(bytes, to: path) } catch {
+            // A full disk or quota: say what it took (the temporary file is removed, the previous checkpoints untouched).
+            throw CheckpointError(description: "\(error) (the checkpoint needs \(bytesText(Double(bytes.count))); "
+                + "\(bytesText(Self.freeBytes(directory))) free in \(directory))")
+        }
+        // Read back before `latest` moves to it and older ones are pruned: a checkpoint that does not verify never
+        // replaces one that does.
+        if let damage = Self.damage(path) {
+            throw CheckpointError(description: "\(path) does not verify after writing (\(damage)); the previous checkpoints are kept")
+        }
         try writeAtomically(Data((name + "\n").utf8), to: latestPointer)
-        try prune()
+        try prune(keeping: path)
         return path
     }
 
-    /// Deletes all but the newest `keep` checkpoints, and temporary files a crash left behind.
-    private func prune() throws {
-        let names = try FileManager.default.contentsOfDirectory(atPath: directory)
-        let checkpoints = names.filter(Self.isCheckpointName).sorted()
-        for name in checkpoints.dropLast(keep) { try? FileManager.default.removeItem(atPath: directory + "/" + name) }
-        for name in names where Self.isTemporaryName(name) {
+    /// Bytes an unprivileged process may still write under `directory` (statvfs), 0 when unknown.
+    static func freeBytes(_ directory: String) -> Double {
+        var info = statvfs()
+        guard statvfs(directory, &info) == 0 else { return 0 }
+        return Double(info.f_bavail) * Double(info.f_frsize)
+    }
+
+    /// Deletes all but the newest `keep` checkpoints (by the time they were written; `newest`, just written and
+    /// verified, always stays), and temporary files a crash left behind.
+    private func prune(keeping newest: String) throws {
+        for path in newestFirst().filter({ $0 != newest }).dropFirst(max(0, keep - 1)) {
+            try? FileManager.default.removeItem(atPath: path)
+        }
+        for name in try FileManager.default.contentsOfDirectory(atPath: directory) where Self.isTemporaryName(name) {
             try? FileManager.default.removeItem(atPath: directory + "/" + name)
         }
     }
@@ -128,6 +202,8 @@ struct Checkpointer {
     static func load(path: String, model: Model<Float>, optimizer: Optimizer<Float>) throws -> TrainingPosition {
         let file = try SafeTensorsFile(path: path)
         func fail(_ reason: String) -> CheckpointError { CheckpointError(description: "\(path): \(reason)") }
+        // Checked before any value is used (`checkedExplicit` and `newestIntact` already chose a file that verified).
+        _ = try file.verify()
         guard file.metadata["format"] == format else {
             throw fail("not a bpworker checkpoint (metadata format is \(file.metadata["format"].map { "'\($0)'" } ?? "missing"))")
         }

@@ -15,18 +15,27 @@ struct CheckpointExchange {
     /// gather the optimizer state, which a sharded update leaves current only in each rank's own part, and rank 0
     /// writes the file; the others wait for its verdict. Dropout keeps no state: its masks are drawn per (seed,
     /// epoch, sample).
-    func save(_ position: inout TrainingPosition, reducer: GradientReducer) throws -> String {
+    ///
+    /// A checkpoint that cannot be written (a full disk, a quota, an I/O error, a file that does not verify when read
+    /// back) is not fatal here: every rank receives rank 0's reason and the caller decides (`TrainingLoop.checkpoint`).
+    /// The previous checkpoints and `latest` are untouched then.
+    func save(_ position: inout TrainingPosition, reducer: GradientReducer) throws -> Result<String, CheckpointError> {
         try reducer.gatherUpdateState()
         try shareBuffers(session, model)  // rank 0's running statistics are the ones saved
-        var path = ""
-        let snapshot = position
-        failure.agree("checkpoint") {
-            if session.isRoot {
-                path = try checkpointer.save(model: model, optimizer: optimizer, position: snapshot, config: session.config)
+        var outcome: [UInt8] = []
+        if session.isRoot {
+            do {
+                let path = try checkpointer.save(model: model, optimizer: optimizer, position: position, config: session.config)
+                outcome = Array(("+" + path).utf8)
+            } catch {
+                outcome = Array(("-" + "\(error)").utf8)
             }
         }
-        if session.isRoot { session.logger.info("checkpoint: \(path) (step \(position.globalStep))") }
-        return session.isRoot ? path : checkpointer.directory
+        try session.communicator.broadcast(bytes: &outcome, root: 0)
+        let text = String(decoding: outcome.dropFirst(), as: UTF8.self)
+        guard outcome.first == UInt8(ascii: "+") else { return .failure(CheckpointError(description: text)) }
+        if session.isRoot { session.logger.info("checkpoint: \(text) (step \(position.globalStep))") }
+        return .success(session.isRoot ? text : checkpointer.directory)
     }
 
     /// Rank 0 reads and validates the checkpoint at `path`; every rank receives its parameters, optimizer state and

@@ -198,6 +198,7 @@ extension Configuration {
         try require(checkpointEverySeconds >= 0 && checkpointEverySeconds.isFinite,
                     "checkpoint.every_seconds must be >= 0 (0 = off), got \(checkpointEverySeconds)")
         try require(checkpointKeep >= 1, "checkpoint.keep must be at least 1, got \(checkpointKeep)")
+        try require(checkpointMaxFailures >= 0, "checkpoint.max_failures must be >= 0, got \(checkpointMaxFailures)")
         try require(maxSkippedSteps >= 0, "numerics.max_skips must be >= 0, got \(maxSkippedSteps)")
         try require(replicaCheckEvery >= 0, "training.replica_check_every must be >= 0, got \(replicaCheckEvery)")
         try require(watchdogSeconds >= 0, "watchdog.timeout_seconds must be >= 0, got \(watchdogSeconds)")

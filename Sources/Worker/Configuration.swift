@@ -75,6 +75,7 @@ struct Configuration: Equatable {
     var checkpointEverySteps = 500
     var checkpointEverySeconds = 0.0
     var checkpointKeep = 3
+    var checkpointMaxFailures = 3
     var numericsPolicy = NumericsPolicy.stop
     var maxSkippedSteps = 10
     var replicaCheckEvery = 500
@@ -176,6 +177,8 @@ struct Configuration: Equatable {
         key("checkpoint.every_seconds", \.checkpointEverySeconds,
             "seconds between checkpoints by rank 0's clock, at the same step on every rank (0 = off; with every_steps, whichever comes first)"),
         key("checkpoint.keep", \.checkpointKeep, "checkpoints kept in RUN_DIR/checkpoints (older ones are deleted)"),
+        key("checkpoint.max_failures", \.checkpointMaxFailures,
+            "checkpoints in a row that may fail to be written (a full disk) before the run stops failed; each is retried at the next"),
         key("numerics.policy", \.numericsPolicy, "on a NaN or infinite loss or gradient on any rank: stop (checkpoint, error) or skip the step"),
         key("numerics.max_skips", \.maxSkippedSteps, "skip policy: stop after this many skipped steps"),
         key("training.replica_check_every", \.replicaCheckEvery, "steps between parameter checksum comparisons across ranks (0 = off)"),

@@ -28,7 +28,7 @@ enum Evaluation {
         let prepared = Setup.prepare(session, training: false)
         let model = prepared.model
         session.agree("parameters \(parametersPath)") {
-            if session.isRoot { try loadParameters(into: model, from: parametersPath) }
+            if session.isRoot, let note = try loadParameters(into: model, from: parametersPath) { session.logger.notice("\(note)") }
         }
         session.agree("parameters") { try broadcastState(session, model) }
         let test = preprocessing(session, of: parametersPath, model: model, test: prepared.test)

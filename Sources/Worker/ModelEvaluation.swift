@@ -16,6 +16,7 @@ extension Evaluation {
         session.agree("model file") {
             guard session.isRoot else { return }
             let opened = try ModelFile.open(path: modelPath)
+            if let note = opened.unverified { session.logger.notice("\(note)") }
             file = opened.file
             encoded = Array(try JSONEncoder().encode(opened.file.metadata))
         }

@@ -268,14 +268,16 @@ struct ModelDescription: Equatable {
 
 /// A bpworker model file or checkpoint read as untrusted input and checked against its own description.
 enum ModelFile {
-    /// Reads `path`, its description, and checks that its tensors are exactly the described model's (names and
-    /// shapes; a checkpoint's optimizer state aside), before anything of the model's size is allocated.
-    static func open(path: String) throws -> (file: SafeTensorsFile, description: ModelDescription) {
+    /// Reads `path`, verifies its checksums (`unverified` is the note for a file without any), reads its
+    /// description, and checks that its tensors are exactly the described model's (names and shapes; a checkpoint's
+    /// optimizer state aside), before anything of the model's size is allocated.
+    static func open(path: String) throws -> (file: SafeTensorsFile, description: ModelDescription, unverified: String?) {
         guard FileManager.default.fileExists(atPath: path) else { throw DataError(path: path, reason: "no such file") }
         let file: SafeTensorsFile
         do { file = try SafeTensorsFile(path: path) } catch let error as DataError {
             throw DataError(path: path, reason: "not a valid safetensors file: \(error.reason)")
         }
+        let unverified = try verified(file)
         let description = try ModelDescription(metadata: file.metadata, path: path)
         let layout = description.spec.parameterTable
         for info in layout {
@@ -296,7 +298,16 @@ enum ModelFile {
             throw DataError(path: path, reason: "tensor '\(extra)' is not part of the model its metadata describes "
                 + "(\(description.spec.summary))")
         }
-        return (file, description)
+        return (file, description, unverified)
+    }
+
+    /// Verifies `file` against its checksums: throws for a damaged file; returns a one-line note for a file without
+    /// checksums (written by an earlier version, or by another program), nil for an intact one.
+    static func verified(_ file: SafeTensorsFile) throws -> String? {
+        switch try file.verify() {
+        case .intact: nil
+        case .unchecked: "\(file.path): no checksums (written by an earlier bpworker or another program): loaded unverified"
+        }
     }
 
     /// A model of `description` holding the file's parameters.

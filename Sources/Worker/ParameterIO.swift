@@ -77,13 +77,17 @@ func writeParameters(of model: Model<Float>, to path: String, metadata: [String:
 
 /// Reads parameters (and buffers) saved by bpworker (or by PyTorch/NumPy with the same names and shapes) into
 /// `model`. Every tensor of the model must be present with its exact shape; extra tensors are an error too, since
-/// they mean the file belongs to another architecture.
-func loadParameters(into model: Model<Float>, from path: String) throws {
+/// they mean the file belongs to another architecture. A damaged file (its checksums) is an error; returns the note
+/// for a file without checksums.
+@discardableResult
+func loadParameters(into model: Model<Float>, from path: String) throws -> String? {
     let file = try SafeTensorsFile(path: path)
+    let unverified = try ModelFile.verified(file)
     let expected = try readState(from: file, into: model)
     if let extra = file.names.first(where: { !expected.contains($0) && !$0.hasPrefix("optimizer.") }) {
         throw DataError(path: path, reason: "tensor '\(extra)' is not part of the model \(model.spec.summary)")
     }
+    return unverified
 }
 
 /// A checksum of everything that must be identical on every rank: parameters and buffers.

@@ -53,7 +53,8 @@ struct Predict: ParsableCommand {
     static let batchSize = 256
 
     private func predict() throws {
-        let (file, description) = try ModelFile.open(path: model)
+        let (file, description, unverified) = try ModelFile.open(path: model)
+        if let unverified { FileHandle.standardError.write(Data("bpworker predict: note: \(unverified)\n".utf8)) }
         var samples = try Self.readSamples(path: input)
         try description.checkInput(samples, modelPath: model)
         description.preprocessing.apply(to: &samples)

@@ -158,9 +158,14 @@ final class Progress {
         metrics?.write(.event(event))
     }
 
-    /// The `start` or `resume` marker: world size, nodes, BLAS kernels and threads, and the model, for the report.
-    func recordStart(resumed: Bool, step: Int, model: Model<Float>) {
-        var event = MetricsRecord.Event(kind: resumed ? .resume : .start, step: step)
+    /// The `start` or `resume` marker: world size, nodes, BLAS kernels and threads, and the model, for the report; a
+    /// resume's says where it resumed from and which damaged checkpoints it skipped.
+    func recordStart(resumed: Trainer.ResumeChoice?, step: Int, model: Model<Float>) {
+        var event = MetricsRecord.Event(kind: resumed != nil ? .resume : .start, step: step)
+        if let resumed {
+            event.message = "resumed from \(URL(fileURLWithPath: resumed.path).lastPathComponent)"
+                + resumed.skipped.map { "; skipped \(URL(fileURLWithPath: $0[0]).lastPathComponent) (\($0[1]))" }.joined()
+        }
         event.worldSize = session.worldSize
         event.nodes = session.layout.nodeCount
         event.blas = BLASKernels.description

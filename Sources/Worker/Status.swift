@@ -16,6 +16,9 @@ struct RunStatus: Codable, Equatable {
     var samplesPerSecond: Double?
     var etaSeconds: Double?
     var lastCheckpoint: String?
+    /// The checkpoint this process resumed from, and the newer ones it skipped as damaged ("path: reason" each).
+    var resumedFrom: String?
+    var skippedCheckpoints: [String]?
     var worldSize: Int
     var message: String?
     var updated: String

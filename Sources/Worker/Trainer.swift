@@ -48,8 +48,8 @@ enum Trainer {
         let optimizer = session.agree("optimizer") {
             try Optimizer<Float>(config: config.optimizerConfig, parameterCount: model.parameterCount)
         }
-        let position = resume.map { restore(session, from: $0, prepared, optimizer) }
-            ?? TrainingPosition(worldSize: session.worldSize, batchSize: config.batchSize)
+        let restored = resume.map { restore(session, from: $0, prepared, optimizer) }
+        let position = restored?.0 ?? TrainingPosition(worldSize: session.worldSize, batchSize: config.batchSize)
         commitRunDirectory(session, previous: existing, overwrite: mode == .overwrite)
         announce(session, prepared, buckets: buckets)
 
@@ -58,7 +58,7 @@ enum Trainer {
             parameters: model.parameters, update: optimizer, control: model.control,
             nonFiniteSlot: StepControl.Slot.nonFinite.rawValue, provenFinite: { model.gradientsProvenFinite(in: $0) },
             observer: recorder.map { BucketTimes(recorder: $0, buckets: buckets.count, ranks: session.worldSize) })
-        let progress = startProgress(session, prepared, resumed: resume != nil, at: position)
+        let progress = startProgress(session, prepared, resumed: restored?.1, at: position)
         let failure = RunFailure(session: session, progress: progress)
         let hooks = prepared.hooks
         let cursor = ReadCursor()
@@ -103,6 +103,12 @@ enum Trainer {
 
     // MARK: - The parts of a run
 
+    /// The checkpoint a resume continues from, and the newer ones it skipped as damaged ([path, reason] each).
+    struct ResumeChoice: Codable {
+        let path: String
+        let skipped: [[String]]
+    }
+
     /// What a batch's read is reading, for the watchdog: the sample, the data set's key and the file that holds it.
     private static func describeRead(of train: Dataset, at cursor: ReadCursor) -> String {
         let sample = cursor.sample.load(ordering: .relaxed)
@@ -137,12 +143,12 @@ enum Trainer {
             onFailure: { error in aborter.abort("synchronized batch norm: \(error)") })
     }
 
-    /// `--resume PATH` or `--resume` (the run's latest checkpoint): the position to continue from, with the model's
-    /// parameters and the optimizer's state restored on every rank.
+    /// `--resume PATH` or `--resume` (the run's newest checkpoint that verifies): the position to continue from, with
+    /// the model's parameters and the optimizer's state restored on every rank, and what was skipped on the way.
     private static func restore(_ session: Session, from resume: String, _ prepared: Prepared,
-                                _ optimizer: Optimizer<Float>) -> TrainingPosition {
-        let checkpointer = Checkpointer(runDirectory: session.runDirectory, keep: session.config.checkpointKeep)
-        let path = resume == "latest" ? session.agree("resume") { try checkpointer.latest() } : resume
+                                _ optimizer: Optimizer<Float>) -> (TrainingPosition, ResumeChoice) {
+        let choice = chooseCheckpoint(session, resume)
+        let path = choice.path
         let position = CheckpointExchange.restore(session, model: prepared.model, optimizer: optimizer, from: path,
                                                   sampler: prepared.sampler)
         session.agree("resume") {
@@ -153,7 +159,32 @@ enum Trainer {
                 }
             }
         }
-        return position
+        return (position, choice)
+    }
+
+    /// Rank 0 verifies the checkpoints (the others may not see the files) and every rank receives its choice: an
+    /// explicit path only when it verifies, else the newest checkpoint that does, saying which were skipped and why.
+    private static func chooseCheckpoint(_ session: Session, _ resume: String) -> ResumeChoice {
+        let checkpointer = Checkpointer(runDirectory: session.runDirectory, keep: session.config.checkpointKeep)
+        var encoded: [UInt8] = []
+        session.agree("resume") {
+            guard session.isRoot else { return }
+            var choice = ResumeChoice(path: resume, skipped: [])
+            if resume == "latest" {
+                let newest = try checkpointer.newestIntact(setAside: true)
+                choice = ResumeChoice(path: newest.path, skipped: newest.skipped.map { [$0.path, $0.reason] })
+            } else {
+                choice = ResumeChoice(path: try checkpointer.checkedExplicit(resume), skipped: [])
+            }
+            encoded = Array(try JSONEncoder().encode(choice))
+        }
+        session.agree("resume") { try session.communicator.broadcast(bytes: &encoded, root: 0) }
+        let choice = session.agree("resume") { try JSONDecoder().decode(ResumeChoice.self, from: Data(encoded)) }
+        for skipped in choice.skipped {
+            session.logger.warning("resume: skipped \(skipped[0]): \(skipped[1])")
+        }
+        if !choice.skipped.isEmpty { session.logger.warning("resume: resuming from \(choice.path), the newest checkpoint that verifies") }
+        return choice
     }
 
     /// What it takes to use the model without this configuration, in model.safetensors and every checkpoint.
@@ -162,12 +193,15 @@ enum Trainer {
     }
 
     /// Progress reports, metrics.jsonl and TensorBoard (rank 0), with the run's start or resume marker written.
-    private static func startProgress(_ session: Session, _ prepared: Prepared, resumed: Bool,
+    /// - Parameter resumed: the checkpoint a resumed run continues from (nil for a new run).
+    private static func startProgress(_ session: Session, _ prepared: Prepared, resumed: ResumeChoice?,
                                       at position: TrainingPosition) -> Progress {
-        let metrics = session.isRoot ? MetricsLog(path: session.runDirectory + "/metrics.jsonl", append: resumed,
+        let metrics = session.isRoot ? MetricsLog(path: session.runDirectory + "/metrics.jsonl", append: resumed != nil,
                                                   tensorBoard: openTensorBoard(session)) : nil
         let progress = Progress(session: session, prepared: prepared, metrics: metrics)
         progress.recordStart(resumed: resumed, step: position.globalStep, model: prepared.model)
+        progress.status.resumedFrom = resumed?.path
+        progress.status.skippedCheckpoints = resumed.flatMap { $0.skipped.isEmpty ? nil : $0.skipped.map { "\($0[0]): \($0[1])" } }
         progress.status.step = position.globalStep
         progress.writeStatus()
         return progress

@@ -59,6 +59,8 @@ final class TrainingLoop {
     private var lastCheckpointUptime = TrainingLoop.uptimeSeconds()
     /// Rank 0's time-based checkpoint decision for the current step, as every rank received it.
     private var checkpointDue = false
+    /// Checkpoints in a row that could not be written (every rank counts rank 0's verdicts).
+    private var failedCheckpoints = 0
 
     deinit {
         buffersBefore.deallocate()
@@ -93,7 +95,8 @@ final class TrainingLoop {
                 let (outcome, result) = try self.step(step)
                 if let ended = try afterStep(step, outcome, result) { return ended }
             }
-            let accuracy = try endEpoch(epoch)
+            let (accuracy, ended) = try endEpoch(epoch)
+            if let ended { return ended }
             if reachedTargetAccuracy(accuracy, after: epoch) { break }
         }
         return .finished
@@ -201,7 +204,7 @@ final class TrainingLoop {
             progress.recordEvent(.skip, step: position.globalStep)
             return nil
         case let .nonFinite(message):
-            try checkpoint()
+            _ = try checkpoint()
             if session.isRoot { session.logger.error("\(message). Last good state: \(lastCheckpoint ?? "?")") }
             return .failed(message)
         case .completed, .stopRequested:
@@ -220,8 +223,19 @@ final class TrainingLoop {
             return ended
         }
         if outcome == .stopRequested { return try stop() }
-        if checkpointIsDue(lastOfEpoch: lastOfEpoch) { try checkpoint() }
+        if checkpointIsDue(lastOfEpoch: lastOfEpoch) { return try checkpointOrGiveUp() }
         return nil
+    }
+
+    /// A checkpoint that may fail (a full disk): the run goes on and tries again at the next one, until
+    /// `checkpoint.max_failures` in a row, when it ends failed: a run that cannot checkpoint is one preemption away
+    /// from losing everything since its last one.
+    private func checkpointOrGiveUp() throws -> RunOutcome? {
+        guard try !checkpoint(), failedCheckpoints > config.checkpointMaxFailures else { return nil }
+        let message = "\(failedCheckpoints) checkpoints in a row could not be written (checkpoint.max_failures="
+            + "\(config.checkpointMaxFailures)); the last one is \(lastCheckpoint ?? "none")"
+        if session.isRoot { session.logger.error("\(message)") }
+        return .failed(message)
     }
 
     /// `checkpoint.every_steps`, or rank 0's `checkpoint.every_seconds` decision as every rank received it with the
@@ -232,8 +246,9 @@ final class TrainingLoop {
     }
 
     /// The end of an epoch: the exact test accuracy over every rank's share of the test set, the report, then a
-    /// checkpoint (which checks the mapped data files first). Returns the accuracy, which every rank received.
-    private func endEpoch(_ epoch: Int) throws -> Double {
+    /// checkpoint (which checks the mapped data files first). Returns the accuracy, which every rank received, and the
+    /// run's end when checkpoints keep failing.
+    private func endEpoch(_ epoch: Int) throws -> (accuracy: Double, ended: RunOutcome?) {
         let evaluation = try phases.watched(.evaluation) {
             try shareBuffers(session, model)
             return try Evaluation.evaluate(session, model, on: prepared.test)
@@ -242,8 +257,8 @@ final class TrainingLoop {
         phases.watched(.report) { progress.writeReport() }
         position.epoch = epoch + 1
         position.epochStep = 0
-        try checkpoint()
-        return Double(evaluation.correct) / Double(max(evaluation.count, 1))
+        let accuracy = Double(evaluation.correct) / Double(max(evaluation.count, 1))
+        return (accuracy, try checkpointOrGiveUp())
     }
 
     /// Every rank saw the same reduced evaluation, so every rank stops here together.
@@ -253,10 +268,17 @@ final class TrainingLoop {
         return true
     }
 
-    /// A stop signal reached some rank: checkpoint, and end the run as stopped.
+    /// A stop signal reached some rank: checkpoint, and end the run as stopped (failed, when the checkpoint could not
+    /// be written: the work since the last one is lost, and the launcher must know).
     private func stop() throws -> RunOutcome {
-        try checkpoint()
+        let saved = try checkpoint()
         let source = StopSignals.requested.map(StopSignals.name) ?? "another rank's signal"
+        guard saved else {
+            let message = "stopped by \(source) after step \(position.globalStep), but its checkpoint could not be written; "
+                + "the last one is \(lastCheckpoint ?? "none")"
+            if session.isRoot { session.logger.error("\(message)") }
+            return .failed(message)
+        }
         let message = "stopped by \(source) after step \(position.globalStep); checkpoint "
             + "\(lastCheckpoint ?? "?"); resume with: bpworker train --resume --run-dir \(session.runDirectory)"
         if session.isRoot { session.logger.info("\(message)") }
@@ -264,17 +286,33 @@ final class TrainingLoop {
     }
 
     /// A checkpoint of the current position (collective), recorded in status.json. The mapped data files are checked
-    /// first and recorded in it, so a resume can refuse files that changed.
-    func checkpoint() throws {
+    /// first and recorded in it, so a resume can refuse files that changed. Returns whether it was written; one that
+    /// was not (a full disk) is said on rank 0 and counted in `failedCheckpoints`, the previous ones kept.
+    @discardableResult
+    func checkpoint() throws -> Bool {
         checkDataUnchanged()
         let files = (prepared.train.mappedFiles + prepared.test.mappedFiles).map { DataFileRecord(path: $0.path, identity: $0.identity) }
         position.dataFiles = files.isEmpty ? nil : files
-        lastCheckpoint = try phases.watched(.checkpoint) { try checkpoints.save(&position, reducer: reducer) }
         lastCheckpointUptime = Self.uptimeSeconds()
+        switch try phases.watched(.checkpoint, { try checkpoints.save(&position, reducer: reducer) }) {
+        case .failure(let error):
+            failedCheckpoints += 1
+            if session.isRoot {
+                let next = failedCheckpoints <= config.checkpointMaxFailures ? "; trying again at the next one" : ""
+                let message = "checkpoint at step \(position.globalStep) not written: \(error); the previous checkpoints are kept "
+                    + "(latest: \(lastCheckpoint ?? "none"))\(next) (\(failedCheckpoints) in a row, at most \(config.checkpointMaxFailures))"
+                session.logger.warning("\(message)")
+            }
+            return false
+        case .success(let path):
+            failedCheckpoints = 0
+            lastCheckpoint = path
+        }
         progress.status.lastCheckpoint = lastCheckpoint
         progress.recordEvent(.checkpoint, step: position.globalStep)
         progress.status.step = position.globalStep
         progress.writeStatus()
+        return true
     }
 
     /// A mapped data file that changed underneath the run (truncated, rewritten, replaced) ends it on every rank with

@@ -424,6 +424,12 @@ struct CorruptCheckpointTests {
         let ones = [Float](repeating: 1, count: 12 * 17)
         ones.withUnsafeBufferPointer { other.add(name: "0.weight", shape: [17, 12], floats: UnsafeBufferPointer(rebasing: $0[0..<(12 * 17)])) }
         try other.write(to: run + "/other-shape.safetensors")
+        // The header without its checksums, as an earlier version wrote it.
+        var parsed = try #require(try JSONSerialization.jsonObject(with: Data(header.utf8)) as? [String: Any])
+        var meta = try #require(parsed["__metadata__"] as? [String: String])
+        meta = meta.filter { !$0.key.hasPrefix("bpworker_") }
+        parsed["__metadata__"] = meta
+        let unchecked = String(decoding: try JSONSerialization.data(withJSONObject: parsed, options: [.sortedKeys]), as: UTF8.self)
         let file = try SafeTensorsFile(path: good)
         let biasRange = try #require(file.tensors["0.bias"]).byteRange
         let cases: [(String, String)] = [
@@ -436,9 +442,15 @@ struct CorruptCheckpointTests {
             (try variant("out-of-range", header: header.replacingOccurrences(
                 of: "\"data_offsets\":[\(biasRange.lowerBound),\(biasRange.upperBound)]",
                 with: "\"data_offsets\":[\(biasRange.lowerBound),\(biasRange.upperBound + 1_000_000)]")), "run past the data section"),
-            (try variant("wrong-dtype", header: header.replacingOccurrences(of: "\"F32\"", with: "\"I32\"")), "tensor '0.weight': dtype I32, expected F32 or F64"),
+            // A consistent header with another dtype or name: its checksum finds it; in a file without checksums (an
+            // earlier version's), the checks against the model do.
+            (try variant("wrong-dtype", header: header.replacingOccurrences(of: "\"F32\"", with: "\"I32\"")), "damaged header"),
+            (try variant("wrong-dtype-unchecked", header: unchecked.replacingOccurrences(of: "\"F32\"", with: "\"I32\"")),
+             "tensor '0.weight': dtype I32, expected F32 or F64"),
             (run + "/other-shape.safetensors", "not a bpworker checkpoint"),
             (try variant("missing-tensor", header: header.replacingOccurrences(of: "\"0.bias\"", with: "\"0.bias_renamed\"")),
+             "damaged header"),
+            (try variant("missing-tensor-unchecked", header: unchecked.replacingOccurrences(of: "\"0.bias\"", with: "\"0.bias_renamed\"")),
              "missing tensor '0.bias'"),
         ]
         for (path, expected) in cases {

@@ -1,3 +1,4 @@
+import CZlib
 import Foundation
 
 // safetensors (https://github.com/huggingface/safetensors): an 8-byte little-endian header length N, N bytes of
@@ -19,10 +20,12 @@ public enum SafeTensorsDType: String, Sendable, CaseIterable {
 
 // Bad files throw `DataError` (Data/DataError.swift): the path and a reason naming the tensor.
 
-/// Collects tensors and writes them as one safetensors file, atomically.
+/// Collects tensors and writes them as one safetensors file, atomically, with checksums (`SafeTensorsChecksums`).
 public struct SafeTensorsWriter {
     private var entries: [(name: String, dtype: SafeTensorsDType, shape: [Int], bytes: Data)] = []
     public var metadata: [String: String] = [:]
+    /// Record the checksums in the metadata (tests turn it off to make files of earlier versions).
+    public var checksummed = true
 
     public init() {}
 
@@ -62,11 +65,20 @@ public struct SafeTensorsWriter {
     /// The whole file's bytes.
     public func serialized() throws -> Data {
         var header: [String: Any] = [:]
+        var tensors: [SafeTensorsFile.TensorInfo] = []
         var offset = 0
         for entry in entries {
             header[entry.name] = ["dtype": entry.dtype.rawValue, "shape": entry.shape,
                                   "data_offsets": [offset, offset + entry.bytes.count]] as [String: Any]
+            tensors.append(.init(name: entry.name, dtype: entry.dtype, shape: entry.shape, byteRange: offset..<(offset + entry.bytes.count)))
             offset += entry.bytes.count
+        }
+        var metadata = self.metadata
+        if checksummed {
+            let crcs = Dictionary(uniqueKeysWithValues: entries.map { ($0.name, $0.bytes.withUnsafeBytes { crc32Hex($0) }) })
+            metadata[SafeTensorsChecksums.tensorsKey] = String(decoding: try JSONSerialization.data(withJSONObject: crcs, options: [.sortedKeys]),
+                                                               as: UTF8.self)
+            metadata[SafeTensorsChecksums.headerKey] = SafeTensorsChecksums.headerChecksum(tensors: tensors, metadata: metadata)
         }
         if !metadata.isEmpty { header["__metadata__"] = metadata }
         var json = try JSONSerialization.data(withJSONObject: header, options: [.sortedKeys])
@@ -323,6 +335,41 @@ public struct SafeTensorsFile {
         }
     }
 
+    /// Compares the file with its checksums (`SafeTensorsChecksums`): every tensor's bytes and the header. Throws,
+    /// naming the tensor or the metadata and the reason, when anything differs; returns `.unchecked` for a file without
+    /// checksums.
+    public func verify() throws -> SafeTensorsChecksums.Verdict {
+        guard let recorded = metadata[SafeTensorsChecksums.tensorsKey] else {
+            if metadata[SafeTensorsChecksums.headerKey] != nil {
+                throw DataError(path: path, reason: "damaged: metadata '\(SafeTensorsChecksums.tensorsKey)' is missing")
+            }
+            return .unchecked
+        }
+        let header = SafeTensorsChecksums.headerChecksum(tensors: Array(tensors.values), metadata: metadata)
+        guard metadata[SafeTensorsChecksums.headerKey] == header else {
+            throw DataError(path: path, reason: "damaged header: its checksum is \(header), the file records "
+                + "\(metadata[SafeTensorsChecksums.headerKey].map { "'\($0)'" } ?? "none") (a name, shape, offset or metadata value changed)")
+        }
+        guard let object = try? JSONSerialization.jsonObject(with: Data(recorded.utf8)), let crcs = object as? [String: String] else {
+            throw DataError(path: path, reason: "damaged: metadata '\(SafeTensorsChecksums.tensorsKey)' is not an object of strings")
+        }
+        for name in names {
+            guard let expected = crcs[name] else {
+                throw DataError(path: path, reason: "damaged: tensor '\(name)' has no recorded checksum")
+            }
+            let range = tensors[name]!.byteRange
+            let bytes = (dataStart + range.lowerBound)..<(dataStart + range.upperBound)
+            let actual = data.withUnsafeBytes { crc32Hex(UnsafeRawBufferPointer(rebasing: $0[bytes])) }
+            guard actual == expected else {
+                throw DataError(path: path, reason: "damaged: tensor '\(name)': its bytes' CRC-32 is \(actual), the file records \(expected)")
+            }
+        }
+        if let missing = crcs.keys.sorted().first(where: { tensors[$0] == nil }) {
+            throw DataError(path: path, reason: "damaged: tensor '\(missing)' has a checksum but is not in the file")
+        }
+        return .intact
+    }
+
     /// Checks that a float tensor exists with exactly this shape.
     public func expect(_ name: String, shape: [Int]) throws {
         let info = try info(name)
@@ -333,6 +380,46 @@ public struct SafeTensorsFile {
             throw DataError(path: path, reason: "tensor '\(name)': shape \(info.shape), the model expects \(shape)")
         }
     }
+}
+
+/// Checksums in a safetensors file's own metadata, so the file stays a plain safetensors file that PyTorch, NumPy
+/// and the `safetensors` package read as before: `bpworker_crc32` maps every tensor's name to the CRC-32 (zlib's)
+/// of its bytes, and `bpworker_header_crc32` is the CRC-32 of every tensor's name, dtype, shape and offsets and every
+/// other metadata entry, in a canonical order. Together they cover every byte a reader uses: a flipped bit in the
+/// data changes a tensor's CRC; one in the header changes a name, a shape, an offset or a metadata value (or breaks
+/// the JSON, which the reader refuses anyway). The JSON padding is the only part left out; it carries nothing.
+public enum SafeTensorsChecksums {
+    public static let tensorsKey = "bpworker_crc32"
+    public static let headerKey = "bpworker_header_crc32"
+
+    /// What `SafeTensorsFile.verify` found.
+    public enum Verdict: Equatable, Sendable {
+        /// Every checksum matched.
+        case intact
+        /// A file without checksums (written by an earlier version, or by another program): nothing to check.
+        case unchecked
+    }
+
+    /// The header's canonical text (one line per tensor, then per metadata entry, both sorted; lengths before
+    /// names and values, so no two headers share a text) and its CRC-32 as 8 hex digits.
+    static func headerChecksum(tensors: [SafeTensorsFile.TensorInfo], metadata: [String: String]) -> String {
+        var text = ""
+        for t in tensors.sorted(by: { $0.name < $1.name }) {
+            text += "t \(t.name.utf8.count):\(t.name) \(t.dtype.rawValue) \(t.shape) \(t.byteRange.lowerBound) \(t.byteRange.upperBound)\n"
+        }
+        for (key, value) in metadata.sorted(by: { $0.key < $1.key }) where key != headerKey {
+            text += "m \(key.utf8.count):\(key) \(value.utf8.count):\(value)\n"
+        }
+        return Array(text.utf8).withUnsafeBytes { crc32Hex($0) }
+    }
+}
+
+/// zlib's CRC-32 of `bytes` as 8 lowercase hex digits (crc32_z takes any length).
+func crc32Hex(_ bytes: UnsafeRawBufferPointer) -> String {
+    let crc = bytes.isEmpty ? crc32_z(0, nil, 0)
+        : crc32_z(0, bytes.baseAddress!.assumingMemoryBound(to: UInt8.self), bytes.count)
+    let hex = String(crc, radix: 16)
+    return String(repeating: "0", count: 8 - hex.count) + hex
 }
 
 /// An integral JSON number; nil for booleans (which Foundation also hands out as NSNumber), fractions and

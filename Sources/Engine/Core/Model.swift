@@ -112,7 +112,8 @@ public final class Model<T: Scalar> {
     /// rank normalises its own batch). `fusesBlocks: false` runs every batch norm, ReLU, max pooling block as three
     /// separate layers, as a reference for tests and benchmarks (see BatchNormReLUPool.swift); training always fuses.
     /// - Parameter seed: draws the dropout masks (with `setSamples`' keys).
-    public init(spec: ModelSpec, batchCapacity: Int, seed: UInt64 = 0, controlSlots: Int = 0, crossRankReducer: CrossRankReducer? = nil, fusesBlocks: Bool = true) throws(ModelSpecError) {
+    public init(spec: ModelSpec, batchCapacity: Int, seed: UInt64 = 0, controlSlots: Int = 0, crossRankReducer: CrossRankReducer? = nil,
+                fusesBlocks: Bool = true) throws(ModelSpecError) {
         try spec.validate()
         guard batchCapacity > 0 else { throw ModelSpecError("batch size must be at least 1, got \(batchCapacity)") }
         self.spec = spec

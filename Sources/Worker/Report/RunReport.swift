@@ -244,7 +244,7 @@ enum RunReport {
             case .resume:
                 let ranks = event.worldSize.map { "\($0) rank\($0 == 1 ? "" : "s")" } ?? "?"
                 out.append(.init(kind: "resume", step: event.step, label: "\(prefix)resumed, \(ranks)",
-                                 tooltip: "\(prefix)resumed at \(at) on \(ranks)"))
+                                 tooltip: "\(prefix)resumed at \(at) on \(ranks)" + (event.message.map { ": \($0)" } ?? "")))
             case .skip:
                 let tooltip = "\(prefix)step \(grouped(event.step)) skipped: non-finite loss or gradient"
                 out.append(.init(kind: "skip", step: event.step, tooltip: tooltip))

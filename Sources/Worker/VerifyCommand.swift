@@ -1,0 +1,86 @@
+import ArgumentParser
+import Engine
+import Foundation
+
+/// `bpworker verify PATH...`: each model file or checkpoint checked against its checksums, before a run relies on it.
+struct Verify: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Verify model files and checkpoints against their checksums.",
+        discussion: """
+            A PATH may be a file, a run directory (its model.safetensors, its checkpoints and where checkpoints/latest \
+            points) or a checkpoints directory. Prints one verdict per file: intact, unverified (a file of an earlier \
+            version, without checksums) or DAMAGED with the reason. Exits 1 when any file is damaged or missing.
+              bpworker verify runs/default
+              bpworker verify runs/default/checkpoints/step-00001400.safetensors
+            """)
+
+    @Argument(help: "Files, run directories or checkpoints directories.")
+    var paths: [String]
+
+    func run() throws {
+        var damaged = 0
+        for path in paths {
+            for (file, verdict) in Self.verdicts(path) {
+                print("\(file): \(verdict.text)")
+                if verdict.isDamage { damaged += 1 }
+            }
+        }
+        if damaged > 0 {
+            FileHandle.standardError.write(Data("bpworker verify: \(damaged) damaged or missing\n".utf8))
+            throw ExitCode.failure
+        }
+    }
+
+    enum Verdict: Equatable {
+        case intact(tensors: Int, bytes: Int)
+        case unverified
+        case damaged(String)
+
+        var isDamage: Bool { if case .damaged = self { true } else { false } }
+
+        var text: String {
+            switch self {
+            case let .intact(tensors, bytes): "intact (\(tensors) tensors, \(bytes) bytes, every checksum matches)"
+            case .unverified: "unverified: no checksums (written by an earlier bpworker or another program)"
+            case let .damaged(reason): "DAMAGED: " + (reason.hasPrefix("damaged: ") ? String(reason.dropFirst(9)) : reason)
+            }
+        }
+    }
+
+    /// The files `path` stands for, each with its verdict.
+    static func verdicts(_ path: String) -> [(String, Verdict)] {
+        var isDirectory: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory) else { return [(path, .damaged("no such file"))] }
+        guard isDirectory.boolValue else { return [(path, verdict(path))] }
+        let checkpoints = FileManager.default.fileExists(atPath: path + "/checkpoints") ? path + "/checkpoints" : path
+        var files: [String] = []
+        if FileManager.default.fileExists(atPath: path + "/model.safetensors") { files.append(path + "/model.safetensors") }
+        let names = ((try? FileManager.default.contentsOfDirectory(atPath: checkpoints)) ?? []).filter(Checkpointer.isCheckpointName)
+        files += names.sorted().map { checkpoints + "/" + $0 }
+        var result = files.map { ($0, verdict($0)) }
+        // `latest` must name a checkpoint that is there: a resume would skip it.
+        if let latest = try? String(contentsOfFile: checkpoints + "/latest", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines),
+           !names.contains(latest) {
+            result.append((checkpoints + "/latest", .damaged("names \(latest.isEmpty ? "nothing" : latest), which is not there")))
+        }
+        if result.isEmpty { result.append((path, .damaged("no model file or checkpoint here"))) }
+        return result
+    }
+
+    static func verdict(_ file: String) -> Verdict {
+        do {
+            let opened = try SafeTensorsFile(path: file)
+            switch try opened.verify() {
+            case .intact:
+                let bytes = (try? FileManager.default.attributesOfItem(atPath: file))?[.size] as? Int ?? 0
+                return .intact(tensors: opened.names.count, bytes: bytes)
+            case .unchecked:
+                return .unverified
+            }
+        } catch let error as DataError {
+            return .damaged(error.reason)
+        } catch {
+            return .damaged("\(error)")
+        }
+    }
+}

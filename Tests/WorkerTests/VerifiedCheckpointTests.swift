@@ -1,0 +1,243 @@
+import Engine
+import Foundation
+import Testing
+
+/// Checkpoints that cannot lie: every kind of damage to a real run's latest checkpoint is found before any rank uses
+/// it, `--resume` falls back to the newest checkpoint that verifies and still ends bit for bit where an undisturbed
+/// run ends, an explicit damaged path is refused naming the alternative, and `bpworker verify` says which file is
+/// damaged. The checksums are zlib's CRC-32, recomputed in Python as the independent check.
+@Suite("Verified checkpoints", .serialized, .temporaryFiles)
+struct VerifiedCheckpointTests {
+    /// 3 epochs of 12 steps on 2 ranks (200 samples, global batch 16), AdamW and dropout, a checkpoint every 5 steps.
+    func job(_ data: SyntheticData, runDir: String) -> [String] {
+        ["train", "--run-dir", runDir, "--progress", "plain"] + data.arguments + [
+            "--set", "model.hidden=[24]", "--set", "model.dropout=0.1", "--set", "optimizer.name=adamw",
+            "--set", "optimizer.lr=0.01", "--set", "schedule.warmup_steps=3", "--set", "training.epochs=3",
+            "--set", "training.batch_size=8", "--set", "seed=5", "--set", "logging.interval=4",
+            "--set", "checkpoint.every_steps=5", "--set", "checkpoint.keep=20", "--set", "data.normalize=scale",
+        ]
+    }
+
+    func tensors(_ path: String) throws -> [String: [UInt32]] {
+        let file = try SafeTensorsFile(path: path)
+        var result: [String: [UInt32]] = [:]
+        for name in file.names where !name.hasPrefix("optimizer.") { result[name] = try file.floats(name).map(\.bitPattern) }
+        return result
+    }
+
+    /// The file's header (JSON text) and where its data section starts.
+    func header(_ bytes: Data) -> (text: String, dataStart: Int) {
+        let length = Int(bytes.prefix(8).withUnsafeBytes { UInt64(littleEndian: $0.loadUnaligned(as: UInt64.self)) })
+        return (String(decoding: bytes[8..<(8 + length)], as: UTF8.self), 8 + length)
+    }
+
+    /// Each kind of damage the issue lists, done to a copy of a stopped run's latest checkpoint.
+    enum Damage: String, CaseIterable {
+        case flippedDataByte, flippedMetadataByte, zeroedBlock, truncated, latestNamesAMissingFile
+
+        /// Damages the run's latest checkpoint (`latest` itself for the last kind); the reason a resume must give.
+        func apply(to run: String, latest: String, test: VerifiedCheckpointTests) throws -> String {
+            let path = run + "/checkpoints/" + latest
+            var bytes = try Data(contentsOf: URL(fileURLWithPath: path))
+            let (text, dataStart) = test.header(bytes)
+            switch self {
+            case .flippedDataByte:
+                bytes[dataStart + (bytes.count - dataStart) / 2] ^= 0x01
+                try bytes.write(to: URL(fileURLWithPath: path))
+                return "CRC-32"
+            case .flippedMetadataByte:
+                // A digit of the recorded step, inside the metadata: the JSON stays valid, the header's checksum does not.
+                let at = try #require(text.range(of: "\"epoch_step\":\"")).upperBound
+                let offset = 8 + text.utf8.distance(from: text.startIndex, to: at)
+                bytes[offset] = bytes[offset] == UInt8(ascii: "7") ? UInt8(ascii: "8") : UInt8(ascii: "7")
+                try bytes.write(to: URL(fileURLWithPath: path))
+                return "damaged header"
+            case .zeroedBlock:
+                let start = dataStart + (bytes.count - dataStart) / 3
+                bytes.replaceSubrange(start..<(start + 64), with: Data(count: 64))
+                try bytes.write(to: URL(fileURLWithPath: path))
+                return "CRC-32"
+            case .truncated:
+                try bytes.prefix(bytes.count * 2 / 3).write(to: URL(fileURLWithPath: path))
+                return "run past the data section"
+            case .latestNamesAMissingFile:
+                try FileManager.default.removeItem(atPath: path)
+                return "missing"
+            }
+        }
+    }
+
+    @Test func everyDamageIsFoundAndTheNewestIntactCheckpointIsResumedExactly() throws {
+        let data = try SyntheticData(samples: 200)
+        defer { data.remove() }
+        let reference = temporaryRunDirectory()
+        let r = try Harness.mpirun(2, job(data, runDir: reference))
+        #expect(r.status == 0, "\(r.output)")
+        let stopped = temporaryRunDirectory()
+        #expect(try Harness.startSlowed(2, job(data, runDir: stopped)).stop(after: "(step 20)").status == 0)
+        let latest = try latestCheckpoint(stopped)
+        let checkpoints = try FileManager.default.contentsOfDirectory(atPath: stopped + "/checkpoints").filter { $0.hasPrefix("step-") }.sorted()
+        let previous = try #require(checkpoints.last { $0 != latest })
+        for damage in Damage.allCases {
+            let run = temporaryRunDirectory()
+            // A copy that keeps the files' times: the newest checkpoint is the newest written.
+            let copied = try Harness.run("/bin/cp", ["-a", stopped, run], environment: [:], timeout: 30)
+            #expect(copied.status == 0, "\(copied.output)")
+            let reason = try damage.apply(to: run, latest: latest, test: self)
+            // verify names the damage and exits 1.
+            let verified = try Harness.local(["verify", run])
+            #expect(verified.status == 1, "\(damage): \(verified.output)")
+            #expect(verified.output.contains("DAMAGED") && verified.output.contains(latest), "\(damage): \(verified.output)")
+            // An explicit resume from it is refused, naming the newest intact checkpoint.
+            if damage != .latestNamesAMissingFile {
+                let refused = try Harness.mpirun(2, ["train", "--run-dir", run, "--progress", "plain", "--resume",
+                                                     run + "/checkpoints/" + latest], timeout: 60)
+                #expect(refused.status == 1, "\(damage): \(refused.output)")
+                #expect(refused.output.contains("not resumed from it; the newest intact checkpoint is \(run)/checkpoints/\(previous)"),
+                        "\(damage): \(refused.output)")
+            }
+            // --resume alone skips it, says why and where it resumes, and ends where the undisturbed run ends.
+            let resumed = try Harness.resume(run)
+            #expect(resumed.status == 0, "\(damage): \(resumed.output)")
+            #expect(resumed.output.contains("resume: skipped \(run)/checkpoints/\(latest): ") && resumed.output.contains(reason),
+                    "\(damage): \(resumed.output)")
+            #expect(resumed.output.contains("resume: resuming from \(run)/checkpoints/\(previous), the newest checkpoint that verifies"),
+                    "\(damage): \(resumed.output)")
+            #expect(try tensors(run + "/model.safetensors") == tensors(reference + "/model.safetensors"), "\(damage)")
+            // The events: status.json and the report's resume marker.
+            let status = try #require(try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: run + "/status.json")))
+                as? [String: Any])
+            #expect(status["resumedFrom"] as? String == "\(run)/checkpoints/\(previous)", "\(status)")
+            #expect((status["skippedCheckpoints"] as? [String])?.first?.hasPrefix("\(run)/checkpoints/\(latest): ") == true, "\(status)")
+            let metrics = try String(contentsOfFile: run + "/metrics.jsonl", encoding: .utf8)
+            #expect(metrics.contains("\"message\":\"resumed from \(previous); skipped \(latest) ("), "\(damage)")
+            // The damaged file was set aside (renamed), so afterwards every checkpoint verifies again.
+            if damage != .latestNamesAMissingFile {
+                #expect(FileManager.default.fileExists(atPath: run + "/checkpoints/" + latest + ".damaged"), "\(damage)")
+            }
+            let after = try Harness.local(["verify", run])
+            #expect(after.status == 0, "\(damage): \(after.output)")
+        }
+    }
+
+    /// A finished one-epoch run of a small MLP (local mode), for its model file and checkpoints.
+    func smallRun(_ data: SyntheticData) throws -> String {
+        let run = temporaryRunDirectory()
+        let r = try Harness.local(["train", "--local", "--run-dir", run, "--progress", "plain"] + data.arguments
+                                  + ["--set", "model.hidden=[8]", "--set", "training.epochs=1", "--set", "training.batch_size=8",
+                                     "--set", "schedule.warmup_steps=0"])
+        #expect(r.status == 0, "\(r.output)")
+        return run
+    }
+
+    /// The recorded checksums are zlib's CRC-32 of each tensor's bytes, as Python computes it from what the
+    /// `safetensors` package reads; a checksummed file still loads in `safetensors` and `torch` as before.
+    @Test func checksumsArePythonsCRC32AndTheFileStaysPlainSafetensors() throws {
+        let data = try SyntheticData(samples: 64)
+        defer { data.remove() }
+        let run = try smallRun(data)
+        for file in [run + "/model.safetensors", run + "/checkpoints/" + (try latestCheckpoint(run))] {
+            let script = """
+                import json, sys, zlib
+                from safetensors import safe_open
+                with safe_open(sys.argv[1], framework="numpy") as f:
+                    recorded = json.loads(f.metadata()["bpworker_crc32"])
+                    keys = sorted(f.keys())
+                    mine = {k: format(zlib.crc32(f.get_tensor(k).tobytes()), "08x") for k in keys}
+                print("match" if mine == recorded and len(keys) > 0 else f"differ {mine} {recorded}")
+                """
+            let out = try Harness.run("/usr/bin/env", ["python3", "-c", script, file], environment: [:], timeout: 60)
+            #expect(out.status == 0 && out.output.contains("match"), "\(file): \(out.output)")
+        }
+        let torch = ModelFileTests.torchPython
+        if FileManager.default.isExecutableFile(atPath: torch) {
+            let script = "import sys, torch; from safetensors.torch import load_file; print(sorted(load_file(sys.argv[1]).keys()))"
+            let out = try Harness.run(torch, ["-c", script, run + "/model.safetensors"], environment: [:], timeout: 120)
+            #expect(out.status == 0 && out.output.contains("0.weight"), "\(out.output)")
+        }
+    }
+
+    /// A damaged model file is refused by `eval --model` and `predict`; one without checksums (an earlier version's,
+    /// made here by rewriting the file without them in Python) loads with a one-line note, and `verify` calls it
+    /// unverified without failing.
+    @Test func damagedModelFilesAreRefusedAndOldOnesLoadWithANote() throws {
+        let data = try SyntheticData(samples: 64)
+        defer { data.remove() }
+        let run = try smallRun(data)
+        let model = run + "/model.safetensors"
+        let old = run + "/old.safetensors", damaged = run + "/damaged.safetensors"
+        let strip = """
+            import sys
+            from safetensors.numpy import load_file, save_file
+            from safetensors import safe_open
+            with safe_open(sys.argv[1], framework="numpy") as f: meta = f.metadata()
+            meta = {k: v for k, v in meta.items() if not k.startswith("bpworker_")}
+            save_file(load_file(sys.argv[1]), sys.argv[2], metadata=meta)
+            """
+        let stripped = try Harness.run("/usr/bin/env", ["python3", "-c", strip, model, old], environment: [:], timeout: 60)
+        #expect(stripped.status == 0, "\(stripped.output)")
+        var bytes = try Data(contentsOf: URL(fileURLWithPath: model))
+        bytes[bytes.count - 5] ^= 0x40
+        try bytes.write(to: URL(fileURLWithPath: damaged))
+        let evalArguments = ["eval", "--local", "--run-dir", temporaryRunDirectory()] + Array(data.arguments.suffix(4))
+        let refused = try Harness.local(evalArguments + ["--model", damaged])
+        #expect(refused.status == 1 && refused.output.contains("\(damaged): damaged: tensor"), "\(refused.output)")
+        let inputs = run + "/inputs.npy"
+        let written = try Harness.run("/usr/bin/env", ["python3", "-c", "import numpy as np, sys; np.save(sys.argv[1], np.ones((3, 12), np.float32))",
+                                                       inputs], environment: [:], timeout: 60)
+        #expect(written.status == 0, "\(written.output)")
+        let predicted = try Harness.local(["predict", "--model", damaged, inputs])
+        #expect(predicted.status == 1 && predicted.output.contains("damaged: tensor"), "\(predicted.output)")
+        let loaded = try Harness.local(evalArguments + ["--model", old])
+        #expect(loaded.status == 0 && loaded.output.contains("\(old): no checksums (written by an earlier bpworker or another program): "
+                                                             + "loaded unverified"), "\(loaded.output)")
+        let intact = try Harness.local(evalArguments + ["--model", model])
+        #expect(intact.status == 0 && !intact.output.contains("no checksums"), "\(intact.output)")
+        let verified = try Harness.local(["verify", model, old])
+        #expect(verified.status == 0, "\(verified.output)")
+        #expect(verified.output.contains("\(model): intact") && verified.output.contains("\(old): unverified"), "\(verified.output)")
+    }
+}
+
+/// A full disk during checkpoints, for real: RUN_DIR/checkpoints is a tmpfs with room for two checkpoints.
+@Suite("A full disk", .serialized, .temporaryFiles)
+struct FullDiskTests {
+    /// The third checkpoint cannot be written: the run says what it needed and what was free, keeps the previous two
+    /// (which verify), goes on and tries again at the next one, and stops failed after `checkpoint.max_failures` in a
+    /// row. With room made (the tmpfs grown), `--resume` continues from the last checkpoint written.
+    @Test(.enabled(if: getuid() == 0, "mounts a tmpfs (root; CI runs as root)"))
+    func checkpointsThatCannotBeWrittenKeepThePreviousOnesAndTheRunRetries() throws {
+        let data = try SyntheticData(samples: 200)
+        defer { data.remove() }
+        let run = temporaryRunDirectory()
+        let checkpoints = run + "/checkpoints"
+        try FileManager.default.createDirectory(atPath: checkpoints, withIntermediateDirectories: true)
+        // 74,243 parameters: a checkpoint with AdamW's two states is about 0.9 MB; two fit in 2 MB with no room to write a third.
+        let mounted = try Harness.run("/bin/mount", ["-t", "tmpfs", "-o", "size=2m", "tmpfs", checkpoints], environment: [:], timeout: 30)
+        try #require(mounted.status == 0, "\(mounted.output)")
+        defer { _ = try? Harness.run("/bin/umount", ["-l", checkpoints], environment: [:], timeout: 30) }
+        let arguments = ["train", "--run-dir", run, "--progress", "plain"] + data.arguments + [
+            "--set", "model.hidden=[256, 256]", "--set", "optimizer.name=adamw", "--set", "training.epochs=3",
+            "--set", "training.batch_size=8", "--set", "schedule.warmup_steps=0", "--set", "checkpoint.every_steps=4",
+            "--set", "checkpoint.keep=2", "--set", "checkpoint.max_failures=2", "--set", "logging.interval=4"]
+        let r = try Harness.mpirun(2, arguments)
+        #expect(r.status == 1, "\(r.output)")
+        #expect(r.output.contains("checkpoint at step 12 not written: ") && r.output.contains("No space left on device"), "\(r.output)")
+        #expect(r.output.contains("(the checkpoint needs 824 KiB; ") && r.output.contains(" free in \(checkpoints))"), "\(r.output)")
+        #expect(r.output.contains("trying again at the next one (1 in a row, at most 2)"), "\(r.output)")
+        #expect(r.output.contains("3 checkpoints in a row could not be written (checkpoint.max_failures=2); the last one is "
+                                  + "\(checkpoints)/step-00000008.safetensors"), "\(r.output)")
+        let names = try FileManager.default.contentsOfDirectory(atPath: checkpoints).sorted()
+        #expect(names == ["latest", "step-00000004.safetensors", "step-00000008.safetensors"], "\(names)")
+        let verified = try Harness.local(["verify", run])
+        #expect(verified.status == 0, "\(verified.output)")
+        let status = try String(contentsOfFile: run + "/status.json", encoding: .utf8)
+        #expect(status.contains("\"state\" : \"failed\""), "\(status)")
+        // Room made: the run resumes from the last checkpoint written and finishes.
+        let grown = try Harness.run("/bin/mount", ["-o", "remount,size=16m", checkpoints], environment: [:], timeout: 30)
+        #expect(grown.status == 0, "\(grown.output)")
+        let resumed = try Harness.resume(run)
+        #expect(resumed.status == 0 && resumed.output.contains("resumed from \(checkpoints)/step-00000008.safetensors: step 8"),
+                "\(resumed.output)")
+    }
+}
