@@ -151,8 +151,13 @@ struct Gradcheck: ParsableCommand {
                 + "--distributed checks synchronized batch norm's cross-rank terms too"
             session.logger.info("\(note)")
         }
-        let verdict = GradientCheckRun.run(session, prepared, distributed: distributed, printJSON: json,
-                                           reportDirectory: session.runDirectory)
+        // Under the watchdog, as training is: a rank that stalls in the check is named, and the job ends.
+        let aborter = Aborter(communicator: session.communicator, runDirectory: session.runDirectory)
+        let watchdog = Watchdog(timeout: session.config.watchdogSeconds, rank: session.rank, worldSize: session.worldSize,
+                                runDirectory: session.runDirectory) { report in aborter.abort(report) }
+        watchdog.start()
+        let verdict = GradientCheckRun.run(session, prepared, distributed: distributed, phases: PhaseRunner(watchdog: watchdog, recorder: nil),
+                                           printJSON: json, reportDirectory: session.runDirectory)
         session.finish(exitCode: verdict == .fail ? 1 : 0)
     }
 }

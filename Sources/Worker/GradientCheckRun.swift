@@ -15,9 +15,9 @@ enum GradientCheckRun {
     enum Verdict: Int32 { case pass = 0, warn = 1, fail = 2 }
 
     /// Returns the verdict every rank received. `reportDirectory`: where rank 0 writes gradcheck.json (nil: nowhere).
-    /// `phases`: watches the distributed check's collectives (phase "gradient check") when the caller has a watchdog.
-    /// `failure`: how a failure ends the job once a run has begun (nil: `Session.abort`).
-    static func run(_ session: Session, _ prepared: Prepared, distributed: Bool = false, phases: PhaseRunner? = nil,
+    /// `phases`: the watchdog watches the distributed check's collectives (phase "gradient check") and the other
+    /// ranks' wait for rank 0's verdict. `failure`: how a failure ends the job once a run has begun (nil: `Session.abort`).
+    static func run(_ session: Session, _ prepared: Prepared, distributed: Bool = false, phases: PhaseRunner,
                     failure: RunFailure? = nil, printJSON: Bool = false, reportDirectory: String?) -> Verdict {
         func abort(_ message: String) -> Never {
             if let failure { failure.abort(message) }
@@ -30,6 +30,7 @@ enum GradientCheckRun {
             // The first rows of this rank's shard: `gradcheck.batch`, or the whole shard when it is shorter. Every
             // rank's shard of an epoch is equally long, so in the distributed check every rank has the same count.
             let indices = Array(prepared.sampler.indices(epoch: 0).prefix(config.gradcheckBatch))
+            prepared.hooks.duringGradientCheck()
             let sums = distributed ? crossRankSums(session, hooks: prepared.hooks, phases: phases, abort: abort) : nil
             let synchronized = distributed && config.batchNorm == .sync && session.worldSize > 1
             let copy = prepared.model.float64Copy(batchCapacity: indices.count, crossRankReducer: synchronized ? sums : nil)
@@ -64,9 +65,13 @@ enum GradientCheckRun {
             verdict[0] = (report.verdict == .fail ? Verdict.fail : report.verdict == .warn ? .warn : .pass).rawValue
         }
         let own = verdict[0]
+        // The others wait here while rank 0 checks alone: watched, with a stall only once rank 0 stops answering.
+        let waiting: Phase = distributed || session.isRoot ? .gradientCheck : .gradientCheckVerdict
         do {
-            try verdict.withUnsafeMutableBufferPointer { (buffer) throws(MPIError) in
-                try session.communicator.broadcast(buffer, root: 0)
+            try phases.watched(waiting) {
+                try verdict.withUnsafeMutableBufferPointer { (buffer) throws(MPIError) in
+                    try session.communicator.broadcast(buffer, root: 0)
+                }
             }
         } catch {
             abort("gradient check verdict: \(error)")
@@ -82,7 +87,7 @@ enum GradientCheckRun {
 
     /// The distributed check's sums over the ranks (its losses, its gradient, and synchronized batch norm's statistics),
     /// watched as the phase "gradient check". A failure inside the check ends every rank.
-    private static func crossRankSums(_ session: Session, hooks: TestHooks, phases: PhaseRunner?,
+    private static func crossRankSums(_ session: Session, hooks: TestHooks, phases: PhaseRunner,
                                       abort: @escaping (String) -> Never) -> CrossRankSums {
         var reductions = 0
         var start: Int64 = 0
@@ -93,9 +98,9 @@ enum GradientCheckRun {
                     abort("gradient check: test failure before sum \(reductions) across ranks (BPWORKER_TEST_GRADCHECK_FAIL)")
                 }
             }
-            start = phases?.enter(.gradientCheck) ?? 0
+            start = phases.enter(.gradientCheck)
         }, didReduce: {
-            phases?.leave(.gradientCheck, since: start)
+            phases.leave(.gradientCheck, since: start)
         }, onFailure: { error in
             abort("gradient check: sum across ranks failed: \(error)")
         })

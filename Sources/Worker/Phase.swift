@@ -24,6 +24,9 @@ enum Phase: Int, CaseIterable, Sendable {
     case timeline
     /// The distributed gradient check's sums over the ranks.
     case gradientCheck
+    /// Ranks other than 0 waiting while rank 0 checks the gradients alone: as long as it takes, so a stall is only
+    /// declared when rank 0 stops answering too (`waitsOnRankZero`).
+    case gradientCheckVerdict
     case setup
 
     /// The name a stall report and a heartbeat file give the phase.
@@ -42,6 +45,7 @@ enum Phase: Int, CaseIterable, Sendable {
         case .report: "report"
         case .timeline: "timeline (clock alignment, gathering the events)"
         case .gradientCheck: "gradient check"
+        case .gradientCheckVerdict: "wait for rank 0's gradient check"
         case .setup: "setup"
         }
     }
@@ -54,6 +58,11 @@ enum Phase: Int, CaseIterable, Sendable {
         default: true
         }
     }
+
+    /// Whether the phase waits for rank 0's own long computation (its gradient check alone), whose length no timeout
+    /// can know: the watchdog declares a stall only when rank 0's heartbeat is older than the timeout as well (stopped,
+    /// or hung with its threads), or missing.
+    var waitsOnRankZero: Bool { self == .gradientCheckVerdict }
 
     /// The timeline's event for the phase; nil where the reducer or the timeline records finer events itself.
     var timelineKind: TimelineEvent.Kind? {
@@ -69,7 +78,7 @@ enum Phase: Int, CaseIterable, Sendable {
         case .evaluation: .evaluation
         case .checkpoint: .checkpoint
         case .report: .report
-        case .compute, .gradientExchange, .update, .timeline, .gradientCheck, .setup: nil
+        case .compute, .gradientExchange, .update, .timeline, .gradientCheck, .gradientCheckVerdict, .setup: nil
         }
     }
 

@@ -14,6 +14,16 @@ struct TestHooks {
     /// Nth sum across ranks (1-based), while the others wait in it; with `:stall` it sleeps there for a minute instead.
     var gradcheckFailSum: Int?
     var gradcheckStalls = false
+    /// BPWORKER_TEST_GRADCHECK_SIGSTOP=RANK: that rank stops itself (SIGSTOP, every thread, heartbeats too) as its
+    /// gradient check begins, as a rank the scheduler or a debugger froze.
+    var gradcheckStopsItself = false
+    /// BPWORKER_TEST_GRADCHECK_SLOW=RANK:SECONDS: that rank sleeps that long as its check begins, alive (its watchdog
+    /// thread keeps writing heartbeats), as a long check on a large model takes.
+    var gradcheckSleepSeconds = 0.0
+    func duringGradientCheck() {
+        if gradcheckStopsItself { kill(getpid(), SIGSTOP) }
+        if gradcheckSleepSeconds > 0 { sleepFully(gradcheckSleepSeconds) }
+    }
     /// BPWORKER_TEST_STALL=RANK:STEP:SECONDS[:after-exchange|:read]: that rank sleeps inside that step, before its
     /// forward pass; with `:after-exchange`, between the gradient exchange and the update (where the others wait in
     /// the sharded update's parameter gather); with `:read`, inside the batch's read, as on a stalled file system.
@@ -54,6 +64,8 @@ struct TestHooks {
             hooks.gradcheckFailSum = Int(f[1])
             hooks.gradcheckStalls = env["BPWORKER_TEST_GRADCHECK_FAIL"]?.hasSuffix(":stall") ?? false
         }
+        if let f = fields("BPWORKER_TEST_GRADCHECK_SIGSTOP"), f.count == 1, Int(f[0]) == rank { hooks.gradcheckStopsItself = true }
+        if let f = fields("BPWORKER_TEST_GRADCHECK_SLOW"), f.count == 2, Int(f[0]) == rank { hooks.gradcheckSleepSeconds = f[1] }
         if let f = fields("BPWORKER_TEST_STALL"), f.count == 3, Int(f[0]) == rank {
             hooks.stallStep = Int(f[1])
             hooks.stallSeconds = f[2]

@@ -47,6 +47,8 @@ final class Watchdog: Sendable {
     ///   in `Phase.loadBatch`; called on the watchdog's thread.
     func start(dataRead: @escaping @Sendable () -> String = { "" }) {
         try? FileManager.default.createDirectory(atPath: heartbeatDirectory, withIntermediateDirectories: true)
+        // The first heartbeat now: a rank that stops right after this still has one to be named by.
+        writeHeartbeat(phase: name(Phase(rawValue: phase.load(ordering: .acquiring)) ?? .compute, dataRead), step: step.load(ordering: .relaxed))
         let thread = Thread { [self] in run(dataRead) }
         thread.name = "bpworker-watchdog"
         thread.start()
@@ -97,10 +99,19 @@ final class Watchdog: Sendable {
                 lastHeartbeat = now
             }
             let waited = Double(now - since) * 1e-9
-            if timeout > 0 && phase.isWatched && waited > timeout {
+            if timeout > 0 && phase.isWatched && waited > timeout && (!phase.waitsOnRankZero || rankZeroSilent()) {
                 abort(stallReport(phase: name(phase, dataRead), step: step, waited: waited))
             }
         }
+    }
+
+    /// Whether rank 0 has written no heartbeat for longer than the timeout (or none can be read).
+    private func rankZeroSilent() -> Bool {
+        guard let data = FileManager.default.contents(atPath: "\(heartbeatDirectory)/rank-0.json"),
+              let record = try? JSONSerialization.jsonObject(with: data) as? [String: Any], let time = record["time"] as? Double else {
+            return true
+        }
+        return Date().timeIntervalSince1970 - time > timeout
     }
 
     private func writeHeartbeat(phase: String, step: Int) {

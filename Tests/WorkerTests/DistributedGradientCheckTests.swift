@@ -149,4 +149,24 @@ struct DistributedGradientCheckTests {
                                          environment: ["BPWORKER_TEST_GRADCHECK_FAIL": "1:7:stall"], timeout: 60)
         expectStalled(stalled, rank: 0, phase: "gradient check", step: 0)
     }
+
+    /// `bpworker gradcheck` runs under the watchdog too. Distributed, a rank stalled inside a sum is named by the
+    /// others; alone on rank 0, a rank 0 that stops (SIGSTOP: its heartbeats stop too) is named by the ranks waiting
+    /// for its verdict, while a rank 0 that is only slow (alive, its heartbeats going on) is waited for however long.
+    @Test func theGradcheckCommandIsWatched() throws {
+        let data = try SyntheticData(samples: 96, features: 36, imageShape: [6, 6])
+        defer { data.remove() }
+        let watched = ["--set", "watchdog.timeout_seconds=2"]
+        let distributed = try Harness.mpirun(2, gradcheck(data, runDir: temporaryRunDirectory(),
+                                                          ["--distributed", "--set", "model.batchnorm=sync"] + watched),
+                                             environment: ["BPWORKER_TEST_GRADCHECK_FAIL": "1:7:stall"], timeout: 60)
+        expectStalled(distributed, rank: 0, phase: "gradient check", step: 0)
+        let stopped = try Harness.mpirun(2, gradcheck(data, runDir: temporaryRunDirectory(), watched),
+                                         environment: ["BPWORKER_TEST_GRADCHECK_SIGSTOP": "0"], timeout: 60)
+        expectStalled(stopped, rank: 1, phase: "wait for rank 0's gradient check", step: 0, notArrived: "rank 0 (computing at step 0, heartbeat")
+        let slow = try Harness.mpirun(2, gradcheck(data, runDir: temporaryRunDirectory(), watched),
+                                      environment: ["BPWORKER_TEST_GRADCHECK_SLOW": "0:5"], timeout: 60)
+        #expect(slow.status == 0 && slow.seconds >= 5, "\(slow.output)")
+        #expect(slow.output.contains("gradient check: PASS") || slow.output.contains("gradient check: WARN"), "\(slow.output)")
+    }
 }
