@@ -615,8 +615,46 @@ func timelineBench(_ communicator: MPICommunicator) throws {
     }
 }
 
+// MARK: - Checkpoint checksums
+
+/// What the checksums cost a checkpoint: writing one (serialise, CRC-32 of every tensor and the header, write, fsync)
+/// with and without them, and reading one back with and without verifying it, alternating.
+func checksumBench() throws {
+    let widths = smoke ? [784, 64, 10] : [784, 2048, 2048, 10]
+    let spec = ModelSpec.mlp(widths: widths)
+    let model = try Model<Float>(spec: spec, batchCapacity: 1)
+    let directory = FileManager.default.temporaryDirectory.appendingPathComponent("bpbench-checksums-\(getpid())").path
+    try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+    defer { try? FileManager.default.removeItem(atPath: directory) }
+    func writer(checksummed: Bool) -> SafeTensorsWriter {
+        var writer = SafeTensorsWriter()
+        writer.checksummed = checksummed
+        for info in model.parameterTable {
+            // The parameters and a momentum buffer's worth: a checkpoint of SGD with momentum.
+            let values = UnsafeBufferPointer(rebasing: model.parameters[info.offset..<(info.offset + info.count)])
+            writer.add(name: info.name, shape: info.shape, floats: values)
+            writer.add(name: "optimizer.momentum_buffer." + info.name, shape: info.shape, floats: values)
+        }
+        return writer
+    }
+    let plain = writer(checksummed: false), summed = writer(checksummed: true)
+    let rounds = smoke ? 2 : 9
+    let (writePlain, writeSummed) = alternate(rounds: rounds, repeats: 1, { try! plain.write(to: directory + "/plain.safetensors") },
+                                              { try! summed.write(to: directory + "/summed.safetensors") })
+    let (read, readVerified) = alternate(rounds: rounds, repeats: 1, { _ = try! SafeTensorsFile(path: directory + "/summed.safetensors") },
+                                         { _ = try! SafeTensorsFile(path: directory + "/summed.safetensors").verify() })
+    let bytes = (try FileManager.default.attributesOfItem(atPath: directory + "/summed.safetensors")[.size] as? Int) ?? 0
+    let size = "\(f(Double(bytes) / 1_048_576, 1)) MiB (\(widths.map(String.init).joined(separator: "-")), SGD momentum)"
+    print("| write a \(size) checkpoint, fsynced: without / with checksums | \(f(writePlain * 1e3)) / \(f(writeSummed * 1e3)) ms "
+        + "| \(f(writeSummed / writePlain))x |")
+    print("| read it back: without / with verifying | \(f(read * 1e3)) / \(f(readVerified * 1e3)) ms | \(f(readVerified / read))x |")
+    print("| a save as bpworker makes it (write with checksums, then read back and verify) against a plain write | "
+        + "\(f((writeSummed + readVerified) * 1e3)) ms | \(f((writeSummed + readVerified) / writePlain))x |")
+}
+
 switch mode {
 case "engine": try engineBench()
+case "checksums": try checksumBench()
 case "gemm-floor":
     // The GEMMs of one 784-1024-1024-10 step at batch 256 alone, in ms: beside bench/peers/numpy_gemms.py.
     BLASThreads.set(1)
