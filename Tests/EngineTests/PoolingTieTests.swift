@@ -22,6 +22,8 @@ struct PoolingTieTests {
     }
 
     static let channels = 3, rows = 4
+    /// Batch norm's scale and shift per channel (see `inputs`).
+    static let gamma = [1.1, 0.9, -0.8], beta = [0.1, 0.5, 0.2]
     static let cases = [
         // Float: the 2x2 kernel (rows of 4 outputs and more); forward and, fused, backward.
         Case(name: "2x2 on 8x10", kernel: 2, stride: 2, height: 8, width: 10),
@@ -64,8 +66,8 @@ struct PoolingTieTests {
         let model = try Model<T>(spec: spec(c), batchCapacity: rows, seed: 7, fusesBlocks: fused)
         let identity = (0..<(channels * channels)).map { $0 / channels == $0 % channels ? 1.0 : 0.0 }
         setTensor(model, "0.weight", identity)
-        setTensor(model, "1.weight", [1.1, 0.9, -0.8])
-        setTensor(model, "1.bias", [0.1, 0.5, 0.2])
+        setTensor(model, "1.weight", gamma)
+        setTensor(model, "1.bias", beta)
         for (i, v) in inputs(c).enumerated() { model.inputs[i] = T(v) }
         for r in 0..<rows { model.labels[r] = Int32(r % 3) }
         let pool = try #require(model.plan[3] as? MaxPool2d<T>)
@@ -104,24 +106,13 @@ struct PoolingTieTests {
             let shape = [rows, channels, c.height, c.width], pooled = [rows, channels, pass.dy.count / rows / channels]
             inputs(c).withUnsafeBufferPointer { writer.add(name: key + ".x", shape: shape, doubles: $0) }
             pass.dy.withUnsafeBufferPointer { writer.add(name: key + ".dy", shape: pooled, doubles: $0) }
-            [1.1, 0.9, -0.8].withUnsafeBufferPointer { writer.add(name: key + ".weight", shape: [channels], doubles: $0) }
-            [0.1, 0.5, 0.2].withUnsafeBufferPointer { writer.add(name: key + ".bias", shape: [channels], doubles: $0) }
+            gamma.withUnsafeBufferPointer { writer.add(name: key + ".weight", shape: [channels], doubles: $0) }
+            beta.withUnsafeBufferPointer { writer.add(name: key + ".bias", shape: [channels], doubles: $0) }
             writer.add(name: key + ".window", shape: [2], int64s: [Int64(c.kernel), Int64(c.stride)])
         }
         try writer.write(to: directory.file("in.safetensors"))
         try script.write(toFile: directory.file("ties.py"), atomically: false, encoding: .utf8)
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: TorchReferenceTests.torchPython)
-        process.arguments = [directory.file("ties.py"), directory.file("in.safetensors"), directory.file("out.safetensors")]
-        let output = Pipe()
-        process.standardOutput = output
-        process.standardError = output
-        try process.run()
-        let printed = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        process.waitUntilExit()
-        guard process.terminationStatus == 0 else {
-            throw TorchReferenceTests.ReferenceError(description: "PyTorch failed (`scripts/setup --python` makes .venv-bench):\n\(printed)")
-        }
+        try TorchReferenceTests.runTorch([directory.file("ties.py"), directory.file("in.safetensors"), directory.file("out.safetensors")])
         return try SafeTensorsFile(path: directory.file("out.safetensors"))
     }
 
