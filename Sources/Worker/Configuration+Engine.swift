@@ -160,13 +160,51 @@ extension Configuration {
                         beta1: beta1, beta2: beta2, epsilon: epsilon, weightDecay: weightDecay)
     }
 
+    /// The schedule of a run of `totalSteps` steps (`training.epochs` times the steps per epoch).
     func learningRateSchedule(totalSteps: Int) -> LearningRateSchedule {
         let kind: LearningRateSchedule.Kind = switch schedule {
         case .constant: .constant
         case .step: .step(every: stepSize, gamma: gamma)
         case .cosine: .cosine(totalSteps: totalSteps, minimum: minimumLearningRate)
         }
-        return LearningRateSchedule(base: learningRate, kind: kind, warmupSteps: warmupSteps)
+        return LearningRateSchedule(base: learningRate, kind: kind, warmupSteps: resolvedWarmupSteps(totalSteps: totalSteps))
+    }
+
+    /// `schedule.warmup_steps` for a run of `totalSteps` steps: a set value as it is; `auto` is
+    /// `defaultWarmupSteps`, capped to a tenth of the run (`autoWarmupRunDivisor`). The cap depends on the run's
+    /// total steps alone, as the cosine schedule does, so a resume that keeps the schedule keeps the warmup.
+    func resolvedWarmupSteps(totalSteps: Int) -> Int {
+        switch warmupSteps {
+        case let .steps(steps): steps
+        case .auto: min(Self.defaultWarmupSteps, totalSteps / Self.autoWarmupRunDivisor)
+        }
+    }
+
+    /// Rank 0's line when `auto` caps the warmup of a run of `totalSteps` steps; nil when it does not.
+    func cappedWarmupNote(totalSteps: Int) -> String? {
+        let warmup = resolvedWarmupSteps(totalSteps: totalSteps)
+        guard warmupSteps == .auto, warmup < Self.defaultWarmupSteps else { return nil }
+        return "schedule.warmup_steps: default \(Self.defaultWarmupSteps) capped to \(warmup) of the run's \(totalSteps) steps "
+            + "(auto warms up over at most a tenth of the run; set schedule.warmup_steps to choose)"
+    }
+
+    /// Checks the schedule of a training run of `stepsPerEpoch` steps per epoch (`gradcheck` and `eval` run no schedule
+    /// and do not ask). A set warmup the run cannot hold is refused, naming the key, its value and the run's steps;
+    /// `auto` always fits.
+    func validateSchedule(stepsPerEpoch: Int) throws {
+        let totalSteps = stepsPerEpoch * epochs
+        if case let .steps(steps) = warmupSteps {
+            guard steps >= 0 else { throw ConfigError(description: "schedule.warmup_steps must be >= 0 or auto, got \(steps)") }
+            guard schedule != .cosine || steps < totalSteps else {
+                throw ConfigError(description: "schedule.warmup_steps=\(steps) does not fit this run: the cosine schedule needs "
+                    + "steps after its warmup, and the run has \(totalSteps) (\(counted(epochs, "epoch")) of \(stepsPerEpoch)); set "
+                    + "schedule.warmup_steps below \(totalSteps), remove it (auto: at most a tenth of the run), or train longer "
+                    + "(training.epochs)")
+            }
+        }
+        do { try learningRateSchedule(totalSteps: totalSteps).validate() } catch {
+            throw ConfigError(description: "schedule: \(error)")
+        }
     }
 
     var gradientCheckOptions: GradientCheckOptions {

@@ -47,7 +47,7 @@ struct Configuration: Equatable {
 
     // schedule
     var schedule = ScheduleName.cosine
-    var warmupSteps = 200
+    var warmupSteps = Warmup.auto
     var stepSize = 1000
     var gamma = 0.5
     var minimumLearningRate = 0.0
@@ -99,6 +99,16 @@ struct Configuration: Equatable {
     /// different samples are dropped each time), or wrapped around from the start of the permutation.
     enum Remainder: String, CaseIterable { case drop, wrap }
     enum ScheduleName: String, CaseIterable { case constant, step, cosine }
+    /// `schedule.warmup_steps`: a number of steps, or `auto`, the default (`resolvedWarmupSteps`). The default is a
+    /// value of its own rather than an absent key because config.yaml lists every key and a resume reads it: a
+    /// resumed run must see `auto` again to compute the warmup of the run it continues.
+    enum Warmup: Equatable { case auto, steps(Int) }
+    /// `auto`'s warmup on a long run.
+    static let defaultWarmupSteps = 200
+    /// `auto` warms up over at most 1/this of the run's steps, so a short run does not spend itself below its peak
+    /// rate (a tenth, as common recipes do, e.g. Hugging Face's warmup_ratio 0.1), and a cosine run always has steps
+    /// left after its warmup. Runs of 2,000 steps or more keep the full `defaultWarmupSteps`.
+    static let autoWarmupRunDivisor = 10
     enum GradcheckPolicy: String, CaseIterable { case abort, warn }
     /// stop: checkpoint the last good state and stop with an error; skip: drop the step on every rank.
     enum NumericsPolicy: String, CaseIterable { case stop, skip }
@@ -155,7 +165,8 @@ struct Configuration: Equatable {
         key("optimizer.weight_decay", \.weightDecay, "L2 (sgd, adam) or decoupled (adamw) weight decay"),
         key("optimizer.clip_norm", \.clipNorm, "clip the global gradient norm to this (0 = off)"),
         key("schedule.name", \.schedule, "constant, step or cosine"),
-        key("schedule.warmup_steps", \.warmupSteps, "linear warmup steps"),
+        key("schedule.warmup_steps", \.warmupSteps,
+            "linear warmup steps; auto = \(defaultWarmupSteps), but at most a tenth of the run's steps (a set value is used as it is)"),
         key("schedule.step_size", \.stepSize, "step schedule: steps between decays"),
         key("schedule.gamma", \.gamma, "step schedule: decay factor"),
         key("schedule.min_lr", \.minimumLearningRate, "cosine schedule: final learning rate"),
@@ -383,6 +394,25 @@ extension Array: ConfigValue where Element: ConfigValue {
     static var typeName: String {
         "a list of \(Element.typeName.replacingOccurrences(of: "an ", with: "").replacingOccurrences(of: "a ", with: ""))s"
     }
+}
+
+extension Configuration.Warmup: ConfigValue {
+    init?(node: Node) {
+        if case let .scalar(s) = node, s.string == "auto" {
+            self = .auto
+        } else if let steps = Int(node: node) {
+            self = .steps(steps)
+        } else {
+            return nil
+        }
+    }
+    var node: Node {
+        switch self {
+        case .auto: Node("auto")
+        case let .steps(steps): steps.node
+        }
+    }
+    static var typeName: String { "an integer or auto" }
 }
 
 /// Enumerations read from their raw string; the error lists the choices.

@@ -70,9 +70,7 @@ enum Setup {
         session.agree("model") { try checkBatchNormBatches(spec, config: config, ranks: session.worldSize, training: training) }
         if training {
             session.agree("configuration") {
-                do { try config.learningRateSchedule(totalSteps: sampler.stepsPerEpoch * config.epochs).validate() } catch {
-                    throw ConfigError(description: "schedule: \(error)")
-                }
+                try config.validateSchedule(stepsPerEpoch: sampler.stepsPerEpoch)
             }
         }
         return Plan(train: train, test: test, spec: spec, sampler: sampler, augmentation: augmentation, memory: memory,

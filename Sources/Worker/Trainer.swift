@@ -278,6 +278,7 @@ enum Trainer {
         let optimizer = "optimizer: \(config.optimizer.rawValue), lr \(config.learningRate) for the global batch, "
             + "\(config.schedule.rawValue) schedule"
         logger.info("\(optimizer)")
+        if let capped = config.cappedWarmupNote(totalSteps: prepared.totalSteps) { logger.info("\(capped)") }
         announceExchange(session, prepared, buckets: buckets)
         logger.info("run directory: \(session.runDirectory)")
     }

@@ -114,20 +114,54 @@ struct AugmentationTests {
         #expect(draws != (0..<200).map { other.draw(epoch: 0, index: $0) })
     }
 
-    /// Offsets uniform over 0...2P and flips fair, over many samples (a fixed seed: the counts are the same every run).
+    /// Each random field on its own depends on the seed, the epoch and the index: another value of any one of the
+    /// three redraws the top, the left and the flip as independent draws would, so each differs from its first draw
+    /// with probability 1 - 1/(2P + 1) (the offsets) or 1/2 (the flip). Comparing whole draws is not enough: a flip
+    /// drawn without the epoch repeats every epoch while the crops still change.
+    @Test func eachFieldDependsOnSeedEpochAndIndex() throws {
+        let a = try Augmentation(cropPadding: 2, flip: true, seed: 3, sampleShape: [28, 28])
+        let otherSeed = try Augmentation(cropPadding: 2, flip: true, seed: 4, sampleShape: [28, 28])
+        let n = 4000
+        let fields: [(name: String, value: (Augmentation.Draw) -> Int, differs: Double)] = [
+            ("top", { $0.top }, 0.8), ("left", { $0.left }, 0.8), ("flip", { $0.flip ? 1 : 0 }, 0.5),
+        ]
+        // Epochs 5 and 6, not 0: a field drawn as if in epoch 0 must not pass by comparing epoch 0 with itself.
+        let variations: [(name: String, pair: (Int) -> (Augmentation.Draw, Augmentation.Draw))] = [
+            ("epoch", { (a.draw(epoch: 5, index: $0), a.draw(epoch: 6, index: $0)) }),
+            ("seed", { (a.draw(epoch: 5, index: $0), otherSeed.draw(epoch: 5, index: $0)) }),
+            ("index", { (a.draw(epoch: 5, index: $0), a.draw(epoch: 5, index: $0 + n)) }),
+        ]
+        for field in fields {
+            for variation in variations {
+                let differing = (0..<n).filter { let (x, y) = variation.pair($0); return field.value(x) != field.value(y) }.count
+                // Binomial standard deviations: 25 (p = 0.8) and 32 (p = 0.5); a fixed seed, so the counts never change.
+                let deviation = (Double(n) * field.differs * (1 - field.differs)).squareRoot()
+                #expect(abs(Double(differing) - Double(n) * field.differs) < 5 * deviation,
+                        "\(field.name) with another \(variation.name): \(differing) of \(n) differ")
+            }
+        }
+    }
+
+    /// Offsets uniform over 0...2P, flips fair and the three independent, over many samples (a fixed seed: the counts
+    /// are the same every run).
     @Test func drawsAreUniform() throws {
         let augmentation = try Augmentation(cropPadding: 2, flip: true, seed: 0, sampleShape: [28, 28])
         var tops = [Int](repeating: 0, count: 5), lefts = [Int](repeating: 0, count: 5), flips = 0
+        var joint = [Int](repeating: 0, count: 50)
         let n = 20_000
         for index in 0..<n {
             let draw = augmentation.draw(epoch: 2, index: index)
             tops[draw.top] += 1
             lefts[draw.left] += 1
             flips += draw.flip ? 1 : 0
+            joint[(draw.top * 5 + draw.left) * 2 + (draw.flip ? 1 : 0)] += 1
         }
         // Binomial standard deviations: 57 for an offset count of 4000, 71 for 10000 flips; 5 of them is a wide margin.
         #expect(tops.allSatisfy { abs($0 - n / 5) < 300 } && lefts.allSatisfy { abs($0 - n / 5) < 300 }, "\(tops) \(lefts)")
         #expect(abs(flips - n / 2) < 360, "\(flips)")
+        // The three fields are independent: each (top, left, flip) of the 50 comes up about n / 50 = 400 times
+        // (standard deviation 20).
+        #expect(joint.allSatisfy { abs($0 - n / 50) < 100 }, "\(joint)")
         let noFlip = try Augmentation(cropPadding: 0, flip: false, seed: 0, sampleShape: [28, 28])
         #expect((0..<1000).allSatisfy { noFlip.draw(epoch: 0, index: $0) == .init(top: 0, left: 0, flip: false) })
     }

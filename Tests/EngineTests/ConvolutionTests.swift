@@ -29,6 +29,12 @@ struct ConvolutionTests {
                                                            .linear(inputs: 3 * 4, outputs: 4)], inputShape: [2, 6, 6])),
         ("conv stride 2 pad 2, two convs", ModelSpec(layers: [conv(2, 3, 3, stride: 2, pad: 2), .tanh, conv(3, 2, 2, pad: 1),
                                                               .flatten, .linear(inputs: 2 * 6 * 6, outputs: 3)], inputShape: [2, 7, 7])),
+        // Stride 2 after another layer, so its input gradient (col2im's strided scatter) reaches the check: on 6x7, a 3x3
+        // window with padding 1 leaves the last padded row unreached (6 + 2 - 3 is odd) and tiles the columns; then a
+        // 2x2 window of stride 2, padding 1, on 3x4, which overlaps nothing and leaves a row out.
+        ("conv stride 2 pad 1 after a conv, uneven", ModelSpec(layers: [conv(2, 3, 3, pad: 1), .tanh, conv(3, 4, 3, stride: 2, pad: 1),
+                                                                        .tanh, conv(4, 2, 2, stride: 2, pad: 1), .flatten,
+                                                                        .linear(inputs: 2 * 2 * 3, outputs: 3)], inputShape: [2, 6, 7])),
         ("maxpool", ModelSpec(layers: [conv(2, 3, 3, pad: 1), .tanh, .maxPool2d(kernel: 2, stride: 2), .flatten,
                                        .linear(inputs: 27, outputs: 4)], inputShape: [2, 6, 6])),
         ("avgpool stride 1", ModelSpec(layers: [conv(2, 3, 3, pad: 1), .sigmoid, .avgPool2d(kernel: 3, stride: 1), .flatten,

@@ -175,20 +175,8 @@ struct TorchReferenceTests {
         try JSONSerialization.data(withJSONObject: descriptions).write(to: directory.appendingPathComponent("cases.json"))
         try script.write(toFile: path("reference.py"), atomically: false, encoding: .utf8)
 
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: torchPython)
-        process.arguments = [path("reference.py"), path("cases.json"), path("engine.safetensors"), path("torch.safetensors"),
-                             path("errors.json")]
-        let output = Pipe()
-        process.standardOutput = output
-        process.standardError = output
-        try process.run()
-        let printed = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        process.waitUntilExit()
-        guard process.terminationStatus == 0 else {
-            throw ReferenceError(description: "the PyTorch reference failed (exit \(process.terminationStatus); "
-                + "`scripts/setup --python` makes .venv-bench):\n\(printed)")
-        }
+        try runTorch([path("reference.py"), path("cases.json"), path("engine.safetensors"), path("torch.safetensors"),
+                      path("errors.json")])
 
         let file = try SafeTensorsFile(path: path("torch.safetensors"))
         let errors = try JSONSerialization.jsonObject(with: Data(contentsOf: directory.appendingPathComponent("errors.json")))
@@ -211,6 +199,23 @@ struct TorchReferenceTests {
                 }
             }
             return (engine[index], .success(torch))
+        }
+    }
+
+    /// Runs .venv-bench's Python with `arguments` (a script and its own); its output is in the error when it fails.
+    static func runTorch(_ arguments: [String]) throws {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: torchPython)
+        process.arguments = arguments
+        let output = Pipe()
+        process.standardOutput = output
+        process.standardError = output
+        try process.run()
+        let printed = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        process.waitUntilExit()
+        guard process.terminationStatus == 0 else {
+            throw ReferenceError(description: "the PyTorch reference failed (exit \(process.terminationStatus); "
+                + "`scripts/setup --python` makes .venv-bench):\n\(printed)")
         }
     }
 
