@@ -286,7 +286,8 @@ extension DaemonTests {
 extension ModelFileTests {
     /// A CNN's model.safetensors in real PyTorch: the README's snippet builds the nn.Sequential from the file's
     /// metadata, loads it with strict=True (batch norm's running statistics included) and counts exactly what
-    /// `bpworker eval --model` counts; its logits match `bpworker predict --logits` within 1e-4.
+    /// `bpworker eval --model` counts; its logits match `bpworker predict --logits` within 1e-4. The same again for
+    /// the file without `modules`, as bpworker wrote it before recording them.
     @Test func pytorchLoadsACNNStrictlyAndReproducesItsOutputs() throws {
         let data = try SyntheticData(samples: 120, features: 36, imageShape: [6, 6])
         defer { data.remove() }
@@ -317,17 +318,33 @@ extension ModelFileTests {
         var snippet = try #require(Self.snippet("torch", in: readme), "README.md has no torch snippet")
         #expect(snippet.contains("data = \"/usr/share/datasets/fashion-mnist/\""))
         snippet = snippet.replacingOccurrences(of: "data = \"/usr/share/datasets/fashion-mnist/\"", with: "data = \"./\"")
-        let output = try python(snippet + """
+        // The file as written (the loader builds its `modules`), then as a file written before `modules` (the loader
+        // reads its `layers`).
+        for legacy in [false, true] {
+            if legacy {
+                try FileManager.default.removeItem(atPath: directory + "/runs/default/model.safetensors")
+                _ = try python("""
+                    from safetensors import safe_open
+                    from safetensors.numpy import save_file
+                    with safe_open("\(model)", "np") as f:
+                        meta, t = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+                    del meta["modules"], meta["model_input_shape"]
+                    save_file(t, "runs/default/model.safetensors", metadata=meta)
+                    """, directory: directory)
+            }
+            let output = try python(snippet + """
 
-            ours = torch.from_numpy(np.load("logits.npy"))
-            with torch.no_grad():
-                theirs = model(torch.from_numpy(x))
-            print(f"max logit difference {float((ours - theirs).abs().max()):.3e} of {float(theirs.abs().max()):.3e}")
-            """, executable: Self.torchPython, directory: directory)
-        #expect(try pythonCount(output) == reference, "\(output)")
-        let line = try #require(output.split(separator: "\n").first { $0.hasPrefix("max logit difference") }, "\(output)")
-        let difference = try #require(Double(line.split(separator: " ")[3]), "\(line)")
-        #expect(difference <= 1e-4, "\(line)")
+                assert ("modules" in meta) != \(legacy ? "True" : "False")
+                ours = torch.from_numpy(np.load("logits.npy"))
+                with torch.no_grad():
+                    theirs = model(torch.from_numpy(x))
+                print(f"max logit difference {float((ours - theirs).abs().max()):.3e} of {float(theirs.abs().max()):.3e}")
+                """, executable: Self.torchPython, directory: directory)
+            #expect(try pythonCount(output) == reference, "legacy \(legacy): \(output)")
+            let line = try #require(output.split(separator: "\n").first { $0.hasPrefix("max logit difference") }, "\(output)")
+            let difference = try #require(Double(line.split(separator: " ")[3]), "\(line)")
+            #expect(difference <= 1e-4, "legacy \(legacy): \(line)")
+        }
         #expect(reference.count == 120)
     }
 }
