@@ -266,7 +266,8 @@ struct WorkerLogicTests {
             .deletingLastPathComponent()
         let table = try String(contentsOf: repository.appendingPathComponent("docs/convolutional-networks.md"), encoding: .utf8)
         for kind in LayerKinds.all {
-            #expect(table.contains("`\(kind.syntax)`"), "docs/convolutional-networks.md lists no `\(kind.syntax)`")
+            let listed = table.contains("`\(kind.syntax)`")
+            #expect(listed, "docs/convolutional-networks.md lists no `\(kind.syntax)`")
         }
     }
 
