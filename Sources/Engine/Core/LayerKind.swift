@@ -84,7 +84,7 @@ public enum LayerKinds {
     public static let all: [any LayerKind.Type] = [
         LinearKind.self, Conv2dKind.self, MaxPool2dKind.self, AvgPool2dKind.self, GlobalAvgPool2dKind.self,
         FlattenKind.self, BatchNormKind.self, LayerNormKind.self, ReLUKind.self, LeakyReLUKind.self, TanhKind.self,
-        SigmoidKind.self, GELUKind.self, SiLUKind.self, DropoutKind.self,
+        SigmoidKind.self, GELUKind.self, SiLUKind.self, DropoutKind.self, Dropout2dKind.self,
     ]
 
     /// The kind whose entries start with `name` ("conv"), or nil.
