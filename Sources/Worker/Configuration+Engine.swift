@@ -4,8 +4,9 @@ import Engine
 extension Configuration {
     /// The model for samples of `sampleShape` (as stored: [F], [H, W] or [C, H, W]) and `classes` outputs:
     /// `model.layers` when given, else the MLP of `model.hidden`, `model.activation` and `model.dropout`; the output
-    /// layer `linear classes` is added. A model with convolutions or pooling sees images [C, H, W] (an [H, W]
-    /// sample is one channel); any other model sees flat samples.
+    /// layer `linear classes` is added. A model with a kind that works on images only (`LayerKind.isSpatial`:
+    /// convolutions, pooling, dropout2d) sees images [C, H, W] (an [H, W] sample is one channel); any other model
+    /// sees flat samples.
     func modelSpec(sampleShape: [Int], classes: Int) throws -> ModelSpec {
         var layers: [LayerSpec] = []
         var words: [[String]] = []
@@ -19,15 +20,15 @@ extension Configuration {
         } else {
             for (i, item) in self.layers.enumerated() { words.append(try Self.layerWords(item, key: "model.layers[\(i)]")) }
         }
-        let spatial = words.contains { LayerKinds.named($0[0])?.isSpatial ?? false }
         var shape: [Int]
-        if spatial {
+        if let spatial = words.firstIndex(where: { LayerKinds.named($0[0])?.isSpatial ?? false }) {
             switch sampleShape.count {
             case 2: shape = [1] + sampleShape
             case 3: shape = sampleShape
             default:
-                throw ConfigError(description: "model.layers: convolutions and pooling need image samples [H, W] or [C, H, W], "
-                    + "but the data's samples are \(sampleShape)")
+                let key = self.layers.isEmpty ? "model.activation" : "model.layers[\(spatial)]"
+                throw ConfigError(description: "\(key): '\(words[spatial].joined(separator: " "))' needs image samples [H, W] or "
+                    + "[C, H, W], but the data's samples are \(sampleShape)")
             }
         } else {
             shape = [sampleShape.reduce(1, *)]

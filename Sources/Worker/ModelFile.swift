@@ -15,7 +15,8 @@ import Foundation
 ///                       `LayerKind.torchModule`, so the README's loader needs no change for a new kind
 ///     input_shape       [28, 28]        one sample as stored
 ///     model_input_shape [784]           one sample as the first layer takes it (C order): [C, H, W] for a model
-///                                       with convolutions or pooling (an [H, W] sample is one channel), else flat
+///                                       with a kind that works on images only (convolutions, pooling, dropout2d;
+///                                       an [H, W] sample is one channel), else flat
 ///     input_dtype       uint8           the stored values preprocessing applies to: uint8 = bytes 0..255 (not
 ///                                       divided by 255); float32 (float32 or float64 files)
 ///     classes           10              outputs of the last layer

@@ -1,6 +1,6 @@
 /// The mean of each window: PyTorch `nn.AvgPool2d(kernel, stride)`, the entry `avgpool K [stride S]` (stride defaults
 /// to K; no padding; windows that do not fit are dropped).
-public struct AvgPool2dKind: LayerKind {
+public struct AvgPool2dKind: StatelessKind {
     public let kernel: Int, stride: Int
 
     public static var syntax: String { "avgpool K [stride S]" }
@@ -13,11 +13,6 @@ public struct AvgPool2dKind: LayerKind {
 
     public func outputShape(input: [Int]) throws(ModelSpecError) -> [Int] {
         try pooledShape(input, kernel: kernel, stride: stride)
-    }
-    public func parameterShapes(input: [Int]) -> [(String, [Int])] { [] }
-    public var bufferShapes: [(String, [Int])] { [] }
-    public func workspace(input: [Int], output: [Int], batchCapacity rows: Double, scalarBytes: Double) -> LayerWorkspace {
-        (0, 0)
     }
 
     public var hasKink: Bool { false }

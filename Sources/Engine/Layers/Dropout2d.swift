@@ -2,7 +2,7 @@
 /// training each (sample, channel) plane is zeroed with probability p and the others scaled by 1 / (1 - p);
 /// otherwise (evaluation, the gradient check) y = x. Neighbouring values of a feature map are strongly correlated,
 /// so dropping values one by one hardly regularises a convolution; dropping its channels does (Tompson et al. 2015).
-public struct Dropout2dKind: LayerKind {
+public struct Dropout2dKind: StatelessKind {
     public let probability: Double
 
     public static var syntax: String { "dropout2d P" }
@@ -24,8 +24,6 @@ public struct Dropout2dKind: LayerKind {
         guard probability >= 0, probability < 1 else { throw ModelSpecError("drop probability must be in [0, 1)") }
         return input
     }
-    public func parameterShapes(input: [Int]) -> [(String, [Int])] { [] }
-    public var bufferShapes: [(String, [Int])] { [] }
     public func workspace(input: [Int], output: [Int], batchCapacity rows: Double, scalarBytes: Double) -> LayerWorkspace {
         (rows * Double(input.first ?? 0) * scalarBytes, 0)  // the mask, one value per channel of each sample
     }

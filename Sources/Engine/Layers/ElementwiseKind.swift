@@ -1,16 +1,23 @@
-/// A kind that maps each value on its own, on samples of any shape: activations and dropout. Conforming says what
-/// such a kind is, so that its file declares only what differs: the output has the input's shape, and there are no
-/// parameters, buffers or workspace of its own. (A kind that allocates, like dropout's mask, declares its workspace.)
-public protocol ElementwiseKind: LayerKind {}
+/// A kind without parameters or buffers, which allocates nothing of its own: pooling, reshaping, activations.
+/// Conforming says so, and the kind's file declares only the rest. (A kind of these that allocates, like max
+/// pooling's winners or dropout's mask, declares its workspace.)
+public protocol StatelessKind: LayerKind {}
 
-extension ElementwiseKind {
-    public static var isSpatial: Bool { false }
-    public func outputShape(input: [Int]) throws(ModelSpecError) -> [Int] { input }
+extension StatelessKind {
     public func parameterShapes(input: [Int]) -> [(String, [Int])] { [] }
     public var bufferShapes: [(String, [Int])] { [] }
     public func workspace(input: [Int], output: [Int], batchCapacity rows: Double, scalarBytes: Double) -> LayerWorkspace {
         (0, 0)
     }
+}
+
+/// A stateless kind that maps each value on its own, on samples of any shape: activations and dropout. Its output
+/// has its input's shape.
+public protocol ElementwiseKind: StatelessKind {}
+
+extension ElementwiseKind {
+    public static var isSpatial: Bool { false }
+    public func outputShape(input: [Int]) throws(ModelSpecError) -> [Int] { input }
 }
 
 /// A buffer of T seen as Float, for the Float-only kernels; only called when T is Float.

@@ -1,5 +1,5 @@
 /// [C, H, W] -> [C * H * W], no computation: PyTorch `nn.Flatten()`, the entry `flatten`.
-public struct FlattenKind: LayerKind {
+public struct FlattenKind: StatelessKind {
     public static var syntax: String { "flatten" }
     public static var isSpatial: Bool { false }
     public static func parse(_ entry: LayerEntry, input: [Int]) throws(LayerEntryError) -> Self {
@@ -10,11 +10,6 @@ public struct FlattenKind: LayerKind {
     public var description: String { "Flatten" }
 
     public func outputShape(input: [Int]) throws(ModelSpecError) -> [Int] { [input.reduce(1, *)] }
-    public func parameterShapes(input: [Int]) -> [(String, [Int])] { [] }
-    public var bufferShapes: [(String, [Int])] { [] }
-    public func workspace(input: [Int], output: [Int], batchCapacity rows: Double, scalarBytes: Double) -> LayerWorkspace {
-        (0, 0)
-    }
 
     public var hasKink: Bool { false }
     public var initializationRole: InitializationRole { .transparent }

@@ -1,5 +1,5 @@
 /// The mean of each channel, [C, H, W] -> [C, 1, 1]: PyTorch `nn.AdaptiveAvgPool2d(1)`, the entry `globalavgpool`.
-public struct GlobalAvgPool2dKind: LayerKind {
+public struct GlobalAvgPool2dKind: StatelessKind {
     public static var syntax: String { "globalavgpool" }
     public static var isSpatial: Bool { true }
     public static func parse(_ entry: LayerEntry, input: [Int]) throws(LayerEntryError) -> Self {
@@ -12,11 +12,6 @@ public struct GlobalAvgPool2dKind: LayerKind {
     public func outputShape(input: [Int]) throws(ModelSpecError) -> [Int] {
         let (c, _, _) = try imageShape(input, "global average pooling")
         return [c, 1, 1]
-    }
-    public func parameterShapes(input: [Int]) -> [(String, [Int])] { [] }
-    public var bufferShapes: [(String, [Int])] { [] }
-    public func workspace(input: [Int], output: [Int], batchCapacity rows: Double, scalarBytes: Double) -> LayerWorkspace {
-        (0, 0)
     }
 
     public var hasKink: Bool { false }

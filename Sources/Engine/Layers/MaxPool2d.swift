@@ -1,6 +1,6 @@
 /// The largest value of each window: PyTorch `nn.MaxPool2d(kernel, stride)`, the entry `maxpool K [stride S]` (stride
 /// defaults to K; no padding; windows that do not fit are dropped, as with ceil_mode=False).
-public struct MaxPool2dKind: LayerKind {
+public struct MaxPool2dKind: StatelessKind {
     public let kernel: Int, stride: Int
 
     public static var syntax: String { "maxpool K [stride S]" }
@@ -14,8 +14,6 @@ public struct MaxPool2dKind: LayerKind {
     public func outputShape(input: [Int]) throws(ModelSpecError) -> [Int] {
         try pooledShape(input, kernel: kernel, stride: stride)
     }
-    public func parameterShapes(input: [Int]) -> [(String, [Int])] { [] }
-    public var bufferShapes: [(String, [Int])] { [] }
     public func workspace(input: [Int], output: [Int], batchCapacity rows: Double, scalarBytes: Double) -> LayerWorkspace {
         (rows * output.reduce(1.0) { $0 * Double($1) } * (4 + scalarBytes), 0)  // Int32 winners, winning inputs (when fused)
     }
