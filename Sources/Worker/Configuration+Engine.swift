@@ -4,8 +4,9 @@ import Engine
 extension Configuration {
     /// The model for samples of `sampleShape` (as stored: [F], [H, W] or [C, H, W]) and `classes` outputs:
     /// `model.layers` when given, else the MLP of `model.hidden`, `model.activation` and `model.dropout`; the output
-    /// layer `linear classes` is added. A model with convolutions or pooling sees images [C, H, W] (an [H, W]
-    /// sample is one channel); any other model sees flat samples.
+    /// layer `linear classes` is added. A model with a kind that works on images only (`LayerKind.isSpatial`:
+    /// convolutions, pooling, dropout2d) sees images [C, H, W] (an [H, W] sample is one channel); any other model
+    /// sees flat samples.
     func modelSpec(sampleShape: [Int], classes: Int) throws -> ModelSpec {
         var layers: [LayerSpec] = []
         var words: [[String]] = []
@@ -19,15 +20,15 @@ extension Configuration {
         } else {
             for (i, item) in self.layers.enumerated() { words.append(try Self.layerWords(item, key: "model.layers[\(i)]")) }
         }
-        let spatial = words.contains { ["conv", "maxpool", "avgpool", "globalavgpool"].contains($0[0]) }
         var shape: [Int]
-        if spatial {
+        if let spatial = words.firstIndex(where: { LayerKinds.named($0[0])?.isSpatial ?? false }) {
             switch sampleShape.count {
             case 2: shape = [1] + sampleShape
             case 3: shape = sampleShape
             default:
-                throw ConfigError(description: "model.layers: convolutions and pooling need image samples [H, W] or [C, H, W], "
-                    + "but the data's samples are \(sampleShape)")
+                let key = self.layers.isEmpty ? "model.activation" : "model.layers[\(spatial)]"
+                throw ConfigError(description: "\(key): '\(words[spatial].joined(separator: " "))' needs image samples [H, W] or "
+                    + "[C, H, W], but the data's samples are \(sampleShape)")
             }
         } else {
             shape = [sampleShape.reduce(1, *)]
@@ -51,98 +52,32 @@ extension Configuration {
         return spec
     }
 
-    /// The words of one `model.layers` entry, checked against the grammar (docs/convolutional-networks.md):
-    ///   linear N | conv OUT K [stride S] [pad P] [nobias] | maxpool K [stride S] | avgpool K [stride S] |
-    ///   globalavgpool | flatten | batchnorm | layernorm | relu | leaky_relu [SLOPE] | tanh | sigmoid | gelu | dropout P
+    /// The words of one `model.layers` entry, checked against the grammar (each kind's `syntax`, listed in
+    /// docs/convolutional-networks.md): its first word must name a kind of `LayerKinds`.
     static func layerWords(_ item: String, key: String) throws -> [String] {
         let words = item.split(separator: " ").map(String.init)
         guard let name = words.first else { throw ConfigError(description: "\(key): empty layer") }
-        let grammar: [String: String] = [
-            "linear": "linear N", "conv": "conv OUT K [stride S] [pad P] [nobias]", "maxpool": "maxpool K [stride S]",
-            "avgpool": "avgpool K [stride S]", "globalavgpool": "globalavgpool", "flatten": "flatten",
-            "batchnorm": "batchnorm", "layernorm": "layernorm", "relu": "relu", "leaky_relu": "leaky_relu [SLOPE]",
-            "tanh": "tanh", "sigmoid": "sigmoid", "gelu": "gelu", "dropout": "dropout P",
-        ]
-        guard grammar[name] != nil else {
-            throw ConfigError(description: "\(key): unknown layer '\(name)' (" + grammar.keys.sorted().joined(separator: ", ") + ")")
-        }
+        guard LayerKinds.named(name) != nil else { throw unknownLayer(name, key: key) }
         return words
     }
 
+    private static func unknownLayer(_ name: String, key: String) -> ConfigError {
+        ConfigError(description: "\(key): unknown layer '\(name)' (" + LayerKinds.names.joined(separator: ", ") + ")")
+    }
+
     /// One layer from its words, for input samples of `input` (which fixes a linear layer's inputs and the
-    /// channels of a convolution or a normalisation).
+    /// channels of a convolution or a normalisation): its kind parses it.
     static func layer(_ words: [String], input: [Int], key: String) throws -> LayerSpec {
-        let parsed = LayerWords(words: words, key: key), name = words[0]
-        let flat = input.count == 1 ? input[0] : 0
-        switch name {
-        case "linear":
-            try parsed.expectCount(2)
-            guard input.count == 1 else { throw parsed.fail("takes flat samples, but its input is \(input): put a flatten before it") }
-            guard let width = Double(words[1]), width >= 1, width == width.rounded(), width < 1e15 else {
-                throw parsed.fail("linear width must be a positive integer, got \(words[1])")
-            }
-            return .linear(inputs: flat, outputs: Int(width))
-        case "conv":
-            guard words.count >= 3 else { throw parsed.fail("conv needs its output channels and kernel size, e.g. 'conv 32 3 pad 1'") }
-            let outChannels = try parsed.integer(words[1], "output channels", minimum: 1)
-            let kernel = try parsed.integer(words[2], "kernel size", minimum: 1)
-            let o = try parsed.options(from: 3, allowed: ["stride", "pad", "nobias"])
-            return .conv2d(inChannels: input.count == 3 ? input[0] : 0, outChannels: outChannels, kernel: kernel,
-                           stride: o["stride"] ?? 1, padding: o["pad"] ?? 0, bias: o["nobias"] == nil)
-        case "maxpool", "avgpool":
-            guard words.count >= 2 else { throw parsed.fail("\(name) needs its window size, e.g. '\(name) 2'") }
-            let kernel = try parsed.integer(words[1], "window size", minimum: 1)
-            let stride = try parsed.options(from: 2, allowed: ["stride"])["stride"] ?? kernel
-            return name == "maxpool" ? .maxPool2d(kernel: kernel, stride: stride) : .avgPool2d(kernel: kernel, stride: stride)
-        case "globalavgpool":
-            try parsed.expectCount(1)
-            return .globalAvgPool2d
-        case "flatten":
-            try parsed.expectCount(1)
-            return .flatten
-        case "batchnorm":
-            try parsed.expectCount(1)
-            return .batchNorm(features: input.first ?? 0)
-        case "layernorm":
-            try parsed.expectCount(1)
-            return .layerNorm(features: input.last ?? 0)
-        case "dropout":
-            try parsed.expectCount(2)
-            return .dropout(probability: try parsed.number(words[1]))
-        case "leaky_relu":
-            guard words.count <= 2 else { throw parsed.fail("'leaky_relu' takes at most one number, its slope") }
-            return .leakyReLU(slope: words.count == 2 ? try parsed.number(words[1]) : 0.01)
-        default:
-            try parsed.expectCount(1)
-            switch name {
-            case "relu": return .relu
-            case "tanh": return .tanh
-            case "sigmoid": return .sigmoid
-            default: return .gelu
-            }
+        let parsed: LayerSpec?
+        do { parsed = try LayerSpec.parse(words, input: input) } catch {
+            throw ConfigError(description: "\(key): '\(words.joined(separator: " "))': \(error.reason)")
         }
+        guard let parsed else { throw unknownLayer(words.first ?? "", key: key) }
+        return parsed
     }
 
     /// One layer in `model.layers` syntax, the inverse of `layer(_:input:key:)` (model files record their layers so).
-    static func layerText(_ layer: LayerSpec) -> String {
-        switch layer {
-        case let .linear(_, outputs): "linear \(outputs)"
-        case let .conv2d(_, o, k, s, p, bias):
-            "conv \(o) \(k)" + (s != 1 ? " stride \(s)" : "") + (p != 0 ? " pad \(p)" : "") + (bias ? "" : " nobias")
-        case let .maxPool2d(k, s): "maxpool \(k)" + (s != k ? " stride \(s)" : "")
-        case let .avgPool2d(k, s): "avgpool \(k)" + (s != k ? " stride \(s)" : "")
-        case .globalAvgPool2d: "globalavgpool"
-        case .flatten: "flatten"
-        case .batchNorm: "batchnorm"
-        case .layerNorm: "layernorm"
-        case .relu: "relu"
-        case let .leakyReLU(slope): "leaky_relu \(slope)"
-        case .tanh: "tanh"
-        case .sigmoid: "sigmoid"
-        case .gelu: "gelu"
-        case let .dropout(p): "dropout \(p)"
-        }
-    }
+    static func layerText(_ layer: LayerSpec) -> String { layer.entry }
 
     /// `data.augment.*` for training samples of `sampleShape` (as stored); nil when both are off. Errors name the key.
     func augmentation(sampleShape: [Int]) throws -> Augmentation? {
@@ -247,57 +182,6 @@ extension Configuration {
             try gradientCheckOptions.validate()
         } catch {
             throw ConfigError(description: "\(error)")
-        }
-    }
-}
-
-/// The words of one item of `model.layers`, and the checks `Configuration.layer` makes on them; every error names
-/// the key and the item.
-private struct LayerWords {
-    let words: [String]
-    let key: String
-
-    func fail(_ reason: String) -> ConfigError {
-        ConfigError(description: "\(key): '\(words.joined(separator: " "))': \(reason)")
-    }
-
-    func integer(_ text: String, _ what: String, minimum: Int) throws -> Int {
-        guard let v = Int(text), v >= minimum else { throw fail("\(what) must be an integer >= \(minimum), got \(text)") }
-        return v
-    }
-
-    func number(_ text: String) throws -> Double {
-        guard let v = Double(text), v.isFinite else { throw fail("expected a number, got \(text)") }
-        return v
-    }
-
-    /// Options after the positional words: "stride 2", "pad 1", "nobias".
-    func options(from start: Int, allowed: Set<String>) throws -> [String: Int] {
-        var result: [String: Int] = [:]
-        var i = start
-        while i < words.count {
-            let option = words[i]
-            guard allowed.contains(option) else {
-                throw fail("unknown option '\(option)' (\(allowed.sorted().joined(separator: ", ")))")
-            }
-            if option == "nobias" {
-                result[option] = 1
-                i += 1
-                continue
-            }
-            guard i + 1 < words.count else { throw fail("'\(option)' needs a number") }
-            result[option] = try integer(words[i + 1], option, minimum: option == "pad" ? 0 : 1)
-            i += 2
-        }
-        return result
-    }
-
-    /// The item has exactly `expected` words, its name included.
-    func expectCount(_ expected: Int) throws {
-        let name = words[0]
-        if words.count != expected {
-            throw fail(expected == 1 ? "'\(name)' takes no argument"
-                : "'\(name)' needs \(expected - 1) argument\(expected == 2 ? "" : "s")")
         }
     }
 }

@@ -146,7 +146,7 @@ struct Configuration: Equatable {
         key("model.inputs", \.inputs, "input width; 0 takes it from the data, anything else must match the data"),
         key("model.classes", \.classes, "output width; 0 takes max label + 1 from the training labels"),
         key("model.hidden", \.hidden, "widths of the hidden layers of the MLP"),
-        key("model.activation", \.activation, "relu, leaky_relu, tanh, sigmoid or gelu"),
+        key("model.activation", \.activation, "the activation after each hidden layer: a model.layers entry such as relu, gelu or leaky_relu 0.2"),
         key("model.dropout", \.dropout, "drop probability after every hidden activation (0 = none)"),
         key("model.layers", \.layers,
             "explicit layer list overriding hidden/activation/dropout, e.g. [linear 512, gelu, dropout 0.1, linear 256, relu]; "

@@ -9,7 +9,14 @@ import Foundation
 ///     layers            ["linear 512", "relu", "linear 256", "relu", "linear 10"]  the whole nn.Sequential in
 ///                       `model.layers` syntax, the output layer INCLUDED (model.layers takes the list without its
 ///                       last entry: bpworker adds the output layer)
-///     input_shape       [28, 28]        one sample as stored; the first layer takes it flattened (C order)
+///     modules           [{"module": "Linear", "args": [784, 512], "kwargs": {}}, ...]  the same list as PyTorch
+///                       modules, one per entry of layers: getattr(torch.nn, module)(*args, **kwargs) builds each
+///                       (an argument that is itself a module is built first, so blocks nest); from each kind's
+///                       `LayerKind.torchModule`, so the README's loader needs no change for a new kind
+///     input_shape       [28, 28]        one sample as stored
+///     model_input_shape [784]           one sample as the first layer takes it (C order): [C, H, W] for a model
+///                                       with a kind that works on images only (convolutions, pooling, dropout2d;
+///                                       an [H, W] sample is one channel), else flat
 ///     input_dtype       uint8           the stored values preprocessing applies to: uint8 = bytes 0..255 (not
 ///                                       divided by 255); float32 (float32 or float64 files)
 ///     classes           10              outputs of the last layer
@@ -20,7 +27,9 @@ import Foundation
 ///     preprocess_mean   standardize only: the training set's mean and standard deviation of the raw values
 ///     preprocess_std    (bytes 0..255 for uint8), so that (raw - mean) / std is the same map
 ///
-/// Version 1 model files (and version 1 checkpoints) have none of these keys.
+/// Version 1 model files (and version 1 checkpoints) have none of these keys; version 2 files written before
+/// `modules` and `model_input_shape` lack those two, which bpworker itself never reads (it rebuilds the model from
+/// `layers`).
 struct ModelDescription: Equatable {
     static let modelFormat = "bpworker-model"
     /// 2: the description keys above. 1: parameters, `step`, `world_size`, `model` (a summary) and `config` only.
@@ -88,7 +97,9 @@ struct ModelDescription: Equatable {
     var metadata: [String: String] {
         var entries = [
             "layers": Self.jsonList(spec.layers.map(Self.layerText)),
+            "modules": "[" + spec.torchModules.map(\.json).joined(separator: ", ") + "]",
             "input_shape": Self.jsonList(inputShape),
+            "model_input_shape": Self.jsonList(spec.inputShape),
             "input_dtype": inputType.rawValue,
             "classes": "\(classes)",
             "loss": spec.loss.rawValue,

@@ -218,7 +218,7 @@ func checkBatchNormBatches(_ spec: ModelSpec, config: Configuration, ranks: Int,
     guard training, let shapes = try? spec.shapes() else { return }
     let batch = config.batchSize * (config.batchNorm == .sync ? ranks : 1)
     for (index, layer) in spec.layers.enumerated() {
-        guard case .batchNorm = layer else { continue }
+        guard layer.as(BatchNormKind.self) != nil else { continue }
         let positions = shapes[index].dropFirst().reduce(1, *)
         if batch * positions < 2 {
             throw ConfigError(description: "model: layer \(index) \(layer) would normalise each feature over \(batch * positions) "

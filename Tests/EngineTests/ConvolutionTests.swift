@@ -41,6 +41,8 @@ struct ConvolutionTests {
                                                 .linear(inputs: 3 * 16, outputs: 4)], inputShape: [2, 6, 6])),
         ("global average pooling", ModelSpec(layers: [conv(2, 4, 3), .gelu, .globalAvgPool2d, .flatten,
                                                       .linear(inputs: 4, outputs: 3)], inputShape: [2, 6, 6])),
+        ("silu on images", ModelSpec(layers: [conv(2, 3, 3, pad: 1), .silu, conv(3, 2, 3, stride: 2), .silu, .flatten,
+                                              .linear(inputs: 2 * 9, outputs: 3)], inputShape: [2, 7, 7])),
         ("batchnorm 2d", ModelSpec(layers: [conv(2, 3, 3, pad: 1, bias: false), .batchNorm(features: 3), .tanh, .flatten,
                                             .linear(inputs: 108, outputs: 4)], inputShape: [2, 6, 6])),
         ("batchnorm 1d", ModelSpec(layers: [.linear(inputs: 8, outputs: 6), .batchNorm(features: 6), .tanh,

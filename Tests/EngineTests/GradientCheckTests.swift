@@ -3,7 +3,7 @@ import Testing
 
 @Suite("Finite-difference gradient checker")
 struct GradientCheckTests {
-    static let activations: [LayerSpec] = [.relu, .leakyReLU(slope: 0.1), .tanh, .sigmoid, .gelu, .dropout(probability: 0.5)]
+    static let activations: [LayerSpec] = [.relu, .leakyReLU(slope: 0.1), .tanh, .sigmoid, .gelu, .silu, .dropout(probability: 0.5)]
 
     func checkedModel(_ spec: ModelSpec, rows: Int = 4, seed: UInt64 = 1) throws -> Model<Double> {
         let model = try Model<Double>(spec: spec, batchCapacity: rows, seed: seed)

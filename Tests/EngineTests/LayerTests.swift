@@ -112,6 +112,18 @@ struct LayerTests {
         // x * Phi(x), Phi from the normal CDF tables (scipy.stats.norm.cdf)
         #expect(allClose(run { geluForward($0, $1, $2) }, [-0.04550026389635839, -0.15426876936299344, 0.14967658142073093,
                                                          0.8413447460685429, 2.99595030590511], tol))
+        // x * sigmoid(x), from the sigmoid values above
+        #expect(allClose(run { siluForward($0, $1, $2) }, [-0.2384058440442351, -0.1887703343990727, 0.14054412522144952,
+                                                         0.7310585786300049, 2.8577223804673], tol))
+    }
+
+    /// SiLU far out on both sides, where exp(-x) overflows or vanishes: its limits (0 and x; slopes 0 and 1), never NaN.
+    @Test func siluAtTheExtremes() {
+        let x: [Float] = [-1000, -100, 100, 1000], dy: [Float] = [1, 1, 1, 1]
+        var y = [Float](repeating: .nan, count: 4), dx = [Float](repeating: .nan, count: 4)
+        siluForward(x, &y, 4)
+        siluBackward(x, dy, &dx, 4)
+        #expect(y == [0, 0, 100, 1000] && dx == [0, 0, 1, 1], "y \(y), dx \(dx)")
     }
 
     @Test func activationValuesFloat() { activations(Float.self) }

@@ -153,6 +153,24 @@ struct ModelTests {
         #expect(uw.allSatisfy { abs($0) <= bound } && uw.contains { abs($0) > 0.9 * bound })
     }
 
+    /// `model.init: auto` draws a layer's weights for the first layer after it that is not transparent (dropout,
+    /// normalisation, pooling, flatten): Kaiming, with the activation's gain, before a rectifier; Xavier otherwise.
+    static let fedLayers: [(LayerSpec, Double)] = [
+        (.relu, 2.0 / 400), (.gelu, 2.0 / 400), (.silu, 2.0 / 400), (.leakyReLU(slope: 0.5), 2.0 / 1.25 / 400),
+        (.tanh, 2.0 / 700), (.sigmoid, 2.0 / 700), (.linear(inputs: 300, outputs: 2), 2.0 / 700),
+    ]
+
+    @Test(arguments: fedLayers)
+    func initialisationFollowsTheActivationFed(next: LayerSpec, variance: Double) throws {
+        let spec = ModelSpec(layers: [.linear(inputs: 400, outputs: 300), .dropout(probability: 0.1), .layerNorm(features: 300),
+                                      next] + (next.as(LinearKind.self) == nil ? [.linear(inputs: 300, outputs: 2)] : []))
+        let model = try Model<Double>(spec: spec, batchCapacity: 1, seed: 3)
+        let w = tensorValues(model, "0.weight", in: model.parameters)
+        // 120,000 draws: the estimate's relative standard deviation is 0.004.
+        let drawn = w.map { $0 * $0 }.reduce(0, +) / Double(w.count)
+        #expect(abs(drawn / variance - 1) < 0.02, "before \(next): variance \(drawn), expected \(variance)")
+    }
+
     @Test func gradientsReadyReportsSuffixesInReverseLayerOrder() throws {
         let model = try Model<Float>(spec: .mlp(widths: [6, 5, 4, 3]), batchCapacity: 2)
         fillRandomBatch(model, rows: 2, seed: 1)

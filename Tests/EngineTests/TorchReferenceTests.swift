@@ -7,7 +7,9 @@ import Testing
 /// batches go to one safetensors file; one Python process rebuilds every case as a `torch.nn.Sequential` of
 /// PyTorch's own modules in float64, loads the state with `load_state_dict(strict=True)` (which proves the tensor
 /// names and shapes are PyTorch's), repeats the same SGD steps and the compared pass, and writes its logits, loss,
-/// parameter gradients and buffers back. Nothing of the Engine runs on the Python side.
+/// parameter gradients and buffers back. Nothing of the Engine runs on the Python side. Each module is the one its
+/// kind declares (`LayerKind.torchModule`), built as the README's loader builds a model file's `modules`, so the
+/// comparison also checks what model files tell PyTorch.
 ///
 /// Differences are per tensor: the largest absolute difference over the largest absolute reference value.
 @Suite("PyTorch reference")
@@ -87,6 +89,14 @@ struct TorchReferenceTests {
              spec: ModelSpec(layers: [.linear(inputs: 10, outputs: 8), .layerNorm(features: 8), .gelu,
                                       .dropout(probability: 0.25), .linear(inputs: 8, outputs: 3)], inputShape: [10]),
              mode: .eval),
+        Case(name: "SiLU on images and on features, MSE",
+             spec: ModelSpec(layers: [conv(2, 3, 3, pad: 1), .silu, .flatten, .linear(inputs: 108, outputs: 6), .silu,
+                                      .linear(inputs: 6, outputs: 3)], loss: .meanSquaredError, inputShape: [2, 6, 6]),
+             mode: .train, steps: 2),
+        Case(name: "channel dropout, evaluation",
+             spec: ModelSpec(layers: [conv(2, 3, 3, pad: 1), .relu, .dropout2d(probability: 0.3), .flatten,
+                                      .linear(inputs: 108, outputs: 4)], inputShape: [2, 6, 6]),
+             mode: .eval),
         Case(name: "layer norm over images",
              spec: ModelSpec(layers: [conv(2, 3, 3, pad: 1), .tanh, .layerNorm(features: 6), .flatten,
                                       .linear(inputs: 108, outputs: 3)], inputShape: [2, 6, 6]),
@@ -101,27 +111,6 @@ struct TorchReferenceTests {
 
     /// Learning rate of the SGD steps before the compared pass.
     static let learningRate = 0.1
-
-    /// The PyTorch module for a layer, written from PyTorch's documentation (not from `LayerSpec.description`).
-    /// `input` is the layer's input shape per sample: batch norm is 1d on [F], 2d on [C, H, W].
-    static func torchModule(_ layer: LayerSpec, input: [Int]) -> String {
-        switch layer {
-        case let .linear(i, o): "nn.Linear(\(i), \(o))"
-        case let .conv2d(i, o, k, s, p, b): "nn.Conv2d(\(i), \(o), \(k), stride=\(s), padding=\(p), bias=\(b ? "True" : "False"))"
-        case let .maxPool2d(k, s): "nn.MaxPool2d(\(k), \(s))"
-        case let .avgPool2d(k, s): "nn.AvgPool2d(\(k), \(s))"
-        case .globalAvgPool2d: "nn.AdaptiveAvgPool2d(1)"
-        case .flatten: "nn.Flatten()"
-        case let .batchNorm(f): "nn.BatchNorm\(input.count == 3 ? "2" : "1")d(\(f), eps=1e-5, momentum=0.1)"
-        case let .layerNorm(f): "nn.LayerNorm(\(f), eps=1e-5)"
-        case .relu: "nn.ReLU()"
-        case let .leakyReLU(s): "nn.LeakyReLU(\(s))"
-        case .tanh: "nn.Tanh()"
-        case .sigmoid: "nn.Sigmoid()"
-        case .gelu: "nn.GELU()"
-        case let .dropout(p): "nn.Dropout(\(p))"
-        }
-    }
 
     // MARK: - Both sides' results
 
@@ -168,7 +157,7 @@ struct TorchReferenceTests {
             descriptions.append([
                 "prefix": prefix, "name": c.name, "loss": c.spec.loss.rawValue, "mode": c.mode == .train ? "train" : "eval",
                 "steps": c.steps, "lr": learningRate,
-                "layers": c.spec.layers.enumerated().map { torchModule($1, input: shapes[$0]) },
+                "layers": c.spec.layers.enumerated().map { $1.torchModule(input: shapes[$0]).json },
             ])
         }
         try writer.write(to: path("engine.safetensors"))
@@ -278,9 +267,13 @@ struct TorchReferenceTests {
         cases = json.load(open(sys.argv[1]))
         given = load_file(sys.argv[2])
 
+        def build(d):
+            # As the README's loader builds a model file's modules: torch.nn's class, the recorded arguments.
+            return getattr(nn, d["module"])(*d["args"], **d["kwargs"])
+
         def reference(case):
             p = case["prefix"]
-            model = nn.Sequential(*[eval(m, {"nn": nn}) for m in case["layers"]]).double()
+            model = nn.Sequential(*[build(json.loads(m)) for m in case["layers"]]).double()
             start = p + "init."
             model.load_state_dict({k[len(start):]: v for k, v in given.items() if k.startswith(start)}, strict=True)
 
@@ -342,6 +335,12 @@ struct TorchReferenceTests {
         var outputs = 1e-10, gradients = 1e-9, buffers = 1e-12
         static let double = Tolerances()
         static let float = Tolerances(outputs: 1e-4, gradients: 1e-4, buffers: 1e-4)
+    }
+
+    /// A kind without a case here is a kind nobody compared with PyTorch.
+    @Test func everyLayerKindHasACase() {
+        let covered = Set(Self.cases.flatMap { $0.spec.layers.map { String($0.entry.prefix { $0 != " " }) } })
+        #expect(Set(LayerKinds.names).subtracting(covered).isEmpty, "no PyTorch case: \(Set(LayerKinds.names).subtracting(covered))")
     }
 
     @Test(arguments: cases.indices)

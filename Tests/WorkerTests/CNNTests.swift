@@ -149,7 +149,7 @@ struct CNNTests {
         try expectCleanFailure(images, layers: "[conv 4 3, relu]", message: "the output layer takes flat samples: end the list with flatten")
         try expectCleanFailure(images, layers: "[maxpool 7, flatten]", message: "window 7 is larger than its input 6x6")
         try expectCleanFailure(flat, layers: "[conv 4 3, flatten]",
-                               message: "convolutions and pooling need image samples [H, W] or [C, H, W], but the data's samples are [36]")
+                               message: "model.layers[0]: 'conv 4 3' needs image samples [H, W] or [C, H, W], but the data's samples are [36]")
         try expectCleanFailure(images, layers: "[conv 4 3 pad 1, flatten, linear 8, batchnorm]", extra: ["--set", "training.batch_size=1"],
                                message: "layer 3 BatchNorm(8) would normalise each feature over 1 value per step")
         try expectCleanFailure(images, layers: "[conv 4 3 dilation 2, flatten]", message: "unknown option 'dilation' (nobias, pad, stride)")
@@ -286,7 +286,8 @@ extension DaemonTests {
 extension ModelFileTests {
     /// A CNN's model.safetensors in real PyTorch: the README's snippet builds the nn.Sequential from the file's
     /// metadata, loads it with strict=True (batch norm's running statistics included) and counts exactly what
-    /// `bpworker eval --model` counts; its logits match `bpworker predict --logits` within 1e-4.
+    /// `bpworker eval --model` counts; its logits match `bpworker predict --logits` within 1e-4. The same again for
+    /// the file without `modules`, as bpworker wrote it before recording them.
     @Test func pytorchLoadsACNNStrictlyAndReproducesItsOutputs() throws {
         let data = try SyntheticData(samples: 120, features: 36, imageShape: [6, 6])
         defer { data.remove() }
@@ -317,17 +318,37 @@ extension ModelFileTests {
         var snippet = try #require(Self.snippet("torch", in: readme), "README.md has no torch snippet")
         #expect(snippet.contains("data = \"/usr/share/datasets/fashion-mnist/\""))
         snippet = snippet.replacingOccurrences(of: "data = \"/usr/share/datasets/fashion-mnist/\"", with: "data = \"./\"")
-        let output = try python(snippet + """
+        // The file as written (the loader builds its `modules`), then as a file written before `modules` (the loader
+        // reads its `layers`).
+        for legacy in [false, true] {
+            if legacy {
+                try FileManager.default.removeItem(atPath: directory + "/runs/default/model.safetensors")
+                _ = try python("""
+                    from safetensors import safe_open
+                    from safetensors.numpy import save_file
+                    with safe_open("\(model)", "np") as f:
+                        meta, t = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+                    del meta["modules"], meta["model_input_shape"]
+                    save_file(t, "runs/default/model.safetensors", metadata=meta)
+                    """, directory: directory)
+                // bpworker itself never needed the keys.
+                let evaluated = try eval(["--run-dir", temporaryRunDirectory(), "--model", directory + "/runs/default/model.safetensors"]
+                                         + testData)
+                #expect(try evalCount(evaluated.output) == reference, "\(evaluated.output)")
+            }
+            let output = try python(snippet + """
 
-            ours = torch.from_numpy(np.load("logits.npy"))
-            with torch.no_grad():
-                theirs = model(torch.from_numpy(x))
-            print(f"max logit difference {float((ours - theirs).abs().max()):.3e} of {float(theirs.abs().max()):.3e}")
-            """, executable: Self.torchPython, directory: directory)
-        #expect(try pythonCount(output) == reference, "\(output)")
-        let line = try #require(output.split(separator: "\n").first { $0.hasPrefix("max logit difference") }, "\(output)")
-        let difference = try #require(Double(line.split(separator: " ")[3]), "\(line)")
-        #expect(difference <= 1e-4, "\(line)")
+                assert ("modules" in meta) != \(legacy ? "True" : "False")
+                ours = torch.from_numpy(np.load("logits.npy"))
+                with torch.no_grad():
+                    theirs = model(torch.from_numpy(x))
+                print(f"max logit difference {float((ours - theirs).abs().max()):.3e} of {float(theirs.abs().max()):.3e}")
+                """, executable: Self.torchPython, directory: directory)
+            #expect(try pythonCount(output) == reference, "legacy \(legacy): \(output)")
+            let line = try #require(output.split(separator: "\n").first { $0.hasPrefix("max logit difference") }, "\(output)")
+            let difference = try #require(Double(line.split(separator: " ")[3]), "\(line)")
+            #expect(difference <= 1e-4, "legacy \(legacy): \(line)")
+        }
         #expect(reference.count == 120)
     }
 }

@@ -89,7 +89,12 @@ struct ModelFileTests {
             #expect(m["format"] == (checkpoint ? "bpworker-checkpoint" : "bpworker-model"), "\(path)")
             #expect(m["format_version"] == "2")
             #expect(m["layers"] == #"["linear 64", "relu", "dropout 0.1", "linear 32", "leaky_relu 0.2", "linear 10"]"#)
+            #expect(m["modules"] == #"[{"module": "Linear", "args": [784, 64], "kwargs": {}}, "#
+                + #"{"module": "ReLU", "args": [], "kwargs": {}}, {"module": "Dropout", "args": [0.1], "kwargs": {}}, "#
+                + #"{"module": "Linear", "args": [64, 32], "kwargs": {}}, {"module": "LeakyReLU", "args": [0.2], "kwargs": {}}, "#
+                + #"{"module": "Linear", "args": [32, 10], "kwargs": {}}]"#)
             #expect(m["input_shape"] == "[28, 28]")
+            #expect(m["model_input_shape"] == "[784]")
             #expect(m["input_dtype"] == "uint8")
             #expect(m["classes"] == "10")
             #expect(m["loss"] == "cross_entropy")

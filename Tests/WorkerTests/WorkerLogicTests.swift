@@ -260,6 +260,17 @@ struct WorkerLogicTests {
         #expect(throws: ConfigError.self) { try config.modelSpec(sampleShape: [10], classes: 3) }
     }
 
+    /// The grammar table in docs/convolutional-networks.md has a row for every kind of layer, in its syntax.
+    @Test func everyLayerKindIsInTheGrammarTable() throws {
+        let repository = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent()
+        let table = try String(contentsOf: repository.appendingPathComponent("docs/convolutional-networks.md"), encoding: .utf8)
+        for kind in LayerKinds.all {
+            let listed = table.contains("`\(kind.syntax)`")
+            #expect(listed, "docs/convolutional-networks.md lists no `\(kind.syntax)`")
+        }
+    }
+
     /// Every BPWORKER_TEST_* switch is parsed in `TestHooks.fromEnvironment`: per-rank values only for their rank,
     /// a gradient fault that does not parse is an error, and an empty environment switches nothing on.
     @Test func testSwitchesAreParsedInOnePlace() throws {

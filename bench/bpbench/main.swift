@@ -123,10 +123,10 @@ final class GEMMBench {
         let shapes = try spec.shapes()
         var first = true
         for (l, layer) in spec.layers.enumerated() {
-            switch layer {
-            case let .conv2d(i, o, k, _, _, bias):
-                let positions = shapes[l + 1][1] * shapes[l + 1][2], patch = i * k * k
-                let kept = layer.keepsColumns(outputShape: shapes[l + 1], batchCapacity: batch, scalarBytes: 4)
+            if let conv = layer.as(Conv2dKind.self) {
+                let (o, bias) = (conv.outChannels, conv.bias)
+                let positions = shapes[l + 1][1] * shapes[l + 1][2], patch = conv.inChannels * conv.kernel * conv.kernel
+                let kept = conv.keepsColumns(outputShape: shapes[l + 1], batchCapacity: Double(batch), scalarBytes: 4)
                 let weights = "\(l) weight"
                 func columns(_ b: Int) -> String { kept ? "\(l) columns \(b)" : "columns scratch" }
                 var weightGradients: [Call] = [], inputGradients: [Call] = []
@@ -143,13 +143,13 @@ final class GEMMBench {
                 }
                 backward.append(weightGradients + inputGradients)
                 first = false
-            case let .linear(i, o):
+            } else if let linear = layer.as(LinearKind.self) {
+                let (i, o) = (linear.inputs, linear.outputs)
                 forward.append(Call(ta: false, tb: true, m: batch, n: o, k: i, beta: 1, layer: l))
                 var calls = [Call(ta: true, tb: false, m: o, n: i, k: batch, beta: 0, layer: l, forward: false)]
                 if !first { calls.append(Call(ta: false, tb: false, m: batch, n: i, k: o, beta: 0, layer: l, forward: false)) }
                 backward.append(calls)
                 first = false
-            default: break
             }
         }
         self.init(calls: forward + backward.reversed().flatMap { $0 })

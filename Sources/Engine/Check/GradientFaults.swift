@@ -80,16 +80,12 @@ final class FaultyLayer<T: Scalar>: Layer<T> {
         } else {
             localSums = nil
         }
-        super.init(index: inner.index, spec: inner.spec, inputShape: inner.inputShape, outputShape: inner.outputShape,
-                   batchCapacity: inner.batchCapacity)
+        super.init(LayerPlacement(index: inner.index, inputShape: inner.inputShape, outputShape: inner.outputShape,
+                                  batchCapacity: inner.batchCapacity), spec: inner.spec)
         (x, y, dx, dy, scratch) = (inner.x, inner.y, inner.dx, inner.dy, inner.scratch)
         (parameters, gradients, buffers) = (inner.parameters, inner.gradients, inner.buffers)
         (parameterOffset, parameterCount, runsInPlace) = (inner.parameterOffset, inner.parameterCount, inner.runsInPlace)
         (previous, next) = (inner.previous, inner.next)
-    }
-
-    required init(index: Int, spec: LayerSpec, inputShape: [Int], outputShape: [Int], batchCapacity: Int) {
-        preconditionFailure("a FaultyLayer wraps a built layer: init(wrapping:fault:tensor:)")
     }
 
     /// The wrapped layer, as it was before this one was installed.

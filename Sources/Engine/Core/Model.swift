@@ -158,18 +158,17 @@ public final class Model<T: Scalar> {
             layer.previous = i > 0 ? plan[i - 1] : nil
             layer.next = i + 1 < plan.count ? plan[i + 1] : nil
         }
-        for case let norm as BatchNorm<T> in plan { norm.reducer = crossRankReducer }
         self.plan = plan
         lastLayer = plan[plan.count - 1]
-        for case let dropout as Dropout<T> in plan { dropout.model = self }
+        for layer in plan { layer.attach(to: self) }
         initializeParameters(seed: seed)
     }
 
     /// The layers of `spec`, each made by its own class.
     private static func makeLayers(_ spec: ModelSpec, shapes: [[Int]], batchCapacity: Int) -> [Layer<T>] {
         spec.layers.enumerated().map { index, layerSpec in
-            layerSpec.layerType(T.self).init(index: index, spec: layerSpec, inputShape: shapes[index],
-                                             outputShape: shapes[index + 1], batchCapacity: batchCapacity)
+            layerSpec.kind.makeLayer(LayerPlacement(index: index, inputShape: shapes[index], outputShape: shapes[index + 1],
+                                                    batchCapacity: batchCapacity))
         }
     }
 
@@ -245,16 +244,16 @@ public final class Model<T: Scalar> {
         for (row, index) in indices.enumerated() { sampleStreams[row] = RandomGenerator.stream(.dropout, epoch: epoch, index: index) }
     }
 
-    /// Decides which layers run in place. A ReLU right after a layer whose backward pass does not read its own
-    /// output (linear, convolution, batch norm) runs in place, forward and backward: nothing else reads that output
-    /// before the ReLU, ReLU's backward mask is the same taken from its output (y > 0 exactly where x > 0), and its
-    /// input gradient can overwrite its output gradient, which is the buffer the layer before reads as its own. Two
-    /// buffers fewer per hidden layer. A flatten moves nothing, so it always shares its input's buffers. In Float,
-    /// in-place ReLUs also sum the squares they write, for the finiteness proof in `backward`.
+    /// Decides which layers run in place, as each kind says (`LayerKind.runsInPlace`). A ReLU right after a layer
+    /// whose backward pass does not read its own output (linear, convolution, batch norm) runs in place, forward and
+    /// backward: nothing else reads that output before the ReLU, ReLU's backward mask is the same taken from its
+    /// output (y > 0 exactly where x > 0), and its input gradient can overwrite its output gradient, which is the
+    /// buffer the layer before reads as its own. Two buffers fewer per hidden layer. A flatten moves nothing, so it
+    /// always shares its input's buffers. In Float, in-place ReLUs also sum the squares they write, for the
+    /// finiteness proof in `backward`.
     private static func placeInPlace(_ layers: [Layer<T>]) -> [Layer<T>] {
-        for (index, layer) in layers.enumerated() where index > 0 {
-            layer.runsInPlace = LayerSpec.runsInPlace(layer.spec, after: layers[index - 1].spec)
-            if let relu = layer as? ReLU<T>, relu.runsInPlace { relu.sumsSquares = T.self == Float.self }
+        for (index, layer) in layers.enumerated() {
+            layer.runsInPlace = layer.spec.kind.runsInPlace(after: index > 0 ? layers[index - 1].spec : nil)
         }
         return layers
     }
@@ -307,7 +306,7 @@ public final class Model<T: Scalar> {
             parameters += layer.parameterShapes(input: input).reduce(0.0) { $0 + $1.1.reduce(1.0) { $0 * Double($1) } }
             let size = output.reduce(1.0) { $0 * Double($1) }
             let previous: LayerSpec? = index > 0 ? spec.layers[index - 1] : nil
-            if !LayerSpec.runsInPlace(layer, after: previous) { own += 2 * size }
+            if !layer.kind.runsInPlace(after: previous) { own += 2 * size }
             let needs = layer.workspace(input: input, output: output, batchCapacity: rows, scalarBytes: stride)
             workspace += needs.bytes
             scratch = max(scratch, needs.scratchElements)
@@ -326,28 +325,18 @@ public final class Model<T: Scalar> {
     public func initializeParameters(seed: UInt64) {
         var generator = RandomGenerator(seed: seed, stream: .initialization)
         for layer in plan where layer.parameters != nil || layer.buffers != nil {
-            var gain = 1.0
-            if case let .leakyReLU(slope) = nextActivation(after: layer.index) { gain = 1 / (1 + slope * slope) }
-            layer.initialize(scheme: resolvedInitialization(after: layer.index), gain: gain, generator: &generator)
+            let fed = fedRole(after: layer.index)
+            var gain = 1.0, scheme = spec.initialization
+            if case let .kaiming(g) = fed { gain = g }
+            if scheme == .automatic { scheme = if case .kaiming = fed { .kaimingNormal } else { .xavierNormal } }
+            layer.initialize(scheme: scheme, gain: gain, generator: &generator)
         }
     }
 
-    /// The next layer that is not dropout or a normalisation: the activation a weight layer feeds.
-    private func nextActivation(after index: Int) -> LayerSpec? {
-        spec.layers[(index + 1)...].first {
-            switch $0 {
-            case .dropout, .batchNorm, .layerNorm, .maxPool2d, .avgPool2d, .globalAvgPool2d, .flatten: false
-            default: true
-            }
-        }
-    }
-
-    private func resolvedInitialization(after index: Int) -> Initialization {
-        guard spec.initialization == .automatic else { return spec.initialization }
-        switch nextActivation(after: index) {
-        case .relu, .leakyReLU, .gelu: return .kaimingNormal
-        default: return .xavierNormal
-        }
+    /// What the layer at `index` feeds: the role of the first layer after it that is not transparent (dropout,
+    /// normalisation, pooling, flatten), nil at the end.
+    private func fedRole(after index: Int) -> InitializationRole? {
+        spec.layers[(index + 1)...].lazy.map(\.kind.initializationRole).first { $0 != .transparent }
     }
 
     /// Copies parameters from a buffer of the same layout, converting the scalar type if needed.

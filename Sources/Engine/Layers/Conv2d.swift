@@ -1,3 +1,82 @@
+/// A convolution with square kernels: PyTorch `nn.Conv2d(inChannels, outChannels, kernel, stride, padding, bias)`, the
+/// entry `conv OUT K [stride S] [pad P] [nobias]` (the input channels come from the layer before):
+/// y[o, i, j] = b[o] + sum over c, p, q of W[o, c, p, q] x[c, i*stride + p - padding, j*stride + q - padding],
+/// zero outside the input. Weight [out, in, k, k], bias [out].
+public struct Conv2dKind: LayerKind {
+    public let inChannels: Int, outChannels: Int, kernel: Int, stride: Int, padding: Int, bias: Bool
+
+    public static var syntax: String { "conv OUT K [stride S] [pad P] [nobias]" }
+    public static var isSpatial: Bool { true }
+    public static func parse(_ entry: LayerEntry, input: [Int]) throws(LayerEntryError) -> Self {
+        guard entry.words.count >= 3 else { throw entry.fail("conv needs its output channels and kernel size, e.g. 'conv 32 3 pad 1'") }
+        let outChannels = try entry.integer(entry.words[1], "output channels", minimum: 1)
+        let kernel = try entry.integer(entry.words[2], "kernel size", minimum: 1)
+        let o = try entry.options(from: 3, allowed: ["stride", "pad", "nobias"])
+        return Self(inChannels: input.count == 3 ? input[0] : 0, outChannels: outChannels, kernel: kernel,
+                    stride: o["stride"] ?? 1, padding: o["pad"] ?? 0, bias: o["nobias"] == nil)
+    }
+    public var entry: String {
+        "conv \(outChannels) \(kernel)" + (stride != 1 ? " stride \(stride)" : "") + (padding != 0 ? " pad \(padding)" : "")
+            + (bias ? "" : " nobias")
+    }
+    public var description: String {
+        "Conv2d(\(inChannels), \(outChannels), kernel_size=\(kernel)" + (stride != 1 ? ", stride=\(stride)" : "")
+            + (padding != 0 ? ", padding=\(padding)" : "") + (bias ? "" : ", bias=False") + ")"
+    }
+
+    public func outputShape(input: [Int]) throws(ModelSpecError) -> [Int] {
+        let (c, h, w) = try imageShape(input, "a convolution")
+        let (i, k, s, p) = (inChannels, kernel, stride, padding)
+        guard i > 0, outChannels > 0, k > 0, s > 0, p >= 0 else {
+            throw ModelSpecError("channels, kernel and stride must be positive and padding >= 0")
+        }
+        guard c == i else { throw ModelSpecError("expects \(i) input channels but its input has \(c) (shape \(input))") }
+        guard k <= h + 2 * p, k <= w + 2 * p else {
+            throw ModelSpecError("kernel \(k) is larger than its padded input \(h + 2 * p)x\(w + 2 * p)")
+        }
+        return [outChannels, windowCount(h, kernel: k, stride: s, padding: p), windowCount(w, kernel: k, stride: s, padding: p)]
+    }
+
+    public func parameterShapes(input: [Int]) -> [(String, [Int])] {
+        [("weight", [outChannels, inChannels, kernel, kernel])] + (bias ? [("bias", [outChannels])] : [])
+    }
+    public var bufferShapes: [(String, [Int])] { [] }
+
+    /// A row of ones, the kept columns of a batch (see Conv2d), and in the scratch one sample's columns and their
+    /// gradient.
+    public func workspace(input: [Int], output: [Int], batchCapacity rows: Double, scalarBytes: Double) -> LayerWorkspace {
+        let positions = Double(output[1] * output[2]), patch = Double(inChannels * kernel * kernel)
+        let kept = keepsColumns(outputShape: output, batchCapacity: rows, scalarBytes: scalarBytes)
+        let keptBytes = kept ? LargeBuffer.allocatedBytes(rows * patch * positions * scalarBytes) : 0
+        return (positions * scalarBytes + keptBytes, 2 * patch * positions)
+    }
+
+    /// Whether a convolution keeps its batch of columns between its passes (see `Conv2d`); also for the benchmark
+    /// that replays its GEMMs on the same operands.
+    public func keepsColumns(outputShape: [Int], batchCapacity: Double, scalarBytes: Double) -> Bool {
+        Conv2d<Float>.keepsColumns(patch: inChannels * kernel * kernel, positions: outputShape[1] * outputShape[2],
+                                   batchCapacity: batchCapacity, scalarBytes: scalarBytes)
+    }
+
+    public var hasKink: Bool { false }
+    public var initializationRole: InitializationRole { .xavier }
+    /// Its backward pass reads its columns (or x) and dy, never y.
+    public var outputMayBeOverwritten: Bool { true }
+    public func runsInPlace(after previous: LayerSpec?) -> Bool { false }
+    public func torchModule(input: [Int]) -> TorchModule {
+        TorchModule("Conv2d", [.int(inChannels), .int(outChannels), .int(kernel)],
+                    ["stride": .int(stride), "padding": .int(padding), "bias": .bool(bias)])
+    }
+    public func makeLayer<T: Scalar>(_ placement: LayerPlacement) -> Layer<T> { Conv2d<T>(self, placement) }
+}
+
+extension LayerSpec {
+    public static func conv2d(inChannels: Int, outChannels: Int, kernel: Int, stride: Int, padding: Int, bias: Bool) -> LayerSpec {
+        LayerSpec(Conv2dKind(inChannels: inChannels, outChannels: outChannels, kernel: kernel, stride: stride,
+                             padding: padding, bias: bias))
+    }
+}
+
 /// PyTorch `nn.Conv2d` with square kernels, lowered to matrix products one sample at a time:
 ///
 ///     cols[C k k, Ho Wo] = im2col(x_b[C, H, W])        (each column is one receptive field)
@@ -35,9 +114,10 @@ final class Conv2d<T: Scalar>: Layer<T> {
         Double(patch) * Double(positions) * batchCapacity * scalarBytes <= keptColumnsLimit
     }
 
-    required init(index: Int, spec: LayerSpec, inputShape: [Int], outputShape: [Int], batchCapacity: Int) {
-        guard case let .conv2d(i, o, k, s, p, b) = spec else { preconditionFailure("Conv2d made from \(spec)") }
-        (inChannels, outChannels, kernel, stride, padding, hasBias) = (i, o, k, s, p, b)
+    init(_ kind: Conv2dKind, _ placement: LayerPlacement) {
+        let (i, k) = (kind.inChannels, kind.kernel)
+        (inChannels, outChannels, kernel, stride, padding, hasBias) = (i, kind.outChannels, k, kind.stride, kind.padding, kind.bias)
+        let (inputShape, outputShape, batchCapacity) = (placement.inputShape, placement.outputShape, placement.batchCapacity)
         (height, width) = (inputShape[1], inputShape[2])
         (outHeight, outWidth) = (outputShape[1], outputShape[2])
         ones = .allocate(capacity: outputShape[1] * outputShape[2])
@@ -51,7 +131,7 @@ final class Conv2d<T: Scalar>: Layer<T> {
         } else {
             keptColumns = nil
         }
-        super.init(index: index, spec: spec, inputShape: inputShape, outputShape: outputShape, batchCapacity: batchCapacity)
+        super.init(placement, spec: LayerSpec(kind))
     }
 
     deinit {
@@ -362,14 +442,4 @@ private func addThreeRows(_ target: UnsafeMutablePointer<Float>, from: Int, to e
 @_specialize(where T == Float) @_specialize(where T == Double)
 func broadcastColumns<T: Scalar>(_ v: UnsafePointer<T>, into y: UnsafeMutablePointer<T>, rows: Int, columns: Int) {
     for r in 0..<rows { (y + r * columns).update(repeating: v[r], count: columns) }
-}
-
-extension LayerSpec {
-    /// Whether a convolution of this spec keeps its batch of columns between its passes (see `Conv2d`), for the
-    /// benchmark that replays its GEMMs on the same operands.
-    public func keepsColumns(outputShape: [Int], batchCapacity: Int, scalarBytes: Int) -> Bool {
-        guard case let .conv2d(i, _, k, _, _, _) = self else { return false }
-        return Conv2d<Float>.keepsColumns(patch: i * k * k, positions: outputShape[1] * outputShape[2],
-                                          batchCapacity: Double(batchCapacity), scalarBytes: Double(scalarBytes))
-    }
 }

@@ -31,17 +31,19 @@ public protocol CrossRankReducer: AnyObject {
 
 /// One layer of a model at run time: a kind's forward and backward passes over views into the model's buffers.
 ///
-/// Every kind subclasses this in a file of its own (Linear.swift, Conv2d.swift, ...), with its forward and backward
-/// side by side. The model allocates activations and their gradients for the batch capacity once, binds them here,
-/// and runs its plan of layers: `forward` in order, then in reverse `backwardParameters` (the layer's parameter
-/// gradients, after which a data-parallel caller may start reducing them) and `backwardInput` (d loss / d x, skipped
-/// when no earlier layer has parameters). None of these allocate.
+/// Every kind subclasses this in its kind's file (Linear.swift, Conv2d.swift, ...), with its forward and backward
+/// side by side; the kind makes it (`LayerKind.makeLayer`). The model allocates activations and their gradients for
+/// the batch capacity once, binds them here, and runs its plan of layers: `forward` in order, then in reverse
+/// `backwardParameters` (the layer's parameter gradients, after which a data-parallel caller may start reducing them)
+/// and `backwardInput` (d loss / d x, skipped when no earlier layer has parameters). None of these allocate.
+///
+/// Public only because `LayerKind.makeLayer` returns one; everything in it is the Engine's own.
 ///
 /// A class, not a struct: copying a generic struct out of an array in unspecialised generic code heap-allocates a box
 /// per copy (measured: one allocation per layer per pass), while a class reference is only retained.
 ///
 /// Dimension legend: B = rows in the batch (<= batchCapacity); a sample is `inputCount` values in, `outputCount` out.
-class Layer<T: Scalar> {
+public class Layer<T: Scalar> {
     let index: Int
     let spec: LayerSpec
     let inputShape: [Int]
@@ -79,20 +81,20 @@ class Layer<T: Scalar> {
     /// Whether the last non-accumulating backward proved this layer's parameter gradients finite.
     var provenFinite = false
 
-    required init(index: Int, spec: LayerSpec, inputShape: [Int], outputShape: [Int], batchCapacity: Int) {
-        self.index = index
+    init(_ placement: LayerPlacement, spec: LayerSpec) {
+        index = placement.index
         self.spec = spec
-        self.inputShape = inputShape
-        self.outputShape = outputShape
+        inputShape = placement.inputShape
+        outputShape = placement.outputShape
         inputCount = inputShape.reduce(1, *)
         outputCount = outputShape.reduce(1, *)
-        self.batchCapacity = batchCapacity
+        batchCapacity = placement.batchCapacity
     }
 
     // MARK: - What the model allocates for the layer
 
     /// The layer's output is its input's buffer (and its input gradient its output gradient's): an in-place
-    /// activation, or a reshape. Decided by the model, which knows the neighbours (`LayerSpec.runsInPlace`).
+    /// activation, or a reshape. Decided by the model, which knows the neighbours (`LayerKind.runsInPlace`).
     var runsInPlace = false
 
     /// Elements of the shared scratch space the layer needs at the batch capacity.
@@ -106,6 +108,10 @@ class Layer<T: Scalar> {
         Int(spec.workspace(input: inputShape, output: outputShape, batchCapacity: Double(batchCapacity),
                            scalarBytes: Double(MemoryLayout<T>.stride)).bytes)
     }
+
+    /// Called once the model holds every layer: for what a layer takes from its model (the dropout generator, the
+    /// sums across ranks).
+    func attach(to model: Model<T>) {}
 
     // MARK: - Passes
 
@@ -129,74 +135,14 @@ class Layer<T: Scalar> {
     func appendKinkPattern(count: Int, to pattern: inout [Int32]) {}
 }
 
-// MARK: - Making layers
+// MARK: - Fused blocks
 
 extension LayerSpec {
-    /// Whether a layer of kind `layer` right after one of kind `previous` shares its buffers (see `Model`): a ReLU
-    /// after a layer whose backward pass does not read its own output, and any flatten but the first layer.
-    static func runsInPlace(_ layer: LayerSpec, after previous: LayerSpec?) -> Bool {
-        switch (previous, layer) {
-        case (.linear?, .relu), (.conv2d?, .relu), (.batchNorm?, .relu), (_?, .flatten): true
-        default: false
-        }
-    }
-
-    /// What a layer of this kind allocates for itself at `batchCapacity` rows (bytes, in floating point so that
-    /// impossible sizes are still counted), and the elements of the shared scratch it needs: keep it in step with the
-    /// layer classes' initialisers (the scratch is sized from it). `Model.footprint` adds it up before anything is
-    /// allocated; the memory tests compare the estimate with the measured peak.
-    func workspace(input: [Int], output: [Int], batchCapacity rows: Double, scalarBytes: Double)
-        -> (bytes: Double, scratchElements: Double) {
-        let inputCount = input.reduce(1.0) { $0 * Double($1) }, outputCount = output.reduce(1.0) { $0 * Double($1) }
-        switch self {
-        case .linear:
-            return (rows * scalarBytes, 0)  // a column of ones
-        case let .conv2d(i, _, k, _, _, _):
-            // A row of ones, the kept columns of a batch (see Conv2d), and in the scratch one sample's columns and
-            // their gradient.
-            let positions = Double(output[1] * output[2]), patch = Double(i * k * k)
-            let kept = Conv2d<Float>.keepsColumns(patch: i * k * k, positions: output[1] * output[2],
-                                                  batchCapacity: rows, scalarBytes: scalarBytes)
-            let keptBytes = kept ? LargeBuffer.allocatedBytes(rows * patch * positions * scalarBytes) : 0
-            return (positions * scalarBytes + keptBytes, 2 * patch * positions)
-        case .maxPool2d:
-            return (rows * outputCount * (4 + scalarBytes), 0)  // Int32 winners, winning inputs (when fused)
-        case .dropout:
-            return (rows * outputCount * scalarBytes, 0)  // the mask
-        case let .batchNorm(f):
-            return (Double(4 * f + 1) * 8, 0)  // sums, mean, inverse deviation (Double)
-        case .layerNorm:
-            return (2 * rows * (inputCount / Double(input.last ?? 1)) * 8, 0)  // mean, inverse deviation per run
-        default:
-            return (0, 0)
-        }
-    }
-
     /// Whether `layers[index...]` starts a batch norm, ReLU, max pooling block that runs fused
     /// (BatchNormReLUPool.swift): the pooling's windows must not overlap, so that each input wins at most one.
     static func startsFusedBlock(_ layers: [LayerSpec], at index: Int) -> Bool {
-        guard index + 2 < layers.count, case .batchNorm = layers[index], case .relu = layers[index + 1],
-              case let .maxPool2d(kernel, stride) = layers[index + 2] else { return false }
-        return stride >= kernel
-    }
-
-    /// The run-time class of this kind of layer.
-    func layerType<T: Scalar>(_: T.Type) -> Layer<T>.Type {
-        switch self {
-        case .linear: Linear<T>.self
-        case .conv2d: Conv2d<T>.self
-        case .maxPool2d: MaxPool2d<T>.self
-        case .avgPool2d: AvgPool2d<T>.self
-        case .globalAvgPool2d: GlobalAvgPool2d<T>.self
-        case .flatten: Flatten<T>.self
-        case .batchNorm: BatchNorm<T>.self
-        case .layerNorm: LayerNorm<T>.self
-        case .relu: ReLU<T>.self
-        case .leakyReLU: LeakyReLU<T>.self
-        case .tanh: Tanh<T>.self
-        case .sigmoid: Sigmoid<T>.self
-        case .gelu: GELU<T>.self
-        case .dropout: Dropout<T>.self
-        }
+        guard index + 2 < layers.count, layers[index].as(BatchNormKind.self) != nil, layers[index + 1] == .relu,
+              let pool = layers[index + 2].as(MaxPool2dKind.self) else { return false }
+        return pool.stride >= pool.kernel
     }
 }

@@ -1,3 +1,51 @@
+/// y = x W^T + b on flat samples [inputs]: PyTorch `nn.Linear(inputs, outputs)`, the entry `linear N` (the inputs
+/// come from the layer before).
+public struct LinearKind: LayerKind {
+    public let inputs: Int
+    public let outputs: Int
+
+    public static var syntax: String { "linear N" }
+    public static var isSpatial: Bool { false }
+    public static func parse(_ entry: LayerEntry, input: [Int]) throws(LayerEntryError) -> Self {
+        try entry.expectCount(2)
+        guard input.count == 1 else { throw entry.fail("takes flat samples, but its input is \(input): put a flatten before it") }
+        let text = entry.words[1]
+        guard let width = Double(text), width >= 1, width == width.rounded(), width < 1e15 else {
+            throw entry.fail("linear width must be a positive integer, got \(text)")
+        }
+        return Self(inputs: input[0], outputs: Int(width))
+    }
+    public var entry: String { "linear \(outputs)" }
+    public var description: String { "Linear(\(inputs), \(outputs))" }
+
+    public func outputShape(input: [Int]) throws(ModelSpecError) -> [Int] {
+        guard inputs > 0, outputs > 0 else { throw ModelSpecError("widths must be positive") }
+        guard input.count == 1 else {
+            throw ModelSpecError("takes flat samples of \(inputs) values, but its input is \(input): put a flatten before it")
+        }
+        guard input[0] == inputs else { throw ModelSpecError("expects \(inputs) inputs but the previous layer produces \(input[0])") }
+        return [outputs]
+    }
+
+    public func parameterShapes(input: [Int]) -> [(String, [Int])] { [("weight", [outputs, inputs]), ("bias", [outputs])] }
+    public var bufferShapes: [(String, [Int])] { [] }
+    public func workspace(input: [Int], output: [Int], batchCapacity rows: Double, scalarBytes: Double) -> LayerWorkspace {
+        (rows * scalarBytes, 0)  // a column of ones
+    }
+
+    public var hasKink: Bool { false }
+    public var initializationRole: InitializationRole { .xavier }
+    /// Its backward pass reads x and dy, never y.
+    public var outputMayBeOverwritten: Bool { true }
+    public func runsInPlace(after previous: LayerSpec?) -> Bool { false }
+    public func torchModule(input: [Int]) -> TorchModule { TorchModule("Linear", [.int(inputs), .int(outputs)]) }
+    public func makeLayer<T: Scalar>(_ placement: LayerPlacement) -> Layer<T> { Linear<T>(placement, spec: LayerSpec(self)) }
+}
+
+extension LayerSpec {
+    public static func linear(inputs: Int, outputs: Int) -> LayerSpec { LayerSpec(LinearKind(inputs: inputs, outputs: outputs)) }
+}
+
 /// y[B, O] = x[B, I] W[O, I]^T + b[O] (PyTorch `nn.Linear`).
 ///
 /// Parameters: weight [O, I], bias [O]. Backward: dW[O, I] (+)= dy[B, O]^T x[B, I]; db[O] (+)= dy^T 1[B];
@@ -8,10 +56,10 @@ final class Linear<T: Scalar>: Layer<T> {
     /// A column of ones for the bias gradient as a GEMV (column sums of dy).
     private let ones: UnsafeMutablePointer<T>
 
-    required init(index: Int, spec: LayerSpec, inputShape: [Int], outputShape: [Int], batchCapacity: Int) {
-        ones = .allocate(capacity: batchCapacity)
-        ones.initialize(repeating: 1, count: batchCapacity)
-        super.init(index: index, spec: spec, inputShape: inputShape, outputShape: outputShape, batchCapacity: batchCapacity)
+    override init(_ placement: LayerPlacement, spec: LayerSpec) {
+        ones = .allocate(capacity: placement.batchCapacity)
+        ones.initialize(repeating: 1, count: placement.batchCapacity)
+        super.init(placement, spec: spec)
     }
 
     deinit { ones.deallocate() }
