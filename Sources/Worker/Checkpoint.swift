@@ -61,8 +61,12 @@ struct Checkpointer {
     /// Test hook (`TestHooks.checkpointCrashStep`): the checkpoint of this step stops half-way through its file and
     /// the process dies with SIGKILL, as a crash or a node failure would. Nil in real runs.
     let crashAtStep: Int?
+    /// Test hook (`TestHooks.checkpointCorruptStep`): the checkpoint of this step has a byte flipped on disk right after
+    /// it is written, as a faulty disk or controller would, before it is read back. Nil in real runs.
+    let corruptAtStep: Int?
 
-    init(runDirectory: String, keep: Int, modelMetadata: [String: String] = [:], crashAtStep: Int? = nil) {
+    init(runDirectory: String, keep: Int, modelMetadata: [String: String] = [:], crashAtStep: Int? = nil, corruptAtStep: Int? = nil) {
+        self.corruptAtStep = corruptAtStep
         directory = runDirectory + "/checkpoints"
         self.keep = keep
         self.modelMetadata = modelMetadata
@@ -169,10 +173,16 @@ struct Checkpointer {
             throw CheckpointError(description: "\(error) (the checkpoint needs \(bytesText(Double(bytes.count))); "
                 + "\(bytesText(Self.freeBytes(directory))) free in \(directory))")
         }
+        if corruptAtStep == position.globalStep, let handle = FileHandle(forUpdatingAtPath: path) {
+            try handle.seek(toOffset: UInt64(bytes.count - 1))
+            try handle.write(contentsOf: [~bytes[bytes.count - 1]])
+            try handle.close()
+        }
         // Read back before `latest` moves to it and older ones are pruned: a checkpoint that does not verify never
-        // replaces one that does.
+        // replaces one that does, and is set aside.
         if let damage = Self.damage(path) {
-            throw CheckpointError(description: "\(path) does not verify after writing (\(damage)); the previous checkpoints are kept")
+            try? FileManager.default.moveItem(atPath: path, toPath: path + ".damaged")
+            throw CheckpointError(description: "\(path) does not verify after writing (\(damage)); set aside as \(name).damaged")
         }
         try writeAtomically(Data((name + "\n").utf8), to: latestPointer)
         try prune(keeping: path)

@@ -43,6 +43,9 @@ struct TestHooks {
     /// BPWORKER_TEST_CHECKPOINT_CRASH=STEP: the checkpoint of this step stops half-way through its file and the
     /// process dies with SIGKILL, as a crash or a node failure would (`Checkpointer`).
     var checkpointCrashStep: Int?
+    /// BPWORKER_TEST_CHECKPOINT_CORRUPT=STEP: that step's checkpoint has a byte flipped on disk right after it is
+    /// written (before bpworker reads it back).
+    var checkpointCorruptStep: Int?
     /// BPWORKER_TEST_GRADIENT_FAULT (see `gradientFault(from:)`): one tensor's backward pass broken on purpose, in
     /// the training model and in the gradient check's copy of it (see docs/gradient-checking.md, "Testing the gradient check").
     var gradientFault: GradientFault?
@@ -77,6 +80,7 @@ struct TestHooks {
         if let f = fields("BPWORKER_TEST_CLOCK_OFFSET"), f.count == 2, Int(f[0]) == rank { hooks.clockOffsetSeconds = f[1] }
         if let f = fields("BPWORKER_TEST_CLOCK_SKEW"), f.count == 2, Int(f[0]) == rank { hooks.clockSkewSeconds = f[1] }
         hooks.checkpointCrashStep = env["BPWORKER_TEST_CHECKPOINT_CRASH"].flatMap { Int($0) }
+        hooks.checkpointCorruptStep = env["BPWORKER_TEST_CHECKPOINT_CORRUPT"].flatMap { Int($0) }
         if let value = env["BPWORKER_TEST_GRADIENT_FAULT"], !value.isEmpty { hooks.gradientFault = try gradientFault(from: value) }
         return hooks
     }

@@ -71,7 +71,7 @@ enum Trainer {
         }
         let checkpointer = Checkpointer(runDirectory: session.runDirectory, keep: config.checkpointKeep,
                                         modelMetadata: modelDescription(session, prepared).metadata,
-                                        crashAtStep: hooks.checkpointCrashStep)
+                                        crashAtStep: hooks.checkpointCrashStep, corruptAtStep: hooks.checkpointCorruptStep)
         let loop = TrainingLoop(
             session: session, prepared: prepared, batches: batches, reducer: reducer, phases: phases, timeline: timeline,
             checkpoints: CheckpointExchange(failure: failure, checkpointer: checkpointer, model: model, optimizer: optimizer),

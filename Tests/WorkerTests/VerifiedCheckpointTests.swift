@@ -130,6 +130,25 @@ struct VerifiedCheckpointTests {
         return run
     }
 
+    /// A checkpoint damaged on its way to disk is caught by the read-back: `latest` stays on the previous checkpoint,
+    /// nothing is pruned (`checkpoint.keep=1` would otherwise delete the last intact one), the file is set aside, and the
+    /// run goes on and finishes with the undisturbed run's model.
+    @Test func aCheckpointThatDoesNotVerifyAfterWritingNeverReplacesAnIntactOne() throws {
+        let data = try SyntheticData(samples: 200)
+        defer { data.remove() }
+        let reference = temporaryRunDirectory(), run = temporaryRunDirectory()
+        let keepOne = ["--set", "checkpoint.keep=1"]
+        #expect(try Harness.mpirun(2, job(data, runDir: reference) + keepOne).status == 0)
+        let r = try Harness.mpirun(2, job(data, runDir: run) + keepOne, environment: ["BPWORKER_TEST_CHECKPOINT_CORRUPT": "10"])
+        #expect(r.status == 0, "\(r.output)")
+        #expect(r.output.contains("checkpoint at step 10 not written: \(run)/checkpoints/step-00000010.safetensors does not verify after "
+                                  + "writing (damaged: tensor"), "\(r.output)")
+        #expect(r.output.contains("set aside as step-00000010.safetensors.damaged; the previous checkpoints are kept (latest: "
+                                  + "\(run)/checkpoints/step-00000005.safetensors)"), "\(r.output)")
+        #expect(FileManager.default.fileExists(atPath: run + "/checkpoints/step-00000010.safetensors.damaged"))
+        #expect(try tensors(run + "/model.safetensors") == tensors(reference + "/model.safetensors"))
+    }
+
     /// The recorded checksums are zlib's CRC-32 of each tensor's bytes, as Python computes it from what the
     /// `safetensors` package reads; a checksummed file still loads in `safetensors` and `torch` as before.
     @Test func checksumsArePythonsCRC32AndTheFileStaysPlainSafetensors() throws {
