@@ -232,8 +232,8 @@ final class TrainingLoop {
     /// from losing everything since its last one.
     private func checkpointOrGiveUp() throws -> RunOutcome? {
         guard try !checkpoint(), failedCheckpoints > config.checkpointMaxFailures else { return nil }
-        let message = "\(failedCheckpoints) checkpoints in a row could not be written (checkpoint.max_failures="
-            + "\(config.checkpointMaxFailures)); the last one is \(lastCheckpoint ?? "none")"
+        let message = "checkpoints could not be written \(failedCheckpoints) time\(failedCheckpoints == 1 ? "" : "s") in a row "
+            + "(checkpoint.max_failures=\(config.checkpointMaxFailures)); the last one is \(lastCheckpoint ?? "none")"
         if session.isRoot { session.logger.error("\(message)") }
         return .failed(message)
     }
