@@ -82,7 +82,8 @@ public final class Model<T: Scalar> {
     /// Which pass a `layerTimer` report is about.
     public typealias Pass = ModelPass
     /// Profiling hook (bench/bpbench profile, the Worker's `--timeline`): when set, forward and backward time every
-    /// run-time layer (a fused block is one, `timedLayerNames`) inside the real pass and report (layer index, pass, start, end) in `DispatchTime` uptime nanoseconds;
+    /// run-time layer (a fused block is one, `timedLayerNames`) inside the real pass and report (layer index, pass,
+    /// start, end) in `DispatchTime` uptime nanoseconds;
     /// index `spec.layers.count` is the loss. Timing kernels alone once hid a slow kernel that only real activations
     /// exposed. A layer's backward span includes its `gradientsReady` callback (where gradient buckets start), so
     /// what the callback records nests inside it. Nil in training: then the passes read no clock.
