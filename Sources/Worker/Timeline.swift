@@ -147,7 +147,7 @@ final class Timeline {
 
     /// What each event is called in the file, from the model and the reducer of this run.
     private func names() -> TraceFile.Names {
-        let layers = model.spec.layers.map { "\($0)" }
+        let layers = model.timedLayerNames
         let names = buckets.ranges.map { range -> String in
             let tensors = model.parameterTable.filter { range.contains($0.offset) }.map(\.name)
             let span = tensors.count > 1 ? "\(tensors.last!)..\(tensors.first!)" : tensors.first ?? "?"

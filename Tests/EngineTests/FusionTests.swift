@@ -45,7 +45,11 @@ struct FusionTests {
         for info in fused.parameterTable where info.shape.count == 1 {
             for i in info.range { fused.parameters[i] += T(0.5 * g.nextNormal()) }
         }
-        if negativeGamma { for case let norm as BatchNorm<T> in fused.plan { norm.parameters![0] = -0.8 } }
+        if negativeGamma {
+            for (index, layer) in spec.layers.enumerated() where layer.as(BatchNormKind.self) != nil {
+                fused.parameters[fused.parameterTable.first { $0.name == "\(index).weight" }!.offset] = -0.8
+            }
+        }
         apart.loadParameters(from: UnsafeBufferPointer(fused.parameters))
         for model in [fused, apart] { fillRandomBatch(model, rows: rows, seed: 9) }
         return (fused, apart)
@@ -55,8 +59,10 @@ struct FusionTests {
         let spec = Self.blocks.first { $0.0 == name }!.1
         let rows = 5
         let (fused, apart) = try pair(spec, T.self, rows: rows, negativeGamma: true)
-        #expect(fused.plan.contains { ($0 as? MaxPool2d<T>)?.fusedNormalization != nil }, "\(name): not fused")
-        #expect(!apart.plan.contains { ($0 as? MaxPool2d<T>)?.fusedNormalization != nil }, "\(name): fused")
+        let blocks = fused.plan.compactMap { $0 as? BatchNormReLUPool<T> }
+        let norms = spec.layers.filter { $0.as(BatchNormKind.self) != nil }.count
+        #expect(norms > 0 && blocks.count == norms && fused.plan.count == apart.plan.count - 2 * norms, "\(name): not fused")
+        #expect(!apart.plan.contains { $0 is BatchNormReLUPool<T> }, "\(name): fused")
         for mode in [ForwardMode.train, .check, .eval] {
             let a = fused.forward(count: rows, mode: mode), b = apart.forward(count: rows, mode: mode)
             // The same arithmetic: bit for bit the same outputs, and the same winners wherever the ReLU passed the
@@ -64,8 +70,8 @@ struct FusionTests {
             #expect(a == b, "\(name) \(mode)")
             for i in 0..<(rows * fused.outputWidth) { #expect(fused.outputs[i] == apart.outputs[i], "\(name) \(mode) output \(i)") }
             var passed = 0
-            for (p, q) in zip(fused.plan, apart.plan) {
-                guard let p = p as? MaxPool2d<T>, let q = q as? MaxPool2d<T> else { continue }
+            for p in blocks {
+                let q = try #require(apart.layer(at: p.index + 2) as? MaxPool2d<T>)
                 for i in 0..<(rows * p.outputCount) {
                     #expect(p.y[i] == q.y[i], "\(name) \(mode) pooling \(p.index) at \(i)")
                     if q.y[i] > 0 {
@@ -99,7 +105,7 @@ struct FusionTests {
         let spec = ModelSpec(layers: [Self.conv(1, 2, 3, pad: 1), .batchNorm(features: 2), .relu, .maxPool2d(kernel: 3, stride: 2),
                                       .flatten, .linear(inputs: 2 * 9, outputs: 2)], inputShape: [1, 8, 8])
         let model = try Model<Float>(spec: spec, batchCapacity: 2)
-        #expect(!model.plan.contains { ($0 as? MaxPool2d<Float>)?.fusedNormalization != nil })
+        #expect(!model.plan.contains { $0 is BatchNormReLUPool<Float> })
     }
 
     /// A fused block passes the float64 check at the standard of every layer, and the injected batch norm bugs still
@@ -116,7 +122,8 @@ struct FusionTests {
         // The second block's input gradient without its mean term: what reaches the layers below is wrong, first of
         // all the convolution right before it. Its own tensors are right.
         model.installGradientFault(.batchNormWithoutMeanTerm(tensor: "5.weight"))
-        #expect(model.plan.contains { ($0 as? MaxPool2d<Double>)?.fusedNormalization != nil }, "the fault unfused the block")
+        #expect(model.plan.contains { ($0 as? FaultyLayer<Double>)?.inner is BatchNormReLUPool<Double> },
+                "the fault did not wrap the fused block")
         let meanless = checkGradients(model: model, count: 3)
         let failing = meanless.tensors.filter { $0.verdict == .fail }.map(\.name)
         #expect(meanless.verdict == .fail && failing.contains("4.weight"), "\(meanless.text)")

@@ -70,14 +70,16 @@ struct PoolingTieTests {
         setTensor(model, "1.bias", beta)
         for (i, v) in inputs(c).enumerated() { model.inputs[i] = T(v) }
         for r in 0..<rows { model.labels[r] = Int32(r % 3) }
-        let pool = try #require(model.plan[3] as? MaxPool2d<T>)
-        #expect((pool.fusedNormalization != nil) == fused, "\(c.name): fused is \(fused)")
+        // Fused, one layer runs the batch norm, the ReLU and the pooling; apart, the pooling is a layer of its own.
+        let pool = model.layer(at: 3)
+        #expect((pool is BatchNormReLUPool<T>) == fused && (pool is MaxPool2d<T>) != fused, "\(c.name): fused is \(fused)")
+        let winners = try #require((pool as? BatchNormReLUPool<T>)?.winners ?? (pool as? MaxPool2d<T>)?.winners)
         model.zeroGradients()
         _ = model.forward(count: rows, mode: .train)
         model.backward(count: rows, accumulate: false) { _ in }
         let outputs = rows * pool.outputCount, inputs = rows * pool.inputCount
-        return Pass(pooled: (0..<outputs).map { Double(pool.y[$0]) }, winners: (0..<outputs).map { Int(pool.winners[$0]) },
-                    dy: (0..<outputs).map { Double(pool.dy[$0]) }, dx: (0..<inputs).map { Double(model.plan[1].dx![$0]) })
+        return Pass(pooled: (0..<outputs).map { Double(pool.y[$0]) }, winners: (0..<outputs).map { Int(winners[$0]) },
+                    dy: (0..<outputs).map { Double(pool.dy[$0]) }, dx: (0..<inputs).map { Double(model.layer(at: 1).dx![$0]) })
     }
 
     /// PyTorch, in float64 from the same inputs, batch norm parameters and gradient at the pooling's output:

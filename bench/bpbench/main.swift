@@ -219,7 +219,7 @@ func profileBench() throws {
     var parts: [String: [Double]] = [:]
     func time(_ name: String, _ body: () -> Void) { let t = now(); body(); parts[name, default: []].append(now() - t) }
     // Every layer timed inside real steps (Model.layerTimer), beside the whole step and its GEMMs alone.
-    let layers = model.spec.layers
+    let layers = model.timedLayerNames
     func layerName(_ index: Int, _ pass: Model<Float>.Pass) -> String {
         let what = index < layers.count ? "\(index) \(layers[index])" : "loss (softmax cross-entropy)"
         return "  \(pass == .forward ? "forward" : "backward") \(what)"
@@ -299,7 +299,7 @@ func cnnProfileBench() throws {
     for i in 0..<(batch * 784) { model.inputs[i] = Float(generator.nextNormal()) }
     for r in 0..<batch { model.labels[r] = Int32(r % 10) }
     var parts: [String: [Double]] = [:]
-    let layers = spec.layers
+    let layers = model.timedLayerNames
     func layerName(_ index: Int, _ pass: Model<Float>.Pass) -> String {
         let what = index < layers.count ? "\(index) \(layers[index])" : "loss (softmax cross-entropy)"
         return "  \(pass == .forward ? "forward" : "backward") \(what)"

@@ -46,18 +46,16 @@ extension Model {
     /// putting a `FaultyLayer` around it in the plan; nil (or a tensor the model does not have) leaves every layer
     /// as built. Replaces any fault installed before. Call it between passes, never during one.
     public func installGradientFault(_ fault: GradientFault?) {
-        for (index, layer) in plan.enumerated() {
-            if let faulty = layer as? FaultyLayer<T> { replaceLayer(at: index, with: faulty.remove()) }
-        }
+        for case let faulty as FaultyLayer<T> in plan { replaceLayer(at: faulty.index, with: faulty.remove()) }
         guard let fault, let info = parameterTable.first(where: { $0.name == fault.tensor }) else { return }
-        replaceLayer(at: info.layerIndex, with: FaultyLayer(wrapping: plan[info.layerIndex], fault: fault, tensor: info))
+        replaceLayer(at: info.layerIndex, with: FaultyLayer(wrapping: layer(at: info.layerIndex), fault: fault, tensor: info))
     }
 }
 
 /// A layer whose backward pass is wrong on purpose: it runs the layer it wraps, bound to the same buffers, then
 /// perturbs what that layer wrote (`GradientFault`). Forward passes, kink patterns and initialisation are the
-/// wrapped layer's. The neighbours keep their links to the wrapped layer, and a fused block still runs its own
-/// fused kernels: the fault acts on their results. Allocates as it pleases: it never runs in real training.
+/// wrapped layer's. The neighbours keep their links to the wrapped layer, and a fused block (BatchNormReLUPool.swift)
+/// still runs its own fused kernels: the fault acts on their results. Allocates as it pleases: it never runs in real training.
 final class FaultyLayer<T: Scalar>: Layer<T> {
     let inner: Layer<T>
     let fault: GradientFault
@@ -71,7 +69,7 @@ final class FaultyLayer<T: Scalar>: Layer<T> {
         self.inner = inner
         self.fault = fault
         self.tensor = tensor
-        let norm = inner as? BatchNorm<T>
+        let norm = inner.normalization
         originalReducer = norm?.reducer
         if case .batchNormLocalSums = fault, let norm, let reducer = norm.reducer {
             let stand = LocalSumsOfGradients(reducer, features: norm.features)
@@ -90,7 +88,7 @@ final class FaultyLayer<T: Scalar>: Layer<T> {
 
     /// The wrapped layer, as it was before this one was installed.
     func remove() -> Layer<T> {
-        if let norm = inner as? BatchNorm<T> { norm.reducer = originalReducer }
+        if let norm = inner.normalization { norm.reducer = originalReducer }
         return inner
     }
 
@@ -123,14 +121,16 @@ final class FaultyLayer<T: Scalar>: Layer<T> {
         }
         inner.backwardInput(count: count, accumulate: accumulate)
         if case .paddingOffset = fault, let conv = inner as? Conv2d<T> { shiftUpAndLeft(dx, conv, count: count) }
-        if case .batchNormWithoutMeanTerm = fault, let norm = inner as? BatchNorm<T> {
-            addMeanTermBack(dx, norm, count: count)
+        if case .batchNormWithoutMeanTerm = fault, let norm = inner.normalization {
+            addMeanTermBack(dx, norm, gamma: inner.parameters!, count: count)
         }
     }
 
     override func initialize(scheme: Initialization, gain: Double, generator: inout RandomGenerator) {
         inner.initialize(scheme: scheme, gain: gain, generator: &generator)
     }
+
+    override var hasKink: Bool { inner.hasKink }
 
     override func appendKinkPattern(count: Int, to pattern: inout [Int32]) {
         inner.appendKinkPattern(count: count, to: &pattern)
@@ -189,9 +189,9 @@ final class FaultyLayer<T: Scalar>: Layer<T> {
     /// `.batchNormWithoutMeanTerm`: the correct dx has c = -gamma r sum(dy) / N added to every value of feature f
     /// (`GradientFactors`); adding gamma r sum(dy) / N back, from the reductions the layer kept in `sums`, leaves dx
     /// without it. Running statistics have no such term.
-    private func addMeanTermBack(_ dx: UnsafeMutablePointer<T>, _ norm: BatchNorm<T>, count: Int) {
+    private func addMeanTermBack(_ dx: UnsafeMutablePointer<T>, _ norm: BatchNormStatistics<T>, gamma: UnsafePointer<T>,
+                                 count: Int) {
         guard norm.lastUsedBatchStatistics else { return }
-        let gamma = norm.parameters!
         for b in 0..<count {
             for f in 0..<norm.features {
                 let term = T(Double(gamma[f]) * norm.inverseDeviation[f] * norm.sums[f] / norm.lastCount)

@@ -82,7 +82,8 @@ public final class Model<T: Scalar> {
     /// Which pass a `layerTimer` report is about.
     public typealias Pass = ModelPass
     /// Profiling hook (bench/bpbench profile, the Worker's `--timeline`): when set, forward and backward time every
-    /// layer inside the real pass and report (layer index, pass, start, end) in `DispatchTime` uptime nanoseconds;
+    /// run-time layer (a fused block is one, `timedLayerNames`) inside the real pass and report (layer index, pass,
+    /// start, end) in `DispatchTime` uptime nanoseconds;
     /// index `spec.layers.count` is the loss. Timing kernels alone once hid a slow kernel that only real activations
     /// exposed. A layer's backward span includes its `gradientsReady` callback (where gradient buckets start), so
     /// what the callback records nests inside it. Nil in training: then the passes read no clock.
@@ -98,8 +99,11 @@ public final class Model<T: Scalar> {
     private var timing = false
     private var timer: (_ layer: Int, _ pass: Pass, _ start: UInt64, _ end: UInt64) -> Void = { _, _, _, _ in }
 
-    /// The layers in order. Fixed once built, except that a test fault may wrap one (GradientFaults.swift).
+    /// The run-time layers in order: one per layer of the spec, except a fused block, one for three
+    /// (`LayerSpec.planRuns`). Fixed once built, except that a test fault may wrap one (GradientFaults.swift).
     private(set) var plan: [Layer<T>]
+    /// For each layer of the spec, the position in `plan` of the run-time layer that runs it.
+    private let planPosition: [Int]
     private let arena: UnsafeMutableBufferPointer<T>
     private let scratch: UnsafeMutableBufferPointer<T>
     /// The last layer: the loss reads its output and writes its output gradient.
@@ -111,6 +115,7 @@ public final class Model<T: Scalar> {
     /// `crossRankReducer`: sums across ranks for synchronized batch norm, given to every batch norm layer (nil: each
     /// rank normalises its own batch). `fusesBlocks: false` runs every batch norm, ReLU, max pooling block as three
     /// separate layers, as a reference for tests and benchmarks (see BatchNormReLUPool.swift); training always fuses.
+    /// The memory estimate (`footprint`) takes the same flag.
     /// - Parameter seed: draws the dropout masks (with `setSamples`' keys).
     public init(spec: ModelSpec, batchCapacity: Int, seed: UInt64 = 0, controlSlots: Int = 0, crossRankReducer: CrossRankReducer? = nil,
                 fusesBlocks: Bool = true) throws(ModelSpecError) {
@@ -141,8 +146,10 @@ public final class Model<T: Scalar> {
         sampleStreams = .allocate(capacity: batchCapacity)
         for row in 0..<batchCapacity { sampleStreams[row] = RandomGenerator.stream(.dropout, epoch: 0, index: row) }
 
-        let plan = Model.placeInPlace(Model.makeLayers(spec, shapes: shapes, batchCapacity: batchCapacity))
-        if fusesBlocks { Model.fuseBlocks(plan) }
+        let runs = LayerSpec.planRuns(spec.layers, fusing: fusesBlocks)
+        let plan = Model.placeInPlace(Model.makeLayers(spec, runs: runs, shapes: shapes, batchCapacity: batchCapacity),
+                                      specs: spec.layers)
+        planPosition = runs.enumerated().flatMap { position, run in run.map { _ in position } }
         // One arena holds the input batch, every activation and activation gradient a layer does not share with
         // the one before it, and the targets. (`Model.footprint` computes the same total without allocating.)
         arena = LargeBuffer.allocate(Model.arenaElements(plan, inputWidth: spec.inputWidth, outputWidth: outputWidth,
@@ -164,11 +171,16 @@ public final class Model<T: Scalar> {
         initializeParameters(seed: seed)
     }
 
-    /// The layers of `spec`, each made by its own class.
-    private static func makeLayers(_ spec: ModelSpec, shapes: [[Int]], batchCapacity: Int) -> [Layer<T>] {
-        spec.layers.enumerated().map { index, layerSpec in
-            layerSpec.kind.makeLayer(LayerPlacement(index: index, inputShape: shapes[index], outputShape: shapes[index + 1],
-                                                    batchCapacity: batchCapacity))
+    /// The run-time layers of `spec`, one per run of its layers: a layer made by its own class, or a fused block.
+    private static func makeLayers(_ spec: ModelSpec, runs: [Range<Int>], shapes: [[Int]], batchCapacity: Int) -> [Layer<T>] {
+        runs.map { run in
+            let index = run.lowerBound
+            let placement = LayerPlacement(index: index, inputShape: shapes[index], outputShape: shapes[run.upperBound],
+                                           batchCapacity: batchCapacity)
+            guard run.count == 3, let pool = spec.layers[index + 2].as(MaxPool2dKind.self) else {
+                return spec.layers[index].kind.makeLayer(placement)
+            }
+            return BatchNormReLUPool<T>(placement, normalization: spec.layers[index], pool: pool)
         }
     }
 
@@ -251,23 +263,12 @@ public final class Model<T: Scalar> {
     /// buffer the layer before reads as its own. Two buffers fewer per hidden layer. A flatten moves nothing, so it
     /// always shares its input's buffers. In Float, in-place ReLUs also sum the squares they write, for the
     /// finiteness proof in `backward`.
-    private static func placeInPlace(_ layers: [Layer<T>]) -> [Layer<T>] {
-        for (index, layer) in layers.enumerated() {
-            layer.runsInPlace = layer.spec.kind.runsInPlace(after: index > 0 ? layers[index - 1].spec : nil)
+    /// The layer before a fused block's is its first layer's; the layer after it sees its pooling before it.
+    private static func placeInPlace(_ layers: [Layer<T>], specs: [LayerSpec]) -> [Layer<T>] {
+        for layer in layers {
+            layer.runsInPlace = layer.spec.kind.runsInPlace(after: layer.index > 0 ? specs[layer.index - 1] : nil)
         }
         return layers
-    }
-
-    /// Links each batch norm, ReLU, max pooling run into one block (BatchNormReLUPool.swift).
-    private static func fuseBlocks(_ plan: [Layer<T>]) {
-        let specs = plan.map(\.spec)
-        for index in plan.indices where LayerSpec.startsFusedBlock(specs, at: index) {
-            guard let norm = plan[index] as? BatchNorm<T>, let relu = plan[index + 1] as? ReLU<T>,
-                  let pool = plan[index + 2] as? MaxPool2d<T> else { continue }
-            norm.fusedPool = pool
-            relu.fused = true
-            pool.fusedNormalization = norm
-        }
     }
 
     /// Elements of the arena for `plan`: the input batch, the outputs and output gradients of the layers that do
@@ -293,7 +294,7 @@ public final class Model<T: Scalar> {
         public var activationBytes: Double
     }
 
-    public static func footprint(spec: ModelSpec, batchCapacity: Int) -> Footprint {
+    public static func footprint(spec: ModelSpec, batchCapacity: Int, fusesBlocks: Bool = true) -> Footprint {
         let rows = Double(batchCapacity)
         let stride = Double(MemoryLayout<T>.stride)
         let shapes = (try? spec.shapes()) ?? []
@@ -302,12 +303,17 @@ public final class Model<T: Scalar> {
         }
         var parameters = 0.0, own = 0.0, workspace = 0.0, scratch = 0.0
         for (index, layer) in spec.layers.enumerated() {
-            let input = shapes[index], output = shapes[index + 1]
-            parameters += layer.parameterShapes(input: input).reduce(0.0) { $0 + $1.1.reduce(1.0) { $0 * Double($1) } }
-            let size = output.reduce(1.0) { $0 * Double($1) }
+            parameters += layer.parameterShapes(input: shapes[index]).reduce(0.0) { $0 + $1.1.reduce(1.0) { $0 * Double($1) } }
+        }
+        // Per run-time layer, as `init` builds them: a fused block keeps only the pooled output and its gradient.
+        for run in LayerSpec.planRuns(spec.layers, fusing: fusesBlocks) {
+            let index = run.lowerBound, input = shapes[index], output = shapes[run.upperBound]
             let previous: LayerSpec? = index > 0 ? spec.layers[index - 1] : nil
-            if !layer.kind.runsInPlace(after: previous) { own += 2 * size }
-            let needs = layer.workspace(input: input, output: output, batchCapacity: rows, scalarBytes: stride)
+            if !spec.layers[index].kind.runsInPlace(after: previous) { own += 2 * output.reduce(1.0) { $0 * Double($1) } }
+            let needs = run.count == 1
+                ? spec.layers[index].workspace(input: input, output: output, batchCapacity: rows, scalarBytes: stride)
+                : LayerSpec.fusedBlockWorkspace(spec.layers[run], shapes: shapes[run.lowerBound...run.upperBound],
+                                                batchCapacity: rows, scalarBytes: stride)
             workspace += needs.bytes
             scratch = max(scratch, needs.scratchElements)
         }
@@ -383,13 +389,13 @@ public final class Model<T: Scalar> {
     /// and no dropout below). The gradient checker perturbs one tensor at a time and uses this.
     public func forward(count: Int, mode: ForwardMode, fromLayer: Int) -> BatchResult {
         precondition(count > 0 && count <= batchCapacity, "batch of \(count) rows, capacity \(batchCapacity)")
-        precondition(fromLayer >= 0 && fromLayer < plan.count, "layer \(fromLayer) out of range")
+        precondition(fromLayer >= 0 && fromLayer < planPosition.count, "layer \(fromLayer) out of range")
         // Indices, not `for layer in plan`: in unspecialised generic code the iterator heap-allocated (measured).
-        var index = fromLayer
+        var index = planPosition[fromLayer]
         while index < plan.count {
             let started = timerClock()
             plan[index].forward(count: count, mode: mode)
-            report(index, .forward, since: started)
+            report(plan[index].index, .forward, since: started)
             index += 1
         }
         let lossStarted = timerClock()
@@ -432,7 +438,7 @@ public final class Model<T: Scalar> {
                 try gradientsReady(layer.parameterOffset)
             }
             layer.backwardInput(count: count, accumulate: accumulate)
-            report(index, .backward, since: started)
+            report(layer.index, .backward, since: started)
             index -= 1
         }
     }
@@ -477,22 +483,39 @@ public final class Model<T: Scalar> {
     /// straddle a kink, where finite differences are not a derivative.
     public func kinkPattern(count: Int) -> [Int32] {
         var pattern: [Int32] = []
-        for layer in plan where layer.spec.hasKink { layer.appendKinkPattern(count: count, to: &pattern) }
+        for layer in plan where layer.hasKink { layer.appendKinkPattern(count: count, to: &pattern) }
         return pattern
     }
 
     /// One line per layer, as torchinfo prints them: index, layer, output shape [B, ...] and parameter count.
     public var layerSummary: [String] {
-        var lines: [String] = []
-        for layer in plan {
-            let shape = "[\(batchCapacity), " + layer.outputShape.map(String.init).joined(separator: ", ") + "]"
-            lines.append("\(layer.index): \(layer.spec)  ->  \(shape)  \(layer.parameterCount) parameters")
+        spec.layers.enumerated().map { index, layer in
+            let shape = "[\(batchCapacity), " + shapes[index + 1].map(String.init).joined(separator: ", ") + "]"
+            let parameters = layer.parameterShapes(input: shapes[index]).reduce(0) { $0 + $1.1.reduce(1, *) }
+            return "\(index): \(layer)  ->  \(shape)  \(parameters) parameters"
         }
-        return lines
     }
 
-    /// Puts `layer` in the plan in place of the one at `index`: a test fault's wrapper (GradientFaults.swift).
+    /// What the layer timer's reports are about, by the index it reports: the layer at that index, or for a fused
+    /// block (which reports at its batch norm's index, once for its three layers) the block, "BatchNorm(32) ReLU
+    /// MaxPool2d(2)". Indices inside a block report nothing.
+    public var timedLayerNames: [String] {
+        var names = spec.layers.map(\.description)
+        for layer in plan where layer is BatchNormReLUPool<T> {
+            names[layer.index] = spec.layers[layer.index...(layer.index + 2)].map(\.description).joined(separator: " ")
+        }
+        return names
+    }
+
+    /// How many layers the layer timer reports in each pass (besides the loss): a fused block is one.
+    public var timedLayerCount: Int { plan.count }
+
+    /// The run-time layer that runs layer `index` of the spec (a fused block runs three).
+    func layer(at index: Int) -> Layer<T> { plan[planPosition[index]] }
+
+    /// Puts `layer` in the plan in place of the one that runs layer `index` of the spec: a test fault's wrapper
+    /// (GradientFaults.swift).
     func replaceLayer(at index: Int, with layer: Layer<T>) {
-        plan[index] = layer
+        plan[planPosition[index]] = layer
     }
 }

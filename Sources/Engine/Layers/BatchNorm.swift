@@ -64,6 +64,52 @@ final class BatchNorm<T: Scalar>: Layer<T> {
     static var epsilon: Double { 1e-5 }
     static var momentum: Double { 0.1 }
 
+    let statistics: BatchNormStatistics<T>
+    override var normalization: BatchNormStatistics<T>? { statistics }
+
+    override init(_ placement: LayerPlacement, spec: LayerSpec) {
+        statistics = BatchNormStatistics(features: placement.inputShape[0],
+                                         positions: placement.inputShape.dropFirst().reduce(1, *))
+        super.init(placement, spec: spec)
+    }
+
+    override func attach(to model: Model<T>) { statistics.reducer = model.crossRankReducer }
+
+    /// The forward pass. The reduction across ranks can fail (MPI); the model reports that as the pass's error.
+    override func forward(count: Int, mode: ForwardMode) {
+        statistics.update(x, count: count, mode: mode, parameters: parameters!, buffers: buffers!)
+        normalizeFeatures(x, y, samples: count, features: statistics.features, positions: statistics.positions,
+                          scale: statistics.scale, shift: statistics.shift)
+    }
+
+    override func backwardParameters(count: Int, accumulate: Bool) {
+        // dbeta[c] = sum dy, dgamma[c] = sum dy xhat: the named reductions, kept in `sums` for the input gradient.
+        featureGradientSums(x, dy, samples: count, features: statistics.features, positions: statistics.positions,
+                            mean: statistics.mean, inverseDeviation: statistics.inverseDeviation,
+                            into: statistics.sums.baseAddress!)
+        statistics.writeParameterGradients(gradients!, accumulate: accumulate)
+        provenFinite = false
+    }
+
+    override func backwardInput(count: Int, accumulate: Bool) {
+        guard let dx else { return }
+        normalizeBackward(x, dy, dx, samples: count, features: statistics.features, positions: statistics.positions,
+                          factors: statistics.inputGradientFactors(gamma: parameters!))
+    }
+
+    override func initialize(scheme: Initialization, gain: Double, generator: inout RandomGenerator) {
+        statistics.initialize(parameters: parameters!, buffers: buffers!)
+    }
+}
+
+/// What a batch norm keeps between its passes, and the arithmetic around its kernels: the statistics of the forward
+/// pass, the reductions of the backward pass, the parameter gradients from them and the running statistics. The
+/// batch norm layer owns one, and so does a batch norm run fused with the ReLU and max pooling after it
+/// (BatchNormReLUPool.swift): the two differ only in the passes over the activations.
+///
+/// The layer's tensors, as `parameterShapes` and `bufferShapes` lay them out: parameters [gamma F, beta F], buffers
+/// [running mean F, running variance F, num_batches_tracked].
+final class BatchNormStatistics<T: Scalar> {
     let features: Int
     /// Values per feature per sample: H W for images, 1 for flat features.
     let positions: Int
@@ -82,29 +128,21 @@ final class BatchNorm<T: Scalar>: Layer<T> {
     /// batch's statistics (not the running ones).
     private(set) var lastCount = 0.0
     private(set) var lastUsedBatchStatistics = true
-    /// The max pooling after this layer and a ReLU, when the three run as one block (see BatchNormReLUPool.swift):
-    /// then this layer's forward pass only computes the statistics, and its backward pass reads the reductions the
-    /// pooling computed. Set by the model.
-    unowned(unsafe) var fusedPool: MaxPool2d<T>?
 
-    override init(_ placement: LayerPlacement, spec: LayerSpec) {
-        let inputShape = placement.inputShape
-        features = inputShape[0]
-        positions = inputShape.dropFirst().reduce(1, *)
-        sums = .allocate(capacity: 2 * inputShape[0] + 1)
+    init(features: Int, positions: Int) {
+        self.features = features
+        self.positions = positions
+        sums = .allocate(capacity: 2 * features + 1)
         sums.initialize(repeating: 0)
-        mean = .allocate(capacity: inputShape[0])
-        mean.initialize(repeating: 0, count: inputShape[0])
-        inverseDeviation = .allocate(capacity: inputShape[0])
-        inverseDeviation.initialize(repeating: 1, count: inputShape[0])
-        scale = .allocate(capacity: inputShape[0])
-        scale.initialize(repeating: 1, count: inputShape[0])
-        shift = .allocate(capacity: inputShape[0])
-        shift.initialize(repeating: 0, count: inputShape[0])
-        super.init(placement, spec: spec)
+        mean = .allocate(capacity: features)
+        mean.initialize(repeating: 0, count: features)
+        inverseDeviation = .allocate(capacity: features)
+        inverseDeviation.initialize(repeating: 1, count: features)
+        scale = .allocate(capacity: features)
+        scale.initialize(repeating: 1, count: features)
+        shift = .allocate(capacity: features)
+        shift.initialize(repeating: 0, count: features)
     }
-
-    override func attach(to model: Model<T>) { reducer = model.crossRankReducer }
 
     deinit {
         sums.deallocate()
@@ -114,15 +152,13 @@ final class BatchNorm<T: Scalar>: Layer<T> {
         shift.deallocate()
     }
 
-
-    private var gamma: UnsafeMutablePointer<T> { parameters! }
-    private var beta: UnsafeMutablePointer<T> { parameters! + features }
-    private var runningMean: UnsafeMutablePointer<T> { buffers! }
-    private var runningVariance: UnsafeMutablePointer<T> { buffers! + features }
-    private var batchesTracked: UnsafeMutablePointer<T> { buffers! + 2 * features }
-
-    /// The forward pass. The reduction across ranks can fail (MPI); the model reports that as the pass's error.
-    override func forward(count: Int, mode: ForwardMode) {
+    /// The statistics of input `x` (the batch's, summed across ranks under a reducer, or the running ones in
+    /// evaluation), the running statistics moved in training, and `scale` and `shift` from them.
+    func update(_ x: UnsafePointer<T>, count: Int, mode: ForwardMode, parameters: UnsafeMutablePointer<T>,
+                buffers: UnsafeMutablePointer<T>) {
+        let (gamma, beta) = (parameters, parameters + features)
+        let (runningMean, runningVariance, batchesTracked) = (buffers, buffers + features, buffers + 2 * features)
+        let (epsilon, momentum) = (BatchNorm<T>.epsilon, BatchNorm<T>.momentum)
         lastUsedBatchStatistics = mode.usesBatchStatistics
         if mode.usesBatchStatistics {
             featureSums(x, samples: count, features: features, positions: positions, into: sums.baseAddress!)
@@ -135,75 +171,51 @@ final class BatchNorm<T: Scalar>: Layer<T> {
                 // E[x^2] - m^2 in Double: the values are Float activations, far inside Double's precision.
                 let variance = max(0, sums[features + c] / n - m * m)
                 mean[c] = m
-                inverseDeviation[c] = 1 / (variance + Self.epsilon).squareRoot()
+                inverseDeviation[c] = 1 / (variance + epsilon).squareRoot()
                 if mode == .train {
                     let unbiased = n > 1 ? variance * n / (n - 1) : variance
-                    runningMean[c] = T((1 - Self.momentum) * Double(runningMean[c]) + Self.momentum * m)
-                    runningVariance[c] = T((1 - Self.momentum) * Double(runningVariance[c]) + Self.momentum * unbiased)
+                    runningMean[c] = T((1 - momentum) * Double(runningMean[c]) + momentum * m)
+                    runningVariance[c] = T((1 - momentum) * Double(runningVariance[c]) + momentum * unbiased)
                 }
             }
             if mode == .train { batchesTracked[0] += 1 }
         } else {
             for c in 0..<features {
                 mean[c] = Double(runningMean[c])
-                inverseDeviation[c] = 1 / (Double(runningVariance[c]) + Self.epsilon).squareRoot()
+                inverseDeviation[c] = 1 / (Double(runningVariance[c]) + epsilon).squareRoot()
             }
         }
         for c in 0..<features {
             scale[c] = T(Double(gamma[c]) * inverseDeviation[c])
             shift[c] = beta[c] - T(mean[c]) * scale[c]
         }
-        // Fused, the pooling normalises as it pools.
-        if fusedPool == nil {
-            normalizeFeatures(x, y, samples: count, features: features, positions: positions, scale: scale, shift: shift)
-        }
     }
 
-    override func backwardParameters(count: Int, accumulate: Bool) {
-        // dbeta[c] = sum dy, dgamma[c] = sum dy xhat: the named reductions, kept in `sums` for the input gradient.
-        // The parameter gradients are this rank's (the gradient reduction averages them like every other). Fused,
-        // the pooling's backward pass has summed them already, over its winners (every other dy is zero).
-        if fusedPool == nil {
-            featureGradientSums(x, dy, samples: count, features: features, positions: positions, mean: mean,
-                                inverseDeviation: inverseDeviation, into: sums.baseAddress!)
-        }
-        let g = gradients!
+    /// dgamma and dbeta from the reductions in `sums` ([sum dy, sum dy xhat]). They are this rank's: the gradient
+    /// reduction averages them like every other.
+    func writeParameterGradients(_ g: UnsafeMutablePointer<T>, accumulate: Bool) {
         for c in 0..<features {
             g[c] = T(sums[features + c]) + (accumulate ? g[c] : 0)            // dgamma
             g[features + c] = T(sums[c]) + (accumulate ? g[features + c] : 0)  // dbeta
         }
-        provenFinite = false
     }
 
-    override func backwardInput(count: Int, accumulate: Bool) {
-        guard let dx else { return }
-        if lastUsedBatchStatistics {
-            // Synchronized: the input gradient needs the global batch's reductions (the count slot is reduced along).
-            reducer?.sumAcrossRanks(sums)
-            inputGradient(count: count, dx: dx, sums: sums.baseAddress!)
-        } else {
-            // Running statistics are constants: dx = dy gamma / sqrt(running var + eps).
-            inputGradient(count: count, dx: dx, sums: nil)
-        }
+    /// The factors of dx = a dy + k (x - mean) + c. With the batch's statistics they take the reductions of the
+    /// global batch (synchronized: summed across ranks here, the count slot along); running statistics are
+    /// constants, dx = dy gamma / sqrt(running var + eps).
+    func inputGradientFactors(gamma: UnsafePointer<T>) -> GradientFactors<T> {
+        if lastUsedBatchStatistics { reducer?.sumAcrossRanks(sums) }
+        return GradientFactors(mean: mean, inverseDeviation: inverseDeviation, gamma: gamma,
+                               sums: lastUsedBatchStatistics ? UnsafePointer(sums.baseAddress!) : nil,
+                               count: lastUsedBatchStatistics ? lastCount : 1)
     }
 
-    /// dx from the reductions (`sums`, nil for running statistics): over this layer's own dy, or fused, from the
-    /// pooling's dy routed to its winners.
-    private func inputGradient(count: Int, dx: UnsafeMutablePointer<T>, sums: UnsafePointer<Double>?) {
-        let factors = GradientFactors(mean: mean, inverseDeviation: inverseDeviation, gamma: gamma, sums: sums,
-                                      count: sums == nil ? 1 : lastCount)
-        if let pool = fusedPool {
-            normalizeReLUPoolBackward(x, dx, pool: pool, samples: count, factors: factors)
-        } else {
-            normalizeBackward(x, dy, dx, samples: count, features: features, positions: positions, factors: factors)
-        }
-    }
-
-    override func initialize(scheme: Initialization, gain: Double, generator: inout RandomGenerator) {
-        gamma.update(repeating: 1, count: features)
-        beta.update(repeating: 0, count: features)
-        runningMean.update(repeating: 0, count: features)
-        runningVariance.update(repeating: 1, count: features)
-        batchesTracked[0] = 0
+    /// Weight 1, bias 0, running mean 0, running variance 1, no batches tracked.
+    func initialize(parameters: UnsafeMutablePointer<T>, buffers: UnsafeMutablePointer<T>) {
+        parameters.update(repeating: 1, count: features)
+        (parameters + features).update(repeating: 0, count: features)
+        buffers.update(repeating: 0, count: features)
+        (buffers + features).update(repeating: 1, count: features)
+        buffers[2 * features] = 0
     }
 }

@@ -1,29 +1,133 @@
-/// Batch norm, ReLU and max pooling run as one block: `[..., batchnorm, relu, maxpool k]` (windows that do not
-/// overlap), the basic block of a CNN after each convolution. The three layers stay in the model's plan, with their
-/// names, tensors and timings; the model links them (`Model.fuseBlocks`) and they divide the work differently:
+/// Batch norm, ReLU and max pooling run as one layer: `[..., batchnorm, relu, maxpool k]` (windows that do not
+/// overlap), the basic block of a CNN after each convolution. The model file and the tensors still name three layers
+/// (the batch norm's weight, bias and running statistics under its own index); at run time the model's plan holds one
+/// `BatchNormReLUPool` in their place (`LayerSpec.planRuns`), which owns the whole pass:
 ///
-/// | pass     | batch norm                             | ReLU    | max pooling                                    |
-/// |----------|----------------------------------------|---------|------------------------------------------------|
-/// | forward  | statistics, per-channel scale and shift | nothing | normalises, rectifies and pools its windows    |
-/// | backward | parameter gradients; dx (one pass)     | nothing | batch norm's reductions over its winners only  |
+/// | pass     | what the block does                                                                    |
+/// |----------|----------------------------------------------------------------------------------------|
+/// | forward  | batch norm statistics, per-channel scale and shift; normalises, rectifies and pools     |
+/// | backward | batch norm's reductions over the winners only, parameter gradients; dx in one pass      |
 ///
 /// Unfused, the block passes over the full-size activations nine times (normalise, rectify, pool; route dy to the
 /// winners, mask it, two reductions, dx), and those passes were a quarter of the shipped CNN's step. Fused, the
-/// normalised activations are never written: forward reads x twice (statistics, then pooling) and backward once,
-/// with the reductions over the pooled quarter. Every other value of the batch norm's dy is zero, so its
-/// reductions are sums over the winners whose ReLU passed them, and its dx is dx = k (x - mean) + c everywhere
-/// plus a dy at those winners (`GradientFactors`). The arithmetic is the unfused layers': outputs are bit for bit
-/// the same, gradients the same up to the order of the sums (tested against the unfused model, and in the float64
-/// gradient check like every layer). Winners are the same wherever the ReLU passes the output; where it does not,
-/// the Float kernel may name another input of the window (see `maxPool2x2`), which no gradient reaches.
+/// normalised activations are never written (nor is room kept for them): forward reads x twice (statistics, then
+/// pooling) and backward once, with the reductions over the pooled quarter. Every other value of the batch norm's dy
+/// is zero, so its reductions are sums over the winners whose ReLU passed them, and its dx is dx = k (x - mean) + c
+/// everywhere plus a dy at those winners (`GradientFactors`). The arithmetic is the unfused layers': outputs are bit
+/// for bit the same, gradients the same up to the order of the sums (tested against the unfused model, and in the
+/// float64 gradient check like every layer). Winners are the same wherever the ReLU passes the output; where it does
+/// not, the Float kernel may name another input of the window (see `maxPool2x2`), which no gradient reaches.
 ///
-/// The ReLU's kinks are the signs of the pooled values (the pooling's kink pattern adds them): an input that wins
-/// no window changes nothing downstream whichever side of zero it is on.
+/// The ReLU's kinks are the signs of the pooled values: an input that wins no window changes nothing downstream
+/// whichever side of zero it is on.
+///
+/// Dimension legend: B = rows, C = channels; x [B, C, H, W] is the batch norm's input, y [B, C, Ho, Wo] the pooling's
+/// output.
+final class BatchNormReLUPool<T: Scalar>: Layer<T> {
+    let statistics: BatchNormStatistics<T>
+    override var normalization: BatchNormStatistics<T>? { statistics }
+    let kernel: Int, stride: Int
+    /// For each output value of the last forward pass, the index within its sample of the input that won.
+    let winners: UnsafeMutablePointer<Int32>
+    /// For each output value, the batch norm input (before normalisation) that won its window. [B, C, Ho, Wo]
+    let winningInputs: UnsafeMutablePointer<T>
+
+    /// `placement` spans the three layers (the batch norm's input to the pooling's output); `normalization` is the
+    /// batch norm's spec: the block owns its tensors.
+    init(_ placement: LayerPlacement, normalization: LayerSpec, pool: MaxPool2dKind) {
+        statistics = BatchNormStatistics(features: placement.inputShape[0],
+                                         positions: placement.inputShape.dropFirst().reduce(1, *))
+        (kernel, stride) = (pool.kernel, pool.stride)
+        let elements = placement.batchCapacity * placement.outputShape.reduce(1, *)
+        winners = .allocate(capacity: elements)
+        winners.initialize(repeating: 0, count: elements)
+        winningInputs = .allocate(capacity: elements)
+        winningInputs.initialize(repeating: 0, count: elements)
+        super.init(placement, spec: normalization)
+    }
+
+    deinit {
+        winners.deallocate()
+        winningInputs.deallocate()
+    }
+
+    override func attach(to model: Model<T>) { statistics.reducer = model.crossRankReducer }
+
+    /// Which input wins a window, and the ReLU's sign at it.
+    override var hasKink: Bool { true }
+
+    override func forward(count: Int, mode: ForwardMode) {
+        statistics.update(x, count: count, mode: mode, parameters: parameters!, buffers: buffers!)
+        let normalization = PoolNormalization(x: x, scale: statistics.scale, shift: statistics.shift,
+                                              winningInputs: winningInputs)
+        maxPoolForward(x, y, winners: winners, samples: count, channels: inputShape[0], height: inputShape[1],
+                       width: inputShape[2], kernel: kernel, stride: stride, outHeight: outputShape[1],
+                       outWidth: outputShape[2], normalization: normalization)
+    }
+
+    override func backwardParameters(count: Int, accumulate: Bool) {
+        // dbeta and dgamma: the batch norm's reductions over the winners (every other value of its dy is zero).
+        pooledGradientSums(self, samples: count)
+        statistics.writeParameterGradients(gradients!, accumulate: accumulate)
+        provenFinite = false
+    }
+
+    override func backwardInput(count: Int, accumulate: Bool) {
+        guard let dx else { return }
+        normalizeReLUPoolBackward(x, dx, block: self, samples: count,
+                                  factors: statistics.inputGradientFactors(gamma: parameters!))
+    }
+
+    override func initialize(scheme: Initialization, gain: Double, generator: inout RandomGenerator) {
+        statistics.initialize(parameters: parameters!, buffers: buffers!)
+    }
+
+    override func appendKinkPattern(count: Int, to pattern: inout [Int32]) {
+        let outputs = count * outputCount
+        pattern.append(contentsOf: UnsafeBufferPointer(start: winners, count: outputs))
+        appendSigns(y, outputs, to: &pattern)
+    }
+}
+
+extension LayerSpec {
+    /// Whether `layers[index...]` starts a batch norm, ReLU, max pooling block that runs fused: the pooling's
+    /// windows must not overlap, so that each input wins at most one.
+    static func startsFusedBlock(_ layers: [LayerSpec], at index: Int) -> Bool {
+        guard index + 2 < layers.count, layers[index].as(BatchNormKind.self) != nil, layers[index + 1] == .relu,
+              let pool = layers[index + 2].as(MaxPool2dKind.self) else { return false }
+        return pool.stride >= pool.kernel
+    }
+
+    /// The layers of one run-time layer each, in order: a fused block's three (`fusing`), any other layer alone.
+    static func planRuns(_ layers: [LayerSpec], fusing: Bool) -> [Range<Int>] {
+        var runs: [Range<Int>] = []
+        var index = 0
+        while index < layers.count {
+            let length = fusing && startsFusedBlock(layers, at: index) ? 3 : 1
+            runs.append(index..<(index + length))
+            index += length
+        }
+        return runs
+    }
+
+    /// The workspace of a fused block over `shapes` (the batch norm's input, then each layer's output): the batch
+    /// norm's and the pooling's, and each window's winning input.
+    static func fusedBlockWorkspace(_ layers: ArraySlice<LayerSpec>, shapes: ArraySlice<[Int]>, batchCapacity rows: Double,
+                                    scalarBytes: Double) -> LayerWorkspace {
+        let (input, output) = (shapes[shapes.startIndex], shapes[shapes.endIndex - 1])
+        let norm = layers[layers.startIndex].workspace(input: input, output: input, batchCapacity: rows, scalarBytes: scalarBytes)
+        let pool = layers[layers.endIndex - 1].workspace(input: input, output: output, batchCapacity: rows,
+                                                         scalarBytes: scalarBytes)
+        let kept = rows * output.reduce(1.0) { $0 * Double($1) } * scalarBytes
+        return (norm.bytes + pool.bytes + kept, max(norm.scratchElements, pool.scratchElements))
+    }
+}
 
 /// sums[c] = sum of dy over the winners whose value passed the ReLU (dbeta), sums[C + c] = the same of dy xhat
 /// (dgamma), from each window's kept winning input: what `featureGradientSums` finds over the batch norm's own dy.
 @_specialize(where T == Float) @_specialize(where T == Double)
-func pooledGradientSums<T: Scalar>(pool: MaxPool2d<T>, samples: Int, normalization bn: BatchNorm<T>) {
+func pooledGradientSums<T: Scalar>(_ pool: BatchNormReLUPool<T>, samples: Int) {
+    let bn = pool.statistics
     let channels = bn.features, outPlane = pool.outputCount / channels
     let sums = bn.sums.baseAddress!
     if T.self == Float.self {
@@ -88,7 +192,7 @@ func floatPooledGradientSums(dy: UnsafePointer<Float>, y: UnsafePointer<Float>, 
 /// but the winners), then at each winner dx = a dy + k (x - mean) + c with dy masked by the ReLU, the expression the
 /// unfused batch norm evaluates there. The plane is still in cache for the second loop.
 @_specialize(where T == Float) @_specialize(where T == Double)
-func normalizeReLUPoolBackward<T: Scalar>(_ x: UnsafePointer<T>, _ dx: UnsafeMutablePointer<T>, pool: MaxPool2d<T>,
+func normalizeReLUPoolBackward<T: Scalar>(_ x: UnsafePointer<T>, _ dx: UnsafeMutablePointer<T>, block pool: BatchNormReLUPool<T>,
                                           samples: Int, factors: GradientFactors<T>) {
     let channels = pool.inputShape[0], inPlane = pool.inputCount / channels, outPlane = pool.outputCount / channels
     let (height, width, outHeight, outWidth) = (pool.inputShape[1], pool.inputShape[2], pool.outputShape[1], pool.outputShape[2])

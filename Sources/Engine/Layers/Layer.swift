@@ -130,19 +130,13 @@ public class Layer<T: Scalar> {
     /// Sets the layer's parameters (weights by `scheme` with `gain`, from `generator`) and buffers to their start.
     func initialize(scheme: Initialization, gain: Double, generator: inout RandomGenerator) {}
 
+    /// Whether the layer's derivative jumps somewhere (the gradient checker's kinks): its kind's, or a fused block's.
+    var hasKink: Bool { spec.hasKink }
+
+    /// A batch norm's statistics and reductions, for a layer that normalises (the test faults reach them).
+    var normalization: BatchNormStatistics<T>? { nil }
+
     /// Appends what decides which side of a kink each value is on in the last forward pass (ReLU: the signs of its
     /// inputs; max-pooling: which element won each window). Two passes with different patterns straddle a kink.
     func appendKinkPattern(count: Int, to pattern: inout [Int32]) {}
-}
-
-// MARK: - Fused blocks
-
-extension LayerSpec {
-    /// Whether `layers[index...]` starts a batch norm, ReLU, max pooling block that runs fused
-    /// (BatchNormReLUPool.swift): the pooling's windows must not overlap, so that each input wins at most one.
-    static func startsFusedBlock(_ layers: [LayerSpec], at index: Int) -> Bool {
-        guard index + 2 < layers.count, layers[index].as(BatchNormKind.self) != nil, layers[index + 1] == .relu,
-              let pool = layers[index + 2].as(MaxPool2dKind.self) else { return false }
-        return pool.stride >= pool.kernel
-    }
 }

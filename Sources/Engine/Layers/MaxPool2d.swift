@@ -15,13 +15,14 @@ public struct MaxPool2dKind: StatelessKind {
         try pooledShape(input, kernel: kernel, stride: stride)
     }
     public func workspace(input: [Int], output: [Int], batchCapacity rows: Double, scalarBytes: Double) -> LayerWorkspace {
-        (rows * output.reduce(1.0) { $0 * Double($1) } * (4 + scalarBytes), 0)  // Int32 winners, winning inputs (when fused)
+        (rows * output.reduce(1.0) { $0 * Double($1) } * 4, 0)  // Int32 winners
     }
 
     /// Which input wins a window changes where two are equal.
     public var hasKink: Bool { true }
     public var initializationRole: InitializationRole { .transparent }
-    /// Fused with a batch norm and a ReLU before it, its backward pass reads its output (BatchNormReLUPool.swift).
+    /// Fused with a batch norm and a ReLU before it (BatchNormReLUPool.swift), the block's backward pass reads its
+    /// output: what follows a max pooling leaves it alone either way.
     public var outputMayBeOverwritten: Bool { false }
     public func runsInPlace(after previous: LayerSpec?) -> Bool { false }
     public func torchModule(input: [Int]) -> TorchModule { TorchModule("MaxPool2d", [.int(kernel)], ["stride": .int(stride)]) }
@@ -39,43 +40,25 @@ final class MaxPool2d<T: Scalar>: Layer<T> {
     let kernel: Int, stride: Int
     /// For each output value of the last forward pass, the index within its sample of the input that won.
     let winners: UnsafeMutablePointer<Int32>
-    /// Fused: for each output value, the batch norm input (before normalisation) that won its window.
-    let winningInputs: UnsafeMutablePointer<T>
-    /// The batch norm whose input this layer normalises, rectifies and pools when the three run as one block (see
-    /// BatchNormReLUPool.swift); set by the model.
-    unowned(unsafe) var fusedNormalization: BatchNorm<T>?
 
     init(_ kind: MaxPool2dKind, _ placement: LayerPlacement) {
         (kernel, stride) = (kind.kernel, kind.stride)
         let elements = placement.batchCapacity * placement.outputShape.reduce(1, *)
         winners = .allocate(capacity: elements)
         winners.initialize(repeating: 0, count: elements)
-        winningInputs = .allocate(capacity: elements)
-        winningInputs.initialize(repeating: 0, count: elements)
         super.init(placement, spec: LayerSpec(kind))
     }
 
-    deinit {
-        winners.deallocate()
-        winningInputs.deallocate()
-    }
+    deinit { winners.deallocate() }
 
 
     override func forward(count: Int, mode: ForwardMode) {
-        let block = fusedNormalization.map {
-            PoolNormalization(x: $0.x, scale: $0.scale, shift: $0.shift, winningInputs: winningInputs)
-        }
-        // Fused, the input is the batch norm's.
-        maxPoolForward(block?.x ?? UnsafePointer(x), y, winners: winners, samples: count, channels: inputShape[0],
-                       height: inputShape[1], width: inputShape[2], kernel: kernel, stride: stride,
-                       outHeight: outputShape[1], outWidth: outputShape[2], normalization: block)
+        maxPoolForward(x, y, winners: winners, samples: count, channels: inputShape[0], height: inputShape[1],
+                       width: inputShape[2], kernel: kernel, stride: stride, outHeight: outputShape[1],
+                       outWidth: outputShape[2])
     }
 
     override func backwardInput(count: Int, accumulate: Bool) {
-        if let normalization = fusedNormalization {
-            // The batch norm's reductions over this layer's dy: the block's input gradient is the batch norm's.
-            return pooledGradientSums(pool: self, samples: count, normalization: normalization)
-        }
         guard let dx else { return }
         maxPoolBackward(dy, winners: winners, into: dx, samples: count, inputCount: inputCount, outputCount: outputCount)
     }
@@ -83,8 +66,6 @@ final class MaxPool2d<T: Scalar>: Layer<T> {
     override func appendKinkPattern(count: Int, to pattern: inout [Int32]) {
         let outputs = count * outputCount
         pattern.append(contentsOf: UnsafeBufferPointer(start: winners, count: outputs))
-        // Fused, the ReLU's kinks are the signs of the winners (no other input reaches the output).
-        if fusedNormalization != nil { appendSigns(y, outputs, to: &pattern) }
     }
 }
 

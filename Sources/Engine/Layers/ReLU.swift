@@ -33,15 +33,10 @@ final class ReLU<T: Scalar>: Layer<T> {
     override var runsInPlace: Bool {
         didSet { sumsSquares = runsInPlace && T.self == Float.self }
     }
-    /// Between a batch norm and a max pooling that run as one block (BatchNormReLUPool.swift), which do its work:
-    /// then its passes do nothing. Set by the model.
-    var fused = false
 
     override func forward(count: Int, mode: ForwardMode) {
         let n = count * outputCount
-        if fused {
-            outputSquares = nil
-        } else if sumsSquares && mode == .train {
+        if sumsSquares && mode == .train {
             outputSquares = T(reluForwardSquares(floats(x), floats(y), n))
         } else {
             reluForward(x, y, n)
@@ -51,7 +46,7 @@ final class ReLU<T: Scalar>: Layer<T> {
 
     override func backwardInput(count: Int, accumulate: Bool) {
         inputGradientSquares = nil
-        guard let dx, !fused else { return }
+        guard let dx else { return }
         let n = count * inputCount
         // In place, x is y: the mask y > 0 is x > 0.
         if sumsSquares && !accumulate {
@@ -62,8 +57,7 @@ final class ReLU<T: Scalar>: Layer<T> {
     }
 
     override func appendKinkPattern(count: Int, to pattern: inout [Int32]) {
-        // Fused, the pooling appends the signs that matter.
-        if !fused { appendSigns(x, count * inputCount, to: &pattern) }
+        appendSigns(x, count * inputCount, to: &pattern)
     }
 }
 
