@@ -127,6 +127,13 @@ final class Watchdog: Sendable {
         return "\(phase.name) (\(reading))"
     }
 
+    /// How old a heartbeat is when its rank is frozen (SIGSTOP, a debugger, a swapped-out host) rather than waiting:
+    /// a live rank's watchdog writes one every 1 to 1.25 s. A rank frozen inside the same collective as this one has
+    /// not written one since about when this one began to wait, so this must stay below the timeout, or a frozen rank
+    /// would pass for one "waiting in the same collective" (a 5 s bound missed it under a 3 s timeout); at least 2 s
+    /// for a loaded machine, and 5 s at most, which no live rank's heartbeat reaches.
+    private var staleHeartbeatSeconds: Double { min(5, max(2, 0.75 * timeout)) }
+
     /// - Parameter phase: the phase's name, as `name(_:_:)` gives it.
     private func stallReport(phase: String, step: Int, waited: Double) -> String {
         var lines = ["stall: rank \(rank) has waited \(String(format: "%.1f", waited)) s in the \(phase) of step \(step) "
@@ -142,7 +149,7 @@ final class Watchdog: Sendable {
             let otherStep = record["step"] as? Int ?? -1
             let otherPhase = record["phase"] as? String ?? "?"
             let age = Date().timeIntervalSince1970 - (record["time"] as? Double ?? 0)
-            if otherPhase != phase || otherStep != step || age > 5 {
+            if otherPhase != phase || otherStep != step || age > staleHeartbeatSeconds {
                 missing.append("rank \(other) (\(otherPhase) at step \(otherStep), heartbeat \(String(format: "%.0f", age)) s ago)")
             }
         }
