@@ -56,6 +56,22 @@ struct ModelTests {
         #expect(model.gradients.reduce(0, +) == Float((0..<model.parameterCount).reduce(0) { $0 + $1 % 7 }))
     }
 
+    /// A fused batch norm, ReLU, max pooling block is timed once, at its batch norm's index, and the loss after every
+    /// layer of the spec (`spec.layers.count`), never at an index a layer has (the timeline names events by index).
+    @Test func layerTimerReportsAFusedBlockOnceAndTheLossAfterEveryLayer() throws {
+        let spec = ModelSpec(layers: [.conv2d(inChannels: 1, outChannels: 2, kernel: 3, stride: 1, padding: 1, bias: false),
+                                      .batchNorm(features: 2), .relu, .maxPool2d(kernel: 2, stride: 2), .flatten,
+                                      .linear(inputs: 8, outputs: 3)], inputShape: [1, 4, 4])
+        let model = try Model<Float>(spec: spec, batchCapacity: 2)
+        fillRandomBatch(model, rows: 2, seed: 3)
+        var reports: [(Int, Model<Float>.Pass)] = []
+        model.layerTimer = { index, pass, _, _ in reports.append((index, pass)) }
+        model.forward(count: 2, mode: .train)
+        model.backward(count: 2)
+        #expect(reports.map(\.0) == [0, 1, 4, 5, 6, 5, 4, 1, 0], "\(reports)")
+        #expect(model.timedLayerNames[1] == "BatchNorm(2) ReLU MaxPool2d(2)")
+    }
+
     @Test func layerTimerReportsEveryLayerOfBothPassesInOrder() throws {
         let model = try Model<Float>(spec: .mlp(widths: [6, 5, 4, 3]), batchCapacity: 2)
         for i in 0..<12 { model.inputs[i] = Float(i) / 7 - 0.5 }

@@ -330,9 +330,11 @@ func cnnProfileBench() throws {
     var names = ["forward and backward"]
     names += layers.indices.map { layerName($0, .forward) } + [layerName(layers.count, .forward)]
     names += layers.indices.reversed().map { layerName($0, .backward) }
+    // A fused block is timed once, at its batch norm's index: the ReLU and pooling it runs have no line of their own.
     for name in names {
+        guard let times = parts[name] else { continue }
         let alone = name == "forward and backward" ? parts["the step's GEMMs alone"] : parts[name + ": GEMMs alone"]
-        print("| \(name) | \(f(median(parts[name]!) * 1e3)) | \(alone.map { f(median($0) * 1e3) } ?? "") |")
+        print("| \(name) | \(f(median(times) * 1e3)) | \(alone.map { f(median($0) * 1e3) } ?? "") |")
     }
     // Batch norm, ReLU and max pooling fused into one block (BatchNormReLUPool.swift) against the same layers apart.
     let apart = try Model<Float>(spec: spec, batchCapacity: batch, seed: 1, fusesBlocks: false)

@@ -399,7 +399,7 @@ public final class Model<T: Scalar> {
             index += 1
         }
         let lossStarted = timerClock()
-        defer { report(plan.count, .forward, since: lossStarted) }
+        defer { report(spec.layers.count, .forward, since: lossStarted) }
         switch spec.loss {
         case .softmaxCrossEntropy:
             let r = softmaxCrossEntropy(
