@@ -173,14 +173,21 @@ public final class Model<T: Scalar> {
 
     /// The run-time layers of `spec`, one per run of its layers: a layer made by its own class, or a fused block.
     private static func makeLayers(_ spec: ModelSpec, runs: [Range<Int>], shapes: [[Int]], batchCapacity: Int) -> [Layer<T>] {
+        makeLayers(spec.layers, runs: runs, shapes: shapes, batchCapacity: batchCapacity) { $0 }
+    }
+
+    /// The run-time layers of `layers` (a model's, or a block's path), one per run; `identity` gives the layer at
+    /// position i of `layers` its index (the model's position, or a block's own identity for an inner layer).
+    static func makeLayers(_ layers: [LayerSpec], runs: [Range<Int>], shapes: [[Int]], batchCapacity: Int,
+                           identity: (Int) -> Int) -> [Layer<T>] {
         runs.map { run in
             let index = run.lowerBound
-            let placement = LayerPlacement(index: index, inputShape: shapes[index], outputShape: shapes[run.upperBound],
-                                           batchCapacity: batchCapacity)
-            guard run.count == 3, let pool = spec.layers[index + 2].as(MaxPool2dKind.self) else {
-                return spec.layers[index].kind.makeLayer(placement)
+            let placement = LayerPlacement(index: identity(index), inputShape: shapes[index],
+                                           outputShape: shapes[run.upperBound], batchCapacity: batchCapacity)
+            guard run.count == 3, let pool = layers[index + 2].as(MaxPool2dKind.self) else {
+                return layers[index].kind.makeLayer(placement)
             }
-            return BatchNormReLUPool<T>(placement, normalization: spec.layers[index], pool: pool)
+            return BatchNormReLUPool<T>(placement, normalization: layers[index], pool: pool)
         }
     }
 
@@ -218,7 +225,7 @@ public final class Model<T: Scalar> {
 
     /// Points every layer with parameters at its tensors in `parameters` and `gradients`, and every layer with
     /// state at its part of `buffers`, in plan order. Returns how many parameters and buffer values were bound.
-    private static func bindParameters(_ plan: [Layer<T>], parameters: UnsafeMutableBufferPointer<T>,
+    static func bindParameters(_ plan: [Layer<T>], parameters: UnsafeMutableBufferPointer<T>,
                                        gradients: UnsafeMutableBufferPointer<T>,
                                        buffers: UnsafeMutableBufferPointer<T>) -> (Int, Int) {
         var parameterOffset = 0, bufferOffset = 0
@@ -331,17 +338,22 @@ public final class Model<T: Scalar> {
     public func initializeParameters(seed: UInt64) {
         var generator = RandomGenerator(seed: seed, stream: .initialization)
         for layer in plan where layer.parameters != nil || layer.buffers != nil {
-            let fed = fedRole(after: layer.index)
-            var gain = 1.0, scheme = spec.initialization
-            if case let .kaiming(g) = fed { gain = g }
-            if scheme == .automatic { scheme = if case .kaiming = fed { .kaimingNormal } else { .xavierNormal } }
+            let (scheme, gain) = Model.initialization(spec.initialization, feeding: fedRole(after: layer.index))
             layer.initialize(scheme: scheme, gain: gain, generator: &generator)
         }
     }
 
+    /// The scheme and gain of weights that feed `fed` (nil: nothing), under the model's `initialization`.
+    static func initialization(_ initialization: Initialization, feeding fed: InitializationRole?) -> (Initialization, Double) {
+        var gain = 1.0, scheme = initialization
+        if case let .kaiming(g) = fed { gain = g }
+        if scheme == .automatic { scheme = if case .kaiming = fed { .kaimingNormal } else { .xavierNormal } }
+        return (scheme, gain)
+    }
+
     /// What the layer at `index` feeds: the role of the first layer after it that is not transparent (dropout,
     /// normalisation, pooling, flatten), nil at the end.
-    private func fedRole(after index: Int) -> InitializationRole? {
+    func fedRole(after index: Int) -> InitializationRole? {
         spec.layers[(index + 1)...].lazy.map(\.kind.initializationRole).first { $0 != .transparent }
     }
 
