@@ -156,7 +156,7 @@ public struct ResidualKind: LayerKind {
         let (body, rest) = try bracketedList(Substring(text), entry)
         let tail = rest.drop { $0 == " " }
         if tail.isEmpty { return (body, nil) }
-        guard tail.hasPrefix("shortcut") else {
+        guard tail.prefix(while: { $0 != " " && $0 != "[" }) == "shortcut" else {
             throw entry.fail("expected 'shortcut [ENTRY, ...]' after the body, got '\(tail)'")
         }
         let (shortcut, end) = try bracketedList(tail.dropFirst("shortcut".count), entry)
