@@ -66,6 +66,42 @@ struct ResidualTests {
         #expect(report.direction.relativeError <= 1e-6, "\(name):\n\(report.text)")
     }
 
+    /// The fused batch norm, ReLU, max pooling block inside a body and a shortcut against the same layers run apart
+    /// (`fusesBlocks: false` reaches into blocks): outputs and running statistics bit for bit, gradients up to the
+    /// order of the sums.
+    @Test(arguments: [false, true])
+    func aFusedBlockInsideABlockComputesWhatItsLayersDoApart(float: Bool) throws {
+        let spec = ModelSpec(layers: [
+            Self.conv(2, 3, 3, pad: 1), .batchNorm(features: 3), .relu,
+            .residual(body: [Self.conv(3, 4, 3, pad: 1), .batchNorm(features: 4), .relu, .maxPool2d(kernel: 2, stride: 2)],
+                      shortcut: [Self.conv(3, 4, 1), .batchNorm(features: 4), .relu, .maxPool2d(kernel: 2, stride: 2)]),
+            .flatten, .linear(inputs: 4 * 16, outputs: 3),
+        ], inputShape: [2, 8, 8])
+        if float { try compareFusedAndApart(spec, Float.self) } else { try compareFusedAndApart(spec, Double.self) }
+    }
+
+    func compareFusedAndApart<T: Scalar>(_ spec: ModelSpec, _: T.Type) throws {
+        let rows = 5
+        let fused = try Model<T>(spec: spec, batchCapacity: rows, seed: 3)
+        let apart = try Model<T>(spec: spec, batchCapacity: rows, seed: 3, fusesBlocks: false)
+        var g = RandomGenerator(seed: 4, stream: 1)
+        for info in fused.parameterTable where info.shape.count == 1 {
+            for i in info.range { fused.parameters[i] += T(0.5 * g.nextNormal()) }
+        }
+        apart.loadParameters(from: UnsafeBufferPointer(fused.parameters))
+        for model in [fused, apart] { fillRandomBatch(model, rows: rows, seed: 9) }
+        for mode in [ForwardMode.train, .check, .eval] {
+            #expect(fused.forward(count: rows, mode: mode) == apart.forward(count: rows, mode: mode), "\(mode)")
+            for i in 0..<(rows * fused.outputWidth) { #expect(fused.outputs[i] == apart.outputs[i], "\(mode) output \(i)") }
+            fused.backward(count: rows, accumulate: false) { _ in }
+            apart.backward(count: rows, accumulate: false) { _ in }
+            let a = Array(fused.gradients).map(Double.init), b = Array(apart.gradients).map(Double.init)
+            let scale = b.map(abs).max()!
+            #expect(scale > 0 && zip(a, b).allSatisfy { abs($0 - $1) <= tolerance(T.self) * scale }, "\(mode) gradients")
+        }
+        #expect(Array(fused.buffers) == Array(apart.buffers), "running statistics")
+    }
+
     @Test func tensorsHavePyTorchNames() throws {
         let spec = Self.models[1].1
         let names = spec.parameterTable.map(\.name)

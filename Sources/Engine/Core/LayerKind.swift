@@ -112,6 +112,8 @@ public struct LayerPlacement: Sendable {
     let inputShape: [Int]
     let outputShape: [Int]
     let batchCapacity: Int
+    /// Whether a block's inner batch norm, ReLU, max pooling runs fuse, as the model's own do (`Model.init`).
+    var fusesBlocks = true
 }
 
 /// One layer of a sequential model: a kind with its settings. The position of a layer in `ModelSpec.layers` is its

@@ -73,7 +73,7 @@ public struct ResidualKind: LayerKind {
         for (name, path) in paths {
             let shapes = (try? Self.shapes(path, name, input: input)) ?? []
             guard shapes.count == path.count + 1 else { continue }
-            for (run, _) in Self.innerRuns(path) {
+            for (run, _) in Self.innerRuns(path, fusing: true) {
                 let needs = run.count == 1
                     ? path[run.lowerBound].workspace(input: shapes[run.lowerBound], output: shapes[run.upperBound],
                                                      batchCapacity: rows, scalarBytes: scalarBytes)
@@ -83,16 +83,16 @@ public struct ResidualKind: LayerKind {
                 scratch = max(scratch, needs.scratchElements)
             }
         }
-        let owned = ownedElements(input: input, batchCapacity: rows)
+        let owned = ownedElements(input: input, batchCapacity: rows, fusing: true)
         return (bytes + LargeBuffer.allocatedBytes(owned * scalarBytes), scratch)
     }
 
     /// Elements of the buffers the block allocates for its inner layers (see `workspace`).
-    func ownedElements(input: [Int], batchCapacity rows: Double) -> Double {
+    func ownedElements(input: [Int], batchCapacity rows: Double, fusing: Bool) -> Double {
         var elements = shortcut == nil ? 0 : input.reduce(1.0) { $0 * Double($1) }
         for (name, path) in paths {
             guard let shapes = try? Self.shapes(path, name, input: input) else { continue }
-            let runs = Self.innerRuns(path)
+            let runs = Self.innerRuns(path, fusing: fusing)
             for (position, (run, inPlace)) in runs.enumerated() where !inPlace {
                 let width = shapes[run.upperBound].reduce(1.0) { $0 * Double($1) }
                 elements += position == runs.count - 1 ? width : 2 * width
@@ -128,9 +128,10 @@ public struct ResidualKind: LayerKind {
 
     /// The run-time layers of a path, as runs of its layers (a fused block inside a body is one), and whether each
     /// runs in place: as its kind says, except the first of a path (its input is the block's, which the other path
-    /// reads) and the last (its output gradient is the block's, which the other path reads too).
-    static func innerRuns(_ path: [LayerSpec]) -> [(run: Range<Int>, inPlace: Bool)] {
-        let runs = LayerSpec.planRuns(path, fusing: true)
+    /// reads) and the last (its output gradient is the block's, which the other path reads too). The workspace is
+    /// the fused plan's, as training runs it (a model with `fusesBlocks: false` is a reference for tests).
+    static func innerRuns(_ path: [LayerSpec], fusing: Bool) -> [(run: Range<Int>, inPlace: Bool)] {
+        let runs = LayerSpec.planRuns(path, fusing: fusing)
         return runs.enumerated().map { position, run in
             let inner = position > 0 && position < runs.count - 1
             return (run, inner && path[run.lowerBound].kind.runsInPlace(after: path[run.lowerBound - 1]))
@@ -252,8 +253,9 @@ final class Residual<T: Scalar>: Layer<T> {
         func make(_ path: [LayerSpec], _ number: Int) -> ([Layer<T>], [Int]) {
             let shapes = (try? ResidualKind.shapes(path, "", input: placement.inputShape)) ?? []
             precondition(shapes.count == path.count + 1, "residual block built from a spec that does not fit")
-            let runs = ResidualKind.innerRuns(path)
-            let layers: [Layer<T>] = Model.makeLayers(path, runs: runs.map(\.run), shapes: shapes, batchCapacity: placement.batchCapacity) {
+            let runs = ResidualKind.innerRuns(path, fusing: placement.fusesBlocks)
+            let layers: [Layer<T>] = Model.makeLayers(path, runs: runs.map(\.run), shapes: shapes, batchCapacity: placement.batchCapacity,
+                                                      fusesBlocks: placement.fusesBlocks) {
                 Residual.innerIdentity(block: placement.index, path: number, position: $0)
             }
             for (layer, run) in zip(layers, runs) { layer.runsInPlace = run.inPlace }
@@ -261,7 +263,8 @@ final class Residual<T: Scalar>: Layer<T> {
         }
         (body, bodyStarts) = make(kind.body, 0)
         (shortcut, shortcutStarts) = kind.shortcut.map { make($0, 1) } ?? ([], [])
-        arena = LargeBuffer.allocate(Int(kind.ownedElements(input: placement.inputShape, batchCapacity: Double(placement.batchCapacity))))
+        arena = LargeBuffer.allocate(Int(kind.ownedElements(input: placement.inputShape, batchCapacity: Double(placement.batchCapacity),
+                                                            fusing: placement.fusesBlocks)))
         arena.initialize(repeating: 0)
         super.init(placement, spec: LayerSpec(kind))
     }
