@@ -126,6 +126,8 @@ struct ResidualTests {
         #expect(try block.outputShape(input: [3, 6, 6]) == [4, 3, 3])
         #expect(LayerKinds.entryIsSpatial(["residual", "[linear", "4,", "residual", "[conv", "4", "3]]"]))
         #expect(!LayerKinds.entryIsSpatial(["residual", "[linear", "4,", "relu]"]))
+        #expect(block.isSpatial && !LayerSpec.residual(body: [.relu]).isSpatial && LayerSpec.conv2d(
+            inChannels: 1, outChannels: 1, kernel: 1, stride: 1, padding: 0, bias: true).isSpatial && !LayerSpec.flatten.isSpatial)
     }
 
     @Test(arguments: [

@@ -130,7 +130,8 @@ public struct LayerSpec: Equatable, Sendable, CustomStringConvertible {
     public var description: String { kind.description }
     /// The entry in `model.layers` syntax ("conv 32 3 pad 1 nobias").
     public var entry: String { kind.entry }
-    public var isSpatial: Bool { type(of: kind).isSpatial }
+    /// Whether the layer works on images only (a block: whether one of its entries does).
+    public var isSpatial: Bool { LayerKinds.entryIsSpatial(entry.split(separator: " ").map(String.init)) }
     public var hasKink: Bool { kind.hasKink }
     public func outputShape(input: [Int]) throws(ModelSpecError) -> [Int] { try kind.outputShape(input: input) }
     public func parameterShapes(input: [Int]) -> [(String, [Int])] { kind.parameterShapes(input: input) }
