@@ -21,7 +21,7 @@ extension Configuration {
             for (i, item) in self.layers.enumerated() { words.append(try Self.layerWords(item, key: "model.layers[\(i)]")) }
         }
         var shape: [Int]
-        if let spatial = words.firstIndex(where: { LayerKinds.named($0[0])?.isSpatial ?? false }) {
+        if let spatial = words.firstIndex(where: LayerKinds.entryIsSpatial) {
             switch sampleShape.count {
             case 2: shape = [1] + sampleShape
             case 3: shape = sampleShape
@@ -70,7 +70,9 @@ extension Configuration {
     static func layer(_ words: [String], input: [Int], key: String) throws -> LayerSpec {
         let parsed: LayerSpec?
         do { parsed = try LayerSpec.parse(words, input: input) } catch {
-            throw ConfigError(description: "\(key): '\(words.joined(separator: " "))': \(error.reason)")
+            // An entry inside a block is named by its place in it, model.layers[3].residual[1].
+            throw ConfigError(description: error.path.isEmpty ? "\(key): '\(words.joined(separator: " "))': \(error.reason)"
+                : "\(key).\(error.path): \(error.reason)")
         }
         guard let parsed else { throw unknownLayer(words.first ?? "", key: key) }
         return parsed

@@ -148,9 +148,20 @@ struct Configuration: Equatable {
         key("model.hidden", \.hidden, "widths of the hidden layers of the MLP"),
         key("model.activation", \.activation, "the activation after each hidden layer: a model.layers entry such as relu, gelu or leaky_relu 0.2"),
         key("model.dropout", \.dropout, "drop probability after every hidden activation (0 = none)"),
-        key("model.layers", \.layers,
-            "explicit layer list overriding hidden/activation/dropout, e.g. [linear 512, gelu, dropout 0.1, linear 256, relu]; "
-                + "the output layer is added"),
+        Key(path: "model.layers",
+            help: "explicit layer list overriding hidden/activation/dropout, e.g. [linear 512, gelu, dropout 0.1, linear 256, relu]; "
+                + "the output layer is added; a residual block is a mapping {residual: [ENTRY, ...], shortcut: [ENTRY, ...]}",
+            read: { config, node in
+                guard case let .sequence(items) = node else { return false }
+                var entries: [String] = []
+                for item in items {
+                    guard let text = layerEntryText(item) else { return false }
+                    entries.append(text)
+                }
+                config.layers = entries
+                return true
+            },
+            write: { $0.layers.node }, typeName: "a list of layer entries"),
         key("model.init", \.initialization, "auto, kaiming_normal, kaiming_uniform, xavier_normal or xavier_uniform"),
         key("model.loss", \.loss, "cross_entropy or mse"),
         key("model.batchnorm", \.batchNorm,
@@ -335,6 +346,29 @@ func editDistance(_ a: String, _ b: String) -> Int {
 }
 
 // MARK: - Values
+
+extension Configuration {
+    /// One `model.layers` item as its entry text: a string as it is, a block's mapping `{residual: [a, b],
+    /// shortcut: [c]}` as "residual [a, b] shortcut [c]" (its kind parses that, and names what is wrong in it), a list
+    /// inside as "[a, b]". Nil for what no entry can be (an alias, a key that is not a string).
+    static func layerEntryText(_ node: Node) -> String? {
+        switch node {
+        case let .scalar(s): return s.string
+        case let .sequence(items):
+            let texts = items.compactMap(layerEntryText)
+            return texts.count == items.count ? "[" + texts.joined(separator: ", ") + "]" : nil
+        case let .mapping(mapping):
+            // The block's name first, whatever order the YAML wrote its keys in.
+            var parts: [(String, String)] = []
+            for (key, value) in mapping {
+                guard let name = key.string, let text = layerEntryText(value) else { return nil }
+                parts.append((name, name + " " + text))
+            }
+            return (parts.filter { $0.0 == "residual" } + parts.filter { $0.0 != "residual" }).map(\.1).joined(separator: " ")
+        case .alias: return nil
+        }
+    }
+}
 
 protocol ConfigValue: SendableMetatype {
     init?(node: Node)

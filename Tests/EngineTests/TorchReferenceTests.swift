@@ -101,6 +101,30 @@ struct TorchReferenceTests {
              spec: ModelSpec(layers: [conv(2, 3, 3, pad: 1), .tanh, .layerNorm(features: 6), .flatten,
                                       .linear(inputs: 108, outputs: 3)], inputShape: [2, 6, 6]),
              mode: .eval),
+        Case(name: "residual blocks: identity, stride-2 projection, training after 2 steps",
+             spec: ModelSpec(layers: [conv(2, 4, 3, pad: 1, bias: false), .batchNorm(features: 4), .relu,
+                                      .residual(body: [conv(4, 4, 3, pad: 1, bias: false), .batchNorm(features: 4), .relu,
+                                                       conv(4, 4, 3, pad: 1, bias: false), .batchNorm(features: 4)]),
+                                      .relu,
+                                      .residual(body: [conv(4, 6, 3, stride: 2, pad: 1, bias: false), .batchNorm(features: 6), .relu,
+                                                       .maxPool2d(kernel: 1, stride: 1), conv(6, 6, 3, pad: 1, bias: false),
+                                                       .batchNorm(features: 6)],
+                                                shortcut: [conv(4, 6, 1, stride: 2, bias: false), .batchNorm(features: 6)]),
+                                      .relu, .globalAvgPool2d, .flatten, .linear(inputs: 6, outputs: 3)], inputShape: [2, 6, 6]),
+             mode: .train, steps: 2, rows: 5),
+        Case(name: "residual blocks, evaluation after 3 steps, nested, on features",
+             spec: ModelSpec(layers: [.linear(inputs: 6, outputs: 5), .tanh,
+                                      .residual(body: [.linear(inputs: 5, outputs: 5), .batchNorm(features: 5), .gelu,
+                                                       .residual(body: [.linear(inputs: 5, outputs: 5), .tanh])]),
+                                      .linear(inputs: 5, outputs: 3)], inputShape: [6]),
+             mode: .eval, steps: 3, rows: 6),
+        Case(name: "Float: residual block with a fused block in its body, training",
+             spec: ModelSpec(layers: [conv(1, 4, 3, pad: 1, bias: false), .batchNorm(features: 4), .relu,
+                                      .residual(body: [conv(4, 4, 3, pad: 1, bias: false), .batchNorm(features: 4), .relu,
+                                                       .maxPool2d(kernel: 2, stride: 2)],
+                                                shortcut: [conv(4, 4, 1, stride: 2, bias: false), .batchNorm(features: 4)]),
+                                      .relu, .flatten, .linear(inputs: 64, outputs: 3)], inputShape: [1, 8, 8]),
+             mode: .train, float: true),
         Case(name: "Float: a small CNN, batch norm training",
              spec: ModelSpec(layers: [conv(1, 4, 3, pad: 1, bias: false), .batchNorm(features: 4), .relu,
                                       .maxPool2d(kernel: 2, stride: 2), conv(4, 6, 3, stride: 2, pad: 1), .leakyReLU(slope: 0.2),
@@ -267,9 +291,21 @@ struct TorchReferenceTests {
         cases = json.load(open(sys.argv[1]))
         given = load_file(sys.argv[2])
 
+        class Residual(nn.Module):
+            # As the README's loader has it: body(x) + shortcut(x), the identity without a shortcut.
+            def __init__(self, body, shortcut=None):
+                super().__init__()
+                self.body, self.shortcut = body, shortcut if shortcut is not None else nn.Identity()
+
+            def forward(self, x):
+                return self.body(x) + self.shortcut(x)
+
         def build(d):
-            # As the README's loader builds a model file's modules: torch.nn's class, the recorded arguments.
-            return getattr(nn, d["module"])(*d["args"], **d["kwargs"])
+            # As the README's loader builds a model file's modules: torch.nn's class (or the loader's own), the
+            # recorded arguments, an argument that is itself a module built first.
+            value = lambda v: build(v) if isinstance(v, dict) else [value(a) for a in v] if isinstance(v, list) else v
+            kind = {"Residual": Residual}.get(d["module"]) or getattr(nn, d["module"])
+            return kind(*map(value, d["args"]), **{k: value(v) for k, v in d["kwargs"].items()})
 
         def reference(case):
             p = case["prefix"]

@@ -126,6 +126,20 @@ struct DistributedGradientCheckTests {
         #expect(!broken.output.contains("training finished"), "\(broken.output)")
     }
 
+    /// Residual blocks with synchronized batch norm in their bodies and shortcuts pass the distributed check.
+    @Test func residualBlocksPassTheDistributedCheck() throws {
+        let data = try SyntheticData(samples: 96, features: 36, imageShape: [6, 6])
+        defer { data.remove() }
+        let run = temporaryRunDirectory()
+        let checked = try Harness.mpirun(2, CNNTests().job(data, batch: 8, runDir: run, extra: ["--set", "model.batchnorm=sync", "--gradcheck"],
+                                                           layers: CNNTests.residualLayers), timeout: 120)
+        #expect(checked.status == 0, "\(checked.output)")
+        #expect(checked.output.contains("gradient check: PASS"), "\(checked.output)")
+        #expect(checked.output.contains("5.shortcut.1.weight"), "\(checked.output)")
+        let json = try report(run)
+        #expect(json["distributed"] as? Bool == true && json["ranks"] as? Int == 2)
+    }
+
     /// A rank that fails in the middle of the distributed check, while the others wait in one of its sums, ends every
     /// rank within seconds with its message, and no report is written; at train time the watchdog names a rank that
     /// stalls inside the check.

@@ -65,6 +65,18 @@ struct StepAllocationTests {
         #expect(count == 0, "\(count) allocations in 12 steps")
     }
 
+    /// Residual blocks: the inner layers' passes (fused block and dropout in a body, a projection shortcut), the sum
+    /// and the gradient where the paths meet.
+    @Test func residualBlockSteps() throws {
+        let data = try SyntheticData(samples: 128, features: 64, classes: 4, imageShape: [1, 8, 8])
+        let settings = ["model.layers=[conv 4 3 pad 1 nobias, batchnorm, relu, "
+                            + "{residual: [conv 4 3 pad 1 nobias, batchnorm, relu, dropout 0.2, conv 4 3 pad 1 nobias, batchnorm]}, relu, "
+                            + "{residual: [conv 6 3 pad 1 nobias, batchnorm, relu, maxpool 2], shortcut: [conv 6 1 stride 2 nobias]}, "
+                            + "flatten, linear 4]"]
+        let count = try allocations(data, settings)
+        #expect(count == 0, "\(count) allocations in 12 steps")
+    }
+
     /// Mapped `.npy` shards: gathering from the mapping and asking for the pages of a later batch (`data.prefetch`).
     @Test func mappedShardSteps() throws {
         let directory = temporaryRunDirectory()

@@ -325,6 +325,14 @@ public enum Elementwise {
         for i in 0..<n { y[i] += x[i] }
     }
 
+    /// out = a + b (a residual block's sum of its paths)
+    @_specialize(where T == Float) @_specialize(where T == Double)
+    public static func add<T: Scalar>(
+        _ a: UnsafePointer<T>, _ b: UnsafePointer<T>, into out: UnsafeMutablePointer<T>, _ n: Int
+    ) {
+        for i in 0..<n { out[i] = a[i] + b[i] }
+    }
+
     /// x *= a
     @_specialize(where T == Float) @_specialize(where T == Double)
     public static func scale<T: Scalar>(_ x: UnsafeMutablePointer<T>, _ n: Int, by a: T) {

@@ -15,6 +15,8 @@ public protocol LayerKind: Sendable, Equatable, CustomStringConvertible {
     /// Whether the kind works on images [C, H, W] only: a model with one sees image samples (an [H, W] sample as one
     /// channel), any other model flat samples.
     static var isSpatial: Bool { get }
+    /// Whether one entry of this kind works on images only: `isSpatial`, unless the kind nests entries (a block).
+    static func isSpatial(_ entry: LayerEntry) -> Bool
     /// The kind from one entry (its name first) for input samples of `input`, which fixes what the entry leaves out
     /// (a linear layer's inputs, the channels of a convolution or a normalisation). The shapes are checked after, by
     /// `outputShape`.
@@ -72,6 +74,7 @@ public enum InitializationRole: Equatable, Sendable {
 }
 
 extension LayerKind {
+    public static func isSpatial(_ entry: LayerEntry) -> Bool { isSpatial }
     /// Whether `other` is this same kind with the same settings.
     func isEqual(to other: any LayerKind) -> Bool { (other as? Self) == self }
     /// The entry's name in `model.layers` (the first word of its syntax).
@@ -84,12 +87,18 @@ public enum LayerKinds {
     public static let all: [any LayerKind.Type] = [
         LinearKind.self, Conv2dKind.self, MaxPool2dKind.self, AvgPool2dKind.self, GlobalAvgPool2dKind.self,
         FlattenKind.self, BatchNormKind.self, LayerNormKind.self, ReLUKind.self, LeakyReLUKind.self, TanhKind.self,
-        SigmoidKind.self, GELUKind.self, SiLUKind.self, DropoutKind.self, Dropout2dKind.self,
+        SigmoidKind.self, GELUKind.self, SiLUKind.self, DropoutKind.self, Dropout2dKind.self, ResidualKind.self,
     ]
 
     /// The kind whose entries start with `name` ("conv"), or nil.
     public static func named(_ name: String) -> (any LayerKind.Type)? {
         all.first { $0.name == name }
+    }
+
+    /// Whether the entry of `words` needs image samples (its kind's `isSpatial(_:)`); false for an unknown name.
+    public static func entryIsSpatial(_ words: [String]) -> Bool {
+        guard let name = words.first, let kind = named(name) else { return false }
+        return kind.isSpatial(LayerEntry(words: words))
     }
 
     /// Every entry's name, sorted: for an error that lists what `model.layers` takes.
@@ -103,6 +112,8 @@ public struct LayerPlacement: Sendable {
     let inputShape: [Int]
     let outputShape: [Int]
     let batchCapacity: Int
+    /// Whether a block's inner batch norm, ReLU, max pooling runs fuse, as the model's own do (`Model.init`).
+    var fusesBlocks = true
 }
 
 /// One layer of a sequential model: a kind with its settings. The position of a layer in `ModelSpec.layers` is its
@@ -119,7 +130,8 @@ public struct LayerSpec: Equatable, Sendable, CustomStringConvertible {
     public var description: String { kind.description }
     /// The entry in `model.layers` syntax ("conv 32 3 pad 1 nobias").
     public var entry: String { kind.entry }
-    public var isSpatial: Bool { type(of: kind).isSpatial }
+    /// Whether the layer works on images only (a block: whether one of its entries does).
+    public var isSpatial: Bool { LayerKinds.entryIsSpatial(entry.split(separator: " ").map(String.init)) }
     public var hasKink: Bool { kind.hasKink }
     public func outputShape(input: [Int]) throws(ModelSpecError) -> [Int] { try kind.outputShape(input: input) }
     public func parameterShapes(input: [Int]) -> [(String, [Int])] { kind.parameterShapes(input: input) }
@@ -145,6 +157,13 @@ public struct LayerSpec: Equatable, Sendable, CustomStringConvertible {
 /// Why an entry of `model.layers` does not parse; the caller names the key and the entry.
 public struct LayerEntryError: Error, Equatable {
     public let reason: String
+    /// Where in a block the failing entry is (`residual[1]`, `residual[0].shortcut[1]`); empty for the entry itself.
+    public var path: String
+
+    public init(reason: String, path: String = "") {
+        self.reason = reason
+        self.path = path
+    }
 }
 
 /// The words of one `model.layers` entry (its name first) and the checks kinds make on them.

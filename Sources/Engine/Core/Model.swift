@@ -114,8 +114,9 @@ public final class Model<T: Scalar> {
 
     /// `crossRankReducer`: sums across ranks for synchronized batch norm, given to every batch norm layer (nil: each
     /// rank normalises its own batch). `fusesBlocks: false` runs every batch norm, ReLU, max pooling block as three
-    /// separate layers, as a reference for tests and benchmarks (see BatchNormReLUPool.swift); training always fuses.
-    /// The memory estimate (`footprint`) takes the same flag.
+    /// separate layers (inside residual blocks too), as a reference for tests and benchmarks (see
+    /// BatchNormReLUPool.swift); training always fuses. The memory estimate (`footprint`) takes the same flag, except
+    /// inside blocks, which it counts fused.
     /// - Parameter seed: draws the dropout masks (with `setSamples`' keys).
     public init(spec: ModelSpec, batchCapacity: Int, seed: UInt64 = 0, controlSlots: Int = 0, crossRankReducer: CrossRankReducer? = nil,
                 fusesBlocks: Bool = true) throws(ModelSpecError) {
@@ -147,7 +148,8 @@ public final class Model<T: Scalar> {
         for row in 0..<batchCapacity { sampleStreams[row] = RandomGenerator.stream(.dropout, epoch: 0, index: row) }
 
         let runs = LayerSpec.planRuns(spec.layers, fusing: fusesBlocks)
-        let plan = Model.placeInPlace(Model.makeLayers(spec, runs: runs, shapes: shapes, batchCapacity: batchCapacity),
+        let plan = Model.placeInPlace(Model.makeLayers(spec.layers, runs: runs, shapes: shapes, batchCapacity: batchCapacity,
+                                                       fusesBlocks: fusesBlocks) { $0 },
                                       specs: spec.layers)
         planPosition = runs.enumerated().flatMap { position, run in run.map { _ in position } }
         // One arena holds the input batch, every activation and activation gradient a layer does not share with
@@ -171,16 +173,19 @@ public final class Model<T: Scalar> {
         initializeParameters(seed: seed)
     }
 
-    /// The run-time layers of `spec`, one per run of its layers: a layer made by its own class, or a fused block.
-    private static func makeLayers(_ spec: ModelSpec, runs: [Range<Int>], shapes: [[Int]], batchCapacity: Int) -> [Layer<T>] {
+    /// The run-time layers of `layers` (a model's, or a block's path), one per run of its layers: a layer made by
+    /// its own class, or a fused block. `identity` gives the layer at position i of `layers` its index (the model's
+    /// position, or a block's own identity for an inner layer); a block fuses inside as `fusesBlocks` says.
+    static func makeLayers(_ layers: [LayerSpec], runs: [Range<Int>], shapes: [[Int]], batchCapacity: Int, fusesBlocks: Bool,
+                           identity: (Int) -> Int) -> [Layer<T>] {
         runs.map { run in
             let index = run.lowerBound
-            let placement = LayerPlacement(index: index, inputShape: shapes[index], outputShape: shapes[run.upperBound],
-                                           batchCapacity: batchCapacity)
-            guard run.count == 3, let pool = spec.layers[index + 2].as(MaxPool2dKind.self) else {
-                return spec.layers[index].kind.makeLayer(placement)
+            let placement = LayerPlacement(index: identity(index), inputShape: shapes[index],
+                                           outputShape: shapes[run.upperBound], batchCapacity: batchCapacity, fusesBlocks: fusesBlocks)
+            guard run.count == 3, let pool = layers[index + 2].as(MaxPool2dKind.self) else {
+                return layers[index].kind.makeLayer(placement)
             }
-            return BatchNormReLUPool<T>(placement, normalization: spec.layers[index], pool: pool)
+            return BatchNormReLUPool<T>(placement, normalization: layers[index], pool: pool)
         }
     }
 
@@ -218,7 +223,7 @@ public final class Model<T: Scalar> {
 
     /// Points every layer with parameters at its tensors in `parameters` and `gradients`, and every layer with
     /// state at its part of `buffers`, in plan order. Returns how many parameters and buffer values were bound.
-    private static func bindParameters(_ plan: [Layer<T>], parameters: UnsafeMutableBufferPointer<T>,
+    static func bindParameters(_ plan: [Layer<T>], parameters: UnsafeMutableBufferPointer<T>,
                                        gradients: UnsafeMutableBufferPointer<T>,
                                        buffers: UnsafeMutableBufferPointer<T>) -> (Int, Int) {
         var parameterOffset = 0, bufferOffset = 0
@@ -331,17 +336,22 @@ public final class Model<T: Scalar> {
     public func initializeParameters(seed: UInt64) {
         var generator = RandomGenerator(seed: seed, stream: .initialization)
         for layer in plan where layer.parameters != nil || layer.buffers != nil {
-            let fed = fedRole(after: layer.index)
-            var gain = 1.0, scheme = spec.initialization
-            if case let .kaiming(g) = fed { gain = g }
-            if scheme == .automatic { scheme = if case .kaiming = fed { .kaimingNormal } else { .xavierNormal } }
+            let (scheme, gain) = Model.initialization(spec.initialization, feeding: fedRole(after: layer.index))
             layer.initialize(scheme: scheme, gain: gain, generator: &generator)
         }
     }
 
+    /// The scheme and gain of weights that feed `fed` (nil: nothing), under the model's `initialization`.
+    static func initialization(_ initialization: Initialization, feeding fed: InitializationRole?) -> (Initialization, Double) {
+        var gain = 1.0, scheme = initialization
+        if case let .kaiming(g) = fed { gain = g }
+        if scheme == .automatic { scheme = if case .kaiming = fed { .kaimingNormal } else { .xavierNormal } }
+        return (scheme, gain)
+    }
+
     /// What the layer at `index` feeds: the role of the first layer after it that is not transparent (dropout,
     /// normalisation, pooling, flatten), nil at the end.
-    private func fedRole(after index: Int) -> InitializationRole? {
+    func fedRole(after index: Int) -> InitializationRole? {
         spec.layers[(index + 1)...].lazy.map(\.kind.initializationRole).first { $0 != .transparent }
     }
 

@@ -89,9 +89,10 @@ final class Dropout<T: Scalar>: Layer<T> {
 extension Model {
     /// The generator of row `row`'s dropout mask in layer `layer`: seeded from (the model's seed, the row's sample
     /// stream as `setSamples` keyed it, the layer), so the same sample in the same epoch gets the same mask wherever,
-    /// and by whichever rank, it is trained.
+    /// and by whichever rank, it is trained. A layer inside a block has a negative identity of its own
+    /// (`Residual.innerIdentity`).
     @inline(__always)
     func dropoutGenerator(row: Int, layer: Int) -> RandomGenerator {
-        RandomGenerator(seed: dropoutSeed, stream: RandomGenerator.mix(sampleStreams[row] ^ RandomGenerator.mix(UInt64(layer))))
+        RandomGenerator(seed: dropoutSeed, stream: RandomGenerator.mix(sampleStreams[row] ^ RandomGenerator.mix(UInt64(truncatingIfNeeded: layer))))
     }
 }

@@ -1,0 +1,152 @@
+import Engine
+import Testing
+
+@Suite("Residual blocks")
+struct ResidualTests {
+    static func conv(_ i: Int, _ o: Int, _ k: Int, stride: Int = 1, pad: Int = 0, bias: Bool = false) -> LayerSpec {
+        .conv2d(inChannels: i, outChannels: o, kernel: k, stride: stride, padding: pad, bias: bias)
+    }
+
+    /// Blocks as a ResNet has them, after a stem: the identity, a stride-2 projection, a body with the fused batch
+    /// norm, ReLU and pooling block, and one with dropout (off in the check) and a nested block.
+    static let models: [(String, ModelSpec)] = [
+        ("identity shortcut", ModelSpec(layers: [
+            conv(2, 3, 3, pad: 1), .batchNorm(features: 3), .relu,
+            .residual(body: [conv(3, 3, 3, pad: 1), .batchNorm(features: 3), .relu, conv(3, 3, 3, pad: 1), .batchNorm(features: 3)]),
+            .relu, .flatten, .linear(inputs: 3 * 36, outputs: 4),
+        ], inputShape: [2, 6, 6])),
+        ("stride-2 projection", ModelSpec(layers: [
+            conv(2, 3, 3, pad: 1), .batchNorm(features: 3), .relu,
+            .residual(body: [conv(3, 4, 3, stride: 2, pad: 1), .batchNorm(features: 4), .relu, conv(4, 4, 3, pad: 1),
+                             .batchNorm(features: 4)],
+                      shortcut: [conv(3, 4, 1, stride: 2), .batchNorm(features: 4)]),
+            .relu, .flatten, .linear(inputs: 4 * 9, outputs: 3),
+        ], inputShape: [2, 6, 6])),
+        ("fused block and tanh inside, conv bias in the shortcut", ModelSpec(layers: [
+            conv(2, 3, 3, pad: 1, bias: true), .tanh,
+            .residual(body: [conv(3, 4, 3, pad: 1), .batchNorm(features: 4), .relu, .maxPool2d(kernel: 2, stride: 2), .tanh],
+                      shortcut: [conv(3, 4, 1, stride: 2, bias: true)]),
+            .flatten, .linear(inputs: 4 * 9, outputs: 3),
+        ], inputShape: [2, 6, 6])),
+        ("flat, nested, with dropout", ModelSpec(layers: [
+            .linear(inputs: 5, outputs: 6), .tanh,
+            .residual(body: [.linear(inputs: 6, outputs: 6), .tanh, .dropout(probability: 0.5),
+                             .residual(body: [.batchNorm(features: 6), .linear(inputs: 6, outputs: 6), .relu]), .linear(inputs: 6, outputs: 6)]),
+            .tanh, .linear(inputs: 6, outputs: 3),
+        ], inputShape: [5])),
+    ]
+
+    func checkedModel(_ spec: ModelSpec, rows: Int = 4, seed: UInt64 = 1) throws -> Model<Double> {
+        let model = try Model<Double>(spec: spec, batchCapacity: rows, seed: seed)
+        fillRandomBatch(model, rows: rows, seed: seed)
+        var g = RandomGenerator(seed: seed, stream: 77)
+        for info in model.parameterTable where info.shape.count == 1 {
+            for i in info.range { model.parameters[i] = 0.1 * g.nextNormal() }
+        }
+        return model
+    }
+
+    @Test(arguments: models.indices)
+    func blocksPassTheFloat64Check(model index: Int) throws {
+        let (name, spec) = Self.models[index]
+        var options = GradientCheckOptions()
+        options.checkAllCoordinates = true
+        // At the default 1e-4 the worst coordinates (batch norm weights in a body) err by the step's own truncation,
+        // up to 1e-4, falling as eps^2 with smaller steps: the derivative is right, the difference is curved there.
+        // At 1e-5 every coordinate is within 1e-6; much smaller and rounding in the cost takes over.
+        options.epsilon = 1e-5
+        let report = checkGradients(model: try checkedModel(spec), count: 4, options: options)
+        #expect(report.verdict == .pass, "\(name):\n\(report.text)")
+        #expect(report.deterministic)
+        #expect(report.tensors.count == spec.parameterTable.count)
+        for tensor in report.tensors {
+            #expect(tensor.checked > 0, "\(name): \(tensor.name) unchecked")
+            #expect(tensor.maxRelativeError <= 1e-6, "\(name): \(tensor.name) \(tensor.maxRelativeError)")
+        }
+        #expect(report.direction.relativeError <= 1e-6, "\(name):\n\(report.text)")
+    }
+
+    /// The fused batch norm, ReLU, max pooling block inside a body and a shortcut against the same layers run apart
+    /// (`fusesBlocks: false` reaches into blocks): outputs and running statistics bit for bit, gradients up to the
+    /// order of the sums.
+    @Test(arguments: [false, true])
+    func aFusedBlockInsideABlockComputesWhatItsLayersDoApart(float: Bool) throws {
+        let spec = ModelSpec(layers: [
+            Self.conv(2, 3, 3, pad: 1), .batchNorm(features: 3), .relu,
+            .residual(body: [Self.conv(3, 4, 3, pad: 1), .batchNorm(features: 4), .relu, .maxPool2d(kernel: 2, stride: 2)],
+                      shortcut: [Self.conv(3, 4, 1), .batchNorm(features: 4), .relu, .maxPool2d(kernel: 2, stride: 2)]),
+            .flatten, .linear(inputs: 4 * 16, outputs: 3),
+        ], inputShape: [2, 8, 8])
+        if float { try compareFusedAndApart(spec, Float.self) } else { try compareFusedAndApart(spec, Double.self) }
+    }
+
+    func compareFusedAndApart<T: Scalar>(_ spec: ModelSpec, _: T.Type) throws {
+        let rows = 5
+        let fused = try Model<T>(spec: spec, batchCapacity: rows, seed: 3)
+        let apart = try Model<T>(spec: spec, batchCapacity: rows, seed: 3, fusesBlocks: false)
+        var g = RandomGenerator(seed: 4, stream: 1)
+        for info in fused.parameterTable where info.shape.count == 1 {
+            for i in info.range { fused.parameters[i] += T(0.5 * g.nextNormal()) }
+        }
+        apart.loadParameters(from: UnsafeBufferPointer(fused.parameters))
+        for model in [fused, apart] { fillRandomBatch(model, rows: rows, seed: 9) }
+        for mode in [ForwardMode.train, .check, .eval] {
+            #expect(fused.forward(count: rows, mode: mode) == apart.forward(count: rows, mode: mode), "\(mode)")
+            for i in 0..<(rows * fused.outputWidth) { #expect(fused.outputs[i] == apart.outputs[i], "\(mode) output \(i)") }
+            fused.backward(count: rows, accumulate: false) { _ in }
+            apart.backward(count: rows, accumulate: false) { _ in }
+            let a = Array(fused.gradients).map(Double.init), b = Array(apart.gradients).map(Double.init)
+            let scale = b.map(abs).max()!
+            #expect(scale > 0 && zip(a, b).allSatisfy { abs($0 - $1) <= tolerance(T.self) * scale }, "\(mode) gradients")
+        }
+        #expect(Array(fused.buffers) == Array(apart.buffers), "running statistics")
+    }
+
+    @Test func tensorsHavePyTorchNames() throws {
+        let spec = Self.models[1].1
+        let names = spec.parameterTable.map(\.name)
+        #expect(names.contains("3.body.0.weight") && names.contains("3.body.4.bias") && names.contains("3.shortcut.0.weight"))
+        #expect(names.contains("3.shortcut.1.weight") && names.contains("6.bias"))
+        #expect(spec.bufferTable.map(\.name).contains("3.shortcut.1.num_batches_tracked"))
+        #expect(spec.torchModules[3].json.hasPrefix("{\"module\": \"Residual\", \"args\": [], \"kwargs\": {\"body\": {\"module\": \"Sequential\""))
+    }
+
+    @Test func entryReadsBackAsTheSameBlock() throws {
+        for (_, spec) in Self.models {
+            let shapes = try spec.shapes()
+            for (i, layer) in spec.layers.enumerated() where layer.as(ResidualKind.self) != nil {
+                let words = layer.entry.split(separator: " ").map(String.init)
+                #expect(try LayerSpec.parse(words, input: shapes[i]) == layer, "\(layer.entry)")
+            }
+        }
+        let block = try #require(try LayerSpec.parse(
+            "residual [conv 4 3 stride 2 pad 1 nobias, batchnorm, relu] shortcut [conv 4 1 stride 2 nobias]".split(separator: " ").map(String.init),
+            input: [3, 6, 6]))
+        #expect(block.entry == "residual [conv 4 3 stride 2 pad 1 nobias, batchnorm, relu] shortcut [conv 4 1 stride 2 nobias]")
+        #expect(try block.outputShape(input: [3, 6, 6]) == [4, 3, 3])
+        #expect(LayerKinds.entryIsSpatial(["residual", "[linear", "4,", "residual", "[conv", "4", "3]]"]))
+        #expect(!LayerKinds.entryIsSpatial(["residual", "[linear", "4,", "relu]"]))
+        #expect(block.isSpatial && !LayerSpec.residual(body: [.relu]).isSpatial && LayerSpec.conv2d(
+            inChannels: 1, outChannels: 1, kernel: 1, stride: 1, padding: 0, bias: true).isSpatial && !LayerSpec.flatten.isSpatial)
+    }
+
+    @Test(arguments: [
+        ("residual [conv 4 3, relu, conv x 3]", LayerEntryError(reason: "'conv x 3': output channels must be an integer >= 1, got x",
+                                                                path: "residual[2]")),
+        ("residual [relu] shortcut [conv 3 1, bogus 2]", LayerEntryError(reason: "unknown layer 'bogus' (" + LayerKinds.names.joined(separator: ", ") + ")",
+                                                                          path: "shortcut[1]")),
+        ("residual [relu, residual [relu, dropout]]", LayerEntryError(reason: "'dropout': 'dropout' needs 1 argument",
+                                                                       path: "residual[1].residual[1]")),
+        ("residual [conv 4 3 stride 2 pad 1]", LayerEntryError(
+            reason: "the body gives [4, 3, 3] per sample but the identity shortcut gives [3, 6, 6]: they must match to be added")),
+        ("residual [relu] shortcut", LayerEntryError(reason: "expected a list of entries in brackets, e.g. '[conv 16 3 pad 1, batchnorm]'")),
+        ("residual [relu, ]", LayerEntryError(reason: "a list has an empty entry")),
+        ("residual [relu", LayerEntryError(reason: "a '[' has no matching ']'")),
+        ("residual [relu] extra", LayerEntryError(reason: "expected 'shortcut [ENTRY, ...]' after the body, got 'extra'")),
+        ("residual [conv 4 9]", LayerEntryError(reason: "'conv 4 9' (Conv2d(3, 4, kernel_size=9)): kernel 9 is larger than its padded input 6x6",
+                                                path: "residual[0]")),
+    ])
+    func badEntriesNameTheBlockEntryAndReason(text: String, expected: LayerEntryError) {
+        #expect(throws: expected) { try LayerSpec.parse(text.split(separator: " ").map(String.init), input: [3, 6, 6]) }
+    }
+}
