@@ -38,6 +38,19 @@ struct TrainingPosition: Codable, Equatable {
     }
 }
 
+/// The checkpoint a resume continues from, and the newer ones it skipped as damaged. Rank 0 chooses; every rank
+/// receives it (JSON).
+struct ResumeChoice: Codable {
+    struct Skipped: Codable {
+        let path: String
+        let reason: String
+        var text: String { "\(path): \(reason)" }
+    }
+
+    let path: String
+    let skipped: [Skipped]
+}
+
 /// A checkpoint that is missing, unreadable or does not belong to this run.
 struct CheckpointError: Error, CustomStringConvertible, Equatable {
     let description: String
@@ -123,14 +136,14 @@ struct Checkpointer {
 
     /// `--resume` alone: the newest checkpoint that verifies, and each newer one skipped with the reason. With
     /// `setAside`, a damaged file is renamed to NAME.damaged (kept for inspection, out of every later choice).
-    func newestIntact(setAside: Bool = false) throws -> (path: String, skipped: [(path: String, reason: String)]) {
-        var skipped: [(path: String, reason: String)] = []
+    func newestIntact(setAside: Bool = false) throws -> ResumeChoice {
+        var skipped: [ResumeChoice.Skipped] = []
         for path in newestFirst() {
-            guard var reason = Self.damage(path) else { return (path, skipped) }
+            guard var reason = Self.damage(path) else { return ResumeChoice(path: path, skipped: skipped) }
             if setAside && reason != "missing" && (try? FileManager.default.moveItem(atPath: path, toPath: path + ".damaged")) != nil {
                 reason += " (kept as \(URL(fileURLWithPath: path).lastPathComponent).damaged)"
             }
-            skipped.append((path, reason))
+            skipped.append(.init(path: path, reason: reason))
         }
         let tried = skipped.map { "\(URL(fileURLWithPath: $0.path).lastPathComponent) (\($0.reason))" }.joined(separator: "; ")
         throw CheckpointError(description: skipped.isEmpty ? "\(directory): no checkpoint to resume from"
@@ -139,8 +152,8 @@ struct Checkpointer {
 
     /// `--resume PATH`: the path when it verifies; otherwise an error naming the damage and the newest intact
     /// checkpoint of this run, if there is one.
-    func checkedExplicit(_ path: String) throws -> String {
-        guard let reason = Self.damage(path) else { return path }
+    func checkedExplicit(_ path: String) throws -> ResumeChoice {
+        guard let reason = Self.damage(path) else { return ResumeChoice(path: path, skipped: []) }
         let alternative = (try? newestIntact()).map { "; the newest intact checkpoint is \($0.path) (resume with --resume \($0.path), "
             + "or --resume alone for the newest intact one)" } ?? "; this run has no intact checkpoint"
         throw CheckpointError(description: "\(path): \(reason): not resumed from it\(alternative)")
@@ -212,7 +225,8 @@ struct Checkpointer {
     static func load(path: String, model: Model<Float>, optimizer: Optimizer<Float>) throws -> TrainingPosition {
         let file = try SafeTensorsFile(path: path)
         func fail(_ reason: String) -> CheckpointError { CheckpointError(description: "\(path): \(reason)") }
-        // Checked before any value is used (`checkedExplicit` and `newestIntact` already chose a file that verified).
+        // Checked again before any value is used: `checkedExplicit` and `newestIntact` chose a file that verified, but it
+        // may have changed since (one more pass over a checkpoint, once per resume).
         _ = try file.verify()
         guard file.metadata["format"] == format else {
             throw fail("not a bpworker checkpoint (metadata format is \(file.metadata["format"].map { "'\($0)'" } ?? "missing"))")

@@ -160,11 +160,11 @@ final class Progress {
 
     /// The `start` or `resume` marker: world size, nodes, BLAS kernels and threads, and the model, for the report; a
     /// resume's says where it resumed from and which damaged checkpoints it skipped.
-    func recordStart(resumed: Trainer.ResumeChoice?, step: Int, model: Model<Float>) {
+    func recordStart(resumed: ResumeChoice?, step: Int, model: Model<Float>) {
         var event = MetricsRecord.Event(kind: resumed != nil ? .resume : .start, step: step)
         if let resumed {
             event.message = "resumed from \(URL(fileURLWithPath: resumed.path).lastPathComponent)"
-                + resumed.skipped.map { "; skipped \(URL(fileURLWithPath: $0[0]).lastPathComponent) (\($0[1]))" }.joined()
+                + resumed.skipped.map { "; skipped \(URL(fileURLWithPath: $0.path).lastPathComponent) (\($0.reason))" }.joined()
         }
         event.worldSize = session.worldSize
         event.nodes = session.layout.nodeCount

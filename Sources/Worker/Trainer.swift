@@ -103,12 +103,6 @@ enum Trainer {
 
     // MARK: - The parts of a run
 
-    /// The checkpoint a resume continues from, and the newer ones it skipped as damaged ([path, reason] each).
-    struct ResumeChoice: Codable {
-        let path: String
-        let skipped: [[String]]
-    }
-
     /// What a batch's read is reading, for the watchdog: the sample, the data set's key and the file that holds it.
     private static func describeRead(of train: Dataset, at cursor: ReadCursor) -> String {
         let sample = cursor.sample.load(ordering: .relaxed)
@@ -169,20 +163,12 @@ enum Trainer {
         var encoded: [UInt8] = []
         session.agree("resume") {
             guard session.isRoot else { return }
-            var choice = ResumeChoice(path: resume, skipped: [])
-            if resume == "latest" {
-                let newest = try checkpointer.newestIntact(setAside: true)
-                choice = ResumeChoice(path: newest.path, skipped: newest.skipped.map { [$0.path, $0.reason] })
-            } else {
-                choice = ResumeChoice(path: try checkpointer.checkedExplicit(resume), skipped: [])
-            }
+            let choice = resume == "latest" ? try checkpointer.newestIntact(setAside: true) : try checkpointer.checkedExplicit(resume)
             encoded = Array(try JSONEncoder().encode(choice))
         }
         session.agree("resume") { try session.communicator.broadcast(bytes: &encoded, root: 0) }
         let choice = session.agree("resume") { try JSONDecoder().decode(ResumeChoice.self, from: Data(encoded)) }
-        for skipped in choice.skipped {
-            session.logger.warning("resume: skipped \(skipped[0]): \(skipped[1])")
-        }
+        for skipped in choice.skipped { session.logger.warning("resume: skipped \(skipped.text)") }
         if !choice.skipped.isEmpty { session.logger.warning("resume: resuming from \(choice.path), the newest checkpoint that verifies") }
         return choice
     }
@@ -201,7 +187,7 @@ enum Trainer {
         let progress = Progress(session: session, prepared: prepared, metrics: metrics)
         progress.recordStart(resumed: resumed, step: position.globalStep, model: prepared.model)
         progress.status.resumedFrom = resumed?.path
-        progress.status.skippedCheckpoints = resumed.flatMap { $0.skipped.isEmpty ? nil : $0.skipped.map { "\($0[0]): \($0[1])" } }
+        progress.status.skippedCheckpoints = resumed.flatMap { $0.skipped.isEmpty ? nil : $0.skipped.map(\.text) }
         progress.status.step = position.globalStep
         progress.writeStatus()
         return progress

@@ -5,17 +5,6 @@ import Testing
 struct GradientCheckTests {
     static let activations: [LayerSpec] = [.relu, .leakyReLU(slope: 0.1), .tanh, .sigmoid, .gelu, .silu, .dropout(probability: 0.5)]
 
-    func checkedModel(_ spec: ModelSpec, rows: Int = 4, seed: UInt64 = 1) throws -> Model<Double> {
-        let model = try Model<Double>(spec: spec, batchCapacity: rows, seed: seed)
-        fillRandomBatch(model, rows: rows, seed: seed)
-        // Non-zero biases, so their gradients are not special.
-        var g = RandomGenerator(seed: seed, stream: 77)
-        for info in model.parameterTable where info.shape.count == 1 {
-            for i in info.range { model.parameters[i] = 0.1 * g.nextNormal() }
-        }
-        return model
-    }
-
     @Test(arguments: activations, LossKind.allCases)
     func everyLayerAloneWithEveryLoss(activation: LayerSpec, loss: LossKind) throws {
         let spec = ModelSpec(layers: [.linear(inputs: 4, outputs: 5), activation, .linear(inputs: 5, outputs: 3)], loss: loss)

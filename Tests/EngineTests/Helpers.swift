@@ -8,6 +8,18 @@ func fillRandomBatch<T: Scalar>(_ model: Model<T>, rows: Int, seed: UInt64) {
     for r in 0..<rows { model.labels[r] = Int32(g.nextInt(below: model.outputWidth)) }
 }
 
+/// A float64 model of `spec` on a random batch of `rows`, with non-zero biases and normalisation parameters (so their
+/// gradients are not special), for the gradient checker.
+func checkedModel(_ spec: ModelSpec, rows: Int = 4, seed: UInt64 = 1) throws -> Model<Double> {
+    let model = try Model<Double>(spec: spec, batchCapacity: rows, seed: seed)
+    fillRandomBatch(model, rows: rows, seed: seed)
+    var g = RandomGenerator(seed: seed, stream: 77)
+    for info in model.parameterTable where info.shape.count == 1 {
+        for i in info.range { model.parameters[i] = 0.1 * g.nextNormal() }
+    }
+    return model
+}
+
 /// Writes `values` into the named tensor of the model's parameters.
 func setTensor<T: Scalar>(_ model: Model<T>, _ name: String, _ values: [Double]) {
     let view = model.tensor(name, in: model.parameters)!

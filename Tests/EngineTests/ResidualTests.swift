@@ -36,16 +36,6 @@ struct ResidualTests {
         ], inputShape: [5])),
     ]
 
-    func checkedModel(_ spec: ModelSpec, rows: Int = 4, seed: UInt64 = 1) throws -> Model<Double> {
-        let model = try Model<Double>(spec: spec, batchCapacity: rows, seed: seed)
-        fillRandomBatch(model, rows: rows, seed: seed)
-        var g = RandomGenerator(seed: seed, stream: 77)
-        for info in model.parameterTable where info.shape.count == 1 {
-            for i in info.range { model.parameters[i] = 0.1 * g.nextNormal() }
-        }
-        return model
-    }
-
     @Test(arguments: models.indices)
     func blocksPassTheFloat64Check(model index: Int) throws {
         let (name, spec) = Self.models[index]

@@ -111,6 +111,8 @@ struct VerifiedCheckpointTests {
             #expect((status["skippedCheckpoints"] as? [String])?.first?.hasPrefix("\(run)/checkpoints/\(latest): ") == true, "\(status)")
             let metrics = try String(contentsOfFile: run + "/metrics.jsonl", encoding: .utf8)
             #expect(metrics.contains("\"message\":\"resumed from \(previous); skipped \(latest) ("), "\(damage)")
+            let report = try String(contentsOfFile: run + "/report.html", encoding: .utf8)
+            #expect(report.contains("resumed from \(previous); skipped \(latest) ("), "\(damage): the report's resume marker")
             // The damaged file was set aside (renamed), so afterwards every checkpoint verifies again.
             if damage != .latestNamesAMissingFile {
                 #expect(FileManager.default.fileExists(atPath: run + "/checkpoints/" + latest + ".damaged"), "\(damage)")

@@ -19,15 +19,10 @@ public struct RandomGenerator: RandomNumberGenerator, Sendable, Equatable {
     public init(seed: UInt64, stream: UInt64 = 0) {
         // SplitMix64 over (seed, stream) fills the four words; it never yields the all-zero state in practice
         // for four consecutive outputs, and the xoshiro paper recommends exactly this seeding.
-        var sm = seed ^ (stream &* 0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03
-        func splitMix(_ x: inout UInt64) -> UInt64 {
-            x &+= 0x9E37_79B9_7F4A_7C15
-            var z = x
-            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-            return z ^ (z >> 31)
-        }
-        state = (splitMix(&sm), splitMix(&sm), splitMix(&sm), splitMix(&sm))
+        // SplitMix64's k-th output from state s is mix(s + (k - 1) * gamma) (`mix` adds the first gamma itself).
+        let gamma: UInt64 = 0x9E37_79B9_7F4A_7C15
+        let sm = seed ^ (stream &* gamma) ^ 0xD1B5_4A32_D192_ED03
+        state = (Self.mix(sm), Self.mix(sm &+ gamma), Self.mix(sm &+ 2 &* gamma), Self.mix(sm &+ 3 &* gamma))
     }
 
     public init(seed: UInt64, stream: Stream) { self.init(seed: seed, stream: stream.rawValue) }
