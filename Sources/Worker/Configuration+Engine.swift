@@ -47,7 +47,8 @@ extension Configuration {
                 + "samples: end the list with flatten (or with global pooling and flatten)")
         }
         layers.append(.linear(inputs: shape[0], outputs: classes))
-        let spec = ModelSpec(layers: layers, loss: loss, initialization: initialization, inputShape: inputShape)
+        let spec = ModelSpec(layers: layers, loss: loss, labelSmoothing: labelSmoothing, initialization: initialization,
+                             inputShape: inputShape)
         do { try spec.validate() } catch { throw ConfigError(description: "model: \(error)") }
         return spec
     }
@@ -83,10 +84,10 @@ extension Configuration {
 
     /// `data.augment.*` for training samples of `sampleShape` (as stored); nil when both are off. Errors name the key.
     func augmentation(sampleShape: [Int]) throws -> Augmentation? {
-        guard augmentCropPadding != 0 || augmentFlip else { return nil }
+        guard augmentCropPadding != 0 || augmentFlip || augmentErase > 0 else { return nil }
         do {
-            return try Augmentation(cropPadding: augmentCropPadding, flip: augmentFlip, seed: UInt64(max(0, seed)),
-                                    sampleShape: sampleShape)
+            return try Augmentation(cropPadding: augmentCropPadding, flip: augmentFlip, erase: augmentErase,
+                                    seed: UInt64(max(0, seed)), sampleShape: sampleShape)
         } catch {
             throw ConfigError(description: "data.augment: \(error.description) (\(trainFeatures))")
         }
@@ -165,10 +166,16 @@ extension Configuration {
         try require(clipNorm >= 0, "optimizer.clip_norm must be >= 0 (0 = off), got \(clipNorm)")
         try require(gradcheckBatch >= 1, "gradcheck.batch must be at least 1, got \(gradcheckBatch)")
         try require(dropout >= 0 && dropout < 1, "model.dropout must be in [0, 1), got \(dropout)")
+        try require(labelSmoothing >= 0 && labelSmoothing < 1,
+                    "model.label_smoothing must be in [0, 1) (0 = off; 1 would make every target uniform), got \(labelSmoothing)")
+        try require(labelSmoothing == 0 || loss == .softmaxCrossEntropy,
+                    "model.label_smoothing applies to model.loss cross_entropy only, the loss is \(loss.rawValue)")
         try require(seed >= 0, "seed must be >= 0, got \(seed)")
         try require(dataPrefetch >= 0 && dataPrefetch <= 1024,
                     "data.prefetch must be in 0...1024 (batches gathered ahead; 0 = in the step), got \(dataPrefetch)")
         try require(augmentCropPadding >= 0, "data.augment.crop_padding must be >= 0 (0 = no cropping), got \(augmentCropPadding)")
+        try require(augmentErase >= 0 && augmentErase <= 1,
+                    "data.augment.erase must be a probability in [0, 1] (0 = off), got \(augmentErase)")
         try require(checkpointEverySteps >= 0, "checkpoint.every_steps must be >= 0, got \(checkpointEverySteps)")
         try require(checkpointEverySeconds >= 0 && checkpointEverySeconds.isFinite,
                     "checkpoint.every_seconds must be >= 0 (0 = off), got \(checkpointEverySeconds)")

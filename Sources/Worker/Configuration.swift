@@ -19,9 +19,11 @@ struct Configuration: Equatable {
     var dataMmap = true
     var dataPrefetch = 4
     var remainder = Remainder.drop
-    /// Training batches only: random crop after zero padding (0 = off) and random horizontal flip (`Augmentation`).
+    /// Training batches only: random crop after zero padding (0 = off), random horizontal flip and random erasing
+    /// (a probability, 0 = off) (`Augmentation`).
     var augmentCropPadding = 0
     var augmentFlip = false
+    var augmentErase = 0.0
 
     // model
     var inputs = 0
@@ -32,6 +34,7 @@ struct Configuration: Equatable {
     var layers: [String] = []
     var initialization = Initialization.automatic
     var loss = LossKind.softmaxCrossEntropy
+    var labelSmoothing = 0.0
     var batchNorm = BatchNormMode.local
 
     // optimizer
@@ -143,6 +146,8 @@ struct Configuration: Equatable {
         key("data.augment.crop_padding", \.augmentCropPadding,
             "images, training only: pad with this many zeros on each side, then crop a random window of the image's size (0 = off)"),
         key("data.augment.flip", \.augmentFlip, "images, training only: mirror left-right with probability 1/2"),
+        key("data.augment.erase", \.augmentErase,
+            "images, training only: the probability of erasing a random rectangle (2 to 33% of the image) to 0 after normalisation, as torchvision's RandomErasing (0 = off)"),
         key("model.inputs", \.inputs, "input width; 0 takes it from the data, anything else must match the data"),
         key("model.classes", \.classes, "output width; 0 takes max label + 1 from the training labels"),
         key("model.hidden", \.hidden, "widths of the hidden layers of the MLP"),
@@ -164,6 +169,8 @@ struct Configuration: Equatable {
             write: { $0.layers.node }, typeName: "a list of layer entries"),
         key("model.init", \.initialization, "auto, kaiming_normal, kaiming_uniform, xavier_normal or xavier_uniform"),
         key("model.loss", \.loss, "cross_entropy or mse"),
+        key("model.label_smoothing", \.labelSmoothing,
+            "cross_entropy only: targets (1 - s) onehot + s / classes, as PyTorch's label_smoothing (0 = off)"),
         key("model.batchnorm", \.batchNorm,
             "local (each rank's batch; rank 0's running statistics are evaluated and saved) or sync (the global batch)"),
         key("optimizer.name", \.optimizer, "sgd, adam or adamw"),

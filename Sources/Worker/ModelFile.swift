@@ -21,6 +21,8 @@ import Foundation
 ///                                       divided by 255); float32 (float32 or float64 files)
 ///     classes           10              outputs of the last layer
 ///     loss              cross_entropy   or mse
+///     label_smoothing   0.1             only when training smoothed the targets (model.label_smoothing): the loss
+///                                       `eval` reports is the one training minimised
 ///     preprocess        standardize     standardize, scale or none (the configuration's data.normalize)
 ///     preprocess_scale  model input = float32(raw * preprocess_scale + preprocess_shift), computed in float64,
 ///     preprocess_shift  raw being the stored value; exactly what bpworker applies, for every kind
@@ -108,6 +110,7 @@ struct ModelDescription: Equatable {
             "preprocess_scale": "\(preprocessing.scale)",
             "preprocess_shift": "\(preprocessing.shift)",
         ]
+        if spec.labelSmoothing > 0 { entries["label_smoothing"] = "\(spec.labelSmoothing)" }
         if let mean = preprocessing.mean, let std = preprocessing.std {
             entries["preprocess_mean"] = "\(mean)"
             entries["preprocess_std"] = "\(std)"
@@ -172,6 +175,12 @@ struct ModelDescription: Equatable {
         guard let loss = LossKind(rawValue: try value("loss")) else {
             throw fail("metadata 'loss' is '\(metadata["loss"]!)' (\(LossKind.allCases.map(\.rawValue).joined(separator: " or ")))")
         }
+        let labelSmoothing = try metadata["label_smoothing"].map { text in
+            guard let s = Double(text), s >= 0, s < 1 else {
+                throw fail("metadata 'label_smoothing' is '\(text)', not a number in [0, 1)")
+            }
+            return s
+        } ?? 0
         guard let type = InputType(rawValue: try value("input_dtype")) else {
             throw fail("metadata 'input_dtype' is '\(metadata["input_dtype"]!)' (uint8 or float32)")
         }
@@ -191,6 +200,7 @@ struct ModelDescription: Equatable {
         configuration.hidden = []
         configuration.layers = Array(layerTexts.dropLast())
         configuration.loss = loss
+        configuration.labelSmoothing = labelSmoothing
         do {
             spec = try configuration.modelSpec(sampleShape: inputShape, classes: classes)
         } catch {

@@ -257,7 +257,9 @@ enum Trainer {
         if let augmentation = prepared.augmentation {
             let crops = "random \(augmentation.height)x\(augmentation.width) crops of the image padded with "
                 + "\(augmentation.cropPadding) zeros"
-            let what = [augmentation.cropPadding > 0 ? crops : nil, augmentation.flip ? "random horizontal flips" : nil]
+            let erasing = "random erasing of \(Int((100 * augmentation.erase).rounded()))% of the samples"
+            let what = [augmentation.cropPadding > 0 ? crops : nil, augmentation.flip ? "random horizontal flips" : nil,
+                        augmentation.erase > 0 ? erasing : nil]
                 .compactMap { $0 }.joined(separator: ", ")
             logger.info("augmentation: \(what), drawn per (seed, epoch, sample); training batches only")
         }

@@ -2,7 +2,8 @@ import Engine
 import Foundation
 import Testing
 
-/// `data.augment`: crops and flips against NumPy on the same draws, and draws that depend on (seed, epoch, index) alone.
+/// `data.augment`: crops, flips and erasing against NumPy on the same draws, and draws that depend on (seed, epoch,
+/// index) alone.
 @Suite("Augmentation")
 struct AugmentationTests {
     func gathered<T: BinaryFloatingPoint>(_ data: Dataset, _ indices: [Int], as: T.Type, augmentation: Augmentation?,
@@ -26,9 +27,10 @@ struct AugmentationTests {
         return values
     }
 
-    /// NumPy pads the stored images with zeros (np.pad), slices the drawn window, mirrors it with [..., ::-1] and
-    /// normalises in float64: bpworker's gathered batch must be exactly that, in Float and in Double, for bytes
-    /// [C, H, W] and for floats [H, W] (non-square, so rows and columns cannot be confused).
+    /// NumPy pads the stored images with zeros (np.pad), slices the drawn window, mirrors it with [..., ::-1],
+    /// normalises in float64 and sets the erased rectangle to 0: bpworker's gathered batch must be exactly that, in
+    /// Float and in Double, for bytes [C, H, W] and for floats [H, W] (non-square, so rows and columns cannot be
+    /// confused).
     @Test(arguments: [("uint8", [2, 5, 7]), ("float32", [5, 7])])
     func cropsAndFlipsMatchNumPy(dtype: String, shape: [Int]) throws {
         let dir = try TemporaryDirectory()
@@ -43,7 +45,7 @@ struct AugmentationTests {
             """, arguments: [dir.path, dtype, shape.map(String.init).joined(separator: ",")])
         var data = try Dataset.loadNPY(features: dir.file("x.npy"), labels: dir.file("y.npy"))
         try data.standardize()
-        let augmentation = try Augmentation(cropPadding: 2, flip: true, seed: 11, sampleShape: shape)
+        let augmentation = try Augmentation(cropPadding: 2, flip: true, erase: 0.5, seed: 11, sampleShape: shape)
         let indices = Array(0..<samples).reversed() + [3, 3, 17]  // a sample twice in a batch is augmented the same way twice
         let epoch = 6
         let draws = indices.map { augmentation.draw(epoch: epoch, index: $0) }
@@ -51,7 +53,13 @@ struct AugmentationTests {
         try #require(draws.contains { $0.flip } && draws.contains { !$0.flip })
         try #require(draws.contains { $0.top == 0 } && draws.contains { $0.top == 4 } && draws.contains { $0.left == 0 }
                      && draws.contains { $0.left == 4 })
-        let drawText = zip(indices, draws).map { "\($0):\($1.top):\($1.left):\($1.flip ? 1 : 0)" }.joined(separator: ",")
+        // Erased and whole samples, and rectangles at the bottom and right edges.
+        try #require(draws.contains { $0.eraseHeight > 0 } && draws.contains { $0.eraseHeight == 0 })
+        try #require(draws.contains { $0.eraseHeight > 0 && $0.eraseTop + $0.eraseHeight == shape[shape.count - 2] }
+                     && draws.contains { $0.eraseWidth > 0 && $0.eraseLeft + $0.eraseWidth == shape[shape.count - 1] })
+        let drawText = zip(indices, draws).map {
+            "\($0):\($1.top):\($1.left):\($1.flip ? 1 : 0):\($1.eraseTop):\($1.eraseLeft):\($1.eraseHeight):\($1.eraseWidth)"
+        }.joined(separator: ",")
         _ = try runPython("""
             import sys, numpy as np
             d, scale, shift, padding = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
@@ -61,10 +69,12 @@ struct AugmentationTests {
             padded = np.pad(images, ((0, 0), (0, 0), (padding, padding), (padding, padding)))  # zeros, as stored
             rows = []
             for item in sys.argv[5].split(","):
-                index, top, left, flip = map(int, item.split(":"))
+                index, top, left, flip, etop, eleft, eh, ew = map(int, item.split(":"))
                 window = padded[index, :, top:top + h, left:left + w]
-                rows.append((window[:, :, ::-1] if flip else window).reshape(-1))
-            expected = np.stack(rows) * scale + shift
+                window = (window[:, :, ::-1] if flip else window) * scale + shift
+                window[:, etop:etop + eh, eleft:eleft + ew] = 0  # after normalising, as RandomErasing(value=0)
+                rows.append(window.reshape(-1))
+            expected = np.stack(rows)
             np.save(d + "/expected64.npy", expected)
             np.save(d + "/expected32.npy", expected.astype(np.float32))
             """, arguments: [dir.path, "\(data.scale)", "\(data.shift)", "2", drawText])
@@ -91,8 +101,8 @@ struct AugmentationTests {
         let shape = [3, 4]
         let pixels: [UInt8] = (0..<72).map { (i: Int) -> UInt8 in UInt8(i * 3 % 251 + 1) }
         let data = try Dataset(name: "images", featureCount: 12, sampleShape: shape, features: .uint8(pixels), labels: [0, 1, 2, 0, 1, 2])
-        let a = try Augmentation(cropPadding: 1, flip: true, seed: 3, sampleShape: shape)
-        let again = try Augmentation(cropPadding: 1, flip: true, seed: 3, sampleShape: shape)
+        let a = try Augmentation(cropPadding: 1, flip: true, erase: 0.5, seed: 3, sampleShape: shape)
+        let again = try Augmentation(cropPadding: 1, flip: true, erase: 0.5, seed: 3, sampleShape: shape)
         for epoch in 0..<3 {
             for index in 0..<6 { #expect(a.draw(epoch: epoch, index: index) == again.draw(epoch: epoch, index: index)) }
             // Batch position and neighbours do not matter: one batch, the same batch reversed, one sample at a time.
@@ -119,11 +129,15 @@ struct AugmentationTests {
     /// with probability 1 - 1/(2P + 1) (the offsets) or 1/2 (the flip). Comparing whole draws is not enough: a flip
     /// drawn without the epoch repeats every epoch while the crops still change.
     @Test func eachFieldDependsOnSeedEpochAndIndex() throws {
-        let a = try Augmentation(cropPadding: 2, flip: true, seed: 3, sampleShape: [28, 28])
-        let otherSeed = try Augmentation(cropPadding: 2, flip: true, seed: 4, sampleShape: [28, 28])
+        let a = try Augmentation(cropPadding: 2, flip: true, erase: 0.5, seed: 3, sampleShape: [28, 28])
+        let otherSeed = try Augmentation(cropPadding: 2, flip: true, erase: 0.5, seed: 4, sampleShape: [28, 28])
         let n = 4000
+        // Whether a sample is erased differs with probability 2 p (1 - p) = 1/2; the rectangle (none counting as one)
+        // with 1 - 1/4 less the rare equal pair, about 0.745.
         let fields: [(name: String, value: (Augmentation.Draw) -> Int, differs: Double)] = [
             ("top", { $0.top }, 0.8), ("left", { $0.left }, 0.8), ("flip", { $0.flip ? 1 : 0 }, 0.5),
+            ("erased", { $0.eraseHeight > 0 ? 1 : 0 }, 0.5),
+            ("erased rectangle", { (($0.eraseTop * 32 + $0.eraseLeft) * 32 + $0.eraseHeight) * 32 + $0.eraseWidth }, 0.745),
         ]
         // Epochs 5 and 6, not 0: a field drawn as if in epoch 0 must not pass by comparing epoch 0 with itself.
         let variations: [(name: String, pair: (Int) -> (Augmentation.Draw, Augmentation.Draw))] = [
@@ -166,8 +180,44 @@ struct AugmentationTests {
         #expect((0..<1000).allSatisfy { noFlip.draw(epoch: 0, index: $0) == .init(top: 0, left: 0, flip: false) })
     }
 
+    /// Erasing as torchvision draws it: about a share p of the samples, each rectangle inside the image with an area
+    /// of 2 to 33% of it and a height / width ratio in 0.3...3.3 (both up to the rounding of the sides), the areas
+    /// spread over that range; and turning erasing on leaves every crop and flip as it was.
+    @Test func erasingDrawsLikeRandomErasing() throws {
+        let (height, width) = (28, 20)
+        let erasing = try Augmentation(cropPadding: 2, flip: true, erase: 0.3, seed: 5, sampleShape: [height, width])
+        let plain = try Augmentation(cropPadding: 2, flip: true, seed: 5, sampleShape: [height, width])
+        let n = 20_000
+        var erased = 0, smallAreas = 0, largeAreas = 0, tall = 0
+        for index in 0..<n {
+            let d = erasing.draw(epoch: 1, index: index), p = plain.draw(epoch: 1, index: index)
+            #expect(d.top == p.top && d.left == p.left && d.flip == p.flip)
+            guard d.eraseHeight > 0 else { continue }
+            erased += 1
+            #expect(d.eraseTop >= 0 && d.eraseTop + d.eraseHeight <= height && d.eraseLeft >= 0 && d.eraseLeft + d.eraseWidth <= width)
+            let (h, w) = (Double(d.eraseHeight), Double(d.eraseWidth))
+            // Rounding moves each side by at most 1/2.
+            #expect((h - 0.5) * (w - 0.5) <= 0.33 * Double(height * width) && (h + 0.5) * (w + 0.5) >= 0.02 * Double(height * width),
+                    "\(d)")
+            #expect((h - 0.5) / (w + 0.5) <= 3.3 && (h + 0.5) / (w - 0.5) >= 0.3, "\(d)")
+            let share = h * w / Double(height * width)
+            smallAreas += share < 0.1 ? 1 : 0
+            largeAreas += share > 0.25 ? 1 : 0
+            tall += h > w ? 1 : 0
+        }
+        // Binomial standard deviation 65 around 6000; the areas and shapes spread over their ranges.
+        #expect(abs(erased - 6000) < 325, "\(erased) of \(n) erased")
+        #expect(smallAreas > erased / 10 && largeAreas > erased / 20 && tall > erased / 4 && tall < 3 * erased / 4,
+                "\(smallAreas) small, \(largeAreas) large, \(tall) taller than wide of \(erased)")
+        let always = try Augmentation(cropPadding: 0, flip: false, erase: 1, seed: 5, sampleShape: [height, width])
+        #expect((0..<1000).allSatisfy { always.draw(epoch: 0, index: $0).eraseHeight > 0 })
+        #expect(throws: AugmentationError(description: "erase must be a probability in [0, 1] (0 = off), got 1.5")) {
+            try Augmentation(cropPadding: 0, flip: false, erase: 1.5, seed: 0, sampleShape: [28, 28])
+        }
+    }
+
     @Test func onlyImagesWithAPaddingSmallerThanThemselves() {
-        #expect(throws: AugmentationError(description: "random crops and flips need image samples [H, W] or [C, H, W], but the samples are [12]")) {
+        #expect(throws: AugmentationError(description: "random crops, flips and erasing need image samples [H, W] or [C, H, W], but the samples are [12]")) {
             try Augmentation(cropPadding: 2, flip: false, seed: 0, sampleShape: [12])
         }
         #expect(throws: AugmentationError(description: "crop_padding must be >= 0 (0 = no cropping), got -1")) {

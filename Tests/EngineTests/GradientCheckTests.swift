@@ -19,6 +19,19 @@ struct GradientCheckTests {
         #expect(report.direction.relativeError <= 1e-4)
     }
 
+    /// Smoothed targets change the loss's gradient (softmax - t, not softmax - onehot): finite differences of the
+    /// smoothed loss itself must agree with it.
+    @Test(arguments: [0.1, 0.4])
+    func labelSmoothedCrossEntropy(smoothing: Double) throws {
+        let spec = ModelSpec(layers: [.linear(inputs: 4, outputs: 5), .tanh, .linear(inputs: 5, outputs: 3)],
+                             labelSmoothing: smoothing)
+        var options = GradientCheckOptions()
+        options.checkAllCoordinates = true
+        let report = checkGradients(model: try checkedModel(spec), count: 4, options: options)
+        #expect(report.verdict == .pass, "\(report.text)")
+        #expect(report.tensors.allSatisfy { $0.maxRelativeError <= 1e-6 }, "\(report.text)")
+    }
+
     @Test func linearLayerAloneChecksEveryCoordinate() throws {
         var options = GradientCheckOptions()
         options.checkAllCoordinates = true

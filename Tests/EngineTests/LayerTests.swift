@@ -1,4 +1,5 @@
 import Engine
+import Foundation
 import Testing
 
 @Suite("Layers and losses against hand-computed values")
@@ -53,6 +54,51 @@ struct LayerTests {
         let softmax = [0.09003057317038046, 0.24472847105479764, 0.6652409557748219]
         let db = tensorValues(model, "0.bias", in: model.gradients)
         #expect(allClose(db, [softmax[0], softmax[1], softmax[2] - 1], tolerance(T.self)))
+    }
+
+    /// Label smoothing s against the definition: loss = -sum_j t_j log softmax(z)_j with t = (1 - s) onehot + s / C,
+    /// and d loss / d z = softmax(z) - t (the kernel computes the loss through a rearranged sum).
+    func crossEntropyWithLabelSmoothing<T: Scalar>(_: T.Type) throws {
+        let logits = [1.0, 2, 3, 0.5, -2, 4]
+        let labels: [Int32] = [2, 0]
+        let s = 0.1
+        let model = try Model<T>(spec: ModelSpec(layers: [.linear(inputs: 3, outputs: 3)], labelSmoothing: s), batchCapacity: 2)
+        setTensor(model, "0.weight", [1, 0, 0, 0, 1, 0, 0, 0, 1])
+        setTensor(model, "0.bias", [0, 0, 0])
+        for (i, v) in logits.enumerated() { model.inputs[i] = T(v) }
+        for (i, label) in labels.enumerated() { model.labels[i] = label }
+        var expectedLoss = 0.0
+        var expectedBiasGradient = [0.0, 0, 0]
+        for row in 0..<2 {
+            let z = Array(logits[(3 * row)..<(3 * row + 3)])
+            let exps = z.map { Foundation.exp($0) }
+            let probabilities = exps.map { $0 / exps.reduce(0, +) }
+            for j in 0..<3 {
+                let target = (j == Int(labels[row]) ? 1 - s : 0) + s / 3
+                expectedLoss -= target * Foundation.log(probabilities[j]) / 2
+                expectedBiasGradient[j] += (probabilities[j] - target) / 2
+            }
+        }
+        let result = model.forward(count: 2, mode: .train)
+        #expect(close(result.loss, expectedLoss, tolerance(T.self)))
+        #expect(result.correct == 1)
+        model.zeroGradients()
+        model.backward(count: 2)
+        #expect(allClose(tensorValues(model, "0.bias", in: model.gradients), expectedBiasGradient, tolerance(T.self)))
+    }
+
+    @Test func crossEntropyWithLabelSmoothingFloat() throws { try crossEntropyWithLabelSmoothing(Float.self) }
+    @Test func crossEntropyWithLabelSmoothingDouble() throws { try crossEntropyWithLabelSmoothing(Double.self) }
+
+    @Test func labelSmoothingOutOfRangeOrWithMSEIsRefused() {
+        for s in [-0.1, 1, 1.5, .nan] {
+            #expect(throws: ModelSpecError.self) {
+                try ModelSpec(layers: [.linear(inputs: 3, outputs: 3)], labelSmoothing: s).validate()
+            }
+        }
+        #expect(throws: ModelSpecError("label smoothing applies to cross_entropy only, the loss is mse")) {
+            try ModelSpec(layers: [.linear(inputs: 3, outputs: 3)], loss: .meanSquaredError, labelSmoothing: 0.1).validate()
+        }
     }
 
     @Test func crossEntropyFloat() throws { try crossEntropy(Float.self) }

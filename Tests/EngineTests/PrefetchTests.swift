@@ -55,7 +55,7 @@ struct PrefetchTests {
     func batchesEqualGatheringInTheStep(depth: Int) throws {
         try write()
         let batch = 16, steps = 12
-        let augmentation = try Augmentation(cropPadding: 1, flip: true, seed: 9, sampleShape: [2, 5, 5])
+        let augmentation = try Augmentation(cropPadding: 1, flip: true, erase: 0.5, seed: 9, sampleShape: [2, 5, 5])
         for (name, data) in try datasets() {
             let seen = Steps()
             let prefetcher = BatchPrefetcher(dataset: data, batchSize: batch, stepsPerEpoch: steps, depth: depth,

@@ -112,6 +112,14 @@ struct TorchReferenceTests {
                                                 shortcut: [conv(4, 6, 1, stride: 2, bias: false), .batchNorm(features: 6)]),
                                       .relu, .globalAvgPool2d, .flatten, .linear(inputs: 6, outputs: 3)], inputShape: [2, 6, 6]),
              mode: .train, steps: 2, rows: 5),
+        Case(name: "label smoothing 0.1, training after 2 steps",
+             spec: ModelSpec(layers: [.linear(inputs: 6, outputs: 5), .tanh, .linear(inputs: 5, outputs: 4)],
+                             labelSmoothing: 0.1, inputShape: [6]),
+             mode: .train, steps: 2, rows: 5),
+        Case(name: "Float: label smoothing 0.3, a small CNN",
+             spec: ModelSpec(layers: [conv(1, 3, 3, pad: 1), .relu, .flatten, .linear(inputs: 48, outputs: 5)],
+                             labelSmoothing: 0.3, inputShape: [1, 4, 4]),
+             mode: .train, steps: 1, float: true),
         Case(name: "residual blocks, evaluation after 3 steps, nested, on features",
              spec: ModelSpec(layers: [.linear(inputs: 6, outputs: 5), .tanh,
                                       .residual(body: [.linear(inputs: 5, outputs: 5), .batchNorm(features: 5), .gelu,
@@ -179,7 +187,8 @@ struct TorchReferenceTests {
                                       : run(c, seed: UInt64(100 + index), as: Double.self, prefix: prefix, into: &writer))
             let shapes = try c.spec.shapes()
             descriptions.append([
-                "prefix": prefix, "name": c.name, "loss": c.spec.loss.rawValue, "mode": c.mode == .train ? "train" : "eval",
+                "prefix": prefix, "name": c.name, "loss": c.spec.loss.rawValue, "label_smoothing": c.spec.labelSmoothing,
+                "mode": c.mode == .train ? "train" : "eval",
                 "steps": c.steps, "lr": learningRate,
                 "layers": c.spec.layers.enumerated().map { $1.torchModule(input: shapes[$0]).json },
             ])
@@ -319,7 +328,7 @@ struct TorchReferenceTests {
                 z = model(given[p + tag + ".inputs"].double())
                 y = given[p + tag + ".labels"]
                 if case["loss"] == "cross_entropy":
-                    loss = nn.CrossEntropyLoss()(z, y)
+                    loss = nn.CrossEntropyLoss(label_smoothing=case["label_smoothing"])(z, y)
                 else:
                     loss = nn.MSELoss()(z, nn.functional.one_hot(y, z.shape[1]).double())
                 loss.backward()

@@ -89,5 +89,9 @@ struct BadInputTests {
     @Test func impossibleSettings() throws {
         try expectCleanFailure(["--set", "model.dropout=1.5"], message: "model.dropout must be in [0, 1)")
         try expectCleanFailure(["--set", "optimizer.momentum=2"], message: "momentum must be in [0, 1)")
+        try expectCleanFailure(["--set", "model.label_smoothing=1"], message: "model.label_smoothing must be in [0, 1)")
+        try expectCleanFailure(["--set", "data.augment.erase=1.5"], message: "data.augment.erase must be a probability in [0, 1]")
+        try expectCleanFailure(["--set", "model.loss=mse", "--set", "model.label_smoothing=0.1"],
+                               message: "model.label_smoothing applies to model.loss cross_entropy only, the loss is mse")
     }
 }

@@ -259,7 +259,7 @@ struct CNNTests {
         }
         let flatPath = flat.directory.appendingPathComponent("train-x.idx").path
         try expectFailure(flat, ["data.augment.flip=true"],
-                          "data.augment: random crops and flips need image samples [H, W] or [C, H, W], but the samples are [36] (\(flatPath))")
+                          "data.augment: random crops, flips and erasing need image samples [H, W] or [C, H, W], but the samples are [36] (\(flatPath))")
         try expectFailure(images, ["data.augment.crop_padding=6"],
                           "data.augment: crop_padding 6 must be smaller than the images' 6x6, or a crop could hold no pixel of the image")
         try expectFailure(images, ["data.augment.crop_padding=-1"], "data.augment.crop_padding must be >= 0 (0 = no cropping), got -1")

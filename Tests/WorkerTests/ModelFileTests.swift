@@ -18,12 +18,14 @@ struct ModelFileTests {
     /// PyTorch reproduce up to the order of GEMM sums.
     static let layers = ["linear 64", "relu", "dropout 0.1", "linear 32", "leaky_relu 0.2"]
 
-    /// One real training run, shared: one epoch on Fashion-MNIST (about 6 s in a debug build).
+    /// One real training run, shared: one epoch on Fashion-MNIST (about 6 s in a debug build). Its targets are
+    /// label-smoothed, so `eval --model` reporting the run's own loss shows that the file carries the smoothing.
     static let fashionRun: (directory: String, result: Harness.Result?) = {
         let directory = TemporaryFiles.suitePath("bpworker-run-").path
         let result = try? Harness.local(["train", "--local", "--run-dir", directory, "--progress", "plain",
                                          "--set", "model.layers=[\(layers.joined(separator: ", "))]",
                                          "--set", "training.epochs=1", "--set", "training.batch_size=100",
+                                         "--set", "model.label_smoothing=0.1",
                                          "--set", "logging.interval=600", "--set", "checkpoint.every_steps=0"], timeout: 300)
         return (directory, result)
     }()
@@ -98,6 +100,7 @@ struct ModelFileTests {
             #expect(m["input_dtype"] == "uint8")
             #expect(m["classes"] == "10")
             #expect(m["loss"] == "cross_entropy")
+            #expect(m["label_smoothing"] == "0.1")
             #expect(m["preprocess"] == "standardize")
             let recordedMean = try #require(m["preprocess_mean"].flatMap(Double.init))
             let recordedStd = try #require(m["preprocess_std"].flatMap(Double.init))
@@ -108,7 +111,8 @@ struct ModelFileTests {
             #expect(abs(scale * std - 1) <= 1e-9, "scale \(scale) is not 1/std")
             #expect(abs(shift + mean / std) <= 1e-9, "shift \(shift) is not -mean/std")
             // What other code reads is still there.
-            #expect(m["model"] == "Linear(784, 64) ReLU Dropout(0.1) Linear(64, 32) LeakyReLU(0.2) Linear(32, 10) + cross_entropy")
+            #expect(m["model"] == "Linear(784, 64) ReLU Dropout(0.1) Linear(64, 32) LeakyReLU(0.2) Linear(32, 10) + cross_entropy "
+                + "(label smoothing 0.1)")
             #expect(m["config"]?.contains("layers:") == true)
             if checkpoint {
                 for key in ["position", "layout_hash", "optimizer", "optimizer_step", "step", "epoch"] {

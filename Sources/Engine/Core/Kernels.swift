@@ -216,16 +216,23 @@ public func broadcastRows<T: Scalar>(_ bias: UnsafePointer<T>, into y: UnsafeMut
 
 // MARK: - Losses
 
-/// Fused, numerically stable softmax cross-entropy over rows of logits[B, C].
+/// Fused, numerically stable softmax cross-entropy over rows of logits[B, C], with optional label smoothing.
 ///
-/// loss_b = logsumexp(z_b) - z_b[label_b], with logsumexp computed around the row maximum so exp never overflows.
-/// Writes dlogits = (softmax(z) - onehot(label)) * gradientScale (gradientScale = 1/B for a mean over the batch).
+/// The target of row b is t = (1 - s) onehot(label_b) + s / C (s = labelSmoothing; PyTorch's
+/// `CrossEntropyLoss(label_smoothing=s)`), so
+/// loss_b = -sum_j t_j log softmax(z_b)_j = logsumexp(z_b) - (1 - s) z_b[label_b] - (s / C) sum_j z_b[j],
+/// with logsumexp computed around the row maximum so exp never overflows.
+/// Writes dlogits = (softmax(z) - t) * gradientScale (gradientScale = 1/B for a mean over the batch).
 /// Returns the sum of the row losses (in Double) and the number of rows whose arg-max equals the label.
+/// With s = 0 every operation that involves s is exact (x - 0, x * 1), so the results are bit for bit those of
+/// plain cross-entropy.
 @_specialize(where T == Float) @_specialize(where T == Double)
 public func softmaxCrossEntropy<T: Scalar>(
     logits: UnsafePointer<T>, labels: UnsafePointer<Int32>, rows: Int, classes: Int,
-    gradient: UnsafeMutablePointer<T>, gradientScale: T
+    gradient: UnsafeMutablePointer<T>, gradientScale: T, labelSmoothing: T = 0
 ) -> (lossSum: Double, correct: Int) {
+    let spread = labelSmoothing / T(classes)
+    let onLabel = 1 - labelSmoothing
     var lossSum = 0.0
     var correct = 0
     for r in 0..<rows {
@@ -245,10 +252,12 @@ public func softmaxCrossEntropy<T: Scalar>(
             sum += g[j]
         }
         let inverse = 1 / sum
+        var logitSum: T = 0
         for j in 0..<classes {
-            g[j] = (g[j] * inverse - (j == label ? 1 : 0)) * gradientScale
+            g[j] = (g[j] * inverse - spread - (j == label ? onLabel : 0)) * gradientScale
+            logitSum += z[j]
         }
-        lossSum += Double(T.log(sum) + maxValue - z[label])
+        lossSum += Double(T.log(sum) + maxValue - onLabel * z[label] - spread * logitSum)
         correct += argmax == label ? 1 : 0
     }
     return (lossSum, correct)

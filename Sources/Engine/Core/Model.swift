@@ -45,6 +45,8 @@ public final class Model<T: Scalar> {
     /// Values in one input sample, and in one output row.
     public let inputWidth: Int
     public let outputWidth: Int
+    /// `spec.labelSmoothing` in the model's scalar type, read by every cross-entropy forward pass.
+    let labelSmoothing: T
     /// The shape of a sample before the first layer and after each layer.
     public let shapes: [[Int]]
 
@@ -130,6 +132,7 @@ public final class Model<T: Scalar> {
         bufferTable = spec.bufferTable
         inputWidth = spec.inputWidth
         outputWidth = shapes.last!.reduce(1, *)
+        labelSmoothing = T(spec.labelSmoothing)
         self.crossRankReducer = crossRankReducer
 
         parameters = LargeBuffer.allocate(parameterCount)
@@ -414,7 +417,7 @@ public final class Model<T: Scalar> {
         case .softmaxCrossEntropy:
             let r = softmaxCrossEntropy(
                 logits: lastLayer.y, labels: labels, rows: count, classes: outputWidth,
-                gradient: lastLayer.dy, gradientScale: 1 / T(count))
+                gradient: lastLayer.dy, gradientScale: 1 / T(count), labelSmoothing: labelSmoothing)
             return BatchResult(lossSum: r.lossSum, correct: r.correct, count: count)
         case .meanSquaredError:
             if targetsFromLabels { oneHot(labels: labels, rows: count, classes: outputWidth, into: targets) }

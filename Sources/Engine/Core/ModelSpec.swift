@@ -26,15 +26,19 @@ public enum Initialization: String, Sendable, CaseIterable {
 public struct ModelSpec: Equatable, Sendable {
     public var layers: [LayerSpec]
     public var loss: LossKind
+    /// Cross-entropy only: the share s of each target spread evenly over the classes, the target being
+    /// (1 - s) onehot(label) + s / C (PyTorch's `CrossEntropyLoss(label_smoothing=s)`). 0 = plain one-hot targets.
+    public var labelSmoothing: Double
     public var initialization: Initialization
     /// One input sample's shape: [F] for flat features, [C, H, W] for images.
     public var inputShape: [Int]
 
     /// - Parameter inputShape: nil takes [inputs of the first linear layer] (a multilayer perceptron).
-    public init(layers: [LayerSpec], loss: LossKind = .softmaxCrossEntropy, initialization: Initialization = .automatic,
-                inputShape: [Int]? = nil) {
+    public init(layers: [LayerSpec], loss: LossKind = .softmaxCrossEntropy, labelSmoothing: Double = 0,
+                initialization: Initialization = .automatic, inputShape: [Int]? = nil) {
         self.layers = layers
         self.loss = loss
+        self.labelSmoothing = labelSmoothing
         self.initialization = initialization
         self.inputShape = inputShape ?? {
             layers.lazy.compactMap { $0.as(LinearKind.self) }.first.map { [$0.inputs] } ?? [0]
@@ -91,6 +95,13 @@ public struct ModelSpec: Equatable, Sendable {
         if loss == .softmaxCrossEntropy, outputWidth < 2 {
             throw ModelSpecError("cross-entropy needs at least 2 outputs, the last layer has \(outputWidth)")
         }
+        guard labelSmoothing >= 0, labelSmoothing < 1 else {
+            throw ModelSpecError("label smoothing must be in [0, 1) (0 = off; 1 would make every target uniform and "
+                + "the labels meaningless), got \(labelSmoothing)")
+        }
+        if labelSmoothing > 0, loss != .softmaxCrossEntropy {
+            throw ModelSpecError("label smoothing applies to cross_entropy only, the loss is \(loss.rawValue)")
+        }
     }
 
     /// The trainable tensors of this architecture with PyTorch nn.Sequential names, shapes and offsets into the flat
@@ -123,6 +134,7 @@ public struct ModelSpec: Equatable, Sendable {
     /// A one-line description such as "Linear(784, 256) ReLU Linear(256, 10) + cross_entropy".
     public var summary: String {
         layers.map(\.description).joined(separator: " ") + " + " + loss.rawValue
+            + (labelSmoothing > 0 ? " (label smoothing \(labelSmoothing))" : "")
     }
 }
 

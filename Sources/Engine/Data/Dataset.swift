@@ -411,7 +411,7 @@ public struct Dataset: Sendable {
     @_specialize(where T == Float)
     @_specialize(where T == Double)
     ///
-    /// With `augmentation` (training batches only), each sample is cropped and flipped as drawn for
+    /// With `augmentation` (training batches only), each sample is cropped, flipped and erased as drawn for
     /// (`augmentation.seed`, `epoch`, its index) before the normalisation; see `Augmentation`.
     ///
     /// With `cursor`, the sample being read is published as the gather goes (per sample from mapped files), so that a
@@ -517,7 +517,7 @@ private func gatherRows<Rows: SampleRows, T: BinaryFloatingPoint>(
         if let augmentation = normalization.augmentation {
             for (position, index) in indices.enumerated() {
                 augmentation.apply(augmentation.draw(epoch: normalization.epoch, index: index), from: rows.row(position, index), into: out,
-                                   padding: map[0]) { map[Int($0)] }
+                                   padding: map[0], erased: 0) { map[Int($0)] }
                 out += featureCount
             }
             return
@@ -544,7 +544,7 @@ private func gatherRows<Rows: SampleRows, T: BinaryFloatingPoint>(
         let padding = T(shift)  // the stored value 0 normalised: 0 * scale + shift
         for (position, index) in indices.enumerated() {
             augmentation.apply(augmentation.draw(epoch: normalization.epoch, index: index), from: rows.row(position, index), into: out,
-                               padding: padding) { T(Double($0) * scale + shift) }
+                               padding: padding, erased: 0) { T(Double($0) * scale + shift) }
             out += featureCount
         }
         return
