@@ -7,6 +7,8 @@
 //   bpbench gradcheck [--smoke]    cost of the default gradient check vs one epoch of the default job
 //   bpbench allocations            heap allocations per steady-state step of the default model
 //   bpbench timeline [--smoke]     under mpirun: the Worker's 2-rank step recorded for --timeline vs not recorded
+//   bpbench network FILE [--smoke] the network a model file records (configs/fashion-resnet.yaml's, in bench/run):
+//                                  its step against its GEMMs, and its GEMMs' FLOP rate against a large SGEMM's
 import AllocationCounter
 import CBLAS
 import CMPI
@@ -116,29 +118,47 @@ final class GEMMBench {
     /// columns (kept from forward, or lowered into one scratch) and output gradient, the scratch. OpenBLAS zeroes C in a pass of its own for
     /// beta 0, which costs a bias-free convolution's forward GEMM twice the time of beta 1 at K = 9: the baseline
     /// pays it as the step does. The linear layers as above.
+    /// A residual block's convolutions and linear layers count as those of the model, body then shortcut (as the
+    /// block runs them), each keyed by its own path and timed under the block's index.
     convenience init(spec: ModelSpec, batch: Int) throws {
         // In the order the step makes them: every layer's forward calls, then layer by layer backward, each layer's
         // weight gradients for the whole batch before its input gradient (Model.backward).
         var forward: [Call] = [], backward: [[Call]] = []
-        let shapes = try spec.shapes()
         var first = true
-        for (l, layer) in spec.layers.enumerated() {
+        // Every layer that multiplies, with the index of its top-level layer, a key of its own and its shapes.
+        var multiplying: [(l: Int, key: String, layer: LayerSpec, input: [Int], output: [Int])] = []
+        func collect(_ layers: [LayerSpec], input: [Int], top: Int?, prefix: String) throws {
+            var shape = input
+            for (i, layer) in layers.enumerated() {
+                let output = try layer.outputShape(input: shape)
+                let (l, key) = (top ?? i, prefix + "\(i)")
+                if let block = layer.as(ResidualKind.self) {
+                    try collect(block.body, input: shape, top: l, prefix: key + ".body.")
+                    try collect(block.shortcut ?? [], input: shape, top: l, prefix: key + ".shortcut.")
+                } else if layer.as(Conv2dKind.self) != nil || layer.as(LinearKind.self) != nil {
+                    multiplying.append((l, key, layer, shape, output))
+                }
+                shape = output
+            }
+        }
+        try collect(spec.layers, input: spec.inputShape, top: nil, prefix: "")
+        for (l, key, layer, _, output) in multiplying {
             if let conv = layer.as(Conv2dKind.self) {
                 let (o, bias) = (conv.outChannels, conv.bias)
-                let positions = shapes[l + 1][1] * shapes[l + 1][2], patch = conv.inChannels * conv.kernel * conv.kernel
-                let kept = conv.keepsColumns(outputShape: shapes[l + 1], batchCapacity: Double(batch), scalarBytes: 4)
-                let weights = "\(l) weight"
-                func columns(_ b: Int) -> String { kept ? "\(l) columns \(b)" : "columns scratch" }
+                let positions = output[1] * output[2], patch = conv.inChannels * conv.kernel * conv.kernel
+                let kept = conv.keepsColumns(outputShape: output, batchCapacity: Double(batch), scalarBytes: 4)
+                let weights = "\(key) weight"
+                func columns(_ b: Int) -> String { kept ? "\(key) columns \(b)" : "columns scratch" }
                 var weightGradients: [Call] = [], inputGradients: [Call] = []
                 for b in 0..<batch {
                     forward.append(Call(ta: false, tb: false, m: o, n: positions, k: patch, beta: bias ? 1 : 0, layer: l,
                                         a: weights, b: columns(b)))
                     weightGradients.append(Call(ta: false, tb: true, m: o, n: patch, k: positions, beta: b > 0 ? 1 : 0,
-                                                layer: l, forward: false, a: "\(l) dy \(b)", b: columns(b),
-                                                c: "\(l) weight gradient"))
+                                                layer: l, forward: false, a: "\(key) dy \(b)", b: columns(b),
+                                                c: "\(key) weight gradient"))
                     if !first {
                         inputGradients.append(Call(ta: true, tb: false, m: patch, n: positions, k: o, beta: 0, layer: l,
-                                                   forward: false, a: weights, b: "\(l) dy \(b)", c: "scratch"))
+                                                   forward: false, a: weights, b: "\(key) dy \(b)", c: "scratch"))
                     }
                 }
                 backward.append(weightGradients + inputGradients)
@@ -206,6 +226,50 @@ func engineBench() throws {
     let (ts, tg) = alternate(rounds: smoke ? 2 : 15, repeats: smoke ? 1 : 3, step.step, { gemm.run() })
     let ratio = ts / tg
     print("| fashion-cnn (configs/fashion-cnn.yaml) | 64 | \(f(ts * 1e3)) | \(f(tg * 1e3)) | \(f(ratio)) | <= 1.15 \(ratio <= 1.15 ? "met" : "MISSED") |")
+}
+
+/// The network a bpworker model file records: its `layers` (the output layer included) on `model_input_shape`,
+/// parsed by the Engine's own grammar, so the benchmark measures exactly the configuration that trained it.
+func networkFromModelFile(_ path: String) throws -> ModelSpec {
+    let metadata = try SafeTensorsFile(path: path).metadata
+    func list<T: Decodable>(_ key: String, _: T.Type) throws -> T {
+        try JSONDecoder().decode(T.self, from: Data((metadata[key] ?? "").utf8))
+    }
+    let inputShape = try list("model_input_shape", [Int].self)
+    var shape = inputShape, layers: [LayerSpec] = []
+    for text in try list("layers", [String].self) {
+        guard let layer = try LayerSpec.parse(text.split(separator: " ").map(String.init), input: shape) else {
+            throw NSError(domain: "bpbench", code: 1, userInfo: [NSLocalizedDescriptionKey: "\(path): unknown layer '\(text)'"])
+        }
+        layers.append(layer)
+        shape = try layer.outputShape(input: shape)
+    }
+    return ModelSpec(layers: layers, inputShape: inputShape)
+}
+
+/// A network's training step at batch 64, one thread, against (1) the same GEMMs called alone and (2) the FLOP rate
+/// of one large square SGEMM, the most a core does: the step's useful work is its GEMMs' 2 m n k FLOPs.
+func networkBench(_ path: String) throws {
+    BLASThreads.set(1)
+    let spec = try networkFromModelFile(path)
+    let batch = 64
+    let step = try StepBench(spec: spec, batch: batch)
+    let gemm = try GEMMBench(spec: spec, batch: batch)
+    let flops = gemm.calls.reduce(0.0) { $0 + 2 * Double($1.call.m * $1.call.n * $1.call.k) }
+    let n = 2048
+    let large = GEMMBench(calls: [.init(ta: false, tb: false, m: n, n: n, k: n, beta: 0)])
+    let times = alternate(rounds: smoke ? 2 : 9, repeats: smoke ? 1 : 2, [step.step, { gemm.run() }, { large.run() }])
+    let (ts, tg, tl) = (times[0], times[1], times[2])
+    let largeRate = 2 * Double(n * n * n) / tl
+    let ratio = ts / tg, share = flops / ts / largeRate
+    print("| \(URL(fileURLWithPath: path).lastPathComponent)'s network, batch 64, 1 thread | value | target |")
+    print("| --- | --- | --- |")
+    print("| step (forward, backward, SGD update) | \(f(ts * 1e3, 1)) ms | |")
+    print("| its GEMMs alone | \(f(tg * 1e3, 1)) ms, \(f(flops / 64 / 1e6, 1)) MFLOP per sample | |")
+    print("| step / its GEMMs | \(f(ratio)) | <= 1.10 \(ratio <= 1.10 ? "met" : "MISSED") |")
+    print("| a \(n)x\(n)x\(n) SGEMM | \(f(largeRate / 1e9, 1)) GFLOP/s | |")
+    print("| the step's GEMM FLOPs per second / the large SGEMM's | \(f(100 * share, 1))% (\(f(flops / ts / 1e9, 1)) GFLOP/s) "
+        + "| >= 80% \(share >= 0.8 ? "met" : "MISSED") |")
 }
 
 // MARK: - Where the step's time goes
@@ -288,15 +352,15 @@ let fashionCNN: ModelSpec = {
     ], inputShape: [1, 28, 28])
 }()
 
-/// configs/fashion-cnn.yaml's network at its batch (64 per rank), one thread: every layer timed inside real steps,
-/// and the share of the step its layers' GEMM-bound passes take (convolutions and linear layers).
-func cnnProfileBench() throws {
+/// configs/fashion-cnn.yaml's network (or the one a model file records) at its batch (64 per rank), one thread:
+/// every layer timed inside real steps, and the share of the step its layers' GEMM-bound passes take (convolutions
+/// and linear layers; a residual block's under the block's index).
+func cnnProfileBench(_ spec: ModelSpec = fashionCNN, name: String = "fashion-cnn") throws {
     BLASThreads.set(1)
-    let spec = fashionCNN
     let batch = 64
     let model = try Model<Float>(spec: spec, batchCapacity: batch, seed: 1)
     var generator = RandomGenerator(seed: 2, stream: 9)
-    for i in 0..<(batch * 784) { model.inputs[i] = Float(generator.nextNormal()) }
+    for i in 0..<(batch * spec.inputWidth) { model.inputs[i] = Float(generator.nextNormal()) }
     for r in 0..<batch { model.labels[r] = Int32(r % 10) }
     var parts: [String: [Double]] = [:]
     let layers = model.timedLayerNames
@@ -325,7 +389,7 @@ func cnnProfileBench() throws {
         }
     }
     model.layerTimer = nil
-    print("| inside a fashion-cnn step at batch 64, 1 thread | median ms | its GEMMs alone |")
+    print("| inside a \(name) step at batch 64, 1 thread | median ms | its GEMMs alone |")
     print("| --- | --- | --- |")
     var names = ["forward and backward"]
     names += layers.indices.map { layerName($0, .forward) } + [layerName(layers.count, .forward)]
@@ -338,7 +402,7 @@ func cnnProfileBench() throws {
     }
     // Batch norm, ReLU and max pooling fused into one block (BatchNormReLUPool.swift) against the same layers apart.
     let apart = try Model<Float>(spec: spec, batchCapacity: batch, seed: 1, fusesBlocks: false)
-    apart.inputs.update(from: model.inputs, count: batch * 784)
+    apart.inputs.update(from: model.inputs, count: batch * spec.inputWidth)
     apart.labels.update(from: model.labels, count: batch)
     let (fused, unfused) = alternate(rounds: smoke ? 2 : 15, repeats: smoke ? 1 : 3, {
         model.forward(count: batch, mode: .train)
@@ -348,7 +412,7 @@ func cnnProfileBench() throws {
         apart.backward(count: batch, accumulate: false) { _ in }
     })
     print()
-    print("| fashion-cnn forward and backward, batch 64, 1 thread | ms |")
+    print("| \(name) forward and backward, batch 64, 1 thread | ms |")
     print("| --- | --- |")
     print("| batch norm, ReLU and max pooling fused (what training runs) | \(f(fused * 1e3)) |")
     print("| the same layers run apart (Model(fusesBlocks: false)) | \(f(unfused * 1e3)) |")
@@ -665,11 +729,22 @@ case "gemm-floor":
     print(f(t * 1e3))
 case "allocations": try allocationBench()
 case "profile": try profileBench()
-case "cnn-profile": try cnnProfileBench()
+case "cnn-profile":
+    if let path = arguments.dropFirst().first(where: { !$0.hasPrefix("--") }) {
+        try cnnProfileBench(try networkFromModelFile(path), name: URL(fileURLWithPath: path).lastPathComponent)
+    } else {
+        try cnnProfileBench()
+    }
 case "gradcheck": try gradcheckBench()
 case "allreduce": try mpiBench(allreduceBench)
 case "overlap": try mpiBench(overlapBench)
 case "timeline": try mpiBench(timelineBench)
+case "network":
+    guard let path = arguments.dropFirst().first(where: { !$0.hasPrefix("--") }) else {
+        FileHandle.standardError.write(Data("bpbench network: give a model file\n".utf8))
+        exit(2)
+    }
+    try networkBench(path)
 default:
     FileHandle.standardError.write(Data("bpbench: unknown mode \(mode)\n".utf8))
     exit(2)

@@ -16,7 +16,9 @@ def arguments():
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cnn", action="store_true", help="configs/fashion-cnn.yaml's network instead of an MLP")
-    p.add_argument("--sync-bn", action="store_true", help="with --cnn: synchronized batch norm")
+    p.add_argument("--modules", default="", help="the network a bpworker model file records (images, 1x28x28)")
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--sync-bn", action="store_true", help="with --cnn or --modules: synchronized batch norm")
     p.add_argument("--fast", action="store_true",
                    help="PyTorch's fastest CPU setting for convolutions: channels_last memory format and torch.compile")
     return p.parse_args()
@@ -61,3 +63,27 @@ class Report:
     def emit(self, **record):
         if self.rank == 0:
             print(json.dumps({**record, "elapsed_seconds": time.time() - self.start}), flush=True)
+
+
+def network_from_model_file(path):
+    """The nn.Sequential a bpworker model file records in its `modules` metadata, built as docs/model-files.md's
+    loader builds it (one module of its own, Residual); the parameters stay PyTorch's initialisation."""
+    import torch
+    from safetensors import safe_open
+
+    class Residual(torch.nn.Module):
+        def __init__(self, body, shortcut=None):
+            super().__init__()
+            self.body, self.shortcut = body, shortcut if shortcut is not None else torch.nn.Identity()
+
+        def forward(self, x):
+            return self.body(x) + self.shortcut(x)
+
+    def build(module):
+        value = lambda v: build(v) if isinstance(v, dict) else [value(a) for a in v] if isinstance(v, list) else v
+        kind = {"Residual": Residual}.get(module["module"]) or getattr(torch.nn, module["module"])
+        return kind(*map(value, module["args"]), **{k: value(v) for k, v in module["kwargs"].items()})
+
+    with safe_open(path, "pt") as f:
+        modules = json.loads(f.metadata()["modules"])
+    return torch.nn.Sequential(*map(build, modules))

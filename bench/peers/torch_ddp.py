@@ -5,6 +5,9 @@ batch norm per rank as in bpworker's `model.batchnorm: local` (DDP's default) or
 Rank and world size come from mpirun's environment.
     mpirun -n 2 python torch_ddp.py --hidden 1024,1024 --batch 256 --steps 60
     mpirun -n 2 python torch_ddp.py --cnn --batch 64 --steps 40
+--modules FILE builds the network a bpworker model file records (its `modules` metadata, as the loader in
+docs/model-files.md does, residual blocks included), so a ResNet config is compared with exactly its own network:
+    mpirun -n 2 python torch_ddp.py --modules runs/resnet/model.safetensors --fast --batch 64 --steps 40
 With --fast, the CNN runs in PyTorch's fastest CPU setting: channels_last tensors and torch.compile (inductor) of the
 DDP module, its compile time left out of the measured steps (they start at step 10)."""
 import os, sys, time
@@ -23,7 +26,13 @@ torch.set_num_threads(1)
 torch.manual_seed(args.seed)
 
 xtr, ytr, xte, yte = (torch.from_numpy(a) for a in common.data())
-if args.cnn:
+images = args.cnn or args.modules
+if args.modules:
+    network = common.network_from_model_file(args.modules)
+    xtr, xte = xtr.reshape(-1, 1, 28, 28), xte.reshape(-1, 1, 28, 28)
+    if args.sync_bn:
+        network = torch.nn.SyncBatchNorm.convert_sync_batchnorm(network)
+elif args.cnn:
     nn = torch.nn
     xtr, xte = xtr.reshape(-1, 1, 28, 28), xte.reshape(-1, 1, 28, 28)
     network = nn.Sequential(
@@ -40,7 +49,7 @@ else:
         if i + 2 < len(widths):
             layers.append(torch.nn.ReLU())
     network = torch.nn.Sequential(*layers)
-memory_format = torch.channels_last if args.fast and args.cnn else torch.contiguous_format
+memory_format = torch.channels_last if args.fast and images else torch.contiguous_format
 network = network.to(memory_format=memory_format)
 model = torch.nn.parallel.DistributedDataParallel(network)
 if args.fast:
@@ -50,7 +59,7 @@ loader = DataLoader(TensorDataset(xtr, ytr), batch_size=args.batch, sampler=samp
 optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
 total = len(loader) * args.epochs
 scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: common.learning_rate(args, s, total) / args.lr)
-loss_fn = torch.nn.CrossEntropyLoss()
+loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
 
 
 def evaluate():
