@@ -147,7 +147,8 @@ struct Configuration: Equatable {
             "images, training only: pad with this many zeros on each side, then crop a random window of the image's size (0 = off)"),
         key("data.augment.flip", \.augmentFlip, "images, training only: mirror left-right with probability 1/2"),
         key("data.augment.erase", \.augmentErase,
-            "images, training only: the probability of erasing a random rectangle (2 to 33% of the image) to 0 after normalisation, as torchvision's RandomErasing (0 = off)"),
+            "images, training only: the probability of erasing a random rectangle (2 to 33% of the image) to 0 "
+                + "after normalisation, as torchvision's RandomErasing (0 = off)"),
         key("model.inputs", \.inputs, "input width; 0 takes it from the data, anything else must match the data"),
         key("model.classes", \.classes, "output width; 0 takes max label + 1 from the training labels"),
         key("model.hidden", \.hidden, "widths of the hidden layers of the MLP"),
