@@ -213,11 +213,15 @@ struct WorkerLogicTests {
         config.trainFeatures = "/data/with: colon.npy"
         config.augmentCropPadding = 3
         config.augmentFlip = true
+        config.augmentErase = 0.25
+        config.labelSmoothing = 0.1
         let file = TemporaryFiles.path("bpworker-config-").appendingPathExtension("yaml")
         defer { try? FileManager.default.removeItem(at: file) }
         try Data(config.yaml.utf8).write(to: file)
         #expect(try Configuration.load(file: file.path, overrides: []) == config)
-        #expect(config.yaml.contains("  remainder: drop\n  augment:\n    crop_padding: 3\n    flip: true\nmodel:\n"), "\(config.yaml)")
+        #expect(config.yaml.contains("  remainder: drop\n  augment:\n    crop_padding: 3\n    flip: true\n    erase: 0.25\nmodel:\n"),
+                "\(config.yaml)")
+        #expect(config.yaml.contains("  label_smoothing: 0.1\n"), "\(config.yaml)")
     }
 
     /// `data.augment` reads as a nested mapping in a file, as dotted keys, and as a mapping given to --set.
