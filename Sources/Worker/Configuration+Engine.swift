@@ -82,7 +82,7 @@ extension Configuration {
     /// One layer in `model.layers` syntax, the inverse of `layer(_:input:key:)` (model files record their layers so).
     static func layerText(_ layer: LayerSpec) -> String { layer.entry }
 
-    /// `data.augment.*` for training samples of `sampleShape` (as stored); nil when both are off. Errors name the key.
+    /// `data.augment.*` for training samples of `sampleShape` (as stored); nil when all are off. Errors name the key.
     func augmentation(sampleShape: [Int]) throws -> Augmentation? {
         guard augmentCropPadding != 0 || augmentFlip || augmentErase > 0 else { return nil }
         do {

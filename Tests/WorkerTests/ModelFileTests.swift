@@ -122,6 +122,24 @@ struct ModelFileTests {
         }
     }
 
+    /// `label_smoothing` reads back into the model's loss, is absent from files of unsmoothed runs (0), and a bad
+    /// value is one error naming the file and the key.
+    @Test func labelSmoothingReadsBackAndABadValueIsRefused() throws {
+        let path = try trainedRun() + "/model.safetensors"
+        let metadata = try SafeTensorsFile(path: path).metadata
+        #expect(try ModelDescription(metadata: metadata, path: path).spec.labelSmoothing == 0.1)
+        var without = metadata
+        without["label_smoothing"] = nil
+        #expect(try ModelDescription(metadata: without, path: path).spec.labelSmoothing == 0)
+        for bad in ["1.5", "-0.1", "x"] {
+            var damaged = metadata
+            damaged["label_smoothing"] = bad
+            #expect(throws: DataError(path: path, reason: "metadata 'label_smoothing' is '\(bad)', not a number in [0, 1)")) {
+                try ModelDescription(metadata: damaged, path: path)
+            }
+        }
+    }
+
     /// Every layer kind, and the `scale` preprocessing, through the file and back: the recorded list is accepted
     /// verbatim by model.layers and by `eval --model`, and both evaluate exactly as the run's own configuration.
     @Test func everyLayerKindRoundTrips() throws {
