@@ -104,6 +104,19 @@ struct LayerTests {
     @Test func crossEntropyFloat() throws { try crossEntropy(Float.self) }
     @Test func crossEntropyDouble() throws { try crossEntropy(Double.self) }
 
+    /// Logits whose sum overflows Float while each loss term stays finite: without smoothing the sum must not reach
+    /// the loss (0 times infinity would make it NaN).
+    @Test func crossEntropyWithoutSmoothingIgnoresAnOverflowingLogitSum() throws {
+        let model = try Model<Float>(spec: ModelSpec(layers: [.linear(inputs: 3, outputs: 3)]), batchCapacity: 1)
+        setTensor(model, "0.weight", [1, 0, 0, 0, 1, 0, 0, 0, 1])
+        setTensor(model, "0.bias", [0, 0, 0])
+        for (i, v) in [3e38, 3e38, 2.9e38].enumerated() { model.inputs[i] = Float(v) }
+        model.labels[0] = 0
+        let result = model.forward(count: 1, mode: .train)
+        // log 2 is below the rounding of 3e38 in Float: the loss is as finite as plain cross-entropy's, 0 here.
+        #expect(result.lossSum == 0, "\(result.lossSum)")
+    }
+
     @Test func crossEntropyIsStableForHugeLogits() throws {
         let model = try Model<Float>(spec: ModelSpec(layers: [.linear(inputs: 3, outputs: 3)]), batchCapacity: 2)
         setTensor(model, "0.weight", [1, 0, 0, 0, 1, 0, 0, 0, 1])

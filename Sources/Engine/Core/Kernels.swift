@@ -224,8 +224,8 @@ public func broadcastRows<T: Scalar>(_ bias: UnsafePointer<T>, into y: UnsafeMut
 /// with logsumexp computed around the row maximum so exp never overflows.
 /// Writes dlogits = (softmax(z) - t) * gradientScale (gradientScale = 1/B for a mean over the batch).
 /// Returns the sum of the row losses (in Double) and the number of rows whose arg-max equals the label.
-/// With s = 0 every operation that involves s is exact (x - 0, x * 1), so the results are bit for bit those of
-/// plain cross-entropy.
+/// With s = 0 every operation that involves s is exact (x - 0, x * 1) and the logits' sum is not used, so the results
+/// are bit for bit those of plain cross-entropy.
 @_specialize(where T == Float) @_specialize(where T == Double)
 public func softmaxCrossEntropy<T: Scalar>(
     logits: UnsafePointer<T>, labels: UnsafePointer<Int32>, rows: Int, classes: Int,
@@ -257,7 +257,9 @@ public func softmaxCrossEntropy<T: Scalar>(
             g[j] = (g[j] * inverse - spread - (j == label ? onLabel : 0)) * gradientScale
             logitSum += z[j]
         }
-        lossSum += Double(T.log(sum) + maxValue - onLabel * z[label] - spread * logitSum)
+        // Without smoothing the logits' sum is left out, not multiplied by 0: it may overflow where no loss term does.
+        let smoothingTerm = spread == 0 ? 0 : spread * logitSum
+        lossSum += Double(T.log(sum) + maxValue - onLabel * z[label] - smoothingTerm)
         correct += argmax == label ? 1 : 0
     }
     return (lossSum, correct)
