@@ -6,7 +6,7 @@ import RealModule
 ///
 /// A scalar knows its BLAS routines, so generic engine code reaches `cblas_sgemm` or `cblas_dgemm` through one
 /// static dispatch per call and never multiplies matrices by hand. All matrices are row-major.
-public protocol Scalar: BinaryFloatingPoint, Real, Sendable where Magnitude == Self {
+public protocol Scalar: BinaryFloatingPoint, Real, Sendable, Codable where Magnitude == Self {
     /// Short name used in reports: "float32" or "float64".
     static var dtypeName: String { get }
 
@@ -28,9 +28,13 @@ public protocol Scalar: BinaryFloatingPoint, Real, Sendable where Magnitude == S
 
     /// Sum of x[i] * y[i].
     static func dot(_ n: Int, _ x: UnsafePointer<Self>, _ y: UnsafePointer<Self>) -> Self
+
+    /// One AVX-512 register of the type (16 Floats, 8 Doubles): the channels the Winograd transforms work on at once.
+    associatedtype Lanes: SIMD where Lanes.Scalar == Self
 }
 
 extension Float: Scalar {
+    public typealias Lanes = SIMD16<Float>
     public static var dtypeName: String { "float32" }
 
     @inline(__always)
@@ -67,6 +71,7 @@ extension Float: Scalar {
 }
 
 extension Double: Scalar {
+    public typealias Lanes = SIMD8<Double>
     public static var dtypeName: String { "float64" }
 
     @inline(__always)

@@ -44,11 +44,25 @@ public struct Conv2dKind: LayerKind {
 
     /// A row of ones, the kept columns of a batch (see Conv2d), and in the scratch one sample's columns and their
     /// gradient.
+    /// A convolution by Winograd's F(4x4, 3x3) (`usesWinograd`) keeps its transformed inputs and filters instead, and
+    /// takes its transformed outputs and gradients from the scratch.
     public func workspace(input: [Int], output: [Int], batchCapacity rows: Double, scalarBytes: Double) -> LayerWorkspace {
+        if usesWinograd {
+            let tiling = WinogradTiling(height: output[1], width: output[2], lanes: 64 / Int(scalarBytes))
+            return (tiling.ownedBytes(inChannels: inChannels, outChannels: outChannels, batch: Int(rows), scalarBytes: scalarBytes)
+                        + Double(output[1] * output[2]) * scalarBytes,
+                    Double(tiling.scratchCount(inChannels: inChannels, outChannels: outChannels, batch: Int(rows))))
+        }
         let positions = Double(output[1] * output[2]), patch = Double(inChannels * kernel * kernel)
         let kept = keepsColumns(outputShape: output, batchCapacity: rows, scalarBytes: scalarBytes)
         let keptBytes = kept ? LargeBuffer.allocatedBytes(rows * patch * positions * scalarBytes) : 0
         return (positions * scalarBytes + keptBytes, 2 * patch * positions)
+    }
+
+    /// Whether the convolution runs by Winograd's F(4x4, 3x3) (Winograd.swift): 3x3, stride 1, padding 1, and at least
+    /// 16 channels in and out.
+    public var usesWinograd: Bool {
+        Winograd.applies(inChannels: inChannels, outChannels: outChannels, kernel: kernel, stride: stride, padding: padding)
     }
 
     /// Whether a convolution keeps its batch of columns between its passes (see `Conv2d`); also for the benchmark
@@ -105,6 +119,8 @@ final class Conv2d<T: Scalar>: Layer<T> {
     private let ones: UnsafeMutablePointer<T>
     /// Every sample's columns from the last forward pass, [B, C k k, Ho Wo], when they are kept.
     private let keptColumns: UnsafeMutableBufferPointer<T>?
+    /// The passes by Winograd's F(4x4, 3x3), for the layers it applies to; they lower no columns.
+    private let winograd: WinogradConvolution<T>?
 
     /// Bytes of columns a layer keeps between its passes at most.
     static var keptColumnsLimit: Double { 64 * 1_048_576 }
@@ -123,7 +139,13 @@ final class Conv2d<T: Scalar>: Layer<T> {
         ones = .allocate(capacity: outputShape[1] * outputShape[2])
         ones.initialize(repeating: 1, count: outputShape[1] * outputShape[2])
         let patch = i * k * k, positions = outputShape[1] * outputShape[2]
-        if Self.keepsColumns(patch: patch, positions: positions, batchCapacity: Double(batchCapacity),
+        winograd = kind.usesWinograd
+            ? WinogradConvolution(inChannels: i, outChannels: kind.outChannels, height: outputShape[1], width: outputShape[2],
+                                  batchCapacity: batchCapacity)
+            : nil
+        if winograd != nil {
+            keptColumns = nil
+        } else if Self.keepsColumns(patch: patch, positions: positions, batchCapacity: Double(batchCapacity),
                              scalarBytes: Double(MemoryLayout<T>.stride)) {
             let columns: UnsafeMutableBufferPointer<T> = LargeBuffer.allocate(batchCapacity * patch * positions)
             columns.initialize(repeating: 0)
@@ -147,6 +169,10 @@ final class Conv2d<T: Scalar>: Layer<T> {
 
     override func forward(count: Int, mode: ForwardMode) {
         let w = parameters!
+        if let winograd {
+            return winograd.forward(x: x, weights: w, bias: hasBias ? w + outChannels * patch : nil, count: count, y: y,
+                                    scratch: scratch)
+        }
         for b in 0..<count {
             let xb = x + b * inputCount, yb = y + b * outputCount, cols = columns(b)
             if hasBias {
@@ -162,6 +188,17 @@ final class Conv2d<T: Scalar>: Layer<T> {
 
     override func backwardParameters(count: Int, accumulate: Bool) {
         let gw = gradients!
+        if let winograd {
+            winograd.backwardWeights(dy: dy, count: count, accumulate: accumulate, weightGradient: gw, scratch: scratch)
+            if hasBias {
+                for b in 0..<count {
+                    T.gemv(m: outChannels, n: positions, alpha: 1, a: dy + b * outputCount, lda: positions, x: ones,
+                           beta: accumulate || b > 0 ? 1 : 0, y: gw + outChannels * patch)
+                }
+            }
+            provenFinite = false
+            return
+        }
         for b in 0..<count {
             let xb = x + b * inputCount, dyb = dy + b * outputCount, cols = columns(b)
             let beta: T = accumulate || b > 0 ? 1 : 0
@@ -184,6 +221,7 @@ final class Conv2d<T: Scalar>: Layer<T> {
     /// dcols[Ckk, HoWo] = W[O, Ckk]^T * dy_b[O, HoWo] per sample, scattered back onto the input's positions.
     override func backwardInput(count: Int, accumulate: Bool) {
         guard let dx else { return }
+        if let winograd { return winograd.backwardInput(dy: dy, count: count, dx: dx, scratch: scratch) }
         let dcols = scratch! + patch * positions
         for b in 0..<count {
             T.gemm(transposeA: true, transposeB: false, m: patch, n: positions, k: outChannels, alpha: 1, a: parameters!,

@@ -1,0 +1,497 @@
+/// Winograd's minimal filtering F(4x4, 3x3) (Lavin and Gray, "Fast Algorithms for Convolutional Neural Networks",
+/// 2016) for 3x3 convolutions with stride 1 and padding 1: each 4x4 block of outputs comes from its 6x6 block of
+/// inputs with 36 multiplications per pair of channels instead of 144,
+///
+///     Y = A^T [ (G g G^T) ⊙ (B^T d B) ] A        (g: 3x3 filter, d: 6x6 input tile, Y: 4x4 output tile)
+///
+/// and the products of a batch are 36 GEMMs, one per point of the 6x6 transform, over all tiles of all samples:
+///
+///     U[p] = (G g G^T)[p]        [O, C]             the filters, transformed once per pass
+///     V[p] = (B^T d B)[p]        [C, tiles]         every sample's tiles, side by side
+///     M[p] = U[p] V[p]           [O, tiles]         one GEMM per point
+///     y    = A^T M A             each tile's 4x4 outputs, clipped to the image
+///
+/// Backward is the exact adjoint of that computation, so the float64 gradient check holds it to the same bar as any
+/// layer: dM = A dY A^T per tile, dU[p] = dM[p] V[p]^T and dg = G^T dU G (the weight gradient), dV[p] = U[p]^T dM[p]
+/// and dx = B dV B^T added over the overlapping tiles (the input gradient). Three GEMMs per point and pass, each with
+/// the whole batch's tiles as one dimension: 128 channels at 7x7 and batch 64 make [128, 128] x [128, 256] products,
+/// where lowering one sample at a time made [128, 1152] x [1152, 49].
+///
+/// Matrices (points 0, 1, -1, 2, -2 and infinity):
+///
+///     B^T = | 4  0 -5  0  1  0 |    G = |  1/4     0     0  |    A^T = | 1  1  1  1  1  0 |
+///           | 0 -4 -4  1  1  0 |        | -1/6  -1/6  -1/6  |          | 0  1 -1  2 -2  0 |
+///           | 0  4 -4 -1  1  0 |        | -1/6   1/6  -1/6  |          | 0  1  1  4  4  0 |
+///           | 0 -2 -1  2  1  0 |        |  1/24  1/12  1/6  |          | 0  1 -1  8 -8  1 |
+///           | 0  2 -1 -2  1  0 |        |  1/24 -1/12  1/6  |
+///           | 0  4  0 -5  0  1 |        |   0     0     1   |
+enum Winograd {
+    /// Points of the transform (6x6), and outputs per tile side.
+    static let points = 36, tileSide = 4
+
+    /// Whether a convolution takes this path: 3x3, stride 1, padding 1 (the image keeps its size), and enough
+    /// channels on both sides that the 36 GEMMs are worth their transforms. A first layer on one or three channels
+    /// lowers to one GEMM per sample instead (see Conv2d).
+    static func applies(inChannels: Int, outChannels: Int, kernel: Int, stride: Int, padding: Int) -> Bool {
+        kernel == 3 && stride == 1 && padding == 1 && inChannels >= minimumChannels && outChannels >= minimumChannels
+    }
+    static let minimumChannels = 16
+}
+
+/// How an image of `height` x `width` is cut into 4x4 output tiles, and the sizes of what the passes keep.
+///
+/// The transformed values are channel-minor: V is [36, B tiles, C] (each point's matrix the transpose of the one
+/// above, which BLAS takes as it is), so that the transforms work on `lanes` channels at once in one vector register,
+/// loading and storing whole vectors. Channels are padded to a multiple of `lanes`, and each point's matrix is
+/// followed by one vector of slack so that the 36 matrices do not start at addresses that share a cache set.
+struct WinogradTiling: Sendable {
+    let height: Int, width: Int, lanes: Int
+    var tileRows: Int { (height + 3) / 4 }
+    var tileColumns: Int { (width + 3) / 4 }
+    var tilesPerImage: Int { tileRows * tileColumns }
+    /// The input plane with its zero border: one row and column before the image, and after it enough for the last
+    /// tile's 6x6 window; `lanes` channels interleaved.
+    var paddedInputWidth: Int { 4 * tileColumns + 2 }
+    var paddedInputCount: Int { (4 * tileRows + 2) * paddedInputWidth * lanes }
+    /// The output plane rounded up to whole tiles; `lanes` channels interleaved.
+    var paddedOutputWidth: Int { 4 * tileColumns }
+    var paddedOutputCount: Int { 4 * tileRows * paddedOutputWidth * lanes }
+
+    /// Channels rounded up to whole vectors: the leading dimension of a point's matrix.
+    func padded(_ channels: Int) -> Int { (channels + lanes - 1) / lanes * lanes }
+    /// Elements between one point's matrix and the next, for `count` samples.
+    func pointStride(channels: Int, count: Int) -> Int { count * tilesPerImage * padded(channels) + lanes }
+    /// Elements of a transformed batch [36, B tiles, C] (V, dV, M or dM).
+    func transformedCount(channels: Int, batch: Int) -> Int { Winograd.points * pointStride(channels: channels, count: batch) }
+    /// Elements of transformed filters U [36, O, C] (or dU).
+    static func transformedFilterCount(inChannels: Int, outChannels: Int) -> Int { Winograd.points * outChannels * inChannels }
+    /// Elements of the shared scratch: M (or dM), dV and dU.
+    func scratchCount(inChannels: Int, outChannels: Int, batch: Int) -> Int {
+        transformedCount(channels: outChannels, batch: batch) + transformedCount(channels: inChannels, batch: batch)
+            + Self.transformedFilterCount(inChannels: inChannels, outChannels: outChannels)
+    }
+    /// Bytes a layer allocates for itself: V, U, four padded planes and the transforms' 36 vectors.
+    func ownedBytes(inChannels: Int, outChannels: Int, batch: Int, scalarBytes: Double) -> Double {
+        let elements = transformedCount(channels: inChannels, batch: batch)
+            + Self.transformedFilterCount(inChannels: inChannels, outChannels: outChannels)
+            + 2 * paddedInputCount + 2 * paddedOutputCount + Winograd.points * lanes
+        return Double(elements) * scalarBytes
+    }
+}
+
+/// The passes of one convolution by F(4x4, 3x3), over buffers it owns (V, U, the padded planes) and the shared
+/// scratch (M or dM, dV, dU). `Conv2d` owns one when `Winograd.applies`.
+final class WinogradConvolution<T: Scalar> {
+    let inChannels: Int, outChannels: Int, tiling: WinogradTiling
+    /// V [36, B tiles, C], kept from forward for the weight gradient.
+    private let transformedInput: UnsafeMutableBufferPointer<T>
+    /// U [36, O, C], from forward for the input gradient.
+    private let transformedFilters: UnsafeMutablePointer<T>
+    /// An input block with its zero border (never written outside the image), the same for the input gradient
+    /// (zeroed per block), an output block of whole tiles, and an output gradient block zero outside the image.
+    private let paddedInput: UnsafeMutablePointer<T>, paddedInputGradient: UnsafeMutablePointer<T>
+    private let paddedOutput: UnsafeMutablePointer<T>, paddedOutputGradient: UnsafeMutablePointer<T>
+    /// The 36 vectors between a transform's two halves.
+    private let between: UnsafeMutablePointer<T>
+    /// Whether dM in the scratch is this backward pass's (`backwardWeights` computes it for `backwardInput`).
+    private var outputGradientTransformed = false
+
+    init(inChannels: Int, outChannels: Int, height: Int, width: Int, batchCapacity: Int) {
+        (self.inChannels, self.outChannels) = (inChannels, outChannels)
+        tiling = WinogradTiling(height: height, width: width, lanes: T.Lanes.scalarCount)
+        transformedInput = LargeBuffer.allocate(tiling.transformedCount(channels: inChannels, batch: batchCapacity))
+        transformedInput.initialize(repeating: 0)
+        func zeroed(_ n: Int) -> UnsafeMutablePointer<T> {
+            let p = UnsafeMutablePointer<T>.allocate(capacity: n)
+            p.initialize(repeating: 0, count: n)
+            return p
+        }
+        transformedFilters = zeroed(WinogradTiling.transformedFilterCount(inChannels: inChannels, outChannels: outChannels))
+        (paddedInput, paddedInputGradient) = (zeroed(tiling.paddedInputCount), zeroed(tiling.paddedInputCount))
+        (paddedOutput, paddedOutputGradient) = (zeroed(tiling.paddedOutputCount), zeroed(tiling.paddedOutputCount))
+        between = zeroed(Winograd.points * tiling.lanes)
+    }
+
+    deinit {
+        LargeBuffer.free(transformedInput)
+        for p in [transformedFilters, paddedInput, paddedInputGradient, paddedOutput, paddedOutputGradient, between] {
+            p.deallocate()
+        }
+    }
+
+    /// The scratch's parts: M or dM [36, B tiles, O], then dV [36, B tiles, C], then dU [36, O, C]. Past O (or C)
+    /// each row holds whatever another layer left there: the transforms carry those lanes along and never store
+    /// them in y or dx, and no GEMM reads them.
+    private func transformedOutput(_ scratch: UnsafeMutablePointer<T>) -> UnsafeMutablePointer<T> { scratch }
+    private func transformedInputGradient(_ scratch: UnsafeMutablePointer<T>, count: Int) -> UnsafeMutablePointer<T> {
+        scratch + Winograd.points * tiling.pointStride(channels: outChannels, count: count)
+    }
+    private func transformedFilterGradient(_ scratch: UnsafeMutablePointer<T>, count: Int) -> UnsafeMutablePointer<T> {
+        transformedInputGradient(scratch, count: count) + Winograd.points * tiling.pointStride(channels: inChannels, count: count)
+    }
+
+    /// y = conv(x, w) + b for `count` samples; `bias` nil without one.
+    func forward(x: UnsafePointer<T>, weights: UnsafePointer<T>, bias: UnsafePointer<T>?, count: Int,
+                 y: UnsafeMutablePointer<T>, scratch: UnsafeMutablePointer<T>) {
+        let (c, o, n) = (inChannels, outChannels, count * tiling.tilesPerImage)
+        let (cp, op) = (tiling.padded(c), tiling.padded(o))
+        let (vStride, mStride) = (tiling.pointStride(channels: c, count: count), tiling.pointStride(channels: o, count: count))
+        winogradTransformFilters(weights, outChannels: o, inChannels: c, into: transformedFilters)
+        winogradTransformInputs(x, count: count, channels: c, tiling: tiling, padded: paddedInput, between: between,
+                                into: transformedInput.baseAddress!)
+        let m = transformedOutput(scratch), v = transformedInput.baseAddress!
+        for p in 0..<Winograd.points {
+            // M[p][tiles, O] = V[p][tiles, C] U[p][O, C]^T
+            T.gemm(transposeA: false, transposeB: true, m: n, n: o, k: c, alpha: 1, a: v + p * vStride, lda: cp,
+                   b: transformedFilters + p * o * c, ldb: c, beta: 0, c: m + p * mStride, ldc: op)
+        }
+        winogradTransformOutputs(m, count: count, channels: o, tiling: tiling, bias: bias, padded: paddedOutput,
+                                 between: between, into: y)
+        outputGradientTransformed = false
+    }
+
+    /// The weight gradient (written with accumulate false, added to otherwise) from dy and the kept V; leaves dM in
+    /// the scratch for `backwardInput`.
+    func backwardWeights(dy: UnsafePointer<T>, count: Int, accumulate: Bool, weightGradient: UnsafeMutablePointer<T>,
+                         scratch: UnsafeMutablePointer<T>) {
+        let (c, o, n) = (inChannels, outChannels, count * tiling.tilesPerImage)
+        let (cp, op) = (tiling.padded(c), tiling.padded(o))
+        let (vStride, mStride) = (tiling.pointStride(channels: c, count: count), tiling.pointStride(channels: o, count: count))
+        let dm = transformedOutput(scratch), du = transformedFilterGradient(scratch, count: count)
+        winogradTransformOutputGradients(dy, count: count, channels: o, tiling: tiling, padded: paddedOutputGradient,
+                                         between: between, into: dm)
+        outputGradientTransformed = true
+        let v = transformedInput.baseAddress!
+        for p in 0..<Winograd.points {
+            // dU[p][O, C] = dM[p][tiles, O]^T V[p][tiles, C]
+            T.gemm(transposeA: true, transposeB: false, m: o, n: c, k: n, alpha: 1, a: dm + p * mStride, lda: op,
+                   b: v + p * vStride, ldb: cp, beta: 0, c: du + p * o * c, ldc: c)
+        }
+        winogradFilterGradients(du, outChannels: o, inChannels: c, accumulate: accumulate, into: weightGradient)
+    }
+
+    /// dx (overwritten) from dy, through the U of the last forward pass.
+    func backwardInput(dy: UnsafePointer<T>, count: Int, dx: UnsafeMutablePointer<T>, scratch: UnsafeMutablePointer<T>) {
+        let (c, o, n) = (inChannels, outChannels, count * tiling.tilesPerImage)
+        let (cp, op) = (tiling.padded(c), tiling.padded(o))
+        let (vStride, mStride) = (tiling.pointStride(channels: c, count: count), tiling.pointStride(channels: o, count: count))
+        let dm = transformedOutput(scratch), dv = transformedInputGradient(scratch, count: count)
+        if !outputGradientTransformed {
+            winogradTransformOutputGradients(dy, count: count, channels: o, tiling: tiling, padded: paddedOutputGradient,
+                                             between: between, into: dm)
+        }
+        outputGradientTransformed = false
+        for p in 0..<Winograd.points {
+            // dV[p][tiles, C] = dM[p][tiles, O] U[p][O, C]
+            T.gemm(transposeA: false, transposeB: false, m: n, n: c, k: o, alpha: 1, a: dm + p * mStride, lda: op,
+                   b: transformedFilters + p * o * c, ldb: c, beta: 0, c: dv + p * vStride, ldc: cp)
+        }
+        winogradInputGradients(dv, count: count, channels: c, tiling: tiling, padded: paddedInputGradient,
+                               between: between, into: dx)
+    }
+}
+
+// MARK: - Filter transforms (once per pass, one filter at a time)
+
+/// U[p, o, c] = (G g G^T)[p] for every filter g = w[o, c] (3x3).
+@_specialize(where T == Float) @_specialize(where T == Double)
+func winogradTransformFilters<T: Scalar>(_ w: UnsafePointer<T>, outChannels: Int, inChannels: Int,
+                                         into u: UnsafeMutablePointer<T>) {
+    let stride = outChannels * inChannels
+    let quarter: T = 1 / 4, sixth: T = 1 / 6, twelfth: T = 1 / 12, twentyFourth: T = 1 / 24
+    var t = (T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0))
+    withUnsafeMutableBytes(of: &t) { raw in
+        let t = raw.baseAddress!.assumingMemoryBound(to: T.self)
+        for filter in 0..<stride {
+            let g = w + filter * 9
+            // t = G g [6, 3], column by column.
+            for q in 0..<3 {
+                let (g0, g1, g2) = (g[q], g[3 + q], g[6 + q])
+                t[q] = quarter * g0
+                t[3 + q] = -sixth * (g0 + g1 + g2)
+                t[6 + q] = -sixth * (g0 - g1 + g2)
+                t[9 + q] = twentyFourth * g0 + twelfth * g1 + sixth * g2
+                t[12 + q] = twentyFourth * g0 - twelfth * g1 + sixth * g2
+                t[15 + q] = g2
+            }
+            // U = t G^T [6, 6], row by row.
+            for k in 0..<6 {
+                let (g0, g1, g2) = (t[3 * k], t[3 * k + 1], t[3 * k + 2])
+                let out = u + 6 * k * stride + filter
+                out[0] = quarter * g0
+                out[stride] = -sixth * (g0 + g1 + g2)
+                out[2 * stride] = -sixth * (g0 - g1 + g2)
+                out[3 * stride] = twentyFourth * g0 + twelfth * g1 + sixth * g2
+                out[4 * stride] = twentyFourth * g0 - twelfth * g1 + sixth * g2
+                out[5 * stride] = g2
+            }
+        }
+    }
+}
+
+/// The adjoint of `winogradTransformFilters`: dw[o, c] (=, or += with `accumulate`) G^T dU[., o, c] G.
+@_specialize(where T == Float) @_specialize(where T == Double)
+func winogradFilterGradients<T: Scalar>(_ du: UnsafePointer<T>, outChannels: Int, inChannels: Int, accumulate: Bool,
+                                        into dw: UnsafeMutablePointer<T>) {
+    let stride = outChannels * inChannels
+    let quarter: T = 1 / 4, sixth: T = 1 / 6, twelfth: T = 1 / 12, twentyFourth: T = 1 / 24
+    let keep: T = accumulate ? 1 : 0
+    var t = (T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0))
+    withUnsafeMutableBytes(of: &t) { raw in
+        let t = raw.baseAddress!.assumingMemoryBound(to: T.self)
+        for filter in 0..<stride {
+            // t = G^T dU [3, 6], column l of dU at a time.
+            for l in 0..<6 {
+                let d = du + l * stride + filter
+                let (u0, u1, u2) = (d[0], d[6 * stride], d[12 * stride])
+                let (u3, u4, u5) = (d[18 * stride], d[24 * stride], d[30 * stride])
+                t[l] = quarter * u0 - sixth * (u1 + u2) + twentyFourth * (u3 + u4)
+                t[6 + l] = sixth * (u2 - u1) + twelfth * (u3 - u4)
+                t[12 + l] = sixth * (u3 + u4 - u1 - u2) + u5
+            }
+            // dg = t G [3, 3]; 0 times a gradient that is not there yet, when overwriting, is 0 (it is finite: the
+            // buffer starts zeroed and only ever holds gradients).
+            let g = dw + filter * 9
+            for p in 0..<3 {
+                let r = t + 6 * p
+                let (u0, u1, u2, u3, u4, u5) = (r[0], r[1], r[2], r[3], r[4], r[5])
+                g[3 * p] = keep * g[3 * p] + (quarter * u0 - sixth * (u1 + u2) + twentyFourth * (u3 + u4))
+                g[3 * p + 1] = keep * g[3 * p + 1] + (sixth * (u2 - u1) + twelfth * (u3 - u4))
+                g[3 * p + 2] = keep * g[3 * p + 2] + (sixth * (u3 + u4 - u1 - u2) + u5)
+            }
+        }
+    }
+}
+
+// MARK: - Tile transforms (every pass, a block of `lanes` channels of one sample at a time)
+//
+// Each copies the block's planes into an interleaved padded block ([rows, columns, lanes], so that one vector holds a
+// position of every channel in the block) or out of one, and transforms tile by tile in whole vectors: 36 vector
+// loads and stores per tile instead of 36 scalar ones per tile and channel, and no tile tests a bound.
+
+@inline(__always) private func load<V: SIMD>(_ p: UnsafePointer<V.Scalar>, as: V.Type) -> V {
+    UnsafeRawPointer(p).loadUnaligned(as: V.self)
+}
+@inline(__always) private func store<V: SIMD>(_ v: V, _ p: UnsafeMutablePointer<V.Scalar>) {
+    UnsafeMutableRawPointer(p).storeBytes(of: v, as: V.self)
+}
+
+/// V[p, b tilesPerImage + tile, c] = (B^T d B)[p] for every 6x6 input window d of every plane of x ([B, C, H, W]).
+@_specialize(where T == Float) @_specialize(where T == Double)
+func winogradTransformInputs<T: Scalar>(_ x: UnsafePointer<T>, count: Int, channels: Int, tiling: WinogradTiling,
+                                        padded: UnsafeMutablePointer<T>, between t: UnsafeMutablePointer<T>,
+                                        into v: UnsafeMutablePointer<T>) {
+    typealias V = T.Lanes
+    let (h, w, pw, lanes) = (tiling.height, tiling.width, tiling.paddedInputWidth, tiling.lanes)
+    let (ld, pointStride) = (tiling.padded(channels), tiling.pointStride(channels: channels, count: count))
+    for b in 0..<count {
+        for block in stride(from: 0, to: channels, by: lanes) {
+            for lane in 0..<min(lanes, channels - block) {
+                let source = x + ((b * channels + block + lane) * h) * w
+                for i in 0..<h {
+                    let row = padded + ((i + 1) * pw + 1) * lanes + lane
+                    for j in 0..<w { row[j &* lanes] = source[i &* w &+ j] }
+                }
+            }
+            var out = v + b * tiling.tilesPerImage * ld + block
+            for ty in 0..<tiling.tileRows {
+                for tx in 0..<tiling.tileColumns {
+                    let d = padded + (4 * ty * pw + 4 * tx) * lanes
+                    // t = B^T d, column by column.
+                    for j in 0..<6 {
+                        let c = d + j * lanes
+                        let d0 = load(c, as: V.self), d1 = load(c + pw * lanes, as: V.self)
+                        let d2 = load(c + 2 * pw * lanes, as: V.self), d3 = load(c + 3 * pw * lanes, as: V.self)
+                        let d4 = load(c + 4 * pw * lanes, as: V.self), d5 = load(c + 5 * pw * lanes, as: V.self)
+                        store(4 * d0 - 5 * d2 + d4, t + j * lanes)
+                        store(d3 + d4 - 4 * (d1 + d2), t + (6 + j) * lanes)
+                        store(4 * (d1 - d2) + d4 - d3, t + (12 + j) * lanes)
+                        store(2 * (d3 - d1) + d4 - d2, t + (18 + j) * lanes)
+                        store(2 * (d1 - d3) + d4 - d2, t + (24 + j) * lanes)
+                        store(4 * d1 - 5 * d3 + d5, t + (30 + j) * lanes)
+                    }
+                    // V = t B, row by row.
+                    for k in 0..<6 {
+                        let r = t + 6 * k * lanes
+                        let d0 = load(r, as: V.self), d1 = load(r + lanes, as: V.self), d2 = load(r + 2 * lanes, as: V.self)
+                        let d3 = load(r + 3 * lanes, as: V.self), d4 = load(r + 4 * lanes, as: V.self)
+                        let d5 = load(r + 5 * lanes, as: V.self)
+                        let o = out + 6 * k * pointStride
+                        store(4 * d0 - 5 * d2 + d4, o)
+                        store(d3 + d4 - 4 * (d1 + d2), o + pointStride)
+                        store(4 * (d1 - d2) + d4 - d3, o + 2 * pointStride)
+                        store(2 * (d3 - d1) + d4 - d2, o + 3 * pointStride)
+                        store(2 * (d1 - d3) + d4 - d2, o + 4 * pointStride)
+                        store(4 * d1 - 5 * d3 + d5, o + 5 * pointStride)
+                    }
+                    out += ld
+                }
+            }
+        }
+    }
+}
+
+/// The adjoint of `winogradTransformInputs`: dx[b, c] = the sum over tiles of B dV[., tile, c] B^T, placed at each
+/// tile's window, with what falls on the zero border dropped. dx is overwritten.
+@_specialize(where T == Float) @_specialize(where T == Double)
+func winogradInputGradients<T: Scalar>(_ dv: UnsafePointer<T>, count: Int, channels: Int, tiling: WinogradTiling,
+                                       padded: UnsafeMutablePointer<T>, between t: UnsafeMutablePointer<T>,
+                                       into dx: UnsafeMutablePointer<T>) {
+    typealias V = T.Lanes
+    let (h, w, pw, lanes) = (tiling.height, tiling.width, tiling.paddedInputWidth, tiling.lanes)
+    let (ld, pointStride) = (tiling.padded(channels), tiling.pointStride(channels: channels, count: count))
+    for b in 0..<count {
+        for block in stride(from: 0, to: channels, by: lanes) {
+            padded.update(repeating: 0, count: tiling.paddedInputCount)
+            var source = dv + b * tiling.tilesPerImage * ld + block
+            for ty in 0..<tiling.tileRows {
+                for tx in 0..<tiling.tileColumns {
+                    // t = dV B^T, row k of dV at a time (B applied to each row).
+                    for k in 0..<6 {
+                        let s = source + 6 * k * pointStride
+                        let v0 = load(s, as: V.self), v1 = load(s + pointStride, as: V.self)
+                        let v2 = load(s + 2 * pointStride, as: V.self), v3 = load(s + 3 * pointStride, as: V.self)
+                        let v4 = load(s + 4 * pointStride, as: V.self), v5 = load(s + 5 * pointStride, as: V.self)
+                        let r = t + 6 * k * lanes
+                        store(4 * v0, r)
+                        store(4 * (v2 - v1 + v5) + 2 * (v4 - v3), r + lanes)
+                        store(-5 * v0 - 4 * (v1 + v2) - v3 - v4, r + 2 * lanes)
+                        store(v1 - v2 + 2 * (v3 - v4) - 5 * v5, r + 3 * lanes)
+                        store(v0 + v1 + v2 + v3 + v4, r + 4 * lanes)
+                        store(v5, r + 5 * lanes)
+                    }
+                    // dd = B t, column j at a time, added into the tile's window.
+                    let d = padded + (4 * ty * pw + 4 * tx) * lanes
+                    for j in 0..<6 {
+                        let c = t + j * lanes
+                        let v0 = load(c, as: V.self), v1 = load(c + 6 * lanes, as: V.self)
+                        let v2 = load(c + 12 * lanes, as: V.self), v3 = load(c + 18 * lanes, as: V.self)
+                        let v4 = load(c + 24 * lanes, as: V.self), v5 = load(c + 30 * lanes, as: V.self)
+                        let e = d + j * lanes
+                        store(load(e, as: V.self) + 4 * v0, e)
+                        store(load(e + pw * lanes, as: V.self) + (4 * (v2 - v1 + v5) + 2 * (v4 - v3)), e + pw * lanes)
+                        store(load(e + 2 * pw * lanes, as: V.self) + (-5 * v0 - 4 * (v1 + v2) - v3 - v4), e + 2 * pw * lanes)
+                        store(load(e + 3 * pw * lanes, as: V.self) + (v1 - v2 + 2 * (v3 - v4) - 5 * v5), e + 3 * pw * lanes)
+                        store(load(e + 4 * pw * lanes, as: V.self) + (v0 + v1 + v2 + v3 + v4), e + 4 * pw * lanes)
+                        store(load(e + 5 * pw * lanes, as: V.self) + v5, e + 5 * pw * lanes)
+                    }
+                    source += ld
+                }
+            }
+            for lane in 0..<min(lanes, channels - block) {
+                let target = dx + ((b * channels + block + lane) * h) * w
+                for i in 0..<h {
+                    let row = padded + ((i + 1) * pw + 1) * lanes + lane
+                    for j in 0..<w { target[i &* w &+ j] = row[j &* lanes] }
+                }
+            }
+        }
+    }
+}
+
+/// y[b, o] = A^T M[., tile, o] A for each tile, clipped to the image, plus bias[o] when there is one.
+@_specialize(where T == Float) @_specialize(where T == Double)
+func winogradTransformOutputs<T: Scalar>(_ m: UnsafePointer<T>, count: Int, channels: Int, tiling: WinogradTiling,
+                                         bias: UnsafePointer<T>?, padded: UnsafeMutablePointer<T>,
+                                         between t: UnsafeMutablePointer<T>, into y: UnsafeMutablePointer<T>) {
+    typealias V = T.Lanes
+    let (h, w, pw, lanes) = (tiling.height, tiling.width, tiling.paddedOutputWidth, tiling.lanes)
+    let (ld, pointStride) = (tiling.padded(channels), tiling.pointStride(channels: channels, count: count))
+    for b in 0..<count {
+        for block in stride(from: 0, to: channels, by: lanes) {
+            var offset = V()
+            if let bias { for lane in 0..<min(lanes, channels - block) { offset[lane] = bias[block + lane] } }
+            var source = m + b * tiling.tilesPerImage * ld + block
+            for ty in 0..<tiling.tileRows {
+                for tx in 0..<tiling.tileColumns {
+                    // t = A^T M [4, 6], column l of M at a time.
+                    for l in 0..<6 {
+                        let s = source + l * pointStride
+                        let m0 = load(s, as: V.self), m1 = load(s + 6 * pointStride, as: V.self)
+                        let m2 = load(s + 12 * pointStride, as: V.self), m3 = load(s + 18 * pointStride, as: V.self)
+                        let m4 = load(s + 24 * pointStride, as: V.self), m5 = load(s + 30 * pointStride, as: V.self)
+                        store(m0 + m1 + m2 + m3 + m4, t + l * lanes)
+                        store(m1 - m2 + 2 * (m3 - m4), t + (6 + l) * lanes)
+                        store(m1 + m2 + 4 * (m3 + m4), t + (12 + l) * lanes)
+                        store(m1 - m2 + 8 * (m3 - m4) + m5, t + (18 + l) * lanes)
+                    }
+                    // Y = t A [4, 4], row by row.
+                    let out = padded + (4 * ty * pw + 4 * tx) * lanes
+                    for i in 0..<4 {
+                        let r = t + 6 * i * lanes
+                        let m0 = load(r, as: V.self), m1 = load(r + lanes, as: V.self), m2 = load(r + 2 * lanes, as: V.self)
+                        let m3 = load(r + 3 * lanes, as: V.self), m4 = load(r + 4 * lanes, as: V.self)
+                        let m5 = load(r + 5 * lanes, as: V.self)
+                        let o = out + i * pw * lanes
+                        store(offset + (m0 + m1 + m2 + m3 + m4), o)
+                        store(offset + (m1 - m2 + 2 * (m3 - m4)), o + lanes)
+                        store(offset + (m1 + m2 + 4 * (m3 + m4)), o + 2 * lanes)
+                        store(offset + (m1 - m2 + 8 * (m3 - m4) + m5), o + 3 * lanes)
+                    }
+                    source += ld
+                }
+            }
+            for lane in 0..<min(lanes, channels - block) {
+                let target = y + ((b * channels + block + lane) * h) * w
+                for i in 0..<h {
+                    let row = padded + i * pw * lanes + lane
+                    for j in 0..<w { target[i &* w &+ j] = row[j &* lanes] }
+                }
+            }
+        }
+    }
+}
+
+/// The adjoint of `winogradTransformOutputs` (without the bias): dM[., tile, o] = A dY_tile A^T, with dY zero past
+/// the image's edge.
+@_specialize(where T == Float) @_specialize(where T == Double)
+func winogradTransformOutputGradients<T: Scalar>(_ dy: UnsafePointer<T>, count: Int, channels: Int,
+                                                 tiling: WinogradTiling, padded: UnsafeMutablePointer<T>,
+                                                 between t: UnsafeMutablePointer<T>, into dm: UnsafeMutablePointer<T>) {
+    typealias V = T.Lanes
+    let (h, w, pw, lanes) = (tiling.height, tiling.width, tiling.paddedOutputWidth, tiling.lanes)
+    let (ld, pointStride) = (tiling.padded(channels), tiling.pointStride(channels: channels, count: count))
+    for b in 0..<count {
+        for block in stride(from: 0, to: channels, by: lanes) {
+            for lane in 0..<min(lanes, channels - block) {
+                let source = dy + ((b * channels + block + lane) * h) * w
+                for i in 0..<h {
+                    let row = padded + i * pw * lanes + lane
+                    for j in 0..<w { row[j &* lanes] = source[i &* w &+ j] }
+                }
+            }
+            var out = dm + b * tiling.tilesPerImage * ld + block
+            for ty in 0..<tiling.tileRows {
+                for tx in 0..<tiling.tileColumns {
+                    let e = padded + (4 * ty * pw + 4 * tx) * lanes
+                    // t = A e [6, 4], column j at a time.
+                    for j in 0..<4 {
+                        let c = e + j * lanes
+                        let e0 = load(c, as: V.self), e1 = load(c + pw * lanes, as: V.self)
+                        let e2 = load(c + 2 * pw * lanes, as: V.self), e3 = load(c + 3 * pw * lanes, as: V.self)
+                        store(e0, t + j * lanes)
+                        store(e0 + e1 + e2 + e3, t + (4 + j) * lanes)
+                        store(e0 - e1 + e2 - e3, t + (8 + j) * lanes)
+                        store(e0 + 2 * e1 + 4 * e2 + 8 * e3, t + (12 + j) * lanes)
+                        store(e0 - 2 * e1 + 4 * e2 - 8 * e3, t + (16 + j) * lanes)
+                        store(e3, t + (20 + j) * lanes)
+                    }
+                    // dM = t A^T [6, 6], row by row.
+                    for k in 0..<6 {
+                        let r = t + 4 * k * lanes
+                        let e0 = load(r, as: V.self), e1 = load(r + lanes, as: V.self)
+                        let e2 = load(r + 2 * lanes, as: V.self), e3 = load(r + 3 * lanes, as: V.self)
+                        let d = out + 6 * k * pointStride
+                        store(e0, d)
+                        store(e0 + e1 + e2 + e3, d + pointStride)
+                        store(e0 - e1 + e2 - e3, d + 2 * pointStride)
+                        store(e0 + 2 * e1 + 4 * e2 + 8 * e3, d + 3 * pointStride)
+                        store(e0 - 2 * e1 + 4 * e2 - 8 * e3, d + 4 * pointStride)
+                        store(e3, d + 5 * pointStride)
+                    }
+                    out += ld
+                }
+            }
+        }
+    }
+}

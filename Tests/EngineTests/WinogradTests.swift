@@ -1,0 +1,205 @@
+@testable import Engine
+import Foundation
+import Testing
+
+/// Convolutions by Winograd's F(4x4, 3x3): against the definition (a second implementation, in Double), against the
+/// lowered GEMMs in Float, and through the float64 finite-difference checker, with the image sizes that cut tiles
+/// off at the edge.
+@Suite("Winograd convolutions")
+struct WinogradTests {
+    static func conv(_ i: Int, _ o: Int, bias: Bool = true) -> LayerSpec {
+        .conv2d(inChannels: i, outChannels: o, kernel: 3, stride: 1, padding: 1, bias: bias)
+    }
+
+    @Test func theFastPathTakesThreeByThreeSamePaddingWithEnoughChannels() {
+        #expect(Self.conv(16, 16).as(Conv2dKind.self)!.usesWinograd)
+        #expect(Self.conv(128, 64).as(Conv2dKind.self)!.usesWinograd)
+        #expect(!Self.conv(15, 64).as(Conv2dKind.self)!.usesWinograd)
+        #expect(!Self.conv(1, 32).as(Conv2dKind.self)!.usesWinograd)
+        #expect(!LayerSpec.conv2d(inChannels: 32, outChannels: 32, kernel: 3, stride: 2, padding: 1, bias: false)
+            .as(Conv2dKind.self)!.usesWinograd)
+        #expect(!LayerSpec.conv2d(inChannels: 32, outChannels: 32, kernel: 3, stride: 1, padding: 0, bias: false)
+            .as(Conv2dKind.self)!.usesWinograd)
+        #expect(!LayerSpec.conv2d(inChannels: 32, outChannels: 32, kernel: 5, stride: 1, padding: 2, bias: false)
+            .as(Conv2dKind.self)!.usesWinograd)
+    }
+
+    /// Output sizes: whole tiles (8x8), the shipped ResNet's 7x7 and 14x14, one pixel (1x1), and uneven ones.
+    static let shapes: [(c: Int, o: Int, h: Int, w: Int, bias: Bool)] = [
+        (16, 16, 8, 8, true), (16, 20, 7, 7, false), (24, 16, 14, 14, true), (16, 17, 1, 1, true), (17, 16, 5, 9, true),
+        (16, 16, 3, 2, false),
+    ]
+
+    @Test(arguments: shapes.indices)
+    func matchesTheDefinitionInDouble(shape index: Int) throws {
+        let (c, o, h, w, bias) = Self.shapes[index]
+        let spec = ModelSpec(layers: [Self.conv(c, o, bias: bias), .flatten, .linear(inputs: o * h * w, outputs: 2)],
+                             inputShape: [c, h, w])
+        let rows = 3
+        let model = try Model<Double>(spec: spec, batchCapacity: rows + 1, seed: 3)
+        fillRandomBatch(model, rows: rows, seed: 4)
+        if bias { setTensor(model, "0.bias", (0..<o).map { 0.1 * Double($0) - 0.5 }) }
+        model.forward(count: rows, mode: .eval)
+        let weights = tensorValues(model, "0.weight", in: model.parameters)
+        let b = bias ? tensorValues(model, "0.bias", in: model.parameters) : nil
+        let convolution = model.plan[0]
+        for row in 0..<rows {
+            let x = (0..<(c * h * w)).map { model.inputs[row * c * h * w + $0] }
+            let expected = ConvolutionTests().naiveConvolution(x, weights, b, c: c, h: h, wd: w, o: o, k: 3, stride: 1, pad: 1)
+            let got = (0..<(o * h * w)).map { Double(convolution.y[row * o * h * w + $0]) }
+            let worst = zip(got, expected).map { abs($0 - $1) }.max()!
+            #expect(worst <= 1e-12, "row \(row): worst difference \(worst)")
+        }
+    }
+
+    /// In Float the transforms round differently from the lowered GEMMs: outputs and all three gradients agree with
+    /// the Double definition to the accuracy F(4x4, 3x3) is known for (relative to each tensor's largest value).
+    @Test func floatAgreesWithDoubleToSingleRounding() throws {
+        let spec = ModelSpec(layers: [Self.conv(16, 32), .tanh, Self.conv(32, 24), .flatten, .linear(inputs: 24 * 49, outputs: 5)],
+                             inputShape: [16, 7, 7])
+        let rows = 4
+        let exact = try Model<Double>(spec: spec, batchCapacity: rows, seed: 6)
+        let single = try Model<Float>(spec: spec, batchCapacity: rows, seed: 6)
+        fillRandomBatch(exact, rows: rows, seed: 7)
+        for i in 0..<(rows * exact.inputWidth) { single.inputs[i] = Float(exact.inputs[i]) }
+        for i in exact.parameters.indices { single.parameters[i] = Float(exact.parameters[i]) }
+        single.labels.update(from: exact.labels, count: rows)
+        _ = exact.forward(count: rows, mode: .train)
+        exact.backward(count: rows, accumulate: false) { _ in }
+        _ = single.forward(count: rows, mode: .train)
+        single.backward(count: rows, accumulate: false) { _ in }
+        func relative(_ a: [Double], _ b: [Double]) -> Double {
+            let scale = b.map { abs($0) }.max()!
+            return zip(a, b).map { abs($0 - $1) }.max()! / scale
+        }
+        let outputs = relative((0..<(rows * 24 * 49)).map { Double(single.plan[2].y[$0]) },
+                               (0..<(rows * 24 * 49)).map { exact.plan[2].y[$0] })
+        #expect(outputs <= 1e-5, "outputs \(outputs)")
+        for name in ["0.weight", "0.bias", "2.weight", "2.bias"] {
+            let error = relative(tensorValues(single, name, in: single.gradients), tensorValues(exact, name, in: exact.gradients))
+            #expect(error <= 1e-5, "\(name) \(error)")
+        }
+        let inputGradient = relative((0..<(rows * 32 * 49)).map { Double(single.plan[2].dx![$0]) },
+                                     (0..<(rows * 32 * 49)).map { exact.plan[2].dx![$0] })
+        #expect(inputGradient <= 1e-5, "2's input gradient \(inputGradient)")
+    }
+
+    static let models: [(String, ModelSpec)] = [
+        ("two convolutions, uneven tiles", ModelSpec(layers: [conv(16, 16), .relu, conv(16, 17), .flatten,
+                                                              .linear(inputs: 17 * 5 * 6, outputs: 3)], inputShape: [16, 5, 6])),
+        ("a residual block with a projection", ModelSpec(layers: [
+            conv(16, 16), .relu,
+            .residual(body: [conv(16, 24), .relu, conv(24, 24)],
+                      shortcut: [.conv2d(inChannels: 16, outChannels: 24, kernel: 1, stride: 1, padding: 0, bias: true)]),
+            .relu, .globalAvgPool2d, .flatten, .linear(inputs: 24, outputs: 3),
+        ], inputShape: [16, 7, 7])),
+        // Batch norm in training mode couples the samples; on a small image so that no gradient is so small that the
+        // cost's rounding decides its check.
+        ("a residual block with batch norm", ModelSpec(layers: [
+            conv(16, 16, bias: false), .batchNorm(features: 16), .relu,
+            .residual(body: [conv(16, 16, bias: false), .batchNorm(features: 16), .relu, conv(16, 16, bias: false),
+                             .batchNorm(features: 16)]),
+            .relu, .globalAvgPool2d, .flatten, .linear(inputs: 16, outputs: 3),
+        ], inputShape: [16, 3, 2])),
+    ]
+
+    /// 48 coordinates of every weight and bias, and the input gradient through the second convolution, within the float64
+    /// check's bar. (`gradientsMatchTheirDefinitionsInDouble` holds both gradients to 1e-12.)
+    @Test(arguments: models.indices)
+    func passesTheFloat64Check(model index: Int) throws {
+        let (name, spec) = Self.models[index]
+        let model = try ConvolutionTests().checkedModel(spec)
+        var options = GradientCheckOptions()
+        options.samplesPerTensor = 48
+        // As in the residual blocks' check, batch norm's coupling takes a step of 1e-5 (at the default 1e-4 the
+        // difference quotient's truncation error reaches 3e-5 on the smallest gradients).
+        if name.contains("batch norm") { options.epsilon = 1e-5 }
+        let report = checkGradients(model: model, count: 3, options: options)
+        #expect(report.verdict == .pass, "\(name):\n\(report.text)")
+        for tensor in report.tensors {
+            #expect(tensor.checked > 0, "\(name): \(tensor.name) unchecked")
+            // The float64 noise the pass threshold is chosen from, as for every layer (ConvolutionTests).
+            #expect(tensor.maxRelativeError <= 5e-6, "\(name): \(tensor.name) \(tensor.maxRelativeError)")
+        }
+        #expect(report.direction.relativeError <= 1e-6, "\(name):\n\(report.text)")
+    }
+
+    /// The gradients as their definitions, in Double: dW[o, c, p, q] = the sum over samples and positions of
+    /// dy[o, i, j] x[c, i + p - 1, j + q - 1], and dx[c, r, s] = the sum of W[o, c, p, q] dy[o, r - p + 1, s - q + 1].
+    @Test(arguments: shapes.indices)
+    func gradientsMatchTheirDefinitionsInDouble(shape index: Int) throws {
+        let (c, o, h, w, bias) = Self.shapes[index]
+        let spec = ModelSpec(layers: [Self.conv(c, c), .tanh, Self.conv(c, o, bias: bias), .flatten,
+                                      .linear(inputs: o * h * w, outputs: 3)], inputShape: [c, h, w])
+        let rows = 3
+        let model = try Model<Double>(spec: spec, batchCapacity: rows, seed: 10)
+        fillRandomBatch(model, rows: rows, seed: 11)
+        _ = model.forward(count: rows, mode: .train)
+        model.backward(count: rows, accumulate: false) { _ in }
+        let layer = model.plan[2]
+        let weights = tensorValues(model, "2.weight", in: model.parameters)
+        var dW = [Double](repeating: 0, count: o * c * 9), dx = [Double](repeating: 0, count: rows * c * h * w)
+        for b in 0..<rows {
+            for oc in 0..<o {
+                for i in 0..<h {
+                    for j in 0..<w {
+                        let g = layer.dy[((b * o + oc) * h + i) * w + j]
+                        for ic in 0..<c {
+                            for p in 0..<3 {
+                                for q in 0..<3 {
+                                    let r = i + p - 1, s = j + q - 1
+                                    guard r >= 0 && r < h && s >= 0 && s < w else { continue }
+                                    let xi = ((b * c + ic) * h + r) * w + s
+                                    dW[((oc * c + ic) * 3 + p) * 3 + q] += g * layer.x[xi]
+                                    dx[xi] += g * weights[((oc * c + ic) * 3 + p) * 3 + q]
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        func worst(_ a: [Double], _ b: [Double]) -> Double {
+            zip(a, b).map { abs($0 - $1) }.max()! / max(1e-300, b.map { abs($0) }.max()!)
+        }
+        let weightError = worst(tensorValues(model, "2.weight", in: model.gradients), dW)
+        let inputError = worst((0..<dx.count).map { layer.dx![$0] }, dx)
+        #expect(weightError <= 1e-12, "weight gradient \(weightError)")
+        #expect(inputError <= 1e-12, "input gradient \(inputError)")
+    }
+
+    /// With accumulate the weight gradient adds to what is there; a smaller batch than the capacity packs its tiles.
+    @Test func accumulatesAndTakesSmallerBatches() throws {
+        let spec = ModelSpec(layers: [Self.conv(16, 16), .tanh, Self.conv(16, 16), .flatten, .linear(inputs: 16 * 36, outputs: 3)],
+                             inputShape: [16, 6, 6])
+        let full = try Model<Double>(spec: spec, batchCapacity: 5, seed: 8)
+        fillRandomBatch(full, rows: 5, seed: 9)
+        let part = try Model<Double>(spec: spec, batchCapacity: 5, seed: 8)
+        part.inputs.update(from: full.inputs, count: 5 * full.inputWidth)
+        part.labels.update(from: full.labels, count: 5)
+        _ = full.forward(count: 5, mode: .train)
+        full.backward(count: 5, accumulate: false) { _ in }
+        // The same five samples as 2 then 3, accumulated: the batch's gradient up to the mean's scale.
+        _ = part.forward(count: 2, mode: .train)
+        part.backward(count: 2, accumulate: false) { _ in }
+        let firstTwo = Array(part.gradients)
+        part.inputs.update(from: full.inputs + 2 * full.inputWidth, count: 3 * full.inputWidth)
+        part.labels.update(from: full.labels + 2, count: 3)
+        _ = part.forward(count: 3, mode: .train)
+        let accumulatedBefore = Array(part.gradients)
+        #expect(accumulatedBefore == firstTwo)
+        part.backward(count: 3, accumulate: true) { _ in }
+        let lastThree = try Model<Double>(spec: spec, batchCapacity: 5, seed: 8)
+        lastThree.inputs.update(from: full.inputs + 2 * full.inputWidth, count: 3 * full.inputWidth)
+        lastThree.labels.update(from: full.labels + 2, count: 3)
+        _ = lastThree.forward(count: 3, mode: .train)
+        lastThree.backward(count: 3, accumulate: false) { _ in }
+        // The loss is a mean over the batch: 5 g_full = 2 g_first + 3 g_last.
+        for i in full.gradients.indices {
+            let expected = 2 * firstTwo[i] + 3 * lastThree.gradients[i]
+            #expect(abs(5 * full.gradients[i] - expected) <= 1e-12 * max(1, abs(expected)), "gradient \(i)")
+            #expect(abs(part.gradients[i] - (firstTwo[i] + lastThree.gradients[i])) <= 1e-12 * max(1, abs(part.gradients[i])),
+                    "accumulated gradient \(i)")
+        }
+    }
+}
