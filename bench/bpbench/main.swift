@@ -118,9 +118,15 @@ final class GEMMBench {
     /// columns (kept from forward, or lowered into one scratch) and output gradient, the scratch. OpenBLAS zeroes C in a pass of its own for
     /// beta 0, which costs a bias-free convolution's forward GEMM twice the time of beta 1 at K = 9: the baseline
     /// pays it as the step does. The linear layers as above.
+    /// A convolution by Winograd's F(4x4, 3x3) (`Conv2dKind.usesWinograd`) makes 36 GEMMs per pass instead, one
+    /// per point of the transform, over every tile of the batch (Winograd.swift):
+    ///   forward  M[p][tiles, O] = V[p][tiles, C] U[p][O, C]^T
+    ///   backward dU[p][O, C] = dM[p]^T V[p], then dV[p][tiles, C] = dM[p] U[p] (every convolution but the first)
+    /// with V and U the layer's own, M (dM), dU and dV the scratch's; `lowered` replays every convolution as lowered
+    /// one sample at a time instead (the GEMMs of a direct convolution, for counting its FLOPs).
     /// A residual block's convolutions and linear layers count as those of the model, body then shortcut (as the
     /// block runs them), each keyed by its own path and timed under the block's index.
-    convenience init(spec: ModelSpec, batch: Int) throws {
+    convenience init(spec: ModelSpec, batch: Int, lowered: Bool = false) throws {
         // In the order the step makes them: every layer's forward calls, then layer by layer backward, each layer's
         // weight gradients for the whole batch before its input gradient (Model.backward).
         var forward: [Call] = [], backward: [[Call]] = []
@@ -143,7 +149,23 @@ final class GEMMBench {
         }
         try collect(spec.layers, input: spec.inputShape, top: nil, prefix: "")
         for (l, key, layer, _, output) in multiplying {
-            if let conv = layer.as(Conv2dKind.self) {
+            if let conv = layer.as(Conv2dKind.self), conv.usesWinograd && !lowered {
+                let (o, c) = (conv.outChannels, conv.inChannels)
+                let tiles = batch * ((output[1] + 3) / 4) * ((output[2] + 3) / 4)
+                var weightGradients: [Call] = [], inputGradients: [Call] = []
+                for p in 0..<36 {
+                    forward.append(Call(ta: false, tb: true, m: tiles, n: o, k: c, beta: 0, layer: l, a: "\(key) V \(p)",
+                                        b: "\(key) U \(p)", c: "scratch M \(p)"))
+                    weightGradients.append(Call(ta: true, tb: false, m: o, n: c, k: tiles, beta: 0, layer: l, forward: false,
+                                                a: "scratch M \(p)", b: "\(key) V \(p)", c: "scratch dU \(p)"))
+                    if !first {
+                        inputGradients.append(Call(ta: false, tb: false, m: tiles, n: c, k: o, beta: 0, layer: l, forward: false,
+                                                   a: "scratch M \(p)", b: "\(key) U \(p)", c: "scratch dV \(p)"))
+                    }
+                }
+                backward.append(weightGradients + inputGradients)
+                first = false
+            } else if let conv = layer.as(Conv2dKind.self) {
                 let (o, bias) = (conv.outChannels, conv.bias)
                 let positions = output[1] * output[2], patch = conv.inChannels * conv.kernel * conv.kernel
                 let kept = conv.keepsColumns(outputShape: output, batchCapacity: Double(batch), scalarBytes: 4)
@@ -190,7 +212,7 @@ final class GEMMBench {
                 if let key { sizes[key] = max(sizes[key] ?? 0, n) }
             }
         }
-        for (key, n) in sizes { shared[key] = buffer(n, key == "scratch" || key.contains("gradient") ? 0 : 0.01) }
+        for (key, n) in sizes { shared[key] = buffer(n, key.hasPrefix("scratch") || key.contains("gradient") ? 0 : 0.01) }
         func operand(_ key: String?, _ n: Int, _ value: Float) -> UnsafeMutablePointer<Float> {
             key.map { shared[$0]! } ?? buffer(n, value)
         }
@@ -248,28 +270,33 @@ func networkFromModelFile(_ path: String) throws -> ModelSpec {
 }
 
 /// A network's training step at batch 64, one thread, against (1) the same GEMMs called alone and (2) the FLOP rate
-/// of one large square SGEMM, the most a core does: the step's useful work is its GEMMs' 2 m n k FLOPs.
+/// of one large square SGEMM, the most a core does. The step's work is counted two ways: the FLOPs of its GEMMs as
+/// they run (Winograd's 36 per 3x3 layer and pass), and the FLOPs of the same convolutions lowered directly (2 m n k
+/// of the per-sample GEMMs), the work the step stands for, which Winograd does with fewer multiplications.
 func networkBench(_ path: String) throws {
     BLASThreads.set(1)
     let spec = try networkFromModelFile(path)
     let batch = 64
     let step = try StepBench(spec: spec, batch: batch)
     let gemm = try GEMMBench(spec: spec, batch: batch)
-    let flops = gemm.calls.reduce(0.0) { $0 + 2 * Double($1.call.m * $1.call.n * $1.call.k) }
+    func count(_ bench: GEMMBench) -> Double { bench.calls.reduce(0.0) { $0 + 2 * Double($1.call.m * $1.call.n * $1.call.k) } }
+    let flops = count(gemm), directFlops = count(try GEMMBench(spec: spec, batch: batch, lowered: true))
     let n = 2048
     let large = GEMMBench(calls: [.init(ta: false, tb: false, m: n, n: n, k: n, beta: 0)])
     let times = alternate(rounds: smoke ? 2 : 9, repeats: smoke ? 1 : 2, [step.step, { gemm.run() }, { large.run() }])
     let (ts, tg, tl) = (times[0], times[1], times[2])
     let largeRate = 2 * Double(n * n * n) / tl
-    let ratio = ts / tg, share = flops / ts / largeRate
+    let ratio = ts / tg, share = flops / ts / largeRate, directShare = directFlops / ts / largeRate
     print("| \(URL(fileURLWithPath: path).lastPathComponent)'s network, batch 64, 1 thread | value | target |")
     print("| --- | --- | --- |")
     print("| step (forward, backward, SGD update) | \(f(ts * 1e3, 1)) ms | |")
-    print("| its GEMMs alone | \(f(tg * 1e3, 1)) ms, \(f(flops / 64 / 1e6, 1)) MFLOP per sample | |")
+    print("| its GEMMs alone, as the step calls them | \(f(tg * 1e3, 1)) ms, \(f(flops / 64 / 1e6, 1)) MFLOP per sample | |")
     print("| step / its GEMMs | \(f(ratio)) | <= 1.10 \(ratio <= 1.10 ? "met" : "MISSED") |")
     print("| a \(n)x\(n)x\(n) SGEMM | \(f(largeRate / 1e9, 1)) GFLOP/s | |")
     print("| the step's GEMM FLOPs per second / the large SGEMM's | \(f(100 * share, 1))% (\(f(flops / ts / 1e9, 1)) GFLOP/s) "
         + "| >= 80% \(share >= 0.8 ? "met" : "MISSED") |")
+    print("| the same convolutions lowered directly (\(f(directFlops / 64 / 1e6, 1)) MFLOP per sample) per second of the step / "
+        + "the large SGEMM's | \(f(100 * directShare, 1))% (\(f(directFlops / ts / 1e9, 1)) GFLOP/s) | >= 80% \(directShare >= 0.8 ? "met" : "MISSED") |")
 }
 
 // MARK: - Where the step's time goes

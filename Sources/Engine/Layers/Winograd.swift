@@ -63,17 +63,21 @@ struct WinogradTiling: Sendable {
     func pointStride(channels: Int, count: Int) -> Int { count * tilesPerImage * padded(channels) + lanes }
     /// Elements of a transformed batch [36, B tiles, C] (V, dV, M or dM).
     func transformedCount(channels: Int, batch: Int) -> Int { Winograd.points * pointStride(channels: channels, count: batch) }
+    /// Elements between one point's filters and the next in U (or dU): one vector of slack past them.
+    func filterPointStride(inChannels: Int, outChannels: Int) -> Int { outChannels * inChannels + lanes }
     /// Elements of transformed filters U [36, O, C] (or dU).
-    static func transformedFilterCount(inChannels: Int, outChannels: Int) -> Int { Winograd.points * outChannels * inChannels }
+    func transformedFilterCount(inChannels: Int, outChannels: Int) -> Int {
+        Winograd.points * filterPointStride(inChannels: inChannels, outChannels: outChannels)
+    }
     /// Elements of the shared scratch: M (or dM), dV and dU.
     func scratchCount(inChannels: Int, outChannels: Int, batch: Int) -> Int {
         transformedCount(channels: outChannels, batch: batch) + transformedCount(channels: inChannels, batch: batch)
-            + Self.transformedFilterCount(inChannels: inChannels, outChannels: outChannels)
+            + transformedFilterCount(inChannels: inChannels, outChannels: outChannels)
     }
     /// Bytes a layer allocates for itself: V, U, four padded planes and the transforms' 36 vectors.
     func ownedBytes(inChannels: Int, outChannels: Int, batch: Int, scalarBytes: Double) -> Double {
         let elements = transformedCount(channels: inChannels, batch: batch)
-            + Self.transformedFilterCount(inChannels: inChannels, outChannels: outChannels)
+            + transformedFilterCount(inChannels: inChannels, outChannels: outChannels)
             + 2 * paddedInputCount + 2 * paddedOutputCount + Winograd.points * lanes
         return Double(elements) * scalarBytes
     }
@@ -106,7 +110,7 @@ final class WinogradConvolution<T: Scalar> {
             p.initialize(repeating: 0, count: n)
             return p
         }
-        transformedFilters = zeroed(WinogradTiling.transformedFilterCount(inChannels: inChannels, outChannels: outChannels))
+        transformedFilters = zeroed(tiling.transformedFilterCount(inChannels: inChannels, outChannels: outChannels))
         (paddedInput, paddedInputGradient) = (zeroed(tiling.paddedInputCount), zeroed(tiling.paddedInputCount))
         (paddedOutput, paddedOutputGradient) = (zeroed(tiling.paddedOutputCount), zeroed(tiling.paddedOutputCount))
         between = zeroed(Winograd.points * tiling.lanes)
@@ -136,14 +140,16 @@ final class WinogradConvolution<T: Scalar> {
         let (c, o, n) = (inChannels, outChannels, count * tiling.tilesPerImage)
         let (cp, op) = (tiling.padded(c), tiling.padded(o))
         let (vStride, mStride) = (tiling.pointStride(channels: c, count: count), tiling.pointStride(channels: o, count: count))
-        winogradTransformFilters(weights, outChannels: o, inChannels: c, into: transformedFilters)
+        let uStride = tiling.filterPointStride(inChannels: c, outChannels: o)
+        winogradTransformFilters(weights, outChannels: o, inChannels: c, pointStride: uStride, between: between,
+                                 into: transformedFilters)
         winogradTransformInputs(x, count: count, channels: c, tiling: tiling, padded: paddedInput, between: between,
                                 into: transformedInput.baseAddress!)
         let m = transformedOutput(scratch), v = transformedInput.baseAddress!
         for p in 0..<Winograd.points {
             // M[p][tiles, O] = V[p][tiles, C] U[p][O, C]^T
             T.gemm(transposeA: false, transposeB: true, m: n, n: o, k: c, alpha: 1, a: v + p * vStride, lda: cp,
-                   b: transformedFilters + p * o * c, ldb: c, beta: 0, c: m + p * mStride, ldc: op)
+                   b: transformedFilters + p * uStride, ldb: c, beta: 0, c: m + p * mStride, ldc: op)
         }
         winogradTransformOutputs(m, count: count, channels: o, tiling: tiling, bias: bias, padded: paddedOutput,
                                  between: between, into: y)
@@ -158,6 +164,7 @@ final class WinogradConvolution<T: Scalar> {
         let (cp, op) = (tiling.padded(c), tiling.padded(o))
         let (vStride, mStride) = (tiling.pointStride(channels: c, count: count), tiling.pointStride(channels: o, count: count))
         let dm = transformedOutput(scratch), du = transformedFilterGradient(scratch, count: count)
+        let uStride = tiling.filterPointStride(inChannels: c, outChannels: o)
         winogradTransformOutputGradients(dy, count: count, channels: o, tiling: tiling, padded: paddedOutputGradient,
                                          between: between, into: dm)
         outputGradientTransformed = true
@@ -165,9 +172,10 @@ final class WinogradConvolution<T: Scalar> {
         for p in 0..<Winograd.points {
             // dU[p][O, C] = dM[p][tiles, O]^T V[p][tiles, C]
             T.gemm(transposeA: true, transposeB: false, m: o, n: c, k: n, alpha: 1, a: dm + p * mStride, lda: op,
-                   b: v + p * vStride, ldb: cp, beta: 0, c: du + p * o * c, ldc: c)
+                   b: v + p * vStride, ldb: cp, beta: 0, c: du + p * uStride, ldc: c)
         }
-        winogradFilterGradients(du, outChannels: o, inChannels: c, accumulate: accumulate, into: weightGradient)
+        winogradFilterGradients(du, outChannels: o, inChannels: c, pointStride: uStride, accumulate: accumulate,
+                                between: between, into: weightGradient)
     }
 
     /// dx (overwritten) from dy, through the U of the last forward pass.
@@ -176,6 +184,7 @@ final class WinogradConvolution<T: Scalar> {
         let (cp, op) = (tiling.padded(c), tiling.padded(o))
         let (vStride, mStride) = (tiling.pointStride(channels: c, count: count), tiling.pointStride(channels: o, count: count))
         let dm = transformedOutput(scratch), dv = transformedInputGradient(scratch, count: count)
+        let uStride = tiling.filterPointStride(inChannels: c, outChannels: o)
         if !outputGradientTransformed {
             winogradTransformOutputGradients(dy, count: count, channels: o, tiling: tiling, padded: paddedOutputGradient,
                                              between: between, into: dm)
@@ -184,80 +193,87 @@ final class WinogradConvolution<T: Scalar> {
         for p in 0..<Winograd.points {
             // dV[p][tiles, C] = dM[p][tiles, O] U[p][O, C]
             T.gemm(transposeA: false, transposeB: false, m: n, n: c, k: o, alpha: 1, a: dm + p * mStride, lda: op,
-                   b: transformedFilters + p * o * c, ldb: c, beta: 0, c: dv + p * vStride, ldc: cp)
+                   b: transformedFilters + p * uStride, ldb: c, beta: 0, c: dv + p * vStride, ldc: cp)
         }
         winogradInputGradients(dv, count: count, channels: c, tiling: tiling, padded: paddedInputGradient,
                                between: between, into: dx)
     }
 }
 
-// MARK: - Filter transforms (once per pass, one filter at a time)
+// MARK: - Filter transforms (once per pass, `lanes` filters at a time)
 
-/// U[p, o, c] = (G g G^T)[p] for every filter g = w[o, c] (3x3).
+/// U[p, o, c] = (G g G^T)[p] for every filter g = w[o, c] (3x3); U's points `pointStride` apart, which leaves room
+/// for one vector past the last filter.
 @_specialize(where T == Float) @_specialize(where T == Double)
-func winogradTransformFilters<T: Scalar>(_ w: UnsafePointer<T>, outChannels: Int, inChannels: Int,
-                                         into u: UnsafeMutablePointer<T>) {
-    let stride = outChannels * inChannels
+func winogradTransformFilters<T: Scalar>(_ w: UnsafePointer<T>, outChannels: Int, inChannels: Int, pointStride: Int,
+                                         between g: UnsafeMutablePointer<T>, into u: UnsafeMutablePointer<T>) {
+    typealias V = T.Lanes
+    let lanes = V.scalarCount, filters = outChannels * inChannels
     let quarter: T = 1 / 4, sixth: T = 1 / 6, twelfth: T = 1 / 12, twentyFourth: T = 1 / 24
-    var t = (T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0))
-    withUnsafeMutableBytes(of: &t) { raw in
-        let t = raw.baseAddress!.assumingMemoryBound(to: T.self)
-        for filter in 0..<stride {
-            let g = w + filter * 9
-            // t = G g [6, 3], column by column.
-            for q in 0..<3 {
-                let (g0, g1, g2) = (g[q], g[3 + q], g[6 + q])
-                t[q] = quarter * g0
-                t[3 + q] = -sixth * (g0 + g1 + g2)
-                t[6 + q] = -sixth * (g0 - g1 + g2)
-                t[9 + q] = twentyFourth * g0 + twelfth * g1 + sixth * g2
-                t[12 + q] = twentyFourth * g0 - twelfth * g1 + sixth * g2
-                t[15 + q] = g2
-            }
-            // U = t G^T [6, 6], row by row.
-            for k in 0..<6 {
-                let (g0, g1, g2) = (t[3 * k], t[3 * k + 1], t[3 * k + 2])
-                let out = u + 6 * k * stride + filter
-                out[0] = quarter * g0
-                out[stride] = -sixth * (g0 + g1 + g2)
-                out[2 * stride] = -sixth * (g0 - g1 + g2)
-                out[3 * stride] = twentyFourth * g0 + twelfth * g1 + sixth * g2
-                out[4 * stride] = twentyFourth * g0 - twelfth * g1 + sixth * g2
-                out[5 * stride] = g2
-            }
+    for first in stride(from: 0, to: filters, by: lanes) {
+        // g[k, lane] = w[first + lane, k]: the block's nine taps as nine vectors.
+        for lane in 0..<min(lanes, filters - first) {
+            let source = w + (first + lane) * 9
+            for k in 0..<9 { g[k &* lanes &+ lane] = source[k] }
         }
+        let out = u + first
+        // t = G g [6, 3] one column q at a time, then row k of U = t G^T.
+        let g0 = (load(g, as: V.self), load(g + 3 * lanes, as: V.self), load(g + 6 * lanes, as: V.self))
+        let g1 = (load(g + lanes, as: V.self), load(g + 4 * lanes, as: V.self), load(g + 7 * lanes, as: V.self))
+        let g2 = (load(g + 2 * lanes, as: V.self), load(g + 5 * lanes, as: V.self), load(g + 8 * lanes, as: V.self))
+        // Column q of g is (gq.0, gq.1, gq.2); rows of t for each column.
+        @inline(__always) func column(_ c: (V, V, V)) -> (V, V, V, V, V, V) {
+            (quarter * c.0, -sixth * (c.0 + c.1 + c.2), -sixth * (c.0 - c.1 + c.2),
+             twentyFourth * c.0 + twelfth * c.1 + sixth * c.2, twentyFourth * c.0 - twelfth * c.1 + sixth * c.2, c.2)
+        }
+        let (c0, c1, c2) = (column(g0), column(g1), column(g2))
+        @inline(__always) func row(_ k: Int, _ r: (V, V, V)) {
+            let (a, b) = (column(r), out + 6 * k * pointStride)
+            store(a.0, b); store(a.1, b + pointStride); store(a.2, b + 2 * pointStride)
+            store(a.3, b + 3 * pointStride); store(a.4, b + 4 * pointStride); store(a.5, b + 5 * pointStride)
+        }
+        row(0, (c0.0, c1.0, c2.0)); row(1, (c0.1, c1.1, c2.1)); row(2, (c0.2, c1.2, c2.2))
+        row(3, (c0.3, c1.3, c2.3)); row(4, (c0.4, c1.4, c2.4)); row(5, (c0.5, c1.5, c2.5))
     }
 }
 
-/// The adjoint of `winogradTransformFilters`: dw[o, c] (=, or += with `accumulate`) G^T dU[., o, c] G.
+/// The adjoint of `winogradTransformFilters`: dw[o, c] (=, or += with `accumulate`) G^T dU[., o, c] G, dU's points
+/// `pointStride` apart.
 @_specialize(where T == Float) @_specialize(where T == Double)
-func winogradFilterGradients<T: Scalar>(_ du: UnsafePointer<T>, outChannels: Int, inChannels: Int, accumulate: Bool,
-                                        into dw: UnsafeMutablePointer<T>) {
-    let stride = outChannels * inChannels
+func winogradFilterGradients<T: Scalar>(_ du: UnsafePointer<T>, outChannels: Int, inChannels: Int, pointStride: Int,
+                                        accumulate: Bool, between g: UnsafeMutablePointer<T>, into dw: UnsafeMutablePointer<T>) {
+    typealias V = T.Lanes
+    let lanes = V.scalarCount, filters = outChannels * inChannels
     let quarter: T = 1 / 4, sixth: T = 1 / 6, twelfth: T = 1 / 12, twentyFourth: T = 1 / 24
-    let keep: T = accumulate ? 1 : 0
-    var t = (T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0))
-    withUnsafeMutableBytes(of: &t) { raw in
-        let t = raw.baseAddress!.assumingMemoryBound(to: T.self)
-        for filter in 0..<stride {
-            // t = G^T dU [3, 6], column l of dU at a time.
-            for l in 0..<6 {
-                let d = du + l * stride + filter
-                let (u0, u1, u2) = (d[0], d[6 * stride], d[12 * stride])
-                let (u3, u4, u5) = (d[18 * stride], d[24 * stride], d[30 * stride])
-                t[l] = quarter * u0 - sixth * (u1 + u2) + twentyFourth * (u3 + u4)
-                t[6 + l] = sixth * (u2 - u1) + twelfth * (u3 - u4)
-                t[12 + l] = sixth * (u3 + u4 - u1 - u2) + u5
-            }
-            // dg = t G [3, 3]; 0 times a gradient that is not there yet, when overwriting, is 0 (it is finite: the
-            // buffer starts zeroed and only ever holds gradients).
-            let g = dw + filter * 9
-            for p in 0..<3 {
-                let r = t + 6 * p
-                let (u0, u1, u2, u3, u4, u5) = (r[0], r[1], r[2], r[3], r[4], r[5])
-                g[3 * p] = keep * g[3 * p] + (quarter * u0 - sixth * (u1 + u2) + twentyFourth * (u3 + u4))
-                g[3 * p + 1] = keep * g[3 * p + 1] + (sixth * (u2 - u1) + twelfth * (u3 - u4))
-                g[3 * p + 2] = keep * g[3 * p + 2] + (sixth * (u3 + u4 - u1 - u2) + u5)
+    // G^T applied to six values: the three sums each column (or row) of dU contributes.
+    @inline(__always) func adjoint(_ u: (V, V, V, V, V, V)) -> (V, V, V) {
+        (quarter * u.0 - sixth * (u.1 + u.2) + twentyFourth * (u.3 + u.4),
+         sixth * (u.2 - u.1) + twelfth * (u.3 - u.4),
+         sixth * (u.3 + u.4 - u.1 - u.2) + u.5)
+    }
+    for first in stride(from: 0, to: filters, by: lanes) {
+        let d = du + first
+        // t = G^T dU [3, 6]: column l of dU gives column l of t.
+        @inline(__always) func column(_ l: Int) -> (V, V, V) {
+            adjoint((load(d + l * pointStride, as: V.self), load(d + (6 + l) * pointStride, as: V.self),
+                     load(d + (12 + l) * pointStride, as: V.self), load(d + (18 + l) * pointStride, as: V.self),
+                     load(d + (24 + l) * pointStride, as: V.self), load(d + (30 + l) * pointStride, as: V.self)))
+        }
+        let (t0, t1, t2, t3, t4, t5) = (column(0), column(1), column(2), column(3), column(4), column(5))
+        // dg = t G [3, 3]: row p of t gives row p of dg.
+        let r0 = adjoint((t0.0, t1.0, t2.0, t3.0, t4.0, t5.0))
+        let r1 = adjoint((t0.1, t1.1, t2.1, t3.1, t4.1, t5.1))
+        let r2 = adjoint((t0.2, t1.2, t2.2, t3.2, t4.2, t5.2))
+        store(r0.0, g); store(r0.1, g + lanes); store(r0.2, g + 2 * lanes)
+        store(r1.0, g + 3 * lanes); store(r1.1, g + 4 * lanes); store(r1.2, g + 5 * lanes)
+        store(r2.0, g + 6 * lanes); store(r2.1, g + 7 * lanes); store(r2.2, g + 8 * lanes)
+        // dw[first + lane, k] = g[k, lane], or added to: the nine vectors back into the filters' layout.
+        for lane in 0..<min(lanes, filters - first) {
+            let target = dw + (first + lane) * 9
+            if accumulate {
+                for k in 0..<9 { target[k] += g[k &* lanes &+ lane] }
+            } else {
+                for k in 0..<9 { target[k] = g[k &* lanes &+ lane] }
             }
         }
     }
