@@ -92,6 +92,26 @@ struct ResidualTests {
         #expect(Array(fused.buffers) == Array(apart.buffers), "running statistics")
     }
 
+    /// A model built with `fusesBlocks: false` runs a block's batch norm, ReLU and max pooling apart, each keeping
+    /// its output and gradient: its memory estimate counts them, where the fused one does not.
+    @Test func theEstimateOfBlocksRunApartCountsTheirBuffers() {
+        let (c, side, rows) = (16, 16, 256)
+        let spec = ModelSpec(layers: [
+            .conv2d(inChannels: 1, outChannels: c, kernel: 3, stride: 1, padding: 1, bias: false),
+            .residual(body: [.conv2d(inChannels: c, outChannels: c, kernel: 3, stride: 1, padding: 1, bias: false),
+                             .batchNorm(features: c), .relu, .maxPool2d(kernel: 1, stride: 1)]),
+            .globalAvgPool2d, .flatten, .linear(inputs: c, outputs: 3),
+        ], inputShape: [1, side, side])
+        let fused = Model<Float>.footprint(spec: spec, batchCapacity: rows)
+        let apart = Model<Float>.footprint(spec: spec, batchCapacity: rows, fusesBlocks: false)
+        // Apart, the batch norm keeps its output and output gradient (the ReLU runs in place after it), 4 MiB each
+        // here; fused, the block keeps each window's winning input instead (4 MiB). The block's buffers are whole
+        // 2 MiB pages either way (20 and 12 MiB).
+        let plane = Double(rows * c * side * side * 4)
+        #expect(apart.activationBytes - fused.activationBytes == 2 * plane - plane,
+                "apart \(apart.activationBytes), fused \(fused.activationBytes)")
+    }
+
     @Test func tensorsHavePyTorchNames() throws {
         let spec = Self.models[1].1
         let names = spec.parameterTable.map(\.name)

@@ -318,10 +318,12 @@ public final class Model<T: Scalar> {
             let index = run.lowerBound, input = shapes[index], output = shapes[run.upperBound]
             let previous: LayerSpec? = index > 0 ? spec.layers[index - 1] : nil
             if !spec.layers[index].kind.runsInPlace(after: previous) { own += 2 * output.reduce(1.0) { $0 * Double($1) } }
-            let needs = run.count == 1
-                ? spec.layers[index].workspace(input: input, output: output, batchCapacity: rows, scalarBytes: stride)
-                : LayerSpec.fusedBlockWorkspace(spec.layers[run], shapes: shapes[run.lowerBound...run.upperBound],
+            let layer = spec.layers[index]
+            let needs = run.count > 1
+                ? LayerSpec.fusedBlockWorkspace(spec.layers[run], shapes: shapes[run.lowerBound...run.upperBound],
                                                 batchCapacity: rows, scalarBytes: stride)
+                : layer.as(ResidualKind.self)?.workspace(input: input, batchCapacity: rows, scalarBytes: stride, fusing: fusesBlocks)
+                    ?? layer.workspace(input: input, output: output, batchCapacity: rows, scalarBytes: stride)
             workspace += needs.bytes
             scratch = max(scratch, needs.scratchElements)
         }

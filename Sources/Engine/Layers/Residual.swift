@@ -69,21 +69,29 @@ public struct ResidualKind: LayerKind {
     /// layers that do not run in place (the last of each path reads the block's output gradient), and the
     /// shortcut's input gradient.
     public func workspace(input: [Int], output: [Int], batchCapacity rows: Double, scalarBytes: Double) -> LayerWorkspace {
+        workspace(input: input, batchCapacity: rows, scalarBytes: scalarBytes, fusing: true)
+    }
+
+    /// The same for a model built with `fusesBlocks` (`Model.footprint`): apart, a batch norm, ReLU, max pooling run
+    /// keeps each layer's output and gradient, and nested blocks follow.
+    func workspace(input: [Int], batchCapacity rows: Double, scalarBytes: Double, fusing: Bool) -> LayerWorkspace {
         var bytes = 0.0, scratch = 0.0
         for (name, path) in paths {
             let shapes = (try? Self.shapes(path, name, input: input)) ?? []
             guard shapes.count == path.count + 1 else { continue }
-            for (run, _) in Self.innerRuns(path, fusing: true) {
-                let needs = run.count == 1
-                    ? path[run.lowerBound].workspace(input: shapes[run.lowerBound], output: shapes[run.upperBound],
-                                                     batchCapacity: rows, scalarBytes: scalarBytes)
-                    : LayerSpec.fusedBlockWorkspace(path[run], shapes: shapes[run.lowerBound...run.upperBound],
+            for (run, _) in Self.innerRuns(path, fusing: fusing) {
+                let (layer, input, output) = (path[run.lowerBound], shapes[run.lowerBound], shapes[run.upperBound])
+                let needs = run.count > 1
+                    ? LayerSpec.fusedBlockWorkspace(path[run], shapes: shapes[run.lowerBound...run.upperBound],
                                                     batchCapacity: rows, scalarBytes: scalarBytes)
+                    : layer.as(ResidualKind.self)?.workspace(input: input, batchCapacity: rows, scalarBytes: scalarBytes,
+                                                             fusing: fusing)
+                        ?? layer.workspace(input: input, output: output, batchCapacity: rows, scalarBytes: scalarBytes)
                 bytes += needs.bytes
                 scratch = max(scratch, needs.scratchElements)
             }
         }
-        let owned = ownedElements(input: input, batchCapacity: rows, fusing: true)
+        let owned = ownedElements(input: input, batchCapacity: rows, fusing: fusing)
         return (bytes + LargeBuffer.allocatedBytes(owned * scalarBytes), scratch)
     }
 
