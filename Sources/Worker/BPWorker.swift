@@ -19,6 +19,7 @@ struct BPWorker: ParsableCommand {
     )
 
     static func main() {
+        ProcessorCheck.requireSupportedProcessor()
         BLASKernels.restartWithBetterKernelsIfNeeded()
         // `--resume` alone means the latest checkpoint; ArgumentParser options need a value, so spell it out.
         var arguments = Array(CommandLine.arguments.dropFirst())

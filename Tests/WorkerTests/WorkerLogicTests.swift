@@ -22,6 +22,24 @@ struct WorkerLogicTests {
 
     /// The progress line is redrawn in place and stays open; anything else, on either stream, first ends it, and
     /// ending it twice writes one newline.
+    // MARK: - The processor
+
+    /// A processor without AVX2 or FMA is refused with the features it lacks, before any Engine code runs (which is
+    /// compiled for them); this machine, which runs the whole suite, has them.
+    @Test func aProcessorWithoutAVX2IsRefusedWithTheReason() throws {
+        let older = "processor\t: 0\nflags\t\t: fpu sse sse2 ssse3 sse4_1 sse4_2 avx popcnt\nbogomips\t: 4000\n"
+        let problem = try #require(ProcessorCheck.problem(cpuinfo: older))
+        #expect(problem.contains("lacks avx2, fma, bmi1, bmi2, f16c, movbe"), "\(problem)")
+        let full = "flags\t\t: fpu sse2 avx avx2 fma bmi1 bmi2 f16c movbe avx512f\n"
+        #expect(ProcessorCheck.problem(cpuinfo: full) == nil)
+        // No flags line (not x86 Linux as we know it): nothing to say.
+        #expect(ProcessorCheck.problem(cpuinfo: "processor : 0\n") == nil)
+        #if arch(x86_64) && os(Linux)
+        let here = try String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8)
+        #expect(ProcessorCheck.problem(cpuinfo: here) == nil)
+        #endif
+    }
+
     @Test func theProgressLineIsEndedBeforeAnyOtherOutput() {
         let captured = CapturedOutput()
         let terminal = Terminal { captured.append($0, $1) }
