@@ -118,7 +118,7 @@ let package = Package(
 
 // The Engine's own kernels (the Winograd transforms, the element-wise loops) in 256-bit AVX2 vectors with FMA
 // available, where baseline x86-64 splits every SIMD16<Float> into four 128-bit SSE operations: the ResNet trains
-// 1.18 times faster, with bit for bit the same model (BENCHMARKS.md, "Winograd convolutions"). Swift contracts no
+// 1.2 times faster, with bit for bit the same model (BENCHMARKS.md, "the Engine compiled for AVX2"). Swift contracts no
 // a * b + c into an FMA by itself, so results do not change. Every machine this runs on has AVX2 (Haswell, 2013,
 // and later; AMD since Excavator); the Worker checks at start and refuses, with the reason, a processor without it
 // (ProcessorCheck.swift), before any Engine code runs.

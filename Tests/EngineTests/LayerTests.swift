@@ -37,13 +37,21 @@ struct LayerTests {
     @Test func denseFloat() throws { try denseForwardBackward(Float.self) }
     @Test func denseDouble() throws { try denseForwardBackward(Double.self) }
 
-    func crossEntropy<T: Scalar>(_: T.Type) throws {
-        // One linear layer with identity weights passes the logits [1, 2, 3] through.
-        let model = try Model<T>(spec: ModelSpec(layers: [.linear(inputs: 3, outputs: 3)]), batchCapacity: 1)
+    /// A linear layer with identity weights and no bias: its outputs, the loss's logits, are its inputs `logits`
+    /// (rows of 3), with `labels`.
+    func logitsModel<T: Scalar>(_: T.Type, _ logits: [Double], labels: [Int32], labelSmoothing: Double = 0) throws -> Model<T> {
+        let spec = ModelSpec(layers: [.linear(inputs: 3, outputs: 3)], labelSmoothing: labelSmoothing)
+        let model = try Model<T>(spec: spec, batchCapacity: labels.count)
         setTensor(model, "0.weight", [1, 0, 0, 0, 1, 0, 0, 0, 1])
         setTensor(model, "0.bias", [0, 0, 0])
-        for (i, v) in [1.0, 2, 3].enumerated() { model.inputs[i] = T(v) }
-        model.labels[0] = 2
+        for (i, v) in logits.enumerated() { model.inputs[i] = T(v) }
+        for (i, label) in labels.enumerated() { model.labels[i] = label }
+        return model
+    }
+
+    func crossEntropy<T: Scalar>(_: T.Type) throws {
+        // One linear layer with identity weights passes the logits [1, 2, 3] through.
+        let model = try logitsModel(T.self, [1, 2, 3], labels: [2])
         let result = model.forward(count: 1, mode: .train)
         // log(e + e^2 + e^3) - 3
         #expect(close(result.loss, 0.40760596444438013, tolerance(T.self)))
@@ -62,11 +70,7 @@ struct LayerTests {
         let logits = [1.0, 2, 3, 0.5, -2, 4]
         let labels: [Int32] = [2, 0]
         let s = 0.1
-        let model = try Model<T>(spec: ModelSpec(layers: [.linear(inputs: 3, outputs: 3)], labelSmoothing: s), batchCapacity: 2)
-        setTensor(model, "0.weight", [1, 0, 0, 0, 1, 0, 0, 0, 1])
-        setTensor(model, "0.bias", [0, 0, 0])
-        for (i, v) in logits.enumerated() { model.inputs[i] = T(v) }
-        for (i, label) in labels.enumerated() { model.labels[i] = label }
+        let model = try logitsModel(T.self, logits, labels: labels, labelSmoothing: s)
         var expectedLoss = 0.0
         var expectedBiasGradient = [0.0, 0, 0]
         for row in 0..<2 {
@@ -107,23 +111,15 @@ struct LayerTests {
     /// Logits whose sum overflows Float while each loss term stays finite: without smoothing the sum must not reach
     /// the loss (0 times infinity would make it NaN).
     @Test func crossEntropyWithoutSmoothingIgnoresAnOverflowingLogitSum() throws {
-        let model = try Model<Float>(spec: ModelSpec(layers: [.linear(inputs: 3, outputs: 3)]), batchCapacity: 1)
-        setTensor(model, "0.weight", [1, 0, 0, 0, 1, 0, 0, 0, 1])
-        setTensor(model, "0.bias", [0, 0, 0])
-        for (i, v) in [3e38, 3e38, 2.9e38].enumerated() { model.inputs[i] = Float(v) }
-        model.labels[0] = 0
+        let model = try logitsModel(Float.self, [3e38, 3e38, 2.9e38], labels: [0])
         let result = model.forward(count: 1, mode: .train)
         // log 2 is below the rounding of 3e38 in Float: the loss is as finite as plain cross-entropy's, 0 here.
         #expect(result.lossSum == 0, "\(result.lossSum)")
     }
 
     @Test func crossEntropyIsStableForHugeLogits() throws {
-        let model = try Model<Float>(spec: ModelSpec(layers: [.linear(inputs: 3, outputs: 3)]), batchCapacity: 2)
-        setTensor(model, "0.weight", [1, 0, 0, 0, 1, 0, 0, 0, 1])
-        setTensor(model, "0.bias", [0, 0, 0])
-        for (i, v) in [1000.0, 0, -1000, 1000, 0, -1000].enumerated() { model.inputs[i] = Float(v) }
-        model.labels[0] = 0  // loss ~ e^-1000 = 0
-        model.labels[1] = 2  // loss = 2000
+        // Labels 0 (loss ~ e^-1000 = 0) and 2 (loss = 2000).
+        let model = try logitsModel(Float.self, [1000, 0, -1000, 1000, 0, -1000], labels: [0, 2])
         let result = model.forward(count: 2, mode: .train)
         #expect(result.lossSum == 2000)
         model.zeroGradients()

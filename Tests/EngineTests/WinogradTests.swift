@@ -43,6 +43,8 @@ struct WinogradTests {
         let weights = tensorValues(model, "0.weight", in: model.parameters)
         let b = bias ? tensorValues(model, "0.bias", in: model.parameters) : nil
         let convolution = model.plan[0]
+        // The layer as built takes the path (a lowered one would match the definition too).
+        #expect((convolution as? Conv2d<Double>)?.runsWinograd == true)
         for row in 0..<rows {
             let x = (0..<(c * h * w)).map { model.inputs[row * c * h * w + $0] }
             let expected = ConvolutionTests().naiveConvolution(x, weights, b, c: c, h: h, wd: w, o: o, k: 3, stride: 1, pad: 1)
@@ -68,6 +70,7 @@ struct WinogradTests {
         exact.backward(count: rows, accumulate: false) { _ in }
         _ = single.forward(count: rows, mode: .train)
         single.backward(count: rows, accumulate: false) { _ in }
+        #expect(single.plan.allSatisfy { ($0 as? Conv2d<Float>)?.runsWinograd ?? true })
         func relative(_ a: [Double], _ b: [Double]) -> Double {
             let scale = b.map { abs($0) }.max()!
             return zip(a, b).map { abs($0 - $1) }.max()! / scale
@@ -137,6 +140,7 @@ struct WinogradTests {
         _ = model.forward(count: rows, mode: .train)
         model.backward(count: rows, accumulate: false) { _ in }
         let layer = model.plan[2]
+        #expect((layer as? Conv2d<Double>)?.runsWinograd == true)
         let weights = tensorValues(model, "2.weight", in: model.parameters)
         var dW = [Double](repeating: 0, count: o * c * 9), dx = [Double](repeating: 0, count: rows * c * h * w)
         for b in 0..<rows {

@@ -142,6 +142,19 @@ public struct LayerSpec: Equatable, Sendable, CustomStringConvertible {
         kind.workspace(input: input, output: output, batchCapacity: rows, scalarBytes: scalarBytes)
     }
 
+    /// What one run-time layer needs, made from `run` (one layer, or a fused batch norm, ReLU, max pooling block) on
+    /// `shapes` (its input to its output) in a model built with `fusing` (`Model.footprint`), which residual blocks
+    /// follow inside.
+    static func workspace(of run: ArraySlice<LayerSpec>, shapes: ArraySlice<[Int]>, batchCapacity rows: Double,
+                          scalarBytes: Double, fusing: Bool) -> LayerWorkspace {
+        let (layer, input, output) = (run[run.startIndex], shapes[shapes.startIndex], shapes[shapes.endIndex - 1])
+        if run.count > 1 { return fusedBlockWorkspace(run, shapes: shapes, batchCapacity: rows, scalarBytes: scalarBytes) }
+        if let block = layer.as(ResidualKind.self) {
+            return block.workspace(input: input, batchCapacity: rows, scalarBytes: scalarBytes, fusing: fusing)
+        }
+        return layer.workspace(input: input, output: output, batchCapacity: rows, scalarBytes: scalarBytes)
+    }
+
     /// The settings of a layer of kind `K`, or nil for a layer of another kind.
     public func `as`<K: LayerKind>(_: K.Type) -> K? { kind as? K }
 

@@ -315,15 +315,11 @@ public final class Model<T: Scalar> {
         }
         // Per run-time layer, as `init` builds them: a fused block keeps only the pooled output and its gradient.
         for run in LayerSpec.planRuns(spec.layers, fusing: fusesBlocks) {
-            let index = run.lowerBound, input = shapes[index], output = shapes[run.upperBound]
+            let index = run.lowerBound, output = shapes[run.upperBound]
             let previous: LayerSpec? = index > 0 ? spec.layers[index - 1] : nil
             if !spec.layers[index].kind.runsInPlace(after: previous) { own += 2 * output.reduce(1.0) { $0 * Double($1) } }
-            let layer = spec.layers[index]
-            let needs = run.count > 1
-                ? LayerSpec.fusedBlockWorkspace(spec.layers[run], shapes: shapes[run.lowerBound...run.upperBound],
-                                                batchCapacity: rows, scalarBytes: stride)
-                : layer.as(ResidualKind.self)?.workspace(input: input, batchCapacity: rows, scalarBytes: stride, fusing: fusesBlocks)
-                    ?? layer.workspace(input: input, output: output, batchCapacity: rows, scalarBytes: stride)
+            let needs = LayerSpec.workspace(of: spec.layers[run], shapes: shapes[run.lowerBound...run.upperBound],
+                                            batchCapacity: rows, scalarBytes: stride, fusing: fusesBlocks)
             workspace += needs.bytes
             scratch = max(scratch, needs.scratchElements)
         }

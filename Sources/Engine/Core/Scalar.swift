@@ -29,7 +29,8 @@ public protocol Scalar: BinaryFloatingPoint, Real, Sendable, Codable where Magni
     /// Sum of x[i] * y[i].
     static func dot(_ n: Int, _ x: UnsafePointer<Self>, _ y: UnsafePointer<Self>) -> Self
 
-    /// One AVX-512 register of the type (16 Floats, 8 Doubles): the channels the Winograd transforms work on at once.
+    /// 64 bytes of the type (16 Floats, 8 Doubles; one AVX-512 register, two AVX2 ones): the channels the Winograd
+    /// transforms work on at once. (`SIMD` asks its scalars to be `Codable`, hence that refinement above.)
     associatedtype Lanes: SIMD where Lanes.Scalar == Self
 }
 

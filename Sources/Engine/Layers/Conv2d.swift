@@ -48,7 +48,7 @@ public struct Conv2dKind: LayerKind {
     /// takes its transformed outputs and gradients from the scratch.
     public func workspace(input: [Int], output: [Int], batchCapacity rows: Double, scalarBytes: Double) -> LayerWorkspace {
         if usesWinograd {
-            let tiling = WinogradTiling(height: output[1], width: output[2], lanes: 64 / Int(scalarBytes))
+            let tiling = WinogradTiling(height: output[1], width: output[2], scalarBytes: Int(scalarBytes))
             return (tiling.ownedBytes(inChannels: inChannels, outChannels: outChannels, batch: Int(rows), scalarBytes: scalarBytes)
                         + Double(output[1] * output[2]) * scalarBytes,
                     Double(tiling.scratchCount(inChannels: inChannels, outChannels: outChannels, batch: Int(rows))))
@@ -121,6 +121,8 @@ final class Conv2d<T: Scalar>: Layer<T> {
     private let keptColumns: UnsafeMutableBufferPointer<T>?
     /// The passes by Winograd's F(4x4, 3x3), for the layers it applies to; they lower no columns.
     private let winograd: WinogradConvolution<T>?
+    /// Whether this layer runs by Winograd's F(4x4, 3x3) (its kind's `usesWinograd`, as built).
+    var runsWinograd: Bool { winograd != nil }
 
     /// Bytes of columns a layer keeps between its passes at most.
     static var keptColumnsLimit: Double { 64 * 1_048_576 }
@@ -190,29 +192,24 @@ final class Conv2d<T: Scalar>: Layer<T> {
         let gw = gradients!
         if let winograd {
             winograd.backwardWeights(dy: dy, count: count, accumulate: accumulate, weightGradient: gw, scratch: scratch)
-            if hasBias {
-                for b in 0..<count {
-                    T.gemv(m: outChannels, n: positions, alpha: 1, a: dy + b * outputCount, lda: positions, x: ones,
-                           beta: accumulate || b > 0 ? 1 : 0, y: gw + outChannels * patch)
+        } else {
+            for b in 0..<count {
+                let xb = x + b * inputCount, cols = columns(b)
+                if keptColumns == nil {
+                    im2col(xb, channels: inChannels, height: height, width: width, kernel: kernel, stride: stride,
+                           padding: padding, outHeight: outHeight, outWidth: outWidth, into: cols)
                 }
+                // dW[O, Ckk] (+)= dy_b[O, HoWo] * cols[Ckk, HoWo]^T
+                T.gemm(transposeA: false, transposeB: true, m: outChannels, n: patch, k: positions, alpha: 1,
+                       a: dy + b * outputCount, lda: positions, b: cols, ldb: positions, beta: accumulate || b > 0 ? 1 : 0,
+                       c: gw, ldc: patch)
             }
-            provenFinite = false
-            return
         }
-        for b in 0..<count {
-            let xb = x + b * inputCount, dyb = dy + b * outputCount, cols = columns(b)
-            let beta: T = accumulate || b > 0 ? 1 : 0
-            if keptColumns == nil {
-                im2col(xb, channels: inChannels, height: height, width: width, kernel: kernel, stride: stride,
-                       padding: padding, outHeight: outHeight, outWidth: outWidth, into: cols)
-            }
-            // dW[O, Ckk] (+)= dy_b[O, HoWo] * cols[Ckk, HoWo]^T
-            T.gemm(transposeA: false, transposeB: true, m: outChannels, n: patch, k: positions,
-                   alpha: 1, a: dyb, lda: positions, b: cols, ldb: positions, beta: beta, c: gw, ldc: patch)
-            // db[O] (+)= dy_b[O, HoWo] * 1[HoWo]
-            if hasBias {
-                T.gemv(m: outChannels, n: positions, alpha: 1, a: dyb, lda: positions, x: ones, beta: beta,
-                       y: gw + outChannels * patch)
+        // db[O] (+)= dy_b[O, HoWo] * 1[HoWo], sample by sample
+        if hasBias {
+            for b in 0..<count {
+                T.gemv(m: outChannels, n: positions, alpha: 1, a: dy + b * outputCount, lda: positions, x: ones,
+                       beta: accumulate || b > 0 ? 1 : 0, y: gw + outChannels * patch)
             }
         }
         provenFinite = false

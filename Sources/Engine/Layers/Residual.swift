@@ -80,13 +80,8 @@ public struct ResidualKind: LayerKind {
             let shapes = (try? Self.shapes(path, name, input: input)) ?? []
             guard shapes.count == path.count + 1 else { continue }
             for (run, _) in Self.innerRuns(path, fusing: fusing) {
-                let (layer, input, output) = (path[run.lowerBound], shapes[run.lowerBound], shapes[run.upperBound])
-                let needs = run.count > 1
-                    ? LayerSpec.fusedBlockWorkspace(path[run], shapes: shapes[run.lowerBound...run.upperBound],
-                                                    batchCapacity: rows, scalarBytes: scalarBytes)
-                    : layer.as(ResidualKind.self)?.workspace(input: input, batchCapacity: rows, scalarBytes: scalarBytes,
-                                                             fusing: fusing)
-                        ?? layer.workspace(input: input, output: output, batchCapacity: rows, scalarBytes: scalarBytes)
+                let needs = LayerSpec.workspace(of: path[run], shapes: shapes[run.lowerBound...run.upperBound],
+                                                batchCapacity: rows, scalarBytes: scalarBytes, fusing: fusing)
                 bytes += needs.bytes
                 scratch = max(scratch, needs.scratchElements)
             }

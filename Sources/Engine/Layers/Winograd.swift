@@ -7,14 +7,14 @@
 /// and the products of a batch are 36 GEMMs, one per point of the 6x6 transform, over all tiles of all samples:
 ///
 ///     U[p] = (G g G^T)[p]        [O, C]             the filters, transformed once per pass
-///     V[p] = (B^T d B)[p]        [C, tiles]         every sample's tiles, side by side
-///     M[p] = U[p] V[p]           [O, tiles]         one GEMM per point
+///     V[p] = (B^T d B)[p]        [tiles, C]         every sample's tiles, one row each
+///     M[p] = V[p] U[p]^T         [tiles, O]         one GEMM per point
 ///     y    = A^T M A             each tile's 4x4 outputs, clipped to the image
 ///
 /// Backward is the exact adjoint of that computation, so the float64 gradient check holds it to the same bar as any
-/// layer: dM = A dY A^T per tile, dU[p] = dM[p] V[p]^T and dg = G^T dU G (the weight gradient), dV[p] = U[p]^T dM[p]
+/// layer: dM = A dY A^T per tile, dU[p] = dM[p]^T V[p] and dg = G^T dU G (the weight gradient), dV[p] = dM[p] U[p]
 /// and dx = B dV B^T added over the overlapping tiles (the input gradient). Three GEMMs per point and pass, each with
-/// the whole batch's tiles as one dimension: 128 channels at 7x7 and batch 64 make [128, 128] x [128, 256] products,
+/// the whole batch's tiles as one dimension: 128 channels at 7x7 and batch 64 make [256, 128] x [128, 128] products,
 /// where lowering one sample at a time made [128, 1152] x [1152, 49].
 ///
 /// Matrices (points 0, 1, -1, 2, -2 and infinity):
@@ -26,8 +26,8 @@
 ///           | 0  2 -1 -2  1  0 |        |  1/24 -1/12  1/6  |
 ///           | 0  4  0 -5  0  1 |        |   0     0     1   |
 enum Winograd {
-    /// Points of the transform (6x6), and outputs per tile side.
-    static let points = 36, tileSide = 4
+    /// Points of the transform (6x6).
+    static let points = 36
 
     /// Whether a convolution takes this path: 3x3, stride 1, padding 1 (the image keeps its size), and enough
     /// channels on both sides that the 36 GEMMs are worth their transforms. A first layer on one or three channels
@@ -45,7 +45,13 @@ enum Winograd {
 /// loading and storing whole vectors. Channels are padded to a multiple of `lanes`, and each point's matrix is
 /// followed by one vector of slack so that the 36 matrices do not start at addresses that share a cache set.
 struct WinogradTiling: Sendable {
-    let height: Int, width: Int, lanes: Int
+    let height: Int, width: Int
+    /// Channels per vector: `Scalar.Lanes`, 64 bytes of scalars (16 Floats, 8 Doubles).
+    let lanes: Int
+
+    init(height: Int, width: Int, scalarBytes: Int) {
+        (self.height, self.width, lanes) = (height, width, 64 / scalarBytes)
+    }
     var tileRows: Int { (height + 3) / 4 }
     var tileColumns: Int { (width + 3) / 4 }
     var tilesPerImage: Int { tileRows * tileColumns }
@@ -74,12 +80,12 @@ struct WinogradTiling: Sendable {
         transformedCount(channels: outChannels, batch: batch) + transformedCount(channels: inChannels, batch: batch)
             + transformedFilterCount(inChannels: inChannels, outChannels: outChannels)
     }
-    /// Bytes a layer allocates for itself: V, U, four padded planes and the transforms' 36 vectors.
+    /// Bytes a layer allocates for itself: V (a `LargeBuffer`), U, four padded planes and the transforms' 36 vectors.
     func ownedBytes(inChannels: Int, outChannels: Int, batch: Int, scalarBytes: Double) -> Double {
-        let elements = transformedCount(channels: inChannels, batch: batch)
-            + transformedFilterCount(inChannels: inChannels, outChannels: outChannels)
+        let small = transformedFilterCount(inChannels: inChannels, outChannels: outChannels)
             + 2 * paddedInputCount + 2 * paddedOutputCount + Winograd.points * lanes
-        return Double(elements) * scalarBytes
+        return LargeBuffer.allocatedBytes(Double(transformedCount(channels: inChannels, batch: batch)) * scalarBytes)
+            + Double(small) * scalarBytes
     }
 }
 
@@ -102,7 +108,8 @@ final class WinogradConvolution<T: Scalar> {
 
     init(inChannels: Int, outChannels: Int, height: Int, width: Int, batchCapacity: Int) {
         (self.inChannels, self.outChannels) = (inChannels, outChannels)
-        tiling = WinogradTiling(height: height, width: width, lanes: T.Lanes.scalarCount)
+        tiling = WinogradTiling(height: height, width: width, scalarBytes: MemoryLayout<T>.stride)
+        precondition(tiling.lanes == T.Lanes.scalarCount, "the tiling's lanes are not \(T.self).Lanes")
         transformedInput = LargeBuffer.allocate(tiling.transformedCount(channels: inChannels, batch: batchCapacity))
         transformedInput.initialize(repeating: 0)
         func zeroed(_ n: Int) -> UnsafeMutablePointer<T> {
@@ -292,6 +299,36 @@ func winogradFilterGradients<T: Scalar>(_ du: UnsafePointer<T>, outChannels: Int
     UnsafeMutableRawPointer(p).storeBytes(of: v, as: V.self)
 }
 
+/// Copies `planes` planes of [H, W] (channels of one sample, the last block may have fewer than `lanes`) into an
+/// interleaved block [rows, blockWidth, lanes], each image's top-left at (border, border); the rest of the block is
+/// left as it is.
+@inline(__always)
+private func interleave<T>(_ source: UnsafePointer<T>, planes: Int, tiling: WinogradTiling, into block: UnsafeMutablePointer<T>,
+                           blockWidth: Int, border: Int) {
+    let (h, w, lanes) = (tiling.height, tiling.width, tiling.lanes)
+    for lane in 0..<planes {
+        let plane = source + lane * h * w
+        for i in 0..<h {
+            let row = block + ((i + border) * blockWidth + border) * lanes + lane
+            for j in 0..<w { row[j &* lanes] = plane[i &* w &+ j] }
+        }
+    }
+}
+
+/// The inverse of `interleave`: the block's images back into `planes` planes of [H, W].
+@inline(__always)
+private func deinterleave<T>(_ block: UnsafePointer<T>, planes: Int, tiling: WinogradTiling, blockWidth: Int, border: Int,
+                             into target: UnsafeMutablePointer<T>) {
+    let (h, w, lanes) = (tiling.height, tiling.width, tiling.lanes)
+    for lane in 0..<planes {
+        let plane = target + lane * h * w
+        for i in 0..<h {
+            let row = block + ((i + border) * blockWidth + border) * lanes + lane
+            for j in 0..<w { plane[i &* w &+ j] = row[j &* lanes] }
+        }
+    }
+}
+
 /// V[p, b tilesPerImage + tile, c] = (B^T d B)[p] for every 6x6 input window d of every plane of x ([B, C, H, W]).
 @_specialize(where T == Float) @_specialize(where T == Double)
 func winogradTransformInputs<T: Scalar>(_ x: UnsafePointer<T>, count: Int, channels: Int, tiling: WinogradTiling,
@@ -302,13 +339,8 @@ func winogradTransformInputs<T: Scalar>(_ x: UnsafePointer<T>, count: Int, chann
     let (ld, pointStride) = (tiling.padded(channels), tiling.pointStride(channels: channels, count: count))
     for b in 0..<count {
         for block in stride(from: 0, to: channels, by: lanes) {
-            for lane in 0..<min(lanes, channels - block) {
-                let source = x + ((b * channels + block + lane) * h) * w
-                for i in 0..<h {
-                    let row = padded + ((i + 1) * pw + 1) * lanes + lane
-                    for j in 0..<w { row[j &* lanes] = source[i &* w &+ j] }
-                }
-            }
+            interleave(x + (b * channels + block) * h * w, planes: min(lanes, channels - block), tiling: tiling,
+                       into: padded, blockWidth: pw, border: 1)
             var out = v + b * tiling.tilesPerImage * ld + block
             for ty in 0..<tiling.tileRows {
                 for tx in 0..<tiling.tileColumns {
@@ -394,13 +426,8 @@ func winogradInputGradients<T: Scalar>(_ dv: UnsafePointer<T>, count: Int, chann
                     source += ld
                 }
             }
-            for lane in 0..<min(lanes, channels - block) {
-                let target = dx + ((b * channels + block + lane) * h) * w
-                for i in 0..<h {
-                    let row = padded + ((i + 1) * pw + 1) * lanes + lane
-                    for j in 0..<w { target[i &* w &+ j] = row[j &* lanes] }
-                }
-            }
+            deinterleave(padded, planes: min(lanes, channels - block), tiling: tiling, blockWidth: pw, border: 1,
+                         into: dx + (b * channels + block) * h * w)
         }
     }
 }
@@ -447,13 +474,8 @@ func winogradTransformOutputs<T: Scalar>(_ m: UnsafePointer<T>, count: Int, chan
                     source += ld
                 }
             }
-            for lane in 0..<min(lanes, channels - block) {
-                let target = y + ((b * channels + block + lane) * h) * w
-                for i in 0..<h {
-                    let row = padded + i * pw * lanes + lane
-                    for j in 0..<w { target[i &* w &+ j] = row[j &* lanes] }
-                }
-            }
+            deinterleave(padded, planes: min(lanes, channels - block), tiling: tiling, blockWidth: pw, border: 0,
+                         into: y + (b * channels + block) * h * w)
         }
     }
 }
@@ -469,13 +491,8 @@ func winogradTransformOutputGradients<T: Scalar>(_ dy: UnsafePointer<T>, count: 
     let (ld, pointStride) = (tiling.padded(channels), tiling.pointStride(channels: channels, count: count))
     for b in 0..<count {
         for block in stride(from: 0, to: channels, by: lanes) {
-            for lane in 0..<min(lanes, channels - block) {
-                let source = dy + ((b * channels + block + lane) * h) * w
-                for i in 0..<h {
-                    let row = padded + i * pw * lanes + lane
-                    for j in 0..<w { row[j &* lanes] = source[i &* w &+ j] }
-                }
-            }
+            interleave(dy + (b * channels + block) * h * w, planes: min(lanes, channels - block), tiling: tiling,
+                       into: padded, blockWidth: pw, border: 0)
             var out = dm + b * tiling.tilesPerImage * ld + block
             for ty in 0..<tiling.tileRows {
                 for tx in 0..<tiling.tileColumns {
