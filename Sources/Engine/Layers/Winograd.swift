@@ -36,6 +36,11 @@ enum Winograd {
         kernel == 3 && stride == 1 && padding == 1 && inChannels >= minimumChannels && outChannels >= minimumChannels
     }
     static let minimumChannels = 16
+
+    /// Tiles a tile transform takes through each of its halves before the next half, staged in 36 vectors a tile:
+    /// the half that reads or writes the 36 point matrices then touches six of them at a time, each in a sequential
+    /// stream, where one tile at a time touched all 36 at once (more streams than the caches follow).
+    static let tilesPerRun = 8
 }
 
 /// How an image of `height` x `width` is cut into 4x4 output tiles, and the sizes of what the passes keep.
@@ -59,6 +64,12 @@ struct WinogradTiling: Sendable {
     /// tile's 6x6 window; `lanes` channels interleaved.
     var paddedInputWidth: Int { 4 * tileColumns + 2 }
     var paddedInputCount: Int { (4 * tileRows + 2) * paddedInputWidth * lanes }
+    /// Where tile `tile`'s window starts in an interleaved block `width` wide: its 4x4 outputs in an output block,
+    /// its 6x6 inputs in an input block (whose one-value border shifts the image, not the windows).
+    @inline(__always) func tileOffset(_ tile: Int, width: Int) -> Int {
+        let (row, column) = tile.quotientAndRemainder(dividingBy: tileColumns)
+        return (4 * row * width + 4 * column) * lanes
+    }
     /// The output plane rounded up to whole tiles; `lanes` channels interleaved.
     var paddedOutputWidth: Int { 4 * tileColumns }
     var paddedOutputCount: Int { 4 * tileRows * paddedOutputWidth * lanes }
@@ -80,12 +91,13 @@ struct WinogradTiling: Sendable {
         transformedCount(channels: outChannels, batch: batch) + transformedCount(channels: inChannels, batch: batch)
             + transformedFilterCount(inChannels: inChannels, outChannels: outChannels)
     }
-    /// Bytes a layer allocates for itself: V (a `LargeBuffer`), U, four padded planes and the transforms' 36 vectors.
+    /// Bytes a layer allocates for itself: V (a `LargeBuffer`), U, four padded planes, the vectors between the
+    /// transforms' halves and the two tables of where a plane's positions lie in the padded planes.
     func ownedBytes(inChannels: Int, outChannels: Int, batch: Int, scalarBytes: Double) -> Double {
         let small = transformedFilterCount(inChannels: inChannels, outChannels: outChannels)
-            + 2 * paddedInputCount + 2 * paddedOutputCount + Winograd.points * lanes
+            + 2 * paddedInputCount + 2 * paddedOutputCount + Winograd.tilesPerRun * Winograd.points * lanes
         return LargeBuffer.allocatedBytes(Double(transformedCount(channels: inChannels, batch: batch)) * scalarBytes)
-            + Double(small) * scalarBytes
+            + Double(small) * scalarBytes + Double(2 * height * width * MemoryLayout<Int32>.size)
     }
 }
 
@@ -101,7 +113,9 @@ final class WinogradConvolution<T: Scalar> {
     /// (zeroed per block), an output block of whole tiles, and an output gradient block zero outside the image.
     private let paddedInput: UnsafeMutablePointer<T>, paddedInputGradient: UnsafeMutablePointer<T>
     private let paddedOutput: UnsafeMutablePointer<T>, paddedOutputGradient: UnsafeMutablePointer<T>
-    /// The 36 vectors between a transform's two halves.
+    /// Where each position of an image lies in the padded input blocks and in the output blocks.
+    private let inputPositions: [Int32], outputPositions: [Int32]
+    /// The vectors between a transform's two halves: 36 for each tile of a run.
     private let between: UnsafeMutablePointer<T>
     /// Whether dM in the scratch is this backward pass's (`backwardWeights` computes it for `backwardInput`).
     private var outputGradientTransformed = false
@@ -120,7 +134,9 @@ final class WinogradConvolution<T: Scalar> {
         transformedFilters = zeroed(tiling.transformedFilterCount(inChannels: inChannels, outChannels: outChannels))
         (paddedInput, paddedInputGradient) = (zeroed(tiling.paddedInputCount), zeroed(tiling.paddedInputCount))
         (paddedOutput, paddedOutputGradient) = (zeroed(tiling.paddedOutputCount), zeroed(tiling.paddedOutputCount))
-        between = zeroed(Winograd.points * tiling.lanes)
+        inputPositions = winogradBlockPositions(tiling: tiling, blockWidth: tiling.paddedInputWidth, border: 1)
+        outputPositions = winogradBlockPositions(tiling: tiling, blockWidth: tiling.paddedOutputWidth, border: 0)
+        between = zeroed(Winograd.tilesPerRun * Winograd.points * tiling.lanes)
     }
 
     deinit {
@@ -150,8 +166,8 @@ final class WinogradConvolution<T: Scalar> {
         let uStride = tiling.filterPointStride(inChannels: c, outChannels: o)
         winogradTransformFilters(weights, outChannels: o, inChannels: c, pointStride: uStride, between: between,
                                  into: transformedFilters)
-        winogradTransformInputs(x, count: count, channels: c, tiling: tiling, padded: paddedInput, between: between,
-                                into: transformedInput.baseAddress!)
+        winogradTransformInputs(x, count: count, channels: c, tiling: tiling, padded: paddedInput, positions: inputPositions,
+                                between: between, into: transformedInput.baseAddress!)
         let m = transformedOutput(scratch), v = transformedInput.baseAddress!
         for p in 0..<Winograd.points {
             // M[p][tiles, O] = V[p][tiles, C] U[p][O, C]^T
@@ -159,7 +175,7 @@ final class WinogradConvolution<T: Scalar> {
                    b: transformedFilters + p * uStride, ldb: c, beta: 0, c: m + p * mStride, ldc: op)
         }
         winogradTransformOutputs(m, count: count, channels: o, tiling: tiling, bias: bias, padded: paddedOutput,
-                                 between: between, into: y)
+                                 positions: outputPositions, between: between, into: y)
         outputGradientTransformed = false
     }
 
@@ -173,7 +189,7 @@ final class WinogradConvolution<T: Scalar> {
         let dm = transformedOutput(scratch), du = transformedFilterGradient(scratch, count: count)
         let uStride = tiling.filterPointStride(inChannels: c, outChannels: o)
         winogradTransformOutputGradients(dy, count: count, channels: o, tiling: tiling, padded: paddedOutputGradient,
-                                         between: between, into: dm)
+                                         positions: outputPositions, between: between, into: dm)
         outputGradientTransformed = true
         let v = transformedInput.baseAddress!
         for p in 0..<Winograd.points {
@@ -194,7 +210,7 @@ final class WinogradConvolution<T: Scalar> {
         let uStride = tiling.filterPointStride(inChannels: c, outChannels: o)
         if !outputGradientTransformed {
             winogradTransformOutputGradients(dy, count: count, channels: o, tiling: tiling, padded: paddedOutputGradient,
-                                             between: between, into: dm)
+                                             positions: outputPositions, between: between, into: dm)
         }
         outputGradientTransformed = false
         for p in 0..<Winograd.points {
@@ -203,7 +219,7 @@ final class WinogradConvolution<T: Scalar> {
                    b: transformedFilters + p * uStride, ldb: c, beta: 0, c: dv + p * vStride, ldc: cp)
         }
         winogradInputGradients(dv, count: count, channels: c, tiling: tiling, padded: paddedInputGradient,
-                               between: between, into: dx)
+                               positions: inputPositions, between: between, into: dx)
     }
 }
 
@@ -286,11 +302,12 @@ func winogradFilterGradients<T: Scalar>(_ du: UnsafePointer<T>, outChannels: Int
     }
 }
 
-// MARK: - Tile transforms (every pass, a block of `lanes` channels of one sample at a time)
+// MARK: - Tile transforms (every pass, a block of `lanes` channels of the whole batch at a time)
 //
-// Each copies the block's planes into an interleaved padded block ([rows, columns, lanes], so that one vector holds a
-// position of every channel in the block) or out of one, and transforms tile by tile in whole vectors: 36 vector
-// loads and stores per tile instead of 36 scalar ones per tile and channel, and no tile tests a bound.
+// Each copies a sample's planes of the block into an interleaved padded block ([rows, columns, lanes], so that one
+// vector holds a position of every channel in the block) or out of one, and transforms in whole vectors: 36 vector
+// loads and stores per tile instead of 36 scalar ones per tile and channel, and no tile tests a bound. The tiles of
+// the batch go in runs of `Winograd.tilesPerRun`, each half of the transform over the whole run before the other.
 
 @inline(__always) private func load<V: SIMD>(_ p: UnsafePointer<V.Scalar>, as: V.Type) -> V {
     UnsafeRawPointer(p).loadUnaligned(as: V.self)
@@ -299,81 +316,174 @@ func winogradFilterGradients<T: Scalar>(_ du: UnsafePointer<T>, outChannels: Int
     UnsafeMutableRawPointer(p).storeBytes(of: v, as: V.self)
 }
 
+/// Where each position of an H x W plane (row-major) lies in an interleaved block [rows, blockWidth, lanes] whose
+/// image starts at (border, border): the offset of its first lane, for `interleave` and `deinterleave`.
+func winogradBlockPositions(tiling: WinogradTiling, blockWidth: Int, border: Int) -> [Int32] {
+    (0..<tiling.height * tiling.width).map { q in
+        let (i, j) = q.quotientAndRemainder(dividingBy: tiling.width)
+        return Int32(((i + border) * blockWidth + j + border) * tiling.lanes)
+    }
+}
+
 /// Copies `planes` planes of [H, W] (channels of one sample, the last block may have fewer than `lanes`) into an
-/// interleaved block [rows, blockWidth, lanes], each image's top-left at (border, border); the rest of the block is
-/// left as it is.
+/// interleaved block, position q of each plane to `positions[q]`; the rest of the block is left as it is. Float
+/// moves eight planes at a time by 8x8 transposes in registers (eight positions of eight planes in, eight vectors
+/// of eight lanes out), which takes half the time of one scalar at a time; what is left goes one scalar at a time.
 @inline(__always)
-private func interleave<T>(_ source: UnsafePointer<T>, planes: Int, tiling: WinogradTiling, into block: UnsafeMutablePointer<T>,
-                           blockWidth: Int, border: Int) {
-    let (h, w, lanes) = (tiling.height, tiling.width, tiling.lanes)
-    for lane in 0..<planes {
-        let plane = source + lane * h * w
-        for i in 0..<h {
-            let row = block + ((i + border) * blockWidth + border) * lanes + lane
-            for j in 0..<w { row[j &* lanes] = plane[i &* w &+ j] }
+private func interleave<T: Scalar>(_ source: UnsafePointer<T>, planes: Int, tiling: WinogradTiling,
+                                   positions: UnsafePointer<Int32>, into block: UnsafeMutablePointer<T>) {
+    let n = tiling.height * tiling.width
+    var first = 0
+    if T.self == Float.self {
+        let (s, b) = (UnsafeRawPointer(source).assumingMemoryBound(to: Float.self),
+                      UnsafeMutableRawPointer(block).assumingMemoryBound(to: Float.self))
+        while first + 8 <= planes {
+            let plane = s + first * n, lanes = b + first
+            var q = 0
+            while q + 8 <= n {
+                let r = transpose8(load(plane + q, as: Eight.self), load(plane + n + q, as: Eight.self),
+                                   load(plane + 2 * n + q, as: Eight.self), load(plane + 3 * n + q, as: Eight.self),
+                                   load(plane + 4 * n + q, as: Eight.self), load(plane + 5 * n + q, as: Eight.self),
+                                   load(plane + 6 * n + q, as: Eight.self), load(plane + 7 * n + q, as: Eight.self))
+                store(r.0, lanes + Int(positions[q])); store(r.1, lanes + Int(positions[q + 1]))
+                store(r.2, lanes + Int(positions[q + 2])); store(r.3, lanes + Int(positions[q + 3]))
+                store(r.4, lanes + Int(positions[q + 4])); store(r.5, lanes + Int(positions[q + 5]))
+                store(r.6, lanes + Int(positions[q + 6])); store(r.7, lanes + Int(positions[q + 7]))
+                q += 8
+            }
+            for q in q..<n {
+                for lane in 0..<8 { lanes[Int(positions[q]) &+ lane] = plane[lane &* n &+ q] }
+            }
+            first += 8
         }
+    }
+    for lane in first..<planes {
+        let plane = source + lane * n
+        for q in 0..<n { block[Int(positions[q]) &+ lane] = plane[q] }
     }
 }
 
 /// The inverse of `interleave`: the block's images back into `planes` planes of [H, W].
 @inline(__always)
-private func deinterleave<T>(_ block: UnsafePointer<T>, planes: Int, tiling: WinogradTiling, blockWidth: Int, border: Int,
-                             into target: UnsafeMutablePointer<T>) {
-    let (h, w, lanes) = (tiling.height, tiling.width, tiling.lanes)
-    for lane in 0..<planes {
-        let plane = target + lane * h * w
-        for i in 0..<h {
-            let row = block + ((i + border) * blockWidth + border) * lanes + lane
-            for j in 0..<w { plane[i &* w &+ j] = row[j &* lanes] }
+private func deinterleave<T: Scalar>(_ block: UnsafePointer<T>, planes: Int, tiling: WinogradTiling,
+                                     positions: UnsafePointer<Int32>, into target: UnsafeMutablePointer<T>) {
+    let n = tiling.height * tiling.width
+    var first = 0
+    if T.self == Float.self {
+        let (b, t) = (UnsafeRawPointer(block).assumingMemoryBound(to: Float.self),
+                      UnsafeMutableRawPointer(target).assumingMemoryBound(to: Float.self))
+        while first + 8 <= planes {
+            let lanes = b + first, plane = t + first * n
+            var q = 0
+            while q + 8 <= n {
+                let r = transpose8(load(lanes + Int(positions[q]), as: Eight.self), load(lanes + Int(positions[q + 1]), as: Eight.self),
+                                   load(lanes + Int(positions[q + 2]), as: Eight.self), load(lanes + Int(positions[q + 3]), as: Eight.self),
+                                   load(lanes + Int(positions[q + 4]), as: Eight.self), load(lanes + Int(positions[q + 5]), as: Eight.self),
+                                   load(lanes + Int(positions[q + 6]), as: Eight.self), load(lanes + Int(positions[q + 7]), as: Eight.self))
+                store(r.0, plane + q); store(r.1, plane + n + q); store(r.2, plane + 2 * n + q); store(r.3, plane + 3 * n + q)
+                store(r.4, plane + 4 * n + q); store(r.5, plane + 5 * n + q); store(r.6, plane + 6 * n + q)
+                store(r.7, plane + 7 * n + q)
+                q += 8
+            }
+            for q in q..<n {
+                for lane in 0..<8 { plane[lane &* n &+ q] = lanes[Int(positions[q]) &+ lane] }
+            }
+            first += 8
         }
     }
+    for lane in first..<planes {
+        let plane = target + lane * n
+        for q in 0..<n { plane[q] = block[Int(positions[q]) &+ lane] }
+    }
+}
+
+private typealias Eight = SIMD8<Float>
+
+/// The transpose of an 8x8 matrix given as its eight rows: three perfect unshuffles (even elements of a pair of
+/// rows, then odd ones) each rotate the element index's six bits by one, and three rotate the row bits into the
+/// column bits. The compiler makes each unshuffle a few in-register shuffles.
+@inline(__always)
+private func transpose8(_ r0: Eight, _ r1: Eight, _ r2: Eight, _ r3: Eight, _ r4: Eight, _ r5: Eight, _ r6: Eight,
+                        _ r7: Eight) -> (Eight, Eight, Eight, Eight, Eight, Eight, Eight, Eight) {
+    @inline(__always) func unshuffle(_ r: (Eight, Eight, Eight, Eight, Eight, Eight, Eight, Eight))
+        -> (Eight, Eight, Eight, Eight, Eight, Eight, Eight, Eight) {
+        let p0 = SIMD16(lowHalf: r.0, highHalf: r.1), p1 = SIMD16(lowHalf: r.2, highHalf: r.3)
+        let p2 = SIMD16(lowHalf: r.4, highHalf: r.5), p3 = SIMD16(lowHalf: r.6, highHalf: r.7)
+        return (p0.evenHalf, p1.evenHalf, p2.evenHalf, p3.evenHalf, p0.oddHalf, p1.oddHalf, p2.oddHalf, p3.oddHalf)
+    }
+    return unshuffle(unshuffle(unshuffle((r0, r1, r2, r3, r4, r5, r6, r7))))
+}
+
+/// Calls `body` for every block of `lanes` channels and, in it, every run of the batch's tiles (the first tile and
+/// the run), in order.
+@inline(__always)
+private func forEachRun(count: Int, channels: Int, tiling: WinogradTiling, _ body: (_ block: Int, _ first: Int, _ run: Range<Int>) -> Void) {
+    let tiles = count * tiling.tilesPerImage
+    for block in stride(from: 0, to: channels, by: tiling.lanes) {
+        for first in stride(from: 0, to: tiles, by: Winograd.tilesPerRun) {
+            body(block, first, first..<min(first + Winograd.tilesPerRun, tiles))
+        }
+    }
+}
+
+/// Tile `tile` of the batch as its sample and its index in the sample's image, after interleaving the sample's
+/// block of `source` ([B, C, H, W]) into `padded` when it is the sample's first tile.
+@inline(__always)
+private func interleavingAt<T: Scalar>(_ tile: Int, block: Int, channels: Int, of source: UnsafePointer<T>,
+                                       tiling: WinogradTiling, positions: UnsafePointer<Int32>,
+                                       into padded: UnsafeMutablePointer<T>) -> (sample: Int, inImage: Int) {
+    let (b, inImage) = tile.quotientAndRemainder(dividingBy: tiling.tilesPerImage)
+    if inImage == 0 {
+        interleave(source + (b * channels + block) * tiling.height * tiling.width, planes: min(tiling.lanes, channels - block),
+                   tiling: tiling, positions: positions, into: padded)
+    }
+    return (b, inImage)
 }
 
 /// V[p, b tilesPerImage + tile, c] = (B^T d B)[p] for every 6x6 input window d of every plane of x ([B, C, H, W]).
 @_specialize(where T == Float) @_specialize(where T == Double)
 func winogradTransformInputs<T: Scalar>(_ x: UnsafePointer<T>, count: Int, channels: Int, tiling: WinogradTiling,
-                                        padded: UnsafeMutablePointer<T>, between t: UnsafeMutablePointer<T>,
+                                        padded: UnsafeMutablePointer<T>, positions: UnsafePointer<Int32>,
+                                        between t: UnsafeMutablePointer<T>,
                                         into v: UnsafeMutablePointer<T>) {
     typealias V = T.Lanes
-    let (h, w, pw, lanes) = (tiling.height, tiling.width, tiling.paddedInputWidth, tiling.lanes)
+    let (pw, lanes) = (tiling.paddedInputWidth, tiling.lanes)
     let (ld, pointStride) = (tiling.padded(channels), tiling.pointStride(channels: channels, count: count))
-    for b in 0..<count {
-        for block in stride(from: 0, to: channels, by: lanes) {
-            interleave(x + (b * channels + block) * h * w, planes: min(lanes, channels - block), tiling: tiling,
-                       into: padded, blockWidth: pw, border: 1)
-            var out = v + b * tiling.tilesPerImage * ld + block
-            for ty in 0..<tiling.tileRows {
-                for tx in 0..<tiling.tileColumns {
-                    let d = padded + (4 * ty * pw + 4 * tx) * lanes
-                    // t = B^T d, column by column.
-                    for j in 0..<6 {
-                        let c = d + j * lanes
-                        let d0 = load(c, as: V.self), d1 = load(c + pw * lanes, as: V.self)
-                        let d2 = load(c + 2 * pw * lanes, as: V.self), d3 = load(c + 3 * pw * lanes, as: V.self)
-                        let d4 = load(c + 4 * pw * lanes, as: V.self), d5 = load(c + 5 * pw * lanes, as: V.self)
-                        store(4 * d0 - 5 * d2 + d4, t + j * lanes)
-                        store(d3 + d4 - 4 * (d1 + d2), t + (6 + j) * lanes)
-                        store(4 * (d1 - d2) + d4 - d3, t + (12 + j) * lanes)
-                        store(2 * (d3 - d1) + d4 - d2, t + (18 + j) * lanes)
-                        store(2 * (d1 - d3) + d4 - d2, t + (24 + j) * lanes)
-                        store(4 * d1 - 5 * d3 + d5, t + (30 + j) * lanes)
-                    }
-                    // V = t B, row by row.
-                    for k in 0..<6 {
-                        let r = t + 6 * k * lanes
-                        let d0 = load(r, as: V.self), d1 = load(r + lanes, as: V.self), d2 = load(r + 2 * lanes, as: V.self)
-                        let d3 = load(r + 3 * lanes, as: V.self), d4 = load(r + 4 * lanes, as: V.self)
-                        let d5 = load(r + 5 * lanes, as: V.self)
-                        let o = out + 6 * k * pointStride
-                        store(4 * d0 - 5 * d2 + d4, o)
-                        store(d3 + d4 - 4 * (d1 + d2), o + pointStride)
-                        store(4 * (d1 - d2) + d4 - d3, o + 2 * pointStride)
-                        store(2 * (d3 - d1) + d4 - d2, o + 3 * pointStride)
-                        store(2 * (d1 - d3) + d4 - d2, o + 4 * pointStride)
-                        store(4 * d1 - 5 * d3 + d5, o + 5 * pointStride)
-                    }
-                    out += ld
-                }
+    forEachRun(count: count, channels: channels, tiling: tiling) { block, first, run in
+        // t = B^T d [6, 6] for every tile of the run, column by column: the run's i-th tile's 36 vectors at
+        // t + 36 i lanes.
+        for tile in run {
+            let inImage = interleavingAt(tile, block: block, channels: channels, of: x, tiling: tiling,
+                                         positions: positions, into: padded).inImage
+            let d = padded + tiling.tileOffset(inImage, width: pw), s = t + (tile - first) * 36 * lanes
+            for j in 0..<6 {
+                let c = d + j * lanes
+                let d0 = load(c, as: V.self), d1 = load(c + pw * lanes, as: V.self)
+                let d2 = load(c + 2 * pw * lanes, as: V.self), d3 = load(c + 3 * pw * lanes, as: V.self)
+                let d4 = load(c + 4 * pw * lanes, as: V.self), d5 = load(c + 5 * pw * lanes, as: V.self)
+                store(4 * d0 - 5 * d2 + d4, s + j * lanes)
+                store(d3 + d4 - 4 * (d1 + d2), s + (6 + j) * lanes)
+                store(4 * (d1 - d2) + d4 - d3, s + (12 + j) * lanes)
+                store(2 * (d3 - d1) + d4 - d2, s + (18 + j) * lanes)
+                store(2 * (d1 - d3) + d4 - d2, s + (24 + j) * lanes)
+                store(4 * d1 - 5 * d3 + d5, s + (30 + j) * lanes)
+            }
+        }
+        // V = t B, row k of every tile of the run before the next row: six of V's 36 matrices written at a time,
+        // each in one sequential stream.
+        for k in 0..<6 {
+            for tile in run {
+                let r = t + ((tile - first) * 36 + 6 * k) * lanes
+                let d0 = load(r, as: V.self), d1 = load(r + lanes, as: V.self), d2 = load(r + 2 * lanes, as: V.self)
+                let d3 = load(r + 3 * lanes, as: V.self), d4 = load(r + 4 * lanes, as: V.self)
+                let d5 = load(r + 5 * lanes, as: V.self)
+                let o = v + tile * ld + block + 6 * k * pointStride
+                store(4 * d0 - 5 * d2 + d4, o)
+                store(d3 + d4 - 4 * (d1 + d2), o + pointStride)
+                store(4 * (d1 - d2) + d4 - d3, o + 2 * pointStride)
+                store(2 * (d3 - d1) + d4 - d2, o + 3 * pointStride)
+                store(2 * (d1 - d3) + d4 - d2, o + 4 * pointStride)
+                store(4 * d1 - 5 * d3 + d5, o + 5 * pointStride)
             }
         }
     }
@@ -383,51 +493,54 @@ func winogradTransformInputs<T: Scalar>(_ x: UnsafePointer<T>, count: Int, chann
 /// tile's window, with what falls on the zero border dropped. dx is overwritten.
 @_specialize(where T == Float) @_specialize(where T == Double)
 func winogradInputGradients<T: Scalar>(_ dv: UnsafePointer<T>, count: Int, channels: Int, tiling: WinogradTiling,
-                                       padded: UnsafeMutablePointer<T>, between t: UnsafeMutablePointer<T>,
+                                       padded: UnsafeMutablePointer<T>, positions: UnsafePointer<Int32>,
+                                       between t: UnsafeMutablePointer<T>,
                                        into dx: UnsafeMutablePointer<T>) {
     typealias V = T.Lanes
     let (h, w, pw, lanes) = (tiling.height, tiling.width, tiling.paddedInputWidth, tiling.lanes)
     let (ld, pointStride) = (tiling.padded(channels), tiling.pointStride(channels: channels, count: count))
-    for b in 0..<count {
-        for block in stride(from: 0, to: channels, by: lanes) {
-            padded.update(repeating: 0, count: tiling.paddedInputCount)
-            var source = dv + b * tiling.tilesPerImage * ld + block
-            for ty in 0..<tiling.tileRows {
-                for tx in 0..<tiling.tileColumns {
-                    // t = dV B^T, row k of dV at a time (B applied to each row).
-                    for k in 0..<6 {
-                        let s = source + 6 * k * pointStride
-                        let v0 = load(s, as: V.self), v1 = load(s + pointStride, as: V.self)
-                        let v2 = load(s + 2 * pointStride, as: V.self), v3 = load(s + 3 * pointStride, as: V.self)
-                        let v4 = load(s + 4 * pointStride, as: V.self), v5 = load(s + 5 * pointStride, as: V.self)
-                        let r = t + 6 * k * lanes
-                        store(4 * v0, r)
-                        store(4 * (v2 - v1 + v5) + 2 * (v4 - v3), r + lanes)
-                        store(-5 * v0 - 4 * (v1 + v2) - v3 - v4, r + 2 * lanes)
-                        store(v1 - v2 + 2 * (v3 - v4) - 5 * v5, r + 3 * lanes)
-                        store(v0 + v1 + v2 + v3 + v4, r + 4 * lanes)
-                        store(v5, r + 5 * lanes)
-                    }
-                    // dd = B t, column j at a time, added into the tile's window.
-                    let d = padded + (4 * ty * pw + 4 * tx) * lanes
-                    for j in 0..<6 {
-                        let c = t + j * lanes
-                        let v0 = load(c, as: V.self), v1 = load(c + 6 * lanes, as: V.self)
-                        let v2 = load(c + 12 * lanes, as: V.self), v3 = load(c + 18 * lanes, as: V.self)
-                        let v4 = load(c + 24 * lanes, as: V.self), v5 = load(c + 30 * lanes, as: V.self)
-                        let e = d + j * lanes
-                        store(load(e, as: V.self) + 4 * v0, e)
-                        store(load(e + pw * lanes, as: V.self) + (4 * (v2 - v1 + v5) + 2 * (v4 - v3)), e + pw * lanes)
-                        store(load(e + 2 * pw * lanes, as: V.self) + (-5 * v0 - 4 * (v1 + v2) - v3 - v4), e + 2 * pw * lanes)
-                        store(load(e + 3 * pw * lanes, as: V.self) + (v1 - v2 + 2 * (v3 - v4) - 5 * v5), e + 3 * pw * lanes)
-                        store(load(e + 4 * pw * lanes, as: V.self) + (v0 + v1 + v2 + v3 + v4), e + 4 * pw * lanes)
-                        store(load(e + 5 * pw * lanes, as: V.self) + v5, e + 5 * pw * lanes)
-                    }
-                    source += ld
-                }
+    let perImage = tiling.tilesPerImage
+    forEachRun(count: count, channels: channels, tiling: tiling) { block, first, run in
+        // t = dV B^T, row k of dV (B applied to it) for every tile of the run before the next row: six of dV's
+        // 36 matrices read at a time.
+        for k in 0..<6 {
+            for tile in run {
+                let s = dv + tile * ld + block + 6 * k * pointStride
+                let v0 = load(s, as: V.self), v1 = load(s + pointStride, as: V.self)
+                let v2 = load(s + 2 * pointStride, as: V.self), v3 = load(s + 3 * pointStride, as: V.self)
+                let v4 = load(s + 4 * pointStride, as: V.self), v5 = load(s + 5 * pointStride, as: V.self)
+                let r = t + ((tile - first) * 36 + 6 * k) * lanes
+                store(4 * v0, r)
+                store(4 * (v2 - v1 + v5) + 2 * (v4 - v3), r + lanes)
+                store(-5 * v0 - 4 * (v1 + v2) - v3 - v4, r + 2 * lanes)
+                store(v1 - v2 + 2 * (v3 - v4) - 5 * v5, r + 3 * lanes)
+                store(v0 + v1 + v2 + v3 + v4, r + 4 * lanes)
+                store(v5, r + 5 * lanes)
             }
-            deinterleave(padded, planes: min(lanes, channels - block), tiling: tiling, blockWidth: pw, border: 1,
-                         into: dx + (b * channels + block) * h * w)
+        }
+        // dd = B t, column j at a time, added into each tile's window: a sample's block starts at zero with its
+        // first tile and goes to dx after its last.
+        for tile in run {
+            let (b, inImage) = tile.quotientAndRemainder(dividingBy: perImage)
+            if inImage == 0 { padded.update(repeating: 0, count: tiling.paddedInputCount) }
+            let d = padded + tiling.tileOffset(inImage, width: pw), u = t + (tile - first) * 36 * lanes
+            for j in 0..<6 {
+                let c = u + j * lanes
+                let v0 = load(c, as: V.self), v1 = load(c + 6 * lanes, as: V.self)
+                let v2 = load(c + 12 * lanes, as: V.self), v3 = load(c + 18 * lanes, as: V.self)
+                let v4 = load(c + 24 * lanes, as: V.self), v5 = load(c + 30 * lanes, as: V.self)
+                let e = d + j * lanes
+                store(load(e, as: V.self) + 4 * v0, e)
+                store(load(e + pw * lanes, as: V.self) + (4 * (v2 - v1 + v5) + 2 * (v4 - v3)), e + pw * lanes)
+                store(load(e + 2 * pw * lanes, as: V.self) + (-5 * v0 - 4 * (v1 + v2) - v3 - v4), e + 2 * pw * lanes)
+                store(load(e + 3 * pw * lanes, as: V.self) + (v1 - v2 + 2 * (v3 - v4) - 5 * v5), e + 3 * pw * lanes)
+                store(load(e + 4 * pw * lanes, as: V.self) + (v0 + v1 + v2 + v3 + v4), e + 4 * pw * lanes)
+                store(load(e + 5 * pw * lanes, as: V.self) + v5, e + 5 * pw * lanes)
+            }
+            if inImage == perImage - 1 {
+                deinterleave(padded, planes: min(lanes, channels - block), tiling: tiling, positions: positions,
+                             into: dx + (b * channels + block) * h * w)
+            }
         }
     }
 }
@@ -436,46 +549,47 @@ func winogradInputGradients<T: Scalar>(_ dv: UnsafePointer<T>, count: Int, chann
 @_specialize(where T == Float) @_specialize(where T == Double)
 func winogradTransformOutputs<T: Scalar>(_ m: UnsafePointer<T>, count: Int, channels: Int, tiling: WinogradTiling,
                                          bias: UnsafePointer<T>?, padded: UnsafeMutablePointer<T>,
-                                         between t: UnsafeMutablePointer<T>, into y: UnsafeMutablePointer<T>) {
+                                         positions: UnsafePointer<Int32>, between t: UnsafeMutablePointer<T>, into y: UnsafeMutablePointer<T>) {
     typealias V = T.Lanes
     let (h, w, pw, lanes) = (tiling.height, tiling.width, tiling.paddedOutputWidth, tiling.lanes)
     let (ld, pointStride) = (tiling.padded(channels), tiling.pointStride(channels: channels, count: count))
-    for b in 0..<count {
-        for block in stride(from: 0, to: channels, by: lanes) {
-            var offset = V()
-            if let bias { for lane in 0..<min(lanes, channels - block) { offset[lane] = bias[block + lane] } }
-            var source = m + b * tiling.tilesPerImage * ld + block
-            for ty in 0..<tiling.tileRows {
-                for tx in 0..<tiling.tileColumns {
-                    // t = A^T M [4, 6], column l of M at a time.
-                    for l in 0..<6 {
-                        let s = source + l * pointStride
-                        let m0 = load(s, as: V.self), m1 = load(s + 6 * pointStride, as: V.self)
-                        let m2 = load(s + 12 * pointStride, as: V.self), m3 = load(s + 18 * pointStride, as: V.self)
-                        let m4 = load(s + 24 * pointStride, as: V.self), m5 = load(s + 30 * pointStride, as: V.self)
-                        store(m0 + m1 + m2 + m3 + m4, t + l * lanes)
-                        store(m1 - m2 + 2 * (m3 - m4), t + (6 + l) * lanes)
-                        store(m1 + m2 + 4 * (m3 + m4), t + (12 + l) * lanes)
-                        store(m1 - m2 + 8 * (m3 - m4) + m5, t + (18 + l) * lanes)
-                    }
-                    // Y = t A [4, 4], row by row.
-                    let out = padded + (4 * ty * pw + 4 * tx) * lanes
-                    for i in 0..<4 {
-                        let r = t + 6 * i * lanes
-                        let m0 = load(r, as: V.self), m1 = load(r + lanes, as: V.self), m2 = load(r + 2 * lanes, as: V.self)
-                        let m3 = load(r + 3 * lanes, as: V.self), m4 = load(r + 4 * lanes, as: V.self)
-                        let m5 = load(r + 5 * lanes, as: V.self)
-                        let o = out + i * pw * lanes
-                        store(offset + (m0 + m1 + m2 + m3 + m4), o)
-                        store(offset + (m1 - m2 + 2 * (m3 - m4)), o + lanes)
-                        store(offset + (m1 + m2 + 4 * (m3 + m4)), o + 2 * lanes)
-                        store(offset + (m1 - m2 + 8 * (m3 - m4) + m5), o + 3 * lanes)
-                    }
-                    source += ld
-                }
+    let perImage = tiling.tilesPerImage
+    forEachRun(count: count, channels: channels, tiling: tiling) { block, first, run in
+        var offset = V()
+        if let bias { for lane in 0..<min(lanes, channels - block) { offset[lane] = bias[block + lane] } }
+        // t = A^T M [4, 6], column l of M for every tile of the run before the next column: six of M's 36
+        // matrices read at a time. The run's i-th tile's 24 vectors at t + 36 i lanes.
+        for l in 0..<6 {
+            for tile in run {
+                let s = m + tile * ld + block + l * pointStride, r = t + ((tile - first) * 36 + l) * lanes
+                let m0 = load(s, as: V.self), m1 = load(s + 6 * pointStride, as: V.self)
+                let m2 = load(s + 12 * pointStride, as: V.self), m3 = load(s + 18 * pointStride, as: V.self)
+                let m4 = load(s + 24 * pointStride, as: V.self), m5 = load(s + 30 * pointStride, as: V.self)
+                store(m0 + m1 + m2 + m3 + m4, r)
+                store(m1 - m2 + 2 * (m3 - m4), r + 6 * lanes)
+                store(m1 + m2 + 4 * (m3 + m4), r + 12 * lanes)
+                store(m1 - m2 + 8 * (m3 - m4) + m5, r + 18 * lanes)
             }
-            deinterleave(padded, planes: min(lanes, channels - block), tiling: tiling, blockWidth: pw, border: 0,
-                         into: y + (b * channels + block) * h * w)
+        }
+        // Y = t A [4, 4], row by row, into each tile's place; a sample's block goes to y after its last tile.
+        for tile in run {
+            let (b, inImage) = tile.quotientAndRemainder(dividingBy: perImage)
+            let out = padded + tiling.tileOffset(inImage, width: pw), u = t + (tile - first) * 36 * lanes
+            for i in 0..<4 {
+                let r = u + 6 * i * lanes
+                let m0 = load(r, as: V.self), m1 = load(r + lanes, as: V.self), m2 = load(r + 2 * lanes, as: V.self)
+                let m3 = load(r + 3 * lanes, as: V.self), m4 = load(r + 4 * lanes, as: V.self)
+                let m5 = load(r + 5 * lanes, as: V.self)
+                let o = out + i * pw * lanes
+                store(offset + (m0 + m1 + m2 + m3 + m4), o)
+                store(offset + (m1 - m2 + 2 * (m3 - m4)), o + lanes)
+                store(offset + (m1 + m2 + 4 * (m3 + m4)), o + 2 * lanes)
+                store(offset + (m1 - m2 + 8 * (m3 - m4) + m5), o + 3 * lanes)
+            }
+            if inImage == perImage - 1 {
+                deinterleave(padded, planes: min(lanes, channels - block), tiling: tiling, positions: positions,
+                             into: y + (b * channels + block) * h * w)
+            }
         }
     }
 }
@@ -485,45 +599,44 @@ func winogradTransformOutputs<T: Scalar>(_ m: UnsafePointer<T>, count: Int, chan
 @_specialize(where T == Float) @_specialize(where T == Double)
 func winogradTransformOutputGradients<T: Scalar>(_ dy: UnsafePointer<T>, count: Int, channels: Int,
                                                  tiling: WinogradTiling, padded: UnsafeMutablePointer<T>,
-                                                 between t: UnsafeMutablePointer<T>, into dm: UnsafeMutablePointer<T>) {
+                                                 positions: UnsafePointer<Int32>, between t: UnsafeMutablePointer<T>,
+                                                 into dm: UnsafeMutablePointer<T>) {
     typealias V = T.Lanes
-    let (h, w, pw, lanes) = (tiling.height, tiling.width, tiling.paddedOutputWidth, tiling.lanes)
+    let (pw, lanes) = (tiling.paddedOutputWidth, tiling.lanes)
     let (ld, pointStride) = (tiling.padded(channels), tiling.pointStride(channels: channels, count: count))
-    for b in 0..<count {
-        for block in stride(from: 0, to: channels, by: lanes) {
-            interleave(dy + (b * channels + block) * h * w, planes: min(lanes, channels - block), tiling: tiling,
-                       into: padded, blockWidth: pw, border: 0)
-            var out = dm + b * tiling.tilesPerImage * ld + block
-            for ty in 0..<tiling.tileRows {
-                for tx in 0..<tiling.tileColumns {
-                    let e = padded + (4 * ty * pw + 4 * tx) * lanes
-                    // t = A e [6, 4], column j at a time.
-                    for j in 0..<4 {
-                        let c = e + j * lanes
-                        let e0 = load(c, as: V.self), e1 = load(c + pw * lanes, as: V.self)
-                        let e2 = load(c + 2 * pw * lanes, as: V.self), e3 = load(c + 3 * pw * lanes, as: V.self)
-                        store(e0, t + j * lanes)
-                        store(e0 + e1 + e2 + e3, t + (4 + j) * lanes)
-                        store(e0 - e1 + e2 - e3, t + (8 + j) * lanes)
-                        store(e0 + 2 * e1 + 4 * e2 + 8 * e3, t + (12 + j) * lanes)
-                        store(e0 - 2 * e1 + 4 * e2 - 8 * e3, t + (16 + j) * lanes)
-                        store(e3, t + (20 + j) * lanes)
-                    }
-                    // dM = t A^T [6, 6], row by row.
-                    for k in 0..<6 {
-                        let r = t + 4 * k * lanes
-                        let e0 = load(r, as: V.self), e1 = load(r + lanes, as: V.self)
-                        let e2 = load(r + 2 * lanes, as: V.self), e3 = load(r + 3 * lanes, as: V.self)
-                        let d = out + 6 * k * pointStride
-                        store(e0, d)
-                        store(e0 + e1 + e2 + e3, d + pointStride)
-                        store(e0 - e1 + e2 - e3, d + 2 * pointStride)
-                        store(e0 + 2 * e1 + 4 * e2 + 8 * e3, d + 3 * pointStride)
-                        store(e0 - 2 * e1 + 4 * e2 - 8 * e3, d + 4 * pointStride)
-                        store(e3, d + 5 * pointStride)
-                    }
-                    out += ld
-                }
+    forEachRun(count: count, channels: channels, tiling: tiling) { block, first, run in
+        // t = A e [6, 4] for every tile of the run, column j at a time: the run's i-th tile's 24 vectors at
+        // t + 36 i lanes.
+        for tile in run {
+            let inImage = interleavingAt(tile, block: block, channels: channels, of: dy, tiling: tiling,
+                                         positions: positions, into: padded).inImage
+            let e = padded + tiling.tileOffset(inImage, width: pw), u = t + (tile - first) * 36 * lanes
+            for j in 0..<4 {
+                let c = e + j * lanes
+                let e0 = load(c, as: V.self), e1 = load(c + pw * lanes, as: V.self)
+                let e2 = load(c + 2 * pw * lanes, as: V.self), e3 = load(c + 3 * pw * lanes, as: V.self)
+                store(e0, u + j * lanes)
+                store(e0 + e1 + e2 + e3, u + (4 + j) * lanes)
+                store(e0 - e1 + e2 - e3, u + (8 + j) * lanes)
+                store(e0 + 2 * e1 + 4 * e2 + 8 * e3, u + (12 + j) * lanes)
+                store(e0 - 2 * e1 + 4 * e2 - 8 * e3, u + (16 + j) * lanes)
+                store(e3, u + (20 + j) * lanes)
+            }
+        }
+        // dM = t A^T [6, 6], row k of every tile of the run before the next row: six of dM's 36 matrices written
+        // at a time.
+        for k in 0..<6 {
+            for tile in run {
+                let r = t + ((tile - first) * 36 + 4 * k) * lanes
+                let e0 = load(r, as: V.self), e1 = load(r + lanes, as: V.self)
+                let e2 = load(r + 2 * lanes, as: V.self), e3 = load(r + 3 * lanes, as: V.self)
+                let d = dm + tile * ld + block + 6 * k * pointStride
+                store(e0, d)
+                store(e0 + e1 + e2 + e3, d + pointStride)
+                store(e0 - e1 + e2 - e3, d + 2 * pointStride)
+                store(e0 + 2 * e1 + 4 * e2 + 8 * e3, d + 3 * pointStride)
+                store(e0 - 2 * e1 + 4 * e2 - 8 * e3, d + 4 * pointStride)
+                store(e3, d + 5 * pointStride)
             }
         }
     }
