@@ -36,6 +36,45 @@ struct ResidualTests {
         ], inputShape: [5])),
     ]
 
+    /// Test faults on tensors inside blocks break the layer that owns the tensor, not the whole block: with the
+    /// whole block wrapped, the faults in an input gradient (a flipped kernel, batch norm without its mean term) found
+    /// no convolution or batch norm to break and the check passed. The convolutions run by Winograd (16 channels),
+    /// whose input gradient multiplies by the filters transformed in the forward pass; the nested block's 1x1
+    /// convolution is two blocks deep. The failing tensors are those upstream of the broken input gradient (or the broken
+    /// tensor itself), never the broken layer's own weights or anything after it.
+    static let innerFaults: [(GradientFault, failing: String, passing: [String])] = [
+        (.flippedKernel(tensor: "3.body.3.weight"), "3.body.0.weight", ["3.body.3.weight", "3.body.4.weight", "6.weight"]),
+        (.paddingOffset(tensor: "3.body.3.weight"), "3.body.0.weight", ["3.body.3.weight", "3.body.4.weight", "6.weight"]),
+        (.batchNormWithoutMeanTerm(tensor: "3.body.1.weight"), "3.body.0.weight", ["3.body.1.weight", "3.body.3.weight"]),
+        (.scaled(tensor: "3.body.0.weight", factor: 1.5), "3.body.0.weight", ["0.weight", "3.body.3.weight"]),
+        (.missing(tensor: "3.body.5.body.0.bias"), "3.body.5.body.0.bias", ["3.body.5.body.0.weight", "0.weight"]),
+    ]
+
+    @Test(arguments: innerFaults.indices)
+    func faultsInsideABlockBreakTheLayerThatOwnsTheTensor(fault index: Int) throws {
+        let (fault, failing, passing) = Self.innerFaults[index]
+        let spec = ModelSpec(layers: [
+            Self.conv(16, 16, 3, pad: 1), .batchNorm(features: 16), .relu,
+            .residual(body: [Self.conv(16, 16, 3, pad: 1), .batchNorm(features: 16), .relu, Self.conv(16, 16, 3, pad: 1),
+                             .batchNorm(features: 16),
+                             .residual(body: [Self.conv(16, 16, 1, bias: true), .tanh])]),
+            .relu, .globalAvgPool2d, .flatten, .linear(inputs: 16, outputs: 3),
+        ], inputShape: [16, 2, 3])
+        let model = try ConvolutionTests().checkedModel(spec)
+        model.installGradientFault(fault)
+        #expect(model.gradientFault == fault)
+        var options = GradientCheckOptions()
+        options.epsilon = 1e-5
+        let report = checkGradients(model: model, count: 3, options: options)
+        let failed = Set(report.tensors.filter { $0.verdict == .fail }.map(\.name))
+        #expect(failed.contains(failing), "\(fault):\n\(report.text)")
+        for name in passing { #expect(!failed.contains(name), "\(fault): \(name)\n\(report.text)") }
+        // Removed, every layer is as built again.
+        model.installGradientFault(nil)
+        #expect(model.gradientFault == nil)
+        #expect(checkGradients(model: model, count: 3, options: options).verdict == .pass)
+    }
+
     @Test(arguments: models.indices)
     func blocksPassTheFloat64Check(model index: Int) throws {
         let (name, spec) = Self.models[index]

@@ -37,18 +37,66 @@ public enum GradientFault: Equatable, Sendable {
 }
 
 extension Model {
-    /// The test fault installed in this model; nil in real runs.
+    /// The test fault installed in this model, also inside a residual block; nil in real runs.
     public var gradientFault: GradientFault? {
-        plan.lazy.compactMap { ($0 as? FaultyLayer<T>)?.fault }.first
+        plan.lazy.compactMap { ($0 as? FaultyLayer<T>)?.fault ?? ($0 as? Residual<T>)?.innerFault }.first
     }
 
     /// Test double: makes the backward pass of the layer that owns `fault.tensor` wrong in the way `fault` says, by
-    /// putting a `FaultyLayer` around it in the plan; nil (or a tensor the model does not have) leaves every layer
-    /// as built. Replaces any fault installed before. Call it between passes, never during one.
+    /// putting a `FaultyLayer` around it in the plan, or around the layer inside a residual block that owns it
+    /// (`3.body.0.weight`: the block's first convolution, not the whole block); nil (or a tensor the model does not
+    /// have) leaves every layer as built. Replaces any fault installed before. Call it between passes, never during
+    /// one.
     public func installGradientFault(_ fault: GradientFault?) {
         for case let faulty as FaultyLayer<T> in plan { replaceLayer(at: faulty.index, with: faulty.remove()) }
+        for case let block as Residual<T> in plan { block.removeInnerFault() }
         guard let fault, let info = parameterTable.first(where: { $0.name == fault.tensor }) else { return }
-        replaceLayer(at: info.layerIndex, with: FaultyLayer(wrapping: layer(at: info.layerIndex), fault: fault, tensor: info))
+        let owner = layer(at: info.layerIndex)
+        if let block = owner as? Residual<T> {
+            let wrapped = block.wrapInnerLayer(owning: info.offset - block.parameterOffset) { layer, offset in
+                FaultyLayer(wrapping: layer, fault: fault, tensor: ParameterInfo(name: info.name, offset: offset, shape: info.shape))
+            }
+            precondition(wrapped, "no layer of block \(info.layerIndex) owns \(info.name)")
+            return
+        }
+        replaceLayer(at: info.layerIndex, with: FaultyLayer(wrapping: owner, fault: fault, tensor: info))
+    }
+}
+
+extension Residual {
+    /// Puts `wrap(layer, offset)` in place of the inner layer that owns the parameter `offset` elements past the
+    /// block's first, with `offset` from that layer's first parameter's block; a nested block passes it on to its own
+    /// inner layers. False when no inner layer owns it.
+    func wrapInnerLayer(owning offset: Int, _ wrap: (Layer<T>, Int) -> Layer<T>) -> Bool {
+        for path in [0, 1] {
+            var layers = path == 0 ? body : shortcut
+            guard let position = layers.firstIndex(where: {
+                $0.parameterCount > 0 && ($0.parameterOffset..<$0.parameterOffset + $0.parameterCount).contains(offset)
+            }) else { continue }
+            if let nested = layers[position] as? Residual<T> {
+                return nested.wrapInnerLayer(owning: offset - nested.parameterOffset, wrap)
+            }
+            layers[position] = wrap(layers[position], offset)
+            replacePath(path, with: layers)
+            return true
+        }
+        return false
+    }
+
+    /// The fault a `FaultyLayer` inside the block (or a nested one) carries.
+    var innerFault: GradientFault? {
+        (body + shortcut).lazy.compactMap { ($0 as? FaultyLayer<T>)?.fault ?? ($0 as? Residual<T>)?.innerFault }.first
+    }
+
+    /// Every inner layer as built.
+    func removeInnerFault() {
+        for path in [0, 1] {
+            let layers = (path == 0 ? body : shortcut).map { layer -> Layer<T> in
+                (layer as? Residual<T>)?.removeInnerFault()
+                return (layer as? FaultyLayer<T>)?.remove() ?? layer
+            }
+            replacePath(path, with: layers)
+        }
     }
 }
 
@@ -168,8 +216,10 @@ final class FaultyLayer<T: Scalar>: Layer<T> {
                 for q in 0..<k { w[base + p * k + q] = original[base + (k - 1 - p) * k + (k - 1 - q)] }
             }
         }
+        conv.weightsChanged()
         body()
         w.update(from: original, count: original.count)
+        conv.weightsChanged()
     }
 
     /// `.paddingOffset`: every plane of dx moved one row up and one column left, as col2im with the padding one too

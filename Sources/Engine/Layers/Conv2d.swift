@@ -124,6 +124,12 @@ final class Conv2d<T: Scalar>: Layer<T> {
     /// Whether this layer runs by Winograd's F(4x4, 3x3) (its kind's `usesWinograd`, as built).
     var runsWinograd: Bool { winograd != nil }
 
+    /// For weights changed between a forward pass and the input gradient (a test fault's flipped kernels): the
+    /// Winograd path multiplies by the filters it transformed in the forward pass, the lowered one by the weights.
+    func weightsChanged() {
+        winograd?.transformFilters(parameters!)
+    }
+
     /// Bytes of columns a layer keeps between its passes at most.
     static var keptColumnsLimit: Double { 64 * 1_048_576 }
 

@@ -240,7 +240,7 @@ final class Residual<T: Scalar>: Layer<T> {
     private let kind: ResidualKind
     /// The run-time layers of the body and of the shortcut (empty: the identity), and the first layer of each run
     /// within its path.
-    private let body: [Layer<T>], shortcut: [Layer<T>]
+    private(set) var body: [Layer<T>], shortcut: [Layer<T>]
     private let bodyStarts: [Int], shortcutStarts: [Int]
     private let arena: UnsafeMutableBufferPointer<T>
     /// The shortcut's input gradient [B, inputCount]; nil for the identity, or when the block computes no dx.
@@ -273,6 +273,12 @@ final class Residual<T: Scalar>: Layer<T> {
     }
 
     deinit { LargeBuffer.free(arena) }
+
+    /// Path `path` (0 body, 1 shortcut) as `layers`: a test fault's wrapper in place of one of its layers
+    /// (GradientFaults.swift), bound to the same buffers.
+    func replacePath(_ path: Int, with layers: [Layer<T>]) {
+        if path == 0 { body = layers } else { shortcut = layers }
+    }
 
     /// The identity of layer `position` of path `path` (0 body, 1 shortcut) in the block `block`: negative, so that
     /// no model layer has it, and a hash of the three, so that nested blocks' layers differ too.

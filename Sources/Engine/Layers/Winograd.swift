@@ -164,8 +164,7 @@ final class WinogradConvolution<T: Scalar> {
         let (cp, op) = (tiling.padded(c), tiling.padded(o))
         let (vStride, mStride) = (tiling.pointStride(channels: c, count: count), tiling.pointStride(channels: o, count: count))
         let uStride = tiling.filterPointStride(inChannels: c, outChannels: o)
-        winogradTransformFilters(weights, outChannels: o, inChannels: c, pointStride: uStride, between: between,
-                                 into: transformedFilters)
+        transformFilters(weights)
         winogradTransformInputs(x, count: count, channels: c, tiling: tiling, padded: paddedInput, positions: inputPositions,
                                 between: between, into: transformedInput.baseAddress!)
         let m = transformedOutput(scratch), v = transformedInput.baseAddress!
@@ -177,6 +176,13 @@ final class WinogradConvolution<T: Scalar> {
         winogradTransformOutputs(m, count: count, channels: o, tiling: tiling, bias: bias, padded: paddedOutput,
                                  positions: outputPositions, between: between, into: y)
         outputGradientTransformed = false
+    }
+
+    /// U from the weights [O, C, 3, 3]: every forward pass starts with it, and `backwardInput` multiplies by it.
+    func transformFilters(_ weights: UnsafePointer<T>) {
+        winogradTransformFilters(weights, outChannels: outChannels, inChannels: inChannels,
+                                 pointStride: tiling.filterPointStride(inChannels: inChannels, outChannels: outChannels),
+                                 between: between, into: transformedFilters)
     }
 
     /// The weight gradient (written with accumulate false, added to otherwise) from dy and the kept V; leaves dM in
