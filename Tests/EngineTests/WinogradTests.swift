@@ -24,6 +24,16 @@ struct WinogradTests {
             .as(Conv2dKind.self)!.usesWinograd)
     }
 
+    /// The ResNet's 32-channel layers at 14x14 and 64-channel ones at 7x7 make GEMMs of 2^20 multiply-adds (batch 64):
+    /// one thread; fashion-cnn's 32-to-64 layer at 14x14 and the ResNet's 128-channel ones, 2^21 and up: all of them.
+    @Test func smallGEMMsRunOnOneOpenBLASThread() {
+        #expect(BLASThreads.threadsFor(work: 64 * 16 * 32 * 32, threads: 2) == 1)
+        #expect(BLASThreads.threadsFor(work: 64 * 4 * 64 * 64, threads: 2) == 1)
+        #expect(BLASThreads.threadsFor(work: 64 * 16 * 32 * 64, threads: 2) == 2)
+        #expect(BLASThreads.threadsFor(work: 64 * 4 * 128 * 128, threads: 4) == 4)
+        #expect(BLASThreads.threadsFor(work: 1, threads: 1) == 1)
+    }
+
     /// Output sizes: whole tiles (8x8), the shipped ResNet's 7x7 and 14x14, one pixel (1x1), and uneven ones.
     static let shapes: [(c: Int, o: Int, h: Int, w: Int, bias: Bool)] = [
         (16, 16, 8, 8, true), (16, 20, 7, 7, false), (24, 16, 14, 14, true), (16, 17, 1, 1, true), (17, 16, 5, 9, true),

@@ -168,10 +168,12 @@ final class WinogradConvolution<T: Scalar> {
         winogradTransformInputs(x, count: count, channels: c, tiling: tiling, padded: paddedInput, positions: inputPositions,
                                 between: between, into: transformedInput.baseAddress!)
         let m = transformedOutput(scratch), v = transformedInput.baseAddress!
-        for p in 0..<Winograd.points {
-            // M[p][tiles, O] = V[p][tiles, C] U[p][O, C]^T
-            T.gemm(transposeA: false, transposeB: true, m: n, n: o, k: c, alpha: 1, a: v + p * vStride, lda: cp,
-                   b: transformedFilters + p * uStride, ldb: c, beta: 0, c: m + p * mStride, ldc: op)
+        BLASThreads.oneThreadIfSmall(work: n * c * o) {
+            for p in 0..<Winograd.points {
+                // M[p][tiles, O] = V[p][tiles, C] U[p][O, C]^T
+                T.gemm(transposeA: false, transposeB: true, m: n, n: o, k: c, alpha: 1, a: v + p * vStride, lda: cp,
+                       b: transformedFilters + p * uStride, ldb: c, beta: 0, c: m + p * mStride, ldc: op)
+            }
         }
         winogradTransformOutputs(m, count: count, channels: o, tiling: tiling, bias: bias, padded: paddedOutput,
                                  positions: outputPositions, between: between, into: y)
@@ -198,10 +200,12 @@ final class WinogradConvolution<T: Scalar> {
                                          positions: outputPositions, between: between, into: dm)
         outputGradientTransformed = true
         let v = transformedInput.baseAddress!
-        for p in 0..<Winograd.points {
-            // dU[p][O, C] = dM[p][tiles, O]^T V[p][tiles, C]
-            T.gemm(transposeA: true, transposeB: false, m: o, n: c, k: n, alpha: 1, a: dm + p * mStride, lda: op,
-                   b: v + p * vStride, ldb: cp, beta: 0, c: du + p * uStride, ldc: c)
+        BLASThreads.oneThreadIfSmall(work: n * c * o) {
+            for p in 0..<Winograd.points {
+                // dU[p][O, C] = dM[p][tiles, O]^T V[p][tiles, C]
+                T.gemm(transposeA: true, transposeB: false, m: o, n: c, k: n, alpha: 1, a: dm + p * mStride, lda: op,
+                       b: v + p * vStride, ldb: cp, beta: 0, c: du + p * uStride, ldc: c)
+            }
         }
         winogradFilterGradients(du, outChannels: o, inChannels: c, pointStride: uStride, accumulate: accumulate,
                                 between: between, into: weightGradient)
@@ -219,10 +223,12 @@ final class WinogradConvolution<T: Scalar> {
                                              positions: outputPositions, between: between, into: dm)
         }
         outputGradientTransformed = false
-        for p in 0..<Winograd.points {
-            // dV[p][tiles, C] = dM[p][tiles, O] U[p][O, C]
-            T.gemm(transposeA: false, transposeB: false, m: n, n: c, k: o, alpha: 1, a: dm + p * mStride, lda: op,
-                   b: transformedFilters + p * uStride, ldb: c, beta: 0, c: dv + p * vStride, ldc: cp)
+        BLASThreads.oneThreadIfSmall(work: n * c * o) {
+            for p in 0..<Winograd.points {
+                // dV[p][tiles, C] = dM[p][tiles, O] U[p][O, C]
+                T.gemm(transposeA: false, transposeB: false, m: n, n: c, k: o, alpha: 1, a: dm + p * mStride, lda: op,
+                       b: transformedFilters + p * uStride, ldb: c, beta: 0, c: dv + p * vStride, ldc: cp)
+            }
         }
         winogradInputGradients(dv, count: count, channels: c, tiling: tiling, padded: paddedInputGradient,
                                positions: inputPositions, between: between, into: dx)
