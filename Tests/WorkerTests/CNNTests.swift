@@ -331,7 +331,8 @@ extension ModelFileTests {
     /// A CNN's model.safetensors in real PyTorch: the README's snippet builds the nn.Sequential from the file's
     /// metadata, loads it with strict=True (batch norm's running statistics included) and counts exactly what
     /// `bpworker eval --model` counts; its logits match `bpworker predict --logits` within 1e-4. The same again for
-    /// the file without `modules`, as bpworker wrote it before recording them.
+    /// the file without `modules`, as bpworker wrote it before recording them. The NumPy reader of the same page does
+    /// the same from the file's modules alone.
     @Test func pytorchLoadsACNNStrictlyAndReproducesItsOutputs() throws {
         try pytorchReproduces(layers: "[conv 4 3 pad 1 nobias, batchnorm, relu, maxpool 2, conv 6 2 stride 1, leaky_relu 0.1, "
                                 + "avgpool 2 stride 1, flatten, linear 12, relu, batchnorm, dropout 0.2]", legacyToo: true)
@@ -372,6 +373,17 @@ extension ModelFileTests {
         var snippet = try #require(Self.snippet("torch", in: readme), "README.md has no torch snippet")
         #expect(snippet.contains("data = \"/usr/share/datasets/fashion-mnist/\""))
         snippet = snippet.replacingOccurrences(of: "data = \"/usr/share/datasets/fashion-mnist/\"", with: "data = \"./\"")
+        // NumPy alone, from the same file's modules: the same count, and logits within 1e-4.
+        let numpy = try #require(Self.snippet("numpy", in: readme), "no numpy snippet")
+            .replacingOccurrences(of: "data = \"/usr/share/datasets/fashion-mnist/\"", with: "data = \"./\"")
+        let numpyOutput = try python(numpy + """
+
+            ours = np.load("logits.npy")
+            print(f"max logit difference {float(np.abs(ours - logits).max()):.3e} of {float(np.abs(logits).max()):.3e}")
+            """, directory: directory)
+        #expect(try pythonCount(numpyOutput) == reference, "numpy: \(numpyOutput)")
+        let numpyLine = try #require(numpyOutput.split(separator: "\n").first { $0.hasPrefix("max logit difference") }, "\(numpyOutput)")
+        #expect(try #require(Double(numpyLine.split(separator: " ")[3])) <= 1e-4, "numpy: \(numpyLine)")
         // The file as written (the loader builds its `modules`), then as a file written before `modules` (the loader
         // reads its `layers`).
         for legacy in legacyToo ? [false, true] : [false] {
