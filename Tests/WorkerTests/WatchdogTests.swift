@@ -78,7 +78,9 @@ struct WatchdogTests {
         @Sendable func heartbeat(rank: Int) throws {
             let record: [String: Any] = ["rank": rank, "pid": 1, "host": "h", "step": step, "phase": "metrics allreduce",
                                          "time": Date().timeIntervalSince1970]
-            try JSONSerialization.data(withJSONObject: record).write(to: URL(fileURLWithPath: "\(run)/heartbeat/rank-\(rank).json"))
+            // Atomically, as the watchdog writes its own: read mid-write, a live rank looked as if it had none.
+            try JSONSerialization.data(withJSONObject: record).write(to: URL(fileURLWithPath: "\(run)/heartbeat/rank-\(rank).json"),
+                                                                     options: .atomic)
         }
         // Rank 1 writes its last heartbeat and freezes; rank 2 stays alive, writing one every 0.5 s.
         try heartbeat(rank: 1)
