@@ -65,8 +65,9 @@ extension Model {
 
 extension Residual {
     /// Puts `wrap(layer, offset)` in place of the inner layer that owns the parameter `offset` elements past the
-    /// block's first, with `offset` from that layer's first parameter's block; a nested block passes it on to its own
-    /// inner layers. False when no inner layer owns it.
+    /// block's first; a nested block passes the search on, with the offset from its own first parameter, so that
+    /// `wrap` gets it from the first of the block that holds the layer (as the layer's `parameterOffset` is). False
+    /// when no inner layer owns it.
     func wrapInnerLayer(owning offset: Int, _ wrap: (Layer<T>, Int) -> Layer<T>) -> Bool {
         for path in [0, 1] {
             var layers = path == 0 ? body : shortcut
