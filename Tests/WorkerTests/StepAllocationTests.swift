@@ -77,6 +77,17 @@ struct StepAllocationTests {
         #expect(count == 0, "\(count) allocations in 12 steps")
     }
 
+    /// Winograd convolutions (3x3, 16 channels and more): their transforms' runs, the tables that place a plane's
+    /// positions in the interleaved blocks, the 36 GEMMs a pass, inside a residual block and out of one.
+    @Test func winogradSteps() throws {
+        let data = try SyntheticData(samples: 128, features: 64, classes: 4, imageShape: [1, 8, 8])
+        let settings = ["model.layers=[conv 16 3 pad 1 nobias, batchnorm, relu, "
+                            + "{residual: [conv 16 3 pad 1 nobias, batchnorm, relu, conv 16 3 pad 1 nobias, batchnorm]}, relu, "
+                            + "conv 24 3 pad 1, relu, globalavgpool, flatten, linear 4]"]
+        let count = try allocations(data, settings)
+        #expect(count == 0, "\(count) allocations in 12 steps")
+    }
+
     /// Mapped `.npy` shards: gathering from the mapping and asking for the pages of a later batch (`data.prefetch`).
     @Test func mappedShardSteps() throws {
         let directory = temporaryRunDirectory()
