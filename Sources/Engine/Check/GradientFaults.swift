@@ -39,7 +39,7 @@ public enum GradientFault: Equatable, Sendable {
 extension Model {
     /// The test fault installed in this model, also inside a residual block; nil in real runs.
     public var gradientFault: GradientFault? {
-        plan.lazy.compactMap { ($0 as? FaultyLayer<T>)?.fault ?? ($0 as? Residual<T>)?.innerFault }.first
+        plan.lazy.compactMap(FaultyLayer<T>.fault(in:)).first
     }
 
     /// Test double: makes the backward pass of the layer that owns `fault.tensor` wrong in the way `fault` says, by
@@ -86,7 +86,7 @@ extension Residual {
 
     /// The fault a `FaultyLayer` inside the block (or a nested one) carries.
     var innerFault: GradientFault? {
-        (body + shortcut).lazy.compactMap { ($0 as? FaultyLayer<T>)?.fault ?? ($0 as? Residual<T>)?.innerFault }.first
+        (body + shortcut).lazy.compactMap(FaultyLayer<T>.fault(in:)).first
     }
 
     /// Every inner layer as built.
@@ -133,6 +133,11 @@ final class FaultyLayer<T: Scalar>: Layer<T> {
         (parameters, gradients, buffers) = (inner.parameters, inner.gradients, inner.buffers)
         (parameterOffset, parameterCount, runsInPlace) = (inner.parameterOffset, inner.parameterCount, inner.runsInPlace)
         (previous, next) = (inner.previous, inner.next)
+    }
+
+    /// The fault `layer` carries: its own as a `FaultyLayer`, or one inside it as a residual block.
+    static func fault(in layer: Layer<T>) -> GradientFault? {
+        (layer as? FaultyLayer<T>)?.fault ?? (layer as? Residual<T>)?.innerFault
     }
 
     /// The wrapped layer, as it was before this one was installed.

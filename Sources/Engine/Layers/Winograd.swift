@@ -438,18 +438,30 @@ private func forEachRun(count: Int, channels: Int, tiling: WinogradTiling, _ bod
     }
 }
 
-/// Tile `tile` of the batch as its sample and its index in the sample's image, after interleaving the sample's
-/// block of `source` ([B, C, H, W]) into `padded` when it is the sample's first tile.
+/// Tile `tile` of the batch as its index in its sample's image, after interleaving the sample's block of `source`
+/// ([B, C, H, W]) into `padded` when it is the sample's first tile.
 @inline(__always)
 private func interleavingAt<T: Scalar>(_ tile: Int, block: Int, channels: Int, of source: UnsafePointer<T>,
                                        tiling: WinogradTiling, positions: UnsafePointer<Int32>,
-                                       into padded: UnsafeMutablePointer<T>) -> (sample: Int, inImage: Int) {
+                                       into padded: UnsafeMutablePointer<T>) -> Int {
     let (b, inImage) = tile.quotientAndRemainder(dividingBy: tiling.tilesPerImage)
     if inImage == 0 {
         interleave(source + (b * channels + block) * tiling.height * tiling.width, planes: min(tiling.lanes, channels - block),
                    tiling: tiling, positions: positions, into: padded)
     }
-    return (b, inImage)
+    return inImage
+}
+
+/// The counterpart of `interleavingAt` once tile `tile` of the batch is in `padded`: when it was its sample's last,
+/// the sample's block goes from `padded` into `target` ([B, C, H, W]).
+@inline(__always)
+private func deinterleavingAfter<T: Scalar>(_ tile: Int, block: Int, channels: Int, from padded: UnsafePointer<T>,
+                                            tiling: WinogradTiling, positions: UnsafePointer<Int32>,
+                                            into target: UnsafeMutablePointer<T>) {
+    let (b, inImage) = tile.quotientAndRemainder(dividingBy: tiling.tilesPerImage)
+    guard inImage == tiling.tilesPerImage - 1 else { return }
+    deinterleave(padded, planes: min(tiling.lanes, channels - block), tiling: tiling, positions: positions,
+                 into: target + (b * channels + block) * tiling.height * tiling.width)
 }
 
 /// V[p, b tilesPerImage + tile, c] = (B^T d B)[p] for every 6x6 input window d of every plane of x ([B, C, H, W]).
@@ -466,7 +478,7 @@ func winogradTransformInputs<T: Scalar>(_ x: UnsafePointer<T>, count: Int, chann
         // t + 36 i lanes.
         for tile in run {
             let inImage = interleavingAt(tile, block: block, channels: channels, of: x, tiling: tiling,
-                                         positions: positions, into: padded).inImage
+                                         positions: positions, into: padded)
             let d = padded + tiling.tileOffset(inImage, width: pw), s = t + (tile - first) * 36 * lanes
             for j in 0..<6 {
                 let c = d + j * lanes
@@ -509,9 +521,8 @@ func winogradInputGradients<T: Scalar>(_ dv: UnsafePointer<T>, count: Int, chann
                                        between t: UnsafeMutablePointer<T>,
                                        into dx: UnsafeMutablePointer<T>) {
     typealias V = T.Lanes
-    let (h, w, pw, lanes) = (tiling.height, tiling.width, tiling.paddedInputWidth, tiling.lanes)
+    let (pw, lanes) = (tiling.paddedInputWidth, tiling.lanes)
     let (ld, pointStride) = (tiling.padded(channels), tiling.pointStride(channels: channels, count: count))
-    let perImage = tiling.tilesPerImage
     forEachRun(count: count, channels: channels, tiling: tiling) { block, first, run in
         // t = dV B^T, row k of dV (B applied to it) for every tile of the run before the next row: six of dV's
         // 36 matrices read at a time.
@@ -533,7 +544,7 @@ func winogradInputGradients<T: Scalar>(_ dv: UnsafePointer<T>, count: Int, chann
         // dd = B t, column j at a time, added into each tile's window: a sample's block starts at zero with its
         // first tile and goes to dx after its last.
         for tile in run {
-            let (b, inImage) = tile.quotientAndRemainder(dividingBy: perImage)
+            let inImage = tile % tiling.tilesPerImage
             if inImage == 0 { padded.update(repeating: 0, count: tiling.paddedInputCount) }
             let d = padded + tiling.tileOffset(inImage, width: pw), u = t + (tile - first) * 36 * lanes
             for j in 0..<6 {
@@ -549,10 +560,8 @@ func winogradInputGradients<T: Scalar>(_ dv: UnsafePointer<T>, count: Int, chann
                 store(load(e + 4 * pw * lanes, as: V.self) + (v0 + v1 + v2 + v3 + v4), e + 4 * pw * lanes)
                 store(load(e + 5 * pw * lanes, as: V.self) + v5, e + 5 * pw * lanes)
             }
-            if inImage == perImage - 1 {
-                deinterleave(padded, planes: min(lanes, channels - block), tiling: tiling, positions: positions,
-                             into: dx + (b * channels + block) * h * w)
-            }
+            deinterleavingAfter(tile, block: block, channels: channels, from: padded, tiling: tiling, positions: positions,
+                                into: dx)
         }
     }
 }
@@ -561,11 +570,11 @@ func winogradInputGradients<T: Scalar>(_ dv: UnsafePointer<T>, count: Int, chann
 @_specialize(where T == Float) @_specialize(where T == Double)
 func winogradTransformOutputs<T: Scalar>(_ m: UnsafePointer<T>, count: Int, channels: Int, tiling: WinogradTiling,
                                          bias: UnsafePointer<T>?, padded: UnsafeMutablePointer<T>,
-                                         positions: UnsafePointer<Int32>, between t: UnsafeMutablePointer<T>, into y: UnsafeMutablePointer<T>) {
+                                         positions: UnsafePointer<Int32>, between t: UnsafeMutablePointer<T>,
+                                         into y: UnsafeMutablePointer<T>) {
     typealias V = T.Lanes
-    let (h, w, pw, lanes) = (tiling.height, tiling.width, tiling.paddedOutputWidth, tiling.lanes)
+    let (pw, lanes) = (tiling.paddedOutputWidth, tiling.lanes)
     let (ld, pointStride) = (tiling.padded(channels), tiling.pointStride(channels: channels, count: count))
-    let perImage = tiling.tilesPerImage
     forEachRun(count: count, channels: channels, tiling: tiling) { block, first, run in
         var offset = V()
         if let bias { for lane in 0..<min(lanes, channels - block) { offset[lane] = bias[block + lane] } }
@@ -585,8 +594,7 @@ func winogradTransformOutputs<T: Scalar>(_ m: UnsafePointer<T>, count: Int, chan
         }
         // Y = t A [4, 4], row by row, into each tile's place; a sample's block goes to y after its last tile.
         for tile in run {
-            let (b, inImage) = tile.quotientAndRemainder(dividingBy: perImage)
-            let out = padded + tiling.tileOffset(inImage, width: pw), u = t + (tile - first) * 36 * lanes
+            let out = padded + tiling.tileOffset(tile % tiling.tilesPerImage, width: pw), u = t + (tile - first) * 36 * lanes
             for i in 0..<4 {
                 let r = u + 6 * i * lanes
                 let m0 = load(r, as: V.self), m1 = load(r + lanes, as: V.self), m2 = load(r + 2 * lanes, as: V.self)
@@ -598,10 +606,8 @@ func winogradTransformOutputs<T: Scalar>(_ m: UnsafePointer<T>, count: Int, chan
                 store(offset + (m1 + m2 + 4 * (m3 + m4)), o + 2 * lanes)
                 store(offset + (m1 - m2 + 8 * (m3 - m4) + m5), o + 3 * lanes)
             }
-            if inImage == perImage - 1 {
-                deinterleave(padded, planes: min(lanes, channels - block), tiling: tiling, positions: positions,
-                             into: y + (b * channels + block) * h * w)
-            }
+            deinterleavingAfter(tile, block: block, channels: channels, from: padded, tiling: tiling, positions: positions,
+                                into: y)
         }
     }
 }
@@ -621,7 +627,7 @@ func winogradTransformOutputGradients<T: Scalar>(_ dy: UnsafePointer<T>, count: 
         // t + 36 i lanes.
         for tile in run {
             let inImage = interleavingAt(tile, block: block, channels: channels, of: dy, tiling: tiling,
-                                         positions: positions, into: padded).inImage
+                                         positions: positions, into: padded)
             let e = padded + tiling.tileOffset(inImage, width: pw), u = t + (tile - first) * 36 * lanes
             for j in 0..<4 {
                 let c = e + j * lanes
