@@ -24,6 +24,39 @@ struct WinogradTests {
             .as(Conv2dKind.self)!.usesWinograd)
     }
 
+    /// Rows and columns of tiles that 4 does not fill take 3-output tiles with five of the six points: 14 = 4 + 4 +
+    /// 3 + 3 (22 points a row of tiles, not 24) and 7 = 4 + 3 (11, not 12), down to images of short tiles only. Each
+    /// point's matrix holds every tile that has the point exactly once, in rows 0 to its count: a row left out would
+    /// be a GEMM row of garbage, a row twice a tile overwritten.
+    @Test func shortTilesDropTheOverrunAndPackEachPointsMatrix() {
+        for (size, full, points) in [(28, 7, 42), (14, 2, 22), (7, 1, 11), (10, 1, 16), (13, 1, 21), (9, 0, 15),
+                                     (5, 0, 10), (1, 0, 5)] {
+            let tiling = WinogradTiling(height: size, width: size, scalarBytes: 4)
+            #expect(tiling.fullRows == full && tiling.fullColumns == full, "\(size)")
+            let perImage = (0..<Winograd.points).reduce(0) { $0 + tiling.tilesPerImage(point: $1) }
+            #expect(perImage == points * points, "\(size): \(perImage) points an image")
+        }
+        for (height, width) in [(14, 14), (7, 7), (5, 9), (10, 13), (8, 3), (1, 1)] {
+            let tiling = WinogradTiling(height: height, width: width, scalarBytes: 8), count = 3
+            var rows = [[Int]](repeating: [], count: Winograd.points)
+            for tile in 0..<count * tiling.tilesPerImage {
+                let (k4, l4, both) = tiling.pointRows(ofTile: tile)
+                for p in 0..<Winograd.points {
+                    let row = switch (p / 6 == 4, p % 6 == 4) {
+                    case (false, false): tile
+                    case (true, false): Int(k4)
+                    case (false, true): Int(l4)
+                    case (true, true): Int(both)
+                    }
+                    if row >= 0 { rows[p].append(row) }
+                }
+            }
+            for p in 0..<Winograd.points {
+                #expect(rows[p].sorted() == Array(0..<tiling.pointRows(p, count: count)), "\(height)x\(width) point \(p)")
+            }
+        }
+    }
+
     /// The ResNet's 32-channel layers at 14x14 and 64-channel ones at 7x7 make GEMMs of 2^20 multiply-adds (batch 64):
     /// one thread; fashion-cnn's 32-to-64 layer at 14x14 and the ResNet's 128-channel ones, 2^21 and up: all of them.
     @Test func smallGEMMsRunOnOneOpenBLASThread() {
@@ -34,10 +67,11 @@ struct WinogradTests {
         #expect(BLASThreads.threadsFor(work: 1, threads: 1) == 1)
     }
 
-    /// Output sizes: whole tiles (8x8), the shipped ResNet's 7x7 and 14x14, one pixel (1x1), and uneven ones.
+    /// Output sizes: whole tiles (8x8), the shipped ResNet's 7x7 and 14x14 (full and short tiles), one pixel (1x1),
+    /// and uneven ones: 5x9 of short tiles only, 10x13 with one full tile and two or three short ones.
     static let shapes: [(c: Int, o: Int, h: Int, w: Int, bias: Bool)] = [
         (16, 16, 8, 8, true), (16, 20, 7, 7, false), (24, 16, 14, 14, true), (16, 17, 1, 1, true), (17, 16, 5, 9, true),
-        (16, 16, 3, 2, false),
+        (16, 16, 3, 2, false), (16, 16, 10, 13, true),
     ]
 
     @Test(arguments: shapes.indices)

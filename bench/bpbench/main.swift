@@ -119,7 +119,7 @@ final class GEMMBench {
     /// beta 0, which costs a bias-free convolution's forward GEMM twice the time of beta 1 at K = 9: the baseline
     /// pays it as the step does. The linear layers as above.
     /// A convolution by Winograd's F(4x4, 3x3) (`Conv2dKind.usesWinograd`) makes 36 GEMMs per pass instead, one
-    /// per point of the transform, over every tile of the batch (Winograd.swift):
+    /// per point of the transform, over the batch's tiles that have the point (Winograd.swift):
     ///   forward  M[p][tiles, O] = V[p][tiles, C] U[p][O, C]^T
     ///   backward dU[p][O, C] = dM[p]^T V[p], then dV[p][tiles, C] = dM[p] U[p] (every convolution but the first)
     /// with V and U the layer's own, M (dM), dU and dV the scratch's; `lowered` replays every convolution as lowered
@@ -151,9 +151,9 @@ final class GEMMBench {
         for (l, key, layer, _, output) in multiplying {
             if let conv = layer.as(Conv2dKind.self), conv.usesWinograd && !lowered {
                 let (o, c) = (conv.outChannels, conv.inChannels)
-                let tiles = batch * ((output[1] + 3) / 4) * ((output[2] + 3) / 4)
+                let pointRows = conv.winogradPointRows(output: output, batch: batch)
                 var weightGradients: [Call] = [], inputGradients: [Call] = []
-                for p in 0..<36 {
+                for (p, tiles) in pointRows.enumerated() where tiles > 0 {
                     forward.append(Call(ta: false, tb: true, m: tiles, n: o, k: c, beta: 0, layer: l, a: "\(key) V \(p)",
                                         b: "\(key) U \(p)", c: "scratch M \(p)"))
                     weightGradients.append(Call(ta: true, tb: false, m: o, n: c, k: tiles, beta: 0, layer: l, forward: false,

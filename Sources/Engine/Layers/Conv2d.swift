@@ -65,6 +65,13 @@ public struct Conv2dKind: LayerKind {
         Winograd.applies(inChannels: inChannels, outChannels: outChannels, kernel: kernel, stride: stride, padding: padding)
     }
 
+    /// The rows of each of the 36 point GEMMs of a Winograd pass over `batch` samples of output `output` [C, H, W]:
+    /// a point's tiles, fewer where short tiles lack the point (`WinogradTiling`). For the benchmark that replays them.
+    public func winogradPointRows(output: [Int], batch: Int) -> [Int] {
+        let tiling = WinogradTiling(height: output[1], width: output[2], scalarBytes: 4)
+        return (0..<Winograd.points).map { tiling.pointRows($0, count: batch) }
+    }
+
     /// Whether a convolution keeps its batch of columns between its passes (see `Conv2d`); also for the benchmark
     /// that replays its GEMMs on the same operands.
     public func keepsColumns(outputShape: [Int], batchCapacity: Double, scalarBytes: Double) -> Bool {

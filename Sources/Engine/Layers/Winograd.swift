@@ -17,6 +17,10 @@
 /// the whole batch's tiles as one dimension: 128 channels at 7x7 and batch 64 make [256, 128] x [128, 128] products,
 /// where lowering one sample at a time made [128, 1152] x [1152, 49].
 ///
+/// Where 4 does not divide the image, the last rows or columns of tiles are 3 outputs wide and take F(3x3, 3x3)
+/// from five of the same points (see `WinogradTiling`): 14x14 and 7x7 images then multiply 16% fewer points than
+/// whole 4x4 tiles overrunning the image would.
+///
 /// Matrices (points 0, 1, -1, 2, -2 and infinity):
 ///
 ///     B^T = | 4  0 -5  0  1  0 |    G = |  1/4     0     0  |    A^T = | 1  1  1  1  1  0 |
@@ -43,7 +47,15 @@ enum Winograd {
     static let tilesPerRun = 8
 }
 
-/// How an image of `height` x `width` is cut into 4x4 output tiles, and the sizes of what the passes keep.
+/// How an image of `height` x `width` is cut into output tiles, and the sizes of what the passes keep.
+///
+/// A row of tiles is 4 outputs high, except the last few when 4 does not divide the height: those are 3 high and
+/// take F(3x3, 3x3) from five of the six points (all but -2, with the same G rows, so that U serves both), as many
+/// of them as the 4-high tiles would overrun the image by. 14 = 4 + 4 + 3 + 3 and 7 = 4 + 3, where 4-high tiles
+/// alone cover 16 and 8: the points a batch multiplies drop from 576 to 484 per 14x14 image (and from 144 to 121 per
+/// 7x7), and so do the GEMMs' multiply-adds. Columns the same. A tile's point (k, l) (k for rows, l for columns) is
+/// then in its GEMM only where both of its sizes have the point: the point matrices with k = 4 hold only the tiles
+/// of full rows, those with l = 4 only those of full columns, each packed without gaps (`WinogradTiling.pointRow`).
 ///
 /// The transformed values are channel-minor: V is [36, B tiles, C] (each point's matrix the transpose of the one
 /// above, which BLAS takes as it is), so that the transforms work on `lanes` channels at once in one vector register,
@@ -60,17 +72,41 @@ struct WinogradTiling: Sendable {
     var tileRows: Int { (height + 3) / 4 }
     var tileColumns: Int { (width + 3) / 4 }
     var tilesPerImage: Int { tileRows * tileColumns }
+    /// The rows (columns) of tiles 4 outputs high (wide): the first ones; each of the rest is 3 short of 4.
+    var fullRows: Int { tileRows - min(4 * tileRows - height, tileRows) }
+    var fullColumns: Int { tileColumns - min(4 * tileColumns - width, tileColumns) }
+    /// The tiles of a sample in point p's matrix: all but those of short rows where k = 4, or short columns where
+    /// l = 4.
+    func tilesPerImage(point p: Int) -> Int {
+        (p / 6 == 4 ? fullRows : tileRows) * (p % 6 == 4 ? fullColumns : tileColumns)
+    }
+    /// The rows of point p's matrix for `count` samples: the M of its GEMMs (the K of the weight gradient's).
+    func pointRows(_ p: Int, count: Int) -> Int { count * tilesPerImage(point: p) }
+    /// Where the batch's tile `tile` lies in the point matrices of k = 4, of l = 4 and of both (-1 where it is not
+    /// in them); every other point's matrix has it at row `tile`.
+    func pointRows(ofTile tile: Int) -> (k4: Int32, l4: Int32, both: Int32) {
+        let (b, inImage) = tile.quotientAndRemainder(dividingBy: tilesPerImage)
+        let (r, c) = inImage.quotientAndRemainder(dividingBy: tileColumns)
+        let (fullRow, fullColumn) = (r < fullRows, c < fullColumns)
+        return (fullRow ? Int32(b * fullRows * tileColumns + inImage) : -1,
+                fullColumn ? Int32(b * tileRows * fullColumns + r * fullColumns + c) : -1,
+                fullRow && fullColumn ? Int32(b * fullRows * fullColumns + r * fullColumns + c) : -1)
+    }
+    /// The first output of the `index`-th row (or column) of tiles, of `full` full ones.
+    @inline(__always) private func origin(_ index: Int, full: Int) -> Int {
+        index < full ? 4 * index : 4 * full + 3 * (index - full)
+    }
     /// The input plane with its zero border: one row and column before the image, and after it enough for the last
-    /// tile's 6x6 window; `lanes` channels interleaved.
+    /// tile's window; `lanes` channels interleaved.
     var paddedInputWidth: Int { 4 * tileColumns + 2 }
     var paddedInputCount: Int { (4 * tileRows + 2) * paddedInputWidth * lanes }
-    /// Where tile `tile`'s window starts in an interleaved block `width` wide: its 4x4 outputs in an output block,
-    /// its 6x6 inputs in an input block (whose one-value border shifts the image, not the windows).
+    /// Where tile `tile`'s window starts in an interleaved block `width` wide: its outputs in an output block, its
+    /// inputs in an input block (whose one-value border shifts the image, not the windows).
     @inline(__always) func tileOffset(_ tile: Int, width: Int) -> Int {
         let (row, column) = tile.quotientAndRemainder(dividingBy: tileColumns)
-        return (4 * row * width + 4 * column) * lanes
+        return (origin(row, full: fullRows) * width + origin(column, full: fullColumns)) * lanes
     }
-    /// The output plane rounded up to whole tiles; `lanes` channels interleaved.
+    /// The output plane rounded up to whole 4x4 tiles; `lanes` channels interleaved.
     var paddedOutputWidth: Int { 4 * tileColumns }
     var paddedOutputCount: Int { 4 * tileRows * paddedOutputWidth * lanes }
 
@@ -92,12 +128,14 @@ struct WinogradTiling: Sendable {
             + transformedFilterCount(inChannels: inChannels, outChannels: outChannels)
     }
     /// Bytes a layer allocates for itself: V (a `LargeBuffer`), U, four padded planes, the vectors between the
-    /// transforms' halves and the two tables of where a plane's positions lie in the padded planes.
+    /// transforms' halves, the two tables of where a plane's positions lie in the padded planes and the table of
+    /// each tile's rows in the point matrices.
     func ownedBytes(inChannels: Int, outChannels: Int, batch: Int, scalarBytes: Double) -> Double {
         let small = transformedFilterCount(inChannels: inChannels, outChannels: outChannels)
             + 2 * paddedInputCount + 2 * paddedOutputCount + Winograd.tilesPerRun * Winograd.points * lanes
         return LargeBuffer.allocatedBytes(Double(transformedCount(channels: inChannels, batch: batch)) * scalarBytes)
             + Double(small) * scalarBytes + Double(2 * height * width * MemoryLayout<Int32>.size)
+            + Double(batch * tilesPerImage * 4 * MemoryLayout<Int32>.size)
     }
 }
 
@@ -115,6 +153,9 @@ final class WinogradConvolution<T: Scalar> {
     private let paddedOutput: UnsafeMutablePointer<T>, paddedOutputGradient: UnsafeMutablePointer<T>
     /// Where each position of an image lies in the padded input blocks and in the output blocks.
     private let inputPositions: [Int32], outputPositions: [Int32]
+    /// For each tile of a full batch, its rows in the point matrices of k = 4, l = 4 and both
+    /// (`WinogradTiling.pointRows(ofTile:)`), and a fourth value unused: the transforms read four at a time.
+    private let tilePointRows: UnsafeMutablePointer<Int32>
     /// The vectors between a transform's two halves: 36 for each tile of a run.
     private let between: UnsafeMutablePointer<T>
     /// Whether dM in the scratch is this backward pass's (`backwardWeights` computes it for `backwardInput`).
@@ -137,6 +178,12 @@ final class WinogradConvolution<T: Scalar> {
         inputPositions = winogradBlockPositions(tiling: tiling, blockWidth: tiling.paddedInputWidth, border: 1)
         outputPositions = winogradBlockPositions(tiling: tiling, blockWidth: tiling.paddedOutputWidth, border: 0)
         between = zeroed(Winograd.tilesPerRun * Winograd.points * tiling.lanes)
+        let tiles = batchCapacity * tiling.tilesPerImage
+        tilePointRows = .allocate(capacity: 4 * tiles)
+        for tile in 0..<tiles {
+            let rows = tiling.pointRows(ofTile: tile)
+            (tilePointRows + 4 * tile).initialize(from: [rows.k4, rows.l4, rows.both, 0], count: 4)
+        }
     }
 
     deinit {
@@ -144,6 +191,7 @@ final class WinogradConvolution<T: Scalar> {
         for p in [transformedFilters, paddedInput, paddedInputGradient, paddedOutput, paddedOutputGradient, between] {
             p.deallocate()
         }
+        tilePointRows.deallocate()
     }
 
     /// The scratch's parts: M or dM [36, B tiles, O], then dV [36, B tiles, C], then dU [36, O, C]. Past O (or C)
@@ -166,17 +214,19 @@ final class WinogradConvolution<T: Scalar> {
         let uStride = tiling.filterPointStride(inChannels: c, outChannels: o)
         transformFilters(weights)
         winogradTransformInputs(x, count: count, channels: c, tiling: tiling, padded: paddedInput, positions: inputPositions,
-                                between: between, into: transformedInput.baseAddress!)
+                                tileRows: tilePointRows, between: between, into: transformedInput.baseAddress!)
         let m = transformedOutput(scratch), v = transformedInput.baseAddress!
         BLASThreads.oneThreadIfSmall(work: n * c * o) {
             for p in 0..<Winograd.points {
+                let rows = tiling.pointRows(p, count: count)
+                if rows == 0 { continue }
                 // M[p][tiles, O] = V[p][tiles, C] U[p][O, C]^T
-                T.gemm(transposeA: false, transposeB: true, m: n, n: o, k: c, alpha: 1, a: v + p * vStride, lda: cp,
+                T.gemm(transposeA: false, transposeB: true, m: rows, n: o, k: c, alpha: 1, a: v + p * vStride, lda: cp,
                        b: transformedFilters + p * uStride, ldb: c, beta: 0, c: m + p * mStride, ldc: op)
             }
         }
         winogradTransformOutputs(m, count: count, channels: o, tiling: tiling, bias: bias, padded: paddedOutput,
-                                 positions: outputPositions, between: between, into: y)
+                                 positions: outputPositions, tileRows: tilePointRows, between: between, into: y)
         outputGradientTransformed = false
     }
 
@@ -197,13 +247,16 @@ final class WinogradConvolution<T: Scalar> {
         let dm = transformedOutput(scratch), du = transformedFilterGradient(scratch, count: count)
         let uStride = tiling.filterPointStride(inChannels: c, outChannels: o)
         winogradTransformOutputGradients(dy, count: count, channels: o, tiling: tiling, padded: paddedOutputGradient,
-                                         positions: outputPositions, between: between, into: dm)
+                                         positions: outputPositions, tileRows: tilePointRows, between: between, into: dm)
         outputGradientTransformed = true
         let v = transformedInput.baseAddress!
         BLASThreads.oneThreadIfSmall(work: n * c * o) {
             for p in 0..<Winograd.points {
+                let rows = tiling.pointRows(p, count: count)
+                // No tile has the point (every row or every column of tiles short): it adds nothing.
+                if rows == 0 { (du + p * uStride).update(repeating: 0, count: o * c); continue }
                 // dU[p][O, C] = dM[p][tiles, O]^T V[p][tiles, C]
-                T.gemm(transposeA: true, transposeB: false, m: o, n: c, k: n, alpha: 1, a: dm + p * mStride, lda: op,
+                T.gemm(transposeA: true, transposeB: false, m: o, n: c, k: rows, alpha: 1, a: dm + p * mStride, lda: op,
                        b: v + p * vStride, ldb: cp, beta: 0, c: du + p * uStride, ldc: c)
             }
         }
@@ -220,18 +273,20 @@ final class WinogradConvolution<T: Scalar> {
         let uStride = tiling.filterPointStride(inChannels: c, outChannels: o)
         if !outputGradientTransformed {
             winogradTransformOutputGradients(dy, count: count, channels: o, tiling: tiling, padded: paddedOutputGradient,
-                                             positions: outputPositions, between: between, into: dm)
+                                             positions: outputPositions, tileRows: tilePointRows, between: between, into: dm)
         }
         outputGradientTransformed = false
         BLASThreads.oneThreadIfSmall(work: n * c * o) {
             for p in 0..<Winograd.points {
+                let rows = tiling.pointRows(p, count: count)
+                if rows == 0 { continue }
                 // dV[p][tiles, C] = dM[p][tiles, O] U[p][O, C]
-                T.gemm(transposeA: false, transposeB: false, m: n, n: c, k: o, alpha: 1, a: dm + p * mStride, lda: op,
+                T.gemm(transposeA: false, transposeB: false, m: rows, n: c, k: o, alpha: 1, a: dm + p * mStride, lda: op,
                        b: transformedFilters + p * uStride, ldb: c, beta: 0, c: dv + p * vStride, ldc: cp)
             }
         }
         winogradInputGradients(dv, count: count, channels: c, tiling: tiling, padded: paddedInputGradient,
-                               positions: inputPositions, between: between, into: dx)
+                               positions: inputPositions, tileRows: tilePointRows, between: between, into: dx)
     }
 }
 
@@ -464,11 +519,79 @@ private func deinterleavingAfter<T: Scalar>(_ tile: Int, block: Int, channels: I
                  into: target + (b * channels + block) * tiling.height * tiling.width)
 }
 
-/// V[p, b tilesPerImage + tile, c] = (B^T d B)[p] for every 6x6 input window d of every plane of x ([B, C, H, W]).
+// The 1-D transforms of a full (4-output) tile and of a short (3-output) one, applied to vectors; the 2-D
+// transforms apply them down the columns of a window, then along its rows. A short tile's five points go to slots
+// 0, 1, 2, 3 and 5 of six (its point -2, slot 4, unused).
+//
+//     F(3, 3):  B^T = | 4 -2 -4  2  0 |    A^T = | 1  1  1  1  0 |    G: the rows of F(4, 3)'s G for
+//                     | 0 -6 -3  3  0 |          | 0  1 -1  2  0 |    0, 1, -1, 2 and infinity
+//                     | 0  2 -3  1  0 |          | 0  1  1  4  1 |
+//                     | 0 -4  0  4  0 |
+//                     | 0  2 -1 -2  1 |
+
+/// B^T d for six inputs.
+@inline(__always) private func inputTransform<V: SIMD>(_ d0: V, _ d1: V, _ d2: V, _ d3: V, _ d4: V, _ d5: V)
+    -> (V, V, V, V, V, V) where V.Scalar: FloatingPoint {
+    (4 * d0 - 5 * d2 + d4, d3 + d4 - 4 * (d1 + d2), 4 * (d1 - d2) + d4 - d3, 2 * (d3 - d1) + d4 - d2,
+     2 * (d1 - d3) + d4 - d2, 4 * d1 - 5 * d3 + d5)
+}
+/// B^T d for a short tile's five inputs, into slots 0, 1, 2, 3 and 5.
+@inline(__always) private func shortInputTransform<V: SIMD>(_ d0: V, _ d1: V, _ d2: V, _ d3: V, _ d4: V)
+    -> (V, V, V, V, V) where V.Scalar: FloatingPoint {
+    (4 * (d0 - d2) + 2 * (d3 - d1), 3 * (d3 - d2) - 6 * d1, 2 * d1 - 3 * d2 + d3, 4 * (d3 - d1), 2 * (d1 - d3) + d4 - d2)
+}
+/// B v (the adjoint of `inputTransform`) for six points.
+@inline(__always) private func inputGradientTransform<V: SIMD>(_ v0: V, _ v1: V, _ v2: V, _ v3: V, _ v4: V, _ v5: V)
+    -> (V, V, V, V, V, V) where V.Scalar: FloatingPoint {
+    (4 * v0, 4 * (v2 - v1 + v5) + 2 * (v4 - v3), -5 * v0 - 4 * (v1 + v2) - v3 - v4, v1 - v2 + 2 * (v3 - v4) - 5 * v5,
+     v0 + v1 + v2 + v3 + v4, v5)
+}
+/// B v for a short tile's slots 0, 1, 2, 3 and 5: its five inputs.
+@inline(__always) private func shortInputGradientTransform<V: SIMD>(_ v0: V, _ v1: V, _ v2: V, _ v3: V, _ v5: V)
+    -> (V, V, V, V, V) where V.Scalar: FloatingPoint {
+    (4 * v0, 2 * (v2 + v5 - v0) - 6 * v1 - 4 * v3, -4 * v0 - 3 * (v1 + v2) - v5, 2 * (v0 - v5) + 3 * v1 + v2 + 4 * v3, v5)
+}
+/// A^T m for six points: four outputs.
+@inline(__always) private func outputTransform<V: SIMD>(_ m0: V, _ m1: V, _ m2: V, _ m3: V, _ m4: V, _ m5: V)
+    -> (V, V, V, V) where V.Scalar: FloatingPoint {
+    (m0 + m1 + m2 + m3 + m4, m1 - m2 + 2 * (m3 - m4), m1 + m2 + 4 * (m3 + m4), m1 - m2 + 8 * (m3 - m4) + m5)
+}
+/// A^T m for a short tile's slots 0, 1, 2, 3 and 5: three outputs.
+@inline(__always) private func shortOutputTransform<V: SIMD>(_ m0: V, _ m1: V, _ m2: V, _ m3: V, _ m5: V)
+    -> (V, V, V) where V.Scalar: FloatingPoint {
+    (m0 + m1 + m2 + m3, m1 - m2 + 2 * m3, m1 + m2 + 4 * m3 + m5)
+}
+/// A e (the adjoint of `outputTransform`) for four output gradients: six points.
+@inline(__always) private func outputGradientTransform<V: SIMD>(_ e0: V, _ e1: V, _ e2: V, _ e3: V)
+    -> (V, V, V, V, V, V) where V.Scalar: FloatingPoint {
+    (e0, e0 + e1 + e2 + e3, e0 - e1 + e2 - e3, e0 + 2 * e1 + 4 * e2 + 8 * e3, e0 - 2 * e1 + 4 * e2 - 8 * e3, e3)
+}
+/// A e for a short tile's three output gradients: slots 0, 1, 2, 3 and 5.
+@inline(__always) private func shortOutputGradientTransform<V: SIMD>(_ e0: V, _ e1: V, _ e2: V)
+    -> (V, V, V, V, V) where V.Scalar: FloatingPoint {
+    (e0, e0 + e1 + e2, e0 - e1 + e2, e0 + 2 * e1 + 4 * e2, e2)
+}
+
+/// Where a tile's values for the points of row k of the transform lie in the point matrices: `row` for l != 4,
+/// `rowOfL4` for l = 4 (negative when the tile's column is short, and it has no such point); `skips` when k = 4 and
+/// the tile's row is short.
+@inline(__always)
+private func pointRows(_ tile: Int, k: Int, _ table: UnsafePointer<Int32>) -> (skips: Bool, row: Int, rowOfL4: Int) {
+    let entry = table + 4 * tile
+    return k == 4 ? (entry[0] < 0, Int(entry[0]), Int(entry[2])) : (false, tile, Int(entry[1]))
+}
+/// Whether a tile's row of tiles, and its column, are full (4 outputs).
+@inline(__always)
+private func isFull(_ tile: Int, _ table: UnsafePointer<Int32>) -> (row: Bool, column: Bool) {
+    (table[4 * tile] >= 0, table[4 * tile + 1] >= 0)
+}
+
+/// V[p, row, c] = (B^T d B)[p] for every input window d of every plane of x ([B, C, H, W]): 6x6 for a full tile,
+/// 5 rows or 5 columns for short ones; a tile's row in each point's matrix from `tileRows`.
 @_specialize(where T == Float) @_specialize(where T == Double)
 func winogradTransformInputs<T: Scalar>(_ x: UnsafePointer<T>, count: Int, channels: Int, tiling: WinogradTiling,
                                         padded: UnsafeMutablePointer<T>, positions: UnsafePointer<Int32>,
-                                        between t: UnsafeMutablePointer<T>,
+                                        tileRows: UnsafePointer<Int32>, between t: UnsafeMutablePointer<T>,
                                         into v: UnsafeMutablePointer<T>) {
     typealias V = T.Lanes
     let (pw, lanes) = (tiling.paddedInputWidth, tiling.lanes)
@@ -479,35 +602,44 @@ func winogradTransformInputs<T: Scalar>(_ x: UnsafePointer<T>, count: Int, chann
         for tile in run {
             let inImage = interleavingAt(tile, block: block, channels: channels, of: x, tiling: tiling,
                                          positions: positions, into: padded)
+            let full = isFull(tile, tileRows)
             let d = padded + tiling.tileOffset(inImage, width: pw), s = t + (tile - first) * 36 * lanes
-            for j in 0..<6 {
-                let c = d + j * lanes
+            for j in 0..<(full.column ? 6 : 5) {
+                let c = d + j * lanes, o = s + j * lanes
                 let d0 = load(c, as: V.self), d1 = load(c + pw * lanes, as: V.self)
                 let d2 = load(c + 2 * pw * lanes, as: V.self), d3 = load(c + 3 * pw * lanes, as: V.self)
-                let d4 = load(c + 4 * pw * lanes, as: V.self), d5 = load(c + 5 * pw * lanes, as: V.self)
-                store(4 * d0 - 5 * d2 + d4, s + j * lanes)
-                store(d3 + d4 - 4 * (d1 + d2), s + (6 + j) * lanes)
-                store(4 * (d1 - d2) + d4 - d3, s + (12 + j) * lanes)
-                store(2 * (d3 - d1) + d4 - d2, s + (18 + j) * lanes)
-                store(2 * (d1 - d3) + d4 - d2, s + (24 + j) * lanes)
-                store(4 * d1 - 5 * d3 + d5, s + (30 + j) * lanes)
+                let d4 = load(c + 4 * pw * lanes, as: V.self)
+                if full.row {
+                    let r = inputTransform(d0, d1, d2, d3, d4, load(c + 5 * pw * lanes, as: V.self))
+                    store(r.0, o); store(r.1, o + 6 * lanes); store(r.2, o + 12 * lanes)
+                    store(r.3, o + 18 * lanes); store(r.4, o + 24 * lanes); store(r.5, o + 30 * lanes)
+                } else {
+                    let r = shortInputTransform(d0, d1, d2, d3, d4)
+                    store(r.0, o); store(r.1, o + 6 * lanes); store(r.2, o + 12 * lanes)
+                    store(r.3, o + 18 * lanes); store(r.4, o + 30 * lanes)
+                }
             }
         }
         // V = t B, row k of every tile of the run before the next row: six of V's 36 matrices written at a time,
         // each in one sequential stream.
         for k in 0..<6 {
             for tile in run {
+                let (skips, row, rowOfL4) = pointRows(tile, k: k, tileRows)
+                if skips { continue }
                 let r = t + ((tile - first) * 36 + 6 * k) * lanes
                 let d0 = load(r, as: V.self), d1 = load(r + lanes, as: V.self), d2 = load(r + 2 * lanes, as: V.self)
                 let d3 = load(r + 3 * lanes, as: V.self), d4 = load(r + 4 * lanes, as: V.self)
-                let d5 = load(r + 5 * lanes, as: V.self)
-                let o = v + tile * ld + block + 6 * k * pointStride
-                store(4 * d0 - 5 * d2 + d4, o)
-                store(d3 + d4 - 4 * (d1 + d2), o + pointStride)
-                store(4 * (d1 - d2) + d4 - d3, o + 2 * pointStride)
-                store(2 * (d3 - d1) + d4 - d2, o + 3 * pointStride)
-                store(2 * (d1 - d3) + d4 - d2, o + 4 * pointStride)
-                store(4 * d1 - 5 * d3 + d5, o + 5 * pointStride)
+                let o = v + row * ld + block + 6 * k * pointStride
+                if rowOfL4 >= 0 {
+                    let e = inputTransform(d0, d1, d2, d3, d4, load(r + 5 * lanes, as: V.self))
+                    store(e.0, o); store(e.1, o + pointStride); store(e.2, o + 2 * pointStride)
+                    store(e.3, o + 3 * pointStride); store(e.4, v + rowOfL4 * ld + block + (6 * k + 4) * pointStride)
+                    store(e.5, o + 5 * pointStride)
+                } else {
+                    let e = shortInputTransform(d0, d1, d2, d3, d4)
+                    store(e.0, o); store(e.1, o + pointStride); store(e.2, o + 2 * pointStride)
+                    store(e.3, o + 3 * pointStride); store(e.4, o + 5 * pointStride)
+                }
             }
         }
     }
@@ -518,7 +650,7 @@ func winogradTransformInputs<T: Scalar>(_ x: UnsafePointer<T>, count: Int, chann
 @_specialize(where T == Float) @_specialize(where T == Double)
 func winogradInputGradients<T: Scalar>(_ dv: UnsafePointer<T>, count: Int, channels: Int, tiling: WinogradTiling,
                                        padded: UnsafeMutablePointer<T>, positions: UnsafePointer<Int32>,
-                                       between t: UnsafeMutablePointer<T>,
+                                       tileRows: UnsafePointer<Int32>, between t: UnsafeMutablePointer<T>,
                                        into dx: UnsafeMutablePointer<T>) {
     typealias V = T.Lanes
     let (pw, lanes) = (tiling.paddedInputWidth, tiling.lanes)
@@ -528,17 +660,23 @@ func winogradInputGradients<T: Scalar>(_ dv: UnsafePointer<T>, count: Int, chann
         // 36 matrices read at a time.
         for k in 0..<6 {
             for tile in run {
-                let s = dv + tile * ld + block + 6 * k * pointStride
+                let (skips, row, rowOfL4) = pointRows(tile, k: k, tileRows)
+                if skips { continue }
+                let s = dv + row * ld + block + 6 * k * pointStride
                 let v0 = load(s, as: V.self), v1 = load(s + pointStride, as: V.self)
                 let v2 = load(s + 2 * pointStride, as: V.self), v3 = load(s + 3 * pointStride, as: V.self)
-                let v4 = load(s + 4 * pointStride, as: V.self), v5 = load(s + 5 * pointStride, as: V.self)
+                let v5 = load(s + 5 * pointStride, as: V.self)
                 let r = t + ((tile - first) * 36 + 6 * k) * lanes
-                store(4 * v0, r)
-                store(4 * (v2 - v1 + v5) + 2 * (v4 - v3), r + lanes)
-                store(-5 * v0 - 4 * (v1 + v2) - v3 - v4, r + 2 * lanes)
-                store(v1 - v2 + 2 * (v3 - v4) - 5 * v5, r + 3 * lanes)
-                store(v0 + v1 + v2 + v3 + v4, r + 4 * lanes)
-                store(v5, r + 5 * lanes)
+                if rowOfL4 >= 0 {
+                    let e = inputGradientTransform(v0, v1, v2, v3, load(dv + rowOfL4 * ld + block + (6 * k + 4) * pointStride,
+                                                                        as: V.self), v5)
+                    store(e.0, r); store(e.1, r + lanes); store(e.2, r + 2 * lanes); store(e.3, r + 3 * lanes)
+                    store(e.4, r + 4 * lanes); store(e.5, r + 5 * lanes)
+                } else {
+                    let e = shortInputGradientTransform(v0, v1, v2, v3, v5)
+                    store(e.0, r); store(e.1, r + lanes); store(e.2, r + 2 * lanes); store(e.3, r + 3 * lanes)
+                    store(e.4, r + 4 * lanes)
+                }
             }
         }
         // dd = B t, column j at a time, added into each tile's window: a sample's block starts at zero with its
@@ -546,19 +684,23 @@ func winogradInputGradients<T: Scalar>(_ dv: UnsafePointer<T>, count: Int, chann
         for tile in run {
             let inImage = tile % tiling.tilesPerImage
             if inImage == 0 { padded.update(repeating: 0, count: tiling.paddedInputCount) }
+            let full = isFull(tile, tileRows)
             let d = padded + tiling.tileOffset(inImage, width: pw), u = t + (tile - first) * 36 * lanes
-            for j in 0..<6 {
-                let c = u + j * lanes
+            @inline(__always) func add(_ value: V, _ i: Int, _ e: UnsafeMutablePointer<T>) {
+                store(load(e + i * pw * lanes, as: V.self) + value, e + i * pw * lanes)
+            }
+            for j in 0..<(full.column ? 6 : 5) {
+                let c = u + j * lanes, e = d + j * lanes
                 let v0 = load(c, as: V.self), v1 = load(c + 6 * lanes, as: V.self)
                 let v2 = load(c + 12 * lanes, as: V.self), v3 = load(c + 18 * lanes, as: V.self)
-                let v4 = load(c + 24 * lanes, as: V.self), v5 = load(c + 30 * lanes, as: V.self)
-                let e = d + j * lanes
-                store(load(e, as: V.self) + 4 * v0, e)
-                store(load(e + pw * lanes, as: V.self) + (4 * (v2 - v1 + v5) + 2 * (v4 - v3)), e + pw * lanes)
-                store(load(e + 2 * pw * lanes, as: V.self) + (-5 * v0 - 4 * (v1 + v2) - v3 - v4), e + 2 * pw * lanes)
-                store(load(e + 3 * pw * lanes, as: V.self) + (v1 - v2 + 2 * (v3 - v4) - 5 * v5), e + 3 * pw * lanes)
-                store(load(e + 4 * pw * lanes, as: V.self) + (v0 + v1 + v2 + v3 + v4), e + 4 * pw * lanes)
-                store(load(e + 5 * pw * lanes, as: V.self) + v5, e + 5 * pw * lanes)
+                let v5 = load(c + 30 * lanes, as: V.self)
+                if full.row {
+                    let r = inputGradientTransform(v0, v1, v2, v3, load(c + 24 * lanes, as: V.self), v5)
+                    add(r.0, 0, e); add(r.1, 1, e); add(r.2, 2, e); add(r.3, 3, e); add(r.4, 4, e); add(r.5, 5, e)
+                } else {
+                    let r = shortInputGradientTransform(v0, v1, v2, v3, v5)
+                    add(r.0, 0, e); add(r.1, 1, e); add(r.2, 2, e); add(r.3, 3, e); add(r.4, 4, e)
+                }
             }
             deinterleavingAfter(tile, block: block, channels: channels, from: padded, tiling: tiling, positions: positions,
                                 into: dx)
@@ -566,12 +708,13 @@ func winogradInputGradients<T: Scalar>(_ dv: UnsafePointer<T>, count: Int, chann
     }
 }
 
-/// y[b, o] = A^T M[., tile, o] A for each tile, clipped to the image, plus bias[o] when there is one.
+/// y[b, o] = A^T M[., tile, o] A for each tile (4x4 outputs from 6x6 points, 3 rows or 3 columns for short ones),
+/// clipped to the image, plus bias[o] when there is one.
 @_specialize(where T == Float) @_specialize(where T == Double)
 func winogradTransformOutputs<T: Scalar>(_ m: UnsafePointer<T>, count: Int, channels: Int, tiling: WinogradTiling,
                                          bias: UnsafePointer<T>?, padded: UnsafeMutablePointer<T>,
-                                         positions: UnsafePointer<Int32>, between t: UnsafeMutablePointer<T>,
-                                         into y: UnsafeMutablePointer<T>) {
+                                         positions: UnsafePointer<Int32>, tileRows: UnsafePointer<Int32>,
+                                         between t: UnsafeMutablePointer<T>, into y: UnsafeMutablePointer<T>) {
     typealias V = T.Lanes
     let (pw, lanes) = (tiling.paddedOutputWidth, tiling.lanes)
     let (ld, pointStride) = (tiling.padded(channels), tiling.pointStride(channels: channels, count: count))
@@ -582,29 +725,40 @@ func winogradTransformOutputs<T: Scalar>(_ m: UnsafePointer<T>, count: Int, chan
         // matrices read at a time. The run's i-th tile's 24 vectors at t + 36 i lanes.
         for l in 0..<6 {
             for tile in run {
-                let s = m + tile * ld + block + l * pointStride, r = t + ((tile - first) * 36 + l) * lanes
+                let entry = tileRows + 4 * tile
+                // The tile's rows in this column's matrices: for k != 4, and for k = 4.
+                let (row, rowOfK4) = l == 4 ? (Int(entry[1]), Int(entry[2])) : (tile, Int(entry[0]))
+                if row < 0 { continue }
+                let s = m + row * ld + block + l * pointStride, r = t + ((tile - first) * 36 + l) * lanes
                 let m0 = load(s, as: V.self), m1 = load(s + 6 * pointStride, as: V.self)
                 let m2 = load(s + 12 * pointStride, as: V.self), m3 = load(s + 18 * pointStride, as: V.self)
-                let m4 = load(s + 24 * pointStride, as: V.self), m5 = load(s + 30 * pointStride, as: V.self)
-                store(m0 + m1 + m2 + m3 + m4, r)
-                store(m1 - m2 + 2 * (m3 - m4), r + 6 * lanes)
-                store(m1 + m2 + 4 * (m3 + m4), r + 12 * lanes)
-                store(m1 - m2 + 8 * (m3 - m4) + m5, r + 18 * lanes)
+                let m5 = load(s + 30 * pointStride, as: V.self)
+                if entry[0] >= 0 {
+                    let m4 = load(m + rowOfK4 * ld + block + (24 + l) * pointStride, as: V.self)
+                    let e = outputTransform(m0, m1, m2, m3, m4, m5)
+                    store(e.0, r); store(e.1, r + 6 * lanes); store(e.2, r + 12 * lanes); store(e.3, r + 18 * lanes)
+                } else {
+                    let e = shortOutputTransform(m0, m1, m2, m3, m5)
+                    store(e.0, r); store(e.1, r + 6 * lanes); store(e.2, r + 12 * lanes)
+                }
             }
         }
-        // Y = t A [4, 4], row by row, into each tile's place; a sample's block goes to y after its last tile.
+        // Y = t A, row by row, into each tile's place; a sample's block goes to y after its last tile.
         for tile in run {
+            let full = isFull(tile, tileRows)
             let out = padded + tiling.tileOffset(tile % tiling.tilesPerImage, width: pw), u = t + (tile - first) * 36 * lanes
-            for i in 0..<4 {
-                let r = u + 6 * i * lanes
+            for i in 0..<(full.row ? 4 : 3) {
+                let r = u + 6 * i * lanes, o = out + i * pw * lanes
                 let m0 = load(r, as: V.self), m1 = load(r + lanes, as: V.self), m2 = load(r + 2 * lanes, as: V.self)
-                let m3 = load(r + 3 * lanes, as: V.self), m4 = load(r + 4 * lanes, as: V.self)
-                let m5 = load(r + 5 * lanes, as: V.self)
-                let o = out + i * pw * lanes
-                store(offset + (m0 + m1 + m2 + m3 + m4), o)
-                store(offset + (m1 - m2 + 2 * (m3 - m4)), o + lanes)
-                store(offset + (m1 + m2 + 4 * (m3 + m4)), o + 2 * lanes)
-                store(offset + (m1 - m2 + 8 * (m3 - m4) + m5), o + 3 * lanes)
+                let m3 = load(r + 3 * lanes, as: V.self), m5 = load(r + 5 * lanes, as: V.self)
+                if full.column {
+                    let e = outputTransform(m0, m1, m2, m3, load(r + 4 * lanes, as: V.self), m5)
+                    store(offset + e.0, o); store(offset + e.1, o + lanes); store(offset + e.2, o + 2 * lanes)
+                    store(offset + e.3, o + 3 * lanes)
+                } else {
+                    let e = shortOutputTransform(m0, m1, m2, m3, m5)
+                    store(offset + e.0, o); store(offset + e.1, o + lanes); store(offset + e.2, o + 2 * lanes)
+                }
             }
             deinterleavingAfter(tile, block: block, channels: channels, from: padded, tiling: tiling, positions: positions,
                                 into: y)
@@ -617,8 +771,8 @@ func winogradTransformOutputs<T: Scalar>(_ m: UnsafePointer<T>, count: Int, chan
 @_specialize(where T == Float) @_specialize(where T == Double)
 func winogradTransformOutputGradients<T: Scalar>(_ dy: UnsafePointer<T>, count: Int, channels: Int,
                                                  tiling: WinogradTiling, padded: UnsafeMutablePointer<T>,
-                                                 positions: UnsafePointer<Int32>, between t: UnsafeMutablePointer<T>,
-                                                 into dm: UnsafeMutablePointer<T>) {
+                                                 positions: UnsafePointer<Int32>, tileRows: UnsafePointer<Int32>,
+                                                 between t: UnsafeMutablePointer<T>, into dm: UnsafeMutablePointer<T>) {
     typealias V = T.Lanes
     let (pw, lanes) = (tiling.paddedOutputWidth, tiling.lanes)
     let (ld, pointStride) = (tiling.padded(channels), tiling.pointStride(channels: channels, count: count))
@@ -628,33 +782,41 @@ func winogradTransformOutputGradients<T: Scalar>(_ dy: UnsafePointer<T>, count: 
         for tile in run {
             let inImage = interleavingAt(tile, block: block, channels: channels, of: dy, tiling: tiling,
                                          positions: positions, into: padded)
+            let full = isFull(tile, tileRows)
             let e = padded + tiling.tileOffset(inImage, width: pw), u = t + (tile - first) * 36 * lanes
-            for j in 0..<4 {
-                let c = e + j * lanes
-                let e0 = load(c, as: V.self), e1 = load(c + pw * lanes, as: V.self)
-                let e2 = load(c + 2 * pw * lanes, as: V.self), e3 = load(c + 3 * pw * lanes, as: V.self)
-                store(e0, u + j * lanes)
-                store(e0 + e1 + e2 + e3, u + (4 + j) * lanes)
-                store(e0 - e1 + e2 - e3, u + (8 + j) * lanes)
-                store(e0 + 2 * e1 + 4 * e2 + 8 * e3, u + (12 + j) * lanes)
-                store(e0 - 2 * e1 + 4 * e2 - 8 * e3, u + (16 + j) * lanes)
-                store(e3, u + (20 + j) * lanes)
+            for j in 0..<(full.column ? 4 : 3) {
+                let c = e + j * lanes, o = u + j * lanes
+                let e0 = load(c, as: V.self), e1 = load(c + pw * lanes, as: V.self), e2 = load(c + 2 * pw * lanes, as: V.self)
+                if full.row {
+                    let r = outputGradientTransform(e0, e1, e2, load(c + 3 * pw * lanes, as: V.self))
+                    store(r.0, o); store(r.1, o + 4 * lanes); store(r.2, o + 8 * lanes); store(r.3, o + 12 * lanes)
+                    store(r.4, o + 16 * lanes); store(r.5, o + 20 * lanes)
+                } else {
+                    let r = shortOutputGradientTransform(e0, e1, e2)
+                    store(r.0, o); store(r.1, o + 4 * lanes); store(r.2, o + 8 * lanes); store(r.3, o + 12 * lanes)
+                    store(r.4, o + 20 * lanes)
+                }
             }
         }
         // dM = t A^T [6, 6], row k of every tile of the run before the next row: six of dM's 36 matrices written
         // at a time.
         for k in 0..<6 {
             for tile in run {
+                let (skips, row, rowOfL4) = pointRows(tile, k: k, tileRows)
+                if skips { continue }
                 let r = t + ((tile - first) * 36 + 4 * k) * lanes
-                let e0 = load(r, as: V.self), e1 = load(r + lanes, as: V.self)
-                let e2 = load(r + 2 * lanes, as: V.self), e3 = load(r + 3 * lanes, as: V.self)
-                let d = dm + tile * ld + block + 6 * k * pointStride
-                store(e0, d)
-                store(e0 + e1 + e2 + e3, d + pointStride)
-                store(e0 - e1 + e2 - e3, d + 2 * pointStride)
-                store(e0 + 2 * e1 + 4 * e2 + 8 * e3, d + 3 * pointStride)
-                store(e0 - 2 * e1 + 4 * e2 - 8 * e3, d + 4 * pointStride)
-                store(e3, d + 5 * pointStride)
+                let e0 = load(r, as: V.self), e1 = load(r + lanes, as: V.self), e2 = load(r + 2 * lanes, as: V.self)
+                let d = dm + row * ld + block + 6 * k * pointStride
+                if rowOfL4 >= 0 {
+                    let g = outputGradientTransform(e0, e1, e2, load(r + 3 * lanes, as: V.self))
+                    store(g.0, d); store(g.1, d + pointStride); store(g.2, d + 2 * pointStride)
+                    store(g.3, d + 3 * pointStride); store(g.4, dm + rowOfL4 * ld + block + (6 * k + 4) * pointStride)
+                    store(g.5, d + 5 * pointStride)
+                } else {
+                    let g = shortOutputGradientTransform(e0, e1, e2)
+                    store(g.0, d); store(g.1, d + pointStride); store(g.2, d + 2 * pointStride)
+                    store(g.3, d + 3 * pointStride); store(g.4, d + 5 * pointStride)
+                }
             }
         }
     }
