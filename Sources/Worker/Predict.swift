@@ -39,7 +39,7 @@ struct Predict: ParsableCommand {
     }
 
     func run() throws {
-        BLASThreads.set(blasThreads ?? ProcessInfo.processInfo.activeProcessorCount)
+        BLASThreads.set(blasThreads ?? AllowedCores.count())
         do {
             try predict()
         } catch {

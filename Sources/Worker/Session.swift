@@ -65,7 +65,7 @@ final class Session {
             try Configuration.load(file: options.config ?? configFile, overrides: options.overrides + extraOverrides)
         }
         let layout = agree(communicator, logger, "node layout") { try communicator.nodeLayout() }
-        let cores = ProcessInfo.processInfo.activeProcessorCount
+        let cores = AllowedCores.count()
         let threads = options.blasThreads
             ?? (config.blasThreads > 0 ? config.blasThreads : layout.localSize > 1 ? 1 : cores)
         BLASThreads.set(threads)

@@ -35,6 +35,28 @@ struct TrainingTests {
         return worst
     }
 
+    /// The default of OpenBLAS threads counts the cores the rank may run on: one under `taskset -c 0` and under
+    /// mpirun's binding of one rank to one core, where a second thread would only take turns with the first; every
+    /// core of the machine in local mode without a mask.
+    @Test func blasThreadsDefaultToTheCoresTheRankMayUse() throws {
+        let data = try SyntheticData(samples: 32)
+        defer { data.remove() }
+        /// `launcher bpworker train ...`, and the start record's blas_threads.
+        func threads(_ launcher: [String], local: Bool) throws -> Int? {
+            let run = temporaryRunDirectory(), bpworker = Harness.executable.path
+            let arguments = Array(launcher.dropFirst()) + [bpworker] + job(data, batch: 16, runDir: run) + (local ? ["--local"] : [])
+            let result = try Harness.run(launcher.first ?? bpworker, launcher.isEmpty ? Array(arguments.dropFirst()) : arguments,
+                                         environment: [:], timeout: 120)
+            #expect(result.status == 0, "\(result.output)")
+            let first = try String(contentsOfFile: run + "/metrics.jsonl", encoding: .utf8).split(separator: "\n").first ?? ""
+            let start = try JSONSerialization.jsonObject(with: Data(first.utf8)) as? [String: Any]
+            return start?["blas_threads"] as? Int
+        }
+        #expect(try threads([], local: true) == ProcessInfo.processInfo.activeProcessorCount)
+        #expect(try threads(["/usr/bin/taskset", "-c", "0"], local: true) == 1)
+        #expect(try threads([Harness.mpirunPath(), "--allow-run-as-root", "--bind-to", "core", "-n", "1"], local: false) == 1)
+    }
+
     @Test func nRanksEqualOneRankWithTheGlobalBatch() throws {
         let data = try SyntheticData(samples: 96)
         defer { data.remove() }

@@ -40,6 +40,15 @@ struct WorkerLogicTests {
         #endif
     }
 
+    /// The kernel's CPU lists, as /proc/self/status writes Cpus_allowed_list, counted; anything else is not one.
+    @Test func allowedCoresCountTheKernelsCPUList() {
+        #expect(AllowedCores.count(list: " 0") == 1)
+        #expect(AllowedCores.count(list: "0-1") == 2)
+        #expect(AllowedCores.count(list: "0,2-3,8\t") == 4)
+        for bad in ["", "a", "3-1", "1-", "0-1-2", ","] { #expect(AllowedCores.count(list: Substring(bad)) == nil, "\(bad)") }
+        #expect(AllowedCores.count() >= 1)
+    }
+
     @Test func theProgressLineIsEndedBeforeAnyOtherOutput() {
         let captured = CapturedOutput()
         let terminal = Terminal { captured.append($0, $1) }
