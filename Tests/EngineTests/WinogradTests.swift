@@ -40,7 +40,7 @@ struct WinogradTests {
             let tiling = WinogradTiling(height: height, width: width, scalarBytes: 8), count = 3
             var rows = [[Int]](repeating: [], count: Winograd.points)
             for tile in 0..<count * tiling.tilesPerImage {
-                let (k4, l4, both) = tiling.pointRows(ofTile: tile)
+                let (k4, l4, both) = tiling.rowsAtMinusTwo(ofTile: tile)
                 for p in 0..<Winograd.points {
                     let row = switch (p / 6 == 4, p % 6 == 4) {
                     case (false, false): tile
@@ -52,7 +52,7 @@ struct WinogradTests {
                 }
             }
             for p in 0..<Winograd.points {
-                #expect(rows[p].sorted() == Array(0..<tiling.pointRows(p, count: count)), "\(height)x\(width) point \(p)")
+                #expect(rows[p].sorted() == Array(0..<tiling.rowsOfPoint(p, count: count)), "\(height)x\(width) point \(p)")
             }
         }
     }

@@ -69,7 +69,7 @@ public struct Conv2dKind: LayerKind {
     /// a point's tiles, fewer where short tiles lack the point (`WinogradTiling`). For the benchmark that replays them.
     public func winogradPointRows(output: [Int], batch: Int) -> [Int] {
         let tiling = WinogradTiling(height: output[1], width: output[2], scalarBytes: 4)
-        return (0..<Winograd.points).map { tiling.pointRows($0, count: batch) }
+        return (0..<Winograd.points).map { tiling.rowsOfPoint($0, count: batch) }
     }
 
     /// Whether a convolution keeps its batch of columns between its passes (see `Conv2d`); also for the benchmark

@@ -81,10 +81,11 @@ struct WinogradTiling: Sendable {
         (p / 6 == 4 ? fullRows : tileRows) * (p % 6 == 4 ? fullColumns : tileColumns)
     }
     /// The rows of point p's matrix for `count` samples: the M of its GEMMs (the K of the weight gradient's).
-    func pointRows(_ p: Int, count: Int) -> Int { count * tilesPerImage(point: p) }
-    /// Where the batch's tile `tile` lies in the point matrices of k = 4, of l = 4 and of both (-1 where it is not
-    /// in them); every other point's matrix has it at row `tile`.
-    func pointRows(ofTile tile: Int) -> (k4: Int32, l4: Int32, both: Int32) {
+    func rowsOfPoint(_ p: Int, count: Int) -> Int { count * tilesPerImage(point: p) }
+    /// Where the batch's tile `tile` lies in the matrices of the points at -2 (k = 4, l = 4, and both), which only
+    /// full rows (columns) of tiles have: -1 where the tile has no such point. Every other point's matrix has it at
+    /// row `tile`.
+    func rowsAtMinusTwo(ofTile tile: Int) -> (k4: Int32, l4: Int32, both: Int32) {
         let (b, inImage) = tile.quotientAndRemainder(dividingBy: tilesPerImage)
         let (r, c) = inImage.quotientAndRemainder(dividingBy: tileColumns)
         let (fullRow, fullColumn) = (r < fullRows, c < fullColumns)
@@ -154,8 +155,8 @@ final class WinogradConvolution<T: Scalar> {
     /// Where each position of an image lies in the padded input blocks and in the output blocks.
     private let inputPositions: [Int32], outputPositions: [Int32]
     /// For each tile of a full batch, its rows in the point matrices of k = 4, l = 4 and both
-    /// (`WinogradTiling.pointRows(ofTile:)`), and a fourth value unused: the transforms read four at a time.
-    private let tilePointRows: UnsafeMutablePointer<Int32>
+    /// (`WinogradTiling.rowsAtMinusTwo(ofTile:)`), and a fourth value unused: the transforms read four at a time.
+    private let pointRowTable: UnsafeMutablePointer<Int32>
     /// The vectors between a transform's two halves: 36 for each tile of a run.
     private let between: UnsafeMutablePointer<T>
     /// Whether dM in the scratch is this backward pass's (`backwardWeights` computes it for `backwardInput`).
@@ -179,10 +180,10 @@ final class WinogradConvolution<T: Scalar> {
         outputPositions = winogradBlockPositions(tiling: tiling, blockWidth: tiling.paddedOutputWidth, border: 0)
         between = zeroed(Winograd.tilesPerRun * Winograd.points * tiling.lanes)
         let tiles = batchCapacity * tiling.tilesPerImage
-        tilePointRows = .allocate(capacity: 4 * tiles)
+        pointRowTable = .allocate(capacity: 4 * tiles)
         for tile in 0..<tiles {
-            let rows = tiling.pointRows(ofTile: tile)
-            (tilePointRows + 4 * tile).initialize(from: [rows.k4, rows.l4, rows.both, 0], count: 4)
+            let rows = tiling.rowsAtMinusTwo(ofTile: tile)
+            (pointRowTable + 4 * tile).initialize(from: [rows.k4, rows.l4, rows.both, 0], count: 4)
         }
     }
 
@@ -191,7 +192,7 @@ final class WinogradConvolution<T: Scalar> {
         for p in [transformedFilters, paddedInput, paddedInputGradient, paddedOutput, paddedOutputGradient, between] {
             p.deallocate()
         }
-        tilePointRows.deallocate()
+        pointRowTable.deallocate()
     }
 
     /// The scratch's parts: M or dM [36, B tiles, O], then dV [36, B tiles, C], then dU [36, O, C]. Past O (or C)
@@ -214,11 +215,11 @@ final class WinogradConvolution<T: Scalar> {
         let uStride = tiling.filterPointStride(inChannels: c, outChannels: o)
         transformFilters(weights)
         winogradTransformInputs(x, count: count, channels: c, tiling: tiling, padded: paddedInput, positions: inputPositions,
-                                tileRows: tilePointRows, between: between, into: transformedInput.baseAddress!)
+                                pointRowTable: pointRowTable, between: between, into: transformedInput.baseAddress!)
         let m = transformedOutput(scratch), v = transformedInput.baseAddress!
         BLASThreads.oneThreadIfSmall(work: n * c * o) {
             for p in 0..<Winograd.points {
-                let rows = tiling.pointRows(p, count: count)
+                let rows = tiling.rowsOfPoint(p, count: count)
                 if rows == 0 { continue }
                 // M[p][tiles, O] = V[p][tiles, C] U[p][O, C]^T
                 T.gemm(transposeA: false, transposeB: true, m: rows, n: o, k: c, alpha: 1, a: v + p * vStride, lda: cp,
@@ -226,7 +227,7 @@ final class WinogradConvolution<T: Scalar> {
             }
         }
         winogradTransformOutputs(m, count: count, channels: o, tiling: tiling, bias: bias, padded: paddedOutput,
-                                 positions: outputPositions, tileRows: tilePointRows, between: between, into: y)
+                                 positions: outputPositions, pointRowTable: pointRowTable, between: between, into: y)
         outputGradientTransformed = false
     }
 
@@ -247,12 +248,12 @@ final class WinogradConvolution<T: Scalar> {
         let dm = transformedOutput(scratch), du = transformedFilterGradient(scratch, count: count)
         let uStride = tiling.filterPointStride(inChannels: c, outChannels: o)
         winogradTransformOutputGradients(dy, count: count, channels: o, tiling: tiling, padded: paddedOutputGradient,
-                                         positions: outputPositions, tileRows: tilePointRows, between: between, into: dm)
+                                         positions: outputPositions, pointRowTable: pointRowTable, between: between, into: dm)
         outputGradientTransformed = true
         let v = transformedInput.baseAddress!
         BLASThreads.oneThreadIfSmall(work: n * c * o) {
             for p in 0..<Winograd.points {
-                let rows = tiling.pointRows(p, count: count)
+                let rows = tiling.rowsOfPoint(p, count: count)
                 // No tile has the point (every row or every column of tiles short): it adds nothing.
                 if rows == 0 { (du + p * uStride).update(repeating: 0, count: o * c); continue }
                 // dU[p][O, C] = dM[p][tiles, O]^T V[p][tiles, C]
@@ -273,12 +274,12 @@ final class WinogradConvolution<T: Scalar> {
         let uStride = tiling.filterPointStride(inChannels: c, outChannels: o)
         if !outputGradientTransformed {
             winogradTransformOutputGradients(dy, count: count, channels: o, tiling: tiling, padded: paddedOutputGradient,
-                                             positions: outputPositions, tileRows: tilePointRows, between: between, into: dm)
+                                             positions: outputPositions, pointRowTable: pointRowTable, between: between, into: dm)
         }
         outputGradientTransformed = false
         BLASThreads.oneThreadIfSmall(work: n * c * o) {
             for p in 0..<Winograd.points {
-                let rows = tiling.pointRows(p, count: count)
+                let rows = tiling.rowsOfPoint(p, count: count)
                 if rows == 0 { continue }
                 // dV[p][tiles, C] = dM[p][tiles, O] U[p][O, C]
                 T.gemm(transposeA: false, transposeB: false, m: rows, n: c, k: o, alpha: 1, a: dm + p * mStride, lda: op,
@@ -286,7 +287,7 @@ final class WinogradConvolution<T: Scalar> {
             }
         }
         winogradInputGradients(dv, count: count, channels: c, tiling: tiling, padded: paddedInputGradient,
-                               positions: inputPositions, tileRows: tilePointRows, between: between, into: dx)
+                               positions: inputPositions, pointRowTable: pointRowTable, between: between, into: dx)
     }
 }
 
@@ -576,7 +577,7 @@ private func deinterleavingAfter<T: Scalar>(_ tile: Int, block: Int, channels: I
 /// `rowOfL4` for l = 4 (negative when the tile's column is short, and it has no such point); `skips` when k = 4 and
 /// the tile's row is short.
 @inline(__always)
-private func pointRows(_ tile: Int, k: Int, _ table: UnsafePointer<Int32>) -> (skips: Bool, row: Int, rowOfL4: Int) {
+private func rowsOfTile(_ tile: Int, inPointRow k: Int, _ table: UnsafePointer<Int32>) -> (skips: Bool, row: Int, rowOfL4: Int) {
     let entry = table + 4 * tile
     return k == 4 ? (entry[0] < 0, Int(entry[0]), Int(entry[2])) : (false, tile, Int(entry[1]))
 }
@@ -587,11 +588,11 @@ private func isFull(_ tile: Int, _ table: UnsafePointer<Int32>) -> (row: Bool, c
 }
 
 /// V[p, row, c] = (B^T d B)[p] for every input window d of every plane of x ([B, C, H, W]): 6x6 for a full tile,
-/// 5 rows or 5 columns for short ones; a tile's row in each point's matrix from `tileRows`.
+/// 5 rows or 5 columns for short ones; a tile's row in each point's matrix from `pointRowTable`.
 @_specialize(where T == Float) @_specialize(where T == Double)
 func winogradTransformInputs<T: Scalar>(_ x: UnsafePointer<T>, count: Int, channels: Int, tiling: WinogradTiling,
                                         padded: UnsafeMutablePointer<T>, positions: UnsafePointer<Int32>,
-                                        tileRows: UnsafePointer<Int32>, between t: UnsafeMutablePointer<T>,
+                                        pointRowTable: UnsafePointer<Int32>, between t: UnsafeMutablePointer<T>,
                                         into v: UnsafeMutablePointer<T>) {
     typealias V = T.Lanes
     let (pw, lanes) = (tiling.paddedInputWidth, tiling.lanes)
@@ -602,7 +603,7 @@ func winogradTransformInputs<T: Scalar>(_ x: UnsafePointer<T>, count: Int, chann
         for tile in run {
             let inImage = interleavingAt(tile, block: block, channels: channels, of: x, tiling: tiling,
                                          positions: positions, into: padded)
-            let full = isFull(tile, tileRows)
+            let full = isFull(tile, pointRowTable)
             let d = padded + tiling.tileOffset(inImage, width: pw), s = t + (tile - first) * 36 * lanes
             for j in 0..<(full.column ? 6 : 5) {
                 let c = d + j * lanes, o = s + j * lanes
@@ -624,7 +625,7 @@ func winogradTransformInputs<T: Scalar>(_ x: UnsafePointer<T>, count: Int, chann
         // each in one sequential stream.
         for k in 0..<6 {
             for tile in run {
-                let (skips, row, rowOfL4) = pointRows(tile, k: k, tileRows)
+                let (skips, row, rowOfL4) = rowsOfTile(tile, inPointRow: k, pointRowTable)
                 if skips { continue }
                 let r = t + ((tile - first) * 36 + 6 * k) * lanes
                 let d0 = load(r, as: V.self), d1 = load(r + lanes, as: V.self), d2 = load(r + 2 * lanes, as: V.self)
@@ -650,7 +651,7 @@ func winogradTransformInputs<T: Scalar>(_ x: UnsafePointer<T>, count: Int, chann
 @_specialize(where T == Float) @_specialize(where T == Double)
 func winogradInputGradients<T: Scalar>(_ dv: UnsafePointer<T>, count: Int, channels: Int, tiling: WinogradTiling,
                                        padded: UnsafeMutablePointer<T>, positions: UnsafePointer<Int32>,
-                                       tileRows: UnsafePointer<Int32>, between t: UnsafeMutablePointer<T>,
+                                       pointRowTable: UnsafePointer<Int32>, between t: UnsafeMutablePointer<T>,
                                        into dx: UnsafeMutablePointer<T>) {
     typealias V = T.Lanes
     let (pw, lanes) = (tiling.paddedInputWidth, tiling.lanes)
@@ -660,7 +661,7 @@ func winogradInputGradients<T: Scalar>(_ dv: UnsafePointer<T>, count: Int, chann
         // 36 matrices read at a time.
         for k in 0..<6 {
             for tile in run {
-                let (skips, row, rowOfL4) = pointRows(tile, k: k, tileRows)
+                let (skips, row, rowOfL4) = rowsOfTile(tile, inPointRow: k, pointRowTable)
                 if skips { continue }
                 let s = dv + row * ld + block + 6 * k * pointStride
                 let v0 = load(s, as: V.self), v1 = load(s + pointStride, as: V.self)
@@ -684,7 +685,7 @@ func winogradInputGradients<T: Scalar>(_ dv: UnsafePointer<T>, count: Int, chann
         for tile in run {
             let inImage = tile % tiling.tilesPerImage
             if inImage == 0 { padded.update(repeating: 0, count: tiling.paddedInputCount) }
-            let full = isFull(tile, tileRows)
+            let full = isFull(tile, pointRowTable)
             let d = padded + tiling.tileOffset(inImage, width: pw), u = t + (tile - first) * 36 * lanes
             @inline(__always) func add(_ value: V, _ i: Int, _ e: UnsafeMutablePointer<T>) {
                 store(load(e + i * pw * lanes, as: V.self) + value, e + i * pw * lanes)
@@ -713,7 +714,7 @@ func winogradInputGradients<T: Scalar>(_ dv: UnsafePointer<T>, count: Int, chann
 @_specialize(where T == Float) @_specialize(where T == Double)
 func winogradTransformOutputs<T: Scalar>(_ m: UnsafePointer<T>, count: Int, channels: Int, tiling: WinogradTiling,
                                          bias: UnsafePointer<T>?, padded: UnsafeMutablePointer<T>,
-                                         positions: UnsafePointer<Int32>, tileRows: UnsafePointer<Int32>,
+                                         positions: UnsafePointer<Int32>, pointRowTable: UnsafePointer<Int32>,
                                          between t: UnsafeMutablePointer<T>, into y: UnsafeMutablePointer<T>) {
     typealias V = T.Lanes
     let (pw, lanes) = (tiling.paddedOutputWidth, tiling.lanes)
@@ -725,7 +726,7 @@ func winogradTransformOutputs<T: Scalar>(_ m: UnsafePointer<T>, count: Int, chan
         // matrices read at a time. The run's i-th tile's 24 vectors at t + 36 i lanes.
         for l in 0..<6 {
             for tile in run {
-                let entry = tileRows + 4 * tile
+                let entry = pointRowTable + 4 * tile
                 // The tile's rows in this column's matrices: for k != 4, and for k = 4.
                 let (row, rowOfK4) = l == 4 ? (Int(entry[1]), Int(entry[2])) : (tile, Int(entry[0]))
                 if row < 0 { continue }
@@ -745,7 +746,7 @@ func winogradTransformOutputs<T: Scalar>(_ m: UnsafePointer<T>, count: Int, chan
         }
         // Y = t A, row by row, into each tile's place; a sample's block goes to y after its last tile.
         for tile in run {
-            let full = isFull(tile, tileRows)
+            let full = isFull(tile, pointRowTable)
             let out = padded + tiling.tileOffset(tile % tiling.tilesPerImage, width: pw), u = t + (tile - first) * 36 * lanes
             for i in 0..<(full.row ? 4 : 3) {
                 let r = u + 6 * i * lanes, o = out + i * pw * lanes
@@ -771,7 +772,7 @@ func winogradTransformOutputs<T: Scalar>(_ m: UnsafePointer<T>, count: Int, chan
 @_specialize(where T == Float) @_specialize(where T == Double)
 func winogradTransformOutputGradients<T: Scalar>(_ dy: UnsafePointer<T>, count: Int, channels: Int,
                                                  tiling: WinogradTiling, padded: UnsafeMutablePointer<T>,
-                                                 positions: UnsafePointer<Int32>, tileRows: UnsafePointer<Int32>,
+                                                 positions: UnsafePointer<Int32>, pointRowTable: UnsafePointer<Int32>,
                                                  between t: UnsafeMutablePointer<T>, into dm: UnsafeMutablePointer<T>) {
     typealias V = T.Lanes
     let (pw, lanes) = (tiling.paddedOutputWidth, tiling.lanes)
@@ -782,7 +783,7 @@ func winogradTransformOutputGradients<T: Scalar>(_ dy: UnsafePointer<T>, count: 
         for tile in run {
             let inImage = interleavingAt(tile, block: block, channels: channels, of: dy, tiling: tiling,
                                          positions: positions, into: padded)
-            let full = isFull(tile, tileRows)
+            let full = isFull(tile, pointRowTable)
             let e = padded + tiling.tileOffset(inImage, width: pw), u = t + (tile - first) * 36 * lanes
             for j in 0..<(full.column ? 4 : 3) {
                 let c = e + j * lanes, o = u + j * lanes
@@ -802,7 +803,7 @@ func winogradTransformOutputGradients<T: Scalar>(_ dy: UnsafePointer<T>, count: 
         // at a time.
         for k in 0..<6 {
             for tile in run {
-                let (skips, row, rowOfL4) = pointRows(tile, k: k, tileRows)
+                let (skips, row, rowOfL4) = rowsOfTile(tile, inPointRow: k, pointRowTable)
                 if skips { continue }
                 let r = t + ((tile - first) * 36 + 4 * k) * lanes
                 let e0 = load(r, as: V.self), e1 = load(r + lanes, as: V.self), e2 = load(r + 2 * lanes, as: V.self)
