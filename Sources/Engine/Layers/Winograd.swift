@@ -605,17 +605,23 @@ func winogradTransformInputs<T: Scalar>(_ x: UnsafePointer<T>, count: Int, chann
                                          positions: positions, into: padded)
             let full = isFull(tile, pointRowTable)
             let d = padded + tiling.tileOffset(inImage, width: pw), s = t + (tile - first) * 36 * lanes
-            for j in 0..<(full.column ? 6 : 5) {
-                let c = d + j * lanes, o = s + j * lanes
-                let d0 = load(c, as: V.self), d1 = load(c + pw * lanes, as: V.self)
-                let d2 = load(c + 2 * pw * lanes, as: V.self), d3 = load(c + 3 * pw * lanes, as: V.self)
-                let d4 = load(c + 4 * pw * lanes, as: V.self)
-                if full.row {
-                    let r = inputTransform(d0, d1, d2, d3, d4, load(c + 5 * pw * lanes, as: V.self))
+            // One loop for each height of tile, so that no column tests it.
+            let columns = full.column ? 6 : 5
+            if full.row {
+                for j in 0..<columns {
+                    let c = d + j * lanes, o = s + j * lanes
+                    let r = inputTransform(load(c, as: V.self), load(c + pw * lanes, as: V.self),
+                                           load(c + 2 * pw * lanes, as: V.self), load(c + 3 * pw * lanes, as: V.self),
+                                           load(c + 4 * pw * lanes, as: V.self), load(c + 5 * pw * lanes, as: V.self))
                     store(r.0, o); store(r.1, o + 6 * lanes); store(r.2, o + 12 * lanes)
                     store(r.3, o + 18 * lanes); store(r.4, o + 24 * lanes); store(r.5, o + 30 * lanes)
-                } else {
-                    let r = shortInputTransform(d0, d1, d2, d3, d4)
+                }
+            } else {
+                for j in 0..<columns {
+                    let c = d + j * lanes, o = s + j * lanes
+                    let r = shortInputTransform(load(c, as: V.self), load(c + pw * lanes, as: V.self),
+                                                load(c + 2 * pw * lanes, as: V.self), load(c + 3 * pw * lanes, as: V.self),
+                                                load(c + 4 * pw * lanes, as: V.self))
                     store(r.0, o); store(r.1, o + 6 * lanes); store(r.2, o + 12 * lanes)
                     store(r.3, o + 18 * lanes); store(r.4, o + 30 * lanes)
                 }
@@ -690,16 +696,21 @@ func winogradInputGradients<T: Scalar>(_ dv: UnsafePointer<T>, count: Int, chann
             @inline(__always) func add(_ value: V, _ i: Int, _ e: UnsafeMutablePointer<T>) {
                 store(load(e + i * pw * lanes, as: V.self) + value, e + i * pw * lanes)
             }
-            for j in 0..<(full.column ? 6 : 5) {
-                let c = u + j * lanes, e = d + j * lanes
-                let v0 = load(c, as: V.self), v1 = load(c + 6 * lanes, as: V.self)
-                let v2 = load(c + 12 * lanes, as: V.self), v3 = load(c + 18 * lanes, as: V.self)
-                let v5 = load(c + 30 * lanes, as: V.self)
-                if full.row {
-                    let r = inputGradientTransform(v0, v1, v2, v3, load(c + 24 * lanes, as: V.self), v5)
+            let columns = full.column ? 6 : 5
+            if full.row {
+                for j in 0..<columns {
+                    let c = u + j * lanes, e = d + j * lanes
+                    let r = inputGradientTransform(load(c, as: V.self), load(c + 6 * lanes, as: V.self),
+                                                   load(c + 12 * lanes, as: V.self), load(c + 18 * lanes, as: V.self),
+                                                   load(c + 24 * lanes, as: V.self), load(c + 30 * lanes, as: V.self))
                     add(r.0, 0, e); add(r.1, 1, e); add(r.2, 2, e); add(r.3, 3, e); add(r.4, 4, e); add(r.5, 5, e)
-                } else {
-                    let r = shortInputGradientTransform(v0, v1, v2, v3, v5)
+                }
+            } else {
+                for j in 0..<columns {
+                    let c = u + j * lanes, e = d + j * lanes
+                    let r = shortInputGradientTransform(load(c, as: V.self), load(c + 6 * lanes, as: V.self),
+                                                        load(c + 12 * lanes, as: V.self), load(c + 18 * lanes, as: V.self),
+                                                        load(c + 30 * lanes, as: V.self))
                     add(r.0, 0, e); add(r.1, 1, e); add(r.2, 2, e); add(r.3, 3, e); add(r.4, 4, e)
                 }
             }
@@ -748,16 +759,21 @@ func winogradTransformOutputs<T: Scalar>(_ m: UnsafePointer<T>, count: Int, chan
         for tile in run {
             let full = isFull(tile, pointRowTable)
             let out = padded + tiling.tileOffset(tile % tiling.tilesPerImage, width: pw), u = t + (tile - first) * 36 * lanes
-            for i in 0..<(full.row ? 4 : 3) {
-                let r = u + 6 * i * lanes, o = out + i * pw * lanes
-                let m0 = load(r, as: V.self), m1 = load(r + lanes, as: V.self), m2 = load(r + 2 * lanes, as: V.self)
-                let m3 = load(r + 3 * lanes, as: V.self), m5 = load(r + 5 * lanes, as: V.self)
-                if full.column {
-                    let e = outputTransform(m0, m1, m2, m3, load(r + 4 * lanes, as: V.self), m5)
+            let rows = full.row ? 4 : 3
+            if full.column {
+                for i in 0..<rows {
+                    let r = u + 6 * i * lanes, o = out + i * pw * lanes
+                    let e = outputTransform(load(r, as: V.self), load(r + lanes, as: V.self), load(r + 2 * lanes, as: V.self),
+                                            load(r + 3 * lanes, as: V.self), load(r + 4 * lanes, as: V.self),
+                                            load(r + 5 * lanes, as: V.self))
                     store(offset + e.0, o); store(offset + e.1, o + lanes); store(offset + e.2, o + 2 * lanes)
                     store(offset + e.3, o + 3 * lanes)
-                } else {
-                    let e = shortOutputTransform(m0, m1, m2, m3, m5)
+                }
+            } else {
+                for i in 0..<rows {
+                    let r = u + 6 * i * lanes, o = out + i * pw * lanes
+                    let e = shortOutputTransform(load(r, as: V.self), load(r + lanes, as: V.self), load(r + 2 * lanes, as: V.self),
+                                                 load(r + 3 * lanes, as: V.self), load(r + 5 * lanes, as: V.self))
                     store(offset + e.0, o); store(offset + e.1, o + lanes); store(offset + e.2, o + 2 * lanes)
                 }
             }
@@ -785,15 +801,20 @@ func winogradTransformOutputGradients<T: Scalar>(_ dy: UnsafePointer<T>, count: 
                                          positions: positions, into: padded)
             let full = isFull(tile, pointRowTable)
             let e = padded + tiling.tileOffset(inImage, width: pw), u = t + (tile - first) * 36 * lanes
-            for j in 0..<(full.column ? 4 : 3) {
-                let c = e + j * lanes, o = u + j * lanes
-                let e0 = load(c, as: V.self), e1 = load(c + pw * lanes, as: V.self), e2 = load(c + 2 * pw * lanes, as: V.self)
-                if full.row {
-                    let r = outputGradientTransform(e0, e1, e2, load(c + 3 * pw * lanes, as: V.self))
+            let columns = full.column ? 4 : 3
+            if full.row {
+                for j in 0..<columns {
+                    let c = e + j * lanes, o = u + j * lanes
+                    let r = outputGradientTransform(load(c, as: V.self), load(c + pw * lanes, as: V.self),
+                                                    load(c + 2 * pw * lanes, as: V.self), load(c + 3 * pw * lanes, as: V.self))
                     store(r.0, o); store(r.1, o + 4 * lanes); store(r.2, o + 8 * lanes); store(r.3, o + 12 * lanes)
                     store(r.4, o + 16 * lanes); store(r.5, o + 20 * lanes)
-                } else {
-                    let r = shortOutputGradientTransform(e0, e1, e2)
+                }
+            } else {
+                for j in 0..<columns {
+                    let c = e + j * lanes, o = u + j * lanes
+                    let r = shortOutputGradientTransform(load(c, as: V.self), load(c + pw * lanes, as: V.self),
+                                                         load(c + 2 * pw * lanes, as: V.self))
                     store(r.0, o); store(r.1, o + 4 * lanes); store(r.2, o + 8 * lanes); store(r.3, o + 12 * lanes)
                     store(r.4, o + 20 * lanes)
                 }
