@@ -178,14 +178,30 @@ struct WinogradTests {
         #expect(report.direction.relativeError <= 1e-6, "\(name):\n\(report.text)")
     }
 
+    /// On one thread the backward GEMMs go in pieces of at most 10^6 multiply-adds: 64 channels at 7x7 and batch 64
+    /// make 256 tiles, two pieces of 128 (the points at -2 have 128 tiles, one piece); with more threads, one.
+    @Test func backwardGEMMsGoInUnpackedPieces() throws {
+        #expect(Winograd.unpackedPieceRows(rows: 256, multiplyAddsPerRow: 64 * 64, threads: 1) == 128)
+        #expect(Winograd.unpackedPieceRows(rows: 128, multiplyAddsPerRow: 64 * 64, threads: 1) == 128)
+        #expect(Winograd.unpackedPieceRows(rows: 256, multiplyAddsPerRow: 128 * 128, threads: 1) == 52)
+        #expect(Winograd.unpackedPieceRows(rows: 1024, multiplyAddsPerRow: 32 * 32, threads: 1) == 512)
+        #expect(Winograd.unpackedPieceRows(rows: 256, multiplyAddsPerRow: 64 * 64, threads: 2) == 256)
+        // The pieces added up (the weight gradient) and placed side by side (the input gradient) against the
+        // definition, at that size.
+        try gradientsMatchTheirDefinitions(c: 64, o: 64, h: 7, w: 7, bias: false, rows: 64)
+    }
+
     /// The gradients as their definitions, in Double: dW[o, c, p, q] = the sum over samples and positions of
     /// dy[o, i, j] x[c, i + p - 1, j + q - 1], and dx[c, r, s] = the sum of W[o, c, p, q] dy[o, r - p + 1, s - q + 1].
     @Test(arguments: shapes.indices)
     func gradientsMatchTheirDefinitionsInDouble(shape index: Int) throws {
         let (c, o, h, w, bias) = Self.shapes[index]
+        try gradientsMatchTheirDefinitions(c: c, o: o, h: h, w: w, bias: bias, rows: 3)
+    }
+
+    func gradientsMatchTheirDefinitions(c: Int, o: Int, h: Int, w: Int, bias: Bool, rows: Int) throws {
         let spec = ModelSpec(layers: [Self.conv(c, c), .tanh, Self.conv(c, o, bias: bias), .flatten,
                                       .linear(inputs: o * h * w, outputs: 3)], inputShape: [c, h, w])
-        let rows = 3
         let model = try Model<Double>(spec: spec, batchCapacity: rows, seed: 10)
         fillRandomBatch(model, rows: rows, seed: 11)
         _ = model.forward(count: rows, mode: .train)

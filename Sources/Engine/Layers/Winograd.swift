@@ -54,6 +54,14 @@ enum Winograd {
     /// with OpenBLAS's Haswell kernels on the same machine, within the noise. The forward GEMM (column-major TN) is
     /// not one OpenBLAS takes unpacked at these sizes.
     static let unpackedLimit = 1_000_000
+
+    /// The tiles in each piece of a backward GEMM over `rows` tiles (the last piece may have fewer): as few equal
+    /// pieces as keep each within `unpackedLimit` on one thread, all of them in one with more threads.
+    static func unpackedPieceRows(rows: Int, multiplyAddsPerRow: Int, threads: Int) -> Int {
+        guard threads == 1 else { return max(1, rows) }
+        let pieces = max(1, (rows * multiplyAddsPerRow + unpackedLimit - 1) / unpackedLimit)
+        return max(1, (rows + pieces - 1) / pieces)
+    }
 }
 
 /// How an image of `height` x `width` is cut into output tiles, and the sizes of what the passes keep.
@@ -282,9 +290,7 @@ final class WinogradConvolution<T: Scalar> {
     /// once for all of them, so that OpenBLAS's threads share the whole product.
     @inline(__always)
     private func inUnpackedPieces(rows: Int, multiplyAddsPerRow: Int, _ body: (_ first: Int, _ count: Int) -> Void) {
-        let pieces = BLASThreads.current > 1 ? 1
-            : max(1, (rows * multiplyAddsPerRow + Winograd.unpackedLimit - 1) / Winograd.unpackedLimit)
-        let piece = (rows + pieces - 1) / pieces
+        let piece = Winograd.unpackedPieceRows(rows: rows, multiplyAddsPerRow: multiplyAddsPerRow, threads: BLASThreads.current)
         for first in stride(from: 0, to: rows, by: piece) { body(first, min(piece, rows - first)) }
     }
 
