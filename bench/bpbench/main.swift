@@ -156,11 +156,17 @@ final class GEMMBench {
                 for (p, tiles) in pointRows.enumerated() where tiles > 0 {
                     forward.append(Call(ta: false, tb: true, m: tiles, n: o, k: c, beta: 0, layer: l, a: "\(key) V \(p)",
                                         b: "\(key) U \(p)", c: "scratch M \(p)"))
-                    weightGradients.append(Call(ta: true, tb: false, m: o, n: c, k: tiles, beta: 0, layer: l, forward: false,
-                                                a: "scratch M \(p)", b: "\(key) V \(p)", c: "scratch dU \(p)"))
-                    if !first {
-                        inputGradients.append(Call(ta: false, tb: false, m: tiles, n: c, k: o, beta: 0, layer: l, forward: false,
-                                                   a: "scratch M \(p)", b: "\(key) U \(p)", c: "scratch dV \(p)"))
+                    // Backward in the step's pieces of the tiles (one thread), each piece on rows of its own.
+                    let piece = conv.winogradBackwardPieceRows(tiles: tiles)
+                    for start in stride(from: 0, to: tiles, by: piece) {
+                        let (rows, part) = (min(piece, tiles - start), "\(p) rows \(start)")
+                        weightGradients.append(Call(ta: true, tb: false, m: o, n: c, k: rows, beta: start == 0 ? 0 : 1, layer: l,
+                                                    forward: false, a: "scratch M \(part)", b: "\(key) V \(part)",
+                                                    c: "scratch dU \(p)"))
+                        if !first {
+                            inputGradients.append(Call(ta: false, tb: false, m: rows, n: c, k: o, beta: 0, layer: l, forward: false,
+                                                       a: "scratch M \(part)", b: "\(key) U \(p)", c: "scratch dV \(part)"))
+                        }
                     }
                 }
                 backward.append(weightGradients + inputGradients)

@@ -72,6 +72,12 @@ public struct Conv2dKind: LayerKind {
         return (0..<Winograd.points).map { tiling.rowsOfPoint($0, count: batch) }
     }
 
+    /// The tiles in each piece of a Winograd backward GEMM over `tiles` tiles on one OpenBLAS thread
+    /// (`Winograd.unpackedPieceRows`), for the benchmark that replays the step's GEMMs.
+    public func winogradBackwardPieceRows(tiles: Int) -> Int {
+        Winograd.unpackedPieceRows(rows: tiles, multiplyAddsPerRow: inChannels * outChannels, threads: 1)
+    }
+
     /// Whether a convolution keeps its batch of columns between its passes (see `Conv2d`); also for the benchmark
     /// that replays its GEMMs on the same operands.
     public func keepsColumns(outputShape: [Int], batchCapacity: Double, scalarBytes: Double) -> Bool {
