@@ -1,6 +1,7 @@
 import CBLAS
 import Foundation
 import RealModule
+import Synchronization
 
 /// The floating-point types the engine computes in: `Float` for training, `Double` for gradient checking.
 ///
@@ -110,7 +111,16 @@ extension Double: Scalar {
 
 /// OpenBLAS's thread pool size. One thread per rank when several ranks share a node, all cores otherwise.
 public enum BLASThreads {
-    public static func set(_ count: Int) { openblas_set_num_threads(Int32(max(1, count))) }
+    /// The count last set (OpenBLAS's own default until then): what `oneThreadIfSmall` goes back to. Read from it,
+    /// not from OpenBLAS, so that a pass that took the threads away on one thread hands back the count set since,
+    /// not the one it found: in one test process, a Winograd test's restore undid another test's `set(1)`, and that
+    /// test's steps then allocated OpenBLAS's thread jobs.
+    private static let configured = Atomic<Int>(Int(openblas_get_num_threads()))
+
+    public static func set(_ count: Int) {
+        configured.store(max(1, count), ordering: .relaxed)
+        openblas_set_num_threads(Int32(max(1, count)))
+    }
     public static var current: Int { Int(openblas_get_num_threads()) }
     /// The multiply-adds from which a GEMM gains from OpenBLAS's threads (measured on 2 cores, see `oneThreadIfSmall`).
     static let splitWorth = 1 << 21
@@ -123,11 +133,11 @@ public enum BLASThreads {
     /// one thread throughout; fashion-cnn's Winograd GEMMs of 2^21 run faster split (4825 against 3917 samples/s on
     /// one thread). Under mpirun every rank has one thread and this costs one call that reads a number.
     @inline(__always) static func oneThreadIfSmall(work: Int, _ body: () -> Void) {
-        let threads = openblas_get_num_threads()
-        let taken = threadsFor(work: work, threads: Int(threads)) < threads
+        let threads = configured.load(ordering: .relaxed)
+        let taken = threadsFor(work: work, threads: threads) < threads
         if taken { openblas_set_num_threads(1) }
         body()
-        if taken { openblas_set_num_threads(threads) }
+        if taken { openblas_set_num_threads(Int32(configured.load(ordering: .relaxed))) }
     }
 
     /// The OpenBLAS threads GEMMs of `work` multiply-adds get when it has `threads`.
