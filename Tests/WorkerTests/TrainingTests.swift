@@ -1,6 +1,7 @@
 import Engine
 import Foundation
 import Testing
+@testable import Worker
 
 /// Multi-process behaviour, tested by running the built executable under mpirun.
 @Suite("bpworker train across ranks", .serialized, .temporaryFiles)
@@ -36,8 +37,8 @@ struct TrainingTests {
     }
 
     /// The default of OpenBLAS threads counts the cores the rank may run on: one under `taskset -c 0` and under
-    /// mpirun's binding of one rank to one core, where a second thread would only take turns with the first; every
-    /// core of the machine in local mode without a mask.
+    /// mpirun's binding of one rank to one core, where a second thread would only take turns with the first; in
+    /// local mode, the cores of the mask it inherits (every core of the machine when nothing narrowed it).
     @Test func blasThreadsDefaultToTheCoresTheRankMayUse() throws {
         let data = try SyntheticData(samples: 32)
         defer { data.remove() }
@@ -52,7 +53,8 @@ struct TrainingTests {
             let start = try JSONSerialization.jsonObject(with: Data(first.utf8)) as? [String: Any]
             return start?["blas_threads"] as? Int
         }
-        #expect(try threads([], local: true) == ProcessInfo.processInfo.activeProcessorCount)
+        // Without a launcher the child inherits this process's mask (every core, unless the suite itself was narrowed).
+        #expect(try threads([], local: true) == AllowedCores.count())
         #expect(try threads(["/usr/bin/taskset", "-c", "0"], local: true) == 1)
         #expect(try threads([Harness.mpirunPath(), "--allow-run-as-root", "--bind-to", "core", "-n", "1"], local: false) == 1)
     }

@@ -72,7 +72,7 @@ enum Winograd {
 /// alone cover 16 and 8: the points a batch multiplies drop from 576 to 484 per 14x14 image (and from 144 to 121 per
 /// 7x7), and so do the GEMMs' multiply-adds. Columns the same. A tile's point (k, l) (k for rows, l for columns) is
 /// then in its GEMM only where both of its sizes have the point: the point matrices with k = 4 hold only the tiles
-/// of full rows, those with l = 4 only those of full columns, each packed without gaps (`WinogradTiling.pointRow`).
+/// of full rows, those with l = 4 only those of full columns, each packed without gaps (`rowsAtMinusTwo(ofTile:)`).
 ///
 /// The transformed values are channel-minor: V is [36, B tiles, C] (each point's matrix the transpose of the one
 /// above, which BLAS takes as it is), so that the transforms work on `lanes` channels at once in one vector register,
@@ -172,7 +172,8 @@ final class WinogradConvolution<T: Scalar> {
     /// Where each position of an image lies in the padded input blocks and in the output blocks.
     private let inputPositions: [Int32], outputPositions: [Int32]
     /// For each tile of a full batch, its rows in the point matrices of k = 4, l = 4 and both
-    /// (`WinogradTiling.rowsAtMinusTwo(ofTile:)`), and a fourth value unused: the transforms read four at a time.
+    /// (`WinogradTiling.rowsAtMinusTwo(ofTile:)`), computed once so that the transforms divide nothing per tile; a
+    /// fourth value, unused, puts each tile's entry in 16 bytes of its own.
     private let pointRowTable: UnsafeMutablePointer<Int32>
     /// The vectors between a transform's two halves: 36 for each tile of a run.
     private let between: UnsafeMutablePointer<T>
@@ -612,6 +613,13 @@ private func rowsOfTile(_ tile: Int, inPointRow k: Int, _ table: UnsafePointer<I
     let entry = table + 4 * tile
     return k == 4 ? (entry[0] < 0, Int(entry[0]), Int(entry[2])) : (false, tile, Int(entry[1]))
 }
+/// The same along column l of the transform: `row` for k != 4, `rowOfK4` for k = 4 (negative when the tile's row
+/// is short); `skips` when l = 4 and the tile's column is short.
+@inline(__always)
+private func rowsOfTile(_ tile: Int, inPointColumn l: Int, _ table: UnsafePointer<Int32>) -> (skips: Bool, row: Int, rowOfK4: Int) {
+    let entry = table + 4 * tile
+    return l == 4 ? (entry[1] < 0, Int(entry[1]), Int(entry[2])) : (false, tile, Int(entry[0]))
+}
 /// Whether a tile's row of tiles, and its column, are full (4 outputs).
 @inline(__always)
 private func isFull(_ tile: Int, _ table: UnsafePointer<Int32>) -> (row: Bool, column: Bool) {
@@ -768,15 +776,13 @@ func winogradTransformOutputs<T: Scalar>(_ m: UnsafePointer<T>, count: Int, chan
         // matrices read at a time. The run's i-th tile's 24 vectors at t + 36 i lanes.
         for l in 0..<6 {
             for tile in run {
-                let entry = pointRowTable + 4 * tile
-                // The tile's rows in this column's matrices: for k != 4, and for k = 4.
-                let (row, rowOfK4) = l == 4 ? (Int(entry[1]), Int(entry[2])) : (tile, Int(entry[0]))
-                if row < 0 { continue }
+                let (skips, row, rowOfK4) = rowsOfTile(tile, inPointColumn: l, pointRowTable)
+                if skips { continue }
                 let s = m + row * ld + block + l * pointStride, r = t + ((tile - first) * 36 + l) * lanes
                 let m0 = load(s, as: V.self), m1 = load(s + 6 * pointStride, as: V.self)
                 let m2 = load(s + 12 * pointStride, as: V.self), m3 = load(s + 18 * pointStride, as: V.self)
                 let m5 = load(s + 30 * pointStride, as: V.self)
-                if entry[0] >= 0 {
+                if rowOfK4 >= 0 {
                     let m4 = load(m + rowOfK4 * ld + block + (24 + l) * pointStride, as: V.self)
                     let e = outputTransform(m0, m1, m2, m3, m4, m5)
                     store(e.0, r); store(e.1, r + 6 * lanes); store(e.2, r + 12 * lanes); store(e.3, r + 18 * lanes)
