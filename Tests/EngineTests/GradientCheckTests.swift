@@ -1,4 +1,4 @@
-import Engine
+@testable import Engine
 import Testing
 
 @Suite("Finite-difference gradient checker")
@@ -89,17 +89,22 @@ struct GradientCheckTests {
         #expect(tensor.worst.map { $0.analytic == 0 && $0.numeric != 0 } == true)
     }
 
-    @Test func kinksAreSkippedAndReplaced() throws {
-        // One row; half of the first layer's units get a pre-activation of 1e-5, well inside eps = 1e-4 of the
-        // ReLU kink, so perturbing their bias crosses it.
+    /// One row through [3, 8, 2]; the first layer's even units get a pre-activation of `distance`, the odd ones 0.5.
+    func modelWithUnitsNearTheKink(distance: Double) throws -> Model<Double> {
         let model = try Model<Double>(spec: .mlp(widths: [3, 8, 2]), batchCapacity: 1, seed: 3)
         fillRandomBatch(model, rows: 1, seed: 3)
         let w = model.tensor("0.weight", in: model.parameters)!
         let b = model.tensor("0.bias", in: model.parameters)!
         for j in 0..<8 {
             let pre = (0..<3).reduce(0.0) { $0 + w[j * 3 + $1] * model.inputs[$1] }
-            b[j] = j % 2 == 0 ? 1e-5 - pre : 0.5 - pre
+            b[j] = j % 2 == 0 ? distance - pre : 0.5 - pre
         }
+        return model
+    }
+
+    @Test func kinksAreSkippedAndReplaced() throws {
+        // Half of the units 1e-5 from the ReLU kink, well inside eps = 1e-4, so perturbing their bias crosses it.
+        let model = try modelWithUnitsNearTheKink(distance: 1e-5)
         var options = GradientCheckOptions()
         options.samplesPerTensor = 4  // strata of two biases: one near the kink, one far from it
         let report = checkGradients(model: model, count: 1, options: options)
@@ -108,10 +113,83 @@ struct GradientCheckTests {
         #expect(bias.checked == 4)
         #expect(bias.verdict == .pass, "\(report.text)")
         #expect(report.tensors.allSatisfy { $0.verdict == .pass }, "\(report.text)")
-        // Every random direction moves all eight biases, so each crosses a kink: reported, not failed.
+        // The random direction moves all 50 parameters by eps / sqrt(50), 1.4e-5 each: at eps it crosses a kink.
+        // The next, at eps / 10, moves the units by a few 1e-6 and is compared.
+        #expect(report.direction.kinksSkipped >= 1)
+        #expect(report.direction.epsilon < options.epsilon)
+        #expect(report.direction.note == nil && report.direction.verdict == .pass, "\(report.text)")
+        #expect(report.direction.relativeError <= 1e-6, "\(report.text)")
+        #expect(report.text.contains("random direction (eps 1.00e-05)") || report.text.contains("random direction (eps 1.00e-06)"),
+                "\(report.text)")
+        #expect(report.passed, "\(report.text)")
+    }
+
+    @Test func aDirectionThatCrossesAKinkAtEveryStepIsReportedNotFailed() throws {
+        // 1e-9 from the kink: even eps / 100 moves the units by about 1e-7, so every direction crosses.
+        let model = try modelWithUnitsNearTheKink(distance: 1e-9)
+        var options = GradientCheckOptions()
+        options.samplesPerTensor = 4
+        let report = checkGradients(model: model, count: 1, options: options)
         #expect(report.direction.kinksSkipped == options.kinkRetries + 1)
+        #expect(report.direction.epsilon == options.epsilon * 0.01)
         #expect(report.direction.verdict == .warn && report.direction.note != nil)
         #expect(report.passed, "\(report.text)")
+    }
+
+    /// A wrong backward pass fails the direction at the smaller steps too: it is compared at eps / 10 here, where
+    /// 0.1% off the first layer's weight gradient moves grad . u by far more than the pass threshold.
+    @Test func aDirectionComparedAtASmallerStepStillCatchesAWrongGradient() throws {
+        let model = try modelWithUnitsNearTheKink(distance: 1e-5)
+        model.installGradientFault(.scaled(tensor: "0.weight", factor: 1.001))
+        let report = checkGradients(model: model, count: 1)
+        #expect(report.direction.epsilon < GradientCheckOptions().epsilon)
+        #expect(report.direction.verdict != .pass, "\(report.text)")
+    }
+
+    /// A batch like Fashion-MNIST's: a constant background with a random patch. Through a lowered convolution, batch
+    /// norm, ReLU and a Winograd convolution, the background's windows are the same function of the parameters at
+    /// every position but round differently across a tile, and max pooling picks among them by rounding. Those are not
+    /// kinks (`appendPoolKinkPattern`): every coordinate of the first layer is checked, and the random direction is
+    /// compared. When the pattern was the recorded winners, the shipped fashion-cnn checked none of its first layer's.
+    @Test(arguments: [true, false])
+    func tiesThatRoundingOrdersAreNotKinks(fused: Bool) throws {
+        let conv = { (i: Int, o: Int) in LayerSpec.conv2d(inChannels: i, outChannels: o, kernel: 3, stride: 1, padding: 1, bias: false) }
+        let spec = ModelSpec(layers: [conv(1, 16), .batchNorm(features: 16), .relu, conv(16, 16), .batchNorm(features: 16),
+                                      .relu, .maxPool2d(kernel: 2, stride: 2), .flatten, .linear(inputs: 16 * 5 * 5, outputs: 3)],
+                             inputShape: [1, 10, 10])
+        let rows = 4
+        let model = try Model<Double>(spec: spec, batchCapacity: rows, seed: 2, fusesBlocks: fused)
+        #expect((model.plan[3] as? Conv2d<Double>)?.runsWinograd == true)
+        var g = RandomGenerator(seed: 9, stream: .test)
+        for row in 0..<rows {
+            for q in 0..<100 {
+                let (i, j) = q.quotientAndRemainder(dividingBy: 10)
+                model.inputs[row * 100 + q] = (3..<6).contains(i) && (3..<6).contains(j) ? g.nextNormal() : -0.8
+            }
+            model.labels[row] = Int32(row % 3)
+        }
+        let report = checkGradients(model: model, count: rows)
+        let first = try #require(report.tensors.first { $0.name == "0.weight" })
+        #expect(first.checked == GradientCheckOptions().samplesPerTensor, "\(report.text)")
+        #expect(report.tensors.allSatisfy { $0.verdict == .pass }, "\(report.text)")
+        #expect(report.direction.note == nil && report.direction.verdict == .pass, "\(report.text)")
+    }
+
+    /// The pattern of one window: the first input within the tolerance of the largest, not the largest.
+    @Test func aWindowsKinkPatternIsItsFirstInputWithinRoundingOfTheLargest() {
+        func pattern(_ window: [Double]) -> [Int32] {
+            var pattern: [Int32] = []
+            window.withUnsafeBufferPointer {
+                appendPoolKinkPattern($0.baseAddress!, samples: 1, channels: 1, height: 2, width: 2, kernel: 2, stride: 2,
+                                      outHeight: 1, outWidth: 1, normalization: nil, to: &pattern)
+            }
+            return pattern
+        }
+        #expect(pattern([0.5, 1.0, 1.0 + 1e-15, 0.2]) == [1])
+        #expect(pattern([1.0 + 1e-15, 0.5, 0.2, 1.0]) == [0])
+        #expect(pattern([0.5, 1.0, 1.0 + 1e-9, 0.2]) == [2])
+        #expect(pattern([-3.0, -2.0, -2.0 - 1e-14, -2.5]) == [1])
+        #expect(pattern([-3.0, -2.0 - 1e-14, -2.0, -2.5]) == [1])
     }
 
     @Test func verdictsHoldFourSignificantDigits() throws {

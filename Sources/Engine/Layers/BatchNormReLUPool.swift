@@ -82,10 +82,15 @@ final class BatchNormReLUPool<T: Scalar>: Layer<T> {
         statistics.initialize(parameters: parameters!, buffers: buffers!)
     }
 
+    /// The windows' winners as `appendPoolKinkPattern` takes them, on the normalised and rectified inputs the pooling
+    /// compared, where the ReLU passes the output (elsewhere no gradient reaches the window), then the ReLU's signs.
     override func appendKinkPattern(count: Int, to pattern: inout [Int32]) {
-        let outputs = count * outputCount
-        pattern.append(contentsOf: UnsafeBufferPointer(start: winners, count: outputs))
-        appendSigns(y, outputs, to: &pattern)
+        let normalization = (scale: UnsafePointer<T>(statistics.scale), shift: UnsafePointer<T>(statistics.shift),
+                             y: UnsafePointer<T>(y!))
+        appendPoolKinkPattern(x, samples: count, channels: inputShape[0], height: inputShape[1], width: inputShape[2],
+                              kernel: kernel, stride: stride, outHeight: outputShape[1], outWidth: outputShape[2],
+                              normalization: normalization, to: &pattern)
+        appendSigns(y, count * outputCount, to: &pattern)
     }
 }
 

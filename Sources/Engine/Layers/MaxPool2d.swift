@@ -64,8 +64,9 @@ final class MaxPool2d<T: Scalar>: Layer<T> {
     }
 
     override func appendKinkPattern(count: Int, to pattern: inout [Int32]) {
-        let outputs = count * outputCount
-        pattern.append(contentsOf: UnsafeBufferPointer(start: winners, count: outputs))
+        appendPoolKinkPattern(x, samples: count, channels: inputShape[0], height: inputShape[1], width: inputShape[2],
+                              kernel: kernel, stride: stride, outHeight: outputShape[1], outWidth: outputShape[2],
+                              normalization: nil, to: &pattern)
     }
 }
 

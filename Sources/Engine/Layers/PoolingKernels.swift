@@ -143,6 +143,57 @@ func maxPool2x2(_ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, win
 }
 
 /// dx = 0, then dx[winner] += dy for every output value.
+/// The kink pattern of max pooling over `samples` samples [C, H, W] of x: for each window, the first of its inputs
+/// within `poolTieTolerance` (relative) of the window's largest. With `normalization` (a fused batch norm and ReLU
+/// before the pooling) the inputs are compared as the pooling compared them, max(x scale + shift, 0), and a window
+/// whose output y the ReLU stops, which no gradient reaches, is -1.
+///
+/// The winner the forward pass recorded is not the pattern: where two inputs are the same function of the
+/// parameters (a window of background, computed at two positions of a Winograd tile), rounding alone orders them,
+/// and any step reorders them. On fashion-cnn every coordinate of the first layers, and every random direction,
+/// crossed such a "kink", so the gradient check compared none of them. Taking the first input within the tolerance
+/// gives both the same winner. A real kink is still seen: at a distance eps from a crossing the two inputs differ
+/// by about eps times the difference of their slopes, far above the tolerance. One that is not seen is one whose
+/// inputs stay within the tolerance on both sides, which moves the difference quotient by at most the tolerance
+/// over eps times the pooled value's gradient: 1e-12 / 1e-4, far below the check's pass threshold.
+@_specialize(where T == Float) @_specialize(where T == Double)
+func appendPoolKinkPattern<T: Scalar>(_ x: UnsafePointer<T>, samples: Int, channels: Int, height: Int, width: Int,
+                                      kernel: Int, stride: Int, outHeight: Int, outWidth: Int,
+                                      normalization: (scale: UnsafePointer<T>, shift: UnsafePointer<T>, y: UnsafePointer<T>)?,
+                                      to pattern: inout [Int32]) {
+    let tolerance = T(poolTieTolerance), fused = normalization != nil
+    pattern.reserveCapacity(pattern.count + samples * channels * outHeight * outWidth)
+    for n in 0..<(samples * channels) {
+        let plane = x + n * height * width, c = n % channels
+        let s: T = fused ? normalization!.scale[c] : 1, h: T = fused ? normalization!.shift[c] : 0
+        @inline(__always) func value(_ q: Int) -> T { fused ? rectified(plane[q] * s + h) : plane[q] }
+        for i in 0..<outHeight {
+            for j in 0..<outWidth {
+                if fused && !(normalization!.y[(n * outHeight + i) * outWidth + j] > 0) { pattern.append(-1); continue }
+                let corner = i * stride * width + j * stride
+                var largest = value(corner)
+                for r in 0..<kernel {
+                    for q in 0..<kernel { largest = max(largest, value(corner + r * width + q)) }
+                }
+                let bar = largest - tolerance * abs(largest)
+                var first = corner
+                search: for r in 0..<kernel {
+                    for q in 0..<kernel where value(corner + r * width + q) >= bar {
+                        first = corner + r * width + q
+                        break search
+                    }
+                }
+                pattern.append(Int32(first))
+            }
+        }
+    }
+}
+
+/// How close, relative to the window's largest input, another input must be to tie with it in the kink pattern
+/// (`appendPoolKinkPattern`): well above float64 rounding after a Winograd transform (about 1e-14), well below
+/// what a step of eps = 1e-4 moves two different inputs apart.
+let poolTieTolerance = 1e-12
+
 @_specialize(where T == Float) @_specialize(where T == Double)
 func maxPoolBackward<T: Scalar>(_ dy: UnsafePointer<T>, winners: UnsafePointer<Int32>, into dx: UnsafeMutablePointer<T>,
                                 samples: Int, inputCount: Int, outputCount: Int) {
