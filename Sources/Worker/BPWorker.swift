@@ -145,7 +145,7 @@ struct Gradcheck: ParsableCommand {
         let prepared = Setup.prepare(session, training: false)
         // The report goes to RUN_DIR/gradcheck.json as well; nothing else of a run directory is touched.
         session.agree("run directory \(session.runDirectory)") {
-            if session.isRoot { try FileManager.default.createDirectory(atPath: session.runDirectory, withIntermediateDirectories: true) }
+            if session.isRoot { try RunDirectory.create(session.runDirectory) }
         }
         if !distributed && !json && session.config.batchNorm == .sync && session.worldSize > 1 && !prepared.model.bufferTable.isEmpty {
             let note = "gradient check: on rank 0 alone, whose batch norm normalises its own batch; "

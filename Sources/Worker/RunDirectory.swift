@@ -119,6 +119,33 @@ struct RunDirectory {
     }
 }
 
+extension RunDirectory {
+    /// Makes the run directory and its parents, or says in words why it cannot: a path that is a file, a parent that
+    /// is a file or may not be written. (Foundation's own error prints as "Error Domain=NSCocoaErrorDomain Code=516".)
+    static func create(_ path: String) throws(RunDirectoryError) {
+        var isDirectory: ObjCBool = false
+        if FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory) {
+            if isDirectory.boolValue { return }
+            throw RunDirectoryError(description: "it exists and is not a directory")
+        }
+        // The nearest ancestor that exists must be a directory; Foundation says only "error 512" when it is not.
+        var ancestor = (path as NSString).deletingLastPathComponent
+        while !ancestor.isEmpty && ancestor != "/" && !FileManager.default.fileExists(atPath: ancestor) {
+            ancestor = (ancestor as NSString).deletingLastPathComponent
+        }
+        if !ancestor.isEmpty && FileManager.default.fileExists(atPath: ancestor, isDirectory: &isDirectory) && !isDirectory.boolValue {
+            throw RunDirectoryError(description: "cannot create it: \(ancestor) is not a directory")
+        }
+        do {
+            try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+        } catch {
+            let underlying = (error as NSError).userInfo[NSUnderlyingErrorKey] as? NSError
+            let reason = underlying.map { $0.domain == NSPOSIXErrorDomain ? String(cString: strerror(Int32($0.code))) : $0.localizedDescription }
+            throw RunDirectoryError(description: "cannot create it: \(reason ?? error.localizedDescription)")
+        }
+    }
+}
+
 struct RunDirectoryError: Error, CustomStringConvertible, Equatable {
     let description: String
 }

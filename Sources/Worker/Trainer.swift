@@ -218,7 +218,7 @@ enum Trainer {
     private static func commitRunDirectory(_ session: Session, previous: RunDirectory?, overwrite: Bool) {
         session.agree("run directory \(session.runDirectory)") {
             guard session.isRoot else { return }
-            try FileManager.default.createDirectory(atPath: session.runDirectory, withIntermediateDirectories: true)
+            try RunDirectory.create(session.runDirectory)
             if overwrite, let previous, case let removed = try previous.removePreviousRun(), !removed.isEmpty {
                 session.logger.info("--overwrite: removed the previous run's \(removed.joined(separator: ", ")) from \(session.runDirectory)")
             }

@@ -62,6 +62,26 @@ struct BadInputTests {
         try expectCleanFailure(["--set", "optimizer.name=rmsprop"], message: "expected one of sgd, adam, adamw")
     }
 
+    /// A run directory that cannot be one: the reason in words, not Foundation's error domain and code.
+    @Test func aRunDirectoryThatIsAFileOrUnderOne() throws {
+        let data = try SyntheticData(samples: 32)
+        defer { data.remove() }
+        let file = TemporaryFiles.path("not-a-directory-")
+        try Data("x".utf8).write(to: file)
+        defer { try? FileManager.default.removeItem(at: file) }
+        for (runDirectory, reason) in [(file.path, "it exists and is not a directory"),
+                                       (file.path + "/runs/a", "cannot create it: \(file.path) is not a directory")] {
+            let r = try Harness.mpirun(2, ["train", "--run-dir", runDirectory, "--set", "training.batch_size=8"] + data.arguments,
+                                       timeout: 60)
+            #expect(r.status != 0)
+            #expect(r.output.contains("run directory \(runDirectory): \(reason)"), "\(r.output)")
+            #expect(!r.output.contains("NSCocoaErrorDomain"), "\(r.output)")
+            #expect(r.seconds < 30)
+        }
+        let check = try Harness.local(["gradcheck", "--local", "--run-dir", file.path] + data.arguments)
+        #expect(check.status != 0 && check.output.contains("it exists and is not a directory"), "\(check.output)")
+    }
+
     @Test func batchSizeZero() throws {
         try expectCleanFailure(["--set", "training.batch_size=0"], message: "training.batch_size must be at least 1")
     }
