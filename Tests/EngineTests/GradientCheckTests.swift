@@ -1,4 +1,5 @@
 @testable import Engine
+import Foundation
 import Testing
 
 @Suite("Finite-difference gradient checker")
@@ -218,6 +219,15 @@ struct GradientCheckTests {
         #expect(report.text.contains("float64"))
         #expect(report.json.contains("\"verdict\" : \"pass\""))
         #expect(report.json.contains("\"maxRelativeError\""))
+        let decoded = try JSONDecoder().decode(GradientCheckReport.self, from: Data(report.json.utf8))
+        #expect(decoded.direction == report.direction)
+        // A report from before directions took smaller steps has no step of its own: the default's.
+        var old = try #require(JSONSerialization.jsonObject(with: Data(report.json.utf8)) as? [String: Any])
+        var direction = try #require(old["direction"] as? [String: Any])
+        direction["epsilon"] = nil
+        old["direction"] = direction
+        let older = try JSONDecoder().decode(GradientCheckReport.self, from: JSONSerialization.data(withJSONObject: old))
+        #expect(older.direction.epsilon == GradientCheckOptions().epsilon && older.direction.analytic == report.direction.analytic)
     }
 
     @Test func relativeErrorFormula() {

@@ -142,7 +142,6 @@ func maxPool2x2(_ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, win
     }
 }
 
-/// dx = 0, then dx[winner] += dy for every output value.
 /// The kink pattern of max pooling over `samples` samples [C, H, W] of x: for each window, the first of its inputs
 /// within `poolTieTolerance` (relative) of the window's largest. With `normalization` (a fused batch norm and ReLU
 /// before the pooling) the inputs are compared as the pooling compared them, max(x scale + shift, 0), and a window
@@ -194,6 +193,7 @@ func appendPoolKinkPattern<T: Scalar>(_ x: UnsafePointer<T>, samples: Int, chann
 /// what a step of eps = 1e-4 moves two different inputs apart.
 let poolTieTolerance = 1e-12
 
+/// dx = 0, then dx[winner] += dy for every output value.
 @_specialize(where T == Float) @_specialize(where T == Double)
 func maxPoolBackward<T: Scalar>(_ dy: UnsafePointer<T>, winners: UnsafePointer<Int32>, into dx: UnsafeMutablePointer<T>,
                                 samples: Int, inputCount: Int, outputCount: Int) {
