@@ -190,15 +190,16 @@ struct ConvolutionTests {
     // MARK: - Kinks and injected bugs
 
     @Test func maxPoolWinnerChangesAreKinksSkippedAndCounted() throws {
-        // A 1x1 convolution y = w x + b feeds one 2x2 window. With w = 0.5e-4, perturbing w by eps = 1e-4 flips its
-        // sign, and with it the window's winner (the largest x for w > 0, the smallest for w < 0): a kink. The bias
-        // moves all four values alike and never changes the winner.
+        // A 1x1 convolution y = w x + b feeds one 2x2 window. With w = 0.5e-7, perturbing w by eps = 1e-4, and by
+        // the smaller steps tried after it (down to 1e-6), flips its sign, and with it the window's winner (the
+        // largest x for w > 0, the smallest for w < 0): a kink. The bias moves all four values alike and never
+        // changes the winner.
         let spec = ModelSpec(layers: [Self.conv(1, 1, 1), .maxPool2d(kernel: 2, stride: 2), .flatten,
                                       .linear(inputs: 1, outputs: 2)], inputShape: [1, 2, 2])
         let model = try Model<Double>(spec: spec, batchCapacity: 1, seed: 2)
         for (i, v) in [1.0, -1.0, -2.0, -3.0].enumerated() { model.inputs[i] = v }
         model.labels[0] = 1
-        setTensor(model, "0.weight", [0.5e-4])
+        setTensor(model, "0.weight", [0.5e-7])
         setTensor(model, "0.bias", [0.2])
         setTensor(model, "3.weight", [0.8, -0.6])
         var options = GradientCheckOptions()
@@ -209,6 +210,11 @@ struct ConvolutionTests {
         let bias = try #require(report.tensors.first { $0.name == "0.bias" })
         #expect(bias.kinksSkipped == 0 && bias.checked == 1 && bias.verdict == .pass, "\(report.text)")
         #expect(report.verdict != .fail, "\(report.text)")
+        // At w = 0.5e-5 the step of eps crosses, eps / 100 does not: compared there.
+        setTensor(model, "0.weight", [0.5e-5])
+        let closer = checkGradients(model: model, count: 1, options: options)
+        let compared = try #require(closer.tensors.first { $0.name == "0.weight" })
+        #expect(compared.kinksSkipped == 0 && compared.checked == 1 && compared.verdict == .pass, "\(closer.text)")
     }
 
     static let faults: [(GradientFault, ModelSpec, [String])] = [

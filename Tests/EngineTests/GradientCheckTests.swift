@@ -104,8 +104,10 @@ struct GradientCheckTests {
     }
 
     @Test func kinksAreSkippedAndReplaced() throws {
-        // Half of the units 1e-5 from the ReLU kink, well inside eps = 1e-4, so perturbing their bias crosses it.
-        let model = try modelWithUnitsNearTheKink(distance: 1e-5)
+        // Half of the units 5e-7 from the ReLU kink: perturbing their bias crosses it at every step down to eps / 100.
+        // (Not closer: the output layer's gradients are those units' activations times the loss's, and below about
+        // 1e-7 they fall to where the difference quotient's rounding is a visible part of them.)
+        let model = try modelWithUnitsNearTheKink(distance: 5e-7)
         var options = GradientCheckOptions()
         options.samplesPerTensor = 4  // strata of two biases: one near the kink, one far from it
         let report = checkGradients(model: model, count: 1, options: options)
@@ -114,8 +116,21 @@ struct GradientCheckTests {
         #expect(bias.checked == 4)
         #expect(bias.verdict == .pass, "\(report.text)")
         #expect(report.tensors.allSatisfy { $0.verdict == .pass }, "\(report.text)")
-        // The random direction moves all 50 parameters by eps / sqrt(50), 1.4e-5 each: at eps it crosses a kink.
-        // The next, at eps / 10, moves the units by a few 1e-6 and is compared.
+        #expect(report.passed, "\(report.text)")
+    }
+
+    /// 1e-5 from the kink: a bias's step of eps crosses it, eps / 100 does not, so the coordinate is compared there
+    /// instead of being replaced. The random direction moves all 50 parameters by eps / sqrt(50), 1.4e-5 each: at
+    /// eps it crosses; the next, at eps / 10, moves the units by a few 1e-6 and is compared.
+    @Test func aCoordinateOrADirectionNearAKinkIsComparedAtASmallerStep() throws {
+        let model = try modelWithUnitsNearTheKink(distance: 1e-5)
+        var options = GradientCheckOptions()
+        options.samplesPerTensor = 8
+        options.checkAllCoordinates = true
+        let report = checkGradients(model: model, count: 1, options: options)
+        let bias = try #require(report.tensors.first { $0.name == "0.bias" })
+        #expect(bias.kinksSkipped == 0 && bias.checked == 8, "\(report.text)")
+        #expect(bias.maxRelativeError <= 1e-6, "\(report.text)")
         #expect(report.direction.kinksSkipped >= 1)
         #expect(report.direction.epsilon < options.epsilon)
         #expect(report.direction.note == nil && report.direction.verdict == .pass, "\(report.text)")
@@ -123,6 +138,18 @@ struct GradientCheckTests {
         #expect(report.text.contains("random direction (eps 1.00e-05)") || report.text.contains("random direction (eps 1.00e-06)"),
                 "\(report.text)")
         #expect(report.passed, "\(report.text)")
+    }
+
+    /// A wrong gradient is still caught at the smaller steps: the same model with the first layer's bias gradient
+    /// 0.1% off fails on the coordinates compared at eps / 100.
+    @Test func aCoordinateComparedAtASmallerStepStillCatchesAWrongGradient() throws {
+        let model = try modelWithUnitsNearTheKink(distance: 1e-5)
+        model.installGradientFault(.scaled(tensor: "0.bias", factor: 1.001))
+        var options = GradientCheckOptions()
+        options.checkAllCoordinates = true
+        let report = checkGradients(model: model, count: 1, options: options)
+        let bias = try #require(report.tensors.first { $0.name == "0.bias" })
+        #expect(bias.kinksSkipped == 0 && bias.verdict == .fail, "\(report.text)")
     }
 
     @Test func aDirectionThatCrossesAKinkAtEveryStepIsReportedNotFailed() throws {
