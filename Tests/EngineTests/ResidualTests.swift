@@ -190,6 +190,10 @@ struct ResidualTests {
             reason: "the body gives [4, 3, 3] per sample but the identity shortcut gives [3, 6, 6]: they must match to be added")),
         ("residual [relu] shortcut", LayerEntryError(reason: "expected a list of entries in brackets, e.g. '[conv 16 3 pad 1, batchnorm]'")),
         ("residual [relu, ]", LayerEntryError(reason: "a list has an empty entry")),
+        ("residual []", LayerEntryError(reason: "an empty list: a body needs at least one entry, and the identity shortcut is "
+                                        + "written by leaving 'shortcut' out")),
+        ("residual [relu] shortcut [ ]", LayerEntryError(reason: "an empty list: a body needs at least one entry, and the identity "
+                                                         + "shortcut is written by leaving 'shortcut' out")),
         ("residual [relu", LayerEntryError(reason: "a '[' has no matching ']'")),
         ("residual [relu] extra", LayerEntryError(reason: "expected 'shortcut [ENTRY, ...]' after the body, got 'extra'")),
         ("residual [conv 4 9]", LayerEntryError(reason: "'conv 4 9' (Conv2d(3, 4, kernel_size=9)): kernel 9 is larger than its padded input 6x6",

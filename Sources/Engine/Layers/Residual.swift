@@ -181,6 +181,10 @@ public struct ResidualKind: LayerKind {
             case "]": depth -= 1
                 if depth > 0 { current.append(c); continue }
                 items.append(current)
+                guard items.count > 1 || !current.allSatisfy({ $0 == " " }) else {
+                    throw entry.fail("an empty list: a body needs at least one entry, and the identity shortcut is written by "
+                                     + "leaving 'shortcut' out")
+                }
                 guard !items.contains(where: { $0.allSatisfy { $0 == " " } }) else { throw entry.fail("a list has an empty entry") }
                 return (items.map { $0.trimmingCharacters(in: .whitespaces) }, start[start.index(after: index)...])
             case "," where depth == 1: items.append(current)
