@@ -37,7 +37,7 @@ public struct ShardSampler: Sendable {
         let steps = remainder == .drop ? datasetSize / global : (datasetSize + global - 1) / global
         guard steps > 0 else {
             throw ShardingError("the data set has \(datasetSize) samples, fewer than one global batch of "
-                + "\(global) (\(batchSize) per rank x \(worldSize) ranks): lower training.batch_size, "
+                + "\(global) (\(batchSize) per rank x \(worldSize) rank\(worldSize == 1 ? "" : "s")): lower training.batch_size, "
                 + "use fewer ranks or set data.remainder=wrap")
         }
         self.datasetSize = datasetSize

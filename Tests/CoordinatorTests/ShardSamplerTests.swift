@@ -65,6 +65,11 @@ struct ShardSamplerTests {
         #expect(throws: ShardingError.self) { try ShardSampler(datasetSize: 3, rank: 0, worldSize: 4, batchSize: 1, seed: 0) }
         #expect(throws: ShardingError.self) { try ShardSampler(datasetSize: 100, rank: 0, worldSize: 1, batchSize: 0, seed: 0) }
         #expect(throws: ShardingError.self) { try ShardSampler(datasetSize: 10, rank: 0, worldSize: 2, batchSize: 6, seed: 0) }
+        // The reason in words, with one rank counted as one.
+        #expect(throws: ShardingError("the data set has 10 samples, fewer than one global batch of 12 (12 per rank x 1 rank): "
+                                      + "lower training.batch_size, use fewer ranks or set data.remainder=wrap")) {
+            try ShardSampler(datasetSize: 10, rank: 0, worldSize: 1, batchSize: 12, seed: 0)
+        }
         #expect((try? ShardSampler(datasetSize: 10, rank: 0, worldSize: 2, batchSize: 6, seed: 0, remainder: .wrap))?.stepsPerEpoch == 1)
         do {
             _ = try ShardSampler(datasetSize: 3, rank: 0, worldSize: 4, batchSize: 1, seed: 0)
