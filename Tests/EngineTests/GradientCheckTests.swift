@@ -91,14 +91,15 @@ struct GradientCheckTests {
     }
 
     /// One row through [3, 8, 2]; the first layer's even units get a pre-activation of `distance`, the odd ones 0.5.
-    func modelWithUnitsNearTheKink(distance: Double) throws -> Model<Double> {
+    /// (With `allUnits`, every unit gets `distance`.)
+    func modelWithUnitsNearTheKink(distance: Double, allUnits: Bool = false) throws -> Model<Double> {
         let model = try Model<Double>(spec: .mlp(widths: [3, 8, 2]), batchCapacity: 1, seed: 3)
         fillRandomBatch(model, rows: 1, seed: 3)
         let w = model.tensor("0.weight", in: model.parameters)!
         let b = model.tensor("0.bias", in: model.parameters)!
         for j in 0..<8 {
             let pre = (0..<3).reduce(0.0) { $0 + w[j * 3 + $1] * model.inputs[$1] }
-            b[j] = j % 2 == 0 ? distance - pre : 0.5 - pre
+            b[j] = allUnits || j % 2 == 0 ? distance - pre : 0.5 - pre
         }
         return model
     }
@@ -140,16 +141,18 @@ struct GradientCheckTests {
         #expect(report.passed, "\(report.text)")
     }
 
-    /// A wrong gradient is still caught at the smaller steps: the same model with the first layer's bias gradient
-    /// 0.1% off fails on the coordinates compared at eps / 100.
+    /// A wrong gradient is still caught at the smaller steps. Every unit 1e-5 from its kink, so that every bias
+    /// straddles it at eps and each coordinate checked was compared at a smaller step; with the bias gradient 0.1%
+    /// off, those comparisons fail (the far units of the other tests would fail at eps and show nothing).
     @Test func aCoordinateComparedAtASmallerStepStillCatchesAWrongGradient() throws {
-        let model = try modelWithUnitsNearTheKink(distance: 1e-5)
+        let model = try modelWithUnitsNearTheKink(distance: 1e-5, allUnits: true)
         model.installGradientFault(.scaled(tensor: "0.bias", factor: 1.001))
         var options = GradientCheckOptions()
         options.checkAllCoordinates = true
         let report = checkGradients(model: model, count: 1, options: options)
         let bias = try #require(report.tensors.first { $0.name == "0.bias" })
         #expect(bias.kinksSkipped == 0 && bias.verdict == .fail, "\(report.text)")
+        #expect(bias.checked == 8 && bias.maxRelativeError >= 5e-4, "\(report.text)")
     }
 
     @Test func aDirectionThatCrossesAKinkAtEveryStepIsReportedNotFailed() throws {
