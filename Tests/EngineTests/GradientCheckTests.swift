@@ -223,6 +223,38 @@ struct GradientCheckTests {
         #expect(pattern([-3.0, -2.0 - 1e-14, -2.0, -2.5]) == [1])
     }
 
+    /// A tanh unit deep in saturation (z = 12) behind an input of 200: its weight's gradient is 8e-9, and the
+    /// difference's truncation error (eps^2 / 6 times the third derivative over the first, about 4 x^2) is 1.7e-4 of
+    /// it (the old code failed it), yet only 1.7e-12: far below the quotient's rounding level, 2e-10 here. `gradcheck.all` failed such
+    /// coordinates of correct convolutions. Now a difference within that level counts as the pass threshold at most;
+    /// a gradient 0.1% wrong where it is larger still fails.
+    @Test func aTinyGradientOffByLessThanRoundingPassesAndAWrongOneStillFails() throws {
+        func saturatedModel() throws -> Model<Double> {
+            let model = try Model<Double>(spec: .mlp(widths: [1, 1, 2], activation: .tanh), batchCapacity: 1, seed: 1)
+            fillRandomBatch(model, rows: 1, seed: 1)
+            model.inputs[0] = 200
+            setTensor(model, "0.weight", [0.06])
+            setTensor(model, "0.bias", [0])
+            setTensor(model, "2.weight", [0.8, -0.5])
+            setTensor(model, "2.bias", [0.1, 0])
+            return model
+        }
+        var options = GradientCheckOptions()
+        options.checkAllCoordinates = true
+        let report = checkGradients(model: try saturatedModel(), count: 1, options: options)
+        let weight = try #require(report.tensors.first { $0.name == "0.weight" })
+        let worst = try #require(weight.worst)
+        #expect(abs(worst.analytic) < 1e-7 && abs(worst.analytic) > 1e-9, "\(report.text)")
+        #expect(relativeError(worst.analytic, worst.numeric) > options.warnThreshold, "the regime that failed before: \(report.text)")
+        #expect(abs(worst.analytic - worst.numeric) < 1e-10, "\(report.text)")
+        #expect(report.passed, "\(report.text)")
+
+        let wrong = try saturatedModel()
+        wrong.installGradientFault(.scaled(tensor: "2.weight", factor: 1.001))
+        let failed = checkGradients(model: wrong, count: 1, options: options)
+        #expect(!failed.passed && failed.tensors.first { $0.name == "2.weight" }?.verdict == .fail, "\(failed.text)")
+    }
+
     @Test func verdictsHoldFourSignificantDigits() throws {
         // Above 1e-4 relative fails: a weight gradient 0.1% wrong, a bias gradient 0.03% wrong.
         for (tensor, factor) in [("0.weight", 1.001), ("0.bias", 1.0003), ("2.weight", 0.9995)] {
