@@ -20,6 +20,11 @@ struct TrainingPosition: Codable, Equatable {
     /// there. The same shape continues exactly. Another shape keeps the samples already seen in this epoch
     /// (rounded down to whole new global batches, so none is skipped; up to one global batch is seen again) and
     /// recomputes the global step; `sameShape` tells the caller whether to say what changed.
+    ///
+    /// A position with every step of its epoch done (`epochStep == stepsPerEpoch`) stays in that epoch: its end, the
+    /// evaluation and the target accuracy check, is still to come. Only a stop after an epoch's last step saves one (the
+    /// end of an epoch moves the position to the next epoch before it checkpoints); moving it on would skip that
+    /// evaluation, and a run that reaches `training.target_accuracy` there would train on past where it stops.
     func continued(worldSize: Int, batchSize: Int, stepsPerEpoch: Int) -> (position: TrainingPosition, sameShape: Bool) {
         var next = self
         let sameShape = self.worldSize == worldSize && self.batchSize == batchSize
@@ -30,10 +35,7 @@ struct TrainingPosition: Codable, Equatable {
             next.worldSize = worldSize
             next.batchSize = batchSize
         }
-        if next.epochStep >= stepsPerEpoch {
-            next.epoch += 1
-            next.epochStep = 0
-        }
+        next.epochStep = min(next.epochStep, stepsPerEpoch)
         return (next, sameShape)
     }
 }

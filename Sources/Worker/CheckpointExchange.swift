@@ -74,7 +74,8 @@ struct CheckpointExchange {
             session.logger.info("\(message)")
         }
         let resumed = "resumed from \(path): step \(position.globalStep), epoch \(position.epoch + 1) at step "
-            + "\(position.epochStep)/\(sampler.stepsPerEpoch), optimizer step \(optimizer.stepCount)"
+            + "\(position.epochStep)/\(sampler.stepsPerEpoch)" + (position.epochStep == sampler.stepsPerEpoch ? " (its evaluation next)" : "")
+            + ", optimizer step \(optimizer.stepCount)"
         session.logger.info("\(resumed)")
         return position
     }

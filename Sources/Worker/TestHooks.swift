@@ -33,6 +33,9 @@ struct TestHooks {
     var stallInRead = false
     /// BPWORKER_TEST_STEP_SLEEP_MS=N: every step of every rank takes N ms longer (so signals land mid-epoch).
     var stepSleepMicroseconds: UInt32 = 0
+    /// BPWORKER_TEST_SIGNAL=RANK:STEP: that rank sends itself SIGTERM as that step begins (0-based global step), so a
+    /// stop lands on a chosen step, such as an epoch's last.
+    var signalStep: Int?
     /// BPWORKER_TEST_DIVERGE=RANK:STEP: that rank's first parameter drifts at that step (a silent replica fault).
     var divergeStep: Int?
     /// BPWORKER_TEST_CLOCK_OFFSET=RANK:SECONDS: that rank's clock for time-based checkpoints runs SECONDS ahead.
@@ -77,6 +80,7 @@ struct TestHooks {
         }
         if let f = fields("BPWORKER_TEST_STEP_SLEEP_MS"), f.count == 1 { hooks.stepSleepMicroseconds = UInt32(f[0] * 1000) }
         if let f = fields("BPWORKER_TEST_DIVERGE"), f.count == 2, Int(f[0]) == rank { hooks.divergeStep = Int(f[1]) }
+        if let f = fields("BPWORKER_TEST_SIGNAL"), f.count == 2, Int(f[0]) == rank { hooks.signalStep = Int(f[1]) }
         if let f = fields("BPWORKER_TEST_CLOCK_OFFSET"), f.count == 2, Int(f[0]) == rank { hooks.clockOffsetSeconds = f[1] }
         if let f = fields("BPWORKER_TEST_CLOCK_SKEW"), f.count == 2, Int(f[0]) == rank { hooks.clockSkewSeconds = f[1] }
         hooks.checkpointCrashStep = env["BPWORKER_TEST_CHECKPOINT_CRASH"].flatMap { Int($0) }
@@ -110,6 +114,7 @@ struct TestHooks {
         if step == nanStep && !nanLossOnly { model.inputs[0] = .nan }
         if step == stallStep && !stallAfterExchange && !stallInRead { sleepFully(stallSeconds) }
         if step == divergeStep { model.parameters[0] += 1e-3 }
+        if step == signalStep { raise(SIGTERM) }
     }
 
     @inline(__always)

@@ -110,6 +110,29 @@ struct DaemonTests {
         #expect(kept.count == 3)
     }
 
+    /// A stop that lands on an epoch's last step: the resume still runs that epoch's evaluation and target check, so
+    /// a run that reaches `training.target_accuracy` there stops where the uninterrupted one stops, with its model.
+    /// (It used to move on to the next epoch unevaluated and train past the target.)
+    @Test func aStopAfterAnEpochsLastStepResumesWithThatEpochsEvaluation() throws {
+        let data = try SyntheticData(samples: 200)
+        defer { data.remove() }
+        let target = ["--set", "training.target_accuracy=0.01"]
+        let reference = temporaryRunDirectory()
+        let r = try Harness.mpirun(2, job(data, runDir: reference, extra: target))
+        #expect(r.status == 0 && r.output.contains("reached training.target_accuracy=0.01 after epoch 1"), "\(r.output)")
+        let run = temporaryRunDirectory()
+        // Rank 1 signals itself as global step 11 (0-based) begins: the last of epoch 1's 12 steps.
+        let stopped = try Harness.mpirun(2, job(data, runDir: run, extra: target), environment: ["BPWORKER_TEST_SIGNAL": "1:11"])
+        #expect(stopped.status == 0 && stopped.output.contains("stopped by another rank's signal after step 12"), "\(stopped.output)")
+        #expect(!stopped.output.contains("test accuracy"), "\(stopped.output)")
+        let resumed = try Harness.resume(run)
+        #expect(resumed.status == 0, "\(resumed.output)")
+        #expect(resumed.output.contains("epoch 1 at step 12/12 (its evaluation next)"), "\(resumed.output)")
+        #expect(resumed.output.contains("epoch 1/3 test accuracy"), "\(resumed.output)")
+        #expect(resumed.output.contains("reached training.target_accuracy=0.01 after epoch 1"), "\(resumed.output)")
+        #expect(try parameters(run + "/model.safetensors") == parameters(reference + "/model.safetensors"))
+    }
+
     @Test func sigtermToMpirunWithAGracePeriodSavesACheckpoint() throws {
         let data = try SyntheticData(samples: 200)
         defer { data.remove() }

@@ -98,13 +98,15 @@ struct WorkerLogicTests {
         #expect(next.epochStep * 32 <= 80 && 80 - next.epochStep * 32 < 32)
     }
 
-    @Test func aFinishedEpochRollsOver() {
+    /// A stop after an epoch's last step saves the epoch with all its steps done: the resume still owes it its end
+    /// (the evaluation and the target accuracy check), so the position stays in it.
+    @Test func anEpochWhoseStepsAreDoneStaysForItsEnd() {
         let saved = TrainingPosition(globalStep: 12, epoch: 0, epochStep: 12, worldSize: 2, batchSize: 8)
         let (same, _) = saved.continued(worldSize: 2, batchSize: 8, stepsPerEpoch: 12)
-        #expect(same.epoch == 1 && same.epochStep == 0 && same.globalStep == 12)
-        // 192 samples seen; 1 rank x 16 has 12 steps per epoch: the epoch is done there too.
+        #expect(same == saved)
+        // 192 samples seen; 1 rank x 16 has 12 steps per epoch: the epoch's steps are done there too.
         let (other, _) = saved.continued(worldSize: 1, batchSize: 16, stepsPerEpoch: 12)
-        #expect(other.epoch == 1 && other.epochStep == 0 && other.globalStep == 12)
+        #expect(other.epoch == 0 && other.epochStep == 12 && other.globalStep == 12)
     }
 
     // MARK: - Run directories
