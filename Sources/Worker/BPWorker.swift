@@ -33,8 +33,11 @@ struct BPWorker: ParsableCommand {
 
 /// Options every subcommand that runs a job shares.
 struct RunOptions: ParsableArguments {
+    /// Given twice, the second file would silently replace the first (swift-argument-parser keeps the last value):
+    /// `validate` refuses that.
     @Option(name: [.short, .customLong("config")], help: "YAML configuration file (default: built-in defaults).")
-    var config: String?
+    var configFiles: [String] = []
+    var config: String? { configFiles.first }
 
     @Option(name: .customLong("set"), help: ArgumentHelp(
         "Override one key, in YAML syntax; repeatable.", valueName: "key=value"))
@@ -55,6 +58,10 @@ struct RunOptions: ParsableArguments {
 
     func validate() throws {
         if let blasThreads, blasThreads < 1 { throw ValidationError("--blas-threads must be at least 1") }
+        if configFiles.count > 1 {
+            throw ValidationError("-c/--config given \(configFiles.count) times (\(configFiles.joined(separator: ", "))): bpworker "
+                + "reads one configuration file; change single keys with --set")
+        }
     }
 }
 

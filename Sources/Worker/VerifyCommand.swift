@@ -59,9 +59,15 @@ struct Verify: ParsableCommand {
         files += names.sorted().map { checkpoints + "/" + $0 }
         var result = files.map { ($0, verdict($0)) }
         // `latest` must name a checkpoint that is there: a resume would skip it.
-        if let latest = try? String(contentsOfFile: checkpoints + "/latest", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines),
-           !names.contains(latest) {
-            result.append((checkpoints + "/latest", .damaged("names \(latest.isEmpty ? "nothing" : latest), which is not there")))
+        if let bytes = FileManager.default.contents(atPath: checkpoints + "/latest") {
+            if let text = String(data: bytes, encoding: .utf8) {
+                let latest = text.trimmingCharacters(in: .whitespacesAndNewlines)
+                if !names.contains(latest) {
+                    result.append((checkpoints + "/latest", .damaged("names \(latest.isEmpty ? "nothing" : latest), which is not there")))
+                }
+            } else {
+                result.append((checkpoints + "/latest", .damaged("not text (\(bytes.count) bytes that are not UTF-8): it names no checkpoint")))
+            }
         }
         if result.isEmpty { result.append((path, .damaged("no model file or checkpoint here"))) }
         return result

@@ -132,6 +132,19 @@ struct VerifiedCheckpointTests {
         return run
     }
 
+    /// A `latest` pointer of bytes that are not text names no checkpoint: verify says so (it said nothing, and exited 0).
+    @Test func aLatestPointerThatIsNotTextIsDamaged() throws {
+        let data = try SyntheticData(samples: 64)
+        defer { data.remove() }
+        let run = try smallRun(data)
+        #expect(try Harness.local(["verify", run]).status == 0)
+        try Data([0xff, 0xfe, 0, 1, 2, 0x80]).write(to: URL(fileURLWithPath: run + "/checkpoints/latest"))
+        let verified = try Harness.local(["verify", run])
+        #expect(verified.status == 1, "\(verified.output)")
+        #expect(verified.output.contains("checkpoints/latest: DAMAGED: not text (6 bytes that are not UTF-8): it names no checkpoint"),
+                "\(verified.output)")
+    }
+
     /// A checkpoint damaged on its way to disk is caught by the read-back: `latest` stays on the previous checkpoint,
     /// nothing is pruned (`checkpoint.keep=1` would otherwise delete the last intact one), the file is set aside, and the
     /// run goes on and finishes with the undisturbed run's model.
