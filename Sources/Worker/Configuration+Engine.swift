@@ -63,7 +63,7 @@ extension Configuration {
     }
 
     private static func unknownLayer(_ name: String, key: String) -> ConfigError {
-        ConfigError(description: "\(key): unknown layer '\(name)' (" + LayerKinds.names.joined(separator: ", ") + ")")
+        ConfigError(description: "\(key): " + LayerKinds.unknownEntry(name))
     }
 
     /// One layer from its words, for input samples of `input` (which fixes a linear layer's inputs and the

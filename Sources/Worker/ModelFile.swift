@@ -51,6 +51,14 @@ struct ModelDescription: Equatable {
             case .float32: self = .float32
             }
         }
+
+        /// What the values are, for errors.
+        var values: String {
+            switch self {
+            case .uint8: "raw bytes 0..255 (uint8)"
+            case .float32: "floating-point values (float32, or float64 read as float32)"
+            }
+        }
     }
 
     struct Preprocessing: Equatable {
@@ -263,15 +271,12 @@ struct ModelDescription: Equatable {
 
     // MARK: - Using
 
-    /// Checks that `data` holds samples this model takes: the same stored type, and the same shape (or the same
-    /// number of values, when one side is flat: an MLP trained on [784] takes [28, 28] images and the other way
-    /// round). The error names the data file, the model file and both sides.
+    /// Checks that `data` holds samples this model takes: the same stored type, and the same number of values in a
+    /// shape that matches (`samplesMatch`). The error names the data file, the model file and both sides.
     func checkInput(_ data: Dataset, modelPath: String) throws {
         let dataType = InputType(data)
         let inputCount = inputShape.reduce(1, *)
-        let sameShape = data.sampleShape == inputShape
-            || ((data.sampleShape.count == 1 || inputShape.count == 1) && data.featureCount == inputCount)
-        guard sameShape else {
+        guard data.featureCount == inputCount && samplesMatch(data.sampleShape, inputShape) else {
             var hint = ""
             if data.count == inputShape.first, Array(data.sampleShape) == Array(inputShape.dropFirst()) {
                 hint = "; for a single sample, add a leading dimension: shape [1, \(inputShape.map(String.init).joined(separator: ", "))]"
@@ -280,11 +285,18 @@ struct ModelDescription: Equatable {
                 + "but the model in \(modelPath) takes \(inputShape) (\(inputCount) values)" + hint)
         }
         guard dataType == inputType else {
-            let what = inputType == .uint8 ? "raw bytes 0..255 (uint8)" : "float32 values"
-            throw DataError(path: data.name, reason: "holds \(dataType.rawValue) values but the model in \(modelPath) was "
-                + "trained on \(what), and its preprocessing (\(preprocessing.kind.rawValue)) applies to those")
+            throw DataError(path: data.name, reason: "holds \(dataType.values) but the model in \(modelPath) was "
+                + "trained on \(inputType.values), and its preprocessing (\(preprocessing.kind.rawValue)) applies to those")
         }
     }
+}
+
+/// Whether samples of shape `a` can stand for samples of shape `b` (the same number of values assumed): the same
+/// shape up to leading sizes of 1 (an image [28, 28] is [1, 28, 28], one channel), or either one flat (an MLP
+/// trained on [784] takes [28, 28] images, and the other way round).
+func samplesMatch(_ a: [Int], _ b: [Int]) -> Bool {
+    func withoutLeadingOnes(_ shape: [Int]) -> ArraySlice<Int> { shape.drop { $0 == 1 } }
+    return a.count == 1 || b.count == 1 || withoutLeadingOnes(a) == withoutLeadingOnes(b)
 }
 
 /// A bpworker model file or checkpoint read as untrusted input and checked against its own description.

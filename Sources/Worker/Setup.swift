@@ -123,6 +123,17 @@ enum Setup {
             throw DataError(path: config.testFeatures, reason: "has \(test.featureCount) values per sample but "
                 + "\(config.trainFeatures) has \(train.featureCount): the model's input layer takes \(train.featureCount)")
         }
+        // The test set is evaluated by the model of the training set's samples, normalised by its statistics: as
+        // `eval --model` and `predict` hold their inputs to a model file's.
+        guard samplesMatch(test.sampleShape, train.sampleShape) else {
+            throw DataError(path: config.testFeatures, reason: "samples are shaped \(test.sampleShape) but \(config.trainFeatures)'s "
+                + "are \(train.sampleShape): the model takes the training set's")
+        }
+        guard test.features.element == train.features.element else {
+            throw DataError(path: config.testFeatures, reason: "holds \(ModelDescription.InputType(test).values) but "
+                + "\(config.trainFeatures) holds \(ModelDescription.InputType(train).values), and the training set's "
+                + "normalisation (\(config.normalization.rawValue)) applies to those")
+        }
         return (train, test)
     }
 
@@ -160,6 +171,7 @@ enum Setup {
     private static func standardize(_ session: Session, _ train: inout Dataset) {
         let mine = stride(from: session.rank, to: train.statisticsChunks, by: session.worldSize)
         let communicator = session.communicator
+        var sums: [Double] = []
         do {
             switch train.features.element {
             case .uint8:
@@ -169,8 +181,10 @@ enum Setup {
             case .float32:
                 let n = Double(train.features.count)
                 // Each chunk's sum comes from one rank (the others add 0): the allreduce gathers them exactly.
-                var sums = try train.chunkSums(chunks: mine, center: 0, squared: false)
+                sums = try train.chunkSums(chunks: mine, center: 0, squared: false)
                 try sums.withUnsafeMutableBufferPointer { (b) throws(MPIError) in try communicator.allreduce(b, op: .sum) }
+                // Every rank has every chunk's sum: a non-finite one is every rank's error, said once below.
+                if sums.contains(where: { !$0.isFinite }) { break }
                 let mean = n > 0 ? sums.reduce(0, +) / n : 0
                 var squares = try train.chunkSums(chunks: mine, center: mean, squared: true)
                 try squares.withUnsafeMutableBufferPointer { (b) throws(MPIError) in try communicator.allreduce(b, op: .sum) }
@@ -179,6 +193,7 @@ enum Setup {
         } catch {
             session.abort("data statistics: \(error)")
         }
+        session.agree("data") { [train] in try train.requireFinite(chunkSums: sums) }
     }
 
     /// All ranks compare the model layout, batch size, steps per epoch (or a checksum of the parameters), and
@@ -213,16 +228,14 @@ enum Setup {
 }
 
 /// Batch norm in training needs more than one value per feature to normalise over (PyTorch: "Expected more than 1
-/// value per channel when training"): the batch times the feature's positions, over all ranks when synchronized.
+/// value per channel when training"): the batch (over all ranks when synchronized) times the feature's positions,
+/// which is 1 only when both are. Inner layers of residual blocks too ("layer 3.residual[1]").
 func checkBatchNormBatches(_ spec: ModelSpec, config: Configuration, ranks: Int, training: Bool) throws {
-    guard training, let shapes = try? spec.shapes() else { return }
-    let batch = config.batchSize * (config.batchNorm == .sync ? ranks : 1)
-    for (index, layer) in spec.layers.enumerated() {
-        guard layer.as(BatchNormKind.self) != nil else { continue }
-        let positions = shapes[index].dropFirst().reduce(1, *)
-        if batch * positions < 2 {
-            throw ConfigError(description: "model: layer \(index) \(layer) would normalise each feature over \(batch * positions) "
-                + "value\(batch * positions == 1 ? "" : "s") per step (training.batch_size=\(config.batchSize)"
+    guard training, config.batchSize == 1, config.batchNorm != .sync || ranks == 1 else { return }
+    for (place, layer, input) in spec.placedLayers() where layer.as(BatchNormKind.self) != nil {
+        if input.dropFirst().allSatisfy({ $0 == 1 }) {
+            throw ConfigError(description: "layer \(place) \(layer) would normalise each feature over 1 "
+                + "value per step (training.batch_size=\(config.batchSize)"
                 + (config.batchNorm == .sync ? " x \(ranks) ranks" : ", model.batchnorm=local") + "): batch norm in training "
                 + "needs more than 1 value per channel; raise training.batch_size or use model.batchnorm=sync")
         }

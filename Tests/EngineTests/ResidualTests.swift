@@ -190,10 +190,29 @@ struct ResidualTests {
             reason: "the body gives [4, 3, 3] per sample but the identity shortcut gives [3, 6, 6]: they must match to be added")),
         ("residual [relu] shortcut", LayerEntryError(reason: "expected a list of entries in brackets, e.g. '[conv 16 3 pad 1, batchnorm]'")),
         ("residual [relu, ]", LayerEntryError(reason: "a list has an empty entry")),
-        ("residual []", LayerEntryError(reason: "an empty list: a body needs at least one entry, and the identity shortcut is "
-                                        + "written by leaving 'shortcut' out")),
-        ("residual [relu] shortcut [ ]", LayerEntryError(reason: "an empty list: a body needs at least one entry, and the identity "
-                                                         + "shortcut is written by leaving 'shortcut' out")),
+        ("residual []", LayerEntryError(reason: "the body is an empty list: it needs at least one entry")),
+        ("residual [relu] shortcut [ ]", LayerEntryError(reason: "the shortcut is an empty list: the identity shortcut is written "
+                                                         + "by leaving 'shortcut' out")),
+        ("residual [[conv 3 3 pad 1, relu]]", LayerEntryError(
+            reason: "a list where an entry belongs ('[conv ...'): entries are layers or residual blocks, and a block's entries "
+                + "are written in one list, residual: [ENTRY, ...]", path: "residual[0]")),
+        ("residual [relu, shortcut [relu]]", LayerEntryError(
+            reason: "'shortcut' without 'residual': a shortcut belongs to a residual block, written in the same mapping, "
+                + "{residual: [ENTRY, ...], shortcut: [ENTRY, ...]}", path: "residual[1]")),
+        ("residual [conv 3 3 pad 1 pad 2]", LayerEntryError(reason: "'conv 3 3 pad 1 pad 2': 'pad' is given twice", path: "residual[0]")),
+        ("residual [conv 3 3 nobias nobias]", LayerEntryError(reason: "'conv 3 3 nobias nobias': 'nobias' is given twice", path: "residual[0]")),
+        ("residual [conv 3 3 pad 16777217]", LayerEntryError(reason: "'conv 3 3 pad 16777217': pad must be at most 16777216, got 16777217",
+                                                             path: "residual[0]")),
+        ("residual [conv 3 3 pad 9223372036854775807]", LayerEntryError(
+            reason: "'conv 3 3 pad 9223372036854775807': pad must be at most 16777216, got 9223372036854775807", path: "residual[0]")),
+        ("residual [flatten, linear 20000000]", LayerEntryError(reason: "'linear 20000000': linear width must be at most 16777216, got 20000000",
+                                                                path: "residual[1]")),
+        ("residual [conv 16 3 pad 16777216, flatten]", LayerEntryError(
+            reason: "'conv 16 3 pad 16777216' (Conv2d(3, 16, kernel_size=3, padding=16777216)): its output sample "
+                + "[16, 33554436, 33554436] would hold more than 2^40 values", path: "residual[0]")),
+        ("residual [flatten, linear 16777216, linear 16777216]", LayerEntryError(
+            reason: "'linear 16777216' (Linear(16777216, 16777216)): its weight [16777216, 16777216] would hold more than 2^40 values",
+            path: "residual[2]")),
         ("residual [relu", LayerEntryError(reason: "a '[' has no matching ']'")),
         ("residual [relu] extra", LayerEntryError(reason: "expected 'shortcut [ENTRY, ...]' after the body, got 'extra'")),
         ("residual [conv 4 9]", LayerEntryError(reason: "'conv 4 9' (Conv2d(3, 4, kernel_size=9)): kernel 9 is larger than its padded input 6x6",

@@ -48,6 +48,50 @@ struct BadInputTests {
         try expectCleanFailure(data.arguments + ["--set", "model.inputs=784"], message: "model.inputs is 784")
     }
 
+    /// The test set is held to the training set's samples, as `eval --model` holds its input to a model file's: images
+    /// of another shape (the same number of values) or values of another kind (floats where the model trained on
+    /// bytes) are refused naming both files. Before, they were evaluated, and the test accuracy was silently wrong.
+    @Test func aTestSetUnlikeTheTrainingSet() throws {
+        let data = try SyntheticData(samples: 32, features: 36, imageShape: [6, 6])
+        defer { data.remove() }
+        let train = data.directory.appendingPathComponent("train-x.idx").path
+        let test = data.directory.appendingPathComponent("test-x.idx")
+        try SyntheticData.idx(shape: [32, 4, 9], bytes: [UInt8](repeating: 7, count: 32 * 36)).write(to: test)
+        let cnn = ["--set", "model.layers=[conv 4 3, flatten]"]
+        try expectCleanFailure(data.arguments + cnn, message: "\(test.path): samples are shaped [4, 9] but \(train)'s are [6, 6]")
+        let directory = data.directory.path
+        let made = try Harness.run("/usr/bin/env", ["python3", "-c", """
+            import numpy as np
+            np.save("\(directory)/x.npy", np.full((32, 6, 6), 9, np.uint8))
+            np.save("\(directory)/y.npy", np.arange(32, dtype=np.int64) % 3)
+            np.save("\(directory)/xf.npy", np.full((32, 6, 6), 9 / 255, np.float32))
+            """], environment: [:], timeout: 60)
+        #expect(made.status == 0, "\(made.output)")
+        let npy = ["--set", "data.format=npy", "--set", "data.train_features=\(directory)/x.npy", "--set", "data.train_labels=\(directory)/y.npy",
+                   "--set", "data.test_features=\(directory)/xf.npy", "--set", "data.test_labels=\(directory)/y.npy"]
+        try expectCleanFailure(npy + cnn, message: "\(directory)/xf.npy: holds floating-point values (float32, or float64 read as "
+                                + "float32) but \(directory)/x.npy holds raw bytes 0..255 (uint8)")
+    }
+
+    /// A NaN in float training data: its statistics would be NaN, and so every standardised value; the run used to
+    /// stop at step 1 on a non-finite loss naming no file, after writing a checkpoint that bpworker itself refuses.
+    @Test func aNaNInTheTrainingDataNamesTheFileAndTheSample() throws {
+        let directory = temporaryRunDirectory()
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        let made = try Harness.run("/usr/bin/env", ["python3", "-c", """
+            import numpy as np
+            x = np.ones((5000, 12), np.float32)
+            x[4100, 3] = np.nan
+            np.save("\(directory)/x.npy", x)
+            np.save("\(directory)/y.npy", np.arange(5000, dtype=np.int64) % 3)
+            """], environment: [:], timeout: 60)
+        #expect(made.status == 0, "\(made.output)")
+        try expectCleanFailure(["--set", "data.format=npy", "--set", "data.train_features=\(directory)/x.npy",
+                                "--set", "data.train_labels=\(directory)/y.npy", "--set", "data.test_features=\(directory)/x.npy",
+                                "--set", "data.test_labels=\(directory)/y.npy"],
+                               message: "\(directory)/x.npy: sample 4100 holds nan (its value 3): the data must be finite numbers")
+    }
+
     @Test func unknownConfigKey() throws {
         try expectCleanFailure(["--set", "optimizer.learnig_rate=0.1"], message: "unknown key 'optimizer.learnig_rate'")
         try expectCleanFailure(["--set", "training.epoch=3"], message: "(did you mean 'training.epochs'?)")
@@ -60,6 +104,14 @@ struct BadInputTests {
         try expectCleanFailure(["-c", file.path], message: "\(file.path):3: training.epochs: expected an integer, got \"three\"")
         try expectCleanFailure(["--set", "optimizer.lr=fast"], message: "optimizer.lr: expected a number")
         try expectCleanFailure(["--set", "optimizer.name=rmsprop"], message: "expected one of sgd, adam, adamw")
+    }
+
+    /// A second `-c` would replace the first without a word (the last value wins in swift-argument-parser).
+    @Test func aSecondConfigurationFileIsRefused() throws {
+        let r = try Harness.local(["train", "--local", "-c", "first.yaml", "--config", "second.yaml"], timeout: 30)
+        #expect(r.status != 0, "\(r.output)")
+        #expect(r.output.contains("-c/--config given 2 times (first.yaml, second.yaml): bpworker reads one configuration file; "
+                                  + "change single keys with --set"), "\(r.output)")
     }
 
     /// A run directory that cannot be one: the reason in words, not Foundation's error domain and code.

@@ -154,6 +154,11 @@ struct CNNTests {
                                message: "layer 3 BatchNorm(8) would normalise each feature over 1 value per step")
         try expectCleanFailure(images, layers: "[conv 4 3 dilation 2, flatten]", message: "unknown option 'dilation' (nobias, pad, stride)")
         try expectCleanFailure(images, layers: "[convolution 4 3, flatten]", message: "model.layers[0]: unknown layer 'convolution'")
+        // Numbers whose sizes would overflow: one clear error, not a crash in the shape arithmetic.
+        try expectCleanFailure(images, layers: "[conv 4 3 pad 9223372036854775807, flatten]",
+                               message: "model.layers[0]: 'conv 4 3 pad 9223372036854775807': pad must be at most 16777216")
+        try expectCleanFailure(images, layers: "[conv 16 3 pad 16777216, flatten]",
+                               message: "its output sample [16, 33554436, 33554436] would hold more than 2^40 values")
     }
 
     // MARK: - Residual blocks
@@ -196,6 +201,10 @@ struct CNNTests {
         try expectCleanFailure(images, layers: "[conv 4 3 pad 1, {residual: [conv 8 3 pad 1]}, flatten]",
                                message: "model.layers[1]: 'residual [conv 8 3 pad 1]': the body gives [8, 6, 6] per sample but the "
                                 + "identity shortcut gives [4, 6, 6]: they must match to be added")
+        // Batch norm inside a block is held to "more than one value per channel" as the model's own layers are.
+        try expectCleanFailure(images, layers: "[conv 4 1, globalavgpool, {residual: [conv 4 1, batchnorm]}, flatten]",
+                               extra: ["--set", "training.batch_size=1"],
+                               message: "error: model: layer 2.residual[1] BatchNorm(4) would normalise each feature over 1 value per step")
         try expectCleanFailure(images, layers: "[conv 4 3 pad 1, {residual: [relu], shortcutt: [relu]}, flatten]",
                                message: "model.layers[1]: 'residual [relu] shortcutt [relu]': expected 'shortcut [ENTRY, ...]' after the body")
     }

@@ -242,7 +242,7 @@ struct ModelFileTests {
         #expect(try evalCount(r.output).count == 1000)
         let wrongType = try eval(["--run-dir", directory, "--model", run + "/model.safetensors", "--set", "data.test_features=\(directory)/xf.npy"] + set)
         #expect(wrongType.status == 1)
-        #expect(wrongType.output.contains("\(directory)/xf.npy: holds float32 values but the model"), "\(wrongType.output)")
+        #expect(wrongType.output.contains("\(directory)/xf.npy: holds floating-point values (float32, or float64 read as float32) but the model"), "\(wrongType.output)")
     }
 
     // MARK: - predict
@@ -293,6 +293,7 @@ struct ModelFileTests {
             np.save("\(directory)/floats.npy", np.zeros((3, 28, 28), np.float32))
             np.save("\(directory)/one.npy", np.zeros((28, 28), np.uint8))
             np.save("\(directory)/good.npy", np.zeros((3, 28, 28), np.uint8))
+            np.save("\(directory)/channel.npy", np.zeros((3, 1, 28, 28), np.uint8))
             save_file({"0.weight": np.zeros((10, 784), np.float32), "0.bias": np.zeros(10, np.float32)}, "\(directory)/foreign.safetensors")
             """)
         let bytes = try Data(contentsOf: URL(fileURLWithPath: model))
@@ -300,7 +301,7 @@ struct ModelFileTests {
         let good = directory + "/good.npy"
         let cases: [(model: String, input: String, named: String, reason: String)] = [
             (model, directory + "/wrong-shape.npy", directory + "/wrong-shape.npy", "samples are shaped [27, 29] (783 values) but the model in \(model) takes [28, 28] (784 values)"),
-            (model, directory + "/floats.npy", directory + "/floats.npy", "holds float32 values but the model in \(model) was trained on raw bytes 0..255 (uint8)"),
+            (model, directory + "/floats.npy", directory + "/floats.npy", "holds floating-point values (float32, or float64 read as float32) but the model in \(model) was trained on raw bytes 0..255 (uint8)"),
             (model, directory + "/one.npy", directory + "/one.npy", "add a leading dimension: shape [1, 28, 28]"),
             (model, run + "/config.yaml", run + "/config.yaml", "not an IDX file"),
             (directory + "/foreign.safetensors", good, directory + "/foreign.safetensors", "not a bpworker model file"),
@@ -317,6 +318,9 @@ struct ModelFileTests {
         }
         // The good input does work, so the errors above are about the input.
         #expect(try Harness.local(["predict", "--model", model, good]).status == 0)
+        // Images with their one channel written out, as the model file's model_input_shape gives them, are the same samples.
+        let channel = try Harness.local(["predict", "--model", model, directory + "/channel.npy"])
+        #expect(channel.status == 0, "\(channel.output)")
     }
 
     // MARK: - Old files

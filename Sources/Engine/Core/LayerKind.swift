@@ -103,6 +103,20 @@ public enum LayerKinds {
 
     /// Every entry's name, sorted: for an error that lists what `model.layers` takes.
     public static var names: [String] { all.map { $0.name }.sorted() }
+
+    /// Why no kind takes an entry whose first word is `name`: what the entry was probably meant to be, or the names
+    /// `model.layers` takes.
+    public static func unknownEntry(_ name: String) -> String {
+        if name == "shortcut" {
+            return "'shortcut' without 'residual': a shortcut belongs to a residual block, written in the same mapping, "
+                + "{residual: [ENTRY, ...], shortcut: [ENTRY, ...]}"
+        }
+        if name.hasPrefix("[") {
+            return "a list where an entry belongs ('\(name) ...'): entries are layers or residual blocks, and a block's "
+                + "entries are written in one list, residual: [ENTRY, ...]"
+        }
+        return "unknown layer '\(name)' (" + names.joined(separator: ", ") + ")"
+    }
 }
 
 /// Where a run-time layer sits in its model: what its initialiser needs beside its kind.
@@ -133,7 +147,18 @@ public struct LayerSpec: Equatable, Sendable, CustomStringConvertible {
     /// Whether the layer works on images only (a block: whether one of its entries does).
     public var isSpatial: Bool { LayerKinds.entryIsSpatial(entry.split(separator: " ").map(String.init)) }
     public var hasKink: Bool { kind.hasKink }
-    public func outputShape(input: [Int]) throws(ModelSpecError) -> [Int] { try kind.outputShape(input: input) }
+    /// The kind's output shape, checked with its tensors against `largestTensor`: every shape a model is built
+    /// from passes here, so sizes and offsets computed from shapes later cannot overflow.
+    public func outputShape(input: [Int]) throws(ModelSpecError) -> [Int] {
+        let output = try kind.outputShape(input: input)
+        if elementCount(output) == nil {
+            throw ModelSpecError("its output sample \(output) would hold more than 2^40 values")
+        }
+        for (name, shape) in kind.parameterShapes(input: input) where elementCount(shape) == nil {
+            throw ModelSpecError("its \(name) \(shape) would hold more than 2^40 values")
+        }
+        return output
+    }
     public func parameterShapes(input: [Int]) -> [(String, [Int])] { kind.parameterShapes(input: input) }
     public var bufferShapes: [(String, [Int])] { kind.bufferShapes }
     public func torchModule(input: [Int]) -> TorchModule { kind.torchModule(input: input) }
@@ -188,8 +213,14 @@ public struct LayerEntry: Sendable {
 
     func integer(_ text: String, _ what: String, minimum: Int) throws(LayerEntryError) -> Int {
         guard let v = Int(text), v >= minimum else { throw fail("\(what) must be an integer >= \(minimum), got \(text)") }
+        guard v <= Self.largestInteger else { throw fail("\(what) must be at most \(Self.largestInteger), got \(text)") }
         return v
     }
+
+    /// The largest number an entry takes (channels, widths, kernels, strides, padding): 2^24, far beyond any layer
+    /// that fits in memory, and small enough that no size computed from them overflows before the shapes are checked
+    /// (`LayerSpec.outputShape`).
+    static let largestInteger = 1 << 24
 
     func number(_ text: String) throws(LayerEntryError) -> Double {
         guard let v = Double(text), v.isFinite else { throw fail("expected a number, got \(text)") }
@@ -205,6 +236,7 @@ public struct LayerEntry: Sendable {
             guard allowed.contains(option) else {
                 throw fail("unknown option '\(option)' (\(allowed.sorted().joined(separator: ", ")))")
             }
+            guard result[option] == nil else { throw fail("'\(option)' is given twice") }
             if option == "nobias" {
                 result[option] = 1
                 i += 1
@@ -284,6 +316,19 @@ func imageShape(_ input: [Int], _ what: String) throws(ModelSpecError) -> (c: In
         throw ModelSpecError("\(what) needs image samples [C, H, W], but its input is \(input)")
     }
     return (input[0], input[1], input[2])
+}
+
+/// The values in a tensor of `shape`, or nil when they pass 2^40 (4 TiB of Float: no machine holds such a tensor),
+/// counted without overflowing whatever the sizes.
+public func elementCount(_ shape: [Int]) -> Int? {
+    var count = 1
+    for size in shape {
+        guard size >= 0 else { return nil }
+        let (product, overflow) = count.multipliedReportingOverflow(by: size)
+        guard !overflow, product <= 1 << 40 else { return nil }
+        count = product
+    }
+    return count
 }
 
 /// Positions of a window of `kernel` sliding by `stride` over `size` values padded by `padding` on each side.

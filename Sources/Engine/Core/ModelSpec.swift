@@ -73,6 +73,7 @@ public struct ModelSpec: Equatable, Sendable {
         guard !inputShape.isEmpty, inputShape.allSatisfy({ $0 > 0 }) else {
             throw ModelSpecError("the input shape \(inputShape) must have positive sizes")
         }
+        guard elementCount(inputShape) != nil else { throw ModelSpecError("the input shape \(inputShape) holds more than 2^40 values") }
         var shapes = [inputShape]
         for (index, layer) in layers.enumerated() {
             do { shapes.append(try layer.outputShape(input: shapes[index])) } catch {
@@ -80,6 +81,16 @@ public struct ModelSpec: Equatable, Sendable {
             }
         }
         return shapes
+    }
+
+    /// Every layer with the shape of its input sample, a block's inner layers right after the block, each named by
+    /// its place: "3" for layer 3, "3.residual[1]" and "3.shortcut[0]" inside the block at 3 (as `model.layers`
+    /// keys name them). Empty when the layers do not fit.
+    public func placedLayers() -> [(place: String, layer: LayerSpec, input: [Int])] {
+        guard let shapes = try? shapes() else { return [] }
+        return layers.indices.flatMap { i in
+            [("\(i)", layers[i], shapes[i])] + (layers[i].as(ResidualKind.self)?.placedLayers(input: shapes[i], place: "\(i)") ?? [])
+        }
     }
 
     /// Checks that the layers fit together; the error names the layer by its nn.Sequential index.

@@ -299,7 +299,9 @@ public struct Dataset: Sendable {
             return standardize(histogram: try byteHistogram(chunks: all))
         case .float32:
             let n = Double(features.count)
-            let mean = n > 0 ? try chunkSums(chunks: all, center: 0, squared: false).reduce(0, +) / n : 0
+            let sums = try chunkSums(chunks: all, center: 0, squared: false)
+            try requireFinite(chunkSums: sums)
+            let mean = n > 0 ? sums.reduce(0, +) / n : 0
             let variance = n > 0 ? try chunkSums(chunks: all, center: mean, squared: true).reduce(0, +) / n : 0
             return standardize(mean: mean, variance: variance)
         }
@@ -318,6 +320,23 @@ public struct Dataset: Sendable {
             }
         }
         return histogram
+    }
+
+    /// float32 features: throws naming the first sample that holds a NaN or an infinity, when the sums of the
+    /// values per chunk (`chunkSums` with center 0) say that one does (no sum of finite Floats overflows a Double).
+    /// Its statistics would not be finite, and every value standardised with them would be NaN.
+    public func requireFinite(chunkSums sums: [Double]) throws {
+        guard let chunk = sums.firstIndex(where: { !$0.isFinite }) else { return }
+        var sample = chunk * Self.statisticsChunkRows
+        var found: (sample: Int, position: Int, value: Float)? = nil
+        try forEachRow(of: chunk) { row in
+            let values = row.assumingMemoryBound(to: Float.self)
+            if found == nil, let j = (0..<featureCount).first(where: { !values[$0].isFinite }) { found = (sample, j, values[j]) }
+            sample += 1
+        }
+        guard let found else { throw DataError(path: name, reason: "samples from \(chunk * Self.statisticsChunkRows) on sum to \(sums[chunk])") }
+        throw DataError(path: name, reason: "sample \(found.sample) holds \(found.value) (its value \(found.position)): "
+            + "the data must be finite numbers")
     }
 
     /// float32 features: for each chunk c of `chunks`, the sum over its values of (x - center), or of its square,

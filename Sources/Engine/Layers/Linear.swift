@@ -10,8 +10,11 @@ public struct LinearKind: LayerKind {
         try entry.expectCount(2)
         guard input.count == 1 else { throw entry.fail("takes flat samples, but its input is \(input): put a flatten before it") }
         let text = entry.words[1]
-        guard let width = Double(text), width >= 1, width == width.rounded(), width < 1e15 else {
+        guard let width = Double(text), width >= 1, width == width.rounded() else {
             throw entry.fail("linear width must be a positive integer, got \(text)")
+        }
+        guard width <= Double(LayerEntry.largestInteger) else {
+            throw entry.fail("linear width must be at most \(LayerEntry.largestInteger), got \(text)")
         }
         return Self(inputs: input[0], outputs: Int(width))
     }

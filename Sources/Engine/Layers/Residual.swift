@@ -141,6 +141,18 @@ public struct ResidualKind: LayerKind {
         }
     }
 
+    /// The inner layers with their input shapes, nested blocks' after their block (`ModelSpec.placedLayers`), named
+    /// from `place`, the block's own place.
+    func placedLayers(input: [Int], place: String) -> [(place: String, layer: LayerSpec, input: [Int])] {
+        paths.flatMap { name, path in
+            guard let shapes = try? Self.shapes(path, name, input: input) else { return [(place: String, layer: LayerSpec, input: [Int])]() }
+            return path.indices.flatMap { i in
+                let at = "\(place).\(name == "body" ? "residual" : name)[\(i)]"
+                return [(at, path[i], shapes[i])] + (path[i].as(ResidualKind.self)?.placedLayers(input: shapes[i], place: at) ?? [])
+            }
+        }
+    }
+
     /// The shape of a sample before a path's first layer and after each.
     static func shapes(_ path: [LayerSpec], _ name: String, input: [Int]) throws(ModelSpecError) -> [[Int]] {
         var shapes = [input]
@@ -157,19 +169,21 @@ public struct ResidualKind: LayerKind {
     /// The entry's body entries and shortcut entries (nil: none), as texts.
     private static func lists(_ entry: LayerEntry) throws(LayerEntryError) -> ([String], [String]?) {
         let text = entry.words.dropFirst().joined(separator: " ")
-        let (body, rest) = try bracketedList(Substring(text), entry)
+        let (body, rest) = try bracketedList(Substring(text), "body", entry)
         let tail = rest.drop { $0 == " " }
         if tail.isEmpty { return (body, nil) }
         guard tail.prefix(while: { $0 != " " && $0 != "[" }) == "shortcut" else {
             throw entry.fail("expected 'shortcut [ENTRY, ...]' after the body, got '\(tail)'")
         }
-        let (shortcut, end) = try bracketedList(tail.dropFirst("shortcut".count), entry)
+        let (shortcut, end) = try bracketedList(tail.dropFirst("shortcut".count), "shortcut", entry)
         guard end.allSatisfy({ $0 == " " }) else { throw entry.fail("unexpected '\(end.drop { $0 == " " })' after the shortcut") }
         return (body, shortcut)
     }
 
-    /// "[a, b [c, d], e] rest" as (["a", "b [c, d]", "e"], " rest"): commas split only outside inner brackets.
-    private static func bracketedList(_ text: Substring, _ entry: LayerEntry) throws(LayerEntryError) -> ([String], Substring) {
+    /// "[a, b [c, d], e] rest" as (["a", "b [c, d]", "e"], " rest"): commas split only outside inner brackets. `list`
+    /// ("body" or "shortcut") names the list in errors.
+    private static func bracketedList(_ text: Substring, _ list: String, _ entry: LayerEntry) throws(LayerEntryError)
+        -> ([String], Substring) {
         let start = text.drop { $0 == " " }
         guard start.first == "[" else { throw entry.fail("expected a list of entries in brackets, e.g. '[conv 16 3 pad 1, batchnorm]'") }
         var items: [String] = [], current = "", depth = 0
@@ -182,8 +196,8 @@ public struct ResidualKind: LayerKind {
                 if depth > 0 { current.append(c); continue }
                 items.append(current)
                 guard items.count > 1 || !current.allSatisfy({ $0 == " " }) else {
-                    throw entry.fail("an empty list: a body needs at least one entry, and the identity shortcut is written by "
-                                     + "leaving 'shortcut' out")
+                    throw entry.fail(list == "body" ? "the body is an empty list: it needs at least one entry"
+                        : "the shortcut is an empty list: the identity shortcut is written by leaving 'shortcut' out")
                 }
                 guard !items.contains(where: { $0.allSatisfy { $0 == " " } }) else { throw entry.fail("a list has an empty entry") }
                 return (items.map { $0.trimmingCharacters(in: .whitespaces) }, start[start.index(after: index)...])
@@ -212,7 +226,7 @@ public struct ResidualKind: LayerKind {
                 throw fail(error.path.isEmpty ? LayerEntryError(reason: "'\(text)': \(error.reason)") : error)
             }
             guard let layer = parsed else {
-                throw fail(LayerEntryError(reason: "unknown layer '\(words.first ?? "")' (" + LayerKinds.names.joined(separator: ", ") + ")"))
+                throw fail(LayerEntryError(reason: LayerKinds.unknownEntry(words.first ?? "")))
             }
             do { shape = try layer.outputShape(input: shape) } catch {
                 throw fail(LayerEntryError(reason: "'\(text)' (\(layer)): \(error.description)"))
