@@ -57,7 +57,7 @@ struct RunOptions: ParsableArguments {
     var progress: ProgressStyle = .auto
 
     func validate() throws {
-        if let blasThreads, blasThreads < 1 { throw ValidationError("--blas-threads must be at least 1") }
+        if let blasThreads, !(1...1024).contains(blasThreads) { throw ValidationError("--blas-threads must be in 1...1024, got \(blasThreads)") }
         if configFiles.count > 1 {
             throw ValidationError("-c/--config given \(configFiles.count) times (\(configFiles.joined(separator: ", "))): bpworker "
                 + "reads one configuration file; change single keys with --set")

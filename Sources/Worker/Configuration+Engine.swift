@@ -1,3 +1,4 @@
+import Coordinator
 import Engine
 
 /// Turns the `model.*`, `optimizer.*`, `schedule.*` and `gradcheck.*` keys into engine types. Errors name the key.
@@ -49,7 +50,7 @@ extension Configuration {
         layers.append(.linear(inputs: shape[0], outputs: classes))
         let spec = ModelSpec(layers: layers, loss: loss, labelSmoothing: labelSmoothing, initialization: initialization,
                              inputShape: inputShape)
-        do { try spec.validate() } catch { throw ConfigError(description: "model: \(error)") }
+        do { try spec.validate() } catch { throw ConfigError(description: "\(error)") }
         return spec
     }
 
@@ -118,6 +119,24 @@ extension Configuration {
         }
     }
 
+    /// `data.remainder` for a training set of `samples` and a global batch of `globalBatch`: a set value as it is;
+    /// `auto` drops, unless the set does not fill one global batch, where dropping would leave no step: it wraps.
+    /// A default must not make a valid run an error; `drop` set on such a set is refused with the reason.
+    func resolvedRemainder(samples: Int, globalBatch: Int) -> ShardSampler.Remainder {
+        switch remainder {
+        case .drop: .drop
+        case .wrap: .wrap
+        case .auto: samples >= globalBatch ? .drop : .wrap
+        }
+    }
+
+    /// Rank 0's line when `auto` wraps the remainder; nil when it does not.
+    func wrappedRemainderNote(samples: Int, globalBatch: Int) -> String? {
+        guard remainder == .auto, resolvedRemainder(samples: samples, globalBatch: globalBatch) == .wrap else { return nil }
+        return "data.remainder: auto wraps the samples around (the training set's \(samples) do not fill one global batch of "
+            + "\(globalBatch), and dropping them would leave no step; set data.remainder to choose)"
+    }
+
     /// Rank 0's line when `auto` caps the warmup of a run of `totalSteps` steps; nil when it does not.
     func cappedWarmupNote(totalSteps: Int) -> String? {
         let warmup = resolvedWarmupSteps(totalSteps: totalSteps)
@@ -154,14 +173,27 @@ extension Configuration {
         return options
     }
 
+    /// `training.blas_threads`, which a session sets before the other settings are checked.
+    func validateBLASThreads() throws {
+        guard (0...1024).contains(blasThreads) else {
+            throw ConfigError(description: "training.blas_threads must be in 0...1024 (0 = automatic), got \(blasThreads)")
+        }
+    }
+
     /// Checks the settings that no single engine type sees; the message names the key.
     func validateSettings() throws {
         func require(_ ok: Bool, _ message: String) throws { if !ok { throw ConfigError(description: message) } }
         try require(batchSize >= 1, "training.batch_size must be at least 1, got \(batchSize)")
+        // So that batch x ranks x sample values cannot overflow before the memory check refuses what does not fit.
+        try require(batchSize <= 1 << 24, "training.batch_size must be at most 16777216, got \(batchSize)")
         try require(epochs >= 1, "training.epochs must be at least 1, got \(epochs)")
-        try require(bucketKiB >= 0, "training.bucket_kib must be >= 0 (0 = one fused allreduce), got \(bucketKiB)")
+        try require(epochs <= 1 << 24, "training.epochs must be at most 16777216, got \(epochs)")
+        try require(inputs >= 0, "model.inputs must be >= 0 (0 = from the data), got \(inputs)")
+        try require(classes >= 0, "model.classes must be >= 0 (0 = from the labels), got \(classes)")
+        try require(bucketKiB >= 0 && bucketKiB <= 1 << 24,
+                    "training.bucket_kib must be in 0...16777216 (0 = one fused allreduce), got \(bucketKiB)")
         try require(targetAccuracy >= 0 && targetAccuracy <= 1, "training.target_accuracy must be in [0, 1], got \(targetAccuracy)")
-        try require(blasThreads >= 0, "training.blas_threads must be >= 0, got \(blasThreads)")
+        try validateBLASThreads()
         try require(logInterval >= 1, "logging.interval must be at least 1, got \(logInterval)")
         try require(clipNorm >= 0, "optimizer.clip_norm must be >= 0 (0 = off), got \(clipNorm)")
         try require(gradcheckBatch >= 1, "gradcheck.batch must be at least 1, got \(gradcheckBatch)")
@@ -184,7 +216,7 @@ extension Configuration {
         try require(maxSkippedSteps >= 0, "numerics.max_skips must be >= 0, got \(maxSkippedSteps)")
         try require(replicaCheckEvery >= 0, "training.replica_check_every must be >= 0, got \(replicaCheckEvery)")
         try require(watchdogSeconds >= 0, "watchdog.timeout_seconds must be >= 0, got \(watchdogSeconds)")
-        try require(timelineSteps >= 0, "timeline.steps must be >= 0 (0 = off), got \(timelineSteps)")
+        try require(timelineSteps >= 0 && timelineSteps <= 1 << 24, "timeline.steps must be in 0...16777216 (0 = off), got \(timelineSteps)")
         try require(timelineWarmupSteps >= 0, "timeline.warmup_steps must be >= 0, got \(timelineWarmupSteps)")
         do {
             try optimizerConfig.validate()

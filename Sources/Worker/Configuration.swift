@@ -18,7 +18,7 @@ struct Configuration: Equatable {
     var normalization = Normalization.standardize
     var dataMmap = true
     var dataPrefetch = 4
-    var remainder = Remainder.drop
+    var remainder = Remainder.auto
     /// Training batches only: random crop after zero padding (0 = off), random horizontal flip and random erasing
     /// (a probability, 0 = off) (`Augmentation`).
     var augmentCropPadding = 0
@@ -99,8 +99,10 @@ struct Configuration: Equatable {
     /// standardize: mean 0, std 1 from training-set statistics; scale: x / 255 for bytes; none: raw values.
     enum Normalization: String, CaseIterable { case standardize, scale, none }
     /// What happens to the samples that do not fill a last global batch: dropped (each epoch reshuffles, so
-    /// different samples are dropped each time), or wrapped around from the start of the permutation.
-    enum Remainder: String, CaseIterable { case drop, wrap }
+    /// different samples are dropped each time), or wrapped around from the start of the permutation. `auto`, the
+    /// default, drops them unless the training set does not fill one global batch, which dropping would make an
+    /// error (`resolvedRemainder`).
+    enum Remainder: String, CaseIterable { case auto, drop, wrap }
     enum ScheduleName: String, CaseIterable { case constant, step, cosine }
     /// `schedule.warmup_steps`: a number of steps, or `auto`, the default (`resolvedWarmupSteps`). The default is a
     /// value of its own rather than an absent key because config.yaml lists every key and a resume reads it: a
@@ -142,7 +144,8 @@ struct Configuration: Equatable {
         key("data.prefetch", \.dataPrefetch,
             "batches a background thread gathers (reads, normalises, augments) ahead of the step; 0 gathers in the step"),
         key("data.normalize", \.normalization, "standardize (training-set mean/std), scale (x/255) or none"),
-        key("data.remainder", \.remainder, "drop or wrap the samples that do not fill the last global batch"),
+        key("data.remainder", \.remainder, "drop or wrap the samples that do not fill the last global batch; auto: drop, "
+            + "unless the training set does not fill one global batch"),
         key("data.augment.crop_padding", \.augmentCropPadding,
             "images, training only: pad with this many zeros on each side, then crop a random window of the image's size (0 = off)"),
         key("data.augment.flip", \.augmentFlip, "images, training only: mirror left-right with probability 1/2"),

@@ -35,7 +35,7 @@ struct Predict: ParsableCommand {
 
     func validate() throws {
         if let top, top < 1 { throw ValidationError("--top must be at least 1") }
-        if let blasThreads, blasThreads < 1 { throw ValidationError("--blas-threads must be at least 1") }
+        if let blasThreads, !(1...1024).contains(blasThreads) { throw ValidationError("--blas-threads must be in 1...1024, got \(blasThreads)") }
     }
 
     func run() throws {

@@ -61,8 +61,10 @@ final class Session {
         }
         logger[metadataKey: "rank"] = "\(communicator.rank)"
 
-        let config = agree(communicator, logger, "configuration") {
-            try Configuration.load(file: options.config ?? configFile, overrides: options.overrides + extraOverrides)
+        let config = agree(communicator, logger, "configuration") { () throws -> Configuration in
+            let loaded = try Configuration.load(file: options.config ?? configFile, overrides: options.overrides + extraOverrides)
+            try loaded.validateBLASThreads()
+            return loaded
         }
         let layout = agree(communicator, logger, "node layout") { try communicator.nodeLayout() }
         let cores = AllowedCores.count()

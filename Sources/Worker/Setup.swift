@@ -65,7 +65,8 @@ enum Setup {
         let sampler = session.agree("sharding") {
             try ShardSampler(datasetSize: train.count, rank: session.rank, worldSize: session.worldSize,
                              batchSize: config.batchSize, seed: UInt64(max(0, config.seed)),
-                             remainder: config.remainder == .drop && training ? .drop : .wrap)
+                             remainder: training ? config.resolvedRemainder(samples: train.count, globalBatch: config.batchSize
+                                                                              * session.worldSize) : .wrap)
         }
         session.agree("model") { try checkBatchNormBatches(spec, config: config, ranks: session.worldSize, training: training) }
         if training {

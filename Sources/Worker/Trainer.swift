@@ -251,9 +251,11 @@ enum Trainer {
         }
         logger.info("memory: rank 0 expects \(prepared.memory.summary)")
         let batch = "batch: \(config.batchSize) per rank x \(counted(session.worldSize, "rank")) = global batch "
-            + "\(prepared.sampler.globalBatchSize); \(prepared.sampler.stepsPerEpoch) steps per epoch "
-            + "(\(config.remainder.rawValue) remainder), \(config.epochs) epochs"
+            + "\(prepared.sampler.globalBatchSize); \(counted(prepared.sampler.stepsPerEpoch, "step")) per epoch "
+            + "(\(prepared.sampler.remainder.rawValue) remainder), \(config.epochs) epochs"
         logger.info("\(batch)")
+        let globalBatch = prepared.sampler.globalBatchSize
+        if let wrapped = config.wrappedRemainderNote(samples: prepared.train.count, globalBatch: globalBatch) { logger.info("\(wrapped)") }
         if let augmentation = prepared.augmentation {
             let crops = "random \(augmentation.height)x\(augmentation.width) crops of the image padded with "
                 + "\(augmentation.cropPadding) zeros"

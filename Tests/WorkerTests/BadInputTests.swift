@@ -165,5 +165,16 @@ struct BadInputTests {
         try expectCleanFailure(["--set", "data.augment.erase=1.5"], message: "data.augment.erase must be a probability in [0, 1]")
         try expectCleanFailure(["--set", "model.loss=mse", "--set", "model.label_smoothing=0.1"],
                                message: "model.label_smoothing applies to model.loss cross_entropy only, the loss is mse")
+        // Numbers so large that a size computed from them would overflow: each crashed every rank before it was bounded.
+        let huge = "9223372036854775807"
+        for (key, message) in [("training.batch_size", "training.batch_size must be at most 16777216, got \(huge)"),
+                               ("training.epochs", "training.epochs must be at most 16777216, got \(huge)"),
+                               ("training.bucket_kib", "training.bucket_kib must be in 0...16777216 (0 = one fused allreduce), got \(huge)"),
+                               ("training.blas_threads", "training.blas_threads must be in 0...1024 (0 = automatic), got \(huge)"),
+                               ("timeline.steps", "timeline.steps must be in 0...16777216 (0 = off), got \(huge)")] {
+            try expectCleanFailure(["--set", "\(key)=\(huge)"], message: message)
+        }
+        // A negative count used to mean "from the data", as 0 does, without a word.
+        try expectCleanFailure(["--set", "model.classes=-3"], message: "model.classes must be >= 0 (0 = from the labels), got -3")
     }
 }

@@ -96,6 +96,27 @@ struct WarmupTests {
         }
     }
 
+    /// `data.remainder` defaults to `auto`: a training set smaller than one global batch (50 samples, the default
+    /// batch of 64 on 2 ranks) wraps around and trains, saying so, where the dropped remainder left no step and made
+    /// the run an error. `drop` set explicitly is still refused with the reason.
+    @Test func aSetSmallerThanOneGlobalBatchTrainsOnDefaults() throws {
+        let data = try SyntheticData(samples: 50)
+        defer { data.remove() }
+        #expect(Configuration().remainder == .auto)
+        let trained = try Harness.mpirun(2, ["train", "--run-dir", temporaryRunDirectory(), "--progress", "plain"] + data.arguments
+                                            + ["--set", "training.epochs=2"])
+        #expect(trained.status == 0, "\(trained.output)")
+        #expect(trained.output.contains("global batch 128; 1 step per epoch (wrap remainder)"), "\(trained.output)")
+        #expect(occurrences(of: "data.remainder: auto wraps the samples around (the training set's 50 do not fill one global batch "
+                            + "of 128, and dropping them would leave no step; set data.remainder to choose)", in: trained.output) == 1,
+                "\(trained.output)")
+        #expect(trained.output.contains("training finished"), "\(trained.output)")
+        let refused = try Harness.mpirun(2, ["train", "--run-dir", temporaryRunDirectory()] + data.arguments
+                                            + ["--set", "data.remainder=drop"])
+        #expect(refused.status == 1, "\(refused.output)")
+        #expect(refused.output.contains("the data set has 50 samples, fewer than one global batch of 128"), "\(refused.output)")
+    }
+
     @Test func aShortRunOnDefaultsTrainsWithItsWarmupCapped() throws {
         let data = try SyntheticData(samples: 512)
         defer { data.remove() }

@@ -248,7 +248,7 @@ struct WorkerLogicTests {
         defer { try? FileManager.default.removeItem(at: file) }
         try Data(config.yaml.utf8).write(to: file)
         #expect(try Configuration.load(file: file.path, overrides: []) == config)
-        #expect(config.yaml.contains("  remainder: drop\n  augment:\n    crop_padding: 3\n    flip: true\n    erase: 0.25\nmodel:\n"),
+        #expect(config.yaml.contains("  remainder: auto\n  augment:\n    crop_padding: 3\n    flip: true\n    erase: 0.25\nmodel:\n"),
                 "\(config.yaml)")
         #expect(config.yaml.contains("  label_smoothing: 0.1\n"), "\(config.yaml)")
     }
