@@ -169,32 +169,34 @@ enum Setup {
         }
     }
 
+    /// Each rank reads its chunks inside `agree`, so a file that fails to read on one rank (a damaged HDF5 chunk) ends
+    /// every rank with that rank's message, before any waits in the sums' allreduce for it.
     private static func standardize(_ session: Session, _ train: inout Dataset) {
         let mine = stride(from: session.rank, to: train.statisticsChunks, by: session.worldSize)
-        let communicator = session.communicator
-        var sums: [Double] = []
-        do {
-            switch train.features.element {
-            case .uint8:
-                var histogram = try train.byteHistogram(chunks: mine)
-                try histogram.withUnsafeMutableBufferPointer { (b) throws(MPIError) in try communicator.allreduce(b, op: .sum) }
-                train.standardize(histogram: histogram)
-            case .float32:
-                let n = Double(train.features.count)
-                // Each chunk's sum comes from one rank (the others add 0): the allreduce gathers them exactly.
-                sums = try train.chunkSums(chunks: mine, center: 0, squared: false)
-                try sums.withUnsafeMutableBufferPointer { (b) throws(MPIError) in try communicator.allreduce(b, op: .sum) }
-                // Every rank has every chunk's sum: a non-finite one is every rank's error, said once below.
-                if sums.contains(where: { !$0.isFinite }) { break }
-                let mean = n > 0 ? sums.reduce(0, +) / n : 0
-                var squares = try train.chunkSums(chunks: mine, center: mean, squared: true)
-                try squares.withUnsafeMutableBufferPointer { (b) throws(MPIError) in try communicator.allreduce(b, op: .sum) }
-                train.standardize(mean: mean, variance: n > 0 ? squares.reduce(0, +) / n : 0)
+        func summed<T: MPIScalar>(_ values: [T]) -> [T] {
+            var values = values
+            do {
+                try values.withUnsafeMutableBufferPointer { (b) throws(MPIError) in try session.communicator.allreduce(b, op: .sum) }
+            } catch {
+                session.abort("data statistics: \(error)")
             }
-        } catch {
-            session.abort("data statistics: \(error)")
+            return values
         }
-        session.agree("data") { [train] in try train.requireFinite(chunkSums: sums) }
+        let data = train
+        switch train.features.element {
+        case .uint8:
+            let histogram = summed(session.agree("data statistics") { try data.byteHistogram(chunks: mine) })
+            train.standardize(histogram: histogram)
+        case .float32:
+            let n = Double(train.features.count)
+            // Each chunk's sum comes from one rank (the others add 0): the allreduce gathers them exactly. Every rank
+            // then has every chunk's sum, so a non-finite one is every rank's error, said once.
+            let sums = summed(session.agree("data statistics") { try data.chunkSums(chunks: mine, center: 0, squared: false) })
+            session.agree("data") { try data.requireFinite(chunkSums: sums) }
+            let mean = n > 0 ? sums.reduce(0, +) / n : 0
+            let squares = summed(session.agree("data statistics") { try data.chunkSums(chunks: mine, center: mean, squared: true) })
+            train.standardize(mean: mean, variance: n > 0 ? squares.reduce(0, +) / n : 0)
+        }
     }
 
     /// All ranks compare the model layout, batch size, steps per epoch (or a checksum of the parameters), and
