@@ -164,8 +164,9 @@ final class TrainingLoop {
         restoreBuffers()
         let local = (nonFiniteLoss ? 1 : 0) + reducer.localNonFiniteCount
         let ranks = try phases.watched(.gradientExchange) { try faultyRanks(local: local) }
+        let input = try phases.watched(.gradientExchange) { try nonFiniteInput(step) }
         let what = "non-finite loss or gradient at step \(position.globalStep + 1) on rank\(ranks.count == 1 ? "" : "s") "
-            + ranks.map(String.init).joined(separator: ", ")
+            + ranks.map(String.init).joined(separator: ", ") + (input.map { " (\($0))" } ?? "")
         if config.numericsPolicy == .skip && position.skippedSteps < config.maxSkippedSteps {
             position.skippedSteps += 1
             position.globalStep += 1
@@ -332,6 +333,26 @@ final class TrainingLoop {
     }
 
     private static func uptimeSeconds() -> Double { Double(DispatchTime.now().uptimeNanoseconds) * 1e-9 }
+
+    /// The first sample of this step's batch, over every rank, whose gathered input holds a NaN or an infinity, named
+    /// with the file it came from; nil when every input is finite (the value arose in the model). With
+    /// `data.normalize=standardize` the setup refuses such data; with `scale` or `none` nothing reads it ahead, and
+    /// this says where it is. One collective, paid only when something went wrong.
+    private func nonFiniteInput(_ step: Int) throws -> String? {
+        let width = prepared.train.featureCount, inputs = model.inputs
+        let samples = batches.indices(ofStep: step)
+        var first = [Int64.max]
+        rows: for row in 0..<config.batchSize {
+            for j in 0..<width where !inputs[row * width + j].isFinite {
+                first[0] = Int64(samples[row])
+                break rows
+            }
+        }
+        try first.withUnsafeMutableBufferPointer { (buffer) throws(MPIError) in try session.communicator.allreduce(buffer, op: .min) }
+        guard first[0] != .max else { return nil }
+        let sample = Int(first[0])
+        return "the input of sample \(sample) of data.train_features, in \(prepared.train.file(ofSample: sample)), is not finite"
+    }
 
     /// Which ranks had non-finite values this step: one extra collective, paid only when something went wrong.
     private func faultyRanks(local: Int) throws -> [Int] {

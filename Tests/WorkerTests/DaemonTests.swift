@@ -188,7 +188,11 @@ struct DaemonTests {
         let run = temporaryRunDirectory()
         let r = try Harness.mpirun(3, job(data, runDir: run), environment: ["BPWORKER_TEST_NAN": "1:11"])
         #expect(r.status != 0)
-        #expect(r.output.contains("non-finite loss or gradient at step 12 on rank 1; stopped (numerics.policy=stop)"), "\(r.output)")
+        // The batch's input is what is not finite (the hook put a NaN into rank 1's first sample): the message says which
+        // sample and file.
+        let train = data.directory.appendingPathComponent("train-x.idx").path
+        #expect(r.output.contains("non-finite loss or gradient at step 12 on rank 1 (the input of sample "), "\(r.output)")
+        #expect(r.output.contains(" of data.train_features, in \(train), is not finite); stopped (numerics.policy=stop)"), "\(r.output)")
         #expect(occurrences(of: "non-finite", in: r.output) == 1)
         // The last good state was saved: the parameters before the bad step, all finite.
         let latest = try latestCheckpoint(run)
@@ -207,7 +211,8 @@ struct DaemonTests {
                                                                    "--set", "training.replica_check_every=1"]),
                                    environment: ["BPWORKER_TEST_NAN": "2:11"])
         #expect(r.status == 0, "\(r.output)")
-        #expect(r.output.contains("non-finite loss or gradient at step 12 on rank 2: step skipped on every rank (1 of at most 10"))
+        #expect(r.output.contains("non-finite loss or gradient at step 12 on rank 2 (the input of sample "), "\(r.output)")
+        #expect(r.output.contains("is not finite): step skipped on every rank (1 of at most 10"), "\(r.output)")
         #expect(r.output.contains("training finished"))
         #expect(try parameters(run + "/model.safetensors").values.allSatisfy { $0.allSatisfy(\.isFinite) })
         // Past the limit the skip policy stops too.
