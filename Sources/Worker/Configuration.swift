@@ -281,6 +281,12 @@ extension Configuration {
         let known = Dictionary(uniqueKeysWithValues: keys.map { ($0.path, $0) })
         for (path, entry) in tree.sorted(by: { $0.key < $1.key }) {
             guard let key = known[path] else {
+                // A section written as a value (`model: 5`): the section is known, the value is not a mapping.
+                let section = keys.filter { $0.path.hasPrefix(path + ".") }.map(\.path)
+                if !section.isEmpty {
+                    throw ConfigError(description: "\(entry.origin)\(location(entry.node)): \(path): expected a mapping of its keys "
+                        + "(\(section.prefix(3).joined(separator: ", "))\(section.count > 3 ? ", ..." : "")), got \(describe(entry.node))")
+                }
                 let suggestion = keys.map(\.path).min { editDistance($0, path) < editDistance($1, path) }!
                 throw ConfigError(description: "\(entry.origin)\(location(entry.node)): unknown key '\(path)'"
                     + (editDistance(suggestion, path) <= 3 ? " (did you mean '\(suggestion)'?)" : ""))

@@ -112,6 +112,9 @@ struct BadInputTests {
         try expectCleanFailure(["-c", file.path], message: "\(file.path):3: training.epochs: expected an integer, got \"three\"")
         try expectCleanFailure(["--set", "optimizer.lr=fast"], message: "optimizer.lr: expected a number")
         try expectCleanFailure(["--set", "optimizer.name=rmsprop"], message: "expected one of sgd, adam, adamw")
+        // A section given a value: the section is named and said to be a mapping (it was called an unknown key).
+        try expectCleanFailure(["--set", "model=5"],
+                               message: "model: expected a mapping of its keys (model.inputs, model.classes, model.hidden, ...), got \"5\"")
     }
 
     /// A second `-c` would replace the first without a word (the last value wins in swift-argument-parser).
