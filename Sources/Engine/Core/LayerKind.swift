@@ -147,8 +147,8 @@ public struct LayerSpec: Equatable, Sendable, CustomStringConvertible {
     /// Whether the layer works on images only (a block: whether one of its entries does).
     public var isSpatial: Bool { LayerKinds.entryIsSpatial(entry.split(separator: " ").map(String.init)) }
     public var hasKink: Bool { kind.hasKink }
-    /// The kind's output shape, checked with its tensors against `largestTensor`: every shape a model is built
-    /// from passes here, so sizes and offsets computed from shapes later cannot overflow.
+    /// The kind's output shape, checked with its tensors against 2^40 values (`elementCount`): every shape a model
+    /// is built from passes here, so sizes and offsets computed from shapes later cannot overflow.
     public func outputShape(input: [Int]) throws(ModelSpecError) -> [Int] {
         let output = try kind.outputShape(input: input)
         if elementCount(output) == nil {

@@ -86,7 +86,7 @@ public struct ModelSpec: Equatable, Sendable {
     /// Every layer with the shape of its input sample, a block's inner layers right after the block, each named by
     /// its place: "3" for layer 3, "3.residual[1]" and "3.shortcut[0]" inside the block at 3 (as `model.layers`
     /// keys name them). Empty when the layers do not fit.
-    public func placedLayers() -> [(place: String, layer: LayerSpec, input: [Int])] {
+    public func placedLayers() -> [PlacedLayer] {
         guard let shapes = try? shapes() else { return [] }
         return layers.indices.flatMap { i in
             [("\(i)", layers[i], shapes[i])] + (layers[i].as(ResidualKind.self)?.placedLayers(input: shapes[i], place: "\(i)") ?? [])
@@ -148,6 +148,9 @@ public struct ModelSpec: Equatable, Sendable {
             + (labelSmoothing > 0 ? " (label smoothing \(labelSmoothing))" : "")
     }
 }
+
+/// A layer, where it sits ("3", "3.residual[1]") and the shape of its input sample (`ModelSpec.placedLayers`).
+public typealias PlacedLayer = (place: String, layer: LayerSpec, input: [Int])
 
 public struct ModelSpecError: Error, CustomStringConvertible, Equatable {
     public let description: String

@@ -143,10 +143,10 @@ public struct ResidualKind: LayerKind {
 
     /// The inner layers with their input shapes, nested blocks' after their block (`ModelSpec.placedLayers`), named
     /// from `place`, the block's own place.
-    func placedLayers(input: [Int], place: String) -> [(place: String, layer: LayerSpec, input: [Int])] {
-        paths.flatMap { name, path in
-            guard let shapes = try? Self.shapes(path, name, input: input) else { return [(place: String, layer: LayerSpec, input: [Int])]() }
-            return path.indices.flatMap { i in
+    func placedLayers(input: [Int], place: String) -> [PlacedLayer] {
+        paths.flatMap { name, path -> [PlacedLayer] in
+            guard let shapes = try? Self.shapes(path, name, input: input) else { return [] }
+            return path.indices.flatMap { i -> [PlacedLayer] in
                 let at = "\(place).\(name == "body" ? "residual" : name)[\(i)]"
                 return [(at, path[i], shapes[i])] + (path[i].as(ResidualKind.self)?.placedLayers(input: shapes[i], place: at) ?? [])
             }
