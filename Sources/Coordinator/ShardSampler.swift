@@ -30,7 +30,7 @@ public struct ShardSampler: Sendable {
             throw ShardingError("rank \(rank) is not in a world of \(worldSize)")
         }
         guard datasetSize >= worldSize else {
-            throw ShardingError("the data set has \(datasetSize) samples but the job has \(worldSize) ranks: "
+            throw ShardingError("the data set has \(datasetSize) sample\(datasetSize == 1 ? "" : "s") but the job has \(worldSize) ranks: "
                 + "every rank needs at least one sample")
         }
         let global = batchSize * worldSize

@@ -222,14 +222,18 @@ struct Status: ParsableCommand {
     var json = false
 
     func run() throws {
-        if json {
-            guard let data = FileManager.default.contents(atPath: RunStatus.path(runDirectory)) else {
-                throw ValidationError("\(RunStatus.path(runDirectory)): no status")
+        // One line naming the file and the reason, exit 1, as `report` does: not ArgumentParser's usage text.
+        do {
+            let status = try RunStatus.read(runDirectory)
+            if json {
+                print(String(decoding: FileManager.default.contents(atPath: RunStatus.path(runDirectory)) ?? Data(), as: UTF8.self))
+            } else {
+                print(status.text)
             }
-            print(String(decoding: data, as: UTF8.self))
-            return
+        } catch {
+            FileHandle.standardError.write(Data("error: \(error)\n".utf8))
+            throw ExitCode.failure
         }
-        do { print(try RunStatus.read(runDirectory).text) } catch { throw ValidationError("\(error)") }
     }
 }
 

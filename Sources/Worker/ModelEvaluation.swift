@@ -26,6 +26,7 @@ extension Evaluation {
         }
         let test = session.agree("data") {
             var test = try loadTestData(config)
+            try requireTestSamples(test, config)
             try description.checkInput(test, modelPath: modelPath)
             try test.validateLabels(classCount: description.classes)
             description.preprocessing.apply(to: &test)

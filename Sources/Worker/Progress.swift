@@ -99,9 +99,9 @@ final class Progress {
         let dataShare = min(1, totals[4] / Double(session.worldSize) / elapsed)
         let eta = Double(totalSteps - globalStep) * elapsed / Double(max(windowSteps, 1))
         if session.isRoot {
-            let line = "epoch \(epoch + 1)/\(epochs) step \(step + 1)/\(stepsPerEpoch) loss \(String(format: "%.4f", loss)) "
+            let line = "epoch \(epoch + 1)/\(epochs) step \(step + 1)/\(stepsPerEpoch) loss \(lossText(loss)) "
                 + "acc \(percent(accuracy)) lr \(String(format: "%.4g", learningRate)) "
-                + "\(grouped(Int(samplesPerSecond))) samples/s compute \(String(format: "%.0f", 100 * max(0, 1 - waitShare - dataShare)))% "
+                + "\(groupedRounded(samplesPerSecond)) samples/s compute \(String(format: "%.0f", 100 * max(0, 1 - waitShare - dataShare)))% "
                 + "comm wait \(String(format: "%.0f", 100 * waitShare))% data wait \(String(format: "%.0f", 100 * dataShare))% "
                 + "ETA \(duration(eta))"
             if isTerminal {
@@ -136,7 +136,7 @@ final class Progress {
         status.testAccuracy = accuracy
         status.epoch = epoch + 1
         writeStatus()
-        let line = "epoch \(epoch + 1)/\(epochs) test accuracy \(percent(accuracy)) loss \(String(format: "%.4f", result.loss)) "
+        let line = "epoch \(epoch + 1)/\(epochs) test accuracy \(percent(accuracy)) loss \(lossText(result.loss)) "
             + "on \(grouped(result.count)) samples, \(duration(Date().timeIntervalSince(start))) elapsed"
         session.logger.info("\(line)")
         metrics?.write(.eval(.init(epoch: epoch + 1, step: globalStep, loss: result.loss, accuracy: accuracy,

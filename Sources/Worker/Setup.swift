@@ -120,6 +120,7 @@ enum Setup {
             throw DataError(path: config.trainFeatures, reason: "has \(train.featureCount) values per sample but "
                 + "model.inputs is \(config.inputs)")
         }
+        try requireTestSamples(test, config)
         guard test.featureCount == train.featureCount else {
             throw DataError(path: config.testFeatures, reason: "has \(test.featureCount) values per sample but "
                 + "\(config.trainFeatures) has \(train.featureCount): the model's input layer takes \(train.featureCount)")
@@ -228,6 +229,11 @@ enum Setup {
             }
         }
     }
+}
+
+/// A test set of no samples has no accuracy (0/0 printed as -nan%, and a target accuracy never reached): refused.
+func requireTestSamples(_ test: Dataset, _ config: Configuration) throws {
+    guard test.count > 0 else { throw DataError(path: config.testFeatures, reason: "holds no samples: there is nothing to evaluate") }
 }
 
 /// Batch norm in training needs more than one value per feature to normalise over (PyTorch: "Expected more than 1

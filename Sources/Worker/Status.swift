@@ -36,11 +36,28 @@ struct RunStatus: Codable, Equatable {
 
     static func read(_ runDirectory: String) throws -> RunStatus {
         let path = path(runDirectory)
+        var isDirectory: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: runDirectory, isDirectory: &isDirectory), isDirectory.boolValue else {
+            throw RunStatusError(description: "\(runDirectory): no such run directory")
+        }
         guard let data = FileManager.default.contents(atPath: path) else {
             throw RunStatusError(description: "\(path): no status (is this a bpworker run directory?)")
         }
-        do { return try JSONDecoder().decode(RunStatus.self, from: data) } catch {
-            throw RunStatusError(description: "\(path): unreadable status: \(error)")
+        do { return try JSONDecoder().decode(RunStatus.self, from: data) } catch let error as DecodingError {
+            throw RunStatusError(description: "\(path): unreadable status: \(Self.reason(error))")
+        }
+    }
+
+    /// What is wrong with a status file, in words rather than the decoder's.
+    private static func reason(_ error: DecodingError) -> String {
+        func at(_ path: [CodingKey]) -> String { path.map(\.stringValue).joined(separator: ".") }
+        switch error {
+        case .dataCorrupted(let context) where context.codingPath.isEmpty: return "not valid JSON (truncated or damaged?)"
+        case .dataCorrupted(let context): return "'\(at(context.codingPath))' has a value it cannot have"
+        case .keyNotFound(let key, let context): return "'\(at(context.codingPath + [key]))' is missing"
+        case .typeMismatch(_, let context), .valueNotFound(_, let context):
+            return context.codingPath.isEmpty ? "not a JSON object" : "'\(at(context.codingPath))' has the wrong type"
+        @unknown default: return "\(error)"
         }
     }
 
@@ -63,10 +80,10 @@ struct RunStatus: Codable, Equatable {
                      "step \(grouped(step))/\(grouped(totalSteps)), epoch \(min(epoch + 1, epochs))/\(epochs), "
                         + "\(worldSize) rank\(worldSize == 1 ? "" : "s")"]
         var progress: [String] = []
-        if let loss { progress.append("loss \(String(format: "%.4f", loss))") }
+        if let loss { progress.append("loss \(lossText(loss))") }
         if let accuracy { progress.append("train accuracy \(percent(accuracy))") }
         if let testAccuracy { progress.append("test accuracy \(percent(testAccuracy))") }
-        if let samplesPerSecond { progress.append("\(grouped(Int(samplesPerSecond))) samples/s") }
+        if let samplesPerSecond { progress.append("\(groupedRounded(samplesPerSecond)) samples/s") }
         if let etaSeconds, state == .training { progress.append("ETA \(duration(etaSeconds))") }
         if !progress.isEmpty { lines.append(progress.joined(separator: ", ")) }
         lines.append("last checkpoint: \(lastCheckpoint ?? "none")")

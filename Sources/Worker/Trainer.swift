@@ -182,8 +182,10 @@ enum Trainer {
     /// - Parameter resumed: the checkpoint a resumed run continues from (nil for a new run).
     private static func startProgress(_ session: Session, _ prepared: Prepared, resumed: ResumeChoice?,
                                       at position: TrainingPosition) -> Progress {
+        let tensorBoard = session.isRoot ? openTensorBoard(session) : nil
+        if resumed != nil { tensorBoard?.markRestart(atStep: position.globalStep + 1) }
         let metrics = session.isRoot ? MetricsLog(path: session.runDirectory + "/metrics.jsonl", append: resumed != nil,
-                                                  tensorBoard: openTensorBoard(session)) : nil
+                                                  tensorBoard: tensorBoard) : nil
         let progress = Progress(session: session, prepared: prepared, metrics: metrics)
         progress.recordStart(resumed: resumed, step: position.globalStep, model: prepared.model)
         progress.status.resumedFrom = resumed?.path

@@ -414,7 +414,22 @@ struct DaemonTests {
         #expect(s.output.contains("step 36/36, epoch 3/3, 1 rank"))
         #expect(s.output.contains("last checkpoint: \(run)/checkpoints/step-00000036.safetensors"))
         let missing = try Harness.local(["status", "/nonexistent"])
-        #expect(missing.status != 0 && missing.output.contains("no status"))
+        #expect(missing.status == 1 && missing.output == "error: /nonexistent: no such run directory\n", "\(missing.output)")
+        // A damaged status.json: one line naming the file and what is wrong, exit 1 (it was exit 64 with the usage text
+        // and the decoder's own words), and a loss of 1e35 in a good one is printed, not a crash or 36 digits.
+        let statusFile = run + "/status.json"
+        let good = try Data(contentsOf: URL(fileURLWithPath: statusFile))
+        for (bytes, reason) in [(good.prefix(good.count / 2), "not valid JSON (truncated or damaged?)"), (Data("{}".utf8), "'state' is missing")] {
+            try bytes.write(to: URL(fileURLWithPath: statusFile))
+            let damaged = try Harness.local(["status", run])
+            #expect(damaged.status == 1 && damaged.output == "error: \(statusFile): unreadable status: \(reason)\n", "\(damaged.output)")
+        }
+        var record = try #require(try JSONSerialization.jsonObject(with: good) as? [String: Any])
+        record["loss"] = 6.37e35
+        record["samplesPerSecond"] = 1e300
+        try JSONSerialization.data(withJSONObject: record).write(to: URL(fileURLWithPath: statusFile))
+        let huge = try Harness.local(["status", run])
+        #expect(huge.status == 0 && huge.output.contains("loss 6.37e+35") && huge.output.contains("1e+300 samples/s"), "\(huge.output)")
     }
 }
 

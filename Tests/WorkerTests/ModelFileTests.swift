@@ -233,6 +233,7 @@ struct ModelFileTests {
             y = np.frombuffer(gzip.open("\(Self.fashion)/t10k-labels-idx1-ubyte.gz").read(), np.uint8, offset=8)
             np.save("\(directory)/x.npy", x[:1000]); np.save("\(directory)/y.npy", y[:1000].astype(np.int64))
             np.save("\(directory)/xf.npy", x[:1000].astype(np.float32))
+            np.save("\(directory)/x0.npy", x[:0]); np.save("\(directory)/y0.npy", y[:0].astype(np.int64))
             print(len(y[:1000]))
             """)
         #expect(count.hasPrefix("1000"))
@@ -243,6 +244,11 @@ struct ModelFileTests {
         let wrongType = try eval(["--run-dir", directory, "--model", run + "/model.safetensors", "--set", "data.test_features=\(directory)/xf.npy"] + set)
         #expect(wrongType.status == 1)
         #expect(wrongType.output.contains("\(directory)/xf.npy: holds floating-point values (float32, or float64 read as float32) but the model"), "\(wrongType.output)")
+        // No samples: no accuracy (it printed "-nan% (0/0)" and exited 0).
+        let empty = try eval(["--run-dir", directory, "--model", run + "/model.safetensors", "--set", "data.format=npy",
+                              "--set", "data.test_features=\(directory)/x0.npy", "--set", "data.test_labels=\(directory)/y0.npy"])
+        #expect(empty.status == 1 && empty.output.contains("\(directory)/x0.npy: holds no samples: there is nothing to evaluate"),
+                "\(empty.output)")
     }
 
     // MARK: - predict

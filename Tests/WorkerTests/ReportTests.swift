@@ -124,6 +124,34 @@ struct ReportTests {
         #expect(try #require(scalars["test/accuracy"]).count == 3)
     }
 
+    /// A run killed after its last checkpoint logs the steps since again when it resumes. Its event file begins with
+    /// TensorFlow's restart marker (a SessionLog START at the resumed step), so TensorBoard drops what the earlier file
+    /// holds from there: every curve has each step once, in order. Before, steps 6 to 10 were there twice and the curve
+    /// stepped back from 10 to 6.
+    @Test func aResumeAfterAKillDoesNotRepeatTensorBoardSteps() throws {
+        let data = try SyntheticData(samples: 160)
+        defer { data.remove() }
+        let run = temporaryRunDirectory()
+        let every = ["--local", "--set", "logging.interval=1", "--set", "training.epochs=1"]
+        // SIGKILL half-way through step 10's checkpoint: the last good one is step 5's; steps 6 to 10 were logged.
+        let killed = try Harness.local(Self.job(data, runDir: run, extra: every), environment: ["BPWORKER_TEST_CHECKPOINT_CRASH": "10"])
+        #expect(killed.status != 0, "\(killed.output)")
+        let resumed = try Harness.local(Self.job(data, runDir: run, extra: every + ["--resume"]))
+        #expect(resumed.status == 0 && resumed.output.contains("step-00000005.safetensors: step 5"), "\(resumed.output)")
+        let logged = try metrics(run).filter { $0["type"] as? String == "train" }.map { $0["step"] as! Int }
+        #expect(logged.count > Set(logged).count, "metrics.jsonl holds the repeated steps: \(logged)")
+        let output = try python("""
+            import json, sys
+            from tensorboard.backend.event_processing import event_accumulator
+            acc = event_accumulator.EventAccumulator(sys.argv[1], size_guidance={event_accumulator.SCALARS: 0})
+            acc.Reload()
+            print(json.dumps([e.step for e in acc.Scalars("train/loss")]))
+            """, [run + "/tensorboard"])
+        let line = try #require(output.split(separator: "\n").last)
+        let steps = try #require(JSONSerialization.jsonObject(with: Data(line.utf8)) as? [Int])
+        #expect(steps == Array(Set(logged)).sorted(), "\(steps)")
+    }
+
     // MARK: - The report in a real browser
 
     /// Chromium's DOM of `file` after loading it (scripts run: none in the report), and its screenshot.
@@ -441,6 +469,15 @@ struct ReportTests {
         #expect(loss.label(0.05, percent: false) == "0.05")
         let one = Axis.linear(low: 0.5, high: 0.5, includeZero: false, targetTicks: 6)
         #expect(one.low < 0.5 && one.high > 0.5, "a single value gets a range around it")
+        // A diverging run's loss: ticks beyond Int's range are labelled in exponent form (rounding them to an Int
+        // crashed the run at its epoch end, its resume, and `bpworker report`).
+        let diverged = Axis.linear(low: 0, high: 6.37e35, includeZero: true, targetTicks: 6)
+        #expect(diverged.ticks.allSatisfy(\.isFinite) && diverged.label(diverged.ticks.last!, percent: false) == "8e+35",
+                "\(diverged.ticks)")
+        #expect(diverged.label(-2e20, percent: false) == "-2e+20")
+        let chart = Chart(id: "loss", title: "loss", yLabel: "loss", series: [.init(label: "train", points: [(1, 0), (2, 6.37e35)], color: "#000")],
+                          includeZero: true)
+        #expect(chart.svg().contains("8e+35"))
     }
 
     @Test func badRunDirectoriesAreOneLine() throws {

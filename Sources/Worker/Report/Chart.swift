@@ -89,7 +89,7 @@ struct Chart {
         for tick in xAxis.ticks {
             let px = f(x(tick))
             out += "<line x1=\"\(px)\" x2=\"\(px)\" y1=\"\(f(top))\" y2=\"\(f(top + ph))\"/>"
-            out += "<text class=\"xtick\" x=\"\(px)\" y=\"\(f(top + ph + 20))\" text-anchor=\"middle\">\(grouped(Int(tick.rounded())))</text>"
+            out += "<text class=\"xtick\" x=\"\(px)\" y=\"\(f(top + ph + 20))\" text-anchor=\"middle\">\(groupedRounded(tick))</text>"
         }
         out += "</g>\n"
         out += "<rect class=\"frame\" x=\"\(f(left))\" y=\"\(f(top))\" width=\"\(f(pw))\" height=\"\(f(ph))\"/>\n"
@@ -181,7 +181,7 @@ struct Axis {
     func label(_ value: Double, percent: Bool) -> String {
         if percent { return String(format: "%.\(max(0, decimals - 2))f%%", 100 * value) }
         if logarithmic { return Self.plain(value) }
-        if decimals == 0 && abs(value) >= 1000 { return grouped(Int(value.rounded())) }
+        if decimals == 0 && abs(value) >= 1000 { return groupedRounded(value) }
         return String(format: "%.\(decimals)f", value)
     }
 

@@ -126,7 +126,7 @@ enum RunReport {
             out += "<td>\(epochs)</td><td>\(lastEval.map { percent($0.accuracy) } ?? "–")</td>"
             out += "<td>\(lastEval.map { String(format: "%.4f", $0.loss) } ?? "–")</td>"
             out += "<td>\(lastTrain.map { String(format: "%.4f", $0.loss) } ?? "–")</td>"
-            out += "<td>\(throughput.isEmpty ? "–" : grouped(Int(throughput.reduce(0, +) / Double(throughput.count))))</td>"
+            out += "<td>\(throughput.isEmpty ? "–" : groupedRounded(throughput.reduce(0, +) / Double(throughput.count)))</td>"
             out += "<td>\(run.lastStart?.worldSize.map(String.init) ?? status.map { String($0.worldSize) } ?? "–")</td></tr>\n"
             if let message = status?.message {
                 out += "<tr class=\"message\"><td></td><td colspan=\"8\">\(escapeHTML(message))</td></tr>\n"

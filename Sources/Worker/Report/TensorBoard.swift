@@ -5,9 +5,10 @@ import Foundation
 /// Writes the run's scalars as TensorBoard event files (rank 0), so `tensorboard --logdir runs/` shows every run.
 ///
 /// One file per process start, `RUN_DIR/tensorboard/events.out.tfevents.<seconds>.<host>.<pid>.0` as TensorFlow's
-/// writer names them: a resumed run adds a file and continues the same curves at its global step, which is how
-/// TensorBoard expects a restarted job to look (it reads the directory's files in name order, and drops what a
-/// restart repeats).
+/// writer names them: a resumed run adds a file and continues the same curves at its global step. A resume begins
+/// its file with TensorFlow's restart marker, a `SessionLog` START at the first step it logs, on which TensorBoard
+/// drops every point the earlier files hold from that step on: a run killed after its last checkpoint logs those
+/// steps again, and its curves would otherwise repeat them (and step back, after a resume on another world size).
 ///
 /// The file is TFRecord framing around `tensorflow.Event` protocol buffers. Only seven fields of three messages are
 /// written, so they are encoded here by hand: swift-protobuf's code-generation plugin would add about ten minutes
@@ -27,6 +28,12 @@ final class TensorBoardWriter {
         }
         self.handle = handle
         write(TensorBoardEvent.fileVersion(wallTime: Date().timeIntervalSince1970))
+    }
+
+    /// Marks a restart whose first record is at `step` (a resume from step - 1: a record at step s is logged after
+    /// step s): TensorBoard drops the points of earlier files from that step on.
+    func markRestart(atStep step: Int, wallTime: Double = Date().timeIntervalSince1970) {
+        write(TensorBoardEvent.sessionStart(wallTime: wallTime, step: step))
     }
 
     /// Appends one event holding `scalars` at `step`. Each write is one `write(2)` of a whole record, so a reader
@@ -55,9 +62,20 @@ final class TensorBoardWriter {
 }
 
 /// The few protocol-buffer messages TensorBoard reads, encoded by hand (see `TensorBoardWriter`):
-/// `Event { double wall_time = 1; int64 step = 2; string file_version = 3; Summary summary = 5; }`,
-/// `Summary { repeated Value value = 1; }`, `Summary.Value { string tag = 1; float simple_value = 2; }`.
+/// `Event { double wall_time = 1; int64 step = 2; string file_version = 3; Summary summary = 5;
+/// SessionLog session_log = 7; }`, `Summary { repeated Value value = 1; }`,
+/// `Summary.Value { string tag = 1; float simple_value = 2; }`, `SessionLog { SessionStatus status = 1; }` (START = 1).
 enum TensorBoardEvent {
+    static func sessionStart(wallTime: Double, step: Int) -> [UInt8] {
+        var log = ProtoWriter()
+        log.varint(field: 1, 1)
+        var event = ProtoWriter()
+        event.double(field: 1, wallTime)
+        event.varint(field: 2, UInt64(bitPattern: Int64(step)))
+        event.bytes(field: 7, log.bytes)
+        return event.bytes
+    }
+
     static func fileVersion(wallTime: Double) -> [UInt8] {
         var event = ProtoWriter()
         event.double(field: 1, wallTime)
