@@ -30,6 +30,11 @@ enum GradientCheckRun {
             // The first rows of this rank's shard: `gradcheck.batch`, or the whole shard when it is shorter. Every
             // rank's shard of an epoch is equally long, so in the distributed check every rank has the same count.
             let indices = Array(prepared.sampler.indices(epoch: 0).prefix(config.gradcheckBatch))
+            if indices.count < config.gradcheckBatch && session.isRoot && !printJSON {
+                let message = "gradient check: gradcheck.batch=\(config.gradcheckBatch) is more than a rank's share of an epoch "
+                    + "(\(indices.count) samples, the steps of an epoch times training.batch_size): checking \(indices.count)"
+                session.logger.info("\(message)")
+            }
             prepared.hooks.duringGradientCheck()
             let sums = distributed ? crossRankSums(session, hooks: prepared.hooks, phases: phases, abort: abort) : nil
             let synchronized = distributed && config.batchNorm == .sync && session.worldSize > 1

@@ -77,6 +77,8 @@ struct DistributedGradientCheckTests {
         let json = try report(run)
         #expect(json["distributed"] as? Bool == false)
         #expect(json["batchSize"] as? Int == 6, "rank 0's shard of 12 samples on 2 ranks: \(json)")
+        #expect(occurrences(of: "gradcheck.batch=10 is more than a rank's share of an epoch (6 samples, the steps of an epoch times "
+                            + "training.batch_size): checking 6", in: r.output) == 1, "said once: \(r.output)")
     }
 
     /// BPWORKER_TEST_GRADIENT_FAULT=localsums breaks synchronized batch norm's cross-rank part in the binary: the
