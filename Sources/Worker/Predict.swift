@@ -24,7 +24,8 @@ struct Predict: ParsableCommand {
     @Option(help: "Write the probabilities (float32 [N, classes]) to this .npy file.")
     var output: String?
 
-    @Option(help: "Print the K most likely classes of every sample (default 3 when there is no --output).")
+    /// Unconditional, so that `--top -1` reaches the check in `validate` instead of reading as a missing value.
+    @Option(parsing: .unconditional, help: "Print the K most likely classes of every sample (default 3 when there is no --output).")
     var top: Int?
 
     @Flag(help: "Write the model's outputs (logits for cross-entropy) instead of probabilities.")

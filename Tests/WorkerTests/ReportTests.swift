@@ -458,6 +458,17 @@ struct ReportTests {
         #expect(recorder.count == 0 && recorder.dropped == 0)
     }
 
+    /// A distributed check's batch is per rank: the report says over how many ranks, as the text report does.
+    @Test func theGradientCheckSectionSaysADistributedCheckIsPerRank() throws {
+        let model = try Model<Double>(spec: .mlp(widths: [3, 4, 2]), batchCapacity: 2, seed: 1)
+        var report = checkGradients(model: model, count: 2)
+        #expect(RunReport.gradientCheckSection(report, suffix: "").contains(", batch 2, loss"))
+        report.distributed = true
+        report.ranks = 3
+        report.samples = 6
+        #expect(RunReport.gradientCheckSection(report, suffix: "").contains("distributed over 3 ranks, batch 2 per rank (6 samples), loss"))
+    }
+
     @Test func ticksAreRoundAndLabelled() {
         let steps = Axis.linear(low: 0, high: 9_370, includeZero: true, targetTicks: 8)
         #expect(steps.ticks == [0, 2_000, 4_000, 6_000, 8_000, 10_000])

@@ -185,7 +185,10 @@ enum RunReport {
         func e(_ x: Double) -> String { String(format: "%.2e", x) }
         let verdict = report.verdict.rawValue
         var out = "<h3>Gradient check\(suffix): <span class=\"verdict-\(verdict)\">\(verdict.uppercased())</span></h3>"
-        out += "<p>float64 two-sided differences, ε \(e(report.epsilon)), batch \(report.batchSize), loss "
+        // As the text report says it (GradientCheckReport.text).
+        let batch = report.distributed ? "distributed over \(report.ranks) ranks, batch \(report.batchSize) per rank (\(report.samples) samples)"
+            : "batch \(report.batchSize)"
+        out += "<p>float64 two-sided differences, ε \(e(report.epsilon)), \(batch), loss "
             + "\(String(format: "%.6f", report.loss)), \(grouped(report.parameterCount)) parameters; relative error "
             + "|a − n| / max(|a|, |n|, 1e-8): pass ≤ 1e-5, warn ≤ 1e-4</p>"
         out += "<table class=\"gradcheck\"><thead><tr><th>tensor</th><th>shape</th><th>coordinates</th><th>kinks skipped</th>"
