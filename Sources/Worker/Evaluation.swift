@@ -4,7 +4,8 @@ import Foundation
 
 /// Exact evaluation: every test sample once across all ranks, sums and counts reduced once.
 enum Evaluation {
-    static func evaluate(_ session: Session, _ model: Model<Float>, on data: Dataset) throws -> BatchResult {
+    /// - Parameter progressed: called after each batch (the watchdog's clock restarts there: `PhaseRunner.progressed`).
+    static func evaluate(_ session: Session, _ model: Model<Float>, on data: Dataset, progressed: () -> Void = {}) throws -> BatchResult {
         let indices = ShardSampler.evaluationIndices(datasetSize: data.count, rank: session.rank, worldSize: session.worldSize)
         var local = BatchResult()
         try indices.withUnsafeBufferPointer { all in
@@ -14,6 +15,7 @@ enum Evaluation {
                 try data.gather(indices: UnsafeBufferPointer(rebasing: all[start..<(start + count)]), into: model.inputs, labels: model.labels)
                 local = local + model.forward(count: count, mode: .eval)
                 start += count
+                progressed()
             }
         }
         var totals = [local.lossSum, Double(local.correct), Double(local.count)]

@@ -128,6 +128,14 @@ final class PhaseRunner {
         return try body()
     }
 
+    /// Restarts the clock of the phase the rank is in, when it has made progress of its own: an evaluation after each
+    /// batch, so that the timeout bounds a batch and the closing sums, not the whole test set (a test set longer
+    /// than the timeout to evaluate ended a healthy job).
+    @inline(__always)
+    func progressed(in phase: Phase) {
+        if phase.isWatched { watchdog.enter(phase) }
+    }
+
     /// Brackets a collective inside a pass (synchronized batch norm's sums), where no closure can be passed: `enter`
     /// before it, `leave` with what `enter` returned after it.
     @inline(__always)

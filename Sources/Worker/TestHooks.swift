@@ -31,6 +31,11 @@ struct TestHooks {
     var stallSeconds = 0.0
     var stallAfterExchange = false
     var stallInRead = false
+    /// `:finish`: as the run finishes, after its last checkpoint (the step is the run's last, 0-based).
+    var stallAtFinish = false
+    /// BPWORKER_TEST_EVAL_SLEEP_MS=N: every evaluation batch of every rank takes N ms longer (an evaluation longer
+    /// than the watchdog's timeout, each batch shorter).
+    var evaluationBatchSleepSeconds = 0.0
     /// BPWORKER_TEST_STEP_SLEEP_MS=N: every step of every rank takes N ms longer (so signals land mid-epoch).
     var stepSleepMicroseconds: UInt32 = 0
     /// BPWORKER_TEST_SIGNAL=RANK:STEP: that rank sends itself SIGTERM as that step begins (0-based global step), so a
@@ -77,8 +82,10 @@ struct TestHooks {
             hooks.stallSeconds = f[2]
             hooks.stallAfterExchange = env["BPWORKER_TEST_STALL"]?.hasSuffix(":after-exchange") ?? false
             hooks.stallInRead = env["BPWORKER_TEST_STALL"]?.hasSuffix(":read") ?? false
+            hooks.stallAtFinish = env["BPWORKER_TEST_STALL"]?.hasSuffix(":finish") ?? false
         }
         if let f = fields("BPWORKER_TEST_STEP_SLEEP_MS"), f.count == 1 { hooks.stepSleepMicroseconds = UInt32(f[0] * 1000) }
+        if let f = fields("BPWORKER_TEST_EVAL_SLEEP_MS"), f.count == 1 { hooks.evaluationBatchSleepSeconds = f[0] / 1000 }
         if let f = fields("BPWORKER_TEST_DIVERGE"), f.count == 2, Int(f[0]) == rank { hooks.divergeStep = Int(f[1]) }
         if let f = fields("BPWORKER_TEST_SIGNAL"), f.count == 2, Int(f[0]) == rank { hooks.signalStep = Int(f[1]) }
         if let f = fields("BPWORKER_TEST_CLOCK_OFFSET"), f.count == 2, Int(f[0]) == rank { hooks.clockOffsetSeconds = f[1] }
@@ -112,7 +119,7 @@ struct TestHooks {
     func beforeStep(step: Int, model: Model<Float>) {
         if stepSleepMicroseconds > 0 { sleepFully(Double(stepSleepMicroseconds) * 1e-6) }
         if step == nanStep && !nanLossOnly { model.inputs[0] = .nan }
-        if step == stallStep && !stallAfterExchange && !stallInRead { sleepFully(stallSeconds) }
+        if step == stallStep && !stallAfterExchange && !stallInRead && !stallAtFinish { sleepFully(stallSeconds) }
         if step == divergeStep { model.parameters[0] += 1e-3 }
         if step == signalStep { raise(SIGTERM) }
     }
@@ -126,6 +133,16 @@ struct TestHooks {
     @inline(__always)
     func duringRead(step: Int) {
         if step == stallStep && stallInRead { sleepFully(stallSeconds) }
+    }
+
+    /// After an evaluation batch.
+    func afterEvaluationBatch() {
+        if evaluationBatchSleepSeconds > 0 { sleepFully(evaluationBatchSleepSeconds) }
+    }
+
+    /// As the run finishes (`:finish`), after step `step`, the run's last.
+    func atFinish(step: Int) {
+        if step == stallStep && stallAtFinish { sleepFully(stallSeconds) }
     }
 
     @inline(__always)

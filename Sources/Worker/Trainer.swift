@@ -89,12 +89,15 @@ enum Trainer {
             do { try loop.phases.watched(.timeline) { try timeline.close() } } catch { failure.abort("timeline: \(error)") }
         }
         if outcome.state == .finished {
-            reportPeakMemory(session)
+            // Watched, as every collective of the run: a rank stalled in the last checkpoint left rank 0 waiting here
+            // for ever.
+            loop.prepared.hooks.atFinish(step: loop.position.globalStep - 1)
+            loop.phases.watched(.report) { reportPeakMemory(session) }
             if session.isRoot {
                 saveModel(session, loop.prepared.model, step: loop.position.globalStep,
                           description: loop.checkpoints.checkpointer.modelMetadata, failure: failure)
             }
-            failure.agree("saving the model") {}
+            loop.phases.watched(.checkpoint) { failure.agree("saving the model") {} }
         }
         loop.progress.status.step = loop.position.globalStep
         loop.progress.finish(state: outcome.state, message: outcome.message)

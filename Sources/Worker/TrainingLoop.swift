@@ -252,7 +252,10 @@ final class TrainingLoop {
     private func endEpoch(_ epoch: Int) throws -> (accuracy: Double, ended: RunOutcome?) {
         let evaluation = try phases.watched(.evaluation) {
             try shareBuffers(session, model)
-            return try Evaluation.evaluate(session, model, on: prepared.test)
+            return try Evaluation.evaluate(session, model, on: prepared.test) {
+                hooks.afterEvaluationBatch()
+                phases.progressed(in: .evaluation)
+            }
         }
         progress.reportEvaluation(evaluation, epoch: epoch, globalStep: position.globalStep)
         phases.watched(.report) { progress.writeReport() }

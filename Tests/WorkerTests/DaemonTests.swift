@@ -253,6 +253,21 @@ struct DaemonTests {
         expectStalled(gather, rank: 0, phase: "update and parameter gather", step: 9)
     }
 
+    /// The watchdog bounds a batch of an evaluation, not the whole test set: an evaluation three times longer than the
+    /// timeout, each batch shorter, finishes (it ended the healthy job). And a rank that stalls as the run finishes,
+    /// after its last checkpoint, is reported there instead of leaving rank 0 waiting for ever in the last sums.
+    @Test func aLongEvaluationPassesAndAStallAtTheEndIsReported() throws {
+        let data = try SyntheticData(samples: 200)
+        defer { data.remove() }
+        let watchdog = ["--set", "watchdog.timeout_seconds=2", "--set", "training.epochs=1"]
+        let long = try Harness.mpirun(2, job(data, runDir: temporaryRunDirectory(), extra: watchdog),
+                                      environment: ["BPWORKER_TEST_EVAL_SLEEP_MS": "500"], timeout: 90)
+        #expect(long.status == 0 && long.output.contains("epoch 1/1 test accuracy") && !long.output.contains("stall"), "\(long.output)")
+        let stalled = try Harness.mpirun(2, job(data, runDir: temporaryRunDirectory(), extra: watchdog),
+                                         environment: ["BPWORKER_TEST_STALL": "1:11:60:finish"], timeout: 60)
+        expectStalled(stalled, rank: 0, phase: "report", step: 11)
+    }
+
     @Test func resumingOnAnotherWorldSizeSaysWhatChanges() throws {
         let data = try SyntheticData(samples: 200)
         defer { data.remove() }
