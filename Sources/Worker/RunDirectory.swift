@@ -149,3 +149,44 @@ extension RunDirectory {
 struct RunDirectoryError: Error, CustomStringConvertible, Equatable {
     let description: String
 }
+
+/// Rank 0's hold on its run directory for the job's life: an `flock` on `RUN_DIR/.lock`, which the kernel releases
+/// when the process ends, however it ends. A second job in the same directory (`--overwrite` or `--resume` while one
+/// runs there, or two starts at once) is refused before it writes anything: two such jobs overwrote each other's
+/// config.yaml, metrics and checkpoints, and both exited 0.
+enum RunDirectoryLock {
+    nonisolated(unsafe) private static var held: (directory: String, descriptor: Int32)?
+
+    /// Takes the lock of `directory` if its lock file exists (so that a refused start creates nothing): at the
+    /// inspection, before setup.
+    static func takeIfPresent(_ directory: String) throws(RunDirectoryError) {
+        guard FileManager.default.fileExists(atPath: directory + "/.lock") else { return }
+        try take(directory, creating: false)
+    }
+
+    /// Takes the lock of `directory`, creating the lock file, and writes who holds it: at the commit, before the
+    /// previous run's files are removed.
+    static func takeAndRecord(_ directory: String) throws(RunDirectoryError) {
+        try take(directory, creating: true)
+        guard let descriptor = held?.descriptor else { return }
+        let holder = "pid \(getpid()) on \(ProcessInfo.processInfo.hostName), since \(ISO8601DateFormatter().string(from: Date()))\n"
+        _ = ftruncate(descriptor, 0)
+        _ = holder.withCString { pwrite(descriptor, $0, strlen($0), 0) }
+    }
+
+    private static func take(_ directory: String, creating: Bool) throws(RunDirectoryError) {
+        if held?.directory == directory { return }
+        let path = directory + "/.lock"
+        let descriptor = open(path, O_RDWR | O_CLOEXEC | (creating ? O_CREAT : 0), 0o644)
+        guard descriptor >= 0 else {
+            throw RunDirectoryError(description: "\(path): cannot open the run directory's lock: \(String(cString: strerror(errno)))")
+        }
+        guard flock(descriptor, LOCK_EX | LOCK_NB) == 0 else {
+            let holder = (try? String(contentsOfFile: path, encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines) ?? ""
+            close(descriptor)
+            throw RunDirectoryError(description: "another bpworker job is running in \(directory)"
+                + (holder.isEmpty ? "" : " (\(holder))") + ": wait for it to end or stop it, or use another --run-dir")
+        }
+        held = (directory, descriptor)
+    }
+}

@@ -30,6 +30,7 @@ enum Trainer {
         let mode: RunDirectory.StartMode = resume != nil ? .resume : overwrite ? .overwrite : .fresh
         let existing = session.agree("run directory") { () throws -> RunDirectory? in
             guard session.isRoot else { return nil }
+            try RunDirectoryLock.takeIfPresent(session.runDirectory)
             let directory = RunDirectory.inspect(session.runDirectory)
             try directory.checkStart(mode)
             return directory
@@ -224,6 +225,7 @@ enum Trainer {
         session.agree("run directory \(session.runDirectory)") {
             guard session.isRoot else { return }
             try RunDirectory.create(session.runDirectory)
+            try RunDirectoryLock.takeAndRecord(session.runDirectory)
             if overwrite, let previous, case let removed = try previous.removePreviousRun(), !removed.isEmpty {
                 session.logger.info("--overwrite: removed the previous run's \(removed.joined(separator: ", ")) from \(session.runDirectory)")
             }

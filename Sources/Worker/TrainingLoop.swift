@@ -89,7 +89,8 @@ final class TrainingLoop {
     /// Trains from `position` to the last epoch, a stop request, a target accuracy or a failure. Throws only for
     /// communication and file failures, which end the job.
     func run() throws -> RunOutcome {
-        for epoch in position.epoch..<config.epochs {
+        // A resume with fewer epochs than the checkpoint has done trains nothing more (the range would be inverted).
+        for epoch in position.epoch..<max(position.epoch, config.epochs) {
             beginEpoch(epoch)
             for step in position.epochStep..<prepared.sampler.stepsPerEpoch {
                 let (outcome, result) = try self.step(step)

@@ -115,6 +115,31 @@ struct RunLifecycleTests {
         #expect(try status(run)["state"] as? String == "finished")
     }
 
+    /// A second job in a run directory where one is running is refused before it writes anything, whether it asks to
+    /// overwrite or to resume: two such jobs overwrote each other's files and both exited 0. The running job holds an
+    /// flock on RUN_DIR/.lock, which a job that ended (however it ended) no longer does.
+    @Test func aSecondJobInARunningRunDirectoryIsRefused() throws {
+        let data = try SyntheticData(samples: 200)
+        defer { data.remove() }
+        let run = temporaryRunDirectory()
+        let first = try Harness.startMPI(2, job(data, runDir: run), environment: ["BPWORKER_TEST_STEP_SLEEP_MS": "500"])
+        #expect(first.waitFor { $0.contains("step 5/12") }, "\(first.output)")
+        let config = try Data(contentsOf: URL(fileURLWithPath: run + "/config.yaml"))
+        for mode in ["--overwrite", "--resume"] {
+            let second = try Harness.mpirun(2, job(data, runDir: run, extra: [mode, "--set", "training.epochs=1"]), timeout: 60)
+            #expect(second.status == 1, "\(mode): \(second.output)")
+            #expect(occurrences(of: "another bpworker job is running in \(run) (pid ", in: second.output) == 1, "\(mode): \(second.output)")
+            #expect(!second.output.contains("removed the previous run"), "\(mode): \(second.output)")
+        }
+        #expect(try Data(contentsOf: URL(fileURLWithPath: run + "/config.yaml")) == config, "the running job's config.yaml is kept")
+        let ended = first.wait(timeout: 120)
+        #expect(ended.status == 0 && ended.output.contains("training finished"), "\(ended.output)")
+        // The lock went with the job: a resume now runs, and one asking for fewer epochs than the run has done trains
+        // nothing more (it crashed on an inverted range).
+        let resumed = try Harness.mpirun(2, job(data, runDir: run, extra: ["--resume", "--set", "training.epochs=1"]), timeout: 60)
+        #expect(resumed.status == 0 && resumed.output.contains("training finished"), "\(resumed.output)")
+    }
+
     @Test func resumeAndOverwriteTogetherAreRefused() throws {
         let r = try Harness.local(["train", "--resume", "--overwrite", "--run-dir", temporaryRunDirectory()])
         #expect(r.status != 0)
