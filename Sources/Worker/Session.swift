@@ -19,6 +19,8 @@ final class Session {
     let progressStyle: ProgressStyle
     /// Standard output and error, shared by the logger and the progress line.
     let terminal: Terminal
+    /// Times `agree`'s waits while a training run sets up (`Trainer.setUp`); nil otherwise.
+    var setupWatch: SetupWatch?
 
     var rank: Int { communicator.rank }
     var worldSize: Int { communicator.size }
@@ -79,18 +81,19 @@ final class Session {
     /// Runs one setup step on every rank and stops the whole job, with one message, if it failed anywhere. (Once a
     /// run has begun, `RunFailure.agree` also records the failure.)
     func agree<T>(_ what: String, _ body: () throws -> T) -> T {
-        Session.agree(communicator, logger, what, body)
+        Session.agree(communicator, logger, what, watch: setupWatch, body)
     }
 
     static func agree<T>(_ communicator: any Communicator, _ logger: Logger, _ what: String,
-                         onFailure: ((String) -> Void)? = nil, _ body: () throws -> T) -> T {
+                         onFailure: ((String) -> Void)? = nil, watch: SetupWatch? = nil, _ body: () throws -> T) -> T {
         var result: T? = nil
         var message = ""
         do { result = try body() } catch { message = "\(error)" }
         var firstFailure = [Int32(result == nil ? communicator.rank : Int(Int32.max))]
         do {
             try firstFailure.withUnsafeMutableBufferPointer { (buffer) throws(MPIError) in
-                try communicator.allreduce(buffer, op: .min)
+                if let watch { try watch.waiting(in: what) { () throws(MPIError) in try communicator.allreduce(buffer, op: .min) } }
+                else { try communicator.allreduce(buffer, op: .min) }
             }
         } catch {
             logger.error("\(what): \(message.isEmpty ? "\(error)" : message)")

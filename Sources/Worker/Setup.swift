@@ -45,6 +45,7 @@ enum Setup {
         let config = session.config
         session.agree("configuration") { try config.validateSettings() }
         let hooks = session.agree("configuration") { () throws -> TestHooks in try TestHooks.fromEnvironment(rank: session.rank) }
+        hooks.duringSetup()
         var (train, test) = session.agree("data") { try loadData(config) }
         let augmentation = session.agree("data") { training ? try config.augmentation(sampleShape: train.sampleShape) : nil }
         let classes = config.classes > 0 ? config.classes : train.classCount

@@ -33,6 +33,8 @@ struct TestHooks {
     var stallInRead = false
     /// `:finish`: as the run finishes, after its last checkpoint (the step is the run's last, 0-based).
     var stallAtFinish = false
+    /// `:setup`: during setup, before the data are read (the step is ignored).
+    var stallInSetup = false
     /// BPWORKER_TEST_EVAL_SLEEP_MS=N: every evaluation batch of every rank takes N ms longer (an evaluation longer
     /// than the watchdog's timeout, each batch shorter).
     var evaluationBatchSleepSeconds = 0.0
@@ -83,6 +85,7 @@ struct TestHooks {
             hooks.stallAfterExchange = env["BPWORKER_TEST_STALL"]?.hasSuffix(":after-exchange") ?? false
             hooks.stallInRead = env["BPWORKER_TEST_STALL"]?.hasSuffix(":read") ?? false
             hooks.stallAtFinish = env["BPWORKER_TEST_STALL"]?.hasSuffix(":finish") ?? false
+            hooks.stallInSetup = env["BPWORKER_TEST_STALL"]?.hasSuffix(":setup") ?? false
         }
         if let f = fields("BPWORKER_TEST_STEP_SLEEP_MS"), f.count == 1 { hooks.stepSleepMicroseconds = UInt32(f[0] * 1000) }
         if let f = fields("BPWORKER_TEST_EVAL_SLEEP_MS"), f.count == 1 { hooks.evaluationBatchSleepSeconds = f[0] / 1000 }
@@ -119,7 +122,7 @@ struct TestHooks {
     func beforeStep(step: Int, model: Model<Float>) {
         if stepSleepMicroseconds > 0 { sleepFully(Double(stepSleepMicroseconds) * 1e-6) }
         if step == nanStep && !nanLossOnly { model.inputs[0] = .nan }
-        if step == stallStep && !stallAfterExchange && !stallInRead && !stallAtFinish { sleepFully(stallSeconds) }
+        if step == stallStep && !stallAfterExchange && !stallInRead && !stallAtFinish && !stallInSetup { sleepFully(stallSeconds) }
         if step == divergeStep { model.parameters[0] += 1e-3 }
         if step == signalStep { raise(SIGTERM) }
     }
@@ -133,6 +136,11 @@ struct TestHooks {
     @inline(__always)
     func duringRead(step: Int) {
         if step == stallStep && stallInRead { sleepFully(stallSeconds) }
+    }
+
+    /// During setup (`:setup`), before the data are read.
+    func duringSetup() {
+        if stallInSetup { sleepFully(stallSeconds) }
     }
 
     /// After an evaluation batch.

@@ -27,6 +27,8 @@ enum Trainer {
     /// directory's commit on, failures are recorded through the returned `RunFailure`.
     static func setUp(_ session: Session, resume: String?, overwrite: Bool) -> (TrainingLoop, RunFailure) {
         let config = session.config
+        // Until the run's Watchdog starts (it needs the run directory for its heartbeats), setup's waits are timed.
+        session.setupWatch = SetupWatch(timeout: config.watchdogSeconds, rank: session.rank, communicator: session.communicator)
         let mode: RunDirectory.StartMode = resume != nil ? .resume : overwrite ? .overwrite : .fresh
         let existing = session.agree("run directory") { () throws -> RunDirectory? in
             guard session.isRoot else { return nil }
@@ -67,6 +69,8 @@ enum Trainer {
                                       depth: config.dataPrefetch, augmentation: prepared.augmentation, cursor: cursor,
                                       beforeRead: { hooks.duringRead(step: $0) })
         watchdog.start(dataRead: { [train = prepared.train] in describeRead(of: train, at: cursor) })
+        session.setupWatch?.stop()
+        session.setupWatch = nil
         let timeline = recorder.map {
             Timeline(session: session, recorder: $0, model: model, buckets: buckets, clockSkewSeconds: hooks.clockSkewSeconds)
         }

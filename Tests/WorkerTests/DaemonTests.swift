@@ -255,7 +255,7 @@ struct DaemonTests {
 
     /// The watchdog bounds a batch of an evaluation, not the whole test set: an evaluation three times longer than the
     /// timeout, each batch shorter, finishes (it ended the healthy job). And a rank that stalls as the run finishes,
-    /// after its last checkpoint, is reported there instead of leaving rank 0 waiting for ever in the last sums.
+    /// after its last checkpoint, or during setup, is reported there instead of leaving the others waiting for ever.
     @Test func aLongEvaluationPassesAndAStallAtTheEndIsReported() throws {
         let data = try SyntheticData(samples: 200)
         defer { data.remove() }
@@ -266,6 +266,13 @@ struct DaemonTests {
         let stalled = try Harness.mpirun(2, job(data, runDir: temporaryRunDirectory(), extra: watchdog),
                                          environment: ["BPWORKER_TEST_STALL": "1:11:60:finish"], timeout: 60)
         expectStalled(stalled, rank: 0, phase: "report", step: 11)
+        // Before the run's watchdog starts: a rank stalled in setup (before it reads the data) leaves the other
+        // waiting in setup's agreement, which is timed too (it waited for ever).
+        let setup = try Harness.mpirun(2, job(data, runDir: temporaryRunDirectory(), extra: watchdog),
+                                       environment: ["BPWORKER_TEST_STALL": "1:0:60:setup"], timeout: 60)
+        #expect(setup.status != 0 && setup.seconds < 30, "\(setup.output)")
+        #expect(setup.output.contains("[rank 0] error: stall: rank 0 has waited ") && setup.output.contains(" s in setup (data) for the "
+                + "other ranks (watchdog.timeout_seconds=2.0): a rank has not arrived; aborting the job"), "\(setup.output)")
     }
 
     @Test func resumingOnAnotherWorldSizeSaysWhatChanges() throws {
