@@ -27,6 +27,8 @@ enum Phase: Int, CaseIterable, Sendable {
     /// Ranks other than 0 waiting while rank 0 checks the gradients alone: as long as it takes, so a stall is only
     /// declared when rank 0 stops answering too (`waitsOnRankZero`).
     case gradientCheckVerdict
+    /// Waiting for the other ranks in one of setup's agreements, before the run directory exists: timed by
+    /// `SetupWatch`, not by the `Watchdog`, whose heartbeats live in the run directory.
     case setup
 
     /// The name a stall report and a heartbeat file give the phase.

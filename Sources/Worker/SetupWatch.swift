@@ -2,8 +2,8 @@ import Coordinator
 import Foundation
 import Synchronization
 
-/// The watchdog of a training run's setup, before the run directory (where the heartbeats live) exists and the
-/// `Watchdog` starts: it times each wait of `Session.agree` for the other ranks, and ends the job when one passes
+/// The watchdog of a training run's setup (`Phase.setup`), before the run directory (where the heartbeats live)
+/// exists and the `Watchdog` starts: it times each wait of `Session.agree` for the other ranks, and ends the job when one passes
 /// `watchdog.timeout_seconds`. A rank frozen during setup (SIGSTOP, a swapped-out host) used to leave the others
 /// waiting there for ever. It names no rank: without heartbeats it cannot tell which has not arrived.
 ///
@@ -51,7 +51,7 @@ final class SetupWatch: Sendable {
             let waited = Double(Watchdog.nanoseconds() - since) * 1e-9
             guard waited > timeout else { continue }
             let step = what.withLock { $0 }
-            let report = "[rank \(rank)] error: stall: rank \(rank) has waited \(String(format: "%.1f", waited)) s in setup (\(step)) "
+            let report = "[rank \(rank)] error: stall: rank \(rank) has waited \(String(format: "%.1f", waited)) s in \(Phase.setup.name) (\(step)) "
                 + "for the other ranks (watchdog.timeout_seconds=\(timeout)): a rank has not arrived; aborting the job\n"
             FileHandle.standardError.write(Data(report.utf8))
             communicator.abort(code: 1)
