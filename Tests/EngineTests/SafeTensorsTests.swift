@@ -177,6 +177,27 @@ struct SafeTensorsTests {
         }
     }
 
+    /// F16, BF16 and the other dtypes of the format make a valid file (PyTorch saves half-precision models so); only
+    /// reading such a tensor as bpworker's floats is refused, naming the tensor and its dtype.
+    @Test func everyDTypeOfTheFormatParsesAndOnlyReadingNamesIt() throws {
+        let header = #"{"w":{"dtype":"F16","shape":[2],"data_offsets":[0,4]},"b":{"dtype":"BF16","shape":[1],"data_offsets":[4,6]},"#
+            + #""m":{"dtype":"BOOL","shape":[2],"data_offsets":[6,8]}}"#
+        let file = try SafeTensorsFile(path: try forge("half", header: header, data: [0, 60, 0, 60, 128, 63, 1, 0]))
+        #expect(file.tensors["w"]?.dtype == .f16)
+        #expect(file.tensors["b"]?.dtype == .bf16)
+        #expect(file.names == ["w", "b", "m"])
+        for read in [{ _ = try file.floats("w") }, { _ = try file.doubles("w") }, { try file.expect("w", shape: [2]) }] {
+            do {
+                try read()
+                Issue.record("an F16 tensor was read as F32")
+            } catch let error as DataError {
+                #expect(error.reason.contains("tensor 'w': dtype F16, bpworker reads F32 or F64"), "\(error.reason)")
+                #expect(!error.reason.contains("not a float"))
+            }
+        }
+        #expect(throws: DataError.self) { _ = try file.int64s("m") }
+    }
+
     @Test func anInterruptedWriteLeavesThePreviousFileIntact() throws {
         let target = path("model.safetensors")
         try sampleWriter().write(to: target)

@@ -511,7 +511,7 @@ struct CorruptCheckpointTests {
             // earlier version's), the checks against the model do.
             (try variant("wrong-dtype", header: header.replacingOccurrences(of: "\"F32\"", with: "\"I32\"")), "damaged header"),
             (try variant("wrong-dtype-unchecked", header: unchecked.replacingOccurrences(of: "\"F32\"", with: "\"I32\"")),
-             "tensor '0.weight': dtype I32, expected F32 or F64"),
+             "tensor '0.weight': dtype I32, bpworker reads F32 or F64"),
             (run + "/other-shape.safetensors", "not a bpworker checkpoint"),
             (try variant("missing-tensor", header: header.replacingOccurrences(of: "\"0.bias\"", with: "\"0.bias_renamed\"")),
              "damaged header"),

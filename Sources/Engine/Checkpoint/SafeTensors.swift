@@ -6,14 +6,19 @@ import Foundation
 // "__metadata__", then the raw little-endian data, C order. Offsets are relative to the end of the header,
 // and the tensors must tile the data section exactly. PyTorch, NumPy and JAX read it without bpworker.
 
+/// Every dtype the safetensors format defines, so that a valid file of any of them parses and checks; bpworker itself
+/// reads F32 and F64 as floats and I64, I32 and U8 as integers, and names the dtype when a tensor is of another.
 public enum SafeTensorsDType: String, Sendable, CaseIterable {
     case f32 = "F32", f64 = "F64", i64 = "I64", i32 = "I32", u8 = "U8"
+    case f16 = "F16", bf16 = "BF16", f8e4m3 = "F8_E4M3", f8e5m2 = "F8_E5M2"
+    case bool = "BOOL", i8 = "I8", i16 = "I16", u16 = "U16", u32 = "U32", u64 = "U64"
 
     public var size: Int {
         switch self {
-        case .f32, .i32: 4
-        case .f64, .i64: 8
-        case .u8: 1
+        case .u8, .i8, .bool, .f8e4m3, .f8e5m2: 1
+        case .f16, .bf16, .i16, .u16: 2
+        case .f32, .i32, .u32: 4
+        case .f64, .i64, .u64: 8
         }
     }
 }
@@ -311,7 +316,7 @@ public struct SafeTensorsFile {
         switch info.dtype {
         case .f32: return load(info, as: UInt32.self).map { Float(bitPattern: $0) }
         case .f64: return load(info, as: UInt64.self).map { Float(Double(bitPattern: $0)) }
-        default: throw DataError(path: path, reason: "tensor '\(name)': dtype \(info.dtype.rawValue) is not a float type")
+        default: throw DataError(path: path, reason: "tensor '\(name)': dtype \(info.dtype.rawValue), bpworker reads F32 or F64 here")
         }
     }
 
@@ -321,7 +326,7 @@ public struct SafeTensorsFile {
         switch info.dtype {
         case .f32: return load(info, as: UInt32.self).map { Double(Float(bitPattern: $0)) }
         case .f64: return load(info, as: UInt64.self).map { Double(bitPattern: $0) }
-        default: throw DataError(path: path, reason: "tensor '\(name)': dtype \(info.dtype.rawValue) is not a float type")
+        default: throw DataError(path: path, reason: "tensor '\(name)': dtype \(info.dtype.rawValue), bpworker reads F32 or F64 here")
         }
     }
 
@@ -331,7 +336,7 @@ public struct SafeTensorsFile {
         case .i64: return load(info, as: Int64.self)
         case .i32: return load(info, as: Int32.self).map(Int64.init)
         case .u8: return load(info, as: UInt8.self).map(Int64.init)
-        default: throw DataError(path: path, reason: "tensor '\(name)': dtype \(info.dtype.rawValue) is not an integer type")
+        default: throw DataError(path: path, reason: "tensor '\(name)': dtype \(info.dtype.rawValue), bpworker reads I64, I32 or U8 here")
         }
     }
 
@@ -374,7 +379,8 @@ public struct SafeTensorsFile {
     public func expect(_ name: String, shape: [Int]) throws {
         let info = try info(name)
         guard info.dtype == .f32 || info.dtype == .f64 else {
-            throw DataError(path: path, reason: "tensor '\(name)': dtype \(info.dtype.rawValue), expected F32 or F64")
+            throw DataError(path: path, reason: "tensor '\(name)': dtype \(info.dtype.rawValue), bpworker reads F32 or F64 "
+                + "(in PyTorch, save `tensor.float()`)")
         }
         guard info.shape == shape else {
             throw DataError(path: path, reason: "tensor '\(name)': shape \(info.shape), the model expects \(shape)")
