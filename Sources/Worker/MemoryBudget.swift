@@ -27,6 +27,9 @@ struct MemoryEstimate {
     /// Mapped data files (`data.mmap`): shared by the node's ranks through the page cache, which the kernel may evict,
     /// so they count against no rank's private memory.
     var mapped: Double = 0
+    /// Address space that later reservations take beyond `items` without becoming resident (`addressReservations`):
+    /// counted against `ulimit -v` only.
+    var reserved: [Item] = []
 
     var toAllocate: Double { items.reduce(0) { $0 + $1.bytes } }
     /// The peak this rank should reach.
@@ -36,6 +39,18 @@ struct MemoryEstimate {
     /// collectives, measured on the reference machine (a tiny model's resident size grows by 2 to 6 MiB from
     /// setup to its peak).
     static let workingAllowance = 8.0 * 1_048_576
+
+    /// What the run maps after the check without touching most of it, which `ulimit -v` counts all the same.
+    /// OpenBLAS maps one buffer of 128 MiB (BUFFER_SIZE on x86-64) for each of its threads at the first GEMM and,
+    /// when that mapping fails, spins in its allocator for ever: measured, a default job under a limit that passed a
+    /// check without it hung at its first step. Each thread started after the check (the watchdog, the prefetch
+    /// thread) maps an 8 MiB stack and a 64 MiB glibc arena, which otherwise take the room of the first checkpoint's
+    /// serialization. Measured on the default job: the address space grows 282 MiB from the check to the end.
+    static func addressReservations(blasThreads: Int, threadsToStart: Int) -> [Item] {
+        let mib = 1_048_576.0
+        return [Item(name: "OpenBLAS buffers (\(blasThreads) x 128 MiB)", bytes: Double(max(1, blasThreads)) * 128 * mib),
+                Item(name: "stacks and malloc arenas of \(threadsToStart) threads", bytes: Double(threadsToStart) * 72 * mib)]
+    }
 
     static func estimate(config: Configuration, spec: ModelSpec, datasets: [Dataset], rank: Int, worldSize: Int,
                          usage: ProcessMemory) -> MemoryEstimate {
@@ -69,8 +84,11 @@ struct MemoryEstimate {
         }
         items.append(Item(name: "BLAS and MPI working memory", bytes: workingAllowance))
         let data = datasets.reduce(0.0) { $0 + $1.residentBytes }
+        // The watchdog, the prefetch thread, and one for the runtime's own (Dispatch's first worker).
+        let threads = 2 + (config.dataPrefetch > 0 ? 1 : 0)
         return MemoryEstimate(resident: usage.resident, residentPeak: usage.residentPeak, data: data, items: items,
-                              mapped: datasets.reduce(0.0) { $0 + $1.mappedBytes })
+                              mapped: datasets.reduce(0.0) { $0 + $1.mappedBytes },
+                              reserved: addressReservations(blasThreads: BLASThreads.current, threadsToStart: threads))
     }
 
     /// "118 MiB at peak: data 52 MiB, runtime and libraries 34 MiB, parameters 2.0 MiB, ..."
@@ -110,8 +128,11 @@ struct MemoryEstimate {
                 throw fail("the memory cgroup allows \(bytesText(limit)) with \(bytesText(free)) free")
             }
         }
-        if let limit = limits.addressSpaceLimit, (limits.addressSpace ?? 0) + needed > limit {
-            throw fail("ulimit -v allows \(bytesText(limit)) of address space and \(bytesText(limits.addressSpace ?? 0)) is in use")
+        let reservations = reserved.reduce(0) { $0 + $1.bytes }
+        if let limit = limits.addressSpaceLimit, (limits.addressSpace ?? 0) + needed + reservations > limit {
+            let mapped = reserved.map { "\($0.name) \(bytesText($0.bytes))" }.joined(separator: ", ")
+            throw fail("ulimit -v allows \(bytesText(limit)) of address space, \(bytesText(limits.addressSpace ?? 0)) is in use "
+                + "and the run maps \(bytesText(reservations)) more that stays mostly untouched (\(mapped))")
         }
     }
 }
