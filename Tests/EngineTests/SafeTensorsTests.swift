@@ -134,7 +134,12 @@ struct SafeTensorsTests {
         try good.prefix(40).write(to: URL(fileURLWithPath: path("cut-header")))
         add(path("cut-header"), "runs past the end of the file")
         try good.prefix(good.count - 3).write(to: URL(fileURLWithPath: path("cut-data")))
-        add(path("cut-data"), "run past the data section")
+        add(path("cut-data"), "truncated (or its header damaged): its header describes")
+        // Cut right after the header: every tensor's data is missing, and the message says so, not one tensor's.
+        let headerEnd = 8 + Int(good.withUnsafeBytes { UInt64(littleEndian: $0.loadUnaligned(as: UInt64.self)) })
+        try good.prefix(headerEnd).write(to: URL(fileURLWithPath: path("cut-after-header")))
+        add(path("cut-after-header"), "truncated (or its header damaged): its header describes \(good.count - headerEnd) bytes "
+            + "of tensor data and the file holds 0 (\(good.count - headerEnd) bytes missing)")
         add(try forge("huge", header: "{}", data: [], headerLength: 1 << 40), "huge header")
         add(try forge("zero", header: "", data: eight, headerLength: 0), "header length is 0")
         add(try forge("notjson", header: "{nope", data: []), "not valid JSON")
@@ -142,7 +147,7 @@ struct SafeTensorsTests {
         add(try forge("overlap", header: #"{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},"b":{"dtype":"U8","shape":[4],"data_offsets":[2,6]}}"#,
                       data: eight), "tensor 'b': data_offsets overlap")
         add(try forge("range", header: #"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#, data: eight),
-            "tensor 'a': data_offsets [0, 16] run past the data section of 8 bytes")
+            "truncated (or its header damaged): its header describes 16 bytes of tensor data and the file holds 8")
         add(try forge("gap", header: #"{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]},"b":{"dtype":"U8","shape":[2],"data_offsets":[4,6]}}"#,
                       data: [UInt8](repeating: 0, count: 6)), "tensor 'b': gap of 2 bytes")
         add(try forge("trailing", header: #"{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]}}"#, data: eight),
@@ -163,6 +168,9 @@ struct SafeTensorsTests {
         // data section: without the overflow check this file would load.
         add(try forge("wraps", header: #"{"a":{"dtype":"F32","shape":[8,2305843009213693952],"data_offsets":[0,0]},"b":{"dtype":"U8","shape":[8],"data_offsets":[0,8]}}"#,
                       data: eight), "tensor 'a': shape [8, 2305843009213693952] holds more elements than the file")
+        // A zero after a large dimension: the partial product must not be compared with the file before the zero.
+        add(try forge("empty-then-shape", header: #"{"e":{"dtype":"F32","shape":[100000,0],"data_offsets":[0,0]},"a":{"dtype":"F32","shape":[100000],"data_offsets":[0,8]}}"#,
+                      data: eight), "tensor 'a': shape [100000] holds more elements than the file")
         add(try forge("bool", header: #"{"a":{"dtype":"U8","shape":[true],"data_offsets":[0,1]}}"#, data: [0]),
             "is not a list of integers")
         add(try forge("meta", header: #"{"__metadata__":{"step":7}}"#, data: []), "__metadata__ value for 'step' is not a string")
@@ -175,6 +183,15 @@ struct SafeTensorsTests {
                 #expect(error.reason.contains(expected), "\(file): \(error.reason)")
             }
         }
+    }
+
+    /// An empty tensor is valid whatever its other dimensions (Python's safetensors writes [100000, 0]).
+    @Test func anEmptyTensorOfAnyShapeIsValid() throws {
+        let header = #"{"empty":{"dtype":"F32","shape":[100000,0],"data_offsets":[0,0]},"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#
+        let file = try SafeTensorsFile(path: try forge("empty", header: header, data: [UInt8](repeating: 0, count: 8)))
+        #expect(file.tensors["empty"]?.shape == [100000, 0])
+        #expect(try file.floats("empty").isEmpty)
+        #expect(try file.floats("w") == [0, 0])
     }
 
     /// F16, BF16 and the other dtypes of the format make a valid file (PyTorch saves half-precision models so); only

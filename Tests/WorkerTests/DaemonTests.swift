@@ -498,7 +498,7 @@ struct CorruptCheckpointTests {
         let file = try SafeTensorsFile(path: good)
         let biasRange = try #require(file.tensors["0.bias"]).byteRange
         let cases: [(String, String)] = [
-            (try variant("truncated", raw: bytes.prefix(bytes.count - 10)), "run past the data section"),
+            (try variant("truncated", raw: bytes.prefix(bytes.count - 10)), "truncated (or its header damaged)"),
             (try variant("past-end", length: UInt64(bytes.count)), "runs past the end of the file"),
             (try variant("huge-header", length: 1 << 40), "huge header"),
             (try variant("overlap", header: header.replacingOccurrences(
@@ -506,7 +506,7 @@ struct CorruptCheckpointTests {
                 with: "\"data_offsets\":[\(biasRange.lowerBound - 4),\(biasRange.upperBound - 4)]")), "overlap"),
             (try variant("out-of-range", header: header.replacingOccurrences(
                 of: "\"data_offsets\":[\(biasRange.lowerBound),\(biasRange.upperBound)]",
-                with: "\"data_offsets\":[\(biasRange.lowerBound),\(biasRange.upperBound + 1_000_000)]")), "run past the data section"),
+                with: "\"data_offsets\":[\(biasRange.lowerBound),\(biasRange.upperBound + 1_000_000)]")), "truncated (or its header damaged)"),
             // A consistent header with another dtype or name: its checksum finds it; in a file without checksums (an
             // earlier version's), the checks against the model do.
             (try variant("wrong-dtype", header: header.replacingOccurrences(of: "\"F32\"", with: "\"I32\"")), "damaged header"),

@@ -185,7 +185,11 @@ public struct SafeTensorsFile {
         let dataLength = data.count - dataStart
         var metadata: [String: String] = [:]
         var tensors: [String: TensorInfo] = [:]
-        for (name, value) in header {
+        try Self.requireWhole(header, dataLength: dataLength, path: path)
+        // In name order: the first bad entry, which the error names, is the same in every process (a dictionary's
+        // order is not).
+        for name in header.keys.sorted() {
+            let value = header[name]!
             if name == "__metadata__" {
                 metadata = try Self.metadata(value, path: path)
             } else {
@@ -226,6 +230,19 @@ public struct SafeTensorsFile {
         return (data, header, 8 + Int(headerLength))
     }
 
+    /// A file cut short: the data section ends before the furthest end its header gives. Said as such, before any
+    /// one tensor's entry is checked, so the message does not blame whichever tensor happens to be checked first.
+    private static func requireWhole(_ header: [String: Any], dataLength: Int, path: String) throws {
+        let ends = header.compactMap { name, value -> Int? in
+            guard name != "__metadata__", let entry = value as? [String: Any], let offsets = entry["data_offsets"] as? [Any],
+                  offsets.count == 2 else { return nil }
+            return jsonInteger(offsets[1])
+        }
+        guard let furthest = ends.max(), furthest > dataLength, ends.allSatisfy({ $0 >= 0 }) else { return }
+        throw DataError(path: path, reason: "truncated (or its header damaged): its header describes \(furthest) bytes of tensor data and the file "
+            + "holds \(dataLength) (\(furthest - dataLength) bytes missing)")
+    }
+
     /// `__metadata__`: an object of strings.
     private static func metadata(_ value: Any, path: String) throws -> [String: String] {
         guard let map = value as? [String: Any] else { throw DataError(path: path, reason: "__metadata__ is not an object") }
@@ -248,14 +265,17 @@ public struct SafeTensorsFile {
         guard let dtype = SafeTensorsDType(rawValue: dtypeName) else { throw fail("unsupported dtype '\(dtypeName)'") }
         guard let shapeValues = entry["shape"] as? [Any] else { throw fail("missing shape") }
         var shape: [Int] = []
-        var elements = 1
         for d in shapeValues {
             guard let dim = jsonInteger(d) else { throw fail("shape \(shapeValues) is not a list of integers") }
             guard dim >= 0 else { throw fail("negative dimension \(dim) in shape") }
+            shape.append(dim)
+        }
+        // A zero anywhere makes an empty tensor, however large the other dimensions ([100000, 0] is valid).
+        var elements = shape.contains(0) ? 0 : 1
+        for dim in shape where elements > 0 {
             let (product, overflow) = elements.multipliedReportingOverflow(by: dim)
             guard !overflow, product <= dataLength else { throw fail("shape \(shapeValues) holds more elements than the file") }
             elements = product
-            shape.append(dim)
         }
         guard let offsets = entry["data_offsets"] as? [Any], offsets.count == 2,
               let begin = jsonInteger(offsets[0]), let end = jsonInteger(offsets[1]) else {
