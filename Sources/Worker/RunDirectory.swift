@@ -129,9 +129,9 @@ extension RunDirectory {
             throw RunDirectoryError(description: "it exists and is not a directory")
         }
         // The nearest ancestor that exists must be a directory; Foundation says only "error 512" when it is not.
-        var ancestor = (path as NSString).deletingLastPathComponent
+        var ancestor = parent(of: path)
         while !ancestor.isEmpty && ancestor != "/" && !FileManager.default.fileExists(atPath: ancestor) {
-            ancestor = (ancestor as NSString).deletingLastPathComponent
+            ancestor = parent(of: ancestor)
         }
         if !ancestor.isEmpty && FileManager.default.fileExists(atPath: ancestor, isDirectory: &isDirectory) && !isDirectory.boolValue {
             throw RunDirectoryError(description: "cannot create it: \(ancestor) is not a directory")
@@ -144,6 +144,16 @@ extension RunDirectory {
             throw RunDirectoryError(description: "cannot create it: \(reason ?? error.localizedDescription)")
         }
     }
+}
+
+/// The path without its last component: "runs" for "runs/a/", "" for "a", "/" for "/a". Split on "/" by hand:
+/// Foundation's `deletingLastPathComponent` on Linux traps on a one-character relative path ("a", "r/x" in a loop).
+func parent(of path: String) -> String {
+    var components = path.split(separator: "/", omittingEmptySubsequences: true)
+    guard !components.isEmpty else { return path.hasPrefix("/") ? "/" : "" }
+    components.removeLast()
+    let joined = components.joined(separator: "/")
+    return path.hasPrefix("/") ? "/" + joined : joined
 }
 
 struct RunDirectoryError: Error, CustomStringConvertible, Equatable {

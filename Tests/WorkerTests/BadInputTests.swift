@@ -145,6 +145,23 @@ struct BadInputTests {
         #expect(check.status != 0 && check.output.contains("it exists and is not a directory"), "\(check.output)")
     }
 
+    /// Relative run directories with a one-character part, new or under a new parent: Foundation's
+    /// `deletingLastPathComponent` trapped on them (exit 132 on every rank) while the parents were looked for.
+    @Test func aRelativeRunDirectoryOfOneCharacter() throws {
+        let data = try SyntheticData(samples: 32)
+        defer { data.remove() }
+        let base = TemporaryFiles.path("relative-")
+        try FileManager.default.createDirectory(at: base, withIntermediateDirectories: true)
+        for runDirectory in ["a", "r/x", "b/", "c/de"] {
+            let command = [Harness.executable.path, "train", "--local", "--run-dir", runDirectory, "--set", "training.epochs=1",
+                           "--set", "training.batch_size=8"] + data.arguments
+            let quoted = command.map { "'\($0)'" }.joined(separator: " ")
+            let r = try Harness.run("/bin/sh", ["-c", "cd '\(base.path)' && exec \(quoted)"], environment: [:], timeout: 60)
+            #expect(r.status == 0, "--run-dir \(runDirectory): \(r.output)")
+            #expect(FileManager.default.fileExists(atPath: base.appendingPathComponent(runDirectory).path + "/model.safetensors"))
+        }
+    }
+
     @Test func batchSizeZero() throws {
         try expectCleanFailure(["--set", "training.batch_size=0"], message: "training.batch_size must be at least 1")
     }
