@@ -221,4 +221,20 @@ struct ResidualTests {
     func badEntriesNameTheBlockEntryAndReason(text: String, expected: LayerEntryError) {
         #expect(throws: expected) { try LayerSpec.parse(text.split(separator: " ").map(String.init), input: [3, 6, 6]) }
     }
+
+    /// Blocks nested 8 deep parse (at once); 9 deep is refused before anything is parsed. Each level cost a few times
+    /// the one inside it, so 20 levels in a model file kept `predict` busy for minutes.
+    @Test func nestingIsBounded() throws {
+        func nested(_ depth: Int) -> [String] {
+            (String(repeating: "residual [", count: depth) + "relu" + String(repeating: "]", count: depth))
+                .split(separator: " ").map(String.init)
+        }
+        let deepest = try #require(try LayerSpec.parse(nested(ResidualKind.maxNesting), input: [3, 6, 6]))
+        #expect(try deepest.outputShape(input: [3, 6, 6]) == [3, 6, 6])
+        for depth in [ResidualKind.maxNesting + 1, 40, 1000] {
+            #expect(throws: LayerEntryError(reason: "blocks nest \(depth) deep; at most 8 are taken (a ResNet's blocks nest 1 deep)")) {
+                try LayerSpec.parse(nested(depth), input: [3, 6, 6])
+            }
+        }
+    }
 }

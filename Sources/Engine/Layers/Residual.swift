@@ -24,7 +24,21 @@ public struct ResidualKind: LayerKind {
         return (body + (shortcut ?? [])).contains { LayerKinds.entryIsSpatial(words($0)) }
     }
 
+    /// How deep blocks may nest. A ResNet nests one deep; each level costs a few times the one inside it to parse
+    /// and shape (every layer's shape is checked with its tensors'), so a file of blocks 20 deep took minutes.
+    public static let maxNesting = 8
+
     public static func parse(_ entry: LayerEntry, input: [Int]) throws(LayerEntryError) -> Self {
+        var depth = 0, deepest = 0
+        for word in entry.words {
+            for c in word.utf8 {
+                if c == UInt8(ascii: "[") { depth += 1; deepest = max(deepest, depth) }
+                if c == UInt8(ascii: "]") { depth -= 1 }
+            }
+        }
+        guard deepest <= maxNesting else {
+            throw entry.fail("blocks nest \(deepest) deep; at most \(maxNesting) are taken (a ResNet's blocks nest 1 deep)")
+        }
         let (bodyEntries, shortcutEntries) = try lists(entry)
         let body = try parsePath(bodyEntries, "residual", input: input)
         let shortcut: [LayerSpec]?
