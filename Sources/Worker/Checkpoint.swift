@@ -16,6 +16,47 @@ struct TrainingPosition: Codable, Equatable {
     /// earlier versions): a resume refuses files that changed since.
     var dataFiles: [DataFileRecord]?
 
+    /// The largest step count a checkpoint may hold: far beyond any run, and small enough that arithmetic on steps
+    /// (the schedule, Adam's bias correction) cannot overflow. Sizes are bounded as the configuration bounds them.
+    static let maxSteps = 1 << 48, maxCount = 1 << 24
+
+    /// Why this position, read from a checkpoint, is not one a run can have reached (nil: it could be). A file with
+    /// valid checksums may still hold anything: huge counts crashed the resume on overflow, or skipped an epoch.
+    var impossibility: String? {
+        if globalStep > Self.maxSteps || epochStep > Self.maxSteps || skippedSteps > globalStep {
+            return "steps (global \(globalStep), in its epoch \(epochStep), skipped \(skippedSteps)) beyond 2^48, or more "
+                + "skipped than taken"
+        }
+        let sizes = [("epoch", epoch), ("worldSize", worldSize), ("batchSize", batchSize)].filter { $0.1 > Self.maxCount }
+        if !sizes.isEmpty { return sizes.map { "\($0.0) \($0.1)" }.joined(separator: ", ") + " beyond 2^24" }
+        if samplesSeen == nil { return "\(epochStep) steps of \(worldSize) x \(batchSize) samples overflow a count" }
+        return nil
+    }
+
+    /// The samples this epoch has seen; nil when the count would overflow.
+    var samplesSeen: Int? {
+        let (perStep, overflow) = batchSize.multipliedReportingOverflow(by: worldSize)
+        let (seen, overflow2) = epochStep.multipliedReportingOverflow(by: perStep)
+        return overflow || overflow2 ? nil : seen
+    }
+
+    /// Why this position cannot continue on a training set of `datasetSize` samples cut into `stepsPerEpoch` steps of
+    /// `worldSize` x `batchSize` here (nil: it can): more steps of its epoch done than an epoch has (the same shape),
+    /// or more samples seen than the set holds plus one wrapped batch (another shape). Such a checkpoint belongs to
+    /// other data; clamping it would skip the rest of the epoch without a word.
+    func mismatch(worldSize: Int, batchSize: Int, stepsPerEpoch: Int, datasetSize: Int) -> String? {
+        if self.worldSize == worldSize && self.batchSize == batchSize {
+            guard epochStep <= stepsPerEpoch else {
+                return "it is at step \(epochStep) of its epoch, and an epoch of this training set has \(stepsPerEpoch) steps"
+            }
+            return nil
+        }
+        guard let seen = samplesSeen, seen <= datasetSize + self.batchSize * self.worldSize else {
+            return "its epoch has seen \(samplesSeen.map(String.init) ?? "more") samples, and this training set has \(datasetSize)"
+        }
+        return nil
+    }
+
     /// This position continued on `worldSize` ranks of `batchSize` samples, with `stepsPerEpoch` steps per epoch
     /// there. The same shape continues exactly. Another shape keeps the samples already seen in this epoch
     /// (rounded down to whole new global batches, so none is skipped; up to one global batch is seen again) and
@@ -29,8 +70,7 @@ struct TrainingPosition: Codable, Equatable {
         var next = self
         let sameShape = self.worldSize == worldSize && self.batchSize == batchSize
         if !sameShape {
-            let samplesSeen = epochStep * self.batchSize * self.worldSize
-            next.epochStep = min(samplesSeen / (batchSize * worldSize), stepsPerEpoch)
+            next.epochStep = min((samplesSeen ?? 0) / (batchSize * worldSize), stepsPerEpoch)
             next.globalStep = epoch * stepsPerEpoch + next.epochStep
             next.worldSize = worldSize
             next.batchSize = batchSize
@@ -100,6 +140,12 @@ struct Checkpointer {
         guard let name = try? String(contentsOfFile: latestPointer, encoding: .utf8)
             .trimmingCharacters(in: .whitespacesAndNewlines), !name.isEmpty else {
             throw CheckpointError(description: "\(latestPointer): no checkpoint to resume from")
+        }
+        // A name of this directory's checkpoints, never a path: a pointer edited to "../../other/..." resumed another
+        // run's checkpoint while `verify` called it damaged.
+        guard Self.isCheckpointName(name), !name.contains("/") else {
+            throw CheckpointError(description: "\(latestPointer): names '\(name)', which is not a checkpoint file of this run "
+                + "(step-NNNNNNNN.safetensors in \(directory))")
         }
         return directory + "/" + name
     }
@@ -224,12 +270,14 @@ struct Checkpointer {
 
     /// Reads and validates a checkpoint into `model` and `optimizer` (rank 0 only): every tensor must be there with
     /// the model's shape, the optimizer's state must match its kind, and the metadata must describe this model.
-    static func load(path: String, model: Model<Float>, optimizer: Optimizer<Float>) throws -> TrainingPosition {
+    /// Returns the position and, for a file without checksums, the note that says it loaded unverified.
+    static func load(path: String, model: Model<Float>, optimizer: Optimizer<Float>) throws
+        -> (position: TrainingPosition, unverified: String?) {
         let file = try SafeTensorsFile(path: path)
         func fail(_ reason: String) -> CheckpointError { CheckpointError(description: "\(path): \(reason)") }
         // Checked again before any value is used: `checkedExplicit` and `newestIntact` chose a file that verified, but it
         // may have changed since (one more pass over a checkpoint, once per resume).
-        _ = try file.verify()
+        let unverified = try ModelFile.verified(file)
         guard file.metadata["format"] == format else {
             throw fail("not a bpworker checkpoint (metadata format is \(file.metadata["format"].map { "'\($0)'" } ?? "missing"))")
         }
@@ -245,8 +293,12 @@ struct Checkpointer {
               position.batchSize >= 1 else {
             throw fail("metadata 'position' is missing or malformed")
         }
+        if let impossibility = position.impossibility { throw fail("metadata 'position' holds \(impossibility)") }
         guard let optimizerStep = file.metadata["optimizer_step"].flatMap({ Int($0) }), optimizerStep >= 0 else {
             throw fail("metadata 'optimizer_step' is missing or malformed")
+        }
+        guard optimizerStep <= TrainingPosition.maxSteps else {
+            throw fail("metadata 'optimizer_step' is \(optimizerStep), beyond 2^48 steps")
         }
         var expected = try readState(from: file, into: model)
         for state in optimizer.state {
@@ -261,7 +313,7 @@ struct Checkpointer {
             throw fail("tensor '\(extra)' does not belong to this model and optimizer (\(optimizer.config.kind.rawValue))")
         }
         optimizer.stepCount = optimizerStep
-        return position
+        return (position, unverified)
     }
 }
 

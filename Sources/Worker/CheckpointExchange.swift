@@ -46,7 +46,12 @@ struct CheckpointExchange {
         var encoded: [UInt8] = []
         session.agree("resume") {
             if session.isRoot {
-                let position = try Checkpointer.load(path: path, model: model, optimizer: optimizer)
+                let (position, unverified) = try Checkpointer.load(path: path, model: model, optimizer: optimizer)
+                if let mismatch = position.mismatch(worldSize: session.worldSize, batchSize: session.config.batchSize,
+                                                    stepsPerEpoch: sampler.stepsPerEpoch, datasetSize: sampler.datasetSize) {
+                    throw CheckpointError(description: "\(path): not resumed from it: \(mismatch) (a checkpoint of other data?)")
+                }
+                if let unverified { session.logger.notice("\(unverified)") }
                 encoded = Array(try JSONEncoder().encode(position))
             }
         }

@@ -44,6 +44,12 @@ func readBuffers(from file: SafeTensorsFile, into model: Model<Float>) throws ->
             }
             let count = tensor.dtype == .f32 || tensor.dtype == .f64 ? Double(try file.floats(info.name)[0]) : Double(try file.int64s(info.name)[0])
             guard count >= 0 else { throw DataError(path: file.path, reason: "tensor '\(info.name)': negative count \(count)") }
+            // Kept in the model's float32 buffers, which hold every whole number up to 2^24 exactly; a larger count (or
+            // inf) would come back changed, or trap when the next checkpoint writes it as an integer.
+            guard count == count.rounded(), count <= Double(1 << 24) else {
+                throw DataError(path: file.path, reason: "tensor '\(info.name)': count \(count) is not a whole number up to "
+                    + "16777216 (2^24), the largest bpworker keeps exactly")
+            }
             model.buffers[info.offset] = Float(count)
         } else {
             try file.expect(info.name, shape: info.shape)
