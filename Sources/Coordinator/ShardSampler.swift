@@ -58,14 +58,13 @@ public struct ShardSampler: Sendable {
     /// This rank's samples for the epoch, in step order: stepsPerEpoch x batchSize indices.
     /// Call once per epoch; `batch(_:step:)` then slices it without allocating.
     public func indices(epoch: Int) -> [Int] {
-        var perm = permutation(epoch: epoch)
+        let perm = permutation(epoch: epoch)
         let total = stepsPerEpoch * globalBatchSize
         // wrap: reuse the permutation from its start (more than once when the data set is smaller than a
-        // global batch), as DistributedSampler pads.
-        while perm.count < total {
-            perm.append(contentsOf: perm[0..<min(datasetSize, total - perm.count)])
-        }
-        return stride(from: rank, to: total, by: worldSize).map { perm[$0] }
+        // global batch), as DistributedSampler pads: position i takes perm[i % datasetSize]. (Appending the
+        // permutation's own prefix to it copied the whole array at each append: a batch of 2^24 over 256 samples
+        // took hours.)
+        return stride(from: rank, to: total, by: worldSize).map { perm[$0 % datasetSize] }
     }
 
     /// The slice of `indices(epoch:)` for one step.

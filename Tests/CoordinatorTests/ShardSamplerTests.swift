@@ -39,6 +39,17 @@ struct ShardSamplerTests {
         }
     }
 
+    /// A global batch far larger than the data set wraps the permutation many times: position i of the epoch takes
+    /// perm[i % size]. Built by appending the permutation's prefix, this copied the array at each append, and a batch
+    /// of 2^22 over 256 samples ran for many minutes; now it is one pass.
+    @Test func aBatchManyTimesTheDataSetWrapsInOnePass() throws {
+        let sampler = try ShardSampler(datasetSize: 256, rank: 1, worldSize: 2, batchSize: 1 << 22, seed: 5, remainder: .wrap)
+        let perm = sampler.permutation(epoch: 3)
+        let indices = sampler.indices(epoch: 3)
+        #expect(indices.count == 1 << 22)
+        for k in [0, 1, 127, 128, 129, 1000, (1 << 22) - 1] { #expect(indices[k] == perm[(2 * k + 1) % 256]) }
+    }
+
     @Test func deterministicPerEpochAndDifferentAcrossEpochs() throws {
         let a = try ShardSampler(datasetSize: 1000, rank: 1, worldSize: 2, batchSize: 10, seed: 3)
         let b = try ShardSampler(datasetSize: 1000, rank: 1, worldSize: 2, batchSize: 10, seed: 3)
