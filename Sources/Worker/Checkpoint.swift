@@ -210,6 +210,41 @@ struct Checkpointer {
     /// Writes a checkpoint (rank 0 only) and returns its path.
     func save(model: Model<Float>, optimizer: Optimizer<Float>, position: TrainingPosition, config: Configuration) throws -> String {
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        let name = String(format: "step-%08d.safetensors", position.globalStep)
+        let path = directory + "/" + name
+        // The file's bytes in a scope of their own, so that neither they nor the writer's copies of the tensors are
+        // alive when the file is read back: the peak stays at twice the checkpoint's size, as the memory estimate
+        // counts, not three times.
+        do {
+            let bytes = try serializedCheckpoint(model: model, optimizer: optimizer, position: position, config: config)
+            if crashAtStep == position.globalStep {
+                try writeAtomically(bytes, to: path, faultAfterBytes: bytes.count / 2) { kill(getpid(), SIGKILL) }
+            }
+            do { try writeAtomically(bytes, to: path) } catch {
+                // A full disk or quota: say what it took (the temporary file is removed, the previous checkpoints untouched).
+                throw CheckpointError(description: "\(error) (the checkpoint needs \(bytesText(Double(bytes.count))); "
+                    + "\(bytesText(Self.freeBytes(directory))) free in \(directory))")
+            }
+            if corruptAtStep == position.globalStep, let handle = FileHandle(forUpdatingAtPath: path) {
+                try handle.seek(toOffset: UInt64(bytes.count - 1))
+                try handle.write(contentsOf: [~bytes[bytes.count - 1]])
+                try handle.close()
+            }
+        }
+        // Read back before `latest` moves to it and older ones are pruned: a checkpoint that does not verify never
+        // replaces one that does, and is set aside.
+        if let damage = Self.damage(path) {
+            try? FileManager.default.moveItem(atPath: path, toPath: path + ".damaged")
+            throw CheckpointError(description: "\(path) does not verify after writing (\(damage)); set aside as \(name).damaged")
+        }
+        try writeAtomically(Data((name + "\n").utf8), to: latestPointer)
+        try prune(keeping: path)
+        return path
+    }
+
+    /// The checkpoint file's bytes: the model's state, the optimizer's under `optimizer.<state>.`, and the metadata.
+    private func serializedCheckpoint(model: Model<Float>, optimizer: Optimizer<Float>, position: TrainingPosition,
+                                      config: Configuration) throws -> Data {
         var writer = SafeTensorsWriter()
         addState(of: model, to: &writer)
         for state in optimizer.state {
@@ -223,31 +258,7 @@ struct Checkpointer {
             "optimizer_step": "\(optimizer.stepCount)", "position": positionJSON,
             "model": model.spec.summary, "layout_hash": String(layoutHash(model), radix: 16), "config": config.yaml,
         ].merging(modelMetadata) { own, _ in own }
-        let name = String(format: "step-%08d.safetensors", position.globalStep)
-        let path = directory + "/" + name
-        let bytes = try writer.serialized()
-        if crashAtStep == position.globalStep {
-            try writeAtomically(bytes, to: path, faultAfterBytes: bytes.count / 2) { kill(getpid(), SIGKILL) }
-        }
-        do { try writeAtomically(bytes, to: path) } catch {
-            // A full disk or quota: say what it took (the temporary file is removed, the previous checkpoints untouched).
-            throw CheckpointError(description: "\(error) (the checkpoint needs \(bytesText(Double(bytes.count))); "
-                + "\(bytesText(Self.freeBytes(directory))) free in \(directory))")
-        }
-        if corruptAtStep == position.globalStep, let handle = FileHandle(forUpdatingAtPath: path) {
-            try handle.seek(toOffset: UInt64(bytes.count - 1))
-            try handle.write(contentsOf: [~bytes[bytes.count - 1]])
-            try handle.close()
-        }
-        // Read back before `latest` moves to it and older ones are pruned: a checkpoint that does not verify never
-        // replaces one that does, and is set aside.
-        if let damage = Self.damage(path) {
-            try? FileManager.default.moveItem(atPath: path, toPath: path + ".damaged")
-            throw CheckpointError(description: "\(path) does not verify after writing (\(damage)); set aside as \(name).damaged")
-        }
-        try writeAtomically(Data((name + "\n").utf8), to: latestPointer)
-        try prune(keeping: path)
-        return path
+        return try writer.serialized()
     }
 
     /// Bytes an unprivileged process may still write under `directory` (statvfs), 0 when unknown.

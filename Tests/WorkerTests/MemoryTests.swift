@@ -177,7 +177,7 @@ struct MemoryTests {
             #expect(r.status == 0, "\(r.output)")
             let expected = try #require(mebibytes(after: "memory: rank 0 expects ", in: r.output), "\(r.output)")
             let measured = try #require(mebibytes(after: "(rank 0: ", in: r.output), "\(r.output)")
-            #expect(abs(expected - measured) <= 0.2 * measured,
+            #expect(abs(expected - measured) <= 0.1 * measured,
                     "\(ranks) ranks, \(hidden): expected \(expected) MiB, measured \(measured) MiB")
             #expect(measured > 150, "the model must dominate the process for the comparison to mean something")
         }

@@ -89,7 +89,10 @@ public struct SafeTensorsWriter {
         var json = try JSONSerialization.data(withJSONObject: header, options: [.sortedKeys])
         // Pad with spaces so the data starts 8-byte aligned, as the reference writer does.
         json.append(contentsOf: [UInt8](repeating: 0x20, count: (8 - json.count % 8) % 8))
+        // Reserved whole: grown by appends, the buffer was copied as it doubled, and writing a checkpoint peaked near 2.7
+        // times its size instead of the 2 the memory estimate counts (the tensors' bytes and the file's).
         var file = Data()
+        file.reserveCapacity(8 + json.count + offset)
         withUnsafeBytes(of: UInt64(json.count).littleEndian) { file.append(contentsOf: $0) }
         file.append(json)
         for entry in entries { file.append(entry.bytes) }
