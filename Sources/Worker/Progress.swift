@@ -7,33 +7,33 @@ import Logging
 /// each record to TensorBoard's event file too, so both always hold the same numbers. Keeps the run's records in
 /// memory as well, as `bpworker report` reads them from the file, so the report is made without rereading it.
 final class MetricsLog {
-    private let handle: FileHandle?
+    private let file: RecordFile?
     private let tensorBoard: TensorBoardWriter?
     /// Every record of the run written so far (on a resume, also those of the earlier processes).
     private(set) var records: RunRecords
 
     /// - Parameter append: keep earlier records (a resumed run continues its metrics).
-    init(path: String, append: Bool = false, tensorBoard: TensorBoardWriter? = nil) {
+    /// - Parameter warn: told once when a record cannot be written (a full disk).
+    init(path: String, append: Bool = false, tensorBoard: TensorBoardWriter? = nil, warn: @escaping (String) -> Void = { _ in }) {
         self.tensorBoard = tensorBoard
         records = RunRecords(directory: URL(fileURLWithPath: path).deletingLastPathComponent().path)
         let earlier = append ? FileManager.default.contents(atPath: path) : nil
         if earlier == nil {
             _ = FileManager.default.createFile(atPath: path, contents: nil)
         }
-        handle = FileHandle(forWritingAtPath: path)
-        _ = try? handle?.seekToEnd()
+        file = RecordFile(path: path, onFirstFailure: warn)
         if let earlier {
             records.add(lines: earlier)
             // A process killed in the middle of a line left it unended: the next record starts a line of its own.
-            if let last = earlier.last, last != UInt8(ascii: "\n") { handle?.write(Data("\n".utf8)) }
+            if let last = earlier.last, last != UInt8(ascii: "\n") { file?.append(Data("\n".utf8)) }
         }
     }
 
     /// Appends `record`; one that JSON cannot hold (a non-finite number) is left out of the file, TensorBoard and
     /// the records alike.
     func write(_ record: MetricsRecord) {
-        guard let handle, let line = try? record.line() else { return }
-        handle.write(line)
+        guard let file, let line = try? record.line() else { return }
+        file.append(line)
         records.add(record)
         if let tensorBoard, case let scalars = TensorBoardWriter.scalars(of: record), !scalars.isEmpty {
             tensorBoard.write(step: record.step, scalars: scalars)

@@ -193,7 +193,7 @@ enum Trainer {
         let tensorBoard = session.isRoot ? openTensorBoard(session) : nil
         if resumed != nil { tensorBoard?.markRestart(atStep: position.globalStep + 1) }
         let metrics = session.isRoot ? MetricsLog(path: session.runDirectory + "/metrics.jsonl", append: resumed != nil,
-                                                  tensorBoard: tensorBoard) : nil
+                                                  tensorBoard: tensorBoard) { session.logger.warning("\($0)") } : nil
         let progress = Progress(session: session, prepared: prepared, metrics: metrics)
         progress.recordStart(resumed: resumed, step: position.globalStep, model: prepared.model)
         progress.status.resumedFrom = resumed?.path
@@ -307,7 +307,7 @@ enum Trainer {
     /// Rank 0's TensorBoard event file for this process start; a run goes on without one (with a warning) when it
     /// cannot be created: TensorBoard is a view, metrics.jsonl the record.
     private static func openTensorBoard(_ session: Session) -> TensorBoardWriter? {
-        do { return try TensorBoardWriter(directory: session.runDirectory + "/tensorboard") } catch {
+        do { return try TensorBoardWriter(directory: session.runDirectory + "/tensorboard") { session.logger.warning("\($0)") } } catch {
             session.logger.warning("TensorBoard event file not written: \(error)")
             return nil
         }

@@ -274,4 +274,40 @@ struct FullDiskTests {
         #expect(resumed.status == 0 && resumed.output.contains("resumed from \(checkpoints)/step-00000008.safetensors: step 8"),
                 "\(resumed.output)")
     }
+
+    /// The whole run directory fills up while metrics and TensorBoard records are written every step: rank 0 trapped
+    /// in Foundation's `FileHandle.write` (exit 132) and left half a line in metrics.jsonl. Now it says once that
+    /// records cannot be written, every line of the file stays whole, and the run ends with the final model's error.
+    @Test(.enabled(if: getuid() == 0, "mounts a tmpfs (root; CI runs as root)"))
+    func aFullRunDirectoryLeavesWholeRecordsAndNoCrash() throws {
+        let data = try SyntheticData(samples: 400)
+        defer { data.remove() }
+        let mount = temporaryRunDirectory()
+        try FileManager.default.createDirectory(atPath: mount, withIntermediateDirectories: true)
+        let mounted = try Harness.run("/bin/mount", ["-t", "tmpfs", "-o", "size=4m", "tmpfs", mount], environment: [:], timeout: 30)
+        try #require(mounted.status == 0, "\(mounted.output)")
+        defer { _ = try? Harness.run("/bin/umount", ["-l", mount], environment: [:], timeout: 30) }
+        let run = mount + "/run"
+        let job = try Harness.startMPI(2, ["train", "--run-dir", run, "--progress", "plain"] + data.arguments + [
+            "--set", "model.hidden=[64]", "--set", "training.epochs=40", "--set", "training.batch_size=8",
+            "--set", "logging.interval=1", "--set", "checkpoint.every_steps=0", "--set", "checkpoint.max_failures=1000"],
+            environment: ["BPWORKER_TEST_STEP_SLEEP_MS": "5"])
+        // Fill the disk once records are flowing.
+        let flowing = job.waitFor(60) { _ in
+            ((try? String(contentsOfFile: run + "/metrics.jsonl", encoding: .utf8)) ?? "").split(separator: "\n").count >= 20
+        }
+        #expect(flowing, "\(job.output)")
+        let filled = try Harness.run("/bin/sh", ["-c", "dd if=/dev/zero of='\(mount)/filler' bs=64k 2>/dev/null; true"],
+                                     environment: [:], timeout: 30)
+        #expect(filled.status == 0)
+        let r = job.wait(timeout: 180)
+        #expect(r.status != 132 && !r.output.contains("Fatal error") && !r.output.contains("Program crashed"), "\(r.output)")
+        #expect(occurrences(of: "metrics.jsonl: a record could not be written (No space left on device)", in: r.output) == 1,
+                "\(r.output)")
+        let lines = try String(contentsOfFile: run + "/metrics.jsonl", encoding: .utf8).split(separator: "\n")
+        #expect(lines.count >= 20)
+        for line in lines {
+            #expect((try? JSONSerialization.jsonObject(with: Data(line.utf8))) != nil, "a cut record: \(line)")
+        }
+    }
 }

@@ -16,17 +16,18 @@ import Foundation
 /// `event.proto` and `summary.proto`; the test reads the files back with the real `tensorboard` package.
 final class TensorBoardWriter {
     let path: String
-    private let handle: FileHandle
+    private let file: RecordFile
 
     /// Creates the directory and a new event file, and writes the file-version event TensorBoard looks for first.
-    init(directory: String) throws {
+    /// - Parameter warn: told once when an event cannot be written (a full disk).
+    init(directory: String, warn: @escaping (String) -> Void = { _ in }) throws {
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         let host = ProcessInfo.processInfo.hostName.split(separator: ".").first.map(String.init) ?? "localhost"
         path = directory + "/events.out.tfevents.\(Int(Date().timeIntervalSince1970)).\(host).\(getpid()).0"
-        guard FileManager.default.createFile(atPath: path, contents: nil), let handle = FileHandle(forWritingAtPath: path) else {
+        guard FileManager.default.createFile(atPath: path, contents: nil), let file = RecordFile(path: path, onFirstFailure: warn) else {
             throw CocoaError(.fileWriteUnknown, userInfo: [NSFilePathErrorKey: path])
         }
-        self.handle = handle
+        self.file = file
         write(TensorBoardEvent.fileVersion(wallTime: Date().timeIntervalSince1970))
     }
 
@@ -37,13 +38,14 @@ final class TensorBoardWriter {
     }
 
     /// Appends one event holding `scalars` at `step`. Each write is one `write(2)` of a whole record, so a reader
-    /// never sees half of one unless the process dies in the middle (TensorBoard then stops at the last whole one).
+    /// never sees half of one unless the process dies in the middle (TensorBoard then stops at the last whole one); a
+    /// write that fails is cut back (`RecordFile`).
     func write(step: Int, scalars: [(tag: String, value: Double)], wallTime: Double = Date().timeIntervalSince1970) {
         write(TensorBoardEvent.scalars(wallTime: wallTime, step: step, scalars))
     }
 
     private func write(_ event: [UInt8]) {
-        handle.write(Data(TFRecord.frame(event)))
+        file.append(Data(TFRecord.frame(event)))
     }
 
     /// The scalars of one metrics.jsonl record, under the tags TensorBoard shows: the same values.
