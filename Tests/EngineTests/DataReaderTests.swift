@@ -422,7 +422,7 @@ private func gathered<T: BinaryFloatingPoint>(_ data: Dataset, _ indices: [Int],
             _ = try readFileBytes(path: path, maxBytes: 60007)
         }
         #expect(try readFileBytes(path: path, maxBytes: 60008).count == 60008)
-        expectDataError(path: path, ["larger than the limit of 1000 bytes"]) { _ = try readFileBytes(path: path, maxBytes: 1000) }
+        expectDataError(path: path, ["file of 29491 bytes is larger than the 1000 bytes bpworker reads into memory"]) { _ = try readFileBytes(path: path, maxBytes: 1000) }
         // A gzip bomb: 64 MiB of zeros in about 64 KiB.
         let dir = try TemporaryDirectory()
         let bomb = dir.file("bomb")

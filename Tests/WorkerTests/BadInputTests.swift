@@ -145,6 +145,31 @@ struct BadInputTests {
         #expect(check.status != 0 && check.output.contains("it exists and is not a directory"), "\(check.output)")
     }
 
+    /// A large .npy file cut short, mapped (the default) and read: the error comes from its header, before anything of
+    /// its size is read. Before, a mapped set that failed its header check was read whole (3 GB, then the error, or a
+    /// crash in the allocator under a memory limit: here `ulimit -v` of 2 GiB for a sparse file of 3 GB).
+    @Test func aLargeTruncatedNPYFileIsAnErrorBeforeItIsRead() throws {
+        let directory = TemporaryFiles.path("big-npy-")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        let made = try Harness.run("/usr/bin/env", ["python3", "-c", """
+            import numpy as np, os
+            a = np.lib.format.open_memmap("\(directory.path)/x.npy", "w+", "<f4", (1000000, 784)); del a
+            os.truncate("\(directory.path)/x.npy", os.path.getsize("\(directory.path)/x.npy") - 4)
+            np.save("\(directory.path)/y.npy", np.zeros(1000000, np.uint8))
+            """], environment: [:], timeout: 60)
+        try #require(made.status == 0, "\(made.output)")
+        for mmap in ["true", "false"] {
+            let command = [Harness.executable.path, "train", "--local", "--run-dir", temporaryRunDirectory(), "--set", "data.format=npy",
+                           "--set", "data.train_features=\(directory.path)/x.npy", "--set", "data.train_labels=\(directory.path)/y.npy",
+                           "--set", "data.mmap=\(mmap)"]
+            let quoted = command.map { "'\($0)'" }.joined(separator: " ")
+            let r = try Harness.run("/bin/sh", ["-c", "ulimit -v 2097152 && exec \(quoted)"], environment: [:], timeout: 60)
+            #expect(r.status == 1, "data.mmap=\(mmap): \(r.output)")
+            #expect(r.output.contains("\(directory.path)/x.npy: ") && r.output.contains("3136000000"), "data.mmap=\(mmap): \(r.output)")
+            #expect(!r.output.contains("Fatal error") && !r.output.contains("allocate"), "data.mmap=\(mmap): \(r.output)")
+        }
+    }
+
     /// Relative run directories with a one-character part, new or under a new parent: Foundation's
     /// `deletingLastPathComponent` trapped on them (exit 132 on every rank) while the parents were looked for.
     @Test func aRelativeRunDirectoryOfOneCharacter() throws {

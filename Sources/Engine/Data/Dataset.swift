@@ -115,8 +115,17 @@ public struct Dataset: Sendable {
             throw DataError(path: labels, reason: "names \(labelFiles.count) labels file\(labelFiles.count == 1 ? "" : "s") but "
                 + "\(features) names \(featureFiles.count) feature shard\(featureFiles.count == 1 ? "" : "s"): one labels file per shard")
         }
-        // Each header read once: whether every file can be mapped, and then how.
-        let layouts = mapped ? featureFiles.compactMap { try? NPY.layout(path: $0) } : []
+        // Each header read once: whether every file can be mapped, and then how. A bad header is the error it is; only a
+        // gzip-compressed file sends the set to be read into memory (discarding every error read a cut 3 GB file whole
+        // before it said what was wrong).
+        var layouts: [NPYLayout] = []
+        if mapped {
+            for file in featureFiles {
+                do { layouts.append(try NPY.layout(path: file)) } catch let error as DataError where error.reason == NPY.gzipReason {
+                    break
+                }
+            }
+        }
         if layouts.count == featureFiles.count && layouts.allSatisfy({ StoredElement($0.dtype) != nil }) {
             let store = try MappedFeatures(paths: featureFiles, layouts: layouts)
             var all: [Int32] = []

@@ -46,7 +46,9 @@ private func readRawFile(path: String, maxBytes: Int) throws -> [UInt8] {
     var info = stat()
     guard fstat(fd, &info) == 0 else { throw DataError(path: path, reason: "cannot stat file: \(errnoText())") }
     let expected = Int(info.st_size)
-    let tooBig = DataError(path: path, reason: "file is larger than the limit of \(maxBytes) bytes")
+    let tooBig = DataError(path: path, reason: "file of \(expected) bytes is larger than the \(maxBytes) bytes bpworker reads "
+        + "into memory; an uncompressed .npy file of uint8 or float32 is mapped instead, whatever its size (data.mmap, the "
+        + "default): convert float64 data with np.float32 and do not compress it")
     if expected > maxBytes { throw tooBig }
 
     // One read straight into the array's storage for regular files.

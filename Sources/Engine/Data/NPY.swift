@@ -81,6 +81,11 @@ public enum NPY {
     private static let magic: [UInt8] = [0x93, 0x4E, 0x55, 0x4D, 0x50, 0x59]  // "\x93NUMPY"
 
     public static func read(path: String) throws -> NPYArray {
+        // An uncompressed file's header first, from its first bytes: a bad or truncated file is an error before its
+        // whole payload is read (a cut 3 GB file took 10 s and 3 GB, or crashed under a memory limit, before saying so).
+        do { _ = try layout(path: path) } catch let error as DataError {
+            if error.reason != gzipReason { throw error }
+        }
         var data = try readFileBytes(path: path)
         let layout = try layout(of: data, fileSize: data.count, path: path)
         let (dataStart, count) = (layout.dataOffset, layout.count)
@@ -102,6 +107,8 @@ public enum NPY {
 
     /// The layout of a raw (uncompressed) `.npy` file from its header alone, checked against the file's size: what
     /// mapping the file needs. A gzip-compressed file cannot be mapped: an error says so.
+    static let gzipReason = "is gzip-compressed and cannot be mapped"
+
     public static func layout(path: String) throws -> NPYLayout {
         let fd = open(path, O_RDONLY)
         guard fd >= 0 else { throw DataError(path: path, reason: "cannot open file: \(String(cString: strerror(errno)))") }
@@ -113,7 +120,7 @@ public enum NPY {
             count = max(0, pread(fd, buffer.baseAddress!, buffer.count, 0))
         }
         if prefix.count >= 2 && prefix[0] == 0x1F && prefix[1] == 0x8B {
-            throw DataError(path: path, reason: "is gzip-compressed and cannot be mapped")
+            throw DataError(path: path, reason: gzipReason)
         }
         return try layout(of: prefix, fileSize: Int(info.st_size), path: path)
     }
