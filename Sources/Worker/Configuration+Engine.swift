@@ -13,6 +13,13 @@ extension Configuration {
         var words: [[String]] = []
         if self.layers.isEmpty {
             let activation = try Self.layerWords(self.activation, key: "model.activation")
+            // An element-wise nonlinearity: any other entry (linear 3, batchnorm, flatten, dropout) built another network
+            // than the key says, without a word.
+            let kind = try Self.layer(activation, input: [max(1, hidden.first ?? 1)], key: "model.activation").kind
+            guard type(of: kind).isActivation else {
+                throw ConfigError(description: "model.activation: '\(activation.joined(separator: " "))' is not an activation ("
+                    + LayerKinds.activationNames.joined(separator: ", ") + "); other layers go in model.layers")
+            }
             for (i, hiddenWidth) in hidden.enumerated() {
                 guard hiddenWidth > 0 else { throw ConfigError(description: "model.hidden[\(i)]: widths must be positive, got \(hiddenWidth)") }
                 words += [["linear", "\(hiddenWidth)"], activation]

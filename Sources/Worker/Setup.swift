@@ -121,6 +121,9 @@ enum Setup {
             throw DataError(path: config.trainFeatures, reason: "has \(train.featureCount) values per sample but "
                 + "model.inputs is \(config.inputs)")
         }
+        // Before anything reads its labels: an empty training set was reported as a test label out of range for its 0
+        // classes, or as a sharding error that named no file.
+        guard train.count > 0 else { throw DataError(path: config.trainFeatures, reason: "holds no samples: there is nothing to train on") }
         try requireTestSamples(test, config)
         guard test.featureCount == train.featureCount else {
             throw DataError(path: config.testFeatures, reason: "has \(test.featureCount) values per sample but "

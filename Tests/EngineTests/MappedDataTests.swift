@@ -129,6 +129,16 @@ struct MappedDataTests {
         try FileManager.default.moveItem(atPath: shards + "/x-00001-of-00003.npy", toPath: d + "/aside.npy")
         expectDataError(path: shards + "/x-*.npy", ["shard", "x-00001-of-00003 is missing (2 of 3 present)"]) { try load() }
         expectDataError(path: shards + "/nothing-*.npy", ["matches no file"]) { try load("nothing-*.npy") }
+        // A shard given twice (raw and compressed), and one numbered past the count: each would add samples silently.
+        try FileManager.default.moveItem(atPath: d + "/aside.npy", toPath: shards + "/x-00001-of-00003.npy")
+        try FileManager.default.copyItem(atPath: shards + "/x-00001-of-00003.npy", toPath: shards + "/x-00001-of-00003.npy.gz")
+        expectDataError(path: shards + "/x-00001-of-00003.npy.gz", ["is shard 1 of 3, and so is \(shards)/x-00001-of-00003.npy: each shard once"]) {
+            _ = try DataFiles.resolve(shards + "/x-*")
+        }
+        try FileManager.default.moveItem(atPath: shards + "/x-00001-of-00003.npy.gz", toPath: shards + "/x-00007-of-00003.npy")
+        expectDataError(path: shards + "/x-00007-of-00003.npy", ["is shard 7 of a series of 3, numbered 0 to 2"]) {
+            _ = try DataFiles.resolve(shards + "/x-*.npy")
+        }
         // A truncated shard is refused from its header and size, before anything maps it.
         let truncated = d + "/truncated.npy"
         try FileManager.default.copyItem(atPath: d + "/x.npy", toPath: truncated)

@@ -170,6 +170,34 @@ struct BadInputTests {
         }
     }
 
+    /// `model.activation` takes an element-wise nonlinearity only: `linear 3` built Linear(12, 8), Linear(8, 3), ... and
+    /// trained it without a word, and batchnorm, flatten or dropout were taken as well.
+    @Test func anActivationThatIsAnotherLayerIsRefused() throws {
+        for entry in ["linear 3", "batchnorm", "flatten", "dropout 0.1"] {
+            try expectCleanFailure(["--set", "model.hidden=[8]", "--set", "model.activation=\(entry)"],
+                                   message: "model.activation: '\(entry)' is not an activation (relu, leaky_relu, tanh, sigmoid, gelu, "
+                                       + "silu); other layers go in model.layers")
+        }
+    }
+
+    /// An empty training set (read into memory) is named as such, not as a test label out of range for 0 classes.
+    @Test func anEmptyTrainingSetIsNamed() throws {
+        let directory = TemporaryFiles.path("empty-train-")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        let made = try Harness.run("/usr/bin/env", ["python3", "-c", """
+            import numpy as np
+            np.save("\(directory.path)/x0.npy", np.zeros((0, 8), np.float32)); np.save("\(directory.path)/y0.npy", np.zeros(0, np.int64))
+            np.save("\(directory.path)/x.npy", np.zeros((4, 8), np.float32)); np.save("\(directory.path)/y.npy", np.arange(4) % 2)
+            """], environment: [:], timeout: 60)
+        try #require(made.status == 0, "\(made.output)")
+        for mmap in ["false", "true"] {
+            try expectCleanFailure(["--set", "data.format=npy", "--set", "data.mmap=\(mmap)",
+                                    "--set", "data.train_features=\(directory.path)/x0.npy", "--set", "data.train_labels=\(directory.path)/y0.npy",
+                                    "--set", "data.test_features=\(directory.path)/x.npy", "--set", "data.test_labels=\(directory.path)/y.npy"],
+                                   message: "\(directory.path)/x0.npy: ")
+        }
+    }
+
     /// Relative run directories with a one-character part, new or under a new parent: Foundation's
     /// `deletingLastPathComponent` trapped on them (exit 132 on every rank) while the parents were looked for.
     @Test func aRelativeRunDirectoryOfOneCharacter() throws {

@@ -17,6 +17,8 @@ public protocol LayerKind: Sendable, Equatable, CustomStringConvertible {
     static var isSpatial: Bool { get }
     /// Whether one entry of this kind works on images only: `isSpatial`, unless the kind nests entries (a block).
     static func isSpatial(_ entry: LayerEntry) -> Bool
+    /// Whether the kind is an element-wise nonlinearity, which `model.activation` takes (false but for those).
+    static var isActivation: Bool { get }
     /// The kind from one entry (its name first) for input samples of `input`, which fixes what the entry leaves out
     /// (a linear layer's inputs, the channels of a convolution or a normalisation). The shapes are checked after, by
     /// `outputShape`.
@@ -75,6 +77,7 @@ public enum InitializationRole: Equatable, Sendable {
 
 extension LayerKind {
     public static func isSpatial(_ entry: LayerEntry) -> Bool { isSpatial }
+    public static var isActivation: Bool { false }
     /// Whether `other` is this same kind with the same settings.
     func isEqual(to other: any LayerKind) -> Bool { (other as? Self) == self }
     /// The entry's name in `model.layers` (the first word of its syntax).
@@ -103,6 +106,9 @@ public enum LayerKinds {
 
     /// Every entry's name, sorted: for an error that lists what `model.layers` takes.
     public static var names: [String] { all.map { $0.name }.sorted() }
+
+    /// The element-wise nonlinearities, for an error that lists what `model.activation` takes.
+    public static var activationNames: [String] { all.filter { $0.isActivation }.map { $0.name } }
 
     /// Why no kind takes an entry whose first word is `name`: what the entry was probably meant to be, or the names
     /// `model.layers` takes.

@@ -51,22 +51,29 @@ public enum DataFiles {
         return names.sorted().map { base + $0 }
     }
 
-    /// Shards named `PREFIX-NNNNN-of-MMMMM.npy`: every number below MMMMM present once, all with the same MMMMM.
+    /// Shards named `PREFIX-NNNNN-of-MMMMM.npy`: every number below MMMMM present once, all with the same MMMMM. A
+    /// number given twice (`.npy` and `.npy.gz` of one shard) or at or past the count would add samples silently.
     static func checkSeries(_ files: [String], spec: String) throws {
-        var series: [String: (total: Int, seen: Set<Int>, example: String, width: Int)] = [:]
+        var series: [String: (total: Int, seen: [Int: String], example: String, width: Int)] = [:]
         for file in files {
             guard let (prefix, number, total, width) = seriesPart(file) else { continue }
-            var entry = series[prefix] ?? (total, [], file, width)
+            var entry = series[prefix] ?? (total, [:], file, width)
             guard entry.total == total else {
                 throw DataError(path: file, reason: "is shard \(number) of \(total), but \(entry.example) belongs to a series of "
                     + "\(entry.total): one series must agree on its count")
             }
-            entry.seen.insert(number)
+            guard number < total else {
+                throw DataError(path: file, reason: "is shard \(number) of a series of \(total), numbered 0 to \(total - 1)")
+            }
+            if let other = entry.seen[number] {
+                throw DataError(path: file, reason: "is shard \(number) of \(total), and so is \(other): each shard once")
+            }
+            entry.seen[number] = file
             series[prefix] = entry
         }
         for (prefix, entry) in series.sorted(by: { $0.key < $1.key }) {
             let pad = { (n: Int) in String(repeating: "0", count: max(0, entry.width - String(n).count)) + String(n) }
-            if let missing = (0..<entry.total).first(where: { !entry.seen.contains($0) }) {
+            if let missing = (0..<entry.total).first(where: { entry.seen[$0] == nil }) {
                 throw DataError(path: spec, reason: "shard \(prefix)-\(pad(missing))-of-\(pad(entry.total)) is missing "
                     + "(\(entry.seen.count) of \(entry.total) present)")
             }

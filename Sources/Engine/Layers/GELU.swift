@@ -1,5 +1,6 @@
 /// Exact GELU, y = x Phi(x): PyTorch `nn.GELU` (approximate='none'), the entry `gelu`.
 public struct GELUKind: ElementwiseKind {
+    public static var isActivation: Bool { true }
     public static var syntax: String { "gelu" }
     public static func parse(_ entry: LayerEntry, input: [Int]) throws(LayerEntryError) -> Self {
         try entry.expectCount(1)

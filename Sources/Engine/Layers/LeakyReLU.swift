@@ -1,6 +1,7 @@
 /// y = x for x > 0, slope * x otherwise: PyTorch `nn.LeakyReLU(slope)`, the entry `leaky_relu [SLOPE]` (PyTorch's
 /// default slope is 0.01).
 public struct LeakyReLUKind: ElementwiseKind {
+    public static var isActivation: Bool { true }
     public let slope: Double
 
     public static var syntax: String { "leaky_relu [SLOPE]" }

@@ -1,5 +1,6 @@
 /// y = max(x, 0): PyTorch `nn.ReLU`, the entry `relu`.
 public struct ReLUKind: ElementwiseKind {
+    public static var isActivation: Bool { true }
     public static var syntax: String { "relu" }
     public static func parse(_ entry: LayerEntry, input: [Int]) throws(LayerEntryError) -> Self {
         try entry.expectCount(1)

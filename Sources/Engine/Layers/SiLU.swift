@@ -1,5 +1,6 @@
 /// SiLU (swish), y = x sigmoid(x): PyTorch `nn.SiLU`, the entry `silu`.
 public struct SiLUKind: ElementwiseKind {
+    public static var isActivation: Bool { true }
     public static var syntax: String { "silu" }
     public static func parse(_ entry: LayerEntry, input: [Int]) throws(LayerEntryError) -> Self {
         try entry.expectCount(1)

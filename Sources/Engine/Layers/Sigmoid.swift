@@ -1,5 +1,6 @@
 /// y = 1 / (1 + e^-x): PyTorch `nn.Sigmoid`, the entry `sigmoid`.
 public struct SigmoidKind: ElementwiseKind {
+    public static var isActivation: Bool { true }
     public static var syntax: String { "sigmoid" }
     public static func parse(_ entry: LayerEntry, input: [Int]) throws(LayerEntryError) -> Self {
         try entry.expectCount(1)

@@ -1,5 +1,6 @@
 /// y = tanh(x): PyTorch `nn.Tanh`, the entry `tanh`.
 public struct TanhKind: ElementwiseKind {
+    public static var isActivation: Bool { true }
     public static var syntax: String { "tanh" }
     public static func parse(_ entry: LayerEntry, input: [Int]) throws(LayerEntryError) -> Self {
         try entry.expectCount(1)
