@@ -149,6 +149,8 @@ struct Gradcheck: ParsableCommand {
 
     func run() throws {
         let session = Session.start(options: options, extraOverrides: [])
+        // Until the check's Watchdog starts, setup's waits are timed (a rank frozen there hung the others).
+        session.setupWatch = SetupWatch(timeout: session.config.watchdogSeconds, rank: session.rank, communicator: session.communicator)
         let prepared = Setup.prepare(session, training: false)
         // The report goes to RUN_DIR/gradcheck.json as well; nothing else of a run directory is touched.
         session.agree("run directory \(session.runDirectory)") {
@@ -164,6 +166,8 @@ struct Gradcheck: ParsableCommand {
         let watchdog = Watchdog(timeout: session.config.watchdogSeconds, rank: session.rank, worldSize: session.worldSize,
                                 runDirectory: session.runDirectory) { report in aborter.abort(report) }
         watchdog.start()
+        session.setupWatch?.stop()
+        session.setupWatch = nil
         let verdict = GradientCheckRun.run(session, prepared, distributed: distributed, phases: PhaseRunner(watchdog: watchdog, recorder: nil),
                                            printJSON: json, reportDirectory: session.runDirectory)
         session.finish(exitCode: verdict == .fail ? 1 : 0)
@@ -197,6 +201,7 @@ struct Eval: ParsableCommand {
     func run() throws {
         if let model {
             let session = Session.start(options: options, extraOverrides: [])
+            Evaluation.watch(session)
             Evaluation.runModel(session, modelPath: model)
             session.finish()
         }
@@ -205,6 +210,7 @@ struct Eval: ParsableCommand {
         let session = Session.start(
             options: options, extraOverrides: [],
             configFile: FileManager.default.fileExists(atPath: runConfig) ? runConfig : nil)
+        Evaluation.watch(session)
         Evaluation.run(session, parametersPath: parameters ?? session.runDirectory + "/model.safetensors")
         session.finish()
     }

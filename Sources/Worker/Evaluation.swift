@@ -5,7 +5,9 @@ import Foundation
 /// Exact evaluation: every test sample once across all ranks, sums and counts reduced once.
 enum Evaluation {
     /// - Parameter progressed: called after each batch (the watchdog's clock restarts there: `PhaseRunner.progressed`).
-    static func evaluate(_ session: Session, _ model: Model<Float>, on data: Dataset, progressed: () -> Void = {}) throws -> BatchResult {
+    /// - Parameter beforeSums: a test hook's stall (`BPWORKER_TEST_STALL=RANK:0:SECONDS:eval`).
+    static func evaluate(_ session: Session, _ model: Model<Float>, on data: Dataset, progressed: () -> Void = {},
+                         beforeSums: () -> Void = {}) throws -> BatchResult {
         let indices = ShardSampler.evaluationIndices(datasetSize: data.count, rank: session.rank, worldSize: session.worldSize)
         var local = BatchResult()
         try indices.withUnsafeBufferPointer { all in
@@ -18,9 +20,15 @@ enum Evaluation {
                 progressed()
             }
         }
+        beforeSums()
         var totals = [local.lossSum, Double(local.correct), Double(local.count)]
         try totals.withUnsafeMutableBufferPointer { (buffer) throws(MPIError) in
-            try session.communicator.allreduce(buffer, op: .sum)
+            // Under `eval`, the watch times the wait for the other ranks (in training, the Watchdog does).
+            if let watch = session.setupWatch {
+                try watch.waiting(in: "evaluation sums") { () throws(MPIError) in try session.communicator.allreduce(buffer, op: .sum) }
+            } else {
+                try session.communicator.allreduce(buffer, op: .sum)
+            }
         }
         return BatchResult(lossSum: totals[0], correct: Int(totals[1]), count: Int(totals[2]))
     }
@@ -37,10 +45,18 @@ enum Evaluation {
         report(session, model, on: test, source: "parameters \(parametersPath)")
     }
 
+    /// `bpworker eval` runs under a `SetupWatch` from its start to its sums: no Watchdog runs there, and a rank frozen
+    /// in its setup or its evaluation left the others waiting for ever.
+    static func watch(_ session: Session) {
+        session.setupWatch = SetupWatch(timeout: session.config.watchdogSeconds, rank: session.rank,
+                                        communicator: session.communicator, stage: "eval")
+    }
+
     /// `bpworker eval`'s result line: the exact test accuracy and loss of `model` on `test`, and where the model came from.
     static func report(_ session: Session, _ model: Model<Float>, on test: Dataset, source: String) {
         do {
-            let result = try evaluate(session, model, on: test)
+            let hooks = (try? TestHooks.fromEnvironment(rank: session.rank)) ?? TestHooks()
+            let result = try evaluate(session, model, on: test, beforeSums: { hooks.beforeEvaluationSums() })
             let summary = "eval: test accuracy \(percent(Double(result.correct) / Double(result.count))) "
                 + "(\(grouped(result.correct))/\(grouped(result.count))), loss \(String(format: "%.4f", result.loss)), \(source)"
             session.logger.info("\(summary)")

@@ -24,7 +24,7 @@ struct TestHooks {
         if gradcheckStopsItself { kill(getpid(), SIGSTOP) }
         if gradcheckSleepSeconds > 0 { sleepFully(gradcheckSleepSeconds) }
     }
-    /// BPWORKER_TEST_STALL=RANK:STEP:SECONDS[:after-exchange|:read]: that rank sleeps inside that step, before its
+    /// BPWORKER_TEST_STALL=RANK:STEP:SECONDS[:after-exchange|:read|:finish|:setup|:eval]: that rank sleeps inside that step, before its
     /// forward pass; with `:after-exchange`, between the gradient exchange and the update (where the others wait in
     /// the sharded update's parameter gather); with `:read`, inside the batch's read, as on a stalled file system.
     var stallStep: Int?
@@ -35,6 +35,8 @@ struct TestHooks {
     var stallAtFinish = false
     /// `:setup`: during setup, before the data are read (the step is ignored).
     var stallInSetup = false
+    /// `:eval`: `bpworker eval` on that rank sleeps before its evaluation's sums, while the others wait in them.
+    var stallBeforeEvaluationSums = false
     /// BPWORKER_TEST_EVAL_SLEEP_MS=N: every evaluation batch of every rank takes N ms longer (an evaluation longer
     /// than the watchdog's timeout, each batch shorter).
     var evaluationBatchSleepSeconds = 0.0
@@ -86,6 +88,7 @@ struct TestHooks {
             hooks.stallInRead = env["BPWORKER_TEST_STALL"]?.hasSuffix(":read") ?? false
             hooks.stallAtFinish = env["BPWORKER_TEST_STALL"]?.hasSuffix(":finish") ?? false
             hooks.stallInSetup = env["BPWORKER_TEST_STALL"]?.hasSuffix(":setup") ?? false
+            hooks.stallBeforeEvaluationSums = env["BPWORKER_TEST_STALL"]?.hasSuffix(":eval") ?? false
         }
         if let f = fields("BPWORKER_TEST_STEP_SLEEP_MS"), f.count == 1 { hooks.stepSleepMicroseconds = UInt32(f[0] * 1000) }
         if let f = fields("BPWORKER_TEST_EVAL_SLEEP_MS"), f.count == 1 { hooks.evaluationBatchSleepSeconds = f[0] / 1000 }
@@ -122,7 +125,8 @@ struct TestHooks {
     func beforeStep(step: Int, model: Model<Float>) {
         if stepSleepMicroseconds > 0 { sleepFully(Double(stepSleepMicroseconds) * 1e-6) }
         if step == nanStep && !nanLossOnly { model.inputs[0] = .nan }
-        if step == stallStep && !stallAfterExchange && !stallInRead && !stallAtFinish && !stallInSetup { sleepFully(stallSeconds) }
+        if step == stallStep && !stallAfterExchange && !stallInRead && !stallAtFinish && !stallInSetup
+            && !stallBeforeEvaluationSums { sleepFully(stallSeconds) }
         if step == divergeStep { model.parameters[0] += 1e-3 }
         if step == signalStep { raise(SIGTERM) }
     }
@@ -130,6 +134,11 @@ struct TestHooks {
     @inline(__always)
     func afterForward(step: Int, result: inout BatchResult) {
         if step == nanStep && nanLossOnly { result.lossSum = .nan }
+    }
+
+    /// Before `eval`'s sums across ranks (`:eval`).
+    func beforeEvaluationSums() {
+        if stallBeforeEvaluationSums { sleepFully(stallSeconds) }
     }
 
     /// Inside the batch's read (`:read`): a file system that stops answering.

@@ -275,6 +275,34 @@ struct DaemonTests {
                 + "other ranks (watchdog.timeout_seconds=2.0): a rank has not arrived; aborting the job"), "\(setup.output)")
     }
 
+    /// `eval` and `gradcheck` have no run of their own to watch, but their waits are timed too: a rank frozen in
+    /// their setup, or before `eval`'s sums, left the others waiting for ever. Each ends within the timeout.
+    @Test func evalAndGradcheckEndAStalledJob() throws {
+        let data = try SyntheticData(samples: 200)
+        defer { data.remove() }
+        let run = temporaryRunDirectory()
+        let trained = try Harness.mpirun(2, job(data, runDir: run, extra: ["--set", "training.epochs=1"]))
+        try #require(trained.status == 0, "\(trained.output)")
+        let timeout = ["--set", "watchdog.timeout_seconds=2"]
+        let cases: [(String, [String], String, String)] = [
+            ("eval, its setup", ["eval", "--run-dir", run] + timeout, "1:0:60:setup", "s in eval (data) for the other ranks"),
+            ("eval, its sums", ["eval", "--run-dir", run] + timeout, "1:0:60:eval", "s in eval (evaluation sums) for the other ranks"),
+            ("eval --model, its sums", ["eval", "--run-dir", run, "--model", run + "/model.safetensors"] + data.arguments + timeout,
+             "0:0:60:eval", "s in eval (evaluation sums) for the other ranks"),
+            ("gradcheck, its setup", ["gradcheck", "--run-dir", temporaryRunDirectory(), "--set", "model.hidden=[8]"] + data.arguments + timeout,
+             "1:0:60:setup", "s in setup (data) for the other ranks"),
+        ]
+        for (name, arguments, stall, expected) in cases {
+            let r = try Harness.mpirun(2, arguments, environment: ["BPWORKER_TEST_STALL": stall], timeout: 60)
+            #expect(r.status != 0 && r.seconds < 30, "\(name): \(r.output)")
+            #expect(r.output.contains("error: stall: rank ") && r.output.contains(expected)
+                    && r.output.contains("(watchdog.timeout_seconds=2.0): a rank has not arrived; aborting the job"), "\(name): \(r.output)")
+        }
+        // Unstalled, eval passes under the same timeout.
+        let healthy = try Harness.mpirun(2, ["eval", "--run-dir", run] + timeout)
+        #expect(healthy.status == 0 && healthy.output.contains("eval: test accuracy"), "\(healthy.output)")
+    }
+
     @Test func resumingOnAnotherWorldSizeSaysWhatChanges() throws {
         let data = try SyntheticData(samples: 200)
         defer { data.remove() }
