@@ -30,6 +30,9 @@ enum Phase: Int, CaseIterable, Sendable {
     /// Waiting for the other ranks in one of setup's agreements, before the run directory exists: timed by
     /// `SetupWatch`, not by the `Watchdog`, whose heartbeats live in the run directory.
     case setup
+    /// MPI_Finalize, which waits for every rank, at the very end; rank 0 writes the run's last status, metrics and
+    /// report just before it, so the other ranks wait here for those (`waitsOnRankZero`).
+    case finalize
 
     /// The name a stall report and a heartbeat file give the phase.
     var name: String {
@@ -49,6 +52,7 @@ enum Phase: Int, CaseIterable, Sendable {
         case .gradientCheck: "gradient check"
         case .gradientCheckVerdict: "wait for rank 0's gradient check"
         case .setup: "setup"
+        case .finalize: "finalize (rank 0's last writes, MPI_Finalize)"
         }
     }
 
@@ -64,7 +68,8 @@ enum Phase: Int, CaseIterable, Sendable {
     /// Whether the phase waits for rank 0's own long computation (its gradient check alone), whose length no timeout
     /// can know: the watchdog declares a stall only when rank 0's heartbeat is older than the timeout as well (stopped,
     /// or hung with its threads), or missing.
-    var waitsOnRankZero: Bool { self == .gradientCheckVerdict }
+    /// Rank 0 itself waits on the others there, under the plain timeout.
+    var waitsOnRankZero: Bool { self == .gradientCheckVerdict || self == .finalize }
 
     /// The timeline's event for the phase; nil where the reducer or the timeline records finer events itself.
     var timelineKind: TimelineEvent.Kind? {
@@ -80,7 +85,7 @@ enum Phase: Int, CaseIterable, Sendable {
         case .evaluation: .evaluation
         case .checkpoint: .checkpoint
         case .report: .report
-        case .compute, .gradientExchange, .update, .timeline, .gradientCheck, .gradientCheckVerdict, .setup: nil
+        case .compute, .gradientExchange, .update, .timeline, .gradientCheck, .gradientCheckVerdict, .setup, .finalize: nil
         }
     }
 

@@ -24,8 +24,8 @@ struct TestHooks {
         if gradcheckStopsItself { kill(getpid(), SIGSTOP) }
         if gradcheckSleepSeconds > 0 { sleepFully(gradcheckSleepSeconds) }
     }
-    /// BPWORKER_TEST_STALL=RANK:STEP:SECONDS[:after-exchange|:read|:finish|:setup|:eval]: that rank sleeps inside that step, before its
-    /// forward pass; with `:after-exchange`, between the gradient exchange and the update (where the others wait in
+    /// BPWORKER_TEST_STALL=RANK:STEP:SECONDS[:after-exchange|:read|:finish|:setup|:eval|:finalize]: that rank sleeps
+    /// inside that step, before its forward pass; with `:after-exchange`, between the gradient exchange and the update (where the others wait in
     /// the sharded update's parameter gather); with `:read`, inside the batch's read, as on a stalled file system.
     var stallStep: Int?
     var stallSeconds = 0.0
@@ -37,6 +37,8 @@ struct TestHooks {
     var stallInSetup = false
     /// `:eval`: `bpworker eval` on that rank sleeps before its evaluation's sums, while the others wait in them.
     var stallBeforeEvaluationSums = false
+    /// `:finalize`: at the very end, after the run's last step STEP, before the last status and MPI_Finalize.
+    var stallAtFinalize = false
     /// BPWORKER_TEST_EVAL_SLEEP_MS=N: every evaluation batch of every rank takes N ms longer (an evaluation longer
     /// than the watchdog's timeout, each batch shorter).
     var evaluationBatchSleepSeconds = 0.0
@@ -89,6 +91,7 @@ struct TestHooks {
             hooks.stallAtFinish = env["BPWORKER_TEST_STALL"]?.hasSuffix(":finish") ?? false
             hooks.stallInSetup = env["BPWORKER_TEST_STALL"]?.hasSuffix(":setup") ?? false
             hooks.stallBeforeEvaluationSums = env["BPWORKER_TEST_STALL"]?.hasSuffix(":eval") ?? false
+            hooks.stallAtFinalize = env["BPWORKER_TEST_STALL"]?.hasSuffix(":finalize") ?? false
         }
         if let f = fields("BPWORKER_TEST_STEP_SLEEP_MS"), f.count == 1 { hooks.stepSleepMicroseconds = UInt32(f[0] * 1000) }
         if let f = fields("BPWORKER_TEST_EVAL_SLEEP_MS"), f.count == 1 { hooks.evaluationBatchSleepSeconds = f[0] / 1000 }
@@ -126,7 +129,7 @@ struct TestHooks {
         if stepSleepMicroseconds > 0 { sleepFully(Double(stepSleepMicroseconds) * 1e-6) }
         if step == nanStep && !nanLossOnly { model.inputs[0] = .nan }
         if step == stallStep && !stallAfterExchange && !stallInRead && !stallAtFinish && !stallInSetup
-            && !stallBeforeEvaluationSums { sleepFully(stallSeconds) }
+            && !stallBeforeEvaluationSums && !stallAtFinalize { sleepFully(stallSeconds) }
         if step == divergeStep { model.parameters[0] += 1e-3 }
         if step == signalStep { raise(SIGTERM) }
     }
@@ -155,6 +158,11 @@ struct TestHooks {
     /// After an evaluation batch.
     func afterEvaluationBatch() {
         if evaluationBatchSleepSeconds > 0 { sleepFully(evaluationBatchSleepSeconds) }
+    }
+
+    /// At the very end (`:finalize`), after step `step`, the run's last.
+    func atFinalize(step: Int) {
+        if step == stallStep && stallAtFinalize { sleepFully(stallSeconds) }
     }
 
     /// As the run finishes (`:finish`), after step `step`, the run's last.

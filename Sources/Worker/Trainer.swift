@@ -105,8 +105,14 @@ enum Trainer {
             loop.phases.watched(.checkpoint) { failure.agree("saving the model") {} }
         }
         loop.progress.status.step = loop.position.globalStep
+        loop.prepared.hooks.atFinalize(step: loop.position.globalStep - 1)
         loop.progress.finish(state: outcome.state, message: outcome.message)
-        session.finish(exitCode: outcome.exitCode)
+        // Watched to the end: a rank stalled in rank 0's last writes, or frozen before MPI_Finalize, left the others in
+        // MPI_Finalize for ever.
+        loop.phases.watched(.finalize) {
+            do { try session.communicator.finalize() } catch { session.abort("MPI_Finalize: \(error)") }
+        }
+        exit(outcome.exitCode)
     }
 
     // MARK: - The parts of a run

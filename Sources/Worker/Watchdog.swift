@@ -99,7 +99,7 @@ final class Watchdog: Sendable {
                 lastHeartbeat = now
             }
             let waited = Double(now - since) * 1e-9
-            if timeout > 0 && phase.isWatched && waited > timeout && (!phase.waitsOnRankZero || rankZeroSilent()) {
+            if timeout > 0 && phase.isWatched && waited > timeout && (!phase.waitsOnRankZero || rank == 0 || rankZeroSilent()) {
                 abort(stallReport(phase: name(phase, dataRead), step: step, waited: waited))
             }
         }

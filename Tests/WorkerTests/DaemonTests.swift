@@ -266,6 +266,10 @@ struct DaemonTests {
         let stalled = try Harness.mpirun(2, job(data, runDir: temporaryRunDirectory(), extra: watchdog),
                                          environment: ["BPWORKER_TEST_STALL": "1:11:60:finish"], timeout: 60)
         expectStalled(stalled, rank: 0, phase: "report", step: 11)
+        // Later still: a rank frozen after rank 0 wrote the run's end left rank 0 in MPI_Finalize for ever.
+        let last = try Harness.mpirun(2, job(data, runDir: temporaryRunDirectory(), extra: watchdog),
+                                      environment: ["BPWORKER_TEST_STALL": "1:11:60:finalize"], timeout: 60)
+        expectStalled(last, rank: 0, phase: "finalize (rank 0's last writes, MPI_Finalize)", step: 11)
         // Before the run's watchdog starts: a rank stalled in setup (before it reads the data) leaves the other
         // waiting in setup's agreement, which is timed too (it waited for ever).
         let setup = try Harness.mpirun(2, job(data, runDir: temporaryRunDirectory(), extra: watchdog),
