@@ -26,6 +26,9 @@ final class Watchdog: Sendable {
     private let phaseStart = Atomic<Int>(0)
     /// The global step the training thread is on.
     private let step = Atomic<Int>(0)
+    /// The heartbeat file, opened at the first heartbeat (-1 until then); written by `start` and then by the watchdog's
+    /// thread alone.
+    private let heartbeatFile = Atomic<Int32>(-1)
     private let timeout: Double
     private let rank: Int
     private let worldSize: Int
@@ -107,8 +110,7 @@ final class Watchdog: Sendable {
 
     /// Whether rank 0 has written no heartbeat for longer than the timeout (or none can be read).
     private func rankZeroSilent() -> Bool {
-        guard let data = FileManager.default.contents(atPath: "\(heartbeatDirectory)/rank-0.json"),
-              let record = try? JSONSerialization.jsonObject(with: data) as? [String: Any], let time = record["time"] as? Double else {
+        guard let record = Self.readHeartbeat("\(heartbeatDirectory)/rank-0.json"), let time = record["time"] as? Double else {
             return true
         }
         return Date().timeIntervalSince1970 - time > timeout
@@ -117,8 +119,36 @@ final class Watchdog: Sendable {
     private func writeHeartbeat(phase: String, step: Int) {
         let record: [String: Any] = ["rank": rank, "pid": Int(getpid()), "host": host, "step": step, "phase": phase,
                                      "time": Date().timeIntervalSince1970]
-        guard let data = try? JSONSerialization.data(withJSONObject: record, options: [.sortedKeys]) else { return }
-        try? data.write(to: URL(fileURLWithPath: "\(heartbeatDirectory)/rank-\(rank).json"), options: .atomic)
+        guard let data = try? JSONSerialization.data(withJSONObject: record, options: [.sortedKeys]),
+              data.count < Self.heartbeatBytes else { return }
+        // Rewritten in place, in blocks allocated once: a full disk refused the new file an atomic replace needs, the
+        // heartbeat went stale, and the others' watchdogs took a healthy rank 0 (checking gradients) for a frozen one.
+        var fd = heartbeatFile.load(ordering: .relaxed)
+        if fd < 0 {
+            fd = open("\(heartbeatDirectory)/rank-\(rank).json", O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
+            guard fd >= 0 else { return }
+            _ = ftruncate(fd, off_t(Self.heartbeatBytes))
+            _ = posix_fallocate(fd, 0, off_t(Self.heartbeatBytes))
+            heartbeatFile.store(fd, ordering: .relaxed)
+        }
+        // JSON, then spaces (which JSON readers skip) to the fixed size, so no earlier, longer record shows through.
+        var bytes = [UInt8](data) + [UInt8](repeating: 0x20, count: Self.heartbeatBytes - 1 - data.count) + [0x0A]
+        _ = bytes.withUnsafeMutableBytes { pwrite(fd, $0.baseAddress!, $0.count, 0) }
+    }
+
+    /// A heartbeat file's fixed size: a record is about 150 bytes.
+    static let heartbeatBytes = 512
+
+    /// A heartbeat record, read again a moment later when it does not parse (a read that met a write in place).
+    static func readHeartbeat(_ path: String) -> [String: Any]? {
+        for attempt in 0..<3 {
+            if let data = FileManager.default.contents(atPath: path),
+               let record = try? JSONSerialization.jsonObject(with: data) as? [String: Any] {
+                return record
+            }
+            if attempt < 2 { usleep(10_000) }
+        }
+        return nil
     }
 
     /// What a report and a heartbeat call the phase: a stalled read names what it reads.
@@ -141,8 +171,7 @@ final class Watchdog: Sendable {
         var missing: [String] = []
         for other in 0..<worldSize where other != rank {
             let path = "\(heartbeatDirectory)/rank-\(other).json"
-            guard let data = FileManager.default.contents(atPath: path),
-                  let record = try? JSONSerialization.jsonObject(with: data) as? [String: Any] else {
+            guard let record = Self.readHeartbeat(path) else {
                 missing.append("rank \(other) (no heartbeat: on another node without a shared run directory?)")
                 continue
             }

@@ -275,6 +275,31 @@ struct FullDiskTests {
                 "\(resumed.output)")
     }
 
+    /// A full disk while rank 0 checks the gradients alone: its heartbeats are rewritten in place, so they go on, and
+    /// the other rank waits for its verdict as long as it takes. (An atomic replace needs a new file, which a full
+    /// disk refused: the heartbeat went stale and rank 1's watchdog ended the healthy job, blaming rank 0.)
+    @Test(.enabled(if: getuid() == 0, "mounts a tmpfs (root; CI runs as root)"))
+    func aFullDiskKeepsTheHeartbeatsGoing() throws {
+        let data = try SyntheticData(samples: 96)
+        defer { data.remove() }
+        let mount = temporaryRunDirectory()
+        try FileManager.default.createDirectory(atPath: mount, withIntermediateDirectories: true)
+        let mounted = try Harness.run("/bin/mount", ["-t", "tmpfs", "-o", "size=4m", "tmpfs", mount], environment: [:], timeout: 30)
+        try #require(mounted.status == 0, "\(mounted.output)")
+        defer { _ = try? Harness.run("/bin/umount", ["-l", mount], environment: [:], timeout: 30) }
+        let run = mount + "/run"
+        let job = try Harness.startMPI(2, ["gradcheck", "--run-dir", run, "--set", "model.hidden=[8]", "--set", "watchdog.timeout_seconds=2"]
+                                       + data.arguments, environment: ["BPWORKER_TEST_GRADCHECK_SLOW": "0:6"])
+        let beating = job.waitFor(60) { _ in FileManager.default.fileExists(atPath: run + "/heartbeat/rank-0.json") }
+        #expect(beating, "\(job.output)")
+        let filled = try Harness.run("/bin/sh", ["-c", "dd if=/dev/zero of='\(mount)/filler' bs=64k 2>/dev/null; true"],
+                                     environment: [:], timeout: 30)
+        #expect(filled.status == 0)
+        let r = job.wait(timeout: 90)
+        #expect(!r.output.contains("stall"), "\(r.output)")
+        #expect(r.output.contains("gradient check: PASS") || r.output.contains("gradient check: WARN"), "\(r.output)")
+    }
+
     /// The whole run directory fills up while metrics and TensorBoard records are written every step: rank 0 trapped
     /// in Foundation's `FileHandle.write` (exit 132) and left half a line in metrics.jsonl. Now it says once that
     /// records cannot be written, every line of the file stays whole, and the run ends with the final model's error.
