@@ -205,6 +205,18 @@ enum Trainer {
         progress.status.resumedFrom = resumed?.path
         progress.status.skippedCheckpoints = resumed.flatMap { $0.skipped.isEmpty ? nil : $0.skipped.map(\.text) }
         progress.status.step = position.globalStep
+        if let resumed {
+            // Where the run stands, and what it last measured, until this process measures anew: a resume of a finished
+            // run (nothing left to train) rewrote the status as epoch 0, no checkpoint, no loss or accuracy.
+            progress.status.epoch = position.epoch
+            progress.status.lastCheckpoint = resumed.path
+            if session.isRoot, let earlier = try? RunStatus.read(session.runDirectory) {
+                progress.status.loss = earlier.loss
+                progress.status.accuracy = earlier.accuracy
+                progress.status.testAccuracy = earlier.testAccuracy
+                progress.status.samplesPerSecond = earlier.samplesPerSecond
+            }
+        }
         progress.writeStatus()
         return progress
     }

@@ -307,6 +307,23 @@ struct DaemonTests {
         #expect(healthy.status == 0 && healthy.output.contains("eval: test accuracy"), "\(healthy.output)")
     }
 
+    /// `--resume` of a run that has finished trains nothing and keeps what its status says of it: the run's epoch, its
+    /// last checkpoint, loss and accuracies (they were rewritten as epoch 0, no checkpoint, no loss).
+    @Test func resumingAFinishedRunKeepsItsStatus() throws {
+        let data = try SyntheticData(samples: 200)
+        defer { data.remove() }
+        let run = temporaryRunDirectory()
+        let first = try Harness.mpirun(2, job(data, runDir: run, extra: ["--set", "training.epochs=2"]))
+        #expect(first.status == 0, "\(first.output)")
+        let before = try RunStatusFields(run)
+        let again = try Harness.resume(run)
+        #expect(again.status == 0, "\(again.output)")
+        let after = try RunStatusFields(run)
+        #expect(after.state == "finished" && after.epoch == before.epoch && after.step == before.step, "\(after) vs \(before)")
+        #expect(after.lastCheckpoint == before.lastCheckpoint && after.lastCheckpoint != nil)
+        #expect(after.loss == before.loss && after.testAccuracy == before.testAccuracy && after.testAccuracy != nil)
+    }
+
     @Test func resumingOnAnotherWorldSizeSaysWhatChanges() throws {
         let data = try SyntheticData(samples: 200)
         defer { data.remove() }
@@ -572,4 +589,21 @@ struct CorruptCheckpointTests {
         result["model.safetensors"] = try Data(contentsOf: URL(fileURLWithPath: run + "/model.safetensors"))
         return result
     }
+}
+
+/// The fields of RUN_DIR/status.json a test compares.
+struct RunStatusFields: CustomStringConvertible {
+    let state: String?, epoch: Int?, step: Int?, lastCheckpoint: String?, loss: Double?, testAccuracy: Double?
+
+    init(_ run: String) throws {
+        let object = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: run + "/status.json"))) as? [String: Any] ?? [:]
+        state = object["state"] as? String
+        epoch = object["epoch"] as? Int
+        step = object["step"] as? Int
+        lastCheckpoint = object["lastCheckpoint"] as? String
+        loss = object["loss"] as? Double
+        testAccuracy = object["testAccuracy"] as? Double
+    }
+
+    var description: String { "\(state ?? "-") epoch \(epoch ?? -1) step \(step ?? -1) \(lastCheckpoint ?? "-") \(loss ?? .nan) \(testAccuracy ?? .nan)" }
 }
