@@ -209,7 +209,10 @@ struct Checkpointer {
 
     /// Writes a checkpoint (rank 0 only) and returns its path.
     func save(model: Model<Float>, optimizer: Optimizer<Float>, position: TrainingPosition, config: Configuration) throws -> String {
-        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        do { try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true) } catch {
+            // In words, not Foundation's "Error Domain=NSCocoaErrorDomain Code=512 ..." (the run directory became a file).
+            throw CheckpointError(description: "cannot create \(directory): \(plainReason(error))")
+        }
         let name = String(format: "step-%08d.safetensors", position.globalStep)
         let path = directory + "/" + name
         // The file's bytes in a scope of their own, so that neither they nor the writer's copies of the tensors are

@@ -59,6 +59,7 @@ final class Progress {
     /// What RUN_DIR/status.json says (rank 0 writes it).
     var status: RunStatus
     private var lastStatusWrite = Date.distantPast
+    private var statusWriteFailed = false
 
     init(session: Session, prepared: Prepared, metrics: MetricsLog?) {
         self.session = session
@@ -195,7 +196,10 @@ final class Progress {
         guard session.isRoot else { return }
         let now = Date()
         status.updated = RunStatus.timestamp(now)
-        status.write(to: session.runDirectory)
+        if !status.write(to: session.runDirectory) && !statusWriteFailed {
+            statusWriteFailed = true
+            session.logger.warning("\(RunStatus.path(session.runDirectory)) could not be written; `bpworker status` shows an older state")
+        }
         lastStatusWrite = now
     }
 

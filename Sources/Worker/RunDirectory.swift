@@ -101,6 +101,12 @@ struct RunDirectory {
             try files.removeItem(atPath: path + "/" + name)
             removed.append(name)
         }
+        // What a write of one of them left when its process died in the middle (`.model.safetensors.PID.tmp`).
+        for name in (try? files.contentsOfDirectory(atPath: path)) ?? []
+        where name.hasSuffix(".tmp") && Self.runFiles.contains(where: { name.hasPrefix("." + $0 + ".") }) {
+            try files.removeItem(atPath: path + "/" + name)
+            removed.append(name)
+        }
         let tensorBoard = path + "/tensorboard"
         if let names = try? files.contentsOfDirectory(atPath: tensorBoard) {
             let events = names.filter { $0.hasPrefix("events.out.tfevents.") }
@@ -139,11 +145,16 @@ extension RunDirectory {
         do {
             try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
         } catch {
-            let underlying = (error as NSError).userInfo[NSUnderlyingErrorKey] as? NSError
-            let reason = underlying.map { $0.domain == NSPOSIXErrorDomain ? String(cString: strerror(Int32($0.code))) : $0.localizedDescription }
-            throw RunDirectoryError(description: "cannot create it: \(reason ?? error.localizedDescription)")
+            throw RunDirectoryError(description: "cannot create it: \(plainReason(error))")
         }
     }
+}
+
+/// A Foundation file error in words: the POSIX reason beneath it ("Not a directory"), not its domain and code.
+func plainReason(_ error: any Error) -> String {
+    let underlying = (error as NSError).userInfo[NSUnderlyingErrorKey] as? NSError
+    return underlying.map { $0.domain == NSPOSIXErrorDomain ? String(cString: strerror(Int32($0.code))) : $0.localizedDescription }
+        ?? error.localizedDescription
 }
 
 /// The path without its last component: "runs" for "runs/a/", "" for "a", "/" for "/a". Split on "/" by hand:

@@ -25,13 +25,22 @@ struct RunStatus: Codable, Equatable {
 
     static func path(_ runDirectory: String) -> String { runDirectory + "/status.json" }
 
-    func write(to runDirectory: String) {
+    /// Returns false when neither way of writing worked (the caller may say so once).
+    @discardableResult
+    func write(to runDirectory: String) -> Bool {
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-        guard let data = try? encoder.encode(self) else { return }
+        guard let data = try? encoder.encode(self) else { return false }
         // Status is informative: a failed write must not stop training, and it need not survive a power loss
         // (the next interval rewrites it), so it skips the fsyncs that made every log interval 2 ms longer.
-        try? writeAtomically(data, to: Self.path(runDirectory), durable: false)
+        if (try? writeAtomically(data, to: Self.path(runDirectory), durable: false)) != nil { return true }
+        // A full disk refuses the new file an atomic replace needs, and the run's end ("failed: checkpoints could not be
+        // written") was lost, leaving "training". The file's own block holds a status: rewrite it in place.
+        let fd = open(Self.path(runDirectory), O_WRONLY | O_CLOEXEC)
+        guard fd >= 0 else { return false }
+        defer { close(fd) }
+        let written = data.withUnsafeBytes { pwrite(fd, $0.baseAddress!, $0.count, 0) }
+        return written == data.count && ftruncate(fd, off_t(data.count)) == 0
     }
 
     static func read(_ runDirectory: String) throws -> RunStatus {

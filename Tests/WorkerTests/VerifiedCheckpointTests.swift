@@ -329,6 +329,9 @@ struct FullDiskTests {
         #expect(r.status != 132 && !r.output.contains("Fatal error") && !r.output.contains("Program crashed"), "\(r.output)")
         #expect(occurrences(of: "metrics.jsonl: a record could not be written (No space left on device)", in: r.output) == 1,
                 "\(r.output)")
+        // The run's end is in status.json all the same (rewritten in place: it was left at "training").
+        let status = try String(contentsOfFile: run + "/status.json", encoding: .utf8)
+        #expect(r.status == 1 && status.contains("\"state\" : \"failed\""), "\(status)\n\(r.output)")
         let lines = try String(contentsOfFile: run + "/metrics.jsonl", encoding: .utf8).split(separator: "\n")
         #expect(lines.count >= 20)
         for line in lines {

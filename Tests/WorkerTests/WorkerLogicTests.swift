@@ -175,16 +175,18 @@ struct WorkerLogicTests {
         defer { try? FileManager.default.removeItem(atPath: dir) }
         try FileManager.default.createDirectory(atPath: dir + "/tensorboard", withIntermediateDirectories: true)
         for name in ["metrics.jsonl", "gradcheck.json", "config.yaml", "notes.txt", "checkpoints/mine.txt", "checkpoints/.step-00000009.safetensors.42.tmp",
-                     "report.html", "tensorboard/events.out.tfevents.1.host.7.0", "tensorboard/mine.txt"] {
+                     "report.html", "tensorboard/events.out.tfevents.1.host.7.0", "tensorboard/mine.txt", ".model.safetensors.4242.tmp",
+                     ".notes.txt.1.tmp"] {
             _ = FileManager.default.createFile(atPath: dir + "/" + name, contents: Data("u".utf8))
         }
         try FileManager.default.createDirectory(atPath: dir + "/heartbeat", withIntermediateDirectories: true)
         _ = FileManager.default.createFile(atPath: dir + "/heartbeat/rank-0.json", contents: Data("{}".utf8))
         let removed = try RunDirectory.inspect(dir).removePreviousRun()
         #expect(removed == ["2 checkpoints", "status.json", "metrics.jsonl", "model.safetensors", "gradcheck.json", "report.html",
-                            "1 TensorBoard event file"])
+                            ".model.safetensors.4242.tmp", "1 TensorBoard event file"])
         let left = try FileManager.default.subpathsOfDirectory(atPath: dir).sorted()
-        #expect(left == ["checkpoints", "checkpoints/mine.txt", "config.yaml", "notes.txt", "tensorboard", "tensorboard/mine.txt"])
+        #expect(left == [".notes.txt.1.tmp", "checkpoints", "checkpoints/mine.txt", "config.yaml", "notes.txt", "tensorboard",
+                         "tensorboard/mine.txt"])
         #expect(!RunDirectory.inspect(dir).holdsRun)
     }
 
