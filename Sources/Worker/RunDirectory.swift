@@ -195,6 +195,19 @@ enum RunDirectoryLock {
         _ = holder.withCString { pwrite(descriptor, $0, strlen($0), 0) }
     }
 
+    /// Why the held lock no longer guards its directory (nil: it does): its file was removed or replaced, with the
+    /// directory or alone.
+    static func lost() -> String? {
+        guard let (directory, descriptor) = held else { return nil }
+        var heldFile = stat(), current = stat()
+        guard fstat(descriptor, &heldFile) == 0 else { return nil }
+        guard stat(directory + "/.lock", &current) == 0, current.st_ino == heldFile.st_ino, current.st_dev == heldFile.st_dev else {
+            return "\(directory) was removed or replaced while the run trained (its .lock is not the one this job holds): "
+                + "the run's config, metrics and checkpoints there are gone or another's; stopping"
+        }
+        return nil
+    }
+
     private static func take(_ directory: String, creating: Bool) throws(RunDirectoryError) {
         if held?.directory == directory { return }
         let path = directory + "/.lock"

@@ -327,6 +327,11 @@ final class TrainingLoop {
             try prepared.train.checkUnchanged()
             try prepared.test.checkUnchanged()
         }
+        // The run directory too: removed or replaced under a running job, it went unnoticed, the checkpoints went on
+        // into a new directory without config or metrics, and the lock went with it (a second job could start there).
+        checkpoints.failure.agree("run directory") {
+            if session.isRoot, let problem = RunDirectoryLock.lost() { throw RunDirectoryError(description: problem) }
+        }
     }
 
     /// Rank 0 only: whether `checkpoint.every_seconds` have passed since the last checkpoint. The test hook

@@ -324,6 +324,21 @@ struct DaemonTests {
         #expect(after.loss == before.loss && after.testAccuracy == before.testAccuracy && after.testAccuracy != nil)
     }
 
+    /// A run directory removed under a running job: the next checkpoint finds its lock gone and ends the run, saying
+    /// so (it went on into a new directory without config or metrics, ended "finished", and a second job could start).
+    @Test func aRunDirectoryRemovedMidRunEndsTheRun() throws {
+        let data = try SyntheticData(samples: 200)
+        defer { data.remove() }
+        let run = temporaryRunDirectory()
+        let job = try Harness.startMPI(2, job(data, runDir: run), environment: ["BPWORKER_TEST_STEP_SLEEP_MS": "40"])
+        #expect(job.waitFor(60) { $0.contains("checkpoint: ") }, "\(job.output)")
+        try FileManager.default.removeItem(atPath: run)
+        let r = job.wait(timeout: 90)
+        #expect(r.status == 1, "\(r.output)")
+        #expect(r.output.contains("\(run) was removed or replaced while the run trained"), "\(r.output)")
+        #expect(!FileManager.default.fileExists(atPath: run + "/model.safetensors"))
+    }
+
     @Test func resumingOnAnotherWorldSizeSaysWhatChanges() throws {
         let data = try SyntheticData(samples: 200)
         defer { data.remove() }
