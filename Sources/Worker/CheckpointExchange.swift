@@ -77,6 +77,12 @@ struct CheckpointExchange {
                 + "\(sampler.stepsPerEpoch) steps per epoch; the learning rate stays as configured for the global batch; "
                 + "the epoch continues after its first \(position.epochStep * sampler.globalBatchSize) samples"
             session.logger.info("\(message)")
+            if !model.bufferTable.isEmpty && config.batchNorm == .local && saved.batchSize != config.batchSize {
+                let note = "model.batchnorm=local: each rank now normalises batches of \(config.batchSize), not "
+                    + "\(saved.batchSize), so the run continues but not as it would have on \(saved.worldSize) "
+                    + "rank\(saved.worldSize == 1 ? "" : "s") (model.batchnorm=sync normalises over the global batch)"
+                session.logger.notice("\(note)")
+            }
         }
         let resumed = "resumed from \(path): step \(position.globalStep), epoch \(position.epoch + 1) at step "
             + "\(position.epochStep)/\(sampler.stepsPerEpoch)" + (position.epochStep == sampler.stepsPerEpoch ? " (its evaluation next)" : "")

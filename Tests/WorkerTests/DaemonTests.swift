@@ -354,6 +354,15 @@ struct DaemonTests {
         #expect(resumed.output.contains("resumed from \(run)/checkpoints/step-\(String(format: "%08d", stoppedAt)).safetensors: "
             + "step \(expected), epoch \(stoppedAt / 12 + 1) at step \(seen / 32)/6,"), "\(resumed.output)")
         #expect(resumed.output.contains("training finished"))
+        #expect(!resumed.output.contains("model.batchnorm=local"), "no batch norm, nothing to say")
+        // With batch norm normalising each rank's own batch, a batch of another size normalises other samples: said.
+        let normed = temporaryRunDirectory()
+        let bn = ["--set", "model.layers=[linear 16, batchnorm, relu]"]
+        #expect(try Harness.startSlowed(2, job(data, runDir: normed, extra: bn)).stop(after: "(step 14)").status == 0)
+        let other = try Harness.mpirun(4, ["train", "--run-dir", normed, "--resume", "--progress", "plain", "--set", "training.batch_size=4"])
+        #expect(other.status == 0, "\(other.output)")
+        #expect(other.output.contains("model.batchnorm=local: each rank now normalises batches of 4, not 8, so the run continues "
+                                      + "but not as it would have on 2 ranks"), "\(other.output)")
     }
 
     /// The step a stopped run's last checkpoint holds, from `checkpoints/latest`.
