@@ -426,6 +426,17 @@ extension ModelFileTests {
             let line = try #require(output.split(separator: "\n").first { $0.hasPrefix("max logit difference") }, "\(output)")
             let difference = try #require(Double(line.split(separator: " ")[3]), "\(line)")
             #expect(difference <= 1e-4, "legacy \(legacy): \(line)")
+            guard legacy else { continue }
+            // NumPy alone on the file without `modules`: it reads the same modules from `layers` (it knew only MLPs).
+            let numpyLegacy = try python(numpy + """
+
+                assert "modules" not in meta
+                ours = np.load("logits.npy")
+                print(f"max logit difference {float(np.abs(ours - logits).max()):.3e} of {float(np.abs(logits).max()):.3e}")
+                """, directory: directory)
+            #expect(try pythonCount(numpyLegacy) == reference, "numpy, legacy: \(numpyLegacy)")
+            let legacyLine = try #require(numpyLegacy.split(separator: "\n").first { $0.hasPrefix("max logit difference") }, "\(numpyLegacy)")
+            #expect(try #require(Double(legacyLine.split(separator: " ")[3])) <= 1e-4, "numpy, legacy: \(legacyLine)")
         }
         #expect(reference.count == 120)
     }
