@@ -225,6 +225,18 @@ extension Configuration {
         try require(watchdogSeconds >= 0, "watchdog.timeout_seconds must be >= 0, got \(watchdogSeconds)")
         try require(timelineSteps >= 0 && timelineSteps <= 1 << 24, "timeline.steps must be in 0...16777216 (0 = off), got \(timelineSteps)")
         try require(timelineWarmupSteps >= 0, "timeline.warmup_steps must be >= 0, got \(timelineWarmupSteps)")
+        // The optimizer's keys by name (the engine's own checks below say "momentum", not which key to change).
+        try require(learningRate > 0 && learningRate.isFinite, "optimizer.lr must be positive and finite, got \(learningRate)")
+        try require(momentum >= 0 && momentum < 1, "optimizer.momentum must be in [0, 1), got \(momentum)")
+        try require(!(optimizer == .sgd && nesterov && momentum == 0),
+                    "optimizer.nesterov (on by default) needs optimizer.momentum > 0; for plain SGD set optimizer.nesterov=false")
+        try require(beta1 >= 0 && beta1 < 1, "optimizer.beta1 must be in [0, 1), got \(beta1)")
+        try require(beta2 >= 0 && beta2 < 1, "optimizer.beta2 must be in [0, 1), got \(beta2)")
+        // An infinite epsilon divides every Adam step to zero: the model silently stops learning.
+        try require(epsilon > 0 && epsilon.isFinite, "optimizer.eps must be positive and finite, got \(epsilon)")
+        try require(weightDecay >= 0 && weightDecay.isFinite, "optimizer.weight_decay must be finite and >= 0, got \(weightDecay)")
+        try require(clipNorm.isFinite, "optimizer.clip_norm must be finite (0 = off), got \(clipNorm)")
+        try require(watchdogSeconds.isFinite, "watchdog.timeout_seconds must be finite (0 = off), got \(watchdogSeconds)")
         do {
             try optimizerConfig.validate()
             try gradientCheckOptions.validate()

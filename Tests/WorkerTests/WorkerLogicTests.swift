@@ -281,7 +281,15 @@ struct WorkerLogicTests {
         #expect(message(["checkpoint.every_seconds=-1"]).hasPrefix("checkpoint.every_seconds must be >= 0"))
         #expect(message(["checkpoint.every_seconds=.inf"]).hasPrefix("checkpoint.every_seconds must be >= 0"))
         #expect(message(["model.dropout=1"]).hasPrefix("model.dropout must be in [0, 1)"))
-        #expect(message(["optimizer.momentum=1.5"]).contains("momentum must be in [0, 1)"))
+        #expect(message(["optimizer.momentum=1.5"]).hasPrefix("optimizer.momentum must be in [0, 1), got 1.5"))
+        #expect(message(["optimizer.momentum=.nan"]).hasPrefix("optimizer.momentum must be in [0, 1), got nan"))
+        #expect(message(["optimizer.momentum=0"]).hasPrefix("optimizer.nesterov (on by default) needs optimizer.momentum > 0"))
+        #expect(message(["optimizer.momentum=0", "optimizer.nesterov=false"]) == "no error")
+        #expect(message(["optimizer.lr=.nan"]).hasPrefix("optimizer.lr must be positive and finite, got nan"))
+        #expect(message(["optimizer.name=adam", "optimizer.eps=.inf"]).hasPrefix("optimizer.eps must be positive and finite, got inf"))
+        #expect(message(["optimizer.name=adam", "optimizer.beta2=1"]).hasPrefix("optimizer.beta2 must be in [0, 1), got 1.0"))
+        #expect(message(["optimizer.clip_norm=.inf"]).hasPrefix("optimizer.clip_norm must be finite (0 = off), got inf"))
+        #expect(message(["watchdog.timeout_seconds=.inf"]).hasPrefix("watchdog.timeout_seconds must be finite (0 = off)"))
         #expect(message([]) == "no error")
     }
 
