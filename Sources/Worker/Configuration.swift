@@ -309,6 +309,12 @@ extension Configuration {
             if case .mapping = value {
                 try flatten(value, prefix: path + ".", file: file, into: &tree)
             } else {
+                // One key written twice in a file, as `optimizer.lr: 0.1` and `optimizer: {lr: 0.2}`: the later one won
+                // without a word (YAML refuses only the same spelling twice). --set still overrides the file.
+                if let earlier = tree[path], earlier.origin == file, file != "--set" {
+                    throw ConfigError(description: "\(file)\(location(keyNode)): \(path) is given twice (also at line "
+                        + "\(earlier.node.mark.map { "\($0.line)" } ?? "?"))")
+                }
                 tree[path] = (value, file)
             }
         }

@@ -293,6 +293,22 @@ struct WorkerLogicTests {
         #expect(message([]) == "no error")
     }
 
+    /// One key written twice in a file in two spellings: the later one won without a word.
+    @Test func aKeyGivenTwiceInAFileIsRefused() throws {
+        let file = TemporaryFiles.path("twice-").appendingPathExtension("yaml")
+        try Data("optimizer.lr: 0.1\nseed: 3\noptimizer:\n  lr: 0.2\n".utf8).write(to: file)
+        defer { try? FileManager.default.removeItem(at: file) }
+        do {
+            _ = try Configuration.load(file: file.path, overrides: [])
+            Issue.record("a key given twice was taken")
+        } catch {
+            #expect("\(error)" == "\(file.path):4: optimizer.lr is given twice (also at line 1)")
+        }
+        // --set overrides a key of the file, as it always did.
+        try Data("optimizer:\n  lr: 0.2\n".utf8).write(to: file)
+        #expect(try Configuration.load(file: file.path, overrides: ["optimizer.lr=0.3"]).learningRate == 0.3)
+    }
+
     @Test func layerListsBuildTheModelTheyDescribe() throws {
         var config = Configuration()
         config.layers = ["linear 32", "leaky_relu 0.2", "dropout 0.1", "linear 16", "tanh"]
