@@ -82,6 +82,8 @@ struct MemoryEstimate {
                 items.append(Item(name: "float64 gradient-check copy", bytes: 2 * check.parameterBufferBytes + check.activationBytes))
             }
         }
+        let reading = datasets.reduce(0.0) { $0 + $1.readerWorkingBytes }
+        if reading > 0 { items.append(Item(name: "HDF5 chunk caches and libhdf5's buffers", bytes: reading)) }
         items.append(Item(name: "BLAS and MPI working memory", bytes: workingAllowance))
         let data = datasets.reduce(0.0) { $0 + $1.residentBytes }
         // The watchdog, the prefetch thread, and one for the runtime's own (Dispatch's first worker).

@@ -143,6 +143,7 @@ final class ArrayRows: RowReader, @unchecked Sendable {
     let count: Int
     let sampleShape: [Int]
     let element = StoredElement.float32
+    let workingBytes = 0.0
     private let values: [Float]
     private let failing: Int?
 

@@ -269,6 +269,11 @@ public struct Dataset: Sendable {
         if case .mapped(let m) = features { try m.checkUnchanged() }
     }
 
+    /// Bytes a reader (HDF5) takes beyond its batches: its caches and its library's buffers (0 for other data).
+    public var readerWorkingBytes: Double {
+        if case .reader(let r) = features { r.reader.workingBytes } else { 0 }
+    }
+
     /// Bytes of mapped files: shared through the page cache by every rank of a node (0 for data held in memory).
     public var mappedBytes: Double {
         if case .mapped(let m) = features { Double(m.mappedBytes) } else { 0 }

@@ -10,6 +10,8 @@ public protocol RowReader: AnyObject, Sendable {
     var sampleShape: [Int] { get }
     /// The type the rows are delivered in.
     var element: StoredElement { get }
+    /// Bytes reading takes beyond the rows it delivers (caches, a library's buffers), for the memory estimate.
+    var workingBytes: Double { get }
     /// Writes rows `rows` (any order, repeats allowed), one after another, into `destination`
     /// (`rows.count` x values per row x `element.size` bytes). Errors name the file, the dataset and the reason.
     func read(rows: UnsafeBufferPointer<Int>, into destination: UnsafeMutableRawPointer) throws
