@@ -41,8 +41,10 @@ struct CheckpointExchange {
     /// Rank 0 reads and validates the checkpoint at `path`; every rank receives its parameters, optimizer state and
     /// position by broadcast. On another world size or batch the position is carried over by
     /// `TrainingPosition.continued`. A bad file stops every rank during setup.
+    /// Returns the position continued here and the checkpoint's own global step (its numbering, which another world
+    /// size changes: where the earlier records end).
     static func restore(_ session: Session, model: Model<Float>, optimizer: Optimizer<Float>, from path: String,
-                        sampler: ShardSampler) -> TrainingPosition {
+                        sampler: ShardSampler) -> (position: TrainingPosition, checkpointStep: Int) {
         var encoded: [UInt8] = []
         session.agree("resume") {
             if session.isRoot {
@@ -88,6 +90,6 @@ struct CheckpointExchange {
             + "\(position.epochStep)/\(sampler.stepsPerEpoch)" + (position.epochStep == sampler.stepsPerEpoch ? " (its evaluation next)" : "")
             + ", optimizer step \(optimizer.stepCount)"
         session.logger.info("\(resumed)")
-        return position
+        return (position, saved.globalStep)
     }
 }

@@ -52,7 +52,7 @@ enum Trainer {
             try Optimizer<Float>(config: config.optimizerConfig, parameterCount: model.parameterCount)
         }
         let restored = resume.map { restore(session, from: $0, prepared, optimizer) }
-        let position = restored?.0 ?? TrainingPosition(worldSize: session.worldSize, batchSize: config.batchSize)
+        let position = restored?.position ?? TrainingPosition(worldSize: session.worldSize, batchSize: config.batchSize)
         commitRunDirectory(session, previous: existing, overwrite: mode == .overwrite)
         announce(session, prepared, buckets: buckets)
 
@@ -61,7 +61,7 @@ enum Trainer {
             parameters: model.parameters, update: optimizer, control: model.control,
             nonFiniteSlot: StepControl.Slot.nonFinite.rawValue, provenFinite: { model.gradientsProvenFinite(in: $0) },
             observer: recorder.map { BucketTimes(recorder: $0, buckets: buckets.count, ranks: session.worldSize) })
-        let progress = startProgress(session, prepared, resumed: restored?.1, at: position)
+        let progress = startProgress(session, prepared, resumed: restored.map { ($0.choice, $0.checkpointStep) }, at: position)
         let failure = RunFailure(session: session, progress: progress)
         let hooks = prepared.hooks
         let cursor = ReadCursor()
@@ -154,11 +154,11 @@ enum Trainer {
     /// `--resume PATH` or `--resume` (the run's newest checkpoint that verifies): the position to continue from, with
     /// the model's parameters and the optimizer's state restored on every rank, and what was skipped on the way.
     private static func restore(_ session: Session, from resume: String, _ prepared: Prepared,
-                                _ optimizer: Optimizer<Float>) -> (TrainingPosition, ResumeChoice) {
+                                _ optimizer: Optimizer<Float>) -> (position: TrainingPosition, choice: ResumeChoice, checkpointStep: Int) {
         let choice = chooseCheckpoint(session, resume)
         let path = choice.path
-        let position = CheckpointExchange.restore(session, model: prepared.model, optimizer: optimizer, from: path,
-                                                  sampler: prepared.sampler)
+        let (position, checkpointStep) = CheckpointExchange.restore(session, model: prepared.model, optimizer: optimizer, from: path,
+                                                                    sampler: prepared.sampler)
         session.agree("resume") {
             for file in position.dataFiles ?? [] {
                 if let change = file.change() {
@@ -167,7 +167,7 @@ enum Trainer {
                 }
             }
         }
-        return (position, choice)
+        return (position, choice, checkpointStep)
     }
 
     /// Rank 0 verifies the checkpoints (the others may not see the files) and every rank receives its choice: an
@@ -193,15 +193,18 @@ enum Trainer {
     }
 
     /// Progress reports, metrics.jsonl and TensorBoard (rank 0), with the run's start or resume marker written.
-    /// - Parameter resumed: the checkpoint a resumed run continues from (nil for a new run).
-    private static func startProgress(_ session: Session, _ prepared: Prepared, resumed: ResumeChoice?,
+    /// - Parameter resuming: the checkpoint a resumed run continues from and its own global step (nil for a new run).
+    ///   The earlier records end there: on another world size the steps are numbered anew, and the earlier process's
+    ///   records after the checkpoint's step (in its numbering) were trained again, not kept.
+    private static func startProgress(_ session: Session, _ prepared: Prepared, resumed resuming: (ResumeChoice, Int)?,
                                       at position: TrainingPosition) -> Progress {
+        let resumed = resuming?.0
         let tensorBoard = session.isRoot ? openTensorBoard(session) : nil
-        if resumed != nil { tensorBoard?.markRestart(atStep: position.globalStep + 1) }
+        if let (_, checkpointStep) = resuming { tensorBoard?.markRestart(atStep: checkpointStep + 1) }
         let metrics = session.isRoot ? MetricsLog(path: session.runDirectory + "/metrics.jsonl", append: resumed != nil,
                                                   tensorBoard: tensorBoard) { session.logger.warning("\($0)") } : nil
         let progress = Progress(session: session, prepared: prepared, metrics: metrics)
-        progress.recordStart(resumed: resumed, step: position.globalStep, model: prepared.model)
+        progress.recordStart(resumed: resumed, step: resuming?.1 ?? position.globalStep, model: prepared.model)
         progress.status.resumedFrom = resumed?.path
         progress.status.skippedCheckpoints = resumed.flatMap { $0.skipped.isEmpty ? nil : $0.skipped.map(\.text) }
         progress.status.step = position.globalStep

@@ -152,6 +152,33 @@ struct ReportTests {
         #expect(steps == Array(Set(logged)).sorted(), "\(steps)")
     }
 
+    /// The same on another world size, where the resume numbers its steps anew (2 ranks' step 5 is one rank's step
+    /// 10): the earlier records end at the checkpoint's own step, in its numbering. Cut at the new numbering, the killed
+    /// process's steps 6 to 10, trained again as steps 11 to 20, stayed in TensorBoard and the report.
+    @Test func aResumeOnAnotherWorldSizeDropsTheStepsTrainedAgain() throws {
+        let data = try SyntheticData(samples: 160)
+        defer { data.remove() }
+        let run = temporaryRunDirectory()
+        let every = ["--set", "logging.interval=1", "--set", "training.epochs=1"]
+        let killed = try Harness.mpirun(2, Self.job(data, runDir: run, extra: every), environment: ["BPWORKER_TEST_CHECKPOINT_CRASH": "10"])
+        #expect(killed.status != 0, "\(killed.output)")
+        let resumed = try Harness.local(Self.job(data, runDir: run, extra: every + ["--local", "--resume"]))
+        #expect(resumed.status == 0 && resumed.output.contains("step-00000005.safetensors: step 10,"), "\(resumed.output)")
+        let output = try python("""
+            import json, sys
+            from tensorboard.backend.event_processing import event_accumulator
+            acc = event_accumulator.EventAccumulator(sys.argv[1], size_guidance={event_accumulator.SCALARS: 0})
+            acc.Reload()
+            print(json.dumps([e.step for e in acc.Scalars("train/loss")]))
+            """, [run + "/tensorboard"])
+        let line = try #require(output.split(separator: "\n").last)
+        let steps = try #require(JSONSerialization.jsonObject(with: Data(line.utf8)) as? [Int])
+        #expect(steps == Array(1...5) + Array(11...20), "\(steps)")
+        // The report's records (`bpworker report` reads them so) keep the same steps.
+        let records = try RunRecords.read(run)
+        #expect(records.train.map(\.step) == Array(1...5) + Array(11...20), "\(records.train.map(\.step))")
+    }
+
     // MARK: - The report in a real browser
 
     /// Chromium's DOM of `file` after loading it (scripts run: none in the report), and its screenshot.
