@@ -152,9 +152,20 @@ struct Gradcheck: ParsableCommand {
         // Until the check's Watchdog starts, setup's waits are timed (a rank frozen there hung the others).
         session.setupWatch = SetupWatch(timeout: session.config.watchdogSeconds, rank: session.rank, communicator: session.communicator)
         let prepared = Setup.prepare(session, training: false)
-        // The report goes to RUN_DIR/gradcheck.json as well; nothing else of a run directory is touched.
+        // The report goes to RUN_DIR/gradcheck.json as well; nothing else of a run directory is touched. Not while a job
+        // runs there (its lock), and not into a directory that holds a run, whose gradcheck.json is that run's (a check
+        // of another model overwrote it, and the run's report showed it).
+        var holdsRun = false
         session.agree("run directory \(session.runDirectory)") {
-            if session.isRoot { try RunDirectory.create(session.runDirectory) }
+            guard session.isRoot else { return }
+            try RunDirectoryLock.takeIfPresent(session.runDirectory)
+            try RunDirectory.create(session.runDirectory)
+            holdsRun = RunDirectory.inspect(session.runDirectory).holdsRun
+        }
+        if holdsRun {
+            let note = "\(session.runDirectory) holds a run: this check's report is not written to its gradcheck.json "
+                + "(choose another --run-dir to keep it)"
+            session.logger.notice("\(note)")
         }
         if !distributed && !json && session.config.batchNorm == .sync && session.worldSize > 1 && !prepared.model.bufferTable.isEmpty {
             let note = "gradient check: on rank 0 alone, whose batch norm normalises its own batch; "
@@ -169,7 +180,7 @@ struct Gradcheck: ParsableCommand {
         session.setupWatch?.stop()
         session.setupWatch = nil
         let verdict = GradientCheckRun.run(session, prepared, distributed: distributed, phases: PhaseRunner(watchdog: watchdog, recorder: nil),
-                                           printJSON: json, reportDirectory: session.runDirectory)
+                                           printJSON: json, reportDirectory: holdsRun ? nil : session.runDirectory)
         session.finish(exitCode: verdict == .fail ? 1 : 0)
     }
 }

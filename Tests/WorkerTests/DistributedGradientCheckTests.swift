@@ -169,6 +169,29 @@ struct DistributedGradientCheckTests {
     /// `bpworker gradcheck` runs under the watchdog too. Distributed, a rank stalled inside a sum is named by the
     /// others; alone on rank 0, a rank 0 that stops (SIGSTOP: its heartbeats stop too) is named by the ranks waiting
     /// for its verdict, while a rank 0 that is only slow (alive, its heartbeats going on) is waited for however long.
+    /// `bpworker gradcheck` into a run directory: not into one that holds a run (the run's gradcheck.json was
+    /// replaced by a check of another model, and the run's report showed it), and not while a job runs there.
+    @Test func theGradcheckCommandLeavesARunsDirectoryAlone() throws {
+        let data = try SyntheticData(samples: 96)
+        defer { data.remove() }
+        let run = temporaryRunDirectory()
+        let trained = try Harness.local(["train", "--local", "--run-dir", run, "--gradcheck", "--set", "training.epochs=1",
+                                         "--set", "model.hidden=[8]"] + data.arguments)
+        #expect(trained.status == 0, "\(trained.output)")
+        let before = try Data(contentsOf: URL(fileURLWithPath: run + "/gradcheck.json"))
+        let check = try Harness.local(["gradcheck", "--local", "--run-dir", run, "--set", "model.hidden=[4]"] + data.arguments)
+        #expect(check.status == 0 && check.output.contains("\(run) holds a run: this check's report is not written"), "\(check.output)")
+        #expect(try Data(contentsOf: URL(fileURLWithPath: run + "/gradcheck.json")) == before)
+        // While a job runs there: refused.
+        let job = try Harness.start(Harness.executable.path, ["train", "--local", "--run-dir", run, "--resume", "--set", "training.epochs=30",
+                                                              "--progress", "plain"], environment: ["BPWORKER_TEST_STEP_SLEEP_MS": "20"])
+        #expect(job.waitFor(60) { $0.contains("resumed from") })
+        let busy = try Harness.local(["gradcheck", "--local", "--run-dir", run, "--set", "model.hidden=[8]"] + data.arguments)
+        job.signal(SIGKILL)
+        _ = job.wait()
+        #expect(busy.status == 1 && busy.output.contains("another bpworker job is running in \(run)"), "\(busy.output)")
+    }
+
     @Test func theGradcheckCommandIsWatched() throws {
         let data = try SyntheticData(samples: 96, features: 36, imageShape: [6, 6])
         defer { data.remove() }
