@@ -26,6 +26,11 @@ enum GradientCheckRun {
         let config = session.config
         var verdict: [Int32] = [Verdict.pass.rawValue]
         var report: GradientCheckReport? = nil
+        // Every rank's shard of an epoch is equally long: every rank knows the check batch, and refuses it together.
+        let checkBatch = min(config.gradcheckBatch, prepared.sampler.stepsPerEpoch * config.batchSize)
+        let together = distributed && config.batchNorm == .sync ? session.worldSize : 1
+        let check = { () throws in try checkGradientCheckBatch(prepared.model.spec, samples: checkBatch * together) }
+        if let failure { failure.agree("gradient check", check) } else { session.agree("gradient check", check) }
         if distributed || session.isRoot {
             // The first rows of this rank's shard: `gradcheck.batch`, or the whole shard when it is shorter. Every
             // rank's shard of an epoch is equally long, so in the distributed check every rank has the same count.

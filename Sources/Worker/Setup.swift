@@ -245,14 +245,31 @@ func requireTestSamples(_ test: Dataset, _ config: Configuration) throws {
 /// which is 1 only when both are. Inner layers of residual blocks too ("layer 3.residual[1]").
 func checkBatchNormBatches(_ spec: ModelSpec, config: Configuration, ranks: Int, training: Bool) throws {
     guard training, config.batchSize == 1, config.batchNorm != .sync || ranks == 1 else { return }
-    for (place, layer, input) in spec.placedLayers() where layer.as(BatchNormKind.self) != nil {
-        if input.dropFirst().allSatisfy({ $0 == 1 }) {
-            throw ConfigError(description: "layer \(place) \(layer) would normalise each feature over 1 "
-                + "value per step (training.batch_size=\(config.batchSize)"
-                + (config.batchNorm == .sync ? " x \(ranks) ranks" : ", model.batchnorm=local") + "): batch norm in training "
-                + "needs more than 1 value per channel; raise training.batch_size or use model.batchnorm=sync")
-        }
+    if let (place, layer) = degenerateBatchNorm(spec) {
+        throw ConfigError(description: "layer \(place) \(layer) would normalise each feature over 1 "
+            + "value per step (training.batch_size=\(config.batchSize)"
+            + (config.batchNorm == .sync ? " x \(ranks) ranks" : ", model.batchnorm=local") + "): batch norm in training "
+            + "needs more than 1 value per channel; raise training.batch_size or use model.batchnorm=sync")
     }
+}
+
+/// The same for the gradient check's batch of `samples` (over every rank when they normalise together): there batch
+/// norm of one value gives x̂ = 0, every gradient through it is 0, and the check called the correct backward pass
+/// "a missing backward write".
+func checkGradientCheckBatch(_ spec: ModelSpec, samples: Int) throws {
+    guard samples == 1, let (place, layer) = degenerateBatchNorm(spec) else { return }
+    throw ConfigError(description: "layer \(place) \(layer) would normalise each feature over the check "
+        + "batch's 1 value: batch norm needs more than 1 value per channel, and every gradient through it would be 0; "
+        + "raise gradcheck.batch (or training.batch_size, when a rank's share of an epoch is 1 sample)")
+}
+
+/// The first batch norm layer (inner layers of blocks too) whose features have one position each: it normalises over
+/// the batch alone.
+private func degenerateBatchNorm(_ spec: ModelSpec) -> (String, LayerSpec)? {
+    for (place, layer, input) in spec.placedLayers() where layer.as(BatchNormKind.self) != nil {
+        if input.dropFirst().allSatisfy({ $0 == 1 }) { return (place, layer) }
+    }
+    return nil
 }
 
 /// Ranks whose models or data differ where they must be identical.

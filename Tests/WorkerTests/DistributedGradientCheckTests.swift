@@ -192,6 +192,26 @@ struct DistributedGradientCheckTests {
         #expect(busy.status == 1 && busy.output.contains("another bpworker job is running in \(run)"), "\(busy.output)")
     }
 
+    /// A check batch of one sample through batch norm of one value per feature is refused, naming the layer: every
+    /// gradient through it is 0, and the check failed the correct backward pass as "a missing backward write".
+    @Test func aCheckBatchOfOneThroughBatchNormIsRefused() throws {
+        let data = try SyntheticData(samples: 96)
+        defer { data.remove() }
+        let layers = ["--set", "model.layers=[linear 8, batchnorm, tanh]", "--set", "gradcheck.batch=1"]
+        let train = try Harness.local(["train", "--local", "--run-dir", temporaryRunDirectory(), "--gradcheck", "--set", "training.batch_size=8"]
+                                      + layers + data.arguments)
+        #expect(train.status == 1 && train.output.contains("gradient check: layer 1 BatchNorm(8) would normalise each feature over the check batch") && train.output.contains("raise gradcheck.batch"),
+                "\(train.output)")
+        #expect(!train.output.contains("missing backward write"), "\(train.output)")
+        // Two values (or the distributed check of synchronized batch norm on 2 ranks, one each) pass.
+        let two = try Harness.local(["gradcheck", "--local", "--run-dir", temporaryRunDirectory(), "--set", "model.layers=[linear 8, batchnorm, tanh]",
+                                     "--set", "gradcheck.batch=2"] + data.arguments)
+        #expect(two.status == 0, "\(two.output)")
+        let synchronized = try Harness.mpirun(2, ["gradcheck", "--distributed", "--run-dir", temporaryRunDirectory(), "--set", "model.batchnorm=sync"]
+                                              + layers + data.arguments)
+        #expect(synchronized.status == 0, "\(synchronized.output)")
+    }
+
     @Test func theGradcheckCommandIsWatched() throws {
         let data = try SyntheticData(samples: 96, features: 36, imageShape: [6, 6])
         defer { data.remove() }
