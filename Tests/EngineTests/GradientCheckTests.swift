@@ -255,6 +255,27 @@ struct GradientCheckTests {
         #expect(!failed.passed && failed.tensors.first { $0.name == "2.weight" }?.verdict == .fail, "\(failed.text)")
     }
 
+    /// Units saturated so far that tanh is exactly 1: the gradient and every finite difference of the first layer are
+    /// exactly 0. That is a cost that does not depend on the tensor there (a warning), not a missing backward write,
+    /// which the check failed it as; a missing write (a zero gradient against finite differences) still fails.
+    @Test func aTensorTheCostIgnoresExactlyWarnsAndAMissingWriteStillFails() throws {
+        let model = try Model<Double>(spec: .mlp(widths: [1, 2, 2], activation: .tanh), batchCapacity: 1, seed: 1)
+        fillRandomBatch(model, rows: 1, seed: 1)
+        model.inputs[0] = 1e4
+        setTensor(model, "0.weight", [1, -1])
+        setTensor(model, "0.bias", [0, 0])
+        var options = GradientCheckOptions()
+        options.checkAllCoordinates = true
+        let report = checkGradients(model: model, count: 1, options: options)
+        let weight = try #require(report.tensors.first { $0.name == "0.weight" })
+        #expect(weight.gradientNorm == 0 && weight.verdict == .warn, "\(report.text)")
+        #expect(weight.note?.contains("the cost does not depend on this tensor on the check batch") == true, "\(report.text)")
+        #expect(report.passed, "\(report.text)")
+        let missing = try checkedModel(.mlp(widths: [5, 6, 3]))
+        missing.installGradientFault(.missing(tensor: "0.weight"))
+        #expect(checkGradients(model: missing, count: 4).tensors.first { $0.name == "0.weight" }?.verdict == .fail)
+    }
+
     @Test func verdictsHoldFourSignificantDigits() throws {
         // Above 1e-4 relative fails: a weight gradient 0.1% wrong, a bias gradient 0.03% wrong.
         for (tensor, factor) in [("0.weight", 1.001), ("0.bias", 1.0003), ("2.weight", 0.9995)] {

@@ -360,12 +360,15 @@ private final class FiniteDifferences {
         var verdict: CheckVerdict = maxError <= options.passThreshold ? .pass : maxError <= options.warnThreshold ? .warn : .fail
         var note: String? = nil
         let atRounding = !errors.isEmpty && found.largestNumeric <= roundingLevel && gradient.allSatisfy { abs($0) <= roundingLevel }
-        if atRounding && !gradient.allSatisfy({ $0 == 0 }) || atRounding && found.largestNumeric > 0 {
+        if atRounding {
             // Mathematically zero: the cost does not depend on the tensor, e.g. a bias right before a normalisation
-            // layer, whose mean it removes. Not a backpropagation bug, but worth knowing.
+            // layer, whose mean it removes, or units saturated on the check batch (finite differences exactly 0 too:
+            // that was failed as a missing write). Not a backpropagation bug, but worth knowing. A missing write shows
+            // as a zero gradient against finite differences above rounding, below.
             verdict = .warn
             note = "neither the gradient nor finite differences rise above rounding: the cost does not depend on this "
-                + "tensor (a bias right before batch or layer norm, which removes it? use 'conv ... nobias')"
+                + "tensor on the check batch (a bias right before batch or layer norm, which removes it? use 'conv ... nobias'; "
+                + "or units saturated there)"
         } else if gradient.allSatisfy({ $0 == 0 }) {
             verdict = .fail
             note = "gradient is identically zero on the check batch: the tensor does not influence the cost (a missing backward write?)"
