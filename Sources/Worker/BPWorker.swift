@@ -27,7 +27,34 @@ struct BPWorker: ParsableCommand {
             && (i + 1 == arguments.count || arguments[i + 1].hasPrefix("-")) {
             arguments[i] = "--resume=latest"
         }
+        if let repeated = repeatedOption(arguments) {
+            FileHandle.standardError.write(Data("Error: \(repeated)\n".utf8))
+            Glibc.exit(64)
+        }
         main(arguments)
+    }
+
+    /// Options that take one value. Given twice, swift-argument-parser keeps the last without a word: `--run-dir a
+    /// --run-dir b` trained into b (with --overwrite, b was the run removed), `--resume PATH --resume` resumed from the
+    /// latest checkpoint, not PATH. (-c/--config is refused by `RunOptions.validate`.)
+    static let singleValued = ["--run-dir", "--resume", "--model", "--parameters", "--output", "--blas-threads", "--progress",
+                               "--top", "--timeline"]
+
+    /// "--run-dir given 2 times (a, b): ..." for the first single-valued option given more than once, or nil.
+    static func repeatedOption(_ arguments: [String]) -> String? {
+        let options = arguments.prefix { $0 != "--" }
+        for name in singleValued {
+            var values: [String] = []
+            for (i, argument) in options.enumerated() {
+                if argument == name { values.append(i + 1 < options.count ? options[options.startIndex + i + 1] : "") }
+                else if argument.hasPrefix(name + "=") { values.append(String(argument.dropFirst(name.count + 1))) }
+            }
+            if values.count > 1 {
+                return "\(name) given \(values.count) times (\(values.joined(separator: ", "))): it takes one value, and the last "
+                    + "would replace the others without a word"
+            }
+        }
+        return nil
     }
 }
 

@@ -78,6 +78,9 @@ final class TrainingLoop {
         self.progress = progress
         self.hooks = hooks
         self.position = position
+        // A resumed run's last good state is the checkpoint it resumed from, until it writes one (failure messages said
+        // "none" after a resume).
+        lastCheckpoint = progress.status.resumedFrom
         schedule = session.config.learningRateSchedule(totalSteps: prepared.totalSteps)
         control = StepControl(prepared.model.control)
         buffersBefore = .allocate(capacity: prepared.model.buffers.count)

@@ -125,6 +125,21 @@ struct BadInputTests {
                                   + "change single keys with --set"), "\(r.output)")
     }
 
+    /// An option of one value given twice: swift-argument-parser kept the last without a word (`--run-dir a --run-dir b`
+    /// trained into b; `--resume PATH --resume` resumed from the latest checkpoint instead of PATH).
+    @Test func aSingleValuedOptionGivenTwiceIsRefused() throws {
+        for (arguments, expected) in [
+            (["train", "--local", "--run-dir", "a", "--run-dir=b"], "--run-dir given 2 times (a, b)"),
+            (["train", "--local", "--resume", "x/step-00000004.safetensors", "--resume"], "--resume given 2 times (x/step-00000004.safetensors, latest)"),
+            (["predict", "--model", "m", "--output", "a.npy", "--output", "b.npy", "x.npy"], "--output given 2 times (a.npy, b.npy)"),
+            (["eval", "--local", "--model", "m", "--model", "n"], "--model given 2 times (m, n)"),
+        ] {
+            let r = try Harness.local(arguments, timeout: 30)
+            #expect(r.status == 64 && r.output.contains(expected + ": it takes one value"), "\(arguments): \(r.output)")
+        }
+        #expect(!FileManager.default.fileExists(atPath: "a") && !FileManager.default.fileExists(atPath: "b"))
+    }
+
     /// A run directory that cannot be one: the reason in words, not Foundation's error domain and code.
     @Test func aRunDirectoryThatIsAFileOrUnderOne() throws {
         let data = try SyntheticData(samples: 32)
