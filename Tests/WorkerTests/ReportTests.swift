@@ -403,6 +403,19 @@ struct ReportTests {
         #expect(records.events.map(\.step) == [4, 7, 4])
     }
 
+    /// The result row's samples/s is samples over time across the last intervals: 100 and 300 samples/s over equal
+    /// samples is 150 samples/s (the plain mean, 200, let a fast interval outweigh a slow one).
+    @Test func theResultsThroughputIsSamplesOverTime() {
+        var records = RunRecords(directory: "run")
+        for (step, rate) in [(2, 100.0), (4, 300.0)] {
+            records.add(.train(.init(epoch: 0, step: step, loss: 1, accuracy: 0.5, learningRate: 0.1, samplesPerSecond: rate,
+                                     commWaitFraction: 0)))
+        }
+        let page = RunReport.html([records])
+        #expect(page.contains("<td>150</td>"), "\(page.prefix(4000))")
+        #expect(!page.contains("<td>200</td>"))
+    }
+
     /// Records with quotes, backslashes and a newline in their strings go through MetricsLog into metrics.jsonl and
     /// come back whole, read by Python's json and by `RunRecords.read`; the records MetricsLog keeps in memory are
     /// those read from the file, also after a resume that drops what followed its checkpoint, and make the same page.

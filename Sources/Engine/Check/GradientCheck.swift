@@ -28,7 +28,7 @@ public struct GradientCheckOptions: Equatable, Sendable {
     public func validate() throws(GradientCheckOptionsError) {
         guard epsilon > 0, epsilon < 1 else { throw GradientCheckOptionsError("gradient check eps must be in (0, 1), got \(epsilon)") }
         guard samplesPerTensor > 0 else {
-            throw GradientCheckOptionsError("gradient check samples per tensor must be positive, got \(samplesPerTensor)")
+            throw GradientCheckOptionsError("gradcheck.samples (samples per tensor) must be positive, got \(samplesPerTensor)")
         }
         guard passThreshold > 0, warnThreshold >= passThreshold else {
             throw GradientCheckOptionsError("gradient check thresholds must satisfy 0 < pass <= warn")

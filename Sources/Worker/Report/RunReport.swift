@@ -121,12 +121,14 @@ enum RunReport {
             let lastEval = run.eval.last, lastTrain = run.train.last
             let steps = status.map { "\(grouped($0.step)) / \(grouped($0.totalSteps))" } ?? lastTrain.map { grouped($0.step) } ?? "0"
             let epochs = status.map { "\(lastEval?.epoch ?? 0) / \($0.epochs)" } ?? "\(lastEval?.epoch ?? 0)"
-            let throughput = run.train.suffix(20).map(\.samplesPerSecond).filter(\.isFinite)
+            // Over the last 20 log intervals, as samples over time: intervals of equal samples, so the harmonic mean
+            // of their rates (the plain mean let a fast interval outweigh one slowed by an evaluation or a checkpoint).
+            let throughput = run.train.suffix(20).map(\.samplesPerSecond).filter { $0.isFinite && $0 > 0 }
             out += "<tr class=\"state-\(state)\"><td>\(escapeHTML(names[i]))</td><td class=\"state\">\(state)</td><td>\(steps)</td>"
             out += "<td>\(epochs)</td><td>\(lastEval.map { percent($0.accuracy) } ?? "–")</td>"
             out += "<td>\(lastEval.map { String(format: "%.4f", $0.loss) } ?? "–")</td>"
             out += "<td>\(lastTrain.map { String(format: "%.4f", $0.loss) } ?? "–")</td>"
-            out += "<td>\(throughput.isEmpty ? "–" : groupedRounded(throughput.reduce(0, +) / Double(throughput.count)))</td>"
+            out += "<td>\(throughput.isEmpty ? "–" : groupedRounded(Double(throughput.count) / throughput.reduce(0) { $0 + 1 / $1 }))</td>"
             out += "<td>\(run.lastStart?.worldSize.map(String.init) ?? status.map { String($0.worldSize) } ?? "–")</td></tr>\n"
             if let message = status?.message {
                 out += "<tr class=\"message\"><td></td><td colspan=\"8\">\(escapeHTML(message))</td></tr>\n"
