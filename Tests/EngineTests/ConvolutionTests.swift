@@ -64,7 +64,7 @@ struct ConvolutionTests {
     ]
 
     /// A convolution whose batch of columns is over `Conv2d.keptColumnsLimit` lowers its samples again in backward
-    /// instead of keeping them from the forward pass: the same gradients, bit for bit, as the same layers keeping
+    /// instead of keeping them from the forward pass: the same gradients, to 1e-12, as the same layers keeping
     /// theirs, and the float64 check passes. (Every other test here runs small layers, which keep their columns.)
     @Test func aConvolutionTooLargeToKeepItsColumnsLowersThemAgain() throws {
         let spec = ModelSpec(layers: [Self.conv(2, 3, 3, stride: 2, pad: 2), .tanh, Self.conv(3, 2, 2, pad: 1), .flatten,
@@ -82,7 +82,9 @@ struct ConvolutionTests {
             _ = model.forward(count: 3, mode: .train)
             model.backward(count: 3)
         }
-        let differing = zip(keeping.gradients, lowering.gradients).filter { $0 != $1 }.count
+        // The same to rounding: OpenBLAS's AVX-512 kernels may round an element of a product differently in buffers
+        // of another alignment (1 gradient of the 200 differed in its last bit on one such machine).
+        let differing = zip(keeping.gradients, lowering.gradients).filter { abs($0 - $1) > 1e-12 * max(abs($0), abs($1)) }.count
         #expect(differing == 0, "\(differing) of \(keeping.gradients.count) gradients differ")
         var options = GradientCheckOptions()
         options.checkAllCoordinates = true

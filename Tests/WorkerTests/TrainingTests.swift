@@ -152,10 +152,11 @@ struct TrainingTests {
         let data = try SyntheticData(samples: 120)
         defer { data.remove() }
         let run = temporaryRunDirectory()
-        let r = try Harness.local(job(data, batch: 10, runDir: run, extra: [
-            "--local", "--progress", "line", "--set", "logging.interval=1", "--set", "checkpoint.every_steps=4",
-            "--set", "training.epochs=2",
-        ]))
+        // The job's own `--progress plain` replaced: an option given twice is refused.
+        let arguments = job(data, batch: 10, runDir: run, extra: [
+            "--local", "--set", "logging.interval=1", "--set", "checkpoint.every_steps=4", "--set", "training.epochs=2",
+        ]).map { $0 == "plain" ? "line" : $0 }
+        let r = try Harness.local(arguments)
         #expect(r.status == 0, "\(r.output)")
         let lines = r.output.split(separator: "\n")
         #expect(lines.contains { $0.contains("\r\u{1B}[K") && $0.contains(" ETA ") }, "a progress line was drawn: \(r.output)")

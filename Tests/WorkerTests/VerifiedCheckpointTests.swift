@@ -59,7 +59,7 @@ struct VerifiedCheckpointTests {
                 return "CRC-32"
             case .truncated:
                 try bytes.prefix(bytes.count * 2 / 3).write(to: URL(fileURLWithPath: path))
-                return "run past the data section"
+                return "truncated (or its header damaged)"
             case .latestNamesAMissingFile:
                 try FileManager.default.removeItem(atPath: path)
                 return "missing"
