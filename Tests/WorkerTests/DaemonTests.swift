@@ -339,6 +339,29 @@ struct DaemonTests {
         #expect(!FileManager.default.fileExists(atPath: run + "/model.safetensors"))
     }
 
+    /// `cluster/mpirun-multinode` on this machine (a hostfile of `localhost`): a SIGTERM to the launcher stops the run
+    /// with a checkpoint, and the launcher exits 0, as its header says of a stop (mpirun's own exit after a forwarded
+    /// SIGTERM is 1, which the launcher passed on).
+    @Test func theLauncherExitsZeroOnAStopWithACheckpoint() throws {
+        let data = try SyntheticData(samples: 200)
+        defer { data.remove() }
+        let run = temporaryRunDirectory()
+        let hosts = TemporaryFiles.path("hosts-")
+        try Data("localhost slots=2\n".utf8).write(to: hosts)
+        let launcher = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent().appendingPathComponent("cluster/mpirun-multinode").path
+        let arguments = Array(job(data, runDir: run, extra: ["--set", "training.epochs=30"]).dropFirst())  // the launcher adds `train`
+        let job = try Harness.start("/bin/bash", [launcher, "--max-restarts", "2"] + arguments, environment: [
+            "HOSTFILE": hosts.path, "IFACE": "lo", "RANKS_PER_NODE": "2", "CORES_PER_NODE": "2", "BPWORKER": Harness.executable.path,
+            "BPWORKER_TEST_STEP_SLEEP_MS": "20", "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"])
+        #expect(job.waitFor(60) { $0.contains("checkpoint: ") }, "\(job.output)")
+        job.signal(SIGTERM)
+        let r = job.wait(timeout: 60)
+        #expect(r.status == 0, "\(r.output)")
+        #expect(r.output.contains("mpirun-multinode: stopped by a signal with a checkpoint"), "\(r.output)")
+        #expect(try String(contentsOfFile: run + "/status.json", encoding: .utf8).contains("\"state\" : \"stopped\""))
+    }
+
     @Test func resumingOnAnotherWorldSizeSaysWhatChanges() throws {
         let data = try SyntheticData(samples: 200)
         defer { data.remove() }
