@@ -24,9 +24,7 @@ enum Evaluation {
         var totals = [local.lossSum, Double(local.correct), Double(local.count)]
         try totals.withUnsafeMutableBufferPointer { (buffer) throws(MPIError) in
             // Under `eval`, the watch times the wait for the other ranks (in training, the Watchdog does).
-            if let watch = session.setupWatch {
-                try watch.waiting(in: "evaluation sums") { () throws(MPIError) in try session.communicator.allreduce(buffer, op: .sum) }
-            } else {
+            try SetupWatch.waiting(session.setupWatch, in: "evaluation sums") { () throws(MPIError) in
                 try session.communicator.allreduce(buffer, op: .sum)
             }
         }

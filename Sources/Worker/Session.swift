@@ -92,8 +92,7 @@ final class Session {
         var firstFailure = [Int32(result == nil ? communicator.rank : Int(Int32.max))]
         do {
             try firstFailure.withUnsafeMutableBufferPointer { (buffer) throws(MPIError) in
-                if let watch { try watch.waiting(in: what) { () throws(MPIError) in try communicator.allreduce(buffer, op: .min) } }
-                else { try communicator.allreduce(buffer, op: .min) }
+                try SetupWatch.waiting(watch, in: what) { () throws(MPIError) in try communicator.allreduce(buffer, op: .min) }
             }
         } catch {
             logger.error("\(what): \(message.isEmpty ? "\(error)" : message)")

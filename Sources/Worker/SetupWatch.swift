@@ -42,6 +42,12 @@ final class SetupWatch: Sendable {
         return try wait()
     }
 
+    /// `wait` timed by `watch` when there is one (a wait where no watch runs, as in training under the Watchdog, as it is).
+    static func waiting<T, E: Error>(_ watch: SetupWatch?, in step: String, _ wait: () throws(E) -> T) throws(E) -> T {
+        guard let watch else { return try wait() }
+        return try watch.waiting(in: step, wait)
+    }
+
     /// Setup is over: the run's `Watchdog` takes over.
     func stop() {
         stopped.store(true, ordering: .relaxed)

@@ -61,7 +61,7 @@ enum Trainer {
             parameters: model.parameters, update: optimizer, control: model.control,
             nonFiniteSlot: StepControl.Slot.nonFinite.rawValue, provenFinite: { model.gradientsProvenFinite(in: $0) },
             observer: recorder.map { BucketTimes(recorder: $0, buckets: buckets.count, ranks: session.worldSize) })
-        let progress = startProgress(session, prepared, resumed: restored.map { ($0.choice, $0.checkpointStep) }, at: position)
+        let progress = startProgress(session, prepared, resuming: restored.map { ($0.choice, $0.checkpointStep) }, at: position)
         let failure = RunFailure(session: session, progress: progress)
         let hooks = prepared.hooks
         let cursor = ReadCursor()
@@ -196,15 +196,15 @@ enum Trainer {
     /// - Parameter resuming: the checkpoint a resumed run continues from and its own global step (nil for a new run).
     ///   The earlier records end there: on another world size the steps are numbered anew, and the earlier process's
     ///   records after the checkpoint's step (in its numbering) were trained again, not kept.
-    private static func startProgress(_ session: Session, _ prepared: Prepared, resumed resuming: (ResumeChoice, Int)?,
-                                      at position: TrainingPosition) -> Progress {
-        let resumed = resuming?.0
+    private static func startProgress(_ session: Session, _ prepared: Prepared,
+                                      resuming: (choice: ResumeChoice, checkpointStep: Int)?, at position: TrainingPosition) -> Progress {
+        let resumed = resuming?.choice
         let tensorBoard = session.isRoot ? openTensorBoard(session) : nil
-        if let (_, checkpointStep) = resuming { tensorBoard?.markRestart(atStep: checkpointStep + 1) }
+        if let resuming { tensorBoard?.markRestart(atStep: resuming.checkpointStep + 1) }
         let metrics = session.isRoot ? MetricsLog(path: session.runDirectory + "/metrics.jsonl", append: resumed != nil,
                                                   tensorBoard: tensorBoard) { session.logger.warning("\($0)") } : nil
         let progress = Progress(session: session, prepared: prepared, metrics: metrics)
-        progress.recordStart(resumed: resumed, step: resuming?.1 ?? position.globalStep, model: prepared.model)
+        progress.recordStart(resumed: resumed, step: resuming?.checkpointStep ?? position.globalStep, model: prepared.model)
         progress.status.resumedFrom = resumed?.path
         progress.status.skippedCheckpoints = resumed.flatMap { $0.skipped.isEmpty ? nil : $0.skipped.map(\.text) }
         progress.status.step = position.globalStep

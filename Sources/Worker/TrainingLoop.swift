@@ -326,13 +326,12 @@ final class TrainingLoop {
     /// A mapped data file that changed underneath the run (truncated, rewritten, replaced) ends it on every rank with
     /// one message naming the file, before a read of it can raise SIGBUS or return other values.
     private func checkDataUnchanged() {
-        checkpoints.failure.agree("data") {
+        // The run directory too, in the same agreement: removed or replaced under a running job, it went unnoticed, the
+        // checkpoints went on into a new directory without config or metrics, and the lock went with it (a second job
+        // could start there).
+        checkpoints.failure.agree("data and run directory") {
             try prepared.train.checkUnchanged()
             try prepared.test.checkUnchanged()
-        }
-        // The run directory too: removed or replaced under a running job, it went unnoticed, the checkpoints went on
-        // into a new directory without config or metrics, and the lock went with it (a second job could start there).
-        checkpoints.failure.agree("run directory") {
             if session.isRoot, let problem = RunDirectoryLock.lost() { throw RunDirectoryError(description: problem) }
         }
     }

@@ -132,8 +132,8 @@ final class Watchdog: Sendable {
             heartbeatFile.store(fd, ordering: .relaxed)
         }
         // JSON, then spaces (which JSON readers skip) to the fixed size, so no earlier, longer record shows through.
-        var bytes = [UInt8](data) + [UInt8](repeating: 0x20, count: Self.heartbeatBytes - 1 - data.count) + [0x0A]
-        _ = bytes.withUnsafeMutableBytes { pwrite(fd, $0.baseAddress!, $0.count, 0) }
+        let bytes = [UInt8](data) + [UInt8](repeating: 0x20, count: Self.heartbeatBytes - 1 - data.count) + [0x0A]
+        _ = bytes.withUnsafeBytes { pwrite(fd, $0.baseAddress!, $0.count, 0) }
     }
 
     /// A heartbeat file's fixed size: a record is about 150 bytes.

@@ -124,6 +124,19 @@ struct ReportTests {
         #expect(try #require(scalars["test/accuracy"]).count == 3)
     }
 
+    /// The steps of `train/loss` as the real `tensorboard` package reads RUN_DIR/tensorboard.
+    func trainLossSteps(_ run: String) throws -> [Int] {
+        let output = try python("""
+            import json, sys
+            from tensorboard.backend.event_processing import event_accumulator
+            acc = event_accumulator.EventAccumulator(sys.argv[1], size_guidance={event_accumulator.SCALARS: 0})
+            acc.Reload()
+            print(json.dumps([e.step for e in acc.Scalars("train/loss")]))
+            """, [run + "/tensorboard"])
+        let line = try #require(output.split(separator: "\n").last)
+        return try #require(JSONSerialization.jsonObject(with: Data(line.utf8)) as? [Int])
+    }
+
     /// A run killed after its last checkpoint logs the steps since again when it resumes. Its event file begins with
     /// TensorFlow's restart marker (a SessionLog START at the resumed step), so TensorBoard drops what the earlier file
     /// holds from there: every curve has each step once, in order. Before, steps 6 to 10 were there twice and the curve
@@ -140,15 +153,7 @@ struct ReportTests {
         #expect(resumed.status == 0 && resumed.output.contains("step-00000005.safetensors: step 5"), "\(resumed.output)")
         let logged = try metrics(run).filter { $0["type"] as? String == "train" }.map { $0["step"] as! Int }
         #expect(logged.count > Set(logged).count, "metrics.jsonl holds the repeated steps: \(logged)")
-        let output = try python("""
-            import json, sys
-            from tensorboard.backend.event_processing import event_accumulator
-            acc = event_accumulator.EventAccumulator(sys.argv[1], size_guidance={event_accumulator.SCALARS: 0})
-            acc.Reload()
-            print(json.dumps([e.step for e in acc.Scalars("train/loss")]))
-            """, [run + "/tensorboard"])
-        let line = try #require(output.split(separator: "\n").last)
-        let steps = try #require(JSONSerialization.jsonObject(with: Data(line.utf8)) as? [Int])
+        let steps = try trainLossSteps(run)
         #expect(steps == Array(Set(logged)).sorted(), "\(steps)")
     }
 
@@ -164,15 +169,7 @@ struct ReportTests {
         #expect(killed.status != 0, "\(killed.output)")
         let resumed = try Harness.local(Self.job(data, runDir: run, extra: every + ["--local", "--resume"]))
         #expect(resumed.status == 0 && resumed.output.contains("step-00000005.safetensors: step 10,"), "\(resumed.output)")
-        let output = try python("""
-            import json, sys
-            from tensorboard.backend.event_processing import event_accumulator
-            acc = event_accumulator.EventAccumulator(sys.argv[1], size_guidance={event_accumulator.SCALARS: 0})
-            acc.Reload()
-            print(json.dumps([e.step for e in acc.Scalars("train/loss")]))
-            """, [run + "/tensorboard"])
-        let line = try #require(output.split(separator: "\n").last)
-        let steps = try #require(JSONSerialization.jsonObject(with: Data(line.utf8)) as? [Int])
+        let steps = try trainLossSteps(run)
         #expect(steps == Array(1...5) + Array(11...20), "\(steps)")
         // The report's records (`bpworker report` reads them so) keep the same steps.
         let records = try RunRecords.read(run)

@@ -236,6 +236,26 @@ struct VerifiedCheckpointTests {
 /// A full disk during checkpoints, for real: RUN_DIR/checkpoints is a tmpfs with room for two checkpoints.
 @Suite("A full disk", .serialized, .temporaryFiles)
 struct FullDiskTests {
+    /// A tmpfs of `size` mounted on `path`, made if missing (a new directory when nil; root); `unmount` it after.
+    func mountTmpfs(size: String, at path: String? = nil) throws -> String {
+        let mount = path ?? temporaryRunDirectory()
+        try FileManager.default.createDirectory(atPath: mount, withIntermediateDirectories: true)
+        let mounted = try Harness.run("/bin/mount", ["-t", "tmpfs", "-o", "size=\(size)", "tmpfs", mount], environment: [:], timeout: 30)
+        try #require(mounted.status == 0, "\(mounted.output)")
+        return mount
+    }
+
+    func unmount(_ mount: String) {
+        _ = try? Harness.run("/bin/umount", ["-l", mount], environment: [:], timeout: 30)
+    }
+
+    /// Fills the tmpfs at `mount` to its last block.
+    func fill(_ mount: String) throws {
+        let filled = try Harness.run("/bin/sh", ["-c", "dd if=/dev/zero of='\(mount)/filler' bs=64k 2>/dev/null; true"],
+                                     environment: [:], timeout: 30)
+        #expect(filled.status == 0)
+    }
+
     /// The third checkpoint cannot be written: the run says what it needed and what was free, keeps the previous two
     /// (which verify), goes on and tries again at the next one, and stops failed after `checkpoint.max_failures` in a
     /// row. With room made (the tmpfs grown), `--resume` continues from the last checkpoint written.
@@ -275,6 +295,27 @@ struct FullDiskTests {
                 "\(resumed.output)")
     }
 
+    /// After a resume, the run's last good state is the checkpoint it resumed from until it writes one: a checkpoint
+    /// that cannot be written then named "none" as the last one. RUN_DIR/checkpoints holds one checkpoint and no more.
+    @Test(.enabled(if: getuid() == 0, "mounts a tmpfs (root; CI runs as root)"))
+    func aResumedRunNamesTheCheckpointItResumedFromAsItsLast() throws {
+        let data = try SyntheticData(samples: 200)
+        defer { data.remove() }
+        let run = temporaryRunDirectory()
+        let checkpoints = try mountTmpfs(size: "1200k", at: run + "/checkpoints")
+        defer { unmount(checkpoints) }
+        // 74,243 parameters with AdamW's two states: a checkpoint of about 0.9 MB, once at the end of each epoch.
+        let arguments = ["train", "--run-dir", run, "--progress", "plain"] + data.arguments + [
+            "--set", "model.hidden=[256, 256]", "--set", "optimizer.name=adamw", "--set", "training.batch_size=8",
+            "--set", "checkpoint.every_steps=0", "--set", "checkpoint.keep=1", "--set", "checkpoint.max_failures=0"]
+        let first = try Harness.mpirun(2, arguments + ["--set", "training.epochs=1"])
+        #expect(first.status == 0, "\(first.output)")
+        let resumed = try Harness.mpirun(2, arguments + ["--resume", "--set", "training.epochs=2"])
+        #expect(resumed.status == 1, "\(resumed.output)")
+        #expect(resumed.output.contains("the last one is \(checkpoints)/step-00000012.safetensors"), "\(resumed.output)")
+        #expect(!resumed.output.contains("the last one is none"), "\(resumed.output)")
+    }
+
     /// A full disk while rank 0 checks the gradients alone: its heartbeats are rewritten in place, so they go on, and
     /// the other rank waits for its verdict as long as it takes. (An atomic replace needs a new file, which a full
     /// disk refused: the heartbeat went stale and rank 1's watchdog ended the healthy job, blaming rank 0.)
@@ -282,19 +323,14 @@ struct FullDiskTests {
     func aFullDiskKeepsTheHeartbeatsGoing() throws {
         let data = try SyntheticData(samples: 96)
         defer { data.remove() }
-        let mount = temporaryRunDirectory()
-        try FileManager.default.createDirectory(atPath: mount, withIntermediateDirectories: true)
-        let mounted = try Harness.run("/bin/mount", ["-t", "tmpfs", "-o", "size=4m", "tmpfs", mount], environment: [:], timeout: 30)
-        try #require(mounted.status == 0, "\(mounted.output)")
-        defer { _ = try? Harness.run("/bin/umount", ["-l", mount], environment: [:], timeout: 30) }
+        let mount = try mountTmpfs(size: "4m")
+        defer { unmount(mount) }
         let run = mount + "/run"
         let job = try Harness.startMPI(2, ["gradcheck", "--run-dir", run, "--set", "model.hidden=[8]", "--set", "watchdog.timeout_seconds=2"]
                                        + data.arguments, environment: ["BPWORKER_TEST_GRADCHECK_SLOW": "0:6"])
         let beating = job.waitFor(60) { _ in FileManager.default.fileExists(atPath: run + "/heartbeat/rank-0.json") }
         #expect(beating, "\(job.output)")
-        let filled = try Harness.run("/bin/sh", ["-c", "dd if=/dev/zero of='\(mount)/filler' bs=64k 2>/dev/null; true"],
-                                     environment: [:], timeout: 30)
-        #expect(filled.status == 0)
+        try fill(mount)
         let r = job.wait(timeout: 90)
         #expect(!r.output.contains("stall"), "\(r.output)")
         #expect(r.output.contains("gradient check: PASS") || r.output.contains("gradient check: WARN"), "\(r.output)")
@@ -307,11 +343,8 @@ struct FullDiskTests {
     func aFullRunDirectoryLeavesWholeRecordsAndNoCrash() throws {
         let data = try SyntheticData(samples: 400)
         defer { data.remove() }
-        let mount = temporaryRunDirectory()
-        try FileManager.default.createDirectory(atPath: mount, withIntermediateDirectories: true)
-        let mounted = try Harness.run("/bin/mount", ["-t", "tmpfs", "-o", "size=4m", "tmpfs", mount], environment: [:], timeout: 30)
-        try #require(mounted.status == 0, "\(mounted.output)")
-        defer { _ = try? Harness.run("/bin/umount", ["-l", mount], environment: [:], timeout: 30) }
+        let mount = try mountTmpfs(size: "4m")
+        defer { unmount(mount) }
         let run = mount + "/run"
         let job = try Harness.startMPI(2, ["train", "--run-dir", run, "--progress", "plain"] + data.arguments + [
             "--set", "model.hidden=[64]", "--set", "training.epochs=40", "--set", "training.batch_size=8",
@@ -322,9 +355,7 @@ struct FullDiskTests {
             ((try? String(contentsOfFile: run + "/metrics.jsonl", encoding: .utf8)) ?? "").split(separator: "\n").count >= 20
         }
         #expect(flowing, "\(job.output)")
-        let filled = try Harness.run("/bin/sh", ["-c", "dd if=/dev/zero of='\(mount)/filler' bs=64k 2>/dev/null; true"],
-                                     environment: [:], timeout: 30)
-        #expect(filled.status == 0)
+        try fill(mount)
         let r = job.wait(timeout: 180)
         #expect(r.status != 132 && !r.output.contains("Fatal error") && !r.output.contains("Program crashed"), "\(r.output)")
         #expect(occurrences(of: "metrics.jsonl: a record could not be written (No space left on device)", in: r.output) == 1,
