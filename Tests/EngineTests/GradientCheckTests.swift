@@ -155,6 +155,58 @@ struct GradientCheckTests {
         #expect(bias.checked == 8 && bias.maxRelativeError >= 5e-4, "\(report.text)")
     }
 
+    /// A correct coordinate whose difference quotient is off by its truncation error, eps^2 / 6 times the ratio of
+    /// the third derivative to the first. One input of 300 into tanh: d/dw tanh(300 w + b) has a third derivative
+    /// about 300^2 times its first, so at eps the quotient is about 3e-4 off, as correct models were with
+    /// `gradcheck.all` (an MLP with batch norm over a check batch of 4) until the check measured such a coordinate again
+    /// at the smaller steps, where truncation falls with the step squared. The same coordinate 0.1% wrong still fails:
+    /// it is wrong at every step.
+    @Test func aCoordinateOffByTruncationIsMeasuredAtASmallerStepAndAWrongOneStillFails() throws {
+        func steepModel() throws -> Model<Double> {
+            let model = try Model<Double>(spec: ModelSpec(layers: [.linear(inputs: 1, outputs: 1), .tanh, .linear(inputs: 1, outputs: 2)]),
+                                          batchCapacity: 1, seed: 5)
+            model.inputs[0] = 300
+            model.labels[0] = 1
+            setTensor(model, "0.weight", [0.001])
+            setTensor(model, "0.bias", [-0.1])  // z = 0.2
+            setTensor(model, "2.weight", [0.7, -0.4])
+            setTensor(model, "2.bias", [0.05, -0.02])
+            return model
+        }
+        let model = try steepModel()
+        model.zeroGradients()
+        model.forward(count: 1, mode: .check)
+        model.backward(count: 1)
+        let analytic = model.gradients[0]
+        let eps = GradientCheckOptions().epsilon
+        func cost(_ w: Double) -> Double {
+            model.parameters[0] = w
+            defer { model.parameters[0] = 0.001 }
+            return model.forward(count: 1, mode: .check).loss
+        }
+        let atEps = (cost(0.001 + eps) - cost(0.001 - eps)) / (2 * eps)
+        let atTenth = (cost(0.001 + eps / 10) - cost(0.001 - eps / 10)) / (eps / 5)
+        // Truncation, not a wrong gradient: about 100 times smaller at a tenth of the step.
+        #expect(relativeError(analytic, atEps) > 1e-4, "\(analytic) \(atEps)")
+        #expect(relativeError(analytic, atTenth) < relativeError(analytic, atEps) / 50, "\(analytic) \(atTenth)")
+
+        var options = GradientCheckOptions()
+        options.checkAllCoordinates = true
+        let report = checkGradients(model: try steepModel(), count: 1, options: options)
+        let weight = try #require(report.tensors.first { $0.name == "0.weight" })
+        #expect(weight.checked == 1 && weight.maxRelativeError <= options.passThreshold, "\(report.text)")
+        // The random direction moves that weight too (6e-5 off at eps): measured again at the smaller steps as well.
+        #expect(report.direction.verdict == .pass && report.direction.epsilon < options.epsilon, "\(report.text)")
+        #expect(report.passed, "\(report.text)")
+
+        let broken = try steepModel()
+        broken.installGradientFault(.scaled(tensor: "0.weight", factor: 1.001))
+        let failed = checkGradients(model: broken, count: 1, options: options)
+        let wrong = try #require(failed.tensors.first { $0.name == "0.weight" })
+        #expect(wrong.verdict == .fail && wrong.maxRelativeError >= 5e-4, "\(failed.text)")
+        #expect(failed.tensors.filter { $0.verdict == .fail }.map(\.name) == ["0.weight"], "\(failed.text)")
+    }
+
     @Test func aDirectionThatCrossesAKinkAtEveryStepIsReportedNotFailed() throws {
         // 1e-9 from the kink: even eps / 100 moves the units by about 1e-7, so every direction crosses.
         let model = try modelWithUnitsNearTheKink(distance: 1e-9)

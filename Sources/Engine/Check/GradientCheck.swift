@@ -308,7 +308,8 @@ private final class FiniteDifferences {
     }
 
     /// One coordinate from each stratum of the tensor (every coordinate with `checkAllCoordinates`). A coordinate
-    /// that straddles a kink at eps is tried again at eps / 10 and eps / 100 (`step(try:epsilon:)`): in a deep
+    /// that straddles a kink at eps (or disagrees beyond truncation, `compare`) is tried again at eps / 10 and eps / 100
+    /// (`step(try:epsilon:)`): in a deep
     /// network a batch norm parameter of an early layer moves every activation after it, and at eps some ReLU input
     /// near zero crosses. On fashion-resnet `1.bias` had 1 of its 8 coordinates checked (119 skipped). Only a
     /// coordinate that straddles at all three steps is skipped, counted, and replaced by another of its stratum.
@@ -324,14 +325,11 @@ private final class FiniteDifferences {
             var candidate = options.checkAllCoordinates ? lower : lower + generator.nextInt(below: upper - lower)
             var tries = 0
             while true {
-                var compared: (numeric: Double, step: Double)? = nil
-                for attempt in 0..<Self.steps where compared == nil {
-                    let step = Self.step(try: attempt, epsilon: options.epsilon)
-                    compared = difference(at: info.offset + candidate, layer: info.layerIndex, step: step).map { ($0, step) }
+                let a = analytic[info.offset + candidate]
+                let compared = compare(analytic: a) { step in
+                    difference(at: info.offset + candidate, layer: info.layerIndex, step: step)
                 }
-                if let (numeric, step) = compared {
-                    let a = analytic[info.offset + candidate]
-                    let r = comparisonError(a, numeric, step: step)
+                if let (numeric, r) = compared {
                     found.largestNumeric = max(found.largestNumeric, abs(numeric))
                     found.errors.append(r)
                     if found.worst == nil || r > found.worst!.relativeError {
@@ -386,6 +384,27 @@ private final class FiniteDifferences {
             gradientNorm: norm, worst: found.worst, verdict: verdict, note: note)
     }
 
+    /// The numeric value and relative error of one comparison (a coordinate or the random direction), nil when every
+    /// step straddles a kink. `difference(step)` is the quotient at that step, nil at a kink. Two things make a
+    /// smaller step worth a try:
+    /// - a kink between the two passes: the next step is tried, down to eps / 100 (`step(try:epsilon:)`);
+    /// - an error above the pass threshold: the truncation error of a two-sided difference falls with the step
+    ///   squared, and a wrong backward pass does not, so the smaller steps are measured too and the smallest error
+    ///   stands. With `gradcheck.all` on an MLP with batch norm over a check batch of 4, a correct coordinate of
+    ///   2.4e-6 (next to a tensor norm of 43) was 7e-10 off at eps, 2.8e-4 relative: failed. At eps / 10 it agrees to
+    ///   3e-6. A backward pass 0.1% wrong is 0.1% wrong at every step.
+    func compare(analytic: Double, difference: (Double) -> Double?) -> (numeric: Double, relativeError: Double)? {
+        var best: (numeric: Double, relativeError: Double)? = nil
+        for attempt in 0..<Self.steps {
+            let step = Self.step(try: attempt, epsilon: options.epsilon)
+            guard let numeric = difference(step) else { continue }
+            let error = comparisonError(analytic, numeric, step: step)
+            if best == nil || error < best!.relativeError { best = (numeric, error) }
+            if best!.relativeError <= options.passThreshold { break }
+        }
+        return best
+    }
+
     /// The step of a difference's `attempt`-th try (from 0): eps, then eps / 10, then eps / 100 (`steps` of them).
     /// A coordinate is tried again at the smaller steps where it straddles a kink, and so is each new random
     /// direction. A direction moves every parameter, so in a network of many ReLUs and max pools some activation
@@ -417,19 +436,31 @@ private final class FiniteDifferences {
             note: "every random direction crossed a kink; the direction check compared nothing")
         for attempt in 0...options.kinkRetries {
             let u = randomSigns(generator: &generator)
-            let theta = theta, epsilon = Self.step(try: attempt, epsilon: options.epsilon)
+            let theta = theta
+            // The quotient along u at `epsilon`, nil at a kink.
+            func along(_ epsilon: Double) -> Double? {
+                let (plus, minus, kink) = evaluate(
+                    plus: { for i in u.indices { theta[i] = original[i] + epsilon * u[i] } },
+                    minus: { for i in u.indices { theta[i] = original[i] - epsilon * u[i] } },
+                    restore: { for i in u.indices { theta[i] = original[i] } }, fromLayer: 0)
+                return kink ? nil : (plus - minus) / (2 * epsilon)
+            }
+            let epsilon = Self.step(try: attempt, epsilon: options.epsilon)
             direction.epsilon = epsilon
-            let (plus, minus, kink) = evaluate(
-                plus: { for i in u.indices { theta[i] = original[i] + epsilon * u[i] } },
-                minus: { for i in u.indices { theta[i] = original[i] - epsilon * u[i] } },
-                restore: { for i in u.indices { theta[i] = original[i] } }, fromLayer: 0)
-            if kink {
+            guard let numeric = along(epsilon) else {
                 direction.kinksSkipped += 1
                 continue
             }
-            direction.numeric = (plus - minus) / (2 * epsilon)
             direction.analytic = zip(analytic, u).reduce(0) { $0 + $1.0 * $1.1 }
-            direction.relativeError = comparisonError(direction.analytic, direction.numeric, step: epsilon)
+            (direction.numeric, direction.relativeError) = (numeric, comparisonError(direction.analytic, numeric, step: epsilon))
+            // Above the pass threshold: the same direction at the smaller steps too, the smallest error standing
+            // (truncation falls with the step squared, a wrong backward pass does not; see `compare`).
+            for smaller in (attempt + 1)..<max(attempt + 1, Self.steps) where direction.relativeError > options.passThreshold {
+                let step = Self.step(try: smaller, epsilon: options.epsilon)
+                guard let numeric = along(step) else { continue }
+                let error = comparisonError(direction.analytic, numeric, step: step)
+                if error < direction.relativeError { (direction.numeric, direction.relativeError, direction.epsilon) = (numeric, error, step) }
+            }
             direction.note = nil
             direction.verdict = direction.relativeError <= options.passThreshold ? .pass
                 : direction.relativeError <= options.warnThreshold ? .warn : .fail
