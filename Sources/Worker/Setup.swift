@@ -87,7 +87,18 @@ enum Setup {
             // Dropout masks are drawn per (seed, epoch, sample): every rank the same seed.
             let model = try Model<Float>(spec: plan.spec, batchCapacity: config.batchSize, seed: UInt64(config.seed),
                                          controlSlots: StepControl.slotCount, crossRankReducer: crossRankReducer)
-            model.installGradientFault(plan.hooks.gradientFault)
+            if let fault = plan.hooks.gradientFault {
+                // A fault the model cannot carry would leave backpropagation correct: a test planting it would prove
+                // nothing.
+                if let problem = model.whyGradientFaultCannotBePlanted(fault) {
+                    throw TestHookError(description: "BPWORKER_TEST_GRADIENT_FAULT: \(problem)")
+                }
+                if case .batchNormLocalSums = fault, config.batchNorm != .sync {
+                    throw TestHookError(description: "BPWORKER_TEST_GRADIENT_FAULT: local sums need synchronized batch norm "
+                        + "(model.batchnorm=sync); this run's is \(config.batchNorm.rawValue)")
+                }
+                model.installGradientFault(fault)
+            }
             return model
         }
         // Layouts first: a broadcast between differently shaped models would be meaningless.

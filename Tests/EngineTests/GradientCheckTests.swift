@@ -80,6 +80,32 @@ struct GradientCheckTests {
         #expect(report.direction.verdict != .pass)
     }
 
+    /// A fault the model cannot carry is named with the reason, so that the command line's test switch refuses it:
+    /// planted anyway, it left the backward pass correct, and a test that misspelt its tensor passed or failed for
+    /// the wrong reason. Tensors inside blocks are looked up in the layer that owns them.
+    @Test func aFaultTheModelCannotCarryIsNamedWithTheReason() throws {
+        let spec = ResidualTests.models[1].1  // conv, batch norm, relu, 3: block with a projection, relu, flatten, 6: linear
+        let model = try Model<Double>(spec: spec, batchCapacity: 4, seed: 1)
+        for fault: GradientFault in [.flippedKernel(tensor: "3.body.3.weight"), .paddingOffset(tensor: "3.shortcut.0.weight"),
+                                     .batchNormWithoutMeanTerm(tensor: "3.shortcut.1.weight"), .transposed(tensor: "6.weight"),
+                                     .scaled(tensor: "6.bias", factor: 2), .missing(tensor: "3.body.1.bias")] {
+            #expect(model.whyGradientFaultCannotBePlanted(fault) == nil, "\(fault)")
+        }
+        let refused: [(GradientFault, String)] = [
+            (.missing(tensor: "7.weight"), "the model has no tensor '7.weight' (its tensors: 0.weight, 1.weight, 1.bias, 3.body.0.weight"),
+            (.flippedKernel(tensor: "3.body.1.weight"), "a flipped kernel or padding offset needs a convolution's tensor; 3.body.1.weight belongs to BatchNorm(4)"),
+            (.transposed(tensor: "3.body.0.weight"), "a transposed gradient needs a matrix [out, in]; 3.body.0.weight is [4, 3, 3, 3]"),
+            (.batchNormWithoutMeanTerm(tensor: "6.weight"), "a missing mean term needs a batch norm's tensor; 6.weight belongs to Linear"),
+            (.batchNormLocalSums(tensor: "3.body.0.weight"), "local sums need a batch norm's tensor; 3.body.0.weight belongs to Conv2d"),
+            (.paddingOffset(tensor: "0.weight"), "which is the first layer: no layer uses its input gradient"),
+        ]
+        for (fault, reason) in refused {
+            let problem = model.whyGradientFaultCannotBePlanted(fault)
+            #expect(problem?.contains(reason) == true, "\(fault): \(problem ?? "nil")")
+        }
+        #expect(model.whyGradientFaultCannotBePlanted(.batchNormLocalSums(tensor: "3.body.4.weight")) == nil)
+    }
+
     @Test func missingGradientIsReportedAsNotInfluencingTheCost() throws {
         let model = try checkedModel(.mlp(widths: [5, 6, 3]))
         model.installGradientFault(.missing(tensor: "2.weight"))

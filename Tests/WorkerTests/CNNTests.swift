@@ -293,6 +293,15 @@ struct CNNTests {
                                      + data.arguments, environment: ["BPWORKER_TEST_GRADIENT_FAULT": "flipped:4.weight"], timeout: 120)
         #expect(bad.status == 1, "\(bad.output)")
         #expect(bad.output.contains("FAIL: 0.weight"), "\(bad.output)")
+        // A fault the model cannot carry is refused, not planted as nothing (which made this test's fault pass).
+        for (fault, reason) in [("flipped:4.wieght", "the model has no tensor '4.wieght'"),
+                                ("flipped:1.weight", "needs a convolution's tensor; 1.weight belongs to BatchNorm(4)"),
+                                ("localsums:1.weight", "local sums need synchronized batch norm (model.batchnorm=sync); this run's is local")] {
+            let refused = try Harness.mpirun(2, ["gradcheck", "--run-dir", temporaryRunDirectory(), "--set", "model.layers=\(Self.layers)"]
+                                             + data.arguments, environment: ["BPWORKER_TEST_GRADIENT_FAULT": fault], timeout: 60)
+            #expect(refused.status != 0 && refused.output.contains("error: configuration: BPWORKER_TEST_GRADIENT_FAULT: "), "\(refused.output)")
+            #expect(refused.output.contains(reason) && !refused.output.contains("gradient check: "), "\(refused.output)")
+        }
     }
 }
 

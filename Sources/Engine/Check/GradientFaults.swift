@@ -46,7 +46,8 @@ extension Model {
     /// putting a `FaultyLayer` around it in the plan, or around the layer inside a residual block that owns it
     /// (`3.body.0.weight`: the block's first convolution, not the whole block); nil (or a tensor the model does not
     /// have) leaves every layer as built. Replaces any fault installed before. Call it between passes, never during
-    /// one.
+    /// one. A fault the tensor's layer cannot carry (`whyGradientFaultCannotBePlanted`) leaves its pass correct: the
+    /// Worker asks first and refuses such a fault with the reason.
     public func installGradientFault(_ fault: GradientFault?) {
         for case let faulty as FaultyLayer<T> in plan { replaceLayer(at: faulty.index, with: faulty.remove()) }
         for case let block as Residual<T> in plan { block.removeInnerFault() }
@@ -63,7 +64,53 @@ extension Model {
     }
 }
 
+extension Model {
+    /// Why `fault` cannot be planted in this model, nil when it can. Planting it anyway would leave the backward pass
+    /// correct, and a test that expects the check to fail would see it pass for the wrong reason, or one that expects
+    /// a pass would prove nothing: a tensor the model does not have, a flipped kernel or padding offset outside a
+    /// convolution, a transposed tensor that is no matrix, a mean term or local sums outside batch norm, or a broken
+    /// input gradient of the first layer, which nothing uses.
+    public func whyGradientFaultCannotBePlanted(_ fault: GradientFault) -> String? {
+        guard let info = parameterTable.first(where: { $0.name == fault.tensor }) else {
+            return "the model has no tensor '\(fault.tensor)' (its tensors: \(parameterTable.map(\.name).joined(separator: ", ")))"
+        }
+        var owner = layer(at: info.layerIndex)
+        if let block = owner as? Residual<T>, let inner = block.innerLayer(owning: info.offset - block.parameterOffset) { owner = inner }
+        let described = "\(info.name) belongs to \(owner.spec.description)"
+        if fault.breaksInputGradient && owner.dx == nil {
+            return "the fault breaks the input gradient of the layer \(info.name) belongs to, \(owner.spec.description), which is "
+                + "the first layer: no layer uses its input gradient"
+        }
+        switch fault {
+        case .scaled, .missing:
+            return nil
+        case .transposed:
+            return info.shape.count == 2 ? nil : "a transposed gradient needs a matrix [out, in]; \(info.name) is \(info.shape)"
+        case .flippedKernel, .paddingOffset:
+            return owner is Conv2d<T> ? nil : "a flipped kernel or padding offset needs a convolution's tensor; \(described)"
+        case .batchNormWithoutMeanTerm:
+            return owner.normalization != nil ? nil : "a missing mean term needs a batch norm's tensor; \(described)"
+        case .batchNormLocalSums:
+            // Without synchronized batch norm the fault is in place and changes nothing, as for a rank checking alone
+            // (the Worker refuses it unless model.batchnorm=sync).
+            return owner.normalization != nil ? nil : "local sums need a batch norm's tensor; \(described)"
+        }
+    }
+}
+
 extension Residual {
+    /// The inner layer (inside nested blocks too) that owns the parameter `offset` elements past the block's first.
+    func innerLayer(owning offset: Int) -> Layer<T>? {
+        for layers in [body, shortcut] {
+            guard let owner = layers.first(where: {
+                $0.parameterCount > 0 && ($0.parameterOffset..<$0.parameterOffset + $0.parameterCount).contains(offset)
+            }) else { continue }
+            if let nested = owner as? Residual<T> { return nested.innerLayer(owning: offset - nested.parameterOffset) }
+            return owner
+        }
+        return nil
+    }
+
     /// Puts `wrap(layer, offset)` in place of the inner layer that owns the parameter `offset` elements past the
     /// block's first; a nested block passes the search on, with the offset from its own first parameter, so that
     /// `wrap` gets it from the first of the block that holds the layer (as the layer's `parameterOffset` is). False
