@@ -28,6 +28,8 @@ extension Evaluation {
             var test = try loadTestData(config)
             try requireTestSamples(test, config)
             try description.checkInput(test, modelPath: modelPath)
+            // A NaN would make the loss NaN and the accuracy whatever the NaN rows' scores gave (as in Setup.normalize).
+            try test.requireFinite()
             try test.validateLabels(classCount: description.classes)
             description.preprocessing.apply(to: &test)
             return test

@@ -58,6 +58,8 @@ struct Predict: ParsableCommand {
         if let unverified { FileHandle.standardError.write(Data("bpworker predict: note: \(unverified)\n".utf8)) }
         var samples = try Self.readSamples(path: input)
         try description.checkInput(samples, modelPath: model)
+        // A NaN or an infinity would come out as a row of NaN probabilities and a "most likely" class picked by it.
+        try samples.requireFinite()
         description.preprocessing.apply(to: &samples)
         let network = try ModelFile.model(file, description, batchCapacity: Self.batchSize)
 

@@ -160,13 +160,37 @@ enum Setup {
     /// (`Dataset.standardize` in one process). Collective.
     static func normalize(_ session: Session, train: inout Dataset, test: inout Dataset) {
         switch session.config.normalization {
-        case .standardize: standardize(session, &train)
+        case .standardize: standardize(session, &train)  // its sums refuse a NaN or an infinity
         case .scale: break  // bytes arrive as x / 255, floats as they are
         case .none:
             train.scale = 1
             train.shift = 0
         }
+        // The training set is read ahead only for statistics; without them, the step whose batch holds a NaN stops
+        // and names the sample (numerics). The test set has no such check: a NaN there made every evaluation's loss NaN
+        // and its accuracy whatever the NaN rows' scores gave, so it is read once here.
+        requireFinite(session, test)
         test.normalize(like: train)
+    }
+
+    /// float32 features: refuses, on every rank, a set that holds a NaN or an infinity, naming the sample. Each rank
+    /// sums every `worldSize`-th chunk of 4,096 samples, as `standardize` does, and the sums are gathered.
+    private static func requireFinite(_ session: Session, _ data: Dataset) {
+        guard data.features.element == .float32 else { return }
+        let mine = stride(from: session.rank, to: data.statisticsChunks, by: session.worldSize)
+        let sums = summedAcrossRanks(session, session.agree("data statistics") { try data.chunkSums(chunks: mine, center: 0, squared: false) })
+        session.agree("data") { try data.requireFinite(chunkSums: sums) }
+    }
+
+    /// `values` summed over the ranks; a failed allreduce ends the job.
+    private static func summedAcrossRanks<T: MPIScalar>(_ session: Session, _ values: [T]) -> [T] {
+        var values = values
+        do {
+            try values.withUnsafeMutableBufferPointer { (b) throws(MPIError) in try session.communicator.allreduce(b, op: .sum) }
+        } catch {
+            session.abort("data statistics: \(error)")
+        }
+        return values
     }
 
     /// Every rank must have read the same training set before they split work over it: its samples and their values.
@@ -189,15 +213,7 @@ enum Setup {
     /// every rank with that rank's message, before any waits in the sums' allreduce for it.
     private static func standardize(_ session: Session, _ train: inout Dataset) {
         let mine = stride(from: session.rank, to: train.statisticsChunks, by: session.worldSize)
-        func summed<T: MPIScalar>(_ values: [T]) -> [T] {
-            var values = values
-            do {
-                try values.withUnsafeMutableBufferPointer { (b) throws(MPIError) in try session.communicator.allreduce(b, op: .sum) }
-            } catch {
-                session.abort("data statistics: \(error)")
-            }
-            return values
-        }
+        func summed<T: MPIScalar>(_ values: [T]) -> [T] { summedAcrossRanks(session, values) }
         let data = train
         switch train.features.element {
         case .uint8:

@@ -84,6 +84,8 @@ struct BadInputTests {
             x[4100, 3] = np.nan
             np.save("\(directory)/x.npy", x)
             np.save("\(directory)/y.npy", np.arange(5000, dtype=np.int64) % 3)
+            np.save("\(directory)/xt.npy", np.ones((30, 12), np.float32))
+            np.save("\(directory)/yt.npy", np.arange(30, dtype=np.int64) % 3)
             """], environment: [:], timeout: 60)
         #expect(made.status == 0, "\(made.output)")
         try expectCleanFailure(["--set", "data.format=npy", "--set", "data.train_features=\(directory)/x.npy",
@@ -93,11 +95,59 @@ struct BadInputTests {
         // Without the statistics pass nothing reads the data ahead: the step whose batch holds the sample stops, naming it.
         let r = try Harness.mpirun(2, ["train", "--run-dir", temporaryRunDirectory(), "--set", "data.format=npy",
                                        "--set", "data.train_features=\(directory)/x.npy", "--set", "data.train_labels=\(directory)/y.npy",
-                                       "--set", "data.test_features=\(directory)/x.npy", "--set", "data.test_labels=\(directory)/y.npy",
+                                       "--set", "data.test_features=\(directory)/xt.npy", "--set", "data.test_labels=\(directory)/yt.npy",
                                        "--set", "data.normalize=scale", "--set", "training.epochs=1"], timeout: 60)
         #expect(r.status == 1, "\(r.output)")
         #expect(occurrences(of: "(the input of sample 4100 of data.train_features, in \(directory)/x.npy, is not finite); stopped "
                             + "(numerics.policy=stop)", in: r.output) == 1, "\(r.output)")
+    }
+
+    /// A NaN or an infinity in a float test set: every evaluation's loss was NaN and its accuracy whatever the NaN rows'
+    /// scores gave, silently; `predict` wrote rows of NaN probabilities. Now train and eval refuse the test set on
+    /// every rank, and predict its input, naming the file and the sample.
+    @Test func aNaNInTheTestSetOrInPredictsInputNamesTheFileAndTheSample() throws {
+        let directory = temporaryRunDirectory()
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        let made = try Harness.run("/usr/bin/env", ["python3", "-c", """
+            import numpy as np
+            rng = np.random.default_rng(1)
+            x = rng.random((300, 12)).astype(np.float32)
+            np.save("\(directory)/x.npy", x)
+            np.save("\(directory)/y.npy", np.arange(300, dtype=np.int64) % 3)
+            t = x[:90].copy()
+            t[77, 5] = np.inf
+            np.save("\(directory)/t.npy", t)
+            t[77, 5] = np.nan
+            np.save("\(directory)/tnan.npy", t)
+            """], environment: [:], timeout: 60)
+        #expect(made.status == 0, "\(made.output)")
+        func data(test: String) -> [String] {
+            ["--set", "data.format=npy", "--set", "data.train_features=\(directory)/x.npy", "--set", "data.train_labels=\(directory)/y.npy",
+             "--set", "data.test_features=\(directory)/\(test)", "--set", "data.test_labels=\(directory)/y90.npy"]
+        }
+        let labels = try Harness.run("/usr/bin/env", ["python3", "-c", "import numpy as np; np.save('\(directory)/y90.npy', np.arange(90) % 3)"],
+                                     environment: [:], timeout: 60)
+        #expect(labels.status == 0, "\(labels.output)")
+        for normalize in ["scale", "standardize"] {
+            try expectCleanFailure(data(test: "t.npy") + ["--set", "data.normalize=\(normalize)", "--set", "model.hidden=[8]"],
+                                   message: "\(directory)/t.npy: sample 77 holds inf (its value 5): the data must be finite numbers")
+        }
+        let run = temporaryRunDirectory()
+        let trained = try Harness.local(["train", "--local", "--run-dir", run, "--set", "model.hidden=[8]", "--set", "training.epochs=1"]
+                                        + data(test: "x.npy").dropLast(2) + ["--set", "data.test_labels=\(directory)/y.npy"])
+        #expect(trained.status == 0, "\(trained.output)")
+        let evaluated = try Harness.mpirun(2, ["eval", "--run-dir", temporaryRunDirectory(), "--model", run + "/model.safetensors"]
+                                           + data(test: "tnan.npy"), timeout: 60)
+        #expect(evaluated.status != 0, "\(evaluated.output)")
+        #expect(occurrences(of: "\(directory)/tnan.npy: sample 77 holds nan (its value 5): the data must be finite numbers",
+                            in: evaluated.output) == 1, "\(evaluated.output)")
+        let predicted = try Harness.local(["predict", "--model", run + "/model.safetensors", directory + "/t.npy"])
+        #expect(predicted.status == 1, "\(predicted.output)")
+        #expect(predicted.output.contains("bpworker predict: error: \(directory)/t.npy: sample 77 holds inf (its value 5): the data "
+                                          + "must be finite numbers"), "\(predicted.output)")
+        #expect(!predicted.output.contains("0: "), "\(predicted.output)")
+        let fine = try Harness.local(["predict", "--model", run + "/model.safetensors", directory + "/x.npy", "--top", "1"])
+        #expect(fine.status == 0 && fine.output.contains("299: "), "\(fine.output)")
     }
 
     @Test func unknownConfigKey() throws {

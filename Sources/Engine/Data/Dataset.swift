@@ -353,6 +353,14 @@ public struct Dataset: Sendable {
             + "the data must be finite numbers")
     }
 
+    /// Throws naming the first sample that holds a NaN or an infinity, reading every float32 value once (in one
+    /// process; a data-parallel job splits the chunks over its ranks, `chunkSums` and `requireFinite(chunkSums:)`).
+    /// Bytes are always finite.
+    public func requireFinite() throws {
+        guard features.element == .float32 else { return }
+        try requireFinite(chunkSums: chunkSums(chunks: 0..<statisticsChunks, center: 0, squared: false))
+    }
+
     /// float32 features: for each chunk c of `chunks`, the sum over its values of (x - center), or of its square,
     /// at index c of the result (0 elsewhere), summed in Double in row order.
     public func chunkSums(chunks: some Sequence<Int>, center: Double, squared: Bool) throws -> [Double] {
