@@ -111,7 +111,8 @@ let package = Package(
         // Runs the built bpworker, alone and under mpirun.
         .testTarget(
             name: "WorkerTests",
-            dependencies: ["Engine", "Coordinator", "Worker", "AllocationCounter"]
+            dependencies: ["Engine", "Coordinator", "Worker", "AllocationCounter",
+                           .product(name: "ArgumentParser", package: "swift-argument-parser")]
         ),
     ]
 )

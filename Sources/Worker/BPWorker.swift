@@ -219,9 +219,10 @@ struct Eval: ParsableCommand {
               bpworker eval --local --run-dir runs/default
               mpirun -n 2 bpworker eval --parameters model.safetensors
               bpworker eval --local --model runs/default/model.safetensors
-            Without --config, the run directory's config.yaml describes the model. With --model, the
-            file describes the model and its preprocessing; only the test data (data.format,
-            data.test_features, data.test_labels) and training.batch_size come from the configuration.
+
+            Without --config, the run directory's config.yaml describes the model. With --model, the file \
+            describes the model and its preprocessing; only the test data (data.format, data.test_features, \
+            data.test_labels) and training.batch_size come from the configuration.
             """)
 
     @OptionGroup var options: RunOptions

@@ -6,12 +6,14 @@ struct Predict: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Class probabilities for samples, from a model file alone (one process, no MPI).",
         discussion: """
-            The model file (model.safetensors or a checkpoint) records the model, the input shape and type, and
-            the preprocessing; predict applies that preprocessing to INPUT's stored values and writes the softmax
+            The model file (model.safetensors or a checkpoint) records the model, the input shape and type, and \
+            the preprocessing; predict applies that preprocessing to INPUT's stored values and writes the softmax \
             of the outputs, float32 [N, classes], to a .npy file, or prints each sample's most likely classes.
-            INPUT: an IDX file (raw or .gz; e.g. t10k-images-idx3-ubyte.gz) or a .npy file (a name ending in .npy
-            or .npy.gz) of N samples shaped like the model's input, in its input type (uint8: raw bytes 0..255).
-              bpworker predict --model runs/default/model.safetensors images.idx.gz --output probabilities.npy
+
+            INPUT: an IDX file (raw or .gz; e.g. t10k-images-idx3-ubyte.gz) or a .npy file (a name ending in .npy \
+            or .npy.gz) of N samples shaped like the model's input, in its input type (uint8: raw bytes 0..255). \
+            A NaN or an infinity in float input is refused, naming the sample.
+              bpworker predict --model model.safetensors images.idx.gz --output probs.npy
               bpworker predict --model runs/default/model.safetensors samples.npy --top 3
             """)
 

@@ -1,4 +1,5 @@
 import Engine
+import ArgumentParser
 import Foundation
 import Testing
 @testable import Worker
@@ -346,5 +347,20 @@ struct WorkerLogicTests {
         #expect(throws: TestHookError.self) { try TestHooks.fromEnvironment(["BPWORKER_TEST_GRADIENT_FAULT": "scaled:x"], rank: 0) }
         let none = try TestHooks.fromEnvironment([:], rank: 0)
         #expect(none.gradientFault == nil && none.checkpointCrashStep == nil && none.clockSkewSeconds == 0 && none.nanStep == nil)
+    }
+    /// `--help` prints each subcommand's discussion wrapped at 80 columns: a prose line longer than that, broken by
+    /// hand where the next line carries on, came out as a long line, its wrapped end and a short line, mid-sentence
+    /// (`eval --help`, `predict --help`). So a line of a discussion is at most 80 columns or ends its paragraph (the
+    /// next is empty, an indented example, or there is none); paragraphs carry on with a trailing backslash instead.
+    @Test func helpTextsWrapWhereTheirSentencesEnd() {
+        let commands: [any ParsableCommand.Type] = [BPWorker.self, Train.self, Gradcheck.self, Eval.self, Predict.self,
+                                                    Verify.self, Status.self, Report.self, Keys.self]
+        for command in commands {
+            let lines = command.configuration.discussion.components(separatedBy: "\n")
+            for (i, line) in lines.enumerated() where line.count > 80 {
+                let next = i + 1 < lines.count ? lines[i + 1] : ""
+                #expect(next.isEmpty || next.hasPrefix("  "), "\(command): '\(line)' is wrapped and carries on in '\(next)'")
+            }
+        }
     }
 }
