@@ -286,7 +286,7 @@ struct Checkpointer {
     /// the model's shape, the optimizer's state must match its kind, and the metadata must describe this model.
     /// Returns the position and, for a file without checksums, the note that says it loaded unverified.
     static func load(path: String, model: Model<Float>, optimizer: Optimizer<Float>) throws
-        -> (position: TrainingPosition, unverified: String?) {
+        -> (position: TrainingPosition, unverified: String?, configuration: String?) {
         let file = try SafeTensorsFile(path: path)
         func fail(_ reason: String) -> CheckpointError { CheckpointError(description: "\(path): \(reason)") }
         // Checked again before any value is used: `checkedExplicit` and `newestIntact` chose a file that verified, but it
@@ -327,7 +327,7 @@ struct Checkpointer {
             throw fail("tensor '\(extra)' does not belong to this model and optimizer (\(optimizer.config.kind.rawValue))")
         }
         optimizer.stepCount = optimizerStep
-        return (position, unverified)
+        return (position, unverified, file.metadata["config"])
     }
 }
 

@@ -48,12 +48,22 @@ struct CheckpointExchange {
         var encoded: [UInt8] = []
         session.agree("resume") {
             if session.isRoot {
-                let (position, unverified) = try Checkpointer.load(path: path, model: model, optimizer: optimizer)
+                let (position, unverified, configuration) = try Checkpointer.load(path: path, model: model, optimizer: optimizer)
                 if let mismatch = position.mismatch(worldSize: session.worldSize, batchSize: session.config.batchSize,
                                                     stepsPerEpoch: sampler.stepsPerEpoch, datasetSize: sampler.datasetSize) {
                     throw CheckpointError(description: "\(path): not resumed from it: \(mismatch) (a checkpoint of other data?)")
                 }
                 if let unverified { session.logger.notice("\(unverified)") }
+                // A setting changed on resume (`--set`, or `-c` another file) is the user's to make, but it changes
+                // what the rest of the run trains: said, not done silently.
+                if let configuration, let saved = try? Configuration.load(text: configuration, origin: path, overrides: []) {
+                    let changes = session.config.changes(since: saved)
+                    if !changes.isEmpty {
+                        let message = "resume: settings differ from the checkpoint's, and the run continues with the new ones: "
+                            + changes.joined(separator: ", ")
+                        session.logger.notice("\(message)")
+                    }
+                }
                 encoded = Array(try JSONEncoder().encode(position))
             }
         }

@@ -245,11 +245,17 @@ extension Configuration {
     /// Reads a YAML file (or nothing: all defaults) and applies `overrides` ("key=value", value in YAML syntax).
     /// Unknown keys, wrong types and unparsable values are errors naming the file, line and key.
     static func load(file: String?, overrides: [String]) throws -> Configuration {
+        guard let file else { return try load(text: nil, origin: "", overrides: overrides) }
+        guard let text = try? String(contentsOfFile: file, encoding: .utf8) else {
+            throw ConfigError(description: "\(file): cannot read the configuration file")
+        }
+        return try load(text: text, origin: file, overrides: overrides)
+    }
+
+    /// `load(file:overrides:)` from the file's text (nil: all defaults); `origin` names it in errors.
+    static func load(text: String?, origin file: String, overrides: [String]) throws -> Configuration {
         var tree: [String: (node: Node, origin: String)] = [:]
-        if let file {
-            guard let text = try? String(contentsOfFile: file, encoding: .utf8) else {
-                throw ConfigError(description: "\(file): cannot read the configuration file")
-            }
+        if let text {
             let root: Node?
             do { root = try Yams.compose(yaml: text) } catch {
                 throw ConfigError(description: "\(file): not valid YAML: \(error)")
@@ -330,6 +336,17 @@ extension Configuration {
         case .sequence: "a list"
         case .mapping: "a mapping"
         case .alias: "an alias"
+        }
+    }
+
+    /// The keys whose values differ from `earlier`'s, as "key: old -> new" in the order of `keys`.
+    func changes(since earlier: Configuration) -> [String] {
+        func text(_ node: Node) -> String {
+            ((try? Yams.serialize(node: node)) ?? "?").trimmingCharacters(in: .whitespacesAndNewlines)
+        }
+        return Self.keys.compactMap { key in
+            let (before, now) = (text(key.write(earlier)), text(key.write(self)))
+            return before == now ? nil : "\(key.path): \(before) -> \(now)"
         }
     }
 

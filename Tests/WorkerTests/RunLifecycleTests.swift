@@ -140,6 +140,24 @@ struct RunLifecycleTests {
         #expect(resumed.status == 0 && resumed.output.contains("training finished"), "\(resumed.output)")
     }
 
+    /// A setting changed on resume is used, and said: `--resume --set seed=7` went on with another sampling order and
+    /// other dropout masks without a word. A resume with the checkpoint's own settings says nothing.
+    @Test func aResumeSaysWhichSettingsDifferFromTheCheckpoints() throws {
+        let data = try SyntheticData(samples: 200)
+        defer { data.remove() }
+        let run = temporaryRunDirectory()
+        let first = try Harness.mpirun(2, job(data, runDir: run, extra: ["--set", "training.epochs=1"]))
+        #expect(first.status == 0, "\(first.output)")
+        let changed = try Harness.mpirun(2, ["train", "--run-dir", run, "--resume", "--progress", "plain", "--set", "seed=7",
+                                             "--set", "optimizer.lr=0.5", "--set", "training.epochs=2"])
+        #expect(changed.status == 0, "\(changed.output)")
+        #expect(occurrences(of: "resume: settings differ from the checkpoint's, and the run continues with the new ones: seed: 0 -> 7, "
+                            + "optimizer.lr: 0.05 -> 0.5, training.epochs: 1 -> 2", in: changed.output) == 1, "\(changed.output)")
+        let same = try Harness.mpirun(2, ["train", "--run-dir", run, "--resume", "--progress", "plain"])
+        #expect(same.status == 0 && same.output.contains("resumed from"), "\(same.output)")
+        #expect(!same.output.contains("settings differ"), "\(same.output)")
+    }
+
     @Test func resumeAndOverwriteTogetherAreRefused() throws {
         let r = try Harness.local(["train", "--resume", "--overwrite", "--run-dir", temporaryRunDirectory()])
         #expect(r.status != 0)
