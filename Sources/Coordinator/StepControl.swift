@@ -1,7 +1,7 @@
 import Engine
 
-/// The few values every rank adds to each step's gradient exchange: a stop request, its count of non-finite values,
-/// and rank 0's time-based checkpoint decision. They sit in the slots directly before the gradient buffer
+/// The few values every rank adds to each step's gradient exchange: a stop request and where it came from, its count
+/// of non-finite values, and rank 0's time-based checkpoint decision. They sit in the slots directly before the gradient buffer
 /// (`Model.control`), and the reducers sum them over the ranks with the bucket that holds offset 0, the last one
 /// started, so every rank learns the same three sums at no extra round trip. The reducer itself adds this rank's
 /// count of non-finite gradient values into `Slot.nonFinite` as it starts each bucket.
@@ -14,6 +14,9 @@ public struct StepControl {
         /// 1 when rank 0's clock says a time-based checkpoint is due (`checkpoint.every_seconds`), 0 on every other
         /// rank: the sum is rank 0's decision, so every rank checkpoints after the same step whatever its own clock says.
         case checkpointDue
+        /// rank * 64 + the signal's number on a rank asking to stop, 0 elsewhere: where a single request came from,
+        /// which rank 0 names in its message and status.json (exact in a Float below 2^24, so up to 262,143 ranks).
+        case stopSource
     }
 
     /// How many slots a model must reserve before its gradients (`Model(controlSlots:)`).
@@ -27,15 +30,25 @@ public struct StepControl {
     }
 
     /// Before backward: what this rank adds to the step's sums. Overwrites the previous step's sums.
+    /// - Parameter stopSignal: the signal asking this rank to stop (1 to 63), nil when none arrived.
     @inline(__always)
-    public func post(stopRequested: Bool, nonFiniteLoss: Bool, checkpointDue: Bool) {
-        values[Slot.stopRequests.rawValue] = stopRequested ? 1 : 0
+    public func post(stopSignal: Int32?, rank: Int, nonFiniteLoss: Bool, checkpointDue: Bool) {
+        values[Slot.stopRequests.rawValue] = stopSignal == nil ? 0 : 1
+        values[Slot.stopSource.rawValue] = stopSignal.map { Float(rank * 64 + Int($0 & 63)) } ?? 0
         values[Slot.nonFinite.rawValue] = nonFiniteLoss ? 1 : 0
         values[Slot.checkpointDue.rawValue] = checkpointDue ? 1 : 0
     }
 
     // After the exchange: the sums over every rank.
     public var stopRequested: Bool { values[Slot.stopRequests.rawValue] > 0 }
+    /// Ranks that asked to stop in this step.
+    public var stopRequests: Int { Int(values[Slot.stopRequests.rawValue]) }
+    /// The rank and signal of the one rank that asked to stop; nil when none or several did.
+    public var stopSource: (rank: Int, signal: Int32)? {
+        guard stopRequests == 1 else { return nil }
+        let code = Int(values[Slot.stopSource.rawValue])
+        return (code / 64, Int32(code % 64))
+    }
     public var anyNonFinite: Bool { values[Slot.nonFinite.rawValue] > 0 }
     public var checkpointDue: Bool { values[Slot.checkpointDue.rawValue] > 0 }
 }

@@ -125,7 +125,7 @@ final class TrainingLoop {
             keepBuffers()
             var result = phases.watched(.forward) { model.forward(count: config.batchSize, mode: .train) }
             hooks.afterForward(step: position.globalStep, result: &result)
-            control.post(stopRequested: StopSignals.requested != nil, nonFiniteLoss: !result.lossSum.isFinite,
+            control.post(stopSignal: StopSignals.requested, rank: session.rank, nonFiniteLoss: !result.lossSum.isFinite,
                          checkpointDue: session.isRoot && checkpointIntervalElapsed())
             try phases.watched(.backward) {
                 try model.backward(count: config.batchSize, accumulate: false) { try reducer.gradientsReady(from: $0) }
@@ -280,7 +280,10 @@ final class TrainingLoop {
     /// be written: the work since the last one is lost, and the launcher must know).
     private func stop() throws -> RunOutcome {
         let saved = try checkpoint()
-        let source = StopSignals.requested.map(StopSignals.name) ?? "another rank's signal"
+        // What asked: this rank's own signal, else the one rank the step's sums name, else how many asked.
+        let source = StopSignals.requested.map(StopSignals.name)
+            ?? control.stopSource.map { "\(StopSignals.name($0.signal)) on rank \($0.rank)" }
+            ?? "signals on \(control.stopRequests) ranks"
         guard saved else {
             let message = "stopped by \(source) after step \(position.globalStep), but its checkpoint could not be written; "
                 + "the last one is \(lastCheckpoint ?? "none")"

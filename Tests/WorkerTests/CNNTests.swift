@@ -317,7 +317,7 @@ extension DaemonTests {
         let run = temporaryRunDirectory()
         let job = try Harness.startSlowed(2, cnn.job(data, batch: 8, runDir: run, extra: extra))
         let stopped = try signal(rank: 1, SIGTERM, of: job, in: run) { $0.contains("epoch 2/3 step 3/12") }.result
-        #expect(stopped.status == 0 && stopped.output.contains("stopped by another rank's signal"), "\(stopped.output)")
+        #expect(stopped.status == 0 && stopped.output.contains("stopped by SIGTERM on rank 1 after step"), "\(stopped.output)")
         let checkpoint = try SafeTensorsFile(path: run + "/checkpoints/" + (try latestCheckpoint(run)))
         let step = try #require(Int(checkpoint.metadata["step"] ?? ""))
         #expect(step > 12 && step < 36, "stopped mid-run in epoch 2 or 3, not at an epoch end: step \(step)")

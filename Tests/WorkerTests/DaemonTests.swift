@@ -99,7 +99,11 @@ struct DaemonTests {
         let job = try Harness.startSlowed(2, job(data, runDir: run))
         let stopped = try signal(rank: 1, SIGTERM, of: job, in: run) { $0.contains("epoch 1/3 step 5/12") }.result
         #expect(stopped.status == 0, "\(stopped.output)")
-        #expect(stopped.output.contains("stopped by another rank's signal"), "\(stopped.output)")
+        #expect(stopped.output.contains("stopped by SIGTERM on rank 1 after step"), "\(stopped.output)")
+        // status.json names the signal and the rank too (it said "another rank's signal").
+        let status = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: run + "/status.json"))) as? [String: Any]
+        #expect(status?["state"] as? String == "stopped" && status?["message"] as? String == "stop requested by SIGTERM on rank 1",
+                "\(status ?? [:])")
         let resumed = try Harness.resume(run)
         #expect(resumed.status == 0, "\(resumed.output)")
         #expect(try parameters(run + "/model.safetensors") == reference)
@@ -123,7 +127,7 @@ struct DaemonTests {
         let run = temporaryRunDirectory()
         // Rank 1 signals itself as global step 11 (0-based) begins: the last of epoch 1's 12 steps.
         let stopped = try Harness.mpirun(2, job(data, runDir: run, extra: target), environment: ["BPWORKER_TEST_SIGNAL": "1:11"])
-        #expect(stopped.status == 0 && stopped.output.contains("stopped by another rank's signal after step 12"), "\(stopped.output)")
+        #expect(stopped.status == 0 && stopped.output.contains("stopped by SIGTERM on rank 1 after step 12"), "\(stopped.output)")
         #expect(!stopped.output.contains("test accuracy"), "\(stopped.output)")
         let resumed = try Harness.resume(run)
         #expect(resumed.status == 0, "\(resumed.output)")
