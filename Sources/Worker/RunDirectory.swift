@@ -208,6 +208,14 @@ enum RunDirectoryLock {
         return nil
     }
 
+    /// Whether a job (another process) holds the lock of `directory` now: whether a run is going on there.
+    static func isHeld(_ directory: String) -> Bool {
+        let descriptor = open(directory + "/.lock", O_RDONLY | O_CLOEXEC)
+        guard descriptor >= 0 else { return false }
+        defer { close(descriptor) }
+        return flock(descriptor, LOCK_SH | LOCK_NB) != 0 && errno == EWOULDBLOCK
+    }
+
     private static func take(_ directory: String, creating: Bool) throws(RunDirectoryError) {
         if held?.directory == directory { return }
         let path = directory + "/.lock"

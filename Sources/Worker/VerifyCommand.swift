@@ -35,14 +35,25 @@ struct Verify: ParsableCommand {
         case intact(tensors: Int, bytes: Int)
         case unverified
         case damaged(String)
+        /// Nothing there to verify, where something should be.
+        case missing(String)
+        /// A run that has written no model file or checkpoint yet, as its status.json says: nothing is wrong.
+        case notYet(String)
 
-        var isDamage: Bool { if case .damaged = self { true } else { false } }
+        var isDamage: Bool {
+            switch self {
+            case .damaged, .missing: true
+            case .intact, .unverified, .notYet: false
+            }
+        }
 
         var text: String {
             switch self {
             case let .intact(tensors, bytes): "intact (\(tensors) tensors, \(bytes) bytes, every checksum matches)"
             case .unverified: "unverified: no checksums (written by an earlier bpworker or another program)"
             case let .damaged(reason): "DAMAGED: " + (reason.hasPrefix("damaged: ") ? String(reason.dropFirst(9)) : reason)
+            case let .missing(reason): "MISSING: " + reason
+            case let .notYet(reason): "nothing to verify yet: " + reason
             }
         }
     }
@@ -50,7 +61,7 @@ struct Verify: ParsableCommand {
     /// The files `path` stands for, each with its verdict.
     static func verdicts(_ path: String) -> [(String, Verdict)] {
         var isDirectory: ObjCBool = false
-        guard FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory) else { return [(path, .damaged("no such file"))] }
+        guard FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory) else { return [(path, .missing("no such file"))] }
         guard isDirectory.boolValue else { return [(path, verdict(path))] }
         let checkpoints = FileManager.default.fileExists(atPath: path + "/checkpoints") ? path + "/checkpoints" : path
         var files: [String] = []
@@ -69,7 +80,20 @@ struct Verify: ParsableCommand {
                 result.append((checkpoints + "/latest", .damaged("not text (\(bytes.count) bytes that are not UTF-8): it names no checkpoint")))
             }
         }
-        if result.isEmpty { result.append((path, .damaged("no model file or checkpoint here"))) }
+        if result.isEmpty {
+            // A run going on before its first checkpoint has nothing to verify and nothing wrong; any other directory
+            // without one lacks what was asked for, a run that ended before its first checkpoint included.
+            let status = try? RunStatus.read(path)
+            if let status, status.state == .starting || status.state == .training {
+                let where_ = "\(status.state.rawValue) (step \(grouped(status.step)) of \(grouped(status.totalSteps)))"
+                result.append(RunDirectoryLock.isHeld(path)
+                    ? (path, .notYet("the run is \(where_) and has written no checkpoint or model file so far"))
+                    : (path, .missing("no model file or checkpoint here; status.json says \(where_), but no job runs here: "
+                        + "it ended before its first checkpoint")))
+            } else {
+                result.append((path, .missing("no model file or checkpoint here")))
+            }
+        }
         return result
     }
 

@@ -369,4 +369,39 @@ struct FullDiskTests {
             #expect((try? JSONSerialization.jsonObject(with: Data(line.utf8))) != nil, "a cut record: \(line)")
         }
     }
+
+    /// `verify` on a run before its first checkpoint: while the job runs, nothing is wrong and there is nothing to
+    /// verify yet (exit 0; it said "DAMAGED: no model file or checkpoint here", exit 1); once the job has died there,
+    /// the file is missing and verify says so (exit 1); a directory without a run, or no such path, is missing too.
+    @Test func verifyBeforeTheFirstCheckpointSaysNothingIsThereYetWhileTheRunGoesOn() throws {
+        let data = try SyntheticData(samples: 200)
+        defer { data.remove() }
+        let run = temporaryRunDirectory()
+        let job = try Harness.startSlowed(2, ["train", "--run-dir", run, "--progress", "plain", "--set", "model.hidden=[8]",
+                                              "--set", "training.epochs=100", "--set", "training.batch_size=8",
+                                              "--set", "checkpoint.every_steps=0", "--set", "logging.interval=2"] + data.arguments)
+        #expect(job.waitFor { $0.contains("step 4/") }, "\(job.output)")
+        let early = try Harness.local(["verify", run])
+        #expect(early.status == 0, "\(early.output)")
+        #expect(early.output.contains("\(run): nothing to verify yet: the run is training (step "), "\(early.output)")
+        #expect(early.output.contains("and has written no checkpoint or model file so far"), "\(early.output)")
+        job.signal(SIGKILL)
+        _ = job.wait(timeout: 30)
+        // mpirun is gone; its ranks follow within a few seconds.
+        var dead = try Harness.local(["verify", run])
+        for _ in 0..<50 where dead.status == 0 {
+            usleep(200_000)
+            dead = try Harness.local(["verify", run])
+        }
+        #expect(dead.status == 1, "\(dead.output)")
+        #expect(dead.output.contains("\(run): MISSING: no model file or checkpoint here; status.json says training (step "), "\(dead.output)")
+        #expect(dead.output.contains("but no job runs here: it ended before its first checkpoint"), "\(dead.output)")
+        let empty = TemporaryFiles.path("empty-")
+        try FileManager.default.createDirectory(at: empty, withIntermediateDirectories: true)
+        let missing = try Harness.local(["verify", empty.path, empty.path + "/none"])
+        #expect(missing.status == 1, "\(missing.output)")
+        #expect(missing.output.contains("\(empty.path): MISSING: no model file or checkpoint here\n"), "\(missing.output)")
+        #expect(missing.output.contains("\(empty.path)/none: MISSING: no such file"), "\(missing.output)")
+        #expect(missing.output.contains("bpworker verify: 2 damaged or missing"), "\(missing.output)")
+    }
 }
