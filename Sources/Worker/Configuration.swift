@@ -339,16 +339,28 @@ extension Configuration {
         }
     }
 
-    /// The keys whose values differ from `earlier`'s, as "key: old -> new" in the order of `keys`.
-    func changes(since earlier: Configuration) -> [String] {
+    /// The keys whose values differ from `earlier`'s, in the order of `keys`, with both values as YAML.
+    func differences(from earlier: Configuration) -> [(key: String, earlier: String, now: String)] {
         func text(_ node: Node) -> String {
             ((try? Yams.serialize(node: node)) ?? "?").trimmingCharacters(in: .whitespacesAndNewlines)
         }
         return Self.keys.compactMap { key in
             let (before, now) = (text(key.write(earlier)), text(key.write(self)))
-            return before == now ? nil : "\(key.path): \(before) -> \(now)"
+            return before == now ? nil : (key.path, before, now)
         }
     }
+
+    /// `differences(from:)` as "key: old -> new".
+    func changes(since earlier: Configuration) -> [String] {
+        differences(from: earlier).map { "\($0.key): \($0.earlier) -> \($0.now)" }
+    }
+
+    /// Keys a rank may set for itself: where it reads the data (a node's own copy; the data's contents are compared
+    /// across ranks instead) and how it uses its own cores and memory. Every other key must be the same on every rank.
+    static let perRankKeys: Set<String> = [
+        "data.train_features", "data.train_labels", "data.test_features", "data.test_labels", "data.mmap", "data.prefetch",
+        "training.blas_threads",
+    ]
 
     /// The resolved configuration as YAML, every key present.
     var yaml: String {

@@ -34,6 +34,25 @@ enum Setup {
         let hooks: TestHooks
     }
 
+    /// Every rank must train with rank 0's settings: each node reads its own `-c FILE` (or gets its own `--set`), and
+    /// a rank with another learning rate or seed trained a wrong model without a word, another `training.epochs`
+    /// hung the job at the end, another reduction or bucket size crashed it in MPI. Rank 0's resolved configuration
+    /// goes to every rank; a rank whose differs, in any key but `Configuration.perRankKeys`, ends the job naming them.
+    static func requireSameSettings(_ session: Session) {
+        var rankZero = Array(session.config.yaml.utf8)
+        session.agree("configuration") { try session.communicator.broadcast(bytes: &rankZero, root: 0) }
+        session.agree("configuration") {
+            guard !session.isRoot else { return }
+            let settings = try Configuration.load(text: String(decoding: rankZero, as: UTF8.self), origin: "rank 0's configuration",
+                                                  overrides: [])
+            let differences = session.config.differences(from: settings).filter { !Configuration.perRankKeys.contains($0.key) }
+            guard differences.isEmpty else {
+                throw ConfigError(description: "rank \(session.rank)'s settings differ from rank 0's, and every rank must train "
+                    + "with the same: " + differences.map { "\($0.key) is \($0.now) here, \($0.earlier) on rank 0" }.joined(separator: "; "))
+            }
+        }
+    }
+
     /// `plan`, then `build`: for the commands that need nothing between the two.
     static func prepare(_ session: Session, training: Bool = true) -> Prepared {
         build(session, plan(session, training: training), crossRankReducer: nil)
@@ -44,6 +63,7 @@ enum Setup {
     static func plan(_ session: Session, training: Bool = true) -> Plan {
         let config = session.config
         session.agree("configuration") { try config.validateSettings() }
+        requireSameSettings(session)
         let hooks = session.agree("configuration") { () throws -> TestHooks in try TestHooks.fromEnvironment(rank: session.rank) }
         hooks.duringSetup()
         var (train, test) = session.agree("data") { try loadData(config) }

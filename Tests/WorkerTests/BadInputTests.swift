@@ -150,6 +150,30 @@ struct BadInputTests {
         #expect(fine.status == 0 && fine.output.contains("299: "), "\(fine.output)")
     }
 
+    /// Ranks given different settings (each node reading its own `-c FILE`; here two programs of one mpirun) end the
+    /// job in setup, naming the keys and both values. Another learning rate trained a wrong model with exit 0, another
+    /// `training.epochs` hung the job at the end, another reduction crashed it in MPI. Keys a rank may set for itself
+    /// (its data paths, prefetch, BLAS threads) are allowed to differ.
+    @Test func ranksWithDifferentSettingsAreRefusedNamingTheKeys() throws {
+        let data = try SyntheticData(samples: 64)
+        defer { data.remove() }
+        let common = ["train", "--progress", "plain", "--set", "model.hidden=[8]", "--set", "training.epochs=1"] + data.arguments
+        func twoPrograms(_ run: String, second: [String]) throws -> Harness.Result {
+            try Harness.run(Harness.mpirunPath(), ["--allow-run-as-root", "--oversubscribe", "-n", "1", Harness.executable.path]
+                            + common + ["--run-dir", run] + [":", "-n", "1", Harness.executable.path] + common + ["--run-dir", run] + second,
+                            environment: [:], timeout: 60)
+        }
+        let run = temporaryRunDirectory()
+        let refused = try twoPrograms(run, second: ["--set", "optimizer.lr=5", "--set", "training.epochs=3", "--set", "training.reduction=allreduce"])
+        #expect(refused.status != 0 && refused.seconds < 30, "\(refused.output)")
+        #expect(occurrences(of: "rank 1's settings differ from rank 0's, and every rank must train with the same: optimizer.lr is 5.0 "
+                            + "here, 0.05 on rank 0; training.epochs is 3 here, 1 on rank 0; training.reduction is allreduce here, "
+                            + "sharded on rank 0", in: refused.output) == 1, "\(refused.output)")
+        #expect(!FileManager.default.fileExists(atPath: run), "a refused start writes nothing")
+        let allowed = try twoPrograms(temporaryRunDirectory(), second: ["--set", "training.blas_threads=1", "--set", "data.prefetch=0"])
+        #expect(allowed.status == 0 && allowed.output.contains("training finished"), "\(allowed.output)")
+    }
+
     @Test func unknownConfigKey() throws {
         try expectCleanFailure(["--set", "optimizer.learnig_rate=0.1"], message: "unknown key 'optimizer.learnig_rate'")
         try expectCleanFailure(["--set", "training.epoch=3"], message: "(did you mean 'training.epochs'?)")
