@@ -526,6 +526,15 @@ struct ReportTests {
         let chart = Chart(id: "loss", title: "loss", yLabel: "loss", series: [.init(label: "train", points: [(1, 0), (2, 6.37e35)], color: "#000")],
                           includeZero: true)
         #expect(chart.svg().contains("8e+35"))
+        // Ranges no step can tick: -1e308 to 1e308 (their span overflows) and a learning rate of 1e-323 (a subnormal
+        // span). Both crashed rank 0 at its first evaluation, leaving status.json at "training", and `bpworker report`.
+        for (low, high, label) in [(-1e308, 1e308, "1e+308"), (0.0, 2 * Double.leastNonzeroMagnitude, "9.88e-324")] {
+            let axis = Axis.linear(low: low, high: high, includeZero: true, targetTicks: 6)
+            #expect(axis.ticks == [low, high] && axis.label(high, percent: false) == label, "\(axis)")
+            let extreme = Chart(id: "x", title: "x", yLabel: "x", series: [.init(label: "train", points: [(1, low), (2, high)], color: "#000")],
+                                includeZero: true)
+            #expect(extreme.svg().contains(label))
+        }
     }
 
     @Test func badRunDirectoriesAreOneLine() throws {

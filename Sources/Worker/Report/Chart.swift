@@ -171,6 +171,8 @@ struct Axis {
     var logarithmic = false
     /// Decimals that tell the ticks apart.
     var decimals = 0
+    /// Labels in scientific notation (three significant digits): for ranges `linear` cannot step through.
+    var scientific = false
 
     /// Position in 0...1 along the axis.
     func position(_ value: Double) -> Double {
@@ -179,6 +181,7 @@ struct Axis {
     }
 
     func label(_ value: Double, percent: Bool) -> String {
+        if scientific { return String(format: "%.3g", percent ? 100 * value : value) + (percent ? "%" : "") }
         if percent { return String(format: "%.\(max(0, decimals - 2))f%%", 100 * value) }
         if logarithmic { return Self.plain(value) }
         if decimals == 0 && abs(value) >= 1000 { return groupedRounded(value) }
@@ -205,6 +208,9 @@ struct Axis {
             if unitInterval { low = max(0, low); high = min(1, max(high, low + 0.01)) }
         }
         let raw = (high - low) / Double(max(1, targetTicks))
+        // A range Double cannot tick in steps: wider than its largest value (losses of -1e308 and 1e308), or so narrow
+        // that a step is no normal number (a learning rate of 1e-323). Its two ends alone, in scientific notation.
+        guard raw.isNormal, (high - low).isFinite else { return Axis(low: low, high: high, ticks: [low, high], scientific: true) }
         let power = pow(10, floor(log10(raw)))
         let spacing = [1.0, 2, 5, 10].map { $0 * power }.first { $0 >= raw } ?? 10 * power
         let first = floor(low / spacing) * spacing
