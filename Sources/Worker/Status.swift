@@ -83,10 +83,20 @@ struct RunStatus: Codable, Equatable {
         status.write(to: runDirectory)
     }
 
+    /// The epoch the run is in (1-based), or last finished: from the steps done, as `epoch` means the epoch under way
+    /// while training and the next one after an evaluation (a run that ended on its target after epoch 1 of 5 showed
+    /// "epoch 2/5"). Never overflows, whatever a damaged file holds.
+    var shownEpoch: Int {
+        guard epochs > 0, totalSteps > 0, step >= 0 else { return max(0, min(epoch, max(epochs, 0) - 1)) + 1 }
+        let perEpoch = max(1, totalSteps / epochs)
+        let (whole, part) = step.quotientAndRemainder(dividingBy: perEpoch)
+        return max(1, min(epochs, whole + (part == 0 ? 0 : 1)))
+    }
+
     /// A few lines for people.
     var text: String {
         var lines = ["state: \(state.rawValue)\(message.map { " (\($0))" } ?? "")",
-                     "step \(grouped(step))/\(grouped(totalSteps)), epoch \(min(epoch + 1, epochs))/\(epochs), "
+                     "step \(grouped(step))/\(grouped(totalSteps)), epoch \(shownEpoch)/\(epochs), "
                         + "\(worldSize) rank\(worldSize == 1 ? "" : "s")"]
         var progress: [String] = []
         if let loss { progress.append("loss \(lossText(loss))") }

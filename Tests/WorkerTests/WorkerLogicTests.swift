@@ -363,4 +363,21 @@ struct WorkerLogicTests {
             }
         }
     }
+
+    /// `bpworker status` shows the epoch from the steps done: a run that ended on its target after epoch 1 of 5 said
+    /// "epoch 2/5" (status.json's `epoch` is the next one after an evaluation), and a damaged file whose epoch is
+    /// Int.max crashed it (`epoch + 1` overflowed).
+    @Test func statusShowsTheEpochOfItsStepsAndSurvivesAnyNumbers() throws {
+        func status(step: Int, totalSteps: Int, epoch: Int, epochs: Int) throws -> RunStatus {
+            let json = #"{"state":"finished","step":\#(step),"totalSteps":\#(totalSteps),"epoch":\#(epoch),"epochs":\#(epochs),"worldSize":1,"updated":"x"}"#
+            return try JSONDecoder().decode(RunStatus.self, from: Data(json.utf8))
+        }
+        #expect(try status(step: 12, totalSteps: 60, epoch: 1, epochs: 5).shownEpoch == 1)
+        #expect(try status(step: 13, totalSteps: 60, epoch: 1, epochs: 5).shownEpoch == 2)
+        #expect(try status(step: 0, totalSteps: 60, epoch: 0, epochs: 5).shownEpoch == 1)
+        #expect(try status(step: 60, totalSteps: 60, epoch: 5, epochs: 5).text.contains("step 60/60, epoch 5/5, 1 rank"))
+        #expect(try status(step: 1, totalSteps: 2, epoch: Int.max, epochs: 1).text.contains("epoch 1/1"))
+        #expect(try status(step: Int.max, totalSteps: 2, epoch: Int.max, epochs: Int.max).shownEpoch >= 1)
+        #expect(try status(step: -5, totalSteps: 0, epoch: Int.min, epochs: 0).shownEpoch == 1)
+    }
 }
