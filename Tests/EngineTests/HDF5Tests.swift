@@ -166,6 +166,51 @@ struct HDF5Tests {
         expectError(file + ":/missing", ["no dataset"]) { _ = try HDF5.readLabels(file: file, dataset: "/missing") }
     }
 
+    /// A label data set that declares more labels than memory holds (10^12 in a chunked file of a few KB) is refused
+    /// naming it, before anything is allocated: reading it crashed every rank ("failed to allocate 8000000000032
+    /// bytes").
+    @Test func aLabelSetNoMemoryHoldsIsRefusedBeforeItIsRead() throws {
+        let dir = try TemporaryDirectory()
+        _ = try runPython("""
+            import sys, h5py
+            with h5py.File(sys.argv[1] + '/huge.h5', 'w') as f:
+                f.create_dataset('y', shape=(10**12,), dtype='u1', chunks=(4096,))
+            """, arguments: [dir.path])
+        let file = dir.file("huge.h5")
+        expectError(file + ":/y", ["1000000000000 labels", "more than the 536870912 (2^29"]) {
+            _ = try HDF5.readLabels(file: file, dataset: "/y")
+        }
+    }
+
+    /// The statistics and finiteness passes read a reader's rows in blocks of at most 8 MiB (4,096 rows of 3x160x160
+    /// floats at once took 1.2 GiB that the memory check did not count), in row order: the sums are those of the
+    /// same rows in memory, bit for bit, and the block is in the memory estimate.
+    @Test func passesOverAReaderReadInBoundedBlocksAndSumAsInMemory() throws {
+        let dir = try TemporaryDirectory()
+        _ = try runPython("""
+            import sys, h5py, numpy as np
+            x = np.random.default_rng(3).random((200, 3, 64, 64), dtype=np.float32)
+            y = np.arange(200) % 4
+            with h5py.File(sys.argv[1] + '/big.h5', 'w') as f:
+                f.create_dataset('x', data=x, chunks=(5, 3, 64, 64), compression='gzip')
+                f['y'] = y
+            np.save(sys.argv[1] + '/x.npy', x)
+            np.save(sys.argv[1] + '/y.npy', y)
+            """, arguments: [dir.path])
+        let streamed = try Dataset.loadHDF5(features: dir.file("big.h5") + ":/x", labels: dir.file("big.h5") + ":/y")
+        let inMemory = try Dataset.loadNPY(features: dir.file("x.npy"), labels: dir.file("y.npy"))
+        let chunks = 0..<streamed.statisticsChunks
+        for squared in [false, true] {
+            let a = try streamed.chunkSums(chunks: chunks, center: 0.25, squared: squared)
+            let b = try inMemory.chunkSums(chunks: chunks, center: 0.25, squared: squared)
+            #expect(a.map(\.bitPattern) == b.map(\.bitPattern), "\(a) \(b)")
+        }
+        // 200 rows of 48 KiB, 9.4 MiB: two blocks, of 170 rows and 30.
+        let row = Double(3 * 64 * 64 * 4)
+        #expect(streamed.readerWorkingBytes >= 170 * row)
+        #expect(Dataset.statisticsBlockBytes == 8 << 20)
+    }
+
     @Test func rejectsBadDatasetsNamingFileAndDataset() throws {
         let file = files.path("u8.h5")
         let cases: [(String, [String])] = [

@@ -242,6 +242,9 @@ public enum HDF5 {
     /// Reads a rank-1 integer dataset of labels (stored as uint8, int8, int16, int32 or int64; uint16 and
     /// uint32 also fit). Throws, naming `file:dataset`, for anything `HDF5Rows` rejects, another rank or
     /// dtype, and a value outside 0...Int32.max (naming its index).
+    /// The most labels a data set may declare: 4 GiB of them as int64.
+    static let maxLabels = 1 << 29
+
     public static func readLabels(file: String, dataset: String) throws -> [Int32] {
         let name = "\(file):\(dataset)"
         try requireFile(file, name: name)
@@ -255,6 +258,13 @@ public enum HDF5 {
             case .integer(let bits, let signed) where signed || bits < 64: break
             default:
                 throw DataError(path: name, reason: "unsupported label dtype \(opened.stored) (expected uint8, int8, int16, int32 or int64)")
+            }
+            // Labels are held in memory, read as int64 first: a declared count no memory holds (a sparse chunked
+            // data set of 10^12 values in a 5 KB file) is refused before anything is allocated, as the other
+            // readers refuse more than 4 GiB.
+            guard opened.shape[0] <= maxLabels else {
+                throw DataError(path: name, reason: "\(opened.shape[0]) labels: more than the \(maxLabels) (2^29, 4 GiB read as int64) "
+                    + "that bpworker holds in memory")
             }
             var values = [Int64](repeating: 0, count: opened.shape[0])
             guard H5Dread(opened.dataset, bp_h5t_native_int64(), bp_h5s_all(), bp_h5s_all(), bp_h5p_default(), &values) >= 0
