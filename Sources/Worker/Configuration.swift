@@ -277,7 +277,7 @@ extension Configuration {
             do { node = try Yams.compose(yaml: text) ?? Node("") } catch {
                 throw ConfigError(description: "--set \(path): cannot parse value \(text.debugDescription): \(error)")
             }
-            if case .mapping = node {
+            if case let .mapping(inner) = node, !inner.isEmpty {
                 try flatten(node, prefix: path + ".", file: "--set", into: &tree)
             } else {
                 tree[path] = (node, "--set")
@@ -289,6 +289,7 @@ extension Configuration {
             guard let key = known[path] else {
                 // A section written as a value (`model: 5`): the section is known, the value is not a mapping.
                 let section = keys.filter { $0.path.hasPrefix(path + ".") }.map(\.path)
+                if !section.isEmpty, case let .mapping(inner) = entry.node, inner.isEmpty { continue }
                 if !section.isEmpty {
                     throw ConfigError(description: "\(entry.origin)\(location(entry.node)): \(path): expected a mapping of its keys "
                         + "(\(section.prefix(3).joined(separator: ", "))\(section.count > 3 ? ", ..." : "")), got \(describe(entry.node))")
@@ -312,7 +313,9 @@ extension Configuration {
                 throw ConfigError(description: "\(file)\(location(keyNode)): keys must be strings")
             }
             let path = prefix + name
-            if case .mapping = value {
+            // An empty mapping (`lr: {}`, `typo: {}`) is kept as a value, so that a key or an unknown name given one is
+            // an error like any other (it set nothing, silently); an empty section (`optimizer: {}`) sets nothing.
+            if case let .mapping(inner) = value, !inner.isEmpty {
                 try flatten(value, prefix: path + ".", file: file, into: &tree)
             } else {
                 // One key written twice in a file, as `optimizer.lr: 0.1` and `optimizer: {lr: 0.2}`: the later one won

@@ -380,4 +380,19 @@ struct WorkerLogicTests {
         #expect(try status(step: Int.max, totalSteps: 2, epoch: Int.max, epochs: Int.max).shownEpoch >= 1)
         #expect(try status(step: -5, totalSteps: 0, epoch: Int.min, epochs: 0).shownEpoch == 1)
     }
+
+    /// An empty mapping given to a key or to an unknown name is refused like any other wrong value (it set nothing,
+    /// silently: `lr: {}` trained with the default rate, `typo: {}` passed); an empty section sets nothing.
+    @Test func anEmptyMappingIsAWrongValueOrAnUnknownKey() throws {
+        func error(_ text: String?, _ overrides: [String] = []) -> String? {
+            do { _ = try Configuration.load(text: text, origin: "c.yaml", overrides: overrides); return nil } catch { return "\(error)" }
+        }
+        #expect(error("optimizer:\n  lr: {}\n") == "c.yaml:2: optimizer.lr: expected a number, got a mapping")
+        #expect(error("optimiser_typo: {}\n") == "c.yaml:1: unknown key 'optimiser_typo'")
+        #expect(error("seed: {}\n")?.contains("c.yaml:1: seed: expected") == true)
+        #expect(error(nil, ["optimizer.lr={}"]) == "--set:1: optimizer.lr: expected a number, got a mapping")
+        #expect(error(nil, ["nonsense={}"]) == "--set:1: unknown key 'nonsense'")
+        #expect(error("optimizer: {}\nseed: 3\n") == nil)
+        #expect(try Configuration.load(text: "optimizer: {}\nseed: 3\n", origin: "c.yaml", overrides: []).seed == 3)
+    }
 }
