@@ -34,6 +34,13 @@ extension Evaluation {
             description.preprocessing.apply(to: &test)
             return test
         }
+        // As `eval --run-dir` does in Setup.plan: a batch no memory holds (training.batch_size=16777216) is refused
+        // with the biggest items, not a crash allocating the model.
+        session.agree("memory check") {
+            let estimate = MemoryEstimate.estimate(config: config, spec: description.spec, datasets: [test], rank: session.rank,
+                                                   worldSize: session.worldSize, usage: .current())
+            try estimate.check(against: .read(), ranksOnNode: session.layout.localSize)
+        }
         let model = session.agree("model") { try Model<Float>(spec: description.spec, batchCapacity: config.batchSize) }
         session.agree("parameters \(modelPath)") {
             if let file { try readState(from: file, into: model) }

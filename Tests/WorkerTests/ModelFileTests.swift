@@ -220,6 +220,12 @@ struct ModelFileTests {
             #expect(r.output.contains("preprocessing from the file: standardize"), "\(label): \(r.output)")
         }
         #expect(!FileManager.default.fileExists(atPath: elsewhere + "/config.yaml"), "eval writes no configuration")
+        // A batch no memory holds is refused by the memory check, as `eval --run-dir` refuses it (it crashed allocating
+        // the model, exit 132).
+        let huge = try Harness.mpirun(2, ["eval", "--run-dir", elsewhere, "--model", run + "/model.safetensors",
+                                          "--set", "training.batch_size=16777216"])
+        #expect(huge.status == 1 && occurrences(of: "memory check: the model does not fit in memory", in: huge.output) == 1,
+                "\(huge.output)")
     }
 
     @Test func evalModelTakesTestDataFromSet() throws {
