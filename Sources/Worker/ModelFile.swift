@@ -212,7 +212,9 @@ struct ModelDescription: Equatable {
         do {
             spec = try configuration.modelSpec(sampleShape: inputShape, classes: classes)
         } catch {
-            throw fail("metadata 'layers' \(try value("layers")): \(error)")
+            // The error quotes the entry (cut short); the whole list may be long (a forged one ran to 110 KB).
+            let layers = try value("layers")
+            throw fail("metadata 'layers' \(layers.count <= 200 ? layers : layers.prefix(160) + "... (\(layers.count) characters)"): \(error)")
         }
     }
 

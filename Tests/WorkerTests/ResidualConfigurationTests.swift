@@ -33,6 +33,20 @@ struct ResidualConfigurationTests {
         #expect(spec.layers.dropLast().map(\.entry) == Self.expected)
     }
 
+    /// An entry nested far too deep is refused at once, with its text cut short in the message: deciding whether
+    /// it was spatial split it level by level first (3,000 deep took 8 s, 10,000 deep in a model file minutes, and the
+    /// message quoted all of it).
+    @Test func anEntryNestedThousandsDeepIsRefusedAtOnce() throws {
+        let depth = 20_000
+        let entry = String(repeating: "residual [", count: depth) + "relu" + String(repeating: "]", count: depth)
+        let file = TemporaryFiles.path("deep-").appendingPathExtension("yaml")
+        try Data("model:\n  layers: [\"\(entry)\", linear 10]\n".utf8).write(to: file)
+        let r = try Harness.local(["train", "--local", "--run-dir", temporaryRunDirectory(), "-c", file.path], timeout: 60)
+        #expect(r.status == 1, "\(r.output.prefix(500))")
+        #expect(r.output.contains("... (\(entry.count) characters)': blocks nest \(depth) deep; at most 8 are taken"), "\(r.output.prefix(500))")
+        #expect(r.output.count < 1000, "\(r.output.prefix(500))")
+    }
+
     @Test func flowStyleAsSetTakesIt() throws {
         let config = try Configuration.load(file: nil, overrides: [
             "model.layers=[conv 16 3 pad 1 nobias, batchnorm, relu, {residual: [conv 16 3 pad 1 nobias, batchnorm, relu, "
