@@ -194,17 +194,22 @@ enum Trainer {
 
     /// Progress reports, metrics.jsonl and TensorBoard (rank 0), with the run's start or resume marker written.
     /// - Parameter resuming: the checkpoint a resumed run continues from and its own global step (nil for a new run).
-    ///   The earlier records end there: on another world size the steps are numbered anew, and the earlier process's
-    ///   records after the checkpoint's step (in its numbering) were trained again, not kept.
+    ///   The earlier records end there, or at this process's first step if that is smaller: on another world size the
+    ///   steps are numbered anew, and the earlier process's records after the checkpoint's step (in its numbering) were
+    ///   trained again, and on more ranks those after the new first step overlap the new numbering: neither is kept.
     private static func startProgress(_ session: Session, _ prepared: Prepared,
                                       resuming: (choice: ResumeChoice, checkpointStep: Int)?, at position: TrainingPosition) -> Progress {
         let resumed = resuming?.choice
+        // Where the earlier records end: the checkpoint's step, or this process's first step where that is smaller (a
+        // resume on more ranks numbers the same samples with smaller steps, and the earlier records past it, kept, ran
+        // each curve back over itself in TensorBoard and the report).
+        let cut = resuming.map { min($0.checkpointStep, position.globalStep) }
         let tensorBoard = session.isRoot ? openTensorBoard(session) : nil
-        if let resuming { tensorBoard?.markRestart(atStep: resuming.checkpointStep + 1) }
+        if let cut { tensorBoard?.markRestart(atStep: cut + 1) }
         let metrics = session.isRoot ? MetricsLog(path: session.runDirectory + "/metrics.jsonl", append: resumed != nil,
                                                   tensorBoard: tensorBoard) { session.logger.warning("\($0)") } : nil
         let progress = Progress(session: session, prepared: prepared, metrics: metrics)
-        progress.recordStart(resumed: resumed, step: resuming?.checkpointStep ?? position.globalStep, model: prepared.model)
+        progress.recordStart(resumed: resumed, step: cut ?? position.globalStep, model: prepared.model)
         progress.status.resumedFrom = resumed?.path
         progress.status.skippedCheckpoints = resumed.flatMap { $0.skipped.isEmpty ? nil : $0.skipped.map(\.text) }
         progress.status.step = position.globalStep

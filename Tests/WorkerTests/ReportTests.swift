@@ -174,6 +174,18 @@ struct ReportTests {
         // The report's records (`bpworker report` reads them so) keep the same steps.
         let records = try RunRecords.read(run)
         #expect(records.train.map(\.step) == Array(1...5) + Array(11...20), "\(records.train.map(\.step))")
+
+        // And on more ranks, where the new numbering is smaller: one rank's checkpoint at step 5 (the one at 10 was
+        // never written) is 2 ranks' step 2, and the earlier records end there. Cut at the checkpoint's step, one rank's
+        // steps 3 to 5 stayed beside the new process's 3 to 10, and every curve ran back over itself.
+        let more = temporaryRunDirectory()
+        let one = try Harness.local(Self.job(data, runDir: more, extra: every + ["--local"]), environment: ["BPWORKER_TEST_CHECKPOINT_CRASH": "10"])
+        #expect(one.status != 0, "\(one.output)")
+        let two = try Harness.mpirun(2, Self.job(data, runDir: more, extra: every + ["--resume"]))
+        #expect(two.status == 0 && two.output.contains("step-00000005.safetensors: step 2,"), "\(two.output)")
+        let moreSteps = try trainLossSteps(more)
+        #expect(moreSteps == Array(1...10), "\(moreSteps)")
+        #expect(try RunRecords.read(more).train.map(\.step) == Array(1...10))
     }
 
     // MARK: - The report in a real browser
