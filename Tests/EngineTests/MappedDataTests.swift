@@ -139,6 +139,11 @@ struct MappedDataTests {
         expectDataError(path: shards + "/x-00007-of-00003.npy", ["is shard 7 of a series of 3, numbered 0 to 2"]) {
             _ = try DataFiles.resolve(shards + "/x-*.npy")
         }
+        // A file whose name holds glob characters is that file, not a pattern: `x[1].npy` matched `x1.npy` instead.
+        try FileManager.default.copyItem(atPath: d + "/y5.npy", toPath: d + "/lab[1].npy")
+        try FileManager.default.copyItem(atPath: d + "/x.npy", toPath: d + "/lab1.npy")
+        #expect(try DataFiles.resolve(d + "/lab[1].npy") == [d + "/lab[1].npy"])
+        #expect(try DataFiles.resolve(d + "/lab[0-9].npy") == [d + "/lab1.npy"], "a pattern that names no file is still a pattern")
         // A truncated shard is refused from its header and size, before anything maps it.
         let truncated = d + "/truncated.npy"
         try FileManager.default.copyItem(atPath: d + "/x.npy", toPath: truncated)

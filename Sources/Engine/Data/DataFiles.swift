@@ -9,6 +9,10 @@ import Darwin
 public enum DataFiles {
     public static func resolve(_ spec: String) throws -> [String] {
         let files: [String]
+        // A file that exists under the name as written is that file, whatever characters its name holds: `x[1].npy`
+        // as a pattern matched `x1.npy` and trained on it (or matched nothing though the file was there).
+        var info = stat()
+        if stat(spec, &info) == 0 && (info.st_mode & S_IFMT) == S_IFREG { return [spec] }
         if spec.contains(where: { "*?[".contains($0) }) {
             files = try glob(spec)
             guard !files.isEmpty else { throw DataError(path: spec, reason: "matches no file") }
