@@ -151,6 +151,23 @@ struct MappedDataTests {
         expectDataError(path: truncated, ["truncated data"]) { _ = try MappedFeatures(paths: [truncated]) }
     }
 
+    /// A NaN in a series of shards is named with the shard that holds it (it named the pattern).
+    @Test func aNaNInAShardNamesTheShard() throws {
+        let d = try TemporaryDirectory()
+        _ = try runPython("""
+            import sys, numpy as np
+            for i in range(3):
+                x = np.ones((50, 8), np.float32)
+                if i == 2: x[15, 3] = np.nan
+                np.save(f'{sys.argv[1]}/x-{i:05d}-of-00003.npy', x)
+                np.save(f'{sys.argv[1]}/y-{i:05d}-of-00003.npy', np.arange(50) % 3)
+            """, arguments: [d.path])
+        let data = try Dataset.loadNPY(features: d.path + "/x-*.npy", labels: d.path + "/y-*.npy", mapped: true)
+        expectDataError(path: d.path + "/x-00002-of-00003.npy", ["sample 115 of \(d.path)/x-*.npy holds nan (its value 3)"]) {
+            try data.requireFinite()
+        }
+    }
+
     @Test func aFileThatChangesUnderneathIsNamed() throws {
         try write(n: 50, shape: [4], dtype: "uint8", cuts: [20])
         let data = try Dataset.loadNPY(features: directory.file("shards/x-*.npy"), labels: directory.file("shards/y-*.npy"), mapped: true)

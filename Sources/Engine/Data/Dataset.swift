@@ -355,8 +355,10 @@ public struct Dataset: Sendable {
             sample += 1
         }
         guard let found else { throw DataError(path: name, reason: "samples from \(chunk * Self.statisticsChunkRows) on sum to \(sums[chunk])") }
-        throw DataError(path: name, reason: "sample \(found.sample) holds \(found.value) (its value \(found.position)): "
-            + "the data must be finite numbers")
+        // The file that holds it: a shard of a series, not the pattern that names them all.
+        let file = self.file(ofSample: found.sample)
+        throw DataError(path: file, reason: "sample \(found.sample)\(file == name ? "" : " of \(name)") holds \(found.value) "
+            + "(its value \(found.position)): the data must be finite numbers")
     }
 
     /// Throws naming the first sample that holds a NaN or an infinity, reading every float32 value once (in one
