@@ -15,6 +15,10 @@ struct TrainingPosition: Codable, Equatable {
     /// The mapped data files the run trained on, as they were (nil in checkpoints of data held in memory, and of
     /// earlier versions): a resume refuses files that changed since.
     var dataFiles: [DataFileRecord]?
+    /// The test accuracy measured at the end of the epoch before `epoch`, while no step of `epoch` is done (nil
+    /// otherwise, and in checkpoints of earlier versions): a resume of a run that stopped on
+    /// `training.target_accuracy` there has nothing more to train (it trained another epoch and replaced the model).
+    var testAccuracy: Double?
 
     /// The largest step count a checkpoint may hold: far beyond any run, and small enough that arithmetic on steps
     /// (the schedule, Adam's bias correction) cannot overflow. Sizes are bounded as the configuration bounds them.
@@ -76,6 +80,7 @@ struct TrainingPosition: Codable, Equatable {
             next.batchSize = batchSize
         }
         next.epochStep = min(next.epochStep, stepsPerEpoch)
+        if next.epochStep != 0 { next.testAccuracy = nil }
         return (next, sameShape)
     }
 }

@@ -92,6 +92,10 @@ final class TrainingLoop {
     /// Trains from `position` to the last epoch, a stop request, a target accuracy or a failure. Throws only for
     /// communication and file failures, which end the job.
     func run() throws -> RunOutcome {
+        // A resume of a run that reached its target at the checkpoint's epoch end trains nothing more, as a finished one.
+        if position.epochStep == 0, let accuracy = position.testAccuracy, config.targetAccuracy > 0 {
+            if reachedTargetAccuracy(accuracy, after: position.epoch - 1) { return .finished }
+        }
         // A resume with fewer epochs than the checkpoint has done trains nothing more (the range would be inverted).
         for epoch in position.epoch..<max(position.epoch, config.epochs) {
             beginEpoch(epoch)
@@ -133,6 +137,7 @@ final class TrainingLoop {
             try phases.watched(.gradientExchange) { try reducer.finish() }
             hooks.afterExchange(step: position.globalStep)
             position.epochStep = step + 1
+            position.testAccuracy = nil
             checkpointDue = control.checkpointDue
             if control.anyNonFinite {
                 return (try dropNonFiniteStep(step, nonFiniteLoss: !result.lossSum.isFinite), result)
@@ -266,6 +271,7 @@ final class TrainingLoop {
         position.epoch = epoch + 1
         position.epochStep = 0
         let accuracy = Double(evaluation.correct) / Double(max(evaluation.count, 1))
+        position.testAccuracy = accuracy
         return (accuracy, try checkpointOrGiveUp())
     }
 

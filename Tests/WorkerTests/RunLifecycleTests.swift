@@ -158,6 +158,26 @@ struct RunLifecycleTests {
         #expect(!same.output.contains("settings differ"), "\(same.output)")
     }
 
+    /// A run that ended on `training.target_accuracy` after epoch 1 of 2 is finished: a resume trains nothing more and
+    /// leaves its model as it was (it trained epoch 2 and replaced the model), and `status` says epoch 1/2. A higher
+    /// target on resume trains on.
+    @Test func aResumeOfARunThatReachedItsTargetTrainsNothingMore() throws {
+        let data = try SyntheticData(samples: 200)
+        defer { data.remove() }
+        let run = temporaryRunDirectory()
+        let first = try Harness.mpirun(2, job(data, runDir: run, extra: ["--set", "training.target_accuracy=0.01"]))
+        #expect(first.status == 0 && first.output.contains("reached training.target_accuracy=0.01 after epoch 1"), "\(first.output)")
+        let model = try Data(contentsOf: URL(fileURLWithPath: run + "/model.safetensors"))
+        let again = try Harness.mpirun(2, ["train", "--run-dir", run, "--resume", "--progress", "plain"])
+        #expect(again.status == 0 && again.output.contains("reached training.target_accuracy=0.01 after epoch 1"), "\(again.output)")
+        #expect(!again.output.contains("epoch 2/2"), "\(again.output)")
+        #expect(try Data(contentsOf: URL(fileURLWithPath: run + "/model.safetensors")) == model)
+        let status = try Harness.local(["status", run])
+        #expect(status.output.contains("state: finished") && status.output.contains("step 12/24, epoch 1/2"), "\(status.output)")
+        let higher = try Harness.mpirun(2, ["train", "--run-dir", run, "--resume", "--progress", "plain", "--set", "training.target_accuracy=1"])
+        #expect(higher.status == 0 && higher.output.contains("epoch 2/2"), "\(higher.output)")
+    }
+
     @Test func resumeAndOverwriteTogetherAreRefused() throws {
         let r = try Harness.local(["train", "--resume", "--overwrite", "--run-dir", temporaryRunDirectory()])
         #expect(r.status != 0)
