@@ -213,6 +213,18 @@ struct SafeTensorsTests {
             }
         }
         #expect(throws: DataError.self) { _ = try file.int64s("m") }
+
+        // The dtypes safetensors 0.6 and later add (PyTorch's complex64, float8_e8m0fnu, float4_e2m1fn_x2 and the
+        // 6-bit floats), sized in bits: 12 F4 values are 6 bytes, 4 F6 values 3; they were called damaged.
+        let newer = #"{"c":{"dtype":"C64","shape":[1],"data_offsets":[0,8]},"e":{"dtype":"F8_E8M0","shape":[2],"data_offsets":[8,10]},"#
+            + #""f":{"dtype":"F4","shape":[12],"data_offsets":[10,16]},"g":{"dtype":"F6_E2M3","shape":[4],"data_offsets":[16,19]},"#
+            + #""h":{"dtype":"F6_E3M2","shape":[4],"data_offsets":[19,22]}}"#
+        let packed = try SafeTensorsFile(path: try forge("packed", header: newer, data: [UInt8](repeating: 0, count: 22)))
+        #expect(packed.names == ["c", "e", "f", "g", "h"])
+        #expect(packed.tensors["f"]?.dtype == .f4 && packed.tensors["c"]?.dtype == .c64)
+        // Three F4 values are 12 bits: no whole number of bytes, as safetensors itself refuses.
+        let odd = #"{"f":{"dtype":"F4","shape":[3],"data_offsets":[0,2]}}"#
+        #expect(throws: DataError.self) { _ = try SafeTensorsFile(path: try forge("odd", header: odd, data: [0, 0])) }
     }
 
     @Test func anInterruptedWriteLeavesThePreviousFileIntact() throws {

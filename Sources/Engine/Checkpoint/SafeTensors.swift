@@ -12,15 +12,24 @@ public enum SafeTensorsDType: String, Sendable, CaseIterable {
     case f32 = "F32", f64 = "F64", i64 = "I64", i32 = "I32", u8 = "U8"
     case f16 = "F16", bf16 = "BF16", f8e4m3 = "F8_E4M3", f8e5m2 = "F8_E5M2"
     case bool = "BOOL", i8 = "I8", i16 = "I16", u16 = "U16", u32 = "U32", u64 = "U64"
+    /// Added by safetensors 0.6 and later (PyTorch's complex64, float8_e8m0fnu, float4_e2m1fn_x2, and the 6-bit
+    /// floats): F4 and the F6 ones pack elements into bits, so a tensor's size is counted in bits.
+    case c64 = "C64", f8e8m0 = "F8_E8M0", f4 = "F4", f6e2m3 = "F6_E2M3", f6e3m2 = "F6_E3M2"
 
-    public var size: Int {
+    /// Bits of one element.
+    public var bits: Int {
         switch self {
-        case .u8, .i8, .bool, .f8e4m3, .f8e5m2: 1
-        case .f16, .bf16, .i16, .u16: 2
-        case .f32, .i32, .u32: 4
-        case .f64, .i64, .u64: 8
+        case .f4: 4
+        case .f6e2m3, .f6e3m2: 6
+        case .u8, .i8, .bool, .f8e4m3, .f8e5m2, .f8e8m0: 8
+        case .f16, .bf16, .i16, .u16: 16
+        case .f32, .i32, .u32: 32
+        case .f64, .i64, .u64, .c64: 64
         }
     }
+
+    /// Bytes of one element (the packed dtypes take less than one: see `bits`).
+    public var size: Int { bits / 8 }
 }
 
 // Bad files throw `DataError` (Data/DataError.swift): the path and a reason naming the tensor.
@@ -277,7 +286,8 @@ public struct SafeTensorsFile {
         var elements = shape.contains(0) ? 0 : 1
         for dim in shape where elements > 0 {
             let (product, overflow) = elements.multipliedReportingOverflow(by: dim)
-            guard !overflow, product <= dataLength else { throw fail("shape \(shapeValues) holds more elements than the file") }
+            // At most two elements a byte (F4's), so that the bit count below cannot overflow either.
+            guard !overflow, product <= 2 * dataLength else { throw fail("shape \(shapeValues) holds more elements than the file") }
             elements = product
         }
         guard let offsets = entry["data_offsets"] as? [Any], offsets.count == 2,
@@ -288,8 +298,14 @@ public struct SafeTensorsFile {
         guard end <= dataLength else {
             throw fail("data_offsets [\(begin), \(end)] run past the data section of \(dataLength) bytes")
         }
-        guard end - begin == elements * dtype.size else {
-            throw fail("shape \(shape) of \(dtype.rawValue) needs \(elements * dtype.size) bytes, data_offsets give \(end - begin)")
+        // In bits, as the format counts packed dtypes: 12 values of F4 are 6 bytes; a count that is no whole number of
+        // bytes is not a tensor.
+        let (bits, overflow) = elements.multipliedReportingOverflow(by: dtype.bits)
+        guard !overflow, bits % 8 == 0 else {
+            throw fail("shape \(shape) of \(dtype.rawValue) is \(elements) x \(dtype.bits) bits, not a whole number of bytes")
+        }
+        guard end - begin == bits / 8 else {
+            throw fail("shape \(shape) of \(dtype.rawValue) needs \(bits / 8) bytes, data_offsets give \(end - begin)")
         }
         return TensorInfo(name: name, dtype: dtype, shape: shape, byteRange: begin..<end)
     }
