@@ -76,6 +76,14 @@ struct RunDirectory {
     /// Throws when a fresh start would lose the run that is here. (`--overwrite` means to; `--resume` continues it,
     /// and a missing checkpoint is found where it is read.)
     func checkStart(_ mode: StartMode) throws(RunDirectoryError) {
+        // Something other than a file where `latest` goes: no checkpoint could be made latest (the rename onto it
+        // fails), and a resume ended after 4 failed checkpoints. Refused at once, before setup.
+        var info = stat()
+        let latestPath = path + "/checkpoints/latest"
+        if mode != .overwrite, lstat(latestPath, &info) == 0, (info.st_mode & S_IFMT) != S_IFREG {
+            throw RunDirectoryError(description: "\(latestPath) is not a file (a directory or another kind): it must be a file "
+                + "naming the latest checkpoint; remove it, or start again with --overwrite")
+        }
         guard mode == .fresh, holdsRun else { return }
         throw RunDirectoryError(description: "\(path) already holds a run (\(summary)); continue it with --resume, "
             + "start again with --overwrite, or choose another --run-dir")

@@ -70,11 +70,19 @@ struct Verify: ParsableCommand {
         files += names.sorted().map { checkpoints + "/" + $0 }
         var result = files.map { ($0, verdict($0)) }
         // `latest` must name a checkpoint that is there: a resume would skip it.
-        if let bytes = FileManager.default.contents(atPath: checkpoints + "/latest") {
+        var info = stat()
+        if lstat(checkpoints + "/latest", &info) == 0, (info.st_mode & S_IFMT) != S_IFREG {
+            result.append((checkpoints + "/latest", .damaged("is not a file (a directory or another kind): no checkpoint can be made "
+                + "latest while it is there")))
+        } else if let bytes = FileManager.default.contents(atPath: checkpoints + "/latest") {
             if let text = String(data: bytes, encoding: .utf8) {
                 let latest = text.trimmingCharacters(in: .whitespacesAndNewlines)
                 if !names.contains(latest) {
-                    result.append((checkpoints + "/latest", .damaged("names \(latest.isEmpty ? "nothing" : latest), which is not there")))
+                    // A path, not a name of this directory's checkpoints, is passed over by a resume, even where it
+                    // leads to one of them.
+                    let why = latest.contains("/") ? "which is not the name of a checkpoint in \(checkpoints) (it must be a file "
+                        + "name, such as step-00000060.safetensors; a resume passes it over)" : "which is not there"
+                    result.append((checkpoints + "/latest", .damaged("names \(latest.isEmpty ? "nothing" : latest), \(why)")))
                 }
             } else {
                 result.append((checkpoints + "/latest", .damaged("not text (\(bytes.count) bytes that are not UTF-8): it names no checkpoint")))

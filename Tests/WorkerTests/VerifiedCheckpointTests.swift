@@ -404,4 +404,28 @@ struct FullDiskTests {
         #expect(missing.output.contains("\(empty.path)/none: MISSING: no such file"), "\(missing.output)")
         #expect(missing.output.contains("bpworker verify: 2 damaged or missing"), "\(missing.output)")
     }
+
+    /// `latest` as a path (even to a checkpoint that is there) is passed over by a resume, and verify says why (it said
+    /// the file was not there); `latest` as a directory made every checkpoint of a resume fail (the rename onto it) and
+    /// verify said nothing: now verify calls it damaged and train refuses the directory at once.
+    @Test func aLatestThatIsAPathOrADirectoryIsNamed() throws {
+        let data = try SyntheticData(samples: 200)
+        defer { data.remove() }
+        let run = temporaryRunDirectory()
+        let trained = try Harness.local(["train", "--local", "--run-dir", run, "--set", "model.hidden=[8]", "--set", "training.epochs=1",
+                                         "--set", "training.batch_size=8"] + data.arguments)
+        #expect(trained.status == 0, "\(trained.output)")
+        let latest = try latestCheckpoint(run)
+        try Data((run + "/checkpoints/" + latest).utf8).write(to: URL(fileURLWithPath: run + "/checkpoints/latest"))
+        let path = try Harness.local(["verify", run])
+        #expect(path.status == 1 && path.output.contains("which is not the name of a checkpoint in \(run)/checkpoints (it must be a file name"),
+                "\(path.output)")
+        try FileManager.default.removeItem(atPath: run + "/checkpoints/latest")
+        try FileManager.default.createDirectory(atPath: run + "/checkpoints/latest", withIntermediateDirectories: false)
+        let directory = try Harness.local(["verify", run])
+        #expect(directory.status == 1 && directory.output.contains("checkpoints/latest: DAMAGED: is not a file"), "\(directory.output)")
+        let resumed = try Harness.local(["train", "--local", "--run-dir", run, "--resume"])
+        #expect(resumed.status == 1 && resumed.output.contains("checkpoints/latest is not a file (a directory or another kind)"),
+                "\(resumed.output)")
+    }
 }
