@@ -286,7 +286,9 @@ public enum HDF5 {
 
 /// Feature rows of one HDF5 dataset ([N, ...], or [N] for one value per sample), read on demand from a file
 /// opened read-only: contiguous or chunked, gzip-compressed or not. Stored uint8 is delivered as uint8;
-/// float32 and float64 as float32 (HDF5 converts on read, rounding to nearest as NumPy's `astype` does).
+/// float32 and float64 as float32 (HDF5 converts on read, rounding to nearest as NumPy's `astype` does for float64 in
+/// the machine's byte order; big-endian float64 goes through libhdf5's own conversion, which rounds a value exactly
+/// halfway between two float32 up where NumPy rounds it to even: such values differ in their last bit).
 ///
 /// `@unchecked Sendable`: the scratch buffers are used by one thread at a time (the `RowReader` contract), and
 /// every library call holds the process-wide lock.
