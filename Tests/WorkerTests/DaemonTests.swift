@@ -366,6 +366,36 @@ struct DaemonTests {
         #expect(try String(contentsOfFile: run + "/status.json", encoding: .utf8).contains("\"state\" : \"stopped\""))
     }
 
+    /// The launcher's restarts keep the caller's `--resume PATH` until the job writes a checkpoint of its own: in a
+    /// directory whose earlier run had newer checkpoints, a rank killed before the first one of this job was restarted
+    /// from that earlier run's latest, under the new settings. And a stop signal between attempts is not lost.
+    @Test func theLauncherRestartsFromTheCallersCheckpointUntilItWritesItsOwn() throws {
+        let data = try SyntheticData(samples: 200)
+        defer { data.remove() }
+        let run = temporaryRunDirectory()
+        let earlier = try Harness.mpirun(2, job(data, runDir: run, extra: ["--set", "checkpoint.keep=20"]))
+        #expect(earlier.status == 0, "\(earlier.output)")
+        let hosts = TemporaryFiles.path("hosts-")
+        try Data("localhost slots=2\n".utf8).write(to: hosts)
+        let launcher = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent().appendingPathComponent("cluster/mpirun-multinode").path
+        // From step 7 of 36 (checkpoints every 7 steps and at epoch ends): rank 1 is killed at step 10, before this
+        // job's first checkpoint (12).
+        let from = run + "/checkpoints/step-00000007.safetensors"
+        let arguments = Array(job(data, runDir: run, extra: ["--resume", from, "--set", "optimizer.lr=0.02"]).dropFirst())
+        let launched = try Harness.start("/bin/bash", [launcher, "--max-restarts", "2"] + arguments, environment: [
+            "HOSTFILE": hosts.path, "IFACE": "lo", "RANKS_PER_NODE": "2", "CORES_PER_NODE": "2", "BPWORKER": Harness.executable.path,
+            "BPWORKER_TEST_STEP_SLEEP_MS": "150", "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"])
+        #expect(launched.waitFor(60) { $0.contains("step 10/12") }, "\(launched.output)")
+        let heartbeat = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: run + "/heartbeat/rank-1.json"))) as? [String: Any]
+        let pid = try #require(heartbeat?["pid"] as? Int)
+        kill(pid_t(pid), SIGKILL)
+        let r = launched.wait(timeout: 120)
+        #expect(r.status == 0, "\(r.output)")
+        #expect(occurrences(of: "resumed from \(from): step 7,", in: r.output) == 2, "\(r.output)")
+        #expect(!r.output.contains("resumed from \(run)/checkpoints/step-00000036"), "\(r.output)")
+    }
+
     @Test func resumingOnAnotherWorldSizeSaysWhatChanges() throws {
         let data = try SyntheticData(samples: 200)
         defer { data.remove() }
