@@ -222,6 +222,14 @@ struct DistributedGradientCheckTests {
         #expect(r.status == 0, "\(r.output)")
         #expect(r.output.contains("0.weight  [32, 784]    25088      0"), "\(r.output)")
         #expect(!r.output.contains("FAIL"), "\(r.output)")
+        // And a wrong one still fails where its coordinates are small: 0.1% on 2.weight of a deep sigmoid MLP, whose
+        // coordinates of 1e-6 fell within the rounding level at eps / 100 when any smaller step's error could stand.
+        for (fault, tensor) in [("scaled:2.weight:1.001", "2.weight"), ("scaled:0.bias:1.003", "0.bias")] {
+            let wrong = try Harness.local(["gradcheck", "--local", "--run-dir", temporaryRunDirectory(), "--set", "model.activation=sigmoid",
+                                           "--set", "model.hidden=[16,16,16,16,16,16,16]", "--set", "gradcheck.all=true"],
+                                          environment: ["BPWORKER_TEST_GRADIENT_FAULT": fault], timeout: 120)
+            #expect(wrong.status == 1 && wrong.output.contains("FAIL: \(tensor) "), "\(wrong.output)")
+        }
     }
 
     @Test func theGradcheckCommandIsWatched() throws {
