@@ -345,6 +345,8 @@ struct BadInputTests {
 
     @Test func impossibleSettings() throws {
         try expectCleanFailure(["--set", "model.dropout=1.5"], message: "model.dropout must be in [0, 1)")
+        // A step so small that the rounding level swallows any error: at 1e-12 a gradient twice too large passed.
+        try expectCleanFailure(["--set", "gradcheck.eps=1e-12"], message: "gradcheck.eps must be in [1e-8, 0.1], got 1e-12")
         try expectCleanFailure(["--set", "optimizer.momentum=2"], message: "momentum must be in [0, 1)")
         try expectCleanFailure(["--set", "model.label_smoothing=1"], message: "model.label_smoothing must be in [0, 1)")
         try expectCleanFailure(["--set", "data.augment.erase=1.5"], message: "data.augment.erase must be a probability in [0, 1]")

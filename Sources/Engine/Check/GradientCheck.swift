@@ -25,8 +25,16 @@ public struct GradientCheckOptions: Equatable, Sendable {
 
     public init() {}
 
+    /// The steps `validate` takes.
+    public static let smallestEpsilon = 1e-8, largestEpsilon = 0.1
+
     public func validate() throws(GradientCheckOptionsError) {
-        guard epsilon > 0, epsilon < 1 else { throw GradientCheckOptionsError("gradient check eps must be in (0, 1), got \(epsilon)") }
+        // The level below which a difference counts as rounding grows as 1 / eps (100 ulp(J) / eps): at 1e-12 it
+        // passed a gradient twice too large, at 1e-20 every quotient was NaN. At 1e-8 it is about 1e-6 of a cost near 1.
+        guard epsilon >= Self.smallestEpsilon, epsilon <= Self.largestEpsilon else {
+            throw GradientCheckOptionsError("gradcheck.eps must be in [1e-8, 0.1], got \(epsilon): below, rounding swallows real "
+                + "errors; above, truncation fails correct ones")
+        }
         guard samplesPerTensor > 0 else {
             throw GradientCheckOptionsError("gradcheck.samples (samples per tensor) must be positive, got \(samplesPerTensor)")
         }
