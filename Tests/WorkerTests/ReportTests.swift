@@ -527,6 +527,9 @@ struct ReportTests {
         let loss = Axis.logarithmic(low: 0.023, high: 2.3)
         #expect(loss.ticks.first == 0.01 && loss.ticks.last == 10)
         #expect(loss.label(0.05, percent: false) == "0.05")
+        // Steps are whole numbers: a run of 3 steps has ticks 0, 1, 2, 3 (at 0.5 apart they read 0 1 1 2 2 3 3).
+        let short = Axis.linear(low: 0, high: 3, includeZero: true, targetTicks: 8, integral: true)
+        #expect(short.ticks == [0, 1, 2, 3] && short.ticks.map { short.label($0, percent: false) } == ["0", "1", "2", "3"], "\(short)")
         let one = Axis.linear(low: 0.5, high: 0.5, includeZero: false, targetTicks: 6)
         #expect(one.low < 0.5 && one.high > 0.5, "a single value gets a range around it")
         // A diverging run's loss: ticks beyond Int's range are labelled in exponent form (rounding them to an Int

@@ -69,7 +69,8 @@ struct Chart {
         out += "<text class=\"title\" x=\"\(Int(left))\" y=\"20\">\(escapeHTML(title))</text>\n"
         let points = finitePoints
         let maxStep = max(1, points.map(\.x).max() ?? 0, Double(markers.map(\.step).max() ?? 0))
-        let xAxis = Axis.linear(low: 0, high: maxStep, includeZero: true, targetTicks: 8)
+        // Steps are whole: ticks at least 1 apart (a run of 3 steps had ticks at 0.5 labelled 0 1 1 2 2 3 3).
+        let xAxis = Axis.linear(low: 0, high: maxStep, includeZero: true, targetTicks: 8, integral: true)
         let ys = points.map(\.y).filter { scale == .linear || $0 > 0 }
         let yAxis: Axis = scale == .logarithmic
             ? Axis.logarithmic(low: ys.min() ?? 1, high: ys.max() ?? 10)
@@ -196,7 +197,9 @@ struct Axis {
 
     /// A tick spacing of 1, 2 or 5 times a power of ten, about `targetTicks` ticks over the range, and the range
     /// widened to whole ticks.
-    static func linear(low: Double, high: Double, includeZero: Bool, targetTicks: Int, unitInterval: Bool = false) -> Axis {
+    /// `integral`: whole-number values (steps), so a tick spacing of at least 1.
+    static func linear(low: Double, high: Double, includeZero: Bool, targetTicks: Int, unitInterval: Bool = false,
+                       integral: Bool = false) -> Axis {
         var low = includeZero ? min(0, low) : low
         var high = includeZero ? max(0, high) : high
         if unitInterval { low = max(0, low); high = min(1, high) }
@@ -212,7 +215,7 @@ struct Axis {
         // that a step is no normal number (a learning rate of 1e-323). Its two ends alone, in scientific notation.
         guard raw.isNormal, (high - low).isFinite else { return Axis(low: low, high: high, ticks: [low, high], scientific: true) }
         let power = pow(10, floor(log10(raw)))
-        let spacing = [1.0, 2, 5, 10].map { $0 * power }.first { $0 >= raw } ?? 10 * power
+        let spacing = max(integral ? 1 : 0, [1.0, 2, 5, 10].map { $0 * power }.first { $0 >= raw } ?? 10 * power)
         let first = floor(low / spacing) * spacing
         let last = ceil(high / spacing) * spacing
         let count = Int(((last - first) / spacing).rounded())
