@@ -78,6 +78,17 @@ struct MemoryEstimate {
             // SafeTensorsWriter holds every tensor's bytes and then the whole file: twice the checkpoint's size.
             items.append(Item(name: "checkpoint serialization", bytes: 2 * Double(1 + stateNames.count) * parameters * 4))
         }
+        // `--timeline`: every rank's recording buffer and the copy it sends (80 bytes an event of its capacity), and on
+        // rank 0 the gathered events of every rank and the trace built from them: measured, about 450 bytes per event of
+        // each rank's capacity (the window holds fewer than it has room for), counted as 500. A 4,000-step window of the
+        // default model peaked at 274 MiB where 123 were counted, and was killed by its cgroup; now 330 are (2 ranks,
+        // 2,000 steps: 305 measured, 323 counted).
+        if config.timelineSteps > 0 {
+            let buckets = config.bucketKiB > 0 ? max(1, Int((parameters * 4 / Double(config.bucketKiB * 1024)).rounded(.up))) : 1
+            let events = Double(Timeline.capacity(steps: config.timelineSteps, runSteps: config.timelineSteps,
+                                                  layers: spec.layers.count, buckets: buckets))
+            items.append(Item(name: "timeline", bytes: events * (80 + (rank == 0 ? Double(worldSize) * 500 : 0))))
+        }
         // The check runs on rank 0, or on every rank when it is distributed (synchronized batch norm).
         if config.gradcheckEnabled && (rank == 0 || config.batchNorm == .sync) {
             let check = Model<Double>.footprint(spec: spec, batchCapacity: config.gradcheckBatch)

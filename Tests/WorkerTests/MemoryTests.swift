@@ -73,8 +73,9 @@ struct MemoryTests {
     // MARK: - The estimate and the message of each limit
 
     func estimate(hidden: [Int], optimizer: OptimizerKind = .sgd, rank: Int = 0, worldSize: Int = 2, gradcheck: Bool = false,
-                  batchNorm: Configuration.BatchNormMode = .local) throws -> MemoryEstimate {
+                  batchNorm: Configuration.BatchNormMode = .local, timelineSteps: Int = 0) throws -> MemoryEstimate {
         var config = Configuration()
+        config.timelineSteps = timelineSteps
         config.hidden = hidden
         config.optimizer = optimizer
         config.gradcheckEnabled = gradcheck
@@ -108,6 +109,14 @@ struct MemoryTests {
             #expect((checked["gradient-check vectors"] != nil) == counted && (checked["float64 gradient-check copy"] != nil) == counted)
             if counted { #expect(checked["gradient-check vectors"]! >= 2 * 814_090 * 8) }
         }
+        // `--timeline`: each rank's buffer, and on rank 0 every rank's events and the trace built from them (a 4,000-step
+        // window of the default model peaked at 274 MiB where 123 were counted). Rank 0's part grows with the ranks.
+        func timeline(rank: Int, worldSize: Int) throws -> Double {
+            try estimate(hidden: [512, 256], rank: rank, worldSize: worldSize, timelineSteps: 4000).items.first { $0.name == "timeline" }?.bytes ?? 0
+        }
+        #expect(try estimate(hidden: [512, 256]).items.allSatisfy { $0.name != "timeline" })
+        let (one, four, other) = (try timeline(rank: 0, worldSize: 1), try timeline(rank: 0, worldSize: 4), try timeline(rank: 1, worldSize: 4))
+        #expect(one >= 150 * mib && four > 3 * one && other > 0 && other < one / 4, "\(one) \(four) \(other)")
     }
 
     @Test func eachLimitIsCheckedAndNamed() throws {
