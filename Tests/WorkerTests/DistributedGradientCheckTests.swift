@@ -222,6 +222,16 @@ struct DistributedGradientCheckTests {
         #expect(r.status == 0, "\(r.output)")
         #expect(r.output.contains("0.weight  [32, 784]    25088      0"), "\(r.output)")
         #expect(!r.output.contains("FAIL"), "\(r.output)")
+        // A check batch of 2 (or 1 per rank, distributed): batch norm's float64 variance as E[x^2] - mean^2 lost digits
+        // where a feature's two values nearly agreed, and a weight whose true derivative is 0 (analytic 3e-16) read
+        // -8e-9 by finite differences: FAIL. The variance is now summed about the mean in float64.
+        let two = ["--set", "model.layers=[linear 32, batchnorm, tanh, linear 16]", "--set", "gradcheck.all=true"]
+        let local = try Harness.local(["gradcheck", "--local", "--run-dir", temporaryRunDirectory(), "--set", "gradcheck.batch=2"] + two,
+                                      timeout: 120)
+        #expect(local.status == 0 && !local.output.contains("FAIL"), "\(local.output)")
+        let distributed = try Harness.mpirun(2, ["gradcheck", "--distributed", "--run-dir", temporaryRunDirectory(), "--set", "gradcheck.batch=1",
+                                                 "--set", "model.batchnorm=sync"] + two, timeout: 120)
+        #expect(distributed.status == 0 && !distributed.output.contains("FAIL"), "\(distributed.output)")
         // And a wrong one still fails where its coordinates are small: 0.1% on 2.weight of a deep sigmoid MLP, whose
         // coordinates of 1e-6 fell within the rounding level at eps / 100 when any smaller step's error could stand.
         for (fault, tensor) in [("scaled:2.weight:1.001", "2.weight"), ("scaled:0.bias:1.003", "0.bias")] {

@@ -152,6 +152,27 @@ final class BatchNormStatistics<T: Scalar> {
         shift.deallocate()
     }
 
+    /// Double input (the float64 gradient check): replaces the sums of squares with the sums of (x - mean)^2, summed
+    /// across ranks like the first sums (a second collective, which every rank of the check makes). E[x^2] - mean^2
+    /// loses digits where a feature's values nearly agree, as in a check batch of 2, and the cost's rounding then
+    /// exceeded what the check allows: correct models failed (docs/gradient-checking.md).
+    private func centredSquares(_ x: UnsafePointer<T>, count: Int, n: Double) {
+        let squares = UnsafeMutableBufferPointer(rebasing: sums[features..<(2 * features)])
+        squares.update(repeating: 0)
+        for b in 0..<count {
+            for c in 0..<features {
+                let m = sums[c] / n, run = x + (b * features + c) * positions
+                var q = 0.0
+                for i in 0..<positions {
+                    let d = Double(run[i]) - m
+                    q += d * d
+                }
+                squares[c] += q
+            }
+        }
+        reducer?.sumAcrossRanks(squares)
+    }
+
     /// The statistics of input `x` (the batch's, summed across ranks under a reducer, or the running ones in
     /// evaluation), the running statistics moved in training, and `scale` and `shift` from them.
     func update(_ x: UnsafePointer<T>, count: Int, mode: ForwardMode, parameters: UnsafeMutablePointer<T>,
@@ -166,10 +187,12 @@ final class BatchNormStatistics<T: Scalar> {
             reducer?.sumAcrossRanks(sums)
             let n = sums[2 * features]
             lastCount = n
+            if T.self == Double.self { centredSquares(x, count: count, n: n) }
             for c in 0..<features {
                 let m = sums[c] / n
-                // E[x^2] - m^2 in Double: the values are Float activations, far inside Double's precision.
-                let variance = max(0, sums[features + c] / n - m * m)
+                // E[x^2] - m^2 in Double: the values are Float activations, far inside Double's precision. Double values
+                // (the gradient check) are not: their sum of squares about the mean, taken apart.
+                let variance = T.self == Double.self ? sums[features + c] / n : max(0, sums[features + c] / n - m * m)
                 mean[c] = m
                 inverseDeviation[c] = 1 / (variance + epsilon).squareRoot()
                 if mode == .train {
