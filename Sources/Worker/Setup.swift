@@ -189,17 +189,18 @@ enum Setup {
         // The training set is read ahead only for statistics; without them, the step whose batch holds a NaN stops
         // and names the sample (numerics). The test set has no such check: a NaN there made every evaluation's loss NaN
         // and its accuracy whatever the NaN rows' scores gave, so it is read once here.
-        requireFinite(session, test)
+        if test.features.element == .float32 { _ = finiteChunkSums(session, test) }
         test.normalize(like: train)
     }
 
-    /// float32 features: refuses, on every rank, a set that holds a NaN or an infinity, naming the sample. Each rank
-    /// sums every `worldSize`-th chunk of 4,096 samples, as `standardize` does, and the sums are gathered.
-    private static func requireFinite(_ session: Session, _ data: Dataset) {
-        guard data.features.element == .float32 else { return }
+    /// float32 features: the sum of every chunk of 4,096 samples, each rank summing every `worldSize`-th chunk (the
+    /// others add 0, so the allreduce gathers them exactly); a set that holds a NaN or an infinity is refused on every
+    /// rank, naming the sample, since every rank then has every chunk's sum.
+    private static func finiteChunkSums(_ session: Session, _ data: Dataset) -> [Double] {
         let mine = stride(from: session.rank, to: data.statisticsChunks, by: session.worldSize)
         let sums = summedAcrossRanks(session, session.agree("data statistics") { try data.chunkSums(chunks: mine, center: 0, squared: false) })
         session.agree("data") { try data.requireFinite(chunkSums: sums) }
+        return sums
     }
 
     /// `values` summed over the ranks; a failed allreduce ends the job.
@@ -233,20 +234,18 @@ enum Setup {
     /// every rank with that rank's message, before any waits in the sums' allreduce for it.
     private static func standardize(_ session: Session, _ train: inout Dataset) {
         let mine = stride(from: session.rank, to: train.statisticsChunks, by: session.worldSize)
-        func summed<T: MPIScalar>(_ values: [T]) -> [T] { summedAcrossRanks(session, values) }
         let data = train
         switch train.features.element {
         case .uint8:
-            let histogram = summed(session.agree("data statistics") { try data.byteHistogram(chunks: mine) })
+            let histogram = summedAcrossRanks(session, session.agree("data statistics") { try data.byteHistogram(chunks: mine) })
             train.standardize(histogram: histogram)
         case .float32:
             let n = Double(train.features.count)
-            // Each chunk's sum comes from one rank (the others add 0): the allreduce gathers them exactly. Every rank
-            // then has every chunk's sum, so a non-finite one is every rank's error, said once.
-            let sums = summed(session.agree("data statistics") { try data.chunkSums(chunks: mine, center: 0, squared: false) })
-            session.agree("data") { try data.requireFinite(chunkSums: sums) }
+            let sums = finiteChunkSums(session, data)
             let mean = n > 0 ? sums.reduce(0, +) / n : 0
-            let squares = summed(session.agree("data statistics") { try data.chunkSums(chunks: mine, center: mean, squared: true) })
+            let squares = summedAcrossRanks(session, session.agree("data statistics") {
+                try data.chunkSums(chunks: mine, center: mean, squared: true)
+            })
             train.standardize(mean: mean, variance: n > 0 ? squares.reduce(0, +) / n : 0)
         }
     }

@@ -343,6 +343,18 @@ struct DaemonTests {
         #expect(!FileManager.default.fileExists(atPath: run + "/model.safetensors"))
     }
 
+    /// `cluster/mpirun-multinode --max-restarts 2` on this machine (a hostfile of `localhost`, 2 ranks) for the
+    /// arguments of a `train` job (the launcher adds `train` itself), each step slowed by `stepSleepMs`.
+    func startLauncher(_ train: [String], stepSleepMs: Int) throws -> Harness.Running {
+        let hosts = TemporaryFiles.path("hosts-")
+        try Data("localhost slots=2\n".utf8).write(to: hosts)
+        let launcher = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent().appendingPathComponent("cluster/mpirun-multinode").path
+        return try Harness.start("/bin/bash", [launcher, "--max-restarts", "2"] + train.dropFirst(), environment: [
+            "HOSTFILE": hosts.path, "IFACE": "lo", "RANKS_PER_NODE": "2", "CORES_PER_NODE": "2", "BPWORKER": Harness.executable.path,
+            "BPWORKER_TEST_STEP_SLEEP_MS": "\(stepSleepMs)", "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"])
+    }
+
     /// `cluster/mpirun-multinode` on this machine (a hostfile of `localhost`): a SIGTERM to the launcher stops the run
     /// with a checkpoint, and the launcher exits 0, as its header says of a stop (mpirun's own exit after a forwarded
     /// SIGTERM is 1, which the launcher passed on).
@@ -350,14 +362,7 @@ struct DaemonTests {
         let data = try SyntheticData(samples: 200)
         defer { data.remove() }
         let run = temporaryRunDirectory()
-        let hosts = TemporaryFiles.path("hosts-")
-        try Data("localhost slots=2\n".utf8).write(to: hosts)
-        let launcher = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
-            .deletingLastPathComponent().appendingPathComponent("cluster/mpirun-multinode").path
-        let arguments = Array(job(data, runDir: run, extra: ["--set", "training.epochs=30"]).dropFirst())  // the launcher adds `train`
-        let job = try Harness.start("/bin/bash", [launcher, "--max-restarts", "2"] + arguments, environment: [
-            "HOSTFILE": hosts.path, "IFACE": "lo", "RANKS_PER_NODE": "2", "CORES_PER_NODE": "2", "BPWORKER": Harness.executable.path,
-            "BPWORKER_TEST_STEP_SLEEP_MS": "20", "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"])
+        let job = try startLauncher(job(data, runDir: run, extra: ["--set", "training.epochs=30"]), stepSleepMs: 20)
         #expect(job.waitFor(60) { $0.contains("checkpoint: ") }, "\(job.output)")
         job.signal(SIGTERM)
         let r = job.wait(timeout: 60)
@@ -368,24 +373,17 @@ struct DaemonTests {
 
     /// The launcher's restarts keep the caller's `--resume PATH` until the job writes a checkpoint of its own: in a
     /// directory whose earlier run had newer checkpoints, a rank killed before the first one of this job was restarted
-    /// from that earlier run's latest, under the new settings. And a stop signal between attempts is not lost.
+    /// from that earlier run's latest, under the new settings.
     @Test func theLauncherRestartsFromTheCallersCheckpointUntilItWritesItsOwn() throws {
         let data = try SyntheticData(samples: 200)
         defer { data.remove() }
         let run = temporaryRunDirectory()
         let earlier = try Harness.mpirun(2, job(data, runDir: run, extra: ["--set", "checkpoint.keep=20"]))
         #expect(earlier.status == 0, "\(earlier.output)")
-        let hosts = TemporaryFiles.path("hosts-")
-        try Data("localhost slots=2\n".utf8).write(to: hosts)
-        let launcher = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
-            .deletingLastPathComponent().appendingPathComponent("cluster/mpirun-multinode").path
         // From step 7 of 36 (checkpoints every 7 steps and at epoch ends): rank 1 is killed at step 10, before this
         // job's first checkpoint (12).
         let from = run + "/checkpoints/step-00000007.safetensors"
-        let arguments = Array(job(data, runDir: run, extra: ["--resume", from, "--set", "optimizer.lr=0.02"]).dropFirst())
-        let launched = try Harness.start("/bin/bash", [launcher, "--max-restarts", "2"] + arguments, environment: [
-            "HOSTFILE": hosts.path, "IFACE": "lo", "RANKS_PER_NODE": "2", "CORES_PER_NODE": "2", "BPWORKER": Harness.executable.path,
-            "BPWORKER_TEST_STEP_SLEEP_MS": "150", "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"])
+        let launched = try startLauncher(job(data, runDir: run, extra: ["--resume", from, "--set", "optimizer.lr=0.02"]), stepSleepMs: 150)
         #expect(launched.waitFor(60) { $0.contains("step 10/12") }, "\(launched.output)")
         let heartbeat = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: run + "/heartbeat/rank-1.json"))) as? [String: Any]
         let pid = try #require(heartbeat?["pid"] as? Int)

@@ -316,7 +316,7 @@ private final class FiniteDifferences {
     }
 
     /// One coordinate from each stratum of the tensor (every coordinate with `checkAllCoordinates`). A coordinate
-    /// that straddles a kink at eps (or disagrees beyond truncation, `compare`) is tried again at eps / 10 and eps / 100
+    /// that straddles a kink at eps (or disagrees beyond truncation, `refine`) is tried again at eps / 10 and eps / 100
     /// (`step(try:epsilon:)`): in a deep
     /// network a batch norm parameter of an early layer moves every activation after it, and at eps some ReLU input
     /// near zero crosses. On fashion-resnet `1.bias` had 1 of its 8 coordinates checked (119 skipped). Only a
@@ -392,33 +392,38 @@ private final class FiniteDifferences {
             gradientNorm: norm, worst: found.worst, verdict: verdict, note: note)
     }
 
-    /// The numeric value and relative error of one comparison (a coordinate or the random direction), nil when every
-    /// step straddles a kink. `difference(step)` is the quotient at that step, nil at a kink. Two things make a
-    /// smaller step worth a try:
-    /// - a kink between the two passes: the next step is tried, down to eps / 100 (`step(try:epsilon:)`);
-    /// - an error above the pass threshold: the truncation error of a two-sided difference falls with the step
-    ///   squared, and a wrong backward pass does not, so the smaller steps are measured too and the smallest error
-    ///   stands. With `gradcheck.all` on an MLP with batch norm over a check batch of 4, a correct coordinate of
-    ///   2.4e-6 (next to a tensor norm of 43) was 7e-10 off at eps, 2.8e-4 relative: failed. At eps / 10 it agrees to
-    ///   3e-6. A backward pass 0.1% wrong is 0.1% wrong at every step.
+    /// The numeric value and relative error of one coordinate's comparison, nil when every step straddles a kink:
+    /// `difference(step)` is the quotient at that step, nil at a kink. A kink between the two passes moves on to the
+    /// next step, down to eps / 100 (`step(try:epsilon:)`); the first quotient compared is then `refined`.
+    func compare(analytic: Double, difference: (Double) -> Double?) -> (numeric: Double, relativeError: Double)? {
+        for attempt in 0..<Self.steps {
+            guard let numeric = difference(Self.step(try: attempt, epsilon: options.epsilon)) else { continue }
+            let refined = refine(analytic: analytic, numeric: numeric, at: attempt, difference: difference)
+            return (refined.numeric, refined.relativeError)
+        }
+        return nil
+    }
+
+    /// A quotient `numeric` taken at attempt `first` (a coordinate's or the random direction's), measured again at the
+    /// smaller steps while its error is above the pass threshold: the truncation error of a two-sided difference falls
+    /// with the step squared, and a wrong backward pass does not. With `gradcheck.all` on an MLP with batch norm over a
+    /// check batch of 4, a correct coordinate of 2.4e-6 (next to a tensor norm of 43) was 7e-10 off at eps, 2.8e-4
+    /// relative: failed. At eps / 10 it agrees to 3e-6.
     ///
     /// A smaller step's error stands only where the discrepancy itself shrank, by `truncationShrink` at least:
     /// truncation shrinks a hundredfold at a tenth of the step, a wrong gradient not at all. Taking the smallest error
     /// of any step passed wrong ones: at eps / 100 the rounding level is a hundred times eps's, and a coordinate of
     /// 7.6e-6 made 0.1% wrong fell within it there (tested).
-    func compare(analytic: Double, difference: (Double) -> Double?) -> (numeric: Double, relativeError: Double)? {
-        var best: (numeric: Double, relativeError: Double)? = nil
-        var first: Double? = nil  // |analytic - numeric| at the first step compared
-        for attempt in 0..<Self.steps {
+    func refine(analytic: Double, numeric: Double, at first: Int, difference: (Double) -> Double?)
+        -> (numeric: Double, relativeError: Double, step: Double) {
+        let firstStep = Self.step(try: first, epsilon: options.epsilon)
+        var best = (numeric: numeric, relativeError: comparisonError(analytic, numeric, step: firstStep), step: firstStep)
+        let discrepancy = abs(analytic - numeric)
+        for attempt in (first + 1)..<max(first + 1, Self.steps) where best.relativeError > options.passThreshold {
             let step = Self.step(try: attempt, epsilon: options.epsilon)
-            guard let numeric = difference(step) else { continue }
-            let discrepancy = abs(analytic - numeric), error = comparisonError(analytic, numeric, step: step)
-            if let first {
-                if discrepancy <= first / Self.truncationShrink && error < best!.relativeError { best = (numeric, error) }
-            } else {
-                (first, best) = (discrepancy, (numeric, error))
-            }
-            if best!.relativeError <= options.passThreshold { break }
+            guard let smaller = difference(step), abs(analytic - smaller) <= discrepancy / Self.truncationShrink else { continue }
+            let error = comparisonError(analytic, smaller, step: step)
+            if error < best.relativeError { best = (smaller, error, step) }
         }
         return best
     }
@@ -474,16 +479,9 @@ private final class FiniteDifferences {
                 continue
             }
             direction.analytic = zip(analytic, u).reduce(0) { $0 + $1.0 * $1.1 }
-            (direction.numeric, direction.relativeError) = (numeric, comparisonError(direction.analytic, numeric, step: epsilon))
-            // Above the pass threshold: the same direction at the smaller steps too, where its discrepancy shrank as
-            // truncation's does (a wrong backward pass's does not; see `compare`).
-            let first = abs(direction.analytic - numeric)
-            for smaller in (attempt + 1)..<max(attempt + 1, Self.steps) where direction.relativeError > options.passThreshold {
-                let step = Self.step(try: smaller, epsilon: options.epsilon)
-                guard let numeric = along(step), abs(direction.analytic - numeric) <= first / Self.truncationShrink else { continue }
-                let error = comparisonError(direction.analytic, numeric, step: step)
-                if error < direction.relativeError { (direction.numeric, direction.relativeError, direction.epsilon) = (numeric, error, step) }
-            }
+            // Above the pass threshold: the same direction at the smaller steps too (`refine`).
+            (direction.numeric, direction.relativeError, direction.epsilon) =
+                refine(analytic: direction.analytic, numeric: numeric, at: attempt, difference: along)
             direction.note = nil
             direction.verdict = direction.relativeError <= options.passThreshold ? .pass
                 : direction.relativeError <= options.warnThreshold ? .warn : .fail

@@ -99,16 +99,23 @@ extension Model {
 }
 
 extension Residual {
-    /// The inner layer (inside nested blocks too) that owns the parameter `offset` elements past the block's first.
-    func innerLayer(owning offset: Int) -> Layer<T>? {
-        for layers in [body, shortcut] {
-            guard let owner = layers.first(where: {
+    /// Where the block's own layer (body 0 or shortcut 1, and its index) that owns the parameter `offset` elements
+    /// past the block's first is: a nested block, when the owner is inside it.
+    private func position(owning offset: Int) -> (path: Int, index: Int)? {
+        for (path, layers) in [body, shortcut].enumerated() {
+            if let index = layers.firstIndex(where: {
                 $0.parameterCount > 0 && ($0.parameterOffset..<$0.parameterOffset + $0.parameterCount).contains(offset)
-            }) else { continue }
-            if let nested = owner as? Residual<T> { return nested.innerLayer(owning: offset - nested.parameterOffset) }
-            return owner
+            }) { return (path, index) }
         }
         return nil
+    }
+
+    /// The inner layer (inside nested blocks too) that owns the parameter `offset` elements past the block's first.
+    func innerLayer(owning offset: Int) -> Layer<T>? {
+        guard let (path, index) = position(owning: offset) else { return nil }
+        let owner = (path == 0 ? body : shortcut)[index]
+        if let nested = owner as? Residual<T> { return nested.innerLayer(owning: offset - nested.parameterOffset) }
+        return owner
     }
 
     /// Puts `wrap(layer, offset)` in place of the inner layer that owns the parameter `offset` elements past the
@@ -116,19 +123,14 @@ extension Residual {
     /// `wrap` gets it from the first of the block that holds the layer (as the layer's `parameterOffset` is). False
     /// when no inner layer owns it.
     func wrapInnerLayer(owning offset: Int, _ wrap: (Layer<T>, Int) -> Layer<T>) -> Bool {
-        for path in [0, 1] {
-            var layers = path == 0 ? body : shortcut
-            guard let position = layers.firstIndex(where: {
-                $0.parameterCount > 0 && ($0.parameterOffset..<$0.parameterOffset + $0.parameterCount).contains(offset)
-            }) else { continue }
-            if let nested = layers[position] as? Residual<T> {
-                return nested.wrapInnerLayer(owning: offset - nested.parameterOffset, wrap)
-            }
-            layers[position] = wrap(layers[position], offset)
-            replacePath(path, with: layers)
-            return true
+        guard let (path, index) = position(owning: offset) else { return false }
+        var layers = path == 0 ? body : shortcut
+        if let nested = layers[index] as? Residual<T> {
+            return nested.wrapInnerLayer(owning: offset - nested.parameterOffset, wrap)
         }
-        return false
+        layers[index] = wrap(layers[index], offset)
+        replacePath(path, with: layers)
+        return true
     }
 
     /// The fault a `FaultyLayer` inside the block (or a nested one) carries.
