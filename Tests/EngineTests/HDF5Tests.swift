@@ -211,6 +211,41 @@ struct HDF5Tests {
         #expect(Dataset.statisticsBlockBytes == 8 << 20)
     }
 
+    /// A virtual dataset reads through to its sources. One whose source file or source dataset is missing is
+    /// refused naming the mapping: HDF5 read zeros for its rows, and training went on with them.
+    @Test func aVirtualDatasetWithAMissingSourceIsRefusedNotReadAsZeros() throws {
+        let dir = try TemporaryDirectory()
+        _ = try runPython("""
+            import sys, os, h5py, numpy as np
+            d = sys.argv[1]
+            x = np.random.default_rng(5).random((60, 4), dtype=np.float32) + 1
+            for i in range(3):
+                with h5py.File(f'{d}/part{i}.h5', 'w') as f:
+                    f['x'] = x[20 * i:20 * (i + 1)]
+            def layout(name, sources):
+                lay = h5py.VirtualLayout(shape=(60, 4), dtype='f4')
+                for i, (file, dataset) in enumerate(sources):
+                    lay[20 * i:20 * (i + 1)] = h5py.VirtualSource(file, dataset, shape=(20, 4))
+                with h5py.File(f'{d}/{name}', 'w') as f:
+                    f.create_virtual_dataset('x', lay, fillvalue=0)
+            # Relative names, an absolute one whose directory moved (HDF5 then looks for its last component beside
+            # the virtual file), a missing file, and a file without the dataset.
+            layout('whole.h5', [('part0.h5', 'x'), (f'{d}/gone/part1.h5', 'x'), ('part2.h5', 'x')])
+            layout('missing.h5', [('part0.h5', 'x'), ('part9.h5', 'x'), ('part2.h5', 'x')])
+            layout('nodataset.h5', [('part0.h5', 'x'), ('part1.h5', 'y'), ('part2.h5', 'x')])
+            np.save(f'{d}/x.npy', x)
+            """, arguments: [dir.path])
+        let reader = try HDF5Rows(file: dir.file("whole.h5"), dataset: "/x")
+        let rows = Array(0..<60)
+        #expect(try readBytes(reader, rows: rows) == referenceBytes(try NPY.read(path: dir.file("x.npy")), rows: rows))
+        expectError(dir.file("missing.h5") + ":/x", ["mapping 2 of 3", "part9.h5", "cannot be opened", "zeros"]) {
+            _ = try HDF5Rows(file: dir.file("missing.h5"), dataset: "/x")
+        }
+        expectError(dir.file("nodataset.h5") + ":/x", ["mapping 2 of 3", "part1.h5", "no dataset y"]) {
+            _ = try HDF5Rows(file: dir.file("nodataset.h5"), dataset: "/x")
+        }
+    }
+
     @Test func rejectsBadDatasetsNamingFileAndDataset() throws {
         let file = files.path("u8.h5")
         let cases: [(String, [String])] = [

@@ -13,9 +13,17 @@ private let libraryLock = NSLock()
 private func withHDF5<R>(_ body: () throws -> R) rethrows -> R {
     libraryLock.lock()
     defer { libraryLock.unlock() }
+    _ = fileLockingOffEverywhere
     _ = H5Eset_auto2(bp_h5e_default(), nil, nil)
     return try body()
 }
+
+/// File locking off for every file libhdf5 opens in this process, set once before the first library call: the
+/// readers' own access lists turn it off (parallel file systems often lack the locks), but libhdf5 opens a virtual
+/// dataset's sources with its default, and refuses to open one file twice with different locking ("file locking
+/// flag values don't match"): a source then read as zeros. `HDF5_USE_FILE_LOCKING` overrides every access list, so
+/// all opens agree; a value the user set is kept (it applies to all of them alike).
+private let fileLockingOffEverywhere: Void = { _ = setenv("HDF5_USE_FILE_LOCKING", "FALSE", 0) }()
 
 /// The innermost message on this thread's HDF5 error stack (where the library detected the failure, for
 /// example "file signature not found" or "inflate() failed"), or "" when the stack is empty. Call it under
@@ -105,6 +113,10 @@ private struct OpenDataset {
         if let failure { throw failure }
         do {
             var datasetHandle = try openDataset(fileHandle, dataset, name: name, access: bp_h5p_default())
+            do { try requireVirtualSources(datasetHandle, fileHandle: fileHandle, path: file, name: name) } catch {
+                _ = H5Dclose(datasetHandle)
+                throw error
+            }
             let chunked = isChunked(datasetHandle)
             var sizes = (cache: 0, chunk: 0)
             if rowCache, chunked, let (cache, cacheBytes, chunkBytes) = chunkCacheAccess(datasetHandle) {
@@ -153,6 +165,69 @@ private struct OpenDataset {
             throw failure
         }
         return OpenDataset(file: file, dataset: dataset, space: space, shape: shape, stored: stored, chunked: chunked)
+    }
+
+    /// Throws, naming the mapping, when `dataset` is virtual and a source that HDF5 would look for cannot be
+    /// opened: HDF5 then reads the fill value (zeros) for the rows it maps, silently, and training would go on
+    /// with them. A source is looked for as libhdf5 does (H5Pset_virtual's "Source File Resolutions"): `.` is this
+    /// file; a relative name under each prefix of `HDF5_VDS_PREFIX` (with `${ORIGIN}` the virtual file's
+    /// directory), then the virtual file's directory, then as it is; an absolute name as it is, then by its last
+    /// component the same way. The first file that opens is the one HDF5 reads, so its dataset must open too. Names
+    /// with printf-style patterns (`%b`, for unlimited mappings) are left to HDF5.
+    private static func requireVirtualSources(_ dataset: hid_t, fileHandle: hid_t, path: String, name: String) throws {
+        let creation = H5Dget_create_plist(dataset)
+        guard creation >= 0 else { return }
+        defer { _ = H5Pclose(creation) }
+        guard H5Pget_layout(creation) == H5D_VIRTUAL else { return }
+        var count = 0
+        guard H5Pget_virtual_count(creation, &count) >= 0 else {
+            throw libraryFailure(name, "cannot read the virtual dataset's mappings")
+        }
+        func text(_ read: (UnsafeMutablePointer<CChar>?, Int) -> Int) -> String {
+            let length = read(nil, 0)
+            guard length >= 0 else { return "" }
+            var buffer = [CChar](repeating: 0, count: length + 1)
+            _ = read(&buffer, buffer.count)
+            return String(decoding: buffer.prefix(length).map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        }
+        let directory = (path as NSString).deletingLastPathComponent
+        let prefixes = (ProcessInfo.processInfo.environment["HDF5_VDS_PREFIX"] ?? "").split(separator: ":").map {
+            $0.replacingOccurrences(of: "${ORIGIN}", with: directory.isEmpty ? "." : directory)
+        }
+        for index in 0..<count {
+            let source = text { H5Pget_virtual_filename(creation, index, $0, $1) }
+            let sourceDataset = text { H5Pget_virtual_dsetname(creation, index, $0, $1) }
+            if source.contains("%") || sourceDataset.contains("%") { continue }
+            let mapping = "virtual dataset mapping \(index + 1) of \(count), source \(source):\(sourceDataset)"
+            if source == "." {
+                let opened = H5Dopen2(fileHandle, sourceDataset, bp_h5p_default())
+                guard opened >= 0 else {
+                    throw DataError(path: name, reason: "\(mapping): this file has no dataset \(sourceDataset) "
+                        + "(HDF5 would read zeros for its rows)")
+                }
+                _ = H5Dclose(opened)
+                continue
+            }
+            let relative = source.hasPrefix("/") ? (source as NSString).lastPathComponent : source
+            var candidates = source.hasPrefix("/") ? [source] : []
+            candidates += prefixes.map { ($0 as NSString).appendingPathComponent(relative) }
+            candidates += [directory.isEmpty ? relative : (directory as NSString).appendingPathComponent(relative), relative]
+            candidates = candidates.enumerated().filter { !candidates.prefix($0.offset).contains($0.element) }.map(\.element)
+            let access = H5Pcreate(bp_h5p_file_access())
+            _ = H5Pset_file_locking(access, false, true)
+            defer { _ = H5Pclose(access) }
+            guard let found = candidates.lazy.map({ H5Fopen($0, bp_h5f_acc_rdonly(), access) }).first(where: { $0 >= 0 }) else {
+                throw libraryFailure(name, "\(mapping): the source file cannot be opened (looked for "
+                    + "\(candidates.joined(separator: ", "))); HDF5 would read zeros for its rows")
+            }
+            defer { _ = H5Fclose(found) }
+            let opened = H5Dopen2(found, sourceDataset, bp_h5p_default())
+            guard opened >= 0 else {
+                throw DataError(path: name, reason: "\(mapping): the source file has no dataset \(sourceDataset) "
+                    + "(HDF5 would read zeros for its rows)")
+            }
+            _ = H5Dclose(opened)
+        }
     }
 
     private static func isChunked(_ dataset: hid_t) -> Bool {
