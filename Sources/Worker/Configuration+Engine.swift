@@ -230,14 +230,25 @@ extension Configuration {
         try require(timelineWarmupSteps >= 0, "timeline.warmup_steps must be >= 0, got \(timelineWarmupSteps)")
         // The optimizer's keys by name (the engine's own checks below say "momentum", not which key to change).
         try require(learningRate > 0 && learningRate.isFinite, "optimizer.lr must be positive and finite, got \(learningRate)")
+        // Training runs in float32: a value the checks above accept in float64 must survive the conversion, or the
+        // run trains on infinity, zero or a momentum of 1 without a word (lr=1e300 ended "finished" with every
+        // weight inf).
+        try require(Float(learningRate).isFinite && Float(learningRate) > 0,
+                    "optimizer.lr=\(learningRate) is \(Float(learningRate)) in float32, the precision training runs in")
         try require(momentum >= 0 && momentum < 1, "optimizer.momentum must be in [0, 1), got \(momentum)")
+        try require(Float(momentum) < 1, "optimizer.momentum=\(momentum) rounds to 1 in float32, the precision training runs in")
         try require(!(optimizer == .sgd && nesterov && momentum == 0),
                     "optimizer.nesterov (on by default) needs optimizer.momentum > 0; for plain SGD set optimizer.nesterov=false")
         try require(beta1 >= 0 && beta1 < 1, "optimizer.beta1 must be in [0, 1), got \(beta1)")
         try require(beta2 >= 0 && beta2 < 1, "optimizer.beta2 must be in [0, 1), got \(beta2)")
         // An infinite epsilon divides every Adam step to zero: the model silently stops learning.
         try require(epsilon > 0 && epsilon.isFinite, "optimizer.eps must be positive and finite, got \(epsilon)")
+        // Zero in float32, it divides 0 by 0 for every coordinate with no gradient.
+        try require(Float(epsilon) > 0 && Float(epsilon).isFinite,
+                    "optimizer.eps=\(epsilon) is \(Float(epsilon)) in float32, the precision training runs in")
         try require(weightDecay >= 0 && weightDecay.isFinite, "optimizer.weight_decay must be finite and >= 0, got \(weightDecay)")
+        try require(Float(weightDecay).isFinite,
+                    "optimizer.weight_decay=\(weightDecay) is \(Float(weightDecay)) in float32, the precision training runs in")
         try require(clipNorm.isFinite, "optimizer.clip_norm must be finite (0 = off), got \(clipNorm)")
         try require(watchdogSeconds.isFinite, "watchdog.timeout_seconds must be finite (0 = off), got \(watchdogSeconds)")
         do {

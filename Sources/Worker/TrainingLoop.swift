@@ -16,6 +16,11 @@ enum StepOutcome: Equatable {
     case nonFinite(String)
 }
 
+/// Parameters an update made infinite or NaN, or a test loss that is, found before a checkpoint would have kept them.
+struct ModelNotFinite: Error, CustomStringConvertible {
+    let description: String
+}
+
 /// How a run ended: its final state in status.json, the message beside it, and the exit code of every rank.
 struct RunOutcome: Equatable {
     let state: RunStatus.State
@@ -92,6 +97,16 @@ final class TrainingLoop {
     /// Trains from `position` to the last epoch, a stop request, a target accuracy or a failure. Throws only for
     /// communication and file failures, which end the job.
     func run() throws -> RunOutcome {
+        do {
+            return try trainEpochs()
+        } catch let error as ModelNotFinite {
+            let message = "\(error.description); no checkpoint written. Last good state: \(lastCheckpoint ?? "none")"
+            if session.isRoot { session.logger.error("\(message)") }
+            return .failed(message)
+        }
+    }
+
+    private func trainEpochs() throws -> RunOutcome {
         // A resume of a run that reached its target at the checkpoint's epoch end trains nothing more, as a finished one.
         if position.epochStep == 0, let accuracy = position.testAccuracy, config.targetAccuracy > 0 {
             if reachedTargetAccuracy(accuracy, after: position.epoch - 1) { return .finished }
@@ -214,7 +229,11 @@ final class TrainingLoop {
             progress.recordEvent(.skip, step: position.globalStep)
             return nil
         case let .nonFinite(message):
-            _ = try checkpoint()
+            do {
+                _ = try checkpoint()
+            } catch let error as ModelNotFinite {
+                throw ModelNotFinite(description: "\(message); \(error.description)")
+            }
             if session.isRoot { session.logger.error("\(message). Last good state: \(lastCheckpoint ?? "?")") }
             return .failed(message)
         case .completed, .stopRequested:
@@ -268,6 +287,12 @@ final class TrainingLoop {
         }
         progress.reportEvaluation(evaluation, epoch: epoch, globalStep: position.globalStep)
         phases.watched(.report) { progress.writeReport() }
+        // Every rank received the same sums. Finite parameters can still overflow the logits (lr=3e38 ended "finished"
+        // with a test loss of NaN and 10%): that model is no good state to keep either.
+        guard evaluation.lossSum.isFinite else {
+            throw ModelNotFinite(description: "the test loss is not finite after epoch \(epoch + 1) (step "
+                + "\(position.globalStep)): the model's outputs overflow")
+        }
         position.epoch = epoch + 1
         position.epochStep = 0
         let accuracy = Double(evaluation.correct) / Double(max(evaluation.count, 1))
@@ -307,6 +332,7 @@ final class TrainingLoop {
     /// was not (a full disk) is said on rank 0 and counted in `failedCheckpoints`, the previous ones kept.
     @discardableResult
     func checkpoint() throws -> Bool {
+        try requireFiniteParameters()
         checkDataUnchanged()
         let files = (prepared.train.mappedFiles + prepared.test.mappedFiles).map { DataFileRecord(path: $0.path, identity: $0.identity) }
         position.dataFiles = files.isEmpty ? nil : files
@@ -330,6 +356,21 @@ final class TrainingLoop {
         progress.status.step = position.globalStep
         progress.writeStatus()
         return true
+    }
+
+    /// Throws when an update made parameters infinite or NaN (a learning rate that overflows, an epsilon of zero): the
+    /// numerics check reads the loss and gradients, and an update after the last step, or before a checkpoint, left a
+    /// "finished" model or a "last good state" that was neither. Every rank holds the same parameters, so every rank
+    /// finds the same, without a collective. One pass over the parameters per checkpoint.
+    private func requireFiniteParameters() throws {
+        let parameters = model.parameters.baseAddress!
+        guard nonFiniteCount(parameters, model.parameterCount) > 0 else { return }
+        let tensors = model.parameterTable.compactMap { info -> String? in
+            let count = nonFiniteCount(parameters + info.offset, info.count)
+            return count > 0 ? "\(info.name) (\(count) of \(info.count) values)" : nil
+        }
+        let shown = tensors.prefix(4).joined(separator: ", ") + (tensors.count > 4 ? " and \(tensors.count - 4) more tensors" : "")
+        throw ModelNotFinite(description: "the parameters are not finite after step \(position.globalStep)'s update: \(shown)")
     }
 
     /// A mapped data file that changed underneath the run (truncated, rewritten, replaced) ends it on every rank with

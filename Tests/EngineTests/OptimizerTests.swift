@@ -74,6 +74,18 @@ struct OptimizerTests {
     @Test(arguments: [1.0, 0.25])
     func closedFormsDouble(gradientScale: Double) throws { try closedForms(Double.self, gradientScale: gradientScale) }
 
+    /// A beta of 0.99999999 is 1 in float32, and 1 - Float(beta) is 0: m never moved and Adam trained nothing (14% on
+    /// Fashion-MNIST with exit 0). 1 - beta is rounded from float64, as PyTorch computes it: the first step still
+    /// moves every coordinate by lr against the sign of its gradient, as Adam's first step does for any beta.
+    @Test func adamInFloatKeepsBetasThatRoundToOne() throws {
+        let p0 = [1.0, -2.0, 0.5], g = [0.1, -0.3, 2.0], lr = 0.01
+        for (beta1, beta2) in [(0.99999999, 0.999), (0.9, 0.99999999), (0.99999999, 0.99999999)] {
+            let config = OptimizerConfig(kind: .adam, beta1: beta1, beta2: beta2)
+            let moved = try run(Float.self, config, p0: p0, grads: [g], lr: lr, gradientScale: 1)
+            #expect(allClose(moved, (0..<3).map { p0[$0] - lr * (g[$0] > 0 ? 1 : -1) }, 1e-3), "\(beta1) \(beta2): \(moved)")
+        }
+    }
+
     @Test func defaultsFollowTorchOptim() {
         #expect(OptimizerConfig(kind: .adamw).weightDecay == 0.01)
         #expect(OptimizerConfig(kind: .adam).weightDecay == 0)

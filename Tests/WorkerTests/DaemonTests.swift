@@ -207,6 +207,30 @@ struct DaemonTests {
         #expect(status.contains("\"state\" : \"failed\""))
     }
 
+    /// An update with finite gradients that overflows the parameters (SGD at lr 3e38 on raw bytes): the numerics check reads the
+    /// loss and gradients, so the checkpoint after that step was written with infinite weights and named "last good
+    /// state", and a last step's overflow ended "finished". Now no checkpoint keeps them, and every rank fails naming
+    /// the tensors.
+    @Test func anUpdateThatOverflowsTheParametersIsNeverCheckpointed() throws {
+        let data = try SyntheticData(samples: 200)
+        defer { data.remove() }
+        let run = temporaryRunDirectory()
+        let r = try Harness.mpirun(2, job(data, runDir: run, extra: [
+            "--set", "optimizer.name=sgd", "--set", "optimizer.momentum=0", "--set", "optimizer.nesterov=false",
+            "--set", "model.dropout=0", "--set", "optimizer.lr=3e38", "--set", "schedule.warmup_steps=0",
+            "--set", "checkpoint.every_steps=1", "--set", "data.normalize=none",
+        ]))
+        #expect(r.status != 0)
+        #expect(r.output.contains("the parameters are not finite after step 1's update: 0.weight ("), "\(r.output)")
+        #expect(r.output.contains("no checkpoint written. Last good state: none"), "\(r.output)")
+        #expect(!FileManager.default.fileExists(atPath: run + "/model.safetensors"))
+        let checkpoints = (try? FileManager.default.contentsOfDirectory(atPath: run + "/checkpoints")) ?? []
+        #expect(!checkpoints.contains { $0.hasSuffix(".safetensors") }, "\(checkpoints)")
+        let status = try String(contentsOfFile: run + "/status.json", encoding: .utf8)
+        #expect(status.contains("\"state\" : \"failed\""))
+        #expect(status.contains("the parameters are not finite"))
+    }
+
     @Test func nanOnOneRankIsSkippedEverywhereUnderTheSkipPolicy() throws {
         let data = try SyntheticData(samples: 200)
         defer { data.remove() }

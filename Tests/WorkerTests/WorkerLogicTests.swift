@@ -290,6 +290,16 @@ struct WorkerLogicTests {
         #expect(message(["optimizer.name=adam", "optimizer.eps=.inf"]).hasPrefix("optimizer.eps must be positive and finite, got inf"))
         #expect(message(["optimizer.name=adam", "optimizer.beta2=1"]).hasPrefix("optimizer.beta2 must be in [0, 1), got 1.0"))
         #expect(message(["optimizer.clip_norm=.inf"]).hasPrefix("optimizer.clip_norm must be finite (0 = off), got inf"))
+        // Accepted in float64, they are infinity, zero or 1 in the float32 training runs in.
+        #expect(message(["optimizer.lr=1e300"]) == "optimizer.lr=1e+300 is inf in float32, the precision training runs in")
+        #expect(message(["optimizer.lr=1e-50"]) == "optimizer.lr=1e-50 is 0.0 in float32, the precision training runs in")
+        #expect(message(["optimizer.name=adam", "optimizer.eps=1e-300"])
+                == "optimizer.eps=1e-300 is 0.0 in float32, the precision training runs in")
+        #expect(message(["optimizer.weight_decay=1e39"])
+                == "optimizer.weight_decay=1e+39 is inf in float32, the precision training runs in")
+        #expect(message(["optimizer.momentum=0.99999999"])
+                == "optimizer.momentum=0.99999999 rounds to 1 in float32, the precision training runs in")
+        #expect(message(["optimizer.name=adam", "optimizer.beta1=0.99999999", "optimizer.eps=1e-45"]) == "no error")
         #expect(message(["watchdog.timeout_seconds=.inf"]).hasPrefix("watchdog.timeout_seconds must be finite (0 = off)"))
         #expect(message([]) == "no error")
     }

@@ -133,7 +133,8 @@ public final class Optimizer<T: Scalar> {
             let t = Double(stepCount)
             let decoupled = config.kind == .adamw
             adamUpdate(p, g, m: state[0].buffer.baseAddress! + offset, v: state[1].buffer.baseAddress! + offset, n,
-                       gradientScale: s, learningRate: lr, beta1: T(config.beta1), beta2: T(config.beta2), epsilon: T(config.epsilon),
+                       gradientScale: s, learningRate: lr, beta1: T(config.beta1), beta2: T(config.beta2),
+                       oneMinusBeta1: T(1 - config.beta1), oneMinusBeta2: T(1 - config.beta2), epsilon: T(config.epsilon),
                        l2Decay: decoupled ? 0 : wd, decoupledDecay: decoupled ? wd : 0,
                        biasCorrection1: T(1 - Double.pow(config.beta1, t)),
                        biasCorrection2: T(1 - Double.pow(config.beta2, t)))

@@ -68,12 +68,13 @@ public func momentumUpdate<T: Scalar, G: GradientSource>(
 /// AdamW's decoupled decay (Loshchilov and Hutter 2019: p *= 1 - lr wd before the Adam step), with g read as s g:
 ///   m = b1 m + (1 - b1) d;  v = b2 v + (1 - b2) d^2
 ///   p -= (lr / (1 - b1^t)) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
-/// The caller passes the bias corrections for step t (1-based).
+/// The caller passes the bias corrections for step t (1-based), and 1 - b1 and 1 - b2 rounded from float64, as PyTorch
+/// computes them: b1 = 0.99999999 is 1 in float32, and 1 - T(b1) would stop m from ever moving.
 @_specialize(where T == Float, G == Gradients<Float>) @_specialize(where T == Float, G == SummedGradients<Float>)
 @_specialize(where T == Double, G == Gradients<Double>) @_specialize(where T == Double, G == SummedGradients<Double>)
 public func adamUpdate<T: Scalar, G: GradientSource>(
     _ p: UnsafeMutablePointer<T>, _ g: G, m: UnsafeMutablePointer<T>, v: UnsafeMutablePointer<T>,
-    _ n: Int, gradientScale s: T, learningRate lr: T, beta1: T, beta2: T, epsilon: T,
+    _ n: Int, gradientScale s: T, learningRate lr: T, beta1: T, beta2: T, oneMinusBeta1: T, oneMinusBeta2: T, epsilon: T,
     l2Decay: T, decoupledDecay: T, biasCorrection1: T, biasCorrection2: T
 ) where G.Element == T {
     let stepSize = lr / biasCorrection1
@@ -81,8 +82,8 @@ public func adamUpdate<T: Scalar, G: GradientSource>(
     let shrink = 1 - lr * decoupledDecay
     for i in 0..<n {
         let d = s * g[i] + l2Decay * p[i]
-        m[i] = beta1 * m[i] + (1 - beta1) * d
-        v[i] = beta2 * v[i] + (1 - beta2) * d * d
+        m[i] = beta1 * m[i] + oneMinusBeta1 * d
+        v[i] = beta2 * v[i] + oneMinusBeta2 * d * d
         p[i] = p[i] * shrink - stepSize * m[i] / (T.sqrt(v[i]) * inverseRootCorrection2 + epsilon)
     }
 }
