@@ -70,16 +70,22 @@ struct TrainingPosition: Codable, Equatable {
     /// evaluation and the target accuracy check, is still to come. Only a stop after an epoch's last step saves one (the
     /// end of an epoch moves the position to the next epoch before it checkpoints); moving it on would skip that
     /// evaluation, and a run that reaches `training.target_accuracy` there would train on past where it stops.
+    ///
+    /// The global step is always `epoch * stepsPerEpoch + epochStep` in a run's own steps (a skipped step counts as
+    /// taken), so it is recomputed for this training set too: a checkpoint of another training set of the same shape
+    /// kept its step count, and the run ended short of its schedule ("finished: 128 of 192 planned steps", the cosine
+    /// never at its end).
     func continued(worldSize: Int, batchSize: Int, stepsPerEpoch: Int) -> (position: TrainingPosition, sameShape: Bool) {
         var next = self
         let sameShape = self.worldSize == worldSize && self.batchSize == batchSize
         if !sameShape {
             next.epochStep = min((samplesSeen ?? 0) / (batchSize * worldSize), stepsPerEpoch)
-            next.globalStep = epoch * stepsPerEpoch + next.epochStep
             next.worldSize = worldSize
             next.batchSize = batchSize
         }
         next.epochStep = min(next.epochStep, stepsPerEpoch)
+        next.globalStep = epoch * stepsPerEpoch + next.epochStep
+        next.skippedSteps = min(skippedSteps, next.globalStep)
         if next.epochStep != 0 { next.testAccuracy = nil }
         return (next, sameShape)
     }

@@ -96,6 +96,12 @@ struct CheckpointExchange {
                 session.logger.notice("\(note)")
             }
         }
+        if sameShape && position.globalStep != saved.globalStep {
+            let message = "the checkpoint's step \(saved.globalStep) is epoch \(saved.epoch + 1) at step \(saved.epochStep) of "
+                + "another training set's epochs; with \(sampler.stepsPerEpoch) steps per epoch here the run continues at step "
+                + "\(position.globalStep) of \(config.epochs * sampler.stepsPerEpoch), and the schedule with it"
+            session.logger.notice("\(message)")
+        }
         let resumed = "resumed from \(path): step \(position.globalStep), epoch \(position.epoch + 1) at step "
             + "\(position.epochStep)/\(sampler.stepsPerEpoch)" + (position.epochStep == sampler.stepsPerEpoch ? " (its evaluation next)" : "")
             + ", optimizer step \(optimizer.stepCount)"

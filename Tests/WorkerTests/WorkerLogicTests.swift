@@ -79,6 +79,18 @@ struct WorkerLogicTests {
         #expect(next == saved)
     }
 
+    /// The same shape on a training set of another size (64 steps per epoch where the checkpoint's had 32): the step
+    /// counts in this set's epochs, or the run ended 64 steps short of its schedule and called itself finished.
+    @Test func anotherTrainingSetOfTheSameShapeCountsItsOwnSteps() {
+        let saved = TrainingPosition(globalStep: 80, epoch: 2, epochStep: 16, skippedSteps: 3, worldSize: 1, batchSize: 64)
+        let (next, sameShape) = saved.continued(worldSize: 1, batchSize: 64, stepsPerEpoch: 64)
+        #expect(sameShape)
+        #expect(next.globalStep == 2 * 64 + 16 && next.epoch == 2 && next.epochStep == 16 && next.skippedSteps == 3)
+        // Fewer steps per epoch: the step moves back, and the epoch's steps done are capped at the epoch's.
+        let (fewer, _) = saved.continued(worldSize: 1, batchSize: 64, stepsPerEpoch: 10)
+        #expect(fewer.globalStep == 2 * 10 + 10 && fewer.epochStep == 10)
+    }
+
     @Test func anotherWorldSizeKeepsTheSamplesSeen() {
         // 2 ranks x 8 = 16 per step; 5 steps into epoch 1 = 80 samples seen. On 1 rank x 8: 10 steps of 8 = 80.
         let saved = TrainingPosition(globalStep: 17, epoch: 1, epochStep: 5, worldSize: 2, batchSize: 8)
