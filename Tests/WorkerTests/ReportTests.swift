@@ -552,6 +552,18 @@ struct ReportTests {
         }
     }
 
+    /// A break at a resume's step (the cut: the earlier records end at it, the resumed ones start after it) separates
+    /// the record at the cut from the next one. It came one point early: the record at the checkpoint was joined to the
+    /// resumed process's first across the jump.
+    @Test func aCurveBreaksAfterTheRecordAtTheResumeStep() {
+        var series = Chart.Series(label: "train", points: [(10, 1), (20, 2), (32, 3), (68, 4), (80, 5)], color: "#000")
+        series.breaks = [32]
+        let svg = Chart(id: "x", title: "x", yLabel: "x", series: [series]).svg()
+        let path = String(svg.split(separator: "d=\"").last!.prefix { $0 != "\"" })
+        let pieces = path.components(separatedBy: " M")
+        #expect(pieces.count == 2 && pieces[0].components(separatedBy: " L").count == 3, "\(path)")
+    }
+
     @Test func badRunDirectoriesAreOneLine() throws {
         let missing = try Harness.local(["report", "/nonexistent/run"])
         #expect(missing.status == 1)

@@ -124,7 +124,8 @@ struct Chart {
             // A path rather than a polyline, so that the curve can stop at a break and start again after it.
             var path = ""
             for (i, point) in drawn.enumerated() {
-                let restarts = i > 0 && series.breaks.contains { drawn[i - 1].x < $0 && $0 <= point.x }
+                // The earlier process's records end at the break's step, the resumed one's start after it.
+                let restarts = i > 0 && series.breaks.contains { drawn[i - 1].x <= $0 && $0 < point.x }
                 path += (i == 0 ? "M" : restarts ? " M" : " L") + "\(f(x(point.x))),\(f(y(point.y)))"
             }
             out += "<path class=\"series\(series.dotted ? " dotted" : series.dashed ? " dashed" : "")\" data-series=\"\(escapeHTML(series.label))\" "
