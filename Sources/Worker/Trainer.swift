@@ -53,7 +53,7 @@ enum Trainer {
         }
         let restored = resume.map { restore(session, from: $0, prepared, optimizer) }
         let position = restored?.position ?? TrainingPosition(worldSize: session.worldSize, batchSize: config.batchSize)
-        commitRunDirectory(session, previous: existing, overwrite: mode == .overwrite)
+        commitRunDirectory(session, previous: existing, mode: mode)
         announce(session, prepared, buckets: buckets)
 
         let reducer = makeGradientReducer(
@@ -251,13 +251,17 @@ enum Trainer {
     /// Once every rank has agreed that setup succeeded: rank 0 creates the run directory, removes the previous
     /// run's files under `--overwrite`, and writes the resolved configuration. Before this point a failed start
     /// has written nothing.
-    private static func commitRunDirectory(_ session: Session, previous: RunDirectory?, overwrite: Bool) {
+    private static func commitRunDirectory(_ session: Session, previous: RunDirectory?, mode: RunDirectory.StartMode) {
         session.agree("run directory \(session.runDirectory)") {
             guard session.isRoot else { return }
             try RunDirectory.create(session.runDirectory)
             try RunDirectoryLock.takeAndRecord(session.runDirectory)
-            if overwrite, let previous, case let removed = try previous.removePreviousRun(), !removed.isEmpty {
-                session.logger.info("--overwrite: removed the previous run's \(removed.joined(separator: ", ")) from \(session.runDirectory)")
+            // A fresh start is only allowed where no run trained (`checkStart`), but what an attempt that never trained
+            // left is there: its gradcheck.json (or `bpworker gradcheck`'s, of another model) showed in this run's
+            // report as its own check, and its TensorBoard files and timeline as this run's.
+            if mode != .resume, let previous, case let removed = try previous.removePreviousRun(), !removed.isEmpty {
+                let whose = mode == .overwrite ? "--overwrite: removed the previous run's" : "removed what an earlier attempt left:"
+                session.logger.info("\(whose) \(removed.joined(separator: ", ")) from \(session.runDirectory)")
             }
             try writeAtomically(Data(session.config.yaml.utf8), to: session.runDirectory + "/config.yaml")
         }

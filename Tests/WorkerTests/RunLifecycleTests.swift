@@ -113,6 +113,20 @@ struct RunLifecycleTests {
         let retried = try Harness.mpirun(2, job(data, runDir: run, extra: ["--gradcheck"]))
         #expect(retried.status == 0, "\(retried.output)")
         #expect(try status(run)["state"] as? String == "finished")
+        #expect(try String(contentsOfFile: run + "/report.html", encoding: .utf8).contains("<span class=\"verdict-pass\">PASS</span>"))
+
+        // Started again without --gradcheck (and another model), the failed attempt's check is not this run's: its
+        // report showed "Gradient check: FAIL" with the old table.
+        let other = temporaryRunDirectory()
+        _ = try Harness.mpirun(2, job(data, runDir: other, extra: ["--gradcheck"]),
+                               environment: ["BPWORKER_TEST_GRADIENT_FAULT": "scaled:0.weight:1.5"])
+        #expect(FileManager.default.fileExists(atPath: other + "/gradcheck.json"))
+        let plain = try Harness.mpirun(2, job(data, runDir: other, extra: ["--set", "model.hidden=[8]"]))
+        #expect(plain.status == 0, "\(plain.output)")
+        #expect(plain.output.contains("removed what an earlier attempt left: "), "\(plain.output)")
+        #expect(!FileManager.default.fileExists(atPath: other + "/gradcheck.json"))
+        let report = try String(contentsOfFile: other + "/report.html", encoding: .utf8)
+        #expect(report.contains("not run (train --gradcheck runs it before the first step)") && !report.contains(">FAIL<"))
     }
 
     /// A second job in a run directory where one is running is refused before it writes anything, whether it asks to
