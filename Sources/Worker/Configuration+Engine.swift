@@ -81,8 +81,7 @@ extension Configuration {
         do { parsed = try LayerSpec.parse(words, input: input) } catch {
             // An entry inside a block is named by its place in it, model.layers[3].residual[1].
             // The entry as written, up to 120 characters (a forged one ran to 140 KB).
-            let text = words.joined(separator: " ")
-            let shown = text.count <= 120 ? text : text.prefix(100) + "... (\(text.count) characters)"
+            let shown = LayerEntry.shown(words.joined(separator: " "))
             throw ConfigError(description: error.path.isEmpty ? "\(key): '\(shown)': \(error.reason)"
                 : "\(key).\(error.path): \(error.reason)")
         }

@@ -98,6 +98,9 @@ struct GradientCheckTests {
             (.batchNormWithoutMeanTerm(tensor: "6.weight"), "a missing mean term needs a batch norm's tensor; 6.weight belongs to Linear"),
             (.batchNormLocalSums(tensor: "3.body.0.weight"), "local sums need a batch norm's tensor; 3.body.0.weight belongs to Conv2d"),
             (.paddingOffset(tensor: "0.weight"), "which is the first layer: no layer uses its input gradient"),
+            // The projection's 1x1 kernel turned by 180 degrees is itself: planted, the check passed.
+            (.flippedKernel(tensor: "3.shortcut.0.weight"), "a flipped kernel needs a kernel larger than 1x1 (a 1x1 one turned is itself); "
+                + "3.shortcut.0.weight belongs to Conv2d"),
         ]
         for (fault, reason) in refused {
             let problem = model.whyGradientFaultCannotBePlanted(fault)

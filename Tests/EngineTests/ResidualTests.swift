@@ -207,6 +207,15 @@ struct ResidualTests {
             reason: "'conv 3 3 pad 9223372036854775807': pad must be at most 16777216, got 9223372036854775807", path: "residual[0]")),
         ("residual [flatten, linear 20000000]", LayerEntryError(reason: "'linear 20000000': linear width must be at most 16777216, got 20000000",
                                                                 path: "residual[1]")),
+        // Integers as every size is: Double's parser took these as 16, 1000 and 8.
+        ("residual [flatten, linear 0x10]", LayerEntryError(reason: "'linear 0x10': linear width must be an integer >= 1, got 0x10",
+                                                            path: "residual[1]")),
+        ("residual [flatten, linear 1e3]", LayerEntryError(reason: "'linear 1e3': linear width must be an integer >= 1, got 1e3",
+                                                           path: "residual[1]")),
+        ("residual [flatten, linear 8.0]", LayerEntryError(reason: "'linear 8.0': linear width must be an integer >= 1, got 8.0",
+                                                           path: "residual[1]")),
+        ("residual [flatten, linear 99999999999999999999]", LayerEntryError(
+            reason: "'linear 99999999999999999999': linear width must be at most 16777216, got 99999999999999999999", path: "residual[1]")),
         ("residual [conv 16 3 pad 16777216, flatten]", LayerEntryError(
             reason: "'conv 16 3 pad 16777216' (Conv2d(3, 16, kernel_size=3, padding=16777216)): its output sample "
                 + "[16, 33554436, 33554436] would hold more than 2^40 values", path: "residual[0]")),

@@ -47,6 +47,24 @@ struct ResidualConfigurationTests {
         #expect(r.output.count < 1000, "\(r.output.prefix(500))")
     }
 
+    /// A huge layer name or number is cut short in the message too: an unknown name was quoted whole (a megabyte),
+    /// and a width's reason repeated the number the entry had already cut.
+    @Test func hugeNamesAndNumbersAreCutShortInMessages() throws {
+        let name = String(repeating: "x", count: 1_000_000), number = String(repeating: "9", count: 100_000)
+        for (overrides, fragment) in [(["model.activation=\(name)"], "unknown layer 'xxxx"),
+                                      (["model.layers=[\(name)]"], "unknown layer 'xxxx"),
+                                      (["model.layers=[flatten, linear \(number)]"], "linear width must be at most 16777216, got 9999")] {
+            do {
+                let config = try Configuration.load(file: nil, overrides: overrides)
+                _ = try config.modelSpec(sampleShape: [8, 8], classes: 3)
+                Issue.record("no error for \(overrides.first!.prefix(40))")
+            } catch {
+                let message = "\(error)"
+                #expect(message.contains(fragment) && message.contains(" characters)") && message.count < 1000, "\(message.prefix(300))")
+            }
+        }
+    }
+
     @Test func flowStyleAsSetTakesIt() throws {
         let config = try Configuration.load(file: nil, overrides: [
             "model.layers=[conv 16 3 pad 1 nobias, batchnorm, relu, {residual: [conv 16 3 pad 1 nobias, batchnorm, relu, "

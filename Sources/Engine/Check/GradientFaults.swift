@@ -87,7 +87,14 @@ extension Model {
         case .transposed:
             return info.shape.count == 2 ? nil : "a transposed gradient needs a matrix [out, in]; \(info.name) is \(info.shape)"
         case .flippedKernel, .paddingOffset:
-            return owner is Conv2d<T> ? nil : "a flipped kernel or padding offset needs a convolution's tensor; \(described)"
+            guard let convolution = owner as? Conv2d<T> else {
+                return "a flipped kernel or padding offset needs a convolution's tensor; \(described)"
+            }
+            // A 1x1 kernel turned by 180 degrees is itself: the backward pass stays correct.
+            if case .flippedKernel = fault, convolution.kernel == 1 {
+                return "a flipped kernel needs a kernel larger than 1x1 (a 1x1 one turned is itself); \(described)"
+            }
+            return nil
         case .batchNormWithoutMeanTerm:
             return owner.normalization != nil ? nil : "a missing mean term needs a batch norm's tensor; \(described)"
         case .batchNormLocalSums:

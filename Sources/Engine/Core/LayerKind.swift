@@ -118,10 +118,10 @@ public enum LayerKinds {
                 + "{residual: [ENTRY, ...], shortcut: [ENTRY, ...]}"
         }
         if name.hasPrefix("[") {
-            return "a list where an entry belongs ('\(name) ...'): entries are layers or residual blocks, and a block's "
+            return "a list where an entry belongs ('\(LayerEntry.shown(name)) ...'): entries are layers or residual blocks, and a block's "
                 + "entries are written in one list, residual: [ENTRY, ...]"
         }
-        return "unknown layer '\(name)' (" + names.joined(separator: ", ") + ")"
+        return "unknown layer '\(LayerEntry.shown(name))' (" + names.joined(separator: ", ") + ")"
     }
 }
 
@@ -218,9 +218,20 @@ public struct LayerEntry: Sendable {
     func fail(_ reason: String) -> LayerEntryError { LayerEntryError(reason: reason) }
 
     func integer(_ text: String, _ what: String, minimum: Int) throws(LayerEntryError) -> Int {
-        guard let v = Int(text), v >= minimum else { throw fail("\(what) must be an integer >= \(minimum), got \(text)") }
-        guard v <= Self.largestInteger else { throw fail("\(what) must be at most \(Self.largestInteger), got \(text)") }
+        let digits = !text.isEmpty && text.allSatisfy { $0.isASCII && $0.isNumber }
+        guard let v = Int(text) ?? (digits ? Int.max : nil), v >= minimum else {
+            throw fail("\(what) must be an integer >= \(minimum), got \(Self.shown(text))")
+        }
+        guard v <= Self.largestInteger else {
+            throw fail("\(what) must be at most \(Self.largestInteger), got \(Self.shown(text))")
+        }
         return v
+    }
+
+    /// `text` as an error message shows it: whole up to 120 characters, else its first 100 and its length (a forged
+    /// entry ran to a megabyte, and every message that quoted it with it).
+    public static func shown(_ text: String) -> String {
+        text.count <= 120 ? text : text.prefix(100) + "... (\(text.count) characters)"
     }
 
     /// The largest number an entry takes (channels, widths, kernels, strides, padding): 2^24, far beyond any layer
@@ -229,7 +240,7 @@ public struct LayerEntry: Sendable {
     static let largestInteger = 1 << 24
 
     func number(_ text: String) throws(LayerEntryError) -> Double {
-        guard let v = Double(text), v.isFinite else { throw fail("expected a number, got \(text)") }
+        guard let v = Double(text), v.isFinite else { throw fail("expected a number, got \(Self.shown(text))") }
         return v
     }
 

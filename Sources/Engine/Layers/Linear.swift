@@ -9,14 +9,8 @@ public struct LinearKind: LayerKind {
     public static func parse(_ entry: LayerEntry, input: [Int]) throws(LayerEntryError) -> Self {
         try entry.expectCount(2)
         guard input.count == 1 else { throw entry.fail("takes flat samples, but its input is \(input): put a flatten before it") }
-        let text = entry.words[1]
-        guard let width = Double(text), width >= 1, width == width.rounded() else {
-            throw entry.fail("linear width must be a positive integer, got \(text)")
-        }
-        guard width <= Double(LayerEntry.largestInteger) else {
-            throw entry.fail("linear width must be at most \(LayerEntry.largestInteger), got \(text)")
-        }
-        return Self(inputs: input[0], outputs: Int(width))
+        // An integer as every other size is (Double took 0x10, 1e3 and 8.0 as widths).
+        return Self(inputs: input[0], outputs: try entry.integer(entry.words[1], "linear width", minimum: 1))
     }
     public var entry: String { "linear \(outputs)" }
     public var description: String { "Linear(\(inputs), \(outputs))" }
