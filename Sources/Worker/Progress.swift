@@ -48,9 +48,9 @@ final class MetricsLog {
 final class Progress {
     private let session: Session
     private let metrics: MetricsLog?
-    private let totalSteps: Int
+    private var totalSteps: Int
     private let stepsPerEpoch: Int
-    private let epochs: Int
+    private var epochs: Int
     private let isTerminal: Bool
     private var window = BatchResult()
     private var windowStart = Date()
@@ -60,6 +60,14 @@ final class Progress {
     var status: RunStatus
     private var lastStatusWrite = Date.distantPast
     private var statusWriteFailed = false
+
+    /// A resume whose checkpoint has done more than this run plans (fewer `training.epochs` than it trained): the
+    /// plan is what was done, so that nothing reads "step 96/64, epoch 3/2" or "finished: 64 steps".
+    func cover(_ position: TrainingPosition) {
+        guard position.globalStep > totalSteps || position.epoch > epochs else { return }
+        (totalSteps, epochs) = (max(totalSteps, position.globalStep), max(epochs, position.epoch))
+        (status.totalSteps, status.epochs) = (totalSteps, epochs)
+    }
 
     init(session: Session, prepared: Prepared, metrics: MetricsLog?) {
         self.session = session

@@ -209,6 +209,14 @@ enum Trainer {
         let metrics = session.isRoot ? MetricsLog(path: session.runDirectory + "/metrics.jsonl", append: resumed != nil,
                                                   tensorBoard: tensorBoard) { session.logger.warning("\($0)") } : nil
         let progress = Progress(session: session, prepared: prepared, metrics: metrics)
+        if resumed != nil {
+            if session.isRoot && position.epoch >= session.config.epochs && position.epochStep == 0 {
+                let note = "the checkpoint has done \(counted(position.epoch, "epoch")) (\(counted(position.globalStep, "step"))), and "
+                    + "training.epochs=\(session.config.epochs): nothing more to train; set training.epochs above \(position.epoch) to go on"
+                session.logger.notice("\(note)")
+            }
+            progress.cover(position)
+        }
         progress.recordStart(resumed: resumed, step: cut ?? position.globalStep, model: prepared.model)
         progress.status.resumedFrom = resumed?.path
         progress.status.skippedCheckpoints = resumed.flatMap { $0.skipped.isEmpty ? nil : $0.skipped.map(\.text) }

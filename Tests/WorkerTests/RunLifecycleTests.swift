@@ -190,6 +190,15 @@ struct RunLifecycleTests {
         #expect(status.output.contains("state: finished") && status.output.contains("step 12/24, epoch 1/2"), "\(status.output)")
         let higher = try Harness.mpirun(2, ["train", "--run-dir", run, "--resume", "--progress", "plain", "--set", "training.target_accuracy=1"])
         #expect(higher.status == 0 && higher.output.contains("epoch 2/2"), "\(higher.output)")
+
+        // Fewer epochs than the checkpoint has done: nothing is trained, and the plan reads as what was done (it read
+        // "step 24/12, epoch 2/1" and "training finished: 12 steps").
+        let fewer = try Harness.mpirun(2, ["train", "--run-dir", run, "--resume", "--progress", "plain", "--set", "training.epochs=1"])
+        #expect(fewer.status == 0 && fewer.output.contains("the checkpoint has done 2 epochs (24 steps), and training.epochs=1: "
+                                                          + "nothing more to train"), "\(fewer.output)")
+        #expect(fewer.output.contains("training finished: 24 steps"), "\(fewer.output)")
+        let after = try Harness.local(["status", run])
+        #expect(after.output.contains("step 24/24, epoch 2/2"), "\(after.output)")
     }
 
     @Test func resumeAndOverwriteTogetherAreRefused() throws {
