@@ -246,10 +246,28 @@ extension Configuration {
     /// Unknown keys, wrong types and unparsable values are errors naming the file, line and key.
     static func load(file: String?, overrides: [String]) throws -> Configuration {
         guard let file else { return try load(text: nil, origin: "", overrides: overrides) }
-        guard let text = try? String(contentsOfFile: file, encoding: .utf8) else {
-            throw ConfigError(description: "\(file): cannot read the configuration file")
+        return try load(text: try configurationText(file), origin: file, overrides: overrides)
+    }
+
+    /// The text of a configuration file, or an error saying why there is none: no such file, a directory, not
+    /// readable, or not UTF-8 (the line of the first byte that is not).
+    static func configurationText(_ file: String) throws -> String {
+        var isDirectory: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: file, isDirectory: &isDirectory) else {
+            throw ConfigError(description: "\(file): no such configuration file")
         }
-        return try load(text: text, origin: file, overrides: overrides)
+        guard !isDirectory.boolValue else { throw ConfigError(description: "\(file): a directory, not a configuration file") }
+        guard let data = FileManager.default.contents(atPath: file) else {
+            throw ConfigError(description: "\(file): cannot read the configuration file (\(String(cString: strerror(errno))))")
+        }
+        guard let text = String(validating: data, as: UTF8.self) else {
+            // The first line that does not decode (a newline is one byte in UTF-8, so no character spans two lines).
+            let lines = data.split(separator: UInt8(ascii: "\n"), omittingEmptySubsequences: false)
+            let line = (lines.firstIndex { String(validating: $0, as: UTF8.self) == nil } ?? 0) + 1
+            throw ConfigError(description: "\(file):\(line): not UTF-8 text (YAML files are UTF-8; re-save it so, e.g. "
+                + "iconv -f latin1 -t utf-8)")
+        }
+        return text
     }
 
     /// `load(file:overrides:)` from the file's text (nil: all defaults); `origin` names it in errors.

@@ -316,6 +316,25 @@ struct WorkerLogicTests {
         #expect(message([]) == "no error")
     }
 
+    /// A configuration file that cannot be used says why: every case read "cannot read the configuration file",
+    /// and a Latin-1 byte in a comment gave no hint that the encoding was the problem.
+    @Test func anUnusableConfigurationFileSaysWhy() throws {
+        let latin1 = TemporaryFiles.path("latin1-").appendingPathExtension("yaml")
+        try Data("seed: 3\n# caf".utf8 + [0xE9] + Data("\n".utf8)).write(to: latin1)
+        let directory = TemporaryFiles.path("config-dir-")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        for (file, expected) in [(latin1.path, "\(latin1.path):2: not UTF-8 text"),
+                                 (directory.path + "/missing.yaml", "\(directory.path)/missing.yaml: no such configuration file"),
+                                 (directory.path, "\(directory.path): a directory, not a configuration file")] {
+            do {
+                _ = try Configuration.load(file: file, overrides: [])
+                Issue.record("no error for \(file)")
+            } catch {
+                #expect("\(error)".hasPrefix(expected), "\(error)")
+            }
+        }
+    }
+
     /// One key written twice in a file in two spellings: the later one won without a word.
     @Test func aKeyGivenTwiceInAFileIsRefused() throws {
         let file = TemporaryFiles.path("twice-").appendingPathExtension("yaml")
