@@ -60,6 +60,8 @@ final class Progress {
     var status: RunStatus
     private var lastStatusWrite = Date.distantPast
     private var statusWriteFailed = false
+    /// Said once: the report is rewritten at every epoch's end.
+    private var reportWriteFailed = false
 
     /// A resume whose checkpoint has done more than this run plans (fewer `training.epochs` than it trained): the
     /// plan is what was done, so that nothing reads "step 96/64, epoch 3/2" or "finished: 64 steps".
@@ -195,7 +197,8 @@ final class Progress {
         run.status = status
         run.readSideFiles()
         do { try RunReport.write([run], to: session.runDirectory + "/report.html") } catch {
-            session.logger.warning("report.html not written: \(error)")
+            if !reportWriteFailed { session.logger.warning("report.html not written: \(error)") }
+            reportWriteFailed = true
         }
     }
 
@@ -206,7 +209,12 @@ final class Progress {
         status.updated = RunStatus.timestamp(now)
         if !status.write(to: session.runDirectory) && !statusWriteFailed {
             statusWriteFailed = true
-            session.logger.warning("\(RunStatus.path(session.runDirectory)) could not be written; `bpworker status` shows an older state")
+            let path = RunStatus.path(session.runDirectory)
+            let warning = RunDirectoryIdentity.allowsWrite(to: path)
+                ? "\(path) could not be written; `bpworker status` shows an older state"
+                : "\(path) is not written any more: the run directory was moved or replaced while the job ran (the run ends at its "
+                    + "next checkpoint)"
+            session.logger.warning("\(warning)")
         }
         lastStatusWrite = now
     }

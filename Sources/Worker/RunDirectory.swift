@@ -183,6 +183,29 @@ struct RunDirectoryError: Error, CustomStringConvertible, Equatable {
 /// when the process ends, however it ends. A second job in the same directory (`--overwrite` or `--resume` while one
 /// runs there, or two starts at once) is refused before it writes anything: two such jobs overwrote each other's
 /// config.yaml, metrics and checkpoints, and both exited 0.
+/// The run directory this process committed, by device and inode, on every rank: a job whose directory was moved
+/// away (or removed) while it ran, and another run started at the same path, wrote its status.json and report.html
+/// into that other run by path, and left its own directory saying `training`. Writes by path into the run directory
+/// ask `allowsWrite(to:)` first; the files a job holds open (metrics, TensorBoard, heartbeats) follow their directory.
+enum RunDirectoryIdentity {
+    nonisolated(unsafe) private static var recorded: (path: String, device: UInt64, inode: UInt64)?
+
+    /// Records `path` as this job's run directory (after it is created; every rank, before any other thread starts).
+    static func record(_ path: String) {
+        var info = stat()
+        guard stat(path, &info) == 0 else { return }
+        recorded = (path, UInt64(info.st_dev), UInt64(info.st_ino))
+    }
+
+    /// Whether a write to `file` may go ahead: true unless `file` is in the recorded run directory and the directory
+    /// at that path is no longer the one recorded (moved, removed or replaced).
+    static func allowsWrite(to file: String) -> Bool {
+        guard let (path, device, inode) = recorded, file.hasPrefix(path + "/") else { return true }
+        var info = stat()
+        return stat(path, &info) == 0 && UInt64(info.st_dev) == device && UInt64(info.st_ino) == inode
+    }
+}
+
 enum RunDirectoryLock {
     nonisolated(unsafe) private static var held: (directory: String, descriptor: Int32)?
 
@@ -214,6 +237,19 @@ enum RunDirectoryLock {
                 + "the run's config, metrics and checkpoints there are gone or another's; stopping"
         }
         return nil
+    }
+
+    /// Where the held lock's directory is now, when it was moved away from its path while the job ran (nil: not moved,
+    /// removed, or no lock held here): the kernel knows the open lock file's current path.
+    static func movedDirectory() -> String? {
+        guard let (directory, descriptor) = held else { return nil }
+        var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+        let length = readlink("/proc/self/fd/\(descriptor)", &buffer, buffer.count - 1)
+        guard length > 0 else { return nil }
+        let path = String(decoding: buffer.prefix(length).map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        guard path.hasSuffix("/.lock"), !path.hasSuffix(" (deleted)") else { return nil }
+        let now = String(path.dropLast("/.lock".count))
+        return now == directory ? nil : now
     }
 
     /// Whether a job (another process) holds the lock of `directory` now: whether a run is going on there.

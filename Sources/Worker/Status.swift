@@ -28,6 +28,13 @@ struct RunStatus: Codable, Equatable {
     /// Returns false when neither way of writing worked (the caller may say so once).
     @discardableResult
     func write(to runDirectory: String) -> Bool {
+        // A run directory moved away while the job ran: its status goes where the directory went (rank 0 holds its
+        // lock file open), never into whatever now has its path.
+        var runDirectory = runDirectory
+        if !RunDirectoryIdentity.allowsWrite(to: Self.path(runDirectory)) {
+            guard let moved = RunDirectoryLock.movedDirectory() else { return false }
+            runDirectory = moved
+        }
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
         guard let data = try? encoder.encode(self) else { return false }

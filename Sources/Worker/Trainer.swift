@@ -54,6 +54,7 @@ enum Trainer {
         let restored = resume.map { restore(session, from: $0, prepared, optimizer) }
         let position = restored?.position ?? TrainingPosition(worldSize: session.worldSize, batchSize: config.batchSize)
         commitRunDirectory(session, previous: existing, mode: mode)
+        RunDirectoryIdentity.record(session.runDirectory)
         announce(session, prepared, buckets: buckets)
 
         let reducer = makeGradientReducer(
@@ -376,6 +377,9 @@ enum Trainer {
                                   failure: RunFailure) {
         let path = session.runDirectory + "/model.safetensors"
         do {
+            guard RunDirectoryIdentity.allowsWrite(to: path) else {
+                throw RunDirectoryError(description: "the run directory was moved or replaced while the job ran")
+            }
             try writeParameters(of: model, to: path, metadata: description.merging([
                 "format": ModelDescription.modelFormat, "format_version": ModelDescription.modelFormatVersion, "step": "\(step)",
                 "world_size": "\(session.worldSize)", "model": model.spec.summary, "config": session.config.yaml,

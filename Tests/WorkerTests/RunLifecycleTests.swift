@@ -154,6 +154,29 @@ struct RunLifecycleTests {
         #expect(resumed.status == 0 && resumed.output.contains("training finished"), "\(resumed.output)")
     }
 
+    /// A run directory moved away while its job runs, and another run started at its path: the first job wrote its
+    /// status.json and report.html into the other run by path (its "failed" over the other's "finished") and left its
+    /// own directory saying `training`. Now its status follows its directory, and nothing of it lands in the other run.
+    @Test func aJobWhoseDirectoryWasMovedWritesNothingIntoTheNewRunAtItsPath() throws {
+        let data = try SyntheticData(samples: 200)
+        defer { data.remove() }
+        let run = temporaryRunDirectory(), moved = run + "-moved"
+        let first = try Harness.startMPI(2, job(data, runDir: run, extra: ["--set", "logging.interval=1", "--set", "checkpoint.every_steps=8"]),
+                                         environment: ["BPWORKER_TEST_STEP_SLEEP_MS": "300"])
+        #expect(first.waitFor { $0.contains("step 2/12") }, "\(first.output)")
+        try FileManager.default.moveItem(atPath: run, toPath: moved)
+        let second = try Harness.local(["train", "--local", "--run-dir", run, "--progress", "plain"] + data.arguments
+                                       + ["--set", "model.hidden=[8]", "--set", "training.epochs=1", "--set", "data.normalize=scale"])
+        #expect(second.status == 0, "\(second.output)")
+        let ended = first.wait(timeout: 120)
+        #expect(ended.status == 1, "\(ended.output)")
+        #expect(try status(run)["state"] as? String == "finished")
+        let secondStatus = try status(run)
+        #expect(secondStatus["worldSize"] as? Int == 1, "the second run's own status: \(secondStatus)")
+        #expect(try failureMessage(moved).contains("was removed or replaced while the run trained"))
+        #expect(!(try String(contentsOfFile: run + "/report.html", encoding: .utf8)).contains(">failed<"))
+    }
+
     /// A setting changed on resume is used, and said: `--resume --set seed=7` went on with another sampling order and
     /// other dropout masks without a word. A resume with the checkpoint's own settings says nothing.
     @Test func aResumeSaysWhichSettingsDifferFromTheCheckpoints() throws {
