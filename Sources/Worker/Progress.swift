@@ -88,7 +88,10 @@ final class Progress {
     }
 
     @inline(__always)
-    func record(_ result: BatchResult) {
+    /// A step's result, into the window of the next report; `globalStep` is the steps done, which status.json says when
+    /// the run ends between reports (a watchdog's abort left the step of the last log line).
+    func record(_ result: BatchResult, globalStep: Int) {
+        status.step = globalStep
         window.lossSum += result.lossSum
         window.correct += result.correct
         window.count += result.count

@@ -20,7 +20,7 @@ struct RunFailure {
         session.communicator.abort(code: 1)
     }
 
-    private func record(_ message: String) {
+    func record(_ message: String) {
         if session.isRoot {
             progress.finish(state: .failed, message: message)
         } else {
@@ -35,10 +35,32 @@ struct RunFailure {
 struct Aborter: @unchecked Sendable {
     let communicator: any Communicator
     let runDirectory: String
+    /// The run's own record of a failure, once it has one (`RunFailure.record`): on rank 0 the status with the steps
+    /// done, the metrics' `end` marker and the report, which a watchdog's abort left out (status.json kept the step of
+    /// the last log line, and the report said `training`). Set once, on the main thread, before training begins.
+    private let recorder = Recorder()
+
+    private final class Recorder: @unchecked Sendable {
+        var record: ((String) -> Void)?
+    }
+
+    init(communicator: any Communicator, runDirectory: String) {
+        self.communicator = communicator
+        self.runDirectory = runDirectory
+    }
+
+    func recordFailures(with failure: RunFailure) {
+        recorder.record = { failure.record($0) }
+    }
 
     func abort(_ report: String) -> Never {
         FileHandle.standardError.write(Data("[rank \(communicator.rank)] error: \(report)\n".utf8))
-        RunStatus.markFailed(runDirectory, message: "rank \(communicator.rank): \(report)")
+        if let record = recorder.record {
+            // Rank 0's record has no rank prefix of its own (other ranks' add theirs): this one names where it was seen.
+            record(communicator.rank == 0 ? "rank 0: \(report)" : report)
+        } else {
+            RunStatus.markFailed(runDirectory, message: "rank \(communicator.rank): \(report)")
+        }
         communicator.abort(code: 1)
     }
 }

@@ -64,6 +64,7 @@ enum Trainer {
             observer: recorder.map { BucketTimes(recorder: $0, buckets: buckets.count, ranks: session.worldSize) })
         let progress = startProgress(session, prepared, resuming: restored.map { ($0.choice, $0.checkpointStep) }, at: position)
         let failure = RunFailure(session: session, progress: progress)
+        aborter.recordFailures(with: failure)
         let hooks = prepared.hooks
         let cursor = ReadCursor()
         let batches = BatchPrefetcher(dataset: prepared.train, batchSize: config.batchSize, stepsPerEpoch: prepared.sampler.stepsPerEpoch,

@@ -239,7 +239,7 @@ final class TrainingLoop {
         case .completed, .stopRequested:
             break
         }
-        progress.record(result)
+        progress.record(result, globalStep: position.globalStep)
         let lastOfEpoch = step == prepared.sampler.stepsPerEpoch - 1
         if position.globalStep % config.logInterval == 0 || lastOfEpoch {
             let learningRate = schedule.learningRate(atStep: position.globalStep - 1)

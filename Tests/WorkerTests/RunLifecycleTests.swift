@@ -253,6 +253,12 @@ struct RunLifecycleTests {
         let message = try failureMessage(run)
         #expect(message.hasPrefix("rank 0: stall: "), "\(message)")
         expectStallReport(message, rank: 0, phase: "gradient allreduce", step: 3)
+        // Rank 0's watchdog ended the run as any failure does: the steps done, the metrics' end marker and the report
+        // (status.json kept the step of the last log line, 0 here, and the report said "training", with no end).
+        #expect(try status(run)["step"] as? Int == 3)
+        let metrics = try String(contentsOfFile: run + "/metrics.jsonl", encoding: .utf8)
+        #expect(metrics.contains("\"event\":\"end\"") && metrics.contains("\"state\":\"failed\""), "\(metrics.suffix(400))")
+        #expect(try String(contentsOfFile: run + "/report.html", encoding: .utf8).contains(">failed<"))
     }
 
     /// Checkpoints that cannot be written end the run failed once `checkpoint.max_failures` is exceeded (0 here: at the
