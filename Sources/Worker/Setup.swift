@@ -82,6 +82,7 @@ enum Setup {
             return estimate
         }
         checkSameData(session, train)
+        checkSameContents(session, train: train, test: test)
         normalize(session, train: &train, test: &test)
         let sampler = session.agree("sharding") {
             try ShardSampler(datasetSize: train.count, rank: session.rank, worldSize: session.worldSize,
@@ -228,6 +229,51 @@ enum Setup {
                     + "\(train.featureCount))")
             }
         }
+    }
+
+    /// Every rank must also have read the same values: ranks may name their data differently (an MPMD launch, a path
+    /// per node), and one that read other images, other labels or another test set trained a wrong model, or measured a
+    /// mixed accuracy, with exit 0. Each rank hashes its training and test set's sizes, all labels and 64 samples spread
+    /// over each (read as they are gathered, before normalisation); the hashes are compared with rank 0's.
+    private static func checkSameContents(_ session: Session, train: Dataset, test: Dataset) {
+        let (rank, ranks) = (session.rank, session.worldSize)
+        var hashes = [Int64](repeating: 0, count: 2 * ranks)
+        let mine = session.agree("data") { try [contentHash(train), contentHash(test)] }
+        (hashes[2 * rank], hashes[2 * rank + 1]) = (Int64(bitPattern: mine[0]), Int64(bitPattern: mine[1]))
+        var rootNames = Array((train.name + "\n" + test.name).utf8)
+        session.agree("data") {
+            try hashes.withUnsafeMutableBufferPointer { (b) throws(MPIError) in try session.communicator.allreduce(b, op: .sum) }
+            try session.communicator.broadcast(bytes: &rootNames, root: 0)
+        }
+        let rootName = String(decoding: rootNames, as: UTF8.self).split(separator: "\n", omittingEmptySubsequences: false)
+        session.agree("data") {
+            for (k, set, key) in [(0, train, "data.train_features"), (1, test, "data.test_features")] where hashes[2 * rank + k] != hashes[k] {
+                let others = (1..<ranks).filter { hashes[2 * $0 + k] != hashes[k] }.map(String.init).joined(separator: ", ")
+                throw ReplicaError(description: "ranks read different data: the \(k == 0 ? "training" : "test") set of rank \(rank) "
+                    + "(\(key): \(set.name), labels \(set.labelsName)) differs from rank 0's (\(rootName.count > k ? rootName[k] : "?")) "
+                    + "in its labels or values (ranks that differ: \(others)); every rank must read the same data")
+            }
+        }
+    }
+
+    /// A hash of a data set's sizes, its labels and 64 samples spread over it, as gathered (the same on every rank that
+    /// read the same values, whatever the file's name or format).
+    private static func contentHash(_ set: Dataset) throws -> UInt64 {
+        // Sizes, not the sample's shape: the same values as 6x6 or 4x9 images are the replicas' layout check's to name.
+        var hash = fnv1a(Array("\(set.count) \(set.featureCount)".utf8))
+        set.labels.withUnsafeBytes { hash ^= fnv1a($0) &* 0x9E37_79B9_7F4A_7C15 }
+        guard set.count > 0 else { return hash }
+        // At most a million values (8 MB) however large a sample is.
+        let samples = min(64, set.count, max(1, 1_000_000 / max(set.featureCount, 1)))
+        let rows = (0..<samples).map { samples == 1 ? 0 : $0 * (set.count - 1) / (samples - 1) }
+        var values = [Double](repeating: 0, count: samples * set.featureCount), labels = [Int32](repeating: 0, count: samples)
+        try rows.withUnsafeBufferPointer { indices in
+            try values.withUnsafeMutableBufferPointer { v in
+                try labels.withUnsafeMutableBufferPointer { l in try set.gather(indices: indices, into: v.baseAddress!, labels: l.baseAddress!) }
+            }
+        }
+        values.withUnsafeBytes { hash = (hash &* 31) ^ fnv1a($0) }
+        return hash
     }
 
     /// Each rank reads its chunks inside `agree`, so a file that fails to read on one rank (a damaged HDF5 chunk) ends
