@@ -233,6 +233,8 @@ struct HDF5Tests {
             layout('whole.h5', [('part0.h5', 'x'), (f'{d}/gone/part1.h5', 'x'), ('part2.h5', 'x')])
             layout('missing.h5', [('part0.h5', 'x'), ('part9.h5', 'x'), ('part2.h5', 'x')])
             layout('nodataset.h5', [('part0.h5', 'x'), ('part1.h5', 'y'), ('part2.h5', 'x')])
+            with h5py.File(f'{d}/linked.h5', 'w') as f:
+                f['x'] = h5py.ExternalLink('part1.h5', '/x')
             np.save(f'{d}/x.npy', x)
             """, arguments: [dir.path])
         let reader = try HDF5Rows(file: dir.file("whole.h5"), dataset: "/x")
@@ -243,6 +245,16 @@ struct HDF5Tests {
         }
         expectError(dir.file("nodataset.h5") + ":/x", ["mapping 2 of 3", "part1.h5", "no dataset y"]) {
             _ = try HDF5Rows(file: dir.file("nodataset.h5"), dataset: "/x")
+        }
+        // A source or a link's target that changes under a reader is noticed at its next read, as its own file is: the
+        // run trained on the new contents.
+        let linked = try HDF5Rows(file: dir.file("linked.h5"), dataset: "/x")
+        #expect(try readBytes(linked, rows: [0, 19]).count == 2 * 16)
+        _ = try runPython("import os, sys; os.utime(sys.argv[1], (1, 1))", arguments: [dir.file("part1.h5")])
+        for (reader, file) in [(reader, "whole.h5"), (linked, "linked.h5")] {
+            expectError(dir.file(file) + ":/x", ["part1.h5, a file its values come from", "modified since it was opened"]) {
+                _ = try readBytes(reader, rows: [1])
+            }
         }
     }
 

@@ -96,6 +96,9 @@ private struct OpenDataset {
     let chunked: Bool
     /// The chunk cache given to the dataset (`chunkCache`), and one chunk's bytes; 0 without one.
     var cacheBytes = 0, chunkBytes = 0
+    /// The other files its values come from: an external link's target, a virtual dataset's sources (as found when
+    /// opened). A reader checks them after each read, as it checks its own file.
+    var otherFiles: [String] = []
 
     /// Opens `dataset` in `file` read-only; with `rowCache`, a chunked dataset gets a chunk cache sized for
     /// rows read in a random order (see `chunkCache`). Throws, naming `name`, for a file HDF5 cannot open
@@ -113,10 +116,12 @@ private struct OpenDataset {
         if let failure { throw failure }
         do {
             var datasetHandle = try openDataset(fileHandle, dataset, name: name, access: bp_h5p_default())
-            do { try requireVirtualSources(datasetHandle, fileHandle: fileHandle, path: file, name: name) } catch {
+            var otherFiles: [String]
+            do { otherFiles = try virtualSources(datasetHandle, fileHandle: fileHandle, path: file, name: name) } catch {
                 _ = H5Dclose(datasetHandle)
                 throw error
             }
+            if let linked = fileName(of: datasetHandle), linked != file, !otherFiles.contains(linked) { otherFiles.insert(linked, at: 0) }
             let chunked = isChunked(datasetHandle)
             var sizes = (cache: 0, chunk: 0)
             if rowCache, chunked, let (cache, cacheBytes, chunkBytes) = chunkCacheAccess(datasetHandle) {
@@ -127,6 +132,7 @@ private struct OpenDataset {
             }
             var opened = try described(file: fileHandle, dataset: datasetHandle, chunked: chunked, name: name)
             (opened.cacheBytes, opened.chunkBytes) = sizes
+            opened.otherFiles = otherFiles
             return opened
         } catch {
             _ = H5Fclose(fileHandle)
@@ -174,11 +180,14 @@ private struct OpenDataset {
     /// directory), then the virtual file's directory, then as it is; an absolute name as it is, then by its last
     /// component the same way. The first file that opens is the one HDF5 reads, so its dataset must open too. Names
     /// with printf-style patterns (`%b`, for unlimited mappings) are left to HDF5.
-    private static func requireVirtualSources(_ dataset: hid_t, fileHandle: hid_t, path: String, name: String) throws {
+    ///
+    /// Returns the source files found (other than this one), so that a reader notices when one of them changes.
+    private static func virtualSources(_ dataset: hid_t, fileHandle: hid_t, path: String, name: String) throws -> [String] {
         let creation = H5Dget_create_plist(dataset)
-        guard creation >= 0 else { return }
+        guard creation >= 0 else { return [] }
         defer { _ = H5Pclose(creation) }
-        guard H5Pget_layout(creation) == H5D_VIRTUAL else { return }
+        guard H5Pget_layout(creation) == H5D_VIRTUAL else { return [] }
+        var found: [String] = []
         var count = 0
         guard H5Pget_virtual_count(creation, &count) >= 0 else {
             throw libraryFailure(name, "cannot read the virtual dataset's mappings")
@@ -216,18 +225,34 @@ private struct OpenDataset {
             let access = H5Pcreate(bp_h5p_file_access())
             _ = H5Pset_file_locking(access, false, true)
             defer { _ = H5Pclose(access) }
-            guard let found = candidates.lazy.map({ H5Fopen($0, bp_h5f_acc_rdonly(), access) }).first(where: { $0 >= 0 }) else {
+            guard let (sourcePath, sourceFile) = candidates.lazy.map({ ($0, H5Fopen($0, bp_h5f_acc_rdonly(), access)) })
+                .first(where: { $0.1 >= 0 }) else {
                 throw libraryFailure(name, "\(mapping): the source file cannot be opened (looked for "
                     + "\(candidates.joined(separator: ", "))); HDF5 would read zeros for its rows")
             }
-            defer { _ = H5Fclose(found) }
-            let opened = H5Dopen2(found, sourceDataset, bp_h5p_default())
+            defer { _ = H5Fclose(sourceFile) }
+            if !found.contains(sourcePath) { found.append(sourcePath) }
+            let opened = H5Dopen2(sourceFile, sourceDataset, bp_h5p_default())
             guard opened >= 0 else {
                 throw DataError(path: name, reason: "\(mapping): the source file has no dataset \(sourceDataset) "
                     + "(HDF5 would read zeros for its rows)")
             }
             _ = H5Dclose(opened)
         }
+        return found
+    }
+
+    /// The file an open dataset lives in, as libhdf5 opened it: another than the one named when the path went through
+    /// an external link. Nil when it cannot be read.
+    private static func fileName(of dataset: hid_t) -> String? {
+        let owner = H5Iget_file_id(dataset)
+        guard owner >= 0 else { return nil }
+        defer { _ = H5Fclose(owner) }
+        let length = H5Fget_name(owner, nil, 0)
+        guard length > 0 else { return nil }
+        var buffer = [CChar](repeating: 0, count: length + 1)
+        _ = H5Fget_name(owner, &buffer, buffer.count)
+        return String(decoding: buffer.prefix(length).map { UInt8(bitPattern: $0) }, as: UTF8.self)
     }
 
     private static func isChunked(_ dataset: hid_t) -> Bool {
@@ -395,6 +420,9 @@ public final class HDF5Rows: RowReader, @unchecked Sendable {
     /// when opened.
     private let cPath: UnsafeMutablePointer<CChar>
     private let openedAs: FileIdentity?
+    /// The same for the other files the values come from (an external link's target, a virtual dataset's sources):
+    /// one that changed went unnoticed, and the run trained on its new contents.
+    private let otherFiles: [(path: String, cPath: UnsafeMutablePointer<CChar>, openedAs: FileIdentity?)]
 
     /// Opens `dataset` (a path such as `/images`) in `file`. Throws a `DataError` naming `file:dataset` for a
     /// missing file, a file that is not HDF5 or is truncated or damaged, a missing, 0-d or empty dataset, and
@@ -418,6 +446,10 @@ public final class HDF5Rows: RowReader, @unchecked Sendable {
         runsPerRead = opened.chunked ? 1 : 16
         cPath = strdup(file)
         openedAs = FileIdentity(cPath)
+        otherFiles = opened.otherFiles.map { path in
+            let c = strdup(path)!
+            return (path, c, FileIdentity(c))
+        }
         start = .allocate(capacity: opened.shape.count)
         extent = .allocate(capacity: opened.shape.count)
         for d in opened.shape.indices {
@@ -446,6 +478,7 @@ public final class HDF5Rows: RowReader, @unchecked Sendable {
         order?.deallocate()
         scratch?.deallocate()
         free(cPath)
+        for other in otherFiles { free(other.cPath) }
     }
 
     /// Reads the sorted distinct rows into the scratch rows (`readDistinct`), then copies each request into
@@ -504,8 +537,15 @@ public final class HDF5Rows: RowReader, @unchecked Sendable {
 
     private func requireUnchanged() throws {
         let now = FileIdentity(cPath)
-        guard now != openedAs, let openedAs, let change = openedAs.change(to: now) else { return }
-        throw DataError(path: name, reason: "the file \(change) since it was opened; restart the run with the data set unchanged")
+        if now != openedAs, let openedAs, let change = openedAs.change(to: now) {
+            throw DataError(path: name, reason: "the file \(change) since it was opened; restart the run with the data set unchanged")
+        }
+        for other in otherFiles {
+            let now = FileIdentity(other.cPath)
+            guard now != other.openedAs, let openedAs = other.openedAs, let change = openedAs.change(to: now) else { continue }
+            throw DataError(path: name, reason: "\(other.path), a file its values come from (an external link's target or a virtual "
+                + "dataset's source), \(change) since it was opened; restart the run with the data set unchanged")
+        }
     }
 
     /// Reads the distinct rows of `rows` (visited in the sorted `order`) into consecutive rows of `scratch`,
