@@ -369,6 +369,8 @@ struct DaemonTests {
 
     /// `cluster/mpirun-multinode --max-restarts 2` on this machine (a hostfile of `localhost`, 2 ranks) for the
     /// arguments of a `train` job (the launcher adds `train` itself), each step slowed by `stepSleepMs`.
+    /// The launcher leads a process group of its own (Foundation's `Process` starts each child so), as a job started
+    /// from a terminal does.
     func startLauncher(_ train: [String], stepSleepMs: Int) throws -> Harness.Running {
         let hosts = TemporaryFiles.path("hosts-")
         try Data("localhost slots=2\n".utf8).write(to: hosts)
@@ -389,6 +391,22 @@ struct DaemonTests {
         let job = try startLauncher(job(data, runDir: run, extra: ["--set", "training.epochs=30"]), stepSleepMs: 20)
         #expect(job.waitFor(60) { $0.contains("checkpoint: ") }, "\(job.output)")
         job.signal(SIGTERM)
+        let r = job.wait(timeout: 60)
+        #expect(r.status == 0, "\(r.output)")
+        #expect(r.output.contains("mpirun-multinode: stopped by a signal with a checkpoint"), "\(r.output)")
+        #expect(try String(contentsOfFile: run + "/status.json", encoding: .utf8).contains("\"state\" : \"stopped\""))
+    }
+
+    /// A stop sent to the launcher's whole process group (Ctrl-C in a terminal, `timeout`): mpirun got it directly as
+    /// well as forwarded, took the second as "abort now", and the ranks died without their checkpoint, leaving the run
+    /// `training`. mpirun now runs in a session of its own, and the launcher's one forward stops the run cleanly.
+    @Test func aStopToTheLaunchersProcessGroupStopsWithACheckpoint() throws {
+        let data = try SyntheticData(samples: 200)
+        defer { data.remove() }
+        let run = temporaryRunDirectory()
+        let job = try startLauncher(job(data, runDir: run, extra: ["--set", "training.epochs=30"]), stepSleepMs: 20)
+        #expect(job.waitFor(60) { $0.contains("checkpoint: ") }, "\(job.output)")
+        job.signalGroup(SIGTERM)
         let r = job.wait(timeout: 60)
         #expect(r.status == 0, "\(r.output)")
         #expect(r.output.contains("mpirun-multinode: stopped by a signal with a checkpoint"), "\(r.output)")

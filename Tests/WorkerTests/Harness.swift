@@ -60,6 +60,9 @@ struct Harness {
         var output: String { (try? String(contentsOf: outputFile, encoding: .utf8)) ?? "" }
 
         func signal(_ number: Int32) { kill(process.processIdentifier, number) }
+        /// To the whole process group the process leads (`Process` starts each child as a group's leader), as a
+        /// terminal's Ctrl-C or `timeout` sends it.
+        func signalGroup(_ number: Int32) { kill(-process.processIdentifier, number) }
 
         /// Waits until `condition` holds on the output so far (or the process ends, or the time runs out).
         func waitFor(_ timeout: Double = 60, _ condition: (String) -> Bool) -> Bool {
