@@ -258,6 +258,20 @@ struct HDF5Tests {
         }
     }
 
+    /// A dataset compressed with a filter this libhdf5 lacks (h5py's own lzf) is refused when opened, naming the
+    /// filter: it opened, and its first read failed as "damaged or truncated".
+    @Test func aFilterTheLibraryLacksIsNamedWhenOpened() throws {
+        let dir = try TemporaryDirectory()
+        _ = try runPython("""
+            import sys, h5py, numpy as np
+            with h5py.File(sys.argv[1] + '/lzf.h5', 'w') as f:
+                f.create_dataset('x', data=np.zeros((64, 8), dtype=np.float32), chunks=(8, 8), compression='lzf')
+            """, arguments: [dir.path])
+        expectError(dir.file("lzf.h5") + ":/x", ["compressed with filter 32000", "which this libhdf5 does not have"]) {
+            _ = try HDF5Rows(file: dir.file("lzf.h5"), dataset: "/x")
+        }
+    }
+
     @Test func rejectsBadDatasetsNamingFileAndDataset() throws {
         let file = files.path("u8.h5")
         let cases: [(String, [String])] = [

@@ -117,7 +117,10 @@ private struct OpenDataset {
         do {
             var datasetHandle = try openDataset(fileHandle, dataset, name: name, access: bp_h5p_default())
             var otherFiles: [String]
-            do { otherFiles = try virtualSources(datasetHandle, fileHandle: fileHandle, path: file, name: name) } catch {
+            do {
+                try requireFilters(datasetHandle, name: name)
+                otherFiles = try virtualSources(datasetHandle, fileHandle: fileHandle, path: file, name: name)
+            } catch {
                 _ = H5Dclose(datasetHandle)
                 throw error
             }
@@ -242,6 +245,23 @@ private struct OpenDataset {
         return found
     }
 
+    /// Throws, naming the filter, when the dataset's chunks pass through a filter this libhdf5 does not have (h5py's
+    /// `lzf`, or a plugin's): it opened, and its first read failed as "damaged or truncated".
+    private static func requireFilters(_ dataset: hid_t, name: String) throws {
+        let creation = H5Dget_create_plist(dataset)
+        guard creation >= 0 else { return }
+        defer { _ = H5Pclose(creation) }
+        for index in 0..<max(0, H5Pget_nfilters(creation)) {
+            var flags: UInt32 = 0, values = 0, config: UInt32 = 0
+            var filterName = [CChar](repeating: 0, count: 256)
+            let filter = H5Pget_filter2(creation, UInt32(index), &flags, &values, nil, filterName.count, &filterName, &config)
+            guard filter >= 0, H5Zfilter_avail(filter) <= 0 else { continue }
+            let named = String(decoding: filterName.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+            throw DataError(path: name, reason: "its chunks are compressed with filter \(filter)\(named.isEmpty ? "" : " (\(named))"), "
+                + "which this libhdf5 does not have (h5py's lzf is one): rewrite it with compression='gzip' or none")
+        }
+    }
+
     /// The file an open dataset lives in, as libhdf5 opened it: another than the one named when the path went through
     /// an external link. Nil when it cannot be read.
     private static func fileName(of dataset: hid_t) -> String? {
@@ -357,7 +377,7 @@ public enum HDF5 {
             switch opened.stored {
             case .integer(let bits, let signed) where signed || bits < 64: break
             default:
-                throw DataError(path: name, reason: "unsupported label dtype \(opened.stored) (expected uint8, int8, int16, int32 or int64)")
+                throw DataError(path: name, reason: "unsupported label dtype \(opened.stored) (expected integers: int8 to int64, uint8 to uint32)")
             }
             // Labels are held in memory, read as int64 first: a declared count no memory holds (a sparse chunked
             // data set of 10^12 values in a 5 KB file) is refused before anything is allocated, as the other
