@@ -114,7 +114,8 @@ struct Predict: ParsableCommand {
             case .uint8(let v): features = .uint8(v)
             case .float32(let v): features = .float32(v)
             case .float64(let v): features = .float32(v.map { Float($0) })
-            case .int64: throw DataError(path: path, reason: "unsupported sample dtype int64 (uint8, float32 or float64)")
+            case .int32, .int64:
+                throw DataError(path: path, reason: "unsupported sample dtype \(x.dtypeName) (uint8, float32 or float64)")
             }
         } else {
             let x: IDXArray

@@ -147,6 +147,7 @@ private func gathered<T: BinaryFloatingPoint>(_ data: Dataset, _ indices: [Int],
         save('f8_5.npy', np.array([np.pi, -0.0, 1e308, 5e-324, np.nan]))
         save('i8_5.npy', np.array([0, -1, 2**63 - 1, -2**63, 123456789012], dtype='<i8'))
         save('i8_3x4.npy', np.arange(-6, 6, dtype=np.int64).reshape(3, 4))
+        save('i4_5.npy', np.array([0, -1, 2**31 - 1, -2**31, 123456789], dtype='<i4'))
         save('f4_scalar.npy', np.array(2.5, dtype=np.float32))
         save('f4_empty_0x3.npy', np.zeros((0, 3), dtype=np.float32))
         save('f4_v2.npy', np.arange(6, dtype=np.float32).reshape(2, 3), version=(2, 0))
@@ -161,7 +162,7 @@ private func gathered<T: BinaryFloatingPoint>(_ data: Dataset, _ indices: [Int],
         let dir = try TemporaryDirectory()
         let listing = try runPython(Self.writer, arguments: [dir.path])
         let lines = listing.split(separator: "\n")
-        #expect(lines.count == 13)
+        #expect(lines.count == 14)
         for line in lines {
             let fields = line.split(separator: "|", omittingEmptySubsequences: false).map(String.init)
             try #require(fields.count == 4, "bad line from python: \(line)")
@@ -178,6 +179,7 @@ private func gathered<T: BinaryFloatingPoint>(_ data: Dataset, _ indices: [Int],
             case .uint8(let v): actual = v.map { UInt64($0) }
             case .float32(let v): actual = v.map { UInt64($0.bitPattern) }
             case .float64(let v): actual = v.map { $0.bitPattern }
+            case .int32(let v): actual = v.map { UInt64(UInt32(bitPattern: $0)) }
             case .int64(let v): actual = v.map { UInt64(bitPattern: $0) }
             }
             #expect(actual == bits, "\(name): values differ from what NumPy wrote")
@@ -196,6 +198,7 @@ private func gathered<T: BinaryFloatingPoint>(_ data: Dataset, _ indices: [Int],
         #expect(v[1] == 0 && v[1].sign == .minus)
         let i8 = try NPY.read(path: dir.file("i8_5.npy"))
         #expect(i8.storage == .int64([0, -1, .max, .min, 123_456_789_012]))
+        #expect(try NPY.read(path: dir.file("i4_5.npy")).storage == .int32([0, -1, .max, .min, 123_456_789]))
         let scalar = try NPY.read(path: dir.file("f4_scalar.npy"))
         #expect(scalar.shape == [] && scalar.storage == .float32([2.5]))
         let u1 = try NPY.read(path: dir.file("u1_gzipped_without_gz_suffix.npy"))
@@ -659,6 +662,9 @@ private func gathered<T: BinaryFloatingPoint>(_ data: Dataset, _ indices: [Int],
             np.save(p('y_u1.npy'), np.array([1, 1, 0, 4], dtype=np.uint8))
             np.save(p('y_big.npy'), np.array([0, 2**31, 1, 1], dtype=np.int64))
             np.save(p('y_neg.npy'), np.array([0, 1, -1, 1], dtype=np.int64))
+            np.save(p('y_i4.npy'), np.array([2, 0, 1, 3], dtype=np.int32))
+            np.save(p('y_neg_i4.npy'), np.array([0, -5, 1, 1], dtype=np.int32))
+            np.save(p('x_i4.npy'), np.arange(8, dtype=np.int32).reshape(4, 2))
             np.save(p('y_f4.npy'), np.zeros(4, dtype=np.float32))
             np.save(p('y_2d.npy'), np.zeros((4, 1), dtype=np.int64))
             np.save(p('y_short.npy'), np.zeros(3, dtype=np.int64))
@@ -699,6 +705,14 @@ private func gathered<T: BinaryFloatingPoint>(_ data: Dataset, _ indices: [Int],
         }
         expectDataError(path: dir.file("x_i8.npy"), ["unsupported feature dtype int64"]) {
             _ = try Dataset.loadNPY(features: dir.file("x_i8.npy"), labels: dir.file("y_i8.npy"))
+        }
+        // int32 labels (NumPy's default integer on Windows, torch's int32): they were refused.
+        #expect(try Dataset.loadNPY(features: x, labels: dir.file("y_i4.npy")).labels == [2, 0, 1, 3])
+        expectDataError(path: dir.file("y_neg_i4.npy"), ["label -5 at index 1"]) {
+            _ = try Dataset.loadNPY(features: x, labels: dir.file("y_neg_i4.npy"))
+        }
+        expectDataError(path: dir.file("x_i4.npy"), ["unsupported feature dtype int32"]) {
+            _ = try Dataset.loadNPY(features: dir.file("x_i4.npy"), labels: dir.file("y_i4.npy"))
         }
     }
 }

@@ -184,8 +184,8 @@ public struct Dataset: Sendable {
         case .uint8(let v): .uint8(v)
         case .float32(let v): .float32(v)
         case .float64(let v): .float32(v.map { Float($0) })
-        case .int64:
-            throw DataError(path: path, reason: "unsupported feature dtype int64 (expected uint8, float32 or float64)")
+        case .int32, .int64:
+            throw DataError(path: path, reason: "unsupported feature dtype \(x.dtypeName) (expected uint8, float32 or float64)")
         }
     }
 
@@ -201,8 +201,14 @@ public struct Dataset: Sendable {
                 throw DataError(path: path, reason: "label \(v[index]) at index \(index) is outside 0...\(Int32.max)")
             }
             return v.map { Int32($0) }
+        case .int32(let v):
+            // NumPy's default integer on Windows, and what torch's int32 tensors save as.
+            if let index = v.firstIndex(where: { $0 < 0 }) {
+                throw DataError(path: path, reason: "label \(v[index]) at index \(index) is outside 0...\(Int32.max)")
+            }
+            return v
         default:
-            throw DataError(path: path, reason: "unsupported label dtype \(y.dtypeName) (expected uint8 or int64)")
+            throw DataError(path: path, reason: "unsupported label dtype \(y.dtypeName) (expected uint8, int32 or int64)")
         }
     }
 

@@ -217,7 +217,7 @@ public enum StoredElement: String, Sendable {
         switch dtype {
         case .uint8: self = .uint8
         case .float32: self = .float32
-        case .float64, .int64: return nil
+        case .float64, .int32, .int64: return nil
         }
     }
 }

@@ -10,6 +10,7 @@ public struct NPYArray: Sendable, Equatable {
         case uint8([UInt8])
         case float32([Float])
         case float64([Double])
+        case int32([Int32])
         case int64([Int64])
     }
 
@@ -27,6 +28,7 @@ public struct NPYArray: Sendable, Equatable {
         case .uint8: "uint8"
         case .float32: "float32"
         case .float64: "float64"
+        case .int32: "int32"
         case .int64: "int64"
         }
     }
@@ -37,6 +39,7 @@ public struct NPYArray: Sendable, Equatable {
         case .uint8(let v): v.count
         case .float32(let v): v.count
         case .float64(let v): v.count
+        case .int32(let v): v.count
         case .int64(let v): v.count
         }
     }
@@ -60,11 +63,11 @@ public struct NPYLayout: Sendable {
 
 public enum NPY {
     enum DType {
-        case uint8, float32, float64, int64
+        case uint8, float32, float64, int32, int64
         var itemSize: Int {
             switch self {
             case .uint8: 1
-            case .float32: 4
+            case .float32, .int32: 4
             case .float64, .int64: 8
             }
         }
@@ -73,6 +76,7 @@ public enum NPY {
             case .uint8: "uint8"
             case .float32: "float32"
             case .float64: "float64"
+            case .int32: "int32"
             case .int64: "int64"
             }
         }
@@ -99,6 +103,8 @@ public enum NPY {
             storage = .float32(decodeLittleEndian(data, from: dataStart, count: count) { (b: UInt32) in Float(bitPattern: b) })
         case .float64:
             storage = .float64(decodeLittleEndian(data, from: dataStart, count: count) { (b: UInt64) in Double(bitPattern: b) })
+        case .int32:
+            storage = .int32(decodeLittleEndian(data, from: dataStart, count: count) { (b: UInt32) in Int32(bitPattern: b) })
         case .int64:
             storage = .int64(decodeLittleEndian(data, from: dataStart, count: count) { (b: UInt64) in Int64(bitPattern: b) })
         }
@@ -177,6 +183,7 @@ public enum NPY {
         case "|u1", "<u1", ">u1", "u1": return .uint8  // one byte has no byte order
         case "<f4": return .float32
         case "<f8": return .float64
+        case "<i4": return .int32
         case "<i8": return .int64
         default:
             if descr.hasPrefix(">") {
@@ -186,7 +193,8 @@ public enum NPY {
             }
             throw DataError(
                 path: path,
-                reason: "unsupported dtype '\(descr)'; supported: '|u1' (uint8), '<f4' (float32), '<f8' (float64), '<i8' (int64)")
+                reason: "unsupported dtype '\(descr)'; supported: '|u1' (uint8), '<f4' (float32), '<f8' (float64), '<i4' (int32), "
+                    + "'<i8' (int64)")
         }
     }
 
