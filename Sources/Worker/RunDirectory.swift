@@ -91,19 +91,21 @@ struct RunDirectory {
 
     /// Removes the previous run's checkpoints, metrics, status, model, gradient-check report and heartbeats
     /// (rank 0, `--overwrite`, after setup has succeeded); returns what it removed, for the log. Files the user
-    /// put in the directory stay.
-    func removePreviousRun() throws -> [String] {
+    /// put in the directory stay. `directories: false` (a fresh start where no run trained) removes files only: the
+    /// directories may be the user's, a `checkpoints` that is a mount point among them.
+    func removePreviousRun(directories: Bool = true) throws -> [String] {
         let files = FileManager.default
         var removed: [String] = []
+        func removeIfEmpty(_ directory: String) throws {
+            if directories, (try? files.contentsOfDirectory(atPath: directory))?.isEmpty == true { try files.removeItem(atPath: directory) }
+        }
         let checkpointDirectory = path + "/checkpoints"
         if let names = try? files.contentsOfDirectory(atPath: checkpointDirectory) {
             let owned = names.filter { Checkpointer.isCheckpointName($0) || $0 == "latest" || Checkpointer.isTemporaryName($0) }
             for name in owned { try files.removeItem(atPath: checkpointDirectory + "/" + name) }
             let count = owned.filter(Checkpointer.isCheckpointName).count
             if count > 0 { removed.append("\(count) checkpoint\(count == 1 ? "" : "s")") }
-            if (try? files.contentsOfDirectory(atPath: checkpointDirectory))?.isEmpty == true {
-                try files.removeItem(atPath: checkpointDirectory)
-            }
+            try removeIfEmpty(checkpointDirectory)
         }
         for name in Self.runFiles where files.fileExists(atPath: path + "/" + name) {
             try files.removeItem(atPath: path + "/" + name)
@@ -120,14 +122,14 @@ struct RunDirectory {
             let events = names.filter { $0.hasPrefix("events.out.tfevents.") }
             for name in events { try files.removeItem(atPath: tensorBoard + "/" + name) }
             if !events.isEmpty { removed.append("\(events.count) TensorBoard event file\(events.count == 1 ? "" : "s")") }
-            if (try? files.contentsOfDirectory(atPath: tensorBoard))?.isEmpty == true { try files.removeItem(atPath: tensorBoard) }
+            try removeIfEmpty(tensorBoard)
         }
         let heartbeats = path + "/heartbeat"
         if let names = try? files.contentsOfDirectory(atPath: heartbeats) {
             for name in names where name.hasPrefix("rank-") && name.hasSuffix(".json") {
                 try files.removeItem(atPath: heartbeats + "/" + name)
             }
-            if (try? files.contentsOfDirectory(atPath: heartbeats))?.isEmpty == true { try files.removeItem(atPath: heartbeats) }
+            try removeIfEmpty(heartbeats)
         }
         return removed
     }

@@ -265,7 +265,7 @@ enum Setup {
         guard set.count > 0 else { return hash }
         // At most a million values (8 MB) however large a sample is.
         let samples = min(64, set.count, max(1, 1_000_000 / max(set.featureCount, 1)))
-        let rows = (0..<samples).map { samples == 1 ? 0 : $0 * (set.count - 1) / (samples - 1) }
+        let rows = (0..<samples).map { $0 * set.count / samples }
         var values = [Double](repeating: 0, count: samples * set.featureCount), labels = [Int32](repeating: 0, count: samples)
         try rows.withUnsafeBufferPointer { indices in
             try values.withUnsafeMutableBufferPointer { v in

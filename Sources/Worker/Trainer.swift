@@ -269,7 +269,8 @@ enum Trainer {
             // A fresh start is only allowed where no run trained (`checkStart`), but what an attempt that never trained
             // left is there: its gradcheck.json (or `bpworker gradcheck`'s, of another model) showed in this run's
             // report as its own check, and its TensorBoard files and timeline as this run's.
-            if mode != .resume, let previous, case let removed = try previous.removePreviousRun(), !removed.isEmpty {
+            if mode != .resume, let previous, case let removed = try previous.removePreviousRun(directories: mode == .overwrite),
+               !removed.isEmpty {
                 let whose = mode == .overwrite ? "--overwrite: removed the previous run's" : "removed what an earlier attempt left:"
                 session.logger.info("\(whose) \(removed.joined(separator: ", ")) from \(session.runDirectory)")
             }
