@@ -202,7 +202,7 @@ struct Gradcheck: ParsableCommand {
         // Under the watchdog, as training is: a rank that stalls in the check is named, and the job ends.
         let aborter = Aborter(communicator: session.communicator, runDirectory: session.runDirectory)
         let watchdog = Watchdog(timeout: session.config.watchdogSeconds, rank: session.rank, worldSize: session.worldSize,
-                                runDirectory: session.runDirectory) { report in aborter.abort(report) }
+                                runDirectory: session.runDirectory) { report, step in aborter.abort(report, stepsDone: step) }
         watchdog.start()
         session.setupWatch?.stop()
         session.setupWatch = nil

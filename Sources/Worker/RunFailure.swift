@@ -10,7 +10,7 @@ struct RunFailure {
 
     /// `Session.agree`, recording the failure of the rank that failed first.
     func agree<T>(_ what: String, _ body: () throws -> T) -> T {
-        Session.agree(session.communicator, session.logger, what, onFailure: record, body)
+        Session.agree(session.communicator, session.logger, what, onFailure: { record($0) }, body)
     }
 
     /// Reports `message`, records it, and tears the whole job down (MPI_Abort ends every rank in milliseconds).
@@ -20,11 +20,14 @@ struct RunFailure {
         session.communicator.abort(code: 1)
     }
 
-    func record(_ message: String) {
+    /// - Parameter stepsDone: where the failing rank stands, when it knows (a watchdog's stall): status.json says at
+    ///   least that many steps, as rank 0's last write may be from before them.
+    func record(_ message: String, stepsDone: Int? = nil) {
         if session.isRoot {
+            if let stepsDone { progress.status.step = max(progress.status.step, stepsDone) }
             progress.finish(state: .failed, message: message)
         } else {
-            RunStatus.markFailed(session.runDirectory, message: "rank \(session.rank): \(message)")
+            RunStatus.markFailed(session.runDirectory, message: "rank \(session.rank): \(message)", stepsDone: stepsDone)
         }
     }
 }
@@ -41,7 +44,7 @@ struct Aborter: @unchecked Sendable {
     private let recorder = Recorder()
 
     private final class Recorder: @unchecked Sendable {
-        var record: ((String) -> Void)?
+        var record: ((String, Int?) -> Void)?
     }
 
     init(communicator: any Communicator, runDirectory: String) {
@@ -50,16 +53,16 @@ struct Aborter: @unchecked Sendable {
     }
 
     func recordFailures(with failure: RunFailure) {
-        recorder.record = { failure.record($0) }
+        recorder.record = { failure.record($0, stepsDone: $1) }
     }
 
-    func abort(_ report: String) -> Never {
+    func abort(_ report: String, stepsDone: Int? = nil) -> Never {
         FileHandle.standardError.write(Data("[rank \(communicator.rank)] error: \(report)\n".utf8))
         if let record = recorder.record {
             // Rank 0's record has no rank prefix of its own (other ranks' add theirs): this one names where it was seen.
-            record(communicator.rank == 0 ? "rank 0: \(report)" : report)
+            record(communicator.rank == 0 ? "rank 0: \(report)" : report, stepsDone)
         } else {
-            RunStatus.markFailed(runDirectory, message: "rank \(communicator.rank): \(report)")
+            RunStatus.markFailed(runDirectory, message: "rank \(communicator.rank): \(report)", stepsDone: stepsDone)
         }
         communicator.abort(code: 1)
     }

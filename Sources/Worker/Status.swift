@@ -80,9 +80,10 @@ struct RunStatus: Codable, Equatable {
     /// Marks the run in `runDirectory` failed with `message`, keeping what status.json said otherwise: for a rank
     /// other than 0, or the watchdog thread, that ends the job and has no fresher status of its own. Best effort:
     /// the job is being torn down.
-    static func markFailed(_ runDirectory: String, message: String) {
+    static func markFailed(_ runDirectory: String, message: String, stepsDone: Int? = nil) {
         guard var status = try? read(runDirectory) else { return }
         guard status.state == .training || status.state == .starting else { return }
+        if let stepsDone { status.step = max(status.step, stepsDone) }
         status.state = .failed
         status.message = message
         status.etaSeconds = nil

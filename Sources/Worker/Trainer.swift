@@ -42,7 +42,7 @@ enum Trainer {
         // passes, report to both. Neither writes anything before it is started.
         let aborter = Aborter(communicator: session.communicator, runDirectory: session.runDirectory)
         let watchdog = Watchdog(timeout: config.watchdogSeconds, rank: session.rank, worldSize: session.worldSize,
-                                runDirectory: session.runDirectory) { report in aborter.abort(report) }
+                                runDirectory: session.runDirectory) { report, step in aborter.abort(report, stepsDone: step) }
         let buckets = gradientBuckets(config, plan.spec)
         let recorder = timelineRecorder(config, plan, buckets: buckets)
         let phases = PhaseRunner(watchdog: watchdog, recorder: recorder)

@@ -33,10 +33,11 @@ final class Watchdog: Sendable {
     private let rank: Int
     private let worldSize: Int
     private let heartbeatDirectory: String
-    private let abort: @Sendable (String) -> Never
+    /// Ends the job with the stall report and the steps done (the step the stall is in).
+    private let abort: @Sendable (String, Int) -> Never
     private let host = ProcessInfo.processInfo.hostName
 
-    init(timeout: Double, rank: Int, worldSize: Int, runDirectory: String, abort: @escaping @Sendable (String) -> Never) {
+    init(timeout: Double, rank: Int, worldSize: Int, runDirectory: String, abort: @escaping @Sendable (String, Int) -> Never) {
         self.timeout = timeout
         self.rank = rank
         self.worldSize = worldSize
@@ -103,7 +104,7 @@ final class Watchdog: Sendable {
             }
             let waited = Double(now - since) * 1e-9
             if timeout > 0 && phase.isWatched && waited > timeout && (!phase.waitsOnRankZero || rank == 0 || rankZeroSilent()) {
-                abort(stallReport(phase: name(phase, dataRead), step: step, waited: waited))
+                abort(stallReport(phase: name(phase, dataRead), step: step, waited: waited), step)
             }
         }
     }

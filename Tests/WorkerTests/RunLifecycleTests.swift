@@ -259,6 +259,16 @@ struct RunLifecycleTests {
         let metrics = try String(contentsOfFile: run + "/metrics.jsonl", encoding: .utf8)
         #expect(metrics.contains("\"event\":\"end\"") && metrics.contains("\"state\":\"failed\""), "\(metrics.suffix(400))")
         #expect(try String(contentsOfFile: run + "/report.html", encoding: .utf8).contains(">failed<"))
+
+        // Rank 0 stalled, so rank 1's watchdog ends the job: the shared status.json says the steps done too (it kept rank
+        // 0's last write, step 5, and a failed run at step 0 reads as one that never trained).
+        let other = temporaryRunDirectory()
+        let stalled = try Harness.mpirun(2, job(data, runDir: other, extra: ["--set", "watchdog.timeout_seconds=2"]),
+                                         environment: ["BPWORKER_TEST_STALL": "0:8:60"], timeout: 60)
+        #expect(stalled.status != 0)
+        #expect(try failureMessage(other).hasPrefix("rank 1: stall: "))
+        let otherStatus = try status(other)
+        #expect(otherStatus["step"] as? Int == 8, "\(otherStatus)")
     }
 
     /// Checkpoints that cannot be written end the run failed once `checkpoint.max_failures` is exceeded (0 here: at the

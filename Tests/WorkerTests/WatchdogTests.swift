@@ -21,7 +21,7 @@ struct WatchdogTests {
 
     /// Rank 0's watchdog, started, reporting into `aborts`.
     func started(timeout: Double, worldSize: Int, run: String, aborts: Aborts) -> Watchdog {
-        let watchdog = Watchdog(timeout: timeout, rank: 0, worldSize: worldSize, runDirectory: run) { report in
+        let watchdog = Watchdog(timeout: timeout, rank: 0, worldSize: worldSize, runDirectory: run) { report, _ in
             aborts.report.withLock { $0 = report }
             aborts.arrived.signal()
             // The real hook ends the job; this one parks the watchdog thread for the rest of the test process.
