@@ -413,6 +413,28 @@ struct DaemonTests {
         #expect(try String(contentsOfFile: run + "/status.json", encoding: .utf8).contains("\"state\" : \"stopped\""))
     }
 
+    /// The launcher killed outright (SIGKILL, nothing to trap): mpirun, in a session of its own, is told by the kernel
+    /// (`setpriv --pdeathsig TERM`) and the run stops with its checkpoint, instead of training on as an orphan that
+    /// holds the run directory's lock.
+    @Test func aKilledLauncherLeavesNoJobBehind() throws {
+        let data = try SyntheticData(samples: 200)
+        defer { data.remove() }
+        let run = temporaryRunDirectory()
+        let job = try startLauncher(job(data, runDir: run, extra: ["--set", "training.epochs=30"]), stepSleepMs: 20)
+        #expect(job.waitFor(60) { $0.contains("checkpoint: ") }, "\(job.output)")
+        job.signal(SIGKILL)
+        let deadline = Date().addingTimeInterval(30)
+        var state = ""
+        while Date() < deadline {
+            state = (try? String(contentsOfFile: run + "/status.json", encoding: .utf8)) ?? ""
+            if state.contains("\"state\" : \"stopped\"") && !RunDirectoryProbe.isLocked(run) { break }
+            usleep(200_000)
+        }
+        #expect(state.contains("\"state\" : \"stopped\""), "\(state)\n\(job.output)")
+        #expect(!RunDirectoryProbe.isLocked(run), "a job still holds \(run)")
+        _ = job.wait(timeout: 60)
+    }
+
     /// The launcher's restarts keep the caller's `--resume PATH` until the job writes a checkpoint of its own: in a
     /// directory whose earlier run had newer checkpoints, a rank killed before the first one of this job was restarted
     /// from that earlier run's latest, under the new settings.
@@ -727,4 +749,15 @@ struct RunStatusFields: CustomStringConvertible {
     }
 
     var description: String { "\(state ?? "-") epoch \(epoch ?? -1) step \(step ?? -1) \(lastCheckpoint ?? "-") \(loss ?? .nan) \(testAccuracy ?? .nan)" }
+}
+
+/// Whether a process holds the run directory's lock (a job runs there), as `bpworker` takes it: an exclusive flock on
+/// RUN_DIR/.lock.
+enum RunDirectoryProbe {
+    static func isLocked(_ directory: String) -> Bool {
+        let descriptor = open(directory + "/.lock", O_RDONLY | O_CLOEXEC)
+        guard descriptor >= 0 else { return false }
+        defer { close(descriptor) }
+        return flock(descriptor, LOCK_SH | LOCK_NB) != 0
+    }
 }
