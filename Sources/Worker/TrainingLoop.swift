@@ -362,15 +362,28 @@ final class TrainingLoop {
     /// numerics check reads the loss and gradients, and an update after the last step, or before a checkpoint, left a
     /// "finished" model or a "last good state" that was neither. Every rank holds the same parameters, so every rank
     /// finds the same, without a collective. One pass over the parameters per checkpoint.
+    ///
+    /// Batch norm's running statistics too: a variance above float32's range (3e38) was stored as inf, and the run ended
+    /// "finished" with a model that evaluates to chance. They are rank 0's on every rank first (the checkpoint saves
+    /// rank 0's), so every rank judges the same values.
     private func requireFiniteParameters() throws {
-        let parameters = model.parameters.baseAddress!
-        guard nonFiniteCount(parameters, model.parameterCount) > 0 else { return }
-        let tensors = model.parameterTable.compactMap { info -> String? in
-            let count = nonFiniteCount(parameters + info.offset, info.count)
-            return count > 0 ? "\(info.name) (\(count) of \(info.count) values)" : nil
+        let parameters = model.parameters.baseAddress!, buffers = model.buffers.baseAddress
+        if !model.bufferTable.isEmpty { try phases.watched(.checkpoint) { try shareBuffers(session, model) } }
+        let bufferCount = model.bufferTable.last.map { $0.offset + $0.count } ?? 0
+        guard nonFiniteCount(parameters, model.parameterCount) > 0 || (buffers.map { nonFiniteCount($0, bufferCount) } ?? 0) > 0
+        else { return }
+        let tensors = model.parameterTable.map { ($0, parameters) } + (buffers.map { b in model.bufferTable.map { ($0, b) } } ?? [])
+        let named = tensors.compactMap { info, base -> (String, Bool)? in
+            let count = nonFiniteCount(base + info.offset, info.count)
+            return count > 0 ? ("\(info.name) (\(count) of \(info.count) values)", base == parameters) : nil
         }
-        let shown = tensors.prefix(4).joined(separator: ", ") + (tensors.count > 4 ? " and \(tensors.count - 4) more tensors" : "")
-        throw ModelNotFinite(description: "the parameters are not finite after step \(position.globalStep)'s update: \(shown)")
+        let shown = named.prefix(4).map(\.0).joined(separator: ", ") + (named.count > 4 ? " and \(named.count - 4) more tensors" : "")
+        let what = switch (named.contains { $0.1 }, named.contains { !$0.1 }) {
+        case (true, true): "the parameters and batch norm's running statistics are"
+        case (false, _): "batch norm's running statistics are"
+        case (true, false): "the parameters are"
+        }
+        throw ModelNotFinite(description: "\(what) not finite after step \(position.globalStep)'s update: \(shown)")
     }
 
     /// A mapped data file that changed underneath the run (truncated, rewritten, replaced) ends it on every rank with

@@ -231,6 +231,31 @@ struct DaemonTests {
         #expect(status.contains("the parameters are not finite"))
     }
 
+    /// Batch norm's running variance above float32's range (inputs of 1e20, not normalised): computed in float64 and
+    /// stored as inf, it reached every checkpoint and the final model of a run that ended "finished". The check before a
+    /// checkpoint reads the running statistics too.
+    @Test func aRunningStatisticThatOverflowsIsNeverCheckpointed() throws {
+        let directory = TemporaryFiles.path("huge-").path
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        let made = try Harness.run("/usr/bin/env", ["python3", "-c", """
+            import sys, numpy as np
+            rng = np.random.default_rng(4)
+            y = rng.integers(0, 3, 96)
+            np.save(sys.argv[1] + "/x.npy", (rng.random((96, 6), dtype=np.float32) + y[:, None]) * np.float32(1e20))
+            np.save(sys.argv[1] + '/y.npy', y.astype(np.int64))
+            """, directory], environment: [:], timeout: 60)
+        #expect(made.status == 0, "\(made.output)")
+        let run = temporaryRunDirectory()
+        let data = ["data.format=npy", "data.train_features=\(directory)/x.npy", "data.train_labels=\(directory)/y.npy",
+                    "data.test_features=\(directory)/x.npy", "data.test_labels=\(directory)/y.npy", "data.normalize=none"]
+        let r = try Harness.mpirun(2, ["train", "--run-dir", run, "--progress", "plain"] + data.flatMap { ["--set", $0] } + [
+            "--set", "model.layers=[linear 8, batchnorm, relu, linear 3]", "--set", "training.batch_size=8", "--set", "training.epochs=2"])
+        #expect(r.status == 1, "\(r.output)")
+        #expect(r.output.contains("batch norm's running statistics are not finite after step 6's update: 1.running_var ("),
+                "\(r.output)")
+        #expect(!FileManager.default.fileExists(atPath: run + "/model.safetensors"))
+    }
+
     @Test func nanOnOneRankIsSkippedEverywhereUnderTheSkipPolicy() throws {
         let data = try SyntheticData(samples: 200)
         defer { data.remove() }
