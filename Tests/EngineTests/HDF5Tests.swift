@@ -235,6 +235,12 @@ struct HDF5Tests {
             layout('nodataset.h5', [('part0.h5', 'x'), ('part1.h5', 'y'), ('part2.h5', 'x')])
             with h5py.File(f'{d}/linked.h5', 'w') as f:
                 f['x'] = h5py.ExternalLink('part1.h5', '/x')
+            # A source that is itself virtual, with a missing source one level down.
+            lay = h5py.VirtualLayout(shape=(20, 4), dtype='f4')
+            lay[:] = h5py.VirtualSource('part8.h5', 'x', shape=(20, 4))
+            with h5py.File(f'{d}/inner.h5', 'w') as f:
+                f.create_virtual_dataset('x', lay, fillvalue=0)
+            layout('nested.h5', [('part0.h5', 'x'), ('inner.h5', 'x'), ('part2.h5', 'x')])
             np.save(f'{d}/x.npy', x)
             """, arguments: [dir.path])
         let reader = try HDF5Rows(file: dir.file("whole.h5"), dataset: "/x")
@@ -245,6 +251,9 @@ struct HDF5Tests {
         }
         expectError(dir.file("nodataset.h5") + ":/x", ["mapping 2 of 3", "part1.h5", "no dataset y"]) {
             _ = try HDF5Rows(file: dir.file("nodataset.h5"), dataset: "/x")
+        }
+        expectError(dir.file("nested.h5") + ":/x", ["mapping 1 of 1", "part8.h5", "cannot be opened"]) {
+            _ = try HDF5Rows(file: dir.file("nested.h5"), dataset: "/x")
         }
         // A source or a link's target that changes under a reader is noticed at its next read, as its own file is: the
         // run trained on the new contents.

@@ -185,7 +185,12 @@ private struct OpenDataset {
     /// with printf-style patterns (`%b`, for unlimited mappings) are left to HDF5.
     ///
     /// Returns the source files found (other than this one), so that a reader notices when one of them changes.
-    private static func virtualSources(_ dataset: hid_t, fileHandle: hid_t, path: String, name: String) throws -> [String] {
+    ///
+    /// A source that is itself virtual (or reached through an external link) is followed the same way, `depth` levels
+    /// at most: one level down, a missing source read as zeros again.
+    private static func virtualSources(_ dataset: hid_t, fileHandle: hid_t, path: String, name: String,
+                                       depth: Int = 0) throws -> [String] {
+        guard depth < 8 else { throw DataError(path: name, reason: "virtual datasets nested more than 8 deep (or in a cycle)") }
         let creation = H5Dget_create_plist(dataset)
         guard creation >= 0 else { return [] }
         defer { _ = H5Pclose(creation) }
@@ -211,13 +216,20 @@ private struct OpenDataset {
             let sourceDataset = text { H5Pget_virtual_dsetname(creation, index, $0, $1) }
             if source.contains("%") || sourceDataset.contains("%") { continue }
             let mapping = "virtual dataset mapping \(index + 1) of \(count), source \(source):\(sourceDataset)"
+            /// The source dataset opened: what it reads from in turn.
+            func follow(_ opened: hid_t, in file: hid_t, at filePath: String) throws {
+                defer { _ = H5Dclose(opened) }
+                if let linked = fileName(of: opened), linked != filePath, !found.contains(linked) { found.append(linked) }
+                for inner in try virtualSources(opened, fileHandle: file, path: filePath, name: name, depth: depth + 1)
+                where !found.contains(inner) { found.append(inner) }
+            }
             if source == "." {
                 let opened = H5Dopen2(fileHandle, sourceDataset, bp_h5p_default())
                 guard opened >= 0 else {
                     throw DataError(path: name, reason: "\(mapping): this file has no dataset \(sourceDataset) "
                         + "(HDF5 would read zeros for its rows)")
                 }
-                _ = H5Dclose(opened)
+                try follow(opened, in: fileHandle, at: path)
                 continue
             }
             let relative = source.hasPrefix("/") ? (source as NSString).lastPathComponent : source
@@ -240,7 +252,7 @@ private struct OpenDataset {
                 throw DataError(path: name, reason: "\(mapping): the source file has no dataset \(sourceDataset) "
                     + "(HDF5 would read zeros for its rows)")
             }
-            _ = H5Dclose(opened)
+            try follow(opened, in: sourceFile, at: sourcePath)
         }
         return found
     }
