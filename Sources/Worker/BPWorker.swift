@@ -175,7 +175,9 @@ struct Gradcheck: ParsableCommand {
     var distributed = false
 
     func run() throws {
-        let session = Session.start(options: options, extraOverrides: [])
+        // gradcheck.enabled, so that the memory estimate counts the check this command runs (it counted training's
+        // needs without the check, and a check its estimate let through was killed by the memory limit).
+        let session = Session.start(options: options, extraOverrides: ["gradcheck.enabled=true"])
         // Until the check's Watchdog starts, setup's waits are timed (a rank frozen there hung the others).
         session.setupWatch = SetupWatch(timeout: session.config.watchdogSeconds, rank: session.rank, communicator: session.communicator)
         let prepared = Setup.prepare(session, training: false)

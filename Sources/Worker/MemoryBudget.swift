@@ -91,12 +91,16 @@ struct MemoryEstimate {
         }
         // The check runs on rank 0, or on every rank when it is distributed (synchronized batch norm).
         if config.gradcheckEnabled && (rank == 0 || config.batchNorm == .sync) {
-            let check = Model<Double>.footprint(spec: spec, batchCapacity: config.gradcheckBatch)
+            // The check takes gradcheck.batch samples of a rank's shard, or the whole shard when it is shorter.
+            let shard = datasets.first.map { $0.count / max(worldSize, 1) + config.batchSize } ?? config.gradcheckBatch
+            let checkBatch = min(config.gradcheckBatch, shard)
+            let check = Model<Double>.footprint(spec: spec, batchCapacity: checkBatch)
             items.append(Item(name: "float64 gradient-check copy", bytes: 2 * check.parameterBufferBytes + check.activationBytes))
             // The analytic gradient, and the random direction with the parameters it restores: float64 vectors of
             // the parameters' size beside the copy (a 784-4096-4096-10 model passed the check at 899 MiB and peaked
             // at 1,052; measured, the vectors' peak is about two of them alive at once).
-            items.append(Item(name: "gradient-check vectors", bytes: 2 * check.parameterBufferBytes))
+            items.append(Item(name: "gradient-check vectors", bytes: 2 * check.parameterBufferBytes
+                + Model<Double>.kinkPatternBytes(spec: spec, batchCapacity: checkBatch)))
         }
         let reading = datasets.reduce(0.0) { $0 + $1.readerWorkingBytes }
         if reading > 0 { items.append(Item(name: "HDF5 chunk caches and libhdf5's buffers", bytes: reading)) }

@@ -296,4 +296,35 @@ struct MemoryTests {
         defer { rmdir(cgroup) }
         try expectRefusal(under: "echo $$ > \(cgroup)/cgroup.procs", hidden: "[4096, 4096]", message: "but the memory cgroup allows 256 MiB")
     }
+
+    /// The gradient check's memory is counted where it runs: by `bpworker gradcheck` (which counted training's needs
+    /// without the check, and was killed by a 700 MiB cgroup it passed, peaking at 1 GiB), and with its kink patterns
+    /// (a CNN's check of 256 samples was killed by a limit its estimate passed, 70 MiB over it).
+    @Test func theGradientCheckIsCountedWhereItRuns() throws {
+        let data = try SyntheticData(samples: 200)
+        defer { data.remove() }
+        if let cgroup = makeMemoryCgroup(limit: 700 << 20) {
+            defer { rmdir(cgroup) }
+            let command = [Harness.executable.path, "gradcheck", "--local", "--run-dir", temporaryRunDirectory()] + data.arguments
+                + ["--set", "model.hidden=[4096, 4096]"]
+            let quoted = command.map { "'\($0)'" }.joined(separator: " ")
+            let r = try Harness.run("/bin/sh", ["-c", "echo $$ > \(cgroup)/cgroup.procs && exec \(quoted)"], environment: [:], timeout: 120)
+            #expect(r.status == 1 && r.output.contains("but the memory cgroup allows 700 MiB"), "\(r.output)")
+            #expect(r.output.contains("float64 gradient-check copy"), "\(r.output)")
+        } else {
+            print("skipped the cgroup part: cannot make a memory cgroup here (not root, or no writable memory controller)")
+        }
+        // A CNN's check of 192 samples: the estimate and the measured peak agree within 5%, and the estimate is at most
+        // a quarter above it.
+        let images = try SyntheticData(samples: 384, features: 16 * 16, imageShape: [16, 16])
+        defer { images.remove() }
+        let run = temporaryRunDirectory()
+        let r = try Harness.local(["train", "--local", "--run-dir", run, "--progress", "plain", "--gradcheck"] + images.arguments + [
+            "--set", "model.layers=[conv 32 3 pad 1, relu, maxpool 2, conv 32 3 pad 1, relu, flatten, linear 3]",
+            "--set", "gradcheck.batch=192", "--set", "gradcheck.samples=1", "--set", "training.epochs=1", "--set", "data.normalize=scale"])
+        #expect(r.status == 0, "\(r.output)")
+        let expected = try #require(mebibytes(after: "memory: rank 0 expects ", in: r.output), "\(r.output)")
+        let measured = try #require(mebibytes(after: "(rank 0: ", in: r.output), "\(r.output)")
+        #expect(measured <= 1.05 * expected && expected <= 1.25 * measured, "expected \(expected) MiB, measured \(measured) MiB")
+    }
 }

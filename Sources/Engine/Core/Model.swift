@@ -302,6 +302,28 @@ public final class Model<T: Scalar> {
         public var activationBytes: Double
     }
 
+    /// The bytes the gradient check's kink patterns take at `batchCapacity` samples (`kinkPattern(count:)`): an Int32
+    /// for every input value of every layer with a kink (ReLU's signs, pooling's winners), also inside residual blocks,
+    /// and the check holds two at once (the spare capacity `append` leaves is never touched, so never resident). A CNN's
+    /// check at 256 samples was killed by the memory limit its estimate passed, 70 MiB over it, for want of these
+    /// (measured: about one pattern's worth at the peak; two are counted).
+    public static func kinkPatternBytes(spec: ModelSpec, batchCapacity: Int) -> Double {
+        func values(_ layers: [LayerSpec], input: [Int]) -> Double {
+            var shape = input, total = 0.0
+            for layer in layers {
+                if let block = layer.kind as? ResidualKind {
+                    total += values(block.body, input: shape) + values(block.shortcut ?? [], input: shape)
+                } else if layer.hasKink {
+                    total += shape.reduce(1.0) { $0 * Double($1) }
+                }
+                guard let next = try? layer.outputShape(input: shape) else { return total }
+                shape = next
+            }
+            return total
+        }
+        return 2 * 4 * Double(batchCapacity) * values(spec.layers, input: spec.inputShape)
+    }
+
     public static func footprint(spec: ModelSpec, batchCapacity: Int, fusesBlocks: Bool = true) -> Footprint {
         let rows = Double(batchCapacity)
         let stride = Double(MemoryLayout<T>.stride)
