@@ -212,9 +212,11 @@ enum Trainer {
                                                   tensorBoard: tensorBoard) { session.logger.warning("\($0)") } : nil
         let progress = Progress(session: session, prepared: prepared, metrics: metrics)
         if resumed != nil {
-            if session.isRoot && position.epoch >= session.config.epochs && position.epochStep == 0 {
-                let note = "the checkpoint has done \(counted(position.epoch, "epoch")) (\(counted(position.globalStep, "step"))), and "
-                    + "training.epochs=\(session.config.epochs): nothing more to train; set training.epochs above \(position.epoch) to go on"
+            if session.isRoot && position.epoch >= session.config.epochs {
+                let done = position.epochStep == 0 ? "has done \(counted(position.epoch, "epoch"))"
+                    : "is in epoch \(position.epoch + 1)"
+                let note = "the checkpoint \(done) (\(counted(position.globalStep, "step"))), and training.epochs=\(session.config.epochs): "
+                    + "nothing more to train; set training.epochs above \(position.epoch) to go on"
                 session.logger.notice("\(note)")
             }
             progress.cover(position)

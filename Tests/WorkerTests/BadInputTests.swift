@@ -304,6 +304,18 @@ struct BadInputTests {
         }
     }
 
+    /// A configuration from a pipe (`-c <(...)`, `-c /dev/stdin`) is read as a file is: it was refused with an
+    /// unrelated errno ("Inappropriate ioctl for device").
+    @Test func aConfigurationFromAPipeIsRead() throws {
+        let data = try SyntheticData(samples: 64)
+        defer { data.remove() }
+        let command = [Harness.executable.path, "train", "--local", "--run-dir", temporaryRunDirectory(), "-c", "/dev/stdin"] + data.arguments
+        let quoted = command.map { "'\($0)'" }.joined(separator: " ")
+        let r = try Harness.run("/bin/sh", ["-c", "printf 'training:\\n  epochs: 1\\nmodel:\\n  hidden: [8]\\n' | exec \(quoted)"],
+                                environment: [:], timeout: 60)
+        #expect(r.status == 0 && r.output.contains("training finished") && r.output.contains("hidden: [8]"), "\(r.output)")
+    }
+
     @Test func batchSizeZero() throws {
         try expectCleanFailure(["--set", "training.batch_size=0"], message: "training.batch_size must be at least 1")
     }

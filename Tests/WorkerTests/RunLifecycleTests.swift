@@ -222,6 +222,13 @@ struct RunLifecycleTests {
         #expect(fewer.output.contains("training finished: 24 steps"), "\(fewer.output)")
         let after = try Harness.local(["status", run])
         #expect(after.output.contains("step 24/24, epoch 2/2"), "\(after.output)")
+        // The same from a checkpoint in the middle of an epoch (a stop after step 17 of 2 epochs of 12): it said nothing.
+        let middle = temporaryRunDirectory()
+        let stopped = try Harness.mpirun(2, job(data, runDir: middle), environment: ["BPWORKER_TEST_SIGNAL": "0:16"])
+        #expect(stopped.status == 0 && stopped.output.contains("stopped by SIGTERM after step 17"), "\(stopped.output)")
+        let none = try Harness.mpirun(2, ["train", "--run-dir", middle, "--resume", "--progress", "plain", "--set", "training.epochs=1"])
+        #expect(none.status == 0 && none.output.contains("the checkpoint is in epoch 2 (17 steps), and training.epochs=1: nothing more"),
+                "\(none.output)")
     }
 
     @Test func resumeAndOverwriteTogetherAreRefused() throws {

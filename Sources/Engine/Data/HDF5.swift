@@ -219,6 +219,7 @@ private struct OpenDataset {
             /// The source dataset opened: what it reads from in turn.
             func follow(_ opened: hid_t, in file: hid_t, at filePath: String) throws {
                 defer { _ = H5Dclose(opened) }
+                try requireFilters(opened, name: "\(name) (\(mapping))")
                 if let linked = fileName(of: opened), linked != filePath, !found.contains(linked) { found.append(linked) }
                 for inner in try virtualSources(opened, fileHandle: file, path: filePath, name: name, depth: depth + 1)
                 where !found.contains(inner) { found.append(inner) }
