@@ -275,9 +275,15 @@ struct HDF5Tests {
             import sys, h5py, numpy as np
             with h5py.File(sys.argv[1] + '/lzf.h5', 'w') as f:
                 f.create_dataset('x', data=np.zeros((64, 8), dtype=np.float32), chunks=(8, 8), compression='lzf')
+            lay = h5py.VirtualLayout(shape=(64, 8), dtype='f4')
+            lay[:] = h5py.VirtualSource('lzf.h5', 'x', shape=(64, 8))
+            with h5py.File(sys.argv[1] + '/vlzf.h5', 'w') as f:
+                f.create_virtual_dataset('x', lay, fillvalue=0)
             """, arguments: [dir.path])
-        expectError(dir.file("lzf.h5") + ":/x", ["compressed with filter 32000", "which this libhdf5 does not have"]) {
-            _ = try HDF5Rows(file: dir.file("lzf.h5"), dataset: "/x")
+        for file in ["lzf.h5", "vlzf.h5"] {
+            expectError(dir.file(file) + ":/x", ["compressed with filter 32000", "which this libhdf5 does not have"]) {
+                _ = try HDF5Rows(file: dir.file(file), dataset: "/x")
+            }
         }
     }
 

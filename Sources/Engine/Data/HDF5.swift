@@ -219,7 +219,7 @@ private struct OpenDataset {
             /// The source dataset opened: what it reads from in turn.
             func follow(_ opened: hid_t, in file: hid_t, at filePath: String) throws {
                 defer { _ = H5Dclose(opened) }
-                try requireFilters(opened, name: "\(name) (\(mapping))")
+                try requireFilters(opened, name: name, context: "\(mapping): ")
                 if let linked = fileName(of: opened), linked != filePath, !found.contains(linked) { found.append(linked) }
                 for inner in try virtualSources(opened, fileHandle: file, path: filePath, name: name, depth: depth + 1)
                 where !found.contains(inner) { found.append(inner) }
@@ -260,7 +260,7 @@ private struct OpenDataset {
 
     /// Throws, naming the filter, when the dataset's chunks pass through a filter this libhdf5 does not have (h5py's
     /// `lzf`, or a plugin's): it opened, and its first read failed as "damaged or truncated".
-    private static func requireFilters(_ dataset: hid_t, name: String) throws {
+    private static func requireFilters(_ dataset: hid_t, name: String, context: String = "") throws {
         let creation = H5Dget_create_plist(dataset)
         guard creation >= 0 else { return }
         defer { _ = H5Pclose(creation) }
@@ -270,7 +270,7 @@ private struct OpenDataset {
             let filter = H5Pget_filter2(creation, UInt32(index), &flags, &values, nil, filterName.count, &filterName, &config)
             guard filter >= 0, H5Zfilter_avail(filter) <= 0 else { continue }
             let named = String(decoding: filterName.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
-            throw DataError(path: name, reason: "its chunks are compressed with filter \(filter)\(named.isEmpty ? "" : " (\(named))"), "
+            throw DataError(path: name, reason: "\(context)its chunks are compressed with filter \(filter)\(named.isEmpty ? "" : " (\(named))"), "
                 + "which this libhdf5 does not have (h5py's lzf is one): rewrite it with compression='gzip' or none")
         }
     }
