@@ -314,17 +314,18 @@ struct MemoryTests {
         } else {
             print("skipped the cgroup part: cannot make a memory cgroup here (not root, or no writable memory controller)")
         }
-        // A CNN's check of 192 samples: the estimate and the measured peak agree within 5%, and the estimate is at most
-        // a quarter above it.
-        let images = try SyntheticData(samples: 384, features: 16 * 16, imageShape: [16, 16])
-        defer { images.remove() }
-        let run = temporaryRunDirectory()
-        let r = try Harness.local(["train", "--local", "--run-dir", run, "--progress", "plain", "--gradcheck"] + images.arguments + [
-            "--set", "model.layers=[conv 32 3 pad 1, relu, maxpool 2, conv 32 3 pad 1, relu, flatten, linear 3]",
-            "--set", "gradcheck.batch=192", "--set", "gradcheck.samples=1", "--set", "training.epochs=1", "--set", "data.normalize=scale"])
-        #expect(r.status == 0, "\(r.output)")
-        let expected = try #require(mebibytes(after: "memory: rank 0 expects ", in: r.output), "\(r.output)")
-        let measured = try #require(mebibytes(after: "(rank 0: ", in: r.output), "\(r.output)")
-        #expect(measured <= 1.05 * expected && expected <= 1.25 * measured, "expected \(expected) MiB, measured \(measured) MiB")
+        // The kink patterns, in closed form: an Int32 for each input of the two ReLUs and the pooling (32x16x16, 32x16x16
+        // and 32x8x8 values a sample), two patterns, at the check batch of 192 samples.
+        var config = Configuration()
+        config.layers = ["conv 32 3 pad 1", "relu", "maxpool 2", "conv 32 3 pad 1", "relu", "flatten", "linear 3"]
+        config.gradcheckEnabled = true
+        config.gradcheckBatch = 192
+        let spec = try config.modelSpec(sampleShape: [16, 16], classes: 3)
+        #expect(Model<Double>.kinkPatternBytes(spec: spec, batchCapacity: 192) == 2 * 4 * 192 * Double(8192 + 8192 + 2048))
+        let counted = MemoryEstimate.estimate(config: config, spec: spec, datasets: [], rank: 0, worldSize: 2,
+                                              usage: ProcessMemory(resident: 40 * mib, residentPeak: 60 * mib, addressSpace: 400 * mib))
+        let vectors = try #require(counted.items.first { $0.name == "gradient-check vectors" }?.bytes)
+        let check = Model<Double>.footprint(spec: spec, batchCapacity: 192)
+        #expect(vectors == 2 * check.parameterBufferBytes + 2 * 4 * 192 * Double(8192 + 8192 + 2048))
     }
 }
