@@ -361,11 +361,11 @@ final class TrainingLoop {
     /// Throws when an update made parameters infinite or NaN (a learning rate that overflows, an epsilon of zero): the
     /// numerics check reads the loss and gradients, and an update after the last step, or before a checkpoint, left a
     /// "finished" model or a "last good state" that was neither. Every rank holds the same parameters, so every rank
-    /// finds the same, without a collective. One pass over the parameters per checkpoint.
+    /// finds the same. One pass over the parameters per checkpoint.
     ///
     /// Batch norm's running statistics too: a variance above float32's range (3e38) was stored as inf, and the run ended
-    /// "finished" with a model that evaluates to chance. They are rank 0's on every rank first (the checkpoint saves
-    /// rank 0's), so every rank judges the same values.
+    /// "finished" with a model that evaluates to chance. They are rank 0's on every rank first (one broadcast, which the
+    /// checkpoint's own would make anyway: it saves rank 0's), so every rank judges the same values.
     private func requireFiniteParameters() throws {
         let parameters = model.parameters.baseAddress!, buffers = model.buffers.baseAddress
         if !model.bufferTable.isEmpty { try phases.watched(.checkpoint) { try shareBuffers(session, model) } }
