@@ -706,6 +706,11 @@ private func gathered<T: BinaryFloatingPoint>(_ data: Dataset, _ indices: [Int],
         expectDataError(path: dir.file("x_i8.npy"), ["unsupported feature dtype int64"]) {
             _ = try Dataset.loadNPY(features: dir.file("x_i8.npy"), labels: dir.file("y_i8.npy"))
         }
+        // A pipe or a device, which has no size to check and no position to read from, is named as such (a process
+        // substitution, `<(...)`, was refused as "not a .npy file: magic bytes []").
+        expectDataError(path: "/dev/null", ["not a regular file (a pipe or a device)"]) {
+            _ = try Dataset.loadNPY(features: "/dev/null", labels: dir.file("y_i8.npy"))
+        }
         // int32 labels (NumPy's default integer on Windows, torch's int32): they were refused.
         #expect(try Dataset.loadNPY(features: x, labels: dir.file("y_i4.npy")).labels == [2, 0, 1, 3])
         expectDataError(path: dir.file("y_neg_i4.npy"), ["label -5 at index 1"]) {

@@ -121,6 +121,11 @@ public enum NPY {
         defer { close(fd) }
         var info = stat()
         guard fstat(fd, &info) == 0 else { throw DataError(path: path, reason: "cannot stat file: \(String(cString: strerror(errno)))") }
+        // A pipe (`<(...)`) has no size and no position to read from: said so, rather than "magic bytes []".
+        guard (info.st_mode & S_IFMT) == S_IFREG else {
+            throw DataError(path: path, reason: "not a regular file (a pipe or a device): .npy data is mapped or read by position; "
+                + "write it to a file first")
+        }
         // The header is at most 12 bytes of preamble and a length field of up to 4 bytes; NumPy keeps it under 64 KiB.
         let prefix = [UInt8](unsafeUninitializedCapacity: 1 << 16) { buffer, count in
             count = max(0, pread(fd, buffer.baseAddress!, buffer.count, 0))
