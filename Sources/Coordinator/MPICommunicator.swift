@@ -90,6 +90,15 @@ public final class MPICommunicator: Communicator {
         return environment["SLURM_PROCID"] != nil && environment["SLURM_STEP_ID"] != nil
     }
 
+    /// Why the launcher that these variables describe is gone, or nil when it may be there: OpenMPI's mpirun names its
+    /// session directory in `PMIX_SERVER_TMPDIR`, which it removes when it ends. Variables left from a finished mpirun
+    /// (a script that mpirun started, running bpworker later) made MPI_Init fail with OpenMPI's messages alone.
+    public static func staleLauncher(environment: [String: String]) -> String? {
+        guard let directory = environment["PMIX_SERVER_TMPDIR"], !directory.isEmpty,
+              !FileManager.default.fileExists(atPath: directory) else { return nil }
+        return "PMIX_SERVER_TMPDIR=\(directory) does not exist"
+    }
+
     /// Number of MPI_Request slots currently allocated for reductions in flight.
     public var requestSlotCapacity: Int { requests.capacity }
 

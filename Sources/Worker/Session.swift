@@ -50,6 +50,13 @@ final class Session {
         if isLocal {
             communicator = LocalCommunicator()
         } else {
+            // Said before MPI_Init, which fails with OpenMPI's messages alone when the variables are an ended mpirun's.
+            // A warning, not a refusal: inside a container the directory may be out of sight while its launcher lives.
+            if let stale = MPICommunicator.staleLauncher(environment: ProcessInfo.processInfo.environment) {
+                FileHandle.standardError.write(Data(("bpworker: warning: this process has an MPI launcher's variables, but that "
+                    + "launcher looks ended (\(stale)): if MPI_Init fails below, they were left from an earlier mpirun; run under "
+                    + "a live launcher, with --local, or without the OMPI_*, PMIX_*, ORTE_* and OPAL_* variables\n").utf8))
+            }
             do { communicator = try MPICommunicator.initialize() } catch {
                 FileHandle.standardError.write(Data("bpworker: cannot start MPI: \(error)\n".utf8))
                 exit(1)

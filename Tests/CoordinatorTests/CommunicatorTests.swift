@@ -174,6 +174,16 @@ import Testing
         #expect(!MPICommunicator.isLaunchedByMPI(environment: [:]))
     }
 
+    /// Variables of an mpirun that has ended (its session directory gone) are named before MPI_Init, which failed with
+    /// OpenMPI's messages alone; a live launcher's directory, or none, says nothing.
+    @Test func anEndedLaunchersVariablesAreNamed() {
+        let gone = "/tmp/ompi.nowhere.\(getpid())/pid.1"
+        #expect(MPICommunicator.staleLauncher(environment: ["PMIX_RANK": "0", "PMIX_SERVER_TMPDIR": gone])
+                == "PMIX_SERVER_TMPDIR=\(gone) does not exist")
+        #expect(MPICommunicator.staleLauncher(environment: ["PMIX_RANK": "0", "PMIX_SERVER_TMPDIR": NSTemporaryDirectory()]) == nil)
+        #expect(MPICommunicator.staleLauncher(environment: ["PMIX_RANK": "0"]) == nil)
+    }
+
     @Test func shippedMPISettingsYieldToTheUsers() {
         let key = "OMPI_MCA_coll_libnbc_iallreduce_algorithm"
         #expect(MPITuning.defaults.contains { $0.environmentKey == key && $0.value == "3" })
