@@ -257,22 +257,10 @@ extension Configuration {
             throw ConfigError(description: "\(file): no such configuration file")
         }
         guard !isDirectory.boolValue else { throw ConfigError(description: "\(file): a directory, not a configuration file") }
-        // Read to its end with read(2), so that a pipe (`-c <(...)`, /dev/stdin) works as a file does.
-        let descriptor = open(file, O_RDONLY | O_CLOEXEC)
-        guard descriptor >= 0 else {
-            throw ConfigError(description: "\(file): cannot open the configuration file (\(String(cString: strerror(errno))))")
-        }
-        defer { close(descriptor) }
-        var data = [UInt8](), chunk = [UInt8](repeating: 0, count: 1 << 16)
-        while true {
-            let n = read(descriptor, &chunk, chunk.count)
-            if n == 0 { break }
-            guard n > 0 else {
-                if errno == EINTR { continue }
-                throw ConfigError(description: "\(file): cannot read the configuration file (\(String(cString: strerror(errno))))")
-            }
-            data += chunk.prefix(n)
-            guard data.count <= 64 << 20 else { throw ConfigError(description: "\(file): more than 64 MiB: not a configuration file") }
+        // Read to its end, so that a pipe (`-c <(...)`, /dev/stdin) works as a file does.
+        let data: [UInt8]
+        do { data = try readWholeFile(path: file, maxBytes: 64 << 20, advice: "not a configuration file") } catch let error as DataError {
+            throw ConfigError(description: "\(file): cannot read the configuration file (\(error.reason))")
         }
         guard let text = String(validating: data, as: UTF8.self) else {
             // The first line that does not decode (a newline is one byte in UTF-8, so no character spans two lines).

@@ -87,9 +87,9 @@ final class Progress {
         isTerminal = session.isRoot && redraw
     }
 
-    @inline(__always)
     /// A step's result, into the window of the next report; `globalStep` is the steps done, which status.json says when
     /// the run ends between reports (a watchdog's abort left the step of the last log line).
+    @inline(__always)
     func record(_ result: BatchResult, globalStep: Int) {
         status.step = globalStep
         window.lossSum += result.lossSum

@@ -181,10 +181,6 @@ struct RunDirectoryError: Error, CustomStringConvertible, Equatable {
     let description: String
 }
 
-/// Rank 0's hold on its run directory for the job's life: an `flock` on `RUN_DIR/.lock`, which the kernel releases
-/// when the process ends, however it ends. A second job in the same directory (`--overwrite` or `--resume` while one
-/// runs there, or two starts at once) is refused before it writes anything: two such jobs overwrote each other's
-/// config.yaml, metrics and checkpoints, and both exited 0.
 /// The run directory this process committed, by device and inode, on every rank: a job whose directory was moved
 /// away (or removed) while it ran, and another run started at the same path, wrote its status.json and report.html
 /// into that other run by path, and left its own directory saying `training`. Writes by path into the run directory
@@ -206,8 +202,20 @@ enum RunDirectoryIdentity {
         var info = stat()
         return stat(path, &info) == 0 && UInt64(info.st_dev) == device && UInt64(info.st_ino) == inode
     }
+
+    /// Throws unless `allowsWrite(to: file)`: for the writes that report their failure (the report, the timeline,
+    /// the model).
+    static func requireWritable(_ file: String) throws(RunDirectoryError) {
+        guard allowsWrite(to: file) else {
+            throw RunDirectoryError(description: "the run directory was moved or replaced while the job ran")
+        }
+    }
 }
 
+/// Rank 0's hold on its run directory for the job's life: an `flock` on `RUN_DIR/.lock`, which the kernel releases
+/// when the process ends, however it ends. A second job in the same directory (`--overwrite` or `--resume` while one
+/// runs there, or two starts at once) is refused before it writes anything: two such jobs overwrote each other's
+/// config.yaml, metrics and checkpoints, and both exited 0.
 enum RunDirectoryLock {
     nonisolated(unsafe) private static var held: (directory: String, descriptor: Int32)?
 

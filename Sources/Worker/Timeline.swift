@@ -129,9 +129,7 @@ final class Timeline {
                               hosts: session.layout.nodeNames, names: names(), steps: steps, warmup: warmup,
                               strategy: strategy.rawValue)
         do {
-            guard RunDirectoryIdentity.allowsWrite(to: path) else {
-                throw RunDirectoryError(description: "the run directory was moved or replaced while the job ran")
-            }
+            try RunDirectoryIdentity.requireWritable(path)
             try writeAtomically(Data(trace.json.utf8), to: path, durable: false)
         } catch {
             session.logger.error("timeline: cannot write \(path): \(error)")

@@ -381,9 +381,7 @@ enum Trainer {
                                   failure: RunFailure) {
         let path = session.runDirectory + "/model.safetensors"
         do {
-            guard RunDirectoryIdentity.allowsWrite(to: path) else {
-                throw RunDirectoryError(description: "the run directory was moved or replaced while the job ran")
-            }
+            try RunDirectoryIdentity.requireWritable(path)
             try writeParameters(of: model, to: path, metadata: description.merging([
                 "format": ModelDescription.modelFormat, "format_version": ModelDescription.modelFormatVersion, "step": "\(step)",
                 "world_size": "\(session.worldSize)", "model": model.spec.summary, "config": session.config.yaml,

@@ -1,6 +1,7 @@
 import Engine
 import Foundation
 import Testing
+@testable import Worker
 
 /// The daemon survives: each test does the damage for real to a real mpirun job.
 @Suite("Checkpoints, preemption and faults", .serialized, .temporaryFiles)
@@ -408,30 +409,18 @@ struct DaemonTests {
 
     /// `cluster/mpirun-multinode` on this machine (a hostfile of `localhost`): a SIGTERM to the launcher stops the run
     /// with a checkpoint, and the launcher exits 0, as its header says of a stop (mpirun's own exit after a forwarded
-    /// SIGTERM is 1, which the launcher passed on).
-    @Test func theLauncherExitsZeroOnAStopWithACheckpoint() throws {
+    /// SIGTERM is 1, which the launcher passed on). The same sent to the launcher's whole process group (Ctrl-C in a
+    /// terminal, `timeout`): mpirun got it directly as well as forwarded, took the second as "abort now", and the ranks
+    /// died without their checkpoint, leaving the run `training`. mpirun now runs in a session of its own, and the
+    /// launcher's one forward stops the run cleanly.
+    @Test(arguments: [false, true])
+    func aStopToTheLauncherExitsZeroWithACheckpoint(toItsProcessGroup: Bool) throws {
         let data = try SyntheticData(samples: 200)
         defer { data.remove() }
         let run = temporaryRunDirectory()
         let job = try startLauncher(job(data, runDir: run, extra: ["--set", "training.epochs=30"]), stepSleepMs: 20)
         #expect(job.waitFor(60) { $0.contains("checkpoint: ") }, "\(job.output)")
-        job.signal(SIGTERM)
-        let r = job.wait(timeout: 60)
-        #expect(r.status == 0, "\(r.output)")
-        #expect(r.output.contains("mpirun-multinode: stopped by a signal with a checkpoint"), "\(r.output)")
-        #expect(try String(contentsOfFile: run + "/status.json", encoding: .utf8).contains("\"state\" : \"stopped\""))
-    }
-
-    /// A stop sent to the launcher's whole process group (Ctrl-C in a terminal, `timeout`): mpirun got it directly as
-    /// well as forwarded, took the second as "abort now", and the ranks died without their checkpoint, leaving the run
-    /// `training`. mpirun now runs in a session of its own, and the launcher's one forward stops the run cleanly.
-    @Test func aStopToTheLaunchersProcessGroupStopsWithACheckpoint() throws {
-        let data = try SyntheticData(samples: 200)
-        defer { data.remove() }
-        let run = temporaryRunDirectory()
-        let job = try startLauncher(job(data, runDir: run, extra: ["--set", "training.epochs=30"]), stepSleepMs: 20)
-        #expect(job.waitFor(60) { $0.contains("checkpoint: ") }, "\(job.output)")
-        job.signalGroup(SIGTERM)
+        if toItsProcessGroup { job.signalGroup(SIGTERM) } else { job.signal(SIGTERM) }
         let r = job.wait(timeout: 60)
         #expect(r.status == 0, "\(r.output)")
         #expect(r.output.contains("mpirun-multinode: stopped by a signal with a checkpoint"), "\(r.output)")
@@ -452,11 +441,11 @@ struct DaemonTests {
         var state = ""
         while Date() < deadline {
             state = (try? String(contentsOfFile: run + "/status.json", encoding: .utf8)) ?? ""
-            if state.contains("\"state\" : \"stopped\"") && !RunDirectoryProbe.isLocked(run) { break }
+            if state.contains("\"state\" : \"stopped\"") && !RunDirectoryLock.isHeld(run) { break }
             usleep(200_000)
         }
         #expect(state.contains("\"state\" : \"stopped\""), "\(state)\n\(job.output)")
-        #expect(!RunDirectoryProbe.isLocked(run), "a job still holds \(run)")
+        #expect(!RunDirectoryLock.isHeld(run), "a job still holds \(run)")
         _ = job.wait(timeout: 60)
     }
 
@@ -774,15 +763,4 @@ struct RunStatusFields: CustomStringConvertible {
     }
 
     var description: String { "\(state ?? "-") epoch \(epoch ?? -1) step \(step ?? -1) \(lastCheckpoint ?? "-") \(loss ?? .nan) \(testAccuracy ?? .nan)" }
-}
-
-/// Whether a process holds the run directory's lock (a job runs there), as `bpworker` takes it: an exclusive flock on
-/// RUN_DIR/.lock.
-enum RunDirectoryProbe {
-    static func isLocked(_ directory: String) -> Bool {
-        let descriptor = open(directory + "/.lock", O_RDONLY | O_CLOEXEC)
-        guard descriptor >= 0 else { return false }
-        defer { close(descriptor) }
-        return flock(descriptor, LOCK_SH | LOCK_NB) != 0
-    }
 }

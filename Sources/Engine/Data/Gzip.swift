@@ -15,7 +15,8 @@ import Darwin
 /// an out-of-memory kill. Concatenated gzip members (as `cat a.gz b.gz` makes) are inflated in sequence;
 /// anything else after the last member is an error.
 public func readFileBytes(path: String, maxBytes: Int = 1 << 32) throws -> [UInt8] {
-    let raw = try readRawFile(path: path, maxBytes: maxBytes)
+    let raw = try readWholeFile(path: path, maxBytes: maxBytes, advice: "an uncompressed .npy file of uint8 or float32 is "
+        + "mapped instead, whatever its size (data.mmap, the default): convert float64 data with np.float32 and do not compress it")
     guard raw.count >= 2, raw[0] == 0x1F, raw[1] == 0x8B else { return raw }
     return try gunzip(raw, path: path, maxBytes: maxBytes)
 }
@@ -38,7 +39,9 @@ private func readFully(_ fd: Int32, _ buffer: UnsafeMutableRawPointer, _ count: 
     return filled
 }
 
-private func readRawFile(path: String, maxBytes: Int) throws -> [UInt8] {
+/// The bytes of `path` as they are, to its end: regular files in one read, pipes and special files (whose size says
+/// nothing) drained. Throws, naming the file, when it cannot be read or holds more than `maxBytes`, with `advice`.
+public func readWholeFile(path: String, maxBytes: Int, advice: String) throws -> [UInt8] {
     let fd = open(path, O_RDONLY)
     guard fd >= 0 else { throw DataError(path: path, reason: "cannot open file: \(errnoText())") }
     defer { close(fd) }
@@ -47,8 +50,7 @@ private func readRawFile(path: String, maxBytes: Int) throws -> [UInt8] {
     guard fstat(fd, &info) == 0 else { throw DataError(path: path, reason: "cannot stat file: \(errnoText())") }
     let expected = Int(info.st_size)
     let tooBig = DataError(path: path, reason: "file of \(expected) bytes is larger than the \(maxBytes) bytes bpworker reads "
-        + "into memory; an uncompressed .npy file of uint8 or float32 is mapped instead, whatever its size (data.mmap, the "
-        + "default): convert float64 data with np.float32 and do not compress it")
+        + "into memory; \(advice)")
     if expected > maxBytes { throw tooBig }
 
     // One read straight into the array's storage for regular files.

@@ -100,14 +100,19 @@ private struct OpenDataset {
     /// opened). A reader checks them after each read, as it checks its own file.
     var otherFiles: [String] = []
 
+    /// A file-access list without file locking: every rank opens the same read-only file, and parallel file systems
+    /// often lack the locks HDF5 takes by default (it then refuses to open at all). The caller closes it.
+    private static func readOnlyAccess() -> hid_t {
+        let access = H5Pcreate(bp_h5p_file_access())
+        _ = H5Pset_file_locking(access, false, true)
+        return access
+    }
+
     /// Opens `dataset` in `file` read-only; with `rowCache`, a chunked dataset gets a chunk cache sized for
     /// rows read in a random order (see `chunkCache`). Throws, naming `name`, for a file HDF5 cannot open
     /// (not HDF5, truncated, damaged), a missing dataset, a 0-d or empty one.
     static func open(file: String, dataset: String, name: String, rowCache: Bool) throws -> OpenDataset {
-        let access = H5Pcreate(bp_h5p_file_access())
-        // Every rank opens the same read-only file; parallel file systems often lack the locks HDF5 takes by
-        // default, and then it refuses to open at all.
-        _ = H5Pset_file_locking(access, false, true)
+        let access = readOnlyAccess()
         let fileHandle = H5Fopen(file, bp_h5f_acc_rdonly(), access)
         // The message first: the next library call clears the error stack.
         let failure = fileHandle < 0
@@ -116,15 +121,11 @@ private struct OpenDataset {
         if let failure { throw failure }
         do {
             var datasetHandle = try openDataset(fileHandle, dataset, name: name, access: bp_h5p_default())
-            var otherFiles: [String]
-            do {
-                try requireFilters(datasetHandle, name: name)
-                otherFiles = try virtualSources(datasetHandle, fileHandle: fileHandle, path: file, name: name)
-            } catch {
+            let otherFiles: [String]
+            do { otherFiles = try filesBehind(datasetHandle, fileHandle: fileHandle, path: file, name: name) } catch {
                 _ = H5Dclose(datasetHandle)
                 throw error
             }
-            if let linked = fileName(of: datasetHandle), linked != file, !otherFiles.contains(linked) { otherFiles.insert(linked, at: 0) }
             let chunked = isChunked(datasetHandle)
             var sizes = (cache: 0, chunk: 0)
             if rowCache, chunked, let (cache, cacheBytes, chunkBytes) = chunkCacheAccess(datasetHandle) {
@@ -176,6 +177,18 @@ private struct OpenDataset {
         return OpenDataset(file: file, dataset: dataset, space: space, shape: shape, stored: stored, chunked: chunked)
     }
 
+    /// The files other than `path` that an open dataset's values come from (an external link's target, a virtual
+    /// dataset's sources, and theirs in turn), after checking that libhdf5 can read it: its filters are there, and so are
+    /// its sources. `context` says where a nested one was reached from, for messages.
+    private static func filesBehind(_ dataset: hid_t, fileHandle: hid_t, path: String, name: String, context: String = "",
+                                    depth: Int = 0) throws -> [String] {
+        try requireFilters(dataset, name: name, context: context)
+        var files = fileName(of: dataset).map { $0 == path ? [] : [$0] } ?? []
+        for source in try virtualSources(dataset, fileHandle: fileHandle, path: path, name: name, depth: depth)
+        where !files.contains(source) { files.append(source) }
+        return files
+    }
+
     /// Throws, naming the mapping, when `dataset` is virtual and a source that HDF5 would look for cannot be
     /// opened: HDF5 then reads the fill value (zeros) for the rows it maps, silently, and training would go on
     /// with them. A source is looked for as libhdf5 does (H5Pset_virtual's "Source File Resolutions"): `.` is this
@@ -200,29 +213,20 @@ private struct OpenDataset {
         guard H5Pget_virtual_count(creation, &count) >= 0 else {
             throw libraryFailure(name, "cannot read the virtual dataset's mappings")
         }
-        func text(_ read: (UnsafeMutablePointer<CChar>?, Int) -> Int) -> String {
-            let length = read(nil, 0)
-            guard length >= 0 else { return "" }
-            var buffer = [CChar](repeating: 0, count: length + 1)
-            _ = read(&buffer, buffer.count)
-            return String(decoding: buffer.prefix(length).map { UInt8(bitPattern: $0) }, as: UTF8.self)
-        }
         let directory = (path as NSString).deletingLastPathComponent
         let prefixes = (ProcessInfo.processInfo.environment["HDF5_VDS_PREFIX"] ?? "").split(separator: ":").map {
             $0.replacingOccurrences(of: "${ORIGIN}", with: directory.isEmpty ? "." : directory)
         }
         for index in 0..<count {
-            let source = text { H5Pget_virtual_filename(creation, index, $0, $1) }
-            let sourceDataset = text { H5Pget_virtual_dsetname(creation, index, $0, $1) }
+            let source = libraryString { H5Pget_virtual_filename(creation, index, $0, $1) } ?? ""
+            let sourceDataset = libraryString { H5Pget_virtual_dsetname(creation, index, $0, $1) } ?? ""
             if source.contains("%") || sourceDataset.contains("%") { continue }
             let mapping = "virtual dataset mapping \(index + 1) of \(count), source \(source):\(sourceDataset)"
             /// The source dataset opened: what it reads from in turn.
             func follow(_ opened: hid_t, in file: hid_t, at filePath: String) throws {
                 defer { _ = H5Dclose(opened) }
-                try requireFilters(opened, name: name, context: "\(mapping): ")
-                if let linked = fileName(of: opened), linked != filePath, !found.contains(linked) { found.append(linked) }
-                for inner in try virtualSources(opened, fileHandle: file, path: filePath, name: name, depth: depth + 1)
-                where !found.contains(inner) { found.append(inner) }
+                for inner in try filesBehind(opened, fileHandle: file, path: filePath, name: name, context: "\(mapping): ",
+                                             depth: depth + 1) where !found.contains(inner) { found.append(inner) }
             }
             if source == "." {
                 let opened = H5Dopen2(fileHandle, sourceDataset, bp_h5p_default())
@@ -238,8 +242,7 @@ private struct OpenDataset {
             candidates += prefixes.map { ($0 as NSString).appendingPathComponent(relative) }
             candidates += [directory.isEmpty ? relative : (directory as NSString).appendingPathComponent(relative), relative]
             candidates = candidates.enumerated().filter { !candidates.prefix($0.offset).contains($0.element) }.map(\.element)
-            let access = H5Pcreate(bp_h5p_file_access())
-            _ = H5Pset_file_locking(access, false, true)
+            let access = readOnlyAccess()
             defer { _ = H5Pclose(access) }
             guard let (sourcePath, sourceFile) = candidates.lazy.map({ ($0, H5Fopen($0, bp_h5f_acc_rdonly(), access)) })
                 .first(where: { $0.1 >= 0 }) else {
@@ -281,10 +284,16 @@ private struct OpenDataset {
         let owner = H5Iget_file_id(dataset)
         guard owner >= 0 else { return nil }
         defer { _ = H5Fclose(owner) }
-        let length = H5Fget_name(owner, nil, 0)
-        guard length > 0 else { return nil }
+        return libraryString { H5Fget_name(owner, $0, $1) }.flatMap { $0.isEmpty ? nil : $0 }
+    }
+
+    /// A string libhdf5 hands out the C way: `read(nil, 0)` says its length, `read(buffer, size)` fills it. Nil when
+    /// the first call fails.
+    private static func libraryString(_ read: (UnsafeMutablePointer<CChar>?, Int) -> Int) -> String? {
+        let length = read(nil, 0)
+        guard length >= 0 else { return nil }
         var buffer = [CChar](repeating: 0, count: length + 1)
-        _ = H5Fget_name(owner, &buffer, buffer.count)
+        _ = read(&buffer, buffer.count)
         return String(decoding: buffer.prefix(length).map { UInt8(bitPattern: $0) }, as: UTF8.self)
     }
 

@@ -20,10 +20,8 @@ enum RunReport {
 
     /// Writes the page of runs already read (rank 0 keeps its run's records as it writes them).
     static func write(_ runs: [RunRecords], to path: String) throws {
-        guard RunDirectoryIdentity.allowsWrite(to: path) else {
-            throw ReportError(description: "\(path): not written: the run directory was moved or replaced while the job ran")
-        }
         do {
+            try RunDirectoryIdentity.requireWritable(path)
             try writeAtomically(Data(html(runs).utf8), to: path, durable: false)
         } catch {
             throw ReportError(description: "\(path): cannot write the report: \(error)")
