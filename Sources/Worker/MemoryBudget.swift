@@ -141,21 +141,50 @@ struct MemoryEstimate {
                 + "\(onNode) (largest: \(biggest)), but \(limit). Use a smaller model (model.hidden, model.layers) or "
                 + "batch (training.batch_size), fewer ranks per node, or a node with more memory")
         }
-        if let available = limits.available, needed * ranks > available {
-            throw fail("MemAvailable is \(bytesText(available))")
-        }
-        if let limit = limits.cgroupLimit {
-            let free = max(0, limit - (limits.cgroupUsage ?? 0))
-            if needed * ranks > free {
-                throw fail("the memory cgroup allows \(bytesText(limit)) with \(bytesText(free)) free")
-            }
-        }
+        if let limit = limits.nodeLimitPassed(by: needed * ranks) { throw fail(limit) }
         let reservations = reserved.reduce(0) { $0 + $1.bytes }
         if let limit = limits.addressSpaceLimit, (limits.addressSpace ?? 0) + needed + reservations > limit {
             let mapped = reserved.map { "\($0.name) \(bytesText($0.bytes))" }.joined(separator: ", ")
             throw fail("ulimit -v allows \(bytesText(limit)) of address space, \(bytesText(limits.addressSpace ?? 0)) is in use "
                 + "and the run maps \(bytesText(reservations)) more that stays mostly untouched (\(mapped))")
         }
+    }
+}
+
+/// The data sets a rank reads into memory, checked before a byte of them is read: a set larger than the node or the
+/// rank's cgroup can hold ended the rank by the OOM killer half-way through reading it, with no word of why (the check
+/// of `MemoryEstimate` comes after the data is loaded). `ReadFootprint` counts the least the reads will hold, so a set
+/// this refuses could not have been read.
+struct DataReadCheck {
+    let parts: [ReadFootprint.Part]
+
+    /// The files of the feature sets `features` (the training set's, then the test set's, as `Setup.loadData` reads
+    /// them), mapped where `mapped` and they can be.
+    init(_ config: Configuration, features: [String], mapped: Bool) {
+        parts = features.flatMap { set -> [ReadFootprint.Part] in
+            switch config.dataFormat {
+            case .idx: ReadFootprint.idx(images: set)
+            case .npy: ReadFootprint.npy(features: set, mapped: mapped)
+            case .hdf5: []
+            }
+        }
+    }
+
+    var bytes: Double { parts.reduce(0) { $0 + $1.bytes } }
+
+    func check(against limits: MemoryLimits, ranksOnNode: Int) throws(MemoryError) {
+        let needed = bytes
+        guard needed > 0 else { return }
+        let ranks = Double(max(1, ranksOnNode))
+        let onNode = ranks > 1 ? " x \(ranksOnNode) ranks on this node = \(bytesText(needed * ranks))" : ""
+        func fail(_ limit: String) -> MemoryError {
+            let files = parts.sorted { $0.bytes > $1.bytes }.prefix(4).map { "\($0.path) \(bytesText($0.bytes))" }
+            return MemoryError(description: "the data does not fit in memory: each rank reads at least \(bytesText(needed)) of it "
+                + "into memory\(onNode) (\(files.joined(separator: ", "))), but \(limit). Map raw uint8 or float32 .npy files "
+                + "instead (data.mmap=true) or store the set in HDF5 (data.format=hdf5): both read rows as they are needed. "
+                + "Or use fewer ranks per node, or a node with more memory")
+        }
+        if let limit = limits.nodeLimitPassed(by: needed * ranks) { throw fail(limit) }
     }
 }
 
@@ -188,7 +217,7 @@ struct MemoryLimits: Equatable {
     /// MemAvailable of /proc/meminfo: what the node can give without swapping.
     var available: Double?
     /// The memory cgroup's limit (the smallest along its path) and its usage (v2 memory.max and memory.current,
-    /// v1 memory.limit_in_bytes and memory.usage_in_bytes).
+    /// v1 memory.limit_in_bytes and memory.usage_in_bytes) less its inactive page cache.
     var cgroupLimit: Double?
     var cgroupUsage: Double?
     /// `ulimit -v` (RLIMIT_AS) and this process's address space now.
@@ -209,6 +238,17 @@ struct MemoryLimits: Equatable {
             limits.addressSpace = kibibyteFields(proc + "/self/status")["VmSize"]
         }
         return limits
+    }
+
+    /// The limit that `bytes` more, over the ranks of the node, would pass (MemAvailable, or the cgroup's free
+    /// memory), said as the end of a refusal; nil when it fits.
+    func nodeLimitPassed(by bytes: Double) -> String? {
+        if let available, bytes > available { return "MemAvailable is \(bytesText(available))" }
+        if let cgroupLimit {
+            let free = max(0, cgroupLimit - (cgroupUsage ?? 0))
+            if bytes > free { return "the memory cgroup allows \(bytesText(cgroupLimit)) with \(bytesText(free)) free" }
+        }
+        return nil
     }
 
     static func currentAddressSpaceLimit() -> Double? {
@@ -237,7 +277,7 @@ struct MemoryLimits: Equatable {
                 var tail = components
                 while !tail.isEmpty && !exists(tail) { tail.removeFirst() }
                 guard exists(tail) else { continue }
-                let usage = cgroupValue(directory(tail) + "/" + usageFile)
+                let usage = cgroupValue(directory(tail) + "/" + usageFile).map { max(0, $0 - inactiveFilePages(directory(tail))) }
                 var smallest: Double? = nil
                 while true {
                     if let value = cgroupValue(directory(tail) + "/" + limitFile) { smallest = min(smallest ?? value, value) }
@@ -248,6 +288,20 @@ struct MemoryLimits: Equatable {
             }
         }
         return nil
+    }
+
+    /// The cgroup's inactive page cache (memory.stat: v1 `total_inactive_file`, v2 `inactive_file`), which its usage
+    /// counts and the kernel reclaims before it kills anything: left in, a cgroup that had read or mapped a data set
+    /// earlier (a job's previous step) refused a run that fits, its free memory taken by pages of files no longer read.
+    /// The working set without them is what container runtimes compare with the limit too.
+    private static func inactiveFilePages(_ directory: String) -> Double {
+        guard let text = try? String(contentsOfFile: directory + "/memory.stat", encoding: .utf8) else { return 0 }
+        var values: [Substring: Double] = [:]
+        for line in text.split(separator: "\n") {
+            let parts = line.split(separator: " ")
+            if parts.count == 2, let value = Double(parts[1]) { values[parts[0]] = value }
+        }
+        return values["total_inactive_file"] ?? values["inactive_file"] ?? 0
     }
 
     /// A cgroup file's number of bytes; nil for "max" and for v1's "no limit" (a page-rounded Int64.max).

@@ -24,6 +24,11 @@ extension Evaluation {
         let description = session.agree("model file") {
             try ModelDescription(metadata: try JSONDecoder().decode([String: String].self, from: Data(encoded)), path: modelPath)
         }
+        session.agree("memory check") {
+            // eval reads its test set into memory, mapped or not (loadTestData).
+            try DataReadCheck(config, features: [config.testFeatures], mapped: false)
+                .check(against: .read(), ranksOnNode: session.layout.localSize)
+        }
         let test = session.agree("data") {
             var test = try loadTestData(config)
             try requireTestSamples(test, config)

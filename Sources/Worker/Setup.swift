@@ -66,6 +66,10 @@ enum Setup {
         requireSameSettings(session)
         let hooks = session.agree("configuration") { () throws -> TestHooks in try TestHooks.fromEnvironment(rank: session.rank) }
         hooks.duringSetup()
+        session.agree("memory check") {
+            try DataReadCheck(config, features: [config.trainFeatures, config.testFeatures], mapped: config.dataMmap)
+                .check(against: .read(), ranksOnNode: session.layout.localSize)
+        }
         var (train, test) = session.agree("data") { try loadData(config) }
         let augmentation = session.agree("data") { training ? try config.augmentation(sampleShape: train.sampleShape) : nil }
         let classes = config.classes > 0 ? config.classes : train.classCount

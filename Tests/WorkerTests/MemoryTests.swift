@@ -43,7 +43,9 @@ struct MemoryTests {
             "cg/slurm/memory.max": "max\n",
             "cg/slurm/job_7/memory.max": "1073741824\n",
             "cg/slurm/job_7/step_0/memory.max": "2147483648\n",
-            "cg/slurm/job_7/step_0/memory.current": "104857600\n",
+            "cg/slurm/job_7/step_0/memory.current": "167772160\n",
+            // 60 MiB of the usage is page cache the kernel reclaims first: not counted as used.
+            "cg/slurm/job_7/step_0/memory.stat": "anon 52428800\nfile 115343360\nactive_file 52428800\ninactive_file 62914560\n",
         ])
         let limits = MemoryLimits.read(proc: root + "/proc", cgroupMounts: [root + "/cg"], addressSpaceLimit: nil)
         #expect(limits.cgroupLimit == 1024 * mib)
@@ -56,7 +58,10 @@ struct MemoryTests {
         let root = try fixture(meminfo: "MemAvailable: 1000 kB\n", cgroup: "5:cpu:/x\n4:memory:/host/container/job\n0::/\n", files: [
             "cgv1/memory.limit_in_bytes": "9223372036854771712\n",
             "cgv1/job/memory.limit_in_bytes": "536870912\n",
-            "cgv1/job/memory.usage_in_bytes": "268435456\n",
+            "cgv1/job/memory.usage_in_bytes": "335544320\n",
+            // v1's own and hierarchical counts: the hierarchical one (64 MiB) is taken.
+            "cgv1/job/memory.stat": "cache 100663296\nrss 234881024\ninactive_file 1048576\ntotal_cache 100663296\n"
+                + "total_rss 234881024\ntotal_inactive_file 67108864\n",
         ])
         let limits = MemoryLimits.read(proc: root + "/proc", cgroupMounts: [root + "/none", root + "/cgv1"], addressSpaceLimit: nil)
         #expect(limits.cgroupLimit == 512 * mib)
@@ -295,6 +300,35 @@ struct MemoryTests {
         }
         defer { rmdir(cgroup) }
         try expectRefusal(under: "echo $$ > \(cgroup)/cgroup.procs", hidden: "[4096, 4096]", message: "but the memory cgroup allows 256 MiB")
+    }
+
+    /// A set read into memory that the cgroup cannot hold is refused before a byte of it is read, naming the file: it
+    /// was read until the OOM killer ended the rank (exit 137, no message; checked on the old code). The pixels are a
+    /// sparse file, 200 MB that take no disk. Mapped (`.npy`) or HDF5 sets read rows as needed: `scripts/test-bigdata`
+    /// trains a 1.5 GB set in a 640 MB cgroup.
+    @Test func aSetLargerThanTheCgroupIsRefusedBeforeItIsRead() throws {
+        guard let cgroup = makeMemoryCgroup(limit: 128 << 20) else {
+            print("skipped: cannot make a memory cgroup here (not root, or no writable memory controller)")
+            return
+        }
+        defer { rmdir(cgroup) }
+        let data = try SyntheticData(samples: 20, features: 784, imageShape: [28, 28])
+        defer { data.remove() }
+        let samples = 256_000
+        let images = data.directory.appendingPathComponent("big-x.idx").path, labels = data.directory.appendingPathComponent("big-y.idx").path
+        try SyntheticData.idx(shape: [samples, 28, 28], bytes: []).write(to: URL(fileURLWithPath: images))
+        #expect(truncate(images, off_t(16 + samples * 784)) == 0)
+        try SyntheticData.idx(shape: [samples], bytes: [UInt8](repeating: 0, count: samples)).write(to: URL(fileURLWithPath: labels))
+        let run = temporaryRunDirectory()
+        let command = [Harness.executable.path, "train", "--local", "--run-dir", run] + data.arguments
+            + ["--set", "data.train_features=\(images)", "--set", "data.train_labels=\(labels)"]
+        let quoted = command.map { "'\($0)'" }.joined(separator: " ")
+        let r = try Harness.run("/bin/sh", ["-c", "echo $$ > \(cgroup)/cgroup.procs && exec \(quoted)"], environment: [:], timeout: 60)
+        #expect(r.status == 1, "\(r.output)")
+        #expect(r.output.contains("the data does not fit in memory: each rank reads at least 191 MiB of it into memory (\(images) 191 MiB"),
+                "\(r.output)")
+        #expect(r.output.contains("but the memory cgroup allows 128 MiB") && r.output.contains("data.mmap=true"), "\(r.output)")
+        #expect(!FileManager.default.fileExists(atPath: run), "a failed start writes nothing")
     }
 
     /// The gradient check's memory is counted where it runs: by `bpworker gradcheck` (which counted training's needs
