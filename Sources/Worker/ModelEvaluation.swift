@@ -24,7 +24,7 @@ extension Evaluation {
         let description = session.agree("model file") {
             try ModelDescription(metadata: try JSONDecoder().decode([String: String].self, from: Data(encoded)), path: modelPath)
         }
-        session.agree("memory check") {
+        session.agree("data") {
             // eval reads its test set into memory, mapped or not (loadTestData).
             try DataReadCheck(config, features: [config.testFeatures], mapped: false)
                 .check(against: .read(), ranksOnNode: session.layout.localSize)

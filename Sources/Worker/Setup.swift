@@ -66,7 +66,7 @@ enum Setup {
         requireSameSettings(session)
         let hooks = session.agree("configuration") { () throws -> TestHooks in try TestHooks.fromEnvironment(rank: session.rank) }
         hooks.duringSetup()
-        session.agree("memory check") {
+        session.agree("data") {
             try DataReadCheck(config, features: [config.trainFeatures, config.testFeatures], mapped: config.dataMmap)
                 .check(against: .read(), ranksOnNode: session.layout.localSize)
         }
