@@ -12,7 +12,9 @@ import Foundation
 ///   over the ranks as in training, so the cross-rank terms of its backward pass are checked too (`checkGradients`
 ///   with `acrossRanks`). Every rank reaches the same verdict; rank 0 reports it.
 enum GradientCheckRun {
-    enum Verdict: Int32 { case pass = 0, warn = 1, fail = 2 }
+    /// `stopped`: a stop signal (SIGTERM, SIGINT, SIGUSR1, SIGUSR2) arrived during the check, which ended without a
+    /// verdict: training then stops before its first step.
+    enum Verdict: Int32 { case pass = 0, warn = 1, fail = 2, stopped = 3 }
 
     /// Returns the verdict every rank received. `reportDirectory`: where rank 0 writes gradcheck.json (nil: nowhere).
     /// `phases`: the watchdog watches the distributed check's collectives (phase "gradient check") and the other
@@ -49,29 +51,24 @@ enum GradientCheckRun {
             } catch {
                 abort("gradient check: \(error)")
             }
-            if distributed {
-                if !printJSON {
-                    let ranks = counted(session.worldSize, "rank")
-                    let through = copy.crossRankReducer != nil ? ", through synchronized batch norm" : ""
-                    let message = "gradient check: distributed over \(ranks), \(indices.count) samples each; every rank perturbs "
-                        + "the same coordinates and J is the mean loss over all of them\(through)"
-                    session.logger.info("\(message)")
-                }
+            if distributed && !printJSON {
+                let ranks = counted(session.worldSize, "rank")
+                let through = copy.crossRankReducer != nil ? ", through synchronized batch norm" : ""
+                let message = "gradient check: distributed over \(ranks), \(indices.count) samples each; every rank perturbs "
+                    + "the same coordinates and J is the mean loss over all of them\(through)"
+                session.logger.info("\(message)")
             }
-            report = checkGradients(model: copy, count: indices.count, options: config.gradientCheckOptions, acrossRanks: sums)
+            // The stop signals are installed by `train` only; `bpworker gradcheck` ends by a signal's default action.
+            switch checkGradients(model: copy, count: indices.count, options: config.gradientCheckOptions, acrossRanks: sums,
+                                  stopRequested: { StopSignals.requested != nil }) {
+            case .finished(let finished): report = finished
+            case .stopped(let coordinates, let passes, let seconds):
+                verdict[0] = Verdict.stopped.rawValue
+                if session.isRoot { sayStopped(session, coordinates: coordinates, passes: passes, seconds: seconds) }
+            }
         }
         if let report {
-            if session.isRoot {
-                if printJSON { print(report.json) } else {
-                    session.logger.info("\(report.text)")
-                    if !report.passed {
-                        FileHandle.standardError.write(Data("gradient check failed: \(report.failures.joined(separator: "; "))\n".utf8))
-                    }
-                }
-                if let reportDirectory {
-                    try? writeAtomically(Data(report.json.utf8), to: reportDirectory + "/gradcheck.json", durable: false)
-                }
-            }
+            if session.isRoot { publish(report, session, printJSON: printJSON, reportDirectory: reportDirectory) }
             verdict[0] = (report.verdict == .fail ? Verdict.fail : report.verdict == .warn ? .warn : .pass).rawValue
         }
         let own = verdict[0]
@@ -93,6 +90,26 @@ enum GradientCheckRun {
                 + "\(name(verdict[0])): the distributed check desynchronised")
         }
         return Verdict(rawValue: verdict[0]) ?? .fail
+    }
+
+    /// Rank 0: the report as a table (or JSON), a failure's lines on stderr, and gradcheck.json in `reportDirectory`.
+    private static func publish(_ report: GradientCheckReport, _ session: Session, printJSON: Bool, reportDirectory: String?) {
+        if printJSON { print(report.json) } else {
+            session.logger.info("\(report.text)")
+            if !report.passed {
+                FileHandle.standardError.write(Data("gradient check failed: \(report.failures.joined(separator: "; "))\n".utf8))
+            }
+        }
+        if let reportDirectory {
+            try? writeAtomically(Data(report.json.utf8), to: reportDirectory + "/gradcheck.json", durable: false)
+        }
+    }
+
+    private static func sayStopped(_ session: Session, coordinates: Int, passes: Int, seconds: Double) {
+        let source = StopSignals.requested.map(StopSignals.name) ?? "a signal on another rank"
+        let message = "gradient check: stopped by \(source) after \(counted(coordinates, "coordinate")) compared "
+            + "(\(passes) forward passes, \(String(format: "%.1f", seconds)) s), before its verdict: nothing is verified"
+        session.logger.notice("\(message)")
     }
 
     /// The distributed check's sums over the ranks (its losses, its gradient, and synchronized batch norm's statistics),

@@ -53,11 +53,11 @@ struct RunDirectory {
     }
 
     /// Whether a previous run's work is here: any checkpoint or saved model, or a status other than a run that
-    /// failed before its first step (which left nothing worth keeping).
+    /// failed, or was stopped during its gradient check, before its first step (either left nothing worth keeping).
     var holdsRun: Bool {
         if !checkpoints.isEmpty || latest != nil || hasModel || statusUnreadable { return true }
         guard let status else { return false }
-        return !(status.state == .failed && status.step == 0)
+        return !((status.state == .failed || status.state == .stopped) && status.step == 0)
     }
 
     /// "finished, last checkpoint step-00003510", for messages.

@@ -242,8 +242,9 @@ enum Trainer {
     }
 
     /// `gradcheck.enabled`: the check before the first step (not on resume). Returns the failed outcome when the check
-    /// fails under `gradcheck.policy=abort`, else nil. Synchronized batch norm couples the ranks: a check on rank 0
-    /// alone would not reach its cross-rank terms, so the check is distributed then.
+    /// fails under `gradcheck.policy=abort`, the stopped one when a stop signal ended it, else nil. Synchronized batch
+    /// norm couples the ranks: a check on rank 0 alone would not reach its cross-rank terms, so the check is
+    /// distributed then.
     private static func checkGradients(_ session: Session, _ prepared: Prepared, resumed: Bool, phases: PhaseRunner,
                                        failure: RunFailure) -> RunOutcome? {
         guard session.config.gradcheckEnabled else { return nil }
@@ -255,6 +256,14 @@ enum Trainer {
         if distributed { session.logger.info("gradient check: distributed over every rank, since model.batchnorm=sync") }
         let verdict = GradientCheckRun.run(session, prepared, distributed: distributed, phases: phases, failure: failure,
                                            reportDirectory: session.runDirectory)
+        if verdict == .stopped {
+            // Before the first step: no checkpoint to write, nothing trained. The run directory holds no run, so the same
+            // command starts it again, check first (a resume would skip the check, which never reached its verdict).
+            let message = "stopped during the gradient check, before the first step; nothing trained and no checkpoint. Run the "
+                + "same command again to start over, check first"
+            if session.isRoot { session.logger.info("\(message)") }
+            return .stopped("stop requested during the gradient check, before the first step")
+        }
         guard verdict == .fail && session.config.gradcheckPolicy == .abort else { return nil }
         session.logger.error("gradient check failed\(distributed ? "" : " on rank 0"); stopping every rank (gradcheck.policy=abort)")
         return .failed("gradient check failed (gradcheck.policy=abort)")

@@ -128,6 +128,42 @@ struct DistributedGradientCheckTests {
         #expect(!broken.output.contains("training finished"), "\(broken.output)")
     }
 
+    /// A stop signal during the check before training (here `gradcheck.all` on the CNN, many minutes of coordinates)
+    /// ends it without a verdict, and the run stops before its first step: exit 0, state stopped at step 0, no
+    /// checkpoint, and the same command starts over, check first. Distributed, the signal goes to rank 1 alone and
+    /// every rank stops after the same coordinate (the request is summed with the coordinate's losses); on rank 0
+    /// alone, to rank 0. Before, the check ran to its end whatever arrived: minutes past a scheduler's grace time.
+    @Test(arguments: [true, false]) func aStopDuringTheCheckEndsTheRunBeforeItsFirstStep(distributed: Bool) throws {
+        let data = try SyntheticData(samples: 96, features: 36, imageShape: [6, 6])
+        defer { data.remove() }
+        let run = temporaryRunDirectory()
+        // 42,000 parameters: the whole check takes minutes.
+        let layers = "[conv 64 3 pad 1 nobias, batchnorm, relu, conv 64 3 pad 1, relu, flatten, linear 8, relu, batchnorm]"
+        let extra = ["--gradcheck", "--set", "gradcheck.all=true"] + (distributed ? ["--set", "model.batchnorm=sync"] : [])
+        let job = try Harness.startMPI(2, CNNTests().job(data, batch: 8, runDir: run, extra: extra, layers: layers))
+        #expect(job.waitFor { $0.contains("run directory: ") }, "\(job.output)")
+        usleep(1_500_000)
+        let heartbeat = try JSONSerialization.jsonObject(
+            with: Data(contentsOf: URL(fileURLWithPath: run + "/heartbeat/rank-\(distributed ? 1 : 0).json"))) as? [String: Any]
+        kill(pid_t(try #require(heartbeat?["pid"] as? Int)), SIGTERM)
+        let r = job.wait(timeout: 60)
+        #expect(r.status == 0, "\(r.output)")
+        #expect(r.output.contains("gradient check: stopped by \(distributed ? "a signal on another rank" : "SIGTERM") after "),
+                "\(r.output)")
+        #expect(r.output.contains("stopped during the gradient check, before the first step"), "\(r.output)")
+        #expect(!r.output.contains("gradient check: PASS") && !r.output.contains("epoch 1/"), "\(r.output)")
+        let status = try String(contentsOfFile: run + "/status.json", encoding: .utf8)
+        #expect(status.contains("\"state\" : \"stopped\"") && status.contains("\"step\" : 0"), "\(status)")
+        #expect(!FileManager.default.fileExists(atPath: run + "/checkpoints/latest"))
+        #expect(!FileManager.default.fileExists(atPath: run + "/gradcheck.json"), "no report of a check without a verdict")
+        // The same command, its check sampled this time: a fresh start where nothing trained.
+        let again = try Harness.mpirun(2, CNNTests().job(data, batch: 8, runDir: run, extra: ["--gradcheck"]
+            + (distributed ? ["--set", "model.batchnorm=sync"] : []), layers: layers), timeout: 120)
+        #expect(again.status == 0, "\(again.output)")
+        #expect(again.output.contains("removed what an earlier attempt left") && again.output.contains("training finished"),
+                "\(again.output)")
+    }
+
     /// Residual blocks with synchronized batch norm in their bodies and shortcuts pass the distributed check.
     @Test func residualBlocksPassTheDistributedCheck() throws {
         let data = try SyntheticData(samples: 96, features: 36, imageShape: [6, 6])

@@ -197,26 +197,52 @@ public func relativeError(_ a: Double, _ n: Double) -> Double {
 /// report.
 public func checkGradients(model: Model<Double>, count: Int, options: GradientCheckOptions = .init(),
                            acrossRanks ranks: CrossRankReducer? = nil) -> GradientCheckReport {
+    guard case .finished(let report) = checkGradients(model: model, count: count, options: options, acrossRanks: ranks,
+                                                      stopRequested: { false }) else {
+        preconditionFailure("a gradient check that nothing can stop stopped")
+    }
+    return report
+}
+
+/// How a check that can be stopped ended: with its report, or stopped before its verdict.
+public enum GradientCheckOutcome: Sendable {
+    case finished(GradientCheckReport)
+    /// `stopRequested` answered true on some rank: every rank stopped after the same coordinate, `coordinates` into
+    /// the check, after `seconds`. Nothing is verified: no verdict.
+    case stopped(coordinates: Int, forwardPasses: Int, seconds: Double)
+}
+
+/// `checkGradients`, asking `stopRequested` after every pair of passes (each coordinate, each retry, each direction):
+/// once it answers true on any rank (the answer is summed with the pair's losses, so no collective is added and
+/// every rank stops after the same one), the check ends without a verdict. A `gradcheck.all` check of a large model
+/// runs for hours; a scheduler's stop must not wait for it.
+public func checkGradients(model: Model<Double>, count: Int, options: GradientCheckOptions = .init(),
+                           acrossRanks ranks: CrossRankReducer? = nil, stopRequested: @escaping () -> Bool) -> GradientCheckOutcome {
     let start = Date()
-    let check = FiniteDifferences(model: model, count: count, options: options, ranks: ranks)
+    let check = FiniteDifferences(model: model, count: count, options: options, ranks: ranks, stopRequested: stopRequested)
     var failures: [String] = []
     let (loss, deterministic) = check.measureDeterminism(failures: &failures)
     let analytic = check.analyticGradient()
     var generator = RandomGenerator(seed: options.seed, stream: .gradientCheck)
     var tensors: [TensorCheck] = []
+    var stopped: GradientCheckOutcome {
+        .stopped(coordinates: check.coordinatesCompared, forwardPasses: check.forwardPasses, seconds: Date().timeIntervalSince(start))
+    }
     for info in model.parameterTable {
         tensors.append(check.checkTensor(info, analytic: analytic, generator: &generator, failures: &failures))
+        if check.stopped { return stopped }
     }
     let direction = check.checkDirection(analytic: analytic, generator: &generator, failures: &failures)
+    if check.stopped { return stopped }
     var verdict = max(tensors.map(\.verdict).max() ?? .pass, direction.verdict)
     if !deterministic { verdict = .fail }
     let rankCount = Int(check.ranksTakingPart)
-    return GradientCheckReport(
+    return .finished(GradientCheckReport(
         dtype: Double.dtypeName, epsilon: options.epsilon, batchSize: count, distributed: ranks != nil, ranks: rankCount,
         samples: count * rankCount, loss: loss,
         parameterCount: model.parameterCount, deterministic: deterministic, tensors: tensors, direction: direction,
         forwardPasses: check.forwardPasses, backwardPasses: 1, seconds: Date().timeIntervalSince(start),
-        verdict: verdict, failures: failures)
+        verdict: verdict, failures: failures))
 }
 
 /// The steps of `checkGradients`, over the ranks when `ranks` is given: J at perturbed parameters, the kinks
@@ -228,6 +254,11 @@ private final class FiniteDifferences {
     let ranks: CrossRankReducer?
     let theta: UnsafeMutablePointer<Double>
     var forwardPasses = 0
+    /// Asked after every pair of passes; once it is true on any rank, `stopped` is set on every rank.
+    let stopRequested: () -> Bool
+    private(set) var stopped = false
+    /// Pairs of passes compared so far (coordinates, their retries, directions).
+    private(set) var coordinatesCompared = 0
     /// Ranks taking part (1 alone), counted by the first collective.
     private(set) var ranksTakingPart = 1.0
     /// Below this, an analytic and a numeric value both are rounding: the difference quotient's rounding error is
@@ -235,8 +266,8 @@ private final class FiniteDifferences {
     /// (a dead unit's weight, a channel that max-pooling never picks). Set from J by `measureDeterminism`.
     private(set) var roundingLevel = 0.0
 
-    init(model: Model<Double>, count: Int, options: GradientCheckOptions, ranks: CrossRankReducer?) {
-        (self.model, self.count, self.options, self.ranks) = (model, count, options, ranks)
+    init(model: Model<Double>, count: Int, options: GradientCheckOptions, ranks: CrossRankReducer?, stopRequested: @escaping () -> Bool) {
+        (self.model, self.count, self.options, self.ranks, self.stopRequested) = (model, count, options, ranks, stopRequested)
         theta = model.parameters.baseAddress!
     }
 
@@ -279,8 +310,8 @@ private final class FiniteDifferences {
         return summed(Array(model.gradients)).map { $0 / ranksTakingPart }
     }
 
-    /// J at theta + eps u and theta - eps u, over every rank, and whether the two passes straddle a kink on any rank:
-    /// one collective for the three.
+    /// J at theta + eps u and theta - eps u, over every rank, and whether the two passes straddle a kink on any rank,
+    /// and whether any rank was asked to stop (`stopped`): one collective for the four.
     func evaluate(plus: () -> Void, minus: () -> Void, restore: () -> Void, fromLayer layer: Int)
         -> (plus: Double, minus: Double, kink: Bool) {
         plus()
@@ -290,7 +321,9 @@ private final class FiniteDifferences {
         let minusCost = cost(fromLayer: layer)
         let minusPattern = model.kinkPattern(count: count)
         restore()
-        let sums = summed([plusCost, minusCost, plusPattern == minusPattern ? 0 : 1])
+        let sums = summed([plusCost, minusCost, plusPattern == minusPattern ? 0 : 1, stopRequested() ? 1 : 0])
+        coordinatesCompared += 1
+        if sums[3] > 0 { stopped = true }
         return (sums[0] / ranksTakingPart, sums[1] / ranksTakingPart, sums[2] > 0)
     }
 
@@ -327,7 +360,7 @@ private final class FiniteDifferences {
         let n = info.count
         let samples = options.checkAllCoordinates ? n : min(options.samplesPerTensor, n)
         var found = Samples()
-        for s in 0..<samples {
+        for s in 0..<samples where !stopped {
             // Stratum s covers [s n / k, (s + 1) n / k).
             let lower = s * n / samples, upper = (s + 1) * n / samples
             var candidate = options.checkAllCoordinates ? lower : lower + generator.nextInt(below: upper - lower)
@@ -347,7 +380,7 @@ private final class FiniteDifferences {
                 }
                 found.kinks += 1
                 tries += 1
-                if tries > options.kinkRetries || upper - lower == 1 { break }
+                if tries > options.kinkRetries || upper - lower == 1 || stopped { break }
                 candidate = lower + generator.nextInt(below: upper - lower)
             }
         }
@@ -461,7 +494,7 @@ private final class FiniteDifferences {
         var direction = DirectionCheck(
             analytic: 0, numeric: 0, relativeError: 0, verdict: .warn, kinksSkipped: 0, epsilon: options.epsilon,
             note: "every random direction crossed a kink; the direction check compared nothing")
-        for attempt in 0...options.kinkRetries {
+        for attempt in 0...options.kinkRetries where !stopped {
             let u = randomSigns(generator: &generator)
             let theta = theta
             // The quotient along u at `epsilon`, nil at a kink.
