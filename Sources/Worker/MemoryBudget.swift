@@ -52,8 +52,11 @@ struct MemoryEstimate {
                 Item(name: "stacks and malloc arenas of \(threadsToStart) threads", bytes: Double(threadsToStart) * 72 * mib)]
     }
 
+    /// - Parameter training: false for `eval` and `gradcheck`, which build the model (its parameters, gradients and
+    ///   activations) but train nothing: no optimizer state, update buffers, prefetched batches, checkpoints or timeline
+    ///   (they were counted, and `eval --model` of a 100M-parameter file was refused for 1.6 GB it would never allocate).
     static func estimate(config: Configuration, spec: ModelSpec, datasets: [Dataset], rank: Int, worldSize: Int,
-                         usage: ProcessMemory) -> MemoryEstimate {
+                         usage: ProcessMemory, training: Bool = true) -> MemoryEstimate {
         let footprint = Model<Float>.footprint(spec: spec, batchCapacity: config.batchSize)
         let parameters = footprint.parameters
         let buffer = footprint.parameterBufferBytes
@@ -62,19 +65,19 @@ struct MemoryEstimate {
             Item(name: "parameters", bytes: buffer),
             Item(name: "gradients", bytes: buffer),
         ]
-        if !stateNames.isEmpty {
+        if training && !stateNames.isEmpty {
             items.append(Item(name: "optimizer state (\(stateNames.joined(separator: ", ")))", bytes: Double(stateNames.count) * buffer))
         }
         items.append(Item(name: "activations at batch \(config.batchSize)", bytes: footprint.activationBytes))
-        if config.dataPrefetch > 0, let train = datasets.first {
+        if training, config.dataPrefetch > 0, let train = datasets.first {
             items.append(Item(name: "\(config.dataPrefetch) prefetched batches", bytes: BatchPrefetcher.bufferBytes(
                 depth: config.dataPrefetch, batchSize: config.batchSize, featureCount: train.featureCount)))
         }
-        if config.reduction == .sharded && worldSize > 1 {
+        if training && config.reduction == .sharded && worldSize > 1 {
             let piece = LargeBuffer.allocatedBytes((parameters / Double(worldSize)).rounded(.up) * 4)
             items.append(Item(name: "sharded update buffers", bytes: Double(worldSize - 1) * piece))
         }
-        if rank == 0 {
+        if training && rank == 0 {
             // SafeTensorsWriter holds every tensor's bytes and then the whole file: twice the checkpoint's size.
             items.append(Item(name: "checkpoint serialization", bytes: 2 * Double(1 + stateNames.count) * parameters * 4))
         }
@@ -83,7 +86,7 @@ struct MemoryEstimate {
         // each rank's capacity (the window holds fewer than it has room for), counted as 500. A 4,000-step window of the
         // default model peaked at 274 MiB where 123 were counted, and was killed by its cgroup; now 330 are (2 ranks,
         // 2,000 steps: 305 measured, 323 counted).
-        if config.timelineSteps > 0 {
+        if training && config.timelineSteps > 0 {
             let buckets = config.bucketKiB > 0 ? max(1, Int((parameters * 4 / Double(config.bucketKiB * 1024)).rounded(.up))) : 1
             let events = Double(Timeline.capacity(steps: config.timelineSteps, runSteps: config.timelineSteps,
                                                   layers: spec.layers.count, buckets: buckets))
@@ -96,10 +99,12 @@ struct MemoryEstimate {
             let checkBatch = min(config.gradcheckBatch, shard)
             let check = Model<Double>.footprint(spec: spec, batchCapacity: checkBatch)
             items.append(Item(name: "float64 gradient-check copy", bytes: 2 * check.parameterBufferBytes + check.activationBytes))
-            // The analytic gradient, and the random direction with the parameters it restores: float64 vectors of
-            // the parameters' size beside the copy (a 784-4096-4096-10 model passed the check at 899 MiB and peaked
-            // at 1,052; measured, the vectors' peak is about two of them alive at once).
-            items.append(Item(name: "gradient-check vectors", bytes: 2 * check.parameterBufferBytes
+            // The analytic gradient, and the random direction with the parameters it restores: three float64 vectors
+            // of the parameters' size alive at once beside the copy, during the direction check. Counted as two, a
+            // check alone (`bpworker gradcheck`, no training state beside it) of 12-4096-4096-3 was estimated under
+            // the 700 MiB of a cgroup it then was killed in: its peak is 824 MiB, and now it asks 797 MiB more than
+            // the runtime's (refused under 800 MiB, runs under 840).
+            items.append(Item(name: "gradient-check vectors", bytes: 3 * check.parameterBufferBytes
                 + Model<Double>.kinkPatternBytes(spec: spec, batchCapacity: checkBatch)))
         }
         let reading = datasets.reduce(0.0) { $0 + $1.readerWorkingBytes }
@@ -107,7 +112,7 @@ struct MemoryEstimate {
         items.append(Item(name: "BLAS and MPI working memory", bytes: workingAllowance))
         let data = datasets.reduce(0.0) { $0 + $1.residentBytes }
         // The watchdog, the prefetch thread, and one for the runtime's own (Dispatch's first worker).
-        let threads = 2 + (config.dataPrefetch > 0 ? 1 : 0)
+        let threads = 2 + (training && config.dataPrefetch > 0 ? 1 : 0)
         return MemoryEstimate(resident: usage.resident, residentPeak: usage.residentPeak, data: data, items: items,
                               mapped: datasets.reduce(0.0) { $0 + $1.mappedBytes },
                               reserved: addressReservations(blasThreads: BLASThreads.current, threadsToStart: threads))

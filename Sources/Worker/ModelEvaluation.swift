@@ -43,7 +43,7 @@ extension Evaluation {
         // with the biggest items, not a crash allocating the model.
         session.agree("memory check") {
             let estimate = MemoryEstimate.estimate(config: config, spec: description.spec, datasets: [test], rank: session.rank,
-                                                   worldSize: session.worldSize, usage: .current())
+                                                   worldSize: session.worldSize, usage: .current(), training: false)
             try estimate.check(against: .read(), ranksOnNode: session.layout.localSize)
         }
         let model = session.agree("model") { try Model<Float>(spec: description.spec, batchCapacity: config.batchSize) }

@@ -81,7 +81,7 @@ enum Setup {
         // Before anything large is allocated: a model that cannot fit ends every rank here, with the biggest items.
         let memory = session.agree("memory check") { () throws -> MemoryEstimate in
             let estimate = MemoryEstimate.estimate(config: config, spec: spec, datasets: [train, test], rank: session.rank,
-                                                   worldSize: session.worldSize, usage: .current())
+                                                   worldSize: session.worldSize, usage: .current(), training: training)
             try estimate.check(against: .read(), ranksOnNode: session.layout.localSize)
             return estimate
         }

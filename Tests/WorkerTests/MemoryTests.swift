@@ -331,6 +331,41 @@ struct MemoryTests {
         #expect(!FileManager.default.fileExists(atPath: run), "a failed start writes nothing")
     }
 
+    /// `eval` trains nothing: its estimate counts the model it builds (parameters, gradients, activations), not an
+    /// optimizer's state or a checkpoint's serialization. A 16.8M-parameter model file (67 MB) was refused in a 400 MiB
+    /// cgroup for the 590 MiB a training rank 0 would need; the evaluation fits there, and runs (checked on the old code:
+    /// refused). In closed form, the items of an evaluation's estimate.
+    @Test func anEvaluationCountsNoTrainingState() throws {
+        var config = Configuration()
+        config.hidden = [1024]
+        config.timelineSteps = 10
+        let spec = try config.modelSpec(sampleShape: [784], classes: 10)
+        let usage = ProcessMemory(resident: 40 * mib, residentPeak: 60 * mib, addressSpace: 400 * mib)
+        let names = { (training: Bool) in
+            MemoryEstimate.estimate(config: config, spec: spec, datasets: [], rank: 0, worldSize: 2, usage: usage, training: training)
+                .items.map(\.name)
+        }
+        #expect(names(false) == ["parameters", "gradients", "activations at batch 64", "BLAS and MPI working memory"])
+        #expect(Set(names(true)).isSuperset(of: ["optimizer state (momentum_buffer)", "sharded update buffers",
+                                                 "checkpoint serialization", "timeline"]))
+        guard let cgroup = makeMemoryCgroup(limit: 400 << 20) else {
+            print("skipped the cgroup part: cannot make a memory cgroup here (not root, or no writable memory controller)")
+            return
+        }
+        defer { rmdir(cgroup) }
+        let data = try SyntheticData(samples: 64)
+        defer { data.remove() }
+        let run = temporaryRunDirectory()
+        let trained = try Harness.run(Harness.executable.path, ["train", "--local", "--run-dir", run, "--progress", "plain"]
+            + data.arguments + ["--set", "model.hidden=[4096, 4096]", "--set", "training.epochs=1", "--set", "training.batch_size=32",
+                                "--set", "schedule.warmup_steps=0", "--set", "data.normalize=scale"], environment: [:], timeout: 120)
+        try #require(trained.status == 0, "\(trained.output)")
+        let command = [Harness.executable.path, "eval", "--local", "--model", run + "/model.safetensors", "--run-dir", run] + data.arguments
+        let quoted = command.map { "'\($0)'" }.joined(separator: " ")
+        let r = try Harness.run("/bin/sh", ["-c", "echo $$ > \(cgroup)/cgroup.procs && exec \(quoted)"], environment: [:], timeout: 120)
+        #expect(r.status == 0 && r.output.contains("eval: test accuracy"), "\(r.output)")
+    }
+
     /// The gradient check's memory is counted where it runs: by `bpworker gradcheck` (which counted training's needs
     /// without the check, and was killed by a 700 MiB cgroup it passed, peaking at 1 GiB), and with its kink patterns
     /// (a CNN's check of 256 samples was killed by a limit its estimate passed, 70 MiB over it).
@@ -360,6 +395,6 @@ struct MemoryTests {
                                               usage: ProcessMemory(resident: 40 * mib, residentPeak: 60 * mib, addressSpace: 400 * mib))
         let vectors = try #require(counted.items.first { $0.name == "gradient-check vectors" }?.bytes)
         let check = Model<Double>.footprint(spec: spec, batchCapacity: 192)
-        #expect(vectors == 2 * check.parameterBufferBytes + 2 * 4 * 192 * Double(8192 + 8192 + 2048))
+        #expect(vectors == 3 * check.parameterBufferBytes + 2 * 4 * 192 * Double(8192 + 8192 + 2048))
     }
 }
