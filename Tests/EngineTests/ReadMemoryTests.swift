@@ -45,3 +45,45 @@ import Testing
         #expect(ReadFootprint.idx(images: dir.file("missing")).isEmpty)
     }
 }
+
+/// A reader of large rows that records every consecutive read: row r holds r + position / 1,000,000.
+private final class RecordingReader: RowReader, @unchecked Sendable {
+    let name = "recording", count: Int, sampleShape: [Int], element = StoredElement.float32, workingBytes = 0.0
+    var largestRead = 0, rowsRead = 0
+    init(count: Int, sampleShape: [Int]) { (self.count, self.sampleShape) = (count, sampleShape) }
+    func read(rows: UnsafeBufferPointer<Int>, into destination: UnsafeMutableRawPointer) throws {
+        for (i, r) in rows.enumerated() { try read(range: r..<r + 1, into: destination + i * rowBytes) }
+    }
+    var rowBytes: Int { sampleShape.reduce(1, *) * 4 }
+    func read(range: Range<Int>, into destination: UnsafeMutableRawPointer) throws {
+        largestRead = max(largestRead, range.count)
+        rowsRead += range.count
+        let values = sampleShape.reduce(1, *)
+        let out = destination.assumingMemoryBound(to: Float.self)
+        for (i, r) in range.enumerated() {
+            for p in 0..<values { out[i * values + p] = Float(r) + Float(p) / 1_000_000 }
+        }
+    }
+}
+
+/// The statistics passes over an HDF5 set read at most 8 MiB of rows at once (a chunk of 4,096 rows of 3x160x160
+/// floats took 1.2 GiB at once, past what the memory estimate counted), and still sum every row once.
+@Suite struct StatisticsBlockTests {
+    @Test func theStatisticsPassesReadAtMostEightMebibytesAtOnce() throws {
+        let reader = RecordingReader(count: 100, sampleShape: [3, 160, 160])
+        let data = try Dataset(name: "recording", featureCount: 76_800, sampleShape: [3, 160, 160],
+                               features: .reader(StagedReader(reader)), labels: [Int32](repeating: 0, count: 100))
+        let sums = try data.chunkSums(chunks: 0..<data.statisticsChunks, center: 0, squared: false)
+        #expect(reader.largestRead * reader.rowBytes <= 8 << 20 && reader.largestRead == 27, "\(reader.largestRead) rows at once")
+        #expect(reader.rowsRead == 100)
+        // Sum over rows r and positions p of r + p / 1e6 (each value rounded to float32 first).
+        var expected = 0.0
+        for r in 0..<100 { for p in 0..<76_800 { expected += Double(Float(r) + Float(p) / 1_000_000) } }
+        #expect(abs(sums.reduce(0, +) - expected) <= 1e-9 * expected)
+        // A row larger than the block is read alone.
+        let huge = RecordingReader(count: 3, sampleShape: [3_000_000])
+        let one = try Dataset(name: "huge", featureCount: 3_000_000, features: .reader(StagedReader(huge)), labels: [0, 0, 0])
+        _ = try one.chunkSums(chunks: 0..<1, center: 0, squared: false)
+        #expect(huge.largestRead == 1 && huge.rowsRead == 3)
+    }
+}
