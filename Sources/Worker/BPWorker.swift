@@ -112,7 +112,9 @@ struct Train: ParsableCommand {
             never started over by accident: train refuses unless given --resume or --overwrite.
 
             SIGTERM, SIGINT, SIGUSR1 or SIGUSR2 on any rank: every rank stops after the same step, rank 0 writes a \
-            checkpoint and all exit 0. A second SIGINT exits at once.
+            checkpoint and all exit 0. A second SIGINT exits at once. During the gradient check before the first \
+            step (on rank 0, or on every rank with model.batchnorm=sync), the check ends without a verdict and \
+            the run stops with no checkpoint: run the same command again to start over.
             """)
 
     @OptionGroup var options: RunOptions

@@ -241,6 +241,9 @@ enum Trainer {
         return progress
     }
 
+    /// status.json's message when a stop signal ended the gradient check (the report says so of its check).
+    static let stoppedInGradientCheck = "stop requested during the gradient check, before the first step"
+
     /// `gradcheck.enabled`: the check before the first step (not on resume). Returns the failed outcome when the check
     /// fails under `gradcheck.policy=abort`, the stopped one when a stop signal ended it, else nil. Synchronized batch
     /// norm couples the ranks: a check on rank 0 alone would not reach its cross-rank terms, so the check is
@@ -262,7 +265,7 @@ enum Trainer {
             let message = "stopped during the gradient check, before the first step; nothing trained and no checkpoint. Run the "
                 + "same command again to start over, check first"
             if session.isRoot { session.logger.info("\(message)") }
-            return .stopped("stop requested during the gradient check, before the first step")
+            return .stopped(stoppedInGradientCheck)
         }
         guard verdict == .fail && session.config.gradcheckPolicy == .abort else { return nil }
         session.logger.error("gradient check failed\(distributed ? "" : " on rank 0"); stopping every rank (gradcheck.policy=abort)")

@@ -427,6 +427,26 @@ struct DaemonTests {
         #expect(try String(contentsOfFile: run + "/status.json", encoding: .utf8).contains("\"state\" : \"stopped\""))
     }
 
+    /// A stop to the launcher during the gradient check before the first step: the run stops with no checkpoint, and
+    /// the launcher says to run the same command again (it said "with a checkpoint (no checkpoint); continue with
+    /// --resume", and a resume has nothing to resume from) and exits 0.
+    @Test func aStopToTheLauncherDuringTheGradientCheckSaysToStartOver() throws {
+        let data = try SyntheticData(samples: 200)
+        defer { data.remove() }
+        let run = temporaryRunDirectory()
+        // 270,000 parameters, every one checked: minutes of check.
+        let job = try startLauncher(job(data, runDir: run, extra: ["--gradcheck", "--set", "gradcheck.all=true",
+                                                                   "--set", "model.hidden=[512, 512]"]), stepSleepMs: 0)
+        #expect(job.waitFor(60) { $0.contains("run directory: ") }, "\(job.output)")
+        usleep(1_000_000)
+        job.signal(SIGTERM)
+        let r = job.wait(timeout: 60)
+        #expect(r.status == 0, "\(r.output)")
+        #expect(r.output.contains("mpirun-multinode: stopped by a signal before the first checkpoint (during the gradient check); "
+            + "run the same command again to start over"), "\(r.output)")
+        #expect(!r.output.contains("continue with --resume"), "\(r.output)")
+    }
+
     /// The launcher killed outright (SIGKILL, nothing to trap): mpirun, in a session of its own, is told by the kernel
     /// (`setpriv --pdeathsig TERM`) and the run stops with its checkpoint, instead of training on as an orphan that
     /// holds the run directory's lock.

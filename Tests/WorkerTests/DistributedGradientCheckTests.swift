@@ -156,6 +156,9 @@ struct DistributedGradientCheckTests {
         #expect(status.contains("\"state\" : \"stopped\"") && status.contains("\"step\" : 0"), "\(status)")
         #expect(!FileManager.default.fileExists(atPath: run + "/checkpoints/latest"))
         #expect(!FileManager.default.fileExists(atPath: run + "/gradcheck.json"), "no report of a check without a verdict")
+        // The run's report says the check was stopped (it said "not run").
+        let html = try String(contentsOfFile: run + "/report.html", encoding: .utf8)
+        #expect(html.contains("stopped by a signal before its verdict") && !html.contains("not run (train --gradcheck"))
         // The same command, its check sampled this time: a fresh start where nothing trained.
         let again = try Harness.mpirun(2, CNNTests().job(data, batch: 8, runDir: run, extra: ["--gradcheck"]
             + (distributed ? ["--set", "model.batchnorm=sync"] : []), layers: layers), timeout: 120)

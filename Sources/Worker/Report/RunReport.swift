@@ -98,7 +98,8 @@ enum RunReport {
             let suffix = overlay ? ": \(escapeHTML(names[i]))" : ""
             body += "<section class=\"run\" id=\"run-\(i)\">"
             if overlay { body += "<h2>\(escapeHTML(names[i]))</h2>" }
-            body += gradientCheckSection(run.gradientCheck, suffix: suffix)
+            body += gradientCheckSection(run.gradientCheck, suffix: suffix,
+                                         stoppedInCheck: run.status?.message == Trainer.stoppedInGradientCheck)
             body += modelAndMachineSection(run, suffix: suffix)
             body += "<h3>Configuration\(suffix)</h3><details class=\"configuration\"><summary>config.yaml (every key, resolved)</summary>"
             body += "<pre>\(escapeHTML(run.configuration ?? "(no config.yaml)"))</pre></details>"
@@ -181,9 +182,12 @@ enum RunReport {
         return [prefix: "\(node)"]
     }
 
-    static func gradientCheckSection(_ report: GradientCheckReport?, suffix: String) -> String {
+    /// - Parameter stoppedInCheck: a stop signal ended the check before its verdict (it wrote no gradcheck.json).
+    static func gradientCheckSection(_ report: GradientCheckReport?, suffix: String, stoppedInCheck: Bool = false) -> String {
         guard let report else {
-            return "<h3>Gradient check\(suffix)</h3><p class=\"none\">not run (train --gradcheck runs it before the first step)</p>"
+            let why = stoppedInCheck ? "stopped by a signal before its verdict: nothing verified, and the run stopped before its first step"
+                : "not run (train --gradcheck runs it before the first step)"
+            return "<h3>Gradient check\(suffix)</h3><p class=\"none\">\(why)</p>"
         }
         func e(_ x: Double) -> String { String(format: "%.2e", x) }
         let verdict = report.verdict.rawValue
