@@ -162,10 +162,12 @@ struct MemoryEstimate {
 /// this refuses could not have been read.
 struct DataReadCheck {
     let parts: [ReadFootprint.Part]
+    /// Whether `data.mmap` would map these files (eval reads its test set into memory whatever it says): the advice.
+    let mappable: Bool
 
     /// The files of the feature sets `features` (the training set's, then the test set's, as `Setup.loadData` reads
     /// them), mapped where `mapped` and they can be.
-    init(_ config: Configuration, features: [String], mapped: Bool) {
+    init(_ config: Configuration, features: [String], mapped: Bool, mappable: Bool = true) {
         parts = features.flatMap { set -> [ReadFootprint.Part] in
             switch config.dataFormat {
             case .idx: ReadFootprint.idx(images: set)
@@ -173,23 +175,37 @@ struct DataReadCheck {
             case .hdf5: []
             }
         }
+        self.mappable = mappable
     }
 
     var bytes: Double { parts.reduce(0) { $0 + $1.bytes } }
 
-    func check(against limits: MemoryLimits, ranksOnNode: Int) throws(MemoryError) {
-        let needed = bytes
-        guard needed > 0 else { return }
-        let ranks = Double(max(1, ranksOnNode))
-        let onNode = ranks > 1 ? " x \(ranksOnNode) ranks on this node = \(bytesText(needed * ranks))" : ""
-        func fail(_ limit: String) -> MemoryError {
-            let files = parts.sorted { $0.bytes > $1.bytes }.prefix(4).map { "\($0.path) \(bytesText($0.bytes))" }
-            return MemoryError(description: "the data does not fit in memory: each rank reads at least \(bytesText(needed)) of it "
-                + "into memory\(onNode) (\(files.joined(separator: ", "))), but \(limit). Map raw uint8 or float32 .npy files "
-                + "instead (data.mmap=true) or store the set in HDF5 (data.format=hdf5): both read rows as they are needed. "
-                + "Or use fewer ranks per node, or a node with more memory")
+    /// Every rank's `bytes` summed over the ranks of this rank's node (collective, timed as setup's waits are, in
+    /// `step`): ranks may read different files, or map them where another reads them (`data.mmap` is a per-rank key).
+    func nodeBytes(_ session: Session, step: String) throws -> Double {
+        var all = [Double](repeating: 0, count: session.worldSize)
+        all[session.rank] = bytes
+        try SetupWatch.waiting(session.setupWatch, in: step) { () throws(MPIError) in
+            try all.withUnsafeMutableBufferPointer { (buffer) throws(MPIError) in
+                try session.communicator.allgather(buffer, partition: Partition(count: session.worldSize, parts: session.worldSize))
+            }
         }
-        if let limit = limits.nodeLimitPassed(by: needed * ranks) { throw fail(limit) }
+        return session.layout.localRanks.reduce(0) { $0 + all[$1] }
+    }
+
+    /// Throws when the node's ranks together (`nodeBytes`, over `ranksOnNode` ranks) would read more into memory than
+    /// the node or the cgroup has.
+    func check(against limits: MemoryLimits, nodeBytes: Double, ranksOnNode: Int) throws(MemoryError) {
+        let needed = bytes
+        guard needed > 0, let limit = limits.nodeLimitPassed(by: nodeBytes) else { return }
+        let onNode = ranksOnNode > 1 ? ", the \(ranksOnNode) ranks on this node \(bytesText(nodeBytes))" : ""
+        let files = parts.sorted { $0.bytes > $1.bytes }.prefix(4).map { "\($0.path) \(bytesText($0.bytes))" }
+        let instead = mappable ? "Map raw uint8 or float32 .npy files instead (data.mmap=true) or store the set in HDF5 "
+            + "(data.format=hdf5): both read rows as they are needed" : "Store the set in HDF5 (data.format=hdf5), which is read "
+            + "in rows as they are needed (eval reads .npy and IDX test sets into memory, mapped or not)"
+        throw MemoryError(description: "the data does not fit in memory: this rank reads at least \(bytesText(needed)) of it "
+            + "into memory\(onNode) (\(files.joined(separator: ", "))), but \(limit). \(instead). Or use fewer ranks per node, "
+            + "or a node with more memory")
     }
 }
 
@@ -222,7 +238,7 @@ struct MemoryLimits: Equatable {
     /// MemAvailable of /proc/meminfo: what the node can give without swapping.
     var available: Double?
     /// The memory cgroup's limit (the smallest along its path) and its usage (v2 memory.max and memory.current,
-    /// v1 memory.limit_in_bytes and memory.usage_in_bytes) less its inactive page cache.
+    /// v1 memory.limit_in_bytes and memory.usage_in_bytes) less its page cache.
     var cgroupLimit: Double?
     var cgroupUsage: Double?
     /// `ulimit -v` (RLIMIT_AS) and this process's address space now.
@@ -282,7 +298,7 @@ struct MemoryLimits: Equatable {
                 var tail = components
                 while !tail.isEmpty && !exists(tail) { tail.removeFirst() }
                 guard exists(tail) else { continue }
-                let usage = cgroupValue(directory(tail) + "/" + usageFile).map { max(0, $0 - inactiveFilePages(directory(tail))) }
+                let usage = cgroupValue(directory(tail) + "/" + usageFile).map { max(0, $0 - filePages(directory(tail))) }
                 var smallest: Double? = nil
                 while true {
                     if let value = cgroupValue(directory(tail) + "/" + limitFile) { smallest = min(smallest ?? value, value) }
@@ -295,18 +311,19 @@ struct MemoryLimits: Equatable {
         return nil
     }
 
-    /// The cgroup's inactive page cache (memory.stat: v1 `total_inactive_file`, v2 `inactive_file`), which its usage
-    /// counts and the kernel reclaims before it kills anything: left in, a cgroup that had read or mapped a data set
-    /// earlier (a job's previous step) refused a run that fits, its free memory taken by pages of files no longer read.
-    /// The working set without them is what container runtimes compare with the limit too.
-    private static func inactiveFilePages(_ directory: String) -> Double {
+    /// The cgroup's page cache (memory.stat: v1 `total_inactive_file` and `total_active_file`, v2 `inactive_file` and
+    /// `active_file`), which its usage counts and the kernel reclaims before it kills anything: left in, a cgroup that
+    /// had read or mapped a data set earlier (a job's previous step) refused a run that fits, its free memory taken by
+    /// pages of files no longer read. Active pages too: a file read twice is active, and was reclaimed all the same.
+    private static func filePages(_ directory: String) -> Double {
         guard let text = try? String(contentsOfFile: directory + "/memory.stat", encoding: .utf8) else { return 0 }
         var values: [Substring: Double] = [:]
         for line in text.split(separator: "\n") {
             let parts = line.split(separator: " ")
             if parts.count == 2, let value = Double(parts[1]) { values[parts[0]] = value }
         }
-        return values["total_inactive_file"] ?? values["inactive_file"] ?? 0
+        let total = (values["total_inactive_file"] ?? 0) + (values["total_active_file"] ?? 0)
+        return values["total_inactive_file"] != nil ? total : (values["inactive_file"] ?? 0) + (values["active_file"] ?? 0)
     }
 
     /// A cgroup file's number of bytes; nil for "max" and for v1's "no limit" (a page-rounded Int64.max).

@@ -26,8 +26,8 @@ extension Evaluation {
         }
         session.agree("data") {
             // eval reads its test set into memory, mapped or not (loadTestData).
-            try DataReadCheck(config, features: [config.testFeatures], mapped: false)
-                .check(against: .read(), ranksOnNode: session.layout.localSize)
+            let check = DataReadCheck(config, features: [config.testFeatures], mapped: false, mappable: false)
+            try check.check(against: .read(), nodeBytes: try check.nodeBytes(session, step: "data"), ranksOnNode: session.layout.localSize)
         }
         let test = session.agree("data") {
             var test = try loadTestData(config)

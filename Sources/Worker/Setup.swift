@@ -67,8 +67,8 @@ enum Setup {
         let hooks = session.agree("configuration") { () throws -> TestHooks in try TestHooks.fromEnvironment(rank: session.rank) }
         hooks.duringSetup()
         session.agree("data") {
-            try DataReadCheck(config, features: [config.trainFeatures, config.testFeatures], mapped: config.dataMmap)
-                .check(against: .read(), ranksOnNode: session.layout.localSize)
+            let check = DataReadCheck(config, features: [config.trainFeatures, config.testFeatures], mapped: config.dataMmap)
+            try check.check(against: .read(), nodeBytes: try check.nodeBytes(session, step: "data"), ranksOnNode: session.layout.localSize)
         }
         var (train, test) = session.agree("data") { try loadData(config) }
         let augmentation = session.agree("data") { training ? try config.augmentation(sampleShape: train.sampleShape) : nil }

@@ -43,8 +43,8 @@ struct MemoryTests {
             "cg/slurm/memory.max": "max\n",
             "cg/slurm/job_7/memory.max": "1073741824\n",
             "cg/slurm/job_7/step_0/memory.max": "2147483648\n",
-            "cg/slurm/job_7/step_0/memory.current": "167772160\n",
-            // 60 MiB of the usage is page cache the kernel reclaims first: not counted as used.
+            "cg/slurm/job_7/step_0/memory.current": "220200960\n",
+            // 110 MiB of the usage is page cache (active and inactive) the kernel reclaims first: not counted as used.
             "cg/slurm/job_7/step_0/memory.stat": "anon 52428800\nfile 115343360\nactive_file 52428800\ninactive_file 62914560\n",
         ])
         let limits = MemoryLimits.read(proc: root + "/proc", cgroupMounts: [root + "/cg"], addressSpaceLimit: nil)
@@ -58,10 +58,10 @@ struct MemoryTests {
         let root = try fixture(meminfo: "MemAvailable: 1000 kB\n", cgroup: "5:cpu:/x\n4:memory:/host/container/job\n0::/\n", files: [
             "cgv1/memory.limit_in_bytes": "9223372036854771712\n",
             "cgv1/job/memory.limit_in_bytes": "536870912\n",
-            "cgv1/job/memory.usage_in_bytes": "335544320\n",
-            // v1's own and hierarchical counts: the hierarchical one (64 MiB) is taken.
-            "cgv1/job/memory.stat": "cache 100663296\nrss 234881024\ninactive_file 1048576\ntotal_cache 100663296\n"
-                + "total_rss 234881024\ntotal_inactive_file 67108864\n",
+            "cgv1/job/memory.usage_in_bytes": "369098752\n",
+            // v1's own and hierarchical counts: the hierarchical ones (64 and 32 MiB) are taken.
+            "cgv1/job/memory.stat": "cache 100663296\nrss 234881024\ninactive_file 1048576\nactive_file 1048576\n"
+                + "total_cache 100663296\ntotal_rss 234881024\ntotal_inactive_file 67108864\ntotal_active_file 33554432\n",
         ])
         let limits = MemoryLimits.read(proc: root + "/proc", cgroupMounts: [root + "/none", root + "/cgv1"], addressSpaceLimit: nil)
         #expect(limits.cgroupLimit == 512 * mib)
@@ -325,10 +325,55 @@ struct MemoryTests {
         let quoted = command.map { "'\($0)'" }.joined(separator: " ")
         let r = try Harness.run("/bin/sh", ["-c", "echo $$ > \(cgroup)/cgroup.procs && exec \(quoted)"], environment: [:], timeout: 60)
         #expect(r.status == 1, "\(r.output)")
-        #expect(r.output.contains("the data does not fit in memory: each rank reads at least 191 MiB of it into memory (\(images) 191 MiB"),
+        #expect(r.output.contains("the data does not fit in memory: this rank reads at least 191 MiB of it into memory (\(images) 191 MiB"),
                 "\(r.output)")
         #expect(r.output.contains("but the memory cgroup allows 128 MiB") && r.output.contains("data.mmap=true"), "\(r.output)")
         #expect(!FileManager.default.fileExists(atPath: run), "a failed start writes nothing")
+        // eval reads its test set into memory whatever data.mmap says: its refusal does not advise data.mmap.
+        let evaluation = DataReadCheck(Configuration(), features: [images], mapped: false, mappable: false)
+        do {
+            try evaluation.check(against: MemoryLimits(cgroupLimit: 128 * mib, cgroupUsage: 0), nodeBytes: evaluation.bytes, ranksOnNode: 1)
+            Issue.record("a 191 MiB test set passed the check of a 128 MiB cgroup")
+        } catch {
+            #expect(error.description.contains("Store the set in HDF5") && !error.description.contains("data.mmap=true"), "\(error)")
+        }
+    }
+
+    /// Ranks of one node that read different amounts (`data.mmap` is a per-rank key): the node's sum is checked, not
+    /// this rank's times the ranks. Rank 0 maps a 100 MB set and rank 1 reads it into memory, in a 190 MiB cgroup:
+    /// counted as two readers (192 MiB) it was refused; it fits, and trains.
+    @Test func theRanksOfANodeAreCheckedTogether() throws {
+        guard let cgroup = makeMemoryCgroup(limit: 190 << 20) else {
+            print("skipped: cannot make a memory cgroup here (not root, or no writable memory controller)")
+            return
+        }
+        defer { rmdir(cgroup) }
+        let directory = TemporaryFiles.path("bpworker-data-")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let (samples, features) = (128_000, 784)
+        func npy(_ name: String, _ shape: [Int], payload: [UInt8]) throws -> String {
+            var header = "{'descr': '|u1', 'fortran_order': False, 'shape': (\(shape.map(String.init).joined(separator: ", ")),), }"
+            while (10 + header.utf8.count + 1) % 64 != 0 { header += " " }
+            let path = directory.appendingPathComponent(name).path
+            try (Data([0x93] + Array("NUMPY".utf8) + [1, 0, UInt8((header.utf8.count + 1) % 256), UInt8((header.utf8.count + 1) / 256)])
+                + Data((header + "\n").utf8) + Data(payload)).write(to: URL(fileURLWithPath: path))
+            return path
+        }
+        let x = try npy("x.npy", [samples, features], payload: [])
+        #expect(truncate(x, off_t(128 + samples * features)) == 0)
+        let y = try npy("y.npy", [samples], payload: (0..<samples).map { UInt8($0 % 3) })
+        let tx = try npy("tx.npy", [30, features], payload: [UInt8](repeating: 1, count: 30 * features))
+        let ty = try npy("ty.npy", [30], payload: (0..<30).map { UInt8($0 % 3) })
+        let train = ["train", "--run-dir", temporaryRunDirectory(), "--progress", "plain", "--set", "data.format=npy",
+                     "--set", "data.train_features=\(x)", "--set", "data.train_labels=\(y)", "--set", "data.test_features=\(tx)",
+                     "--set", "data.test_labels=\(ty)", "--set", "model.hidden=[8]", "--set", "training.epochs=1",
+                     "--set", "training.batch_size=1024", "--set", "data.normalize=none", "--set", "schedule.warmup_steps=0"]
+        let launch = ["--allow-run-as-root", "--oversubscribe", "-n", "1", Harness.executable.path] + train + ["--set", "data.mmap=true", ":",
+                      "-n", "1", Harness.executable.path] + train + ["--set", "data.mmap=false"]
+        let quoted = ([Harness.mpirunPath()] + launch).map { "'\($0)'" }.joined(separator: " ")
+        let r = try Harness.run("/bin/sh", ["-c", "echo $$ > \(cgroup)/cgroup.procs && exec \(quoted)"], environment: [:], timeout: 120)
+        #expect(r.status == 0 && r.output.contains("training finished"), "\(r.output)")
     }
 
     /// `eval` trains nothing: its estimate counts the model it builds (parameters, gradients, activations), not an

@@ -137,8 +137,8 @@ public enum NPY {
     }
 
     /// Reads the header at the start of `data` (the file, or its first bytes) and checks that a file of `fileSize`
-    /// bytes holds exactly the data it describes.
-    static func layout(of data: [UInt8], fileSize: Int, path: String) throws -> NPYLayout {
+    /// bytes holds exactly the data it describes (nil: the header alone, of a file whose size is not known).
+    static func layout(of data: [UInt8], fileSize: Int?, path: String) throws -> NPYLayout {
         func fail(_ reason: String) -> DataError { DataError(path: path, reason: reason) }
         guard data.count >= 6, Array(data[0..<6]) == magic else {
             let shown = data.prefix(6).map(hexByte).joined(separator: " ")
@@ -175,8 +175,7 @@ public enum NPY {
         }
         let (byteCount, overflow) = count.multipliedReportingOverflow(by: dtype.itemSize)
         if overflow { throw fail("shape \(header.shape) has more bytes than can be addressed") }
-        let payload = fileSize - dataStart
-        guard payload == byteCount else {
+        if let fileSize, case let payload = fileSize - dataStart, payload != byteCount {
             let what = payload < byteCount ? "truncated data" : "trailing bytes after data"
             throw fail("\(what): expected \(byteCount) data bytes for \(header.descr) shape \(header.shape), file has \(payload)")
         }
