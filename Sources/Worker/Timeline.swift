@@ -130,7 +130,7 @@ final class Timeline {
                               strategy: strategy.rawValue)
         do {
             try RunDirectoryIdentity.requireWritable(path)
-            try writeAtomically(Data(trace.json.utf8), to: path, durable: false)
+            try writeAtomically(trace.json, to: path, durable: false)
         } catch {
             session.logger.error("timeline: cannot write \(path): \(error)")
             return

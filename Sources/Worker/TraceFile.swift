@@ -43,13 +43,24 @@ struct TraceFile {
         return t - Int64(offset.rounded())
     }
 
-    /// The file's content: JSON, every name escaped by `JSONEncoder`.
-    var json: String {
+    /// The file's content: JSON, every name escaped by `JSONEncoder`, one event at a time. The whole document through
+    /// the encoder at once held a tree of every event, about 1.7 KB each beside the file's 160 bytes: a 1,000-step
+    /// window of the ResNet on 2 ranks took 219 MiB on rank 0 where the memory check counted 153.
+    var json: Data {
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
         // Every value is an integer, a string or a decimal: nothing the encoder can refuse.
-        let data = (try? encoder.encode(document)) ?? Data()
-        return String(decoding: data, as: UTF8.self) + "\n"
+        func encoded(_ value: some Encodable) -> Data { (try? encoder.encode(value)) ?? Data("null".utf8) }
+        let document = self.document
+        // The document's keys in sorted order, as the encoder writes them.
+        var out = Data("{\"displayTimeUnit\":".utf8) + encoded(document.displayTimeUnit)
+        out += Data(",\"otherData\":".utf8) + encoded(document.otherData) + Data(",\"traceEvents\":[".utf8)
+        for (i, event) in document.traceEvents.enumerated() {
+            if i > 0 { out.append(UInt8(ascii: ",")) }
+            out += encoded(event)
+        }
+        out += Data("]}\n".utf8)
+        return out
     }
 
     /// The trace as typed events: per rank its metadata, then its events with times in µs from the earliest event

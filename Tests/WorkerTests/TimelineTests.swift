@@ -200,7 +200,7 @@ struct TimelineTests {
                       TimelineEvent(start: t0 + 1, end: t0 + 2, kind: .layerForward, index: 0, step: 3)]
         let trace = Self.trace(ranks: [events], open: [], close: [], hosts: [host], layers: [layer])
         let path = TemporaryFiles.path("trace-").path
-        try Data(trace.json.utf8).write(to: URL(fileURLWithPath: path))
+        try trace.json.write(to: URL(fileURLWithPath: path))
         let read = try Harness.run("/usr/bin/env", ["python3", "-c", """
             import json, sys, decimal
             trace = json.load(open(sys.argv[1]), parse_float=decimal.Decimal)
