@@ -15,8 +15,7 @@ func readTensors(from file: SafeTensorsFile, layout: [ParameterInfo], prefix: St
                  into buffer: UnsafeMutableBufferPointer<Float>) throws -> [String] {
     for info in layout {
         try file.expect(prefix + info.name, shape: info.shape)
-        let values = try file.floats(prefix + info.name)
-        values.withUnsafeBufferPointer { buffer.baseAddress!.advanced(by: info.offset).update(from: $0.baseAddress!, count: info.count) }
+        try file.readFloats(prefix + info.name, into: UnsafeMutableBufferPointer(rebasing: buffer[info.range]))
     }
     return layout.map { prefix + $0.name }
 }

@@ -377,8 +377,8 @@ struct MemoryTests {
     }
 
     /// `eval` trains nothing: its estimate counts the model it builds (parameters, gradients, activations), not an
-    /// optimizer's state or a checkpoint's serialization. A 16.8M-parameter model file (67 MB) was refused in a 400 MiB
-    /// cgroup for the 590 MiB a training rank 0 would need; the evaluation fits there, and runs (checked on the old code:
+    /// optimizer's state or a checkpoint's serialization. A 4.2M-parameter model file (17 MB) was refused in a 150 MiB
+    /// cgroup for what a training rank 0 would need; the evaluation fits there, and runs (checked on the old code:
     /// refused). In closed form, the items of an evaluation's estimate.
     @Test func anEvaluationCountsNoTrainingState() throws {
         var config = Configuration()
@@ -393,7 +393,7 @@ struct MemoryTests {
         #expect(names(false) == ["parameters", "gradients", "activations at batch 64", "BLAS and MPI working memory"])
         #expect(Set(names(true)).isSuperset(of: ["optimizer state (momentum_buffer)", "sharded update buffers",
                                                  "checkpoint serialization", "timeline"]))
-        guard let cgroup = makeMemoryCgroup(limit: 400 << 20) else {
+        guard let cgroup = makeMemoryCgroup(limit: 150 << 20) else {
             print("skipped the cgroup part: cannot make a memory cgroup here (not root, or no writable memory controller)")
             return
         }
@@ -402,7 +402,7 @@ struct MemoryTests {
         defer { data.remove() }
         let run = temporaryRunDirectory()
         let trained = try Harness.run(Harness.executable.path, ["train", "--local", "--run-dir", run, "--progress", "plain"]
-            + data.arguments + ["--set", "model.hidden=[4096, 4096]", "--set", "training.epochs=1", "--set", "training.batch_size=32",
+            + data.arguments + ["--set", "model.hidden=[2048, 2048]", "--set", "training.epochs=1", "--set", "training.batch_size=32",
                                 "--set", "schedule.warmup_steps=0", "--set", "data.normalize=scale"], environment: [:], timeout: 120)
         try #require(trained.status == 0, "\(trained.output)")
         let command = [Harness.executable.path, "eval", "--local", "--model", run + "/model.safetensors", "--run-dir", run] + data.arguments

@@ -359,6 +359,32 @@ public struct SafeTensorsFile {
         }
     }
 
+    /// The tensor's values as Float (F32 exactly; F64 rounded) written into `destination`, which holds its element
+    /// count: no copy of the tensor on the way (`floats` made two, 32 MiB beside the file for a 2048x2048 weight,
+    /// which `eval --model`'s memory estimate did not count).
+    public func readFloats(_ name: String, into destination: UnsafeMutableBufferPointer<Float>) throws {
+        let info = try info(name)
+        let size = info.dtype == .f32 ? 4 : info.dtype == .f64 ? 8 : 0
+        guard size > 0 else {
+            throw DataError(path: path, reason: "tensor '\(name)': dtype \(info.dtype.rawValue), bpworker reads F32 or F64 here")
+        }
+        let count = info.byteRange.count / size
+        precondition(count == destination.count, "tensor '\(name)': \(count) values into room for \(destination.count)")
+        data.withUnsafeBytes { raw in
+            let start = dataStart + info.byteRange.lowerBound
+            if size == 4 {
+                for i in 0..<count {
+                    destination[i] = Float(bitPattern: UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: start + 4 * i, as: UInt32.self)))
+                }
+            } else {
+                for i in 0..<count {
+                    destination[i] = Float(Double(bitPattern: UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: start + 8 * i,
+                                                                                                      as: UInt64.self))))
+                }
+            }
+        }
+    }
+
     /// The tensor's values as Double (F32 and F64 exactly).
     public func doubles(_ name: String) throws -> [Double] {
         let info = try info(name)
