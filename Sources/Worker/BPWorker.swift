@@ -182,7 +182,7 @@ struct Gradcheck: ParsableCommand {
         let session = Session.start(options: options, extraOverrides: ["gradcheck.enabled=true"])
         // Until the check's Watchdog starts, setup's waits are timed (a rank frozen there hung the others).
         session.setupWatch = SetupWatch(timeout: session.config.watchdogSeconds, rank: session.rank, communicator: session.communicator)
-        let prepared = Setup.prepare(session, training: false)
+        let prepared = Setup.prepare(session, training: false, checksOnEveryRank: distributed)
         // The report goes to RUN_DIR/gradcheck.json as well; nothing else of a run directory is touched. Not while a job
         // runs there (its lock), and not into a directory that holds a run, whose gradcheck.json is that run's (a check
         // of another model overwrote it, and the run's report showed it).

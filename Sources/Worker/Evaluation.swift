@@ -33,7 +33,10 @@ enum Evaluation {
 
     /// `bpworker eval`: loads saved parameters on rank 0, broadcasts them and evaluates on the test set.
     static func run(_ session: Session, parametersPath: String) {
-        let prepared = Setup.prepare(session, training: false)
+        // Rank 0 reads the parameters file whole (a checkpoint with its optimizer state) after the memory check.
+        let size = (try? FileManager.default.attributesOfItem(atPath: parametersPath)[.size] as? Int) ?? 0
+        let prepared = Setup.prepare(session, training: false,
+                                     extraReads: [.init(name: "the parameters file, read whole", bytes: Double(size))])
         let model = prepared.model
         session.agree("parameters \(parametersPath)") {
             if session.isRoot, let note = try loadParameters(into: model, from: parametersPath) { session.logger.notice("\(note)") }

@@ -55,8 +55,10 @@ struct MemoryEstimate {
     /// - Parameter training: false for `eval` and `gradcheck`, which build the model (its parameters, gradients and
     ///   activations) but train nothing: no optimizer state, update buffers, prefetched batches, checkpoints or timeline
     ///   (they were counted, and `eval --model` of a 100M-parameter file was refused for 1.6 GB it would never allocate).
+    /// - Parameter checksOnEveryRank: the gradient check runs on every rank (`gradcheck --distributed`), not only
+    ///   where synchronized batch norm makes it so; counted on rank 0 alone, ranks 1 and up passed and were killed.
     static func estimate(config: Configuration, spec: ModelSpec, datasets: [Dataset], rank: Int, worldSize: Int,
-                         usage: ProcessMemory, training: Bool = true) -> MemoryEstimate {
+                         usage: ProcessMemory, training: Bool = true, checksOnEveryRank: Bool = false) -> MemoryEstimate {
         let footprint = Model<Float>.footprint(spec: spec, batchCapacity: config.batchSize)
         let parameters = footprint.parameters
         let buffer = footprint.parameterBufferBytes
@@ -93,7 +95,7 @@ struct MemoryEstimate {
             items.append(Item(name: "timeline", bytes: events * (80 + (rank == 0 ? Double(worldSize) * 500 : 0))))
         }
         // The check runs on rank 0, or on every rank when it is distributed (synchronized batch norm).
-        if config.gradcheckEnabled && (rank == 0 || config.batchNorm == .sync) {
+        if config.gradcheckEnabled && (rank == 0 || config.batchNorm == .sync || checksOnEveryRank) {
             // The check takes gradcheck.batch samples of a rank's shard, or the whole shard when it is shorter.
             let shard = datasets.first.map { $0.count / max(worldSize, 1) + config.batchSize } ?? config.gradcheckBatch
             let checkBatch = min(config.gradcheckBatch, shard)
@@ -178,11 +180,14 @@ struct DataReadCheck {
         self.mappable = mappable
     }
 
-    var bytes: Double { parts.reduce(0) { $0 + $1.bytes } }
+    /// The most the reads hold at once (the training set's parts, then the test set's).
+    var bytes: Double { ReadFootprint.peak(parts) }
 
     /// Every rank's `bytes` summed over the ranks of this rank's node (collective, timed as setup's waits are, in
     /// `step`): ranks may read different files, or map them where another reads them (`data.mmap` is a per-rank key).
-    func nodeBytes(_ session: Session, step: String) throws -> Double {
+    /// Also whether this rank reads the node's largest share (the first such rank): the one whose files a refusal
+    /// names (a refusal on rank 0 named rank 0's small files where rank 1's large one did not fit).
+    func nodeBytes(_ session: Session, step: String) throws -> (total: Double, largestShare: Bool) {
         var all = [Double](repeating: 0, count: session.worldSize)
         all[session.rank] = bytes
         try SetupWatch.waiting(session.setupWatch, in: step) { () throws(MPIError) in
@@ -190,14 +195,23 @@ struct DataReadCheck {
                 try session.communicator.allgather(buffer, partition: Partition(count: session.worldSize, parts: session.worldSize))
             }
         }
-        return session.layout.localRanks.reduce(0) { $0 + all[$1] }
+        let local = session.layout.localRanks
+        let largest = local.max { all[$0] < all[$1] || (all[$0] == all[$1] && $0 > $1) } ?? session.rank
+        return (local.reduce(0) { $0 + all[$1] }, largest == session.rank)
     }
 
-    /// Throws when the node's ranks together (`nodeBytes`, over `ranksOnNode` ranks) would read more into memory than
-    /// the node or the cgroup has.
-    func check(against limits: MemoryLimits, nodeBytes: Double, ranksOnNode: Int) throws(MemoryError) {
+    /// Throws, on the rank of the node's largest share, when the node's ranks together (`nodeBytes`, over
+    /// `ranksOnNode` ranks) would read more into memory than the node or the cgroup has; on any rank whose reads would
+    /// pass `ulimit -v`.
+    func check(against limits: MemoryLimits, nodeBytes: (total: Double, largestShare: Bool), ranksOnNode: Int) throws(MemoryError) {
         let needed = bytes
-        guard needed > 0, let limit = limits.nodeLimitPassed(by: nodeBytes) else { return }
+        guard needed > 0 else { return }
+        var passed = nodeBytes.largestShare ? limits.nodeLimitPassed(by: nodeBytes.total) : nil
+        if let limit = limits.addressSpaceLimit, (limits.addressSpace ?? 0) + needed > limit {
+            passed = "ulimit -v allows \(bytesText(limit)) of address space and \(bytesText(limits.addressSpace ?? 0)) is in use"
+        }
+        guard let limit = passed else { return }
+        let nodeBytes = nodeBytes.total
         let onNode = ranksOnNode > 1 ? ", the \(ranksOnNode) ranks on this node \(bytesText(nodeBytes))" : ""
         let files = parts.sorted { $0.bytes > $1.bytes }.prefix(4).map { "\($0.path) \(bytesText($0.bytes))" }
         let instead = mappable ? "Map raw uint8 or float32 .npy files instead (data.mmap=true) or store the set in HDF5 "

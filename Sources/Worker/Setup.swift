@@ -54,13 +54,18 @@ enum Setup {
     }
 
     /// `plan`, then `build`: for the commands that need nothing between the two.
-    static func prepare(_ session: Session, training: Bool = true) -> Prepared {
-        build(session, plan(session, training: training), crossRankReducer: nil)
+    /// - Parameters: `extraReads`: what is read whole after the memory check and counted in it (`eval`'s parameters
+    ///   file, on rank 0); `checksOnEveryRank`: the gradient check runs on every rank (`gradcheck --distributed`).
+    static func prepare(_ session: Session, training: Bool = true, extraReads: [MemoryEstimate.Item] = [],
+                        checksOnEveryRank: Bool = false) -> Prepared {
+        build(session, plan(session, training: training, extraReads: extraReads, checksOnEveryRank: checksOnEveryRank),
+              crossRankReducer: nil)
     }
 
     /// - Parameter training: false for `gradcheck` and `eval`, which run no epochs: the remainder is wrapped so any
     ///   data set with a sample per rank will do, and the schedule is not consulted.
-    static func plan(_ session: Session, training: Bool = true) -> Plan {
+    static func plan(_ session: Session, training: Bool = true, extraReads: [MemoryEstimate.Item] = [],
+                     checksOnEveryRank: Bool = false) -> Plan {
         let config = session.config
         session.agree("configuration") { try config.validateSettings() }
         requireSameSettings(session)
@@ -80,8 +85,10 @@ enum Setup {
         }
         // Before anything large is allocated: a model that cannot fit ends every rank here, with the biggest items.
         let memory = session.agree("memory check") { () throws -> MemoryEstimate in
-            let estimate = MemoryEstimate.estimate(config: config, spec: spec, datasets: [train, test], rank: session.rank,
-                                                   worldSize: session.worldSize, usage: .current(), training: training)
+            var estimate = MemoryEstimate.estimate(config: config, spec: spec, datasets: [train, test], rank: session.rank,
+                                                   worldSize: session.worldSize, usage: .current(), training: training,
+                                                   checksOnEveryRank: checksOnEveryRank)
+            if session.isRoot { estimate.items += extraReads }
             try estimate.check(against: .read(), ranksOnNode: session.layout.localSize)
             return estimate
         }

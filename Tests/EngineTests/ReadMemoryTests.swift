@@ -29,36 +29,60 @@ import Testing
             np.save(p('bad-shards/a.npy'), np.zeros((10, 4), np.float32))
             np.save(p('bad-shards/b.npy'), np.asfortranarray(np.zeros((10, 4), np.float32)))
             os.mkfifo(p('fifo.npy')); os.mkfifo(p('fifo-idx'))
+            open(p('cut.npy'), 'wb').write(open(p('f4.npy'), 'rb').read()[:1000])
+            import zlib
+            def member(data, extra=b''):
+                c = zlib.compressobj(6, zlib.DEFLATED, -15)
+                head = b'\\x1f\\x8b\\x08' + (b'\\x04' if extra else b'\\x00') + b'\\0\\0\\0\\0\\0\\xff'
+                head += struct.pack('<H', len(extra)) + extra if extra else b''
+                return head + c.compress(data) + c.flush() + struct.pack('<II', zlib.crc32(data), len(data))
+            open(p('extra-field.gz'), 'wb').write(member(idx, extra=b'RA' + struct.pack('<H', 7000) + bytes(7000)))
+            open(p('split-header.gz'), 'wb').write(gzip.compress(idx[:4]) + gzip.compress(idx[4:]))
             """, arguments: [dir.path])
-        func bytes(_ parts: [ReadFootprint.Part]) -> [Double] { parts.map(\.bytes) }
-        // IDX: the pixels its header declares, raw or inflated from the first bytes; a file of two members, or one
-        // cut short, by its header too (the gzip trailer's size, which counted 1,000 bytes for the first and 2 GiB
-        // for a cut 1 MB file, is not read).
-        for name in ["images-idx3-ubyte", "images-idx3-ubyte.gz", "two-members.gz", "cut.gz"] {
-            #expect(bytes(ReadFootprint.idx(images: dir.file(name))) == [78_400], "\(name)")
+        func stays(_ parts: [ReadFootprint.Part]) -> [Double] { parts.map(\.stays) }
+        func size(_ name: String) -> Double { Double((try? FileManager.default.attributesOfItem(atPath: dir.file(name))[.size] as? Int) ?? -1) }
+        // IDX: a raw file is read whole (its size), a compressed one beside the pixels its header declares, inflated
+        // from the first bytes; a file of two members, or one cut short, by its header too (the gzip trailer's size,
+        // which counted 1,000 bytes for the first and 2 GiB for a cut 1 MB file, is not read).
+        #expect(ReadFootprint.idx(images: dir.file("images-idx3-ubyte")).map { [$0.bytes, $0.stays] } == [[78_416, 78_400]])
+        for name in ["images-idx3-ubyte.gz", "two-members.gz", "cut.gz"] {
+            #expect(ReadFootprint.idx(images: dir.file(name)).map { [$0.bytes, $0.stays] } == [[size(name) + 78_400, 78_400]], "\(name)")
         }
-        // .npy read into memory: the values as stored, float64 as float32, compressed or not.
-        #expect(bytes(ReadFootprint.npy(features: dir.file("u1.npy"), mapped: false)) == [78_400])
-        #expect(bytes(ReadFootprint.npy(features: dir.file("f4.npy"), mapped: false)) == [2_000])
-        #expect(bytes(ReadFootprint.npy(features: dir.file("f8.npy"), mapped: false)) == [2_000])
-        #expect(bytes(ReadFootprint.npy(features: dir.file("f8.npy.gz"), mapped: false)) == [2_000])
+        // .npy read into memory: the file beside its decoded values, then the values as stored (float64 as float32).
+        #expect(ReadFootprint.npy(features: dir.file("u1.npy"), mapped: false).map { [$0.bytes, $0.stays] } == [[size("u1.npy"), 78_400]])
+        #expect(ReadFootprint.npy(features: dir.file("f4.npy"), mapped: false).map { [$0.bytes, $0.stays] }
+                == [[size("f4.npy") + 2_000, 2_000]])
+        #expect(ReadFootprint.npy(features: dir.file("f8.npy"), mapped: false).map { [$0.bytes, $0.stays] }
+                == [[size("f8.npy") + 4_000, 2_000]])
+        #expect(stays(ReadFootprint.npy(features: dir.file("f8.npy.gz"), mapped: false)) == [2_000])
         // Mapped: nothing private, unless a file cannot be mapped (float64), which sends the whole set to memory.
         #expect(ReadFootprint.npy(features: dir.file("u1.npy"), mapped: true).isEmpty)
         #expect(ReadFootprint.npy(features: dir.file("f4.npy"), mapped: true).isEmpty)
-        #expect(bytes(ReadFootprint.npy(features: dir.file("f8.npy"), mapped: true)) == [2_000])
-        // Shards each count, named.
+        #expect(stays(ReadFootprint.npy(features: dir.file("f8.npy"), mapped: true)) == [2_000])
+        // Shards each count, named, kept as read until their concatenation, which holds the whole set once more.
         let shards = ReadFootprint.npy(features: dir.file("shards"), mapped: false)
-        #expect(shards.map { URL(fileURLWithPath: $0.path).lastPathComponent } == ["part-0.npy", "part-1.npy", "part-2.npy"])
-        #expect(bytes(shards) == [160, 160, 160])
-        // What cannot be sized counts nothing, and the reader names its problem: a missing file, a shard the loader
-        // refuses (the good shards counted as read into memory, and the set was refused for its size, not its shard).
+        #expect(shards.map { URL(fileURLWithPath: $0.path).lastPathComponent }
+                == ["part-0.npy", "part-1.npy", "part-2.npy", "shards (the shards concatenated)"])
+        #expect(stays(shards) == [160, 160, 160, 0] && shards.last?.bytes == 480)
+        #expect(ReadFootprint.peak(shards) == 480 + 480)
+        // A bad shard: mapped, the loader refuses the set before reading (nothing); read, it reads the shards before the
+        // bad one (they count: counting nothing let them be read until the OOM killer came).
+        #expect(ReadFootprint.npy(features: dir.file("bad-shards"), mapped: true).isEmpty)
+        #expect(stays(ReadFootprint.npy(features: dir.file("bad-shards"), mapped: false)) == [160])
+        // What the reader refuses before reading counts nothing, and it names the problem: a missing file, a raw .npy
+        // cut short (its header is checked against its size first).
         #expect(ReadFootprint.npy(features: dir.file("missing.npy"), mapped: false).isEmpty)
         #expect(ReadFootprint.idx(images: dir.file("missing")).isEmpty)
-        #expect(ReadFootprint.npy(features: dir.file("bad-shards"), mapped: true).isEmpty)
+        #expect(ReadFootprint.npy(features: dir.file("cut.npy"), mapped: false).isEmpty)
         // A FIFO is not opened: opening it took its writer's data, and the reader then waited for ever (with no writer,
         // the open itself would block this test).
         #expect(ReadFootprint.npy(features: dir.file("fifo.npy"), mapped: false).isEmpty)
         #expect(ReadFootprint.idx(images: dir.file("fifo-idx")).isEmpty)
+        // The gzip header of a dictzip file (an extra field of 7 KB) and a first member that ends inside the IDX header
+        // are read past: the pixels count (they counted nothing, and the set was read until the OOM killer came).
+        for name in ["extra-field.gz", "split-header.gz"] {
+            #expect(stays(ReadFootprint.idx(images: dir.file(name))) == [78_400], "\(name)")
+        }
     }
 }
 

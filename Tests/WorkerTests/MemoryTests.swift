@@ -108,6 +108,16 @@ struct MemoryTests {
         // The gradient check: its float64 copy and its vectors (the analytic gradient, the direction and the saved
         // parameters; a 784-4096-4096-10 run passed the check at 899 MiB and peaked at 1,052), on rank 0, or on
         // every rank when it is distributed (synchronized batch norm).
+        // `gradcheck --distributed` checks on every rank whatever the batch norm: counted on rank 1 too (it was not, and a
+        // rank 1 alone in its cgroup passed and was killed).
+        var everyRank = Configuration()
+        everyRank.hidden = [1024]
+        everyRank.gradcheckEnabled = true
+        let everyRankSpec = try everyRank.modelSpec(sampleShape: [784], classes: 10)
+        let distributed = MemoryEstimate.estimate(config: everyRank, spec: everyRankSpec, datasets: [], rank: 1, worldSize: 2,
+                                                  usage: ProcessMemory(resident: 40 * mib, residentPeak: 60 * mib, addressSpace: 400 * mib),
+                                                  training: false, checksOnEveryRank: true)
+        #expect(distributed.items.contains { $0.name == "gradient-check vectors" })
         for (rank, batchNorm, counted) in [(0, Configuration.BatchNormMode.local, true), (1, .local, false), (1, .sync, true)] {
             let checked = Dictionary(uniqueKeysWithValues: try estimate(hidden: [1024], rank: rank, gradcheck: true, batchNorm: batchNorm)
                 .items.map { ($0.name, $0.bytes) })
@@ -329,10 +339,21 @@ struct MemoryTests {
                 "\(r.output)")
         #expect(r.output.contains("but the memory cgroup allows 128 MiB") && r.output.contains("data.mmap=true"), "\(r.output)")
         #expect(!FileManager.default.fileExists(atPath: run), "a failed start writes nothing")
+        // Under `ulimit -v` too: a 1.25 GB set under 1 GiB of address space crashed in the allocator (a Swift fatal
+        // error and a backtrace).
+        let large = data.directory.appendingPathComponent("large-x.idx").path
+        try SyntheticData.idx(shape: [1_600_000, 28, 28], bytes: []).write(to: URL(fileURLWithPath: large))
+        #expect(truncate(large, off_t(16 + 1_600_000 * 784)) == 0)
+        let limited = [Harness.executable.path, "train", "--local", "--run-dir", run] + data.arguments
+            + ["--set", "data.train_features=\(large)", "--set", "data.train_labels=\(labels)"]
+        let v = try Harness.run("/bin/sh", ["-c", "ulimit -v 1048576 && exec " + limited.map { "'\($0)'" }.joined(separator: " ")],
+                                environment: [:], timeout: 60)
+        #expect(v.status == 1 && v.output.contains("the data does not fit in memory: this rank reads at least 1.17 GiB")
+                && v.output.contains("ulimit -v allows 1.00 GiB of address space"), "\(v.output)")
         // eval reads its test set into memory whatever data.mmap says: its refusal does not advise data.mmap.
         let evaluation = DataReadCheck(Configuration(), features: [images], mapped: false, mappable: false)
         do {
-            try evaluation.check(against: MemoryLimits(cgroupLimit: 128 * mib, cgroupUsage: 0), nodeBytes: evaluation.bytes, ranksOnNode: 1)
+            try evaluation.check(against: MemoryLimits(cgroupLimit: 128 * mib, cgroupUsage: 0), nodeBytes: (evaluation.bytes, true), ranksOnNode: 1)
             Issue.record("a 191 MiB test set passed the check of a 128 MiB cgroup")
         } catch {
             #expect(error.description.contains("Store the set in HDF5") && !error.description.contains("data.mmap=true"), "\(error)")
