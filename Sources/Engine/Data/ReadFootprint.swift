@@ -66,12 +66,13 @@ public enum ReadFootprint {
         for shard in shards {
             guard let layout = shard.layout, shard.size <= largestRead else { break }
             let decoded = Double(layout.count) * Double(layout.dtype.itemSize)
-            let file = shard.gzip ? Double(shard.size) + min(Double(layout.dataOffset) + decoded, 1032 * Double(shard.size))
-                : Double(shard.size)
+            // The file's bytes as read: a compressed file is held beside its contents until they are inflated.
+            let contents = shard.gzip ? min(Double(layout.dataOffset) + decoded, 1032 * Double(shard.size)) : Double(shard.size)
+            let inflating = shard.gzip ? Double(shard.size) + contents : contents
             // uint8 keeps the file's bytes as its values; the others decode beside them, and float64 is then stored
             // as float32 beside its decoded values.
             let stored = layout.dtype == .float64 ? decoded / 2 : decoded
-            let read = max(layout.dtype == .uint8 ? file : file + decoded, decoded + (layout.dtype == .float64 ? stored : 0))
+            let read = max(inflating, layout.dtype == .uint8 ? 0 : contents + decoded, decoded + (layout.dtype == .float64 ? stored : 0))
             // Several shards are kept as read until they are concatenated.
             parts.append(Part(path: shard.file, bytes: read, stays: shards.count > 1 ? decoded : stored))
         }
