@@ -5,11 +5,13 @@ import Foundation
 /// compressed file's header inflated from its first bytes), before the data is read: so that a set that cannot fit
 /// is refused with its size instead of the rank being killed by its memory limit half-way through reading it.
 ///
-/// What stays once read is the values as the header declares them (float64 stored as float32), and the read holds at
-/// least that. Only what a header declares is counted, never a gzip trailer's size, which a cut or concatenated file
-/// makes meaningless. Mapped files (`data.mmap`) and HDF5, which reads rows as they are needed, count nothing. A file
-/// that is not a regular file is not opened (opening a FIFO took its writer's data, and the reader then waited for
-/// ever), and a file whose header is bad counts nothing: the reader then says what is wrong with it.
+/// Each file counts what its read holds at its peak, as `readFileBytes`, `IDX.read`, `NPY.read` and `Dataset.loadNPY`
+/// hold it (the file's bytes beside its decoded values, a compressed file beside its contents, float64 beside its
+/// float32 copy, shards beside their concatenation), and what it keeps while the next file is read. Sizes come from
+/// the file system and the headers, never from a gzip trailer, which a cut or concatenated file makes meaningless.
+/// Mapped files (`data.mmap`) and HDF5, which reads rows as they are needed, count nothing. A file that is not a
+/// regular file is not opened (opening a FIFO took its writer's data, and the reader then waited for ever), and a file
+/// the reader refuses before reading it counts nothing: the reader then says what is wrong with it.
 public enum ReadFootprint {
     /// One file's share: its name, the bytes its read holds at its peak (the file's bytes, raw or inflated, beside its
     /// decoded values), and what stays once it is read (its values as stored) while the next file is read.
