@@ -25,6 +25,8 @@ import Testing
             open(p('cut.gz'), 'wb').write(gzip.compress(idx)[:300])
             os.mkdir(p('shards'))
             for i in range(3): np.save(p(f'shards/part-{i}.npy'), np.zeros((10, 4), np.float32))
+            os.mkdir(p('f8-shards'))
+            for i in range(2): np.save(p(f'f8-shards/part-{i}.npy'), np.zeros((10, 4), np.float64))
             os.mkdir(p('bad-shards'))
             np.save(p('bad-shards/a.npy'), np.zeros((10, 4), np.float32))
             np.save(p('bad-shards/b.npy'), np.asfortranarray(np.zeros((10, 4), np.float32)))
@@ -68,6 +70,11 @@ import Testing
                 == ["part-0.npy", "part-1.npy", "part-2.npy", "shards (the shards concatenated)"])
         #expect(stays(shards) == [160, 160, 160, 0] && shards.last?.bytes == 480)
         #expect(ReadFootprint.peak(shards) == 480 + 480)
+        // float64 shards: kept as read (8 bytes a value), their float32 copies made beside them, then the whole set (a
+        // 4-shard set of 400 MB counted 572 MiB where the read peaked at 762, and was killed in cgroups it passed).
+        let f8 = ReadFootprint.npy(features: dir.file("f8-shards"), mapped: false)
+        #expect(f8.map(\.stays) == [320, 320, 0] && f8.last?.bytes == 2 * 160 + 2 * 160)
+        #expect(ReadFootprint.peak(f8) == 640 + 640)
         // A bad shard: mapped, the loader refuses the set before reading (nothing); read, it reads the shards before the
         // bad one (they count: counting nothing let them be read until the OOM killer came).
         #expect(ReadFootprint.npy(features: dir.file("bad-shards"), mapped: true).isEmpty)

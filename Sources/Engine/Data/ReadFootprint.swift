@@ -79,8 +79,12 @@ public enum ReadFootprint {
             parts.append(Part(path: shard.file, bytes: read, stays: shards.count > 1 ? decoded : stored))
         }
         if parts.count > 1 {
-            // The concatenation: every shard as read, and the whole set stored.
-            let whole = shards.prefix(parts.count).map { Double($0.layout!.count) * ($0.layout!.dtype == .uint8 ? 1 : 4) }
+            // The concatenation: every shard as read, each float64 one's float32 copy beside it (made for all of them
+            // before the first is appended), and the whole set stored.
+            let whole = shards.prefix(parts.count).map { shard -> Double in
+                let stored = Double(shard.layout!.count) * (shard.layout!.dtype == .uint8 ? 1 : 4)
+                return shard.layout!.dtype == .float64 ? 2 * stored : stored
+            }
             parts.append(Part(path: features + " (the shards concatenated)", bytes: whole.reduce(0, +), stays: 0))
         }
         return parts
