@@ -200,6 +200,14 @@ struct DataReadCheck {
         return (local.reduce(0) { $0 + all[$1] }, largest == session.rank)
     }
 
+    /// The check of every rank before it reads its data sets (setup phase "data"): `features` as `init` takes them.
+    static func require(_ session: Session, features: [String], mapped: Bool, mappable: Bool = true) {
+        session.agree("data") {
+            let check = DataReadCheck(session.config, features: features, mapped: mapped, mappable: mappable)
+            try check.check(against: .read(), nodeBytes: try check.nodeBytes(session, step: "data"), ranksOnNode: session.layout.localSize)
+        }
+    }
+
     /// Throws, on the rank of the node's largest share, when the node's ranks together (`nodeBytes`, over
     /// `ranksOnNode` ranks) would read more into memory than the node or the cgroup has; on any rank whose reads would
     /// pass `ulimit -v`.
@@ -336,8 +344,8 @@ struct MemoryLimits: Equatable {
             let parts = line.split(separator: " ")
             if parts.count == 2, let value = Double(parts[1]) { values[parts[0]] = value }
         }
-        let total = (values["total_inactive_file"] ?? 0) + (values["total_active_file"] ?? 0)
-        return values["total_inactive_file"] != nil ? total : (values["inactive_file"] ?? 0) + (values["active_file"] ?? 0)
+        // v1 has its own and hierarchical counts (total_*): the hierarchical ones; v2 has only its own.
+        return (values["total_inactive_file"] ?? values["inactive_file"] ?? 0) + (values["total_active_file"] ?? values["active_file"] ?? 0)
     }
 
     /// A cgroup file's number of bytes; nil for "max" and for v1's "no limit" (a page-rounded Int64.max).

@@ -24,11 +24,8 @@ extension Evaluation {
         let description = session.agree("model file") {
             try ModelDescription(metadata: try JSONDecoder().decode([String: String].self, from: Data(encoded)), path: modelPath)
         }
-        session.agree("data") {
-            // eval reads its test set into memory, mapped or not (loadTestData).
-            let check = DataReadCheck(config, features: [config.testFeatures], mapped: false, mappable: false)
-            try check.check(against: .read(), nodeBytes: try check.nodeBytes(session, step: "data"), ranksOnNode: session.layout.localSize)
-        }
+        // eval reads its test set into memory, mapped or not (loadTestData).
+        DataReadCheck.require(session, features: [config.testFeatures], mapped: false, mappable: false)
         let test = session.agree("data") {
             var test = try loadTestData(config)
             try requireTestSamples(test, config)

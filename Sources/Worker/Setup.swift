@@ -71,10 +71,7 @@ enum Setup {
         requireSameSettings(session)
         let hooks = session.agree("configuration") { () throws -> TestHooks in try TestHooks.fromEnvironment(rank: session.rank) }
         hooks.duringSetup()
-        session.agree("data") {
-            let check = DataReadCheck(config, features: [config.trainFeatures, config.testFeatures], mapped: config.dataMmap)
-            try check.check(against: .read(), nodeBytes: try check.nodeBytes(session, step: "data"), ranksOnNode: session.layout.localSize)
-        }
+        DataReadCheck.require(session, features: [config.trainFeatures, config.testFeatures], mapped: config.dataMmap)
         var (train, test) = session.agree("data") { try loadData(config) }
         let augmentation = session.agree("data") { training ? try config.augmentation(sampleShape: train.sampleShape) : nil }
         let classes = config.classes > 0 ? config.classes : train.classCount

@@ -395,6 +395,19 @@ struct MemoryTests {
         let quoted = ([Harness.mpirunPath()] + launch).map { "'\($0)'" }.joined(separator: " ")
         let r = try Harness.run("/bin/sh", ["-c", "echo $$ > \(cgroup)/cgroup.procs && exec \(quoted)"], environment: [:], timeout: 120)
         #expect(r.status == 0 && r.output.contains("training finished"), "\(r.output)")
+        // Rank 1 reads a 200 MB set, rank 0 a small one: the refusal names rank 1's file (rank 0, the first to fail,
+        // named its own small files).
+        let large = try npy("large.npy", [2 * samples, features], payload: [])
+        #expect(truncate(large, off_t(128 + 2 * samples * features)) == 0)
+        let small = train + ["--overwrite", "--set", "data.mmap=false", "--set", "data.train_features=\(tx)", "--set", "data.train_labels=\(ty)"]
+        let big = train + ["--overwrite", "--set", "data.mmap=false", "--set", "data.train_features=\(large)"]
+        let uneven = (["--allow-run-as-root", "--oversubscribe", "-n", "1", Harness.executable.path] + small + [":", "-n", "1",
+                       Harness.executable.path] + big)
+        let refused = try Harness.run("/bin/sh", ["-c", "echo $$ > \(cgroup)/cgroup.procs && exec "
+            + ([Harness.mpirunPath()] + uneven).map { "'\($0)'" }.joined(separator: " ")], environment: [:], timeout: 120)
+        #expect(refused.status != 0 && refused.output.contains("[rank 1] error: data: the data does not fit in memory")
+                && refused.output.contains("(\(large) "), "\(refused.output)")
+        #expect(!refused.output.contains("[rank 0] error: data"), "\(refused.output)")
     }
 
     /// `eval` trains nothing: its estimate counts the model it builds (parameters, gradients, activations), not an
