@@ -77,9 +77,12 @@ struct WinogradTests {
     @Test(arguments: shapes.indices)
     func matchesTheDefinitionInDouble(shape index: Int) throws {
         let (c, o, h, w, bias) = Self.shapes[index]
+        try matchesTheDefinition(c: c, o: o, h: h, w: w, bias: bias, rows: 3)
+    }
+
+    func matchesTheDefinition(c: Int, o: Int, h: Int, w: Int, bias: Bool, rows: Int) throws {
         let spec = ModelSpec(layers: [Self.conv(c, o, bias: bias), .flatten, .linear(inputs: o * h * w, outputs: 2)],
                              inputShape: [c, h, w])
-        let rows = 3
         let model = try Model<Double>(spec: spec, batchCapacity: rows + 1, seed: 3)
         fillRandomBatch(model, rows: rows, seed: 4)
         if bias { setTensor(model, "0.bias", (0..<o).map { 0.1 * Double($0) - 0.5 }) }
@@ -178,16 +181,27 @@ struct WinogradTests {
         #expect(report.direction.relativeError <= 1e-6, "\(name):\n\(report.text)")
     }
 
-    /// On one thread the backward GEMMs go in pieces of at most 10^6 multiply-adds: 64 channels at 7x7 and batch 64
-    /// make 256 tiles, two pieces of 128 (the points at -2 have 128 tiles, one piece); with more threads, one.
-    @Test func backwardGEMMsGoInUnpackedPieces() throws {
+    /// On one thread the GEMMs go in pieces of at most 10^6 multiply-adds: 64 channels at 7x7 and batch 64 make 256
+    /// tiles, two pieces of 128 (the points at -2 have 128 tiles, one piece); with more threads, one. The forward and
+    /// input gradient's products (NN, by U^T or U) stay whole where that operand outgrows 32 KiB (128 x 128 Floats),
+    /// the forward's then by U (TN).
+    @Test func gemmsGoInUnpackedPieces() throws {
         #expect(Winograd.unpackedPieceRows(rows: 256, multiplyAddsPerRow: 64 * 64, threads: 1) == 128)
         #expect(Winograd.unpackedPieceRows(rows: 128, multiplyAddsPerRow: 64 * 64, threads: 1) == 128)
         #expect(Winograd.unpackedPieceRows(rows: 256, multiplyAddsPerRow: 128 * 128, threads: 1) == 52)
         #expect(Winograd.unpackedPieceRows(rows: 1024, multiplyAddsPerRow: 32 * 32, threads: 1) == 512)
         #expect(Winograd.unpackedPieceRows(rows: 256, multiplyAddsPerRow: 64 * 64, threads: 2) == 256)
-        // The pieces added up (the weight gradient) and placed side by side (the input gradient) against the
-        // definition, at that size.
+        #expect(Winograd.unpackedPieceRows(rows: 256, multiplyAddsPerRow: 64 * 64, sharedOperandBytes: 64 * 64 * 4, threads: 1) == 128)
+        #expect(Winograd.unpackedPieceRows(rows: 256, multiplyAddsPerRow: 128 * 64, sharedOperandBytes: 128 * 64 * 4, threads: 1) == 86)
+        #expect(Winograd.unpackedPieceRows(rows: 256, multiplyAddsPerRow: 128 * 128, sharedOperandBytes: 128 * 128 * 4, threads: 1)
+                == 256)
+        #expect(Winograd.unpackedPieceRows(rows: 256, multiplyAddsPerRow: 64 * 64, sharedOperandBytes: 64 * 64 * 8, threads: 1) == 128)
+        #expect(Winograd.forwardGoesInPieces(sharedOperandBytes: 128 * 64 * 4, threads: 1))
+        #expect(!Winograd.forwardGoesInPieces(sharedOperandBytes: 128 * 128 * 4, threads: 1))
+        #expect(!Winograd.forwardGoesInPieces(sharedOperandBytes: 32 * 32 * 4, threads: 2))
+        // The pieces added up (the weight gradient) and placed side by side (the forward output and the input
+        // gradient) against the definitions, at that size, in Double (64 x 64 Doubles are 32 KiB: in pieces).
+        try matchesTheDefinition(c: 64, o: 64, h: 7, w: 7, bias: false, rows: 64)
         try gradientsMatchTheirDefinitions(c: 64, o: 64, h: 7, w: 7, bias: false, rows: 64)
     }
 

@@ -120,9 +120,9 @@ final class GEMMBench {
     /// pays it as the step does. The linear layers as above.
     /// A convolution by Winograd's F(4x4, 3x3) (`Conv2dKind.usesWinograd`) makes 36 GEMMs per pass instead, one
     /// per point of the transform, over the batch's tiles that have the point (Winograd.swift):
-    ///   forward  M[p][tiles, O] = V[p][tiles, C] U[p][O, C]^T
+    ///   forward  M[p][tiles, O] = V[p][tiles, C] U[p][O, C]^T, or by U^T[p][C, O] in pieces of the tiles
     ///   backward dU[p][O, C] = dM[p]^T V[p], then dV[p][tiles, C] = dM[p] U[p] (every convolution but the first)
-    /// with V and U the layer's own, M (dM), dU and dV the scratch's; `lowered` replays every convolution as lowered
+    /// with V, U and U^T (one point's) the layer's own, M (dM), dU and dV the scratch's; `lowered` replays every convolution as lowered
     /// one sample at a time instead (the GEMMs of a direct convolution, for counting its FLOPs).
     /// A residual block's convolutions and linear layers count as those of the model, body then shortcut (as the
     /// block runs them), each keyed by its own path and timed under the block's index.
@@ -154,19 +154,27 @@ final class GEMMBench {
                 let pointRows = conv.winogradPointRows(output: output, batch: batch)
                 var weightGradients: [Call] = [], inputGradients: [Call] = []
                 for (p, tiles) in pointRows.enumerated() where tiles > 0 {
-                    forward.append(Call(ta: false, tb: true, m: tiles, n: o, k: c, beta: 0, layer: l, a: "\(key) V \(p)",
-                                        b: "\(key) U \(p)", c: "scratch M \(p)"))
-                    // Backward in the step's pieces of the tiles (one thread), each piece on rows of its own.
-                    let piece = conv.winogradBackwardPieceRows(tiles: tiles)
-                    for start in stride(from: 0, to: tiles, by: piece) {
-                        let (rows, part) = (min(piece, tiles - start), "\(p) rows \(start)")
+                    // In the step's pieces of the tiles (one thread), each piece on rows of its own.
+                    func pieces(shared: Bool) -> [(rows: Int, start: Int, part: String)] {
+                        let piece = conv.winogradPieceRows(tiles: tiles, sharedOperand: shared)
+                        return stride(from: 0, to: tiles, by: piece).map { (min(piece, tiles - $0), $0, "\(p) rows \($0)") }
+                    }
+                    if !conv.winogradForwardGoesInPieces {
+                        forward.append(Call(ta: false, tb: true, m: tiles, n: o, k: c, beta: 0, layer: l, a: "\(key) V \(p)",
+                                            b: "\(key) U \(p)", c: "scratch M \(p)"))
+                    }
+                    for (rows, _, part) in pieces(shared: true) where conv.winogradForwardGoesInPieces {
+                        forward.append(Call(ta: false, tb: false, m: rows, n: o, k: c, beta: 0, layer: l, a: "\(key) V \(part)",
+                                            b: "\(key) UT", c: "scratch M \(part)"))
+                    }
+                    for (rows, start, part) in pieces(shared: false) {
                         weightGradients.append(Call(ta: true, tb: false, m: o, n: c, k: rows, beta: start == 0 ? 0 : 1, layer: l,
                                                     forward: false, a: "scratch M \(part)", b: "\(key) V \(part)",
                                                     c: "scratch dU \(p)"))
-                        if !first {
-                            inputGradients.append(Call(ta: false, tb: false, m: rows, n: c, k: o, beta: 0, layer: l, forward: false,
-                                                       a: "scratch M \(part)", b: "\(key) U \(p)", c: "scratch dV \(part)"))
-                        }
+                    }
+                    for (rows, _, part) in pieces(shared: true) where !first {
+                        inputGradients.append(Call(ta: false, tb: false, m: rows, n: c, k: o, beta: 0, layer: l, forward: false,
+                                                   a: "scratch M \(part)", b: "\(key) U \(p)", c: "scratch dV \(part)"))
                     }
                 }
                 backward.append(weightGradients + inputGradients)

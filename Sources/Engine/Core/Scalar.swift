@@ -30,6 +30,9 @@ public protocol Scalar: BinaryFloatingPoint, Real, Sendable, Codable where Magni
     /// Sum of x[i] * y[i].
     static func dot(_ n: Int, _ x: UnsafePointer<Self>, _ y: UnsafePointer<Self>) -> Self
 
+    /// B[columns, rows] = A[rows, columns]^T, row-major (OpenBLAS's `?omatcopy`).
+    static func transpose(rows: Int, columns: Int, a: UnsafePointer<Self>, lda: Int, b: UnsafeMutablePointer<Self>, ldb: Int)
+
     /// 64 bytes of the type (16 Floats, 8 Doubles; one AVX-512 register, two AVX2 ones): the channels the Winograd
     /// transforms work on at once. (`SIMD` asks its scalars to be `Codable`, hence that refinement above.)
     associatedtype Lanes: SIMD where Lanes.Scalar == Self
@@ -70,6 +73,12 @@ extension Float: Scalar {
     public static func dot(_ n: Int, _ x: UnsafePointer<Float>, _ y: UnsafePointer<Float>) -> Float {
         cblas_sdot(blasint(n), x, 1, y, 1)
     }
+
+    @inline(__always)
+    public static func transpose(rows: Int, columns: Int, a: UnsafePointer<Float>, lda: Int, b: UnsafeMutablePointer<Float>,
+                                 ldb: Int) {
+        cblas_somatcopy(CblasRowMajor, CblasTrans, blasint(rows), blasint(columns), 1, a, blasint(lda), b, blasint(ldb))
+    }
 }
 
 extension Double: Scalar {
@@ -106,6 +115,12 @@ extension Double: Scalar {
     @inline(__always)
     public static func dot(_ n: Int, _ x: UnsafePointer<Double>, _ y: UnsafePointer<Double>) -> Double {
         cblas_ddot(blasint(n), x, 1, y, 1)
+    }
+
+    @inline(__always)
+    public static func transpose(rows: Int, columns: Int, a: UnsafePointer<Double>, lda: Int, b: UnsafeMutablePointer<Double>,
+                                 ldb: Int) {
+        cblas_domatcopy(CblasRowMajor, CblasTrans, blasint(rows), blasint(columns), 1, a, blasint(lda), b, blasint(ldb))
     }
 }
 

@@ -72,10 +72,17 @@ public struct Conv2dKind: LayerKind {
         return (0..<Winograd.points).map { tiling.rowsOfPoint($0, count: batch) }
     }
 
-    /// The tiles in each piece of a Winograd backward GEMM over `tiles` tiles on one OpenBLAS thread
-    /// (`Winograd.unpackedPieceRows`), for the benchmark that replays the step's GEMMs.
-    public func winogradBackwardPieceRows(tiles: Int) -> Int {
-        Winograd.unpackedPieceRows(rows: tiles, multiplyAddsPerRow: inChannels * outChannels, threads: 1)
+    /// The tiles in each piece of a Winograd GEMM over `tiles` tiles on one OpenBLAS thread in Float
+    /// (`Winograd.unpackedPieceRows`): of the weight gradient's with `sharedOperand` false, of the forward and input
+    /// gradient's with it true; for the benchmark that replays the step's GEMMs.
+    public func winogradPieceRows(tiles: Int, sharedOperand: Bool) -> Int {
+        Winograd.unpackedPieceRows(rows: tiles, multiplyAddsPerRow: inChannels * outChannels,
+                                   sharedOperandBytes: sharedOperand ? inChannels * outChannels * 4 : 0, threads: 1)
+    }
+    /// Whether the forward GEMMs go in pieces by U^T on one thread in Float (`Winograd.forwardGoesInPieces`), or one
+    /// TN product per point by U.
+    public var winogradForwardGoesInPieces: Bool {
+        Winograd.forwardGoesInPieces(sharedOperandBytes: inChannels * outChannels * 4, threads: 1)
     }
 
     /// Whether a convolution keeps its batch of columns between its passes (see `Conv2d`); also for the benchmark

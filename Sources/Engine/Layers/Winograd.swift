@@ -47,18 +47,35 @@ enum Winograd {
     static let tilesPerRun = 8
 
     /// The multiply-adds up to which OpenBLAS 0.3.21 runs a product through its unpacked small-matrix kernels (on
-    /// AVX-512, for column-major NN and NT: the input and weight gradients' GEMMs here): no packing of either
-    /// operand, no pass that zeroes C. The backward GEMMs of one thread go in pieces of the tiles no larger (the
-    /// weight gradient's added up with beta 1). Measured on the ResNet's step (`bpbench cnn-profile`, alternating): the
-    /// 32-channel block's backward 5.65 -> 4.70 ms, the 64-channel block's 4.20 -> 3.53, the step about 4% faster;
-    /// with OpenBLAS's Haswell kernels on the same machine, within the noise. The forward GEMM (column-major TN) is
-    /// not one OpenBLAS takes unpacked at these sizes.
+    /// AVX-512, for column-major NN and NT: every GEMM here, the forward one included since it multiplies by U^T):
+    /// no packing of either operand, no pass that zeroes C. The GEMMs of one thread go in pieces of the tiles no
+    /// larger (the weight gradient's added up with beta 1). Measured on the ResNet's step (`bpbench cnn-profile`,
+    /// alternating): the 32-channel block's backward 5.65 -> 4.70 ms, the 64-channel block's 4.20 -> 3.53, the step
+    /// about 4% faster; forward in pieces (NN, where it had been one TN product per point) the 32-channel block's
+    /// 9.2 -> 7.3 ms, the 64-channel one's 5.6 -> 4.6, the step 4% faster again. With OpenBLAS's Haswell kernels on
+    /// the same machine, within the noise.
     static let unpackedLimit = 1_000_000
 
-    /// The tiles in each piece of a backward GEMM over `rows` tiles (the last piece may have fewer): as few equal
-    /// pieces as keep each within `unpackedLimit` on one thread, all of them in one with more threads.
-    static func unpackedPieceRows(rows: Int, multiplyAddsPerRow: Int, threads: Int) -> Int {
-        guard threads == 1 else { return max(1, rows) }
+    /// The bytes of the operand that every row of tiles multiplies (U or U^T, [O, C]) above which the unpacked NN
+    /// kernel is slower than the packed one: it reads that operand as it lies for each few rows, and 128 x 128
+    /// Floats (64 KiB) outgrow a core's L1 cache. Measured (OpenBLAS 0.3.21, AVX-512, medians of 60 alternating
+    /// rounds): 36 products [256, 128] x [128, 128] took 3.9 ms whole and 4.3 in pieces of 52 tiles; [256, 64] x
+    /// [64, 128] 1.9 whole and 1.35 in pieces. The weight gradient's NT products gain from pieces at every size.
+    static let unpackedOperandLimit = 32 * 1024
+
+    /// Whether the forward GEMMs go in pieces, by U^T (NN): on one thread, where U's points fit
+    /// `unpackedOperandLimit`. Otherwise they are one product per point, by U (column-major TN, packed): whole, the NN
+    /// product would only add U's transposes (measured on the ResNet's 128-channel block, 11.8 ms forward by U,
+    /// 13.3 by U^T).
+    static func forwardGoesInPieces(sharedOperandBytes: Int, threads: Int) -> Bool {
+        threads == 1 && sharedOperandBytes <= unpackedOperandLimit
+    }
+
+    /// The tiles in each piece of a GEMM over `rows` tiles (the last piece may have fewer): as few equal pieces as
+    /// keep each within `unpackedLimit` on one thread; all of them in one with more threads, or for an NN product
+    /// whose shared operand (`sharedOperandBytes`) is larger than `unpackedOperandLimit`.
+    static func unpackedPieceRows(rows: Int, multiplyAddsPerRow: Int, sharedOperandBytes: Int = 0, threads: Int) -> Int {
+        guard threads == 1 && sharedOperandBytes <= unpackedOperandLimit else { return max(1, rows) }
         let pieces = max(1, (rows * multiplyAddsPerRow + unpackedLimit - 1) / unpackedLimit)
         return max(1, (rows + pieces - 1) / pieces)
     }
@@ -145,11 +162,11 @@ struct WinogradTiling: Sendable {
         transformedCount(channels: outChannels, batch: batch) + transformedCount(channels: inChannels, batch: batch)
             + transformedFilterCount(inChannels: inChannels, outChannels: outChannels)
     }
-    /// Bytes a layer allocates for itself: V (a `LargeBuffer`), U, four padded planes, the vectors between the
+    /// Bytes a layer allocates for itself: V (a `LargeBuffer`), U, one point's U^T, four padded planes, the vectors between the
     /// transforms' halves, the two tables of where a plane's positions lie in the padded planes and the table of
     /// each tile's rows in the point matrices.
     func ownedBytes(inChannels: Int, outChannels: Int, batch: Int, scalarBytes: Double) -> Double {
-        let small = transformedFilterCount(inChannels: inChannels, outChannels: outChannels)
+        let small = transformedFilterCount(inChannels: inChannels, outChannels: outChannels) + inChannels * outChannels
             + 2 * paddedInputCount + 2 * paddedOutputCount + Winograd.tilesPerRun * Winograd.points * lanes
         return LargeBuffer.allocatedBytes(Double(transformedCount(channels: inChannels, batch: batch)) * scalarBytes)
             + Double(small) * scalarBytes + Double(2 * height * width * MemoryLayout<Int32>.size)
@@ -165,6 +182,8 @@ final class WinogradConvolution<T: Scalar> {
     private let transformedInput: UnsafeMutableBufferPointer<T>
     /// U [36, O, C], from forward for the input gradient.
     private let transformedFilters: UnsafeMutablePointer<T>
+    /// One point's U^T [C, O], for the forward GEMMs that go in pieces (see `forward`).
+    private let transposedFilters: UnsafeMutablePointer<T>
     /// An input block with its zero border (never written outside the image), the same for the input gradient
     /// (zeroed per block), an output block of whole tiles, and an output gradient block zero outside the image.
     private let paddedInput: UnsafeMutablePointer<T>, paddedInputGradient: UnsafeMutablePointer<T>
@@ -192,6 +211,7 @@ final class WinogradConvolution<T: Scalar> {
             return p
         }
         transformedFilters = zeroed(tiling.transformedFilterCount(inChannels: inChannels, outChannels: outChannels))
+        transposedFilters = zeroed(inChannels * outChannels)
         (paddedInput, paddedInputGradient) = (zeroed(tiling.paddedInputCount), zeroed(tiling.paddedInputCount))
         (paddedOutput, paddedOutputGradient) = (zeroed(tiling.paddedOutputCount), zeroed(tiling.paddedOutputCount))
         inputPositions = winogradBlockPositions(tiling: tiling, blockWidth: tiling.paddedInputWidth, border: 1)
@@ -207,7 +227,7 @@ final class WinogradConvolution<T: Scalar> {
 
     deinit {
         LargeBuffer.free(transformedInput)
-        for p in [transformedFilters, paddedInput, paddedInputGradient, paddedOutput, paddedOutputGradient, between] {
+        for p in [transformedFilters, transposedFilters, paddedInput, paddedInputGradient, paddedOutput, paddedOutputGradient, between] {
             p.deallocate()
         }
         pointRowTable.deallocate()
@@ -236,12 +256,23 @@ final class WinogradConvolution<T: Scalar> {
                                 pointRowTable: pointRowTable, between: between, into: transformedInput.baseAddress!)
         let m = transformedOutput(scratch), v = transformedInput.baseAddress!
         BLASThreads.oneThreadIfSmall(work: n * c * o) {
+            // In pieces by U^T (NN) where the pieces pay, in one TN product by U otherwise (`Winograd.unpackedOperandLimit`).
+            let inPieces = Winograd.forwardGoesInPieces(sharedOperandBytes: c * o * MemoryLayout<T>.stride, threads: BLASThreads.current)
             for p in 0..<Winograd.points {
                 let rows = tiling.rowsOfPoint(p, count: count)
                 if rows == 0 { continue }
-                // M[p][tiles, O] = V[p][tiles, C] U[p][O, C]^T
-                T.gemm(transposeA: false, transposeB: true, m: rows, n: o, k: c, alpha: 1, a: v + p * vStride, lda: cp,
-                       b: transformedFilters + p * uStride, ldb: c, beta: 0, c: m + p * mStride, ldc: op)
+                guard inPieces else {
+                    // M[p][tiles, O] = V[p][tiles, C] U[p][O, C]^T
+                    T.gemm(transposeA: false, transposeB: true, m: rows, n: o, k: c, alpha: 1, a: v + p * vStride, lda: cp,
+                           b: transformedFilters + p * uStride, ldb: c, beta: 0, c: m + p * mStride, ldc: op)
+                    continue
+                }
+                // M[p][tiles, O] = V[p][tiles, C] U^T[p][C, O], the tiles in pieces (`inUnpackedPieces`)
+                T.transpose(rows: o, columns: c, a: transformedFilters + p * uStride, lda: c, b: transposedFilters, ldb: o)
+                inUnpackedPieces(rows: rows, multiplyAddsPerRow: o * c, sharedOperand: true) { first, pieceRows in
+                    T.gemm(transposeA: false, transposeB: false, m: pieceRows, n: o, k: c, alpha: 1, a: v + p * vStride + first * cp,
+                           lda: cp, b: transposedFilters, ldb: o, beta: 0, c: m + p * mStride + first * op, ldc: op)
+                }
             }
         }
         winogradTransformOutputs(m, count: count, channels: o, tiling: tiling, bias: bias, padded: paddedOutput,
@@ -288,10 +319,14 @@ final class WinogradConvolution<T: Scalar> {
 
     /// Calls `body(first, count)` for pieces of `rows` tiles that cover them in order, each at most
     /// `Winograd.unpackedLimit` multiply-adds where it can be, when the GEMMs run on one OpenBLAS thread; otherwise
-    /// once for all of them, so that OpenBLAS's threads share the whole product.
+    /// once for all of them, so that OpenBLAS's threads share the whole product. `sharedOperand`: an NN product, by
+    /// U or U^T (see `Winograd.unpackedOperandLimit`).
     @inline(__always)
-    private func inUnpackedPieces(rows: Int, multiplyAddsPerRow: Int, _ body: (_ first: Int, _ count: Int) -> Void) {
-        let piece = Winograd.unpackedPieceRows(rows: rows, multiplyAddsPerRow: multiplyAddsPerRow, threads: BLASThreads.current)
+    private func inUnpackedPieces(rows: Int, multiplyAddsPerRow: Int, sharedOperand: Bool = false,
+                                  _ body: (_ first: Int, _ count: Int) -> Void) {
+        let shared = sharedOperand ? inChannels * outChannels * MemoryLayout<T>.stride : 0
+        let piece = Winograd.unpackedPieceRows(rows: rows, multiplyAddsPerRow: multiplyAddsPerRow, sharedOperandBytes: shared,
+                                               threads: BLASThreads.current)
         for first in stride(from: 0, to: rows, by: piece) { body(first, min(piece, rows - first)) }
     }
 
@@ -312,7 +347,7 @@ final class WinogradConvolution<T: Scalar> {
                 let rows = tiling.rowsOfPoint(p, count: count)
                 if rows == 0 { continue }
                 // dV[p][tiles, C] = dM[p][tiles, O] U[p][O, C], the tiles in pieces (`inUnpackedPieces`)
-                inUnpackedPieces(rows: rows, multiplyAddsPerRow: o * c) { first, m in
+                inUnpackedPieces(rows: rows, multiplyAddsPerRow: o * c, sharedOperand: true) { first, m in
                     T.gemm(transposeA: false, transposeB: false, m: m, n: c, k: o, alpha: 1, a: dm + p * mStride + first * op,
                            lda: op, b: transformedFilters + p * uStride, ldb: c, beta: 0, c: dv + p * vStride + first * cp, ldc: cp)
                 }
