@@ -303,11 +303,27 @@ func samplesMatch(_ a: [Int], _ b: [Int]) -> Bool {
 
 /// A bpworker model file or checkpoint read as untrusted input and checked against its own description.
 enum ModelFile {
+    /// The file is read whole into memory (and then the model built beside it, which the memory check counts): one
+    /// larger than the memory there is to read it into is refused before a byte of it is read, where the OOM killer
+    /// ended the reading rank half-way with no word of why.
+    static func requireRoom(path: String, limits: MemoryLimits) throws {
+        guard let size = (try? FileManager.default.attributesOfItem(atPath: path))?[.size] as? Int else { return }
+        let bytes = Double(size)
+        var passed = limits.nodeLimitPassed(by: bytes)
+        if let limit = limits.addressSpaceLimit, (limits.addressSpace ?? 0) + bytes > limit {
+            passed = "ulimit -v allows \(bytesText(limit)) of address space and \(bytesText(limits.addressSpace ?? 0)) is in use"
+        }
+        guard let passed else { return }
+        throw DataError(path: path, reason: "the file is read whole into memory (\(bytesText(bytes))), but \(passed)")
+    }
+
     /// Reads `path`, verifies its checksums (`unverified` is the note for a file without any), reads its
     /// description, and checks that its tensors are exactly the described model's (names and shapes; a checkpoint's
     /// optimizer state aside), before anything of the model's size is allocated.
-    static func open(path: String) throws -> (file: SafeTensorsFile, description: ModelDescription, unverified: String?) {
+    static func open(path: String, limits: MemoryLimits = .read()) throws
+        -> (file: SafeTensorsFile, description: ModelDescription, unverified: String?) {
         guard FileManager.default.fileExists(atPath: path) else { throw DataError(path: path, reason: "no such file") }
+        try requireRoom(path: path, limits: limits)
         let file: SafeTensorsFile
         do { file = try SafeTensorsFile(path: path) } catch let error as DataError {
             throw DataError(path: path, reason: "not a valid safetensors file: \(error.reason)")

@@ -259,6 +259,25 @@ struct BadInputTests {
         }
     }
 
+    /// A model file is read whole by `eval --model` and `predict`: one larger than the memory there is for it is
+    /// refused, naming the file and the limit, before a byte of it is read (under a cgroup, the OOM killer ended the
+    /// reading rank half-way with no message). Here a sparse file of 3 GB under `ulimit -v` of 2 GiB.
+    @Test func aModelFileLargerThanMemoryIsRefusedBeforeItIsRead() throws {
+        let directory = TemporaryFiles.path("big-model-")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        let file = directory.path + "/model.safetensors"
+        try #require(FileManager.default.createFile(atPath: file, contents: nil))
+        try #require(truncate(file, 3_000_000_000) == 0)
+        for command in [["eval", "--local", "--run-dir", temporaryRunDirectory(), "--model", file],
+                        ["predict", "--model", file, directory.path + "/x.npy"]] {
+            let quoted = ([Harness.executable.path] + command).map { "'\($0)'" }.joined(separator: " ")
+            let r = try Harness.run("/bin/sh", ["-c", "ulimit -v 2097152 && exec \(quoted)"], environment: [:], timeout: 60)
+            #expect(r.status != 0, "\(command[0]): \(r.output)")
+            #expect(r.output.contains("\(file): the file is read whole into memory (2.79 GiB), but ulimit -v allows 2.00 GiB"),
+                    "\(command[0]): \(r.output)")
+        }
+    }
+
     /// `model.activation` takes an element-wise nonlinearity only: `linear 3` built Linear(12, 8), Linear(8, 3), ... and
     /// trained it without a word, and batchnorm, flatten or dropout were taken as well.
     @Test func anActivationThatIsAnotherLayerIsRefused() throws {

@@ -163,6 +163,26 @@ struct MemoryTests {
         #expect(message(MemoryLimits(addressSpaceLimit: e.toAllocate + 400 * mib + reserved + mib, addressSpace: 400 * mib)) == "fits")
     }
 
+    /// `eval --model` and `predict` read a model file whole: against MemAvailable, a cgroup's free memory and
+    /// `ulimit -v` (BadInputTests runs it under one), before reading it.
+    @Test func aModelFileIsCheckedAgainstTheMemoryItIsReadInto() throws {
+        let file = TemporaryFiles.path("model-").path
+        try #require(FileManager.default.createFile(atPath: file, contents: nil))
+        try #require(truncate(file, 3_000_000_000) == 0)
+        #expect(throws: Never.self) { try ModelFile.requireRoom(path: file, limits: MemoryLimits(available: 3000 * mib)) }
+        #expect(throws: DataError.self) { try ModelFile.requireRoom(path: file, limits: MemoryLimits(available: 2800 * mib)) }
+        #expect(throws: Never.self) {
+            try ModelFile.requireRoom(path: file, limits: MemoryLimits(cgroupLimit: 3000 * mib, cgroupUsage: 100 * mib))
+        }
+        do {
+            try ModelFile.requireRoom(path: file, limits: MemoryLimits(cgroupLimit: 3000 * mib, cgroupUsage: 300 * mib))
+            Issue.record("a file larger than the cgroup's free memory passed")
+        } catch let error as DataError {
+            #expect("\(error)" == "\(file): the file is read whole into memory (2.79 GiB), but the memory cgroup allows 2.93 GiB "
+                + "with 2.64 GiB free")
+        }
+    }
+
     @Test func sizesReadAsPeopleWriteThem() {
         #expect(bytesText(512) == "512 bytes")
         #expect(bytesText(1536) == "1.50 KiB")
