@@ -32,7 +32,11 @@ enum GradientCheckRun {
         let checkBatch = min(config.gradcheckBatch, prepared.sampler.stepsPerEpoch * config.batchSize)
         let together = distributed && config.batchNorm == .sync ? session.worldSize : 1
         let check = { () throws in try checkGradientCheckBatch(prepared.model.spec, samples: checkBatch * together) }
-        if let failure { failure.agree("gradient check", check) } else { session.agree("gradient check", check) }
+        // In a run, watched as the check's own collectives are (outside a phase, a frozen rank left the others here
+        // for ever); outside one, `Session.agree` is timed by the setup's watch.
+        if let failure { phases.watched(.gradientCheck) { failure.agree("gradient check", check) } } else {
+            session.agree("gradient check", check)
+        }
         if distributed || session.isRoot {
             // The first rows of this rank's shard: `gradcheck.batch`, or the whole shard when it is shorter. Every
             // rank's shard of an epoch is equally long, so in the distributed check every rank has the same count.

@@ -24,7 +24,7 @@ struct TestHooks {
         if gradcheckStopsItself { kill(getpid(), SIGSTOP) }
         if gradcheckSleepSeconds > 0 { sleepFully(gradcheckSleepSeconds) }
     }
-    /// BPWORKER_TEST_STALL=RANK:STEP:SECONDS[:after-exchange|:read|:finish|:setup|:eval|:finalize]: that rank sleeps
+    /// BPWORKER_TEST_STALL=RANK:STEP:SECONDS[:after-exchange|:read|:finish|:setup|:eval|:finalize|:checkpoint]: that rank sleeps
     /// inside that step, before its forward pass; with `:after-exchange`, between the gradient exchange and the update (where the others wait in
     /// the sharded update's parameter gather); with `:read`, inside the batch's read, as on a stalled file system.
     var stallStep: Int?
@@ -39,6 +39,9 @@ struct TestHooks {
     var stallBeforeEvaluationSums = false
     /// `:finalize`: at the very end, after the run's last step STEP, before the last status and MPI_Finalize.
     var stallAtFinalize = false
+    /// `:checkpoint`: before the checkpoint after step STEP (its number, as in step-0000000N), while the others wait in
+    /// its first agreement.
+    var stallBeforeCheckpoint = false
     /// BPWORKER_TEST_EVAL_SLEEP_MS=N: every evaluation batch of every rank takes N ms longer (an evaluation longer
     /// than the watchdog's timeout, each batch shorter).
     var evaluationBatchSleepSeconds = 0.0
@@ -92,6 +95,7 @@ struct TestHooks {
             hooks.stallInSetup = env["BPWORKER_TEST_STALL"]?.hasSuffix(":setup") ?? false
             hooks.stallBeforeEvaluationSums = env["BPWORKER_TEST_STALL"]?.hasSuffix(":eval") ?? false
             hooks.stallAtFinalize = env["BPWORKER_TEST_STALL"]?.hasSuffix(":finalize") ?? false
+            hooks.stallBeforeCheckpoint = env["BPWORKER_TEST_STALL"]?.hasSuffix(":checkpoint") ?? false
         }
         if let f = fields("BPWORKER_TEST_STEP_SLEEP_MS"), f.count == 1 { hooks.stepSleepMicroseconds = UInt32(f[0] * 1000) }
         if let f = fields("BPWORKER_TEST_EVAL_SLEEP_MS"), f.count == 1 { hooks.evaluationBatchSleepSeconds = f[0] / 1000 }
@@ -129,7 +133,7 @@ struct TestHooks {
         if stepSleepMicroseconds > 0 { sleepFully(Double(stepSleepMicroseconds) * 1e-6) }
         if step == nanStep && !nanLossOnly { model.inputs[0] = .nan }
         if step == stallStep && !stallAfterExchange && !stallInRead && !stallAtFinish && !stallInSetup
-            && !stallBeforeEvaluationSums && !stallAtFinalize { sleepFully(stallSeconds) }
+            && !stallBeforeEvaluationSums && !stallAtFinalize && !stallBeforeCheckpoint { sleepFully(stallSeconds) }
         if step == divergeStep { model.parameters[0] += 1e-3 }
         if step == signalStep { raise(SIGTERM) }
     }
@@ -166,6 +170,10 @@ struct TestHooks {
     }
 
     /// As the run finishes (`:finish`), after step `step`, the run's last.
+    func beforeCheckpoint(step: Int) {
+        if step == stallStep && stallBeforeCheckpoint { sleepFully(stallSeconds) }
+    }
+
     func atFinish(step: Int) {
         if step == stallStep && stallAtFinish { sleepFully(stallSeconds) }
     }

@@ -332,6 +332,7 @@ final class TrainingLoop {
     /// was not (a full disk) is said on rank 0 and counted in `failedCheckpoints`, the previous ones kept.
     @discardableResult
     func checkpoint() throws -> Bool {
+        hooks.beforeCheckpoint(step: position.globalStep)
         try requireFiniteParameters()
         checkDataUnchanged()
         let files = (prepared.train.mappedFiles + prepared.test.mappedFiles).map { DataFileRecord(path: $0.path, identity: $0.identity) }
@@ -392,10 +393,14 @@ final class TrainingLoop {
         // The run directory too, in the same agreement: removed or replaced under a running job, it went unnoticed, the
         // checkpoints went on into a new directory without config or metrics, and the lock went with it (a second job
         // could start there).
-        checkpoints.failure.agree("data and run directory") {
-            try prepared.train.checkUnchanged()
-            try prepared.test.checkUnchanged()
-            if session.isRoot, let problem = RunDirectoryLock.lost() { throw RunDirectoryError(description: problem) }
+        // Watched like the checkpoint itself: the agreement waits for every rank, and outside a watched phase a rank
+        // frozen before it (SIGSTOP) left the others waiting there for ever, in "computing" (a chaos run found it).
+        phases.watched(.checkpoint) {
+            checkpoints.failure.agree("data and run directory") {
+                try prepared.train.checkUnchanged()
+                try prepared.test.checkUnchanged()
+                if session.isRoot, let problem = RunDirectoryLock.lost() { throw RunDirectoryError(description: problem) }
+            }
         }
     }
 

@@ -305,6 +305,11 @@ struct DaemonTests {
         let gather = try Harness.mpirun(2, job(data, runDir: temporaryRunDirectory(), extra: ["--set", "watchdog.timeout_seconds=3"]),
                                         environment: ["BPWORKER_TEST_STALL": "1:9:60:after-exchange"], timeout: 60)
         expectStalled(gather, rank: 0, phase: "update and parameter gather", step: 9)
+        // Stalled before a checkpoint: the other rank waits in its first agreement (whether the data and the run
+        // directory are unchanged), which was outside every watched phase: the job waited for ever in "computing".
+        let checkpoint = try Harness.mpirun(2, job(data, runDir: temporaryRunDirectory(), extra: ["--set", "watchdog.timeout_seconds=3"]),
+                                            environment: ["BPWORKER_TEST_STALL": "1:7:60:checkpoint"], timeout: 60)
+        expectStalled(checkpoint, rank: 0, phase: "checkpoint", step: 6, notArrived: "rank 1 (computing at step 6")
     }
 
     /// The watchdog bounds a batch of an evaluation, not the whole test set: an evaluation three times longer than the
