@@ -34,6 +34,7 @@ enum GradientCheckRun {
         let check = { () throws in try checkGradientCheckBatch(prepared.model.spec, samples: checkBatch * together) }
         // In a run, watched as the check's own collectives are (outside a phase, a frozen rank left the others here
         // for ever); outside one, `Session.agree` is timed by the setup's watch.
+        prepared.hooks.beforeGradientCheck()
         if let failure { phases.watched(.gradientCheck) { failure.agree("gradient check", check) } } else {
             session.agree("gradient check", check)
         }

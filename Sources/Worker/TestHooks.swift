@@ -24,7 +24,8 @@ struct TestHooks {
         if gradcheckStopsItself { kill(getpid(), SIGSTOP) }
         if gradcheckSleepSeconds > 0 { sleepFully(gradcheckSleepSeconds) }
     }
-    /// BPWORKER_TEST_STALL=RANK:STEP:SECONDS[:after-exchange|:read|:finish|:setup|:eval|:finalize|:checkpoint]: that rank sleeps
+    /// BPWORKER_TEST_STALL=RANK:STEP:SECONDS[:after-exchange|:read|:finish|:setup|:eval|:finalize|:checkpoint|:gradcheck]:
+    /// that rank sleeps
     /// inside that step, before its forward pass; with `:after-exchange`, between the gradient exchange and the update (where the others wait in
     /// the sharded update's parameter gather); with `:read`, inside the batch's read, as on a stalled file system.
     var stallStep: Int?
@@ -42,6 +43,9 @@ struct TestHooks {
     /// `:checkpoint`: before the checkpoint after step STEP (its number, as in step-0000000N), while the others wait in
     /// its first agreement.
     var stallBeforeCheckpoint = false
+    /// `:gradcheck`: before `train --gradcheck`'s agreement on the check's batch, while the others wait in it (the step
+    /// is ignored).
+    var stallBeforeGradientCheck = false
     /// BPWORKER_TEST_EVAL_SLEEP_MS=N: every evaluation batch of every rank takes N ms longer (an evaluation longer
     /// than the watchdog's timeout, each batch shorter).
     var evaluationBatchSleepSeconds = 0.0
@@ -96,6 +100,7 @@ struct TestHooks {
             hooks.stallBeforeEvaluationSums = env["BPWORKER_TEST_STALL"]?.hasSuffix(":eval") ?? false
             hooks.stallAtFinalize = env["BPWORKER_TEST_STALL"]?.hasSuffix(":finalize") ?? false
             hooks.stallBeforeCheckpoint = env["BPWORKER_TEST_STALL"]?.hasSuffix(":checkpoint") ?? false
+            hooks.stallBeforeGradientCheck = env["BPWORKER_TEST_STALL"]?.hasSuffix(":gradcheck") ?? false
         }
         if let f = fields("BPWORKER_TEST_STEP_SLEEP_MS"), f.count == 1 { hooks.stepSleepMicroseconds = UInt32(f[0] * 1000) }
         if let f = fields("BPWORKER_TEST_EVAL_SLEEP_MS"), f.count == 1 { hooks.evaluationBatchSleepSeconds = f[0] / 1000 }
@@ -133,7 +138,9 @@ struct TestHooks {
         if stepSleepMicroseconds > 0 { sleepFully(Double(stepSleepMicroseconds) * 1e-6) }
         if step == nanStep && !nanLossOnly { model.inputs[0] = .nan }
         if step == stallStep && !stallAfterExchange && !stallInRead && !stallAtFinish && !stallInSetup
-            && !stallBeforeEvaluationSums && !stallAtFinalize && !stallBeforeCheckpoint { sleepFully(stallSeconds) }
+            && !stallBeforeEvaluationSums && !stallAtFinalize && !stallBeforeCheckpoint && !stallBeforeGradientCheck {
+            sleepFully(stallSeconds)
+        }
         if step == divergeStep { model.parameters[0] += 1e-3 }
         if step == signalStep { raise(SIGTERM) }
     }
@@ -170,6 +177,10 @@ struct TestHooks {
     }
 
     /// As the run finishes (`:finish`), after step `step`, the run's last.
+    func beforeGradientCheck() {
+        if stallBeforeGradientCheck { sleepFully(stallSeconds) }
+    }
+
     func beforeCheckpoint(step: Int) {
         if step == stallStep && stallBeforeCheckpoint { sleepFully(stallSeconds) }
     }

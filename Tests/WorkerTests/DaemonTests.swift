@@ -310,6 +310,10 @@ struct DaemonTests {
         let checkpoint = try Harness.mpirun(2, job(data, runDir: temporaryRunDirectory(), extra: ["--set", "watchdog.timeout_seconds=3"]),
                                             environment: ["BPWORKER_TEST_STALL": "1:7:60:checkpoint"], timeout: 60)
         expectStalled(checkpoint, rank: 0, phase: "checkpoint", step: 6, notArrived: "rank 1 (computing at step 6")
+        // And before `train --gradcheck`'s agreement on the check's batch, unwatched as well.
+        let check = try Harness.mpirun(2, job(data, runDir: temporaryRunDirectory(), extra: ["--gradcheck", "--set", "watchdog.timeout_seconds=3"]),
+                                       environment: ["BPWORKER_TEST_STALL": "1:0:60:gradcheck"], timeout: 60)
+        expectStalled(check, rank: 0, phase: "gradient check", step: 0, notArrived: "rank 1 (computing at step 0")
     }
 
     /// The watchdog bounds a batch of an evaluation, not the whole test set: an evaluation three times longer than the
