@@ -214,11 +214,8 @@ struct DataReadCheck {
     func check(against limits: MemoryLimits, nodeBytes: (total: Double, largestShare: Bool), ranksOnNode: Int) throws(MemoryError) {
         let needed = bytes
         guard needed > 0 else { return }
-        var passed = nodeBytes.largestShare ? limits.nodeLimitPassed(by: nodeBytes.total) : nil
-        if let limit = limits.addressSpaceLimit, (limits.addressSpace ?? 0) + needed > limit {
-            passed = "ulimit -v allows \(bytesText(limit)) of address space and \(bytesText(limits.addressSpace ?? 0)) is in use"
-        }
-        guard let limit = passed else { return }
+        guard let limit = limits.addressSpaceLimitPassed(by: needed)
+                ?? (nodeBytes.largestShare ? limits.nodeLimitPassed(by: nodeBytes.total) : nil) else { return }
         let nodeBytes = nodeBytes.total
         let onNode = ranksOnNode > 1 ? ", the \(ranksOnNode) ranks on this node \(bytesText(nodeBytes))" : ""
         let files = parts.sorted { $0.bytes > $1.bytes }.prefix(4).map { "\($0.path) \(bytesText($0.bytes))" }
@@ -292,6 +289,12 @@ struct MemoryLimits: Equatable {
             if bytes > free { return "the memory cgroup allows \(bytesText(cgroupLimit)) with \(bytesText(free)) free" }
         }
         return nil
+    }
+
+    /// The `ulimit -v` that `bytes` more address space would pass, said as the end of a refusal; nil when it fits.
+    func addressSpaceLimitPassed(by bytes: Double) -> String? {
+        guard let addressSpaceLimit, (addressSpace ?? 0) + bytes > addressSpaceLimit else { return nil }
+        return "ulimit -v allows \(bytesText(addressSpaceLimit)) of address space and \(bytesText(addressSpace ?? 0)) is in use"
     }
 
     static func currentAddressSpaceLimit() -> Double? {

@@ -309,11 +309,7 @@ enum ModelFile {
     static func requireRoom(path: String, limits: MemoryLimits) throws {
         guard let size = (try? FileManager.default.attributesOfItem(atPath: path))?[.size] as? Int else { return }
         let bytes = Double(size)
-        var passed = limits.nodeLimitPassed(by: bytes)
-        if let limit = limits.addressSpaceLimit, (limits.addressSpace ?? 0) + bytes > limit {
-            passed = "ulimit -v allows \(bytesText(limit)) of address space and \(bytesText(limits.addressSpace ?? 0)) is in use"
-        }
-        guard let passed else { return }
+        guard let passed = limits.addressSpaceLimitPassed(by: bytes) ?? limits.nodeLimitPassed(by: bytes) else { return }
         throw DataError(path: path, reason: "the file is read whole into memory (\(bytesText(bytes))), but \(passed)")
     }
 

@@ -24,28 +24,41 @@ struct TestHooks {
         if gradcheckStopsItself { kill(getpid(), SIGSTOP) }
         if gradcheckSleepSeconds > 0 { sleepFully(gradcheckSleepSeconds) }
     }
-    /// BPWORKER_TEST_STALL=RANK:STEP:SECONDS[:after-exchange|:read|:finish|:setup|:eval|:finalize|:checkpoint|:gradcheck]:
-    /// that rank sleeps
-    /// inside that step, before its forward pass; with `:after-exchange`, between the gradient exchange and the update (where the others wait in
-    /// the sharded update's parameter gather); with `:read`, inside the batch's read, as on a stalled file system.
+    /// BPWORKER_TEST_STALL=RANK:STEP:SECONDS[:PLACE]: that rank sleeps SECONDS at `place` (`StallPlace`), inside or
+    /// after step STEP.
     var stallStep: Int?
     var stallSeconds = 0.0
-    var stallAfterExchange = false
-    var stallInRead = false
-    /// `:finish`: as the run finishes, after its last checkpoint (the step is the run's last, 0-based).
-    var stallAtFinish = false
-    /// `:setup`: during setup, before the data are read (the step is ignored).
-    var stallInSetup = false
-    /// `:eval`: `bpworker eval` on that rank sleeps before its evaluation's sums, while the others wait in them.
-    var stallBeforeEvaluationSums = false
-    /// `:finalize`: at the very end, after the run's last step STEP, before the last status and MPI_Finalize.
-    var stallAtFinalize = false
-    /// `:checkpoint`: before the checkpoint after step STEP (its number, as in step-0000000N), while the others wait in
-    /// its first agreement.
-    var stallBeforeCheckpoint = false
-    /// `:gradcheck`: before `train --gradcheck`'s agreement on the check's batch, while the others wait in it (the step
-    /// is ignored).
-    var stallBeforeGradientCheck = false
+    var stallPlace = StallPlace.beforeForward
+    /// Where BPWORKER_TEST_STALL's rank sleeps, by the value's last field.
+    enum StallPlace: String {
+        /// No place given: inside the step, before its forward pass.
+        case beforeForward = ""
+        /// Between the gradient exchange and the update, where the others wait in the sharded update's parameter gather.
+        case afterExchange = "after-exchange"
+        /// Inside the batch's read, as on a stalled file system.
+        case read
+        /// As the run finishes, after its last checkpoint (the step is the run's last, 0-based).
+        case finish
+        /// During setup, before the data are read (the step is ignored).
+        case setup
+        /// `bpworker eval` before its evaluation's sums, while the others wait in them (the step is ignored).
+        case eval
+        /// At the very end, after the run's last step STEP, before the last status and MPI_Finalize.
+        case finalize
+        /// Before the checkpoint after step STEP (its number, as in step-0000000N), while the others wait in its first
+        /// agreement.
+        case checkpoint
+        /// Before `train --gradcheck`'s agreement on the check's batch, while the others wait in it (the step is
+        /// ignored).
+        case gradcheck
+    }
+
+    /// Sleeps when the stall is at `place` (and at `step`, for the places that have one).
+    private func stall(at place: StallPlace, step: Int? = nil) {
+        guard let stallStep, place == stallPlace, step.map({ $0 == stallStep }) ?? true else { return }
+        sleepFully(stallSeconds)
+    }
+
     /// BPWORKER_TEST_EVAL_SLEEP_MS=N: every evaluation batch of every rank takes N ms longer (an evaluation longer
     /// than the watchdog's timeout, each batch shorter).
     var evaluationBatchSleepSeconds = 0.0
@@ -93,14 +106,8 @@ struct TestHooks {
         if let f = fields("BPWORKER_TEST_STALL"), f.count == 3, Int(f[0]) == rank {
             hooks.stallStep = Int(f[1])
             hooks.stallSeconds = f[2]
-            hooks.stallAfterExchange = env["BPWORKER_TEST_STALL"]?.hasSuffix(":after-exchange") ?? false
-            hooks.stallInRead = env["BPWORKER_TEST_STALL"]?.hasSuffix(":read") ?? false
-            hooks.stallAtFinish = env["BPWORKER_TEST_STALL"]?.hasSuffix(":finish") ?? false
-            hooks.stallInSetup = env["BPWORKER_TEST_STALL"]?.hasSuffix(":setup") ?? false
-            hooks.stallBeforeEvaluationSums = env["BPWORKER_TEST_STALL"]?.hasSuffix(":eval") ?? false
-            hooks.stallAtFinalize = env["BPWORKER_TEST_STALL"]?.hasSuffix(":finalize") ?? false
-            hooks.stallBeforeCheckpoint = env["BPWORKER_TEST_STALL"]?.hasSuffix(":checkpoint") ?? false
-            hooks.stallBeforeGradientCheck = env["BPWORKER_TEST_STALL"]?.hasSuffix(":gradcheck") ?? false
+            let place = env["BPWORKER_TEST_STALL"]?.split(separator: ":").dropFirst(3).first.map(String.init) ?? ""
+            hooks.stallPlace = StallPlace(rawValue: place) ?? .beforeForward
         }
         if let f = fields("BPWORKER_TEST_STEP_SLEEP_MS"), f.count == 1 { hooks.stepSleepMicroseconds = UInt32(f[0] * 1000) }
         if let f = fields("BPWORKER_TEST_EVAL_SLEEP_MS"), f.count == 1 { hooks.evaluationBatchSleepSeconds = f[0] / 1000 }
@@ -137,10 +144,7 @@ struct TestHooks {
     func beforeStep(step: Int, model: Model<Float>) {
         if stepSleepMicroseconds > 0 { sleepFully(Double(stepSleepMicroseconds) * 1e-6) }
         if step == nanStep && !nanLossOnly { model.inputs[0] = .nan }
-        if step == stallStep && !stallAfterExchange && !stallInRead && !stallAtFinish && !stallInSetup
-            && !stallBeforeEvaluationSums && !stallAtFinalize && !stallBeforeCheckpoint && !stallBeforeGradientCheck {
-            sleepFully(stallSeconds)
-        }
+        stall(at: .beforeForward, step: step)
         if step == divergeStep { model.parameters[0] += 1e-3 }
         if step == signalStep { raise(SIGTERM) }
     }
@@ -152,18 +156,18 @@ struct TestHooks {
 
     /// Before `eval`'s sums across ranks (`:eval`).
     func beforeEvaluationSums() {
-        if stallBeforeEvaluationSums { sleepFully(stallSeconds) }
+        stall(at: .eval)
     }
 
     /// Inside the batch's read (`:read`): a file system that stops answering.
     @inline(__always)
     func duringRead(step: Int) {
-        if step == stallStep && stallInRead { sleepFully(stallSeconds) }
+        stall(at: .read, step: step)
     }
 
     /// During setup (`:setup`), before the data are read.
     func duringSetup() {
-        if stallInSetup { sleepFully(stallSeconds) }
+        stall(at: .setup)
     }
 
     /// After an evaluation batch.
@@ -173,25 +177,27 @@ struct TestHooks {
 
     /// At the very end (`:finalize`), after step `step`, the run's last.
     func atFinalize(step: Int) {
-        if step == stallStep && stallAtFinalize { sleepFully(stallSeconds) }
+        stall(at: .finalize, step: step)
+    }
+
+    /// Before `train --gradcheck`'s agreement on the check's batch (`:gradcheck`).
+    func beforeGradientCheck() {
+        stall(at: .gradcheck)
+    }
+
+    /// Before the checkpoint after step `step` (`:checkpoint`).
+    func beforeCheckpoint(step: Int) {
+        stall(at: .checkpoint, step: step)
     }
 
     /// As the run finishes (`:finish`), after step `step`, the run's last.
-    func beforeGradientCheck() {
-        if stallBeforeGradientCheck { sleepFully(stallSeconds) }
-    }
-
-    func beforeCheckpoint(step: Int) {
-        if step == stallStep && stallBeforeCheckpoint { sleepFully(stallSeconds) }
-    }
-
     func atFinish(step: Int) {
-        if step == stallStep && stallAtFinish { sleepFully(stallSeconds) }
+        stall(at: .finish, step: step)
     }
 
     @inline(__always)
     func afterExchange(step: Int) {
-        if step == stallStep && stallAfterExchange { sleepFully(stallSeconds) }
+        stall(at: .afterExchange, step: step)
     }
 }
 

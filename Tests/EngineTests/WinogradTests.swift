@@ -196,13 +196,18 @@ struct WinogradTests {
         #expect(Winograd.unpackedPieceRows(rows: 256, multiplyAddsPerRow: 128 * 128, sharedOperandBytes: 128 * 128 * 4, threads: 1)
                 == 256)
         #expect(Winograd.unpackedPieceRows(rows: 256, multiplyAddsPerRow: 64 * 64, sharedOperandBytes: 64 * 64 * 8, threads: 1) == 128)
-        #expect(Winograd.forwardGoesInPieces(sharedOperandBytes: 128 * 64 * 4, threads: 1))
-        #expect(!Winograd.forwardGoesInPieces(sharedOperandBytes: 128 * 128 * 4, threads: 1))
-        #expect(!Winograd.forwardGoesInPieces(sharedOperandBytes: 32 * 32 * 4, threads: 2))
+        #expect(Winograd.goesInPieces(sharedOperandBytes: 128 * 64 * 4, threads: 1))
+        #expect(!Winograd.goesInPieces(sharedOperandBytes: 128 * 128 * 4, threads: 1))
+        #expect(!Winograd.goesInPieces(sharedOperandBytes: 32 * 32 * 4, threads: 2))
         // The pieces added up (the weight gradient) and placed side by side (the forward output and the input
         // gradient) against the definitions, at that size, in Double (64 x 64 Doubles are 32 KiB: in pieces).
         try matchesTheDefinition(c: 64, o: 64, h: 7, w: 7, bias: false, rows: 64)
         try gradientsMatchTheirDefinitions(c: 64, o: 64, h: 7, w: 7, bias: false, rows: 64)
+        // And whole where U outgrows the limit (64 x 80 Doubles, 40 KiB): the forward by U (TN), the input gradient NN
+        // in one product; no other test in Double reaches them on one thread.
+        #expect(!Winograd.goesInPieces(sharedOperandBytes: 64 * 80 * 8, threads: 1))
+        try matchesTheDefinition(c: 64, o: 80, h: 7, w: 7, bias: false, rows: 3)
+        try gradientsMatchTheirDefinitions(c: 64, o: 80, h: 7, w: 7, bias: false, rows: 3)
     }
 
     /// The gradients as their definitions, in Double: dW[o, c, p, q] = the sum over samples and positions of

@@ -79,10 +79,10 @@ public struct Conv2dKind: LayerKind {
         Winograd.unpackedPieceRows(rows: tiles, multiplyAddsPerRow: inChannels * outChannels,
                                    sharedOperandBytes: sharedOperand ? inChannels * outChannels * 4 : 0, threads: 1)
     }
-    /// Whether the forward GEMMs go in pieces by U^T on one thread in Float (`Winograd.forwardGoesInPieces`), or one
-    /// TN product per point by U.
+    /// Whether the forward GEMMs go in pieces by U^T on one thread in Float (`Winograd.goesInPieces`), or one TN
+    /// product per point by U.
     public var winogradForwardGoesInPieces: Bool {
-        Winograd.forwardGoesInPieces(sharedOperandBytes: inChannels * outChannels * 4, threads: 1)
+        Winograd.goesInPieces(sharedOperandBytes: inChannels * outChannels * 4, threads: 1)
     }
 
     /// Whether a convolution keeps its batch of columns between its passes (see `Conv2d`); also for the benchmark

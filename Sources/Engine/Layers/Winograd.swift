@@ -63,19 +63,18 @@ enum Winograd {
     /// [64, 128] 1.9 whole and 1.35 in pieces. The weight gradient's NT products gain from pieces at every size.
     static let unpackedOperandLimit = 32 * 1024
 
-    /// Whether the forward GEMMs go in pieces, by U^T (NN): on one thread, where U's points fit
-    /// `unpackedOperandLimit`. Otherwise they are one product per point, by U (column-major TN, packed): whole, the NN
-    /// product would only add U's transposes (measured on the ResNet's 128-channel block, 11.8 ms forward by U,
-    /// 13.3 by U^T).
-    static func forwardGoesInPieces(sharedOperandBytes: Int, threads: Int) -> Bool {
+    /// Whether a product goes in pieces: on one thread, where the operand every row multiplies (for an NN product by
+    /// U or U^T; 0 for the weight gradient's) fits `unpackedOperandLimit`. The forward GEMMs then go by U^T (NN);
+    /// otherwise they are one product per point, by U (column-major TN, packed): whole, the NN product would only
+    /// add U's transposes (measured on the ResNet's 128-channel block, 11.8 ms forward by U, 13.3 by U^T).
+    static func goesInPieces(sharedOperandBytes: Int, threads: Int) -> Bool {
         threads == 1 && sharedOperandBytes <= unpackedOperandLimit
     }
 
     /// The tiles in each piece of a GEMM over `rows` tiles (the last piece may have fewer): as few equal pieces as
-    /// keep each within `unpackedLimit` on one thread; all of them in one with more threads, or for an NN product
-    /// whose shared operand (`sharedOperandBytes`) is larger than `unpackedOperandLimit`.
+    /// keep each within `unpackedLimit` where it `goesInPieces`, all of them in one otherwise.
     static func unpackedPieceRows(rows: Int, multiplyAddsPerRow: Int, sharedOperandBytes: Int = 0, threads: Int) -> Int {
-        guard threads == 1 && sharedOperandBytes <= unpackedOperandLimit else { return max(1, rows) }
+        guard goesInPieces(sharedOperandBytes: sharedOperandBytes, threads: threads) else { return max(1, rows) }
         let pieces = max(1, (rows * multiplyAddsPerRow + unpackedLimit - 1) / unpackedLimit)
         return max(1, (rows + pieces - 1) / pieces)
     }
@@ -184,6 +183,8 @@ final class WinogradConvolution<T: Scalar> {
     private let transformedFilters: UnsafeMutablePointer<T>
     /// One point's U^T [C, O], for the forward GEMMs that go in pieces (see `forward`).
     private let transposedFilters: UnsafeMutablePointer<T>
+    /// The bytes of one point's U (or U^T): the operand every row of an NN product multiplies.
+    private var filterPointBytes: Int { inChannels * outChannels * MemoryLayout<T>.stride }
     /// An input block with its zero border (never written outside the image), the same for the input gradient
     /// (zeroed per block), an output block of whole tiles, and an output gradient block zero outside the image.
     private let paddedInput: UnsafeMutablePointer<T>, paddedInputGradient: UnsafeMutablePointer<T>
@@ -256,8 +257,8 @@ final class WinogradConvolution<T: Scalar> {
                                 pointRowTable: pointRowTable, between: between, into: transformedInput.baseAddress!)
         let m = transformedOutput(scratch), v = transformedInput.baseAddress!
         BLASThreads.oneThreadIfSmall(work: n * c * o) {
-            // In pieces by U^T (NN) where the pieces pay, in one TN product by U otherwise (`Winograd.unpackedOperandLimit`).
-            let inPieces = Winograd.forwardGoesInPieces(sharedOperandBytes: c * o * MemoryLayout<T>.stride, threads: BLASThreads.current)
+            // In pieces by U^T (NN) where the pieces pay, in one TN product by U otherwise (`Winograd.goesInPieces`).
+            let inPieces = Winograd.goesInPieces(sharedOperandBytes: filterPointBytes, threads: BLASThreads.current)
             for p in 0..<Winograd.points {
                 let rows = tiling.rowsOfPoint(p, count: count)
                 if rows == 0 { continue }
@@ -324,9 +325,8 @@ final class WinogradConvolution<T: Scalar> {
     @inline(__always)
     private func inUnpackedPieces(rows: Int, multiplyAddsPerRow: Int, sharedOperand: Bool = false,
                                   _ body: (_ first: Int, _ count: Int) -> Void) {
-        let shared = sharedOperand ? inChannels * outChannels * MemoryLayout<T>.stride : 0
-        let piece = Winograd.unpackedPieceRows(rows: rows, multiplyAddsPerRow: multiplyAddsPerRow, sharedOperandBytes: shared,
-                                               threads: BLASThreads.current)
+        let piece = Winograd.unpackedPieceRows(rows: rows, multiplyAddsPerRow: multiplyAddsPerRow,
+                                               sharedOperandBytes: sharedOperand ? filterPointBytes : 0, threads: BLASThreads.current)
         for first in stride(from: 0, to: rows, by: piece) { body(first, min(piece, rows - first)) }
     }
 
