@@ -309,7 +309,8 @@ enum ModelFile {
     static func requireRoom(path: String, limits: MemoryLimits) throws {
         guard let size = (try? FileManager.default.attributesOfItem(atPath: path))?[.size] as? Int else { return }
         let bytes = Double(size)
-        guard let passed = limits.addressSpaceLimitPassed(by: bytes) ?? limits.nodeLimitPassed(by: bytes) else { return }
+        let resident = bytes + MemoryEstimate.pageTableBytes(forAllocating: bytes)
+        guard let passed = limits.addressSpaceLimitPassed(by: bytes) ?? limits.nodeLimitPassed(by: resident) else { return }
         throw DataError(path: path, reason: "the file is read whole into memory (\(bytesText(bytes))), but \(passed)")
     }
 
