@@ -109,6 +109,35 @@ struct SafeTensorsTests {
         #expect(try file.int64s("count") == [5])
     }
 
+    /// Names that are one string to Swift and two to the format: precomposed "é" (U+00E9) and "e" with a combining
+    /// accent (U+0301). Python's client writes and reads both tensors; bpworker parsed the header into one and called
+    /// the file damaged for a gap of 8 bytes. It now says why it refuses the file; a name given twice likewise. Keys
+    /// with escaped quotes, and brackets inside metadata strings, are no clash.
+    @Test func namesSwiftCannotTellApartAreRefusedWithTheReason() throws {
+        let out = try python("""
+            import numpy as np
+            from safetensors.numpy import save_file
+            from safetensors import safe_open
+            save_file({"w\\u00e9": np.ones(3, np.float32), "we\\u0301": np.zeros(2, np.float32)}, "\(path("forms.safetensors"))")
+            with safe_open("\(path("forms.safetensors"))", framework="np") as f: print(len(list(f.keys())))
+            """)
+        #expect(out.trimmingCharacters(in: .whitespacesAndNewlines) == "2")
+        #expect {
+            try SafeTensorsFile(path: path("forms.safetensors"))
+        } throws: { error in
+            let reason = (error as? DataError)?.reason ?? ""
+            return reason.contains("are the same text in different Unicode forms") && reason.contains("U+00E9")
+                && reason.contains("U+0301")
+        }
+        let entry = #"{"dtype":"F32","shape":[1],"data_offsets":"#
+        let twice = try forge("twice.safetensors", header: "{\"a\":\(entry)[0,4]}, \"a\":\(entry)[4,8]}}", data: Array(repeating: 0, count: 8))
+        #expect(throws: DataError(path: twice, reason: "tensor 'a' is named twice in the header")) { try SafeTensorsFile(path: twice) }
+        let escaped = try forge("escaped.safetensors", header: #"{"x\"y":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"#
+                                + #""__metadata__":{"k":"[{,}]\"\\","l":"a"}}"#, data: [0, 0, 0, 0])
+        let file = try SafeTensorsFile(path: escaped)
+        #expect(file.names == ["x\"y"] && file.metadata == ["k": "[{,}]\"\\", "l": "a"])
+    }
+
     // MARK: - Untrusted files
 
     /// Writes `header` JSON (unpadded) followed by `data` bytes, with the given header length word.

@@ -239,7 +239,57 @@ public struct SafeTensorsFile {
         guard let object = try? JSONSerialization.jsonObject(with: headerBytes), let header = object as? [String: Any] else {
             throw fail("header is not valid JSON")
         }
+        if let clash = clashingKeys(headerBytes, parsed: header.count) { throw fail(clash) }
         return (data, header, 8 + Int(headerLength))
+    }
+
+    /// Why the header's top-level keys (tensor names and `__metadata__`) are fewer in `parsed`, the parsed header's
+    /// count, than in the text: a name given twice, or two names that are the same text in different Unicode forms
+    /// (precomposed "é" and "e" with a combining accent), which Swift's strings compare equal. Such a header parsed
+    /// into one tensor where the file has two, and the file was called damaged for the gap the other left; PyTorch's
+    /// `safe_open` reads both. Nil when every key is distinct. `bytes` is valid JSON and starts with an object.
+    private static func clashingKeys(_ bytes: Data, parsed: Int) -> String? {
+        let text = [UInt8](bytes)
+        var keys: [String] = [], i = 1, depth = 1, inString = false, escaped = false, keyStart = -1
+        // Top-level keys are the strings at depth 1 that follow "{" or ",": depth counts brackets outside strings.
+        var expectKey = true
+        while i < text.count && depth > 0 {
+            let c = text[i]
+            if inString {
+                if escaped { escaped = false } else if c == UInt8(ascii: "\\") { escaped = true } else if c == UInt8(ascii: "\"") {
+                    inString = false
+                    if keyStart >= 0, let key = try? JSONSerialization.jsonObject(with: Data(text[keyStart...i]),
+                                                                                  options: .fragmentsAllowed) as? String {
+                        keys.append(key)
+                    }
+                    keyStart = -1
+                }
+            } else {
+                switch c {
+                case UInt8(ascii: "\""):
+                    inString = true
+                    if depth == 1 && expectKey { keyStart = i; expectKey = false }
+                case UInt8(ascii: "{"), UInt8(ascii: "["): depth += 1
+                case UInt8(ascii: "}"), UInt8(ascii: "]"): depth -= 1
+                case UInt8(ascii: ","): if depth == 1 { expectKey = true }
+                default: break
+                }
+            }
+            i += 1
+        }
+        guard keys.count != parsed else { return nil }
+        var seen: [String: String] = [:]
+        for key in keys {
+            guard let earlier = seen[key] else { seen[key] = key; continue }
+            if Array(earlier.unicodeScalars) == Array(key.unicodeScalars) { return "tensor '\(key)' is named twice in the header" }
+            return "tensor names '\(earlier)' and '\(key)' are the same text in different Unicode forms "
+                + "(\(scalars(earlier)) and \(scalars(key))), which bpworker cannot tell apart: rename one"
+        }
+        return nil
+    }
+
+    private static func scalars(_ name: String) -> String {
+        name.unicodeScalars.map { $0.isASCII ? String($0) : String(format: "U+%04X", $0.value) }.joined()
     }
 
     /// A file cut short: the data section ends before the furthest end its header gives. Said as such, before any
