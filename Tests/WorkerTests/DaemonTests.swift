@@ -406,14 +406,50 @@ struct DaemonTests {
     /// arguments of a `train` job (the launcher adds `train` itself), each step slowed by `stepSleepMs`.
     /// The launcher leads a process group of its own (Foundation's `Process` starts each child so), as a job started
     /// from a terminal does.
-    func startLauncher(_ train: [String], stepSleepMs: Int) throws -> Harness.Running {
+    /// `host` names this machine in the hostfile; `environment` adds to the launcher's.
+    func startLauncher(_ train: [String], stepSleepMs: Int, host: String = "localhost",
+                       environment: [String: String] = [:]) throws -> Harness.Running {
         let hosts = TemporaryFiles.path("hosts-")
-        try Data("localhost slots=2\n".utf8).write(to: hosts)
+        try Data("\(host) slots=2\n".utf8).write(to: hosts)
         let launcher = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
             .deletingLastPathComponent().appendingPathComponent("cluster/mpirun-multinode").path
         return try Harness.start("/bin/bash", [launcher, "--max-restarts", "2"] + train.dropFirst(), environment: [
             "HOSTFILE": hosts.path, "IFACE": "lo", "RANKS_PER_NODE": "2", "CORES_PER_NODE": "2", "BPWORKER": Harness.executable.path,
-            "BPWORKER_TEST_STEP_SLEEP_MS": "\(stepSleepMs)", "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"])
+            "BPWORKER_TEST_STEP_SLEEP_MS": "\(stepSleepMs)", "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+        ].merging(environment) { $1 })
+    }
+
+    /// A stop that reaches the launcher between attempts, while it asks which hosts still answer (no mpirun is running
+    /// to take it): no further attempt starts, the launcher says so and exits with the failed attempt's status. The
+    /// hostfile names this machine by its address, which mpirun takes for local and the launcher checks through
+    /// HOST_CHECK: here a script that marks that it runs, then takes 3 s.
+    @Test func aStopBetweenAttemptsStartsNoOther() throws {
+        let addresses = try Harness.run("/bin/hostname", ["-I"], environment: [:], timeout: 10).output
+        guard let address = addresses.split(separator: " ").map(String.init).first(where: { $0.contains(".") && !$0.hasPrefix("127.") })
+        else {
+            print("skipped: this machine has no IPv4 address but loopback (hostname -I: \(addresses))")
+            return
+        }
+        let data = try SyntheticData(samples: 200)
+        defer { data.remove() }
+        let run = temporaryRunDirectory()
+        let checking = TemporaryFiles.path("checking-").path, check = TemporaryFiles.path("host-check-").path
+        try Data("#!/bin/sh\ntouch '\(checking)'\nsleep 3\n".utf8).write(to: URL(fileURLWithPath: check))
+        chmod(check, 0o755)
+        let launched = try startLauncher(job(data, runDir: run, extra: ["--set", "training.epochs=30"]), stepSleepMs: 50,
+                                         host: address, environment: ["HOST_CHECK": check])
+        #expect(launched.waitFor(60) { $0.contains("checkpoint: ") }, "\(launched.output)")
+        let heartbeat = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: run + "/heartbeat/rank-1.json"))) as? [String: Any]
+        kill(pid_t(try #require(heartbeat?["pid"] as? Int)), SIGKILL)
+        let deadline = Date().addingTimeInterval(60)
+        while !FileManager.default.fileExists(atPath: checking) && Date() < deadline { usleep(50_000) }
+        #expect(FileManager.default.fileExists(atPath: checking), "the launcher never checked its host: \(launched.output)")
+        launched.signal(SIGTERM)
+        let r = launched.wait(timeout: 60)
+        #expect(r.status != 0, "\(r.output)")
+        #expect(r.output.contains("mpirun-multinode: a stop signal arrived between attempts: not restarted; continue with --resume (step-"),
+                "\(r.output)")
+        #expect(occurrences(of: "run directory: ", in: r.output) == 1, "a second attempt started: \(r.output)")
     }
 
     /// `cluster/mpirun-multinode` on this machine (a hostfile of `localhost`): a SIGTERM to the launcher stops the run
