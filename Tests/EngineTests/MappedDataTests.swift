@@ -100,6 +100,7 @@ struct MappedDataTests {
             np.save(d + '/wide.npy', np.zeros((5, 5), np.float32)); np.save(d + '/bytes.npy', np.zeros((5, 4), np.uint8))
             np.save(d + '/empty.npy', np.zeros((0, 4), np.float32)); np.save(d + '/y5.npy', np.zeros(5, np.int64))
             np.save(d + '/y4.npy', np.zeros(4, np.int64)); np.save(d + '/y0.npy', np.zeros(0, np.int64))
+            np.save(d + '/scalar.npy', np.float32(3))
             """, arguments: [directory.path])
         let d = directory.path
         // Mixed shapes, mixed dtypes: named with the first shard.
@@ -110,6 +111,13 @@ struct MappedDataTests {
             _ = try MappedFeatures(paths: [d + "/x.npy", d + "/bytes.npy"])
         }
         expectDataError(path: d + "/empty.npy", ["empty shard"]) { _ = try MappedFeatures(paths: [d + "/x.npy", d + "/empty.npy"]) }
+        // A 0-d array, as the in-memory reader says it (it was called an empty shard, as if it held no value).
+        expectDataError(path: d + "/scalar.npy", ["expected features shaped [N, ...], got a 0-d array"]) {
+            _ = try MappedFeatures(paths: [d + "/scalar.npy"])
+        }
+        expectDataError(path: d + "/scalar.npy", ["expected features shaped [N, ...], got a 0-d array"]) {
+            _ = try Dataset.loadNPY(features: d + "/scalar.npy", labels: d + "/y5.npy", mapped: false)
+        }
         // Labels that do not match their shard.
         expectDataError(path: d + "/bytes.npy", ["has 5 samples but the labels file \(d)/y4.npy has 4 labels"]) {
             _ = try Dataset.loadNPY(features: d + "/bytes.npy", labels: d + "/y4.npy", mapped: true)

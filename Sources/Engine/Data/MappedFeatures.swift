@@ -89,7 +89,10 @@ public final class MappedFeatures: @unchecked Sendable {
                     throw DataError(path: path, reason: "has dtype \(layout.dtypeName): a mapped data set holds uint8 or float32 "
                         + "features (convert with a.astype('float32'), or set data.mmap=false to read it into memory)")
                 }
-                guard layout.shape.count >= 1, layout.shape[0] > 0 else {
+                guard layout.shape.count >= 1 else {
+                    throw DataError(path: path, reason: "expected features shaped [N, ...], got a 0-d array")
+                }
+                guard layout.shape[0] > 0 else {
                     throw DataError(path: path, reason: "is an empty shard: shape \(layout.shape) holds no samples")
                 }
                 guard layout.dataOffset % element.size == 0 else {
