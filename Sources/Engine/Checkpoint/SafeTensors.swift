@@ -246,7 +246,7 @@ public struct SafeTensorsFile {
     /// Why the header's top-level keys (tensor names and `__metadata__`) are fewer in `parsed`, the parsed header's
     /// count, than in the text: a name given twice, or two names that are the same text in different Unicode forms
     /// (precomposed "é" and "e" with a combining accent), which Swift's strings compare equal. Such a header parsed
-    /// into one tensor where the file has two, and the file was called damaged for the gap the other left; PyTorch's
+    /// into one tensor where the file has two, and the file was called damaged for the gap the other left; Python's
     /// `safe_open` reads both. Nil when every key is distinct. `bytes` is valid JSON and starts with an object.
     private static func clashingKeys(_ bytes: Data, parsed: Int) -> String? {
         let text = [UInt8](bytes)
