@@ -224,7 +224,8 @@ struct MemoryTests {
 
     /// The page tables the kernel builds for new memory, counted as 8 bytes a 4 KiB page, against what a process of
     /// another language really grows by (VmPTE) when it touches 256 MiB of small pages: `eval --model` of the CNN at
-    /// batch 2000 passed the check 0.5 MiB under its peak, and was killed, while they were not counted.
+    /// batch 2000 passed the check 0.5 MiB under its peak, and was killed, while they were not counted. Counted by the
+    /// estimate, and by the checks of a model file and of a data set read into memory.
     @Test func pageTablesAreCountedAsTheKernelBuildsThem() throws {
         let script = """
             import mmap
@@ -244,6 +245,26 @@ struct MemoryTests {
         let e = try estimate(hidden: [1024])
         let tables = try #require(e.items.first { $0.name == "page tables" }?.bytes)
         #expect(tables == MemoryEstimate.pageTableBytes(forAllocating: e.toAllocate - tables))
+        // The reads checked before the estimate count them too: a limit that holds the bytes read, and not the page
+        // tables that map them, is refused; one that holds both is not.
+        let file = TemporaryFiles.path("model-").path
+        try #require(FileManager.default.createFile(atPath: file, contents: nil))
+        try #require(truncate(file, 3_000_000_000) == 0)
+        let fileTables = MemoryEstimate.pageTableBytes(forAllocating: 3e9)
+        #expect(throws: DataError.self) { try ModelFile.requireRoom(path: file, limits: MemoryLimits(available: 3e9 + fileTables / 2)) }
+        #expect(throws: Never.self) { try ModelFile.requireRoom(path: file, limits: MemoryLimits(available: 3e9 + fileTables)) }
+        let images = TemporaryFiles.path("x-").path + ".idx"
+        try SyntheticData.idx(shape: [100_000, 28, 28], bytes: []).write(to: URL(fileURLWithPath: images))
+        try #require(truncate(images, off_t(16 + 100_000 * 784)) == 0)
+        let reads = DataReadCheck(Configuration(), features: [images], mapped: false)
+        let readTables = MemoryEstimate.pageTableBytes(forAllocating: reads.bytes)
+        #expect(reads.bytes >= 78_400_000)
+        #expect(throws: MemoryError.self) {
+            try reads.check(against: MemoryLimits(available: reads.bytes + readTables / 2), nodeBytes: (reads.bytes, true), ranksOnNode: 1)
+        }
+        #expect(throws: Never.self) {
+            try reads.check(against: MemoryLimits(available: reads.bytes + readTables), nodeBytes: (reads.bytes, true), ranksOnNode: 1)
+        }
     }
 
     @Test func theEstimateMatchesTheMeasuredPeak() throws {

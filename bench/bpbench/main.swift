@@ -159,20 +159,22 @@ final class GEMMBench {
                         let piece = conv.winogradPieceRows(tiles: tiles, sharedOperand: shared)
                         return stride(from: 0, to: tiles, by: piece).map { (min(piece, tiles - $0), $0, "\(p) rows \($0)") }
                     }
-                    if !conv.winogradForwardGoesInPieces {
+                    let byFilters = pieces(shared: true)
+                    if conv.winogradForwardGoesInPieces {
+                        for (rows, _, part) in byFilters {
+                            forward.append(Call(ta: false, tb: false, m: rows, n: o, k: c, beta: 0, layer: l, a: "\(key) V \(part)",
+                                                b: "\(key) UT", c: "scratch M \(part)"))
+                        }
+                    } else {
                         forward.append(Call(ta: false, tb: true, m: tiles, n: o, k: c, beta: 0, layer: l, a: "\(key) V \(p)",
                                             b: "\(key) U \(p)", c: "scratch M \(p)"))
-                    }
-                    for (rows, _, part) in pieces(shared: true) where conv.winogradForwardGoesInPieces {
-                        forward.append(Call(ta: false, tb: false, m: rows, n: o, k: c, beta: 0, layer: l, a: "\(key) V \(part)",
-                                            b: "\(key) UT", c: "scratch M \(part)"))
                     }
                     for (rows, start, part) in pieces(shared: false) {
                         weightGradients.append(Call(ta: true, tb: false, m: o, n: c, k: rows, beta: start == 0 ? 0 : 1, layer: l,
                                                     forward: false, a: "scratch M \(part)", b: "\(key) V \(part)",
                                                     c: "scratch dU \(p)"))
                     }
-                    for (rows, _, part) in pieces(shared: true) where !first {
+                    for (rows, _, part) in byFilters where !first {
                         inputGradients.append(Call(ta: false, tb: false, m: rows, n: c, k: o, beta: 0, layer: l, forward: false,
                                                    a: "scratch M \(part)", b: "\(key) U \(p)", c: "scratch dV \(part)"))
                     }
