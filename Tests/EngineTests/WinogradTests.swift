@@ -67,6 +67,61 @@ struct WinogradTests {
         #expect(BLASThreads.threadsFor(work: 1, threads: 1) == 1)
     }
 
+    /// Chunks that keep a pass's transformed tiles in the cache (`Winograd.chunkSamples`): the ResNet's 32-channel
+    /// layers at 14x14 and batch 64 go by 4 and 3 samples (a backward chunk's dM, V and dV within 1 MiB), its 64- and
+    /// 128-channel ones, whose U outweighs half a chunk, whole; a batch no larger than one chunk whole.
+    @Test func chunksKeepAPassInTheCache() {
+        func samples(_ c: Int, _ o: Int, _ size: Int, batch: Int = 64, scalarBytes: Int = 4) -> Int {
+            Winograd.chunkSamples(inChannels: c, outChannels: o, tiling: WinogradTiling(height: size, width: size, scalarBytes: scalarBytes),
+                                  batchCapacity: batch, scalarBytes: scalarBytes)
+        }
+        #expect(samples(32, 32, 14) == 4)
+        #expect(samples(32, 64, 14) == 3)
+        #expect(samples(16, 16, 28) == 3)
+        #expect(samples(32, 32, 14, scalarBytes: 8) == 2)
+        #expect(samples(64, 64, 7) == 64)
+        #expect(samples(64, 128, 7) == 64)
+        #expect(samples(128, 128, 7) == 64)
+        #expect(samples(32, 32, 14, batch: 4) == 4)
+        #expect(samples(32, 32, 14, batch: 3) == 3)
+        #expect(Winograd.$chunkSamplesOverride.withValue(2) { samples(128, 128, 7) } == 2)
+        #expect(Winograd.$chunkSamplesOverride.withValue(Int.max) { samples(32, 32, 14) } == 64)
+    }
+
+    /// In chunks of two samples (three rows: two, then one), V transformed again in backward: the forward pass and
+    /// both gradients match their definitions as whole batches do, on every shape.
+    @Test(arguments: shapes.indices)
+    func chunksMatchTheDefinitionsInDouble(shape index: Int) throws {
+        let (c, o, h, w, bias) = Self.shapes[index]
+        try Winograd.$chunkSamplesOverride.withValue(2) {
+            try matchesTheDefinition(c: c, o: o, h: h, w: w, bias: bias, rows: 3, chunk: 2)
+            try gradientsMatchTheirDefinitions(c: c, o: o, h: h, w: w, bias: bias, rows: 3, chunk: 2)
+        }
+    }
+
+    /// The float64 check, one sample per chunk, with batch norm in training mode coupling the chunks.
+    @Test(arguments: models.indices)
+    func passesTheFloat64CheckInChunks(model index: Int) throws {
+        try Winograd.$chunkSamplesOverride.withValue(1) { try passesTheFloat64Check(model: index) }
+    }
+
+    /// The gradient checker's planted bug in a Winograd layer's input gradient (its kernels turned for that pass) is
+    /// caught, whole and in chunks: `backwardWeights` computes dx along with the weight gradient, and the changed
+    /// filters make `backwardInput` compute it again with them.
+    @Test(arguments: [Int.max, 1])
+    func aFlippedKernelInTheInputGradientIsCaught(chunk: Int) throws {
+        let spec = ModelSpec(layers: [Self.conv(16, 16), .tanh, Self.conv(16, 16), .flatten, .linear(inputs: 16 * 5 * 6, outputs: 3)],
+                             inputShape: [16, 5, 6])
+        try Winograd.$chunkSamplesOverride.withValue(chunk) {
+            let model = try ConvolutionTests().checkedModel(spec)
+            #expect((model.plan[2] as? Conv2d<Double>)?.winogradChunkSamples == min(chunk, model.batchCapacity))
+            model.installGradientFault(.flippedKernel(tensor: "2.weight"))
+            let report = checkGradients(model: model, count: 3)
+            #expect(report.verdict == .fail, "\(report.text)")
+            #expect(report.tensors.filter { $0.verdict == .fail }.map(\.name) == ["0.weight", "0.bias"], "\(report.text)")
+        }
+    }
+
     /// Output sizes: whole tiles (8x8), the shipped ResNet's 7x7 and 14x14 (full and short tiles), one pixel (1x1),
     /// and uneven ones: 5x9 of short tiles only, 10x13 with one full tile and two or three short ones.
     static let shapes: [(c: Int, o: Int, h: Int, w: Int, bias: Bool)] = [
@@ -80,7 +135,7 @@ struct WinogradTests {
         try matchesTheDefinition(c: c, o: o, h: h, w: w, bias: bias, rows: 3)
     }
 
-    func matchesTheDefinition(c: Int, o: Int, h: Int, w: Int, bias: Bool, rows: Int) throws {
+    func matchesTheDefinition(c: Int, o: Int, h: Int, w: Int, bias: Bool, rows: Int, chunk: Int? = nil) throws {
         let spec = ModelSpec(layers: [Self.conv(c, o, bias: bias), .flatten, .linear(inputs: o * h * w, outputs: 2)],
                              inputShape: [c, h, w])
         let model = try Model<Double>(spec: spec, batchCapacity: rows + 1, seed: 3)
@@ -90,8 +145,9 @@ struct WinogradTests {
         let weights = tensorValues(model, "0.weight", in: model.parameters)
         let b = bias ? tensorValues(model, "0.bias", in: model.parameters) : nil
         let convolution = model.plan[0]
-        // The layer as built takes the path (a lowered one would match the definition too).
+        // The layer as built takes the path (a lowered one would match the definition too), in chunks if asked.
         #expect((convolution as? Conv2d<Double>)?.runsWinograd == true)
+        if let chunk { #expect((convolution as? Conv2d<Double>)?.winogradChunkSamples == chunk) }
         for row in 0..<rows {
             let x = (0..<(c * h * w)).map { model.inputs[row * c * h * w + $0] }
             let expected = ConvolutionTests().naiveConvolution(x, weights, b, c: c, h: h, wd: w, o: o, k: 3, stride: 1, pad: 1)
@@ -218,7 +274,7 @@ struct WinogradTests {
         try gradientsMatchTheirDefinitions(c: c, o: o, h: h, w: w, bias: bias, rows: 3)
     }
 
-    func gradientsMatchTheirDefinitions(c: Int, o: Int, h: Int, w: Int, bias: Bool, rows: Int) throws {
+    func gradientsMatchTheirDefinitions(c: Int, o: Int, h: Int, w: Int, bias: Bool, rows: Int, chunk: Int? = nil) throws {
         let spec = ModelSpec(layers: [Self.conv(c, c), .tanh, Self.conv(c, o, bias: bias), .flatten,
                                       .linear(inputs: o * h * w, outputs: 3)], inputShape: [c, h, w])
         let model = try Model<Double>(spec: spec, batchCapacity: rows, seed: 10)
@@ -227,6 +283,7 @@ struct WinogradTests {
         model.backward(count: rows, accumulate: false) { _ in }
         let layer = model.plan[2]
         #expect((layer as? Conv2d<Double>)?.runsWinograd == true)
+        if let chunk { #expect((layer as? Conv2d<Double>)?.winogradChunkSamples == chunk) }
         let weights = tensorValues(model, "2.weight", in: model.parameters)
         var dW = [Double](repeating: 0, count: o * c * 9), dx = [Double](repeating: 0, count: rows * c * h * w)
         for b in 0..<rows {
@@ -258,8 +315,14 @@ struct WinogradTests {
         #expect(inputError <= 1e-12, "input gradient \(inputError)")
     }
 
-    /// With accumulate the weight gradient adds to what is there; a smaller batch than the capacity packs its tiles.
-    @Test func accumulatesAndTakesSmallerBatches() throws {
+    /// With accumulate the weight gradient adds to what is there; a smaller batch than the capacity packs its tiles;
+    /// the same in chunks of two samples (five rows: 2 + 2 + 1; two: one chunk, V kept from forward; three: 2 + 1).
+    @Test(arguments: [nil, 2] as [Int?])
+    func accumulatesAndTakesSmallerBatches(chunk: Int?) throws {
+        try Winograd.$chunkSamplesOverride.withValue(chunk) { try accumulatesAndTakesSmallerBatches() }
+    }
+
+    func accumulatesAndTakesSmallerBatches() throws {
         let spec = ModelSpec(layers: [Self.conv(16, 16), .tanh, Self.conv(16, 16), .flatten, .linear(inputs: 16 * 36, outputs: 3)],
                              inputShape: [16, 6, 6])
         let full = try Model<Double>(spec: spec, batchCapacity: 5, seed: 8)

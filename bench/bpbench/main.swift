@@ -21,6 +21,8 @@ BLASKernels.restartWithBetterKernelsIfNeeded()
 let arguments = CommandLine.arguments.dropFirst()
 let smoke = arguments.contains("--smoke")
 let mode = arguments.first { !$0.hasPrefix("--") } ?? "engine"
+/// `--batch N`: the batch of `cnn-profile` (64 unless given).
+let batchArgument = arguments.firstIndex(of: "--batch").flatMap { i in arguments.index(after: i) < arguments.endIndex ? Int(arguments[arguments.index(after: i)]) : nil }
 
 func now() -> Double { Double(DispatchTime.now().uptimeNanoseconds) * 1e-9 }
 func median(_ xs: [Double]) -> Double { let s = xs.sorted(); return s[s.count / 2] }
@@ -299,13 +301,16 @@ func networkBench(_ path: String) throws {
     let flops = count(gemm), directFlops = count(try GEMMBench(spec: spec, batch: batch, lowered: true))
     let n = 2048
     let large = GEMMBench(calls: [.init(ta: false, tb: false, m: n, n: n, k: n, beta: 0)])
-    let times = alternate(rounds: smoke ? 2 : 9, repeats: smoke ? 1 : 2, [step.step, { gemm.run() }, { large.run() }])
-    let (ts, tg, tl) = (times[0], times[1], times[2])
+    // The same step with every Winograd layer taking the whole batch at once (as before the chunks).
+    let whole = try WinogradChunks.withChunkSamples(Int.max) { try StepBench(spec: spec, batch: batch) }
+    let times = alternate(rounds: smoke ? 2 : 9, repeats: smoke ? 1 : 2, [step.step, { gemm.run() }, { large.run() }, whole.step])
+    let (ts, tg, tl, tw) = (times[0], times[1], times[2], times[3])
     let largeRate = 2 * Double(n * n * n) / tl
     let ratio = ts / tg, share = flops / ts / largeRate, directShare = directFlops / ts / largeRate
     print("| \(URL(fileURLWithPath: path).lastPathComponent)'s network, batch 64, 1 thread | value | target |")
     print("| --- | --- | --- |")
     print("| step (forward, backward, SGD update) | \(f(ts * 1e3, 1)) ms | |")
+    print("| the same step, each Winograd layer's passes over the whole batch at once (not in chunks) | \(f(tw * 1e3, 1)) ms (\(f(tw / ts)) x) | |")
     print("| its GEMMs alone, as the step calls them | \(f(tg * 1e3, 1)) ms, \(f(flops / 64 / 1e6, 1)) MFLOP per sample | |")
     print("| step / its GEMMs | \(f(ratio)) | <= 1.10 \(ratio <= 1.10 ? "met" : "MISSED") |")
     print("| a \(n)x\(n)x\(n) SGEMM | \(f(largeRate / 1e9, 1)) GFLOP/s | |")
@@ -403,7 +408,7 @@ let fashionCNN: ModelSpec = {
 /// and linear layers; a residual block's under the block's index).
 func cnnProfileBench(_ spec: ModelSpec = fashionCNN, name: String = "fashion-cnn") throws {
     BLASThreads.set(1)
-    let batch = 64
+    let batch = batchArgument ?? 64
     let model = try Model<Float>(spec: spec, batchCapacity: batch, seed: 1)
     var generator = RandomGenerator(seed: 2, stream: 9)
     for i in 0..<(batch * spec.inputWidth) { model.inputs[i] = Float(generator.nextNormal()) }
@@ -435,7 +440,7 @@ func cnnProfileBench(_ spec: ModelSpec = fashionCNN, name: String = "fashion-cnn
         }
     }
     model.layerTimer = nil
-    print("| inside a \(name) step at batch 64, 1 thread | median ms | its GEMMs alone |")
+    print("| inside a \(name) step at batch \(batch), 1 thread | median ms | its GEMMs alone |")
     print("| --- | --- | --- |")
     var names = ["forward and backward"]
     names += layers.indices.map { layerName($0, .forward) } + [layerName(layers.count, .forward)]
@@ -458,7 +463,7 @@ func cnnProfileBench(_ spec: ModelSpec = fashionCNN, name: String = "fashion-cnn
         apart.backward(count: batch, accumulate: false) { _ in }
     })
     print()
-    print("| \(name) forward and backward, batch 64, 1 thread | ms |")
+    print("| \(name) forward and backward, batch \(batch), 1 thread | ms |")
     print("| --- | --- |")
     print("| batch norm, ReLU and max pooling fused (what training runs) | \(f(fused * 1e3)) |")
     print("| the same layers run apart (Model(fusesBlocks: false)) | \(f(unfused * 1e3)) |")

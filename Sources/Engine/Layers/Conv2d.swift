@@ -143,6 +143,8 @@ final class Conv2d<T: Scalar>: Layer<T> {
     private let winograd: WinogradConvolution<T>?
     /// Whether this layer runs by Winograd's F(4x4, 3x3) (its kind's `usesWinograd`, as built).
     var runsWinograd: Bool { winograd != nil }
+    /// The samples in each chunk of its Winograd passes (`Winograd.chunkSamples`); nil off that path.
+    var winogradChunkSamples: Int? { winograd?.chunkSamples }
 
     /// For weights changed between a forward pass and the input gradient (a test fault's flipped kernels): the
     /// Winograd path multiplies by the filters it transformed in the forward pass, the lowered one by the weights.
@@ -217,7 +219,9 @@ final class Conv2d<T: Scalar>: Layer<T> {
     override func backwardParameters(count: Int, accumulate: Bool) {
         let gw = gradients!
         if let winograd {
-            winograd.backwardWeights(dy: dy, count: count, accumulate: accumulate, weightGradient: gw, scratch: scratch)
+            // With the input gradient, chunk by chunk from the same transformed dy (see `WinogradConvolution`).
+            winograd.backwardWeights(x: x, dy: dy, count: count, accumulate: accumulate, weightGradient: gw, dx: dx,
+                                     scratch: scratch)
         } else {
             for b in 0..<count {
                 let xb = x + b * inputCount, cols = columns(b)

@@ -71,12 +71,46 @@ enum Winograd {
         threads == 1 && sharedOperandBytes <= unpackedOperandLimit
     }
 
+    /// The bytes of transformed tiles a chunk of samples may take through a pass (`WinogradConvolution`): V and M
+    /// forward; dM, V and dV backward. One pass over a whole batch writes each point matrix to memory and reads it back
+    /// from there (at batch 64, V of a 32-channel layer at 14x14 is 4.7 MB against the core's 2 MiB of L2 cache);
+    /// chunk by chunk, the next step reads what the last one wrote while it is still in the cache. Measured on the
+    /// ResNet's step (`bpbench cnn-profile`, BENCHMARKS.md "thirteenth session"): the 32-to-32 layers' forward
+    /// outside the filter transform 2.3 -> 1.5 ms in chunks of 4 to 8 samples, the 32-to-64 one's 3.6 -> 2.6 ms.
+    static let chunkBytes = 1 << 20
+
+    /// Set by tests (chunks of one or two samples on layers too small to be chunked) and by the benchmark's
+    /// comparison with whole batches (`WinogradChunks`).
+    @TaskLocal static var chunkSamplesOverride: Int?
+
+    /// The samples in each chunk of a layer's passes: as many as keep a backward chunk's dM, V and dV within
+    /// `chunkBytes`, at least one; the whole batch where U, which every chunk multiplies again (and OpenBLAS packs
+    /// again), is more than half a chunk's tiles. In the ResNet at batch 64 (Float) that chunks the 32-to-32 layers
+    /// by 4 samples and the 32-to-64 one by 3, and leaves the 64- and 128-channel ones whole: in chunks the
+    /// 128-channel block's forward was slower (4.5 -> 5.4 ms), the 64-channel block's backward too (4.3 -> 4.8 ms).
+    static func chunkSamples(inChannels: Int, outChannels: Int, tiling: WinogradTiling, batchCapacity: Int,
+                             scalarBytes: Int) -> Int {
+        if let chunkSamplesOverride { return max(1, min(chunkSamplesOverride, batchCapacity)) }
+        let perSample = tiling.tilesPerImage * points * (2 * tiling.padded(inChannels) + tiling.padded(outChannels)) * scalarBytes
+        let samples = max(1, chunkBytes / perSample)
+        let filterBytes = points * inChannels * outChannels * scalarBytes
+        return samples < batchCapacity && 2 * filterBytes <= samples * perSample ? samples : batchCapacity
+    }
+
     /// The tiles in each piece of a GEMM over `rows` tiles (the last piece may have fewer): as few equal pieces as
     /// keep each within `unpackedLimit` where it `goesInPieces`, all of them in one otherwise.
     static func unpackedPieceRows(rows: Int, multiplyAddsPerRow: Int, sharedOperandBytes: Int = 0, threads: Int) -> Int {
         guard goesInPieces(sharedOperandBytes: sharedOperandBytes, threads: threads) else { return max(1, rows) }
         let pieces = max(1, (rows * multiplyAddsPerRow + unpackedLimit - 1) / unpackedLimit)
         return max(1, (rows + pieces - 1) / pieces)
+    }
+}
+
+/// For the benchmark: models built inside `withChunkSamples` take every Winograd layer's passes in chunks of that
+/// many samples (`Int.max`: whole batches, as before the chunks), not as `Winograd.chunkSamples` chooses.
+public enum WinogradChunks {
+    public static func withChunkSamples<R>(_ samples: Int, _ body: () throws -> R) rethrows -> R {
+        try Winograd.$chunkSamplesOverride.withValue(samples, operation: body)
     }
 }
 
@@ -161,13 +195,15 @@ struct WinogradTiling: Sendable {
         transformedCount(channels: outChannels, batch: batch) + transformedCount(channels: inChannels, batch: batch)
             + transformedFilterCount(inChannels: inChannels, outChannels: outChannels)
     }
-    /// Bytes a layer allocates for itself: V (a `LargeBuffer`), U, one point's U^T, four padded planes, the vectors between the
-    /// transforms' halves, the two tables of where a plane's positions lie in the padded planes and the table of
-    /// each tile's rows in the point matrices.
+    /// Bytes a layer allocates for itself: V of one chunk (a `LargeBuffer`), U, one point's U^T, four padded planes,
+    /// the vectors between the transforms' halves, the two tables of where a plane's positions lie in the padded
+    /// planes and the table of each tile's rows in the point matrices.
     func ownedBytes(inChannels: Int, outChannels: Int, batch: Int, scalarBytes: Double) -> Double {
         let small = transformedFilterCount(inChannels: inChannels, outChannels: outChannels) + inChannels * outChannels
             + 2 * paddedInputCount + 2 * paddedOutputCount + Winograd.tilesPerRun * Winograd.points * lanes
-        return LargeBuffer.allocatedBytes(Double(transformedCount(channels: inChannels, batch: batch)) * scalarBytes)
+        let chunk = Winograd.chunkSamples(inChannels: inChannels, outChannels: outChannels, tiling: self, batchCapacity: batch,
+                                          scalarBytes: Int(scalarBytes))
+        return LargeBuffer.allocatedBytes(Double(transformedCount(channels: inChannels, batch: chunk)) * scalarBytes)
             + Double(small) * scalarBytes + Double(2 * height * width * MemoryLayout<Int32>.size)
             + Double(batch * tilesPerImage * 4 * MemoryLayout<Int32>.size)
     }
@@ -177,7 +213,11 @@ struct WinogradTiling: Sendable {
 /// scratch (M or dM, dV, dU). `Conv2d` owns one when `Winograd.applies`.
 final class WinogradConvolution<T: Scalar> {
     let inChannels: Int, outChannels: Int, tiling: WinogradTiling
-    /// V [36, B tiles, C], kept from forward for the weight gradient.
+    /// Samples per chunk of every pass (`Winograd.chunkSamples`); the batch capacity where the layer takes whole
+    /// batches.
+    let chunkSamples: Int
+    /// V [36, B tiles, C] for one chunk: from forward for the weight gradient when the batch was one chunk; otherwise
+    /// each chunk's, transformed again in backward.
     private let transformedInput: UnsafeMutableBufferPointer<T>
     /// U [36, O, C], from forward for the input gradient.
     private let transformedFilters: UnsafeMutablePointer<T>
@@ -197,14 +237,17 @@ final class WinogradConvolution<T: Scalar> {
     private let pointRowTable: UnsafeMutablePointer<Int32>
     /// The vectors between a transform's two halves: 36 for each tile of a run.
     private let between: UnsafeMutablePointer<T>
-    /// Whether dM in the scratch is this backward pass's (`backwardWeights` computes it for `backwardInput`).
-    private var outputGradientTransformed = false
+    /// Whether dx is this backward pass's already (`backwardWeights` computes it chunk by chunk with the weight
+    /// gradient, from the same dM).
+    private var inputGradientDone = false
 
     init(inChannels: Int, outChannels: Int, height: Int, width: Int, batchCapacity: Int) {
         (self.inChannels, self.outChannels) = (inChannels, outChannels)
         tiling = WinogradTiling(height: height, width: width, scalarBytes: MemoryLayout<T>.stride)
+        chunkSamples = Winograd.chunkSamples(inChannels: inChannels, outChannels: outChannels, tiling: tiling,
+                                             batchCapacity: batchCapacity, scalarBytes: MemoryLayout<T>.stride)
         precondition(tiling.lanes == T.Lanes.scalarCount, "the tiling's lanes are not \(T.self).Lanes")
-        transformedInput = LargeBuffer.allocate(tiling.transformedCount(channels: inChannels, batch: batchCapacity))
+        transformedInput = LargeBuffer.allocate(tiling.transformedCount(channels: inChannels, batch: chunkSamples))
         transformedInput.initialize(repeating: 0)
         func zeroed(_ n: Int) -> UnsafeMutablePointer<T> {
             let p = UnsafeMutablePointer<T>.allocate(capacity: n)
@@ -245,17 +288,31 @@ final class WinogradConvolution<T: Scalar> {
         transformedInputGradient(scratch, count: count) + Winograd.points * tiling.pointStride(channels: inChannels, count: count)
     }
 
-    /// y = conv(x, w) + b for `count` samples; `bias` nil without one.
+    /// y = conv(x, w) + b for `count` samples; `bias` nil without one. Chunk by chunk (`chunkSamples`): V, M = V U^T,
+    /// then y.
     func forward(x: UnsafePointer<T>, weights: UnsafePointer<T>, bias: UnsafePointer<T>?, count: Int,
                  y: UnsafeMutablePointer<T>, scratch: UnsafeMutablePointer<T>) {
+        let (plane, v, m) = (tiling.height * tiling.width, transformedInput.baseAddress!, transformedOutput(scratch))
+        transformFilters(weights)
+        for first in stride(from: 0, to: count, by: chunkSamples) {
+            let samples = min(chunkSamples, count - first)
+            winogradTransformInputs(x + first * inChannels * plane, count: samples, channels: inChannels, tiling: tiling,
+                                    padded: paddedInput, positions: inputPositions, pointRowTable: pointRowTable,
+                                    between: between, into: v)
+            multiplyByFilters(v, count: samples, into: m)
+            winogradTransformOutputs(m, count: samples, channels: outChannels, tiling: tiling, bias: bias,
+                                     padded: paddedOutput, positions: outputPositions, pointRowTable: pointRowTable,
+                                     between: between, into: y + first * outChannels * plane)
+        }
+        inputGradientDone = false
+    }
+
+    /// M = V U^T for `count` samples' tiles.
+    private func multiplyByFilters(_ v: UnsafePointer<T>, count: Int, into m: UnsafeMutablePointer<T>) {
         let (c, o, n) = (inChannels, outChannels, count * tiling.tilesPerImage)
         let (cp, op) = (tiling.padded(c), tiling.padded(o))
         let (vStride, mStride) = (tiling.pointStride(channels: c, count: count), tiling.pointStride(channels: o, count: count))
         let uStride = tiling.filterPointStride(inChannels: c, outChannels: o)
-        transformFilters(weights)
-        winogradTransformInputs(x, count: count, channels: c, tiling: tiling, padded: paddedInput, positions: inputPositions,
-                                pointRowTable: pointRowTable, between: between, into: transformedInput.baseAddress!)
-        let m = transformedOutput(scratch), v = transformedInput.baseAddress!
         BLASThreads.oneThreadIfSmall(work: n * c * o) {
             // In pieces by U^T (NN) where the pieces pay, in one TN product by U otherwise (`Winograd.goesInPieces`).
             let inPieces = Winograd.goesInPieces(sharedOperandBytes: filterPointBytes, threads: BLASThreads.current)
@@ -276,9 +333,6 @@ final class WinogradConvolution<T: Scalar> {
                 }
             }
         }
-        winogradTransformOutputs(m, count: count, channels: o, tiling: tiling, bias: bias, padded: paddedOutput,
-                                 positions: outputPositions, pointRowTable: pointRowTable, between: between, into: y)
-        outputGradientTransformed = false
     }
 
     /// U from the weights [O, C, 3, 3]: every forward pass starts with it, and `backwardInput` multiplies by it.
@@ -286,36 +340,54 @@ final class WinogradConvolution<T: Scalar> {
         winogradTransformFilters(weights, outChannels: outChannels, inChannels: inChannels,
                                  pointStride: tiling.filterPointStride(inChannels: inChannels, outChannels: outChannels),
                                  between: between, into: transformedFilters)
+        inputGradientDone = false
     }
 
-    /// The weight gradient (written with accumulate false, added to otherwise) from dy and the kept V; leaves dM in
-    /// the scratch for `backwardInput`.
-    func backwardWeights(dy: UnsafePointer<T>, count: Int, accumulate: Bool, weightGradient: UnsafeMutablePointer<T>,
+    /// The weight gradient (written with accumulate false, added to otherwise) from dy and x, the forward pass's
+    /// input, and with `dx` the input gradient too (overwritten), chunk by chunk: dM, V again where the forward pass
+    /// took more than one chunk, dU += dM^T V, and dV = dM U, then dx. `backwardInput` then has nothing left to do.
+    func backwardWeights(x: UnsafePointer<T>, dy: UnsafePointer<T>, count: Int, accumulate: Bool,
+                         weightGradient: UnsafeMutablePointer<T>, dx: UnsafeMutablePointer<T>?,
                          scratch: UnsafeMutablePointer<T>) {
-        let (c, o, n) = (inChannels, outChannels, count * tiling.tilesPerImage)
-        let (cp, op) = (tiling.padded(c), tiling.padded(o))
-        let (vStride, mStride) = (tiling.pointStride(channels: c, count: count), tiling.pointStride(channels: o, count: count))
-        let dm = transformedOutput(scratch), du = transformedFilterGradient(scratch, count: count)
+        let (c, o, plane) = (inChannels, outChannels, tiling.height * tiling.width)
+        let (v, dm) = (transformedInput.baseAddress!, transformedOutput(scratch))
+        // Past the largest chunk's dM and dV, so that every chunk adds into the same dU.
+        let du = transformedFilterGradient(scratch, count: min(count, chunkSamples))
         let uStride = tiling.filterPointStride(inChannels: c, outChannels: o)
-        winogradTransformOutputGradients(dy, count: count, channels: o, tiling: tiling, padded: paddedOutputGradient,
-                                         positions: outputPositions, pointRowTable: pointRowTable, between: between, into: dm)
-        outputGradientTransformed = true
-        let v = transformedInput.baseAddress!
-        BLASThreads.oneThreadIfSmall(work: n * c * o) {
-            for p in 0..<Winograd.points {
-                let rows = tiling.rowsOfPoint(p, count: count)
-                // No tile has the point (every row or every column of tiles short): it adds nothing.
-                if rows == 0 { (du + p * uStride).update(repeating: 0, count: o * c); continue }
-                // dU[p][O, C] = dM[p][tiles, O]^T V[p][tiles, C], the tiles in pieces added up (`inUnpackedPieces`)
-                inUnpackedPieces(rows: rows, multiplyAddsPerRow: o * c) { first, k in
-                    T.gemm(transposeA: true, transposeB: false, m: o, n: c, k: k, alpha: 1, a: dm + p * mStride + first * op,
-                           lda: op, b: v + p * vStride + first * cp, ldb: cp, beta: first == 0 ? 0 : 1, c: du + p * uStride,
-                           ldc: c)
+        for first in stride(from: 0, to: count, by: chunkSamples) {
+            let samples = min(chunkSamples, count - first)
+            winogradTransformOutputGradients(dy + first * o * plane, count: samples, channels: o, tiling: tiling,
+                                             padded: paddedOutputGradient, positions: outputPositions,
+                                             pointRowTable: pointRowTable, between: between, into: dm)
+            if count > chunkSamples {
+                winogradTransformInputs(x + first * c * plane, count: samples, channels: c, tiling: tiling,
+                                        padded: paddedInput, positions: inputPositions, pointRowTable: pointRowTable,
+                                        between: between, into: v)
+            }
+            let (cp, op) = (tiling.padded(c), tiling.padded(o))
+            let (vStride, mStride) = (tiling.pointStride(channels: c, count: samples), tiling.pointStride(channels: o, count: samples))
+            BLASThreads.oneThreadIfSmall(work: samples * tiling.tilesPerImage * c * o) {
+                for p in 0..<Winograd.points {
+                    let rows = tiling.rowsOfPoint(p, count: samples)
+                    // No tile has the point (every row or every column of tiles short): it adds nothing.
+                    if rows == 0 {
+                        if first == 0 { (du + p * uStride).update(repeating: 0, count: o * c) }
+                        continue
+                    }
+                    // dU[p][O, C] (+)= dM[p][tiles, O]^T V[p][tiles, C], the tiles in pieces added up
+                    // (`inUnpackedPieces`)
+                    inUnpackedPieces(rows: rows, multiplyAddsPerRow: o * c) { piece, k in
+                        T.gemm(transposeA: true, transposeB: false, m: o, n: c, k: k, alpha: 1, a: dm + p * mStride + piece * op,
+                               lda: op, b: v + p * vStride + piece * cp, ldb: cp, beta: first == 0 && piece == 0 ? 0 : 1,
+                               c: du + p * uStride, ldc: c)
+                    }
                 }
             }
+            if let dx { inputGradient(fromTransformed: dm, count: samples, into: dx + first * c * plane, scratch: scratch) }
         }
         winogradFilterGradients(du, outChannels: o, inChannels: c, pointStride: uStride, accumulate: accumulate,
                                 between: between, into: weightGradient)
+        inputGradientDone = dx != nil
     }
 
     /// Calls `body(first, count)` for pieces of `rows` tiles that cover them in order, each at most
@@ -330,18 +402,29 @@ final class WinogradConvolution<T: Scalar> {
         for first in stride(from: 0, to: rows, by: piece) { body(first, min(piece, rows - first)) }
     }
 
-    /// dx (overwritten) from dy, through the U of the last forward pass.
+    /// dx (overwritten) from dy, through the U of the last forward pass: already done when `backwardWeights` was
+    /// given dx and the filters have not changed since (`weightsChanged`, a test fault's flipped kernels).
     func backwardInput(dy: UnsafePointer<T>, count: Int, dx: UnsafeMutablePointer<T>, scratch: UnsafeMutablePointer<T>) {
+        defer { inputGradientDone = false }
+        if inputGradientDone { return }
+        let (o, plane, dm) = (outChannels, tiling.height * tiling.width, transformedOutput(scratch))
+        for first in stride(from: 0, to: count, by: chunkSamples) {
+            let samples = min(chunkSamples, count - first)
+            winogradTransformOutputGradients(dy + first * o * plane, count: samples, channels: o, tiling: tiling,
+                                             padded: paddedOutputGradient, positions: outputPositions,
+                                             pointRowTable: pointRowTable, between: between, into: dm)
+            inputGradient(fromTransformed: dm, count: samples, into: dx + first * inChannels * plane, scratch: scratch)
+        }
+    }
+
+    /// dV = dM U for `count` samples' tiles, then their dx (overwritten).
+    private func inputGradient(fromTransformed dm: UnsafePointer<T>, count: Int, into dx: UnsafeMutablePointer<T>,
+                               scratch: UnsafeMutablePointer<T>) {
         let (c, o, n) = (inChannels, outChannels, count * tiling.tilesPerImage)
         let (cp, op) = (tiling.padded(c), tiling.padded(o))
         let (vStride, mStride) = (tiling.pointStride(channels: c, count: count), tiling.pointStride(channels: o, count: count))
-        let dm = transformedOutput(scratch), dv = transformedInputGradient(scratch, count: count)
+        let dv = transformedInputGradient(scratch, count: count)
         let uStride = tiling.filterPointStride(inChannels: c, outChannels: o)
-        if !outputGradientTransformed {
-            winogradTransformOutputGradients(dy, count: count, channels: o, tiling: tiling, padded: paddedOutputGradient,
-                                             positions: outputPositions, pointRowTable: pointRowTable, between: between, into: dm)
-        }
-        outputGradientTransformed = false
         BLASThreads.oneThreadIfSmall(work: n * c * o) {
             for p in 0..<Winograd.points {
                 let rows = tiling.rowsOfPoint(p, count: count)
