@@ -8,7 +8,11 @@
 //   bpbench allocations            heap allocations per steady-state step of the default model
 //   bpbench timeline [--smoke]     under mpirun: the Worker's 2-rank step recorded for --timeline vs not recorded
 //   bpbench network FILE [--smoke] the network a model file records (configs/fashion-resnet.yaml's, in bench/run):
-//                                  its step against its GEMMs, and its GEMMs' FLOP rate against a large SGEMM's
+//                                  its step against its GEMMs and against the same step with every Winograd layer
+//                                  over whole batches, and its GEMMs' FLOP rate against a large SGEMM's
+//   bpbench profile                where a 784-1024-1024-10 step's time goes, layer by layer
+//   bpbench cnn-profile [FILE] [--batch N]
+//                                  the same for fashion-cnn (or a model file's network), at batch 64 unless given
 import AllocationCounter
 import CBLAS
 import CMPI
@@ -22,7 +26,13 @@ let arguments = CommandLine.arguments.dropFirst()
 let smoke = arguments.contains("--smoke")
 let mode = arguments.first { !$0.hasPrefix("--") } ?? "engine"
 /// `--batch N`: the batch of `cnn-profile` (64 unless given).
-let batchArgument = arguments.firstIndex(of: "--batch").flatMap { i in arguments.index(after: i) < arguments.endIndex ? Int(arguments[arguments.index(after: i)]) : nil }
+let batchArgument = arguments.firstIndex(of: "--batch").flatMap { i in
+    arguments.index(after: i) < arguments.endIndex ? Int(arguments[arguments.index(after: i)]) : nil
+}
+/// The arguments after the mode that are neither options nor `--batch`'s value: a model file.
+let fileArgument = arguments.dropFirst().enumerated().first { offset, argument in
+    !argument.hasPrefix("--") && (offset == 0 || Array(arguments.dropFirst())[offset - 1] != "--batch")
+}?.element
 
 func now() -> Double { Double(DispatchTime.now().uptimeNanoseconds) * 1e-9 }
 func median(_ xs: [Double]) -> Double { let s = xs.sorted(); return s[s.count / 2] }
@@ -781,7 +791,7 @@ case "gemm-floor":
 case "allocations": try allocationBench()
 case "profile": try profileBench()
 case "cnn-profile":
-    if let path = arguments.dropFirst().first(where: { !$0.hasPrefix("--") }) {
+    if let path = fileArgument {
         try cnnProfileBench(try networkFromModelFile(path), name: URL(fileURLWithPath: path).lastPathComponent)
     } else {
         try cnnProfileBench()
@@ -791,7 +801,7 @@ case "allreduce": try mpiBench(allreduceBench)
 case "overlap": try mpiBench(overlapBench)
 case "timeline": try mpiBench(timelineBench)
 case "network":
-    guard let path = arguments.dropFirst().first(where: { !$0.hasPrefix("--") }) else {
+    guard let path = fileArgument else {
         FileHandle.standardError.write(Data("bpbench network: give a model file\n".utf8))
         exit(2)
     }
