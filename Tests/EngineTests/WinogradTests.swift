@@ -73,7 +73,7 @@ struct WinogradTests {
     @Test func chunksKeepAPassInTheCache() {
         func samples(_ c: Int, _ o: Int, _ size: Int, batch: Int = 64, scalarBytes: Int = 4) -> Int {
             Winograd.chunkSamples(inChannels: c, outChannels: o, tiling: WinogradTiling(height: size, width: size, scalarBytes: scalarBytes),
-                                  batchCapacity: batch, scalarBytes: scalarBytes)
+                                  batchCapacity: batch)
         }
         #expect(samples(32, 32, 14) == 4)
         #expect(samples(32, 64, 14) == 3)
@@ -86,6 +86,17 @@ struct WinogradTests {
         #expect(samples(32, 32, 14, batch: 3) == 3)
         #expect(Winograd.$chunkSamplesOverride.withValue(2) { samples(128, 128, 7) } == 2)
         #expect(Winograd.$chunkSamplesOverride.withValue(Int.max) { samples(32, 32, 14) } == 64)
+    }
+
+    /// The samples per chunk of a model's Winograd layers, inside residual blocks too.
+    static func chunkSizes(_ model: Model<Double>) -> [Int] {
+        func sizes(_ layers: [Layer<Double>]) -> [Int] {
+            layers.flatMap { layer -> [Int] in
+                if let block = layer as? Residual<Double> { return sizes(block.body + block.shortcut) }
+                return (layer as? Conv2d<Double>)?.winogradChunkSamples.map { [$0] } ?? []
+            }
+        }
+        return sizes(model.plan)
     }
 
     /// In chunks of two samples (three rows: two, then one), V transformed again in backward: the forward pass and
@@ -222,6 +233,11 @@ struct WinogradTests {
     func passesTheFloat64Check(model index: Int) throws {
         let (name, spec) = Self.models[index]
         let model = try ConvolutionTests().checkedModel(spec)
+        // In chunks where a caller asked for them (`passesTheFloat64CheckInChunks`), on every Winograd layer.
+        if let chunk = Winograd.chunkSamplesOverride {
+            let sizes = Self.chunkSizes(model)
+            #expect(!sizes.isEmpty && sizes.allSatisfy { $0 == chunk }, "\(name): chunks \(sizes)")
+        }
         var options = GradientCheckOptions()
         options.samplesPerTensor = 48
         // As in the residual blocks' check, batch norm's coupling takes a step of 1e-5 (at the default 1e-4 the
@@ -316,7 +332,8 @@ struct WinogradTests {
     }
 
     /// With accumulate the weight gradient adds to what is there; a smaller batch than the capacity packs its tiles;
-    /// the same in chunks of two samples (five rows: 2 + 2 + 1; two: one chunk, V kept from forward; three: 2 + 1).
+    /// the same in chunks of two samples (five rows: 2 + 2 + 1; two: one chunk, V kept from forward; three: 2 + 1,
+    /// the last chunk's V kept from forward).
     @Test(arguments: [nil, 2] as [Int?])
     func accumulatesAndTakesSmallerBatches(chunk: Int?) throws {
         try Winograd.$chunkSamplesOverride.withValue(chunk) { try accumulatesAndTakesSmallerBatches() }
@@ -327,6 +344,7 @@ struct WinogradTests {
                              inputShape: [16, 6, 6])
         let full = try Model<Double>(spec: spec, batchCapacity: 5, seed: 8)
         fillRandomBatch(full, rows: 5, seed: 9)
+        #expect(Self.chunkSizes(full) == [Winograd.chunkSamplesOverride ?? 5, Winograd.chunkSamplesOverride ?? 5])
         let part = try Model<Double>(spec: spec, batchCapacity: 5, seed: 8)
         part.inputs.update(from: full.inputs, count: 5 * full.inputWidth)
         part.labels.update(from: full.labels, count: 5)

@@ -1,4 +1,5 @@
 import AllocationCounter
+import Engine
 import Foundation
 import Synchronization
 import Testing
@@ -78,14 +79,16 @@ struct StepAllocationTests {
     }
 
     /// Winograd convolutions (3x3, 16 channels and more): their transforms' runs, the tables that place a plane's
-    /// positions in the interleaved blocks, the 36 GEMMs a pass, inside a residual block and out of one.
-    @Test func winogradSteps() throws {
+    /// positions in the interleaved blocks, the 36 GEMMs a pass, inside a residual block and out of one; whole batches
+    /// and chunks of 3 samples (batch 8: 3 + 3 + 2, backward from the last chunk).
+    @Test(arguments: [Int.max, 3])
+    func winogradSteps(chunk: Int) throws {
         let data = try SyntheticData(samples: 128, features: 64, classes: 4, imageShape: [1, 8, 8])
         let settings = ["model.layers=[conv 16 3 pad 1 nobias, batchnorm, relu, "
                             + "{residual: [conv 16 3 pad 1 nobias, batchnorm, relu, conv 16 3 pad 1 nobias, batchnorm]}, relu, "
                             + "conv 24 3 pad 1, relu, globalavgpool, flatten, linear 4]"]
-        let count = try allocations(data, settings)
-        #expect(count == 0, "\(count) allocations in 12 steps")
+        let count = try WinogradChunks.withChunkSamples(chunk) { try allocations(data, settings) }
+        #expect(count == 0, "\(count) allocations in 12 steps, chunks of \(chunk)")
     }
 
     /// Mapped `.npy` shards: gathering from the mapping and asking for the pages of a later batch (`data.prefetch`).

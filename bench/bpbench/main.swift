@@ -29,10 +29,10 @@ let mode = arguments.first { !$0.hasPrefix("--") } ?? "engine"
 let batchArgument = arguments.firstIndex(of: "--batch").flatMap { i in
     arguments.index(after: i) < arguments.endIndex ? Int(arguments[arguments.index(after: i)]) : nil
 }
-/// The arguments after the mode that are neither options nor `--batch`'s value: a model file.
-let fileArgument = arguments.dropFirst().enumerated().first { offset, argument in
-    !argument.hasPrefix("--") && (offset == 0 || Array(arguments.dropFirst())[offset - 1] != "--batch")
-}?.element
+/// The argument after the mode that is neither an option nor `--batch`'s value: a model file.
+let afterMode = Array(arguments.drop { $0.hasPrefix("--") }.dropFirst())
+let fileArgument = afterMode.indices.first { !afterMode[$0].hasPrefix("--") && ($0 == 0 || afterMode[$0 - 1] != "--batch") }
+    .map { afterMode[$0] }
 
 func now() -> Double { Double(DispatchTime.now().uptimeNanoseconds) * 1e-9 }
 func median(_ xs: [Double]) -> Double { let s = xs.sorted(); return s[s.count / 2] }

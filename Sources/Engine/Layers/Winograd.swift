@@ -88,9 +88,9 @@ enum Winograd {
     /// again), is more than half a chunk's tiles. In the ResNet at batch 64 (Float) that chunks the 32-to-32 layers
     /// by 4 samples and the 32-to-64 one by 3, and leaves the 64- and 128-channel ones whole: in chunks the
     /// 128-channel block's forward was slower (4.5 -> 5.4 ms), the 64-channel block's backward too (4.3 -> 4.8 ms).
-    static func chunkSamples(inChannels: Int, outChannels: Int, tiling: WinogradTiling, batchCapacity: Int,
-                             scalarBytes: Int) -> Int {
+    static func chunkSamples(inChannels: Int, outChannels: Int, tiling: WinogradTiling, batchCapacity: Int) -> Int {
         if let chunkSamplesOverride { return max(1, min(chunkSamplesOverride, batchCapacity)) }
+        let scalarBytes = 64 / tiling.lanes
         let perSample = tiling.tilesPerImage * points * (2 * tiling.padded(inChannels) + tiling.padded(outChannels)) * scalarBytes
         let samples = max(1, chunkBytes / perSample)
         let filterBytes = points * inChannels * outChannels * scalarBytes
@@ -201,8 +201,7 @@ struct WinogradTiling: Sendable {
     func ownedBytes(inChannels: Int, outChannels: Int, batch: Int, scalarBytes: Double) -> Double {
         let small = transformedFilterCount(inChannels: inChannels, outChannels: outChannels) + inChannels * outChannels
             + 2 * paddedInputCount + 2 * paddedOutputCount + Winograd.tilesPerRun * Winograd.points * lanes
-        let chunk = Winograd.chunkSamples(inChannels: inChannels, outChannels: outChannels, tiling: self, batchCapacity: batch,
-                                          scalarBytes: Int(scalarBytes))
+        let chunk = Winograd.chunkSamples(inChannels: inChannels, outChannels: outChannels, tiling: self, batchCapacity: batch)
         return LargeBuffer.allocatedBytes(Double(transformedCount(channels: inChannels, batch: chunk)) * scalarBytes)
             + Double(small) * scalarBytes + Double(2 * height * width * MemoryLayout<Int32>.size)
             + Double(batch * tilesPerImage * 4 * MemoryLayout<Int32>.size)
@@ -216,8 +215,8 @@ final class WinogradConvolution<T: Scalar> {
     /// Samples per chunk of every pass (`Winograd.chunkSamples`); the batch capacity where the layer takes whole
     /// batches.
     let chunkSamples: Int
-    /// V [36, B tiles, C] for one chunk: from forward for the weight gradient when the batch was one chunk; otherwise
-    /// each chunk's, transformed again in backward.
+    /// V [36, B tiles, C] for one chunk: the forward pass leaves its last chunk's here, which backward takes first;
+    /// every other chunk's it transforms again.
     private let transformedInput: UnsafeMutableBufferPointer<T>
     /// U [36, O, C], from forward for the input gradient.
     private let transformedFilters: UnsafeMutablePointer<T>
@@ -245,7 +244,7 @@ final class WinogradConvolution<T: Scalar> {
         (self.inChannels, self.outChannels) = (inChannels, outChannels)
         tiling = WinogradTiling(height: height, width: width, scalarBytes: MemoryLayout<T>.stride)
         chunkSamples = Winograd.chunkSamples(inChannels: inChannels, outChannels: outChannels, tiling: tiling,
-                                             batchCapacity: batchCapacity, scalarBytes: MemoryLayout<T>.stride)
+                                             batchCapacity: batchCapacity)
         precondition(tiling.lanes == T.Lanes.scalarCount, "the tiling's lanes are not \(T.self).Lanes")
         transformedInput = LargeBuffer.allocate(tiling.transformedCount(channels: inChannels, batch: chunkSamples))
         transformedInput.initialize(repeating: 0)
@@ -294,8 +293,7 @@ final class WinogradConvolution<T: Scalar> {
                  y: UnsafeMutablePointer<T>, scratch: UnsafeMutablePointer<T>) {
         let (plane, v, m) = (tiling.height * tiling.width, transformedInput.baseAddress!, transformedOutput(scratch))
         transformFilters(weights)
-        for first in stride(from: 0, to: count, by: chunkSamples) {
-            let samples = min(chunkSamples, count - first)
+        forEachChunk(of: count) { first, samples in
             winogradTransformInputs(x + first * inChannels * plane, count: samples, channels: inChannels, tiling: tiling,
                                     padded: paddedInput, positions: inputPositions, pointRowTable: pointRowTable,
                                     between: between, into: v)
@@ -304,7 +302,17 @@ final class WinogradConvolution<T: Scalar> {
                                      padded: paddedOutput, positions: outputPositions, pointRowTable: pointRowTable,
                                      between: between, into: y + first * outChannels * plane)
         }
-        inputGradientDone = false
+    }
+
+    /// Calls `body(first, samples)` for the chunks of `count` samples (`chunkSamples` each, the last one fewer), in
+    /// order, or from the last to the first.
+    @inline(__always)
+    private func forEachChunk(of count: Int, lastFirst: Bool = false, _ body: (_ first: Int, _ samples: Int) -> Void) {
+        let chunks = (count + chunkSamples - 1) / chunkSamples
+        for i in 0..<chunks {
+            let first = (lastFirst ? chunks - 1 - i : i) * chunkSamples
+            body(first, min(chunkSamples, count - first))
+        }
     }
 
     /// M = V U^T for `count` samples' tiles.
@@ -344,8 +352,9 @@ final class WinogradConvolution<T: Scalar> {
     }
 
     /// The weight gradient (written with accumulate false, added to otherwise) from dy and x, the forward pass's
-    /// input, and with `dx` the input gradient too (overwritten), chunk by chunk: dM, V again where the forward pass
-    /// took more than one chunk, dU += dM^T V, and dV = dM U, then dx. `backwardInput` then has nothing left to do.
+    /// input, and with `dx` the input gradient too (overwritten), chunk by chunk from the last: dM, V (the forward
+    /// pass left the last chunk's; the others transformed again), dU += dM^T V, and dV = dM U, then dx.
+    /// `backwardInput` then has nothing left to do.
     func backwardWeights(x: UnsafePointer<T>, dy: UnsafePointer<T>, count: Int, accumulate: Bool,
                          weightGradient: UnsafeMutablePointer<T>, dx: UnsafeMutablePointer<T>?,
                          scratch: UnsafeMutablePointer<T>) {
@@ -354,12 +363,10 @@ final class WinogradConvolution<T: Scalar> {
         // Past the largest chunk's dM and dV, so that every chunk adds into the same dU.
         let du = transformedFilterGradient(scratch, count: min(count, chunkSamples))
         let uStride = tiling.filterPointStride(inChannels: c, outChannels: o)
-        for first in stride(from: 0, to: count, by: chunkSamples) {
-            let samples = min(chunkSamples, count - first)
-            winogradTransformOutputGradients(dy + first * o * plane, count: samples, channels: o, tiling: tiling,
-                                             padded: paddedOutputGradient, positions: outputPositions,
-                                             pointRowTable: pointRowTable, between: between, into: dm)
-            if count > chunkSamples {
+        let lastChunk = (count - 1) / chunkSamples * chunkSamples
+        forEachChunk(of: count, lastFirst: true) { first, samples in
+            transformOutputGradient(dy, first: first, samples: samples, into: dm)
+            if first != lastChunk {
                 winogradTransformInputs(x + first * c * plane, count: samples, channels: c, tiling: tiling,
                                         padded: paddedInput, positions: inputPositions, pointRowTable: pointRowTable,
                                         between: between, into: v)
@@ -371,14 +378,14 @@ final class WinogradConvolution<T: Scalar> {
                     let rows = tiling.rowsOfPoint(p, count: samples)
                     // No tile has the point (every row or every column of tiles short): it adds nothing.
                     if rows == 0 {
-                        if first == 0 { (du + p * uStride).update(repeating: 0, count: o * c) }
+                        if first == lastChunk { (du + p * uStride).update(repeating: 0, count: o * c) }
                         continue
                     }
                     // dU[p][O, C] (+)= dM[p][tiles, O]^T V[p][tiles, C], the tiles in pieces added up
                     // (`inUnpackedPieces`)
                     inUnpackedPieces(rows: rows, multiplyAddsPerRow: o * c) { piece, k in
                         T.gemm(transposeA: true, transposeB: false, m: o, n: c, k: k, alpha: 1, a: dm + p * mStride + piece * op,
-                               lda: op, b: v + p * vStride + piece * cp, ldb: cp, beta: first == 0 && piece == 0 ? 0 : 1,
+                               lda: op, b: v + p * vStride + piece * cp, ldb: cp, beta: first == lastChunk && piece == 0 ? 0 : 1,
                                c: du + p * uStride, ldc: c)
                     }
                 }
@@ -388,6 +395,13 @@ final class WinogradConvolution<T: Scalar> {
         winogradFilterGradients(du, outChannels: o, inChannels: c, pointStride: uStride, accumulate: accumulate,
                                 between: between, into: weightGradient)
         inputGradientDone = dx != nil
+    }
+
+    /// dM of a chunk's samples, from dy.
+    private func transformOutputGradient(_ dy: UnsafePointer<T>, first: Int, samples: Int, into dm: UnsafeMutablePointer<T>) {
+        winogradTransformOutputGradients(dy + first * outChannels * tiling.height * tiling.width, count: samples,
+                                         channels: outChannels, tiling: tiling, padded: paddedOutputGradient,
+                                         positions: outputPositions, pointRowTable: pointRowTable, between: between, into: dm)
     }
 
     /// Calls `body(first, count)` for pieces of `rows` tiles that cover them in order, each at most
@@ -407,12 +421,9 @@ final class WinogradConvolution<T: Scalar> {
     func backwardInput(dy: UnsafePointer<T>, count: Int, dx: UnsafeMutablePointer<T>, scratch: UnsafeMutablePointer<T>) {
         defer { inputGradientDone = false }
         if inputGradientDone { return }
-        let (o, plane, dm) = (outChannels, tiling.height * tiling.width, transformedOutput(scratch))
-        for first in stride(from: 0, to: count, by: chunkSamples) {
-            let samples = min(chunkSamples, count - first)
-            winogradTransformOutputGradients(dy + first * o * plane, count: samples, channels: o, tiling: tiling,
-                                             padded: paddedOutputGradient, positions: outputPositions,
-                                             pointRowTable: pointRowTable, between: between, into: dm)
+        let (plane, dm) = (tiling.height * tiling.width, transformedOutput(scratch))
+        forEachChunk(of: count) { first, samples in
+            transformOutputGradient(dy, first: first, samples: samples, into: dm)
             inputGradient(fromTransformed: dm, count: samples, into: dx + first * inChannels * plane, scratch: scratch)
         }
     }
