@@ -155,6 +155,99 @@ struct FusionTests {
         }
     }
 
+    // MARK: - Batch norm's forward sums added by the convolution before it
+
+    /// Every way a convolution feeds a batch norm: lowered (2 input channels) and by Winograd (20 and 24 channels, a
+    /// partial block of 16 lanes), at 10x10, 5x5 and 2x2 (runs shorter than the Float kernel's 16), with a bias and
+    /// without, in residual blocks' bodies and shortcuts, and before a fused batch norm, ReLU, pooling block.
+    static let feedsBatchNorm = ModelSpec(layers: [
+        .conv2d(inChannels: 2, outChannels: 20, kernel: 3, stride: 1, padding: 1, bias: true), .batchNorm(features: 20), .relu,
+        .residual(body: [conv(20, 20, 3, pad: 1), .batchNorm(features: 20), .relu, conv(20, 20, 3, pad: 1),
+                         .batchNorm(features: 20)]),
+        .relu,
+        .residual(body: [.conv2d(inChannels: 20, outChannels: 24, kernel: 3, stride: 2, padding: 1, bias: false),
+                         .batchNorm(features: 24), .relu, conv(24, 24, 3, pad: 1), .batchNorm(features: 24)],
+                  shortcut: [.conv2d(inChannels: 20, outChannels: 24, kernel: 1, stride: 2, padding: 0, bias: false),
+                             .batchNorm(features: 24)]),
+        .relu,
+        .conv2d(inChannels: 24, outChannels: 16, kernel: 3, stride: 1, padding: 1, bias: true), .batchNorm(features: 16), .relu,
+        .maxPool2d(kernel: 2, stride: 2),
+        conv(16, 16, 3, pad: 1), .batchNorm(features: 16), .relu,
+        .flatten, .linear(inputs: 16 * 4, outputs: 5),
+    ], inputShape: [2, 10, 10])
+
+    /// The run-time layers of a plan, residual blocks' inner ones included.
+    static func allLayers<T: Scalar>(_ plan: [Layer<T>]) -> [Layer<T>] {
+        plan.flatMap { layer in
+            (layer as? Residual<T>).map { [layer] + allLayers($0.body) + allLayers($0.shortcut) } ?? [layer]
+        }
+    }
+
+    /// The convolution sums its output as it writes it, and the batch norm after it takes those sums: the same
+    /// outputs, gradients and running statistics, bit for bit, as the batch norm's own pass, in Float and Double,
+    /// over whole batches and Winograd chunks of 2 samples, in every forward mode, and when a pass starts at a batch
+    /// norm (the gradient check's partial pass), where no convolution ran to hand sums over.
+    @Test(arguments: [Int.max, 2])
+    func convolutionSumsAreTheBatchNormsOwn(chunk: Int) throws {
+        try Winograd.$chunkSamplesOverride.withValue(chunk) {
+            try sumsByConvolution(Float.self)
+            try sumsByConvolution(Double.self)
+        }
+    }
+
+    func sumsByConvolution<T: Scalar>(_: T.Type) throws {
+        let spec = Self.feedsBatchNorm, rows = 5
+        let summing = try Model<T>(spec: spec, batchCapacity: rows, seed: 3)
+        let own = try OutputSums.withSumsInBatchNorm { try Model<T>(spec: spec, batchCapacity: rows, seed: 3) }
+        // Every convolution followed by a batch norm sums for it (eight of them, the fused block's included, five by
+        // Winograd); none does in the other model.
+        let convolutions = Self.allLayers(summing.plan).compactMap { $0 as? Conv2d<T> }
+        let feeding = convolutions.filter { $0.outputStatistics != nil }
+        #expect(feeding.count == 8 && feeding.allSatisfy { $0.outputStatistics === $0.next?.normalization }, "\(T.self)")
+        #expect(feeding.filter { $0.winogradChunkSamples != nil }.count == 5, "\(T.self)")
+        let ownFeeding = Self.allLayers(own.plan).filter { ($0 as? Conv2d<T>)?.outputStatistics != nil }
+        #expect(ownFeeding.isEmpty, "\(T.self)")
+        var g = RandomGenerator(seed: 4, stream: 1)
+        for info in summing.parameterTable where info.shape.count == 1 {
+            for i in info.range { summing.parameters[i] += T(0.5 * g.nextNormal()) }
+        }
+        own.loadParameters(from: UnsafeBufferPointer(summing.parameters))
+        for model in [summing, own] { fillRandomBatch(model, rows: rows, seed: 9) }
+        func same(_ what: String) {
+            let outputs = 0..<(rows * summing.outputWidth)
+            #expect(outputs.map { summing.outputs[$0] } == outputs.map { own.outputs[$0] }, "\(T.self) \(what): outputs")
+            #expect(Array(summing.buffers) == Array(own.buffers), "\(T.self) \(what): running statistics")
+        }
+        for step in 0..<2 {
+            let a = summing.forward(count: rows, mode: .train), b = own.forward(count: rows, mode: .train)
+            #expect(a == b, "\(T.self) step \(step)")
+            same("step \(step)")
+            // Every batch norm took the sums it was handed.
+            let waiting = Self.allLayers(summing.plan).filter { $0.normalization.map(\.sumsArrived) == true }
+            #expect(waiting.isEmpty, "\(T.self)")
+            summing.backward(count: rows, accumulate: false) { _ in }
+            own.backward(count: rows, accumulate: false) { _ in }
+            #expect(Array(summing.gradients) == Array(own.gradients), "\(T.self) step \(step): gradients")
+        }
+        for mode in [ForwardMode.check, .eval] {
+            #expect(summing.forward(count: rows, mode: mode) == own.forward(count: rows, mode: mode), "\(T.self) \(mode)")
+            same("\(mode)")
+        }
+        // After a backward pass the batch norms' sums hold their gradient reductions: a pass that starts at a batch
+        // norm must sum its input itself. Perturb the stem's batch norm (layer 1), the fused block's (8) and the last
+        // one (12), as the gradient check does, and recompute from there.
+        for layer in [1, 8, 12] {
+            summing.forward(count: rows, mode: .check)
+            summing.backward(count: rows, accumulate: false) { _ in }
+            let offset = summing.parameterTable.first { $0.name == "\(layer).weight" }!.offset
+            for model in [summing, own] { model.parameters[offset] += T(0.25) }
+            let a = summing.forward(count: rows, mode: .check, fromLayer: layer)
+            let b = own.forward(count: rows, mode: .check, fromLayer: 0)
+            #expect(a == b, "\(T.self) from layer \(layer)")
+            same("from layer \(layer)")
+        }
+    }
+
     // MARK: - Lowering convolutions that keep the image's size
 
     @Test(arguments: [(1, 0), (3, 1), (5, 2), (3, 2), (3, 0)])

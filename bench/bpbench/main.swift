@@ -461,22 +461,32 @@ func cnnProfileBench(_ spec: ModelSpec = fashionCNN, name: String = "fashion-cnn
         let alone = name == "forward and backward" ? parts["the step's GEMMs alone"] : parts[name + ": GEMMs alone"]
         print("| \(name) | \(f(median(times) * 1e3)) | \(alone.map { f(median($0) * 1e3) } ?? "") |")
     }
+    // The model's step against the same step of `other` (built with the same seed, given the same batch).
+    func sideBySide(_ other: Model<Float>) -> (Double, Double) {
+        other.inputs.update(from: model.inputs, count: batch * spec.inputWidth)
+        other.labels.update(from: model.labels, count: batch)
+        return alternate(rounds: smoke ? 2 : 15, repeats: smoke ? 1 : 3, {
+            model.forward(count: batch, mode: .train)
+            model.backward(count: batch, accumulate: false) { _ in }
+        }, {
+            other.forward(count: batch, mode: .train)
+            other.backward(count: batch, accumulate: false) { _ in }
+        })
+    }
     // Batch norm, ReLU and max pooling fused into one block (BatchNormReLUPool.swift) against the same layers apart.
-    let apart = try Model<Float>(spec: spec, batchCapacity: batch, seed: 1, fusesBlocks: false)
-    apart.inputs.update(from: model.inputs, count: batch * spec.inputWidth)
-    apart.labels.update(from: model.labels, count: batch)
-    let (fused, unfused) = alternate(rounds: smoke ? 2 : 15, repeats: smoke ? 1 : 3, {
-        model.forward(count: batch, mode: .train)
-        model.backward(count: batch, accumulate: false) { _ in }
-    }, {
-        apart.forward(count: batch, mode: .train)
-        apart.backward(count: batch, accumulate: false) { _ in }
+    let (fused, unfused) = sideBySide(try Model<Float>(spec: spec, batchCapacity: batch, seed: 1, fusesBlocks: false))
+    // Batch norm's forward sums added by the convolution before it as each sample leaves its kernels
+    // (Conv2d.outputStatistics), against the batch norm's own pass over its input.
+    let (byConvolution, byBatchNorm) = sideBySide(try OutputSums.withSumsInBatchNorm {
+        try Model<Float>(spec: spec, batchCapacity: batch, seed: 1)
     })
     print()
     print("| \(name) forward and backward, batch \(batch), 1 thread | ms |")
     print("| --- | --- |")
     print("| batch norm, ReLU and max pooling fused (what training runs) | \(f(fused * 1e3)) |")
     print("| the same layers run apart (Model(fusesBlocks: false)) | \(f(unfused * 1e3)) |")
+    print("| batch norm's forward sums added by the convolution before it (what training runs) | \(f(byConvolution * 1e3)) |")
+    print("| the same sums in a pass of the batch norm's own (OutputSums.withSumsInBatchNorm) | \(f(byBatchNorm * 1e3)) |")
 }
 
 // MARK: - Allocations per step

@@ -128,6 +128,12 @@ final class BatchNormStatistics<T: Scalar> {
     /// batch's statistics (not the running ones).
     private(set) var lastCount = 0.0
     private(set) var lastUsedBatchStatistics = true
+    /// Set by the layer before (a convolution, `Conv2d.outputStatistics`) when its forward pass has written the
+    /// forward sums of its output, which is this batch norm's input, into `sums` (`startSums`, then `addFeatureSums`
+    /// as each sample left its kernels, still in the cache): `update` takes them instead of reading x again, and
+    /// clears this. Bit for bit the sums `update` finds itself; a pass that starts at this layer (the gradient check
+    /// recomputes from a perturbed layer on) finds it clear.
+    var sumsArrived = false
 
     init(features: Int, positions: Int) {
         self.features = features
@@ -182,7 +188,10 @@ final class BatchNormStatistics<T: Scalar> {
         let (epsilon, momentum) = (BatchNorm<T>.epsilon, BatchNorm<T>.momentum)
         lastUsedBatchStatistics = mode.usesBatchStatistics
         if mode.usesBatchStatistics {
-            featureSums(x, samples: count, features: features, positions: positions, into: sums.baseAddress!)
+            if !sumsArrived {
+                featureSums(x, samples: count, features: features, positions: positions, into: sums.baseAddress!)
+            }
+            sumsArrived = false
             sums[2 * features] = Double(count * positions)
             reducer?.sumAcrossRanks(sums)
             let n = sums[2 * features]
@@ -212,6 +221,13 @@ final class BatchNormStatistics<T: Scalar> {
             scale[c] = T(Double(gamma[c]) * inverseDeviation[c])
             shift[c] = beta[c] - T(mean[c]) * scale[c]
         }
+    }
+
+    /// For the layer before, whose forward pass sums its output into `sums` as it writes it: zeroes the forward sums.
+    /// It then adds every sample with `addFeatureSums` (into `sums`) and sets `sumsArrived`.
+    func startSums() -> UnsafeMutablePointer<Double> {
+        sums.baseAddress!.update(repeating: 0, count: 2 * features)
+        return sums.baseAddress!
     }
 
     /// dgamma and dbeta from the reductions in `sums` ([sum dy, sum dy xhat]). They are this rank's: the gradient

@@ -197,11 +197,23 @@ final class Conv2d<T: Scalar>: Layer<T> {
     }
 
 
+    /// The batch norm right after this layer (its own, or a fused block's), whose forward statistics the forward
+    /// pass sums sample by sample as each leaves the kernels (`BatchNormStatistics.sumsArrived`): one pass less over
+    /// the output, which at batch 64 outgrows the core's L2 cache. The model owns both layers.
+    unowned(unsafe) var outputStatistics: BatchNormStatistics<T>?
+
+    override func attach(to model: Model<T>) {
+        outputStatistics = OutputSums.summedByConvolution ? next?.normalization : nil
+    }
+
     override func forward(count: Int, mode: ForwardMode) {
         let w = parameters!
+        let statistics = mode.usesBatchStatistics ? outputStatistics : nil
+        let sums = statistics?.startSums()
+        defer { statistics?.sumsArrived = true }
         if let winograd {
             return winograd.forward(x: x, weights: w, bias: hasBias ? w + outChannels * patch : nil, count: count, y: y,
-                                    scratch: scratch)
+                                    outputSums: sums, scratch: scratch)
         }
         for b in 0..<count {
             let xb = x + b * inputCount, yb = y + b * outputCount, cols = columns(b)
@@ -213,6 +225,9 @@ final class Conv2d<T: Scalar>: Layer<T> {
             // y_b[O, HoWo] (+)= W[O, Ckk] * cols[Ckk, HoWo]
             T.gemm(transposeA: false, transposeB: false, m: outChannels, n: positions, k: patch,
                    alpha: 1, a: w, lda: patch, b: cols, ldb: positions, beta: hasBias ? 1 : 0, c: yb, ldc: positions)
+            if let sums {
+                addFeatureSums(yb, samples: 1, features: 0..<outChannels, of: outChannels, positions: positions, into: sums)
+            }
         }
     }
 
@@ -507,4 +522,14 @@ private func addThreeRows(_ target: UnsafeMutablePointer<Float>, from: Int, to e
 @_specialize(where T == Float) @_specialize(where T == Double)
 func broadcastColumns<T: Scalar>(_ v: UnsafePointer<T>, into y: UnsafeMutablePointer<T>, rows: Int, columns: Int) {
     for r in 0..<rows { (y + r * columns).update(repeating: v[r], count: columns) }
+}
+
+/// For the benchmark's side-by-side comparison: models built inside `withSumsInBatchNorm` leave batch norm's forward
+/// sums to the batch norm's own pass over its input (as before `Conv2d.outputStatistics`).
+public enum OutputSums {
+    @TaskLocal static var summedByConvolution = true
+
+    public static func withSumsInBatchNorm<R>(_ body: () throws -> R) rethrows -> R {
+        try $summedByConvolution.withValue(false, operation: body)
+    }
 }

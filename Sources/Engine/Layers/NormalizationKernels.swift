@@ -9,12 +9,22 @@
 @_specialize(where T == Float) @_specialize(where T == Double)
 func featureSums<T: Scalar>(_ x: UnsafePointer<T>, samples: Int, features: Int, positions: Int,
                             into sums: UnsafeMutablePointer<Double>) {
-    if T.self == Float.self && positions >= 16 {
-        return floatFeatureSums(readingFloats(x), samples: samples, features: features, positions: positions, into: sums)
-    }
     sums.update(repeating: 0, count: 2 * features)
+    addFeatureSums(x, samples: samples, features: 0..<features, of: features, positions: positions, into: sums)
+}
+
+/// `featureSums` added into `sums` for the features `range` of F only, `x` at sample 0: what a convolution adds sample
+/// by sample as it writes its output (`BatchNormStatistics.sumsArrived`). Each feature's sums take its samples in
+/// order either way, so summing a batch in pieces of samples (and of features) gives the same sums, bit for bit.
+@_specialize(where T == Float) @_specialize(where T == Double)
+func addFeatureSums<T: Scalar>(_ x: UnsafePointer<T>, samples: Int, features range: Range<Int>, of features: Int,
+                               positions: Int, into sums: UnsafeMutablePointer<Double>) {
+    if T.self == Float.self && positions >= 16 {
+        return floatFeatureSums(readingFloats(x), samples: samples, features: range, of: features, positions: positions,
+                                into: sums)
+    }
     for b in 0..<samples {
-        for f in 0..<features {
+        for f in range {
             let run = x + (b * features + f) * positions
             var s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0, q0 = 0.0, q1 = 0.0, q2 = 0.0, q3 = 0.0
             var i = 0
@@ -36,18 +46,17 @@ func featureSums<T: Scalar>(_ x: UnsafePointer<T>, samples: Int, features: Int, 
     }
 }
 
-/// `featureSums` over Float images: each run of a feature's positions in one sample summed in Float vectors, as
+/// `addFeatureSums` over Float images: each run of a feature's positions in one sample summed in Float vectors, as
 /// d = x - x[0] (shifted by its first value, so that the squares do not cancel when the mean is far from 0), then
 /// carried into the Double sums: sum x = sum d + n x0, sum x^2 = sum d^2 + 2 x0 sum d + n x0^2. Converting every
 /// value to Double made this pass four times slower than reading its input (BENCHMARKS.md, "Measurements behind
 /// comments in the code"); a run's Float sums hold about 50 values per lane, a relative error near 1e-7, which the
 /// Float activations they sum carry already.
-func floatFeatureSums(_ x: UnsafePointer<Float>, samples: Int, features: Int, positions: Int,
-                      into sums: UnsafeMutablePointer<Double>) {
+func floatFeatureSums(_ x: UnsafePointer<Float>, samples: Int, features range: Range<Int>, of features: Int,
+                      positions: Int, into sums: UnsafeMutablePointer<Double>) {
     typealias V = SIMD8<Float>
-    sums.update(repeating: 0, count: 2 * features)
     for b in 0..<samples {
-        for f in 0..<features {
+        for f in range {
             let run = x + (b * features + f) * positions
             let origin = run[0], shift = V(repeating: origin)
             var s0 = V(), s1 = V(), q0 = V(), q1 = V()

@@ -288,9 +288,11 @@ final class WinogradConvolution<T: Scalar> {
     }
 
     /// y = conv(x, w) + b for `count` samples; `bias` nil without one. Chunk by chunk (`chunkSamples`): V, M = V U^T,
-    /// then y.
+    /// then y. With `outputSums`, y's per-channel sums are added there (`addFeatureSums`) as each sample's block of
+    /// channels leaves the output transform.
     func forward(x: UnsafePointer<T>, weights: UnsafePointer<T>, bias: UnsafePointer<T>?, count: Int,
-                 y: UnsafeMutablePointer<T>, scratch: UnsafeMutablePointer<T>) {
+                 y: UnsafeMutablePointer<T>, outputSums: UnsafeMutablePointer<Double>? = nil,
+                 scratch: UnsafeMutablePointer<T>) {
         let (plane, v, m) = (tiling.height * tiling.width, transformedInput.baseAddress!, transformedOutput(scratch))
         transformFilters(weights)
         forEachChunk(of: count) { first, samples in
@@ -300,7 +302,7 @@ final class WinogradConvolution<T: Scalar> {
             multiplyByFilters(v, count: samples, into: m)
             winogradTransformOutputs(m, count: samples, channels: outChannels, tiling: tiling, bias: bias,
                                      padded: paddedOutput, positions: outputPositions, pointRowTable: pointRowTable,
-                                     between: between, into: y + first * outChannels * plane)
+                                     between: between, into: y + first * outChannels * plane, sums: outputSums)
         }
     }
 
@@ -670,15 +672,20 @@ private func interleavingAt<T: Scalar>(_ tile: Int, block: Int, channels: Int, o
 }
 
 /// The counterpart of `interleavingAt` once tile `tile` of the batch is in `padded`: when it was its sample's last,
-/// the sample's block goes from `padded` into `target` ([B, C, H, W]).
+/// the sample's block goes from `padded` into `target` ([B, C, H, W]), and with `sums` its channels' sums are added
+/// there while the block is in the L1 cache (`addFeatureSums`).
 @inline(__always)
 private func deinterleavingAfter<T: Scalar>(_ tile: Int, block: Int, channels: Int, from padded: UnsafePointer<T>,
                                             tiling: WinogradTiling, positions: UnsafePointer<Int32>,
-                                            into target: UnsafeMutablePointer<T>) {
+                                            into target: UnsafeMutablePointer<T>, sums: UnsafeMutablePointer<Double>? = nil) {
     let (b, inImage) = tile.quotientAndRemainder(dividingBy: tiling.tilesPerImage)
     guard inImage == tiling.tilesPerImage - 1 else { return }
-    deinterleave(padded, planes: min(tiling.lanes, channels - block), tiling: tiling, positions: positions,
-                 into: target + (b * channels + block) * tiling.height * tiling.width)
+    let (planes, plane) = (min(tiling.lanes, channels - block), tiling.height * tiling.width)
+    deinterleave(padded, planes: planes, tiling: tiling, positions: positions, into: target + (b * channels + block) * plane)
+    if let sums {
+        addFeatureSums(UnsafePointer(target + b * channels * plane), samples: 1, features: block..<(block + planes),
+                       of: channels, positions: plane, into: sums)
+    }
 }
 
 // The 1-D transforms of a full (4-output) tile and of a short (3-output) one, applied to vectors; the 2-D
@@ -894,7 +901,8 @@ func winogradInputGradients<T: Scalar>(_ dv: UnsafePointer<T>, count: Int, chann
 func winogradTransformOutputs<T: Scalar>(_ m: UnsafePointer<T>, count: Int, channels: Int, tiling: WinogradTiling,
                                          bias: UnsafePointer<T>?, padded: UnsafeMutablePointer<T>,
                                          positions: UnsafePointer<Int32>, pointRowTable: UnsafePointer<Int32>,
-                                         between t: UnsafeMutablePointer<T>, into y: UnsafeMutablePointer<T>) {
+                                         between t: UnsafeMutablePointer<T>, into y: UnsafeMutablePointer<T>,
+                                         sums: UnsafeMutablePointer<Double>? = nil) {
     typealias V = T.Lanes
     let (pw, lanes) = (tiling.paddedOutputWidth, tiling.lanes)
     let (ld, pointStride) = (tiling.padded(channels), tiling.pointStride(channels: channels, count: count))
@@ -944,7 +952,7 @@ func winogradTransformOutputs<T: Scalar>(_ m: UnsafePointer<T>, count: Int, chan
                 }
             }
             deinterleavingAfter(tile, block: block, channels: channels, from: padded, tiling: tiling, positions: positions,
-                                into: y)
+                                into: y, sums: sums)
         }
     }
 }
