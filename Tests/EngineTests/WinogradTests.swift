@@ -88,6 +88,33 @@ struct WinogradTests {
         #expect(Winograd.$chunkSamplesOverride.withValue(Int.max) { samples(32, 32, 14) } == 64)
     }
 
+    /// The memory estimate counts what a Winograd layer allocates (`Conv2dKind.workspace`, from
+    /// `WinogradTiling.ownedBytes`), bit for bit, whether it takes its passes in chunks (V for one chunk) or whole, in
+    /// Float and Double, on the ResNet's layers at batch 64 and a batch of one.
+    @Test(arguments: [nil, 2, Int.max] as [Int?])
+    func theEstimateCountsWhatALayerAllocates(chunk: Int?) throws {
+        try Winograd.$chunkSamplesOverride.withValue(chunk) {
+            for (c, o, size) in [(32, 32, 14), (32, 64, 14), (64, 64, 7), (64, 128, 7), (128, 128, 7), (16, 20, 9)] {
+                for batch in [64, 1] {
+                    try allocationIsEstimated(Float.self, c, o, size, batch: batch)
+                    try allocationIsEstimated(Double.self, c, o, size, batch: batch)
+                }
+            }
+        }
+    }
+
+    func allocationIsEstimated<T: Scalar>(_: T.Type, _ c: Int, _ o: Int, _ size: Int, batch: Int) throws {
+        let kind = Conv2dKind(inChannels: c, outChannels: o, kernel: 3, stride: 1, padding: 1, bias: false)
+        let (input, output) = ([c, size, size], [o, size, size])
+        let placement = LayerPlacement(index: 0, inputShape: input, outputShape: output, batchCapacity: batch)
+        let layer = try #require(kind.makeLayer(placement) as Layer<T> as? Conv2d<T>)
+        let allocated = try #require(layer.winogradAllocatedBytes)
+        let ones = Double(size * size * MemoryLayout<T>.stride)  // the bias gradient's vector of ones
+        let estimated = kind.workspace(input: input, output: output, batchCapacity: Double(batch),
+                                       scalarBytes: Double(MemoryLayout<T>.stride)).bytes
+        #expect(estimated == allocated + ones, "\(T.self) \(c)->\(o) at \(size)x\(size), batch \(batch), chunks of \(layer.winogradChunkSamples ?? 0)")
+    }
+
     /// The samples per chunk of a model's Winograd layers, inside residual blocks too.
     static func chunkSizes(_ model: Model<Double>) -> [Int] {
         func sizes(_ layers: [Layer<Double>]) -> [Int] {

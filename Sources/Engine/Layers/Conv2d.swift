@@ -145,6 +145,8 @@ final class Conv2d<T: Scalar>: Layer<T> {
     var runsWinograd: Bool { winograd != nil }
     /// The samples in each chunk of its Winograd passes (`Winograd.chunkSamples`); nil off that path.
     var winogradChunkSamples: Int? { winograd?.chunkSamples }
+    /// The bytes its Winograd path allocated, for the test that the memory estimate counts them.
+    var winogradAllocatedBytes: Double? { winograd?.allocatedBytes }
 
     /// For weights changed between a forward pass and the input gradient (a test fault's flipped kernels): the
     /// Winograd path multiplies by the filters it transformed in the forward pass, the lowered one by the weights.

@@ -239,6 +239,9 @@ final class WinogradConvolution<T: Scalar> {
     /// Whether dx is this backward pass's already (`backwardWeights` computes it chunk by chunk with the weight
     /// gradient, from the same dM).
     private var inputGradientDone = false
+    /// The bytes of the buffers above, added up as they were allocated: what the memory estimate counts for the
+    /// layer (`WinogradTiling.ownedBytes`), tested equal.
+    let allocatedBytes: Double
 
     init(inChannels: Int, outChannels: Int, height: Int, width: Int, batchCapacity: Int) {
         (self.inChannels, self.outChannels) = (inChannels, outChannels)
@@ -248,9 +251,11 @@ final class WinogradConvolution<T: Scalar> {
         precondition(tiling.lanes == T.Lanes.scalarCount, "the tiling's lanes are not \(T.self).Lanes")
         transformedInput = LargeBuffer.allocate(tiling.transformedCount(channels: inChannels, batch: chunkSamples))
         transformedInput.initialize(repeating: 0)
+        var allocated = LargeBuffer.allocatedBytes(Double(transformedInput.count * MemoryLayout<T>.stride))
         func zeroed(_ n: Int) -> UnsafeMutablePointer<T> {
             let p = UnsafeMutablePointer<T>.allocate(capacity: n)
             p.initialize(repeating: 0, count: n)
+            allocated += Double(n * MemoryLayout<T>.stride)
             return p
         }
         transformedFilters = zeroed(tiling.transformedFilterCount(inChannels: inChannels, outChannels: outChannels))
@@ -266,6 +271,7 @@ final class WinogradConvolution<T: Scalar> {
             let rows = tiling.rowsAtMinusTwo(ofTile: tile)
             (pointRowTable + 4 * tile).initialize(from: [rows.k4, rows.l4, rows.both, 0], count: 4)
         }
+        allocatedBytes = allocated + Double((inputPositions.count + outputPositions.count + 4 * tiles) * MemoryLayout<Int32>.size)
     }
 
     deinit {
