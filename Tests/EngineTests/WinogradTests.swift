@@ -115,6 +115,41 @@ struct WinogradTests {
         #expect(estimated == allocated + ones, "\(T.self) \(c)->\(o) at \(size)x\(size), batch \(batch), chunks of \(layer.winogradChunkSamples ?? 0)")
     }
 
+    /// U = G g G^T for every filter, against the definition in Double, on filter counts that leave the last run of
+    /// staged blocks short and the last block partly empty (`Winograd.filterBlocksPerRun`), in Float and Double.
+    @Test(arguments: [(17, 19), (16, 16), (5, 3), (64, 1), (32, 36)])
+    func filtersTransformAsDefined(outChannels: Int, inChannels: Int) {
+        filterTransform(Float.self, outChannels, inChannels, tolerance: 1e-6)
+        filterTransform(Double.self, outChannels, inChannels, tolerance: 1e-14)
+    }
+
+    func filterTransform<T: Scalar>(_: T.Type, _ o: Int, _ c: Int, tolerance: Double) {
+        let g: [[Double]] = [[1.0 / 4, 0, 0], [-1.0 / 6, -1.0 / 6, -1.0 / 6], [-1.0 / 6, 1.0 / 6, -1.0 / 6],
+                             [1.0 / 24, 1.0 / 12, 1.0 / 6], [1.0 / 24, -1.0 / 12, 1.0 / 6], [0, 0, 1]]
+        var generator = RandomGenerator(seed: 31, stream: 2)
+        let weights = (0..<(o * c * 9)).map { _ in T(generator.nextNormal()) }
+        let tiling = WinogradTiling(height: 4, width: 4, scalarBytes: MemoryLayout<T>.stride)
+        let pointStride = tiling.filterPointStride(inChannels: c, outChannels: o)
+        var u = [T](repeating: .nan, count: tiling.transformedFilterCount(inChannels: c, outChannels: o))
+        var between = [T](repeating: .nan, count: Winograd.tilesPerRun * Winograd.points * tiling.lanes)
+        winogradTransformFilters(weights, outChannels: o, inChannels: c, pointStride: pointStride, between: &between, into: &u)
+        var worst = 0.0
+        for filter in 0..<(o * c) {
+            for k in 0..<6 {
+                for l in 0..<6 {
+                    var expected = 0.0
+                    for i in 0..<3 {
+                        for j in 0..<3 { expected += g[k][i] * Double(weights[filter * 9 + i * 3 + j]) * g[l][j] }
+                    }
+                    // A point never written stays NaN: counted as the worst error, not lost in max.
+                    let error = abs(Double(u[(6 * k + l) * pointStride + filter]) - expected)
+                    worst = error.isNaN ? .infinity : max(worst, error)
+                }
+            }
+        }
+        #expect(worst <= tolerance, "\(T.self) \(o)x\(c): worst error \(worst)")
+    }
+
     /// The samples per chunk of a model's Winograd layers, inside residual blocks too.
     static func chunkSizes(_ model: Model<Double>) -> [Int] {
         func sizes(_ layers: [Layer<Double>]) -> [Int] {

@@ -46,6 +46,12 @@ enum Winograd {
     /// stream, where one tile at a time touched all 36 at once (more streams than the caches follow).
     static let tilesPerRun = 8
 
+    /// Blocks of `lanes` filters the filter transform stages before writing them to U (`winogradTransformFilters`),
+    /// in the same vectors between a transform's halves: 4 blocks' 36 points and one block's nine taps fit the 8
+    /// tiles' 36 vectors. Measured on the ResNet's step, alternating (BENCHMARKS.md, "fourteenth session"): 3 to 6
+    /// blocks 2 to 3% faster than one block at a time, 1 and 2 blocks no faster.
+    static let filterBlocksPerRun = 4
+
     /// The multiply-adds up to which OpenBLAS 0.3.21 runs a product through its unpacked small-matrix kernels (on
     /// AVX-512, for column-major NN and NT: every GEMM here, the forward one included since it multiplies by U^T):
     /// no packing of either operand, no pass that zeroes C. The GEMMs of one thread go in pieces of the tiles no
@@ -249,6 +255,8 @@ final class WinogradConvolution<T: Scalar> {
         chunkSamples = Winograd.chunkSamples(inChannels: inChannels, outChannels: outChannels, tiling: tiling,
                                              batchCapacity: batchCapacity)
         precondition(tiling.lanes == T.Lanes.scalarCount, "the tiling's lanes are not \(T.self).Lanes")
+        precondition(Winograd.filterBlocksPerRun * Winograd.points + 9 <= Winograd.tilesPerRun * Winograd.points,
+                     "the filter transform's staged blocks outgrow the vectors between the transforms' halves")
         transformedInput = LargeBuffer.allocate(tiling.transformedCount(channels: inChannels, batch: chunkSamples))
         transformedInput.initialize(repeating: 0)
         var allocated = LargeBuffer.allocatedBytes(Double(transformedInput.count * MemoryLayout<T>.stride))
@@ -463,37 +471,52 @@ final class WinogradConvolution<T: Scalar> {
 // MARK: - Filter transforms (once per pass, `lanes` filters at a time)
 
 /// U[p, o, c] = (G g G^T)[p] for every filter g = w[o, c] (3x3); U's points `pointStride` apart, which leaves room
-/// for one vector past the last filter.
+/// for one vector past the last filter. `lanes` filters at a time, `Winograd.filterBlocksPerRun` such blocks staged
+/// in `between` (their 36 points each, then the block's nine taps) before they go to U point by point: one block
+/// at a time, each block's 36 stores went to 36 places in U at once, more streams than the caches follow
+/// (BENCHMARKS.md, "fourteenth session").
 @_specialize(where T == Float) @_specialize(where T == Double)
 func winogradTransformFilters<T: Scalar>(_ w: UnsafePointer<T>, outChannels: Int, inChannels: Int, pointStride: Int,
-                                         between g: UnsafeMutablePointer<T>, into u: UnsafeMutablePointer<T>) {
+                                         between stage: UnsafeMutablePointer<T>, into u: UnsafeMutablePointer<T>) {
     typealias V = T.Lanes
-    let lanes = V.scalarCount, filters = outChannels * inChannels
+    let lanes = V.scalarCount, filters = outChannels * inChannels, run = Winograd.filterBlocksPerRun
     let quarter: T = 1 / 4, sixth: T = 1 / 6, twelfth: T = 1 / 12, twentyFourth: T = 1 / 24
-    for first in stride(from: 0, to: filters, by: lanes) {
-        // g[k, lane] = w[first + lane, k]: the block's nine taps as nine vectors.
-        for lane in 0..<min(lanes, filters - first) {
-            let source = w + (first + lane) * 9
-            for k in 0..<9 { g[k &* lanes &+ lane] = source[k] }
+    let g = stage + run * Winograd.points * lanes
+    for firstOfRun in stride(from: 0, to: filters, by: run * lanes) {
+        let blocks = min(run, (filters - firstOfRun + lanes - 1) / lanes)
+        for block in 0..<blocks {
+            // g[k, lane] = w[first + lane, k]: the block's nine taps as nine vectors.
+            let first = firstOfRun + block * lanes
+            for lane in 0..<min(lanes, filters - first) {
+                let source = w + (first + lane) * 9
+                for k in 0..<9 { g[k &* lanes &+ lane] = source[k] }
+            }
+            // t = G g [6, 3] one column q at a time, then row k of the block's points = t G^T.
+            let g0 = (load(g, as: V.self), load(g + 3 * lanes, as: V.self), load(g + 6 * lanes, as: V.self))
+            let g1 = (load(g + lanes, as: V.self), load(g + 4 * lanes, as: V.self), load(g + 7 * lanes, as: V.self))
+            let g2 = (load(g + 2 * lanes, as: V.self), load(g + 5 * lanes, as: V.self), load(g + 8 * lanes, as: V.self))
+            // Column q of g is (gq.0, gq.1, gq.2); rows of t for each column.
+            @inline(__always) func column(_ c: (V, V, V)) -> (V, V, V, V, V, V) {
+                (quarter * c.0, -sixth * (c.0 + c.1 + c.2), -sixth * (c.0 - c.1 + c.2),
+                 twentyFourth * c.0 + twelfth * c.1 + sixth * c.2, twentyFourth * c.0 - twelfth * c.1 + sixth * c.2, c.2)
+            }
+            let (c0, c1, c2) = (column(g0), column(g1), column(g2))
+            let points = stage + block * Winograd.points * lanes
+            @inline(__always) func row(_ k: Int, _ r: (V, V, V)) {
+                let (a, b) = (column(r), points + 6 * k * lanes)
+                store(a.0, b); store(a.1, b + lanes); store(a.2, b + 2 * lanes)
+                store(a.3, b + 3 * lanes); store(a.4, b + 4 * lanes); store(a.5, b + 5 * lanes)
+            }
+            row(0, (c0.0, c1.0, c2.0)); row(1, (c0.1, c1.1, c2.1)); row(2, (c0.2, c1.2, c2.2))
+            row(3, (c0.3, c1.3, c2.3)); row(4, (c0.4, c1.4, c2.4)); row(5, (c0.5, c1.5, c2.5))
         }
-        let out = u + first
-        // t = G g [6, 3] one column q at a time, then row k of U = t G^T.
-        let g0 = (load(g, as: V.self), load(g + 3 * lanes, as: V.self), load(g + 6 * lanes, as: V.self))
-        let g1 = (load(g + lanes, as: V.self), load(g + 4 * lanes, as: V.self), load(g + 7 * lanes, as: V.self))
-        let g2 = (load(g + 2 * lanes, as: V.self), load(g + 5 * lanes, as: V.self), load(g + 8 * lanes, as: V.self))
-        // Column q of g is (gq.0, gq.1, gq.2); rows of t for each column.
-        @inline(__always) func column(_ c: (V, V, V)) -> (V, V, V, V, V, V) {
-            (quarter * c.0, -sixth * (c.0 + c.1 + c.2), -sixth * (c.0 - c.1 + c.2),
-             twentyFourth * c.0 + twelfth * c.1 + sixth * c.2, twentyFourth * c.0 - twelfth * c.1 + sixth * c.2, c.2)
+        // Point by point, the run's blocks side by side in U: one stream at a time.
+        for p in 0..<Winograd.points {
+            let target = u + p * pointStride + firstOfRun
+            for block in 0..<blocks {
+                store(load(stage + (block * Winograd.points + p) * lanes, as: V.self), target + block * lanes)
+            }
         }
-        let (c0, c1, c2) = (column(g0), column(g1), column(g2))
-        @inline(__always) func row(_ k: Int, _ r: (V, V, V)) {
-            let (a, b) = (column(r), out + 6 * k * pointStride)
-            store(a.0, b); store(a.1, b + pointStride); store(a.2, b + 2 * pointStride)
-            store(a.3, b + 3 * pointStride); store(a.4, b + 4 * pointStride); store(a.5, b + 5 * pointStride)
-        }
-        row(0, (c0.0, c1.0, c2.0)); row(1, (c0.1, c1.1, c2.1)); row(2, (c0.2, c1.2, c2.2))
-        row(3, (c0.3, c1.3, c2.3)); row(4, (c0.4, c1.4, c2.4)); row(5, (c0.5, c1.5, c2.5))
     }
 }
 
