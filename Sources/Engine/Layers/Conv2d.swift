@@ -201,7 +201,8 @@ final class Conv2d<T: Scalar>: Layer<T> {
 
     /// The batch norm right after this layer (its own, or a fused block's), whose forward statistics the forward
     /// pass sums sample by sample as each leaves the kernels (`BatchNormStatistics.sumsArrived`): one pass less over
-    /// the output, which at batch 64 outgrows the core's L2 cache. The model owns both layers.
+    /// the output, which pays where the output outgrows the core's L2 cache (fashion-cnn's first layer's, 6.4 MB at
+    /// batch 64; BENCHMARKS.md, "fourteenth session"). The model owns both layers.
     unowned(unsafe) var outputStatistics: BatchNormStatistics<T>?
 
     override func attach(to model: Model<T>) {
