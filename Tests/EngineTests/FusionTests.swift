@@ -176,13 +176,6 @@ struct FusionTests {
         .flatten, .linear(inputs: 16 * 4, outputs: 5),
     ], inputShape: [2, 10, 10])
 
-    /// The run-time layers of a plan, residual blocks' inner ones included.
-    static func allLayers<T: Scalar>(_ plan: [Layer<T>]) -> [Layer<T>] {
-        plan.flatMap { layer in
-            (layer as? Residual<T>).map { [layer] + allLayers($0.body) + allLayers($0.shortcut) } ?? [layer]
-        }
-    }
-
     /// The convolution sums its output as it writes it, and the batch norm after it takes those sums: the same
     /// outputs, gradients and running statistics, bit for bit, as the batch norm's own pass, in Float and Double,
     /// over whole batches and Winograd chunks of 2 samples, in every forward mode, and when a pass starts at a batch
@@ -201,11 +194,11 @@ struct FusionTests {
         let own = try OutputSums.withSumsInBatchNorm { try Model<T>(spec: spec, batchCapacity: rows, seed: 3) }
         // Every convolution followed by a batch norm sums for it (eight of them, the fused block's included, five by
         // Winograd); none does in the other model.
-        let convolutions = Self.allLayers(summing.plan).compactMap { $0 as? Conv2d<T> }
+        let convolutions = allLayers(summing.plan).compactMap { $0 as? Conv2d<T> }
         let feeding = convolutions.filter { $0.outputStatistics != nil }
         #expect(feeding.count == 8 && feeding.allSatisfy { $0.outputStatistics === $0.next?.normalization }, "\(T.self)")
         #expect(feeding.filter { $0.winogradChunkSamples != nil }.count == 5, "\(T.self)")
-        let ownFeeding = Self.allLayers(own.plan).filter { ($0 as? Conv2d<T>)?.outputStatistics != nil }
+        let ownFeeding = allLayers(own.plan).filter { ($0 as? Conv2d<T>)?.outputStatistics != nil }
         #expect(ownFeeding.isEmpty, "\(T.self)")
         var g = RandomGenerator(seed: 4, stream: 1)
         for info in summing.parameterTable where info.shape.count == 1 {
@@ -223,7 +216,7 @@ struct FusionTests {
             #expect(a == b, "\(T.self) step \(step)")
             same("step \(step)")
             // Every batch norm took the sums it was handed.
-            let waiting = Self.allLayers(summing.plan).filter { $0.normalization.map(\.sumsArrived) == true }
+            let waiting = allLayers(summing.plan).filter { $0.normalization.map(\.sumsArrived) == true }
             #expect(waiting.isEmpty, "\(T.self)")
             summing.backward(count: rows, accumulate: false) { _ in }
             own.backward(count: rows, accumulate: false) { _ in }
@@ -245,6 +238,18 @@ struct FusionTests {
             let b = own.forward(count: rows, mode: .check, fromLayer: 0)
             #expect(a == b, "\(T.self) from layer \(layer)")
             same("from layer \(layer)")
+        }
+        // The sums really come from the convolution: its forward pass alone hands over exactly the sums of its output.
+        for conv in feeding {
+            let statistics = try #require(conv.outputStatistics)
+            statistics.sumsArrived = false
+            conv.forward(count: rows, mode: .train)
+            var expected = [Double](repeating: .nan, count: 2 * statistics.features)
+            featureSums(UnsafePointer(conv.y), samples: rows, features: statistics.features, positions: statistics.positions,
+                        into: &expected)
+            #expect(statistics.sumsArrived, "\(T.self) layer \(conv.index)")
+            #expect(Array(statistics.sums[0..<(2 * statistics.features)]) == expected, "\(T.self) layer \(conv.index)")
+            statistics.sumsArrived = false
         }
     }
 

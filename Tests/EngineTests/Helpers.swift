@@ -1,4 +1,4 @@
-import Engine
+@testable import Engine
 import Foundation
 
 /// Fills the model's inputs and labels with `rows` reproducible random rows (inputs ~ N(0, 1)).
@@ -6,6 +6,14 @@ func fillRandomBatch<T: Scalar>(_ model: Model<T>, rows: Int, seed: UInt64) {
     var g = RandomGenerator(seed: seed, stream: .test)
     for i in 0..<(rows * model.inputWidth) { model.inputs[i] = T(g.nextNormal()) }
     for r in 0..<rows { model.labels[r] = Int32(g.nextInt(below: model.outputWidth)) }
+}
+
+/// The run-time layers of a plan, residual blocks' inner ones included (each block before its body, then its
+/// shortcut).
+func allLayers<T: Scalar>(_ plan: [Layer<T>]) -> [Layer<T>] {
+    plan.flatMap { layer in
+        (layer as? Residual<T>).map { [layer] + allLayers($0.body) + allLayers($0.shortcut) } ?? [layer]
+    }
 }
 
 /// A float64 model of `spec` on a random batch of `rows`, with non-zero biases and normalisation parameters (so their

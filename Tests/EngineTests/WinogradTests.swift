@@ -152,13 +152,7 @@ struct WinogradTests {
 
     /// The samples per chunk of a model's Winograd layers, inside residual blocks too.
     static func chunkSizes(_ model: Model<Double>) -> [Int] {
-        func sizes(_ layers: [Layer<Double>]) -> [Int] {
-            layers.flatMap { layer -> [Int] in
-                if let block = layer as? Residual<Double> { return sizes(block.body + block.shortcut) }
-                return (layer as? Conv2d<Double>)?.winogradChunkSamples.map { [$0] } ?? []
-            }
-        }
-        return sizes(model.plan)
+        allLayers(model.plan).compactMap { ($0 as? Conv2d<Double>)?.winogradChunkSamples }
     }
 
     /// In chunks of two samples (three rows: two, then one), V transformed again in backward: the forward pass and

@@ -240,7 +240,8 @@ final class WinogradConvolution<T: Scalar> {
     /// (`WinogradTiling.rowsAtMinusTwo(ofTile:)`), computed once so that the transforms divide nothing per tile; a
     /// fourth value, unused, puts each tile's entry in 16 bytes of its own.
     private let pointRowTable: UnsafeMutablePointer<Int32>
-    /// The vectors between a transform's two halves: 36 for each tile of a run.
+    /// The vectors between a transform's two halves: 36 for each tile of a run (the filter transform stages its blocks
+    /// here too, `Winograd.filterBlocksPerRun`).
     private let between: UnsafeMutablePointer<T>
     /// Whether dx is this backward pass's already (`backwardWeights` computes it chunk by chunk with the weight
     /// gradient, from the same dM).
